@@ -1,0 +1,48 @@
+"""memscan: find the training data a generative model has memorized, and measure how much.
+
+Core: the black-box extraction attack of Carlini et al., "Extracting Training Data from Diffusion
+Models" (USENIX Security 2023) — generate many images per prompt, find cliques of near-copies
+under tiled ℓ2, and verify them against the training set.
+"""
+
+from memscan.cliques import CliqueResult, largest_clique
+from memscan.data.prompts import load_prompts
+from memscan.data.training import TrainingSet, load_training_set
+from memscan.distances import cross_tiled_l2, l2, nearest_tiled_l2, pairwise_tiled_l2, tiled_l2
+from memscan.errors import InputError, MemscanError
+from memscan.extraction.config import ExtractConfig
+from memscan.extraction.detect import Detection, detect
+from memscan.extraction.pipeline import ExtractionResult, extract, reverify
+from memscan.generators.base import CallableGenerator, Generator
+from memscan.generators.load import as_generator, load_generator
+from memscan.generators.seeds import derive_seed
+from memscan.report.html import build_report
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CallableGenerator",
+    "CliqueResult",
+    "Detection",
+    "ExtractConfig",
+    "ExtractionResult",
+    "Generator",
+    "InputError",
+    "MemscanError",
+    "TrainingSet",
+    "as_generator",
+    "build_report",
+    "cross_tiled_l2",
+    "derive_seed",
+    "detect",
+    "extract",
+    "l2",
+    "largest_clique",
+    "load_generator",
+    "load_prompts",
+    "load_training_set",
+    "nearest_tiled_l2",
+    "pairwise_tiled_l2",
+    "reverify",
+    "tiled_l2",
+]

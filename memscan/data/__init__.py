@@ -1,0 +1,1 @@
+"""Inputs: training sets and prompt lists."""

@@ -1,0 +1,90 @@
+"""Prompt lists: a text file (one prompt a line) or a CSV/Parquet table.
+
+- **Text** (``.txt`` or anything not CSV/Parquet): one prompt a line; blank lines are skipped and
+  counted; ids are ``line-<number>`` (1-based line numbers, stable when other lines change).
+  For class-conditional models a prompt is a class id or a caption the model knows.
+- **Table** (``.csv``/``.parquet``): columns ``prompt_id``, ``prompt`` and optionally
+  ``train_id`` (the training image the prompt came from) and ``duplicate_count``.
+
+Prompt ids must be unique: they name the prompt's generations, seeds and files.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from memscan.errors import InputError
+
+#: Columns of the prompts table every stage reads.
+PROMPT_COLUMNS = ["prompt_id", "prompt", "train_id", "duplicate_count"]
+MAX_PROMPT_CHARS = 10_000
+
+
+def load_prompts(path: str | Path) -> tuple[pd.DataFrame, dict]:
+    """Read a prompts file; returns the table and a summary (counts of skipped lines)."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"prompts file {path} does not exist", "pass a text file (one prompt a line) or a CSV/Parquet")
+    info = {"source": str(p), "blank_lines_skipped": 0}
+    if p.suffix.lower() in (".csv", ".parquet"):
+        try:
+            df = (
+                pd.read_parquet(p)
+                if p.suffix.lower() == ".parquet"
+                else pd.read_csv(p, dtype=str, keep_default_na=False)
+            )
+        except Exception as exc:
+            raise InputError(f"cannot read prompts table {path}: {exc}", "check it is a valid CSV/Parquet") from None
+        missing = {"prompt_id", "prompt"} - set(df.columns)
+        if missing:
+            raise InputError(
+                f"prompts table {path} lacks column(s) {', '.join(sorted(missing))}",
+                "add columns prompt_id and prompt (optional: train_id, duplicate_count)",
+            )
+        df = df.copy()
+        df["prompt_id"] = df["prompt_id"].astype(str)
+        df["prompt"] = df["prompt"].fillna("").astype(str)
+    else:
+        raw = p.read_bytes()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InputError(
+                f"prompts file {path} is not UTF-8 (byte {exc.start}: {raw[exc.start : exc.start + 1]!r})",
+                "re-encode it as UTF-8",
+            ) from None
+        rows = []
+        for n, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                info["blank_lines_skipped"] += 1
+                continue
+            rows.append({"prompt_id": f"line-{n}", "prompt": line.strip()})
+        df = pd.DataFrame(rows, columns=["prompt_id", "prompt"])
+    if df.empty:
+        raise InputError(f"prompts file {path} holds no prompts", "add at least one prompt")
+    for col in ("train_id", "duplicate_count"):
+        if col not in df.columns:
+            df[col] = None
+    df["train_id"] = pd.Series([_clean_id(v) for v in df["train_id"]], index=df.index, dtype=object)
+    df["duplicate_count"] = pd.to_numeric(df["duplicate_count"], errors="coerce").astype("Int64")
+    dup = df["prompt_id"][df["prompt_id"].duplicated()].unique().tolist()
+    if dup:
+        raise InputError(
+            f"prompts file {path} repeats prompt ids: {', '.join(map(str, dup[:5]))}", "make prompt_id unique"
+        )
+    too_long = df.index[df["prompt"].str.len() > MAX_PROMPT_CHARS].tolist()
+    if too_long:
+        raise InputError(
+            f"prompts file {path}: prompt {df['prompt_id'][too_long[0]]!r} is longer than {MAX_PROMPT_CHARS} characters",
+            "shorten it (text encoders read at most a few hundred tokens)",
+        )
+    extra = [c for c in df.columns if c not in PROMPT_COLUMNS]
+    return df[PROMPT_COLUMNS + extra].reset_index(drop=True), info
+
+
+def _clean_id(v) -> str | None:
+    if v is None or (isinstance(v, float) and pd.isna(v)) or v is pd.NA or str(v) == "":
+        return None
+    return str(v)

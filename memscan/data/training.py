@@ -1,0 +1,173 @@
+"""Training sets: a folder of images, or a CSV/Parquet manifest with ``id, path, caption``.
+
+- **Folder:** every image file (recursively) is one training image; its id is the file name
+  without extension (relative sub-folders are kept in the id to stay unique); an optional sidecar
+  ``<name>.txt`` holds its caption.
+- **Manifest:** a ``.csv`` or ``.parquet`` with columns ``id``, ``path`` (relative to the
+  manifest's folder, or absolute inside it) and optionally ``caption``. Paths that resolve
+  outside the manifest's folder (``../../etc/passwd``, or a symlink out of it) are refused.
+
+Unreadable images are counted and named (``skipped``), never fatal and never silently dropped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from memscan.data.images import IMAGE_EXTENSIONS, read_image
+from memscan.errors import InputError
+
+
+@dataclass
+class TrainingSet:
+    """Training images loaded at one resolution.
+
+    Attributes
+    ----------
+    ids : list of str
+    captions : list of str (empty string where none)
+    images : uint8 N×H×W×C at the resolution asked for
+    skipped : list of {"id", "path", "reason"} for files that could not be read
+    source : the path it was read from
+    """
+
+    ids: list[str]
+    captions: list[str]
+    images: np.ndarray
+    skipped: list[dict] = field(default_factory=list)
+    source: str = ""
+    resize: str = "bicubic"
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def summary(self) -> dict:
+        return {
+            "source": self.source,
+            "images": len(self.ids),
+            "skipped": len(self.skipped),
+            "skipped_files": self.skipped[:100],
+            "resolution": list(self.images.shape[1:]),
+            "resize_policy": self.resize,
+        }
+
+
+@dataclass(frozen=True)
+class _Entry:
+    id: str
+    path: Path
+    caption: str
+
+
+def list_training_set(path: str | Path) -> list[_Entry]:
+    """The entries of a training folder or manifest, without decoding any image."""
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"training set {path} does not exist", "pass a folder of images or a CSV/Parquet manifest")
+    if p.is_dir():
+        return _list_folder(p)
+    if p.suffix.lower() in (".csv", ".parquet"):
+        return _list_manifest(p)
+    raise InputError(
+        f"training set {path} is neither a folder nor a .csv/.parquet manifest",
+        "pass a folder of images, or a manifest with columns id, path, caption",
+    )
+
+
+def _list_folder(root: Path) -> list[_Entry]:
+    entries = []
+    seen: dict[str, Path] = {}
+    resolved_root = root.resolve()
+    for f in sorted(root.rglob("*")):
+        if not f.is_file() or f.suffix.lower() not in IMAGE_EXTENSIONS:
+            continue
+        if not f.resolve().is_relative_to(resolved_root):
+            continue  # a symlink out of the folder is not part of the training set
+        rel = f.relative_to(root).with_suffix("")
+        fid = rel.as_posix()
+        if fid in seen:
+            raise InputError(
+                f"two training images share the id {fid!r}: {seen[fid].name} and {f.name}",
+                "rename one of them (ids are file names without extension)",
+            )
+        seen[fid] = f
+        cap_file = f.with_suffix(".txt")
+        caption = cap_file.read_text(encoding="utf-8", errors="replace").strip() if cap_file.exists() else ""
+        entries.append(_Entry(fid, f, caption))
+    return entries
+
+
+def _list_manifest(path: Path) -> list[_Entry]:
+    import pandas as pd
+
+    try:
+        df = (
+            pd.read_parquet(path)
+            if path.suffix.lower() == ".parquet"
+            else pd.read_csv(path, dtype=str, keep_default_na=False)
+        )
+    except Exception as exc:
+        raise InputError(
+            f"cannot read training manifest {path}: {exc}", "check that it is a valid CSV/Parquet file"
+        ) from None
+    missing = {"id", "path"} - set(df.columns)
+    if missing:
+        raise InputError(
+            f"training manifest {path} lacks column(s) {', '.join(sorted(missing))}",
+            "the manifest needs columns id, path and optionally caption",
+        )
+    root = path.parent.resolve()
+    entries = []
+    ids = df["id"].astype(str).tolist()
+    dupes = sorted({i for i in ids if ids.count(i) > 1}) if len(set(ids)) != len(ids) else []
+    if dupes:
+        raise InputError(f"training manifest {path} repeats ids: {', '.join(dupes[:5])}", "make the id column unique")
+    captions = df["caption"].fillna("").astype(str).tolist() if "caption" in df.columns else [""] * len(df)
+    for fid, rel, cap in zip(ids, df["path"].astype(str).tolist(), captions):
+        full = (root / rel).resolve()
+        if not full.is_relative_to(root):
+            raise InputError(
+                f"training manifest {path}: path {rel!r} of id {fid!r} points outside {root}",
+                "keep every image path inside the manifest's folder",
+            )
+        entries.append(_Entry(fid, full, cap))
+    return entries
+
+
+def load_training_set(
+    path: str | Path, size: tuple[int, int] | None = None, channels: int = 3, progress=None
+) -> TrainingSet:
+    """Decode every image of a training set at (H, W) and C channels.
+
+    Corrupt or unreadable files are skipped, with their id, path and the reason recorded.
+    An empty result (nothing readable) is an error.
+    """
+    entries = list_training_set(path)
+    if not entries:
+        raise InputError(
+            f"training set {path} holds no images", f"expected files ending in {', '.join(IMAGE_EXTENSIONS)}"
+        )
+    ids, caps, imgs, skipped = [], [], [], []
+    first_size = size
+    for k, e in enumerate(entries):
+        try:
+            arr = read_image(e.path, first_size, channels)
+        except Exception as exc:  # PIL raises many types for corrupt data; all are a skip
+            skipped.append({"id": e.id, "path": str(e.path), "reason": f"{type(exc).__name__}: {exc}"[:200]})
+            continue
+        if first_size is None:
+            first_size = arr.shape[:2]
+        ids.append(e.id)
+        caps.append(e.caption)
+        imgs.append(arr)
+        if progress is not None:
+            progress(k + 1, len(entries))
+    if not imgs:
+        raise InputError(
+            f"no image of training set {path} could be read ({len(skipped)} skipped; first: {skipped[0]['reason']})",
+            "check the files are valid images",
+        )
+    return TrainingSet(ids, caps, np.stack(imgs), skipped, str(path))

@@ -1,0 +1,197 @@
+"""``memscan demo``: the paper's central finding on a laptop, from package-bundled data only.
+
+1. Rebuild the demo training set (scikit-learn digits, planted duplicates; deterministic).
+2. Choose candidate prompts the way Carlini et al. did: count near-duplicates in the training
+   set and attack the captions of the most duplicated images (plus a sample of unique ones, so the
+   contrast is visible).
+3. Extract with the shipped model: generate → tiled-ℓ2 cliques → verify against the training set.
+4. Score against the ground truth and write ``summary.json`` and ``report.html``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from memscan.data.images import read_image
+from memscan.demo.data import DemoData, build_demo_data, write_demo_data
+from memscan.distances import cross_tiled_l2, nearest_tiled_l2
+from memscan.errors import MemscanError
+from memscan.extraction.config import ExtractConfig
+from memscan.extraction.pipeline import extract
+from memscan.generators.diffusers_unet import load_unet_generator
+from memscan.report.html import build_report
+
+#: Near-duplicate threshold for counting training-set duplicates (tiled ℓ2, pixel space).
+DUPLICATE_TAU = 0.05
+
+
+def model_dir() -> Path:
+    """The shipped demo model (diffusers layout, safetensors weights)."""
+    return Path(str(resources.files("memscan.demo") / "model"))
+
+
+def demo_settings(quick: bool, samples_per_prompt: int | None) -> dict:
+    if quick:
+        return {"samples": samples_per_prompt or 40, "unique_prompts": 8, "min_count": 25}
+    return {"samples": samples_per_prompt or 100, "unique_prompts": 24, "min_count": 1}
+
+
+def count_duplicates(images: np.ndarray, tau: float = DUPLICATE_TAU, grid: int = 4) -> np.ndarray:
+    """For each training image, how many training images (itself included) lie within τ."""
+    _, _, counts = nearest_tiled_l2(images, images, k=1, grid=grid, within=tau)
+    return counts
+
+
+def candidate_prompts(data: DemoData, unique_prompts: int, min_count: int, seed: int = 0) -> pd.DataFrame:
+    """Captions of every image duplicated ≥ 2 times (and ≥ ``min_count``), plus random unique ones."""
+    counts = count_duplicates(data.images)
+    first_row: dict[str, int] = {}
+    for i, b in enumerate(data.base_ids):
+        first_row.setdefault(b, i)
+    measured = {b: int(counts[i]) for b, i in first_row.items()}
+    dup = sorted((b for b, c in measured.items() if c >= max(2, min_count)), key=lambda b: (-measured[b], b))
+    singles = sorted(b for b, c in measured.items() if c == 1)
+    rng = np.random.default_rng(seed)
+    # the planted-once images are always attacked (their contrast with the duplicated ones is the point)
+    once = [b for b in data.planted if measured[b] == 1]
+    others = [b for b in singles if b not in once]
+    pick = once + list(rng.choice(others, max(0, unique_prompts - len(once)), replace=False))
+    chosen = dup + sorted(pick)
+    return pd.DataFrame(
+        {
+            "prompt_id": chosen,
+            "prompt": [data.captions[b] for b in chosen],
+            "train_id": [f"{b}_c000" for b in chosen],
+            "duplicate_count": [measured[b] for b in chosen],
+            "planted_copies": [data.copies[b] for b in chosen],
+        }
+    )
+
+
+def score(run_dir: Path, data: DemoData, prompts: pd.DataFrame, delta: float, shape) -> dict:
+    """Compare the run's extractions with the ground truth that was planted."""
+    det = pd.read_parquet(run_dir / "detections.parquet")
+    ext = pd.read_parquet(run_dir / "extractions.parquet")
+    top = ext[(ext["rank"] == 1) & ext["extracted"]]
+    base = data.base_images()
+    extracted = set(top["prompt_id"])
+    # precision: each extraction's candidate vs the prompt's own ground-truth image, recomputed
+    correct = 0
+    for pid in extracted:
+        rel = det.loc[det["prompt_id"] == pid, "candidate_image"].iloc[0]
+        cand = read_image(run_dir / rel, shape[:2], shape[2])
+        correct += float(cross_tiled_l2(cand[None], base[pid][None])[0, 0]) <= delta
+    by_count: dict[str, dict] = {}
+    for row in prompts.itertuples(index=False):
+        k = str(int(row.planted_copies))
+        entry = by_count.setdefault(k, {"planted": 0, "extracted": 0})
+        entry["planted"] += 1
+        entry["extracted"] += row.prompt_id in extracted
+    by_count = dict(sorted(by_count.items(), key=lambda kv: int(kv[0])))
+    heavy = [b for b in prompts["prompt_id"] if data.copies[b] >= 50]
+    return {
+        "extracted_by_duplicate_count": by_count,
+        "precision": (correct / len(extracted)) if extracted else None,
+        "recall_at_50plus": (sum(b in extracted for b in heavy) / len(heavy)) if heavy else None,
+        "extractions": len(extracted),
+        "false_extractions_of_unique_images": sorted(b for b in extracted if data.copies[b] == 1),
+    }
+
+
+def run_demo(
+    out: str | Path = "runs/demo",
+    *,
+    samples_per_prompt: int | None = None,
+    quick: bool = False,
+    progress: bool = True,
+    device: str = "cpu",
+) -> dict:
+    """Run the demo end to end; returns the summary (also written to ``OUT/summary.json``)."""
+    t0 = time.perf_counter()
+    out = Path(out)
+    if (out / "run" / "manifest.json").exists():
+        raise MemscanError(f"{out} already holds a demo run", "remove it or pass another --out")
+    mdir = model_dir()
+    if not (mdir / "unet" / "diffusion_pytorch_model.safetensors").exists():
+        raise MemscanError(
+            f"the demo model is missing from {mdir}", "reinstall memscan, or train it: memscan demo train"
+        )
+    settings = demo_settings(quick, samples_per_prompt)
+
+    # 1. data
+    data = build_demo_data()
+    write_demo_data(data, out / "data")
+    t_data = time.perf_counter()
+    # 2. candidates
+    prompts = candidate_prompts(data, settings["unique_prompts"], settings["min_count"])
+    prompts.to_csv(out / "prompts.csv", index=False)
+    t_cand = time.perf_counter()
+    # 3. extraction
+    gen = load_unet_generator(str(mdir), device=device, batch_size=min(settings["samples"], 128))
+    config = ExtractConfig(
+        samples_per_prompt=settings["samples"],
+        grid=4,
+        min_clique=10,
+        delta=0.15,
+        seed=0,
+        batch_size=min(settings["samples"], 128),
+        shard_size=8,
+        device=device,
+    )
+    result = extract(gen, out / "prompts.csv", out / "data" / "train", out / "run", config, progress=progress)
+    t_ext = time.perf_counter()
+    # 4. score and report
+    shape = tuple(result.manifest["output_shape"])
+    summary = score(out / "run", data, prompts, config.delta, shape)
+    summary["thresholds"] = {
+        "alpha": config.alpha,
+        "min_clique": config.min_clique,
+        "delta": config.delta,
+        "grid": config.grid,
+        "duplicate_tau": DUPLICATE_TAU,
+    }
+    summary["samples_per_prompt"] = config.samples_per_prompt
+    summary["prompts"] = len(prompts)
+    summary["quick"] = quick
+    summary["model"] = json.loads((mdir / "memscan.json").read_text())["training"]["recipe"]
+    rows = [
+        (f"{k} copies", f"{v['extracted']}/{v['planted']} extracted")
+        for k, v in summary["extracted_by_duplicate_count"].items()
+    ]
+    rows += [("precision", _fmt(summary["precision"])), ("recall at ≥ 50 copies", _fmt(summary["recall_at_50plus"]))]
+    report = build_report(out / "run", extra_summary=dict(rows))
+    t_end = time.perf_counter()
+    summary["timings_s"] = {
+        "data": round(t_data - t0, 2),
+        "candidates": round(t_cand - t_data, 2),
+        "extraction": round(t_ext - t_cand, 2),
+        "report": round(t_end - t_ext, 2),
+        "total": round(t_end - t0, 2),
+    }
+    summary["report"] = str(report)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    lines = [
+        f"memscan demo: {len(prompts)} prompts × {config.samples_per_prompt} generations in {summary['timings_s']['total']:.0f} s"
+    ]
+    lines += [f"  {k:>15}: {v}" for k, v in rows]
+    lines += [f"  report: {report}", f"  summary: {out / 'summary.json'}"]
+    summary["text"] = "\n".join(lines)
+    return summary
+
+
+def _fmt(x) -> str:
+    return "n/a" if x is None else f"{x:.2f}"
+
+
+def train_model(out: str | Path, *, steps: int | None = None, device: str = "cpu") -> dict:
+    """Retrain the demo model with the recorded recipe (``memscan demo train``)."""
+    from memscan.demo.train import TrainConfig, train_demo_model
+
+    cfg = TrainConfig() if steps is None else TrainConfig(steps=steps)
+    return train_demo_model(build_demo_data(), out, cfg, device=device)

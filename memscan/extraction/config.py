@@ -1,0 +1,96 @@
+"""Configuration of the extraction attack (every default recorded in the run manifest)."""
+
+from __future__ import annotations
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from memscan.errors import InputError
+
+#: Default edge threshold α on tiled ℓ2 (4×4 grid). The paper does not publish its value; see
+#: docs/choosing-alpha.md for the measurements behind it: independent generations of a prompt
+#: lie at tiled ℓ2 ≳ 0.12 (5th percentile), copies of a memorized image at ≲ 0.05.
+DEFAULT_ALPHA = 0.08
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """Parameters of ``memscan extract`` (Carlini et al. 2023, §4.1 defaults where they exist).
+
+    Parameters
+    ----------
+    samples_per_prompt : generations per prompt (paper: 500)
+    grid : tiles per side for tiled ℓ2 (paper: 4)
+    alpha : edge threshold of the generation graph (strict <)
+    min_clique : clique size that flags a prompt (paper: k = 10)
+    delta : (ℓ, δ)-extraction threshold on tiled ℓ2 to a training image (paper: 0.15)
+    seed : run seed; sample i of prompt p uses derive_seed(seed, p, i)
+    batch_size : generations per model call
+    shard_size : prompts per shard (unit of resume and of distributed work)
+    n_nearest : nearest training images listed per candidate
+    max_expansions : clique search budget (beyond it the result is marked "bounded")
+    device : "cpu" or "cuda"
+    """
+
+    samples_per_prompt: int = 500
+    grid: int = 4
+    alpha: float = DEFAULT_ALPHA
+    min_clique: int = 10
+    delta: float = 0.15
+    seed: int = 0
+    batch_size: int = 64
+    shard_size: int = 8
+    n_nearest: int = 3
+    max_expansions: int = 100_000
+    device: str = "cpu"
+
+    def validate(self) -> ExtractConfig:
+        def need(cond: bool, msg: str, hint: str) -> None:
+            if not cond:
+                raise InputError(msg, hint)
+
+        need(self.samples_per_prompt >= 2, f"samples_per_prompt={self.samples_per_prompt}", "use at least 2")
+        need(self.grid >= 1, f"grid={self.grid}", "use a positive tile grid (paper: 4)")
+        need(0 < self.alpha <= 1, f"alpha={self.alpha} outside (0, 1]", "tiled ℓ2 lies in [0, 1]")
+        need(0 <= self.delta <= 1, f"delta={self.delta} outside [0, 1]", "paper: 0.15")
+        need(
+            2 <= self.min_clique <= self.samples_per_prompt,
+            f"min_clique={self.min_clique} must lie in 2..samples_per_prompt ({self.samples_per_prompt})",
+            "paper: 10 of 500",
+        )
+        need(self.batch_size >= 1 and self.shard_size >= 1, "batch_size and shard_size must be ≥ 1", "")
+        need(self.n_nearest >= 1, "n_nearest must be ≥ 1", "")
+        need(
+            self.device in ("cpu", "cuda") or self.device.startswith("cuda:"),
+            f"device={self.device!r}",
+            "use cpu or cuda",
+        )
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_sources(cls, config_file: str | Path | None = None, **overrides) -> ExtractConfig:
+        """Defaults < values from a TOML file (``[extract]`` table or top level) < explicit overrides."""
+        values: dict = {}
+        if config_file is not None:
+            try:
+                data = tomllib.loads(Path(config_file).read_text(encoding="utf-8"))
+            except (OSError, tomllib.TOMLDecodeError) as exc:
+                raise InputError(f"cannot read config {config_file}: {exc}", "pass a valid TOML file") from None
+            data = data.get("extract", data)
+            known = {f.name for f in fields(cls)}
+            values.update({k.replace("-", "_"): v for k, v in data.items() if k.replace("-", "_") in known})
+            unknown = [k for k in data if k.replace("-", "_") not in known and not isinstance(data[k], dict)]
+            if unknown:
+                raise InputError(
+                    f"config {config_file}: unknown option(s) {', '.join(unknown)}",
+                    f"known: {', '.join(sorted(known))}",
+                )
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values).validate()

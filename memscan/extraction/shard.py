@@ -1,0 +1,133 @@
+"""The stage function over one shard of prompts: generate → detect → verify.
+
+The local runner loops over shards with it; a distributed runner maps the very same function
+over the same shards. It reads its inputs, writes its images and returns its tables; committing
+them (the completion record) is the runner's job.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from memscan.data.images import montage, save_png
+from memscan.data.training import TrainingSet
+from memscan.extraction.config import ExtractConfig
+from memscan.extraction.detect import detect
+from memscan.extraction.verify import verify_candidates
+from memscan.generators.base import check_generations
+from memscan.generators.seeds import derive_seed, derive_seeds
+from memscan.store import RunStore, safe_name
+
+DETECTION_COLUMNS = [
+    "prompt_id",
+    "prompt",
+    "train_id",
+    "duplicate_count",
+    "n_samples",
+    "alpha",
+    "min_clique",
+    "clique_size",
+    "clique_upper_bound",
+    "clique_method",
+    "mean_clique_distance",
+    "medoid_index",
+    "medoid_seed",
+    "graph_edges",
+    "median_pairwise_distance",
+    "min_pairwise_distance",
+    "detected",
+    "candidate_image",
+    "clique_image",
+]
+
+
+@dataclass
+class ShardTimings:
+    generation_s: float = 0.0
+    detection_s: float = 0.0
+    verification_s: float = 0.0
+    images: int = 0
+    prompts: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def run_shard(
+    generator,
+    prompts: pd.DataFrame,
+    config: ExtractConfig,
+    training: TrainingSet,
+    store: RunStore,
+    progress=None,
+) -> tuple[dict[str, pd.DataFrame], ShardTimings]:
+    """Attack every prompt of one shard; returns ``{"detections": df, "extractions": df}``.
+
+    Generations live in memory only until the prompt's detection is done; only the clique medoid
+    and a montage of the clique are written (as PNG).
+    """
+    timings = ShardTimings()
+    rows, cand_rows, cand_images = [], [], []
+    cand_dir, clique_dir = store.image_dir("candidates"), store.image_dir("cliques")
+    for p in prompts.itertuples(index=False):
+        # 1. generate, batch by batch, with per-sample seeds
+        t0 = time.perf_counter()
+        parts = []
+        for s in range(0, config.samples_per_prompt, config.batch_size):
+            stop = min(config.samples_per_prompt, s + config.batch_size)
+            seeds = derive_seeds(config.seed, p.prompt_id, s, stop)
+            parts.append(check_generations(generator.generate(p.prompt, seeds), len(seeds), p.prompt))
+            if progress is not None:
+                progress(stop - s)
+        images = np.concatenate(parts)
+        t1 = time.perf_counter()
+        # 2. detect: pairwise tiled ℓ2 → largest clique
+        found = detect(
+            images,
+            alpha=config.alpha,
+            min_clique=config.min_clique,
+            grid=config.grid,
+            max_expansions=config.max_expansions,
+        )
+        c = found.clique
+        row = {
+            "prompt_id": p.prompt_id,
+            "prompt": p.prompt,
+            "train_id": p.train_id,
+            "duplicate_count": p.duplicate_count,
+            "n_samples": len(images),
+            "alpha": config.alpha,
+            "min_clique": config.min_clique,
+            **found.row(),
+            "medoid_seed": str(derive_seed(config.seed, p.prompt_id, c.medoid)),
+            "candidate_image": None,
+            "clique_image": None,
+        }
+        # 3. keep what a person will look at: the medoid and the clique
+        if found.detected:
+            name = safe_name(p.prompt_id)
+            save_png(images[c.medoid], cand_dir / f"{name}.png")
+            save_png(montage(images[c.members[:100]], columns=10), clique_dir / f"{name}.png")
+            row["candidate_image"] = f"images/candidates/{name}.png"
+            row["clique_image"] = f"images/cliques/{name}.png"
+            cand_rows.append(row)
+            cand_images.append(images[c.medoid])
+        rows.append(row)
+        timings.generation_s += t1 - t0
+        timings.detection_s += time.perf_counter() - t1
+        timings.images += len(images)
+        timings.prompts += 1
+        del images, parts
+    # 4. verify the shard's candidates against the training set
+    t2 = time.perf_counter()
+    cand_df = pd.DataFrame(cand_rows, columns=DETECTION_COLUMNS)
+    stack = np.stack(cand_images) if cand_images else np.zeros((0, *training.images.shape[1:]), np.uint8)
+    extractions = verify_candidates(
+        cand_df, stack, training, delta=config.delta, grid=config.grid, n_nearest=config.n_nearest
+    )
+    timings.verification_s = time.perf_counter() - t2
+    detections = pd.DataFrame(rows, columns=DETECTION_COLUMNS)
+    detections["duplicate_count"] = detections["duplicate_count"].astype("Int64")
+    return {"detections": detections, "extractions": extractions}, timings

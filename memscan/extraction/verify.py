@@ -1,0 +1,85 @@
+"""Verification stage: candidates vs the training set.
+
+For each candidate (a clique medoid), the ``n_nearest`` training images by exact tiled ℓ2, the
+(ℓ, δ)-extraction decision — extracted when ``tiled_l2(x̂, x) ≤ δ`` (Carlini et al. 2023, Def. 1;
+paper δ = 0.15) — and the k-eidetic count: the number of training images within δ of the
+candidate (an extracted image is k-eidetic when that count is ≤ k).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from memscan.data.training import TrainingSet
+from memscan.distances import nearest_tiled_l2
+
+EXTRACTION_COLUMNS = [
+    "prompt_id",
+    "rank",
+    "train_id",
+    "train_caption",
+    "tiled_l2",
+    "extracted",
+    "eidetic_k",
+    "expected_train_id",
+    "matches_expected",
+    "clique_size",
+    "mean_clique_distance",
+    "delta",
+]
+
+
+def verify_candidates(
+    candidates: pd.DataFrame,
+    images: np.ndarray,
+    training: TrainingSet,
+    *,
+    delta: float,
+    grid: int,
+    n_nearest: int,
+) -> pd.DataFrame:
+    """One row per (candidate, nearest training image), nearest first.
+
+    ``candidates`` has ``prompt_id``, ``train_id`` (expected, may be None), ``clique_size``,
+    ``mean_clique_distance``; ``images`` holds the candidate medoids in the same order.
+    """
+    if len(candidates) == 0:
+        return pd.DataFrame({c: pd.Series(dtype=_dtype(c)) for c in EXTRACTION_COLUMNS})
+    if images.shape[1:] != training.images.shape[1:]:
+        raise ValueError(f"candidates are {images.shape[1:]} but training images are {training.images.shape[1:]}")
+    dist, idx, within = nearest_tiled_l2(images, training.images, k=n_nearest, grid=grid, within=delta)
+    rows = []
+    for c, cand in enumerate(candidates.itertuples(index=False)):
+        for r in range(dist.shape[1]):
+            tid = training.ids[int(idx[c, r])]
+            expected = getattr(cand, "train_id", None)
+            rows.append(
+                {
+                    "prompt_id": cand.prompt_id,
+                    "rank": r + 1,
+                    "train_id": tid,
+                    "train_caption": training.captions[int(idx[c, r])],
+                    "tiled_l2": float(dist[c, r]),
+                    "extracted": bool(dist[c, r] <= delta),
+                    "eidetic_k": int(within[c]),
+                    "expected_train_id": expected,
+                    "matches_expected": None if expected is None else bool(expected == tid),
+                    "clique_size": int(cand.clique_size),
+                    "mean_clique_distance": float(cand.mean_clique_distance),
+                    "delta": float(delta),
+                }
+            )
+    return pd.DataFrame(rows, columns=EXTRACTION_COLUMNS)
+
+
+def _dtype(col: str) -> str:
+    return {
+        "rank": "int64",
+        "tiled_l2": "float64",
+        "extracted": "bool",
+        "eidetic_k": "int64",
+        "clique_size": "int64",
+        "mean_clique_distance": "float64",
+        "delta": "float64",
+    }.get(col, "object")

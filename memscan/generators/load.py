@@ -1,0 +1,108 @@
+"""Turn a ``--model`` spec into a generator.
+
+- ``py:module:attribute`` or ``py:path/to/file.py:attribute`` — a callable
+  ``fn(prompt, seeds) -> uint8 N×H×W×C``, a zero-argument factory returning one, or an object
+  with a ``generate(prompt, seeds)`` method (or a factory returning such an object).
+- a directory saved with ``save_pretrained`` (diffusers ``UNet2DModel`` + scheduler, or a
+  ``DDPMPipeline``/``DDIMPipeline``), or a hub id for users with a network.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import json
+import sys
+from pathlib import Path
+
+from memscan.errors import InputError
+from memscan.generators.base import CallableGenerator
+
+
+def load_generator(spec: str, *, device: str = "cpu", batch_size: int = 64, **options):
+    """Load the generator named by ``spec`` (see module docstring)."""
+    if spec.startswith("py:"):
+        return _load_python(spec)
+    path = Path(spec)
+    if path.exists():
+        if not path.is_dir():
+            raise InputError(f"model {spec} is a file", "pass a diffusers directory or py:module:attribute")
+        index = path / "model_index.json"
+        if index.exists():
+            cls = json.loads(index.read_text()).get("_class_name", "")
+            if "unet" not in json.loads(index.read_text()) or cls not in ("DDPMPipeline", "DDIMPipeline", ""):
+                raise InputError(
+                    f"model {spec} is a {cls}; this build attacks unconditional and class-conditional UNet2DModel pipelines",
+                    "pass a DDPM/DDIM pipeline directory, or wrap your model as py:module:function",
+                )
+        from memscan.generators.diffusers_unet import load_unet_generator
+
+        return load_unet_generator(spec, device=device, batch_size=batch_size, **options)
+    if spec.count("/") == 1 and not spec.startswith((".", "/")):
+        from memscan.generators.diffusers_unet import load_unet_generator
+
+        try:
+            return load_unet_generator(spec, device=device, batch_size=batch_size, **options)
+        except OSError as exc:
+            raise InputError(
+                f"cannot load model {spec!r} from the hub ({str(exc).splitlines()[0]})",
+                "check the id and your network, or pass a local directory",
+            ) from None
+    raise InputError(
+        f"model {spec!r} is not a directory, a hub id or py:module:attribute",
+        "e.g. --model ./my-ddpm or --model py:mypkg.gen:sample",
+    )
+
+
+def _load_python(spec: str):
+    body = spec[3:]
+    if ":" not in body:
+        raise InputError(f"model {spec!r} must be py:module:attribute", "e.g. py:mypkg.generators:sample")
+    module_name, attr = body.rsplit(":", 1)
+    try:
+        if module_name.endswith(".py"):
+            file = Path(module_name).resolve()
+            if not file.is_file():
+                raise InputError(f"model file {module_name} does not exist")
+            mod_spec = importlib.util.spec_from_file_location(f"memscan_user_{file.stem}", file)
+            module = importlib.util.module_from_spec(mod_spec)
+            sys.modules[mod_spec.name] = module
+            mod_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise InputError(
+            f"cannot import {module_name!r} for model {spec!r}: {exc}", "check PYTHONPATH or give a .py file path"
+        ) from None
+    obj = getattr(module, attr, None)
+    if obj is None:
+        raise InputError(f"{module_name} has no attribute {attr!r}", "name a function, a factory or a generator object")
+    return as_generator(obj, name=spec)
+
+
+def as_generator(obj, name: str | None = None):
+    """Wrap a callable, a factory or a generator object as a generator."""
+    if hasattr(obj, "generate") and not inspect.isclass(obj):
+        return obj
+    if callable(obj) and _is_factory(obj):
+        made = obj()
+        if hasattr(made, "generate"):
+            return made
+        if callable(made):
+            return CallableGenerator(made, name=name)
+        raise InputError(
+            f"factory {name} returned {type(made).__name__}", "return fn(prompt, seeds) or an object with generate()"
+        )
+    if callable(obj):
+        return CallableGenerator(obj, name=name)
+    raise InputError(f"{name} is not callable", "name fn(prompt, seeds), a factory, or a generator object")
+
+
+def _is_factory(obj) -> bool:
+    try:
+        params = inspect.signature(obj).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    required = [p for p in params if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return inspect.isclass(obj) or len(required) == 0

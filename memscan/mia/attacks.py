@@ -1,0 +1,462 @@
+"""Membership inference attacks on per-example losses: global loss threshold and LiRA.
+
+Inputs are plain arrays in an :class:`AttackInputs` (no models here): the target model's loss on
+each candidate example — for diffusion models the loss ``L_t(x)`` of DESIGN.md at one timestep —
+and, for LiRA, the same loss under ``M`` shadow models together with which examples each shadow
+model was trained on.
+
+Orientation. Every attack returns **scores where higher = more likely a member**. Members have
+*lower* loss, so the statistic the attacks model is ``s = −loss`` (the counterpart of the
+logit-scaled confidence ``φ`` of Carlini et al. 2022, which is also higher for members).
+
+Attacks (registry :data:`ATTACKS`, name → class):
+
+- ``"loss"`` — :class:`LossThreshold`: ``score = −loss`` (Yeom et al. 2018); sweeping the
+  threshold over the ROC curve is the global-threshold attack.
+- ``"lira_online"`` — :class:`LiRAOnline`: per-example Gaussians fitted to IN and OUT shadow
+  statistics, score = log-likelihood ratio (Carlini et al. 2022, §IV, Algorithm 1).
+- ``"lira_offline"`` — :class:`LiRAOffline`: OUT Gaussians only, one-sided test (§IV-C).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+from typing import Any, ClassVar
+
+import numpy as np
+from scipy.special import log_ndtr
+
+from memscan.errors import InputError
+from memscan.mia.metrics import (
+    DEFAULT_FPRS,
+    AttackResult,
+    _as_labels,
+    _as_scores,
+    _check_two_classes,
+    roc_metrics,
+)
+
+__all__ = [
+    "ATTACKS",
+    "Attack",
+    "AttackInputs",
+    "LiRAOffline",
+    "LiRAOnline",
+    "LossThreshold",
+    "make_attack",
+]
+
+#: Standard deviations are floored at this value, so a degenerate fit (all shadow statistics
+#: equal) gives a very large but finite score instead of a division by zero.
+MIN_SIGMA = 1e-12
+
+
+@dataclass(frozen=True, eq=False)
+class AttackInputs:
+    """Data for a membership inference attack on ``N`` target examples (arrays only).
+
+    Attributes
+    ----------
+    target_loss : array_like, shape (N,)
+        Loss of the target model on each example (lower = better fit).
+    shadow_loss : array_like, shape (M, N), optional
+        Loss of each of ``M`` shadow models on each example.
+    shadow_in : array_like of bool, shape (M, N), optional
+        ``shadow_in[m, i]`` is True when shadow model ``m`` was trained on example ``i`` (an
+        "IN" model for ``i``). Omitted while ``shadow_loss`` is given: every shadow model is OUT
+        for every example (the offline setting with disjoint shadow data).
+    is_member : array_like of bool, shape (N,), optional
+        Ground truth for the target model; when given, results carry ROC metrics.
+    timestep : int, optional
+        Diffusion timestep ``t`` at which the losses were computed; recorded in results.
+
+    Examples
+    --------
+    >>> x = AttackInputs(target_loss=[0.1, 0.5], is_member=[True, False]).validate()
+    >>> x.target_loss.dtype, x.is_member.tolist()
+    (dtype('float64'), [True, False])
+    """
+
+    target_loss: Any
+    shadow_loss: Any = None
+    shadow_in: Any = None
+    is_member: Any = None
+    timestep: int | None = None
+
+    @property
+    def n(self) -> int:
+        """Number of target examples."""
+        return int(np.shape(self.target_loss)[0])
+
+    def validate(self) -> AttackInputs:
+        """Check shapes, values and types; return a normalised copy.
+
+        The copy holds ``float64`` losses, ``bool`` masks and labels, and ``shadow_in`` filled
+        with all-False when it was omitted.
+
+        Raises
+        ------
+        memscan.errors.InputError
+            Target losses not 1-D, empty, NaN or infinite; shadow losses not ``M×N`` or not
+            finite; a mask without losses or of another shape or not boolean; labels of another
+            length, not boolean, or of one class only; a timestep that is not a non-negative
+            integer.
+        """
+        loss = _as_scores(self.target_loss, "target_loss")
+        n = loss.size
+        shadow = mask = labels = None
+        if self.shadow_loss is not None:
+            shadow = np.asarray(self.shadow_loss, dtype=np.float64)
+            if shadow.ndim != 2 or shadow.shape[1] != n or shadow.shape[0] == 0:
+                raise InputError(
+                    f"shadow_loss: expected shape (M, {n}) with M ≥ 1, got {shadow.shape}",
+                    "one row per shadow model, one column per target example",
+                )
+            bad = ~np.isfinite(shadow)
+            if bad.any():
+                m, i = np.argwhere(bad)[0]
+                raise InputError(
+                    f"shadow_loss: {int(bad.sum())} value(s) are NaN or infinite "
+                    f"(first at model {m}, example {i})",
+                    "recompute those losses; examples are never dropped silently",
+                )
+        if self.shadow_in is not None:
+            if shadow is None:
+                raise InputError("shadow_in: given without shadow_loss", "pass both or neither")
+            mask = np.asarray(self.shadow_in)
+            if mask.shape != shadow.shape:
+                raise InputError(
+                    f"shadow_in: shape {mask.shape} differs from shadow_loss {shadow.shape}",
+                    "one flag per (shadow model, example)",
+                )
+            if mask.dtype != np.bool_:
+                if not np.issubdtype(mask.dtype, np.number) or not np.isin(mask, (0, 1)).all():
+                    raise InputError(
+                        f"shadow_in: dtype {mask.dtype} is not boolean", "pass bool or 0/1"
+                    )
+                mask = mask.astype(bool)
+        elif shadow is not None:
+            mask = np.zeros(shadow.shape, dtype=bool)
+        if self.is_member is not None:
+            labels = _as_labels(self.is_member, n)
+            _check_two_classes(labels)
+        t = self.timestep
+        if t is not None:
+            if isinstance(t, bool) or int(t) != t or t < 0:
+                raise InputError(f"timestep: {t!r} is not a non-negative integer")
+            t = int(t)
+        return replace(
+            self, target_loss=loss, shadow_loss=shadow, shadow_in=mask, is_member=labels, timestep=t
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# attacks
+# --------------------------------------------------------------------------------------------
+class Attack(ABC):
+    """Base class: ``fit_score(inputs) → AttackResult``.
+
+    Subclasses set :attr:`name`, declare what they need (``needs_in`` / ``needs_out``: minimum
+    IN / OUT shadow statistics per example; 0 = shadow models not needed) and implement
+    :meth:`_score` on validated inputs.
+    """
+
+    name: ClassVar[str]
+    needs_in: ClassVar[int] = 0
+    needs_out: ClassVar[int] = 0
+
+    def params(self) -> dict[str, Any]:
+        """The attack's options, recorded in each result."""
+        return {}
+
+    def fit_score(
+        self,
+        inputs: AttackInputs,
+        *,
+        fprs: Iterable[float] = DEFAULT_FPRS,
+        bootstrap: int = 0,
+        seed: int = 0,
+    ) -> AttackResult:
+        """Validate ``inputs``, fit the attack, and score every target example.
+
+        Parameters
+        ----------
+        inputs : AttackInputs
+        fprs, bootstrap, seed
+            Passed to :func:`memscan.mia.metrics.roc_metrics` when ``inputs.is_member`` is set.
+
+        Returns
+        -------
+        AttackResult
+            ``scores`` (higher = member), ``roc`` when labels were given, ``params``, and
+            ``extras`` with the fitted per-example statistics.
+        """
+        if not isinstance(inputs, AttackInputs):
+            raise InputError(f"inputs: expected AttackInputs, got {type(inputs).__name__}")
+        x = inputs.validate()
+        self._check_shadow(x)
+        scores, extras = self._score(x)
+        roc = None
+        if x.is_member is not None:
+            roc = roc_metrics(scores, x.is_member, fprs=fprs, bootstrap=bootstrap, seed=seed)
+        return AttackResult(
+            attack=self.name,
+            scores=scores,
+            roc=roc,
+            timestep=x.timestep,
+            params=self.params(),
+            extras=extras,
+        )
+
+    def _check_shadow(self, x: AttackInputs) -> None:
+        if not (self.needs_in or self.needs_out):
+            return
+        if x.shadow_loss is None:
+            raise InputError(
+                f"{self.name}: needs shadow_loss (and shadow_in) from shadow models",
+                "train shadow models and compute their losses on the target examples",
+            )
+        for what, need, counts in (
+            ("IN", self.needs_in, x.shadow_in.sum(0)),
+            ("OUT", self.needs_out, (~x.shadow_in).sum(0)),
+        ):
+            short = np.flatnonzero(counts < need)
+            if need and short.size:
+                raise InputError(
+                    f"{self.name}: {short.size} example(s) have fewer than {need} {what} shadow "
+                    f"model(s) (first: example {short[0]} with {counts[short[0]]})",
+                    "train more shadow models, or use fixed_variance=True (needs only 1)",
+                )
+
+    @abstractmethod
+    def _score(self, x: AttackInputs) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Scores and extras for validated inputs."""
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.params().items())
+        return f"{type(self).__name__}({args})"
+
+
+#: Registry of attacks: name → class. Construct with :func:`make_attack`.
+ATTACKS: dict[str, type[Attack]] = {}
+
+
+def _register(cls: type[Attack]) -> type[Attack]:
+    ATTACKS[cls.name] = cls
+    return cls
+
+
+def make_attack(name: str, **options: Any) -> Attack:
+    """Construct a registered attack by name.
+
+    Examples
+    --------
+    >>> make_attack("lira_online", fixed_variance=True)
+    LiRAOnline(fixed_variance=True, location='mean')
+    """
+    try:
+        cls = ATTACKS[name]
+    except KeyError:
+        raise InputError(
+            f"unknown attack {name!r}", f"choose one of {', '.join(sorted(ATTACKS))}"
+        ) from None
+    return cls(**options)
+
+
+@_register
+class LossThreshold(Attack):
+    """Global loss threshold (Yeom et al. 2018, "Privacy Risk in Machine Learning", §3.2).
+
+    ``score_i = −loss_i``: an example is called a member when its loss is below a threshold
+    that is the same for every example. The ROC curve sweeps that threshold. Shadow inputs, if
+    present, are validated but unused.
+
+    Examples
+    --------
+    >>> r = LossThreshold().fit_score(AttackInputs([0.1, 0.9, 0.2, 0.8], is_member=[1, 0, 1, 0]))
+    >>> r.scores.tolist(), r.roc.auc
+    ([-0.1, -0.9, -0.2, -0.8], 1.0)
+    """
+
+    name = "loss"
+
+    def _score(self, x: AttackInputs) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        return -x.target_loss, {}
+
+
+def _fit_gaussians(
+    s: np.ndarray, mask: np.ndarray, *, fixed_variance: bool, location: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-example (column) Gaussian fit of ``s[mask]``: returns (mu, sigma, count).
+
+    ``mu`` is the mean (or median) of each column's selected entries. ``sigma`` is the maximum
+    likelihood standard deviation around ``mu`` (``ddof = 0``, as ``np.std`` in the reference
+    code), per column; with ``fixed_variance`` one global value, the pooled within-example
+    deviation ``sqrt(Σ_i Σ_m∈sel(i) (s_mi − mu_i)² / Σ_i count_i)``, broadcast to every column.
+    """
+    count = mask.sum(0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        if location == "median":
+            mu = np.nanmedian(np.where(mask, s, np.nan), axis=0)
+        else:
+            mu = np.where(mask, s, 0.0).sum(0) / count
+        sq = np.where(mask, (s - mu) ** 2, 0.0)
+        if fixed_variance:
+            sigma = np.full(s.shape[1], np.sqrt(sq.sum() / count.sum()))
+        else:
+            sigma = np.sqrt(sq.sum(0) / count)
+    return mu, np.maximum(sigma, MIN_SIGMA), count
+
+
+class _LiRA(Attack):
+    """Shared options of the two LiRA variants."""
+
+    def __init__(self, *, fixed_variance: bool = False, location: str = "mean"):
+        if location not in ("mean", "median"):
+            raise InputError(f"location: {location!r} is not 'mean' or 'median'")
+        self.fixed_variance = bool(fixed_variance)
+        self.location = location
+        # per-example variance needs two draws to be non-degenerate; a global one needs one
+        need = 1 if self.fixed_variance else 2
+        if type(self).needs_in:
+            self.needs_in = need
+        self.needs_out = need
+
+    def params(self) -> dict[str, Any]:
+        return {"fixed_variance": self.fixed_variance, "location": self.location}
+
+    def _fit(self, x: AttackInputs, member_side: bool):
+        mask = x.shadow_in if member_side else ~x.shadow_in
+        return _fit_gaussians(
+            -x.shadow_loss, mask, fixed_variance=self.fixed_variance, location=self.location
+        )
+
+
+@_register
+class LiRAOnline(_LiRA):
+    """Online Likelihood Ratio Attack (Carlini et al. 2022, §IV-B, Algorithm 1).
+
+    With the statistic ``s = −loss``, for each target example ``i`` fit ``N(μ_in,i, σ_in,i²)`` to
+    ``s`` under the shadow models trained on ``i`` (IN) and ``N(μ_out,i, σ_out,i²)`` under those
+    not trained on it (OUT). The score is the log-likelihood ratio of Algorithm 1, line 12
+    (``Λ = p(s | N_in) / p(s | N_out)``), in logs::
+
+        score_i = log N(s_i; μ_in,i, σ_in,i²) − log N(s_i; μ_out,i, σ_out,i²)
+
+    A Gaussian log-density ratio is unchanged when every value is negated, so this score is the
+    same whether the loss or ``−loss`` is modelled.
+
+    Parameters
+    ----------
+    fixed_variance : bool
+        Use one global ``σ_in`` and one global ``σ_out`` (§IV-C: better with few shadow
+        models), each the pooled within-example deviation over all examples. Carlini et al.'s
+        code takes ``np.std`` over all values instead, which also includes the spread of the
+        per-example means; the pooled estimate is the one that matches the model.
+    location : {"mean", "median"}
+        Estimator of ``μ``: the maximum-likelihood mean (default), or the median (as in the
+        authors' released code).
+
+    Notes
+    -----
+    Each example needs at least 2 IN and 2 OUT shadow statistics (1 with ``fixed_variance``).
+    ``σ`` is the ``ddof = 0`` deviation, floored at :data:`MIN_SIGMA`. ``extras`` hold
+    ``mu_in``, ``sigma_in``, ``n_in``, ``mu_out``, ``sigma_out``, ``n_out`` (all on the
+    ``−loss`` scale).
+
+    Examples
+    --------
+    Four shadow models, two examples; models 0 and 1 were trained on both examples:
+
+    >>> shadow_loss = np.array([[1.0, 3.0], [2.0, 4.0], [5.0, 1.0], [7.0, 3.0]])
+    >>> shadow_in = np.array([[1, 1], [1, 1], [0, 0], [0, 0]], dtype=bool)
+    >>> x = AttackInputs(target_loss=[1.5, 2.0], shadow_loss=shadow_loss, shadow_in=shadow_in)
+    >>> r = LiRAOnline().fit_score(x)
+    >>> r.extras["mu_in"].tolist(), r.extras["sigma_in"].tolist()  # of s = −loss
+    ([-1.5, -3.5], [0.5, 0.5])
+    >>> [round(float(v), 4) for v in r.scores]
+    [10.8181, -3.8069]
+    """
+
+    name = "lira_online"
+    needs_in = 2
+    needs_out = 2
+
+    def _score(self, x: AttackInputs) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        s = -x.target_loss
+        mu_in, sd_in, n_in = self._fit(x, True)
+        mu_out, sd_out, n_out = self._fit(x, False)
+        # log N(s; μ, σ²) = −½((s − μ)/σ)² − log σ − ½ log 2π; the constant cancels.
+        ll_in = -0.5 * ((s - mu_in) / sd_in) ** 2 - np.log(sd_in)
+        ll_out = -0.5 * ((s - mu_out) / sd_out) ** 2 - np.log(sd_out)
+        extras = {
+            "mu_in": mu_in,
+            "sigma_in": sd_in,
+            "n_in": n_in,
+            "mu_out": mu_out,
+            "sigma_out": sd_out,
+            "n_out": n_out,
+        }
+        return ll_in - ll_out, extras
+
+
+@_register
+class LiRAOffline(_LiRA):
+    """Offline Likelihood Ratio Attack: OUT shadow models only (Carlini et al. 2022, §IV-C).
+
+    With ``s = −loss`` (higher = member) and ``N(μ_out,i, σ_out,i²)`` fitted to ``s`` under the
+    shadow models not trained on example ``i``, the paper's one-sided test is::
+
+        Λ_i = 1 − Pr[Z > s_i] = Φ(z_i),  z_i = (s_i − μ_out,i) / σ_out,i,  Z ~ N(μ_out,i, σ_out,i²)
+
+    In terms of the loss ``ℓ`` (members have *lower* loss), ``z_i = (μ_out,i(ℓ) − ℓ_i) / σ_out,i``:
+    a target loss far *below* the OUT losses means member.
+
+    ``Λ`` rounds to exactly 1.0 for ``z ≳ 8.3``, which would tie the most confident examples —
+    exactly the ones that decide TPR at low FPR. The returned score is therefore the strictly
+    increasing transform ::
+
+        score_i = −log Pr[Z ≥ s_i] = −log Φ(−z_i)
+
+    (the negative log p-value of "``s_i`` comes from OUT", computed with ``log_ndtr`` so it does
+    not saturate). It ranks examples exactly as ``Λ`` does, so every ROC metric is the paper's.
+    ``extras["lambda"]`` holds ``Λ`` itself.
+
+    Parameters
+    ----------
+    fixed_variance, location
+        As for :class:`LiRAOnline`, applied to the OUT fit.
+
+    Notes
+    -----
+    Each example needs at least 2 OUT shadow statistics (1 with ``fixed_variance``). ``extras``
+    hold ``mu_out``, ``sigma_out``, ``n_out``, ``z`` and ``lambda``.
+
+    Examples
+    --------
+    >>> x = AttackInputs(target_loss=[0.0, 2.0], shadow_loss=[[1.0, 1.0], [3.0, 3.0]])
+    >>> r = LiRAOffline().fit_score(x)  # OUT losses ~ N(2, 1) for both examples
+    >>> r.extras["z"].tolist(), [round(float(v), 4) for v in r.extras["lambda"]]
+    ([2.0, 0.0], [0.9772, 0.5])
+    >>> [round(float(v), 4) for v in r.scores]
+    [3.7832, 0.6931]
+    """
+
+    name = "lira_offline"
+    needs_in = 0
+    needs_out = 2
+
+    def _score(self, x: AttackInputs) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        s = -x.target_loss
+        mu_out, sd_out, n_out = self._fit(x, False)
+        z = (s - mu_out) / sd_out
+        extras = {
+            "mu_out": mu_out,
+            "sigma_out": sd_out,
+            "n_out": n_out,
+            "z": z,
+            "lambda": np.exp(log_ndtr(z)),
+        }
+        return -log_ndtr(-z), extras

@@ -1,0 +1,80 @@
+"""Plots of a run, made from its tables alone (matplotlib, Agg, PNG bytes)."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pandas as pd
+
+
+def _fig():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    _fig().close(fig)
+    return buf.getvalue()
+
+
+def detection_distance_plot(det: pd.DataFrame, alpha: float, min_clique: int) -> bytes:
+    """Left: each prompt's clique size vs mean intra-clique distance; right: min pairwise distance."""
+    plt = _fig()
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    flagged = det["detected"].astype(bool).to_numpy()
+    a.scatter(det["mean_clique_distance"][~flagged], det["clique_size"][~flagged], s=12, c="#888", label="not flagged")
+    a.scatter(det["mean_clique_distance"][flagged], det["clique_size"][flagged], s=16, c="#c0392b", label="flagged")
+    a.axhline(min_clique, ls="--", c="k", lw=0.8)
+    a.set_xlabel("mean tiled ℓ2 inside the largest clique")
+    a.set_ylabel("largest clique size")
+    a.set_yscale("symlog")
+    a.legend(fontsize=8)
+    vals = det["median_pairwise_distance"].to_numpy(dtype=float)
+    mins = det["min_pairwise_distance"].to_numpy(dtype=float)
+    bins = np.linspace(0, max(0.5, float(np.nanmax(vals)) if len(vals) else 0.5), 40)
+    b.hist(vals, bins=bins, alpha=0.6, label="median pairwise")
+    b.hist(mins, bins=bins, alpha=0.6, label="closest pair")
+    b.axvline(alpha, ls="--", c="k", lw=0.8, label=f"α = {alpha:g}")
+    b.set_xlabel("tiled ℓ2 between generations of one prompt")
+    b.set_ylabel("prompts")
+    b.legend(fontsize=8)
+    return _png(fig)
+
+
+def duplication_plot(rates: pd.DataFrame) -> bytes:
+    """Extraction rate against training-set duplicate count (log x), as in the paper's Fig. 5."""
+    plt = _fig()
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    ax.plot(rates["duplicate_count"], rates["rate"], "o-", c="#c0392b")
+    for x, y, n in zip(rates["duplicate_count"], rates["rate"], rates["prompts"]):
+        ax.annotate(
+            f"{int(round(y * n))}/{n}", (x, y), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8
+        )
+    ax.set_xscale("log")
+    ax.set_ylim(-0.05, 1.1)
+    ax.set_xlabel("copies in the training set")
+    ax.set_ylabel("share of prompts extracted")
+    ax.grid(alpha=0.3)
+    return _png(fig)
+
+
+def extraction_rate_by_duplicates(det: pd.DataFrame, ext: pd.DataFrame) -> pd.DataFrame:
+    """Per duplicate count: prompts attacked, prompts extracted (rank-1 match within δ)."""
+    if "duplicate_count" not in det or det["duplicate_count"].isna().all():
+        return pd.DataFrame(columns=["duplicate_count", "prompts", "extracted", "rate"])
+    top = ext[(ext["rank"] == 1) & ext["extracted"]] if len(ext) else ext
+    hit = set(top["prompt_id"]) if len(top) else set()
+    d = det.dropna(subset=["duplicate_count"]).copy()
+    d["hit"] = d["prompt_id"].isin(hit)
+    g = d.groupby("duplicate_count").agg(prompts=("hit", "size"), extracted=("hit", "sum")).reset_index()
+    g["rate"] = g["extracted"] / g["prompts"]
+    g["duplicate_count"] = g["duplicate_count"].astype(int)
+    g["extracted"] = g["extracted"].astype(int)
+    return g

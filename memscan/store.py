@@ -1,0 +1,231 @@
+"""The run store: a run is a directory.
+
+::
+
+    RUN/
+      manifest.json            config, thresholds, seeds, versions, times, throughput
+      prompts.parquet          the prompts attacked, in shard order
+      detections.parquet       one row per prompt (largest clique of its generations)
+      extractions.parquet      one row per (candidate, nearest training image)
+      shards/NNNNN.done.json   completion record of each shard (row counts, file hashes)
+      shards/NNNNN.*.parquet   the shard's tables (merged into the top-level tables at the end)
+      images/candidates/…png   clique medoids (the candidate copies)
+      images/cliques/…png      a montage of each detected clique
+      images/train/…png        matched training images
+      report.html              made by `memscan report` from the tables alone
+      run.log                  what happened, including skipped inputs
+      .lock                    held while a process writes the run
+
+Every file is written to a temporary name and renamed, so a killed process leaves either the old
+file or the new one. A shard counts as done only when its completion record exists and the
+hashes in it match its files; anything else is redone on ``--resume``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import socket
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from memscan.errors import MemscanError
+
+SHARD_TABLES = ("detections", "extractions")
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=1, default=str) + "\n").encode())
+
+
+def write_table(df: pd.DataFrame, path: Path) -> str:
+    """Write a Parquet table atomically; returns its sha256."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    pq.write_table(pa.Table.from_pandas(df, preserve_index=False), tmp)
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    digest = sha256_file(tmp)
+    os.replace(tmp, path)
+    return digest
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def safe_name(identifier: str) -> str:
+    """A file-system-safe, collision-free name for an untrusted id (no path separators)."""
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(identifier))[:60].strip("._") or "id"
+    return f"{slug}-{hashlib.sha1(str(identifier).encode()).hexdigest()[:8]}"
+
+
+class RunLock:
+    """An exclusive lock on a run directory (a ``.lock`` file created with O_EXCL).
+
+    A lock left by a process that no longer exists on this host is taken over.
+    """
+
+    def __init__(self, root: Path):
+        self.path = Path(root) / ".lock"
+        self.held = False
+
+    def acquire(self) -> RunLock:
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                if self._stale():
+                    self.path.unlink(missing_ok=True)
+                    continue
+                info = self.path.read_text(errors="replace").strip()
+                raise MemscanError(
+                    f"run directory {self.path.parent} is in use by another memscan process ({info})",
+                    "wait for it to finish, or remove the .lock file if that process is gone",
+                ) from None
+            with os.fdopen(fd, "w") as f:
+                f.write(f"pid={os.getpid()} host={socket.gethostname()} since={time.strftime('%Y-%m-%dT%H:%M:%S')}")
+            self.held = True
+            return self
+        raise MemscanError(f"could not lock {self.path}")  # pragma: no cover
+
+    def _stale(self) -> bool:
+        try:
+            fields = dict(kv.split("=", 1) for kv in self.path.read_text().split())
+            if fields.get("host") != socket.gethostname():
+                return False
+            os.kill(int(fields["pid"]), 0)
+            return False
+        except ProcessLookupError:
+            return True
+        except (ValueError, KeyError, OSError):
+            return False
+
+    def release(self) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+class RunStore:
+    """Read and write one run directory."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    # ---- layout ---------------------------------------------------------------------------
+    @property
+    def manifest_path(self) -> Path:
+        return self.root / "manifest.json"
+
+    @property
+    def shard_dir(self) -> Path:
+        return self.root / "shards"
+
+    def image_dir(self, kind: str) -> Path:
+        d = self.root / "images" / kind
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    def create(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.shard_dir.mkdir(exist_ok=True)
+
+    def exists(self) -> bool:
+        return self.manifest_path.exists()
+
+    # ---- manifest -------------------------------------------------------------------------
+    def read_manifest(self) -> dict:
+        if not self.manifest_path.exists():
+            raise MemscanError(
+                f"{self.root} is not a memscan run (no manifest.json)", "pass the --out directory of `memscan extract`"
+            )
+        try:
+            return json.loads(self.manifest_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise MemscanError(
+                f"{self.manifest_path} is not valid JSON ({exc})", "the run is damaged; rerun it"
+            ) from None
+
+    def write_manifest(self, manifest: dict) -> None:
+        atomic_write_json(self.manifest_path, manifest)
+
+    def log(self, message: str) -> None:
+        with open(self.root / "run.log", "a", encoding="utf-8") as f:
+            f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {message}\n")
+
+    # ---- shards ---------------------------------------------------------------------------
+    def _record_path(self, shard: int) -> Path:
+        return self.shard_dir / f"{shard:05d}.done.json"
+
+    def _table_path(self, shard: int, table: str) -> Path:
+        return self.shard_dir / f"{shard:05d}.{table}.parquet"
+
+    def shard_done(self, shard: int) -> bool:
+        """True when the shard's record exists and its files match the recorded hashes."""
+        rec = self._record_path(shard)
+        if not rec.exists():
+            return False
+        try:
+            record = json.loads(rec.read_text())
+            return all(
+                self._table_path(shard, t).exists() and sha256_file(self._table_path(shard, t)) == h
+                for t, h in record["sha256"].items()
+            )
+        except (json.JSONDecodeError, KeyError, OSError):
+            return False
+
+    def commit_shard(self, shard: int, tables: dict[str, pd.DataFrame], meta: dict) -> None:
+        """Write a shard's tables, then its completion record (the commit point)."""
+        self.shard_dir.mkdir(parents=True, exist_ok=True)
+        hashes = {name: write_table(df, self._table_path(shard, name)) for name, df in tables.items()}
+        rows = {name: len(df) for name, df in tables.items()}
+        atomic_write_json(self._record_path(shard), {"shard": shard, "rows": rows, "sha256": hashes, **meta})
+
+    def shard_record(self, shard: int) -> dict:
+        return json.loads(self._record_path(shard).read_text())
+
+    def read_shard(self, shard: int, table: str) -> pd.DataFrame:
+        return pd.read_parquet(self._table_path(shard, table))
+
+    def merge(self, n_shards: int, tables=SHARD_TABLES) -> dict[str, pd.DataFrame]:
+        """Concatenate every shard's tables into the top-level tables (in shard order)."""
+        out = {}
+        for t in tables:
+            parts = [self.read_shard(s, t) for s in range(n_shards)]
+            parts = [p for p in parts if len(p)]
+            df = pd.concat(parts, ignore_index=True) if parts else self.read_shard(0, t).iloc[0:0]
+            write_table(df, self.root / f"{t}.parquet")
+            out[t] = df
+        return out
+
+    def table(self, name: str) -> pd.DataFrame:
+        path = self.root / f"{name}.parquet"
+        if not path.exists():
+            raise MemscanError(f"{path} is missing", "the run did not finish: rerun `memscan extract ... --resume`")
+        return pd.read_parquet(path)

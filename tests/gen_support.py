@@ -1,0 +1,40 @@
+"""Generators used by the CLI tests (loaded as ``py:gen_support:<name>``; tests/ is on PYTHONPATH)."""
+
+import os
+import time
+
+import numpy as np
+
+from memscan.synthetic import SyntheticGenerator
+
+#: Prompts "copy t0003" etc. are memorized; "fresh N" prompts are not.
+MEMORIZED = {f"copy t{i:04d}": f"t{i:04d}" for i in (3, 17, 42, 64, 99)}
+
+
+def planted():
+    """Factory: the synthetic generator with five memorized training images."""
+    return SyntheticGenerator(MEMORIZED, size=32, copy_rate=0.4, noise=0.015)
+
+
+def slow():
+    """Like planted, but each call sleeps (so a test can kill the process mid-run)."""
+    gen = planted()
+    delay = float(os.environ.get("MEMSCAN_TEST_DELAY", "0.05"))
+
+    def fn(prompt, seeds):
+        time.sleep(delay)
+        return gen.generate(prompt, seeds)
+
+    return fn
+
+
+def wrong_shape(prompt, seeds):
+    return np.zeros((len(seeds), 32, 32), np.uint8)
+
+
+def nan_output(prompt, seeds):
+    return np.full((len(seeds), 32, 32, 3), np.nan, np.float32)
+
+
+def wrong_dtype(prompt, seeds):
+    return np.zeros((len(seeds), 32, 32, 3), np.int64)

@@ -1,0 +1,110 @@
+"""The embedded demo: deterministic data, safetensors-only weights, and the quick run end to end."""
+
+import hashlib
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import run_cli
+
+from memscan.demo.data import DemoDataConfig, build_demo_data, write_demo_data
+from memscan.demo.run import candidate_prompts, model_dir
+
+
+def _digest(root):
+    h = hashlib.sha256()
+    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+        h.update(f.relative_to(root).as_posix().encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def test_dataset_builder_is_deterministic_and_matches_ground_truth(tmp_path):
+    cfg = DemoDataConfig(n_unique=40, counts=(1, 3, 7), per_count=2)
+    a, b = build_demo_data(cfg), build_demo_data(cfg)
+    write_demo_data(a, tmp_path / "a")
+    write_demo_data(b, tmp_path / "b")
+    assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
+    other = build_demo_data(DemoDataConfig(seed=1, n_unique=40, counts=(1, 3, 7), per_count=2))
+    assert other.planted != a.planted
+
+    truth = pd.read_csv(tmp_path / "a" / "ground_truth.csv")
+    files = [p.stem for p in (tmp_path / "a" / "train").glob("*.png")]
+    per_base = pd.Series([f.split("_c")[0] for f in files]).value_counts()
+    for row in truth.itertuples():
+        assert per_base[row.base_id] == row.copies
+        # every copy is the same image
+        imgs = a.images[[i for i, bid in enumerate(a.base_ids) if bid == row.base_id]]
+        assert (imgs == imgs[0]).all()
+    assert sorted(truth.loc[truth["planted"], "copies"]) == [1, 1, 3, 3, 7, 7]
+    assert len(truth) == 46 and len(files) == 40 + 2 * (1 + 3 + 7)
+    meta = json.loads((tmp_path / "a" / "ground_truth.json").read_text())
+    assert meta["recipe"]["counts"] == [1, 3, 7]
+
+
+def test_candidate_selection_counts_duplicates_exactly():
+    data = build_demo_data(DemoDataConfig(n_unique=60, counts=(1, 2, 5, 9), per_count=2))
+    p = candidate_prompts(data, unique_prompts=6, min_count=1)
+    assert (p["duplicate_count"] == p["planted_copies"]).all()
+    assert sorted(p.loc[p["planted_copies"] > 1, "prompt_id"]) == sorted(b for b in data.planted if data.copies[b] > 1)
+    assert (p["planted_copies"] == 1).sum() == 6
+
+
+def test_shipped_weights_load_through_safetensors_only(monkeypatch):
+    import torch
+
+    from memscan.generators.diffusers_unet import load_unet_generator
+
+    files = [p.name for p in model_dir().rglob("*") if p.is_file()]
+    assert "diffusion_pytorch_model.safetensors" in files
+    assert not [f for f in files if f.endswith((".bin", ".pt", ".pth", ".ckpt", ".pkl"))]
+    size = (model_dir() / "unet" / "diffusion_pytorch_model.safetensors").stat().st_size
+    assert size <= 10 * 2**20
+
+    def no_pickle(*a, **k):
+        raise AssertionError("torch.load must not be used for the demo model")
+
+    monkeypatch.setattr(torch, "load", no_pickle)
+    gen = load_unet_generator(str(model_dir()), batch_size=4)
+    meta = json.loads((model_dir() / "memscan.json").read_text())
+    x = gen.generate(meta["class_captions"][0], [1, 2])
+    assert x.shape == (2, 16, 16, 1) and x.dtype == np.uint8
+    # the same seed alone gives the same image as inside a batch
+    np.testing.assert_allclose(gen.generate(meta["class_captions"][0], [2])[0].astype(int), x[1].astype(int), atol=1)
+
+
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "d"
+    proc = run_cli("demo", "--quick", "--out", out, "--quiet")
+    return out, proc
+
+
+def test_quick_demo_extracts_the_most_duplicated_images(quick_demo):
+    out, proc = quick_demo
+    s = json.loads((out / "summary.json").read_text())
+    by = s["extracted_by_duplicate_count"]
+    # the most duplicated planted images (≥ 50 copies) are extracted
+    assert s["recall_at_50plus"] >= 0.75, by
+    assert by["200"]["extracted"] >= 3 and by["100"]["extracted"] >= 3
+    assert s["precision"] == 1.0
+    assert "report" in proc.stdout and (out / "run" / "report.html").exists()
+    assert s["timings_s"]["total"] > 0 and s["thresholds"]["delta"] == 0.15
+
+
+def test_quick_demo_reports_no_unique_image_unless_it_truly_matches(quick_demo):
+    from memscan import tiled_l2
+    from memscan.data.images import read_image
+
+    out, _ = quick_demo
+    det = pd.read_parquet(out / "run" / "detections.parquet")
+    ext = pd.read_parquet(out / "run" / "extractions.parquet").query("rank == 1 and extracted")
+    prompts = pd.read_csv(out / "prompts.csv")
+    data = build_demo_data()
+    base = data.base_images()
+    unique = set(prompts.loc[prompts["planted_copies"] == 1, "prompt_id"])
+    assert unique, "the quick demo attacks some unique images"
+    for pid in set(ext["prompt_id"]) & unique:
+        rel = det.loc[det["prompt_id"] == pid, "candidate_image"].iloc[0]
+        assert float(tiled_l2(read_image(out / "run" / rel, (16, 16), 1), base[pid])) <= 0.15

@@ -1,0 +1,128 @@
+"""The extraction attack end to end through the CLI, with a generator whose memorization is known."""
+
+import json
+
+import pandas as pd
+import pytest
+from conftest import run_cli
+from gen_support import MEMORIZED
+
+from memscan.synthetic import training_image
+
+
+@pytest.fixture(scope="module")
+def e2e_run(tmp_path_factory, synth_train):
+    root = tmp_path_factory.mktemp("e2e")
+    prompts = list(MEMORIZED) + [f"fresh {i}" for i in range(10)]
+    (root / "prompts.txt").write_text("\n".join(prompts[:8]) + "\n\n" + "\n".join(prompts[8:]) + "\n")
+    run = root / "run"
+    proc = run_cli(
+        "extract",
+        "--model",
+        "py:gen_support:planted",
+        "--prompts",
+        root / "prompts.txt",
+        "--train",
+        synth_train,
+        "--out",
+        run,
+        "--samples-per-prompt",
+        60,
+        "--shard-size",
+        4,
+        "--batch-size",
+        25,
+        "--quiet",
+    )
+    return run, proc, prompts
+
+
+def test_every_planted_copy_is_detected_and_extracted_and_nothing_else(e2e_run):
+    run, proc, prompts = e2e_run
+    det = pd.read_parquet(run / "detections.parquet")
+    ext = pd.read_parquet(run / "extractions.parquet")
+    assert len(det) == len(prompts)
+    by_prompt = det.set_index("prompt")
+    for prompt in prompts:
+        assert bool(by_prompt.loc[prompt, "detected"]) == (prompt in MEMORIZED), prompt
+    top = ext[ext["rank"] == 1].merge(det[["prompt_id", "prompt"]], on="prompt_id")
+    assert set(top.loc[top["extracted"], "prompt"]) == set(MEMORIZED)
+    for r in top.itertuples():
+        assert r.train_id == MEMORIZED[r.prompt]
+        assert r.tiled_l2 < 0.1
+        assert r.eidetic_k == 1
+    # memorized prompts: copy_rate 0.4 of 60 samples → cliques around 24, far above k = 10
+    assert (det.loc[det["detected"], "clique_size"] >= 12).all()
+    assert (det.loc[~det["detected"], "clique_size"] < 10).all()
+
+
+def test_run_directory_contents(e2e_run):
+    run, proc, prompts = e2e_run
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["status"] == "complete"
+    assert manifest["config"]["samples_per_prompt"] == 60
+    assert manifest["config"]["alpha"] == 0.08 and manifest["config"]["delta"] == 0.15
+    assert manifest["prompts"]["blank_lines_skipped"] == 1
+    assert manifest["counts"] == {"prompts": 15, "samples": 900, "detections": 5, "extractions": 5}
+    assert manifest["throughput"]["generation_images_per_s"] > 0
+    assert manifest["versions"]["torch"]
+    assert len(list((run / "images" / "candidates").glob("*.png"))) == 5
+    assert len(list((run / "images" / "train").glob("*.png"))) == 5
+    assert len(list((run / "shards").glob("*.done.json"))) == 4
+    assert "5 extractions" in proc.stdout
+    det = pd.read_parquet(run / "detections.parquet")
+    assert {"prompt_id", "clique_size", "mean_clique_distance", "clique_method"} <= set(det.columns)
+    assert set(det["clique_method"]) == {"exact"}
+
+
+def test_verify_with_other_threshold_and_report(e2e_run, tmp_path):
+    import shutil
+
+    run, _, _ = e2e_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    proc = run_cli("verify", copy, "--delta", "0.001")
+    assert "0 extractions" in proc.stdout
+    ext = pd.read_parquet(copy / "extractions.parquet")
+    assert not ext["extracted"].any() and (ext["delta"] == 0.001).all()
+    run_cli("verify", copy, "--delta", "0.15")
+    assert pd.read_parquet(copy / "extractions.parquet").query("rank == 1")["extracted"].sum() == 5
+    out = run_cli("report", copy).stdout.strip()
+    html = (copy / "report.html").read_text()
+    assert out.endswith("report.html")
+    assert html.count('class="card"') == 5
+    assert "caption of t0042" in html
+
+
+def test_candidate_is_a_copy_of_its_training_image(e2e_run):
+    from memscan import tiled_l2
+    from memscan.data.images import read_image
+
+    run, _, _ = e2e_run
+    det = pd.read_parquet(run / "detections.parquet").query("detected")
+    for r in det.itertuples():
+        cand = read_image(run / r.candidate_image, (32, 32), 3)
+        assert float(tiled_l2(cand, training_image(MEMORIZED[r.prompt], 32))) < 0.1
+
+
+def test_bad_generator_outputs_give_one_line_errors(tmp_path, synth_train):
+    (tmp_path / "p.txt").write_text("a\n")
+    for name, needle in [("wrong_shape", "shape"), ("nan_output", "NaN"), ("wrong_dtype", "dtype")]:
+        proc = run_cli(
+            "extract",
+            "--model",
+            f"py:gen_support:{name}",
+            "--prompts",
+            tmp_path / "p.txt",
+            "--train",
+            synth_train,
+            "--out",
+            tmp_path / name,
+            "--samples-per-prompt",
+            10,
+            "--quiet",
+            check=False,
+        )
+        assert proc.returncode == 2, proc.stderr
+        assert needle in proc.stderr and "Traceback" not in proc.stderr
+        assert proc.stderr.strip().startswith("error:")
