@@ -16,11 +16,39 @@ from memscan.extraction.pipeline import ExtractionResult, extract, reverify
 from memscan.generators.base import CallableGenerator, Generator
 from memscan.generators.load import as_generator, load_generator
 from memscan.generators.seeds import derive_seed
+from memscan.index import (
+    DuplicateConfig,
+    PixelEmbedder,
+    TrainingIndex,
+    UnconditionalConfig,
+    build_index,
+    calibrated_distance,
+    count_duplicates,
+    extract_unconditional,
+    load_embedder,
+    nearest_pixels,
+    select_candidates,
+)
 from memscan.report.html import build_report
+from memscan.triage import TriageConfig, select_ranked, triage
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "TriageConfig",
+    "select_ranked",
+    "triage",
+    "DuplicateConfig",
+    "PixelEmbedder",
+    "TrainingIndex",
+    "UnconditionalConfig",
+    "build_index",
+    "calibrated_distance",
+    "count_duplicates",
+    "extract_unconditional",
+    "load_embedder",
+    "nearest_pixels",
+    "select_candidates",
     "CallableGenerator",
     "CliqueResult",
     "Detection",

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from memscan.errors import MemscanError
 
@@ -20,7 +21,10 @@ def _fail(exc: BaseException) -> None:
     msg = exc.message if isinstance(exc, MemscanError) else str(exc)
     hint = getattr(exc, "hint", None)
     console.print(
-        f"[bold red]error:[/] {msg}" + (f" — {hint}" if hint else ""), markup=True, highlight=False, soft_wrap=True
+        f"[bold red]error:[/] {escape(msg)}" + (f" — {escape(hint)}" if hint else ""),  # keeps [brackets]: memscan[ray]
+        markup=True,
+        highlight=False,
+        soft_wrap=True,
     )
     raise typer.Exit(code=2)
 
@@ -51,7 +55,32 @@ def extract(
     batch_size: int | None = typer.Option(None, help="generations per model call [64]"),
     shard_size: int | None = typer.Option(None, help="prompts per shard [8]"),
     device: str | None = typer.Option(None, help="cpu or cuda [cpu]"),
+    adaptive: bool | None = typer.Option(
+        None, "--adaptive/--full-budget", help="sample in rounds, stop prompts with no pair within alpha [off]"
+    ),
+    first_round: int | None = typer.Option(None, help="adaptive: generations before the first decision [50]"),
+    round_size: int | None = typer.Option(None, help="adaptive: generations per further round [50]"),
+    continue_clique: int | None = typer.Option(None, help="adaptive: continue while the clique has ≥ this [2]"),
+    stop_when_detected: bool | None = typer.Option(
+        None, "--stop-when-detected/--no-stop-when-detected", help="adaptive: stop once flagged [on]"
+    ),
+    steps: int | None = typer.Option(None, help="sampler steps per image (diffusers models) [model's]"),
+    guidance_scale: float | None = typer.Option(None, help="classifier-free guidance scale [model's]"),
+    scheduler: str | None = typer.Option(None, help="text-to-image: ddim, ddpm, pndm, euler, euler-ancestral, dpm++, unipc, lms"),
+    dtype: str | None = typer.Option(None, help="text-to-image: auto, fp32, fp16, bf16 [auto: fp16 on cuda]"),
+    height: int | None = typer.Option(None, help="text-to-image: output height [native]"),
+    width: int | None = typer.Option(None, help="text-to-image: output width [native]"),
     resume: bool = typer.Option(False, "--resume", help="finish a killed run in --out"),
+    runner: str = typer.Option("local", "--runner", help="local, or ray: shards on a pool of Ray actors (memscan[ray])"),
+    ray_address: str | None = typer.Option(
+        None, "--ray-address", help="runner ray: existing cluster (auto, HOST:6379, ray://HOST:10001) [start a local Ray]"
+    ),
+    num_workers: int | None = typer.Option(
+        None, "--num-workers", help="runner ray: workers, one model load each [as many as the cluster fits]"
+    ),
+    gpus_per_worker: float | None = typer.Option(
+        None, "--gpus-per-worker", help="runner ray: GPUs each worker asks for [1 with --device cuda, else 0]"
+    ),
     config: Path | None = typer.Option(None, "--config", help="TOML file with these options (an \\[extract] table or top-level keys)"),
     quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
 ):
@@ -59,6 +88,8 @@ def extract(
     from memscan.extraction.config import ExtractConfig
     from memscan.extraction.pipeline import extract as run_extract
     from memscan.generators.load import load_generator
+    from memscan.runners.base import GeneratorSpec
+    from memscan.runners.ray_runner import RayOptions
 
     try:
         cfg = ExtractConfig.from_sources(
@@ -72,15 +103,40 @@ def extract(
             batch_size=batch_size,
             shard_size=shard_size,
             device=device,
+            adaptive=adaptive,
+            first_round=first_round,
+            round_size=round_size,
+            continue_clique=continue_clique,
+            stop_when_detected=stop_when_detected,
         )
-        gen = load_generator(model, device=cfg.device, batch_size=cfg.batch_size)
-        result = run_extract(gen, prompts, train, out, cfg, resume=resume, progress=not quiet)
+        gen_options = {
+            "num_inference_steps": steps,
+            "guidance_scale": guidance_scale,
+            "scheduler": scheduler,
+            "dtype": dtype,
+            "height": height,
+            "width": width,
+        }
+        gen_options = {k: v for k, v in gen_options.items() if v is not None}
+        ray_options = RayOptions.from_cli(
+            runner, address=ray_address, num_workers=num_workers, gpus_per_worker=gpus_per_worker, device=cfg.device
+        )
+        if runner == "ray":  # each Ray worker loads its own model from the spec
+            gen = GeneratorSpec(model, {"device": cfg.device, "batch_size": cfg.batch_size, **gen_options})
+        else:
+            gen = load_generator(model, device=cfg.device, batch_size=cfg.batch_size, **gen_options)
+        result = run_extract(
+            gen, prompts, train, out, cfg, resume=resume, progress=not quiet, runner=runner, runner_options=ray_options
+        )
     except MemscanError as exc:
         _fail(exc)
     c = result.manifest["counts"]
     typer.echo(
         f"{c['prompts']} prompts, {c['samples']} generations: {c['detections']} detections, {c['extractions']} extractions → {out}"
     )
+    if cfg.adaptive:
+        budget = c["prompts"] * cfg.samples_per_prompt
+        typer.echo(f"adaptive budget: {c['samples']} of {budget} generations ({c['samples'] / max(budget, 1):.1%})")
 
 
 @app.command()

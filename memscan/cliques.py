@@ -9,6 +9,10 @@ Maximum clique is NP-hard, and both extremes occur in practice: a strongly memor
 a nearly complete graph (easy for the method below), and adversarial or very dense random graphs
 exist (hard). The method:
 
+0. Exact reductions in the complement graph: a vertex joined to every other vertex is in a
+   maximum clique; a vertex missing exactly one edge, to ``w``, can replace ``w`` in any
+   maximum clique, so ``w`` is dropped. Repeated until nothing changes, this often solves the
+   near-complete graph of a memorized prompt outright.
 1. Order vertices by degree and take a greedy clique as the first lower bound.
 2. Branch and bound with a greedy-colouring upper bound (Tomita & Seki's MCQ), vertices as
    bitsets. When the search finishes, the clique is exact (``method="exact"``).
@@ -108,6 +112,46 @@ def largest_clique(
 
 
 def _max_clique(adj: np.ndarray, budget: int) -> tuple[list[int], str, int, int]:
+    # 0. Exact reductions (useful on the near-complete graphs of memorized prompts).
+    forced, rest = _reduce(adj)
+    if rest.size == 0:
+        return forced, "exact", len(forced), 0
+    members, method, upper, steps = _search(adj[np.ix_(rest, rest)], budget)
+    members = forced + [int(rest[v]) for v in members]
+    return members, method, len(forced) + upper, steps
+
+
+def _reduce(adj: np.ndarray) -> tuple[list[int], np.ndarray]:
+    """Shrink the graph without changing its maximum clique size.
+
+    In the complement ("non-edges"), a vertex with no non-neighbour left belongs to a maximum
+    clique (take it); a vertex ``u`` with exactly one non-neighbour ``w`` can replace ``w`` in
+    any maximum clique (drop ``w``). Returns the vertices taken and the vertices left to search.
+    """
+    n = adj.shape[0]
+    non = ~adj
+    np.fill_diagonal(non, False)
+    alive = np.ones(n, dtype=bool)
+    ndeg = non.sum(1)
+    forced: list[int] = []
+    todo = list(np.flatnonzero(ndeg <= 1)[::-1])
+    while todo:
+        u = int(todo.pop())
+        if not alive[u] or ndeg[u] > 1:
+            continue
+        if ndeg[u] == 1:
+            w = int(np.flatnonzero(non[u] & alive)[0])
+            alive[w] = False
+            hit = np.flatnonzero(non[w] & alive)
+            ndeg[hit] -= 1
+            todo.extend(int(x) for x in hit if ndeg[x] <= 1)
+        # u is now adjacent to every vertex left: it is in a maximum clique of what is left
+        alive[u] = False
+        forced.append(u)
+    return forced, np.flatnonzero(alive)
+
+
+def _search(adj: np.ndarray, budget: int) -> tuple[list[int], str, int, int]:
     n = adj.shape[0]
     # 1. Order by degree, highest first; vertex positions in the bitsets follow this order.
     order = np.argsort(-adj.sum(1), kind="stable")

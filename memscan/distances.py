@@ -12,12 +12,16 @@ Images are ``H×W×C`` or batches ``N×H×W×C`` (grayscale: ``C = 1``), as ``ui
 floating point already in [0, 1]. numpy inputs give numpy outputs; torch tensors are computed
 on their own device (GPU included) and give torch outputs.
 
-The matrix versions never broadcast ``N×N×H×W×C``: each tile position is gathered as a
-float32 ``N×D`` block and the squared distances come from one matrix product,
-``‖a‖² + ‖b‖² − 2 a·b``, in row chunks that bound memory. Cancellation in that identity is
-guarded: negative values are clamped to 0, and pairs whose distance comes out below
-``REFINE_BELOW`` are recomputed directly from pixel differences, so identical images give
-exactly 0.
+The matrix versions never broadcast ``N×N×H×W×C``: each tile position is gathered once as a
+float32 ``N×D`` block, centred on a mean tile, and the squared distances come from one matrix
+product, ``‖a‖² + ‖b‖² − 2 a·b``, in row blocks that bound memory (for one batch against itself,
+only the upper triangle of blocks). Cancellation in that identity is guarded: negative values
+are clamped to 0, and a pair is recomputed exactly (float64, exact integer arithmetic for
+uint8) when its distance is within reach of float32 rounding — below
+``max(REFINE_BELOW · e, sqrt(4 γ e))``, where ``e`` is the two images' largest centred tile
+energy (mean squared pixel, [0, 1] units) and ``γ = (D + 2) · u`` the worst-case relative error
+of a length-D float32 dot product (u = 2⁻²⁴; larger when TF32/bfloat16 matmuls are enabled).
+The second term is a rigorous bound for identical images, so they always give exactly 0.
 """
 
 from __future__ import annotations
@@ -31,9 +35,11 @@ from memscan.errors import InputError
 
 ArrayLike = TypeVar("ArrayLike", np.ndarray, torch.Tensor)
 
-#: Pairs whose tiled ℓ2 from the matrix-product identity is below this are recomputed exactly
-#: from differences (float32 cancellation error near zero is ~1e-4 in distance units).
-REFINE_BELOW = 0.01
+#: Pairs whose tiled ℓ2 from the matrix-product identity is below ``REFINE_BELOW`` times their
+#: centred tile energy ``e`` (≤ 2; ~0.2–0.4 for unrelated images, ~1e-3 for near copies of one
+#: image), or below the rounding bound ``sqrt(4 γ e)``, are recomputed exactly. Float32 rounding
+#: moves a distance d by about ``5 u e / (2 d)``, so above the threshold the error stays ≲ 2e-6.
+REFINE_BELOW = 0.1
 
 #: Default budget, in float32 elements, for one block of the distance matrix being built.
 DEFAULT_BLOCK_ELEMENTS = 1 << 22
@@ -267,44 +273,58 @@ def cross_tiled_l2(
     return _back(_cross(q, r, grid, block_elements, symmetric=False), was_numpy)
 
 
-def _cross(q: torch.Tensor, r: torch.Tensor, grid: int, block_elements: int, symmetric: bool):
+def _cross(
+    q: torch.Tensor,
+    r: torch.Tensor,
+    grid: int,
+    block_elements: int,
+    symmetric: bool,
+    dtype: torch.dtype = torch.float32,
+    refine: bool = True,
+):
     """Tiled ℓ2 of every (query, reference) pair: per tile one GEMM per row block, max over tiles.
 
-    For each tile position, the tile of every image is gathered once into a float32 ``N×D``
-    block, centred on a mean tile (distances do not change; float32 cancellation in
+    For each tile position, the tile of every image is gathered once into an ``N×D`` block of
+    ``dtype``, centred on a mean tile (distances do not change; cancellation in
     ``‖a‖² + ‖b‖² − 2a·b`` shrinks with the norms) in the same pass. uint8 pixels stay in 0..255
-    units until the final scaling. One ``addmm`` per row block gives ``‖b‖² − 2a·b``; adding
-    ``‖a‖²`` and the running maximum over tiles are the only other passes over the output.
-    For ``symmetric`` (q is r) a row block only computes the columns from its first row on
-    (with ≥ 4 row blocks, about 5/8 of the full product) and the upper triangle is mirrored,
-    so the result is exactly symmetric.
+    units until the final scaling, and the centre is rounded to an integer, so in float64 every
+    product and sum is an exact integer and the result is exact. One ``addmm`` per row block
+    gives ``‖b‖² − 2a·b``; adding ``‖a‖²`` and the running maximum over tiles are the only other
+    passes over the output. For ``symmetric`` (q is r) a row block only computes the columns
+    from its first row on (with ≥ 4 row blocks, about 5/8 of the full product) and the upper
+    triangle is mirrored, so the result is exactly symmetric.
     """
     th, tw = _tile_sizes(tuple(q.shape), grid, "images")
     if block_elements < 1:
         raise InputError(f"block_elements must be a positive integer, got {block_elements!r}")
     nq, nr = q.shape[0], r.shape[0]
     device = q.device
-    out = torch.zeros((nq, nr), dtype=torch.float32, device=device)
+    out = torch.zeros((nq, nr), dtype=dtype, device=device)
     if nq == 0 or nr == 0:
         return out
     c = q.shape[3]
     d = th * tw * c
     units = 255.0 if (q.dtype == torch.uint8 and r.dtype == torch.uint8) else 1.0
+    exact = dtype == torch.float64 and units == 255.0
     rows = max(1, min(nq, block_elements // nr))
-    if symmetric and rows * 4 > nq >= 256:
+    if symmetric and rows * 4 > nq >= 128:
         rows = -(-nq // SYMMETRIC_ROW_BLOCKS)
-    xr = torch.empty((nr, d), dtype=torch.float32, device=device)
-    xq = xr if symmetric else torch.empty((nq, d), dtype=torch.float32, device=device)
-    gemm = torch.empty(rows * nr, dtype=torch.float32, device=device)
+    xr = torch.empty((nr, d), dtype=dtype, device=device)
+    xq = xr if symmetric else torch.empty((nq, d), dtype=dtype, device=device)
+    gemm = torch.empty(rows * nr, dtype=dtype, device=device)
     first = True
+    r_energy = torch.zeros(nr, dtype=dtype, device=device)  # max over tiles of ‖tile − centre‖²
+    q_energy = r_energy if symmetric else torch.zeros(nq, dtype=dtype, device=device)
     for i in range(grid):
         for j in range(grid):
             mu = _gather_tile(r, i, j, th, tw, xr, units, None)
-            rn = torch.linalg.vector_norm(xr, dim=1).square_()
+            rn = _sq_norms(xr, exact)
+            torch.maximum(r_energy, rn, out=r_energy)
             qn = rn
             if not symmetric:
                 _gather_tile(q, i, j, th, tw, xq, units, _rescale(mu, r.dtype, q.dtype))
-                qn = torch.linalg.vector_norm(xq, dim=1).square_()
+                qn = _sq_norms(xq, exact)
+                torch.maximum(q_energy, qn, out=q_energy)
             for start in range(0, nq, rows):
                 stop = min(nq, start + rows)
                 c0 = start if symmetric else 0
@@ -319,21 +339,79 @@ def _cross(q: torch.Tensor, r: torch.Tensor, grid: int, block_elements: int, sym
             first = False
     del xr, xq, gemm
     out.clamp_(min=0.0).div_(units * units * d).sqrt_()
-    # Guard cancellation: recompute near-zero pairs exactly from differences.
-    small = out < REFINE_BELOW
-    if symmetric:
-        small = torch.triu(small, diagonal=1)
-    idx = torch.nonzero(small, as_tuple=False)
-    del small
-    chunk = max(1, block_elements // max(1, 4 * q[0].numel()))
-    for s in range(0, idx.shape[0], chunk):
-        qi, ri = idx[s : s + chunk, 0], idx[s : s + chunk, 1]
-        exact = _direct_tiled(q[qi], r[ri], grid, th, tw, block_elements)
-        out[qi, ri] = exact.to(out.dtype)
+    if refine:
+        scale = units * units * d
+        thresholds = _refine_thresholds(q_energy / scale, r_energy / scale, d, device)
+        _refine_small(q, r, out, thresholds, grid, th, tw, block_elements, symmetric)
     if symmetric:
         out = torch.triu(out, diagonal=1)
         out = out + out.T
     return out
+
+
+def _sq_norms(x: torch.Tensor, exact: bool) -> torch.Tensor:
+    if exact:  # integer-valued float64: a plain sum of squares is exact in any order
+        return (x * x).sum(dim=1)
+    return torch.linalg.vector_norm(x, dim=1).square_()
+
+
+def _refine_thresholds(q_energy, r_energy, d: int, device) -> tuple:
+    """Per-row and per-column parts of the refinement threshold (see the module docstring).
+
+    Returns ``(a, b, rel, gamma2)`` so that a pair is refined when
+    ``dist < max(rel · (a_i + b_j), sqrt(gamma2 · (a_i + b_j)))``.
+    """
+    u = 2.0**-24
+    if torch.get_float32_matmul_precision() != "highest":
+        u = 2.0**-8  # bfloat16 passes may be used
+    if device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
+        u = max(u, 2.0**-11)
+    gamma = (d + 2) * u
+    # rounding moves a computed squared distance by at most ~2γ·e; a factor 2 to spare
+    return q_energy.float(), r_energy.float(), REFINE_BELOW, 4.0 * gamma
+
+
+def _refine_small(q, r, out, thresholds, grid, th, tw, block_elements, symmetric) -> None:
+    """Recompute the pairs within reach of float32 rounding exactly, in place.
+
+    Few pairs: from pixel differences. Many pairs among few images (a cluster of near copies,
+    the memorized case): one float64 tiled GEMM over just the images involved, exact for uint8
+    (integer arithmetic); for float pixels, pairs it puts below ``1e-5`` are finished from
+    differences so that identical images still give exactly 0.
+    """
+    a, b, rel, gamma2 = thresholds
+    energy = a[:, None] + b[None, :]
+    limit = torch.maximum(energy * rel, energy.mul_(gamma2).sqrt_())
+    small = out < limit
+    del energy, limit
+    if symmetric:
+        small = torch.triu(small, diagonal=1)
+    idx = torch.nonzero(small, as_tuple=False)
+    del small
+    if idx.shape[0] == 0:
+        return
+    qi, ri = idx[:, 0], idx[:, 1]
+    if symmetric:
+        uq, inv = torch.unique(torch.cat([qi, ri]), return_inverse=True)
+        ur, q_inv, r_inv = uq, inv[: qi.shape[0]], inv[qi.shape[0] :]
+    else:
+        uq, q_inv = torch.unique(qi, return_inverse=True)
+        ur, r_inv = torch.unique(ri, return_inverse=True)
+    if 32 * idx.shape[0] >= uq.shape[0] * ur.shape[0]:
+        sq = q[uq]
+        sr = sq if symmetric else r[ur]
+        sub = _cross(sq, sr, grid, block_elements, symmetric, torch.float64, refine=False)
+        del sq, sr
+        vals = sub[q_inv, r_inv]
+        out[qi, ri] = vals.to(out.dtype)
+        if q.dtype == torch.uint8 and r.dtype == torch.uint8:
+            return
+        keep = vals < 1e-5  # float64 rounding of identical float images stays far below
+        qi, ri = qi[keep], ri[keep]
+    chunk = max(1, block_elements // max(1, 4 * q[0].numel()))
+    for s in range(0, qi.shape[0], chunk):
+        a, b = qi[s : s + chunk], ri[s : s + chunk]
+        out[a, b] = _direct_tiled(q[a], r[b], grid, th, tw, block_elements).to(out.dtype)
 
 
 def _rescale(mu: torch.Tensor, src: torch.dtype, dst: torch.dtype) -> torch.Tensor:
@@ -346,7 +424,7 @@ def _rescale(mu: torch.Tensor, src: torch.dtype, dst: torch.dtype) -> torch.Tens
 
 
 def _gather_tile(x, i: int, j: int, th: int, tw: int, dst, units: float, mu):
-    """Write tile (i, j) of every image, minus the centre ``mu``, into ``dst`` (N×D float32).
+    """Write tile (i, j) of every image, minus the centre ``mu``, into ``dst`` (N×D, float).
 
     ``units`` = 255: raw uint8 values; 1: [0, 1]. ``mu`` None: use the mean tile of the first
     images (any centre gives the same distances). Returns the centre used, in the input's own
@@ -356,7 +434,9 @@ def _gather_tile(x, i: int, j: int, th: int, tw: int, dst, units: float, mu):
     tile = x[:, i * th : (i + 1) * th, j * tw : (j + 1) * tw, :]
     if mu is None:
         m = min(n, 64)
-        mu = tile[:m].reshape(m, -1).to(torch.float32).mean(dim=0)
+        mu = tile[:m].reshape(m, -1).to(dst.dtype).mean(dim=0)
+        if x.dtype == torch.uint8:
+            mu.round_()  # an integer centre keeps uint8 tiles integer-valued (exact in float64)
     dst.view(n, th, tw, c).copy_(tile)  # strided gather + conversion in one pass
     dst.sub_(mu)
     if units == 1.0 and x.dtype == torch.uint8:

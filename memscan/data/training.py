@@ -32,6 +32,8 @@ class TrainingSet:
     images : uint8 N×H×W×C at the resolution asked for
     skipped : list of {"id", "path", "reason"} for files that could not be read
     source : the path it was read from
+    warnings : list of {"id", "path", "reason"} for damaged side files of images that were
+        still loaded (e.g. an unreadable ``.json`` member of a webdataset sample)
     """
 
     ids: list[str]
@@ -40,6 +42,7 @@ class TrainingSet:
     skipped: list[dict] = field(default_factory=list)
     source: str = ""
     resize: str = "bicubic"
+    warnings: list[dict] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -50,6 +53,8 @@ class TrainingSet:
             "images": len(self.ids),
             "skipped": len(self.skipped),
             "skipped_files": self.skipped[:100],
+            "warnings": len(self.warnings),
+            "warning_files": self.warnings[:100],
             "resolution": list(self.images.shape[1:]),
             "resize_policy": self.resize,
         }
@@ -67,6 +72,10 @@ def list_training_set(path: str | Path) -> list[_Entry]:
     p = Path(path)
     if not p.exists():
         raise InputError(f"training set {path} does not exist", "pass a folder of images or a CSV/Parquet manifest")
+    from memscan.data import webdataset
+
+    if webdataset.detect_layout(p) is not None:  # webdataset .tar shards or img2dataset layout
+        return webdataset.list_samples(p)[0]
     if p.is_dir():
         return _list_folder(p)
     if p.suffix.lower() in (".csv", ".parquet"):
@@ -143,8 +152,13 @@ def load_training_set(
     """Decode every image of a training set at (H, W) and C channels.
 
     Corrupt or unreadable files are skipped, with their id, path and the reason recorded.
-    An empty result (nothing readable) is an error.
+    An empty result (nothing readable) is an error. Webdataset ``.tar`` shards (one, or a folder
+    of them) and img2dataset's parquet+files layout are read by :mod:`memscan.data.webdataset`.
     """
+    from memscan.data import webdataset
+
+    if Path(path).exists() and webdataset.detect_layout(path) is not None:
+        return webdataset.load_webdataset(path, size, channels, progress)
     entries = list_training_set(path)
     if not entries:
         raise InputError(

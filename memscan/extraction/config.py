@@ -34,6 +34,17 @@ class ExtractConfig:
     n_nearest : nearest training images listed per candidate
     max_expansions : clique search budget (beyond it the result is marked "bounded")
     device : "cpu" or "cuda"
+    adaptive : adaptive generation budget (off by default: every prompt gets samples_per_prompt).
+        When on, a prompt is sampled in rounds — ``first_round`` generations, then
+        ``round_size`` more at a time, up to samples_per_prompt — and after each round the largest
+        clique of its generations so far decides: fewer than ``continue_clique`` members (2: no
+        pair within alpha) stops the prompt; with ``stop_when_detected`` a clique of min_clique
+        members stops it too (it is flagged already). n_samples in the detections table records
+        how many generations were made. See docs/benchmarks.md (Adaptive generation budget).
+    first_round : generations before the first stopping decision (capped at samples_per_prompt)
+    round_size : generations added per further round
+    continue_clique : a prompt continues only while its largest clique has at least this many members
+    stop_when_detected : stop a prompt as soon as its clique reaches min_clique
     """
 
     samples_per_prompt: int = 500
@@ -47,6 +58,11 @@ class ExtractConfig:
     n_nearest: int = 3
     max_expansions: int = 100_000
     device: str = "cpu"
+    adaptive: bool = False
+    first_round: int = 50
+    round_size: int = 50
+    continue_clique: int = 2
+    stop_when_detected: bool = True
 
     def validate(self) -> ExtractConfig:
         def need(cond: bool, msg: str, hint: str) -> None:
@@ -69,7 +85,33 @@ class ExtractConfig:
             f"device={self.device!r}",
             "use cpu or cuda",
         )
+        need(self.first_round >= 2, f"first_round={self.first_round}", "use at least 2 generations before stopping")
+        need(self.round_size >= 1, f"round_size={self.round_size}", "use at least 1 generation per round")
+        need(
+            2 <= self.continue_clique <= self.min_clique,
+            f"continue_clique={self.continue_clique} must lie in 2..min_clique ({self.min_clique})",
+            "2 stops a prompt when no pair of its generations lies within alpha",
+        )
         return self
+
+    def rounds(self) -> list[int]:
+        """Cumulative generation counts after which the adaptive rule decides (the last is
+        samples_per_prompt); ``[samples_per_prompt]`` when ``adaptive`` is off.
+
+        Examples
+        --------
+        >>> ExtractConfig(samples_per_prompt=200, adaptive=True, first_round=50, round_size=60).rounds()
+        [50, 110, 170, 200]
+        >>> ExtractConfig(samples_per_prompt=200).rounds()
+        [200]
+        """
+        n = self.samples_per_prompt
+        if not self.adaptive:
+            return [n]
+        out = [min(self.first_round, n)]
+        while out[-1] < n:
+            out.append(min(out[-1] + self.round_size, n))
+        return out
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -19,9 +19,9 @@ from memscan.data.prompts import load_prompts
 from memscan.data.training import TrainingSet, load_training_set
 from memscan.errors import MemscanError
 from memscan.extraction.config import ExtractConfig
-from memscan.extraction.shard import ShardTimings, run_shard
+from memscan.extraction.shard import ShardTimings
 from memscan.extraction.verify import verify_candidates
-from memscan.generators.base import check_generations, describe
+from memscan.generators.base import check_generations
 from memscan.store import RunLock, RunStore, safe_name, write_table
 
 
@@ -73,12 +73,15 @@ def extract(
     resume: bool = False,
     progress: bool = True,
     stop_after_shards: int | None = None,
+    runner: str = "local",
+    runner_options=None,
 ) -> ExtractionResult:
     """Run the generate → detect → verify attack over all prompts, shard by shard.
 
     Parameters
     ----------
-    generator : a :class:`memscan.generators.Generator`
+    generator : a :class:`memscan.generators.Generator`, or a ``--model`` spec (a string or
+        :class:`memscan.runners.GeneratorSpec`) that each worker loads; the Ray runner needs a spec
     prompts : prompts file path, a list of prompt strings (ids ``p0``, ``p1``, …), or a table
         with ``prompt_id``, ``prompt`` (``train_id``, ``duplicate_count``, …)
     train : training set path or a loaded :class:`TrainingSet`
@@ -86,6 +89,10 @@ def extract(
     config : :class:`ExtractConfig`
     resume : continue a run in ``out`` (same config required); completed shards are kept
     stop_after_shards : stop after this many new shards (for tests of resume)
+    runner : ``"local"`` (shards one after the other in this process) or ``"ray"`` (a pool of Ray
+        actors running the same stage function; ``pip install memscan[ray]``, see docs/scale.md).
+        Either runner can resume a run the other started.
+    runner_options : :class:`memscan.runners.RayOptions` (or a dict of its fields) for ``"ray"``
     """
     config = config.validate()
     store = RunStore(out)
@@ -95,10 +102,17 @@ def extract(
         )
     store.create()
     with RunLock(store.root):
-        return _extract_locked(generator, prompts, train, store, config, resume, progress, stop_after_shards)
+        from memscan.runners.extraction import extraction_pool
+
+        # workers (one model load each) start while the driver reads the inputs
+        with extraction_pool(runner, generator, config, store, runner_options) as pool:
+            return _extract_locked(pool, prompts, train, store, config, resume, progress, stop_after_shards)
 
 
-def _extract_locked(generator, prompts, train, store, config, resume, progress, stop_after_shards):
+def _extract_locked(pool, prompts, train, store, config, resume, progress, stop_after_shards):
+    from memscan.runners.base import ShardTask
+    from memscan.runners.extraction import extraction_stage, probe_generator
+
     started = time.time()
     # 1. inputs: prompts and the training set at the generator's resolution
     if isinstance(prompts, (list, tuple)):
@@ -111,7 +125,7 @@ def _extract_locked(generator, prompts, train, store, config, resume, progress, 
     else:
         prompt_df, prompt_info = load_prompts(prompts)
     prompt_df["duplicate_count"] = pd.to_numeric(prompt_df["duplicate_count"], errors="coerce").astype("Int64")
-    shape = output_shape(generator, prompt_df["prompt"].iloc[0], config.seed)
+    shape, generator_info = pool.call(probe_generator, prompt_df["prompt"].iloc[0], config.seed)
     training = train if isinstance(train, TrainingSet) else load_training_set(train, size=shape[:2], channels=shape[2])
     if training.images.shape[1:] != shape:
         raise MemscanError(
@@ -126,7 +140,8 @@ def _extract_locked(generator, prompts, train, store, config, resume, progress, 
         "memscan_run": 1,
         "command": "extract",
         "config": config.to_dict(),
-        "generator": describe(generator),
+        "generator": generator_info,
+        "runner": pool.describe(),
         "output_shape": list(shape),
         "prompts": {**prompt_info, "count": len(prompt_df)},
         "training_set": training.summary(),
@@ -158,8 +173,8 @@ def _extract_locked(generator, prompts, train, store, config, resume, progress, 
 
     # 2. shards: skip the committed ones, run the rest
     totals = ShardTimings()
-    todo = [s for s in range(n_shards) if not store.shard_done(s)]
-    new = 0
+    todo = [s for s in range(n_shards) if not store.shard_done(s)][:stop_after_shards]
+    shared_training = pool.share(training)  # Ray: one copy in the object store per node
     bar = _progress(progress, len(todo) * config.shard_size * config.samples_per_prompt)
     with bar:
         task = bar.add_task(
@@ -167,18 +182,19 @@ def _extract_locked(generator, prompts, train, store, config, resume, progress, 
             total=sum(min(config.shard_size, len(prompt_df) - s * config.shard_size) for s in todo)
             * config.samples_per_prompt,
         )
-        for s in todo:
-            if stop_after_shards is not None and new >= stop_after_shards:
-                break
-            shard_prompts = prompt_df.iloc[s * config.shard_size : (s + 1) * config.shard_size]
-            tables, t = run_shard(
-                generator,
-                shard_prompts,
-                config,
-                training,
-                store,
-                progress=lambda n: bar.update(task, advance=n),
+        # the same stage over the same shards with either runner; results arrive in completion
+        # order and are committed here, in the driver, once each (merge goes in shard order)
+        tasks = [
+            ShardTask(
+                s,
+                (prompt_df.iloc[s * config.shard_size : (s + 1) * config.shard_size], shared_training),
+                weight=min(config.shard_size, len(prompt_df) - s * config.shard_size) * config.samples_per_prompt,
             )
+            for s in todo
+        ]
+        for done in pool.map(extraction_stage, tasks, progress=lambda n: bar.update(task, advance=n)):
+            s, (tables, t) = done.key, done.value
+            shard_prompts = prompt_df.iloc[s * config.shard_size : (s + 1) * config.shard_size]
             store.commit_shard(
                 s,
                 tables,
@@ -187,6 +203,8 @@ def _extract_locked(generator, prompts, train, store, config, resume, progress, 
                     "generation_s": round(t.generation_s, 3),
                     "detection_s": round(t.detection_s, 3),
                     "verification_s": round(t.verification_s, 3),
+                    "worker": done.worker,
+                    "attempt": done.attempt,
                 },
             )
             store.log(
@@ -194,7 +212,6 @@ def _extract_locked(generator, prompts, train, store, config, resume, progress, 
             )
             for k in ("generation_s", "detection_s", "verification_s", "images", "prompts"):
                 setattr(totals, k, getattr(totals, k) + getattr(t, k))
-            new += 1
     if any(not store.shard_done(s) for s in range(n_shards)):
         manifest["status"] = "incomplete"
         store.write_manifest(manifest)

@@ -72,25 +72,36 @@ def run_shard(
     rows, cand_rows, cand_images = [], [], []
     cand_dir, clique_dir = store.image_dir("candidates"), store.image_dir("cliques")
     for p in prompts.itertuples(index=False):
-        # 1. generate, batch by batch, with per-sample seeds
+        # 1. generate, batch by batch, with per-sample seeds — in rounds when the budget is
+        #    adaptive (config.rounds(): one round of samples_per_prompt otherwise)
         t0 = time.perf_counter()
-        parts = []
-        for s in range(0, config.samples_per_prompt, config.batch_size):
-            stop = min(config.samples_per_prompt, s + config.batch_size)
-            seeds = derive_seeds(config.seed, p.prompt_id, s, stop)
-            parts.append(check_generations(generator.generate(p.prompt, seeds), len(seeds), p.prompt))
-            if progress is not None:
-                progress(stop - s)
+        parts, made, found, t_detect = [], 0, None, 0.0
+        for upto in config.rounds():
+            for s in range(made, upto, config.batch_size):
+                stop = min(upto, s + config.batch_size)
+                seeds = derive_seeds(config.seed, p.prompt_id, s, stop)
+                parts.append(check_generations(generator.generate(p.prompt, seeds), len(seeds), p.prompt))
+                if progress is not None:
+                    progress(stop - s)
+            made = upto
+            if upto == config.samples_per_prompt:
+                break
+            # 1b. adaptive rule: stop when no clique of continue_clique (no pair within alpha),
+            #     or, with stop_when_detected, when the prompt is flagged already
+            td = time.perf_counter()
+            found = _detect(np.concatenate(parts), config)
+            t_detect += time.perf_counter() - td
+            size = found.clique.size
+            if size < config.continue_clique or (config.stop_when_detected and found.detected):
+                if progress is not None:
+                    progress(config.samples_per_prompt - made)  # the budget not spent
+                break
+            found = None
         images = np.concatenate(parts)
         t1 = time.perf_counter()
-        # 2. detect: pairwise tiled ℓ2 → largest clique
-        found = detect(
-            images,
-            alpha=config.alpha,
-            min_clique=config.min_clique,
-            grid=config.grid,
-            max_expansions=config.max_expansions,
-        )
+        # 2. detect: pairwise tiled ℓ2 → largest clique (done already if the last round decided)
+        if found is None:
+            found = _detect(images, config)
         c = found.clique
         row = {
             "prompt_id": p.prompt_id,
@@ -115,8 +126,8 @@ def run_shard(
             cand_rows.append(row)
             cand_images.append(images[c.medoid])
         rows.append(row)
-        timings.generation_s += t1 - t0
-        timings.detection_s += time.perf_counter() - t1
+        timings.generation_s += t1 - t0 - t_detect
+        timings.detection_s += time.perf_counter() - t1 + t_detect
         timings.images += len(images)
         timings.prompts += 1
         del images, parts
@@ -131,3 +142,13 @@ def run_shard(
     detections = pd.DataFrame(rows, columns=DETECTION_COLUMNS)
     detections["duplicate_count"] = detections["duplicate_count"].astype("Int64")
     return {"detections": detections, "extractions": extractions}, timings
+
+
+def _detect(images: np.ndarray, config: ExtractConfig):
+    return detect(
+        images,
+        alpha=config.alpha,
+        min_clique=config.min_clique,
+        grid=config.grid,
+        max_expansions=config.max_expansions,
+    )

@@ -166,7 +166,7 @@ def load_unet_generator(path: str, *, device: str = "cpu", batch_size: int = 64,
             )
         if (root / "memscan.json").exists():
             meta = json.loads((root / "memscan.json").read_text())
-        unet = UNet2DModel.from_pretrained(unet_dir, use_safetensors=True)
+        unet = _load_unet(unet_dir)
         try:
             scheduler = DDPMScheduler.from_pretrained(sched_dir)
         except OSError:
@@ -185,3 +185,24 @@ def load_unet_generator(path: str, *, device: str = "cpu", batch_size: int = 64,
     }
     kwargs.update({k: v for k, v in overrides.items() if v is not None})
     return DiffusersUNetGenerator(unet, scheduler, batch_size=batch_size, device=device, source=source, **kwargs)
+
+
+def _load_unet(unet_dir: Path):
+    """UNet2DModel from a folder: safetensors, or .bin/.pt through weights-only loading."""
+    from diffusers import UNet2DModel
+
+    from memscan.safe_load import find_weights, load_state_dict
+
+    weights = find_weights(unet_dir)
+    if weights is None:
+        raise InputError(f"{unet_dir}: no weights file (diffusion_pytorch_model.safetensors)", "save the model with save_pretrained")
+    if weights.suffix == ".safetensors":
+        return UNet2DModel.from_pretrained(unet_dir, use_safetensors=True)
+    unet = UNet2DModel.from_config(UNet2DModel.load_config(unet_dir))
+    missing, unexpected = unet.load_state_dict(load_state_dict(weights), strict=False)
+    if missing or unexpected:
+        raise InputError(
+            f"{weights} does not fit the UNet config ({len(missing)} missing, {len(unexpected)} unexpected tensors)",
+            "check that config.json and the weights come from the same model",
+        )
+    return unet

@@ -5,6 +5,9 @@
   with a ``generate(prompt, seeds)`` method (or a factory returning such an object).
 - a directory saved with ``save_pretrained`` (diffusers ``UNet2DModel`` + scheduler, or a
   ``DDPMPipeline``/``DDIMPipeline``), or a hub id for users with a network.
+- a text-to-image pipeline (``model_index.json`` with a text encoder or tokenizer: Stable
+  Diffusion, SDXL, what ``AutoPipelineForText2Image`` loads), directory or hub id →
+  :mod:`memscan.generators.text2image`.
 """
 
 from __future__ import annotations
@@ -31,6 +34,10 @@ def load_generator(spec: str, *, device: str = "cpu", batch_size: int = 64, **op
         index = path / "model_index.json"
         if index.exists():
             cls = json.loads(index.read_text()).get("_class_name", "")
+            from memscan.generators.text2image import is_text2image_index, load_text2image_generator
+
+            if is_text2image_index(json.loads(index.read_text())):
+                return load_text2image_generator(spec, device=device, batch_size=batch_size, **options)
             if "unet" not in json.loads(index.read_text()) or cls not in ("DDPMPipeline", "DDIMPipeline", ""):
                 raise InputError(
                     f"model {spec} is a {cls}; this build attacks unconditional and class-conditional UNet2DModel pipelines",
@@ -38,10 +45,20 @@ def load_generator(spec: str, *, device: str = "cpu", batch_size: int = 64, **op
                 )
         from memscan.generators.diffusers_unet import load_unet_generator
 
+        _refuse_t2i_options(spec, options)
         return load_unet_generator(spec, device=device, batch_size=batch_size, **options)
     if spec.count("/") == 1 and not spec.startswith((".", "/")):
         from memscan.generators.diffusers_unet import load_unet_generator
+        from memscan.generators.text2image import is_text2image_index, load_text2image_generator
 
+        try:
+            from diffusers import DiffusionPipeline
+
+            hub_index = DiffusionPipeline.load_config(spec)
+        except Exception:  # no pipeline index on the hub (or no network): try a bare UNet below
+            hub_index = {}
+        if is_text2image_index(hub_index):
+            return load_text2image_generator(spec, device=device, batch_size=batch_size, **options)
         try:
             return load_unet_generator(spec, device=device, batch_size=batch_size, **options)
         except OSError as exc:
@@ -53,6 +70,15 @@ def load_generator(spec: str, *, device: str = "cpu", batch_size: int = 64, **op
         f"model {spec!r} is not a directory, a hub id or py:module:attribute",
         "e.g. --model ./my-ddpm or --model py:mypkg.gen:sample",
     )
+
+
+def _refuse_t2i_options(spec: str, options: dict) -> None:
+    extra = [k for k in ("dtype", "scheduler", "height", "width") if options.get(k) is not None]
+    if extra:
+        raise InputError(
+            f"option(s) {', '.join(extra)} apply to text-to-image pipelines; {spec} is a UNet2DModel",
+            "drop them (the UNet generator takes num_inference_steps and guidance_scale)",
+        )
 
 
 def _load_python(spec: str):

@@ -34,7 +34,7 @@ def detection_distance_plot(det: pd.DataFrame, alpha: float, min_clique: int) ->
     a.axhline(min_clique, ls="--", c="k", lw=0.8)
     a.set_xlabel("mean tiled ℓ2 inside the largest clique")
     a.set_ylabel("largest clique size")
-    a.set_yscale("symlog")
+    a.set_ylim(0, max(float(det["clique_size"].max()), min_clique) * 1.1 + 1)
     a.legend(fontsize=8)
     vals = det["median_pairwise_distance"].to_numpy(dtype=float)
     mins = det["min_pairwise_distance"].to_numpy(dtype=float)

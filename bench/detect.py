@@ -1,0 +1,437 @@
+"""Benchmark of the detection step: pairwise tiled ℓ2 + largest clique for one prompt.
+
+Prints figures; asserts nothing. One prompt = N generations (default 500, as in Carlini et al.
+2023) of S×S×3 uint8 images. Two cases per size:
+
+- ``random``: independent random images (no edges below alpha: the clique step is trivial);
+- ``memorized``: noisy copies of one image (Gaussian noise, σ per copy uniform in [1, 6] grey
+  levels) plus 40 unrelated images, so the clique step sees a near-complete graph and the
+  near-zero refinement of the distance matrix is exercised.
+
+Each (size, case, threads) runs in a fresh subprocess so that its peak memory is its own.
+Method (also printed):
+
+- time: median of ``--reps`` runs after one warm-up run, ``time.perf_counter``;
+- peak memory: Linux peak resident set size (``VmHWM``) during one detection, minus the resident
+  size just before it with the generations already in memory; the peak is reset first by
+  writing ``5`` to ``/proc/self/clear_refs``. tracemalloc cannot see torch's allocations;
+  this counts everything the process touches (torch, MKL buffers, numpy);
+- roofline: float32 ``torch.mm`` rate in the same process and thread setting, the best median
+  over square 1024/2048 products and the workload's own GEMM shape, measured before and after;
+- useful flops: the matrix is symmetric and only one triangle is needed, so the useful work is
+  one multiply-add per pixel per unordered pair, ``2 · N(N−1)/2 · H·W·C ≈ N²·H·W·C`` flops;
+- naive reference: a per-pair numpy loop in float64 (convert both images, loop over the 16
+  tiles, ``sqrt(mean(diff²))``, max), timed on a random sample of pairs in the same process and
+  extrapolated to all N(N−1)/2 pairs (the same clique step is then added to its time).
+
+Usage::
+
+    python bench/detect.py                       # 64 and 256, threads 1 and default
+    python bench/detect.py --sizes 64 --reps 5
+    python bench/detect.py --markdown docs/benchmarks.md   # also write the docs section
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SECTION = "## Detection (pairwise tiled ℓ2 + clique)"
+TARGETS = {"speedup": 100.0, "roofline": {64: 0.40, 256: 0.60}, "memory": 3.0}
+
+
+# --------------------------------------------------------------------------------------------
+# worker: one configuration, in its own process
+# --------------------------------------------------------------------------------------------
+def _status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _trim() -> None:
+    """Give freed heap memory back to the OS, so that reuse shows up in the next peak."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _median_time(fn, reps: int) -> tuple[float, float]:
+    """Median wall-clock and median process CPU time (all threads) of ``reps`` calls."""
+    wall, cpu = [], []
+    for _ in range(reps):
+        w0, c0 = time.perf_counter(), time.process_time()
+        fn()
+        cpu.append(time.process_time() - c0)
+        wall.append(time.perf_counter() - w0)
+    return statistics.median(wall), statistics.median(cpu)
+
+
+def _mm_rate(torch, m: int, k: int, n: int, reps: int = 5) -> tuple[float, float]:
+    a = torch.randn(m, k)
+    b = torch.randn(n, k)
+    out = torch.empty(m, n)
+    torch.mm(a, b.T, out=out)
+    wall, cpu = _median_time(lambda: torch.mm(a, b.T, out=out), reps)
+    flop = 2.0 * m * n * k
+    return flop / wall / 1e9, flop / cpu / 1e9
+
+
+def _peak_gflops(torch, n: int, d: int) -> dict:
+    """GFLOP/s (per wall second, per CPU second) of float32 torch.mm at a few shapes."""
+    return {
+        "1024^3": _mm_rate(torch, 1024, 1024, 1024),
+        "2048^3": _mm_rate(torch, 2048, 2048, 2048, reps=3),
+        f"{n}x{d}x{n}": _mm_rate(torch, n, d, n),
+    }
+
+
+def make_generations(np, case: str, n: int, size: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    if case == "random":
+        return rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+    n_other = min(40, n // 10)
+    n_copies = n - n_other
+    base = rng.integers(0, 256, (1, size, size, 3)).astype(np.float32)
+    sigma = rng.uniform(1.0, 6.0, (n_copies, 1, 1, 1)).astype(np.float32)
+    out = np.empty((n, size, size, 3), np.uint8)
+    for s in range(0, n_copies, 50):  # in chunks: keep the float32 temporaries small
+        e = min(n_copies, s + 50)
+        noise = rng.standard_normal((e - s, size, size, 3), dtype=np.float32) * sigma[s:e]
+        out[s:e] = np.clip(np.rint(base + noise), 0, 255)
+    out[n_copies:] = rng.integers(0, 256, (n_other, size, size, 3), dtype=np.uint8)
+    return out[rng.permutation(n)]
+
+
+def naive_tiled_l2(np, a, b, grid: int = 4) -> float:
+    """The reference a reader would write: one pair, float64, loop over tiles."""
+    a = a.astype(np.float64) / 255.0
+    b = b.astype(np.float64) / 255.0
+    th, tw = a.shape[0] // grid, a.shape[1] // grid
+    worst = 0.0
+    for i in range(grid):
+        for j in range(grid):
+            diff = (
+                a[i * th : (i + 1) * th, j * tw : (j + 1) * tw]
+                - b[i * th : (i + 1) * th, j * tw : (j + 1) * tw]
+            )
+            worst = max(worst, float(np.sqrt(np.mean(diff * diff))))
+    return worst
+
+
+def worker(args) -> dict:
+    import gc
+
+    import numpy as np
+    import torch
+
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    sys.path.insert(0, str(ROOT))
+    from memscan.cliques import largest_clique
+    from memscan.distances import pairwise_tiled_l2
+
+    n, size, grid = args.n, args.size, 4
+    alpha = args.alpha
+    # warm-up on a small batch (kernels, thread pools, lazy imports)
+    warm = make_generations(np, args.case, 32, size, seed=1)
+    largest_clique(pairwise_tiled_l2(warm, grid), alpha)
+
+    x = make_generations(np, args.case, n, size)
+    d_tile = (size // grid) ** 2 * 3
+
+    # 1. peak memory of one detection, above the resident size with the generations loaded
+    #    (first, before any large temporary has grown the heap)
+    gc.collect()
+    _trim()
+    base_kib = _status_kib("VmRSS")
+    reset_ok = _reset_peak()
+    dist = pairwise_tiled_l2(x, grid)
+    clique = largest_clique(dist, alpha)
+    hwm_kib = _status_kib("VmHWM")
+    peak_delta = (hwm_kib - base_kib) * 1024 if (reset_ok and hwm_kib and base_kib) else None
+
+    # 2. time, then the matmul rate around it
+    peak_before = _peak_gflops(torch, n, d_tile)
+    t_dist, c_dist = _median_time(lambda: pairwise_tiled_l2(x, grid), args.reps)
+    t_clique, c_clique = _median_time(lambda: largest_clique(dist, alpha), args.reps)
+    peak_after = _peak_gflops(torch, n, d_tile)
+    peak_wall = max(v[0] for p in (peak_before, peak_after) for v in p.values())
+    peak_cpu = max(v[1] for p in (peak_before, peak_after) for v in p.values())
+
+    # naive per-pair reference on a sample of pairs, extrapolated
+    rng = np.random.default_rng(2)
+    n_pairs = n * (n - 1) // 2
+    sample = args.naive_pairs or (300 if size <= 64 else 40)
+    ii = rng.integers(0, n, sample)
+    jj = (ii + rng.integers(1, n, sample)) % n
+    t0 = time.perf_counter()
+    naive_vals = [naive_tiled_l2(np, x[i], x[j], grid) for i, j in zip(ii, jj)]
+    t_pair = (time.perf_counter() - t0) / sample
+    naive_err = float(np.max(np.abs(np.asarray(naive_vals) - dist[ii, jj])))
+
+    useful = float(n) * n * size * size * 3  # N²·H·W·C (symmetric: one triangle)
+    adj = dist < alpha
+    np.fill_diagonal(adj, False)
+    return {
+        "size": size,
+        "case": args.case,
+        "n": n,
+        "threads": torch.get_num_threads(),
+        "alpha": alpha,
+        "uint8_bytes": int(x.nbytes),
+        "t_distances": t_dist,
+        "t_clique": t_clique,
+        "cpu_distances": c_dist,
+        "cpu_clique": c_clique,
+        "prompts_per_s": 1.0 / (t_dist + t_clique),
+        "useful_gflop": useful / 1e9,
+        "gflops": useful / t_dist / 1e9,
+        "peak_gflops": peak_wall,
+        "roofline_fraction": useful / t_dist / 1e9 / peak_wall,
+        "gflops_cpu": useful / c_dist / 1e9,
+        "peak_gflops_cpu": peak_cpu,
+        "roofline_fraction_cpu": useful / c_dist / 1e9 / peak_cpu,
+        "peak_detail": {"before": peak_before, "after": peak_after},
+        "peak_rss_delta": peak_delta,
+        "memory_ratio": (peak_delta / x.nbytes) if peak_delta is not None else None,
+        "naive_pair_s": t_pair,
+        "naive_pairs_sampled": sample,
+        "naive_total_s": t_pair * n_pairs,
+        "naive_max_abs_diff": naive_err,
+        "speedup_distances": t_pair * n_pairs / t_dist,
+        "speedup_end_to_end": (t_pair * n_pairs + t_clique) / (t_dist + t_clique),
+        "clique": {
+            "size": int(clique.size),
+            "method": clique.method,
+            "upper_bound": int(clique.upper_bound),
+            "expansions": int(clique.expansions),
+            "edge_density": float(adj.sum() / max(1, n * (n - 1))),
+        },
+        "refined_pairs": int(((dist < 0.01) & ~np.eye(n, dtype=bool)).sum() // 2),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# driver
+# --------------------------------------------------------------------------------------------
+def _run_config(args, size: int, case: str, threads: int) -> dict:
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--worker",
+        "--size",
+        str(size),
+        "--case",
+        case,
+        "--threads",
+        str(threads),
+        "--n",
+        str(args.n),
+        "--reps",
+        str(args.reps),
+        "--alpha",
+        str(args.alpha),
+    ]
+    if args.naive_pairs:
+        cmd += ["--naive-pairs", str(args.naive_pairs)]
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    if res.returncode != 0:
+        raise SystemExit(f"worker failed ({size}, {case}, {threads}):\n{res.stderr}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def _mib(b) -> str:
+    return "n/a" if b is None else f"{b / 2**20:.1f}"
+
+
+def _machine() -> str:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    load = os.getloadavg() if hasattr(os, "getloadavg") else ("?",) * 3
+    return (
+        f"{cpu}; {os.cpu_count()} logical CPUs; torch {torch.__version__} "
+        f"(default {torch.get_num_threads()} threads); load average before the run "
+        f"{load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}"
+    )
+
+
+def format_results(rows: list[dict], machine: str) -> str:
+    head = (
+        "| size | case | threads | distances ms | clique ms | prompts/s | useful GFLOP/s "
+        "(wall / CPU) | mm peak GFLOP/s (wall / CPU) | roofline (wall / CPU) | naive s "
+        "(extrap.) | speedup | peak RSS Δ MiB (× uint8) | clique: size, method, edges |"
+    )
+    lines = [head, "|" + "---|" * 13]
+    for r in rows:
+        c = r["clique"]
+        mem = "n/a" if r["memory_ratio"] is None else f"{r['memory_ratio']:.2f}"
+        lines.append(
+            f"| {r['size']}×{r['size']}×3 | {r['case']} | {r['threads']} | "
+            f"{r['t_distances'] * 1e3:.0f} | {r['t_clique'] * 1e3:.0f} | "
+            f"{r['prompts_per_s']:.2f} | {r['gflops']:.0f} / {r['gflops_cpu']:.0f} | "
+            f"{r['peak_gflops']:.0f} / {r['peak_gflops_cpu']:.0f} | "
+            f"{r['roofline_fraction']:.0%} / {r['roofline_fraction_cpu']:.0%} | "
+            f"{r['naive_total_s']:.1f} | {r['speedup_distances']:.0f}× | "
+            f"{_mib(r['peak_rss_delta'])} ({mem}) | "
+            f"{c['size']}, {c['method']}, {c['edge_density']:.0%} |"
+        )
+    lines.append("")
+    lines.append(f"Machine: {machine}.")
+    lines.append("")
+    lines.append(
+        "Targets (issue): ≥ 100× the naive reference; ≥ 40 % of roofline at 64×64 and ≥ 60 % at"
+    )
+    lines.append(
+        "256×256 (judged here on CPU time, which a shared machine's load does not distort); peak"
+    )
+    lines.append("memory ≤ 3× the uint8 size of the generations.")
+    lines.append("")
+    for r in rows:
+        target = TARGETS["roofline"].get(r["size"])
+        ok = [
+            f"speedup {'met' if r['speedup_distances'] >= TARGETS['speedup'] else 'MISSED'}",
+            "roofline "
+            + (
+                "n/a"
+                if target is None
+                else ("met" if r["roofline_fraction_cpu"] >= target else "MISSED")
+            ),
+            "memory "
+            + (
+                "n/a"
+                if r["memory_ratio"] is None
+                else ("met" if r["memory_ratio"] <= TARGETS["memory"] else "MISSED")
+            ),
+        ]
+        lines.append(
+            f"- {r['size']}×{r['size']} {r['case']}, {r['threads']} thread(s): " + ", ".join(ok)
+        )
+    return "\n".join(lines)
+
+
+METHOD = """Method. One prompt = N = 500 generations, uint8, H×W×3. `random`: independent random
+images (no pair is below alpha, the clique step is trivial). `memorized`: 460 noisy copies of one
+image (Gaussian noise, σ uniform in [1, 6] grey levels per copy) and 40 unrelated images, so the
+generation graph is near-complete (alpha = 0.035) and the near-zero refinement runs. Each
+configuration runs in a fresh subprocess. Times are medians of repeated runs after a warm-up.
+Peak memory is the Linux peak resident set (`VmHWM`, reset through `/proc/self/clear_refs`)
+during one detection minus the resident set just before it, with the generations already
+loaded; tracemalloc cannot see torch. Roofline = the best median float32 `torch.mm` rate in the
+same process and thread setting (1024³, 2048³ and the workload's own N×D×N shape, measured
+before and after), both per wall-clock second and per CPU second (process CPU time, all
+threads), since the machine is shared and wall-clock figures move with its load. Useful flops
+exploit symmetry: one multiply-add per pixel per unordered pair,
+N²·H·W·C (the full-matrix convention 2·N²·H·W·C would double the GFLOP/s and the fraction).
+The naive reference is a per-pair numpy loop in float64 (convert both images, loop over the 16
+tiles, `sqrt(mean(diff²))`, max), timed on a random sample of pairs (300 at 64×64, 40 at
+256×256) in the same process and extrapolated to N(N−1)/2 pairs; speedup compares distance
+times."""
+
+
+def write_markdown(path: Path, body: str) -> None:
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    section = f"{SECTION}\n\n{body.strip()}\n"
+    if SECTION in text:
+        start = text.index(SECTION)
+        nxt = text.find("\n## ", start + len(SECTION))
+        text = text[:start] + section + ("" if nxt < 0 else "\n" + text[nxt + 1 :])
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--sizes", type=int, nargs="+", default=[64, 256])
+    p.add_argument("--cases", nargs="+", default=["random", "memorized"])
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 0], help="0 = torch default")
+    p.add_argument("--n", type=int, default=500)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--alpha", type=float, default=0.035)
+    p.add_argument("--naive-pairs", type=int, default=0)
+    p.add_argument("--json", type=Path, help="also write the raw figures here")
+    p.add_argument("--markdown", type=Path, help="write/replace the section in this file")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--size", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--case", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        args.threads = args.threads[0]
+        print(json.dumps(worker(args)))
+        return
+
+    machine = _machine()
+    print(METHOD)
+    print()
+    rows = []
+    for threads in args.threads:
+        for size in args.sizes:
+            for case in args.cases:
+                r = _run_config(args, size, case, threads)
+                rows.append(r)
+                mem = r["memory_ratio"]
+                print(
+                    f"{size}×{size}×3 {case:9s} threads={r['threads']}: "
+                    f"distances {r['t_distances'] * 1e3:.1f} ms "
+                    f"(CPU {r['cpu_distances'] * 1e3:.1f} ms), "
+                    f"clique {r['t_clique'] * 1e3:.1f} ms → {r['prompts_per_s']:.2f} prompts/s; "
+                    f"useful {r['gflops']:.1f} GFLOP/s wall, {r['gflops_cpu']:.1f} per CPU-s = "
+                    f"{r['roofline_fraction']:.0%} / {r['roofline_fraction_cpu']:.0%} of mm peak "
+                    f"{r['peak_gflops']:.0f} / {r['peak_gflops_cpu']:.0f}; naive "
+                    f"{r['naive_pair_s'] * 1e6:.0f} µs/pair × {r['n'] * (r['n'] - 1) // 2} pairs "
+                    f"= {r['naive_total_s']:.1f} s → {r['speedup_distances']:.0f}× "
+                    f"(end to end {r['speedup_end_to_end']:.0f}×, naive vs ours max |Δ| "
+                    f"{r['naive_max_abs_diff']:.1e}); peak RSS Δ {_mib(r['peak_rss_delta'])} MiB "
+                    f"= {'n/a' if mem is None else f'{mem:.2f}'}× the "
+                    f"{r['uint8_bytes'] / 2**20:.1f} MiB of uint8; clique {r['clique']}; "
+                    f"pairs refined {r['refined_pairs']}",
+                    flush=True,
+                )
+    table = format_results(rows, machine)
+    print()
+    print(table)
+    if args.json:
+        args.json.write_text(json.dumps({"machine": machine, "rows": rows}, indent=1))
+    if args.markdown:
+        write_markdown(args.markdown, METHOD + "\n\n" + table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""``memscan index TRAIN --out INDEX``: embed a training set and build its FAISS index."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("index")
+    def index(
+        train: Path = typer.Argument(
+            ...,
+            help="training set: folder, CSV/Parquet manifest, webdataset .tar (or folder of them), img2dataset output",
+        ),
+        out: Path = typer.Option(..., "--out", help="index folder to write"),
+        embedder: str = typer.Option(
+            "pixel",
+            "--embedder",
+            help="pixel, pixel:SIZE, a TorchScript file (.pt), an .onnx file, or open_clip:MODEL:WEIGHTS",
+        ),
+        index_type: str = typer.Option(
+            "auto", "--index-type", help="auto (flat up to 1M vectors, else ivf), flat, ivf, hnsw"
+        ),
+        nlist: int | None = typer.Option(None, help="IVF cells [4·sqrt(N)]"),
+        nprobe: int | None = typer.Option(None, help="IVF cells visited per query [max(8, nlist/8)]"),
+        batch_size: int = typer.Option(256, "--batch-size", help="images decoded and embedded per step"),
+        device: str = typer.Option("cpu", "--device", help="cpu or cuda (model embedders)"),
+        workers: int = typer.Option(2, "--workers", help="image-decoding threads"),
+        overwrite: bool = typer.Option(False, "--overwrite", help="replace an index already in --out"),
+        quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
+    ):
+        """Embed every training image and build a FAISS index (embeddings and ids stored on disk)."""
+        from memscan.cli import _run
+        from memscan.index.faiss_index import IndexParams, build_index
+
+        params = IndexParams(index_type, nlist=nlist, nprobe=nprobe)
+        idx = _run(
+            build_index,
+            train,
+            out,
+            embedder=embedder,
+            index_type=params,
+            batch_size=batch_size,
+            device=device,
+            workers=workers,
+            overwrite=overwrite,
+            progress=not quiet,
+        )
+        m = idx.meta
+        typer.echo(
+            f"{len(idx)} images indexed ({idx.params.index_type}, dim {idx.dim}, {m['skipped']} skipped) "
+            f"in {m['timings_s']['total']} s → {out}"
+        )

@@ -1,0 +1,52 @@
+"""``memscan triage``: cheap memorization scores per prompt and a ranked prompts file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def triage(
+        model: str = typer.Option(..., "--model", help="text-to-image pipeline directory or hub id"),
+        prompts: Path = typer.Option(..., "--prompts", help="text file (one prompt a line) or CSV/Parquet"),
+        out: Path = typer.Option(..., "--out", help="triage run directory to write"),
+        generations: int = typer.Option(4, help="initial noises per prompt"),
+        steps: int = typer.Option(1, help="denoising steps scored (the first of the schedule)"),
+        num_inference_steps: int | None = typer.Option(None, help="schedule length [model's, else 50]"),
+        guidance_scale: float | None = typer.Option(None, help="guidance used to advance the latent [model's, else 7.5]"),
+        score: str = typer.Option("wen", help="score that ranks prompts.csv: wen or webster"),
+        top: int | None = typer.Option(None, "--top", help="keep the K highest-scoring prompts in prompts.csv"),
+        min_score: float | None = typer.Option(None, "--min-score", help="keep prompts scoring at least this"),
+        seed: int = typer.Option(0, help="run seed"),
+        batch_size: int = typer.Option(32, help="generations per UNet call"),
+        device: str = typer.Option("cpu", help="cpu or cuda"),
+        dtype: str = typer.Option("auto", help="auto, fp32, fp16, bf16"),
+        quiet: bool = typer.Option(False, "--quiet", help="no progress bar"),
+    ):
+        """Score prompts with one or a few denoising steps (Wen et al. 2024, Webster 2023); write
+        scores.parquet and a ranked prompts.csv that `memscan extract --prompts` reads."""
+        from memscan.cli import _run
+        from memscan.triage import TriageConfig
+        from memscan.triage import triage as run_triage
+
+        cfg = TriageConfig(
+            generations=generations,
+            steps=steps,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            seed=seed,
+            batch_size=batch_size,
+            device=device,
+            dtype=dtype,
+        )
+        res = _run(
+            run_triage, model, prompts, out, cfg, score=score, top=top, min_score=min_score, progress=not quiet
+        )
+        cost = res.manifest["cost"]
+        typer.echo(
+            f"{len(res.scores)} prompts scored ({cost['unet_evaluations_per_prompt']} UNet evaluations each, "
+            f"{cost['share_of_full_attack']:.2e} of the full attack): {len(res.ranked)} kept in {out / 'prompts.csv'}"
+        )

@@ -1,0 +1,443 @@
+"""Unconditional extraction: generate M images, verify each against the whole training set.
+
+The setting of Carlini et al. (2023)'s CIFAR-10 study (2^16 generations per model against the
+50,000 training images): there are no prompts to attack, so every generation is compared with
+the training set and judged by the calibrated distance (:mod:`memscan.index.calibrated`):
+
+1. generate M images; image i uses seed ``derive_seed(run_seed, "unconditional", i)``, so any
+   generation can be reproduced alone and a resumed run regenerates the same images;
+2. find each generation's n nearest training images — exactly over pixels
+   (:class:`~memscan.index.nearest.PixelSearch`, a FAISS flat index), or, with a prebuilt
+   embedding index, its ``n_candidates`` most similar training images re-ranked by exact ℓ2 /
+   tiled ℓ2 on pixels;
+3. calibrated decision: extracted when ℓ(x̂, x; S_x̂) < 1 (α_c = 0.5, n = 50);
+4. de-duplicate: extractions hitting the same training image count once (the closest
+   generation represents it; ``hits`` counts them all).
+
+The run directory (:class:`memscan.store.RunStore`)::
+
+    RUN/
+      manifest.json             command, config, generator, seeds, training set, search, counts,
+                                throughput
+      generations.parquet       one row per generation (sample_index, seed, nearest training
+                                image, distances, calibrated, extracted)
+      extractions.parquet       one row per extracted training image (de-duplicated)
+      shards/NNNNN.*            per-shard tables and completion records (resume)
+      images/candidates/*.png   every extracted generation
+      images/train/*.png        every extracted training image
+      run.log
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from memscan.errors import InputError, MemscanError
+
+#: The prompt id under which unconditional seeds are derived.
+SEED_STREAM = "unconditional"
+
+GENERATION_COLUMNS = [
+    "sample_index",
+    "seed",
+    "nearest_train_id",
+    "nearest_distance",
+    "mean_distance",
+    "calibrated",
+    "extracted",
+    "nearest_l2",
+    "nearest_tiled_l2",
+    "n_nearest",
+    "candidate_image",
+]
+
+
+@dataclass(frozen=True)
+class UnconditionalConfig:
+    """Parameters of ``memscan extract-unconditional`` (all recorded in the manifest).
+
+    Parameters
+    ----------
+    samples : generations M (paper, CIFAR-10: 2^16 per model)
+    seed : run seed; generation i uses ``derive_seed(seed, "unconditional", i)``
+    n_nearest : n, the neighbourhood of the calibrated distance (paper: 50)
+    alpha_c : α_c of the calibrated distance (paper: 0.5)
+    metric : ``l2`` (paper) or ``tiled_l2`` for every distance
+    grid : tiles per side for ``tiled_l2`` (and the reported ``nearest_tiled_l2``)
+    n_candidates : with an embedding index, training images fetched per generation before the
+        exact pixel re-rank (≥ n_nearest)
+    prompt : what the generator is called with (unconditional models ignore it)
+    batch_size : generations per model call
+    shard_size : generations per shard (unit of commit and resume)
+    device : ``cpu`` or ``cuda`` (model embedders of an index)
+    save_images : write PNGs of extracted generations and their training images
+    """
+
+    samples: int = 1 << 16
+    seed: int = 0
+    n_nearest: int = 50
+    alpha_c: float = 0.5
+    metric: str = "l2"
+    grid: int = 4
+    n_candidates: int = 200
+    prompt: str = ""
+    batch_size: int = 64
+    shard_size: int = 4096
+    device: str = "cpu"
+    save_images: bool = True
+
+    def validate(self) -> UnconditionalConfig:
+        from memscan.index.calibrated import CalibratedConfig
+
+        CalibratedConfig(self.alpha_c, self.n_nearest, self.metric, self.grid).validate()
+        for name in ("samples", "batch_size", "shard_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+                raise InputError(f"{name}={v!r} must be a positive integer")
+        if self.n_candidates < self.n_nearest:
+            raise InputError(
+                f"n_candidates={self.n_candidates} is below n_nearest={self.n_nearest}",
+                "fetch at least n_nearest candidates from the index",
+            )
+        if not (self.device in ("cpu", "cuda") or self.device.startswith("cuda:")):
+            raise InputError(f"device={self.device!r}", "use cpu or cuda")
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class UnconditionalResult:
+    """A finished unconditional run (tables also on disk in ``run_dir``)."""
+
+    run_dir: Path
+    generations: pd.DataFrame
+    extractions: pd.DataFrame
+    manifest: dict
+
+
+class _Verifier:
+    """n nearest training images of a batch of generations: exact, or index + exact re-rank."""
+
+    def __init__(self, training, config: UnconditionalConfig, index=None):
+        from memscan.index.nearest import PixelSearch
+
+        self.training, self.config = training, config
+        self.n = min(config.n_nearest, len(training))
+        self.index = None
+        if index is None:
+            self.search = PixelSearch(training.images, grid=config.grid)
+            self.description = {"search": "exact", "method": "faiss IndexFlatL2 over pixels, exact refinement"}
+            return
+        from memscan.index.embedders import load_embedder
+        from memscan.index.faiss_index import TrainingIndex
+
+        self.index = index if isinstance(index, TrainingIndex) else TrainingIndex.load(index)
+        self.embedder = load_embedder(
+            self.index.meta.get("embedder", "pixel"), device=config.device, batch_size=config.batch_size
+        )
+        row = {tid: k for k, tid in enumerate(training.ids)}
+        self.to_train = np.array([row.get(i, -1) for i in self.index.ids] + [-1], np.int64)
+        unmatched = int((self.to_train[:-1] < 0).sum())
+        if unmatched == len(self.index):
+            raise InputError(
+                "no id of the index is in the training set", "pass the training set the index was built from"
+            )
+        self.description = {
+            "search": "index",
+            "method": f"{self.index.params.index_type} embedding index, {config.n_candidates} candidates re-ranked by exact {config.metric}",
+            "index": str(index) if not isinstance(index, TrainingIndex) else None,
+            "index_params": asdict(self.index.params),
+            "embedder": self.index.meta.get("embedder"),
+            "index_ids_not_in_training_set": unmatched,
+        }
+
+    def neighbours(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Ascending distances (Q×n, ``inf`` where fewer were found) and training rows (Q×n)."""
+        from memscan.index.nearest import _rowsort, pixel_distances
+
+        if self.index is None:
+            nb = self.search.search(images, k=self.n, metric=self.config.metric)
+            return nb.distances, nb.indices
+        _, ii = self.index.search(self.embedder.embed(images), self.config.n_candidates)
+        cand = self.to_train[np.where(ii >= 0, ii, len(self.to_train) - 1)]
+        d = pixel_distances(images, self.training.images, cand, self.config.metric, self.config.grid)
+        order = _rowsort(d, cand)
+        return np.take_along_axis(d, order, 1)[:, : self.n], np.take_along_axis(cand, order, 1)[:, : self.n]
+
+
+def _calibrated_rows(d: np.ndarray, alpha_c: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Calibrated distance per row over its finite entries (an index may return fewer than n)."""
+    finite = np.isfinite(d)
+    n_used = finite.sum(1)
+    dz = np.where(finite, d, 0.0)
+    nearest = np.where(n_used > 0, np.where(finite, d, np.inf).min(1), np.nan)
+    mean = np.divide(dz.sum(1), n_used, out=np.full(d.shape[0], np.nan), where=n_used > 0)
+    denom = alpha_c * mean
+    cal = np.divide(nearest, denom, out=np.where(n_used > 0, 0.0, np.nan), where=denom > 0)
+    return cal, nearest, mean, n_used
+
+
+def extract_unconditional(
+    generator,
+    train,
+    out: str | Path,
+    config: UnconditionalConfig = UnconditionalConfig(),
+    *,
+    index=None,
+    resume: bool = False,
+    progress: bool = True,
+    stop_after_shards: int | None = None,
+) -> UnconditionalResult:
+    """Generate ``config.samples`` images and verify each with the calibrated distance.
+
+    Parameters
+    ----------
+    generator : a :class:`memscan.generators.Generator` (called with ``config.prompt``)
+    train : training set path (any layout) or a loaded :class:`~memscan.data.training.TrainingSet`
+    out : run directory
+    config : :class:`UnconditionalConfig`
+    index : None (exact pixel search), or a :class:`~memscan.index.faiss_index.TrainingIndex` /
+        index folder built from ``train``
+    resume : finish a killed run in ``out`` (same options); committed shards are kept
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from memscan.synthetic import SyntheticGenerator, write_training_set
+    >>> d = tempfile.mkdtemp()
+    >>> _ = write_training_set(f"{d}/train", 60, size=16)
+    >>> gen = SyntheticGenerator({"": "t0007"}, size=16, copy_rate=0.25)
+    >>> cfg = UnconditionalConfig(samples=40, n_nearest=20, shard_size=16)
+    >>> r = extract_unconditional(gen, f"{d}/train", f"{d}/run", cfg, progress=False)
+    >>> r.extractions["train_id"].tolist(), int(r.extractions["hits"].iloc[0]) > 1
+    (['t0007'], True)
+    """
+    from memscan.store import RunLock, RunStore
+
+    config = config.validate()
+    store = RunStore(out)
+    if store.exists() and not resume:
+        raise MemscanError(
+            f"run directory {out} already holds a run", "pass --resume to finish it, or choose a new --out"
+        )
+    store.create()
+    with RunLock(store.root):
+        return _run_locked(generator, train, store, config, index, resume, progress, stop_after_shards)
+
+
+def _run_locked(generator, train, store, config, index, resume, progress, stop_after_shards) -> UnconditionalResult:
+    from memscan.data.images import save_png
+    from memscan.data.training import TrainingSet, load_training_set
+    from memscan.distances import tiled_l2
+    from memscan.extraction.pipeline import _progress, output_shape, versions
+    from memscan.generators.base import check_generations, describe
+    from memscan.generators.seeds import derive_seed
+    from memscan.store import safe_name, write_table
+
+    started = time.time()
+    # 1. the training set at the generator's resolution, and the searcher over it
+    shape = output_shape(generator, config.prompt, derive_seed(config.seed, SEED_STREAM, 0))
+    training = train if isinstance(train, TrainingSet) else load_training_set(train, size=shape[:2], channels=shape[2])
+    if training.images.shape[1:] != tuple(shape):
+        raise MemscanError(
+            f"training images are {training.images.shape[1:]} but generations are {tuple(shape)}",
+            "load the training set at the generator's resolution",
+        )
+    for s in training.skipped:
+        store.log(f"skipped training image {s['id']} ({s['path']}): {s['reason']}")
+    verifier = _Verifier(training, config, index)
+    n_shards = math.ceil(config.samples / config.shard_size)
+    manifest = {
+        "memscan_run": 1,
+        "command": "extract-unconditional",
+        "config": config.to_dict(),
+        "calibrated": {
+            "alpha_c": config.alpha_c,
+            "n": verifier.n,
+            "metric": config.metric,
+            "rule": "extracted when l2(x, nearest) / (alpha_c * mean l2 to the n nearest) < 1",
+        },
+        "generator": describe(generator),
+        "output_shape": list(shape),
+        "training_set": training.summary(),
+        "search": verifier.description,
+        "n_shards": n_shards,
+        "seeds": {"run_seed": config.seed, "derivation": f"derive_seed(run_seed, {SEED_STREAM!r}, sample_index)"},
+        "versions": versions(),
+    }
+    if resume and store.exists():
+        old = store.read_manifest()
+        for key in ("command", "config", "n_shards", "output_shape"):
+            if old.get(key) != manifest[key]:
+                raise MemscanError(
+                    f"cannot resume {store.root}: its {key} differs from this invocation ({old.get(key)} vs {manifest[key]})",
+                    "resume with the original options, or start a new run with another --out",
+                )
+        manifest["started"] = old.get("started")
+        manifest["resumed"] = old.get("resumed", []) + [time.strftime("%Y-%m-%dT%H:%M:%S")]
+    else:
+        manifest["started"] = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started))
+    manifest["status"] = "running"
+    store.write_manifest(manifest)
+    store.log(
+        f"extract-unconditional: {config.samples} generations in {n_shards} shards ({verifier.description['search']} search)"
+    )
+
+    # 2. shards of generations: generate → n nearest → calibrated decision → commit
+    todo = [s for s in range(n_shards) if not store.shard_done(s)]
+    new = 0
+    with _progress(progress, config.samples) as bar:
+        task = bar.add_task(
+            "generate + verify", total=sum(min(config.shard_size, config.samples - s * config.shard_size) for s in todo)
+        )
+        for s in todo:
+            if stop_after_shards is not None and new >= stop_after_shards:
+                break
+            lo, hi = s * config.shard_size, min(config.samples, (s + 1) * config.shard_size)
+            rows, gen_s, ver_s = [], 0.0, 0.0
+            for b in range(lo, hi, config.batch_size):
+                idx = list(range(b, min(hi, b + config.batch_size)))
+                seeds = [derive_seed(config.seed, SEED_STREAM, i) for i in idx]
+                t0 = time.perf_counter()
+                images = check_generations(generator.generate(config.prompt, seeds), len(seeds), config.prompt)
+                if images.shape[1:] != tuple(shape):
+                    raise MemscanError(
+                        f"generator returned {images.shape[1:]} images, expected {tuple(shape)}", "return one size"
+                    )
+                t1 = time.perf_counter()
+                dist, nn = verifier.neighbours(images)
+                cal, nearest, mean, n_used = _calibrated_rows(dist, config.alpha_c)
+                best = nn[:, 0]
+                ok = best >= 0
+                l2_near = np.full(len(idx), np.nan)
+                tl2_near = np.full(len(idx), np.nan)
+                if ok.any():
+                    ref = training.images[best[ok]]
+                    if config.metric == "l2":
+                        l2_near[ok] = nearest[ok]
+                    else:
+                        l2_near[ok] = tiled_l2(images[ok], ref, grid=1)
+                    tl2_near[ok] = (
+                        nearest[ok] if config.metric == "tiled_l2" else tiled_l2(images[ok], ref, grid=config.grid)
+                    )
+                ver_s += time.perf_counter() - t1
+                gen_s += t1 - t0
+                for j, i in enumerate(idx):
+                    extracted = bool(cal[j] < 1.0)
+                    path = None
+                    if extracted and config.save_images:
+                        rel = Path("images") / "candidates" / f"u{i:08d}.png"
+                        save_png(images[j], store.image_dir("candidates") / rel.name)
+                        path = rel.as_posix()
+                    rows.append(
+                        {
+                            "sample_index": i,
+                            "seed": seeds[j],
+                            "nearest_train_id": training.ids[int(best[j])] if best[j] >= 0 else None,
+                            "nearest_distance": float(nearest[j]),
+                            "mean_distance": float(mean[j]),
+                            "calibrated": float(cal[j]),
+                            "extracted": extracted,
+                            "nearest_l2": float(l2_near[j]),
+                            "nearest_tiled_l2": float(tl2_near[j]),
+                            "n_nearest": int(n_used[j]),
+                            "candidate_image": path,
+                        }
+                    )
+                bar.update(task, advance=len(idx))
+            table = pd.DataFrame(rows, columns=GENERATION_COLUMNS)
+            store.commit_shard(
+                s,
+                {"generations": table},
+                {"samples": hi - lo, "generation_s": round(gen_s, 3), "verification_s": round(ver_s, 3)},
+            )
+            store.log(f"shard {s} committed: {hi - lo} generations, {int(table['extracted'].sum())} extracted")
+            new += 1
+    if any(not store.shard_done(s) for s in range(n_shards)):
+        manifest["status"] = "incomplete"
+        store.write_manifest(manifest)
+        raise MemscanError(f"run {store.root} stopped before all shards were done", "rerun with --resume")
+
+    # 3. merge, de-duplicate extractions by training image, save their images, record throughput
+    generations = store.merge(n_shards, tables=("generations",))["generations"]
+    extractions = dedupe_extractions(generations, training)
+    if config.save_images and len(extractions):
+        d = store.image_dir("train")
+        row = {tid: k for k, tid in enumerate(training.ids)}
+        for tid in extractions["train_id"]:
+            save_png(training.images[row[tid]], d / f"{safe_name(tid)}.png")
+    write_table(extractions, store.root / "extractions.parquet")
+    recs = [store.shard_record(s) for s in range(n_shards)]
+    gen_total = sum(r.get("generation_s", 0) for r in recs)
+    ver_total = sum(r.get("verification_s", 0) for r in recs)
+    manifest["status"] = "complete"
+    manifest["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    manifest["throughput"] = {
+        "generation_seconds": round(gen_total, 3),
+        "generation_images_per_s": round(len(generations) / gen_total, 2) if gen_total else None,
+        "verification_seconds": round(ver_total, 3),
+        "verification_images_per_s": round(len(generations) / ver_total, 2) if ver_total else None,
+    }
+    manifest["counts"] = {
+        "samples": int(len(generations)),
+        "extracted_generations": int(generations["extracted"].sum()),
+        "extracted_training_images": int(len(extractions)),
+    }
+    store.write_manifest(manifest)
+    store.log(f"extract-unconditional: complete — {manifest['counts']}")
+    return UnconditionalResult(store.root, generations, extractions, manifest)
+
+
+def dedupe_extractions(generations: pd.DataFrame, training) -> pd.DataFrame:
+    """One row per extracted training image: its closest generation, and how many hit it."""
+    from memscan.store import safe_name
+
+    ext = generations[generations["extracted"]]
+    cols = [
+        "train_id",
+        "train_caption",
+        "hits",
+        "sample_index",
+        "seed",
+        "calibrated",
+        "nearest_distance",
+        "mean_distance",
+        "nearest_l2",
+        "nearest_tiled_l2",
+        "sample_indices",
+        "candidate_image",
+        "train_image",
+    ]
+    if ext.empty:
+        return pd.DataFrame({c: pd.Series(dtype="object") for c in cols})
+    caption = dict(zip(training.ids, training.captions))
+    ext = ext.sort_values(["calibrated", "sample_index"])
+    rows = []
+    for tid, g in ext.groupby("nearest_train_id", sort=False):
+        first = g.iloc[0]
+        rows.append(
+            {
+                "train_id": tid,
+                "train_caption": caption.get(tid, ""),
+                "hits": int(len(g)),
+                "sample_index": int(first["sample_index"]),
+                "seed": int(first["seed"]),
+                "calibrated": float(first["calibrated"]),
+                "nearest_distance": float(first["nearest_distance"]),
+                "mean_distance": float(first["mean_distance"]),
+                "nearest_l2": float(first["nearest_l2"]),
+                "nearest_tiled_l2": float(first["nearest_tiled_l2"]),
+                "sample_indices": sorted(int(v) for v in g["sample_index"]),
+                "candidate_image": first["candidate_image"],
+                "train_image": f"images/train/{safe_name(tid)}.png",
+            }
+        )
+    return pd.DataFrame(rows, columns=cols).sort_values(["calibrated", "train_id"]).reset_index(drop=True)

@@ -1,0 +1,275 @@
+"""Embedders and the FAISS training index: brute-force agreement, recall, disk round trip, CLI."""
+
+import json
+import sys
+import types
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import run_cli
+
+from memscan import InputError
+from memscan.index.embedders import (
+    OpenCLIPEmbedder,
+    PixelEmbedder,
+    TorchScriptEmbedder,
+    l2_normalize,
+    load_embedder,
+)
+from memscan.index.faiss_index import IndexParams, TrainingIndex, build_index
+from memscan.synthetic import training_image, write_training_set
+
+
+def _clustered(n, d, centres=40, spread=0.7, seed=0, intrinsic=6):
+    """Unit vectors in clusters with a low-dimensional spread, like real embeddings (isotropic
+    Gaussian noise in all d dimensions would be a worst case no approximate index is built for)."""
+    fixed = np.random.default_rng(99)
+    c, basis = fixed.normal(size=(centres, d)), fixed.normal(size=(intrinsic, d)) / np.sqrt(intrinsic)
+    rng = np.random.default_rng(seed)
+    return l2_normalize(c[rng.integers(0, centres, n)] + spread * rng.normal(size=(n, intrinsic)) @ basis)
+
+
+def _brute_topk(q, x, k):
+    sims = q.astype(np.float64) @ x.astype(np.float64).T
+    order = np.lexsort((np.broadcast_to(np.arange(x.shape[0]), sims.shape), -sims), axis=1)[:, :k]
+    return np.take_along_axis(sims, order, 1), order
+
+
+# --------------------------------------------------------------------------------------------
+# embedders
+# --------------------------------------------------------------------------------------------
+def test_pixel_embedder_is_a_normalised_correlation():
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (5, 16, 16, 3), dtype=np.uint8)
+    x[4] = 77  # a constant image
+    e = PixelEmbedder(size=16).embed(x)
+    assert e.dtype == np.float32 and e.shape == (5, 768)
+    np.testing.assert_allclose(np.linalg.norm(e, axis=1), 1, atol=1e-6)
+    # at its own size (no resampling) the cosine is exactly the Pearson correlation of the pixels
+    flat = x[:4].reshape(4, -1).astype(np.float64)
+    np.testing.assert_allclose(e[:4] @ e[:4].T, np.corrcoef(flat), atol=1e-5)
+    np.testing.assert_allclose(e[4], np.full(768, 1 / np.sqrt(768)), atol=1e-7)
+    # a brightened copy and a larger copy of an image stay at cosine ≈ 1
+    img = training_image("a", 64)
+    brighter = np.clip(img.astype(int) + 20, 0, 255).astype(np.uint8)
+    emb = PixelEmbedder(size=16)
+    assert float((emb.embed(img[None]) @ emb.embed(brighter[None]).T)[0, 0]) > 0.99
+    with pytest.raises(InputError, match="positive"):
+        PixelEmbedder(size=0)
+
+
+class _Tiny(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 6, 3, padding=1)
+        self.head = torch.nn.Linear(6 * 4 * 4, 10)
+
+    def forward(self, x):
+        h = torch.nn.functional.adaptive_avg_pool2d(torch.relu(self.conv(x)), 4)
+        return self.head(h.flatten(1))
+
+
+def _reference_embedding(model, images, size, mean, std):
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    x = torch.nn.functional.interpolate(x, size=size, mode="bicubic", antialias=True).clamp(0, 1)
+    x = (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        y = model(x).numpy()
+    return y / np.linalg.norm(y, axis=1, keepdims=True)
+
+
+def test_torchscript_embedder_matches_the_model(tmp_path):
+    model = _Tiny().eval()
+    path = tmp_path / "tiny.pt"
+    torch.jit.save(torch.jit.script(model), str(path))
+    (tmp_path / "tiny.json").write_text(json.dumps({"input_size": [24, 24], "mean": [0.5] * 3, "std": [0.25] * 3}))
+    images = np.random.default_rng(1).integers(0, 256, (7, 32, 32, 3), dtype=np.uint8)
+    emb = load_embedder(str(path), batch_size=3)
+    assert isinstance(emb, TorchScriptEmbedder) and emb.dim == 10 and emb.input_size == (24, 24)
+    got = emb.embed(images)
+    np.testing.assert_allclose(got, _reference_embedding(model, images, (24, 24), [0.5] * 3, [0.25] * 3), atol=1e-5)
+    # the recorded spec reloads the same model, and refuses a changed file
+    spec = emb.spec()
+    np.testing.assert_allclose(load_embedder(spec).embed(images), got, atol=1e-6)
+    torch.jit.save(torch.jit.script(_Tiny().eval().half().float()), str(path))
+    path.write_bytes(path.read_bytes() + b"\0")
+    with pytest.raises(InputError, match="changed"):
+        load_embedder(spec)
+    (tmp_path / "junk.pt").write_bytes(b"not a model")
+    with pytest.raises(InputError, match="TorchScript"):
+        load_embedder(str(tmp_path / "junk.pt"))
+
+
+def test_onnx_embedder_matches_the_model(tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    model = _Tiny().eval()
+    path = tmp_path / "tiny.onnx"
+    torch.onnx.export(
+        model,
+        (torch.zeros(1, 3, 20, 20),),
+        str(path),
+        dynamo=False,
+        input_names=["x"],
+        output_names=["y"],
+        dynamic_axes={"x": {0: "n"}, "y": {0: "n"}},
+    )
+    images = np.random.default_rng(2).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    emb = load_embedder(str(path), batch_size=2)
+    assert emb.input_size == (20, 20) and emb.dim == 10  # fixed H×W read from the model
+    ref = _reference_embedding(model, images, (20, 20), [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    np.testing.assert_allclose(emb.embed(images), ref, atol=1e-5)
+
+
+def test_open_clip_embedder_uses_local_weights_only(tmp_path, monkeypatch):
+    calls = []
+
+    class FakeClip(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.visual = types.SimpleNamespace(image_size=(16, 16))
+            self.tiny = _Tiny()
+
+        def encode_image(self, x):
+            return self.tiny(x)
+
+    def create_model_and_transforms(name, pretrained=None, device="cpu"):
+        calls.append((name, pretrained))
+        return FakeClip(), None, None
+
+    monkeypatch.setitem(
+        sys.modules, "open_clip", types.SimpleNamespace(create_model_and_transforms=create_model_and_transforms)
+    )
+    weights = tmp_path / "w.bin"
+    weights.write_bytes(b"weights")
+    emb = load_embedder(f"open_clip:ViT-Tiny:{weights}")
+    assert isinstance(emb, OpenCLIPEmbedder) and calls == [("ViT-Tiny", str(weights))]
+    assert emb.input_size == (16, 16) and emb.dim == 10 and emb.spec()["model"] == "ViT-Tiny"
+    images = np.random.default_rng(3).integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
+    ref = _reference_embedding(emb.model.tiny, images, (16, 16), list(emb.mean), list(emb.std))
+    np.testing.assert_allclose(emb.embed(images), ref, atol=1e-5)
+    with pytest.raises(InputError, match="local weights"):
+        load_embedder(f"open_clip:ViT-Tiny:{tmp_path / 'missing.bin'}")
+
+
+def test_embedder_spec_errors():
+    with pytest.raises(InputError, match="unknown embedder"):
+        load_embedder("model.h5")
+    with pytest.raises(InputError, match="does not exist"):
+        load_embedder("missing.pt")
+    with pytest.raises(InputError, match="open_clip:MODEL:WEIGHTS"):
+        load_embedder("open_clip:ViT-B-32")
+
+
+# --------------------------------------------------------------------------------------------
+# the FAISS index
+# --------------------------------------------------------------------------------------------
+def test_flat_index_returns_brute_force_neighbours():
+    x = _clustered(3000, 32)
+    q = _clustered(200, 32, seed=1)
+    index = TrainingIndex.from_embeddings(x, [f"t{i}" for i in range(len(x))])
+    assert index.params.index_type == "flat"  # auto below FLAT_MAX
+    sims, idx = index.search(q, 10)
+    ref_sims, ref_idx = _brute_topk(q, x, 10)
+    np.testing.assert_allclose(sims, ref_sims, atol=1e-5)
+    # same neighbours; a swap is allowed only between (numerically) tied similarities
+    swapped = idx != ref_idx
+    assert swapped.mean() < 0.01
+    assert np.allclose(sims[swapped], ref_sims[swapped], atol=1e-5)
+    # k larger than the index pads with -1
+    small = TrainingIndex.from_embeddings(x[:3], ["a", "b", "c"])
+    s, i = small.search(x[:1], 5)
+    assert i[0].tolist()[3:] == [-1, -1] and np.isneginf(s[0, 3:]).all()
+
+
+@pytest.mark.parametrize("params", [IndexParams("ivf", nlist=32, nprobe=8), IndexParams("hnsw", ef_search=64)])
+def test_approximate_index_recall_at_10(params):
+    x = _clustered(4000, 32, centres=60)
+    q = _clustered(300, 32, centres=60, seed=1)
+    index = TrainingIndex.from_embeddings(x, [f"t{i}" for i in range(len(x))], params=params)
+    assert index.params.index_type == params.index_type
+    _, idx = index.search(q, 10)
+    _, ref = _brute_topk(q, x, 10)
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(idx, ref)])
+    assert recall >= 0.95, recall
+
+
+def test_auto_index_type_and_ivf_defaults():
+    assert IndexParams("auto").resolve(1_000_000).index_type == "flat"
+    big = IndexParams("auto").resolve(4_000_000)
+    assert big.index_type == "ivf" and big.nlist == 8000 and big.nprobe == 1000
+    assert IndexParams("ivf").resolve(1000).nlist == 25  # at least 39 training points per cell
+    with pytest.raises(InputError, match="not one of"):
+        IndexParams("lsh").resolve(10)
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw"])
+def test_index_save_load_round_trip(tmp_path, kind):
+    x = _clustered(1200, 16)
+    ids = [f"id-{i}" for i in range(len(x))]
+    caps = [f"caption {i}" for i in range(len(x))]
+    params = IndexParams(kind, nlist=8 if kind == "ivf" else None)
+    index = TrainingIndex.from_embeddings(
+        x, ids, caps, params, meta={"embedder": {"type": "pixel", "size": 4, "channels": 1}}
+    )
+    index.save(tmp_path / "idx")
+    files = sorted(p.name for p in (tmp_path / "idx").iterdir())
+    assert files == (
+        ["embeddings.npy", "ids.parquet", "index.json"]
+        if kind == "flat"
+        else ["embeddings.npy", "ids.parquet", "index.faiss", "index.json"]
+    )
+    # no pickle anywhere: the arrays load with allow_pickle=False
+    np.testing.assert_array_equal(np.load(tmp_path / "idx" / "embeddings.npy", allow_pickle=False), x)
+    back = TrainingIndex.load(tmp_path / "idx", mmap=True)
+    assert back.ids == ids and back.captions == caps and back.params == index.params
+    q = x[:50]
+    np.testing.assert_array_equal(back.search(q, 5)[1], index.search(q, 5)[1])
+    with pytest.raises(Exception, match="already holds an index"):
+        index.save(tmp_path / "idx")
+    (tmp_path / "idx" / "index.json").unlink()
+    with pytest.raises(InputError, match="not a memscan index"):
+        TrainingIndex.load(tmp_path / "idx")
+
+
+def test_build_index_streams_a_folder_and_counts_corrupt_files(tmp_path):
+    write_training_set(tmp_path / "train", 30, size=16)
+    (tmp_path / "train" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\ngarbage")
+    index = build_index(tmp_path / "train", tmp_path / "idx", embedder="pixel:8", batch_size=7, progress=False)
+    assert len(index) == 30 and index.dim == 192 and "broken" not in index.ids
+    meta = json.loads((tmp_path / "idx" / "index.json").read_text())
+    assert meta["skipped"] == 1 and meta["skipped_files"][0]["id"] == "broken"
+    assert meta["embedder"] == {"type": "pixel", "size": 8, "channels": 3} and meta["count"] == 30
+    # the stored embeddings are the embedder's output for the decoded images, row for row
+    from memscan import load_training_set
+
+    ts = load_training_set(tmp_path / "train", size=(8, 8))
+    emb = np.load(tmp_path / "idx" / "embeddings.npy", allow_pickle=False)
+    assert pd.read_parquet(tmp_path / "idx" / "ids.parquet")["id"].tolist() == ts.ids
+    np.testing.assert_allclose(emb, PixelEmbedder(8).embed(ts.images), atol=1e-6)
+    # querying with images: each training image finds itself first
+    _, idx = TrainingIndex.load(tmp_path / "idx").embed_and_search(ts.images[:5], 1)
+    assert idx[:, 0].tolist() == [0, 1, 2, 3, 4]
+
+
+def test_cli_index(tmp_path):
+    write_training_set(tmp_path / "train", 12, size=16)
+    proc = run_cli("index", tmp_path / "train", "--out", tmp_path / "idx", "--index-type", "hnsw", "--quiet")
+    assert "12 images indexed (hnsw" in proc.stdout
+    assert TrainingIndex.load(tmp_path / "idx").params.index_type == "hnsw"
+    again = invoke("index", tmp_path / "train", "--out", tmp_path / "idx", "--quiet")
+    assert again.exit_code == 2 and "already holds an index" in again.output and "Traceback" not in again.output
+    bad = invoke("index", tmp_path / "train", "--out", tmp_path / "i2", "--index-type", "lsh")
+    assert bad.exit_code == 2 and "not one of" in bad.output
+
+
+def invoke(*args):
+    """The CLI in-process (no interpreter start-up): same app, same error handling."""
+    from typer.testing import CliRunner
+
+    from memscan.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])

@@ -1,0 +1,148 @@
+"""Unconditional extraction: every generation's calibrated distance against a brute-force
+recomputation, de-duplication by training image, resume, and the index path."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from memscan import MemscanError
+from memscan.generators.seeds import derive_seed
+from memscan.index.faiss_index import build_index
+from memscan.index.unconditional import UnconditionalConfig, extract_unconditional
+from memscan.synthetic import SyntheticGenerator, _rng, training_image, write_training_set
+
+SIZE = 16
+MEMORIZED = "t0007"
+
+
+@pytest.fixture(scope="module")
+def train(tmp_path_factory):
+    root = tmp_path_factory.mktemp("uncond") / "train"
+    write_training_set(root, 150, size=SIZE)
+    return root
+
+
+def _gen():
+    return SyntheticGenerator({"": MEMORIZED}, size=SIZE, copy_rate=0.3, noise=0.01)
+
+
+def _brute_force(samples: int, metric: str = "l2", n: int = 50, seed: int = 0):
+    """Regenerate every image from its seed; calibrated distance straight from the definition."""
+    ids = [f"t{i:04d}" for i in range(150)]
+    train = np.stack([training_image(t, SIZE) for t in ids]).astype(np.float64) / 255
+    seeds = [derive_seed(seed, "unconditional", i) for i in range(samples)]
+    gens = _gen().generate("", seeds).astype(np.float64) / 255
+    diff2 = (gens[:, None] - train[None]) ** 2
+    if metric == "l2":
+        d = np.sqrt(diff2.mean(axis=(2, 3, 4)))
+    else:
+        t = diff2.reshape(samples, 150, 4, SIZE // 4, 4, SIZE // 4, 3).mean(axis=(3, 5, 6))
+        d = np.sqrt(t.reshape(samples, 150, -1).max(axis=2))
+    order = np.argsort(d, axis=1, kind="stable")[:, :n]
+    dn = np.take_along_axis(d, order, 1)
+    cal = dn[:, 0] / (0.5 * dn.mean(axis=1))
+    copies = [i for i, s in enumerate(seeds) if _rng("sample", s).uniform() < 0.3]
+    return seeds, [ids[j] for j in order[:, 0]], dn[:, 0], cal, copies
+
+
+@pytest.mark.parametrize("metric", ["l2", "tiled_l2"])
+def test_calibrated_decisions_match_brute_force(train, tmp_path, metric):
+    cfg = UnconditionalConfig(samples=80, shard_size=32, batch_size=16, metric=metric)
+    res = extract_unconditional(_gen(), train, tmp_path / "run", cfg, progress=False)
+    seeds, nearest_id, nearest_d, cal, copies = _brute_force(80, metric)
+    g = res.generations.sort_values("sample_index").reset_index(drop=True)
+    assert g["sample_index"].tolist() == list(range(80)) and g["seed"].tolist() == seeds
+    assert g["nearest_train_id"].tolist() == nearest_id
+    np.testing.assert_allclose(g["nearest_distance"], nearest_d, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(g["calibrated"], cal, rtol=1e-5)
+    assert g["extracted"].tolist() == (cal < 1).tolist()
+    assert (g["n_nearest"] == 50).all()
+    # every planted copy is extracted, and they collapse into one row for the memorized image
+    assert len(copies) >= 10 and g.loc[copies, "extracted"].all()
+    ext = res.extractions.set_index("train_id")
+    assert ext.loc[MEMORIZED, "hits"] == int((g["extracted"] & (g["nearest_train_id"] == MEMORIZED)).sum())
+    assert set(copies) <= set(ext.loc[MEMORIZED, "sample_indices"])
+    assert ext.index.is_unique and ext["hits"].sum() == g["extracted"].sum()
+    best = g[g["nearest_train_id"] == MEMORIZED]["calibrated"].min()
+    assert ext.loc[MEMORIZED, "calibrated"] == pytest.approx(best)
+    # the run directory: manifest, tables, images of what was extracted
+    m = res.manifest
+    assert m["status"] == "complete" and m["calibrated"]["alpha_c"] == 0.5 and m["calibrated"]["n"] == 50
+    assert m["counts"]["extracted_training_images"] == len(ext)
+    assert (tmp_path / "run" / ext.loc[MEMORIZED, "candidate_image"]).exists()
+    assert (tmp_path / "run" / ext.loc[MEMORIZED, "train_image"]).exists()
+    assert len(pd.read_parquet(tmp_path / "run" / "generations.parquet")) == 80
+
+
+def test_resume_gives_the_same_tables(train, tmp_path):
+    cfg = UnconditionalConfig(samples=60, shard_size=20, batch_size=8, n_nearest=20)
+    full = extract_unconditional(_gen(), train, tmp_path / "full", cfg, progress=False)
+    with pytest.raises(MemscanError, match="stopped before"):
+        extract_unconditional(_gen(), train, tmp_path / "part", cfg, progress=False, stop_after_shards=1)
+    with pytest.raises(MemscanError, match="already holds a run"):
+        extract_unconditional(_gen(), train, tmp_path / "part", cfg, progress=False)
+    done = extract_unconditional(_gen(), train, tmp_path / "part", cfg, progress=False, resume=True)
+    pd.testing.assert_frame_equal(done.generations, full.generations)
+    pd.testing.assert_frame_equal(done.extractions, full.extractions)
+    with pytest.raises(MemscanError, match="differs"):
+        extract_unconditional(
+            _gen(),
+            train,
+            tmp_path / "part",
+            UnconditionalConfig(samples=61, shard_size=20),
+            progress=False,
+            resume=True,
+        )
+
+
+def test_index_path_re_ranks_on_pixels(train, tmp_path):
+    build_index(train, tmp_path / "idx", progress=False)
+    exact = extract_unconditional(_gen(), train, tmp_path / "exact", UnconditionalConfig(samples=40), progress=False)
+    # candidates = the whole training set: the exact pixel re-rank must give the exact answer
+    cfg = UnconditionalConfig(samples=40, n_candidates=150)
+    via = extract_unconditional(_gen(), train, tmp_path / "via", cfg, index=tmp_path / "idx", progress=False)
+    cols = ["nearest_train_id", "nearest_distance", "calibrated", "extracted"]
+    pd.testing.assert_frame_equal(via.generations[cols], exact.generations[cols], rtol=1e-6)
+    assert via.manifest["search"]["search"] == "index"
+    # fewer candidates than training images: still finds the memorized image for every copy
+    few = extract_unconditional(
+        _gen(),
+        train,
+        tmp_path / "few",
+        UnconditionalConfig(samples=40, n_candidates=60),
+        index=tmp_path / "idx",
+        progress=False,
+    )
+    g, e = few.generations, exact.generations
+    hit = e["nearest_train_id"] == MEMORIZED
+    assert (g.loc[hit, "nearest_train_id"] == MEMORIZED).all() and g.loc[hit, "extracted"].all()
+
+
+def test_cli_extract_unconditional(synth_train, tmp_path):
+    from typer.testing import CliRunner
+
+    from memscan.cli import app
+
+    args = [
+        "extract-unconditional",
+        "--model",
+        "py:gen_support:planted",
+        "--train",
+        str(synth_train),
+        "--samples",
+        "48",
+        "--out",
+        str(tmp_path / "run"),
+        "--prompt",
+        "copy t0003",
+        "--quiet",
+        "--shard-size",
+        "16",
+    ]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert "48 generations" in r.output
+    ext = pd.read_parquet(tmp_path / "run" / "extractions.parquet")
+    assert "t0003" in ext["train_id"].tolist()
+    bad = CliRunner().invoke(app, [*args[:8], str(tmp_path / "run2"), "--metric", "cosine"])
+    assert bad.exit_code == 2 and "metric" in bad.output
