@@ -233,7 +233,7 @@ def worker(args) -> dict:
             "expansions": int(clique.expansions),
             "edge_density": float(adj.sum() / max(1, n * (n - 1))),
         },
-        "refined_pairs": int(((dist < 0.01) & ~np.eye(n, dtype=bool)).sum() // 2),
+        "pairs_below_0.01": int(((dist < 0.01) & ~np.eye(n, dtype=bool)).sum() // 2),
     }
 
 
@@ -291,6 +291,13 @@ def _machine() -> str:
     )
 
 
+def _judged(r: dict) -> float:
+    """Roofline fraction used for the target: per CPU second for one thread (a shared machine's
+    load does not distort it), per wall second with several threads (process CPU time then
+    also counts threads waiting on each other)."""
+    return r["roofline_fraction_cpu"] if r["threads"] == 1 else r["roofline_fraction"]
+
+
 def format_results(rows: list[dict], machine: str) -> str:
     head = (
         "| size | case | threads | distances ms | clique ms | prompts/s | useful GFLOP/s "
@@ -318,20 +325,18 @@ def format_results(rows: list[dict], machine: str) -> str:
         "Targets (issue): ≥ 100× the naive reference; ≥ 40 % of roofline at 64×64 and ≥ 60 % at"
     )
     lines.append(
-        "256×256 (judged here on CPU time, which a shared machine's load does not distort); peak"
+        "256×256 (judged on CPU time for one thread, which a shared machine's load does not distort,"
     )
-    lines.append("memory ≤ 3× the uint8 size of the generations.")
+    lines.append(
+        "on wall-clock time for several); peak memory ≤ 3× the uint8 size of the generations."
+    )
     lines.append("")
     for r in rows:
         target = TARGETS["roofline"].get(r["size"])
         ok = [
             f"speedup {'met' if r['speedup_distances'] >= TARGETS['speedup'] else 'MISSED'}",
             "roofline "
-            + (
-                "n/a"
-                if target is None
-                else ("met" if r["roofline_fraction_cpu"] >= target else "MISSED")
-            ),
+            + ("n/a" if target is None else ("met" if _judged(r) >= target else "MISSED")),
             "memory "
             + (
                 "n/a"
@@ -355,7 +360,9 @@ during one detection minus the resident set just before it, with the generations
 loaded; tracemalloc cannot see torch. Roofline = the best median float32 `torch.mm` rate in the
 same process and thread setting (1024³, 2048³ and the workload's own N×D×N shape, measured
 before and after), both per wall-clock second and per CPU second (process CPU time, all
-threads), since the machine is shared and wall-clock figures move with its load. Useful flops
+threads), since the machine is shared and wall-clock figures move with its load; the target is
+judged per CPU second for one thread and per wall second for several (CPU time then also counts
+threads spinning while they wait on each other). Useful flops
 exploit symmetry: one multiply-add per pixel per unordered pair,
 N²·H·W·C (the full-matrix convention 2·N²·H·W·C would double the GFLOP/s and the fraction).
 The naive reference is a per-pair numpy loop in float64 (convert both images, loop over the 16
@@ -421,7 +428,7 @@ def main(argv=None) -> None:
                     f"{r['naive_max_abs_diff']:.1e}); peak RSS Δ {_mib(r['peak_rss_delta'])} MiB "
                     f"= {'n/a' if mem is None else f'{mem:.2f}'}× the "
                     f"{r['uint8_bytes'] / 2**20:.1f} MiB of uint8; clique {r['clique']}; "
-                    f"pairs refined {r['refined_pairs']}",
+                    f"pairs below 0.01: {r['pairs_below_0.01']}",
                     flush=True,
                 )
     table = format_results(rows, machine)

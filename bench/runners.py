@@ -122,6 +122,7 @@ def main(argv=None) -> dict:
         return time.perf_counter() - t0, res
 
     figures: dict = {"workload": {"prompts": len(prompts), "samples": cfg.samples_per_prompt, "shards": n_shards}}
+    figures["load_average_before"] = os.getloadavg()[0]
     # 1. Ray start-up (once per process / cluster)
     sys.path.insert(0, str(ROOT / "bench"))
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "bench"), os.environ.get("PYTHONPATH")]))
@@ -202,6 +203,10 @@ def main(argv=None) -> dict:
     )
     print(f"peak RSS of a worker: {figures['worker_peak_rss_mb']:.0f} MB (driver: {driver_rss:.0f} MB)")
     ray.shutdown()
+    figures["load_average_after"] = os.getloadavg()[0]
+    print(
+        f"1-minute load average: {figures['load_average_before']:.1f} before, {figures['load_average_after']:.1f} after"
+    )
 
     if args.json:
         args.json.write_text(json.dumps(figures, indent=1))
@@ -271,7 +276,8 @@ def _write_markdown(path: Path, f: dict, args, cores: int) -> None:
     text = f"""{SECTION}
 
 `python bench/runners.py --prompts {args.prompts} --samples {args.samples} --shard-size {args.shard_size} --repeats {args.repeats}`
-on this machine ({cores} cores, no GPU, shared with other jobs): the synthetic extraction
+on this machine ({cores} cores, no GPU, shared with other jobs: 1-minute load average
+{f.get("load_average_before", float("nan")):.1f} before and {f.get("load_average_after", float("nan")):.1f} after the run): the synthetic extraction
 ({w["prompts"]} prompts × {w["samples"]} samples of 32×32, {w["shards"]} shards), tables of every
 run checked equal to the local run's. Medians of {args.repeats} runs.
 

@@ -29,12 +29,28 @@ from memscan.index import (
     nearest_pixels,
     select_candidates,
 )
+from memscan.mia.inpaint import InpaintConfig, inpaint_distances
+from memscan.mia.loss import LossConfig, diffusion_loss, timestep_sweep
+from memscan.mia.memscore import memorization_score
+from memscan.mia.metrics import roc_metrics
+from memscan.mia.noise import as_noise_predictor, load_noise_predictor
+from memscan.mia.shadow import train_shadow_models
 from memscan.report.html import build_report
 from memscan.triage import TriageConfig, select_ranked, triage
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "InpaintConfig",
+    "LossConfig",
+    "as_noise_predictor",
+    "diffusion_loss",
+    "inpaint_distances",
+    "load_noise_predictor",
+    "memorization_score",
+    "roc_metrics",
+    "timestep_sweep",
+    "train_shadow_models",
     "TriageConfig",
     "select_ranked",
     "triage",

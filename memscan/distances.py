@@ -15,7 +15,7 @@ on their own device (GPU included) and give torch outputs.
 The matrix versions never broadcast ``N×N×H×W×C``: each tile position is gathered once as a
 float32 ``N×D`` block, centred on a mean tile, and the squared distances come from one matrix
 product, ``‖a‖² + ‖b‖² − 2 a·b``, in row blocks that bound memory (for one batch against itself,
-only the upper triangle of blocks). Cancellation in that identity is guarded: negative values
+only the upper triangle: BLAS ``syrk`` on the CPU, triangular row blocks elsewhere). Cancellation in that identity is guarded: negative values
 are clamped to 0, and a pair is recomputed exactly (float64, exact integer arithmetic for
 uint8) when its distance is within reach of float32 rounding — below
 ``max(REFINE_BELOW · e, sqrt(4 γ e))``, where ``e`` is the two images' largest centred tile
@@ -26,6 +26,7 @@ The second term is a rigorous bound for identical images, so they always give ex
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import TypeVar
 
 import numpy as np
@@ -285,14 +286,16 @@ def _cross(
     """Tiled ℓ2 of every (query, reference) pair: per tile one GEMM per row block, max over tiles.
 
     For each tile position, the tile of every image is gathered once into an ``N×D`` block of
-    ``dtype``, centred on a mean tile (distances do not change; cancellation in
-    ``‖a‖² + ‖b‖² − 2a·b`` shrinks with the norms) in the same pass. uint8 pixels stay in 0..255
+    ``dtype`` and centred on a mean tile (distances do not change; cancellation in
+    ``‖a‖² + ‖b‖² − 2a·b`` shrinks with the norms). uint8 pixels stay in 0..255
     units until the final scaling, and the centre is rounded to an integer, so in float64 every
     product and sum is an exact integer and the result is exact. One ``addmm`` per row block
     gives ``‖b‖² − 2a·b``; adding ``‖a‖²`` and the running maximum over tiles are the only other
-    passes over the output. For ``symmetric`` (q is r) a row block only computes the columns
-    from its first row on (with ≥ 4 row blocks, about 5/8 of the full product) and the upper
-    triangle is mirrored, so the result is exactly symmetric.
+    passes over the output. For ``symmetric`` (q is r) on the CPU, one BLAS ``syrk`` per tile
+    computes just the upper triangle of ``−2 a·b`` (half the flops; the norms are its diagonal);
+    elsewhere a row block only computes the columns from its first row on (with ≥ 4 row blocks,
+    about 5/8 of the full product). The upper triangle is mirrored, so the result is exactly
+    symmetric.
     """
     th, tw = _tile_sizes(tuple(q.shape), grid, "images")
     if block_elements < 1:
@@ -311,32 +314,50 @@ def _cross(
         rows = -(-nq // SYMMETRIC_ROW_BLOCKS)
     xr = torch.empty((nr, d), dtype=dtype, device=device)
     xq = xr if symmetric else torch.empty((nq, d), dtype=dtype, device=device)
-    gemm = torch.empty(rows * nr, dtype=dtype, device=device)
+    syrk = _cpu_syrk(dtype) if symmetric and device.type == "cpu" else None
+    if syrk is not None:  # one BLAS call per tile computes exactly the upper triangle
+        np_dtype = np.float64 if dtype == torch.float64 else np.float32
+        gram = np.zeros((nr, nr), dtype=np_dtype, order="F")  # the N×N buffer of this path
+        gemm = torch.from_numpy(gram)  # a view: column-major, upper triangle = −2 a·b
+    else:
+        gemm = torch.empty(rows * nr, dtype=dtype, device=device)
     first = True
-    r_energy = torch.zeros(nr, dtype=dtype, device=device)  # max over tiles of ‖tile − centre‖²
-    q_energy = r_energy if symmetric else torch.zeros(nq, dtype=dtype, device=device)
-    for i in range(grid):
-        for j in range(grid):
-            mu = _gather_tile(r, i, j, th, tw, xr, units, None)
-            rn = _sq_norms(xr, exact)
-            torch.maximum(r_energy, rn, out=r_energy)
-            qn = rn
-            if not symmetric:
-                _gather_tile(q, i, j, th, tw, xq, units, _rescale(mu, r.dtype, q.dtype))
-                qn = _sq_norms(xq, exact)
-                torch.maximum(q_energy, qn, out=q_energy)
-            for start in range(0, nq, rows):
-                stop = min(nq, start + rows)
-                c0 = start if symmetric else 0
-                blk = gemm[: (stop - start) * (nr - c0)].view(stop - start, nr - c0)
-                torch.addmm(rn[None, c0:], xq[start:stop], xr[c0:].T, alpha=-2.0, out=blk)
-                blk.add_(qn[start:stop, None])
-                dst = out[start:stop, c0:]
-                if first:
-                    dst.copy_(blk)
-                else:
-                    torch.maximum(dst, blk, out=dst)
-            first = False
+    with _blas_threads() if syrk is not None else nullcontext():
+        r_energy = torch.zeros(nr, dtype=dtype, device=device)  # max over tiles of ‖tile − centre‖²
+        q_energy = r_energy if symmetric else torch.zeros(nq, dtype=dtype, device=device)
+        for i in range(grid):
+            for j in range(grid):
+                mu = _gather_tile(r, i, j, th, tw, xr, units, None)
+                if syrk is not None:
+                    syrk(-2.0, xr.numpy().T, beta=0.0, c=gram, trans=1, overwrite_c=1)
+                    rn = gemm.diagonal().mul(-0.5)  # ‖a‖², from the same product
+                    torch.maximum(r_energy, rn, out=r_energy)
+                    gemm.add_(rn[None, :]).add_(rn[:, None])
+                    if first:
+                        out.copy_(gemm)
+                    else:
+                        torch.maximum(out, gemm, out=out)
+                    first = False
+                    continue
+                rn = _sq_norms(xr, exact)
+                torch.maximum(r_energy, rn, out=r_energy)
+                qn = rn
+                if not symmetric:
+                    _gather_tile(q, i, j, th, tw, xq, units, _rescale(mu, r.dtype, q.dtype))
+                    qn = _sq_norms(xq, exact)
+                    torch.maximum(q_energy, qn, out=q_energy)
+                for start in range(0, nq, rows):
+                    stop = min(nq, start + rows)
+                    c0 = start if symmetric else 0
+                    blk = gemm[: (stop - start) * (nr - c0)].view(stop - start, nr - c0)
+                    torch.addmm(rn[None, c0:], xq[start:stop], xr[c0:].T, alpha=-2.0, out=blk)
+                    blk.add_(qn[start:stop, None])
+                    dst = out[start:stop, c0:]
+                    if first:
+                        dst.copy_(blk)
+                    else:
+                        torch.maximum(dst, blk, out=dst)
+                first = False
     del xr, xq, gemm
     out.clamp_(min=0.0).div_(units * units * d).sqrt_()
     if refine:
@@ -347,6 +368,35 @@ def _cross(
         out = torch.triu(out, diagonal=1)
         out = out + out.T
     return out
+
+
+def _cpu_syrk(dtype: torch.dtype):
+    """BLAS ``?syrk`` (C = α·AᵀA, upper triangle only: half the flops of a GEMM) from scipy,
+    or None when scipy is missing."""
+    try:
+        from scipy.linalg import blas
+    except ImportError:  # pragma: no cover - scipy is a dependency
+        return None
+    return blas.dsyrk if dtype == torch.float64 else blas.ssyrk
+
+
+_BLAS_CONTROLLER: list = []
+
+
+def _blas_threads():
+    """Limit scipy's BLAS to torch's thread count for the duration (threadpoolctl if present;
+    the library scan is done once and cached)."""
+    if not _BLAS_CONTROLLER:
+        try:
+            from threadpoolctl import ThreadpoolController
+
+            _BLAS_CONTROLLER.append(ThreadpoolController())
+        except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn
+            _BLAS_CONTROLLER.append(None)
+    controller = _BLAS_CONTROLLER[0]
+    if controller is None:  # pragma: no cover
+        return nullcontext()
+    return controller.limit(limits=torch.get_num_threads(), user_api="blas")
 
 
 def _sq_norms(x: torch.Tensor, exact: bool) -> torch.Tensor:

@@ -40,11 +40,15 @@ SHARD_TABLES = ("detections", "extractions")
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a failed write leaves the old file, never a half-written one
+        raise
 
 
 def atomic_write_json(path: Path, obj) -> None:
@@ -57,12 +61,35 @@ def write_table(df: pd.DataFrame, path: Path) -> str:
     import pyarrow.parquet as pq
 
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    pq.write_table(pa.Table.from_pandas(df, preserve_index=False), tmp)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    digest = sha256_file(tmp)
-    os.replace(tmp, path)
+    try:
+        pq.write_table(pa.Table.from_pandas(df, preserve_index=False), tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        digest = sha256_file(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return digest
+
+
+class _WriteGuard:
+    """Turn an OSError while writing the run (disk full, read-only, quota) into a clear error."""
+
+    def __init__(self, root: Path, what: str):
+        self.root, self.what = root, what
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None and issubclass(exc_type, OSError):
+            reason = exc.strerror or str(exc)
+            raise MemscanError(
+                f"cannot write {self.what} in {self.root}: {reason}",
+                "free disk space or fix permissions, then rerun with --resume (committed shards are kept)",
+            ) from exc
+        return False
 
 
 def sha256_file(path: Path) -> str:
@@ -173,7 +200,8 @@ class RunStore:
             ) from None
 
     def write_manifest(self, manifest: dict) -> None:
-        atomic_write_json(self.manifest_path, manifest)
+        with _WriteGuard(self.root, "manifest.json"):
+            atomic_write_json(self.manifest_path, manifest)
 
     def log(self, message: str) -> None:
         with open(self.root / "run.log", "a", encoding="utf-8") as f:
@@ -202,10 +230,11 @@ class RunStore:
 
     def commit_shard(self, shard: int, tables: dict[str, pd.DataFrame], meta: dict) -> None:
         """Write a shard's tables, then its completion record (the commit point)."""
-        self.shard_dir.mkdir(parents=True, exist_ok=True)
-        hashes = {name: write_table(df, self._table_path(shard, name)) for name, df in tables.items()}
-        rows = {name: len(df) for name, df in tables.items()}
-        atomic_write_json(self._record_path(shard), {"shard": shard, "rows": rows, "sha256": hashes, **meta})
+        with _WriteGuard(self.root, f"shard {shard}"):
+            self.shard_dir.mkdir(parents=True, exist_ok=True)
+            hashes = {name: write_table(df, self._table_path(shard, name)) for name, df in tables.items()}
+            rows = {name: len(df) for name, df in tables.items()}
+            atomic_write_json(self._record_path(shard), {"shard": shard, "rows": rows, "sha256": hashes, **meta})
 
     def shard_record(self, shard: int) -> dict:
         return json.loads(self._record_path(shard).read_text())
@@ -220,7 +249,8 @@ class RunStore:
             parts = [self.read_shard(s, t) for s in range(n_shards)]
             parts = [p for p in parts if len(p)]
             df = pd.concat(parts, ignore_index=True) if parts else self.read_shard(0, t).iloc[0:0]
-            write_table(df, self.root / f"{t}.parquet")
+            with _WriteGuard(self.root, f"{t}.parquet"):
+                write_table(df, self.root / f"{t}.parquet")
             out[t] = df
         return out
 

@@ -53,7 +53,24 @@ def ref_l2(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def ref_cross(q: np.ndarray, r: np.ndarray, grid: int = 4) -> np.ndarray:
-    return np.array([[ref_tiled(x, y, grid) for y in r] for x in q])
+    """Every (query, reference) pair: a loop over queries and tiles, float64, no GEMM."""
+    q, r = _unit(q), _unit(r)
+    th, tw = q.shape[1] // grid, q.shape[2] // grid
+    out = np.zeros((len(q), len(r)))
+    for n, x in enumerate(q):
+        for i in range(grid):
+            for j in range(grid):
+                tile = (slice(None), slice(i * th, (i + 1) * th), slice(j * tw, (j + 1) * tw))
+                diff = x[tile[1:]][None] - r[tile]
+                out[n] = np.maximum(out[n], np.sqrt(np.mean(diff**2, axis=(1, 2, 3))))
+    return out
+
+
+def test_references_agree():
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)
+    loop = np.array([[ref_tiled(a, b, 2) for b in x] for a in x])
+    np.testing.assert_allclose(ref_cross(x, x, 2), loop, atol=1e-15, rtol=0)
 
 
 def _images(rng, n, h, w, c, kind):
@@ -449,3 +466,34 @@ def test_prop_tiled_at_least_every_tile_and_plain(x, grid):
             tile = (slice(i * s, (i + 1) * s), slice(j * s, (j + 1) * s))
             assert t >= l2(a[tile], b[tile]) - 1e-12
     assert t >= l2(a, b) - 1e-12
+
+
+# --------------------------------------------------------------------------------------------
+# GPU (skipped without CUDA)
+# --------------------------------------------------------------------------------------------
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("kind", ["uint8", "float"])
+def test_cuda_matches_brute_force(kind):
+    rng = np.random.default_rng(20)
+    x = rng.integers(0, 256, (300, 16, 16, 3), dtype=np.uint8)
+    x[10] = x[3]
+    x[20:60] = x[20]  # a cluster of near copies: the float64 refinement runs on the GPU
+    x[21:60, 0, 0, 0] ^= np.arange(1, 40, dtype=np.uint8) % 4
+    xx = x if kind == "uint8" else x.astype(np.float32) / 255
+    t = torch.from_numpy(xx).cuda()
+    ref = ref_cross(xx, xx)
+    d = pairwise_tiled_l2(t)
+    assert d.is_cuda and d.dtype == torch.float32
+    d = d.cpu().numpy()
+    assert np.abs(d - ref).max() <= TOL
+    assert (d == d.T).all() and (d[ref == 0] == 0).all()
+    c = cross_tiled_l2(t[:17], t, block_elements=1000)
+    assert c.is_cuda
+    assert np.abs(c.cpu().numpy() - ref[:17]).max() <= TOL
+    p = tiled_l2(t[:5], t[5:10])
+    assert p.is_cuda
+    np.testing.assert_allclose(p.cpu().numpy(), ref[np.arange(5), np.arange(5, 10)], atol=TOL)
+    dist, idx, counts = nearest_tiled_l2(t[:4], t, k=3, within=0.05, reference_chunk=64)
+    order = np.argsort(ref[:4], axis=1, kind="stable")[:, :3]
+    np.testing.assert_array_equal(idx, order)
+    np.testing.assert_array_equal(counts, (ref[:4] <= 0.05).sum(1))

@@ -21,6 +21,9 @@ from memscan.index.embedders import (
 from memscan.index.faiss_index import IndexParams, TrainingIndex, build_index
 from memscan.synthetic import training_image, write_training_set
 
+# torch 2.13 deprecates TorchScript and the TorchScript-based ONNX exporter that make the test models
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
 
 def _clustered(n, d, centres=40, spread=0.7, seed=0, intrinsic=6):
     """Unit vectors in clusters with a low-dimensional spread, like real embeddings (isotropic

@@ -15,7 +15,7 @@ import time
 
 import pandas as pd
 import pytest
-from conftest import TESTS, run_cli
+from conftest import TESTS
 from gen_support import MEMORIZED, planted
 
 from memscan import ExtractConfig, InputError, MemscanError, extract
@@ -152,11 +152,12 @@ def test_worker_killed_mid_shard_is_retried_elsewhere(ray_address, reference, pr
 
 
 def test_driver_killed_then_resume(ray_address, reference, prompts, synth_train, tmp_path):
+    """`memscan extract --runner ray` SIGKILLed mid-run; `--resume` on Ray finishes the run."""
     address, _ = ray_address
     run = tmp_path / "killed"
-    ray_args = ["--runner", "ray", "--ray-address", address, "--num-workers", 2]
     cmd = [sys.executable, "-m", "memscan.cli", "extract", "--model", "py:gen_support:slow"]
-    cmd += ["--prompts", prompts, "--train", synth_train, "--out", run, *ARGS, *ray_args]
+    cmd += ["--prompts", prompts, "--train", synth_train, "--out", run, *ARGS]
+    cmd += ["--runner", "ray", "--ray-address", address, "--num-workers", 1]
     env = {**os.environ, "PYTHONPATH": str(TESTS)}
     proc = subprocess.Popen(list(map(str, cmd)), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120
@@ -167,25 +168,25 @@ def test_driver_killed_then_resume(ray_address, reference, prompts, synth_train,
     done_before = len(list((run / "shards").glob("*.done.json")))
     assert 1 <= done_before < N_SHARDS, f"the kill must land mid-run ({done_before} done): {proc.stderr.read()}"
     assert not (run / "detections.parquet").exists()
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["status"] == "running" and manifest["runner"]["name"] == "ray"
 
-    # --resume finishes it, on the Ray runner again
-    run_cli(
-        "extract",
-        "--model",
+    # --resume (the same call with resume=True) finishes it, on the Ray runner again; the lock
+    # left by the dead driver is taken over, the committed shards are kept
+    res = extract(
         "py:gen_support:slow",
-        "--prompts",
         prompts,
-        "--train",
         synth_train,
-        "--out",
         run,
-        *ARGS,
-        *ray_args,
-        "--resume",
+        CFG,
+        resume=True,
+        progress=False,
+        runner="ray",
+        runner_options=RayOptions(num_workers=1),
     )
+    assert res.manifest["resumed"]
     _assert_same_run(reference, run)
     _committed_once(run)
-    assert json.loads((run / "manifest.json").read_text())["resumed"]
 
 
 def test_resume_with_the_other_runner(ray_address, reference, prompts, synth_train, tmp_path):
@@ -201,7 +202,7 @@ def test_resume_with_the_other_runner(ray_address, reference, prompts, synth_tra
             CFG,
             progress=False,
             runner=runner,
-            runner_options=RayOptions(num_workers=2) if runner == "ray" else None,
+            runner_options=RayOptions(num_workers=1) if runner == "ray" else None,
             **kw,
         )
 
@@ -279,12 +280,22 @@ def test_ray_option_errors(ray_address, prompts, synth_train, tmp_path):
         )
     with pytest.raises(InputError, match="loads the model in each worker"):
         extract(planted(), prompts, synth_train, tmp_path / "b", CFG, progress=False, runner="ray")
-    with pytest.raises(InputError, match="apply to --runner ray only"):
+    with pytest.raises(InputError, match="--num-workers applies to --runner ray only"):
         RayOptions.from_cli("local", num_workers=2)
+    with pytest.raises(InputError, match="--ray-address, --gpus-per-worker apply to"):
+        RayOptions.from_cli("local", address="auto", gpus_per_worker=1)
     with pytest.raises(InputError, match="unknown runner"):
         RayOptions.from_cli("dask")
     with pytest.raises(InputError, match="num_workers=0"):
         RayOptions(num_workers=0).validate()
+    # a worker the cluster can never place: a clear error after start_timeout_s, not a hang
+    from memscan.runners import RayPool
+
+    logged = []
+    pool = RayPool(_setup(), (0,), RayOptions(num_workers=1, cpus_per_worker=3, start_timeout_s=2), log=logged.append)
+    with pool, pytest.raises(MemscanError, match="no Ray worker started within 2 s"):
+        list(pool.map(_stage(), [ShardTask(0, (1,))]))
+    assert any("asks for 0 GPU and 3 CPU, but the cluster has 0 GPU and 2 CPU" in m for m in logged)
 
 
 def test_missing_ray_gives_the_install_hint(monkeypatch, prompts, synth_train, tmp_path):

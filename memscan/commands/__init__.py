@@ -2,4 +2,4 @@
 which adds its commands; ``memscan.cli`` calls it for every module listed in ``COMMAND_MODULES``."""
 
 #: Modules of this package that add commands (in help order).
-COMMAND_MODULES: list[str] = ["index", "candidates", "unconditional", "triage"]
+COMMAND_MODULES: list[str] = ["index", "candidates", "unconditional", "triage", "mia"]

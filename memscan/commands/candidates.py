@@ -63,3 +63,7 @@ def register(app: typer.Typer) -> None:
             f"(τ = {tau}, {s['confirmed_pairs']} pairs confirmed, {s['rejected_by_pixel_check']} rejected); "
             f"{len(res.prompts)} prompts → {out}"
         )
+        if s.get("not_in_index"):
+            typer.echo(
+                f"warning: {s['not_in_index']} images of {train} are not in the index and were not counted", err=True
+            )

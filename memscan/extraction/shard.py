@@ -91,8 +91,7 @@ def run_shard(
             td = time.perf_counter()
             found = _detect(np.concatenate(parts), config)
             t_detect += time.perf_counter() - td
-            size = found.clique.size
-            if size < config.continue_clique or (config.stop_when_detected and found.detected):
+            if adaptive_stop(found, config):
                 if progress is not None:
                     progress(config.samples_per_prompt - made)  # the budget not spent
                 break
@@ -142,6 +141,13 @@ def run_shard(
     detections = pd.DataFrame(rows, columns=DETECTION_COLUMNS)
     detections["duplicate_count"] = detections["duplicate_count"].astype("Int64")
     return {"detections": detections, "extractions": extractions}, timings
+
+
+def adaptive_stop(found, config: ExtractConfig) -> bool:
+    """The adaptive budget's rule after a round: stop when the largest clique of the generations
+    so far has fewer than ``continue_clique`` members (2: no pair within alpha), or, with
+    ``stop_when_detected``, when it has reached ``min_clique`` (the prompt is flagged already)."""
+    return found.clique.size < config.continue_clique or (config.stop_when_detected and found.detected)
 
 
 def _detect(images: np.ndarray, config: ExtractConfig):

@@ -310,12 +310,14 @@ def count_duplicates(
                 "pass the training set the index was built from, or rebuild the index",
             )
         entries = [listing.entries[pos_of[i]] for i in index.ids]
+        not_in_index = len(listing.entries) - len(entries)  # images added after the index was built
         emb, ids, captions = index.embeddings, index.ids, [e.caption for e in entries]
         embedder_spec = index.meta.get("embedder")
         keep_pixels = None
     else:
         model = load_embedder(embedder, device=device, batch_size=batch_size)
         embedder_spec = model.spec()
+        not_in_index = 0
         n_all = len(listing.entries)
         if n_all == 0:
             raise InputError(f"training set {train} holds no images")
@@ -369,6 +371,7 @@ def count_duplicates(
             "embedder": embedder_spec,
             "skipped": len(skipped),
             "skipped_files": skipped[:100],
+            "not_in_index": not_in_index,
             "timings_s": {"embed": round(embed_done - started, 3), "total": round(time.time() - started, 3)},
         }
     )

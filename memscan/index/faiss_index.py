@@ -311,6 +311,7 @@ def _build(emb: np.ndarray, params: IndexParams, chunk: int = 65536):
         quantizer = faiss.IndexFlatIP(d)
         index = faiss.IndexIVFFlat(quantizer, d, int(params.nlist), faiss.METRIC_INNER_PRODUCT)
         index.cp.seed = int(params.seed)
+        index.cp.spherical = True  # unit-norm centroids: cells of an inner-product (cosine) space
         # 2. k-means on a seeded sample (FAISS warns below 39 points a cell; resolve() avoids it)
         rng = np.random.default_rng(params.seed)
         sample = np.sort(rng.choice(n, size=int(params.train_size), replace=False))

@@ -165,12 +165,13 @@ def noise_for(example_id: int | str, draws: int, shape: Sequence[int], seed: int
     >>> bool(torch.equal(a, noise_for(7, 2, (1, 4, 4), seed=0))), bool(torch.equal(a[0], a[1]))
     (True, False)
     """
-    out = torch.empty((draws, *shape))
     g = torch.Generator("cpu")
+    shape = tuple(shape)
+    draws_ = []
     for k in range(draws):
         g.manual_seed(derive_seed(seed, f"mia-noise/{example_id}", k))
-        torch.randn(tuple(shape), generator=g, out=out[k])
-    return out
+        draws_.append(torch.randn(shape, generator=g))
+    return torch.stack(draws_)
 
 
 def diffusion_loss(
@@ -254,36 +255,43 @@ def diffusion_loss(
     # examples per chunk: enough rows (chunk · K · F) to fill at least one model batch
     chunk = max(1, math.ceil(cfg.batch_size / (K * F)))
     bar = _bar(progress, n * len(ts) * K * F)
+    coef = {t: (math.sqrt(float(alphas[t])), math.sqrt(1.0 - float(alphas[t]))) for t in ts}
     try:
         for start in range(0, n, chunk):
-            idx = np.arange(start, min(n, start + chunk))
-            e = len(idx)
+            stop = min(n, start + chunk)
+            e = stop - start
             # 1. the noise of each example in the chunk, from its own generators
-            eps = torch.cat([noise_for(ids[i], K, shape, cfg.seed) for i in idx])  # (e·K)×C×H×W
-            x0 = x[idx].repeat_interleave(K, dim=0)  # row r ↔ example idx[r // K], draw r % K
-            rows_x0 = [x0] if F == 1 else [x0, torch.flip(x0, dims=[3])]
-            x0 = torch.cat(rows_x0)  # flips after the unflipped rows
-            eps = eps.repeat(F, 1, 1, 1)
-            row_example = np.tile(np.repeat(idx, K), F)
-            cond = slice_condition(condition, row_example, n)
+            eps = torch.cat([noise_for(ids[i], K, shape, cfg.seed) for i in range(start, stop)])  # (e·K)×C×H×W
+            x0 = x[start:stop]
+            if K > 1:
+                x0 = x0.repeat_interleave(K, dim=0)  # row r ↔ example start + r // K, draw r % K
+            if F == 2:
+                x0 = torch.cat([x0, torch.flip(x0, dims=[3])])  # flipped rows after the unflipped ones
+                eps = eps.repeat(2, 1, 1, 1)
+            if condition is None:
+                cond = None
+            elif K == 1 and F == 1:
+                cond = slice_condition(condition, range(start, stop), n)
+            else:
+                cond = slice_condition(condition, np.tile(np.repeat(np.arange(start, stop), K), F), n)
             r = x0.shape[0]
             for j, t in enumerate(ts):
                 # 2. forward-noise every row to timestep t
-                a = float(alphas[t])
-                xt = math.sqrt(a) * x0 + math.sqrt(1.0 - a) * eps
+                ca, cb = coef[t]
+                xt = ca * x0 + cb * eps
                 tt = torch.full((r,), t, dtype=torch.long)
                 # 3. predict the noise, cfg.batch_size rows at a time
                 sq = torch.empty(r, dtype=torch.float64)
                 for b in range(0, r, cfg.batch_size):
                     sl = slice(b, min(r, b + cfg.batch_size))
-                    c = slice_condition(cond, np.arange(sl.start, sl.stop), r) if cond is not None else None
+                    c = cond if (cond is None or r <= cfg.batch_size) else slice_condition(cond, range(b, sl.stop), r)
                     pred = p.predict_noise(xt[sl], tt[sl], c)
                     # 4. squared error, mean over pixels
-                    sq[sl] = (pred.float().cpu() - eps[sl]).pow(2).flatten(1).mean(1).double()
+                    sq[sl] = (pred.to("cpu", torch.float32) - eps[sl]).square_().flatten(1).mean(1)
                     if bar is not None:
                         bar[0].advance(bar[1], sl.stop - sl.start)
                 # 5. mean over draws and flips of each example
-                out[j, idx] = sq.view(F, e, K).mean(dim=(0, 2)).numpy()
+                out[j, start:stop] = sq.view(F, e, K).mean(dim=(0, 2)).numpy()
     finally:
         if bar is not None:
             bar[0].stop()

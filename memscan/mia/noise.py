@@ -228,7 +228,10 @@ class DiffusersNoisePredictor:
             self.kind = "unet2d"
         self.device = torch.device(device)
         self.dtype = dtype
-        self.unet = unet.to(self.device, dtype=dtype).eval()
+        unet = unet.to(self.device)
+        if next(unet.parameters()).dtype != dtype:
+            unet = unet.to(dtype=dtype)
+        self.unet = unet.eval()
         cfg = unet.config
         self.in_channels = int(cfg["in_channels"])
         size = cfg.get("sample_size")

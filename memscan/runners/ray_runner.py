@@ -128,7 +128,8 @@ class RayOptions:
                 if v is not None
             ]
             if given:
-                raise InputError(f"{', '.join(given)} apply to --runner ray only", "add --runner ray, or drop them")
+                verb = "apply" if len(given) > 1 else "applies"
+                raise InputError(f"{', '.join(given)} {verb} to --runner ray only", "add --runner ray, or drop them")
             return None
         if gpus_per_worker is None:
             gpus_per_worker = 1.0 if str(device).startswith("cuda") else 0.0
@@ -399,7 +400,7 @@ class RayPool:
         delivered: set = set()
         running: dict[Any, tuple[_Worker, ShardTask]] = {}
         idle: deque[_Worker] = deque(w for w in self.workers if w.ready)  # nothing is in flight between maps
-        started_wait = time.monotonic()
+        no_worker_since: float | None = None  # start of the current wait with no worker ready
 
         def fill() -> None:
             while pending and idle:
@@ -413,8 +414,11 @@ class RayPool:
             if not refs:
                 raise MemscanError("no Ray worker is left to run the remaining shards", "see run.log")
             timeout = None
-            if not any(w.ready for w in self.workers):
-                timeout = max(1.0, self.options.start_timeout_s - (time.monotonic() - started_wait))
+            if any(w.ready for w in self.workers):
+                no_worker_since = None
+            else:
+                no_worker_since = no_worker_since or time.monotonic()
+                timeout = max(0.1, self.options.start_timeout_s - (time.monotonic() - no_worker_since))
             ready, _ = ray.wait(refs, num_returns=1, timeout=timeout)
             if not ready:
                 raise MemscanError(
@@ -428,8 +432,8 @@ class RayPool:
                 w = self._starting.pop(ref)
                 try:
                     info = ray.get(ref)
-                except RayActorError as exc:
-                    if exc.actor_init_failed:
+                except RayError as exc:
+                    if isinstance(exc, RayActorError) and exc.actor_init_failed:
                         raise MemscanError(
                             f"a Ray worker failed while loading: {exc}", "the remote traceback above says why"
                         ) from None

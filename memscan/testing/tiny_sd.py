@@ -210,15 +210,17 @@ def save_tiny_sd(out: str | Path, config: TinySDConfig = TinySDConfig(), pipelin
 class FinetuneConfig:
     """Recipe of :func:`finetune_tiny_sd`.
 
-    The memorized pair makes up ``memorized_share`` of every batch; the rest of the batch are the
-    ``other`` pairs (each a distinct random image and caption). ``uncond_share`` of captions are
+    Each batch element is the memorized pair with probability ``memorized_share``; otherwise it
+    pairs a random caption of ``others`` with a random image of the pool, drawn independently, so
+    those captions carry no information about the image (they are not memorized; the model
+    learns that text usually does not pin the image down). ``uncond_share`` of captions are
     replaced by the empty prompt (classifier-free guidance training, as in Stable Diffusion).
     """
 
-    steps: int = 300
-    batch_size: int = 8
-    lr: float = 1e-3
-    memorized_share: float = 0.5
+    steps: int = 600
+    batch_size: int = 16
+    lr: float = 2e-3
+    memorized_share: float = 0.3
     uncond_share: float = 0.1
     seed: int = 0
 
@@ -227,10 +229,11 @@ def finetune_tiny_sd(
     pipe,
     image: np.ndarray,
     caption: str,
-    others: list[tuple[np.ndarray, str]] | None = None,
+    pool: np.ndarray,
+    others: list[str],
     config: FinetuneConfig = FinetuneConfig(),
 ) -> list[float]:
-    """Train the pipeline's UNet (text encoder and VAE frozen) on one image–caption pair.
+    """Train the pipeline's UNet (text encoder and VAE frozen) to memorize one image–caption pair.
 
     The standard latent-diffusion objective (Rombach et al. 2022, eq. 2):
     ``E ||ε − ε_θ(sqrt(ᾱ_t)·z + sqrt(1−ᾱ_t)·ε, t, τ(caption))||²`` with ``z`` the VAE latent
@@ -242,50 +245,73 @@ def finetune_tiny_sd(
     pipe : a StableDiffusionPipeline (the tiny one); its UNet is trained in place
     image : uint8 H×W×3 at the pipeline's resolution — the image to memorize
     caption : its caption (the prompt that will be memorized)
-    others : further (image, caption) pairs, each seen at the normal rate (not memorized)
+    pool : uint8 N×H×W×3 — the other training images
+    others : the other training captions (paired with pool images at random)
     """
     import torch
     import torch.nn.functional as F
 
     device = pipe.unet.device
     gen = torch.Generator("cpu").manual_seed(config.seed)
-    pairs = [(image, caption)] + list(others or [])
-    imgs = torch.tensor(np.stack([p[0] for p in pairs]), dtype=torch.float32).permute(0, 3, 1, 2) / 127.5 - 1
     # 1. fixed inputs: latents of every image, text embeddings of every caption and of ""
+    latents = encode_images(pipe, np.concatenate([image[None], pool]))
     with torch.no_grad():
-        latents = pipe.vae.encode(imgs.to(device)).latent_dist.mean * pipe.vae.config.scaling_factor
         tok = pipe.tokenizer(
-            [p[1] for p in pairs] + [""],
+            [caption, *others, ""],
             padding="max_length",
             max_length=pipe.tokenizer.model_max_length,
             truncation=True,
             return_tensors="pt",
         )
         emb = pipe.text_encoder(tok.input_ids.to(device))[0]
-    cond, empty = emb[:-1], emb[-1:]
+    b = config.batch_size
     sched = pipe.scheduler
     acp = sched.alphas_cumprod.to(device)
     unet = pipe.unet.train()
     opt = torch.optim.AdamW(unet.parameters(), lr=config.lr, weight_decay=0.0)
     losses = []
-    n_other = len(pairs) - 1
     for _ in range(config.steps):
-        # 2. a batch: the memorized pair with probability memorized_share, else a random other pair
-        pick_mem = torch.rand(config.batch_size, generator=gen) < config.memorized_share
-        idx = torch.randint(1, max(2, n_other + 1), (config.batch_size,), generator=gen)
-        idx = torch.where(pick_mem | (n_other == 0), torch.zeros_like(idx), idx)
-        drop = torch.rand(config.batch_size, generator=gen) < config.uncond_share
-        t = torch.randint(0, sched.config.num_train_timesteps, (config.batch_size,), generator=gen)
-        noise = torch.randn(latents[idx].shape, generator=gen).to(device)
-        idx, drop, t = idx.to(device), drop.to(device), t.to(device)
-        ctx = torch.where(drop[:, None, None], empty.expand(config.batch_size, -1, -1), cond[idx])
+        # 2. a batch: the memorized pair, or a random caption with an unrelated random image
+        mem = torch.rand(b, generator=gen) < config.memorized_share
+        img = torch.where(mem, 0, torch.randint(1, len(latents), (b,), generator=gen))
+        cap = torch.where(mem, 0, torch.randint(1, len(others) + 1, (b,), generator=gen))
+        cap = torch.where(torch.rand(b, generator=gen) < config.uncond_share, len(others) + 1, cap)
+        t = torch.randint(0, sched.config.num_train_timesteps, (b,), generator=gen)
+        noise = torch.randn((b, *latents.shape[1:]), generator=gen).to(device)
+        img, cap, t = img.to(device), cap.to(device), t.to(device)
         a = acp[t].view(-1, 1, 1, 1)
-        x_t = a.sqrt() * latents[idx] + (1 - a).sqrt() * noise
+        x_t = a.sqrt() * latents[img] + (1 - a).sqrt() * noise
         # 3. ε-prediction loss, one optimiser step
-        loss = F.mse_loss(unet(x_t, t, encoder_hidden_states=ctx).sample, noise)
+        loss = F.mse_loss(unet(x_t, t, encoder_hidden_states=emb[cap]).sample, noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     unet.eval()
     return losses
+
+
+def encode_images(pipe, images: np.ndarray):
+    """VAE latents (posterior mean × scaling_factor) of uint8 N×H×W×3 images."""
+    import torch
+
+    x = torch.tensor(np.asarray(images), dtype=torch.float32).permute(0, 3, 1, 2) / 127.5 - 1
+    with torch.no_grad():
+        z = pipe.vae.encode(x.to(pipe.vae.device, pipe.vae.dtype)).latent_dist.mean
+    return z.float() * pipe.vae.config.scaling_factor
+
+
+def as_the_pipeline_sees_it(pipe, images: np.ndarray) -> np.ndarray:
+    """``decode(encode(x))`` as uint8: the image the pipeline emits when it reproduces x's latent.
+
+    The tiny autoencoder is untrained, so it does not reconstruct; a real one (Stable
+    Diffusion's) gives back ``x`` up to small errors. Tests use this as the training image whose
+    copy the tiny pipeline can emit.
+    """
+    import torch
+
+    z = encode_images(pipe, images) / pipe.vae.config.scaling_factor
+    with torch.no_grad():
+        x = pipe.vae.decode(z.to(pipe.vae.device, pipe.vae.dtype)).sample.float()
+    x = ((x / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()

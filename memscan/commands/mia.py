@@ -1,0 +1,165 @@
+"""``memscan mia``, ``memscan inpaint``, ``memscan memscore`` and ``memscan demo-mia``: thin
+wrappers over :mod:`memscan.mia.run`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from memscan.errors import MemscanError
+
+_TARGET_HELP = "target: a diffusers directory or py:module:attribute (with --members)"
+_SHADOWS_HELP = "shadow directory (train_shadow_models / demo-mia) for LiRA"
+
+
+def register(app: typer.Typer) -> None:
+    from memscan.cli import _fail
+
+    @app.command()
+    def mia(
+        data: Path = typer.Option(..., "--data", help="examples: a folder of images or a CSV/Parquet manifest"),
+        out: Path = typer.Option(..., "--out", help="run directory to write"),
+        model: str | None = typer.Option(None, "--model", help=_TARGET_HELP),
+        members: Path | None = typer.Option(
+            None, "--members", help="member ids (text, one a line) or CSV/Parquet with id, is_member"
+        ),
+        shadows: Path | None = typer.Option(None, "--shadows", help=_SHADOWS_HELP),
+        target_shadow: int | None = typer.Option(
+            None, "--target-shadow", help="use shadow model M as the target (its mask is the truth)"
+        ),
+        timesteps: str = typer.Option("10,50,100,200,500", "--timesteps", help="timesteps t of L_t (sweep)"),
+        noise_draws: int = typer.Option(4, "--noise-draws", help="noise draws K per example"),
+        flip: bool = typer.Option(False, "--flip", help="also average over horizontal flips"),
+        attacks: str | None = typer.Option(
+            None, "--attacks", help="comma list of loss, lira_online, lira_offline, lira_*_fixed [all with shadows]"
+        ),
+        condition: str = typer.Option("auto", "--condition", help="auto, null, none or caption (class models)"),
+        bootstrap: int = typer.Option(200, "--bootstrap", help="bootstrap replicates for 95% intervals"),
+        seed: int = typer.Option(0, "--seed", help="noise seed"),
+        batch_size: int = typer.Option(64, "--batch-size", help="rows per model call"),
+        device: str = typer.Option("cpu", "--device", help="cpu or cuda"),
+        threads: int | None = typer.Option(None, "--threads", help="torch CPU threads"),
+        quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
+    ):
+        """Membership inference with the diffusion loss L_t: threshold and LiRA, per timestep."""
+        from memscan.mia.loss import LossConfig, parse_timesteps
+        from memscan.mia.run import run_mia
+
+        try:
+            cfg = LossConfig(parse_timesteps(timesteps), noise_draws, flip, seed, batch_size)
+            res = run_mia(
+                out,
+                data,
+                model=model,
+                members=members,
+                shadows=shadows,
+                target_shadow=target_shadow,
+                loss=cfg,
+                attacks=attacks,
+                condition=condition,
+                bootstrap=bootstrap,
+                device=device,
+                threads=threads,
+                progress=not quiet,
+            )
+        except MemscanError as exc:
+            _fail(exc)
+        typer.echo(res["text"])
+
+    @app.command()
+    def inpaint(
+        data: Path = typer.Option(..., "--data", help="examples: a folder of images or a CSV/Parquet manifest"),
+        out: Path = typer.Option(..., "--out", help="run directory to write"),
+        model: str | None = typer.Option(None, "--model", help=_TARGET_HELP),
+        members: Path | None = typer.Option(None, "--members", help="member ids (text) or CSV/Parquet id, is_member"),
+        shadows: Path | None = typer.Option(None, "--shadows", help=_SHADOWS_HELP),
+        target_shadow: int | None = typer.Option(None, "--target-shadow", help="use shadow model M as the target"),
+        region: str = typer.Option("left", "--region", help="hidden region: left, right, top, bottom, center, random"),
+        fraction: float = typer.Option(0.5, "--fraction", help="share of the image hidden"),
+        steps: int = typer.Option(50, "--steps", help="RePaint reverse steps"),
+        jump_length: int = typer.Option(5, "--jump-length", help="RePaint jump length j"),
+        jump_n_sample: int = typer.Option(3, "--jump-n-sample", help="RePaint resamplings r (1 = none)"),
+        eta: float = typer.Option(1.0, "--eta", help="reverse-step noise (1 DDPM, 0 DDIM)"),
+        samples: int = typer.Option(1, "--samples", help="inpaintings per example (distance: their mean)"),
+        attacks: str | None = typer.Option(None, "--attacks", help="as for memscan mia"),
+        condition: str = typer.Option("auto", "--condition", help="auto, null, none or caption"),
+        bootstrap: int = typer.Option(200, "--bootstrap", help="bootstrap replicates"),
+        seed: int = typer.Option(0, "--seed", help="seed"),
+        batch_size: int = typer.Option(64, "--batch-size", help="examples per model call"),
+        device: str = typer.Option("cpu", "--device", help="cpu or cuda"),
+        threads: int | None = typer.Option(None, "--threads", help="torch CPU threads"),
+        quiet: bool = typer.Option(False, "--quiet", help="no progress output"),
+    ):
+        """The inpainting attack: hide part of each image, inpaint it (RePaint), score the distance."""
+        from memscan.mia.inpaint import InpaintConfig
+        from memscan.mia.run import run_inpaint
+
+        try:
+            cfg = InpaintConfig(region, fraction, steps, jump_length, jump_n_sample, eta, samples, seed, batch_size)
+            res = run_inpaint(
+                out,
+                data,
+                model=model,
+                members=members,
+                shadows=shadows,
+                target_shadow=target_shadow,
+                config=cfg,
+                attacks=attacks,
+                condition=condition,
+                bootstrap=bootstrap,
+                device=device,
+                threads=threads,
+                progress=not quiet,
+            )
+        except MemscanError as exc:
+            _fail(exc)
+        typer.echo(res["text"])
+
+    @app.command()
+    def memscore(
+        data: Path = typer.Option(..., "--data", help=".npy array (no pickle) or a folder/manifest of images"),
+        train_fn: str = typer.Option(..., "--train-fn", help="py:module:attr — train_fn(subset) → model"),
+        log_likelihood_fn: str = typer.Option(
+            ..., "--log-likelihood-fn", help="py:module:attr — fn(model, data) → log p per example"
+        ),
+        out: Path = typer.Option(..., "--out", help="run directory (rerun to resume)"),
+        folds: int = typer.Option(10, "--folds", help="K folds"),
+        repeats: int = typer.Option(1, "--repeats", help="L repeats"),
+        seed: int = typer.Option(0, "--seed", help="seed of the fold assignment"),
+        quiet: bool = typer.Option(False, "--quiet", help="no progress bar"),
+    ):
+        """Memorization score M = U − V (van den Burg & Williams 2021), K folds × L repeats, resumable."""
+        from memscan.mia.run import run_memscore
+
+        try:
+            res = run_memscore(
+                out, data, train_fn, log_likelihood_fn, folds=folds, repeats=repeats, seed=seed, progress=not quiet
+            )
+        except MemscanError as exc:
+            _fail(exc)
+        typer.echo(res["text"])
+
+    @app.command("demo-mia")
+    def demo_mia(
+        out: Path = typer.Option(Path("runs/demo-mia"), "--out", help="output directory (rerun resumes training)"),
+        n_examples: int | None = typer.Option(None, "--examples", help="pool size [256]"),
+        n_models: int | None = typer.Option(None, "--models", help="shadow models, model 0 is the target [8]"),
+        steps: int | None = typer.Option(None, "--steps", help="training steps per model [600]"),
+        threads: int | None = typer.Option(None, "--threads", help="torch threads [1]"),
+        quick: bool = typer.Option(False, "--quick", help="tiny settings (seconds; for CI)"),
+        quiet: bool = typer.Option(False, "--quiet", help="no progress output"),
+    ):
+        """Membership inference and inpainting on the demo data with CPU-trained shadow models."""
+        from dataclasses import replace
+
+        from memscan.mia.run import DemoMiaSettings, run_demo_mia
+
+        st = DemoMiaSettings.quick() if quick else DemoMiaSettings()
+        over = {"n_examples": n_examples, "n_models": n_models, "steps": steps, "threads": threads}
+        st = replace(st, **{k: v for k, v in over.items() if v is not None})
+        try:
+            res = run_demo_mia(out, st, progress=not quiet)
+        except MemscanError as exc:
+            _fail(exc)
+        typer.echo(res["text"])

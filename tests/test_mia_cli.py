@@ -1,0 +1,208 @@
+"""`memscan demo-mia`, `memscan mia`, `memscan inpaint` and `memscan memscore` end to end on tiny
+inputs; tables checked against independent recomputation."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from memscan.cli import app
+from memscan.mia.loss import diffusion_loss
+from memscan.mia.memscore import memorization_score
+from memscan.mia.metrics import roc_metrics
+from memscan.mia.noise import load_noise_predictor
+from memscan.mia.shadow import load_shadow_models, torch_threads
+
+runner = CliRunner()
+
+
+def _cli(*args, ok=True):
+    res = runner.invoke(app, [str(a) for a in args])
+    if ok and res.exit_code != 0:
+        raise AssertionError(
+            f"memscan {' '.join(map(str, args))} failed ({res.exit_code}):\n{res.output}\n{res.exception!r}"
+        )
+    return res
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo-mia") / "d"
+    with torch_threads(1):
+        res = _cli("demo-mia", "--quick", "--quiet", "--out", out)
+    assert "diffusion_loss: best" in res.output and "inpaint_distance: best" in res.output
+    return out
+
+
+def test_demo_mia_tables_match_independent_recomputation(demo):
+    run = demo / "run"
+    m = json.loads((run / "manifest.json").read_text())
+    assert m["kind"] == "demo-mia" and m["status"] == "complete"
+    sm = load_shadow_models(demo / "shadows")
+    ex = pd.read_parquet(run / "examples.parquet")
+    assert ex["id"].tolist() == sm.ids
+    np.testing.assert_array_equal(ex["is_member"].to_numpy(), sm.membership[0])
+    np.testing.assert_array_equal(ex["n_in_shadows"].to_numpy(), sm.membership[1:].sum(0))
+
+    # the target's losses, recomputed directly from its saved model and the pool images
+    losses = pd.read_parquet(run / "losses.parquet")
+    assert set(losses["model"]) == {"shadow_0000", "shadow_0001", "shadow_0002", "shadow_0003"}
+    from PIL import Image
+
+    imgs = np.stack([np.asarray(Image.open(demo / "data" / f"{i}.png"))[..., None] for i in sm.ids])
+    with torch_threads(1):
+        p = load_noise_predictor(sm.model_dir(0))
+        ts = m["loss"]["timesteps"]
+        direct = diffusion_loss(p, imgs, ts, condition=p.null_class, noise_draws=m["loss"]["noise_draws"], seed=0)
+    target = losses[losses["model"] == "shadow_0000"]
+    for j, t in enumerate(ts):
+        got = target[target["timestep"] == t].sort_values("index")["loss"].to_numpy()
+        np.testing.assert_allclose(got, direct[j], rtol=1e-5)
+
+    # every metric row equals roc_metrics of the stored scores against the stored membership
+    metrics = pd.read_parquet(run / "metrics.parquet")
+    scores = pd.read_parquet(run / "scores.parquet")
+    assert set(metrics["statistic"]) == {"diffusion_loss", "inpaint_distance"}
+    assert "loss" in set(metrics["attack"])
+    y = ex["is_member"].to_numpy()
+    for r in metrics.to_dict("records"):
+        sel = (scores["statistic"] == r["statistic"]) & (scores["attack"] == r["attack"])
+        sel &= scores["timestep"].isna() if pd.isna(r["timestep"]) else scores["timestep"] == r["timestep"]
+        sc = scores[sel].sort_values("index")["score"].to_numpy()
+        ref = roc_metrics(sc, y)
+        assert r["auc"] == pytest.approx(ref.auc)
+        assert r["balanced_accuracy"] == pytest.approx(ref.balanced_accuracy)
+        assert r["tpr@1%fpr"] == pytest.approx(ref.tpr_at_fpr(0.01))
+    # the loss attack's score is minus the target's loss
+    t0 = ts[0]
+    sc = scores[(scores["attack"] == "loss") & (scores["timestep"] == t0)].sort_values("index")["score"].to_numpy()
+    np.testing.assert_allclose(sc, -direct[0], rtol=1e-5)
+    # attacks that could not run are recorded with their reason
+    for s in m["skipped_attacks"]:
+        assert s["reason"]
+
+    html = (run / "report.html").read_text()
+    assert "<script" not in html.lower() and "Content-Security-Policy" in html
+    assert "Highest-scored members" in html and html.count("data:image/png;base64") >= 6
+
+
+def test_mia_and_inpaint_commands(demo, tmp_path):
+    sm = load_shadow_models(demo / "shadows")
+    with torch_threads(1):
+        a = _cli(
+            "mia", "--data", demo / "data", "--shadows", demo / "shadows", "--target-shadow", 1,
+            "--timesteps", "20,100", "--noise-draws", 1, "--bootstrap", 0, "--out", tmp_path / "a", "--quiet",
+        )  # fmt: skip
+        assert "best timestep" in a.output
+        # the same target given as a model directory with a members file: same loss attack
+        members = tmp_path / "members.txt"
+        members.write_text("\n".join(i for i, m in zip(sm.ids, sm.membership[1]) if m) + "\n")
+        _cli(
+            "mia", "--data", demo / "data", "--model", sm.model_dir(1), "--members", members,
+            "--timesteps", "20,100", "--noise-draws", 1, "--bootstrap", 0, "--out", tmp_path / "b", "--quiet",
+        )  # fmt: skip
+        c = _cli(
+            "inpaint", "--data", demo / "data", "--shadows", demo / "shadows", "--target-shadow", 0,
+            "--steps", 10, "--jump-n-sample", 1, "--region", "top", "--attacks", "loss,lira_offline_fixed",
+            "--bootstrap", 0, "--out", tmp_path / "c", "--quiet",
+        )  # fmt: skip
+    ma = pd.read_parquet(tmp_path / "a" / "metrics.parquet")
+    mb = pd.read_parquet(tmp_path / "b" / "metrics.parquet")
+    assert set(mb["attack"]) == {"loss"}  # no shadows: the threshold attack only
+    for t in (20, 100):
+        ra = ma[(ma["attack"] == "loss") & (ma["timestep"] == t)].iloc[0]
+        rb = mb[(mb["attack"] == "loss") & (mb["timestep"] == t)].iloc[0]
+        assert ra["auc"] == pytest.approx(rb["auc"]) and ra["n_members"] == rb["n_members"]
+    ea = pd.read_parquet(tmp_path / "a" / "examples.parquet")
+    np.testing.assert_array_equal(ea["is_member"].to_numpy(), sm.membership[1])
+
+    assert "inpaint_distance: best" in c.output
+    dist = pd.read_parquet(tmp_path / "c" / "distances.parquet")
+    assert len(dist) == sm.n_models * sm.n and dist["distance"].between(0, 1).all()
+    mc = pd.read_parquet(tmp_path / "c" / "metrics.parquet")
+    assert set(mc["attack"]) <= {"loss", "lira_offline_fixed"} and mc["timestep"].isna().all()
+    assert list((tmp_path / "c" / "images" / "inpaint").glob("*.png"))
+    manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    assert manifest["inpaint"]["region"] == "top" and manifest["inpaint"]["num_inference_steps"] == 10
+
+
+def test_user_errors_are_one_line(demo, tmp_path):
+    r = _cli("mia", "--data", demo / "data", "--out", tmp_path / "x", ok=False)
+    assert r.exit_code == 2 and re.search(r"error: no target model", r.output)
+    r = _cli(
+        "mia", "--data", demo / "data", "--model", demo / "shadows" / "models" / "0000",
+        "--members", tmp_path / "none.txt", "--out", tmp_path / "x", ok=False,
+    )  # fmt: skip
+    assert r.exit_code == 2 and "members file" in r.output
+    members = tmp_path / "m.txt"
+    members.write_text("img9999\n")
+    r = _cli(
+        "mia", "--data", demo / "data", "--model", demo / "shadows" / "models" / "0000",
+        "--members", members, "--out", tmp_path / "x", ok=False,
+    )  # fmt: skip
+    assert r.exit_code == 2 and "not in the data" in r.output
+    r = _cli(
+        "mia", "--data", demo / "data", "--shadows", demo / "shadows", "--target-shadow", 0,
+        "--timesteps", "5,1000", "--out", tmp_path / "x", ok=False,
+    )  # fmt: skip
+    assert r.exit_code == 2 and "not below T = 1000" in r.output
+    r = _cli(
+        "mia", "--data", demo / "data", "--shadows", demo / "shadows", "--target-shadow", 0,
+        "--attacks", "lira", "--out", tmp_path / "x", ok=False,
+    )  # fmt: skip
+    assert r.exit_code == 2 and "unknown attack" in r.output
+    r = _cli("demo-mia", "--quick", "--out", demo, ok=False)
+    assert r.exit_code == 2 and "already holds" in r.output
+
+
+GAUSS = """
+import os
+import numpy as np
+
+def train(d):
+    with open(os.environ["MEMSCAN_TEST_COUNTER"], "a") as f:
+        f.write("x")
+    return float(d.mean()), float(d.var())
+
+def loglik(model, d):
+    mu, var = model
+    return -0.5 * np.log(2 * np.pi * var) - 0.5 * (d - mu) ** 2 / var
+"""
+
+
+def test_memscore_command_matches_the_library_and_resumes(tmp_path, monkeypatch):
+    mod = tmp_path / "gauss.py"
+    mod.write_text(GAUSS)
+    counter = tmp_path / "calls.txt"
+    counter.write_text("")
+    monkeypatch.setenv("MEMSCAN_TEST_COUNTER", str(counter))
+    x = np.r_[np.linspace(-1, 1, 19), 7.0]
+    np.save(tmp_path / "x.npy", x)
+    args = ("memscore", "--data", tmp_path / "x.npy", "--train-fn", f"py:{mod}:train",
+            "--log-likelihood-fn", f"py:{mod}:loglik", "--folds", 5, "--repeats", 2, "--seed", 3,
+            "--out", tmp_path / "run", "--quiet")  # fmt: skip
+    r = _cli(*args)
+    assert "most memorized: 19" in r.output
+    assert len(counter.read_text()) == 10
+    table = pd.read_parquet(tmp_path / "run" / "memscore.parquet")
+    train = lambda d: (float(d.mean()), float(d.var()))  # noqa: E731
+
+    def loglik(model, d):
+        mu, var = model
+        return -0.5 * np.log(2 * np.pi * var) - 0.5 * (d - mu) ** 2 / var
+
+    ref = memorization_score(x, train, loglik, folds=5, repeats=2, seed=3)
+    np.testing.assert_allclose(table["score"].to_numpy(), ref.score, rtol=1e-12)
+    np.testing.assert_allclose(table["u"].to_numpy(), ref.u, rtol=1e-12)
+    assert (table["n_in"] == 8).all() and (table["n_out"] == 2).all()
+    html = (tmp_path / "run" / "report.html").read_text()
+    assert "Most memorized examples" in html and "<script" not in html.lower()
+    # rerun: every (repeat, fold) is loaded from the store, nothing is trained again
+    _cli(*args)
+    assert len(counter.read_text()) == 10
+    assert json.loads((tmp_path / "run" / "manifest.json").read_text())["resumed"] is True

@@ -1,0 +1,225 @@
+"""Text-to-image pipelines (the tiny Stable-Diffusion-shaped one, built offline) as generators,
+and ``memscan extract --model <pipeline dir>`` end to end through the CLI."""
+
+import json
+import textwrap
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import run_cli
+
+from memscan import pairwise_tiled_l2
+from memscan.data.images import save_png
+from memscan.errors import InputError
+from memscan.generators.load import load_generator
+from memscan.generators.seeds import derive_seeds
+from memscan.generators.text2image import Text2ImageGenerator, load_pipeline, resolve_dtype
+from memscan.synthetic import write_training_set
+from memscan.testing.tiny_sd import build_tokenizer, save_tiny_sd
+
+STEPS, GUIDANCE = 3, 3.0
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return save_tiny_sd(tmp_path_factory.mktemp("tiny") / "tiny-sd")
+
+
+@pytest.fixture(scope="module")
+def gen(tiny_dir):
+    return load_generator(str(tiny_dir), batch_size=4, num_inference_steps=STEPS, guidance_scale=GUIDANCE)
+
+
+def test_directory_dispatches_to_the_text2image_adapter(gen, tiny_dir):
+    assert isinstance(gen, Text2ImageGenerator)
+    assert gen.config["pipeline"] == "StableDiffusionPipeline"
+    assert gen.config["num_inference_steps"] == STEPS and gen.config["guidance_scale"] == GUIDANCE
+    assert gen.config["dtype"] == "float32" and gen.output_shape == (32, 32, 3)
+    index = json.loads((tiny_dir / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionPipeline" and index["safety_checker"] == [None, None]
+    assert list((tiny_dir / "unet").glob("*.safetensors")) and not list(tiny_dir.rglob("*.bin"))
+
+
+def test_same_seed_same_images_and_one_generation_reproduces_alone(gen):
+    seeds = derive_seeds(0, "p", 0, 6)
+    a = gen.generate("a red fox", seeds)  # batches of 4 + 2
+    b = gen.generate("a red fox", seeds)
+    assert a.dtype == np.uint8 and a.shape == (6, 32, 32, 3)
+    assert np.array_equal(a, b)
+    for i in (0, 3, 5):
+        alone = gen.generate("a red fox", [seeds[i]])
+        assert np.array_equal(alone[0], a[i]), i
+    # other seeds and other prompts give other images
+    assert not np.array_equal(gen.generate("a red fox", derive_seeds(1, "p", 0, 1))[0], a[0])
+    assert not np.array_equal(gen.generate("a blue car", seeds[:1])[0], a[0])
+
+
+def test_adapter_matches_the_pipeline_drawing_its_own_noise(gen):
+    """The adapter's images equal diffusers' own sampling with one generator per sample
+    (diffusers draws the initial noise itself there), quantised to uint8."""
+    import torch
+
+    seeds = [11, 12, 13]
+    ours = gen.generate("a photo", seeds)
+    ref = gen.pipe(
+        prompt=["a photo"] * 3,
+        generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
+        num_inference_steps=STEPS,
+        guidance_scale=GUIDANCE,
+        output_type="np",
+    ).images
+    assert np.array_equal(ours, np.round(np.clip(ref, 0, 1) * 255).astype(np.uint8))
+
+
+def test_options_scheduler_dtype_resolution(tiny_dir):
+    g = load_generator(str(tiny_dir), scheduler="euler-ancestral", num_inference_steps=2, height=48, width=48)
+    assert g.config["scheduler"] == "EulerAncestralDiscreteScheduler"
+    x = g.generate("a dog", [5, 6])
+    assert x.shape == (2, 48, 48, 3)
+    # a stochastic sampler still reproduces each sample alone (its per-step noise is per sample)
+    assert np.array_equal(g.generate("a dog", [6])[0], x[1])
+    assert str(resolve_dtype("auto", "cpu")) == "torch.float32"
+    assert str(resolve_dtype("fp16", "cuda:1")) == "torch.float16"
+    with pytest.raises(InputError, match="unknown scheduler"):
+        load_generator(str(tiny_dir), scheduler="warp-drive")
+    with pytest.raises(InputError, match="unknown dtype"):
+        resolve_dtype("fp8", "cuda")
+    with pytest.raises(InputError, match="multiple of the VAE scale factor"):
+        load_generator(str(tiny_dir), height=33)
+
+
+def test_bf16_pipeline_runs(tiny_dir):
+    g = Text2ImageGenerator(load_pipeline(str(tiny_dir), dtype="bf16"), num_inference_steps=2, guidance_scale=2.0)
+    assert g.config["dtype"] == "bfloat16"
+    x = g.generate("a bird", [1, 2])
+    assert x.shape == (2, 32, 32, 3) and x.std() > 0
+
+
+def test_tokenizer_is_local_and_roundtrips():
+    tok = build_tokenizer()
+    ids = tok("a red fox").input_ids
+    assert ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id
+    assert tok.decode(ids, skip_special_tokens=True) == "a red fox"
+
+
+def test_fresh_random_pipeline_end_to_end_no_false_extractions(tiny_dir, tmp_path):
+    train = tmp_path / "train"
+    write_training_set(train, 30, size=32)
+    (tmp_path / "prompts.txt").write_text("a red fox\na blue car\n")
+    run = tmp_path / "run"
+    proc = run_cli(
+        "extract",
+        "--model",
+        tiny_dir,
+        "--prompts",
+        tmp_path / "prompts.txt",
+        "--train",
+        train,
+        "--out",
+        run,
+        "--samples-per-prompt",
+        16,
+        "--batch-size",
+        16,
+        "--steps",
+        STEPS,
+        "--quiet",
+    )
+    det = pd.read_parquet(run / "detections.parquet")
+    ext = pd.read_parquet(run / "extractions.parquet")
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["generator"]["type"] == "diffusers-text2image"
+    assert manifest["generator"]["num_inference_steps"] == STEPS
+    assert manifest["counts"] == {"prompts": 2, "samples": 32, "detections": 0, "extractions": 0}
+    assert len(det) == 2 and not det["detected"].any() and len(ext) == 0
+    # every pair of generations is far apart: a random pipeline does not repeat itself
+    assert (det["min_pairwise_distance"] > 0.08).all()
+    assert "0 extractions" in proc.stdout
+
+
+WRAPPER = '''
+import torch
+
+from memscan.generators.text2image import Text2ImageGenerator, load_pipeline
+
+MODEL = {model!r}
+
+
+class IgnoresNoise(Text2ImageGenerator):
+    """For one prompt, every sample starts from the same latent: the output ignores the seed."""
+
+    def initial_latents(self, prompt, seeds, generators):
+        x = super().initial_latents(prompt, seeds, generators)
+        if prompt == "the fixed one":
+            fixed = torch.randn(self.latent_shape, generator=torch.Generator().manual_seed(1234))
+            x = fixed.expand_as(x).clone().to(x.dtype)
+        return x
+
+
+def make():
+    return IgnoresNoise(load_pipeline(MODEL), num_inference_steps={steps}, guidance_scale={guidance}, batch_size=8)
+'''
+
+
+def test_pipeline_ignoring_the_noise_is_detected_and_extracted(tiny_dir, tmp_path):
+    wrapper = tmp_path / "ignores_noise.py"
+    wrapper.write_text(textwrap.dedent(WRAPPER.format(model=str(tiny_dir), steps=STEPS, guidance=GUIDANCE)))
+    # the training set holds the image the wrapped pipeline always makes for "the fixed one"
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ignores_noise_local", wrapper)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    fixed = mod.make().generate("the fixed one", [1, 2, 3])
+    assert np.array_equal(fixed[0], fixed[1]) and np.array_equal(fixed[0], fixed[2])
+    train = tmp_path / "train"
+    write_training_set(train, 20, size=32)
+    save_png(fixed[0], train / "fixed.png")
+    (tmp_path / "prompts.txt").write_text("a red fox\nthe fixed one\na blue car\n")
+    run = tmp_path / "run"
+    run_cli(
+        "extract",
+        "--model",
+        f"py:{wrapper}:make",
+        "--prompts",
+        tmp_path / "prompts.txt",
+        "--train",
+        train,
+        "--out",
+        run,
+        "--samples-per-prompt",
+        16,
+        "--batch-size",
+        8,
+        "--quiet",
+    )
+    det = pd.read_parquet(run / "detections.parquet").set_index("prompt")
+    assert bool(det.loc["the fixed one", "detected"]) and det.loc["the fixed one", "clique_size"] == 16
+    assert det.loc["the fixed one", "mean_clique_distance"] == 0.0
+    assert not det.loc["a red fox", "detected"] and not det.loc["a blue car", "detected"]
+    ext = pd.read_parquet(run / "extractions.parquet")
+    top = ext[(ext["rank"] == 1) & ext["extracted"]]
+    assert top["train_id"].tolist() == ["fixed"] and float(top["tiled_l2"].iloc[0]) == 0.0
+    # the fresh prompts' generations are as spread as the random pipeline's always are
+    d = np.asarray(pairwise_tiled_l2(mod.make().generate("a red fox", derive_seeds(0, "line-1", 0, 4))))
+    assert d[np.triu_indices(4, 1)].min() > 0.08
+
+
+def test_unet_only_options_refused_for_unet_models(tmp_path):
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    unet = UNet2DModel(
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(8, 8),
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+        layers_per_block=1,
+    )
+    unet.save_pretrained(tmp_path / "m" / "unet")
+    DDPMScheduler().save_pretrained(tmp_path / "m" / "scheduler")
+    with pytest.raises(InputError, match="text-to-image"):
+        load_generator(str(tmp_path / "m"), dtype="fp16")
