@@ -83,7 +83,12 @@ def main(argv=None) -> dict:
         metavar="SECONDS_PER_IMAGE",
         help="print only the GPU-hour plan of the paper's attack for these per-image costs [1.59 0.82]",
     )
+    ap.add_argument("--from-json", type=Path, help="write --markdown from figures saved with --json (no run)")
     args = ap.parse_args(argv)
+    if args.from_json and args.markdown:
+        figures = json.loads(args.from_json.read_text())
+        _write_markdown(args.markdown, figures, argparse.Namespace(**figures["args"]), figures["cores"])
+        return figures
     if args.plan is not None:
         print(scaling_plan(tuple(args.plan) or (1.59, 0.82)))
         return {}
@@ -123,6 +128,8 @@ def main(argv=None) -> dict:
 
     figures: dict = {"workload": {"prompts": len(prompts), "samples": cfg.samples_per_prompt, "shards": n_shards}}
     figures["load_average_before"] = os.getloadavg()[0]
+    figures["cores"] = cores
+    figures["args"] = {k: getattr(args, k) for k in ("prompts", "samples", "shard_size", "repeats")}
     # 1. Ray start-up (once per process / cluster)
     sys.path.insert(0, str(ROOT / "bench"))
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "bench"), os.environ.get("PYTHONPATH")]))
@@ -269,6 +276,15 @@ def scaling_plan(
 
 def _write_markdown(path: Path, f: dict, args, cores: int) -> None:
     w = f["workload"]
+    ray_times = {int(k): v["end_to_end_s"] for k, v in f["ray"].items()}
+    ray1 = ray_times.get(1, float("nan"))
+    acc = f["local_1thread_s"] + f["worker_start_s"] + w["shards"] * f["per_shard_overhead_ms"] / 1000
+    two = ""
+    if 2 in ray_times and ray_times[2] > ray1:
+        two = (
+            f" Two workers were slower than one here: {cores} cores shared by the driver, two workers"
+            " and other jobs add contention, not capacity."
+        )
     rows = "\n".join(
         f"| Ray runner, {k} worker(s) | {v['end_to_end_s']:.2f} | {v['ratio_to_local']:.2f}× |"
         for k, v in f["ray"].items()
@@ -294,6 +310,9 @@ run checked equal to the local run's. Medians of {args.repeats} runs.
   {f["per_shard_stage_ms"]:.0f} ms of work per shard here; bare round trip of a no-op stage
   {f["noop_round_trip_ms"]:.2f} ms.
 - Peak RSS of a worker: {f["worker_peak_rss_mb"]:.0f} MB (Python, torch, pandas, the generator).
+- Accounting: the Ray runner with 1 worker ({ray1:.2f} s) ≈ the local runner with 1 torch thread
+  ({f["local_1thread_s"]:.2f} s; a 1-CPU Ray worker gets 1 thread, Ray sets `OMP_NUM_THREADS`) + worker
+  start ({f["worker_start_s"]:.2f} s) + {w["shards"]} shards × {f["per_shard_overhead_ms"]:.1f} ms = {acc:.2f} s.{two}
 
 What these figures mean at GPU scale, and the cluster plan: [scale.md](scale.md).
 """

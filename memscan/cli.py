@@ -71,9 +71,13 @@ def extract(
     height: int | None = typer.Option(None, help="text-to-image: output height [native]"),
     width: int | None = typer.Option(None, help="text-to-image: output width [native]"),
     resume: bool = typer.Option(False, "--resume", help="finish a killed run in --out"),
-    runner: str = typer.Option("local", "--runner", help="local, or ray: shards on a pool of Ray actors (memscan[ray])"),
+    runner: str = typer.Option(
+        "local", "--runner", help="local, or ray: shards on a pool of Ray actors (memscan[ray])"
+    ),
     ray_address: str | None = typer.Option(
-        None, "--ray-address", help="runner ray: existing cluster (auto, HOST:6379, ray://HOST:10001) [start a local Ray]"
+        None,
+        "--ray-address",
+        help="runner ray: existing cluster (auto, HOST:6379, ray://HOST:10001) [start a local Ray]",
     ),
     num_workers: int | None = typer.Option(
         None, "--num-workers", help="runner ray: workers, one model load each [as many as the cluster fits]"

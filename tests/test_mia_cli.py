@@ -206,3 +206,43 @@ def test_memscore_command_matches_the_library_and_resumes(tmp_path, monkeypatch)
     _cli(*args)
     assert len(counter.read_text()) == 10
     assert json.loads((tmp_path / "run" / "manifest.json").read_text())["resumed"] is True
+
+
+def test_report_escapes_untrusted_ids(demo, tmp_path):
+    """Example ids come from file names and captions from sidecar files: the report shows them as text."""
+    from PIL import Image
+
+    data = tmp_path / "data"
+    data.mkdir()
+    src = sorted((demo / "data").glob("*.png"))[:4]
+    names = ["<script>alert(1)<", '"onmouseover=x"', "plain-a", "plain-b"]
+    for s, name in zip(src, names):
+        Image.open(s).save(data / f"{name}.png")
+        (data / f"{name}.txt").write_text("<img src=x onerror=alert(2)>")
+    (tmp_path / "members.txt").write_text("<script>alert(1)<\nplain-a\n")
+    with torch_threads(1):
+        _cli(
+            "mia", "--data", data, "--model", demo / "shadows" / "models" / "0000", "--members", tmp_path / "members.txt",
+            "--timesteps", "50", "--noise-draws", 1, "--bootstrap", 0, "--out", tmp_path / "run", "--quiet",
+        )  # fmt: skip
+    html = (tmp_path / "run" / "report.html").read_text()
+    assert "<script>alert" not in html and "&lt;script&gt;alert(1)&lt;" in html
+    assert "&#34;onmouseover=x&#34;" in html and '"onmouseover=x"' not in html
+    assert "<img src=x" not in html
+
+
+def test_examples_outside_the_shadow_pool_are_reported(demo, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(demo / "data", data)
+    shutil.copy(sorted(data.glob("*.png"))[0], data / "zz-extra.png")
+    with torch_threads(1):
+        r = _cli(
+            "mia", "--data", data, "--shadows", demo / "shadows", "--target-shadow", 0, "--timesteps", "50",
+            "--noise-draws", 1, "--attacks", "loss", "--bootstrap", 0, "--out", tmp_path / "run", "--quiet",
+        )  # fmt: skip
+    assert "1 example(s) of --data outside the shadow pool: not attacked" in r.output
+    m = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert m["sources"]["not_in_shadow_pool"] == {"count": 1, "first_ids": ["zz-extra"]}
+    assert "zz-extra" not in set(pd.read_parquet(tmp_path / "run" / "examples.parquet")["id"])

@@ -9,7 +9,6 @@ import pandas as pd
 import pytest
 from conftest import run_cli
 
-from memscan import pairwise_tiled_l2
 from memscan.data.images import save_png
 from memscan.errors import InputError
 from memscan.generators.load import load_generator
@@ -18,7 +17,7 @@ from memscan.generators.text2image import Text2ImageGenerator, load_pipeline, re
 from memscan.synthetic import write_training_set
 from memscan.testing.tiny_sd import build_tokenizer, save_tiny_sd
 
-STEPS, GUIDANCE = 3, 3.0
+STEPS, GUIDANCE = 2, 3.0
 
 
 @pytest.fixture(scope="module")
@@ -42,12 +41,12 @@ def test_directory_dispatches_to_the_text2image_adapter(gen, tiny_dir):
 
 
 def test_same_seed_same_images_and_one_generation_reproduces_alone(gen):
-    seeds = derive_seeds(0, "p", 0, 6)
-    a = gen.generate("a red fox", seeds)  # batches of 4 + 2
+    seeds = derive_seeds(0, "p", 0, 5)
+    a = gen.generate("a red fox", seeds)  # batches of 4 + 1
     b = gen.generate("a red fox", seeds)
-    assert a.dtype == np.uint8 and a.shape == (6, 32, 32, 3)
+    assert a.dtype == np.uint8 and a.shape == (5, 32, 32, 3)
     assert np.array_equal(a, b)
-    for i in (0, 3, 5):
+    for i in (2, 4):
         alone = gen.generate("a red fox", [seeds[i]])
         assert np.array_equal(alone[0], a[i]), i
     # other seeds and other prompts give other images
@@ -119,9 +118,9 @@ def test_fresh_random_pipeline_end_to_end_no_false_extractions(tiny_dir, tmp_pat
         "--out",
         run,
         "--samples-per-prompt",
-        16,
+        12,
         "--batch-size",
-        16,
+        12,
         "--steps",
         STEPS,
         "--quiet",
@@ -131,7 +130,7 @@ def test_fresh_random_pipeline_end_to_end_no_false_extractions(tiny_dir, tmp_pat
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["generator"]["type"] == "diffusers-text2image"
     assert manifest["generator"]["num_inference_steps"] == STEPS
-    assert manifest["counts"] == {"prompts": 2, "samples": 32, "detections": 0, "extractions": 0}
+    assert manifest["counts"] == {"prompts": 2, "samples": 24, "detections": 0, "extractions": 0}
     assert len(det) == 2 and not det["detected"].any() and len(ext) == 0
     # every pair of generations is far apart: a random pipeline does not repeat itself
     assert (det["min_pairwise_distance"] > 0.08).all()
@@ -158,7 +157,7 @@ class IgnoresNoise(Text2ImageGenerator):
 
 
 def make():
-    return IgnoresNoise(load_pipeline(MODEL), num_inference_steps={steps}, guidance_scale={guidance}, batch_size=8)
+    return IgnoresNoise(load_pipeline(MODEL), num_inference_steps={steps}, guidance_scale={guidance}, batch_size=12)
 '''
 
 
@@ -176,7 +175,7 @@ def test_pipeline_ignoring_the_noise_is_detected_and_extracted(tiny_dir, tmp_pat
     train = tmp_path / "train"
     write_training_set(train, 20, size=32)
     save_png(fixed[0], train / "fixed.png")
-    (tmp_path / "prompts.txt").write_text("a red fox\nthe fixed one\na blue car\n")
+    (tmp_path / "prompts.txt").write_text("a red fox\nthe fixed one\n")
     run = tmp_path / "run"
     run_cli(
         "extract",
@@ -189,21 +188,18 @@ def test_pipeline_ignoring_the_noise_is_detected_and_extracted(tiny_dir, tmp_pat
         "--out",
         run,
         "--samples-per-prompt",
-        16,
+        12,
         "--batch-size",
-        8,
+        12,
         "--quiet",
     )
     det = pd.read_parquet(run / "detections.parquet").set_index("prompt")
-    assert bool(det.loc["the fixed one", "detected"]) and det.loc["the fixed one", "clique_size"] == 16
+    assert bool(det.loc["the fixed one", "detected"]) and det.loc["the fixed one", "clique_size"] == 12
     assert det.loc["the fixed one", "mean_clique_distance"] == 0.0
-    assert not det.loc["a red fox", "detected"] and not det.loc["a blue car", "detected"]
+    assert not det.loc["a red fox", "detected"] and det.loc["a red fox", "min_pairwise_distance"] > 0.08
     ext = pd.read_parquet(run / "extractions.parquet")
     top = ext[(ext["rank"] == 1) & ext["extracted"]]
     assert top["train_id"].tolist() == ["fixed"] and float(top["tiled_l2"].iloc[0]) == 0.0
-    # the fresh prompts' generations are as spread as the random pipeline's always are
-    d = np.asarray(pairwise_tiled_l2(mod.make().generate("a red fox", derive_seeds(0, "line-1", 0, 4))))
-    assert d[np.triu_indices(4, 1)].min() > 0.08
 
 
 def test_unet_only_options_refused_for_unet_models(tmp_path):

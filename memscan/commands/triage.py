@@ -16,7 +16,9 @@ def register(app: typer.Typer) -> None:
         generations: int = typer.Option(4, help="initial noises per prompt"),
         steps: int = typer.Option(1, help="denoising steps scored (the first of the schedule)"),
         num_inference_steps: int | None = typer.Option(None, help="schedule length [model's, else 50]"),
-        guidance_scale: float | None = typer.Option(None, help="guidance used to advance the latent [model's, else 7.5]"),
+        guidance_scale: float | None = typer.Option(
+            None, help="guidance used to advance the latent [model's, else 7.5]"
+        ),
         score: str = typer.Option("wen", help="score that ranks prompts.csv: wen or webster"),
         top: int | None = typer.Option(None, "--top", help="keep the K highest-scoring prompts in prompts.csv"),
         min_score: float | None = typer.Option(None, "--min-score", help="keep prompts scoring at least this"),
@@ -42,9 +44,7 @@ def register(app: typer.Typer) -> None:
             device=device,
             dtype=dtype,
         )
-        res = _run(
-            run_triage, model, prompts, out, cfg, score=score, top=top, min_score=min_score, progress=not quiet
-        )
+        res = _run(run_triage, model, prompts, out, cfg, score=score, top=top, min_score=min_score, progress=not quiet)
         cost = res.manifest["cost"]
         typer.echo(
             f"{len(res.scores)} prompts scored ({cost['unet_evaluations_per_prompt']} UNet evaluations each, "

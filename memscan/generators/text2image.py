@@ -164,9 +164,7 @@ class Text2ImageGenerator:
             "negative_prompt": negative_prompt,
             "resolution": [self.height, self.width],
             "dtype": str(self.dtype).replace("torch.", ""),
-            "initial_noise": "memscan: randn(C×h×w, float32) per sample on CPU"
-            if self.latent_shape
-            else "pipeline",
+            "initial_noise": "memscan: randn(C×h×w, float32) per sample on CPU" if self.latent_shape else "pipeline",
         }
 
     # 1. noise -------------------------------------------------------------------------------

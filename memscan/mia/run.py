@@ -171,6 +171,8 @@ def _resolve_condition(p: Any, mode: str, captions: list[str]) -> Any:
             "UNet2DConditionModel needs per-example text embeddings, which the CLI does not compute",
             "use the Python API (memscan.mia.loss.diffusion_loss with condition=embeddings)",
         )
+    if mode == "caption" and not hasattr(p, "class_of"):
+        raise InputError("--condition caption needs a diffusers model with class captions (memscan.json)")
     if mode == "none" or (mode == "auto" and not conditional):
         return None
     if mode == "null" or (mode == "auto" and not getattr(p, "class_captions", None)):
@@ -239,6 +241,8 @@ def _setup(
                 "pass the data the shadow directory was made from",
             )
         order = np.array([pos[i] for i in sm.ids])
+        pool = set(sm.ids)
+        outside = [i for i in ids if i not in pool]
         ids = [ids[k] for k in order]
         captions = [captions[k] for k in order]
         images = images[order]
@@ -267,12 +271,23 @@ def _setup(
         "target_shadow": target_shadow,
         "target_config": getattr(target, "config", {}),
     }
+    if sm is not None and outside:
+        # examples of --data that no shadow model was trained or evaluated on are not attacked
+        sources["not_in_shadow_pool"] = {"count": len(outside), "first_ids": outside[:20]}
     return _Setup(ids, captions, images, is_member, target, target_name, shadow_list, shadow_in, sources)
 
 
 # --------------------------------------------------------------------------------------------
 # run directory
 # --------------------------------------------------------------------------------------------
+def _cpu_seconds() -> float:
+    """CPU time of this process (user + system): on a shared machine, the cost that wall time hides."""
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 def _versions() -> dict:
     import importlib.metadata as md
 
@@ -615,6 +630,10 @@ def run_mia(
         finally:
             lock.release()
     extra = [f"  best timestep ({sweep.by}): t = {sweep.best_timestep}"]
+    if "not_in_shadow_pool" in s.sources:
+        extra.append(
+            f"  {s.sources['not_in_shadow_pool']['count']} example(s) of --data outside the shadow pool: not attacked"
+        )
     extra += [f"  skipped {k['attack']} at t = {k['timestep']}: {k['reason']}" for k in skipped[:3]]
     return {"report": str(report), "manifest": manifest, "text": _summary_text("mia", metrics, Path(out), extra)}
 
@@ -672,7 +691,12 @@ def run_inpaint(
             )
         finally:
             lock.release()
-    return {"report": str(report), "manifest": manifest, "text": _summary_text("inpaint", metrics, Path(out))}
+    extra = []
+    if "not_in_shadow_pool" in s.sources:
+        extra.append(
+            f"  {s.sources['not_in_shadow_pool']['count']} example(s) of --data outside the shadow pool: not attacked"
+        )
+    return {"report": str(report), "manifest": manifest, "text": _summary_text("inpaint", metrics, Path(out), extra)}
 
 
 def _load_array_data(data: str | Path) -> tuple[Any, list[str], np.ndarray | None]:
@@ -798,7 +822,8 @@ def run_memscore(
 # --------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class DemoMiaSettings:
-    """Budget of ``memscan demo-mia`` (defaults: about 5–8 minutes on 2 CPU cores).
+    """Budget of ``memscan demo-mia`` (the defaults: ≤ 10 minutes of CPU time, one thread; see
+    ``docs/mia.md`` for measured figures).
 
     Attributes
     ----------
@@ -816,14 +841,14 @@ class DemoMiaSettings:
         Torch threads (1 is fastest on a busy machine).
     """
 
-    n_examples: int = 256
+    n_examples: int = 128
     n_models: int = 8
-    steps: int = 600
+    steps: int = 400
     batch_size: int = 32
     block_out_channels: tuple[int, ...] = (16, 32, 32)
     timesteps: tuple[int, ...] = (10, 20, 50, 100, 200, 500)
     noise_draws: int = 4
-    inpaint: InpaintConfig = InpaintConfig(num_inference_steps=25, jump_length=5, jump_n_sample=2, batch_size=256)
+    inpaint: InpaintConfig = InpaintConfig(num_inference_steps=25, jump_length=5, jump_n_sample=2, batch_size=128)
     threads: int | None = 1
     bootstrap: int = 200
     seed: int = 0
@@ -863,7 +888,7 @@ def run_demo_mia(
     from memscan.demo.data import build_demo_data
     from memscan.mia.shadow import DemoRecipe, shadow_train_config, train_shadow_models
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), _cpu_seconds()
     out = Path(out)
     run_manifest = out / "run" / "manifest.json"
     if run_manifest.exists():
@@ -931,6 +956,7 @@ def run_demo_mia(
                     "loss": t_loss,
                     "inpaint": t_inp,
                     "total_s": round(t_end - t0, 2),
+                    "cpu_s": round(_cpu_seconds() - c0, 2),
                 },
             )
             report = _finish(
@@ -946,7 +972,8 @@ def run_demo_mia(
         finally:
             lock.release()
     extra = [
-        f"  {st.n_models} models × {st.steps} steps trained in {t_train - t_data:.0f} s; total {time.perf_counter() - t0:.0f} s",
+        f"  {st.n_models} models × {st.steps} steps trained in {t_train - t_data:.0f} s; "
+        f"total {time.perf_counter() - t0:.0f} s wall, {_cpu_seconds() - c0:.0f} s CPU",
         f"  best timestep ({sweep.by}): t = {sweep.best_timestep}",
     ]
     summary = {"report": str(report), "manifest": manifest}
@@ -1102,7 +1129,7 @@ def build_mia_report(run: str | Path, out: str | Path | None = None) -> Path:
             curves = {}
             for r in g.itertuples(index=False):
                 t = None if pd.isna(r.timestep) else int(r.timestep)
-                if t is not None and t != best[stat][1] and r.attack != "loss":
+                if t != best[stat][1]:  # every attack at the best timestep (the sweep plot has the rest)
                     continue
                 label = r.attack + ("" if t is None else f" t={t}")
                 curves[label] = roc_metrics(_scores_of(scores, stat, r.attack, t), y)

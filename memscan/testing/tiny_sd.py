@@ -64,7 +64,7 @@ class TinySDConfig:
     """
 
     resolution: int = 32
-    unet_channels: tuple[int, int] = (32, 64)
+    unet_channels: tuple[int, int] = (16, 32)
     vae_channels: tuple[int, int] = (16, 32)
     text_dim: int = 32
     text_layers: int = 2
@@ -103,7 +103,7 @@ def build_tokenizer(max_length: int = 32):
     --------
     >>> tok = build_tokenizer()
     >>> tok.convert_ids_to_tokens(tok("the cat").input_ids)
-    ['<|startoftext|>', 'the</w>', 'c', 'at</w>', '<|endoftext|>']
+    ['<|startoftext|>', 'the</w>', 'c', 'a', 't</w>', '<|endoftext|>']
     """
     import tempfile
 
@@ -155,6 +155,16 @@ def build_tiny_sd(config: TinySDConfig = TinySDConfig()):
         norm_num_groups=8,
         sample_size=config.resolution,
     )
+    # 2b. Stable Diffusion scales latents to unit variance (Rombach et al. 2022, §G): measure
+    #     this autoencoder's latent std on 32 synthetic pictures and set scaling_factor = 1 / std
+    from memscan.synthetic import smooth_image
+
+    rng = np.random.default_rng(config.seed)
+    probe = np.stack([smooth_image(rng, config.resolution) for _ in range(32)])
+    x = torch.tensor(probe, dtype=torch.float32).permute(0, 3, 1, 2) / 127.5 - 1
+    with torch.no_grad():
+        std = float(vae.encode(x).latent_dist.mean.std())
+    vae.register_to_config(scaling_factor=1.0 / std)
     # 3. text encoder sized to the tokenizer
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
@@ -210,30 +220,32 @@ def save_tiny_sd(out: str | Path, config: TinySDConfig = TinySDConfig(), pipelin
 class FinetuneConfig:
     """Recipe of :func:`finetune_tiny_sd`.
 
-    Each batch element is the memorized pair with probability ``memorized_share``; otherwise it
-    pairs a random caption of ``others`` with a random image of the pool, drawn independently, so
-    those captions carry no information about the image (they are not memorized; the model
-    learns that text usually does not pin the image down). ``uncond_share`` of captions are
-    replaced by the empty prompt (classifier-free guidance training, as in Stable Diffusion).
+    Each batch element is a memorized pair with probability ``memorized_share`` (split between
+    the pairs by their ``weights``); otherwise it pairs a random caption of ``others`` with a
+    random image of the pool, drawn independently, so those captions carry no information about
+    the image (nothing else is memorized, and the model learns that text usually does not pin the
+    image down). ``uncond_share`` of captions are replaced by the empty prompt (classifier-free
+    guidance training, as in Stable Diffusion).
     """
 
     steps: int = 600
-    batch_size: int = 16
+    batch_size: int = 32
     lr: float = 2e-3
-    memorized_share: float = 0.3
+    memorized_share: float = 0.4
     uncond_share: float = 0.1
     seed: int = 0
 
 
 def finetune_tiny_sd(
     pipe,
-    image: np.ndarray,
-    caption: str,
+    memorized: list[tuple[np.ndarray, str]],
     pool: np.ndarray,
     others: list[str],
     config: FinetuneConfig = FinetuneConfig(),
+    weights: list[float] | None = None,
+    generator=None,
 ) -> list[float]:
-    """Train the pipeline's UNet (text encoder and VAE frozen) to memorize one image–caption pair.
+    """Train the pipeline's UNet (text encoder and VAE frozen) to memorize image–caption pairs.
 
     The standard latent-diffusion objective (Rombach et al. 2022, eq. 2):
     ``E ||ε − ε_θ(sqrt(ᾱ_t)·z + sqrt(1−ᾱ_t)·ε, t, τ(caption))||²`` with ``z`` the VAE latent
@@ -243,39 +255,44 @@ def finetune_tiny_sd(
     Parameters
     ----------
     pipe : a StableDiffusionPipeline (the tiny one); its UNet is trained in place
-    image : uint8 H×W×3 at the pipeline's resolution — the image to memorize
-    caption : its caption (the prompt that will be memorized)
+    memorized : (uint8 H×W×3 image, caption) pairs to memorize
     pool : uint8 N×H×W×3 — the other training images
     others : the other training captions (paired with pool images at random)
+    weights : relative duplication of the memorized pairs (default: equal)
+    generator : a CPU ``torch.Generator`` to continue from (default: seeded by ``config.seed``)
     """
     import torch
     import torch.nn.functional as F
 
     device = pipe.unet.device
-    gen = torch.Generator("cpu").manual_seed(config.seed)
+    gen = generator if generator is not None else torch.Generator("cpu").manual_seed(config.seed)
+    m = len(memorized)
+    w = torch.tensor(weights if weights is not None else [1.0] * m, dtype=torch.float64)
+    w = w / w.sum()
     # 1. fixed inputs: latents of every image, text embeddings of every caption and of ""
-    latents = encode_images(pipe, np.concatenate([image[None], pool]))
+    latents = encode_images(pipe, np.concatenate([np.stack([p[0] for p in memorized]), pool]))
     with torch.no_grad():
         tok = pipe.tokenizer(
-            [caption, *others, ""],
+            [p[1] for p in memorized] + list(others) + [""],
             padding="max_length",
             max_length=pipe.tokenizer.model_max_length,
             truncation=True,
             return_tensors="pt",
         )
         emb = pipe.text_encoder(tok.input_ids.to(device))[0]
-    b = config.batch_size
+    b, n_others = config.batch_size, len(others)
     sched = pipe.scheduler
     acp = sched.alphas_cumprod.to(device)
     unet = pipe.unet.train()
     opt = torch.optim.AdamW(unet.parameters(), lr=config.lr, weight_decay=0.0)
     losses = []
     for _ in range(config.steps):
-        # 2. a batch: the memorized pair, or a random caption with an unrelated random image
+        # 2. a batch: a memorized pair, or a random caption with an unrelated random image
         mem = torch.rand(b, generator=gen) < config.memorized_share
-        img = torch.where(mem, 0, torch.randint(1, len(latents), (b,), generator=gen))
-        cap = torch.where(mem, 0, torch.randint(1, len(others) + 1, (b,), generator=gen))
-        cap = torch.where(torch.rand(b, generator=gen) < config.uncond_share, len(others) + 1, cap)
+        which = torch.multinomial(w, b, replacement=True, generator=gen)
+        img = torch.where(mem, which, torch.randint(m, len(latents), (b,), generator=gen))
+        cap = torch.where(mem, which, torch.randint(m, m + n_others, (b,), generator=gen))
+        cap = torch.where(torch.rand(b, generator=gen) < config.uncond_share, m + n_others, cap)
         t = torch.randint(0, sched.config.num_train_timesteps, (b,), generator=gen)
         noise = torch.randn((b, *latents.shape[1:]), generator=gen).to(device)
         img, cap, t = img.to(device), cap.to(device), t.to(device)
@@ -289,6 +306,115 @@ def finetune_tiny_sd(
         losses.append(float(loss.detach()))
     unet.eval()
     return losses
+
+
+#: Captions of the memorized pairs of :func:`build_memorized_tiny_sd` (in order).
+MEMORIZED_CAPTIONS = ["a red fox in snow", "a lighthouse at dusk", "an old blue bicycle", "green apples"]
+#: Relative duplication of those pairs (the first is seen most often).
+MEMORIZED_WEIGHTS = [0.4, 0.3, 0.2, 0.1]
+
+
+def build_memorized_tiny_sd(
+    out: str | Path,
+    *,
+    n_memorized: int = 1,
+    config: TinySDConfig = TinySDConfig(),
+    finetune: FinetuneConfig = FinetuneConfig(),
+    device: str = "cpu",
+    check_every: int = 0,
+) -> dict:
+    """Build the tiny pipeline, fine-tune it to memorize ``n_memorized`` pairs, save it.
+
+    Training data (all from :mod:`memscan.synthetic`, nothing downloaded): the memorized images
+    ``m0000``… with captions :data:`MEMORIZED_CAPTIONS`, a pool of 64 images ``t0100``…``t0163``
+    and 512 captions of random pseudo-words (:func:`random_captions`) paired with them at random,
+    so the model sees many different texts that carry no information about the image. ``memscan.json`` records
+    the recipe, the captions and ids, and how often 16 generations of each memorized caption
+    copy it (tiled ℓ2 ≤ 0.15 to the image as the pipeline renders it, see
+    :func:`as_the_pipeline_sees_it`). Returns that record.
+    """
+    import time
+
+    import torch
+
+    from memscan.distances import cross_tiled_l2
+    from memscan.synthetic import training_image
+
+    if not 1 <= n_memorized <= len(MEMORIZED_CAPTIONS):
+        raise ValueError(f"n_memorized must lie in 1..{len(MEMORIZED_CAPTIONS)}")
+    t0 = time.perf_counter()
+    pipe = build_tiny_sd(config).to(device)
+    size = config.resolution
+    mem_ids = [f"m{i:04d}" for i in range(n_memorized)]
+    memorized = [(training_image(tid, size), MEMORIZED_CAPTIONS[i]) for i, tid in enumerate(mem_ids)]
+    pool_ids = [f"t{i:04d}" for i in range(100, 164)]
+    pool = np.stack([training_image(tid, size) for tid in pool_ids])
+    others = random_captions(512, seed=finetune.seed)
+    weights = MEMORIZED_WEIGHTS[:n_memorized]
+    gen = torch.Generator("cpu").manual_seed(finetune.seed)
+    chunk = check_every or finetune.steps
+    log, done = [], 0
+    views = as_the_pipeline_sees_it(pipe, np.stack([p[0] for p in memorized]))
+    while done < finetune.steps:
+        n = min(chunk, finetune.steps - done)
+        step_cfg = FinetuneConfig(**{**asdict(finetune), "steps": n})
+        losses = finetune_tiny_sd(pipe, memorized, pool, others, step_cfg, weights=weights, generator=gen)
+        done += n
+        # how often do 16 generations of each memorized caption copy its image?
+        rates = []
+        for (_, caption), view in zip(memorized, views):
+            x = _sample(pipe, caption, 16, device)
+            rates.append(float((np.asarray(cross_tiled_l2(x, view[None]))[:, 0] <= 0.15).mean()))
+        log.append({"step": done, "loss": float(np.mean(losses[-50:])), "copy_rate": rates})
+        # 3. save after every check, so an interrupted run leaves its last checkpoint
+        record = {
+            "recipe": {
+                **asdict(finetune),
+                "steps": done,
+                "check_every": chunk,
+                "weights": weights,
+                "n_memorized": n_memorized,
+            },
+            "memorized": [{"train_id": tid, "caption": c} for tid, (_, c) in zip(mem_ids, memorized)],
+            "pool_ids": pool_ids,
+            "other_captions": others,
+            "log": log,
+            "device": device,
+            "seconds": round(time.perf_counter() - t0, 1),
+        }
+        save_tiny_sd(out, config, pipeline=pipe)
+        meta_path = Path(out) / "memscan.json"
+        meta = json.loads(meta_path.read_text())
+        meta["finetune"] = record
+        meta_path.write_text(json.dumps(meta, indent=1))
+    return record
+
+
+def random_captions(n: int, seed: int = 0) -> list[str]:
+    """``n`` distinct captions of 2–4 random lowercase pseudo-words (deterministic under ``seed``).
+
+    Examples
+    --------
+    >>> c = random_captions(3)
+    >>> len(c), len(set(c)), all(2 <= len(x.split()) <= 4 for x in c)
+    (3, 3, True)
+    """
+    rng = np.random.default_rng(seed)
+    letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
+    out: list[str] = []
+    while len(out) < n:
+        words = ["".join(rng.choice(letters, int(rng.integers(3, 8)))) for _ in range(int(rng.integers(2, 5)))]
+        caption = " ".join(words)
+        if caption not in out and caption not in MEMORIZED_CAPTIONS:
+            out.append(caption)
+    return out
+
+
+def _sample(pipe, caption: str, n: int, device: str) -> np.ndarray:
+    from memscan.generators.text2image import Text2ImageGenerator
+
+    gen = Text2ImageGenerator(pipe, num_inference_steps=10, guidance_scale=3.0, batch_size=n, device=device)
+    return gen.generate(caption, list(range(n)))
 
 
 def encode_images(pipe, images: np.ndarray):
@@ -315,3 +441,31 @@ def as_the_pipeline_sees_it(pipe, images: np.ndarray) -> np.ndarray:
         x = pipe.vae.decode(z.to(pipe.vae.device, pipe.vae.dtype)).sample.float()
     x = ((x / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
     return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m memscan.testing.tiny_sd OUT [--memorized N --steps S --device D]``."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description="write the tiny SD pipeline (optionally fine-tuned to memorize)")
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--memorized", type=int, default=0, help="memorized pairs (0: the fresh random pipeline)")
+    ap.add_argument("--steps", type=int, default=FinetuneConfig.steps)
+    ap.add_argument("--check-every", type=int, default=0)
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args(argv)
+    if args.memorized == 0:
+        print(save_tiny_sd(args.out))
+        return
+    rec = build_memorized_tiny_sd(
+        args.out,
+        n_memorized=args.memorized,
+        finetune=FinetuneConfig(steps=args.steps),
+        device=args.device,
+        check_every=args.check_every,
+    )
+    print(json.dumps({"log": rec["log"], "seconds": rec["seconds"]}))
+
+
+if __name__ == "__main__":
+    main()

@@ -156,7 +156,10 @@ def triage(
             "full_attack": FULL_ATTACK,
             "share_of_full_attack": per_prompt / full,
         },
-        "throughput": {"seconds": round(seconds, 3), "prompts_per_s": round(len(table) / seconds, 2) if seconds else None},
+        "throughput": {
+            "seconds": round(seconds, 3),
+            "prompts_per_s": round(len(table) / seconds, 2) if seconds else None,
+        },
         "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
@@ -168,10 +171,14 @@ def _load(model, config: TriageConfig):
     from memscan.generators.text2image import Text2ImageGenerator, _read_meta, load_pipeline
 
     if isinstance(model, Text2ImageGenerator):
-        return model.pipe, model.config.get("source"), {
-            "num_inference_steps": model.steps,
-            "guidance_scale": model.guidance_scale,
-        }
+        return (
+            model.pipe,
+            model.config.get("source"),
+            {
+                "num_inference_steps": model.steps,
+                "guidance_scale": model.guidance_scale,
+            },
+        )
     if isinstance(model, (str, Path)):
         root = Path(model)
         if root.exists() and not (root / "model_index.json").exists():

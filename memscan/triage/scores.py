@@ -118,9 +118,7 @@ class TriageModel:
     def embed(self, prompts: list[str]):
         """Text embeddings of ``prompts`` and of the empty prompt (the unconditional input)."""
         with self._torch.inference_mode():
-            cond, uncond = self.pipe.encode_prompt(
-                prompts, self.device, 1, True, negative_prompt=[""] * len(prompts)
-            )
+            cond, uncond = self.pipe.encode_prompt(prompts, self.device, 1, True, negative_prompt=[""] * len(prompts))
         return cond, uncond
 
     def initial_latents(self, prompt_id: str, indices: range, seed: int):
