@@ -136,10 +136,7 @@ def naive_tiled_l2(np, a, b, grid: int = 4) -> float:
     worst = 0.0
     for i in range(grid):
         for j in range(grid):
-            diff = (
-                a[i * th : (i + 1) * th, j * tw : (j + 1) * tw]
-                - b[i * th : (i + 1) * th, j * tw : (j + 1) * tw]
-            )
+            diff = a[i * th : (i + 1) * th, j * tw : (j + 1) * tw] - b[i * th : (i + 1) * th, j * tw : (j + 1) * tw]
             worst = max(worst, float(np.sqrt(np.mean(diff * diff))))
     return worst
 
@@ -321,32 +318,19 @@ def format_results(rows: list[dict], machine: str) -> str:
     lines.append("")
     lines.append(f"Machine: {machine}.")
     lines.append("")
-    lines.append(
-        "Targets (issue): ≥ 100× the naive reference; ≥ 40 % of roofline at 64×64 and ≥ 60 % at"
-    )
-    lines.append(
-        "256×256 (judged on CPU time for one thread, which a shared machine's load does not distort,"
-    )
-    lines.append(
-        "on wall-clock time for several); peak memory ≤ 3× the uint8 size of the generations."
-    )
+    lines.append("Targets (issue): ≥ 100× the naive reference; ≥ 40 % of roofline at 64×64 and ≥ 60 % at")
+    lines.append("256×256 (judged on CPU time for one thread, which a shared machine's load does not distort,")
+    lines.append("on wall-clock time for several); peak memory ≤ 3× the uint8 size of the generations.")
     lines.append("")
     for r in rows:
         target = TARGETS["roofline"].get(r["size"])
         ok = [
             f"speedup {'met' if r['speedup_distances'] >= TARGETS['speedup'] else 'MISSED'}",
-            "roofline "
-            + ("n/a" if target is None else ("met" if _judged(r) >= target else "MISSED")),
+            "roofline " + ("n/a" if target is None else ("met" if _judged(r) >= target else "MISSED")),
             "memory "
-            + (
-                "n/a"
-                if r["memory_ratio"] is None
-                else ("met" if r["memory_ratio"] <= TARGETS["memory"] else "MISSED")
-            ),
+            + ("n/a" if r["memory_ratio"] is None else ("met" if r["memory_ratio"] <= TARGETS["memory"] else "MISSED")),
         ]
-        lines.append(
-            f"- {r['size']}×{r['size']} {r['case']}, {r['threads']} thread(s): " + ", ".join(ok)
-        )
+        lines.append(f"- {r['size']}×{r['size']} {r['case']}, {r['threads']} thread(s): " + ", ".join(ok))
     return "\n".join(lines)
 
 

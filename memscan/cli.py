@@ -66,7 +66,9 @@ def extract(
     ),
     steps: int | None = typer.Option(None, help="sampler steps per image (diffusers models) [model's]"),
     guidance_scale: float | None = typer.Option(None, help="classifier-free guidance scale [model's]"),
-    scheduler: str | None = typer.Option(None, help="text-to-image: ddim, ddpm, pndm, euler, euler-ancestral, dpm++, unipc, lms"),
+    scheduler: str | None = typer.Option(
+        None, help="text-to-image: ddim, ddpm, pndm, euler, euler-ancestral, dpm++, unipc, lms"
+    ),
     dtype: str | None = typer.Option(None, help="text-to-image: auto, fp32, fp16, bf16 [auto: fp16 on cuda]"),
     height: int | None = typer.Option(None, help="text-to-image: output height [native]"),
     width: int | None = typer.Option(None, help="text-to-image: output width [native]"),
@@ -85,7 +87,9 @@ def extract(
     gpus_per_worker: float | None = typer.Option(
         None, "--gpus-per-worker", help="runner ray: GPUs each worker asks for [1 with --device cuda, else 0]"
     ),
-    config: Path | None = typer.Option(None, "--config", help="TOML file with these options (an \\[extract] table or top-level keys)"),
+    config: Path | None = typer.Option(
+        None, "--config", help="TOML file with these options (an \\[extract] table or top-level keys)"
+    ),
     quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
 ):
     """Generate many images per prompt, find cliques of near-copies, verify them against the training set."""

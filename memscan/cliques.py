@@ -64,9 +64,7 @@ class CliqueResult:
     n_edges: int = field(default=0)
 
 
-def largest_clique(
-    distances, alpha: float, *, max_expansions: int = DEFAULT_MAX_EXPANSIONS
-) -> CliqueResult:
+def largest_clique(distances, alpha: float, *, max_expansions: int = DEFAULT_MAX_EXPANSIONS) -> CliqueResult:
     """Largest clique of the graph ``{(i, j): distances[i, j] < alpha, i != j}``.
 
     Parameters
@@ -92,9 +90,7 @@ def largest_clique(
     if d.ndim != 2 or d.shape[0] != d.shape[1]:
         raise InputError(f"distances must be a square matrix, got shape {d.shape}")
     if np.isnan(d).any():
-        raise InputError(
-            "distances contain NaN", "check the images that produced them (NaN pixels?)"
-        )
+        raise InputError("distances contain NaN", "check the images that produced them (NaN pixels?)")
     if not np.isfinite(alpha) or alpha <= 0:
         raise InputError(f"alpha must be a positive number, got {alpha!r}")
     n = d.shape[0]

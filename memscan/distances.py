@@ -62,9 +62,7 @@ def _as_tensor(x, name: str) -> tuple[torch.Tensor, bool]:
     try:
         return torch.from_numpy(np.ascontiguousarray(np.asarray(x))), True
     except Exception as exc:  # pragma: no cover - defensive
-        raise InputError(
-            f"{name}: expected a numpy array or torch tensor, got {type(x)!r}"
-        ) from exc
+        raise InputError(f"{name}: expected a numpy array or torch tensor, got {type(x)!r}") from exc
 
 
 def _check_images(x: torch.Tensor, name: str, batched: bool | None) -> torch.Tensor:
@@ -80,9 +78,7 @@ def _check_images(x: torch.Tensor, name: str, batched: bool | None) -> torch.Ten
         )
     if x.dtype != torch.uint8:
         if not x.is_floating_point():
-            raise InputError(
-                f"{name}: dtype {x.dtype} is not supported", "pass uint8 or float in [0, 1]"
-            )
+            raise InputError(f"{name}: dtype {x.dtype} is not supported", "pass uint8 or float in [0, 1]")
         if x.numel():
             lo, hi = float(x.min()), float(x.max())
             if not (np.isfinite(lo) and np.isfinite(hi)):
@@ -216,9 +212,7 @@ def _direct_tiled(a, b, grid: int, th: int, tw: int, block_elements: int) -> tor
 # --------------------------------------------------------------------------------------------
 # matrices of distances
 # --------------------------------------------------------------------------------------------
-def pairwise_tiled_l2(
-    images: ArrayLike, grid: int = 4, *, block_elements: int = DEFAULT_BLOCK_ELEMENTS
-) -> ArrayLike:
+def pairwise_tiled_l2(images: ArrayLike, grid: int = 4, *, block_elements: int = DEFAULT_BLOCK_ELEMENTS) -> ArrayLike:
     """All-pairs tiled ℓ2 of one batch: an N×N symmetric matrix with an exact-zero diagonal.
 
     Parameters
@@ -526,11 +520,7 @@ def nearest_tiled_l2(
     q = _check_images(q, "queries", True)
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise InputError(f"k must be a positive integer, got {k!r}")
-    if (
-        isinstance(reference_chunk, bool)
-        or not isinstance(reference_chunk, (int, np.integer))
-        or reference_chunk < 1
-    ):
+    if isinstance(reference_chunk, bool) or not isinstance(reference_chunk, (int, np.integer)) or reference_chunk < 1:
         raise InputError(f"reference_chunk must be a positive integer, got {reference_chunk!r}")
     if within is not None and not np.isfinite(within):
         raise InputError(f"within must be a finite number, got {within!r}")
@@ -546,9 +536,7 @@ def nearest_tiled_l2(
     counts = torch.zeros(nq, dtype=torch.int64) if within is not None else None
     for s in range(0, nr, reference_chunk):
         block = r[s : s + reference_chunk]
-        d = cross_tiled_l2(
-            q, block.to(q.device) if isinstance(block, torch.Tensor) else block, grid
-        )
+        d = cross_tiled_l2(q, block.to(q.device) if isinstance(block, torch.Tensor) else block, grid)
         d = d if isinstance(d, torch.Tensor) else torch.from_numpy(d)
         d = d.cpu()
         if counts is not None:

@@ -57,8 +57,14 @@ def main():
     for size in (32, 64):
         g = SyntheticGenerator({"m": "t0000"}, size=size, copy_rate=1.0, noise=0.02)
         f = SyntheticGenerator({}, size=size)
-        show(f"synthetic {size}×{size}×3: noisy copies (σ = 0.02)", [offdiag(pairwise_tiled_l2(g.generate("m", list(range(100))), 4))])
-        show(f"synthetic {size}×{size}×3: fresh pictures", [offdiag(pairwise_tiled_l2(f.generate("x", list(range(100))), 4))])
+        show(
+            f"synthetic {size}×{size}×3: noisy copies (σ = 0.02)",
+            [offdiag(pairwise_tiled_l2(g.generate("m", list(range(100))), 4))],
+        )
+        show(
+            f"synthetic {size}×{size}×3: fresh pictures",
+            [offdiag(pairwise_tiled_l2(f.generate("x", list(range(100))), 4))],
+        )
 
 
 if __name__ == "__main__":

@@ -15,9 +15,17 @@ def _unet(num_class_embeds=None):
     from diffusers import UNet2DModel
 
     torch.manual_seed(0)
-    return UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
-                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-                       norm_num_groups=4, num_class_embeds=num_class_embeds)
+    return UNet2DModel(
+        sample_size=8,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+        num_class_embeds=num_class_embeds,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +33,9 @@ def ddpm_dir(tmp_path_factory):
     from diffusers import DDPMPipeline, DDPMScheduler
 
     root = tmp_path_factory.mktemp("ddpm")
-    DDPMPipeline(unet=_unet(), scheduler=DDPMScheduler(num_train_timesteps=50)).save_pretrained(root, safe_serialization=True)
+    DDPMPipeline(unet=_unet(), scheduler=DDPMScheduler(num_train_timesteps=50)).save_pretrained(
+        root, safe_serialization=True
+    )
     return root
 
 
@@ -34,9 +44,12 @@ def cond_dir(tmp_path_factory):
     from diffusers import DDIMPipeline, DDPMScheduler
 
     root = tmp_path_factory.mktemp("cond")
-    DDIMPipeline(unet=_unet(num_class_embeds=4), scheduler=DDPMScheduler(num_train_timesteps=50)).save_pretrained(root, safe_serialization=True)
-    (root / "memscan.json").write_text(json.dumps({"class_captions": ["a cat", "a dog", "a car"], "null_class": 3,
-                                                   "num_inference_steps": 4}))
+    DDIMPipeline(unet=_unet(num_class_embeds=4), scheduler=DDPMScheduler(num_train_timesteps=50)).save_pretrained(
+        root, safe_serialization=True
+    )
+    (root / "memscan.json").write_text(
+        json.dumps({"class_captions": ["a cat", "a dog", "a car"], "null_class": 3, "num_inference_steps": 4})
+    )
     return root
 
 
@@ -71,15 +84,55 @@ def test_extract_cli_on_a_saved_pipeline_and_a_config_file(ddpm_dir, cond_dir, t
     write_training_set(tmp_path / "train", 5, size=8)
     (tmp_path / "labels.txt").write_text("0\n1\n2\n")
     (tmp_path / "run.toml").write_text("[extract]\nsamples_per_prompt = 12\nmin_clique = 3\nbatch_size = 6\n")
-    run_cli("extract", "--model", cond_dir, "--prompts", tmp_path / "labels.txt", "--train", tmp_path / "train",
-            "--out", tmp_path / "run", "--config", tmp_path / "run.toml", "--seed", 3, "--quiet")
+    run_cli(
+        "extract",
+        "--model",
+        cond_dir,
+        "--prompts",
+        tmp_path / "labels.txt",
+        "--train",
+        tmp_path / "train",
+        "--out",
+        tmp_path / "run",
+        "--config",
+        tmp_path / "run.toml",
+        "--seed",
+        3,
+        "--quiet",
+    )
     m = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert m["config"]["samples_per_prompt"] == 12 and m["config"]["min_clique"] == 3 and m["config"]["seed"] == 3
     assert m["generator"]["type"] == "diffusers-unet2d" and m["output_shape"] == [8, 8, 3]
     det = pd.read_parquet(tmp_path / "run" / "detections.parquet")
     assert det["n_samples"].tolist() == [12, 12, 12]
-    run_cli("extract", "--model", ddpm_dir, "--prompts", tmp_path / "labels.txt", "--train", tmp_path / "train",
-            "--out", tmp_path / "run2", "--samples-per-prompt", 4, "--min-clique", 2, "--quiet")
-    bad = run_cli("extract", "--model", ddpm_dir, "--prompts", tmp_path / "labels.txt", "--train", tmp_path / "train",
-                  "--out", tmp_path / "run3", "--config", tmp_path / "nope.toml", check=False)
+    run_cli(
+        "extract",
+        "--model",
+        ddpm_dir,
+        "--prompts",
+        tmp_path / "labels.txt",
+        "--train",
+        tmp_path / "train",
+        "--out",
+        tmp_path / "run2",
+        "--samples-per-prompt",
+        4,
+        "--min-clique",
+        2,
+        "--quiet",
+    )
+    bad = run_cli(
+        "extract",
+        "--model",
+        ddpm_dir,
+        "--prompts",
+        tmp_path / "labels.txt",
+        "--train",
+        tmp_path / "train",
+        "--out",
+        tmp_path / "run3",
+        "--config",
+        tmp_path / "nope.toml",
+        check=False,
+    )
     assert bad.returncode == 2 and "cannot read config" in bad.stderr

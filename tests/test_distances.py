@@ -389,9 +389,7 @@ def test_nearest_vs_brute_force():
     within = float((values[widest] + values[widest + 1]) / 2)  # well away from any distance
     k = 4
     for chunk in (40, 7, 1, 4096):
-        dist, idx, counts = nearest_tiled_l2(
-            queries, refs, k=k, within=within, reference_chunk=chunk
-        )
+        dist, idx, counts = nearest_tiled_l2(queries, refs, k=k, within=within, reference_chunk=chunk)
         assert dist.shape == (6, k) and idx.shape == (6, k) and dist.dtype == np.float32
         np.testing.assert_array_equal(idx, order[:, :k])
         np.testing.assert_allclose(dist, np.take_along_axis(ref, order[:, :k], 1), atol=TOL)

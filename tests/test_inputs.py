@@ -33,7 +33,7 @@ def test_modes_and_sizes_are_converted(tmp_path):
     rgb = training_image("x", 32)
     Image.fromarray(rgb).convert("RGBA").save(tmp_path / "rgba.png")
     Image.fromarray(rgb).convert("L").save(tmp_path / "gray.png")
-    Image.fromarray((rgb[:, :, 0].astype(np.uint16) * 257)).save(tmp_path / "deep.png")
+    Image.fromarray(rgb[:, :, 0].astype(np.uint16) * 257).save(tmp_path / "deep.png")
     Image.fromarray(rgb).resize((48, 40)).save(tmp_path / "big.png")
     ts = load_training_set(tmp_path, size=(32, 32), channels=3)
     assert ts.images.shape == (4, 32, 32, 3)
@@ -85,7 +85,9 @@ def test_prompts_text_and_tables(tmp_path):
     df, info = load_prompts(tmp_path / "p.txt")
     assert df["prompt_id"].tolist() == ["line-1", "line-4"] and df["prompt"].tolist() == ["first", "second"]
     assert info["blank_lines_skipped"] == 2
-    t = pd.DataFrame({"prompt_id": ["a", "b"], "prompt": ["x", "y"], "train_id": ["t1", ""], "duplicate_count": [3, None]})
+    t = pd.DataFrame(
+        {"prompt_id": ["a", "b"], "prompt": ["x", "y"], "train_id": ["t1", ""], "duplicate_count": [3, None]}
+    )
     t.to_csv(tmp_path / "p.csv", index=False)
     df, _ = load_prompts(tmp_path / "p.csv")
     assert df["train_id"].tolist() == ["t1", None]

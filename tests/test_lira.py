@@ -32,9 +32,7 @@ def _known_gaussians(seed=0, n=40):
     mu_out = mu_in + rng.uniform(0.0, 0.6, n)
     sd_out = rng.uniform(0.05, 0.3, n)
     c = np.sqrt(1.5)
-    shadow = np.stack(
-        [mu_in - sd_in, mu_in + sd_in, mu_out - c * sd_out, mu_out, mu_out + c * sd_out]
-    )
+    shadow = np.stack([mu_in - sd_in, mu_in + sd_in, mu_out - c * sd_out, mu_out, mu_out + c * sd_out])
     mask = np.zeros(shadow.shape, bool)
     mask[:2] = True
     # shuffle the models per example so IN/OUT are not in fixed rows
@@ -111,18 +109,12 @@ def test_lira_vs_loop_reference(fixed_variance, location):
         sd_in = np.full(s.size, np.sqrt(np.mean(res_in**2)))
         sd_out = np.full(s.size, np.sqrt(np.mean(res_out**2)))
     else:
-        sd_in = np.array(
-            [np.sqrt(np.mean((s_shadow[mask[:, i], i] - mu_in[i]) ** 2)) for i in range(s.size)]
-        )
-        sd_out = np.array(
-            [np.sqrt(np.mean((s_shadow[~mask[:, i], i] - mu_out[i]) ** 2)) for i in range(s.size)]
-        )
+        sd_in = np.array([np.sqrt(np.mean((s_shadow[mask[:, i], i] - mu_in[i]) ** 2)) for i in range(s.size)])
+        sd_out = np.array([np.sqrt(np.mean((s_shadow[~mask[:, i], i] - mu_out[i]) ** 2)) for i in range(s.size)])
     inputs = AttackInputs(target, shadow, mask)
     on = LiRAOnline(fixed_variance=fixed_variance, location=location).fit_score(inputs)
     off = LiRAOffline(fixed_variance=fixed_variance, location=location).fit_score(inputs)
-    np.testing.assert_allclose(
-        on.scores, norm.logpdf(s, mu_in, sd_in) - norm.logpdf(s, mu_out, sd_out), rtol=1e-9
-    )
+    np.testing.assert_allclose(on.scores, norm.logpdf(s, mu_in, sd_in) - norm.logpdf(s, mu_out, sd_out), rtol=1e-9)
     np.testing.assert_allclose(off.scores, -norm.logsf(s, mu_out, sd_out), rtol=1e-9)
     assert on.params == {"fixed_variance": fixed_variance, "location": location}
 

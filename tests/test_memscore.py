@@ -38,9 +38,7 @@ def test_leave_one_out_equals_direct_computation():
     u = np.empty(n)
     v = np.empty(n)
     for i in range(n):
-        with_i = [
-            norm.logpdf(x[i], mu, np.sqrt(var)) for j, (mu, var) in enumerate(models) if j != i
-        ]
+        with_i = [norm.logpdf(x[i], mu, np.sqrt(var)) for j, (mu, var) in enumerate(models) if j != i]
         u[i] = np.log(np.mean(np.exp(with_i)))  # n − 1 models contain x_i
         mu, var = models[i]
         v[i] = norm.logpdf(x[i], mu, np.sqrt(var))  # the one model without x_i
@@ -71,9 +69,7 @@ def test_k_fold_repeats_vs_loop_reference(folds, repeats):
     assert set(r.n_in) == {repeats * (folds - 1)} and set(r.n_out) == {repeats}
     assert r.log_likelihood.shape == (repeats * folds, x.size)
     assert r.top(1).tolist() == [20]
-    np.testing.assert_allclose(
-        [r.quantiles[0.95], r.quantiles[0.999]], np.quantile(r.score, [0.95, 0.999])
-    )
+    np.testing.assert_allclose([r.quantiles[0.95], r.quantiles[0.999]], np.quantile(r.score, [0.95, 0.999]))
     assert r.top(5).tolist() == np.argsort(-r.score, kind="stable")[:5].tolist()
     assert json.loads(json.dumps(r.to_dict()))["folds"] == folds
 
@@ -88,9 +84,7 @@ def test_fold_assignment_is_balanced_and_stable():
 
 def test_logmeanexp_is_stable():
     assert logmeanexp(np.array([-1000.0, -1000.0])) == pytest.approx(-1000.0)
-    np.testing.assert_allclose(
-        logmeanexp(np.log([[1.0, 2.0], [3.0, 6.0]]), axis=0), np.log([2.0, 4.0])
-    )
+    np.testing.assert_allclose(logmeanexp(np.log([[1.0, 2.0], [3.0, 6.0]]), axis=0), np.log([2.0, 4.0]))
 
 
 class CountingTrainer:

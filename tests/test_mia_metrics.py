@@ -98,9 +98,7 @@ def test_hand_example():
     np.testing.assert_allclose(r.tpr, [0, third, 2 * third, 2 * third, 1, 1])
     # AUC: pairs (M, N) with M > N: 0.9 beats 3, 0.8 beats 2 and ties 1, 0.4 beats 1 → 6.5/9
     assert r.auc == pytest.approx(6.5 / 9)
-    assert r.balanced_accuracy == pytest.approx(
-        max(0.5 * (t + 1 - f) for f, t in zip(r.fpr, r.tpr))
-    )
+    assert r.balanced_accuracy == pytest.approx(max(0.5 * (t + 1 - f) for f, t in zip(r.fpr, r.tpr)))
     assert r.tpr_at_fpr(0.0) == pytest.approx(third)  # 0.9 alone; 0.8 brings a non-member
     assert r.tpr_at_fpr(0.34) == pytest.approx(2 * third)
     assert r.tpr_at_fpr(2 / 3) == 1.0
@@ -154,9 +152,7 @@ def test_bootstrap_equals_explicit_resampling():
     pos, neg = np.flatnonzero(y), np.flatnonzero(~y)
     aucs, tprs, bals = [], [], []
     for _ in range(b):
-        idx = np.r_[
-            pos[rng.integers(0, pos.size, pos.size)], neg[rng.integers(0, neg.size, neg.size)]
-        ]
+        idx = np.r_[pos[rng.integers(0, pos.size, pos.size)], neg[rng.integers(0, neg.size, neg.size)]]
         fpr, tpr, _ = roc_curve(y[idx], s[idx])
         aucs.append(roc_auc_score(y[idx], s[idx]))
         tprs.append(tpr[fpr <= 0.05].max())

@@ -23,8 +23,22 @@ def _prompts(tmp_path, n=8):
 
 
 def _cmd(prompts, train, out, *extra):
-    return [sys.executable, "-m", "memscan.cli", "extract", "--model", "py:gen_support:slow", "--prompts", str(prompts),
-            "--train", str(train), "--out", str(out), *map(str, ARGS), *extra]
+    return [
+        sys.executable,
+        "-m",
+        "memscan.cli",
+        "extract",
+        "--model",
+        "py:gen_support:slow",
+        "--prompts",
+        str(prompts),
+        "--train",
+        str(train),
+        "--out",
+        str(out),
+        *map(str, ARGS),
+        *extra,
+    ]
 
 
 def _env(delay):
@@ -53,7 +67,9 @@ def test_sigkill_at_ten_random_points_always_resumes_to_the_same_tables(tmp_path
             proc.send_signal(signal.SIGKILL)
             kills += 1
         proc.wait()
-        if (run / "manifest.json").exists() and json.loads((run / "manifest.json").read_text()).get("status") == "complete":
+        if (run / "manifest.json").exists() and json.loads((run / "manifest.json").read_text()).get(
+            "status"
+        ) == "complete":
             break
     # each resume makes progress, so late attempts may finish before their kill
     assert kills >= 4, f"the kills must land while the run is working ({kills} of 10 did)"
@@ -69,7 +85,9 @@ def test_sigkill_at_ten_random_points_always_resumes_to_the_same_tables(tmp_path
 def test_two_processes_on_one_run_directory_are_refused(tmp_path, synth_train):
     prompts = _prompts(tmp_path)
     run = tmp_path / "run"
-    first = subprocess.Popen(_cmd(prompts, synth_train, run), env=_env(3.0), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = subprocess.Popen(
+        _cmd(prompts, synth_train, run), env=_env(3.0), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 120
     while time.time() < deadline and not (run / ".lock").exists():
         time.sleep(0.05)
@@ -125,10 +143,31 @@ def _peak_rss_mb(n_prompts, tmp_path, synth_train):
         "print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)\n"
     )
     proc = subprocess.run(
-        [sys.executable, "-c", code, "extract", "--model", "py:gen_support:planted", "--prompts", str(prompts), "--train",
-         str(synth_train), "--out", str(tmp_path / f"run{n_prompts}"), "--samples-per-prompt", "150", "--shard-size", "4",
-         "--batch-size", "50", "--quiet"],
-        capture_output=True, text=True, env=_env(0), timeout=600,
+        [
+            sys.executable,
+            "-c",
+            code,
+            "extract",
+            "--model",
+            "py:gen_support:planted",
+            "--prompts",
+            str(prompts),
+            "--train",
+            str(synth_train),
+            "--out",
+            str(tmp_path / f"run{n_prompts}"),
+            "--samples-per-prompt",
+            "150",
+            "--shard-size",
+            "4",
+            "--batch-size",
+            "50",
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        env=_env(0),
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr
     return int(proc.stdout.split("PEAK")[-1])

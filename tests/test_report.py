@@ -9,7 +9,7 @@ from memscan import ExtractConfig, extract
 from memscan.report.html import build_report
 from memscan.synthetic import SyntheticGenerator, write_training_set
 
-HOSTILE = "<script>alert(1)</script><img src=x onerror=alert(2)> [x](javascript:alert(3)) \" onmouseover=\"alert(4)"
+HOSTILE = '<script>alert(1)</script><img src=x onerror=alert(2)> [x](javascript:alert(3)) " onmouseover="alert(4)'
 
 
 def test_hostile_caption_and_prompt_are_escaped(tmp_path):
@@ -35,12 +35,18 @@ def test_report_rebuilds_from_tables_alone(tmp_path):
     train = tmp_path / "train"
     write_training_set(train, 10, size=16)
     gen = SyntheticGenerator({"p": "t0001"}, size=16, copy_rate=0.6)
-    extract(gen, pd.DataFrame({"prompt_id": ["p"], "prompt": ["p"], "duplicate_count": [7]}), train, tmp_path / "run",
-            ExtractConfig(samples_per_prompt=30), progress=False)
+    extract(
+        gen,
+        pd.DataFrame({"prompt_id": ["p"], "prompt": ["p"], "duplicate_count": [7]}),
+        train,
+        tmp_path / "run",
+        ExtractConfig(samples_per_prompt=30),
+        progress=False,
+    )
     import shutil
 
     shutil.rmtree(train)  # the training set is gone: the report needs only the run
     html = build_report(tmp_path / "run", tmp_path / "r.html").read_text()
     assert "Extraction rate vs duplicate count" in html
     m = json.loads((tmp_path / "run" / "manifest.json").read_text())
-    assert f"<td class=\"num\">{m['counts']['samples']}</td>" in html
+    assert f'<td class="num">{m["counts"]["samples"]}</td>' in html

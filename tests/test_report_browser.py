@@ -13,13 +13,21 @@ from memscan.report.html import build_report
 from memscan.synthetic import SyntheticGenerator, write_training_set
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 HOSTILE = [
     "<script>document.title='PWNED-script'</script>",
     "<img src=x onerror=\"document.title='PWNED-onerror'\">",
     "<a href=\"javascript:document.title='PWNED-href'\">click</a> [md](javascript:alert(1)) **bold**",
-    "\" onmouseover=\"document.title='PWNED-attr'\" x=\"",
+    '" onmouseover="document.title=\'PWNED-attr\'" x="',
 ]
 
 
@@ -39,8 +47,17 @@ def test_hostile_captions_render_as_text_in_a_browser(tmp_path):
     assert page.read_text().count('class="card"') == len(HOSTILE)
 
     proc = subprocess.run(
-        [CHROMIUM, *FLAGS, f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=3000", "--dump-dom", page.as_uri()],
-        capture_output=True, text=True, timeout=120,
+        [
+            CHROMIUM,
+            *FLAGS,
+            f"--user-data-dir={tmp_path / 'profile'}",
+            "--virtual-time-budget=3000",
+            "--dump-dom",
+            page.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     dom = proc.stdout
     assert "<body" in dom, proc.stderr[-2000:]
@@ -58,9 +75,20 @@ def test_hostile_captions_render_as_text_in_a_browser(tmp_path):
 def test_the_browser_harness_does_detect_a_script_that_runs(tmp_path):
     """Control: an unescaped page's script changes the title, so the check above can fail."""
     page = tmp_path / "raw.html"
-    page.write_text("<html><head><title>t</title></head><body><img src=x onerror=\"document.title='PWNED-onerror'\"></body></html>")
+    page.write_text(
+        "<html><head><title>t</title></head><body><img src=x onerror=\"document.title='PWNED-onerror'\"></body></html>"
+    )
     proc = subprocess.run(
-        [CHROMIUM, *FLAGS, f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=3000", "--dump-dom", page.as_uri()],
-        capture_output=True, text=True, timeout=120,
+        [
+            CHROMIUM,
+            *FLAGS,
+            f"--user-data-dir={tmp_path / 'profile'}",
+            "--virtual-time-budget=3000",
+            "--dump-dom",
+            page.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert "<title>PWNED-onerror</title>" in proc.stdout

@@ -195,7 +195,9 @@ def _load_unet(unet_dir: Path):
 
     weights = find_weights(unet_dir)
     if weights is None:
-        raise InputError(f"{unet_dir}: no weights file (diffusion_pytorch_model.safetensors)", "save the model with save_pretrained")
+        raise InputError(
+            f"{unet_dir}: no weights file (diffusion_pytorch_model.safetensors)", "save the model with save_pretrained"
+        )
     if weights.suffix == ".safetensors":
         return UNet2DModel.from_pretrained(unet_dir, use_safetensors=True)
     unet = UNet2DModel.from_config(UNet2DModel.load_config(unet_dir))

@@ -118,8 +118,7 @@ class AttackInputs:
             if bad.any():
                 m, i = np.argwhere(bad)[0]
                 raise InputError(
-                    f"shadow_loss: {int(bad.sum())} value(s) are NaN or infinite "
-                    f"(first at model {m}, example {i})",
+                    f"shadow_loss: {int(bad.sum())} value(s) are NaN or infinite (first at model {m}, example {i})",
                     "recompute those losses; examples are never dropped silently",
                 )
         if self.shadow_in is not None:
@@ -133,9 +132,7 @@ class AttackInputs:
                 )
             if mask.dtype != np.bool_:
                 if not np.issubdtype(mask.dtype, np.number) or not np.isin(mask, (0, 1)).all():
-                    raise InputError(
-                        f"shadow_in: dtype {mask.dtype} is not boolean", "pass bool or 0/1"
-                    )
+                    raise InputError(f"shadow_in: dtype {mask.dtype} is not boolean", "pass bool or 0/1")
                 mask = mask.astype(bool)
         elif shadow is not None:
             mask = np.zeros(shadow.shape, dtype=bool)
@@ -147,9 +144,7 @@ class AttackInputs:
             if isinstance(t, bool) or int(t) != t or t < 0:
                 raise InputError(f"timestep: {t!r} is not a non-negative integer")
             t = int(t)
-        return replace(
-            self, target_loss=loss, shadow_loss=shadow, shadow_in=mask, is_member=labels, timestep=t
-        )
+        return replace(self, target_loss=loss, shadow_loss=shadow, shadow_in=mask, is_member=labels, timestep=t)
 
 
 # --------------------------------------------------------------------------------------------
@@ -259,9 +254,7 @@ def make_attack(name: str, **options: Any) -> Attack:
     try:
         cls = ATTACKS[name]
     except KeyError:
-        raise InputError(
-            f"unknown attack {name!r}", f"choose one of {', '.join(sorted(ATTACKS))}"
-        ) from None
+        raise InputError(f"unknown attack {name!r}", f"choose one of {', '.join(sorted(ATTACKS))}") from None
     return cls(**options)
 
 
@@ -329,9 +322,7 @@ class _LiRA(Attack):
 
     def _fit(self, x: AttackInputs, member_side: bool):
         mask = x.shadow_in if member_side else ~x.shadow_in
-        return _fit_gaussians(
-            -x.shadow_loss, mask, fixed_variance=self.fixed_variance, location=self.location
-        )
+        return _fit_gaussians(-x.shadow_loss, mask, fixed_variance=self.fixed_variance, location=self.location)
 
 
 @_register

@@ -365,8 +365,7 @@ def _check_ll(values: Any, n: int, r: int, k: int) -> np.ndarray:
     row = np.asarray(values, dtype=np.float64)
     if row.shape != (n,):
         raise InputError(
-            f"log_likelihood_fn: returned shape {row.shape} for model (repeat {r}, fold {k}), "
-            f"expected ({n},)",
+            f"log_likelihood_fn: returned shape {row.shape} for model (repeat {r}, fold {k}), expected ({n},)",
             "return log p(x_i) for every example of the full data set",
         )
     bad = ~np.isfinite(row)

@@ -65,9 +65,7 @@ def _as_scores(scores: Any, name: str = "scores") -> np.ndarray:
     try:
         s = np.asarray(scores, dtype=np.float64)
     except (TypeError, ValueError) as exc:
-        raise InputError(
-            f"{name}: cannot be read as numbers ({exc})", "pass a 1-D float array"
-        ) from exc
+        raise InputError(f"{name}: cannot be read as numbers ({exc})", "pass a 1-D float array") from exc
     if s.ndim != 1:
         raise InputError(f"{name}: expected a 1-D array, got shape {s.shape}", "flatten it")
     if s.size == 0:
