@@ -15,7 +15,9 @@ Seeds: every sample gets its own ``torch.Generator`` (on the CPU, so that the sa
 the same noise on every device) seeded by the memscan seed ``derive_seed(run seed, prompt id,
 sample index)``. The initial latents are drawn here, one per seed, and handed to the pipeline;
 a stochastic scheduler draws its per-step noise from the same per-sample generators. So an image
-depends on its seed alone and any single generation can be reproduced without its batch.
+depends on its seed alone and any single generation can be reproduced without its batch — up to
+float rounding: kernels differ with the batch size at ~1e-6, which can move a pixel that sits on
+a rounding boundary by one grey level. The same seeds in the same batches give identical bytes.
 
 An optional ``memscan.json`` beside ``model_index.json`` sets sampling defaults for the model
 (``num_inference_steps``, ``guidance_scale``, ``scheduler``, ``resolution``).
@@ -96,7 +98,8 @@ class Text2ImageGenerator:
     >>> x = gen.generate("a red square", [7, 8])
     >>> x.shape, x.dtype.name, gen.output_shape
     ((2, 32, 32, 3), 'uint8', (32, 32, 3))
-    >>> bool((gen.generate("a red square", [8]) == x[1:]).all())   # a sample reproduced alone
+    >>> alone = gen.generate("a red square", [8])[0]             # a sample reproduced alone
+    >>> int(np.abs(alone.astype(int) - x[1]).max()) <= 1            # equal up to float rounding
     True
     """
 
