@@ -209,7 +209,7 @@ def bench_tiny(args, tmp: Path) -> dict:
     meta = json.loads((model / "memscan.json").read_text())["finetune"]
     gen = load_text2image_generator(str(model), device=args.device, batch_size=args.batch)
     mem = meta["memorized"]
-    unrelated = meta["other_captions"][:12] + [
+    unrelated = meta["other_captions"][:6] + [
         "a yellow tram",
         "two cats",
         "a quiet harbour",

@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 from conftest import run_cli
 
+from memscan import tiled_l2
 from memscan.data.images import save_png
 from memscan.errors import InputError
 from memscan.generators.load import load_generator
@@ -47,8 +48,12 @@ def test_same_seed_same_images_and_one_generation_reproduces_alone(gen):
     assert a.dtype == np.uint8 and a.shape == (5, 32, 32, 3)
     assert np.array_equal(a, b)
     for i in (2, 4):
-        alone = gen.generate("a red fox", [seeds[i]])
-        assert np.array_equal(alone[0], a[i]), i
+        # alone, the kernels see another batch size (float differences ~1e-6): at most one grey
+        # level on the few pixels that sit on a rounding boundary
+        alone = gen.generate("a red fox", [seeds[i]])[0].astype(int)
+        assert np.abs(alone - a[i]).max() <= 1, i
+        assert (alone != a[i]).mean() < 0.01, i
+        assert tiled_l2(alone.astype(np.uint8), a[i]) < 1e-3
     # other seeds and other prompts give other images
     assert not np.array_equal(gen.generate("a red fox", derive_seeds(1, "p", 0, 1))[0], a[0])
     assert not np.array_equal(gen.generate("a blue car", seeds[:1])[0], a[0])
