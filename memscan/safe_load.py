@@ -50,3 +50,14 @@ def find_weights(directory: Path, stem: str = "diffusion_pytorch_model") -> Path
         if f.exists():
             return f
     return None
+
+
+def low_mem_kwargs() -> dict:
+    """``from_pretrained`` keyword that avoids diffusers' "install accelerate" warning.
+
+    Without ``accelerate`` diffusers falls back to ``low_cpu_mem_usage=False`` anyway, but says so
+    on every load; small models gain nothing from it, so we ask for the fallback explicitly.
+    """
+    import importlib.util
+
+    return {} if importlib.util.find_spec("accelerate") else {"low_cpu_mem_usage": False}

@@ -24,6 +24,7 @@ import torch
 
 from memscan.errors import InputError
 from memscan.generators.base import check_generations
+from memscan.safe_load import low_mem_kwargs
 
 SAMPLERS = ("ddim", "ddpm")
 
@@ -173,7 +174,7 @@ def load_unet_generator(path: str, *, device: str = "cpu", batch_size: int = 64,
             scheduler = DDPMScheduler()
         source = str(root)
     else:
-        unet = UNet2DModel.from_pretrained(path, subfolder="unet", use_safetensors=True)
+        unet = UNet2DModel.from_pretrained(path, subfolder="unet", use_safetensors=True, **low_mem_kwargs())
         scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
         source = path
     kwargs = {
@@ -199,7 +200,7 @@ def _load_unet(unet_dir: Path):
             f"{unet_dir}: no weights file (diffusion_pytorch_model.safetensors)", "save the model with save_pretrained"
         )
     if weights.suffix == ".safetensors":
-        return UNet2DModel.from_pretrained(unet_dir, use_safetensors=True)
+        return UNet2DModel.from_pretrained(unet_dir, use_safetensors=True, **low_mem_kwargs())
     unet = UNet2DModel.from_config(UNet2DModel.load_config(unet_dir))
     missing, unexpected = unet.load_state_dict(load_state_dict(weights), strict=False)
     if missing or unexpected:

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from memscan.errors import InputError
+from memscan.safe_load import low_mem_kwargs
 
 __all__ = [
     "CallableNoisePredictor",
@@ -504,7 +505,7 @@ def load_noise_predictor(
             "memscan loads UNet2DModel and UNet2DConditionModel; wrap others as py:",
         )
     try:
-        unet = classes[cls_name].from_pretrained(unet_dir, use_safetensors=True)
+        unet = classes[cls_name].from_pretrained(unet_dir, use_safetensors=True, **low_mem_kwargs())
     except OSError as exc:
         raise InputError(
             f"{spec}: cannot load the UNet ({str(exc).splitlines()[0]})",
