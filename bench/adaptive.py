@@ -20,7 +20,9 @@ Usage::
     python bench/adaptive.py --quick                       # small, CPU
     python bench/adaptive.py --tiny-model DIR              # a memorized tiny pipeline directory
 
-Prints a table per model and a JSON summary (``--json PATH``).
+Prints a table per model and a JSON summary (``--json PATH``); ``--plot PNG`` draws the curves
+(the same plot as a run's report), and ``--replot JSON --plot PNG`` redraws them from a saved
+summary without generating anything.
 """
 
 from __future__ import annotations
@@ -257,6 +259,24 @@ def bench_tiny(args, tmp: Path) -> dict:
     return out
 
 
+def plot_curves(summary: dict, path: Path) -> None:
+    """Share of full-budget extractions found against share of evaluations, one line per model."""
+    from memscan.report.plots import adaptive_budget_plot
+
+    curves = {}
+    for key, name in (("demo", "demo model"), ("tiny", "tiny SD pipeline")):
+        part = summary.get(key)
+        if not part:
+            continue
+        c = pd.DataFrame(part["curve"]).dropna(subset=["extractions_found_share"]).sort_values("evaluations_share")
+        c = c.rename(columns={"extractions_found_share": "extractions_found"})
+        label = f"{name}, N = {part['samples_per_prompt']} ({c['extractions_full'].iloc[0]} extractions)"
+        curves[label] = pd.concat([pd.DataFrame({"evaluations_share": [0.0], "extractions_found": [0.0]}), c])
+    png = adaptive_budget_plot(curves, ylabel="share of full-budget extractions found", target=(0.25, 0.95))
+    path.write_bytes(png)
+    print(f"plot: {path}")
+
+
 def main(argv: list[str] | None = None) -> dict:
     import torch
 
@@ -269,7 +289,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--skip-demo", action="store_true")
     ap.add_argument("--batch", type=int, default=None)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--plot", type=Path, help="write the curves as a PNG")
+    ap.add_argument("--replot", type=Path, help="redraw --plot from a saved --json summary, generating nothing")
     args = ap.parse_args(argv)
+    if args.replot:
+        summary = json.loads(args.replot.read_text())
+        plot_curves(summary, args.plot or args.replot.with_suffix(".png"))
+        return summary
     args.demo_samples = args.demo_samples or (40 if args.quick else 500)
     args.tiny_samples = args.tiny_samples or (30 if args.quick else 200)
     args.batch = args.batch or (40 if args.quick else 250)
@@ -291,6 +317,8 @@ def main(argv: list[str] | None = None) -> dict:
             save()
     print(json.dumps(summary, indent=1, default=str))
     save()
+    if args.plot:
+        plot_curves(summary, args.plot)
     return summary
 
 

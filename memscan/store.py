@@ -120,6 +120,11 @@ class RunLock:
         for _ in range(2):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileNotFoundError:
+                raise MemscanError(
+                    f"{self.path.parent} is not a memscan run (the directory does not exist)",
+                    "pass the --out directory of `memscan extract`",
+                ) from None
             except FileExistsError:
                 if self._stale():
                     self.path.unlink(missing_ok=True)

@@ -186,3 +186,29 @@ def test_cli_adaptive_flags(tmp_path, synth_train):
     assert det.loc["fresh 1", "n_samples"] == 20 and det.loc["fresh 2", "n_samples"] == 20
     assert bool(det.loc["copy t0003", "detected"])
     assert "adaptive budget:" in proc.stdout
+
+
+def test_report_shows_the_budget_curve(runs):
+    """The report of an adaptive run carries the spending curve, recomputed here by hand from
+    n_samples; a full-budget run's report has no such section."""
+    from memscan.report.html import build_report
+    from memscan.report.plots import adaptive_budget_curve
+
+    gen, prompts, full, adaptive = runs
+    det, ext = adaptive.detections, adaptive.extractions
+    curve = adaptive_budget_curve(det, ext, [30, 60, 90, 120])
+    n = det["n_samples"].to_numpy()
+    hit = det["prompt_id"].isin(adaptive.extracted["prompt_id"]).to_numpy()
+    for r in (30, 60, 90, 120):
+        row = curve.set_index("round_end").loc[r]
+        assert row["generations"] == sum(min(int(x), r) for x in n)
+        assert row["prompts_running"] == sum(int(x) > r for x in n)
+        assert row["extractions_found"] == sum(bool(h) and int(x) <= r for x, h in zip(n, hit))
+    last = curve.iloc[-1]
+    assert last["generations"] == n.sum() and last["extractions_found"] == len(RATES)
+    assert last["evaluations_share"] == n.sum() / (len(prompts) * N)
+
+    html = build_report(adaptive.run_dir).read_text()
+    assert "Adaptive generation budget" in html
+    assert f"<b>{n.sum()}</b> of {len(prompts) * N} generations" in html
+    assert "Adaptive generation budget" not in build_report(full.run_dir).read_text()

@@ -63,6 +63,10 @@ def register(app: typer.Typer) -> None:
             f"(τ = {tau}, {s['confirmed_pairs']} pairs confirmed, {s['rejected_by_pixel_check']} rejected); "
             f"{len(res.prompts)} prompts → {out}"
         )
+        if s.get("skipped"):
+            typer.echo(
+                f"{s['skipped']} unreadable image(s) skipped (listed in {Path(out).stem}.candidates.json)", err=True
+            )
         if s.get("not_in_index"):
             typer.echo(
                 f"warning: {s['not_in_index']} images of {train} are not in the index and were not counted", err=True

@@ -44,8 +44,16 @@ def load_prompts(path: str | Path) -> tuple[pd.DataFrame, dict]:
                 "add columns prompt_id and prompt (optional: train_id, duplicate_count)",
             )
         df = df.copy()
+        for col in ("prompt_id", "prompt"):
+            null = df.index[df[col].isna()].tolist()
+            if null:
+                raise InputError(
+                    f"prompts table {path}: {col} is missing (null) in row {null[0]} ({len(null)} rows in all)",
+                    "fill it in or drop the row (an empty string is a valid, unconditional prompt)",
+                )
         df["prompt_id"] = df["prompt_id"].astype(str)
-        df["prompt"] = df["prompt"].fillna("").astype(str)
+        df["prompt"] = df["prompt"].astype(str)
+        info["empty_prompts"] = int((df["prompt"].str.strip() == "").sum())
     else:
         raw = p.read_bytes()
         try:

@@ -128,10 +128,18 @@ def _list_manifest(path: Path) -> list[_Entry]:
             f"training manifest {path} lacks column(s) {', '.join(sorted(missing))}",
             "the manifest needs columns id, path and optionally caption",
         )
+    bad = [(i, v) for i, v in zip(df["id"], df["path"]) if not isinstance(v, str) or not v.strip()]
+    if bad:
+        raise InputError(
+            f"training manifest {path}: the path of id {str(bad[0][0])!r} is {bad[0][1]!r}, not a file path "
+            f"({len(bad)} such rows)",
+            "the path column must hold image paths (strings) relative to the manifest's folder",
+        )
     root = path.parent.resolve()
     entries = []
     ids = df["id"].astype(str).tolist()
-    dupes = sorted({i for i in ids if ids.count(i) > 1}) if len(set(ids)) != len(ids) else []
+    id_series = pd.Series(ids)
+    dupes = sorted(set(id_series[id_series.duplicated()]))
     if dupes:
         raise InputError(f"training manifest {path} repeats ids: {', '.join(dupes[:5])}", "make the id column unique")
     captions = df["caption"].fillna("").astype(str).tolist() if "caption" in df.columns else [""] * len(df)
@@ -161,9 +169,7 @@ def load_training_set(
         return webdataset.load_webdataset(path, size, channels, progress)
     entries = list_training_set(path)
     if not entries:
-        raise InputError(
-            f"training set {path} holds no images", f"expected files ending in {', '.join(IMAGE_EXTENSIONS)}"
-        )
+        raise empty_training_set(path)
     ids, caps, imgs, skipped = [], [], [], []
     first_size = size
     for k, e in enumerate(entries):
@@ -180,8 +186,22 @@ def load_training_set(
         if progress is not None:
             progress(k + 1, len(entries))
     if not imgs:
-        raise InputError(
-            f"no image of training set {path} could be read ({len(skipped)} skipped; first: {skipped[0]['reason']})",
-            "check the files are valid images",
-        )
+        raise nothing_readable(path, skipped)
     return TrainingSet(ids, caps, np.stack(imgs), skipped, str(path))
+
+
+def empty_training_set(path) -> InputError:
+    """The error for a training set that lists no image at all."""
+    return InputError(
+        f"training set {path} holds no images",
+        f"pass a folder, manifest or shards with images (files ending in {', '.join(IMAGE_EXTENSIONS)})",
+    )
+
+
+def nothing_readable(path, skipped: list[dict]) -> InputError:
+    """The error for a training set none of whose images decodes (``skipped`` lists why)."""
+    first = f"; first: {skipped[0]['reason']}" if skipped else ""
+    return InputError(
+        f"no image of training set {path} could be read ({len(skipped)} skipped{first})",
+        "check the files are valid images",
+    )

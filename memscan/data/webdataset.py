@@ -354,9 +354,7 @@ def load_webdataset(path: str | Path, size: tuple[int, int] | None = None, chann
         if progress is not None:
             progress(k + 1, len(samples))
     if not imgs:
-        first = skipped[0]["reason"] if skipped else "no samples"
-        raise InputError(
-            f"no image of training set {path} could be read ({len(skipped)} skipped; first: {first})",
-            "check the shards hold valid images",
-        )
+        from memscan.data.training import nothing_readable
+
+        raise nothing_readable(path, skipped)
     return TrainingSet(ids, caps, np.stack(imgs), skipped, str(path), warnings=warnings)

@@ -117,6 +117,12 @@ class ExtractConfig:
         return asdict(self)
 
     @classmethod
+    def from_dict(cls, values: dict) -> ExtractConfig:
+        """The config recorded in a run's manifest (keys this version does not know are ignored)."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+    @classmethod
     def from_sources(cls, config_file: str | Path | None = None, **overrides) -> ExtractConfig:
         """Defaults < values from a TOML file (``[extract]`` table or top level) < explicit overrides."""
         values: dict = {}

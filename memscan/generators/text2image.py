@@ -240,16 +240,14 @@ def _read_meta(root: Path) -> dict:
 def load_pipeline(spec: str, *, device: str = "cpu", dtype: str | None = None):
     """Load a text-to-image pipeline from a directory or hub id (safetensors only)."""
     try:
-        from diffusers import AutoPipelineForText2Image, DiffusionPipeline
-    except ImportError as exc:  # pragma: no cover - diffusers is a core dependency
-        raise InputError(f"cannot import diffusers: {exc}", "pip install diffusers") from None
-    try:
         import transformers  # noqa: F401
     except ImportError:
         raise InputError(
             "text-to-image pipelines need the transformers package (text encoder, tokenizer)",
             "pip install 'memscan[t2i]'",
         ) from None
+    with _quiet_loading():  # importing the pipelines makes transformers warn about torchvision
+        from diffusers import AutoPipelineForText2Image, DiffusionPipeline
     torch_dtype = resolve_dtype(dtype, device)
     root = Path(spec)
     index = {}

@@ -289,6 +289,7 @@ def count_duplicates(
     max_check_bytes : keep pixel-check images from the embedding pass when they fit in this many
         bytes; otherwise the images in candidate pairs are decoded again in a second pass
     """
+    from memscan.data.training import empty_training_set, nothing_readable
     from memscan.index.embedders import load_embedder
     from memscan.index.faiss_index import TrainingIndex, _progress
     from memscan.index.source import iter_batches, list_source
@@ -320,7 +321,7 @@ def count_duplicates(
         not_in_index = 0
         n_all = len(listing.entries)
         if n_all == 0:
-            raise InputError(f"training set {train} holds no images")
+            raise empty_training_set(train)
         emb = np.empty((n_all, model.dim), np.float32)
         fits = n_all * size[0] * size[1] * 3 <= max_check_bytes
         keep_pixels = np.empty((n_all, *size, 3), np.uint8) if check and fits and model.channels == 3 else None
@@ -342,7 +343,7 @@ def count_duplicates(
             keep_pixels = keep_pixels[kept]
         ids, captions = [e.id for e in entries], [e.caption for e in entries]
         if not ids:
-            raise InputError(f"no image of training set {train} could be read ({len(skipped)} skipped)")
+            raise nothing_readable(train, skipped)
         index = TrainingIndex.from_embeddings(emb, ids, captions, "auto")
     embed_done = time.time()
     # 2. candidate pairs, then pixel-check images for the rows involved (second pass if needed)

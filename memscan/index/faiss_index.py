@@ -367,6 +367,7 @@ def build_index(
     >>> len(index), index.dim, index.params.index_type, TrainingIndex.load(f"{d}/index").ids[:2]
     (20, 768, 'flat', ['t0000', 't0001'])
     """
+    from memscan.data.training import empty_training_set, nothing_readable
     from memscan.index.embedders import load_embedder
     from memscan.index.source import iter_batches, list_source
 
@@ -382,7 +383,7 @@ def build_index(
     listing = list_source(train)
     n = len(listing.entries)
     if n == 0:
-        raise InputError(f"training set {train} holds no images", "pass a folder, manifest or shards with images")
+        raise empty_training_set(train)
     # 2. embed batch by batch into a memory-mapped (or in-memory) N×D array
     if root is not None:
         root.mkdir(parents=True, exist_ok=True)
@@ -404,10 +405,7 @@ def build_index(
             kept[pos] = True
             bar.update(task, completed=int(pos[-1]) + 1)
     if not kept.any():
-        raise InputError(
-            f"no image of training set {train} could be read ({len(skipped)} skipped)",
-            "check the files are valid images",
-        )
+        raise nothing_readable(train, skipped)
     ids = [e.id for e, k in zip(listing.entries, kept) if k]
     captions = [e.caption for e, k in zip(listing.entries, kept) if k]
     if not kept.all():  # drop the rows of unreadable images

@@ -138,10 +138,19 @@ def _read_members(path: str | Path, ids: list[str]) -> np.ndarray:
     if not p.is_file():
         raise InputError(f"members file {path} does not exist", "pass a text file with one member id per line")
     if p.suffix.lower() in (".csv", ".parquet"):
-        df = pd.read_parquet(p) if p.suffix.lower() == ".parquet" else pd.read_csv(p, dtype={"id": str})
+        try:
+            df = pd.read_parquet(p) if p.suffix.lower() == ".parquet" else pd.read_csv(p, dtype=str)
+        except Exception as exc:
+            raise InputError(f"cannot read members table {path}: {exc}", "check it is a valid CSV/Parquet") from None
         if not {"id", "is_member"} <= set(df.columns):
             raise InputError(f"members table {path} needs columns id, is_member")
-        known = dict(zip(df["id"].astype(str), df["is_member"].astype(str).str.lower().isin(["1", "true", "yes"])))
+        flags = df["is_member"].astype(str).str.strip().str.lower()
+        odd = sorted(set(flags) - {"1", "0", "true", "false", "yes", "no"})
+        if odd:
+            raise InputError(
+                f"members table {path}: is_member holds {odd[0]!r}", "use true/false, 1/0 or yes/no in is_member"
+            )
+        known = dict(zip(df["id"].astype(str), flags.isin(["1", "true", "yes"])))
         missing = [i for i in ids if i not in known]
         if missing:
             raise InputError(
@@ -149,7 +158,15 @@ def _read_members(path: str | Path, ids: list[str]) -> np.ndarray:
                 "give every example of --data a row",
             )
         return np.array([known[i] for i in ids], dtype=bool)
-    listed = [s.strip() for s in p.read_text(encoding="utf-8").splitlines() if s.strip()]
+    raw = p.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(
+            f"members file {path} is not UTF-8 (byte {exc.start}: {raw[exc.start : exc.start + 1]!r})",
+            "re-encode it as UTF-8",
+        ) from None
+    listed = [s.strip() for s in text.splitlines() if s.strip()]
     unknown = sorted(set(listed) - set(ids))
     if unknown:
         raise InputError(
@@ -708,7 +725,22 @@ def _load_array_data(data: str | Path) -> tuple[Any, list[str], np.ndarray | Non
         try:
             arr = np.load(p, allow_pickle=False)
         except ValueError as exc:
-            raise InputError(f"{data}: cannot be read without pickle ({exc})", "save plain numeric arrays") from None
+            if "allow_pickle" in str(exc):
+                raise InputError(
+                    f"{data}: holds Python objects that only pickle can read; memscan never unpickles data",
+                    "save a plain numeric array (np.save of a float or integer array)",
+                ) from None
+            raise InputError(f"{data}: not a valid .npy file ({exc})", "save it again with np.save") from None
+        except (EOFError, OSError) as exc:
+            raise InputError(
+                f"{data}: truncated or unreadable .npy file ({exc})", "save it again with np.save"
+            ) from None
+        if arr.dtype.kind not in "biuf":
+            raise InputError(f"{data}: array of dtype {arr.dtype} is not numeric", "save a float or integer array")
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            raise InputError(
+                f"{data}: {int((~np.isfinite(arr)).sum())} NaN/Inf value(s)", "drop or fill the non-finite entries"
+            )
         ids = [str(i) for i in range(len(arr))]
         imgs = arr if (arr.dtype == np.uint8 and arr.ndim in (3, 4)) else None
         return arr, ids, imgs

@@ -16,7 +16,14 @@ import pandas as pd
 from jinja2 import Environment, PackageLoader, select_autoescape
 
 from memscan.errors import MemscanError
-from memscan.report.plots import detection_distance_plot, duplication_plot, extraction_rate_by_duplicates
+from memscan.extraction.config import ExtractConfig
+from memscan.report.plots import (
+    adaptive_budget_curve,
+    adaptive_budget_plot,
+    detection_distance_plot,
+    duplication_plot,
+    extraction_rate_by_duplicates,
+)
 from memscan.store import RunStore, safe_name
 
 
@@ -89,6 +96,18 @@ def build_report(run: str | Path, out: str | Path | None = None, extra_summary: 
             }
         )
     rates = extraction_rate_by_duplicates(det, ext)
+    budget = None
+    if cfg.get("adaptive"):
+        rounds = ExtractConfig.from_dict(cfg).rounds()
+        curve = adaptive_budget_curve(det, ext, rounds)
+        budget = {
+            "png": base64.b64encode(adaptive_budget_plot({"this run": curve})).decode(),
+            "rows": curve.iloc[1:].to_dict("records"),
+            "spent": int(det["n_samples"].sum()),
+            "full": len(det) * rounds[-1],
+            "stopped_early": int((det["n_samples"] < rounds[-1]).sum()),
+            "prompts": len(det),
+        }
     env = Environment(loader=PackageLoader("memscan.report", "templates"), autoescape=select_autoescape(["html", "j2"]))
     html = env.get_template("report.html.j2").render(
         title=root.name,
@@ -104,6 +123,7 @@ def build_report(run: str | Path, out: str | Path | None = None, extra_summary: 
         detection_png=base64.b64encode(detection_distance_plot(det, cfg["alpha"], cfg["min_clique"])).decode(),
         duplication_png=base64.b64encode(duplication_plot(rates)).decode() if len(rates) else None,
         duplication_rows=rates.to_dict("records"),
+        budget=budget,
         cards=cards,
         others=others,
     )

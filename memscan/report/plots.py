@@ -78,3 +78,64 @@ def extraction_rate_by_duplicates(det: pd.DataFrame, ext: pd.DataFrame) -> pd.Da
     g["duplicate_count"] = g["duplicate_count"].astype(int)
     g["extracted"] = g["extracted"].astype(int)
     return g
+
+
+def adaptive_budget_curve(det: pd.DataFrame, ext: pd.DataFrame, rounds: list[int]) -> pd.DataFrame:
+    """An adaptive run's spending, round by round, from its tables alone.
+
+    For each round end ``r`` (the cumulative generation counts of ``ExtractConfig.rounds()``):
+    the generations spent by then (every prompt's ``min(n_samples, r)``), as a share of the full
+    budget (prompts × samples_per_prompt), the prompts still running after ``r``, and the
+    extractions confirmed among prompts that had stopped by ``r``. The last row is the run as it
+    finished.
+
+    Examples
+    --------
+    >>> det = pd.DataFrame({"prompt_id": ["a", "b", "c"], "n_samples": [10, 30, 10]})
+    >>> ext = pd.DataFrame({"prompt_id": ["a", "c"], "rank": [1, 1], "extracted": [True, False]})
+    >>> adaptive_budget_curve(det, ext, [10, 20, 30])[["round_end", "generations", "extractions_found"]]
+       round_end  generations  extractions_found
+    0          0            0                  0
+    1         10           30                  1
+    2         20           40                  1
+    3         30           50                  1
+    """
+    n_full = int(rounds[-1])
+    n = det["n_samples"].to_numpy(dtype=np.int64)
+    top = ext[(ext["rank"] == 1) & ext["extracted"].astype(bool)] if len(ext) else ext
+    hit = det["prompt_id"].isin(set(top["prompt_id"]) if len(top) else set()).to_numpy()
+    rows = [{"round_end": 0, "prompts_running": len(n), "generations": 0, "extractions_found": 0}]
+    for r in rounds:
+        rows.append(
+            {
+                "round_end": int(r),
+                "prompts_running": int((n > r).sum()),
+                "generations": int(np.minimum(n, r).sum()),
+                "extractions_found": int((hit & (n <= r)).sum()),
+            }
+        )
+    out = pd.DataFrame(rows)
+    out["evaluations_share"] = out["generations"] / max(1, len(n) * n_full)
+    return out
+
+
+def adaptive_budget_plot(
+    curves: dict[str, pd.DataFrame], ylabel: str = "extractions found", target: tuple[float, float] | None = None
+) -> bytes:
+    """Extractions found against the share of model evaluations spent, one line per curve
+    (columns ``evaluations_share`` and ``extractions_found``); ``target`` = (max share, min found)
+    draws the goal's corner."""
+    plt = _fig()
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for label, c in curves.items():
+        ax.plot(c["evaluations_share"], c["extractions_found"], "o-", ms=4, label=label)
+    if target is not None:
+        ax.axvline(target[0], ls="--", c="k", lw=0.8)
+        ax.axhline(target[1], ls="--", c="k", lw=0.8)
+    ax.set_xlim(0, 1.02)
+    ax.set_xlabel("share of the full budget's model evaluations spent")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    if len(curves) > 1:
+        ax.legend(fontsize=8)
+    return _png(fig)

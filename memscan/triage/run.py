@@ -110,6 +110,7 @@ def triage(
     if (out / "scores.parquet").exists():
         raise MemscanError(f"{out} already holds a triage run", "choose another --out")
     select_ranked(pd.DataFrame(columns=["prompt_id", "wen_score", "webster_score"]), score, top, min_score)
+    df, info = _prompt_table(prompts)  # bad prompts fail here, before the model loads
     started = time.time()
     # 1. the model, with sampling defaults from its memscan.json
     pipe, source, meta = _load(model, config)
@@ -118,7 +119,6 @@ def triage(
     config = TriageConfig(**{**config.to_dict(), "num_inference_steps": steps, "guidance_scale": guidance}).validate()
     tm = TriageModel(pipe, config.device)
     # 2. score all prompts
-    df, info = _prompt_table(prompts)
     t0 = time.perf_counter()
     res = _score_with_progress(tm, df, config, progress)
     seconds = time.perf_counter() - t0

@@ -1,0 +1,177 @@
+"""The bad-input corpus: every broken or hostile input a user's data can hold, built on disk.
+
+Made by the tests (nothing downloaded). ``build_corpus(root)`` writes it and returns a
+:class:`Corpus` of paths; ``tests/test_bad_input_corpus.py`` runs every CLI command that reads
+user data against it.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from memscan.synthetic import training_image
+
+SIZE = 32
+
+
+@dataclass
+class Corpus:
+    #: a training folder of 8 good images in mixed sizes and modes (L, RGB, RGBA, 16-bit, CMYK,
+    #: palette, a JPEG) plus 4 broken files: truncated PNG, corrupt JPEG, zero-byte PNG, text as .png
+    mixed: Path
+    mixed_good: int
+    mixed_broken: list[str]
+    #: training sets that must be refused, by name → (path, what the error must mention)
+    bad_train: dict[str, tuple[Path, str]]
+    #: prompt files that must be refused, by name → (path, what the error must mention)
+    bad_prompts: dict[str, tuple[Path, str]]
+    #: a prompts file with blank lines between 3 prompts (skipped and counted, not an error)
+    blank_lines: Path
+    #: 4 good RGB 32×32 images m0..m3 (membership inference needs every example readable)
+    clean: Path
+    #: member lists for membership inference: name → (path, what the error must mention)
+    bad_members: dict[str, tuple[Path, str]]
+    #: arrays for memscore --data: name → (path, what the error must mention)
+    bad_arrays: dict[str, tuple[Path, str]]
+
+
+def _good(name: str, size: int = SIZE) -> np.ndarray:
+    return training_image(name, size)
+
+
+def build_corpus(root: Path) -> Corpus:
+    root.mkdir(parents=True, exist_ok=True)
+
+    # 1. a training folder: good images in every mode and size, and broken files beside them
+    mixed = root / "mixed"
+    mixed.mkdir()
+    Image.fromarray(_good("m0")).save(mixed / "m0.png")  # RGB
+    Image.fromarray(_good("m1")).convert("L").save(mixed / "m1.png")  # grayscale
+    Image.fromarray(_good("m2")).convert("RGBA").save(mixed / "m2.png")  # alpha
+    Image.fromarray(_good("m3")[:, :, 0].astype(np.uint16) * 257).save(mixed / "m3.png")  # 16-bit
+    Image.fromarray(_good("m4", 48)).save(mixed / "m4.png")  # larger
+    Image.fromarray(_good("m5", 20)).resize((20, 28)).save(mixed / "m5.png")  # smaller, not square
+    Image.fromarray(_good("m6")).convert("P").save(mixed / "m6.png")  # palette
+    Image.fromarray(_good("m7")).save(mixed / "m7.jpg", quality=90)
+    (mixed / "m1.txt").write_text("a caption with <script>alert(1)</script>\n")
+    buf = io.BytesIO()
+    Image.fromarray(_good("x")).save(buf, format="PNG")
+    (mixed / "truncated.png").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    jpg = io.BytesIO()
+    Image.fromarray(_good("y")).save(jpg, format="JPEG")
+    data = bytearray(jpg.getvalue())
+    data[200:400] = b"\x00" * 200  # corrupt the entropy-coded data and markers
+    (mixed / "corrupt.jpg").write_bytes(bytes(data[:300]))
+    (mixed / "zero.png").write_bytes(b"")
+    (mixed / "text.png").write_text("this is not an image")
+
+    # 2. training sets that cannot be used at all
+    empty = root / "empty"
+    empty.mkdir()
+    broken = root / "all_broken"
+    broken.mkdir()
+    (broken / "zero.png").write_bytes(b"")
+    (broken / "text.jpg").write_text("no image here")
+    (root / "img").mkdir()
+    Image.fromarray(_good("ok")).save(root / "img" / "ok.png")
+    escape = root / "escape.csv"
+    pd.DataFrame({"id": ["ok", "pw"], "path": ["img/ok.png", "../../etc/passwd"]}).to_csv(escape, index=False)
+    outside = root.parent / f"{root.name}-outside.png"
+    Image.fromarray(_good("out")).save(outside)
+    (root / "img" / "link.png").symlink_to(outside)
+    symlink = root / "symlink.csv"
+    pd.DataFrame({"id": ["ok", "ln"], "path": ["img/ok.png", "img/link.png"]}).to_csv(symlink, index=False)
+    nopath = root / "nopath.parquet"
+    pd.DataFrame({"id": ["ok"], "file": ["img/ok.png"]}).to_parquet(nopath)
+    mistyped = root / "mistyped.parquet"
+    pd.DataFrame({"id": [1], "path": [3.5]}).to_parquet(mistyped)
+    missing_file = root / "missing.csv"
+    pd.DataFrame({"id": ["gone"], "path": ["img/gone.png"]}).to_csv(missing_file, index=False)
+    bad_train = {
+        "empty folder": (empty, "no images"),
+        "only broken files": (broken, "could be read"),
+        "manifest path outside its root": (escape, "outside"),
+        "manifest symlink out of its root": (symlink, "outside"),
+        "manifest without a path column": (nopath, "path"),
+        "manifest with a mistyped path column": (mistyped, "not a file path"),
+        "manifest whose files are all missing": (missing_file, "could be read"),
+        "a path that does not exist": (root / "nowhere", "nowhere"),
+    }
+
+    # 3. prompt files
+    p = root / "prompts"
+    p.mkdir()
+    blank = p / "blank_lines.txt"
+    blank.write_text("\n\ncopy t0003\n   \nfresh 1\n\n\nfresh 2\n")
+    (p / "empty.txt").write_text("\n \n")
+    (p / "latin1.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1"))
+    (p / "long.txt").write_text("fresh 1\n" + "x" * 100_000 + "\n")
+    pd.DataFrame({"prompt_id": ["a", "a"], "prompt": ["copy t0003", "fresh"]}).to_csv(p / "dup_ids.csv", index=False)
+    pd.DataFrame({"id": ["a"], "text": ["copy t0003"]}).to_parquet(p / "no_columns.parquet")
+    pd.DataFrame({"prompt_id": ["a", "b"], "prompt": ["copy t0003", None]}).to_parquet(p / "null_prompt.parquet")
+    (p / "broken.parquet").write_bytes(b"PAR1 not really")
+    bad_prompts = {
+        "no prompts, only blank lines": (p / "empty.txt", "no prompts"),
+        "non-UTF-8 bytes": (p / "latin1.txt", "UTF-8"),
+        "a 100 kB line": (p / "long.txt", "characters"),
+        "duplicate prompt ids": (p / "dup_ids.csv", "repeats prompt ids: a"),
+        "a table without prompt_id/prompt": (p / "no_columns.parquet", "prompt"),
+        "a missing (null) prompt in a table": (p / "null_prompt.parquet", "missing (null)"),
+        "a corrupt Parquet file": (p / "broken.parquet", "broken.parquet"),
+        "a prompts path that does not exist": (p / "nowhere.txt", "nowhere.txt"),
+    }
+
+    # 4. member lists (membership inference) and arrays (memscore)
+    clean = root / "clean"
+    clean.mkdir()
+    for i in range(4):
+        Image.fromarray(_good(f"m{i}")).save(clean / f"m{i}.png")
+    members = root / "members"
+    members.mkdir()
+    pd.DataFrame({"id": ["m0", "m1", "m2", "m3"], "is_member": ["1", "0", "maybe", "1"]}).to_csv(
+        members / "odd_flag.csv", index=False
+    )
+    pd.DataFrame({"id": ["m0", "m1"], "is_member": [1, 0]}).to_csv(members / "short.csv", index=False)
+    (members / "broken.parquet").write_bytes(b"PAR1 nope")
+    (members / "unknown.txt").write_text("m0\nnot-an-example\n")
+    (members / "latin1.txt").write_bytes("m0\ncaf\xe9\n".encode("latin-1"))
+    (members / "empty.txt").write_text("\n")
+    bad_members = {
+        "a member id that is not in the data": (members / "unknown.txt", "not-an-example"),
+        "non-UTF-8 bytes": (members / "latin1.txt", "UTF-8"),
+        "no member ids": (members / "empty.txt", "non-members"),
+        "an is_member value that is not a flag": (members / "odd_flag.csv", "maybe"),
+        "a table without a row for every example": (members / "short.csv", "no row"),
+        "a corrupt Parquet table": (members / "broken.parquet", "broken.parquet"),
+    }
+    arrays = root / "arrays"
+    arrays.mkdir()
+    np.save(arrays / "objects.npy", np.array([{"a": 1}, None], dtype=object), allow_pickle=True)
+    (arrays / "truncated.npy").write_bytes(b"\x93NUMPY\x01\x00v\x00{'descr': '<f4'")
+    np.save(arrays / "nan.npy", np.array([0.0, np.nan, 1.0, 2.0, 3.0], np.float32))
+    np.save(arrays / "text.npy", np.array(["a", "b", "c"]))
+    np.save(arrays / "one.npy", np.zeros((1, 4), np.float32))
+    bad_arrays = {
+        "a pickled object array": (arrays / "objects.npy", "unpickles"),
+        "a truncated .npy": (arrays / "truncated.npy", "not a valid .npy"),
+        "NaN values": (arrays / "nan.npy", "NaN"),
+        "a string array": (arrays / "text.npy", "numeric"),
+        "too few examples for the folds": (arrays / "one.npy", "fold"),
+    }
+    return Corpus(
+        mixed=mixed,
+        mixed_good=8,
+        mixed_broken=["corrupt", "text", "truncated", "zero"],
+        bad_train=bad_train,
+        clean=clean,
+        bad_prompts=bad_prompts,
+        blank_lines=blank,
+        bad_members=bad_members,
+        bad_arrays=bad_arrays,
+    )
