@@ -246,3 +246,12 @@ def test_report_and_verify_refuse_what_is_not_a_run(tmp_path):
     for command in ("report", "verify"):
         assert_clean_error(cli(command, damaged), "not valid JSON")
         assert_clean_error(cli(command, tmp_path / "nowhere"), "not a memscan run")
+
+
+@pytest.mark.parametrize("command", list(TRAIN_COMMANDS))
+def test_a_refused_command_can_be_rerun_on_the_same_out(corpus, tmp_path, command):
+    """Whatever a refused start left in --out does not block the corrected rerun."""
+    out = tmp_path / "out"
+    assert_clean_error(cli(*TRAIN_COMMANDS[command](corpus, corpus.bad_train["only broken files"][0], out)))
+    res = cli(*TRAIN_COMMANDS[command](corpus, corpus.mixed, out))
+    assert res.exit_code == 0, res.output
