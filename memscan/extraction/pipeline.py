@@ -22,6 +22,7 @@ from memscan.extraction.config import ExtractConfig
 from memscan.extraction.shard import ShardTimings
 from memscan.extraction.verify import verify_candidates
 from memscan.generators.base import check_generations
+from memscan.progress import progress_bar
 from memscan.store import RunLock, RunStore, safe_name, write_table
 
 
@@ -175,7 +176,7 @@ def _extract_locked(pool, prompts, train, store, config, resume, progress, stop_
     totals = ShardTimings()
     todo = [s for s in range(n_shards) if not store.shard_done(s)][:stop_after_shards]
     shared_training = pool.share(training)  # Ray: one copy in the object store per node
-    bar = _progress(progress, len(todo) * config.shard_size * config.samples_per_prompt)
+    bar = progress_bar(progress)
     with bar:
         task = bar.add_task(
             "generate + detect",
@@ -227,28 +228,6 @@ def _extract_locked(pool, prompts, train, store, config, resume, progress, stop_
     store.write_manifest(manifest)
     store.log(f"extract: complete — {manifest['counts']}")
     return ExtractionResult(store.root, prompt_df, tables["detections"], tables["extractions"], manifest)
-
-
-def _progress(enabled: bool, total: int):
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("images"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        disable=not enabled,
-        transient=False,
-    )
 
 
 def _throughput(store: RunStore, n_shards: int, this_session: ShardTimings) -> dict:

@@ -12,11 +12,8 @@
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import inspect
 import json
-import sys
 from pathlib import Path
 
 from memscan.errors import InputError
@@ -82,29 +79,9 @@ def _refuse_t2i_options(spec: str, options: dict) -> None:
 
 
 def _load_python(spec: str):
-    body = spec[3:]
-    if ":" not in body:
-        raise InputError(f"model {spec!r} must be py:module:attribute", "e.g. py:mypkg.generators:sample")
-    module_name, attr = body.rsplit(":", 1)
-    try:
-        if module_name.endswith(".py"):
-            file = Path(module_name).resolve()
-            if not file.is_file():
-                raise InputError(f"model file {module_name} does not exist")
-            mod_spec = importlib.util.spec_from_file_location(f"memscan_user_{file.stem}", file)
-            module = importlib.util.module_from_spec(mod_spec)
-            sys.modules[mod_spec.name] = module
-            mod_spec.loader.exec_module(module)
-        else:
-            module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise InputError(
-            f"cannot import {module_name!r} for model {spec!r}: {exc}", "check PYTHONPATH or give a .py file path"
-        ) from None
-    obj = getattr(module, attr, None)
-    if obj is None:
-        raise InputError(f"{module_name} has no attribute {attr!r}", "name a function, a factory or a generator object")
-    return as_generator(obj, name=spec)
+    from memscan.user_code import import_object
+
+    return as_generator(import_object(spec, "a function, a factory or a generator object"), name=spec)
 
 
 def as_generator(obj, name: str | None = None):

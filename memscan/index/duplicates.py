@@ -291,8 +291,9 @@ def count_duplicates(
     """
     from memscan.data.training import empty_training_set, nothing_readable
     from memscan.index.embedders import load_embedder
-    from memscan.index.faiss_index import TrainingIndex, _progress
+    from memscan.index.faiss_index import TrainingIndex
     from memscan.index.source import iter_batches, list_source
+    from memscan.progress import progress_bar
 
     config = config.validate()
     started = time.time()
@@ -327,7 +328,7 @@ def count_duplicates(
         keep_pixels = np.empty((n_all, *size, 3), np.uint8) if check and fits and model.channels == 3 else None
         kept = np.zeros(n_all, bool)
         sizes = [model.input_size] + ([size] if keep_pixels is not None else [])
-        with _progress(progress) as bar:
+        with progress_bar(progress) as bar:
             task = bar.add_task("embed", total=n_all)
             for pos, arrays in iter_batches(
                 listing.entries, sizes, model.channels, batch_size, skipped=skipped, workers=workers

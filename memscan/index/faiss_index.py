@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from memscan.errors import InputError, MemscanError
+from memscan.progress import progress_bar
 
 #: Largest collection indexed exactly (flat) when ``index_type="auto"``.
 FLAT_MAX = 1_000_000
@@ -394,7 +395,7 @@ def build_index(
     skipped = list(listing.skipped)
     kept = np.zeros(n, bool)
     embed_s = 0.0
-    with _progress(progress) as bar:
+    with progress_bar(progress) as bar:
         task = bar.add_task("embed", total=n)
         for pos, (images,) in iter_batches(
             listing.entries, [emb_model.input_size], emb_model.channels, batch_size, skipped=skipped, workers=workers
@@ -442,25 +443,3 @@ def build_index(
     if root is not None:
         index.save(root, overwrite=True)
     return index
-
-
-def _progress(enabled: bool):
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("images"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        disable=not enabled,
-        transient=False,
-    )

@@ -240,7 +240,7 @@ def _run_locked(generator, train, store, config, index, resume, progress, stop_a
     from memscan.extraction.pipeline import output_shape, versions
     from memscan.generators.base import check_generations, describe
     from memscan.generators.seeds import derive_seed
-    from memscan.index.faiss_index import _progress
+    from memscan.progress import progress_bar
     from memscan.store import safe_name, write_table
 
     started = time.time()
@@ -295,7 +295,7 @@ def _run_locked(generator, train, store, config, index, resume, progress, stop_a
     # 2. shards of generations: generate → n nearest → calibrated decision → commit
     todo = [s for s in range(n_shards) if not store.shard_done(s)]
     new = 0
-    with _progress(progress) as bar:
+    with progress_bar(progress) as bar:
         task = bar.add_task(
             "generate + verify", total=sum(min(config.shard_size, config.samples - s * config.shard_size) for s in todo)
         )

@@ -26,11 +26,8 @@ directory saved with ``save_pretrained`` (safetensors only) or a ``py:module:att
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import inspect
 import json
-import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -40,6 +37,7 @@ import torch
 
 from memscan.errors import InputError
 from memscan.safe_load import low_mem_kwargs
+from memscan.user_code import import_object
 
 __all__ = [
     "CallableNoisePredictor",
@@ -427,32 +425,6 @@ def as_noise_predictor(
     )
 
 
-def _import_object(spec: str) -> Any:
-    body = spec[3:]
-    if ":" not in body:
-        raise InputError(f"model {spec!r} must be py:module:attribute", "e.g. py:mypkg.models:noise_predictor")
-    module_name, attr = body.rsplit(":", 1)
-    try:
-        if module_name.endswith(".py"):
-            file = Path(module_name).resolve()
-            if not file.is_file():
-                raise InputError(f"model file {module_name} does not exist")
-            mod_spec = importlib.util.spec_from_file_location(f"memscan_user_{file.stem}", file)
-            module = importlib.util.module_from_spec(mod_spec)
-            sys.modules[mod_spec.name] = module
-            mod_spec.loader.exec_module(module)
-        else:
-            module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise InputError(
-            f"cannot import {module_name!r} for model {spec!r}: {exc}", "check PYTHONPATH or give a .py file path"
-        ) from None
-    obj = getattr(module, attr, None)
-    if obj is None:
-        raise InputError(f"{module_name} has no attribute {attr!r}", "name a noise predictor or a factory of one")
-    return obj
-
-
 def load_noise_predictor(
     spec: str | Path, *, device: str = "cpu", dtype: torch.dtype = torch.float32
 ) -> NoisePredictor:
@@ -468,7 +440,7 @@ def load_noise_predictor(
     """
     spec = str(spec)
     if spec.startswith("py:"):
-        obj = _import_object(spec)
+        obj = import_object(spec, "a noise predictor or a factory of one")
         if callable(obj) and not hasattr(obj, "predict_noise"):
             try:
                 required = [

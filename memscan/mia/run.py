@@ -772,7 +772,7 @@ def run_memscore(
     ``out/memscore_store`` — rerunning the same command on the same ``out`` resumes.
     """
     from memscan.mia.memscore import memorization_score
-    from memscan.mia.noise import _import_object
+    from memscan.user_code import import_object
 
     t0 = time.perf_counter()
     fns = []
@@ -780,7 +780,7 @@ def run_memscore(
         if isinstance(f, str):
             if not f.startswith("py:"):
                 raise InputError(f"{what}: {f!r} is not py:module:attribute", "e.g. py:mymodels.py:train")
-            f = _import_object(f)
+            f = import_object(f, "a callable")
         if not callable(f):
             raise InputError(f"{what} is not callable")
         fns.append(f)

@@ -196,13 +196,13 @@ def _load(model, config: TriageConfig):
 def _score_with_progress(tm: TriageModel, df: pd.DataFrame, config: TriageConfig, progress: bool) -> dict:
     """Score in chunks of prompts so a progress bar can follow (results do not depend on chunks)."""
     import numpy as np
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from memscan.progress import progress_bar
 
     ids, texts = df["prompt_id"].astype(str).tolist(), df["prompt"].astype(str).tolist()
     chunk = max(1, config.batch_size // config.generations)
     parts = []
-    cols = (TextColumn("[bold]triage"), BarColumn(), MofNCompleteColumn(), TextColumn("prompts"), TimeElapsedColumn())
-    with Progress(*cols, disable=not progress) as bar:
+    with progress_bar(progress, unit="prompts") as bar:
         task = bar.add_task("triage", total=len(ids))
         for s in range(0, len(ids), chunk):
             parts.append(score_prompts(tm, ids[s : s + chunk], texts[s : s + chunk], config))

@@ -1,0 +1,42 @@
+"""``py:module:attribute`` specs: user code named on the command line (generators, noise
+predictors, train and likelihood functions)."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Any
+
+from memscan.errors import InputError
+
+
+def import_object(spec: str, what: str = "a function, a factory or an object") -> Any:
+    """The object a ``py:module:attribute`` spec names; ``module`` may be a ``.py`` file path.
+
+    ``what`` says, in the error for a missing attribute, what the spec should name.
+    """
+    body = spec[3:] if spec.startswith("py:") else spec
+    if ":" not in body:
+        raise InputError(f"{spec!r} must be py:module:attribute", "e.g. py:mypkg.models:sample or py:./my.py:sample")
+    module_name, attr = body.rsplit(":", 1)
+    try:
+        if module_name.endswith(".py"):
+            file = Path(module_name).resolve()
+            if not file.is_file():
+                raise InputError(f"file {module_name} named by {spec!r} does not exist", "give an existing .py path")
+            mod_spec = importlib.util.spec_from_file_location(f"memscan_user_{file.stem}", file)
+            module = importlib.util.module_from_spec(mod_spec)
+            sys.modules[mod_spec.name] = module
+            mod_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise InputError(
+            f"cannot import {module_name!r} for {spec!r}: {exc}", "check PYTHONPATH or give a .py file path"
+        ) from None
+    obj = getattr(module, attr, None)
+    if obj is None:
+        raise InputError(f"{module_name} has no attribute {attr!r}", f"name {what}")
+    return obj
