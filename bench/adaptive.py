@@ -269,10 +269,16 @@ def plot_curves(summary: dict, path: Path) -> None:
         if not part:
             continue
         c = pd.DataFrame(part["curve"]).dropna(subset=["extractions_found_share"]).sort_values("evaluations_share")
-        c = c.rename(columns={"extractions_found_share": "extractions_found"})
         label = f"{name}, N = {part['samples_per_prompt']} ({c['extractions_full'].iloc[0]} extractions)"
-        curves[label] = pd.concat([pd.DataFrame({"evaluations_share": [0.0], "extractions_found": [0.0]}), c])
-    png = adaptive_budget_plot(curves, ylabel="share of full-budget extractions found", target=(0.25, 0.95))
+        points = c[["evaluations_share", "extractions_found_share"]].set_axis(
+            ["evaluations_share", "extractions_found"], axis=1
+        )
+        ends = pd.DataFrame({"evaluations_share": [0.0], "extractions_found": [0.0]})
+        full = pd.DataFrame({"evaluations_share": [1.0], "extractions_found": [1.0]})  # the full budget itself
+        curves[label] = pd.concat([ends, points, full])
+    png = adaptive_budget_plot(
+        curves, ylabel="share of full-budget extractions found", target=(0.25, 0.95), legend=True
+    )
     path.write_bytes(png)
     print(f"plot: {path}")
 
@@ -290,11 +296,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch", type=int, default=None)
     ap.add_argument("--json", type=Path)
     ap.add_argument("--plot", type=Path, help="write the curves as a PNG")
-    ap.add_argument("--replot", type=Path, help="redraw --plot from a saved --json summary, generating nothing")
+    ap.add_argument(
+        "--replot", type=Path, nargs="+", help="redraw --plot from saved --json summaries (merged), generating nothing"
+    )
     args = ap.parse_args(argv)
     if args.replot:
-        summary = json.loads(args.replot.read_text())
-        plot_curves(summary, args.plot or args.replot.with_suffix(".png"))
+        summary = {}
+        for path in args.replot:
+            summary.update(json.loads(path.read_text()))
+        plot_curves(summary, args.plot or args.replot[0].with_suffix(".png"))
         return summary
     args.demo_samples = args.demo_samples or (40 if args.quick else 500)
     args.tiny_samples = args.tiny_samples or (30 if args.quick else 200)

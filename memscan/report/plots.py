@@ -120,7 +120,10 @@ def adaptive_budget_curve(det: pd.DataFrame, ext: pd.DataFrame, rounds: list[int
 
 
 def adaptive_budget_plot(
-    curves: dict[str, pd.DataFrame], ylabel: str = "extractions found", target: tuple[float, float] | None = None
+    curves: dict[str, pd.DataFrame],
+    ylabel: str = "extractions found",
+    target: tuple[float, float] | None = None,
+    legend: bool | None = None,
 ) -> bytes:
     """Extractions found against the share of model evaluations spent, one line per curve
     (columns ``evaluations_share`` and ``extractions_found``); ``target`` = (max share, min found)
@@ -136,6 +139,6 @@ def adaptive_budget_plot(
     ax.set_xlabel("share of the full budget's model evaluations spent")
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
-    if len(curves) > 1:
-        ax.legend(fontsize=8)
+    if legend or (legend is None and len(curves) > 1):
+        ax.legend(fontsize=8, loc="lower right")
     return _png(fig)
