@@ -126,8 +126,12 @@ def build_tiny_sd(config: TinySDConfig = TinySDConfig()):
     ('StableDiffusionPipeline', 16, 2)
     """
     import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
+
+    from memscan.generators.text2image import _quiet_loading
+
+    with _quiet_loading():  # the pipeline import makes transformers warn that torchvision is absent
+        from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
     tokenizer = build_tokenizer(config.max_length)
     torch.manual_seed(config.seed)
