@@ -106,6 +106,17 @@ def safe_name(identifier: str) -> str:
     return f"{slug}-{hashlib.sha1(str(identifier).encode()).hexdigest()[:8]}"
 
 
+#: What to open instead, for runs of commands other than ``memscan extract``.
+WHERE_RESULTS_ARE = {
+    "extract-unconditional": "its results are generations.parquet, extractions.parquet and images/ in the run",
+    "triage": "its results are scores.parquet and prompts.csv; pass prompts.csv to `memscan extract --prompts`",
+    "mia": "the run wrote its own report.html",
+    "inpaint": "the run wrote its own report.html",
+    "memscore": "the run wrote its own report.html",
+    "demo-mia": "the run wrote its own report.html",
+}
+
+
 class RunLock:
     """An exclusive lock on a run directory (a ``.lock`` file created with O_EXCL).
 
@@ -192,17 +203,25 @@ class RunStore:
         return self.manifest_path.exists()
 
     # ---- manifest -------------------------------------------------------------------------
-    def read_manifest(self) -> dict:
+    def read_manifest(self, expect: str | None = None) -> dict:
+        """The run's manifest; with ``expect``, refuse a run made by another command."""
         if not self.manifest_path.exists():
             raise MemscanError(
                 f"{self.root} is not a memscan run (no manifest.json)", "pass the --out directory of `memscan extract`"
             )
         try:
-            return json.loads(self.manifest_path.read_text())
+            manifest = json.loads(self.manifest_path.read_text())
         except json.JSONDecodeError as exc:
             raise MemscanError(
                 f"{self.manifest_path} is not valid JSON ({exc})", "the run is damaged; rerun it"
             ) from None
+        kind = manifest.get("command") or manifest.get("kind") if isinstance(manifest, dict) else None
+        if expect is not None and kind != expect:
+            raise MemscanError(
+                f"{self.root} is a `memscan {kind}` run, not a `memscan {expect}` run",
+                WHERE_RESULTS_ARE.get(kind, f"pass the --out directory of `memscan {expect}`"),
+            )
+        return manifest
 
     def write_manifest(self, manifest: dict) -> None:
         with _WriteGuard(self.root, "manifest.json"):

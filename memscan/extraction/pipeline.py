@@ -101,6 +101,8 @@ def extract(
         raise MemscanError(
             f"run directory {out} already holds a run", "pass --resume to finish it, or choose a new --out"
         )
+    if resume and store.exists():
+        store.read_manifest(expect="extract")  # before any model loads or log line is written
     store.create()
     with RunLock(store.root):
         from memscan.runners.extraction import extraction_pool
@@ -151,7 +153,7 @@ def _extract_locked(pool, prompts, train, store, config, resume, progress, stop_
         "versions": versions(),
     }
     if resume and store.exists():
-        old = store.read_manifest()
+        old = store.read_manifest(expect="extract")
         for key in ("config", "n_shards", "output_shape"):
             if old.get(key) != manifest[key]:
                 raise MemscanError(
@@ -284,7 +286,7 @@ def reverify(
 
     store = RunStore(run)
     with RunLock(store.root):
-        manifest = store.read_manifest()
+        manifest = store.read_manifest(expect="extract")
         if manifest.get("status") != "complete":
             raise MemscanError(f"run {run} is not complete", "finish it with `memscan extract ... --resume` first")
         cfg = dict(manifest["config"])

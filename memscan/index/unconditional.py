@@ -228,6 +228,8 @@ def extract_unconditional(
         raise MemscanError(
             f"run directory {out} already holds a run", "pass --resume to finish it, or choose a new --out"
         )
+    if resume and store.exists():
+        store.read_manifest(expect="extract-unconditional")  # before anything is loaded or logged
     store.create()
     with RunLock(store.root):
         return _run_locked(generator, train, store, config, index, resume, progress, stop_after_shards)
@@ -275,7 +277,7 @@ def _run_locked(generator, train, store, config, index, resume, progress, stop_a
         "versions": versions(),
     }
     if resume and store.exists():
-        old = store.read_manifest()
+        old = store.read_manifest(expect="extract-unconditional")
         for key in ("command", "config", "n_shards", "output_shape"):
             if old.get(key) != manifest[key]:
                 raise MemscanError(

@@ -49,7 +49,7 @@ def build_report(run: str | Path, out: str | Path | None = None, extra_summary: 
     import importlib.metadata as md
 
     store = RunStore(run)
-    manifest = store.read_manifest()
+    manifest = store.read_manifest(expect="extract")
     if manifest.get("status") != "complete":
         raise MemscanError(
             f"run {run} is not complete (status {manifest.get('status')!r})", "finish it with --resume first"
