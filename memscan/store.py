@@ -108,7 +108,7 @@ def safe_name(identifier: str) -> str:
 
 #: What to open instead, for runs of commands other than ``memscan extract``.
 WHERE_RESULTS_ARE = {
-    "extract-unconditional": "its results are generations.parquet, extractions.parquet and images/ in the run",
+    "extract-unconditional": "`memscan report RUN` shows it; its tables are generations.parquet and extractions.parquet",
     "triage": "its results are scores.parquet and prompts.csv; pass prompts.csv to `memscan extract --prompts`",
     "mia": "the run wrote its own report.html",
     "inpaint": "the run wrote its own report.html",

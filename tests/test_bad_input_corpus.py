@@ -258,14 +258,17 @@ def test_a_refused_command_can_be_rerun_on_the_same_out(corpus, tmp_path, comman
 
 
 def test_report_and_verify_refuse_runs_of_other_commands(corpus, tmp_path):
-    """An extract-unconditional run is not an extract run: report, verify and extract --resume say
-    so and where its results are, instead of failing on a missing table."""
+    """An extract-unconditional run is not an extract run: verify and extract --resume say so and
+    where its results are, instead of failing on a missing table; a mia run is not either."""
     out = tmp_path / "u"
     res = cli(*TRAIN_COMMANDS["extract-unconditional"](corpus, corpus.mixed, out))
     assert res.exit_code == 0, res.output
     before = _snapshot(out)
-    assert_clean_error(cli("report", out), "memscan extract-unconditional` run", "generations.parquet")
-    assert_clean_error(cli("verify", out), "memscan extract-unconditional` run")
+    assert_clean_error(cli("verify", out), "memscan extract-unconditional` run", "memscan report")
     args = TRAIN_COMMANDS["extract"](corpus, corpus.mixed, out)
     assert_clean_error(cli(*args, "--resume"), "not a `memscan extract` run")
     assert _snapshot(out) == before
+    mia = tmp_path / "mia"
+    mia.mkdir()
+    (mia / "manifest.json").write_text('{"kind": "mia", "status": "complete"}')
+    assert_clean_error(cli("report", mia), "`memscan mia` run", "its own report.html")

@@ -146,3 +146,43 @@ def test_cli_extract_unconditional(synth_train, tmp_path):
     assert "t0003" in ext["train_id"].tolist()
     bad = CliRunner().invoke(app, [*args[:8], str(tmp_path / "run2"), "--metric", "cosine"])
     assert bad.exit_code == 2 and "metric" in bad.output
+
+
+def test_report_of_an_unconditional_run(synth_train, tmp_path):
+    """`memscan report` on an extract-unconditional run: the extracted training image beside its
+    generation, counts equal to the tables, every generation's calibrated distance plotted."""
+    import base64
+    import re
+
+    from typer.testing import CliRunner
+
+    from memscan.cli import app
+
+    out = tmp_path / "run"
+    args = ["extract-unconditional", "--model", "py:gen_support:planted", "--train", str(synth_train)]
+    args += ["--samples", "40", "--out", str(out), "--prompt", "copy t0003", "--quiet"]
+    assert CliRunner().invoke(app, args).exit_code == 0
+    res = CliRunner().invoke(app, ["report", str(out)])
+    assert res.exit_code == 0, res.output
+    html = (out / "report.html").read_text()
+    gen, ext = pd.read_parquet(out / "generations.parquet"), pd.read_parquet(out / "extractions.parquet")
+    assert ext["train_id"].tolist() == ["t0003"]
+    assert f"Extracted training images ({len(ext)})" in html
+    assert "<code>t0003</code>" in html
+    assert f'<td class="num">{len(gen)}</td>' in html
+    assert f'<td class="num">{int(gen["extracted"].sum())}</td>' in html
+    assert "script-src" not in html and "default-src 'none'" in html
+    # the card's two images are the run's own PNGs, embedded
+    uris = re.findall(r'src="data:image/png;base64,([^"]+)"', html)
+    embedded = {base64.b64decode(u) for u in uris}
+    assert (out / ext["candidate_image"][0]).read_bytes() in embedded
+    assert (out / ext["train_image"][0]).read_bytes() in embedded
+    # closest non-extracted generations, sorted by calibrated distance
+    rest = gen[~gen["extracted"]].nsmallest(20, "calibrated")
+    shown = [
+        float(v)
+        for v in re.findall(
+            r"<tr><td class=\"num\">\d+</td><td><code>[^<]*</code></td><td class=\"num\">([\d.]+)</td>", html
+        )
+    ]
+    np.testing.assert_allclose(shown, rest["calibrated"].round(3).to_numpy(), atol=1e-9)

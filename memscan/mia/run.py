@@ -1105,7 +1105,6 @@ def _fmt_ci(row: dict, k: str) -> str:
 def build_mia_report(run: str | Path, out: str | Path | None = None) -> Path:
     """Write ``report.html`` for a finished MIA/inpaint/memscore/demo-mia run from its tables
     alone (Jinja2 with autoescaping, images as ``data:`` URIs, no scripts)."""
-    from jinja2 import Environment, PackageLoader, select_autoescape
 
     from memscan.mia.metrics import plot_roc
 
@@ -1213,8 +1212,9 @@ def build_mia_report(run: str | Path, out: str | Path | None = None) -> Path:
                     "n_nonmembers": int((~y).sum()),
                 }
             )
-    env = Environment(loader=PackageLoader("memscan.report", "templates"), autoescape=select_autoescape(["html", "j2"]))
-    html = env.get_template("mia_report.html.j2").render(**ctx)
+    from memscan.report.html import _environment
+
+    html = _environment().get_template("mia_report.html.j2").render(**ctx)
     path = Path(out) if out else root / "report.html"
     path.write_text(html, encoding="utf-8")
     return path

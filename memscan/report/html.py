@@ -49,11 +49,18 @@ def build_report(run: str | Path, out: str | Path | None = None, extra_summary: 
     import importlib.metadata as md
 
     store = RunStore(run)
-    manifest = store.read_manifest(expect="extract")
+    manifest = store.read_manifest()
+    unconditional = manifest.get("command") == "extract-unconditional"
+    if not unconditional:
+        manifest = store.read_manifest(expect="extract")  # a clear error for runs of other commands
     if manifest.get("status") != "complete":
         raise MemscanError(
             f"run {run} is not complete (status {manifest.get('status')!r})", "finish it with --resume first"
         )
+    if unconditional:
+        from memscan.report.unconditional import build_unconditional_report
+
+        return build_unconditional_report(store, manifest, out)
     det, ext = store.table("detections"), store.table("extractions")
     root = store.root
     cfg = manifest["config"]
@@ -108,28 +115,38 @@ def build_report(run: str | Path, out: str | Path | None = None, extra_summary: 
             "stopped_early": int((det["n_samples"] < rounds[-1]).sum()),
             "prompts": len(det),
         }
-    env = Environment(loader=PackageLoader("memscan.report", "templates"), autoescape=select_autoescape(["html", "j2"]))
-    html = env.get_template("report.html.j2").render(
-        title=root.name,
-        run_dir=str(root),
-        made=time.strftime("%Y-%m-%d %H:%M"),
-        version=_version(md),
-        counts=manifest.get("counts", {}),
-        config=cfg,
-        training=manifest.get("training_set", {}),
-        skipped=manifest.get("training_set", {}).get("skipped_files", []),
-        throughput=manifest.get("throughput"),
-        extra_summary=list((extra_summary or {}).items()),
-        detection_png=base64.b64encode(detection_distance_plot(det, cfg["alpha"], cfg["min_clique"])).decode(),
-        duplication_png=base64.b64encode(duplication_plot(rates)).decode() if len(rates) else None,
-        duplication_rows=rates.to_dict("records"),
-        budget=budget,
-        cards=cards,
-        others=others,
+    html = (
+        _environment()
+        .get_template("report.html.j2")
+        .render(
+            title=root.name,
+            run_dir=str(root),
+            made=time.strftime("%Y-%m-%d %H:%M"),
+            version=_version(md),
+            counts=manifest.get("counts", {}),
+            config=cfg,
+            training=manifest.get("training_set", {}),
+            skipped=manifest.get("training_set", {}).get("skipped_files", []),
+            throughput=manifest.get("throughput"),
+            extra_summary=list((extra_summary or {}).items()),
+            detection_png=base64.b64encode(detection_distance_plot(det, cfg["alpha"], cfg["min_clique"])).decode(),
+            duplication_png=base64.b64encode(duplication_plot(rates)).decode() if len(rates) else None,
+            duplication_rows=rates.to_dict("records"),
+            budget=budget,
+            cards=cards,
+            others=others,
+        )
     )
     path = Path(out) if out else root / "report.html"
     path.write_text(html, encoding="utf-8")
     return path
+
+
+def _environment() -> Environment:
+    """The report templates, autoescaped: every string from a run is untrusted web text."""
+    return Environment(
+        loader=PackageLoader("memscan.report", "templates"), autoescape=select_autoescape(["html", "j2"])
+    )
 
 
 def _version(md) -> str:
