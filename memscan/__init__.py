@@ -36,7 +36,8 @@ from memscan.mia.metrics import roc_metrics
 from memscan.mia.noise import as_noise_predictor, load_noise_predictor
 from memscan.mia.shadow import train_shadow_models
 from memscan.report.html import build_report
-from memscan.triage import TriageConfig, select_ranked, triage
+from memscan.triage import TriageConfig, select_ranked
+from memscan.triage import triage as triage_prompts  # `memscan.triage` stays the subpackage
 
 __version__ = "0.1.0"
 
@@ -53,7 +54,7 @@ __all__ = [
     "train_shadow_models",
     "TriageConfig",
     "select_ranked",
-    "triage",
+    "triage_prompts",
     "DuplicateConfig",
     "PixelEmbedder",
     "TrainingIndex",

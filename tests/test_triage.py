@@ -189,3 +189,12 @@ def test_finetune_lowers_the_memorized_pairs_loss():
     )
     assert len(losses) == 40 and np.isfinite(losses).all()
     assert err() < 0.7 * before, (before, err())
+
+
+def test_public_name_does_not_shadow_the_subpackage():
+    import types
+
+    import memscan
+
+    assert isinstance(memscan.triage, types.ModuleType)
+    assert memscan.triage_prompts is triage
