@@ -170,24 +170,35 @@ def load_training_set(
     entries = list_training_set(path)
     if not entries:
         raise empty_training_set(path)
-    ids, caps, imgs, skipped = [], [], [], []
-    first_size = size
-    for k, e in enumerate(entries):
+    return decode_training_set(path, entries, lambda e, sz, ch: read_image(e.path, sz, ch), size, channels, progress)
+
+
+def decode_training_set(path, items, read, size, channels, progress=None, skipped=None, warnings=None) -> TrainingSet:
+    """Decode every listed item with ``read(item, size, channels)`` into a :class:`TrainingSet`.
+
+    Items need ``id``, ``caption`` and ``path`` (and ``member`` inside a tar shard). An item
+    that fails to decode is a counted skip, never fatal, unless none decodes at all. With
+    ``size=None`` the first decoded image sets the size for the rest.
+    """
+    ids, caps, imgs = [], [], []
+    skipped = list(skipped or [])
+    for k, item in enumerate(items):
         try:
-            arr = read_image(e.path, first_size, channels)
+            arr = read(item, size, channels)
         except Exception as exc:  # PIL raises many types for corrupt data; all are a skip
-            skipped.append({"id": e.id, "path": str(e.path), "reason": f"{type(exc).__name__}: {exc}"[:200]})
+            where = f"{item.path}:{getattr(item, 'member', '') or ''}".rstrip(":")
+            skipped.append({"id": item.id, "path": where, "reason": f"{type(exc).__name__}: {exc}"[:200]})
             continue
-        if first_size is None:
-            first_size = arr.shape[:2]
-        ids.append(e.id)
-        caps.append(e.caption)
+        if size is None:
+            size = arr.shape[:2]
+        ids.append(item.id)
+        caps.append(item.caption)
         imgs.append(arr)
         if progress is not None:
-            progress(k + 1, len(entries))
+            progress(k + 1, len(items))
     if not imgs:
         raise nothing_readable(path, skipped)
-    return TrainingSet(ids, caps, np.stack(imgs), skipped, str(path))
+    return TrainingSet(ids, caps, np.stack(imgs), skipped, str(path), warnings=list(warnings or []))
 
 
 def empty_training_set(path) -> InputError:

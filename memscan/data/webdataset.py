@@ -327,34 +327,9 @@ def load_webdataset(path: str | Path, size: tuple[int, int] | None = None, chann
     Undecodable images and unusable samples are in ``skipped`` (with shard, member and reason);
     ``warnings`` reports damaged side members (``.json``, shard parquet) of samples still loaded.
     """
-    from memscan.data.training import TrainingSet
+    from memscan.data.training import decode_training_set
 
     samples, problems = list_samples(path)
     skipped = [p for p in problems if not p.get("kept")]
     warnings = [{k: v for k, v in p.items() if k != "kept"} for p in problems if p.get("kept")]
-    ids, caps, imgs = [], [], []
-    first_size = size
-    for k, s in enumerate(samples):
-        try:
-            arr = read_sample(s, first_size, channels)
-        except Exception as exc:  # PIL raises many types on corrupt data; all are a skip
-            skipped.append(
-                {
-                    "id": s.id,
-                    "path": f"{s.path}:{getattr(s, 'member', '')}".rstrip(":"),
-                    "reason": f"{type(exc).__name__}: {exc}"[:200],
-                }
-            )
-            continue
-        if first_size is None:
-            first_size = arr.shape[:2]
-        ids.append(s.id)
-        caps.append(s.caption)
-        imgs.append(arr)
-        if progress is not None:
-            progress(k + 1, len(samples))
-    if not imgs:
-        from memscan.data.training import nothing_readable
-
-        raise nothing_readable(path, skipped)
-    return TrainingSet(ids, caps, np.stack(imgs), skipped, str(path), warnings=warnings)
+    return decode_training_set(path, samples, read_sample, size, channels, progress, skipped, warnings)
