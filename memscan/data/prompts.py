@@ -55,14 +55,7 @@ def load_prompts(path: str | Path) -> tuple[pd.DataFrame, dict]:
         df["prompt"] = df["prompt"].astype(str)
         info["empty_prompts"] = int((df["prompt"].str.strip() == "").sum())
     else:
-        raw = p.read_bytes()
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise InputError(
-                f"prompts file {path} is not UTF-8 (byte {exc.start}: {raw[exc.start : exc.start + 1]!r})",
-                "re-encode it as UTF-8",
-            ) from None
+        text = read_utf8(p, "prompts file")
         rows = []
         for n, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
@@ -90,6 +83,18 @@ def load_prompts(path: str | Path) -> tuple[pd.DataFrame, dict]:
         )
     extra = [c for c in df.columns if c not in PROMPT_COLUMNS]
     return df[PROMPT_COLUMNS + extra].reset_index(drop=True), info
+
+
+def read_utf8(path: Path, what: str) -> str:
+    """The text of a user's file; bytes that are not UTF-8 are an error naming the offset."""
+    raw = Path(path).read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(
+            f"{what} {path} is not UTF-8 (byte {exc.start}: {raw[exc.start : exc.start + 1]!r})",
+            "re-encode it as UTF-8",
+        ) from None
 
 
 def _clean_id(v) -> str | None:

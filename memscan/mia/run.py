@@ -158,14 +158,9 @@ def _read_members(path: str | Path, ids: list[str]) -> np.ndarray:
                 "give every example of --data a row",
             )
         return np.array([known[i] for i in ids], dtype=bool)
-    raw = p.read_bytes()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise InputError(
-            f"members file {path} is not UTF-8 (byte {exc.start}: {raw[exc.start : exc.start + 1]!r})",
-            "re-encode it as UTF-8",
-        ) from None
+    from memscan.data.prompts import read_utf8
+
+    text = read_utf8(p, "members file")
     listed = [s.strip() for s in text.splitlines() if s.strip()]
     unknown = sorted(set(listed) - set(ids))
     if unknown:

@@ -46,7 +46,6 @@ def build_report(run: str | Path, out: str | Path | None = None, extra_summary: 
     out : output path (default ``RUN/report.html``)
     extra_summary : optional key → value rows shown under the summary (the demo's ground truth)
     """
-    import importlib.metadata as md
 
     store = RunStore(run)
     manifest = store.read_manifest()
@@ -119,15 +118,7 @@ def build_report(run: str | Path, out: str | Path | None = None, extra_summary: 
         _environment()
         .get_template("report.html.j2")
         .render(
-            title=root.name,
-            run_dir=str(root),
-            made=time.strftime("%Y-%m-%d %H:%M"),
-            version=_version(md),
-            counts=manifest.get("counts", {}),
-            config=cfg,
-            training=manifest.get("training_set", {}),
-            skipped=manifest.get("training_set", {}).get("skipped_files", []),
-            throughput=manifest.get("throughput"),
+            **run_context(root, manifest),
             extra_summary=list((extra_summary or {}).items()),
             detection_png=base64.b64encode(detection_distance_plot(det, cfg["alpha"], cfg["min_clique"])).decode(),
             duplication_png=base64.b64encode(duplication_plot(rates)).decode() if len(rates) else None,
@@ -140,6 +131,25 @@ def build_report(run: str | Path, out: str | Path | None = None, extra_summary: 
     path = Path(out) if out else root / "report.html"
     path.write_text(html, encoding="utf-8")
     return path
+
+
+def run_context(root: Path, manifest: dict) -> dict:
+    """What every run page shows at its top: name, place, time, version, counts, config,
+    training set and its skipped files, throughput."""
+    import importlib.metadata as md
+
+    training = manifest.get("training_set", {})
+    return {
+        "title": root.name,
+        "run_dir": str(root),
+        "made": time.strftime("%Y-%m-%d %H:%M"),
+        "version": _version(md),
+        "counts": manifest.get("counts", {}),
+        "config": manifest["config"],
+        "training": training,
+        "skipped": training.get("skipped_files", []),
+        "throughput": manifest.get("throughput"),
+    }
 
 
 def _environment() -> Environment:

@@ -9,7 +9,6 @@ the n nearest) of every generation against the decision line ℓ = 1.
 from __future__ import annotations
 
 import base64
-import time
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +45,7 @@ def calibrated_distance_plot(gen: pd.DataFrame, alpha_c: float) -> bytes:
 
 def build_unconditional_report(store, manifest: dict, out: str | Path | None = None, top: int = 20) -> Path:
     """Write ``report.html`` for a finished ``extract-unconditional`` run; returns its path."""
-    from memscan.report.html import _data_uri, _environment, _version
+    from memscan.report.html import _data_uri, _environment, run_context
 
     root = store.root
     gen, ext = store.table("generations"), store.table("extractions")
@@ -70,22 +69,12 @@ def build_unconditional_report(store, manifest: dict, out: str | Path | None = N
         for r in ext.itertuples(index=False)
     ]
     closest = gen[~gen["extracted"].astype(bool)].nsmallest(top, "calibrated")
-    import importlib.metadata as md
-
     html = (
         _environment()
         .get_template("unconditional_report.html.j2")
         .render(
-            title=root.name,
-            run_dir=str(root),
-            made=time.strftime("%Y-%m-%d %H:%M"),
-            version=_version(md),
-            counts=manifest.get("counts", {}),
-            config=cfg,
-            training=manifest.get("training_set", {}),
-            skipped=manifest.get("training_set", {}).get("skipped_files", []),
+            **run_context(root, manifest),
             search=manifest.get("search", {}),
-            throughput=manifest.get("throughput"),
             plot_png=base64.b64encode(calibrated_distance_plot(gen, float(cfg["alpha_c"]))).decode(),
             cards=cards,
             closest=closest.to_dict("records"),
