@@ -145,6 +145,11 @@ class RunLock:
                     f"run directory {self.path.parent} is in use by another memscan process ({info})",
                     "wait for it to finish, or remove the .lock file if that process is gone",
                 ) from None
+            except OSError as exc:  # read-only file system, permissions, quota
+                raise MemscanError(
+                    f"cannot write the lock file in {self.path.parent}: {exc.strerror or exc}",
+                    "choose an --out on a writable disk, or fix its permissions",
+                ) from None
             with os.fdopen(fd, "w") as f:
                 f.write(f"pid={os.getpid()} host={socket.gethostname()} since={time.strftime('%Y-%m-%dT%H:%M:%S')}")
             self.held = True
@@ -196,8 +201,9 @@ class RunStore:
         return d
 
     def create(self) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.shard_dir.mkdir(exist_ok=True)
+        with _WriteGuard(self.root, "the run directory"):
+            self.root.mkdir(parents=True, exist_ok=True)
+            self.shard_dir.mkdir(exist_ok=True)
 
     def exists(self) -> bool:
         return self.manifest_path.exists()

@@ -180,3 +180,48 @@ def test_peak_memory_does_not_grow_with_the_number_of_prompts(tmp_path, synth_tr
     # so the peak is the same up to allocator noise; keeping them would add ≥ 9 MB of uint8
     # (and 4× that as float32).
     assert large - small < 6, (small, large)
+
+
+@pytest.mark.parametrize("where", ["new --out on a read-only disk", "existing run on a read-only disk"])
+def test_read_only_output_gives_a_clear_error(tmp_path, synth_train, monkeypatch, where):
+    """A read-only file system (EROFS from every create/open-for-write under --out; root ignores
+    chmod, so the kernel's answer is simulated at the os layer): one-line error, exit 2, and an
+    existing run's files untouched."""
+    import errno
+    import os
+
+    from typer.testing import CliRunner
+
+    from memscan.cli import app
+
+    out = tmp_path / "ro" / "run"
+    args = ["extract", "--model", "py:gen_support:planted", "--prompts", str(tmp_path / "p.txt")]
+    args += ["--train", str(synth_train), "--out", str(out), "--samples-per-prompt", "20", "--quiet"]
+    (tmp_path / "p.txt").write_text("copy t0003\nfresh 1\n")
+    if where.startswith("existing"):
+        assert CliRunner().invoke(app, args).exit_code == 0
+        args.append("--resume")
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} if out.exists() else {}
+    ro = str(tmp_path / "ro")
+    real_mkdir, real_open = os.mkdir, os.open
+
+    def mkdir(path, *a, **k):
+        if str(path).startswith(ro):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_mkdir(path, *a, **k)
+
+    def open_(path, flags, *a, **k):
+        if str(path).startswith(ro) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, flags, *a, **k)
+
+    monkeypatch.setattr(os, "mkdir", mkdir)
+    monkeypatch.setattr(os, "open", open_)
+    res = CliRunner().invoke(app, args)
+    monkeypatch.undo()
+    assert res.exception is None or isinstance(res.exception, SystemExit), repr(res.exception)
+    assert res.exit_code == 2, res.output
+    errors = [ln for ln in res.output.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "Read-only file system" in errors[0] and " — " in errors[0], res.output
+    after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} if out.exists() else {}
+    assert after == before
