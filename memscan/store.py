@@ -197,8 +197,23 @@ class RunStore:
 
     def image_dir(self, kind: str) -> Path:
         d = self.root / "images" / kind
-        d.mkdir(parents=True, exist_ok=True)
+        with _WriteGuard(self.root, f"images/{kind}"):
+            d.mkdir(parents=True, exist_ok=True)
         return d
+
+    def save_image(self, arr, kind: str, name: str) -> str:
+        """Write ``images/<kind>/<name>.png`` atomically (a crash never leaves half a PNG);
+        returns its path relative to the run. ``name`` must already be safe (``safe_name``)."""
+        import io
+
+        from memscan.data.images import save_png
+
+        buf = io.BytesIO()
+        save_png(arr, buf)
+        path = self.image_dir(kind) / f"{name}.png"
+        with _WriteGuard(self.root, f"images/{kind}/{name}.png"):
+            atomic_write_bytes(path, buf.getvalue())
+        return f"images/{kind}/{name}.png"
 
     def create(self) -> None:
         with _WriteGuard(self.root, "the run directory"):

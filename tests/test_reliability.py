@@ -225,3 +225,40 @@ def test_read_only_output_gives_a_clear_error(tmp_path, synth_train, monkeypatch
     assert len(errors) == 1 and "Read-only file system" in errors[0] and " — " in errors[0], res.output
     after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} if out.exists() else {}
     assert after == before
+
+
+def test_failed_png_write_stops_cleanly_and_resumes(tmp_path, synth_train, monkeypatch):
+    """Disk full while writing the 3rd prompt's medoid PNG: a clear error (not a traceback), no
+    half-written PNG or temp file, shards 0–1 intact, and --resume completes with every image."""
+    import errno
+
+    import memscan.store as store_mod
+    from memscan import ExtractConfig, MemscanError, extract
+    from memscan.synthetic import SyntheticGenerator
+
+    gen = SyntheticGenerator(MEMORIZED, size=32, copy_rate=0.4)
+    prompts = pd.DataFrame({"prompt_id": [f"p{i}" for i in range(5)], "prompt": list(MEMORIZED)[:5]})
+    cfg = ExtractConfig(samples_per_prompt=40, shard_size=1, batch_size=20)
+    real = store_mod.atomic_write_bytes
+
+    def failing(path, data):
+        if path.suffix == ".png" and path.name.startswith("p2"):
+            tmp = path.with_name(f".{path.name}.tmp-x")
+            tmp.write_bytes(data[: len(data) // 2])
+            tmp.unlink()  # what atomic_write_bytes does on failure
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(path, data)
+
+    monkeypatch.setattr(store_mod, "atomic_write_bytes", failing)
+    with pytest.raises(MemscanError, match="No space left") as info:
+        extract(gen, prompts, synth_train, tmp_path / "run", cfg, progress=False)
+    assert "images/candidates/p2" in str(info.value) and "--resume" in str(info.value)
+    store = store_mod.RunStore(tmp_path / "run")
+    assert store.shard_done(0) and store.shard_done(1) and not store.shard_done(2)
+    images = tmp_path / "run" / "images"
+    assert not list(images.rglob("p2*")) and not list(images.rglob(".*tmp*"))
+    monkeypatch.setattr(store_mod, "atomic_write_bytes", real)
+    result = extract(gen, prompts, synth_train, tmp_path / "run", cfg, progress=False, resume=True)
+    assert result.detections["detected"].all()
+    for rel in result.detections["candidate_image"]:
+        assert (tmp_path / "run" / rel).stat().st_size > 0

@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from memscan.data.images import save_png
 from memscan.data.prompts import load_prompts
 from memscan.data.training import TrainingSet, load_training_set
 from memscan.errors import MemscanError
@@ -263,10 +262,9 @@ def _save_train_matches(store: RunStore, extractions: pd.DataFrame, training: Tr
     if not len(extractions):
         return
     index = {tid: i for i, tid in enumerate(training.ids)}
-    d = store.image_dir("train")
     for tid in extractions.loc[extractions["rank"] == 1, "train_id"].unique():
         if tid in index:
-            save_png(training.images[index[tid]], d / f"{safe_name(tid)}.png")
+            store.save_image(training.images[index[tid]], "train", safe_name(tid))
 
 
 def reverify(

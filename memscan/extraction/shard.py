@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from memscan.data.images import montage, save_png
+from memscan.data.images import montage
 from memscan.data.training import TrainingSet
 from memscan.extraction.config import ExtractConfig
 from memscan.extraction.detect import detect
@@ -70,7 +70,6 @@ def run_shard(
     """
     timings = ShardTimings()
     rows, cand_rows, cand_images = [], [], []
-    cand_dir, clique_dir = store.image_dir("candidates"), store.image_dir("cliques")
     for p in prompts.itertuples(index=False):
         # 1. generate, batch by batch, with per-sample seeds — in rounds when the budget is
         #    adaptive (config.rounds(): one round of samples_per_prompt otherwise)
@@ -118,10 +117,8 @@ def run_shard(
         # 3. keep what a person will look at: the medoid and the clique
         if found.detected:
             name = safe_name(p.prompt_id)
-            save_png(images[c.medoid], cand_dir / f"{name}.png")
-            save_png(montage(images[c.members[:100]], columns=10), clique_dir / f"{name}.png")
-            row["candidate_image"] = f"images/candidates/{name}.png"
-            row["clique_image"] = f"images/cliques/{name}.png"
+            row["candidate_image"] = store.save_image(images[c.medoid], "candidates", name)
+            row["clique_image"] = store.save_image(montage(images[c.members[:100]], columns=10), "cliques", name)
             cand_rows.append(row)
             cand_images.append(images[c.medoid])
         rows.append(row)

@@ -236,7 +236,6 @@ def extract_unconditional(
 
 
 def _run_locked(generator, train, store, config, index, resume, progress, stop_after_shards) -> UnconditionalResult:
-    from memscan.data.images import save_png
     from memscan.data.training import TrainingSet, load_training_set
     from memscan.distances import tiled_l2
     from memscan.extraction.pipeline import output_shape, versions
@@ -337,9 +336,7 @@ def _run_locked(generator, train, store, config, index, resume, progress, stop_a
                     extracted = bool(cal[j] < 1.0)
                     path = None
                     if extracted and config.save_images:
-                        rel = Path("images") / "candidates" / f"u{i:08d}.png"
-                        save_png(images[j], store.image_dir("candidates") / rel.name)
-                        path = rel.as_posix()
+                        path = store.save_image(images[j], "candidates", f"u{i:08d}")
                     rows.append(
                         {
                             "sample_index": i,
@@ -373,10 +370,9 @@ def _run_locked(generator, train, store, config, index, resume, progress, stop_a
     generations = store.merge(n_shards, tables=("generations",))["generations"]
     extractions = dedupe_extractions(generations, training)
     if config.save_images and len(extractions):
-        d = store.image_dir("train")
         row = {tid: k for k, tid in enumerate(training.ids)}
         for tid in extractions["train_id"]:
-            save_png(training.images[row[tid]], d / f"{safe_name(tid)}.png")
+            store.save_image(training.images[row[tid]], "train", safe_name(tid))
     write_table(extractions, store.root / "extractions.parquet")
     recs = [store.shard_record(s) for s in range(n_shards)]
     gen_total = sum(r.get("generation_s", 0) for r in recs)
