@@ -135,6 +135,10 @@ def adaptive_budget_plot(
     if target is not None:
         ax.axvline(target[0], ls="--", c="k", lw=0.8)
         ax.axhline(target[1], ls="--", c="k", lw=0.8)
+    if all(float(v).is_integer() for c in curves.values() for v in c["extractions_found"]):
+        from matplotlib.ticker import MaxNLocator
+
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))  # counts, not shares
     ax.set_xlim(0, 1.02)
     ax.set_xlabel("share of the full budget's model evaluations spent")
     ax.set_ylabel(ylabel)
