@@ -38,3 +38,22 @@ def nan_output(prompt, seeds):
 
 def wrong_dtype(prompt, seeds):
     return np.zeros((len(seeds), 32, 32, 3), np.int64)
+
+
+def tiny_unet(size=8, channels=3, blocks=(8, 16), groups=4, classes=None, seed=0):
+    """A tiny two-level ``UNet2DModel`` built from config (no downloads), seeded."""
+    import torch
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(seed)
+    return UNet2DModel(
+        sample_size=size,
+        in_channels=channels,
+        out_channels=channels,
+        block_out_channels=tuple(blocks),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=groups,
+        num_class_embeds=classes,
+    )

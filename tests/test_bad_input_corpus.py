@@ -13,6 +13,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from bad_inputs import build_corpus
+from gen_support import tiny_unet
 from typer.testing import CliRunner
 
 from memscan.cli import app
@@ -29,19 +30,10 @@ def corpus(tmp_path_factory):
 @pytest.fixture(scope="module")
 def unet_dir(tmp_path_factory):
     """A tiny untrained UNet2DModel pipeline folder (32×32 RGB) for the membership commands."""
-    from diffusers import DDPMScheduler, UNet2DModel
+    from diffusers import DDPMScheduler
 
     root = tmp_path_factory.mktemp("unet")
-    unet = UNet2DModel(
-        sample_size=32,
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-        norm_num_groups=8,
-    )
+    unet = tiny_unet(size=32, groups=8)
     unet.save_pretrained(root / "unet")
     DDPMScheduler().save_pretrained(root / "scheduler")
     return root

@@ -5,6 +5,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from gen_support import tiny_unet
 
 from memscan import InputError
 from memscan.generators.diffusers_unet import load_unet_generator
@@ -12,19 +13,7 @@ from memscan.safe_load import load_state_dict
 
 
 def _tiny_unet():
-    from diffusers import UNet2DModel
-
-    torch.manual_seed(0)
-    return UNet2DModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(8, 8),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-        norm_num_groups=4,
-    )
+    return tiny_unet(channels=1, blocks=(8, 8))
 
 
 class Payload:

@@ -5,27 +5,14 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from conftest import run_cli
+from gen_support import tiny_unet
 
 from memscan import InputError, load_generator
 
 
 def _unet(num_class_embeds=None):
-    from diffusers import UNet2DModel
-
-    torch.manual_seed(0)
-    return UNet2DModel(
-        sample_size=8,
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-        norm_num_groups=4,
-        num_class_embeds=num_class_embeds,
-    )
+    return tiny_unet(classes=num_class_embeds)
 
 
 @pytest.fixture(scope="module")

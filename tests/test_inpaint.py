@@ -7,7 +7,7 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
+from gen_support import tiny_unet
 
 from memscan.errors import InputError
 from memscan.mia.inpaint import (
@@ -72,20 +72,7 @@ def test_masked_l2_brute_force():
 
 
 def _tiny_unet(seed=0):
-    from diffusers import UNet2DModel
-
-    torch.manual_seed(seed)
-    return UNet2DModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-        norm_num_groups=8,
-        num_class_embeds=4,
-    )
+    return tiny_unet(channels=1, blocks=(16, 32), groups=8, classes=4, seed=seed)
 
 
 def test_repaint_is_batch_independent_and_keeps_known_pixels():

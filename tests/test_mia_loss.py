@@ -10,6 +10,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from gen_support import tiny_unet
 
 from memscan.errors import InputError
 from memscan.generators.seeds import derive_seed
@@ -27,20 +28,7 @@ def _one_thread():
 
 
 def _tiny_unet(num_class_embeds=None, seed=0):
-    from diffusers import UNet2DModel
-
-    torch.manual_seed(seed)
-    return UNet2DModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-        norm_num_groups=8,
-        num_class_embeds=num_class_embeds,
-    )
+    return tiny_unet(channels=1, blocks=(16, 32), groups=8, classes=num_class_embeds, seed=seed)
 
 
 def _sched(T=1000):
