@@ -224,8 +224,9 @@ class RunStore:
         return self.manifest_path.exists()
 
     # ---- manifest -------------------------------------------------------------------------
-    def read_manifest(self, expect: str | None = None) -> dict:
-        """The run's manifest; with ``expect``, refuse a run made by another command."""
+    def read_manifest(self, expect: str | tuple[str, ...] | None = None) -> dict:
+        """The run's manifest; with ``expect`` (a command or several), refuse a run made by
+        another command."""
         if not self.manifest_path.exists():
             raise MemscanError(
                 f"{self.root} is not a memscan run (no manifest.json)", "pass the --out directory of `memscan extract`"
@@ -236,11 +237,13 @@ class RunStore:
             raise MemscanError(
                 f"{self.manifest_path} is not valid JSON ({exc})", "the run is damaged; rerun it"
             ) from None
-        kind = manifest.get("command") or manifest.get("kind") if isinstance(manifest, dict) else None
-        if expect is not None and kind != expect:
+        kind = (manifest.get("command") or manifest.get("kind")) if isinstance(manifest, dict) else None
+        wanted = (expect,) if isinstance(expect, str) else expect
+        if wanted is not None and kind not in wanted:
+            names = " or ".join(f"`memscan {w}`" for w in wanted)
             raise MemscanError(
-                f"{self.root} is a `memscan {kind}` run, not a `memscan {expect}` run",
-                WHERE_RESULTS_ARE.get(kind, f"pass the --out directory of `memscan {expect}`"),
+                f"{self.root} is a `memscan {kind}` run, not a {names} run",
+                WHERE_RESULTS_ARE.get(kind, f"pass the --out directory of {names}"),
             )
         return manifest
 

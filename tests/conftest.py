@@ -1,4 +1,5 @@
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -33,3 +34,30 @@ def run_cli(*args, check=True, env=None, timeout=600) -> subprocess.CompletedPro
             f"memscan {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
         )
     return proc
+
+
+@pytest.fixture(scope="session")
+def tiny_trained(tmp_path_factory):
+    """8 members, 8 held-out 8×8 digits; the demo recipe, 200 steps of 8 (≈ 5–15 s on 1 idle core).
+
+    Trained once per test session and shared by tests/test_mia_loss.py and tests/test_inpaint.py.
+    Returns (images, is_member, model directory).
+    """
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    from memscan.mia.shadow import DemoRecipe, shadow_train_config
+
+    raw = load_digits().images
+    imgs = np.clip(raw * 255 / 16, 0, 255).round().astype(np.uint8)[:, :, :, None]
+    imgs = imgs[np.random.default_rng(0).permutation(len(imgs))[:16]]
+    d = tmp_path_factory.getbasetemp() / "mia-tiny-8x8-model"
+    if not d.is_dir():
+        tmp = d.with_name(d.name + ".partial")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        cfg = shadow_train_config(steps=200, batch_size=8, block_out_channels=(16, 32), warmup=20)
+        DemoRecipe(cfg, threads=1)(imgs[:8], tmp)
+        tmp.rename(d)
+    return imgs, np.arange(16) < 8, d

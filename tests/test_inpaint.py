@@ -3,8 +3,6 @@ reconstructed closer than non-members by a tiny model trained here."""
 
 from __future__ import annotations
 
-import shutil
-
 import numpy as np
 import pytest
 from gen_support import tiny_unet
@@ -20,7 +18,7 @@ from memscan.mia.inpaint import (
 )
 from memscan.mia.metrics import roc_metrics
 from memscan.mia.noise import DiffusersNoisePredictor, load_noise_predictor
-from memscan.mia.shadow import DemoRecipe, shadow_train_config, torch_threads
+from memscan.mia.shadow import torch_threads
 
 
 @pytest.fixture(autouse=True)
@@ -131,30 +129,8 @@ def test_pipeline_inpainter_glue():
 
 
 # ------------------------------------------------------------------------------------------
-# a tiny model trained here reconstructs its members better
+# a tiny model trained here reconstructs its members better (fixture `tiny_trained`: conftest.py)
 # ------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def tiny_trained(tmp_path_factory):
-    """8 members, 8 held-out 8×8 digits; the demo recipe, 200 steps of 8 (≈ 5–15 s on 1 idle core).
-
-    Trained once per test session: tests/test_mia_loss.py and tests/test_inpaint.py share it
-    through the session's base temporary directory.
-    """
-    from sklearn.datasets import load_digits
-
-    raw = load_digits().images
-    imgs = np.clip(raw * 255 / 16, 0, 255).round().astype(np.uint8)[:, :, :, None]
-    imgs = imgs[np.random.default_rng(0).permutation(len(imgs))[:16]]
-    d = tmp_path_factory.getbasetemp() / "mia-tiny-8x8-model"
-    if not d.is_dir():
-        tmp = d.with_name(d.name + ".partial")
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-        cfg = shadow_train_config(steps=200, batch_size=8, block_out_channels=(16, 32), warmup=20)
-        DemoRecipe(cfg, threads=1)(imgs[:8], tmp)
-        tmp.rename(d)
-    return imgs, np.arange(16) < 8, d
 
 
 @pytest.mark.parametrize("region", ["left", "top"])

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 
 import numpy as np
 import pytest
@@ -17,7 +16,7 @@ from memscan.generators.seeds import derive_seed
 from memscan.mia.loss import diffusion_loss, images_to_model_space, noise_for, parse_timesteps, timestep_sweep
 from memscan.mia.metrics import roc_metrics
 from memscan.mia.noise import CallableNoisePredictor, DiffusersNoisePredictor, as_noise_predictor, load_noise_predictor
-from memscan.mia.shadow import DemoRecipe, shadow_train_config, torch_threads
+from memscan.mia.shadow import torch_threads
 
 
 @pytest.fixture(autouse=True)
@@ -203,30 +202,8 @@ def test_timestep_sweep_against_roc_metrics():
 
 
 # ------------------------------------------------------------------------------------------
-# a tiny model trained here: members get lower loss than held-out images
+# a tiny model trained here: members get lower loss than held-out images (`tiny_trained`: conftest.py)
 # ------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def tiny_trained(tmp_path_factory):
-    """8 members, 8 held-out 8×8 digits; the demo recipe, 200 steps of 8 (≈ 5–15 s on 1 idle core).
-
-    Trained once per test session: tests/test_mia_loss.py and tests/test_inpaint.py share it
-    through the session's base temporary directory.
-    """
-    from sklearn.datasets import load_digits
-
-    raw = load_digits().images
-    imgs = np.clip(raw * 255 / 16, 0, 255).round().astype(np.uint8)[:, :, :, None]
-    imgs = imgs[np.random.default_rng(0).permutation(len(imgs))[:16]]
-    d = tmp_path_factory.getbasetemp() / "mia-tiny-8x8-model"
-    if not d.is_dir():
-        tmp = d.with_name(d.name + ".partial")
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-        cfg = shadow_train_config(steps=200, batch_size=8, block_out_channels=(16, 32), warmup=20)
-        DemoRecipe(cfg, threads=1)(imgs[:8], tmp)
-        tmp.rename(d)
-    return imgs, np.arange(16) < 8, d
 
 
 def test_members_have_lower_loss_at_small_t(tiny_trained):

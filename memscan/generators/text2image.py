@@ -246,7 +246,7 @@ def load_pipeline(spec: str, *, device: str = "cpu", dtype: str | None = None):
             "text-to-image pipelines need the transformers package (text encoder, tokenizer)",
             "pip install 'memscan[t2i]'",
         ) from None
-    with _quiet_loading():  # importing the pipelines makes transformers warn about torchvision
+    with quiet_loading():  # importing the pipelines makes transformers warn about torchvision
         from diffusers import AutoPipelineForText2Image, DiffusionPipeline
     torch_dtype = resolve_dtype(dtype, device)
     root = Path(spec)
@@ -257,7 +257,7 @@ def load_pipeline(spec: str, *, device: str = "cpu", dtype: str | None = None):
     if "safety_checker" in index:
         kwargs.update(safety_checker=None, requires_safety_checker=False)
     try:
-        with _quiet_loading():
+        with quiet_loading():
             try:
                 pipe = AutoPipelineForText2Image.from_pretrained(spec, **kwargs)
             except (ValueError, KeyError):
@@ -272,7 +272,7 @@ def load_pipeline(spec: str, *, device: str = "cpu", dtype: str | None = None):
 
 
 @contextlib.contextmanager
-def _quiet_loading():
+def quiet_loading():
     """Silence diffusers/transformers progress bars and deprecation chatter while loading."""
     from diffusers.utils import logging as dlog
     from transformers.utils import logging as tlog

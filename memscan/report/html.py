@@ -48,15 +48,12 @@ def build_report(run: str | Path, out: str | Path | None = None, extra_summary: 
     """
 
     store = RunStore(run)
-    manifest = store.read_manifest()
-    unconditional = manifest.get("command") == "extract-unconditional"
-    if not unconditional:
-        manifest = store.read_manifest(expect="extract")  # a clear error for runs of other commands
+    manifest = store.read_manifest(expect=("extract", "extract-unconditional"))
     if manifest.get("status") != "complete":
         raise MemscanError(
             f"run {run} is not complete (status {manifest.get('status')!r})", "finish it with --resume first"
         )
-    if unconditional:
+    if manifest.get("command") == "extract-unconditional":
         from memscan.report.unconditional import build_unconditional_report
 
         return build_unconditional_report(store, manifest, out)

@@ -128,9 +128,9 @@ def build_tiny_sd(config: TinySDConfig = TinySDConfig()):
     import torch
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from memscan.generators.text2image import _quiet_loading
+    from memscan.generators.text2image import quiet_loading
 
-    with _quiet_loading():  # the pipeline import makes transformers warn that torchvision is absent
+    with quiet_loading():  # the pipeline import makes transformers warn that torchvision is absent
         from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
     tokenizer = build_tokenizer(config.max_length)
