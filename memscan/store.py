@@ -19,6 +19,18 @@
 Every file is written to a temporary name and renamed, so a killed process leaves either the old
 file or the new one. A shard counts as done only when its completion record exists and the
 hashes in it match its files; anything else is redone on ``--resume``.
+
+Every command that writes a run opens it the same way, through :func:`open_run` (create or
+resume, lock, a manifest with one ``kind`` key, versions, status, shard records)::
+
+    with open_run(out, "extract", resume=resume) as run:      # refuses a run of another kind
+        ... read inputs, load the model ...
+        run.start({"config": cfg.to_dict(), "n_shards": n}, identity=("config", "n_shards"))
+        for shard in run.todo(n): ... run.store.commit_shard(shard, tables, meta)
+        run.finish(counts={...})                              # status "complete"
+
+A failure inside the block leaves the manifest at ``status: incomplete`` with the committed shards
+kept, and releases the lock, so ``--resume`` continues.
 """
 
 from __future__ import annotations
@@ -26,9 +38,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import platform
 import re
 import socket
 import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -237,7 +252,11 @@ class RunStore:
             raise MemscanError(
                 f"{self.manifest_path} is not valid JSON ({exc})", "the run is damaged; rerun it"
             ) from None
-        kind = (manifest.get("command") or manifest.get("kind")) if isinstance(manifest, dict) else None
+        if not isinstance(manifest, dict):
+            raise MemscanError(f"{self.manifest_path} is not a memscan manifest", "the run is damaged; rerun it")
+        kind = manifest_kind(manifest)
+        if kind is not None:
+            manifest["kind"] = kind  # runs made before memscan 0.2 recorded it as "command"
         wanted = (expect,) if isinstance(expect, str) else expect
         if wanted is not None and kind not in wanted:
             names = " or ".join(f"`memscan {w}`" for w in wanted)
@@ -307,3 +326,171 @@ class RunStore:
         if not path.exists():
             raise MemscanError(f"{path} is missing", "the run did not finish: rerun `memscan extract ... --resume`")
         return pd.read_parquet(path)
+
+
+# ---- the run lifecycle ------------------------------------------------------------------------
+#: Version of the run-directory layout written by :func:`open_run` (1: before the common
+#: lifecycle, with the kind under ``"command"`` in some manifests).
+RUN_FORMAT = 2
+
+#: Fields every manifest written through :func:`open_run` holds.
+COMMON_MANIFEST_FIELDS = ("memscan_run", "kind", "status", "started", "versions")
+
+
+def manifest_kind(manifest: dict) -> str | None:
+    """The run kind of a manifest (``"kind"``; older runs recorded ``"command"``).
+
+    Examples
+    --------
+    >>> manifest_kind({"kind": "mia"}), manifest_kind({"command": "extract", "memscan_run": 1})
+    ('mia', 'extract')
+    """
+    return manifest.get("kind") or manifest.get("command")
+
+
+def versions() -> dict:
+    """Versions of Python and of the packages that decide a run's numbers, for the manifest."""
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("memscan", "numpy", "torch", "diffusers", "transformers", "pyarrow", "pandas"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def _now(t: float | None = None) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t))
+
+
+@dataclass
+class Run:
+    """A run directory opened for writing by :func:`open_run`: its store, manifest and lock.
+
+    Use it as a context manager: on an exception the manifest is marked ``incomplete`` (the
+    committed shards stay; ``--resume`` continues) and the lock is released.
+    """
+
+    store: RunStore
+    kind: str
+    lock: RunLock
+    previous: dict | None = None
+    manifest: dict = field(default_factory=dict)
+
+    @property
+    def root(self) -> Path:
+        return self.store.root
+
+    @property
+    def resuming(self) -> bool:
+        """True when this opens a run that an earlier process started."""
+        return self.previous is not None
+
+    def start(self, fields: dict, *, identity: Iterable[str] = (), started: float | None = None) -> dict:
+        """Write the manifest (``status: running``) with the common fields and ``fields``.
+
+        When resuming, every key in ``identity`` must equal the earlier run's (a resumed run must
+        be the same run); the start time and the list of resumptions carry over.
+        """
+        if self.previous is not None:
+            for key in identity:
+                if self.previous.get(key) != fields.get(key):
+                    raise MemscanError(
+                        f"cannot resume {self.root}: its {key} differs from this invocation "
+                        f"({self.previous.get(key)} vs {fields.get(key)})",
+                        "resume with the original options, or start a new run with another --out",
+                    )
+        manifest = {"memscan_run": RUN_FORMAT, "kind": self.kind, **fields}
+        manifest.setdefault("versions", versions())
+        if self.previous is not None:
+            manifest["started"] = self.previous.get("started")
+            manifest["resumed"] = [*self.previous.get("resumed", []), _now()]
+        else:
+            manifest["started"] = _now(started)
+        manifest["status"] = "running"
+        self.manifest = manifest
+        self.store.write_manifest(manifest)
+        return manifest
+
+    def save(self) -> None:
+        """Write the manifest as it stands."""
+        self.store.write_manifest(self.manifest)
+
+    def todo(self, n_shards: int) -> list[int]:
+        """The shards without a valid completion record (all of them in a new run)."""
+        return [s for s in range(n_shards) if not self.store.shard_done(s)]
+
+    def finish(self, **fields) -> dict:
+        """Record ``fields``, ``status: complete`` and the finishing time."""
+        self.manifest.update(fields)
+        self.manifest["status"] = "complete"
+        self.manifest["finished"] = _now()
+        self.save()
+        return self.manifest
+
+    def close(self) -> None:
+        self.lock.release()
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is not None and self.manifest.get("status") == "running":
+                self.manifest["status"] = "incomplete"
+                try:
+                    self.save()
+                except Exception:  # pragma: no cover - the original error matters more
+                    pass
+        finally:
+            self.close()
+
+
+def open_run(out: str | Path, kind: str, *, resume: bool = False, accept: Iterable[str] = ()) -> Run:
+    """Create (or, with ``resume``, reopen) the run directory ``out`` of ``kind`` and lock it.
+
+    Parameters
+    ----------
+    out : the run directory
+    kind : the run kind recorded in the manifest (``extract``, ``mia``, …); ``memscan report``
+        picks its renderer by it
+    resume : continue the run already in ``out`` (it must be of this kind); without it, a
+        directory that already holds a run is refused
+    accept : further kinds a resume may reopen (e.g. a legacy name)
+
+    Nothing is written and nothing is locked when the directory is refused, so a corrected
+    rerun on the same ``out`` is never blocked.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> d = tempfile.mkdtemp() + "/run"
+    >>> with open_run(d, "example") as run:
+    ...     _ = run.start({"config": {"n": 1}}, identity=("config",))
+    ...     _ = run.finish(counts={"rows": 0})
+    >>> RunStore(d).read_manifest()["status"], RunStore(d).read_manifest(expect="example")["kind"]
+    ('complete', 'example')
+    >>> open_run(d, "example")
+    Traceback (most recent call last):
+    ...
+    memscan.errors.MemscanError: run directory ... already holds a run (pass --resume to finish it, or choose a new --out)
+    """
+    store = RunStore(out)
+    previous = None
+    if store.exists():
+        if not resume:
+            raise MemscanError(
+                f"run directory {out} already holds a run", "pass --resume to finish it, or choose a new --out"
+            )
+        previous = store.read_manifest(expect=(kind, *accept))  # before anything is loaded or logged
+    store.create()
+    lock = RunLock(store.root).acquire()
+    try:
+        if previous is not None:  # re-read under the lock: another process may have finished it
+            previous = store.read_manifest(expect=(kind, *accept))
+    except BaseException:
+        lock.release()
+        raise
+    return Run(store, kind, lock, previous)
