@@ -57,3 +57,8 @@ def tiny_unet(size=8, channels=3, blocks=(8, 16), groups=4, classes=None, seed=0
         norm_num_groups=groups,
         num_class_embeds=classes,
     )
+
+
+def unconditional16():
+    """Factory: an unconditional 16×16 synthetic generator that copies t0007 a quarter of the time."""
+    return SyntheticGenerator({"": "t0007"}, size=16, copy_rate=0.25)

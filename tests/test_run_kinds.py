@@ -1,0 +1,199 @@
+"""One conformance test applied to every run kind (scikit-learn's ``check_estimator``, for runs).
+
+Every command that writes a run directory goes through the one lifecycle (``memscan.store.open_run``)
+and the one shard loop (``memscan.runners.shards.run_shards``). For each kind:
+
+- killed mid-run (an in-process kill hook: the process "dies" right after its N-th shard commit,
+  without any cleanup a real SIGKILL would not do either), then ``--resume`` → the tables equal an
+  uninterrupted run's, and every shard was committed exactly once;
+- a second concurrent start on the same directory is refused with one clear error;
+- the manifest has the common fields (``memscan_run``, ``kind``, ``status``, ``started``,
+  ``versions``) and the model record (id, parameters, training step) where a model was attacked;
+- ``memscan report RUN`` renders it;
+- a bad ``--out`` (a file, not a directory) gives one clear error.
+
+The real SIGKILL of a subprocess is tested once for the lifecycle (tests/test_resume.py,
+tests/test_reliability.py): with one lifecycle, one is enough.
+
+Adding a run kind = one ``KindCase`` in ``CASES``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from gen_support import MEMORIZED
+from typer.testing import CliRunner
+
+from memscan.cli import app
+from memscan.store import COMMON_MANIFEST_FIELDS, RunStore
+
+runner = CliRunner()
+
+
+@dataclass
+class KindCase:
+    """How to run one kind small: ``argv(tmp_path, out)`` builds inputs and returns the CLI args."""
+
+    kind: str
+    argv: Callable[[Path, Path], list]
+    tables: tuple[str, ...]
+    kill_after: int = 1  # shard commits before the simulated kill
+    has_model: bool = True
+
+
+def _prompts(tmp: Path) -> Path:
+    p = tmp / "prompts.txt"
+    if not p.exists():
+        p.write_text("\n".join(list(MEMORIZED)[:2] + [f"fresh {i}" for i in range(4)]) + "\n")
+    return p
+
+
+def _extract(tmp: Path, out: Path) -> list:
+    from memscan.synthetic import write_training_set
+
+    train = tmp / "train"
+    if not train.exists():
+        write_training_set(train, 120, size=32)
+    return [
+        "extract",
+        "--model",
+        "py:gen_support:planted",
+        "--prompts",
+        _prompts(tmp),
+        "--train",
+        train,
+        "--out",
+        out,
+        "--samples-per-prompt",
+        20,
+        "--shard-size",
+        2,
+        "--batch-size",
+        10,
+        "--min-clique",
+        4,
+        "--quiet",
+    ]
+
+
+def _unconditional(tmp: Path, out: Path) -> list:
+    from memscan.synthetic import write_training_set
+
+    train = tmp / "train16"
+    if not train.exists():
+        write_training_set(train, 40, size=16)
+    return [
+        "extract-unconditional",
+        "--model",
+        "py:gen_support:unconditional16",
+        "--train",
+        train,
+        "--out",
+        out,
+        "--samples",
+        48,
+        "--shard-size",
+        16,
+        "--batch-size",
+        8,
+        "--n-nearest",
+        10,
+        "--quiet",
+    ]
+
+
+CASES = [
+    KindCase("extract", _extract, ("prompts", "detections", "extractions"), kill_after=1),
+    KindCase("extract-unconditional", _unconditional, ("generations", "extractions"), kill_after=1),
+]
+
+
+class _Killed(BaseException):
+    """Stands for SIGKILL: not an Exception, so nothing in memscan catches or cleans up after it."""
+
+
+def _invoke(args, ok=True):
+    res = runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+    if ok and res.exit_code != 0:
+        raise AssertionError(f"memscan {' '.join(map(str, args))} failed ({res.exit_code}):\n{res.output}")
+    return res
+
+
+def _tables(run: Path, names) -> dict[str, pd.DataFrame]:
+    return {t: pd.read_parquet(run / f"{t}.parquet") for t in names}
+
+
+@pytest.fixture(params=CASES, ids=lambda c: c.kind)
+def case(request):
+    return request.param
+
+
+def test_killed_run_resumes_to_the_uninterrupted_tables(case, tmp_path, monkeypatch):
+    full = tmp_path / "full"
+    _invoke(case.argv(tmp_path, full))
+    killed = tmp_path / "killed"
+    commits, dying = [], [True]
+    original = RunStore.commit_shard
+
+    def commit_then_die(self, shard, tables, meta):
+        original(self, shard, tables, meta)
+        commits.append(shard)
+        if dying[0] and len(commits) == case.kill_after:
+            # a real kill leaves the lock of a process that no longer exists
+            (self.root / ".lock").write_text(f"pid=999999999 host={socket.gethostname()} since=killed")
+            raise _Killed
+
+    monkeypatch.setattr(RunStore, "commit_shard", commit_then_die)
+    with pytest.raises(_Killed):
+        _invoke(case.argv(tmp_path, killed))
+    dying[0] = False
+    assert RunStore(killed).read_manifest()["status"] != "complete"
+    n_shards = RunStore(full).read_manifest()["n_shards"]
+    assert 0 < case.kill_after < n_shards, "the kill must land mid-run"
+
+    again = _invoke(case.argv(tmp_path, killed), ok=False)  # protected without --resume
+    assert again.exit_code == 2 and "--resume" in again.output
+    _invoke([*case.argv(tmp_path, killed), "--resume"])
+    a, b = _tables(full, case.tables), _tables(killed, case.tables)
+    for name in case.tables:
+        pd.testing.assert_frame_equal(a[name], b[name], check_dtype=True, obj=f"{case.kind}: {name}")
+    assert sorted(commits) == list(range(n_shards)), f"{case.kind}: every shard committed exactly once ({commits})"
+
+
+def test_manifest_report_lock_and_bad_out(case, tmp_path):
+    out = tmp_path / "run"
+    _invoke(case.argv(tmp_path, out))
+    m = RunStore(out).read_manifest(expect=case.kind)
+    for key in COMMON_MANIFEST_FIELDS:
+        assert key in m, f"{case.kind} manifest lacks {key}"
+    assert m["kind"] == case.kind and m["status"] == "complete" and m["memscan_run"] == 2
+    if case.has_model:
+        assert set(m["model"]) >= {"id", "parameters", "training_step"}, m.get("model")
+
+    rep = _invoke(["report", out])
+    html = (out / "report.html").read_text()
+    assert str(out / "report.html") in rep.output and "<html" in html.lower()
+
+    # a second concurrent start (a live process holds the lock) is refused, and changes nothing
+    (out / ".lock").write_text(f"pid={os.getpid()} host={socket.gethostname()} since=now")
+    before = (out / "manifest.json").read_bytes()
+    res = _invoke([*case.argv(tmp_path, out), "--resume"], ok=False)
+    assert res.exit_code == 2 and "in use by another memscan process" in res.output
+    assert (out / "manifest.json").read_bytes() == before
+    (out / ".lock").unlink()
+
+    # a bad --out: a file where the run directory should be
+    bad = tmp_path / "a-file"
+    bad.write_text("not a directory")
+    res = _invoke(case.argv(tmp_path, bad), ok=False)
+    assert res.exit_code == 2
+    errors = [ln for ln in res.output.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and str(bad) in errors[0], res.output
+    assert "Traceback" not in res.output
