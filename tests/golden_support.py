@@ -7,8 +7,8 @@ inputs built here from fixed seeds. Nothing here imports memscan internals: the 
 with numpy / PIL, the synthetic generator of tests/gen_support.py, and diffusers (the tiny UNet
 saved with ``save_pretrained``), so the refactor cannot move anything this file depends on.
 
-``GOLDEN[command]`` lists the tables the command writes (paths relative to its output) and the
-columns that are excluded from the comparison (see ``EXCLUDED``).
+``SPECS[command]`` holds the command line and the tables compared (paths relative to its output);
+``EXCLUDED`` the columns left out of the comparison (none today; see scripts/make_golden.py).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
@@ -181,6 +182,28 @@ def build_inputs(work: Path) -> dict[str, Path]:
     return p
 
 
+#: what build_inputs writes, recorded in each inputs.json
+INPUTS_DESCRIPTION = {
+    "train": f"memscan.synthetic.write_training_set(train, {TRAIN_N}, size={TRAIN_SIZE}): t0000..t{TRAIN_N - 1:04d}",
+    "prompts": EXTRACT_PROMPTS,
+    "dups": "3 duplicate groups (a: 3, b: 2, c: 2 copies, brightened by 2 per copy) + 8 unique, 32×32, seed 7",
+    "mia_data": f"{MIA_N} smooth 8×8 RGB PNGs ex00..ex{MIA_N - 1:02d}, seed 12; members: the first {MIA_MEMBERS}",
+    "unet": "gen_support.tiny_unet(size=8, channels=3, blocks=(8, 16), seed=0) untrained + DDPMScheduler(1000)",
+    "memscore_x": MEMSCORE_X,
+    "triage_prompts": "tiny_sd_memorized's memorized caption, its other_captions[3], then " + ", ".join(TRIAGE_UNSEEN),
+}
+
+
+def source_commit() -> str:
+    """The commit the tables were made from (``+dirty`` with uncommitted changes)."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "memscan"], cwd=ROOT, capture_output=True, text=True)
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
 # ---------------------------------------------------------------------------------------------
 # commands
 # ---------------------------------------------------------------------------------------------
@@ -227,22 +250,29 @@ SPECS: dict[str, Spec] = {
             "--out", "{out}", "--samples-per-prompt", "40", "--shard-size", "2", "--batch-size", "20",
             "--min-clique", "8", "--seed", "3", "--quiet",
         ),
-        ("detections.parquet", "extractions.parquet"),
+        ("prompts.parquet", "detections.parquet", "extractions.parquet"),
     ),
     # a copy of the extract run, re-verified with a tighter delta
-    "verify": Spec(("verify", "{out}", "--delta", "0.05", "--n-nearest", "3"), ("extractions.parquet",), ("extract",)),
+    "verify": Spec(
+        ("verify", "{out}", "--delta", "0.05", "--n-nearest", "3"),
+        ("prompts.parquet", "detections.parquet", "extractions.parquet"),
+        ("extract",),
+    ),
     "extract-unconditional": Spec(
         (
             "extract-unconditional", "--model", "py:gen_support:planted", "--train", "{train}", "--samples", "32",
             "--out", "{out}", "--prompt", "copy t0003", "--n-nearest", "10", "--shard-size", "16",
-            "--batch-size", "16", "--seed", "1", "--no-images", "--quiet",
+            "--batch-size", "16", "--seed", "1", "--quiet",
         ),
         ("extractions.parquet", "generations.parquet"),
     ),
-    "index": Spec(("index", "{dups}", "--out", "{out}", "--embedder", "pixel:8", "--index-type", "flat", "--quiet"), ()),
+    "index": Spec(
+        ("index", "{dups}", "--out", "{out}", "--embedder", "pixel:8", "--index-type", "flat", "--quiet"),
+        ("ids.parquet", "embeddings.npy"),
+    ),
     "candidates": Spec(
         ("candidates", "{dups}", "--top", "4", "--out", "{out}/prompts.parquet", "--index", "{index}", "--quiet"),
-        ("prompts.parquet",),
+        ("prompts.parquet", "prompts.duplicates.parquet", "prompts.pairs.parquet"),
         ("index",),
     ),
     "triage": Spec(
@@ -250,7 +280,7 @@ SPECS: dict[str, Spec] = {
             "triage", "--model", "{tiny_sd}", "--prompts", "{triage_prompts}", "--out", "{out}", "--generations", "2",
             "--num-inference-steps", "10", "--guidance-scale", "3.0", "--top", "3", "--seed", "5", "--quiet",
         ),
-        ("scores.parquet",),
+        ("scores.parquet", "prompts.csv"),
     ),
     "mia": Spec(
         (
@@ -258,7 +288,7 @@ SPECS: dict[str, Spec] = {
             "--timesteps", "10,100,500", "--noise-draws", "2", "--flip", "--bootstrap", "20", "--seed", "2",
             "--threads", "1", "--quiet",
         ),
-        (),
+        ("examples.parquet", "losses.parquet", "scores.parquet", "metrics.parquet"),
     ),
     "inpaint": Spec(
         (
@@ -266,7 +296,7 @@ SPECS: dict[str, Spec] = {
             "--members", "{members}", "--out", "{out}", "--region", "left", "--steps", "10", "--jump-length", "2",
             "--jump-n-sample", "2", "--samples", "2", "--bootstrap", "20", "--seed", "4", "--threads", "1", "--quiet",
         ),
-        (),
+        ("examples.parquet", "distances.parquet", "scores.parquet", "metrics.parquet"),
     ),
     "memscore": Spec(
         (
@@ -307,11 +337,25 @@ class Runner:
         return out
 
     def tables(self, command: str) -> dict[str, Path]:
-        """Table name (relative path) → file, for every Parquet table the command wrote (the listed
-        ones must exist)."""
+        """Table name (path relative to the command's output) → file, for the tables of ``SPECS``."""
         out = self.run(command)
-        found = {str(f.relative_to(out)): f for f in sorted(out.rglob("*.parquet"))}
-        missing = [t for t in SPECS[command].tables if t not in found]
+        found = {t: out / t for t in SPECS[command].tables}
+        missing = [t for t, f in found.items() if not f.is_file()]
         if missing:
-            raise AssertionError(f"{command}: expected table(s) {missing} not written; found {sorted(found)}")
+            raise AssertionError(f"{command}: expected table(s) {missing} not written in {out}")
         return found
+
+
+def read_table(path: Path) -> pd.DataFrame:
+    """A saved table as a DataFrame: Parquet as is, CSV with pandas' defaults, a .npy matrix as
+    one float column per matrix column (``c0``, ``c1``, …)."""
+    path = Path(path)
+    if path.suffix == ".parquet":
+        return pd.read_parquet(path)
+    if path.suffix == ".csv":
+        return pd.read_csv(path, keep_default_na=False)
+    if path.suffix == ".npy":
+        a = np.load(path, allow_pickle=False)
+        a = a.reshape(len(a), -1)
+        return pd.DataFrame({f"c{j}": a[:, j] for j in range(a.shape[1])})
+    raise ValueError(f"unknown table format: {path}")
