@@ -195,9 +195,12 @@ INPUTS_DESCRIPTION = {
 
 
 def source_commit() -> str:
-    """The commit the tables were made from (``+dirty`` with uncommitted changes)."""
+    """The last commit that changed memscan/ (the code the tables were made from; ``+dirty`` with
+    uncommitted changes there)."""
     try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
+        head = subprocess.run(
+            ["git", "log", "-1", "--format=%H", "--", "memscan"], cwd=ROOT, capture_output=True, text=True, check=True
+        )
         dirty = subprocess.run(["git", "status", "--porcelain", "memscan"], cwd=ROOT, capture_output=True, text=True)
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
