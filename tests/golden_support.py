@@ -153,7 +153,8 @@ def _write_tiny_unet(out: Path) -> None:
 
 def build_inputs(work: Path) -> dict[str, Path]:
     """Write every input under ``work``; returns name → path."""
-    sys.path.insert(0, str(TESTS)) if str(TESTS) not in sys.path else None
+    if str(TESTS) not in sys.path:  # gen_support, for the tiny UNet
+        sys.path.insert(0, str(TESTS))
     from memscan.synthetic import write_training_set
 
     work.mkdir(parents=True, exist_ok=True)
