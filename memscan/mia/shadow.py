@@ -273,7 +273,6 @@ def train_shadow_models(
             else {"train_fn": getattr(train_fn, "__qualname__", repr(train_fn))}
         )
     root = Path(root)
-    (root / "models").mkdir(parents=True, exist_ok=True)
     meta = {
         "version": _VERSION,
         "n": n,
@@ -283,26 +282,7 @@ def train_shadow_models(
         "ids": ids,
         "recipe": recipe,
     }
-    meta = json.loads(json.dumps(meta))  # as it reads back from disk
-    meta_path = root / _META
-    if meta_path.exists():
-        old = json.loads(meta_path.read_text())
-        diff = [k for k in ("version", "n", "n_models", "seed", "scheme", "ids", "recipe") if old.get(k) != meta[k]]
-        if diff:
-            raise InputError(
-                f"shadow directory {root} was made with other settings ({', '.join(diff)} differ)",
-                "use a new directory, or the settings it was made with",
-            )
-        stored = np.load(root / _MASK, allow_pickle=False)
-        if not np.array_equal(stored, mask):
-            raise InputError(
-                f"shadow directory {root}: stored membership differs from the seeded one",
-                "the seeding changed; use a new directory",
-            )
-    else:
-        _save_mask(root / _MASK, mask)
-        atomic_write_json(meta_path, meta)
-
+    _open_shadow_dir(root, meta, mask)
     for m in range(int(n_models)):
         members = np.flatnonzero(mask[m])
         if _is_done(root, m, members):
@@ -326,6 +306,31 @@ def train_shadow_models(
         if progress:
             print(f"shadow model {m + 1}/{n_models}: {members.size} members, {seconds:.1f} s", flush=True)
     return load_shadow_models(root)
+
+
+def _open_shadow_dir(root: Path, meta: dict, mask: np.ndarray) -> None:
+    """Create the shadow directory ``root`` with its settings and mask, or check that an existing
+    one was made with the same settings and the same seeded mask."""
+    (root / "models").mkdir(parents=True, exist_ok=True)
+    meta = json.loads(json.dumps(meta))  # as it reads back from disk
+    meta_path = root / _META
+    if meta_path.exists():
+        old = json.loads(meta_path.read_text())
+        diff = [k for k in ("version", "n", "n_models", "seed", "scheme", "ids", "recipe") if old.get(k) != meta[k]]
+        if diff:
+            raise InputError(
+                f"shadow directory {root} was made with other settings ({', '.join(diff)} differ)",
+                "use a new directory, or the settings it was made with",
+            )
+        stored = np.load(root / _MASK, allow_pickle=False)
+        if not np.array_equal(stored, mask):
+            raise InputError(
+                f"shadow directory {root}: stored membership differs from the seeded one",
+                "the seeding changed; use a new directory",
+            )
+    else:
+        _save_mask(root / _MASK, mask)
+        atomic_write_json(meta_path, meta)
 
 
 def load_shadow_models(root: str | os.PathLike) -> ShadowModels:
