@@ -16,7 +16,7 @@ from typing import Any
 from memscan.errors import InputError
 from memscan.safe_load import low_mem_kwargs
 
-__all__ = ["UNET_CLASSES", "load_ddpm_scheduler", "load_unet", "model_dirs", "read_meta"]
+__all__ = ["UNET_CLASSES", "hub_pipeline_index", "load_ddpm_scheduler", "load_unet", "model_dirs", "read_meta"]
 
 #: UNet classes memscan loads from a directory (``_class_name`` of its ``config.json``).
 UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
@@ -97,3 +97,13 @@ def load_ddpm_scheduler(sched_dir: Path) -> tuple[Any, list[str]]:
     if (sched_dir / "scheduler_config.json").exists():
         return DDPMScheduler.from_pretrained(sched_dir), []
     return DDPMScheduler(), ["no scheduler_config.json: assumed DDPMScheduler() defaults (linear betas, T = 1000)"]
+
+
+def hub_pipeline_index(spec: str) -> dict:
+    """The ``model_index.json`` of hub id ``spec`` (``{}`` when it has none, or there is no network)."""
+    try:
+        from diffusers import DiffusionPipeline
+
+        return DiffusionPipeline.load_config(spec)
+    except Exception:  # no pipeline index on the hub (or no network): the caller tries a bare UNet
+        return {}
