@@ -46,7 +46,7 @@ def tiny_trained(tmp_path_factory):
     import numpy as np
     from sklearn.datasets import load_digits
 
-    from memscan.mia.shadow import DemoRecipe, shadow_train_config
+    from memscan.demo.shadow_recipe import DemoRecipe, shadow_train_config
 
     raw = load_digits().images
     imgs = np.clip(raw * 255 / 16, 0, 255).round().astype(np.uint8)[:, :, :, None]

@@ -7,14 +7,9 @@ import json
 import numpy as np
 import pytest
 
+from memscan.demo.shadow_recipe import DemoRecipe, shadow_train_config
 from memscan.errors import InputError
-from memscan.mia.shadow import (
-    DemoRecipe,
-    load_shadow_models,
-    shadow_membership,
-    shadow_train_config,
-    train_shadow_models,
-)
+from memscan.mia.shadow import load_shadow_models, shadow_membership, train_shadow_models
 
 
 def test_membership_schemes():

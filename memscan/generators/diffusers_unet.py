@@ -16,7 +16,6 @@ seed alone, not on the batch it was in.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +23,7 @@ import torch
 
 from memscan.errors import InputError
 from memscan.generators.base import check_generations
+from memscan.generators.diffusers_models import model_dirs, read_meta
 from memscan.safe_load import low_mem_kwargs
 
 SAMPLERS = ("ddim", "ddpm")
@@ -158,15 +158,13 @@ def load_unet_generator(path: str, *, device: str = "cpu", batch_size: int = 64,
     root = Path(path)
     meta: dict = {}
     if root.is_dir():
-        unet_dir = root / "unet" if (root / "unet").is_dir() else root
-        sched_dir = root / "scheduler" if (root / "scheduler").is_dir() else root
+        unet_dir, sched_dir = model_dirs(root)
         if not (unet_dir / "config.json").exists():
             raise InputError(
                 f"{path}: no UNet2DModel found (expected unet/config.json or config.json)",
                 "save the model with UNet2DModel.save_pretrained or DDPMPipeline.save_pretrained",
             )
-        if (root / "memscan.json").exists():
-            meta = json.loads((root / "memscan.json").read_text())
+        meta = read_meta(root)
         unet = _load_unet(unet_dir)
         try:
             scheduler = DDPMScheduler.from_pretrained(sched_dir)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from memscan.errors import InputError
 from memscan.generators.base import CallableGenerator
+from memscan.generators.diffusers_models import hub_pipeline_index
 
 
 def load_generator(spec: str, *, device: str = "cpu", batch_size: int = 64, **options):
@@ -48,12 +49,7 @@ def load_generator(spec: str, *, device: str = "cpu", batch_size: int = 64, **op
         from memscan.generators.diffusers_unet import load_unet_generator
         from memscan.generators.text2image import is_text2image_index, load_text2image_generator
 
-        try:
-            from diffusers import DiffusionPipeline
-
-            hub_index = DiffusionPipeline.load_config(spec)
-        except Exception:  # no pipeline index on the hub (or no network): try a bare UNet below
-            hub_index = {}
+        hub_index = hub_pipeline_index(spec)  # {} without one: try a bare UNet below
         if is_text2image_index(hub_index):
             return load_text2image_generator(spec, device=device, batch_size=batch_size, **options)
         try:

@@ -35,6 +35,7 @@ import numpy as np
 
 from memscan.errors import InputError
 from memscan.generators.base import check_generations
+from memscan.generators.diffusers_models import read_meta
 
 #: ``--scheduler`` names → diffusers scheduler classes (built from the pipeline's own config).
 SCHEDULERS = {
@@ -227,16 +228,6 @@ def make_scheduler(name: str, current):
     return getattr(diffusers, SCHEDULERS[key]).from_config(current.config)
 
 
-def _read_meta(root: Path) -> dict:
-    f = root / "memscan.json"
-    if not f.exists():
-        return {}
-    try:
-        return json.loads(f.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise InputError(f"cannot read {f}: {exc}", "fix or remove memscan.json") from None
-
-
 def load_pipeline(spec: str, *, device: str = "cpu", dtype: str | None = None):
     """Load a text-to-image pipeline from a directory or hub id (safetensors only)."""
     try:
@@ -319,7 +310,7 @@ def load_text2image_generator(
             "use num_inference_steps, guidance_scale, scheduler, dtype, height, width",
         )
     root = Path(spec)
-    meta = _read_meta(root) if root.is_dir() else {}
+    meta = read_meta(root) if root.is_dir() else {}
     res = meta.get("resolution")
     pipe = load_pipeline(spec, device=device, dtype=dtype)
     return Text2ImageGenerator(

@@ -9,7 +9,14 @@
 - :mod:`memscan.mia.loss` — the diffusion loss L_t(x) and the timestep sweep;
 - :mod:`memscan.mia.shadow` — shadow models on random halves, resumable per model;
 - :mod:`memscan.mia.inpaint` — the inpainting attack (RePaint);
-- :mod:`memscan.mia.run` — run directories and reports for the CLI.
+- :mod:`memscan.mia.inputs` — the examples, target, members and shadow models of a run;
+- :mod:`memscan.mia.attack_labels` — the ``--attacks`` labels and running them on a statistic;
+- :mod:`memscan.mia.statistic_run` — ``run_mia``, ``run_inpaint``: one shared run over a
+  per-example statistic (diffusion loss, inpainting distance);
+- :mod:`memscan.mia.memscore_run` — ``run_memscore``;
+- :mod:`memscan.mia.tables`, :mod:`memscan.mia.run_dir`, :mod:`memscan.mia.results` — the run's
+  tables, its directory and the result types (the report: :mod:`memscan.report.mia`; the demo:
+  :mod:`memscan.demo.mia`).
 """
 
 from memscan.mia.attacks import (
@@ -39,11 +46,13 @@ from memscan.mia.noise import (
     as_noise_predictor,
     load_noise_predictor,
 )
-from memscan.mia.shadow import DemoRecipe, ShadowModels, load_shadow_models, shadow_membership, train_shadow_models
+from memscan.mia.results import MemscoreResult, MiaResult
+from memscan.mia.shadow import ShadowModels, load_shadow_models, shadow_membership, train_shadow_models
 
 __all__ = [
+    "MemscoreResult",
+    "MiaResult",
     "CallableNoisePredictor",
-    "DemoRecipe",
     "DiffusersNoisePredictor",
     "InpaintConfig",
     "InpaintResult",

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from memscan.errors import InputError
+from memscan.generators.noise import repaint_scheduler, repaint_timesteps
 from memscan.generators.seeds import derive_seed
 from memscan.mia.loss import images_to_model_space
 from memscan.mia.noise import NoisePredictor, as_noise_predictor, slice_condition
@@ -191,23 +192,13 @@ class InpaintConfig:
 
 
 def _schedule(steps: int, jump_length: int, jump_n_sample: int, T: int):
-    from diffusers import RePaintScheduler
-
-    s = RePaintScheduler(num_train_timesteps=T)
-    s.set_timesteps(steps, jump_length=jump_length, jump_n_sample=jump_n_sample)
-    ts = s.timesteps.tolist()
+    ts = repaint_timesteps(steps, jump_length, jump_n_sample, T)
     reverse = [t for i, t in enumerate(ts) if t < (ts[i - 1] if i else ts[0] + 1)]
     return ts, reverse
 
 
 def _scheduler_for(p: NoisePredictor, eta: float):
-    from diffusers import RePaintScheduler
-
-    a = p.alphas_cumprod.double()
-    betas = 1.0 - a / torch.cat([torch.ones(1, dtype=a.dtype), a[:-1]])
-    return RePaintScheduler(
-        num_train_timesteps=int(a.numel()), trained_betas=betas.float().numpy(), eta=float(eta), clip_sample=True
-    )
+    return repaint_scheduler(p.alphas_cumprod, eta)
 
 
 @torch.no_grad()

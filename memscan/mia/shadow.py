@@ -11,13 +11,13 @@ A shadow directory::
     ROOT/
       shadows.json             n, n_models, seed, scheme, example ids, recipe
       membership.npy           bool M×N: membership[m, i] ⇔ model m was trained on example i
-      models/0000/             whatever train_fn wrote (the built-in recipe: a diffusers pipeline)
+      models/0000/             whatever train_fn wrote (the demo recipe: a diffusers pipeline)
       models/0000.done.json    completion record: member indices (JSON), seconds, train_fn's record
 
 Training is resumable per model: a model counts as done only when its completion record exists
 and holds the member indices the mask asks for; anything else (a killed run's half-written
 folder) is removed and trained again. Nothing is pickled: masks are ``.npy`` without pickle and
-JSON, and the built-in recipe saves safetensors weights.
+JSON, and the demo recipe (:mod:`memscan.demo.shadow_recipe`) saves safetensors weights.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,6 @@ from memscan.store import atomic_write_json
 
 __all__ = [
     "SCHEMES",
-    "DemoRecipe",
     "ShadowModels",
     "load_shadow_models",
     "shadow_membership",
@@ -216,7 +215,8 @@ def train_shadow_models(
     train_fn : callable
         ``train_fn(subset, model_dir)`` trains a fresh model on ``subset`` (the members, in pool
         order) and saves it into the (new, empty) folder ``model_dir``. Its return value, if a
-        dict, is kept in the completion record. :class:`DemoRecipe` is the built-in one.
+        dict, is kept in the completion record. The demo's recipe is
+        :class:`memscan.demo.shadow_recipe.DemoRecipe`.
     root : path
         The shadow directory. Rerunning with the same settings trains only the missing models.
     n_models : int
@@ -273,7 +273,6 @@ def train_shadow_models(
             else {"train_fn": getattr(train_fn, "__qualname__", repr(train_fn))}
         )
     root = Path(root)
-    (root / "models").mkdir(parents=True, exist_ok=True)
     meta = {
         "version": _VERSION,
         "n": n,
@@ -283,26 +282,7 @@ def train_shadow_models(
         "ids": ids,
         "recipe": recipe,
     }
-    meta = json.loads(json.dumps(meta))  # as it reads back from disk
-    meta_path = root / _META
-    if meta_path.exists():
-        old = json.loads(meta_path.read_text())
-        diff = [k for k in ("version", "n", "n_models", "seed", "scheme", "ids", "recipe") if old.get(k) != meta[k]]
-        if diff:
-            raise InputError(
-                f"shadow directory {root} was made with other settings ({', '.join(diff)} differ)",
-                "use a new directory, or the settings it was made with",
-            )
-        stored = np.load(root / _MASK, allow_pickle=False)
-        if not np.array_equal(stored, mask):
-            raise InputError(
-                f"shadow directory {root}: stored membership differs from the seeded one",
-                "the seeding changed; use a new directory",
-            )
-    else:
-        _save_mask(root / _MASK, mask)
-        atomic_write_json(meta_path, meta)
-
+    _open_shadow_dir(root, meta, mask)
     for m in range(int(n_models)):
         members = np.flatnonzero(mask[m])
         if _is_done(root, m, members):
@@ -328,6 +308,31 @@ def train_shadow_models(
     return load_shadow_models(root)
 
 
+def _open_shadow_dir(root: Path, meta: dict, mask: np.ndarray) -> None:
+    """Create the shadow directory ``root`` with its settings and mask, or check that an existing
+    one was made with the same settings and the same seeded mask."""
+    (root / "models").mkdir(parents=True, exist_ok=True)
+    meta = json.loads(json.dumps(meta))  # as it reads back from disk
+    meta_path = root / _META
+    if meta_path.exists():
+        old = json.loads(meta_path.read_text())
+        diff = [k for k in ("version", "n", "n_models", "seed", "scheme", "ids", "recipe") if old.get(k) != meta[k]]
+        if diff:
+            raise InputError(
+                f"shadow directory {root} was made with other settings ({', '.join(diff)} differ)",
+                "use a new directory, or the settings it was made with",
+            )
+        stored = np.load(root / _MASK, allow_pickle=False)
+        if not np.array_equal(stored, mask):
+            raise InputError(
+                f"shadow directory {root}: stored membership differs from the seeded one",
+                "the seeding changed; use a new directory",
+            )
+    else:
+        _save_mask(root / _MASK, mask)
+        atomic_write_json(meta_path, meta)
+
+
 def load_shadow_models(root: str | os.PathLike) -> ShadowModels:
     """Open a shadow directory written by :func:`train_shadow_models`."""
     root = Path(root)
@@ -343,97 +348,3 @@ def load_shadow_models(root: str | os.PathLike) -> ShadowModels:
         raise InputError(f"{root / _MASK}: damaged (dtype {mask.dtype}, shape {mask.shape})", "retrain the shadows")
     done = [_is_done(root, m, np.flatnonzero(mask[m])) for m in range(mask.shape[0])]
     return ShadowModels(root, mask, list(meta["ids"]), int(meta["seed"]), meta["scheme"], meta.get("recipe", {}), done)
-
-
-# --------------------------------------------------------------------------------------------
-# the built-in recipe
-# --------------------------------------------------------------------------------------------
-@dataclass
-class DemoRecipe:
-    """The demo's training recipe (:func:`memscan.demo.train.train_demo_model`) as a shadow
-    ``train_fn``.
-
-    Every subset is trained with :func:`~memscan.demo.train.build_unet` and the demo's loop
-    (ε-prediction DDPM, cosine schedule, AdamW) and saved as a diffusers DDIM pipeline with
-    safetensors weights and a ``memscan.json``. Each member gets its own (empty) caption class,
-    and with the default ``p_uncond = 1`` every label is dropped to the null class: the model is
-    unconditional, and losses are evaluated with ``condition = null_class`` (recorded in
-    ``memscan.json``) — an OUT example has no class of its own in a model that never saw it.
-
-    Parameters
-    ----------
-    config : memscan.demo.train.TrainConfig, optional
-        Default: :func:`shadow_train_config` (unconditional, ``p_uncond = 1``).
-    threads : int, optional
-        ``torch.set_num_threads`` while training (see :func:`torch_threads`).
-    device : str
-    """
-
-    config: Any = None
-    threads: int | None = None
-    device: str = "cpu"
-
-    def __post_init__(self):
-        if self.config is None:
-            self.config = shadow_train_config()
-
-    def describe(self) -> dict:
-        cfg = asdict(self.config)
-        cfg["block_out_channels"] = list(cfg["block_out_channels"])
-        return {"train_fn": "memscan.mia.shadow.DemoRecipe", "config": cfg, "device": self.device}
-
-    def __call__(self, subset: Any, model_dir: Path) -> dict:
-        from memscan.demo.data import DemoData
-        from memscan.demo.train import train_demo_model
-
-        images = np.asarray(subset)
-        if images.ndim != 4 or images.dtype != np.uint8 or images.shape[-1] != 1 or images.shape[1] != images.shape[2]:
-            raise InputError(
-                f"DemoRecipe: expects uint8 N×S×S×1 images (the demo's format), got {images.dtype} {images.shape}",
-                "pass grayscale square images, or write your own train_fn",
-            )
-        keys = [f"s{i:06d}" for i in range(len(images))]
-        data = DemoData(
-            images=images,
-            ids=keys,
-            base_ids=keys,
-            captions={k: "" for k in keys},
-            copies={k: 1 for k in keys},
-            planted=[],
-        )
-        with torch_threads(self.threads):
-            rec = train_demo_model(
-                data, model_dir, self.config, device=self.device, log_every=max(1, self.config.steps)
-            )
-        # the demo data recipe does not describe a shadow subset: record what was trained on
-        rec["training"]["data"] = {"rows": int(len(images)), "source": "shadow subset (see the shadow directory)"}
-        rec["class_captions"] = []
-        meta_path = Path(model_dir) / "memscan.json"
-        meta = json.loads(meta_path.read_text())
-        meta.update(training=rec["training"], class_captions=[])
-        meta_path.write_text(json.dumps(meta, indent=1))
-        return {"seconds": rec["training"]["seconds"], "final_loss": (rec["training"]["log"] or [{}])[-1].get("loss")}
-
-
-def shadow_train_config(**overrides: Any):
-    """The demo recipe's :class:`~memscan.demo.train.TrainConfig` for shadow models: unconditional
-    (``p_uncond = 1``), and smaller and shorter than the shipped demo model so that a handful
-    of models train on a CPU in minutes (``block_out_channels = (16, 32, 32)``, 600 steps of 32).
-
-    Examples
-    --------
-    >>> shadow_train_config(steps=10).steps, shadow_train_config().p_uncond
-    (10, 1.0)
-    """
-    from memscan.demo.train import TrainConfig
-
-    base = {
-        "steps": 600,
-        "batch_size": 32,
-        "lr": 2e-3,
-        "warmup": 50,
-        "p_uncond": 1.0,
-        "block_out_channels": (16, 32, 32),
-    }
-    base.update(overrides)
-    return TrainConfig(**base)

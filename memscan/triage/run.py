@@ -168,7 +168,8 @@ def triage(
 
 
 def _load(model, config: TriageConfig):
-    from memscan.generators.text2image import Text2ImageGenerator, _read_meta, load_pipeline
+    from memscan.generators.diffusers_models import read_meta
+    from memscan.generators.text2image import Text2ImageGenerator, load_pipeline
 
     if isinstance(model, Text2ImageGenerator):
         return (
@@ -186,7 +187,7 @@ def _load(model, config: TriageConfig):
                 f"{model} holds no model_index.json; triage needs a text-to-image pipeline",
                 "pass a directory saved with StableDiffusionPipeline.save_pretrained, or a hub id",
             )
-        meta = _read_meta(root) if root.is_dir() else {}
+        meta = read_meta(root) if root.is_dir() else {}
         return load_pipeline(str(model), device=config.device, dtype=config.dtype), str(model), meta
     if hasattr(model, "unet"):
         return model, type(model).__name__, {}

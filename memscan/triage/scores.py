@@ -89,7 +89,8 @@ class TriageModel:
 
     def __init__(self, pipe, device: str = "cpu"):
         import torch
-        from diffusers import DDIMScheduler
+
+        from memscan.generators.noise import ddim_scheduler_like
 
         needed = [a for a in ("unet", "encode_prompt", "scheduler") if not hasattr(pipe, a)]
         if needed:
@@ -107,7 +108,7 @@ class TriageModel:
         self.unet = pipe.unet
         self.dtype = next(iter(self.unet.parameters())).dtype
         # deterministic DDIM (eta = 0) with the model's own noise schedule
-        self.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        self.scheduler = ddim_scheduler_like(pipe.scheduler)
         scale = int(getattr(pipe, "vae_scale_factor", 8))
         size = self.unet.config.sample_size
         size = size if isinstance(size, int) else size[0]
