@@ -1,5 +1,5 @@
-"""``memscan mia``, ``memscan inpaint``, ``memscan memscore`` and ``memscan demo-mia``: thin
-wrappers over :mod:`memscan.mia.run`."""
+"""``memscan mia``, ``memscan inpaint`` and ``memscan memscore``: thin wrappers over
+:mod:`memscan.mia.run` (``memscan demo mia`` is in :mod:`memscan.commands.demo`)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 
+from memscan.commands.common import fail as _fail
 from memscan.errors import MemscanError
 
 _TARGET_HELP = "target: a diffusers directory or py:module:attribute (with --members)"
@@ -14,8 +15,6 @@ _SHADOWS_HELP = "shadow directory (train_shadow_models / demo-mia) for LiRA"
 
 
 def register(app: typer.Typer) -> None:
-    from memscan.cli import _fail
-
     @app.command()
     def mia(
         data: Path = typer.Option(..., "--data", help="examples: a folder of images or a CSV/Parquet manifest"),
@@ -136,30 +135,6 @@ def register(app: typer.Typer) -> None:
             res = run_memscore(
                 out, data, train_fn, log_likelihood_fn, folds=folds, repeats=repeats, seed=seed, progress=not quiet
             )
-        except MemscanError as exc:
-            _fail(exc)
-        typer.echo(res["text"])
-
-    @app.command("demo-mia")
-    def demo_mia(
-        out: Path = typer.Option(Path("runs/demo-mia"), "--out", help="output directory (rerun resumes training)"),
-        n_examples: int | None = typer.Option(None, "--examples", help="pool size [256]"),
-        n_models: int | None = typer.Option(None, "--models", help="shadow models, model 0 is the target [8]"),
-        steps: int | None = typer.Option(None, "--steps", help="training steps per model [600]"),
-        threads: int | None = typer.Option(None, "--threads", help="torch threads [1]"),
-        quick: bool = typer.Option(False, "--quick", help="tiny settings (seconds; for CI)"),
-        quiet: bool = typer.Option(False, "--quiet", help="no progress output"),
-    ):
-        """Membership inference and inpainting on the demo data with CPU-trained shadow models."""
-        from dataclasses import replace
-
-        from memscan.mia.run import DemoMiaSettings, run_demo_mia
-
-        st = DemoMiaSettings.quick() if quick else DemoMiaSettings()
-        over = {"n_examples": n_examples, "n_models": n_models, "steps": steps, "threads": threads}
-        st = replace(st, **{k: v for k, v in over.items() if v is not None})
-        try:
-            res = run_demo_mia(out, st, progress=not quiet)
         except MemscanError as exc:
             _fail(exc)
         typer.echo(res["text"])
