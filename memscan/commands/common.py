@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from memscan.errors import MemscanError
+from memscan.errors import MemscanError, user_code
 
 #: Messages, progress and errors go to stderr; results (one summary line) to stdout.
 console = Console(stderr=True)
@@ -63,6 +63,12 @@ def run_library_call(fn, *args, **kwargs):
     """``fn(*args, **kwargs)``; a :class:`MemscanError` ends the command through :func:`fail`."""
     with clean_errors():
         return fn(*args, **kwargs)
+
+
+def loading_user_model(spec: str):
+    """A block that loads the model ``spec``: an exception from its code (a ``py:`` factory, a
+    broken checkpoint) becomes one :class:`~memscan.errors.UserCodeError` line."""
+    return user_code(f"loading the model {spec} failed", "fix the model (or its py: function) and rerun")
 
 
 def quiet_option(help: str = "no progress bars") -> bool:

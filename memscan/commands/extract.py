@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from memscan.commands.common import clean_errors, quiet_option, resume_option
+from memscan.commands.common import clean_errors, loading_user_model, quiet_option, resume_option
 
 
 def register(app: typer.Typer) -> None:
@@ -106,7 +106,8 @@ def register(app: typer.Typer) -> None:
             if runner == "ray":  # each Ray worker loads its own model from the spec
                 gen = GeneratorSpec(model, {"device": cfg.device, "batch_size": cfg.batch_size, **gen_options})
             else:
-                gen = load_generator(model, device=cfg.device, batch_size=cfg.batch_size, **gen_options)
+                with loading_user_model(model):
+                    gen = load_generator(model, device=cfg.device, batch_size=cfg.batch_size, **gen_options)
             result = run_extract(
                 gen,
                 prompts,

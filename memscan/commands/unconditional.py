@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from memscan.commands.common import clean_errors
+from memscan.commands.common import clean_errors, loading_user_model
 
 
 def register(app: typer.Typer) -> None:
@@ -53,7 +53,8 @@ def register(app: typer.Typer) -> None:
                 device=device,
                 save_images=not no_images,
             ).validate()
-            gen = load_generator(model, device=cfg.device, batch_size=cfg.batch_size)
+            with loading_user_model(model):
+                gen = load_generator(model, device=cfg.device, batch_size=cfg.batch_size)
             result = run(gen, train, out, cfg, index=index, resume=resume, progress=not quiet)
         c = result.manifest["counts"]
         typer.echo(
