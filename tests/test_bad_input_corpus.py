@@ -231,6 +231,16 @@ def test_bad_generator_outputs_in_unconditional_extraction(synth_train, tmp_path
     assert "generator" in line or "shape" in line or "NaN" in line or "dtype" in line
 
 
+@pytest.mark.parametrize("command", ["extract", "extract-unconditional"])
+def test_user_code_that_raises_is_one_error_and_keeps_the_run_resumable(corpus, synth_train, tmp_path, command):
+    """A generator whose code raises (a bug, CUDA out of memory) ends the run with one error naming
+    where and pointing to --resume (tests/test_user_code_errors.py: the resume itself)."""
+    args = TRAIN_COMMANDS[command](corpus, synth_train, tmp_path / "o")
+    args = tuple("py:user_code_support:always_raises" if a == "py:gen_support:planted" else a for a in args)
+    line = assert_clean_error(cli(*args), "the generator failed", "RuntimeError: simulated bug", "--resume")
+    assert ("on prompt line-" in line) if command == "extract" else ("in shard 0 (samples 0–" in line)
+
+
 def test_report_and_verify_refuse_what_is_not_a_run(tmp_path):
     damaged = tmp_path / "damaged"
     damaged.mkdir()

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from memscan.commands.common import run_library_call
+
 
 def register(app: typer.Typer) -> None:
     @app.command("candidates")
@@ -33,7 +35,6 @@ def register(app: typer.Typer) -> None:
         quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
     ):
         """Count near-duplicates of every training image and write the top K as a prompts file."""
-        from memscan.cli import _run
         from memscan.index.duplicates import DuplicateConfig, select_candidates
 
         cfg = DuplicateConfig(
@@ -43,7 +44,7 @@ def register(app: typer.Typer) -> None:
             grid=grid,
             max_neighbors=max_neighbors,
         )
-        res = _run(
+        res = run_library_call(
             select_candidates,
             train,
             out,

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from memscan.commands.common import run_library_call
+
 
 def register(app: typer.Typer) -> None:
     @app.command("index")
@@ -32,11 +34,10 @@ def register(app: typer.Typer) -> None:
         quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
     ):
         """Embed every training image and build a FAISS index (embeddings and ids stored on disk)."""
-        from memscan.cli import _run
         from memscan.index.faiss_index import IndexParams, build_index
 
         params = IndexParams(index_type, nlist=nlist, nprobe=nprobe)
-        idx = _run(
+        idx = run_library_call(
             build_index,
             train,
             out,

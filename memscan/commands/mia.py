@@ -1,6 +1,6 @@
-"""``memscan mia``, ``memscan inpaint``, ``memscan memscore`` and ``memscan demo-mia``: thin
-wrappers over :mod:`memscan.mia.statistic_run`, :mod:`memscan.mia.memscore_run` and
-:mod:`memscan.demo.mia`; the summaries they print are formatted here from the results."""
+"""``memscan mia``, ``memscan inpaint`` and ``memscan memscore``: thin wrappers over
+:mod:`memscan.mia.statistic_run` and :mod:`memscan.mia.memscore_run` (``memscan demo mia`` is in
+:mod:`memscan.commands.demo`); the summaries they print come from :mod:`memscan.commands.formatting`."""
 
 from __future__ import annotations
 
@@ -10,17 +10,15 @@ from pathlib import Path
 import pandas as pd
 import typer
 
+from memscan.commands.common import fail as _fail
+from memscan.commands.formatting import inpaint_summary, memscore_summary, mia_summary
 from memscan.errors import MemscanError
-from memscan.mia.results import MemscoreResult, MiaResult
-from memscan.mia.tables import best_results
 
 _TARGET_HELP = "target: a diffusers directory or py:module:attribute (with --members)"
 _SHADOWS_HELP = "shadow directory (train_shadow_models / demo-mia) for LiRA"
 
 
 def register(app: typer.Typer) -> None:
-    from memscan.cli import _fail
-
     @app.command()
     def mia(
         data: Path = typer.Option(..., "--data", help="examples: a folder of images or a CSV/Parquet manifest"),
@@ -144,95 +142,3 @@ def register(app: typer.Typer) -> None:
         except MemscanError as exc:
             _fail(exc)
         typer.echo(memscore_summary(res))
-
-    @app.command("demo-mia")
-    def demo_mia(
-        out: Path = typer.Option(Path("runs/demo-mia"), "--out", help="output directory (rerun resumes training)"),
-        n_examples: int | None = typer.Option(None, "--examples", help="pool size [256]"),
-        n_models: int | None = typer.Option(None, "--models", help="shadow models, model 0 is the target [8]"),
-        steps: int | None = typer.Option(None, "--steps", help="training steps per model [600]"),
-        threads: int | None = typer.Option(None, "--threads", help="torch threads [1]"),
-        quick: bool = typer.Option(False, "--quick", help="tiny settings (seconds; for CI)"),
-        quiet: bool = typer.Option(False, "--quiet", help="no progress output"),
-    ):
-        """Membership inference and inpainting on the demo data with CPU-trained shadow models."""
-        from dataclasses import replace
-
-        from memscan.demo.mia import DemoMiaSettings, run_demo_mia
-
-        st = DemoMiaSettings.quick() if quick else DemoMiaSettings()
-        over = {"n_examples": n_examples, "n_models": n_models, "steps": steps, "threads": threads}
-        st = replace(st, **{k: v for k, v in over.items() if v is not None})
-        try:
-            res = run_demo_mia(out, st, progress=not quiet)
-        except MemscanError as exc:
-            _fail(exc)
-        text = demo_mia_summary(res)
-        summary = {"report": str(res.report), "manifest": res.manifest, "text": text}
-        (Path(out) / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
-        typer.echo(text)
-
-
-# --------------------------------------------------------------------------------------------
-# summaries
-# --------------------------------------------------------------------------------------------
-def summary_text(kind: str, metrics: pd.DataFrame, out: Path, extra: list[str] | None = None) -> str:
-    """``memscan KIND: OUT``, the best attack of each statistic, ``extra`` lines, the report."""
-    lines = [f"memscan {kind}: {out}"]
-    for stat, (attack, t) in best_results(metrics).items():
-        r = metrics[(metrics["statistic"] == stat) & (metrics["attack"] == attack)]
-        r = r[r["timestep"].isna()] if t is None else r[r["timestep"] == t]
-        r = r.iloc[0]
-        at = "" if t is None else f" at t = {t}"
-        lines.append(
-            f"  {stat}: best {attack}{at}: AUC {r['auc']:.3f}, TPR@1%FPR {r['tpr@1%fpr']:.3f}, "
-            f"TPR@0.1%FPR {r['tpr@0.1%fpr']:.3f}, balanced accuracy {r['balanced_accuracy']:.3f}"
-        )
-    lines += extra or []
-    lines.append(f"  report: {out / 'report.html'}")
-    return "\n".join(lines)
-
-
-def _outside_pool(res: MiaResult) -> list[str]:
-    outside = res.manifest["sources"].get("not_in_shadow_pool")
-    if not outside:
-        return []
-    return [f"  {outside['count']} example(s) of --data outside the shadow pool: not attacked"]
-
-
-def mia_summary(res: MiaResult, out: Path | None = None) -> str:
-    """What ``memscan mia`` prints."""
-    best = res.manifest["best_timestep"]
-    extra = [f"  best timestep ({best['by']}): t = {best['timestep']}"] + _outside_pool(res)
-    extra += [
-        f"  skipped {k['attack']} at t = {k['timestep']}: {k['reason']}" for k in res.manifest["skipped_attacks"][:3]
-    ]
-    return summary_text("mia", res.metrics, Path(out) if out is not None else res.run_dir, extra)
-
-
-def inpaint_summary(res: MiaResult, out: Path | None = None) -> str:
-    """What ``memscan inpaint`` prints."""
-    return summary_text("inpaint", res.metrics, Path(out) if out is not None else res.run_dir, _outside_pool(res))
-
-
-def memscore_summary(res: MemscoreResult) -> str:
-    """What ``memscan memscore`` prints."""
-    m, ids = res.result, res.table["id"].tolist()
-    q = ", ".join(f"q{float(k):g} = {v:.3f}" for k, v in m.quantiles.items())
-    best = int(res.shown[0]) if len(res.shown) else 0
-    folds, repeats = res.manifest["memscore"]["folds"], res.manifest["memscore"]["repeats"]
-    return (
-        f"memscan memscore: {len(ids)} examples, {folds} folds × {repeats} repeats; {q}; "
-        f"most memorized: {ids[best]} (M = {m.score[best]:.3f})\n  report: {res.report}"
-    )
-
-
-def demo_mia_summary(res) -> str:
-    """What ``memscan demo-mia`` prints (``res``: a :class:`memscan.demo.mia.DemoMiaResult`)."""
-    st, best = res.settings, res.manifest["best_timestep"]
-    extra = [
-        f"  {st.n_models} models × {st.steps} steps trained in {res.training_s:.0f} s; "
-        f"total {res.total_s:.0f} s wall, {res.cpu_s:.0f} s CPU",
-        f"  best timestep ({best['by']}): t = {best['timestep']}",
-    ]
-    return summary_text("demo-mia", res.run.metrics, res.out / "run", extra)

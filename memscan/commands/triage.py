@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from memscan.commands.common import run_library_call as _run
+
 
 def register(app: typer.Typer) -> None:
     @app.command()
@@ -30,7 +32,6 @@ def register(app: typer.Typer) -> None:
     ):
         """Score prompts with one or a few denoising steps (Wen et al. 2024, Webster 2023); write
         scores.parquet and a ranked prompts.csv that `memscan extract --prompts` reads."""
-        from memscan.cli import _run
         from memscan.triage import TriageConfig
         from memscan.triage import triage as run_triage
 

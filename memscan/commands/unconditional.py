@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from memscan.commands.common import clean_errors, loading_user_model
+
 
 def register(app: typer.Typer) -> None:
     @app.command("extract-unconditional")
@@ -32,13 +34,11 @@ def register(app: typer.Typer) -> None:
         quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
     ):
         """Unconditional extraction: M generations, n nearest training images each, calibrated decision."""
-        from memscan.cli import _fail
-        from memscan.errors import MemscanError
         from memscan.generators.load import load_generator
         from memscan.index.unconditional import UnconditionalConfig
         from memscan.index.unconditional import extract_unconditional as run
 
-        try:
+        with clean_errors():
             cfg = UnconditionalConfig(
                 samples=samples,
                 seed=seed,
@@ -53,10 +53,9 @@ def register(app: typer.Typer) -> None:
                 device=device,
                 save_images=not no_images,
             ).validate()
-            gen = load_generator(model, device=cfg.device, batch_size=cfg.batch_size)
+            with loading_user_model(model):
+                gen = load_generator(model, device=cfg.device, batch_size=cfg.batch_size)
             result = run(gen, train, out, cfg, index=index, resume=resume, progress=not quiet)
-        except MemscanError as exc:
-            _fail(exc)
         c = result.manifest["counts"]
         typer.echo(
             f"{c['samples']} generations: {c['extracted_generations']} extracted (calibrated ℓ < 1), "

@@ -15,6 +15,7 @@ import pandas as pd
 
 from memscan.data.images import montage
 from memscan.data.training import TrainingSet
+from memscan.errors import user_code
 from memscan.extraction.config import ExtractConfig
 from memscan.extraction.detect import detect
 from memscan.extraction.verify import verify_candidates
@@ -79,7 +80,10 @@ def run_shard(
             for s in range(made, upto, config.batch_size):
                 stop = min(upto, s + config.batch_size)
                 seeds = derive_seeds(config.seed, p.prompt_id, s, stop)
-                parts.append(check_generations(generator.generate(p.prompt, seeds), len(seeds), p.prompt))
+                where = f"the generator failed on prompt {p.prompt_id} ({p.prompt[:60]!r}, samples {s}–{stop - 1})"
+                with user_code(where):
+                    made_now = generator.generate(p.prompt, seeds)  # user code: fails as one clean error
+                parts.append(check_generations(made_now, len(seeds), p.prompt))
                 if progress is not None:
                     progress(stop - s)
             made = upto

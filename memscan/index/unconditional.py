@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from memscan.errors import InputError, MemscanError
+from memscan.errors import InputError, MemscanError, user_code
 
 #: The prompt id under which unconditional seeds are derived.
 SEED_STREAM = "unconditional"
@@ -246,7 +246,8 @@ def _run_locked(generator, train, store, config, index, resume, progress, stop_a
 
     started = time.time()
     # 1. the training set at the generator's resolution, and the searcher over it
-    shape = output_shape(generator, config.prompt, derive_seed(config.seed, SEED_STREAM, 0))
+    with user_code("the generator failed on its first call (sample 0, before any shard)"):
+        shape = output_shape(generator, config.prompt, derive_seed(config.seed, SEED_STREAM, 0))
     training = train if isinstance(train, TrainingSet) else load_training_set(train, size=shape[:2], channels=shape[2])
     if training.images.shape[1:] != tuple(shape):
         raise MemscanError(
@@ -309,7 +310,9 @@ def _run_locked(generator, train, store, config, index, resume, progress, stop_a
                 idx = list(range(b, min(hi, b + config.batch_size)))
                 seeds = [derive_seed(config.seed, SEED_STREAM, i) for i in idx]
                 t0 = time.perf_counter()
-                images = check_generations(generator.generate(config.prompt, seeds), len(seeds), config.prompt)
+                with user_code(f"the generator failed in shard {s} (samples {idx[0]}–{idx[-1]})"):
+                    made = generator.generate(config.prompt, seeds)  # user code: fails as one clean error
+                images = check_generations(made, len(seeds), config.prompt)
                 if images.shape[1:] != tuple(shape):
                     raise MemscanError(
                         f"generator returned {images.shape[1:]} images, expected {tuple(shape)}", "return one size"

@@ -1,0 +1,81 @@
+"""What every command module shares: the error console, clean failure, the global options.
+
+Command modules import from here, never from each other and never from :mod:`memscan.cli`.
+"""
+
+from __future__ import annotations
+
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from memscan.errors import MemscanError, user_code
+
+#: Messages, progress and errors go to stderr; results (one summary line) to stdout.
+console = Console(stderr=True)
+
+
+@dataclass
+class GlobalOptions:
+    """Options given before the command (``memscan --debug extract …``); set by the app callback."""
+
+    debug: bool = False
+
+
+OPTIONS = GlobalOptions()
+
+
+def fail(exc: BaseException) -> None:
+    """End the command with one line, ``error: <what was wrong> — <what to do>``, exit code 2.
+
+    With ``memscan --debug`` the full traceback (its cause included: the user's exception behind
+    a :class:`~memscan.errors.UserCodeError`) is printed first.
+    """
+    if OPTIONS.debug:
+        typer.echo("".join(traceback.format_exception(exc)).rstrip(), err=True)
+    msg = exc.message if isinstance(exc, MemscanError) else str(exc)
+    hint = getattr(exc, "hint", None)
+    console.print(
+        f"[bold red]error:[/] {escape(msg)}" + (f" — {escape(hint)}" if hint else ""),  # keeps [brackets]: memscan[ray]
+        markup=True,
+        highlight=False,
+        soft_wrap=True,
+    )
+    raise typer.Exit(code=2)
+
+
+@contextmanager
+def clean_errors() -> Iterator[None]:
+    """A :class:`MemscanError` (bad input, or user code that failed) inside the block ends the
+    command through :func:`fail`."""
+    try:
+        yield
+    except MemscanError as exc:
+        fail(exc)
+
+
+def run_library_call(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)``; a :class:`MemscanError` ends the command through :func:`fail`."""
+    with clean_errors():
+        return fn(*args, **kwargs)
+
+
+def loading_user_model(spec: str):
+    """A block that loads the model ``spec``: an exception from its code (a ``py:`` factory, a
+    broken checkpoint) becomes one :class:`~memscan.errors.UserCodeError` line."""
+    return user_code(f"loading the model {spec} failed", "fix the model (or its py: function) and rerun")
+
+
+def quiet_option(help: str = "no progress bars") -> bool:
+    """The ``--quiet`` option every long-running command has."""
+    return typer.Option(False, "--quiet", help=help)
+
+
+def resume_option() -> bool:
+    """``--resume``: finish a killed (or failed) run in ``--out``."""
+    return typer.Option(False, "--resume", help="finish a killed run in --out")

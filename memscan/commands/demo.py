@@ -1,0 +1,89 @@
+"""``memscan demo …``: the demos, one group.
+
+- ``memscan demo`` (no subcommand): the image-extraction demo on the shipped model and data;
+- ``memscan demo train``: retrain the shipped demo model from its recorded recipe;
+- ``memscan demo mia`` (alias ``memscan demo-mia``): membership inference and inpainting with
+  CPU-trained shadow models.
+
+Adding a demo is one function here: ``@demo_app.command("NAME")`` over one library call (its
+library function lives in :mod:`memscan.demo`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import typer
+
+from memscan.commands.common import quiet_option, run_library_call
+from memscan.commands.formatting import demo_mia_summary
+
+demo_app = typer.Typer(
+    help="The embedded demo: a small diffusion model with planted duplicates.", invoke_without_command=True
+)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(demo_app, name="demo")
+    # today's name of `memscan demo mia`, kept as an alias (hidden from the command list)
+    app.command("demo-mia", hidden=True)(demo_mia)
+
+
+@demo_app.callback()
+def demo(
+    ctx: typer.Context,
+    out: Path = typer.Option(Path("runs/demo"), "--out", help="run directory"),
+    samples_per_prompt: int | None = typer.Option(None, help="generations per prompt"),
+    quick: bool = typer.Option(False, "--quick", help="reduced run (CI): fewer prompts and samples"),
+    quiet: bool = quiet_option(),
+):
+    """Run the whole pipeline on the shipped demo model and data (no network, CPU, minutes)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from memscan.demo.run import run_demo
+
+    summary = run_library_call(run_demo, out, samples_per_prompt=samples_per_prompt, quick=quick, progress=not quiet)
+    typer.echo(summary["text"])
+
+
+@demo_app.command("train")
+def demo_train(
+    out: Path = typer.Option(Path("memscan/demo/model"), "--out", help="model directory to write"),
+    steps: int | None = typer.Option(None, help="training steps"),
+    device: str = typer.Option("cpu", help="cpu or cuda"),
+):
+    """Retrain the demo model from its recorded recipe."""
+    from memscan.demo.run import train_model
+
+    rec = run_library_call(train_model, out, steps=steps, device=device)
+    typer.echo(f"trained in {rec['training']['seconds']} s → {out}")
+
+
+@demo_app.command("mia")
+def demo_mia(
+    out: Path = typer.Option(Path("runs/demo-mia"), "--out", help="output directory (rerun resumes training)"),
+    n_examples: int | None = typer.Option(None, "--examples", help="pool size [256]"),
+    n_models: int | None = typer.Option(None, "--models", help="shadow models, model 0 is the target [8]"),
+    steps: int | None = typer.Option(None, "--steps", help="training steps per model [600]"),
+    threads: int | None = typer.Option(None, "--threads", help="torch threads [1]"),
+    quick: bool = typer.Option(False, "--quick", help="tiny settings (seconds; for CI)"),
+    quiet: bool = quiet_option("no progress output"),
+):
+    """Membership inference and inpainting on the demo data with CPU-trained shadow models."""
+    over = {"n_examples": n_examples, "n_models": n_models, "steps": steps, "threads": threads}
+    text = run_library_call(_demo_mia, out, quick, {k: v for k, v in over.items() if v is not None}, not quiet)
+    typer.echo(text)
+
+
+def _demo_mia(out: Path, quick: bool, overrides: dict, progress: bool) -> str:
+    """The MIA demo's library call, its summary text and ``OUT/summary.json``."""
+    from memscan.demo.mia import DemoMiaSettings, run_demo_mia
+
+    settings = replace(DemoMiaSettings.quick() if quick else DemoMiaSettings(), **overrides)
+    res = run_demo_mia(out, settings, progress=progress)
+    text = demo_mia_summary(res)
+    summary = {"report": str(res.report), "manifest": res.manifest, "text": text}
+    (Path(out) / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    return text

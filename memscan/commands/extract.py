@@ -1,0 +1,128 @@
+"""``memscan extract``: the generate → detect → verify attack (Carlini et al. 2023)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from memscan.commands.common import clean_errors, loading_user_model, quiet_option, resume_option
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("extract")
+    def extract(
+        model: str = typer.Option(..., "--model", help="diffusers directory / hub id, or py:module:attribute"),
+        prompts: Path = typer.Option(
+            ..., "--prompts", help="text file (one prompt a line) or CSV/Parquet with prompt_id, prompt"
+        ),
+        train: Path = typer.Option(
+            ..., "--train", help="training images: a folder or a CSV/Parquet manifest (id, path, caption)"
+        ),
+        out: Path = typer.Option(..., "--out", help="run directory to write"),
+        samples_per_prompt: int | None = typer.Option(None, help="generations per prompt [500]"),
+        grid: int | None = typer.Option(None, help="tiles per side for tiled ℓ2 [4]"),
+        alpha: float | None = typer.Option(None, help="edge threshold on tiled ℓ2 [0.08]"),
+        min_clique: int | None = typer.Option(None, help="clique size that flags a prompt [10]"),
+        delta: float | None = typer.Option(None, help="extraction threshold on tiled ℓ2 [0.15]"),
+        seed: int | None = typer.Option(None, help="run seed [0]"),
+        batch_size: int | None = typer.Option(None, help="generations per model call [64]"),
+        shard_size: int | None = typer.Option(None, help="prompts per shard [8]"),
+        device: str | None = typer.Option(None, help="cpu or cuda [cpu]"),
+        adaptive: bool | None = typer.Option(
+            None, "--adaptive/--full-budget", help="sample in rounds, stop prompts with no pair within alpha [off]"
+        ),
+        first_round: int | None = typer.Option(None, help="adaptive: generations before the first decision [50]"),
+        round_size: int | None = typer.Option(None, help="adaptive: generations per further round [50]"),
+        continue_clique: int | None = typer.Option(None, help="adaptive: continue while the clique has ≥ this [2]"),
+        stop_when_detected: bool | None = typer.Option(
+            None, "--stop-when-detected/--no-stop-when-detected", help="adaptive: stop once flagged [on]"
+        ),
+        steps: int | None = typer.Option(None, help="sampler steps per image (diffusers models) [model's]"),
+        guidance_scale: float | None = typer.Option(None, help="classifier-free guidance scale [model's]"),
+        scheduler: str | None = typer.Option(
+            None, help="text-to-image: ddim, ddpm, pndm, euler, euler-ancestral, dpm++, unipc, lms"
+        ),
+        dtype: str | None = typer.Option(None, help="text-to-image: auto, fp32, fp16, bf16 [auto: fp16 on cuda]"),
+        height: int | None = typer.Option(None, help="text-to-image: output height [native]"),
+        width: int | None = typer.Option(None, help="text-to-image: output width [native]"),
+        resume: bool = resume_option(),
+        runner: str = typer.Option(
+            "local", "--runner", help="local, or ray: shards on a pool of Ray actors (memscan[ray])"
+        ),
+        ray_address: str | None = typer.Option(
+            None,
+            "--ray-address",
+            help="runner ray: existing cluster (auto, HOST:6379, ray://HOST:10001) [start a local Ray]",
+        ),
+        num_workers: int | None = typer.Option(
+            None, "--num-workers", help="runner ray: workers, one model load each [as many as the cluster fits]"
+        ),
+        gpus_per_worker: float | None = typer.Option(
+            None, "--gpus-per-worker", help="runner ray: GPUs each worker asks for [1 with --device cuda, else 0]"
+        ),
+        config: Path | None = typer.Option(
+            None, "--config", help="TOML file with these options (an \\[extract] table or top-level keys)"
+        ),
+        quiet: bool = quiet_option(),
+    ):
+        """Generate many images per prompt, find cliques of near-copies, verify them against the training set."""
+        from memscan.extraction.config import ExtractConfig
+        from memscan.extraction.pipeline import extract as run_extract
+        from memscan.generators.load import load_generator
+        from memscan.runners.base import GeneratorSpec
+        from memscan.runners.ray_runner import RayOptions
+
+        with clean_errors():
+            cfg = ExtractConfig.from_sources(
+                config,
+                samples_per_prompt=samples_per_prompt,
+                grid=grid,
+                alpha=alpha,
+                min_clique=min_clique,
+                delta=delta,
+                seed=seed,
+                batch_size=batch_size,
+                shard_size=shard_size,
+                device=device,
+                adaptive=adaptive,
+                first_round=first_round,
+                round_size=round_size,
+                continue_clique=continue_clique,
+                stop_when_detected=stop_when_detected,
+            )
+            gen_options = {
+                "num_inference_steps": steps,
+                "guidance_scale": guidance_scale,
+                "scheduler": scheduler,
+                "dtype": dtype,
+                "height": height,
+                "width": width,
+            }
+            gen_options = {k: v for k, v in gen_options.items() if v is not None}
+            ray_options = RayOptions.from_cli(
+                runner, address=ray_address, num_workers=num_workers, gpus_per_worker=gpus_per_worker, device=cfg.device
+            )
+            if runner == "ray":  # each Ray worker loads its own model from the spec
+                gen = GeneratorSpec(model, {"device": cfg.device, "batch_size": cfg.batch_size, **gen_options})
+            else:
+                with loading_user_model(model):
+                    gen = load_generator(model, device=cfg.device, batch_size=cfg.batch_size, **gen_options)
+            result = run_extract(
+                gen,
+                prompts,
+                train,
+                out,
+                cfg,
+                resume=resume,
+                progress=not quiet,
+                runner=runner,
+                runner_options=ray_options,
+            )
+        c = result.manifest["counts"]
+        typer.echo(
+            f"{c['prompts']} prompts, {c['samples']} generations: {c['detections']} detections, {c['extractions']} extractions → {out}"
+        )
+        if cfg.adaptive:
+            budget = c["prompts"] * cfg.samples_per_prompt
+            typer.echo(f"adaptive budget: {c['samples']} of {budget} generations ({c['samples'] / max(budget, 1):.1%})")

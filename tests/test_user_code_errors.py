@@ -1,0 +1,172 @@
+"""User code that fails (a bug in a ``py:`` generator, CUDA out of memory) ends the run with one
+clean error naming the prompt or samples and ``--resume``; the committed shards are kept and
+``--resume`` after the fix gives the tables of an uninterrupted run. ``memscan --debug`` adds the
+traceback."""
+
+import json
+
+import pandas as pd
+import pytest
+from conftest import run_cli
+from gen_support import MEMORIZED
+from typer.testing import CliRunner
+
+from memscan.cli import app
+from memscan.errors import InputError, MemscanError, UserCodeError, user_code
+
+ARGS = ["--samples-per-prompt", 20, "--shard-size", 2, "--batch-size", 10, "--min-clique", 5, "--quiet"]
+THIRD = list(MEMORIZED)[2]  # the 3rd prompt (line-3), in shard 1
+
+
+def _prompts(tmp_path):
+    p = tmp_path / "prompts.txt"
+    p.write_text("\n".join(list(MEMORIZED)[:3] + [f"fresh {i}" for i in range(3)]) + "\n")
+    return p
+
+
+def _extract(prompts, train, out, *extra, env=None, check=True):
+    model = "py:user_code_support:fails_on_prompt"
+    args = ("extract", "--model", model, "--prompts", prompts, "--train", train, "--out", out, *ARGS, *extra)
+    return run_cli(*args, env=env, check=check)
+
+
+def _tables(run):
+    return {t: pd.read_parquet(run / f"{t}.parquet") for t in ("detections", "extractions", "prompts")}
+
+
+def _error_lines(text):
+    return [ln for ln in text.splitlines() if ln.startswith("error:")]
+
+
+def test_failing_generator_stops_cleanly_then_resume_finishes(tmp_path, synth_train):
+    prompts = _prompts(tmp_path)
+    full = tmp_path / "full"
+    _extract(prompts, synth_train, full)
+
+    run = tmp_path / "run"
+    proc = _extract(prompts, synth_train, run, env={"MEMSCAN_TEST_FAIL_PROMPT": THIRD}, check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    (line,) = _error_lines(proc.stderr)
+    assert proc.stderr.strip() == line  # one line, nothing else
+    assert "line-3" in line and repr(THIRD) in line and "samples 0–9" in line  # names the prompt
+    assert "RuntimeError: simulated bug in the user's model" in line  # and what the user code raised
+    assert " — " in line and "--resume" in line  # and what to do
+    # the shard before it is committed, the failing one is not; the run is resumable
+    assert (run / "shards" / "00000.done.json").exists()
+    assert not (run / "shards" / "00001.done.json").exists()
+    assert json.loads((run / "manifest.json").read_text())["status"] != "complete"
+    assert not (run / "detections.parquet").exists()
+    assert not (run / ".lock").exists()
+
+    # the bug fixed (the variable unset), --resume finishes to the tables of an uninterrupted run
+    _extract(prompts, synth_train, run, "--resume")
+    a, b = _tables(full), _tables(run)
+    for name in a:
+        pd.testing.assert_frame_equal(a[name], b[name], check_dtype=True)
+    log = (run / "run.log").read_text()
+    for s in range(3):
+        assert log.count(f"shard {s} committed") == 1
+
+
+runner = CliRunner()
+
+
+def _cli(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def _extract_in_process(prompts, train, out, *pre):
+    model = "py:user_code_support:fails_on_prompt"
+    return _cli(*pre, "extract", "--model", model, "--prompts", prompts, "--train", train, "--out", out, *ARGS)
+
+
+def test_debug_prints_the_traceback_and_its_cause(tmp_path, synth_train, monkeypatch):
+    monkeypatch.setenv("MEMSCAN_TEST_FAIL_PROMPT", THIRD)
+    res = _extract_in_process(_prompts(tmp_path), synth_train, tmp_path / "run", "--debug")
+    assert res.exit_code == 2, res.output
+    assert "Traceback" in res.output
+    assert "RuntimeError: simulated bug in the user's model" in res.output  # the cause, with its frames
+    assert "user_code_support.py" in res.output
+    assert "direct cause of the following exception" in res.output and "UserCodeError" in res.output
+    (line,) = _error_lines(res.output)
+    assert res.output.strip().splitlines()[-1] == line and "line-3" in line  # the error line comes last
+
+
+def test_memscan_errors_from_user_code_pass_through_unchanged(tmp_path, synth_train, monkeypatch):
+    monkeypatch.setenv("MEMSCAN_TEST_FAIL_PROMPT", THIRD)
+    monkeypatch.setenv("MEMSCAN_TEST_FAIL_KIND", "InputError")
+    res = _extract_in_process(_prompts(tmp_path), synth_train, tmp_path / "run")
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert _error_lines(res.output) == [f"error: the user's model refuses {THIRD!r} — the user's own hint"]
+
+
+def test_out_of_memory_hints_at_the_batch_size(tmp_path, synth_train, monkeypatch):
+    monkeypatch.setenv("MEMSCAN_TEST_FAIL_PROMPT", THIRD)
+    monkeypatch.setenv("MEMSCAN_TEST_FAIL_KIND", "oom")
+    res = _extract_in_process(_prompts(tmp_path), synth_train, tmp_path / "run")
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    (line,) = _error_lines(res.output)
+    assert "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB" in line
+    assert "GPU 0 has" not in line  # the first line of the message only
+    assert "--batch-size" in line and "--resume" in line
+
+
+def test_keyboard_interrupt_in_user_code_still_exits_130(tmp_path, synth_train):
+    env = {"MEMSCAN_TEST_FAIL_PROMPT": THIRD, "MEMSCAN_TEST_FAIL_KIND": "KeyboardInterrupt"}
+    proc = _extract(_prompts(tmp_path), synth_train, tmp_path / "run", env=env, check=False)
+    assert proc.returncode == 130, proc.stderr
+    assert not _error_lines(proc.stderr) and "UserCodeError" not in proc.stderr
+
+
+def test_a_failing_model_factory_is_one_error(tmp_path, synth_train):
+    (tmp_path / "broken.py").write_text("def make():\n    raise ValueError('weights not found')\n")
+    res = _cli(
+        "extract", "--model", f"py:{tmp_path / 'broken.py'}:make", "--prompts", _prompts(tmp_path),
+        "--train", synth_train, "--out", tmp_path / "run", *ARGS,
+    )  # fmt: skip
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    (line,) = _error_lines(res.output)
+    assert "loading the model py:" in line and "ValueError: weights not found" in line
+
+
+def test_unconditional_extraction_names_the_shard_and_resumes(tmp_path, synth_train, monkeypatch):
+    from memscan.generators.seeds import derive_seed
+
+    args = ("--train", synth_train, "--samples", 24, "--shard-size", 8, "--batch-size", 4, "--n-nearest", 10)
+    model = ("extract-unconditional", "--model", "py:user_code_support:fails_on_seed")
+    full = tmp_path / "full"
+    assert _cli(*model, *args, "--out", full, "--quiet").exit_code == 0
+
+    run = tmp_path / "run"
+    monkeypatch.setenv("MEMSCAN_TEST_FAIL_SEED", str(derive_seed(0, "unconditional", 13)))
+    res = _cli(*model, *args, "--out", run, "--quiet")
+    assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+    (line,) = _error_lines(res.output)
+    assert "shard 1 (samples 12–15)" in line and "--resume" in line
+    assert (run / "shards" / "00000.done.json").exists() and not (run / "shards" / "00001.done.json").exists()
+    assert json.loads((run / "manifest.json").read_text())["status"] != "complete"
+
+    monkeypatch.delenv("MEMSCAN_TEST_FAIL_SEED")
+    assert _cli(*model, *args, "--out", run, "--quiet", "--resume").exit_code == 0
+    for t in ("generations", "extractions"):
+        pd.testing.assert_frame_equal(pd.read_parquet(full / f"{t}.parquet"), pd.read_parquet(run / f"{t}.parquet"))
+
+
+def test_user_code_wraps_other_exceptions_and_keeps_the_cause():
+    with pytest.raises(UserCodeError) as info:
+        with user_code("the generator failed on prompt p1"):
+            raise ZeroDivisionError("division by zero")
+    err = info.value
+    assert isinstance(err, MemscanError) and isinstance(err.__cause__, ZeroDivisionError)
+    assert err.message == "the generator failed on prompt p1: ZeroDivisionError: division by zero"
+    assert "--resume" in err.hint
+    assert UserCodeError(err.message, err.hint).message == err.message  # rebuilt by the Ray runner
+    original = InputError("bad", "fix")
+    with pytest.raises(InputError) as same:
+        with user_code("x"):
+            raise original
+    assert same.value is original
+    with pytest.raises(KeyboardInterrupt):
+        with user_code("x"):
+            raise KeyboardInterrupt

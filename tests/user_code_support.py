@@ -1,0 +1,60 @@
+"""User code that fails, for tests/test_user_code_errors.py (loaded as ``py:user_code_support:<name>``).
+
+The failure is switched by environment variables, so "fixing the bug" is unsetting them.
+"""
+
+import os
+
+from gen_support import planted
+
+from memscan.errors import InputError
+
+
+def _raise(what: str):
+    kind = os.environ.get("MEMSCAN_TEST_FAIL_KIND", "RuntimeError")
+    if kind == "KeyboardInterrupt":
+        raise KeyboardInterrupt
+    if kind == "InputError":
+        raise InputError(f"the user's model refuses {what}", "the user's own hint")
+    if kind == "oom":
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB\nGPU 0 has a total capacity of 8 GiB")
+    raise RuntimeError(f"simulated bug in the user's model on {what}")
+
+
+def fails_on_prompt():
+    """A ``py:`` factory: the planted generator as a plain function that raises on the prompt
+    named by ``MEMSCAN_TEST_FAIL_PROMPT`` (unset: the bug is fixed)."""
+    gen = planted()
+
+    def sample(prompt, seeds):
+        if prompt == os.environ.get("MEMSCAN_TEST_FAIL_PROMPT"):
+            _raise(repr(prompt))
+        return gen.generate(prompt, seeds)
+
+    return sample
+
+
+def fails_on_seed():
+    """The planted generator, raising when the batch holds the seed ``MEMSCAN_TEST_FAIL_SEED``."""
+    gen = planted()
+
+    def sample(prompt, seeds):
+        bad = os.environ.get("MEMSCAN_TEST_FAIL_SEED")
+        if bad is not None and int(bad) in seeds:
+            _raise(f"seed {bad}")
+        return gen.generate(prompt, seeds)
+
+    return sample
+
+
+class AlwaysRaises:
+    """A generator object (declares its output shape, so no probe call) whose every call raises."""
+
+    output_shape = (32, 32, 3)
+
+    def generate(self, prompt, seeds):
+        _raise(repr(prompt))
+
+
+def always_raises():
+    return AlwaysRaises()
