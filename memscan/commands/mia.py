@@ -4,10 +4,8 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import pandas as pd
 import typer
 
 from memscan.commands.common import fail as _fail
