@@ -289,10 +289,10 @@ def count_duplicates(
     max_check_bytes : keep pixel-check images from the embedding pass when they fit in this many
         bytes; otherwise the images in candidate pairs are decoded again in a second pass
     """
-    from memscan.data.training import empty_training_set, nothing_readable
+    from memscan.data.training import empty_training_set, list_source, nothing_readable
     from memscan.index.embedders import load_embedder
     from memscan.index.faiss_index import TrainingIndex
-    from memscan.index.source import iter_batches, list_source
+    from memscan.index.source import iter_batches
     from memscan.progress import progress_bar
 
     config = config.validate()

@@ -368,9 +368,9 @@ def build_index(
     >>> len(index), index.dim, index.params.index_type, TrainingIndex.load(f"{d}/index").ids[:2]
     (20, 768, 'flat', ['t0000', 't0001'])
     """
-    from memscan.data.training import empty_training_set, nothing_readable
+    from memscan.data.training import empty_training_set, list_source, nothing_readable
     from memscan.index.embedders import load_embedder
-    from memscan.index.source import iter_batches, list_source
+    from memscan.index.source import iter_batches
 
     started = time.time()
     params = IndexParams(index_type) if isinstance(index_type, str) else index_type
