@@ -238,7 +238,8 @@ def extract_unconditional(
 def _run_locked(generator, train, store, config, index, resume, progress, stop_after_shards) -> UnconditionalResult:
     from memscan.data.training import TrainingSet, load_training_set
     from memscan.distances import tiled_l2
-    from memscan.extraction.pipeline import output_shape, versions
+    from memscan.extraction.pipeline import versions
+    from memscan.extraction.worker import output_shape
     from memscan.generators.base import check_generations, describe
     from memscan.generators.seeds import derive_seed
     from memscan.progress import progress_bar
