@@ -35,7 +35,7 @@ from memscan.mia.memscore import memorization_score
 from memscan.mia.metrics import roc_metrics
 from memscan.mia.noise import as_noise_predictor, load_noise_predictor
 from memscan.mia.shadow import train_shadow_models
-from memscan.report.html import build_report
+from memscan.report.registry import build_report
 from memscan.triage import TriageConfig, select_ranked
 from memscan.triage import triage as triage_prompts  # `memscan.triage` stays the subpackage
 

@@ -171,7 +171,7 @@ def report(
     out: Path | None = typer.Option(None, help="output HTML path"),
 ):
     """Write report.html from the run's tables alone."""
-    from memscan.report.html import build_report
+    from memscan.report.registry import build_report
 
     path = _run(build_report, run, out)
     typer.echo(str(path))

@@ -191,8 +191,8 @@ def test_cli_adaptive_flags(tmp_path, synth_train):
 def test_report_shows_the_budget_curve(runs):
     """The report of an adaptive run carries the spending curve, recomputed here by hand from
     n_samples; a full-budget run's report has no such section."""
-    from memscan.report.html import build_report
     from memscan.report.plots import adaptive_budget_curve
+    from memscan.report.registry import build_report
 
     gen, prompts, full, adaptive = runs
     det, ext = adaptive.detections, adaptive.extractions

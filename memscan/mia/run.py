@@ -1207,7 +1207,7 @@ def build_mia_report(run: str | Path, out: str | Path | None = None) -> Path:
                     "n_nonmembers": int((~y).sum()),
                 }
             )
-    from memscan.report.html import _environment
+    from memscan.report.base import environment as _environment
 
     html = _environment().get_template("mia_report.html.j2").render(**ctx)
     path = Path(out) if out else root / "report.html"
