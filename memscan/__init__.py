@@ -6,29 +6,20 @@ under tiled ℓ2, and verify them against the training set.
 """
 
 from memscan.cliques import CliqueResult, largest_clique
+from memscan.data.duplicates import DuplicateConfig, count_duplicates, select_candidates
 from memscan.data.prompts import load_prompts
 from memscan.data.training import TrainingSet, load_training_set
 from memscan.distances import cross_tiled_l2, l2, nearest_tiled_l2, pairwise_tiled_l2, tiled_l2
 from memscan.errors import InputError, MemscanError
+from memscan.extraction.calibrated import calibrated_distance
 from memscan.extraction.config import ExtractConfig
 from memscan.extraction.detect import Detection, detect
 from memscan.extraction.pipeline import ExtractionResult, extract, reverify
+from memscan.extraction.unconditional import UnconditionalConfig, extract_unconditional
 from memscan.generators.base import CallableGenerator, Generator
 from memscan.generators.load import as_generator, load_generator
 from memscan.generators.seeds import derive_seed
-from memscan.index import (
-    DuplicateConfig,
-    PixelEmbedder,
-    TrainingIndex,
-    UnconditionalConfig,
-    build_index,
-    calibrated_distance,
-    count_duplicates,
-    extract_unconditional,
-    load_embedder,
-    nearest_pixels,
-    select_candidates,
-)
+from memscan.index import PixelEmbedder, TrainingIndex, build_index, load_embedder, nearest_pixels
 from memscan.mia.inpaint import InpaintConfig, inpaint_distances
 from memscan.mia.loss import LossConfig, diffusion_loss, timestep_sweep
 from memscan.mia.memscore import memorization_score

@@ -145,9 +145,9 @@ def test_stop_rate_matches_the_binomial_formula(tmp_path, synth_train):
 
 
 def _is_copy(seed: int, rate: float) -> bool:
-    from memscan.synthetic import _rng
+    from memscan.synthetic import keyed_rng
 
-    return _rng("sample", seed).uniform() < rate
+    return keyed_rng("sample", seed).uniform() < rate
 
 
 def test_invalid_adaptive_parameters_are_refused():

@@ -34,7 +34,7 @@ def register(app: typer.Typer) -> None:
     ):
         """Count near-duplicates of every training image and write the top K as a prompts file."""
         from memscan.cli import _run
-        from memscan.index.duplicates import DuplicateConfig, select_candidates
+        from memscan.data.duplicates import DuplicateConfig, select_candidates
 
         cfg = DuplicateConfig(
             tau=tau,

@@ -34,9 +34,9 @@ def register(app: typer.Typer) -> None:
         """Unconditional extraction: M generations, n nearest training images each, calibrated decision."""
         from memscan.cli import _fail
         from memscan.errors import MemscanError
+        from memscan.extraction.unconditional import UnconditionalConfig
+        from memscan.extraction.unconditional import extract_unconditional as run
         from memscan.generators.load import load_generator
-        from memscan.index.unconditional import UnconditionalConfig
-        from memscan.index.unconditional import extract_unconditional as run
 
         try:
             cfg = UnconditionalConfig(

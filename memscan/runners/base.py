@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from memscan.errors import InputError
+from memscan.generators.load import load_generator
 
 #: The runners ``--runner`` accepts (:func:`memscan.runners.make_pool` builds their pools).
 RUNNERS = ("local", "ray")
@@ -150,6 +151,4 @@ class GeneratorSpec:
 
     def load(self):
         """Load the generator (``load_generator(spec, **options)``)."""
-        from memscan.generators.load import load_generator
-
         return load_generator(self.spec, **self.options)
