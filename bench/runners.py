@@ -97,8 +97,8 @@ def main(argv=None) -> dict:
 
     from memscan import ExtractConfig, extract
     from memscan.data.training import load_training_set
+    from memscan.extraction.worker import extraction_stage, setup_extraction
     from memscan.runners import RayOptions, RayPool, ShardTask
-    from memscan.runners.extraction import extraction_stage, setup_extraction
     from memscan.store import RunStore
     from memscan.synthetic import write_training_set
 

@@ -17,7 +17,8 @@ import numpy as np
 from memscan.data.images import save_png
 
 
-def _rng(*key) -> np.random.Generator:
+def keyed_rng(*key) -> np.random.Generator:
+    """A random generator seeded by blake2b of ``key``: the same key gives the same stream."""
     digest = hashlib.blake2b("\x1f".join(map(str, key)).encode(), digest_size=8).digest()
     return np.random.default_rng(int.from_bytes(digest, "little"))
 
@@ -36,7 +37,7 @@ def smooth_image(rng: np.random.Generator, size: int = 32, channels: int = 3) ->
 
 def training_image(train_id: str, size: int = 32, channels: int = 3) -> np.ndarray:
     """The synthetic training image of ``train_id``."""
-    return smooth_image(_rng("train", train_id), size, channels)
+    return smooth_image(keyed_rng("train", train_id), size, channels)
 
 
 def write_training_set(root: str | Path, n: int, size: int = 32, channels: int = 3, prefix: str = "t") -> list[str]:
@@ -93,7 +94,7 @@ class SyntheticGenerator:
         out = np.empty((len(seeds), self.size, self.size, self.channels), np.uint8)
         target = self.memorized.get(prompt)
         for k, s in enumerate(seeds):
-            rng = _rng("sample", s)
+            rng = keyed_rng("sample", s)
             if target is not None and rng.uniform() < self.copy_rate:
                 base = training_image(target, self.size, self.channels).astype(np.float64) / 255
                 noisy = base + rng.normal(0, self.noise, base.shape)

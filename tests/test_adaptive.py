@@ -145,9 +145,9 @@ def test_stop_rate_matches_the_binomial_formula(tmp_path, synth_train):
 
 
 def _is_copy(seed: int, rate: float) -> bool:
-    from memscan.synthetic import _rng
+    from memscan.synthetic import keyed_rng
 
-    return _rng("sample", seed).uniform() < rate
+    return keyed_rng("sample", seed).uniform() < rate
 
 
 def test_invalid_adaptive_parameters_are_refused():
@@ -191,8 +191,8 @@ def test_cli_adaptive_flags(tmp_path, synth_train):
 def test_report_shows_the_budget_curve(runs):
     """The report of an adaptive run carries the spending curve, recomputed here by hand from
     n_samples; a full-budget run's report has no such section."""
-    from memscan.report.html import build_report
     from memscan.report.plots import adaptive_budget_curve
+    from memscan.report.registry import build_report
 
     gen, prompts, full, adaptive = runs
     det, ext = adaptive.detections, adaptive.extractions

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from memscan import InputError
-from memscan.index.calibrated import CalibratedConfig, calibrated_distance, calibrated_from_neighbours
+from memscan.extraction.calibrated import CalibratedConfig, calibrated_distance, calibrated_from_neighbours
 from memscan.index.nearest import PixelSearch, nearest_pixels, pixel_distances
 
 

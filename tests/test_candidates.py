@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 
 from memscan import ExtractConfig, InputError, extract, load_prompts
-from memscan.index.duplicates import DuplicateConfig, count_duplicates, select_candidates
+from memscan.data.duplicates import DuplicateConfig, count_duplicates, select_candidates
 from memscan.index.faiss_index import IndexParams, build_index
-from memscan.synthetic import SyntheticGenerator, _rng, smooth_image
+from memscan.synthetic import SyntheticGenerator, keyed_rng, smooth_image
 
 #: planted groups: name → how each copy is made from the 64×64 original
 GROUPS = {
@@ -45,7 +45,7 @@ def planted(tmp_path_factory):
     root.mkdir()
     expected = {}
     for g, copies in GROUPS.items():
-        base = smooth_image(_rng("planted", g), 64)
+        base = smooth_image(keyed_rng("planted", g), 64)
         for k, how in enumerate(copies):
             tid = f"{g}{k}"
             _copy(base, how).save(root / f"{tid}.{'jpg' if 'jpeg' in how else 'png'}")
@@ -53,13 +53,13 @@ def planted(tmp_path_factory):
             expected[tid] = len(copies)
     # a low-contrast version of an image: correlation 1 (the pixel embedder cannot tell), but
     # far in pixels — the pixel check must reject the pair
-    look = smooth_image(_rng("planted", "look"), 64)
+    look = smooth_image(keyed_rng("planted", "look"), 64)
     Image.fromarray(look).save(root / "look.png")
     Image.fromarray((look.astype(np.float64) * 0.4 + 90).round().astype(np.uint8)).save(root / "look_faded.png")
     expected["look"] = expected["look_faded"] = 1
     for i in range(UNIQUE):
         tid = f"u{i:02d}"
-        Image.fromarray(smooth_image(_rng("unique", i), 64)).save(root / f"{tid}.png")
+        Image.fromarray(smooth_image(keyed_rng("unique", i), 64)).save(root / f"{tid}.png")
         (root / f"{tid}.txt").write_text(f"unique {i}")
         expected[tid] = 1
     return root, expected

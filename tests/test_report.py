@@ -6,7 +6,7 @@ import re
 import pandas as pd
 
 from memscan import ExtractConfig, extract
-from memscan.report.html import build_report
+from memscan.report.registry import build_report
 from memscan.synthetic import SyntheticGenerator, write_training_set
 
 HOSTILE = '<script>alert(1)</script><img src=x onerror=alert(2)> [x](javascript:alert(3)) " onmouseover="alert(4)'

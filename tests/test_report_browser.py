@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from memscan import ExtractConfig, extract
-from memscan.report.html import build_report
+from memscan.report.registry import build_report
 from memscan.synthetic import SyntheticGenerator, write_training_set
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")

@@ -6,10 +6,10 @@ import pandas as pd
 import pytest
 
 from memscan import MemscanError
+from memscan.extraction.unconditional import UnconditionalConfig, extract_unconditional
 from memscan.generators.seeds import derive_seed
 from memscan.index.faiss_index import build_index
-from memscan.index.unconditional import UnconditionalConfig, extract_unconditional
-from memscan.synthetic import SyntheticGenerator, _rng, training_image, write_training_set
+from memscan.synthetic import SyntheticGenerator, keyed_rng, training_image, write_training_set
 
 SIZE = 16
 MEMORIZED = "t0007"
@@ -41,7 +41,7 @@ def _brute_force(samples: int, metric: str = "l2", n: int = 50, seed: int = 0):
     order = np.argsort(d, axis=1, kind="stable")[:, :n]
     dn = np.take_along_axis(d, order, 1)
     cal = dn[:, 0] / (0.5 * dn.mean(axis=1))
-    copies = [i for i, s in enumerate(seeds) if _rng("sample", s).uniform() < 0.3]
+    copies = [i for i, s in enumerate(seeds) if keyed_rng("sample", s).uniform() < 0.3]
     return seeds, [ids[j] for j in order[:, 0]], dn[:, 0], cal, copies
 
 

@@ -11,9 +11,9 @@ import pytest
 from PIL import Image
 
 from memscan import InputError, load_training_set
+from memscan.data.training import list_source
 from memscan.data.webdataset import detect_layout, list_webdataset
 from memscan.index.faiss_index import build_index
-from memscan.index.source import list_source
 from memscan.synthetic import training_image
 
 

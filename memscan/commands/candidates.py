@@ -35,7 +35,7 @@ def register(app: typer.Typer) -> None:
         quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
     ):
         """Count near-duplicates of every training image and write the top K as a prompts file."""
-        from memscan.index.duplicates import DuplicateConfig, select_candidates
+        from memscan.data.duplicates import DuplicateConfig, select_candidates
 
         cfg = DuplicateConfig(
             tau=tau,

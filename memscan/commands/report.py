@@ -16,7 +16,7 @@ def register(app: typer.Typer) -> None:
         out: Path | None = typer.Option(None, help="output HTML path"),
     ):
         """Write report.html from the run's tables alone."""
-        from memscan.report.html import build_report
+        from memscan.report.registry import build_report
 
         path = run_library_call(build_report, run, out)
         typer.echo(str(path))

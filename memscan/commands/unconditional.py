@@ -34,9 +34,9 @@ def register(app: typer.Typer) -> None:
         quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
     ):
         """Unconditional extraction: M generations, n nearest training images each, calibrated decision."""
+        from memscan.extraction.unconditional import UnconditionalConfig
+        from memscan.extraction.unconditional import extract_unconditional as run
         from memscan.generators.load import load_generator
-        from memscan.index.unconditional import UnconditionalConfig
-        from memscan.index.unconditional import extract_unconditional as run
 
         with clean_errors():
             cfg = UnconditionalConfig(

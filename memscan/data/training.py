@@ -7,6 +7,13 @@
   manifest's folder, or absolute inside it) and optionally ``caption``. Paths that resolve
   outside the manifest's folder (``../../etc/passwd``, or a symlink out of it) are refused.
 
+- **Webdataset / img2dataset:** ``.tar`` shards or img2dataset's parquet+files layout, listed by
+  :mod:`memscan.data.webdataset`.
+
+This module is the one place that tells the layouts apart: :func:`list_source` lists any of them
+(nothing decoded), :func:`load_training_set` decodes one into a :class:`TrainingSet`, and the
+streaming reader of :mod:`memscan.index.source` decodes a listing in batches.
+
 Unreadable images are counted and named (``skipped``), never fatal and never silently dropped.
 """
 
@@ -17,7 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from memscan.data.images import IMAGE_EXTENSIONS, read_image
+from memscan.data import webdataset
+from memscan.data.images import IMAGE_EXTENSIONS
 from memscan.errors import InputError
 
 
@@ -61,32 +69,73 @@ class TrainingSet:
 
 
 @dataclass(frozen=True)
-class _Entry:
+class Entry:
+    """One image of a folder or manifest training set (not decoded)."""
+
     id: str
     path: Path
     caption: str
 
 
-def list_training_set(path: str | Path) -> list[_Entry]:
-    """The entries of a training folder or manifest, without decoding any image."""
+@dataclass
+class SourceListing:
+    """The entries of a training set (nothing decoded yet) and what could not be listed.
+
+    ``layout`` is ``"folder"``, ``"manifest"``, ``"webdataset"`` or ``"img2dataset"``.
+    """
+
+    source: str
+    entries: list
+    skipped: list[dict] = field(default_factory=list)
+    warnings: list[dict] = field(default_factory=list)
+    layout: str = "folder"
+
+    @property
+    def ids(self) -> list[str]:
+        return [e.id for e in self.entries]
+
+    @property
+    def captions(self) -> list[str]:
+        return [e.caption for e in self.entries]
+
+
+def list_source(path: str | Path) -> SourceListing:
+    """List a training set of any supported layout: the one dispatch over layouts.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from memscan.synthetic import write_training_set
+    >>> d = tempfile.mkdtemp()
+    >>> _ = write_training_set(d, 3, size=8)
+    >>> list_source(d).ids
+    ['t0000', 't0001', 't0002']
+    """
     p = Path(path)
     if not p.exists():
         raise InputError(f"training set {path} does not exist", "pass a folder of images or a CSV/Parquet manifest")
-    from memscan.data import webdataset
-
-    if webdataset.detect_layout(p) is not None:  # webdataset .tar shards or img2dataset layout
-        return webdataset.list_samples(p)[0]
+    layout = webdataset.detect_layout(p)
+    if layout is not None:  # webdataset .tar shards or img2dataset layout
+        entries, problems = webdataset.list_samples(p)
+        skipped = [q for q in problems if not q.get("kept")]
+        warnings = [{k: v for k, v in q.items() if k != "kept"} for q in problems if q.get("kept")]
+        return SourceListing(str(path), entries, skipped, warnings, layout)
     if p.is_dir():
-        return _list_folder(p)
+        return SourceListing(str(path), _list_folder(p), layout="folder")
     if p.suffix.lower() in (".csv", ".parquet"):
-        return _list_manifest(p)
+        return SourceListing(str(path), _list_manifest(p), layout="manifest")
     raise InputError(
         f"training set {path} is neither a folder nor a .csv/.parquet manifest",
         "pass a folder of images, or a manifest with columns id, path, caption",
     )
 
 
-def _list_folder(root: Path) -> list[_Entry]:
+def list_training_set(path: str | Path) -> list:
+    """The entries of a training set of any layout, without decoding any image."""
+    return list_source(path).entries
+
+
+def _list_folder(root: Path) -> list[Entry]:
     entries = []
     seen: dict[str, Path] = {}
     resolved_root = root.resolve()
@@ -105,11 +154,11 @@ def _list_folder(root: Path) -> list[_Entry]:
         seen[fid] = f
         cap_file = f.with_suffix(".txt")
         caption = cap_file.read_text(encoding="utf-8", errors="replace").strip() if cap_file.exists() else ""
-        entries.append(_Entry(fid, f, caption))
+        entries.append(Entry(fid, f, caption))
     return entries
 
 
-def _list_manifest(path: Path) -> list[_Entry]:
+def _list_manifest(path: Path) -> list[Entry]:
     import pandas as pd
 
     try:
@@ -150,7 +199,7 @@ def _list_manifest(path: Path) -> list[_Entry]:
                 f"training manifest {path}: path {rel!r} of id {fid!r} points outside {root}",
                 "keep every image path inside the manifest's folder",
             )
-        entries.append(_Entry(fid, full, cap))
+        entries.append(Entry(fid, full, cap))
     return entries
 
 
@@ -161,16 +210,15 @@ def load_training_set(
 
     Corrupt or unreadable files are skipped, with their id, path and the reason recorded.
     An empty result (nothing readable) is an error. Webdataset ``.tar`` shards (one, or a folder
-    of them) and img2dataset's parquet+files layout are read by :mod:`memscan.data.webdataset`.
+    of them) and img2dataset's parquet+files layout are listed by :mod:`memscan.data.webdataset`;
+    ``warnings`` then reports damaged side members (``.json``, shard parquet) of samples still loaded.
     """
-    from memscan.data import webdataset
-
-    if Path(path).exists() and webdataset.detect_layout(path) is not None:
-        return webdataset.load_webdataset(path, size, channels, progress)
-    entries = list_training_set(path)
-    if not entries:
+    listing = list_source(path)
+    if not listing.entries and listing.layout in ("folder", "manifest"):
         raise empty_training_set(path)
-    return decode_training_set(path, entries, lambda e, sz, ch: read_image(e.path, sz, ch), size, channels, progress)
+    return decode_training_set(
+        path, listing.entries, webdataset.read_sample, size, channels, progress, listing.skipped, listing.warnings
+    )
 
 
 def decode_training_set(path, items, read, size, channels, progress=None, skipped=None, warnings=None) -> TrainingSet:

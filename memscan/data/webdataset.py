@@ -27,9 +27,14 @@ Examples
 ...             buf = io.BytesIO(); Image.new("RGB", (8, 8), "red").save(buf, "PNG"); payload = buf.getvalue()
 ...         data = payload.encode() if isinstance(payload, str) else payload
 ...         info = tarfile.TarInfo(key); info.size = len(data); tf.addfile(info, io.BytesIO(data))
->>> ts = load_webdataset(f"{d}/00000.tar", size=(8, 8))
->>> ts.ids, ts.captions, [s["id"] for s in ts.skipped]
-(['a'], ['a red square'], ['b'])
+>>> samples, skipped = list_samples(f"{d}/00000.tar")
+>>> [s.id for s in samples], [s.caption for s in samples], [s["id"] for s in skipped]
+(['a', 'b'], ['a red square', ''], [])
+>>> read_sample(samples[0], size=(8, 8)).shape
+(8, 8, 3)
+
+:func:`memscan.data.training.load_training_set` decodes such a source into a training set
+(``b`` is then a counted skip).
 """
 
 from __future__ import annotations
@@ -312,24 +317,16 @@ def list_samples(path: str | Path) -> tuple[list, list[dict]]:
 # --------------------------------------------------------------------------------------------
 # decoding
 # --------------------------------------------------------------------------------------------
+def open_sample(sample) -> Image.Image:
+    """The loaded PIL image of one sample (a :class:`TarSample`, or anything with ``.path``)."""
+    im = Image.open(io.BytesIO(sample.read_bytes())) if isinstance(sample, TarSample) else Image.open(sample.path)
+    im.load()
+    return im
+
+
 def read_sample(sample, size: tuple[int, int] | None = None, channels: int = 3) -> np.ndarray:
     """Decode one sample (a :class:`TarSample`, or anything with ``.path`` to an image file)."""
     if isinstance(sample, TarSample):
-        with Image.open(io.BytesIO(sample.read_bytes())) as im:
-            im.load()
+        with open_sample(sample) as im:
             return to_array(im, size, channels)
     return read_image(sample.path, size, channels)
-
-
-def load_webdataset(path: str | Path, size: tuple[int, int] | None = None, channels: int = 3, progress=None):
-    """Decode a webdataset / img2dataset training set into a :class:`~memscan.data.training.TrainingSet`.
-
-    Undecodable images and unusable samples are in ``skipped`` (with shard, member and reason);
-    ``warnings`` reports damaged side members (``.json``, shard parquet) of samples still loaded.
-    """
-    from memscan.data.training import decode_training_set
-
-    samples, problems = list_samples(path)
-    skipped = [p for p in problems if not p.get("kept")]
-    warnings = [{k: v for k, v in p.items() if k != "kept"} for p in problems if p.get("kept")]
-    return decode_training_set(path, samples, read_sample, size, channels, progress, skipped, warnings)

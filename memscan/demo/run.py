@@ -25,7 +25,7 @@ from memscan.errors import MemscanError
 from memscan.extraction.config import ExtractConfig
 from memscan.extraction.pipeline import extract
 from memscan.generators.diffusers_unet import load_unet_generator
-from memscan.report.html import build_report
+from memscan.report.registry import build_report
 
 #: Near-duplicate threshold for counting training-set duplicates (tiled ℓ2, pixel space).
 DUPLICATE_TAU = 0.05

@@ -14,14 +14,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from memscan.data.images import read_image
 from memscan.data.prompts import load_prompts
 from memscan.data.training import TrainingSet, load_training_set
 from memscan.errors import MemscanError
 from memscan.extraction.config import ExtractConfig
 from memscan.extraction.shard import ShardTimings
 from memscan.extraction.verify import verify_candidates
-from memscan.generators.base import check_generations
+from memscan.extraction.worker import extraction_pool, extraction_stage, probe_generator
 from memscan.progress import progress_bar
+from memscan.runners import ShardTask
 from memscan.store import RunLock, RunStore, safe_name, write_table
 
 
@@ -52,15 +54,6 @@ def versions() -> dict:
         except md.PackageNotFoundError:
             out[pkg] = None
     return out
-
-
-def output_shape(generator, prompt: str, seed: int) -> tuple[int, int, int]:
-    """H×W×C of the generator's images (declared, or from one probe generation)."""
-    shape = getattr(generator, "output_shape", None)
-    if shape is not None:
-        return tuple(shape)
-    probe = check_generations(generator.generate(prompt, [seed]), 1, prompt)
-    return tuple(probe.shape[1:])
 
 
 def extract(
@@ -104,17 +97,12 @@ def extract(
         store.read_manifest(expect="extract")  # before any model loads or log line is written
     store.create()
     with RunLock(store.root):
-        from memscan.runners.extraction import extraction_pool
-
         # workers (one model load each) start while the driver reads the inputs
         with extraction_pool(runner, generator, config, store, runner_options) as pool:
             return _extract_locked(pool, prompts, train, store, config, resume, progress, stop_after_shards)
 
 
 def _extract_locked(pool, prompts, train, store, config, resume, progress, stop_after_shards):
-    from memscan.runners.base import ShardTask
-    from memscan.runners.extraction import extraction_stage, probe_generator
-
     started = time.time()
     # 1. inputs: prompts and the training set at the generator's resolution
     if isinstance(prompts, (list, tuple)):
@@ -280,8 +268,6 @@ def reverify(
     The candidates are the stored clique medoids; ``min_clique`` can be raised or lowered down to
     the clique sizes recorded (medoids exist only for prompts detected at the original k).
     """
-    from memscan.data.images import read_image
-
     store = RunStore(run)
     with RunLock(store.root):
         manifest = store.read_manifest(expect="extract")

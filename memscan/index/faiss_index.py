@@ -1,7 +1,7 @@
 """A FAISS index over training-set embeddings: build, save, load, query.
 
 The index answers "which training images are nearest to this image" for duplicate counting
-(:mod:`memscan.index.duplicates`) and verification (:mod:`memscan.index.unconditional`), where
+(:mod:`memscan.data.duplicates`) and verification (:mod:`memscan.extraction.unconditional`), where
 the candidates it returns are re-ranked by exact distances on pixels.
 
 Embeddings are L2-normalised, so the index ranks by inner product = cosine similarity.
@@ -37,8 +37,12 @@ from pathlib import Path
 
 import numpy as np
 
+from memscan.data.training import empty_training_set, list_source, nothing_readable
 from memscan.errors import InputError, MemscanError
+from memscan.index.embedders import load_embedder
+from memscan.index.source import iter_batches
 from memscan.progress import progress_bar
+from memscan.store import atomic_write_json, write_table
 
 #: Largest collection indexed exactly (flat) when ``index_type="auto"``.
 FLAT_MAX = 1_000_000
@@ -200,8 +204,6 @@ class TrainingIndex:
 
     def embed_and_search(self, images: np.ndarray, k: int, embedder=None):
         """Embed images with the index's embedder (or ``embedder``) and :meth:`search`."""
-        from memscan.index.embedders import load_embedder
-
         emb = load_embedder(embedder or self.meta.get("embedder", "pixel"))
         return self.search(emb.embed(images), k)
 
@@ -213,8 +215,6 @@ class TrainingIndex:
     def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
         """Write the index folder (see module docstring); ``index.json`` last."""
         import pandas as pd
-
-        from memscan.store import atomic_write_json, write_table
 
         root = Path(path)
         if (root / "index.json").exists() and not overwrite:
@@ -368,10 +368,6 @@ def build_index(
     >>> len(index), index.dim, index.params.index_type, TrainingIndex.load(f"{d}/index").ids[:2]
     (20, 768, 'flat', ['t0000', 't0001'])
     """
-    from memscan.data.training import empty_training_set, nothing_readable
-    from memscan.index.embedders import load_embedder
-    from memscan.index.source import iter_batches, list_source
-
     started = time.time()
     params = IndexParams(index_type) if isinstance(index_type, str) else index_type
     if params.index_type not in INDEX_TYPES:

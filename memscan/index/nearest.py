@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from memscan.distances import nearest_tiled_l2
 from memscan.errors import InputError
 
 #: Faiss distances below this (normalised ℓ2) are recomputed exactly from pixel differences.
@@ -216,13 +217,13 @@ class PixelSearch:
                     block = d[sub]
                     block[fix] = exact_d[fix]
                     d[sub] = block
-                order = _rowsort(d, ii)
+                order = rowsort(d, ii)
                 dist[s : s + len(qs)] = np.take_along_axis(d, order, 1)[:, :k]
                 idx[s : s + len(qs)] = np.take_along_axis(ii, order, 1)[:, :k]
             else:
                 # 2. exact tiled ℓ2 of the k + margin ℓ2-nearest, re-sorted
                 t = pixel_distances(qs, self.images, ii, "tiled_l2", self.grid)
-                order = _rowsort(t, ii)
+                order = rowsort(t, ii)
                 t_sorted = np.take_along_axis(t, order, 1)
                 i_sorted = np.take_along_axis(ii, order, 1)
                 dist[s : s + len(qs)] = t_sorted[:, :k]
@@ -235,18 +236,16 @@ class PixelSearch:
         # 4. rows without a certificate: exact streaming search over every reference
         todo = np.nonzero(~exact)[0]
         if todo.size:
-            from memscan.distances import nearest_tiled_l2
-
             td, ti, _ = nearest_tiled_l2(qimg[todo], self.images, k=k, grid=self.grid)
             refined = pixel_distances(qimg[todo], self.images, ti, "tiled_l2", self.grid)
-            order = _rowsort(refined, ti)
+            order = rowsort(refined, ti)
             dist[todo] = np.take_along_axis(refined, order, 1)
             idx[todo] = np.take_along_axis(ti, order, 1)
             exact[todo] = True
         return Neighbours(dist, idx, metric, exact)
 
 
-def _rowsort(d: np.ndarray, ii: np.ndarray) -> np.ndarray:
+def rowsort(d: np.ndarray, ii: np.ndarray) -> np.ndarray:
     """Per-row order by (distance, index): ties resolve to the lower reference index."""
     return np.lexsort((ii, d), axis=1)
 

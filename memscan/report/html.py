@@ -1,22 +1,18 @@
-"""``report.html`` from a run's tables alone.
+"""``report.html`` of a ``memscan extract`` run, from its tables alone.
 
-The page is one self-contained file: images and plots are embedded as ``data:`` URIs, so it opens
-offline and can be mailed around. Every string from the run (prompts, captions, ids, file names)
-is untrusted web text and goes through Jinja2 autoescaping; a Content-Security-Policy forbids
-scripts altogether.
+The shared parts (template environment, CSP, data URIs, run context) are in
+:mod:`memscan.report.base`; :func:`memscan.report.registry.build_report` picks this page for
+``extract`` runs.
 """
 
 from __future__ import annotations
 
-import base64
-import time
 from pathlib import Path
 
 import pandas as pd
-from jinja2 import Environment, PackageLoader, select_autoescape
 
-from memscan.errors import MemscanError
 from memscan.extraction.config import ExtractConfig
+from memscan.report.base import data_uri, environment, open_complete_run, png_base64, run_context, write_page
 from memscan.report.plots import (
     adaptive_budget_curve,
     adaptive_budget_plot,
@@ -24,21 +20,11 @@ from memscan.report.plots import (
     duplication_plot,
     extraction_rate_by_duplicates,
 )
-from memscan.store import RunStore, safe_name
+from memscan.store import safe_name
 
 
-def _data_uri(root: Path, rel: str | None) -> str | None:
-    """Embed a PNG that lives inside the run directory (paths leaving it are ignored)."""
-    if not rel:
-        return None
-    path = (root / rel).resolve()
-    if not path.is_relative_to(root.resolve()) or not path.is_file():
-        return None
-    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
-
-
-def build_report(run: str | Path, out: str | Path | None = None, extra_summary: dict | None = None) -> Path:
-    """Write ``report.html`` for a finished run; returns its path.
+def build_extraction_report(run: str | Path, out: str | Path | None = None, extra_summary: dict | None = None) -> Path:
+    """Write ``report.html`` for a finished ``extract`` run; returns its path.
 
     Parameters
     ----------
@@ -46,17 +32,7 @@ def build_report(run: str | Path, out: str | Path | None = None, extra_summary: 
     out : output path (default ``RUN/report.html``)
     extra_summary : optional key → value rows shown under the summary (the demo's ground truth)
     """
-
-    store = RunStore(run)
-    manifest = store.read_manifest(expect=("extract", "extract-unconditional"))
-    if manifest.get("status") != "complete":
-        raise MemscanError(
-            f"run {run} is not complete (status {manifest.get('status')!r})", "finish it with --resume first"
-        )
-    if manifest.get("command") == "extract-unconditional":
-        from memscan.report.unconditional import build_unconditional_report
-
-        return build_unconditional_report(store, manifest, out)
+    store, manifest = open_complete_run(run, "extract")
     det, ext = store.table("detections"), store.table("extractions")
     root = store.root
     cfg = manifest["config"]
@@ -82,9 +58,9 @@ def build_report(run: str | Path, out: str | Path | None = None, extra_summary: 
             {
                 "prompt_id": r.prompt_id,
                 "prompt": d["prompt"],
-                "candidate": _data_uri(root, d["candidate_image"]),
-                "clique": _data_uri(root, d["clique_image"]),
-                "train": _data_uri(root, f"images/train/{safe_name(r.train_id)}.png"),
+                "candidate": data_uri(root, d["candidate_image"]),
+                "clique": data_uri(root, d["clique_image"]),
+                "train": data_uri(root, f"images/train/{safe_name(r.train_id)}.png"),
                 "train_id": r.train_id,
                 "train_caption": getattr(r, "train_caption", ""),
                 "tiled_l2": float(r.tiled_l2),
@@ -104,7 +80,7 @@ def build_report(run: str | Path, out: str | Path | None = None, extra_summary: 
         rounds = ExtractConfig.from_dict(cfg).rounds()
         curve = adaptive_budget_curve(det, ext, rounds)
         budget = {
-            "png": base64.b64encode(adaptive_budget_plot({"this run": curve})).decode(),
+            "png": png_base64(adaptive_budget_plot({"this run": curve})),
             "rows": curve.iloc[1:].to_dict("records"),
             "spent": int(det["n_samples"].sum()),
             "full": len(det) * rounds[-1],
@@ -112,52 +88,17 @@ def build_report(run: str | Path, out: str | Path | None = None, extra_summary: 
             "prompts": len(det),
         }
     html = (
-        _environment()
+        environment()
         .get_template("report.html.j2")
         .render(
             **run_context(root, manifest),
             extra_summary=list((extra_summary or {}).items()),
-            detection_png=base64.b64encode(detection_distance_plot(det, cfg["alpha"], cfg["min_clique"])).decode(),
-            duplication_png=base64.b64encode(duplication_plot(rates)).decode() if len(rates) else None,
+            detection_png=png_base64(detection_distance_plot(det, cfg["alpha"], cfg["min_clique"])),
+            duplication_png=png_base64(duplication_plot(rates)) if len(rates) else None,
             duplication_rows=rates.to_dict("records"),
             budget=budget,
             cards=cards,
             others=others,
         )
     )
-    path = Path(out) if out else root / "report.html"
-    path.write_text(html, encoding="utf-8")
-    return path
-
-
-def run_context(root: Path, manifest: dict) -> dict:
-    """What every run page shows at its top: name, place, time, version, counts, config,
-    training set and its skipped files, throughput."""
-    import importlib.metadata as md
-
-    training = manifest.get("training_set", {})
-    return {
-        "title": root.name,
-        "run_dir": str(root),
-        "made": time.strftime("%Y-%m-%d %H:%M"),
-        "version": _version(md),
-        "counts": manifest.get("counts", {}),
-        "config": manifest["config"],
-        "training": training,
-        "skipped": training.get("skipped_files", []),
-        "throughput": manifest.get("throughput"),
-    }
-
-
-def _environment() -> Environment:
-    """The report templates, autoescaped: every string from a run is untrusted web text."""
-    return Environment(
-        loader=PackageLoader("memscan.report", "templates"), autoescape=select_autoescape(["html", "j2"])
-    )
-
-
-def _version(md) -> str:
-    try:
-        return md.version("memscan")
-    except md.PackageNotFoundError:
-        return "dev"
+    return write_page(html, root, out)

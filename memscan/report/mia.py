@@ -17,6 +17,7 @@ from memscan.errors import MemscanError
 from memscan.mia.attack_labels import STATISTICS
 from memscan.mia.metrics import plot_roc, roc_metrics
 from memscan.mia.tables import best_results, scores_of
+from memscan.report.base import environment
 from memscan.store import RunStore, safe_name
 
 __all__ = ["MIA_KINDS", "build_mia_report"]
@@ -106,7 +107,6 @@ def _fmt_ci(row: dict, k: str) -> str:
 def build_mia_report(run: str | Path, out: str | Path | None = None) -> Path:
     """Write ``report.html`` for a finished MIA/inpaint/memscore/demo-mia run from its tables
     alone (Jinja2 with autoescaping, images as ``data:`` URIs, no scripts)."""
-    from memscan.report.html import _environment
 
     store = RunStore(run)
     manifest = store.read_manifest()
@@ -131,7 +131,7 @@ def build_mia_report(run: str | Path, out: str | Path | None = None) -> Path:
         ctx["memscore"] = _memscore_context(store, manifest)
     else:
         ctx["sections"] = _statistic_sections(store)
-    html = _environment().get_template("mia_report.html.j2").render(**ctx)
+    html = environment().get_template("mia_report.html.j2").render(**ctx)
     path = Path(out) if out else root / "report.html"
     path.write_text(html, encoding="utf-8")
     return path

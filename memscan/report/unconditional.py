@@ -8,16 +8,18 @@ the n nearest) of every generation against the decision line ℓ = 1.
 
 from __future__ import annotations
 
-import base64
 from pathlib import Path
 
+from memscan.report.base import data_uri, environment, open_complete_run, png_base64, run_context, write_page
 from memscan.report.plots import calibrated_distance_plot
 
 
-def build_unconditional_report(store, manifest: dict, out: str | Path | None = None, top: int = 20) -> Path:
-    """Write ``report.html`` for a finished ``extract-unconditional`` run; returns its path."""
-    from memscan.report.html import _data_uri, _environment, run_context
+def build_unconditional_report(run: str | Path, out: str | Path | None = None, top: int = 20) -> Path:
+    """Write ``report.html`` for a finished ``extract-unconditional`` run; returns its path.
 
+    ``top``: how many of the closest non-extracted generations the page lists.
+    """
+    store, manifest = open_complete_run(run, "extract-unconditional")
     root = store.root
     gen, ext = store.table("generations"), store.table("extractions")
     cfg = manifest["config"]
@@ -27,8 +29,8 @@ def build_unconditional_report(store, manifest: dict, out: str | Path | None = N
         {
             "train_id": r.train_id,
             "train_caption": r.train_caption or "",
-            "candidate": _data_uri(root, r.candidate_image),
-            "train": _data_uri(root, r.train_image),
+            "candidate": data_uri(root, r.candidate_image),
+            "train": data_uri(root, r.train_image),
             "hits": int(r.hits),
             "sample_index": int(r.sample_index),
             "seed": int(r.seed),
@@ -41,16 +43,14 @@ def build_unconditional_report(store, manifest: dict, out: str | Path | None = N
     ]
     closest = gen[~gen["extracted"].astype(bool)].nsmallest(top, "calibrated")
     html = (
-        _environment()
+        environment()
         .get_template("unconditional_report.html.j2")
         .render(
             **run_context(root, manifest),
             search=manifest.get("search", {}),
-            plot_png=base64.b64encode(calibrated_distance_plot(gen, float(cfg["alpha_c"]))).decode(),
+            plot_png=png_base64(calibrated_distance_plot(gen, float(cfg["alpha_c"]))),
             cards=cards,
             closest=closest.to_dict("records"),
         )
     )
-    path = Path(out) if out else root / "report.html"
-    path.write_text(html, encoding="utf-8")
-    return path
+    return write_page(html, root, out)

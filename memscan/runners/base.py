@@ -1,5 +1,7 @@
 """What every runner shares: shard tasks, results, the worker-pool protocol, generator specs.
 
+The runner registry (:func:`memscan.runners.make_pool`) lives in the package, beside the runners.
+
 A *stage* is a plain function over one shard of work. A runner builds a *pool* of workers; each
 worker calls a ``setup`` function once (load the model, open the run store) and keeps what it
 returns as its context; then the pool maps ``stage(context, *task.args)`` over the shards. The
@@ -12,6 +14,7 @@ which runner called it::
 
 Examples
 --------
+>>> from memscan.runners import make_pool
 >>> def setup(offset):
 ...     return {"offset": offset}
 >>> def stage(ctx, x):
@@ -30,8 +33,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from memscan.errors import InputError
+from memscan.generators.load import load_generator
 
-#: The runners ``memscan extract --runner`` accepts.
+#: The runners ``--runner`` accepts (:func:`memscan.runners.make_pool` builds their pools).
 RUNNERS = ("local", "ray")
 
 
@@ -147,33 +151,4 @@ class GeneratorSpec:
 
     def load(self):
         """Load the generator (``load_generator(spec, **options)``)."""
-        from memscan.generators.load import load_generator
-
         return load_generator(self.spec, **self.options)
-
-
-def make_pool(runner: str, setup: Callable, setup_args: tuple = (), options=None, log=None) -> WorkerPool:
-    """A worker pool of the named runner (``"local"`` or ``"ray"``).
-
-    Parameters
-    ----------
-    runner : ``"local"`` (one in-process worker) or ``"ray"`` (an actor pool; needs ``memscan[ray]``)
-    setup : called once per worker with ``setup_args``; its value is the worker's context. For
-        ``"ray"`` it must be picklable (a module-level function).
-    options : :class:`memscan.runners.ray_runner.RayOptions` (or a dict of its fields) for ``"ray"``
-    log : ``log(message)`` for worker starts, deaths and retries (e.g. ``RunStore.log``)
-    """
-    if runner == "local":
-        from memscan.runners.local import LocalPool
-
-        if options:
-            raise InputError(
-                f"runner options {options!r} apply to the Ray runner only", "pass --runner ray, or drop them"
-            )
-        return LocalPool(setup, setup_args, log=log)
-    if runner == "ray":
-        from memscan.runners.ray_runner import RayOptions, RayPool
-
-        opts = options if isinstance(options, RayOptions) else RayOptions(**(options or {}))
-        return RayPool(setup, setup_args, opts, log=log)
-    raise InputError(f"unknown runner {runner!r}", f"use one of {', '.join(RUNNERS)}")

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from memscan.errors import InputError, MemscanError
-from memscan.runners.base import ShardDone, ShardTask
+from memscan.runners.base import RUNNERS, ShardDone, ShardTask
 
 #: Shown whenever Ray is needed but missing.
 INSTALL_HINT = "install the extra: pip install 'memscan[ray]' (or pip install ray)"
@@ -113,8 +113,6 @@ class RayOptions:
         >>> RayOptions.from_cli("local") is None
         True
         """
-        from memscan.runners.base import RUNNERS
-
         if runner not in RUNNERS:
             raise InputError(f"unknown runner {runner!r}", f"use one of {', '.join(RUNNERS)}")
         if runner != "ray":

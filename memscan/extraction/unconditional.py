@@ -2,7 +2,7 @@
 
 The setting of Carlini et al. (2023)'s CIFAR-10 study (2^16 generations per model against the
 50,000 training images): there are no prompts to attack, so every generation is compared with
-the training set and judged by the calibrated distance (:mod:`memscan.index.calibrated`):
+the training set and judged by the calibrated distance (:mod:`memscan.extraction.calibrated`):
 
 1. generate M images; image i uses seed ``derive_seed(run_seed, "unconditional", i)``, so any
    generation can be reproduced alone and a resumed run regenerates the same images;
@@ -38,7 +38,19 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from memscan.data.training import TrainingSet, load_training_set
+from memscan.distances import tiled_l2
 from memscan.errors import InputError, MemscanError, user_code
+from memscan.extraction.calibrated import CalibratedConfig
+from memscan.extraction.pipeline import versions
+from memscan.extraction.worker import output_shape
+from memscan.generators.base import check_generations, describe
+from memscan.generators.seeds import derive_seed
+from memscan.index.embedders import load_embedder
+from memscan.index.faiss_index import TrainingIndex
+from memscan.index.nearest import PixelSearch, pixel_distances, rowsort
+from memscan.progress import progress_bar
+from memscan.store import RunLock, RunStore, safe_name, write_table
 
 #: The prompt id under which unconditional seeds are derived.
 SEED_STREAM = "unconditional"
@@ -93,8 +105,6 @@ class UnconditionalConfig:
     save_images: bool = True
 
     def validate(self) -> UnconditionalConfig:
-        from memscan.index.calibrated import CalibratedConfig
-
         CalibratedConfig(self.alpha_c, self.n_nearest, self.metric, self.grid).validate()
         for name in ("samples", "batch_size", "shard_size"):
             v = getattr(self, name)
@@ -127,8 +137,6 @@ class _Verifier:
     """n nearest training images of a batch of generations: exact, or index + exact re-rank."""
 
     def __init__(self, training, config: UnconditionalConfig, index=None):
-        from memscan.index.nearest import PixelSearch
-
         self.training, self.config = training, config
         self.n = min(config.n_nearest, len(training))
         self.index = None
@@ -136,8 +144,6 @@ class _Verifier:
             self.search = PixelSearch(training.images, grid=config.grid)
             self.description = {"search": "exact", "method": "faiss IndexFlatL2 over pixels, exact refinement"}
             return
-        from memscan.index.embedders import load_embedder
-        from memscan.index.faiss_index import TrainingIndex
 
         self.index = index if isinstance(index, TrainingIndex) else TrainingIndex.load(index)
         self.embedder = load_embedder(
@@ -161,15 +167,13 @@ class _Verifier:
 
     def neighbours(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Ascending distances (Q×n, ``inf`` where fewer were found) and training rows (Q×n)."""
-        from memscan.index.nearest import _rowsort, pixel_distances
-
         if self.index is None:
             nb = self.search.search(images, k=self.n, metric=self.config.metric)
             return nb.distances, nb.indices
         _, ii = self.index.search(self.embedder.embed(images), self.config.n_candidates)
         cand = self.to_train[np.where(ii >= 0, ii, len(self.to_train) - 1)]
         d = pixel_distances(images, self.training.images, cand, self.config.metric, self.config.grid)
-        order = _rowsort(d, cand)
+        order = rowsort(d, cand)
         return np.take_along_axis(d, order, 1)[:, : self.n], np.take_along_axis(cand, order, 1)[:, : self.n]
 
 
@@ -220,8 +224,6 @@ def extract_unconditional(
     >>> r.extractions["train_id"].tolist(), int(r.extractions["hits"].iloc[0]) > 1
     (['t0007'], True)
     """
-    from memscan.store import RunLock, RunStore
-
     config = config.validate()
     store = RunStore(out)
     if store.exists() and not resume:
@@ -236,14 +238,6 @@ def extract_unconditional(
 
 
 def _run_locked(generator, train, store, config, index, resume, progress, stop_after_shards) -> UnconditionalResult:
-    from memscan.data.training import TrainingSet, load_training_set
-    from memscan.distances import tiled_l2
-    from memscan.extraction.pipeline import output_shape, versions
-    from memscan.generators.base import check_generations, describe
-    from memscan.generators.seeds import derive_seed
-    from memscan.progress import progress_bar
-    from memscan.store import safe_name, write_table
-
     started = time.time()
     # 1. the training set at the generator's resolution, and the searcher over it
     with user_code("the generator failed on its first call (sample 0, before any shard)"):
@@ -400,8 +394,6 @@ def _run_locked(generator, train, store, config, index, resume, progress, stop_a
 
 def dedupe_extractions(generations: pd.DataFrame, training) -> pd.DataFrame:
     """One row per extracted training image: its closest generation, and how many hit it."""
-    from memscan.store import safe_name
-
     ext = generations[generations["extracted"]]
     cols = [
         "train_id",

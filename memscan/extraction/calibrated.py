@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from memscan.errors import InputError
+from memscan.index.nearest import PixelSearch
 
 #: α_c and n of Carlini et al. (2023), CIFAR-10 experiments.
 ALPHA_C = 0.5
@@ -130,8 +131,6 @@ def calibrated_distance(
     >>> int(r.nearest_index[0]), r.extracted.tolist(), r.n
     (0, [True, False], 50)
     """
-    from memscan.index.nearest import PixelSearch
-
     config = config.validate()
     train = np.asarray(training_images)
     if searcher is None:

@@ -1,4 +1,4 @@
-"""The extraction attack's worker setup and stage, as every runner calls them.
+"""The extraction attack's worker: setup, stage and pool, as every runner calls them.
 
 ``setup_extraction`` runs once per worker (loads the generator from its spec, opens the run
 store); ``extraction_stage`` is :func:`memscan.extraction.shard.run_shard` over one shard. The
@@ -19,8 +19,8 @@ from memscan.data.training import TrainingSet
 from memscan.errors import InputError
 from memscan.extraction.config import ExtractConfig
 from memscan.extraction.shard import ShardTimings, run_shard
-from memscan.generators.base import describe
-from memscan.runners.base import GeneratorSpec, WorkerPool, make_pool
+from memscan.generators.base import check_generations, describe
+from memscan.runners import GeneratorSpec, RayOptions, WorkerPool, make_pool, require_ray
 from memscan.store import RunStore
 
 
@@ -49,10 +49,17 @@ def setup_extraction(generator, config: ExtractConfig, store_root: str) -> Extra
     return ExtractionWorker(generator, config, store)
 
 
+def output_shape(generator, prompt: str, seed: int) -> tuple[int, int, int]:
+    """H×W×C of the generator's images (declared, or from one probe generation)."""
+    shape = getattr(generator, "output_shape", None)
+    if shape is not None:
+        return tuple(shape)
+    probe = check_generations(generator.generate(prompt, [seed]), 1, prompt)
+    return tuple(probe.shape[1:])
+
+
 def probe_generator(worker: ExtractionWorker, prompt: str, seed: int) -> tuple[tuple[int, int, int], dict]:
     """The generator's output shape (H, W, C) and its description for the manifest."""
-    from memscan.extraction.pipeline import output_shape
-
     return tuple(output_shape(worker.generator, prompt, seed)), describe(worker.generator)
 
 
@@ -71,8 +78,6 @@ def extraction_pool(runner: str, generator, config: ExtractConfig, store: RunSto
     """
     root = str(Path(store.root).resolve())
     if runner == "ray":
-        from memscan.runners.ray_runner import RayOptions, require_ray
-
         require_ray()
         if not isinstance(generator, (str, GeneratorSpec)):
             raise InputError(

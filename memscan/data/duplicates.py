@@ -30,7 +30,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from memscan.data.training import empty_training_set, list_source, nothing_readable
+from memscan.distances import tiled_l2
 from memscan.errors import InputError
+from memscan.index.embedders import load_embedder
+from memscan.index.faiss_index import TrainingIndex
+from memscan.index.source import iter_batches
+from memscan.progress import progress_bar
+from memscan.store import atomic_write_json, write_table
 
 #: Default cosine threshold on embeddings (pixel embedder: Pearson correlation of 16×16
 #: thumbnails). Permissive on purpose: the pixel check confirms every pair.
@@ -145,8 +152,6 @@ def candidate_pairs(
 
 def confirm_pairs(images: np.ndarray, pairs: np.ndarray, config: DuplicateConfig, chunk: int = 8192) -> np.ndarray:
     """Tiled ℓ2 (``config.grid``) of every pair of ``images`` (rows of ``pairs``), float64."""
-    from memscan.distances import tiled_l2
-
     out = np.empty(pairs.shape[0], np.float64)
     for s in range(0, pairs.shape[0], chunk):
         p = pairs[s : s + chunk]
@@ -202,8 +207,6 @@ def count_duplicates_arrays(
     >>> r.table["duplicate_count"].tolist(), r.table["cluster_size"].tolist()
     ([3, 1, 2, 1, 3, 3, 2], [3, 1, 2, 1, 3, 3, 2])
     """
-    from memscan.index.faiss_index import TrainingIndex
-
     config = config.validate()
     emb = np.asanyarray(embeddings)
     n = emb.shape[0]
@@ -289,12 +292,6 @@ def count_duplicates(
     max_check_bytes : keep pixel-check images from the embedding pass when they fit in this many
         bytes; otherwise the images in candidate pairs are decoded again in a second pass
     """
-    from memscan.data.training import empty_training_set, nothing_readable
-    from memscan.index.embedders import load_embedder
-    from memscan.index.faiss_index import TrainingIndex
-    from memscan.index.source import iter_batches, list_source
-    from memscan.progress import progress_bar
-
     config = config.validate()
     started = time.time()
     listing = list_source(train)
@@ -470,8 +467,6 @@ def select_candidates(
     >>> df[["train_id", "duplicate_count"]].values.tolist()
     [['t0000', 1], ['t0001', 1], ['t0002', 1]]
     """
-    from memscan.store import atomic_write_json, write_table
-
     out = Path(out)
     suffix = out.suffix.lower()
     if suffix not in (".csv", ".parquet"):

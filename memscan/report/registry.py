@@ -1,0 +1,48 @@
+"""One entry point for every run's report: ``{kind: renderer}``.
+
+``memscan report RUN`` (and :func:`memscan.build_report`) read the run's manifest, take its kind
+(``"kind"``, or ``"command"`` in older manifests) and call the renderer registered for it. A
+renderer is ``renderer(run, out=None, **options) -> Path``: it reads the run's tables, writes
+one self-contained page (with :mod:`memscan.report.base`) and returns its path.
+
+Adding a run kind's report = one page module in ``memscan/report/`` + one line in
+:data:`RENDERERS`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from memscan.report.html import build_extraction_report
+from memscan.report.mia import build_mia_report
+from memscan.report.unconditional import build_unconditional_report
+from memscan.store import RunStore
+
+#: The page for each run kind (the manifest's ``kind``, or ``command`` in older runs).
+RENDERERS: dict[str, Callable[..., Path]] = {
+    "extract": build_extraction_report,
+    "extract-unconditional": build_unconditional_report,
+    "mia": build_mia_report,
+    "inpaint": build_mia_report,
+    "memscore": build_mia_report,
+    "demo-mia": build_mia_report,
+}
+
+
+def build_report(run: str | Path, out: str | Path | None = None, **options) -> Path:
+    """Write the report of a finished run of any registered kind; returns its path.
+
+    Parameters
+    ----------
+    run : run directory
+    out : output path (default ``RUN/report.html``)
+    options : passed to the kind's renderer (e.g. ``extra_summary`` for ``extract``: key → value
+        rows shown under the summary, as the demo's ground truth)
+
+    A run of a kind with no renderer is refused with a clear error naming its kind and where its
+    results are.
+    """
+    manifest = RunStore(run).read_manifest(expect=tuple(RENDERERS))
+    kind = manifest.get("kind") or manifest.get("command")
+    return RENDERERS[kind](run, out, **options)
