@@ -61,3 +61,27 @@ def tiny_trained(tmp_path_factory):
         DemoRecipe(cfg, threads=1)(imgs[:8], tmp)
         tmp.rename(d)
     return imgs, np.arange(16) < 8, d
+
+
+@pytest.fixture(scope="session")
+def ray_address(tmp_path_factory):
+    """One local Ray (2 CPUs, as CI has) shared by every test that needs it: (address, victims dir).
+
+    tests/ reaches the workers through PYTHONPATH, set before Ray starts; ``MEMSCAN_TEST_DELAY``
+    slows ``py:gen_support:slow`` in the workers so that a test can kill one mid-shard.
+    """
+    ray = pytest.importorskip("ray")
+    victims = tmp_path_factory.mktemp("victims")
+    saved = {k: os.environ.get(k) for k in ("PYTHONPATH", "MEMSCAN_TEST_DELAY")}
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(TESTS), saved["PYTHONPATH"]) if p)
+    os.environ["MEMSCAN_TEST_DELAY"] = "0.1"
+    try:
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    yield ray.get_runtime_context().gcs_address, victims
+    ray.shutdown()

@@ -270,7 +270,13 @@ def test_report_and_verify_refuse_runs_of_other_commands(corpus, tmp_path):
     args = TRAIN_COMMANDS["extract"](corpus, corpus.mixed, out)
     assert_clean_error(cli(*args, "--resume"), "not a `memscan extract` run")
     assert _snapshot(out) == before
+    # `memscan report` renders every registered kind; a kind it does not know is refused clearly
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    (odd / "manifest.json").write_text('{"kind": "from-the-future", "status": "complete"}')
+    assert_clean_error(cli("report", odd), "`memscan from-the-future` run")
+    # a mia run whose tables are gone: one clean error, not a traceback
     mia = tmp_path / "mia"
     mia.mkdir()
     (mia / "manifest.json").write_text('{"kind": "mia", "status": "complete"}')
-    assert_clean_error(cli("report", mia), "`memscan mia` run", "its own report.html")
+    assert_clean_error(cli("report", mia), "mia")

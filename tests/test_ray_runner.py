@@ -1,8 +1,8 @@
 """The Ray runner: same tables as the local runner, a killed worker or driver loses nothing and
 commits nothing twice, user errors keep their message, a missing Ray gives the install hint.
 
-One local Ray with 2 CPUs serves the whole module (as CI has); tests/ reaches its workers through
-PYTHONPATH, set before it starts.
+One local Ray with 2 CPUs serves the whole test session (``ray_address`` in conftest.py); tests/
+reaches its workers through PYTHONPATH, set before it starts.
 """
 
 import json
@@ -25,25 +25,6 @@ CFG = ExtractConfig(samples_per_prompt=40, shard_size=2, batch_size=10)
 ARGS = ["--samples-per-prompt", 40, "--shard-size", 2, "--batch-size", 10, "--quiet"]
 N_SHARDS = 6
 TABLES = ("prompts", "detections", "extractions")
-
-
-@pytest.fixture(scope="module")
-def ray_address(tmp_path_factory):
-    ray = pytest.importorskip("ray")
-    victims = tmp_path_factory.mktemp("victims")
-    saved = {k: os.environ.get(k) for k in ("PYTHONPATH", "MEMSCAN_TEST_DELAY")}
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(TESTS), saved["PYTHONPATH"]) if p)
-    os.environ["MEMSCAN_TEST_DELAY"] = "0.1"  # py:gen_support:slow in the workers
-    try:
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-    yield ray.get_runtime_context().gcs_address, victims
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
