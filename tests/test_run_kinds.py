@@ -109,9 +109,13 @@ def _unconditional(tmp: Path, out: Path) -> list:
     ]
 
 
+# Each section below is one family of run kinds; adding a kind = an argv builder + one KindCase.
 CASES = [
+    # ---- extraction: extract, extract-unconditional, index ------------------------------------
     KindCase("extract", _extract, ("prompts", "detections", "extractions"), kill_after=1),
     KindCase("extract-unconditional", _unconditional, ("generations", "extractions"), kill_after=1),
+    # ---- triage -----------------------------------------------------------------------------------
+    # ---- membership inference: mia, inpaint, memscore ---------------------------------------------
 ]
 
 
