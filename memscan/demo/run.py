@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from memscan.demo.data import DemoData, build_demo_data, write_demo_data
 from memscan.distances import cross_tiled_l2, nearest_tiled_l2
 from memscan.errors import MemscanError
 from memscan.extraction.config import ExtractConfig
-from memscan.extraction.pipeline import extract
+from memscan.extraction.pipeline import ExtractionResult, extract
 from memscan.generators.diffusers_unet import load_unet_generator
 from memscan.report.registry import build_report
 
@@ -104,6 +105,29 @@ def score(run_dir: Path, data: DemoData, prompts: pd.DataFrame, delta: float, sh
     }
 
 
+@dataclass
+class DemoResult:
+    """A finished ``memscan demo``.
+
+    Attributes
+    ----------
+    out : the demo directory (``data/``, ``prompts.csv``, ``run/``, ``summary.json``)
+    run : the extraction run ``out/run``
+    summary : what ``summary.json`` holds (extraction by planted copy count, precision, recall,
+        thresholds, timings, the report's path)
+    rows : (label, value) pairs of the headline figures, as the report and the CLI show them
+    """
+
+    out: Path
+    run: ExtractionResult
+    summary: dict
+    rows: list[tuple[str, str]]
+
+    @property
+    def report(self) -> Path:
+        return Path(self.summary["report"])
+
+
 def run_demo(
     out: str | Path = "runs/demo",
     *,
@@ -111,8 +135,8 @@ def run_demo(
     quick: bool = False,
     progress: bool = True,
     device: str = "cpu",
-) -> dict:
-    """Run the demo end to end; returns the summary (also written to ``OUT/summary.json``)."""
+) -> DemoResult:
+    """Run the demo end to end; the summary is also written to ``OUT/summary.json``."""
     t0 = time.perf_counter()
     out = Path(out)
     if (out / "run" / "manifest.json").exists():
@@ -176,13 +200,7 @@ def run_demo(
     }
     summary["report"] = str(report)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    lines = [
-        f"memscan demo: {len(prompts)} prompts × {config.samples_per_prompt} generations in {summary['timings_s']['total']:.0f} s"
-    ]
-    lines += [f"  {k:>15}: {v}" for k, v in rows]
-    lines += [f"  report: {report}", f"  summary: {out / 'summary.json'}"]
-    summary["text"] = "\n".join(lines)
-    return summary
+    return DemoResult(out, result, summary, rows)
 
 
 def _fmt(x) -> str:
