@@ -36,6 +36,7 @@ kept, and releases the lock, so ``--resume`` continues.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import platform
@@ -48,6 +49,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from memscan.data.images import save_png
 from memscan.errors import MemscanError
 
 SHARD_TABLES = ("detections", "extractions")
@@ -219,10 +221,6 @@ class RunStore:
     def save_image(self, arr, kind: str, name: str) -> str:
         """Write ``images/<kind>/<name>.png`` atomically (a crash never leaves half a PNG);
         returns its path relative to the run. ``name`` must already be safe (``safe_name``)."""
-        import io
-
-        from memscan.data.images import save_png
-
         buf = io.BytesIO()
         save_png(arr, buf)
         path = self.image_dir(kind) / f"{name}.png"
