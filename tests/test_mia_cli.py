@@ -205,7 +205,36 @@ def test_memscore_command_matches_the_library_and_resumes(tmp_path, monkeypatch)
     # rerun: every (repeat, fold) is loaded from the store, nothing is trained again
     _cli(*args)
     assert len(counter.read_text()) == 10
-    assert json.loads((tmp_path / "run" / "manifest.json").read_text())["resumed"] is True
+    # (the common run lifecycle records each resumption's time; before it, ``resumed`` was True)
+    m = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert len(m["resumed"]) == 1 and m["status"] == "complete"
+    assert pd.read_parquet(tmp_path / "run" / "memscore.parquet").equals(table)
+    # --resume is accepted too; more repeats train only the new (repeat, fold) models
+    _cli(*args[:9], "--repeats", 3, *args[11:], "--resume")
+    assert len(counter.read_text()) == 15
+    assert json.loads((tmp_path / "run" / "manifest.json").read_text())["memscore"]["repeats"] == 3
+    # another fold setup is not the same run: refused, nothing trained
+    r = _cli(*args[:7], "--folds", 4, *args[9:], "--resume", ok=False)
+    assert r.exit_code == 2 and "folds_of differs" in r.output and len(counter.read_text()) == 15
+
+
+def test_memscore_killed_run_needs_resume(tmp_path, monkeypatch):
+    """A finished run reruns without --resume (above); a killed one asks for --resume, as every kind."""
+    mod = tmp_path / "gauss.py"
+    mod.write_text(GAUSS)
+    monkeypatch.setenv("MEMSCAN_TEST_COUNTER", str(tmp_path / "calls.txt"))
+    np.save(tmp_path / "x.npy", np.r_[np.linspace(-1, 1, 9), 5.0])
+    from memscan.mia.memscore_run import run_memscore
+
+    with pytest.raises(Exception, match="--resume"):
+        run_memscore(tmp_path / "run", tmp_path / "x.npy", f"py:{mod}:train", f"py:{mod}:loglik",
+                     folds=3, progress=False, stop_after_shards=1)  # fmt: skip
+    args = ("memscore", "--data", tmp_path / "x.npy", "--train-fn", f"py:{mod}:train",
+            "--log-likelihood-fn", f"py:{mod}:loglik", "--folds", 3, "--out", tmp_path / "run", "--quiet")  # fmt: skip
+    r = _cli(*args, ok=False)
+    assert r.exit_code == 2 and "--resume" in r.output
+    _cli(*args, "--resume")
+    assert len((tmp_path / "calls.txt").read_text()) == 3
 
 
 def test_report_escapes_untrusted_ids(demo, tmp_path):
