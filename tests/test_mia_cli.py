@@ -275,3 +275,40 @@ def test_examples_outside_the_shadow_pool_are_reported(demo, tmp_path):
     m = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert m["sources"]["not_in_shadow_pool"] == {"count": 1, "first_ids": ["zz-extra"]}
     assert "zz-extra" not in set(pd.read_parquet(tmp_path / "run" / "examples.parquet")["id"])
+
+
+def test_demo_mia_interrupted_attack_resumes_from_its_shards(demo, tmp_path, monkeypatch):
+    """An attack stage killed after one shard commit resumes on the rerun (no --resume needed: the
+    demo resumes what it started, training per model and the attack per shard): same tables."""
+    import shutil
+
+    from memscan.store import RunStore
+
+    out = tmp_path / "d"
+    out.mkdir()
+    for part in ("data", "shadows"):  # the trained shadow models: nothing is trained again
+        shutil.copytree(demo / part, out / part)
+    original, commits = RunStore.commit_shard, []
+
+    class Killed(BaseException):
+        pass
+
+    def commit_then_die(self, shard, tables, meta):
+        original(self, shard, tables, meta)
+        commits.append(shard)
+        if len(commits) == 1:
+            raise Killed
+
+    monkeypatch.setattr(RunStore, "commit_shard", commit_then_die)
+    with torch_threads(1), pytest.raises(Killed):
+        runner.invoke(app, ["demo-mia", "--quick", "--quiet", "--out", str(out)], catch_exceptions=False)
+    assert json.loads((out / "run" / "manifest.json").read_text())["status"] == "incomplete"
+    with torch_threads(1):
+        _cli("demo-mia", "--quick", "--quiet", "--out", out)
+    m = json.loads((out / "run" / "manifest.json").read_text())
+    assert m["status"] == "complete" and len(m["resumed"]) == 1
+    assert sorted(commits) == list(range(m["n_shards"]))
+    for t in ("examples", "losses", "distances", "scores", "metrics"):
+        pd.testing.assert_frame_equal(
+            pd.read_parquet(demo / "run" / f"{t}.parquet"), pd.read_parquet(out / "run" / f"{t}.parquet")
+        )
