@@ -205,7 +205,36 @@ def test_memscore_command_matches_the_library_and_resumes(tmp_path, monkeypatch)
     # rerun: every (repeat, fold) is loaded from the store, nothing is trained again
     _cli(*args)
     assert len(counter.read_text()) == 10
-    assert json.loads((tmp_path / "run" / "manifest.json").read_text())["resumed"] is True
+    # (the common run lifecycle records each resumption's time; before it, ``resumed`` was True)
+    m = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert len(m["resumed"]) == 1 and m["status"] == "complete"
+    assert pd.read_parquet(tmp_path / "run" / "memscore.parquet").equals(table)
+    # --resume is accepted too; more repeats train only the new (repeat, fold) models
+    _cli(*args[:9], "--repeats", 3, *args[11:], "--resume")
+    assert len(counter.read_text()) == 15
+    assert json.loads((tmp_path / "run" / "manifest.json").read_text())["memscore"]["repeats"] == 3
+    # another fold setup is not the same run: refused, nothing trained
+    r = _cli(*args[:7], "--folds", 4, *args[9:], "--resume", ok=False)
+    assert r.exit_code == 2 and "folds_of differs" in r.output and len(counter.read_text()) == 15
+
+
+def test_memscore_killed_run_needs_resume(tmp_path, monkeypatch):
+    """A finished run reruns without --resume (above); a killed one asks for --resume, as every kind."""
+    mod = tmp_path / "gauss.py"
+    mod.write_text(GAUSS)
+    monkeypatch.setenv("MEMSCAN_TEST_COUNTER", str(tmp_path / "calls.txt"))
+    np.save(tmp_path / "x.npy", np.r_[np.linspace(-1, 1, 9), 5.0])
+    from memscan.mia.memscore_run import run_memscore
+
+    with pytest.raises(Exception, match="--resume"):
+        run_memscore(tmp_path / "run", tmp_path / "x.npy", f"py:{mod}:train", f"py:{mod}:loglik",
+                     folds=3, progress=False, stop_after_shards=1)  # fmt: skip
+    args = ("memscore", "--data", tmp_path / "x.npy", "--train-fn", f"py:{mod}:train",
+            "--log-likelihood-fn", f"py:{mod}:loglik", "--folds", 3, "--out", tmp_path / "run", "--quiet")  # fmt: skip
+    r = _cli(*args, ok=False)
+    assert r.exit_code == 2 and "--resume" in r.output
+    _cli(*args, "--resume")
+    assert len((tmp_path / "calls.txt").read_text()) == 3
 
 
 def test_report_escapes_untrusted_ids(demo, tmp_path):
@@ -246,3 +275,40 @@ def test_examples_outside_the_shadow_pool_are_reported(demo, tmp_path):
     m = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert m["sources"]["not_in_shadow_pool"] == {"count": 1, "first_ids": ["zz-extra"]}
     assert "zz-extra" not in set(pd.read_parquet(tmp_path / "run" / "examples.parquet")["id"])
+
+
+def test_demo_mia_interrupted_attack_resumes_from_its_shards(demo, tmp_path, monkeypatch):
+    """An attack stage killed after one shard commit resumes on the rerun (no --resume needed: the
+    demo resumes what it started, training per model and the attack per shard): same tables."""
+    import shutil
+
+    from memscan.store import RunStore
+
+    out = tmp_path / "d"
+    out.mkdir()
+    for part in ("data", "shadows"):  # the trained shadow models: nothing is trained again
+        shutil.copytree(demo / part, out / part)
+    original, commits = RunStore.commit_shard, []
+
+    class Killed(BaseException):
+        pass
+
+    def commit_then_die(self, shard, tables, meta):
+        original(self, shard, tables, meta)
+        commits.append(shard)
+        if len(commits) == 1:
+            raise Killed
+
+    monkeypatch.setattr(RunStore, "commit_shard", commit_then_die)
+    with torch_threads(1), pytest.raises(Killed):
+        runner.invoke(app, ["demo-mia", "--quick", "--quiet", "--out", str(out)], catch_exceptions=False)
+    assert json.loads((out / "run" / "manifest.json").read_text())["status"] == "incomplete"
+    with torch_threads(1):
+        _cli("demo-mia", "--quick", "--quiet", "--out", out)
+    m = json.loads((out / "run" / "manifest.json").read_text())
+    assert m["status"] == "complete" and len(m["resumed"]) == 1
+    assert sorted(commits) == list(range(m["n_shards"]))
+    for t in ("examples", "losses", "distances", "scores", "metrics"):
+        pd.testing.assert_frame_equal(
+            pd.read_parquet(demo / "run" / f"{t}.parquet"), pd.read_parquet(out / "run" / f"{t}.parquet")
+        )

@@ -109,6 +109,55 @@ def _unconditional(tmp: Path, out: Path) -> list:
     ]
 
 
+# ---- membership inference: the small inputs of tests/golden_support.py ---------------------------
+def _mia_inputs(tmp: Path) -> tuple[Path, Path]:
+    """16 smooth 8×8 RGB examples (the first 8 members) and their members file."""
+    from golden_support import MIA_MEMBERS, _write_png, mia_ids, mia_images
+
+    data, members = tmp / "mia_data", tmp / "members.txt"
+    if not data.exists():
+        data.mkdir()
+        for i, img in zip(mia_ids(), mia_images()):
+            _write_png(data / f"{i}.png", img)
+        members.write_text("\n".join(mia_ids()[:MIA_MEMBERS]) + "\n")
+    return data, members
+
+
+def _mia(tmp: Path, out: Path) -> list:
+    from golden_support import _write_tiny_unet
+
+    data, members = _mia_inputs(tmp)
+    unet = tmp / "tiny_unet"
+    if not unet.exists():
+        _write_tiny_unet(unet)  # an untrained, seeded 8×8 UNet
+    return [
+        "mia", "--data", data, "--model", unet, "--members", members, "--out", out, "--timesteps", "10,100",
+        "--noise-draws", 1, "--batch-size", 4, "--shard-size", 8, "--bootstrap", 0, "--threads", 1, "--quiet",
+    ]  # fmt: skip
+
+
+def _inpaint(tmp: Path, out: Path) -> list:
+    data, members = _mia_inputs(tmp)
+    return [
+        "inpaint", "--data", data, "--model", "py:golden_support:memorizing_predictor", "--members", members,
+        "--out", out, "--steps", 5, "--jump-n-sample", 1, "--batch-size", 4, "--shard-size", 8,
+        "--bootstrap", 0, "--threads", 1, "--quiet",
+    ]  # fmt: skip
+
+
+def _memscore(tmp: Path, out: Path) -> list:
+    import numpy as np
+    from golden_support import MEMSCORE_X
+
+    x = tmp / "x.npy"
+    if not x.exists():
+        np.save(x, np.asarray(MEMSCORE_X))
+    return [
+        "memscore", "--data", x, "--train-fn", "py:golden_support:gauss_train",
+        "--log-likelihood-fn", "py:golden_support:gauss_loglik", "--folds", 3, "--repeats", 1, "--out", out, "--quiet",
+    ]  # fmt: skip
+
+
 # Each section below is one family of run kinds; adding a kind = an argv builder + one KindCase.
 CASES = [
     # ---- extraction: extract, extract-unconditional, index ------------------------------------
@@ -116,6 +165,9 @@ CASES = [
     KindCase("extract-unconditional", _unconditional, ("generations", "extractions"), kill_after=1),
     # ---- triage -----------------------------------------------------------------------------------
     # ---- membership inference: mia, inpaint, memscore ---------------------------------------------
+    KindCase("mia", _mia, ("examples", "losses", "scores", "metrics"), kill_after=1),
+    KindCase("inpaint", _inpaint, ("examples", "distances", "scores", "metrics"), kill_after=1),
+    KindCase("memscore", _memscore, ("memscore",), kill_after=1),
 ]
 
 

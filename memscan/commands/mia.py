@@ -9,6 +9,7 @@ from pathlib import Path
 import typer
 
 from memscan.commands.common import fail as _fail
+from memscan.commands.common import resume_option
 from memscan.commands.formatting import inpaint_summary, memscore_summary, mia_summary
 from memscan.errors import MemscanError
 
@@ -41,11 +42,25 @@ def register(app: typer.Typer) -> None:
         batch_size: int = typer.Option(64, "--batch-size", help="rows per model call"),
         device: str = typer.Option("cpu", "--device", help="cpu or cuda"),
         threads: int | None = typer.Option(None, "--threads", help="torch CPU threads"),
+        shard_size: int = typer.Option(256, "--shard-size", help="examples per shard (unit of commit and resume)"),
+        resume: bool = resume_option(),
+        runner: str = typer.Option(
+            "local", "--runner", help="local, or ray: shards on a pool of Ray actors (memscan[ray])"
+        ),
+        ray_address: str | None = typer.Option(
+            None,
+            "--ray-address",
+            help="runner ray: existing cluster (auto, HOST:6379, ray://HOST:10001) [start a local Ray]",
+        ),
+        num_workers: int | None = typer.Option(
+            None, "--num-workers", help="runner ray: workers, one model load each [as many as the cluster fits]"
+        ),
         quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
     ):
         """Membership inference with the diffusion loss L_t: threshold and LiRA, per timestep."""
         from memscan.mia.loss import LossConfig, parse_timesteps
         from memscan.mia.statistic_run import run_mia
+        from memscan.runners.ray_runner import RayOptions
 
         try:
             cfg = LossConfig(parse_timesteps(timesteps), noise_draws, flip, seed, batch_size)
@@ -63,6 +78,10 @@ def register(app: typer.Typer) -> None:
                 device=device,
                 threads=threads,
                 progress=not quiet,
+                resume=resume,
+                shard_size=shard_size,
+                runner=runner,
+                runner_options=RayOptions.from_cli(runner, address=ray_address, num_workers=num_workers, device=device),
             )
         except MemscanError as exc:
             _fail(exc)
@@ -90,11 +109,25 @@ def register(app: typer.Typer) -> None:
         batch_size: int = typer.Option(64, "--batch-size", help="examples per model call"),
         device: str = typer.Option("cpu", "--device", help="cpu or cuda"),
         threads: int | None = typer.Option(None, "--threads", help="torch CPU threads"),
+        shard_size: int = typer.Option(256, "--shard-size", help="examples per shard (unit of commit and resume)"),
+        resume: bool = resume_option(),
+        runner: str = typer.Option(
+            "local", "--runner", help="local, or ray: shards on a pool of Ray actors (memscan[ray])"
+        ),
+        ray_address: str | None = typer.Option(
+            None,
+            "--ray-address",
+            help="runner ray: existing cluster (auto, HOST:6379, ray://HOST:10001) [start a local Ray]",
+        ),
+        num_workers: int | None = typer.Option(
+            None, "--num-workers", help="runner ray: workers, one model load each [as many as the cluster fits]"
+        ),
         quiet: bool = typer.Option(False, "--quiet", help="no progress output"),
     ):
         """The inpainting attack: hide part of each image, inpaint it (RePaint), score the distance."""
         from memscan.mia.inpaint import InpaintConfig
         from memscan.mia.statistic_run import run_inpaint
+        from memscan.runners.ray_runner import RayOptions
 
         try:
             cfg = InpaintConfig(region, fraction, steps, jump_length, jump_n_sample, eta, samples, seed, batch_size)
@@ -112,6 +145,10 @@ def register(app: typer.Typer) -> None:
                 device=device,
                 threads=threads,
                 progress=not quiet,
+                resume=resume,
+                shard_size=shard_size,
+                runner=runner,
+                runner_options=RayOptions.from_cli(runner, address=ray_address, num_workers=num_workers, device=device),
             )
         except MemscanError as exc:
             _fail(exc)
@@ -124,18 +161,39 @@ def register(app: typer.Typer) -> None:
         log_likelihood_fn: str = typer.Option(
             ..., "--log-likelihood-fn", help="py:module:attr — fn(model, data) → log p per example"
         ),
-        out: Path = typer.Option(..., "--out", help="run directory (rerun to resume)"),
+        out: Path = typer.Option(..., "--out", help="run directory (a finished run: rerun to recompute)"),
         folds: int = typer.Option(10, "--folds", help="K folds"),
         repeats: int = typer.Option(1, "--repeats", help="L repeats"),
         seed: int = typer.Option(0, "--seed", help="seed of the fold assignment"),
+        resume: bool = resume_option(),
+        runner: str = typer.Option(
+            "local", "--runner", help="local, or ray: folds on a pool of Ray actors (memscan[ray])"
+        ),
+        ray_address: str | None = typer.Option(
+            None, "--ray-address", help="runner ray: existing cluster [start a local Ray]"
+        ),
+        num_workers: int | None = typer.Option(
+            None, "--num-workers", help="runner ray: workers [as many as the cluster fits]"
+        ),
         quiet: bool = typer.Option(False, "--quiet", help="no progress bar"),
     ):
         """Memorization score M = U − V (van den Burg & Williams 2021), K folds × L repeats, resumable."""
         from memscan.mia.memscore_run import run_memscore
+        from memscan.runners.ray_runner import RayOptions
 
         try:
             res = run_memscore(
-                out, data, train_fn, log_likelihood_fn, folds=folds, repeats=repeats, seed=seed, progress=not quiet
+                out,
+                data,
+                train_fn,
+                log_likelihood_fn,
+                folds=folds,
+                repeats=repeats,
+                seed=seed,
+                progress=not quiet,
+                resume=resume,
+                runner=runner,
+                runner_options=RayOptions.from_cli(runner, address=ray_address, num_workers=num_workers),
             )
         except MemscanError as exc:
             _fail(exc)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from memscan.mia.results import MiaResult
 from memscan.mia.run_dir import cpu_seconds
 from memscan.mia.shadow import torch_threads, train_shadow_models
 from memscan.mia.statistic_run import DiffusionLossStatistic, InpaintDistanceStatistic, attack_statistics
+from memscan.store import open_run
 
 __all__ = ["DemoMiaResult", "DemoMiaSettings", "run_demo_mia", "write_pool"]
 
@@ -131,7 +131,7 @@ def run_demo_mia(
     """
     t0, c0 = time.perf_counter(), cpu_seconds()
     out = Path(out)
-    _clear_unfinished_run(out)
+    resume = _unfinished_run(out)
     st = settings
     keys, images = _demo_pool(out, st.n_examples)
     recipe = DemoRecipe(
@@ -143,7 +143,7 @@ def run_demo_mia(
         images, recipe, out / "shadows", n_models=st.n_models, seed=st.seed, ids=keys, progress=progress
     )
     t_train = time.perf_counter()
-    with torch_threads(st.threads):
+    with open_run(out / "run", "demo-mia", resume=resume) as run_dir, torch_threads(st.threads):
         s = load_mia_inputs(
             out / "data", model=None, members=None, shadows=out / "shadows", target_shadow=0, device="cpu"
         )
@@ -159,7 +159,7 @@ def run_demo_mia(
         }
         run = attack_statistics(
             "demo-mia",
-            out / "run",
+            run_dir,
             s,
             [DiffusionLossStatistic(loss_cfg), InpaintDistanceStatistic(st.inpaint)],
             attacks=names,
@@ -167,6 +167,7 @@ def run_demo_mia(
             top=8,
             progress=progress,
             t0=t0,
+            threads=st.threads,
             manifest_extra={"demo": demo},
             timings_before={"data_s": round(t_data - t0, 2), "training_s": round(t_train - t_data, 2)},
             cpu0=c0,
@@ -181,13 +182,19 @@ def run_demo_mia(
     )
 
 
-def _clear_unfinished_run(out: Path) -> None:
-    """Refuse a finished demo in ``out``; remove an unfinished attack stage (training resumes per model)."""
+def _unfinished_run(out: Path) -> bool:
+    """Refuse a finished demo in ``out``; True when an unfinished attack stage is there to resume
+    (its committed shards are kept; training resumes per model)."""
     run_manifest = out / "run" / "manifest.json"
-    if run_manifest.exists():
-        if json.loads(run_manifest.read_text()).get("status") == "complete":
-            raise MemscanError(f"{out} already holds a demo-mia run", "remove it or pass another --out")
-        shutil.rmtree(out / "run")
+    if not run_manifest.exists():
+        return False
+    try:
+        status = json.loads(run_manifest.read_text()).get("status")
+    except (json.JSONDecodeError, OSError, AttributeError):
+        raise MemscanError(f"{run_manifest} is damaged", f"remove {out / 'run'} and rerun") from None
+    if status == "complete":
+        raise MemscanError(f"{out} already holds a demo-mia run", "remove it or pass another --out")
+    return True
 
 
 def _demo_pool(out: Path, n_examples: int) -> tuple[list[str], np.ndarray]:

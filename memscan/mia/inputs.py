@@ -7,7 +7,7 @@ the shadow models, and each model's condition.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,9 @@ class MiaInputs:
         bool ``M×N`` membership of the shadow models.
     sources : dict
         What the inputs were made from (recorded in the manifest).
+    model_specs : list of str
+        What each model (the target, then the shadows) loads from: a ``py:`` spec or a model
+        directory, made absolute, so that a worker process can load its own copy.
     """
 
     ids: list[str]
@@ -55,6 +58,17 @@ class MiaInputs:
     shadows: list[tuple[str, Any]]
     shadow_in: np.ndarray | None
     sources: dict
+    model_specs: list[str] = field(default_factory=list)
+
+    @property
+    def model_names(self) -> list[str]:
+        """``target`` (or ``shadow_NNNN``), then the shadow models' names."""
+        return [self.target_name] + [name for name, _ in self.shadows]
+
+    @property
+    def models(self) -> list[Any]:
+        """The loaded predictors, in :attr:`model_names` order."""
+        return [self.target] + [p for _, p in self.shadows]
 
 
 def read_members(path: str | Path, ids: list[str]) -> np.ndarray:
@@ -234,7 +248,24 @@ def load_mia_inputs(
     if sm is not None and outside:
         # examples of --data that no shadow model was trained or evaluated on are not attacked
         sources["not_in_shadow_pool"] = {"count": len(outside), "first_ids": outside[:20]}
-    return MiaInputs(ids, captions, images, is_member, target, target_name, shadow_list, shadow_in, sources)
+    specs = [absolute_spec(model) if target_shadow is None else str(sm.model_dir(target_shadow).resolve())]
+    if sm is not None:
+        specs += [str(sm.model_dir(m).resolve()) for m in range(sm.n_models) if m != target_shadow]
+    return MiaInputs(ids, captions, images, is_member, target, target_name, shadow_list, shadow_in, sources, specs)
+
+
+def absolute_spec(spec: str | Path) -> str:
+    """A model spec another process can load from any working directory (relative paths made
+    absolute).
+
+    Examples
+    --------
+    >>> absolute_spec("py:pkg.mod:make")
+    'py:pkg.mod:make'
+    """
+    from memscan.runners.base import GeneratorSpec
+
+    return GeneratorSpec(str(spec)).normalized().spec
 
 
 def examples_table(s: MiaInputs) -> pd.DataFrame:

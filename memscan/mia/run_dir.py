@@ -1,23 +1,20 @@
-"""The run directory of a membership-inference run: opening it, its manifest, thumbnails, and
-the last step that writes the tables and ``report.html``."""
+"""The last step of a membership-inference run (opened with :func:`memscan.store.open_run`):
+the tables, the thumbnails and ``report.html``."""
 
 from __future__ import annotations
 
-import platform
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from memscan.errors import MemscanError
 from memscan.mia.inputs import MiaInputs
 from memscan.mia.tables import top_indices
 from memscan.report.mia import build_mia_report
-from memscan.store import RunLock, RunStore, safe_name, write_table
+from memscan.store import Run, RunStore, safe_name, write_table
 
-__all__ = ["base_manifest", "cpu_seconds", "finish_run", "open_new_run", "save_thumb", "versions"]
+__all__ = ["cpu_seconds", "finish_mia_run", "save_thumb"]
 
 
 def cpu_seconds() -> float:
@@ -26,27 +23,6 @@ def cpu_seconds() -> float:
 
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
-
-
-def versions() -> dict:
-    import importlib.metadata as md
-
-    out = {"python": platform.python_version()}
-    for pkg in ("memscan", "numpy", "torch", "diffusers", "pandas", "pyarrow"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            out[pkg] = None
-    return out
-
-
-def open_new_run(out: str | Path) -> tuple[RunStore, RunLock]:
-    store = RunStore(out)
-    if store.exists():
-        raise MemscanError(f"{out} already holds a run (manifest.json)", "pass a new --out directory")
-    store.root.mkdir(parents=True, exist_ok=True)
-    lock = RunLock(store.root).acquire()
-    return store, lock
 
 
 def save_thumb(store: RunStore, kind: str, name: str, img: np.ndarray) -> str:
@@ -73,36 +49,32 @@ def _write_example_thumbs(store: RunStore, s: MiaInputs, indices: Sequence[int])
         save_thumb(store, "examples", s.ids[int(i)], s.images[int(i)])
 
 
-def _write_inpaint_images(store: RunStore, s: MiaInputs, recon: np.ndarray, hidden: np.ndarray, indices) -> None:
+def _write_inpaint_images(store: RunStore, s: MiaInputs, recon: dict, hidden: np.ndarray, indices) -> None:
     for i in indices:
         i = int(i)
+        if i not in recon:
+            continue
         masked = s.images[i].astype(np.float32) / 255.0
         masked = np.where(hidden[i][..., None], 0.5, masked)
         save_thumb(store, "inpaint", f"{s.ids[i]}/masked", masked)
         save_thumb(store, "inpaint", f"{s.ids[i]}/reconstruction", recon[i])
 
 
-def base_manifest(kind: str, sources: dict, **extra) -> dict:
-    return {
-        "kind": kind,
-        "status": "running",
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "sources": sources,
-        "versions": versions(),
-        **extra,
-    }
-
-
-def finish_run(
-    store: RunStore,
-    manifest: dict,
+def finish_mia_run(
+    run: Run,
+    update: dict,
     examples: pd.DataFrame,
     tables: dict[str, pd.DataFrame],
     top: int,
     s: MiaInputs | None,
-    recon=None,
-    hidden=None,
+    recon: dict | None = None,
+    hidden: np.ndarray | None = None,
 ) -> Path:
+    """Write the tables and thumbnails, mark the run complete (with ``update``), build its report.
+
+    ``recon`` maps an example's index to the target's reconstruction (uint8), ``hidden`` holds
+    every example's hidden mask (the inpainting attack)."""
+    store = run.store
     write_table(examples, store.root / "examples.parquet")
     for name, df in tables.items():
         if df is not None and len(df):
@@ -112,12 +84,10 @@ def finish_run(
         _write_example_thumbs(store, s, idx)
         if recon is not None:
             _write_inpaint_images(store, s, recon, hidden, idx)
-    manifest["status"] = "complete"
-    manifest["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-    store.write_manifest(manifest)
+    run.finish(**update)
     try:
         return build_mia_report(store.root)
     except BaseException:
-        manifest["status"] = "incomplete"  # the tables are written, the report is not
-        store.write_manifest(manifest)
+        run.manifest["status"] = "incomplete"  # the tables are written, the report is not
+        run.save()
         raise
