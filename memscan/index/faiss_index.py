@@ -465,6 +465,9 @@ def _build_run(
     indexed = sum(store.shard_record(s)["rows"]["embeddings"] for s in range(n_shards))
     if indexed == 0:
         skipped = list(listing.skipped) + [x for s in range(n_shards) for x in store.shard_record(s).get("skipped", [])]
+        # nothing to resume: leave no run behind, so the corrected rerun on the same --out starts
+        _remove_index(run)
+        run.manifest = {}
         raise nothing_readable(train, skipped)
     (root / "index.json").unlink(missing_ok=True)
     emb, ids, captions, shard_skipped, embed_s = gather_shards(store, n_shards, emb_model.dim, root / "embeddings.npy")
