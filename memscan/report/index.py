@@ -28,7 +28,7 @@ def nearest_similarities(index: TrainingIndex, sample: int = SAMPLE, seed: int =
     --------
     >>> from memscan.index.embedders import l2_normalize
     >>> x = l2_normalize(np.array([[1.0, 0.0], [1.0, 0.01], [0.0, 1.0]]))
-    >>> np.round(nearest_similarities(TrainingIndex.from_embeddings(x, ["a", "b", "c"])), 3).tolist()
+    >>> [round(float(v), 3) for v in nearest_similarities(TrainingIndex.from_embeddings(x, ["a", "b", "c"]))]
     [1.0, 1.0, 0.01]
     """
     n = len(index)
