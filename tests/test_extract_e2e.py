@@ -66,6 +66,10 @@ def test_run_directory_contents(e2e_run):
     assert manifest["counts"] == {"prompts": 15, "samples": 900, "detections": 5, "extractions": 5}
     assert manifest["throughput"]["generation_images_per_s"] > 0
     assert manifest["versions"]["torch"]
+    # the one lifecycle's manifest (issue 12): kind instead of command, the model record, the runner
+    assert manifest["kind"] == "extract" and manifest["memscan_run"] == 2 and "command" not in manifest
+    assert manifest["model"] == {"id": "py:gen_support:planted", "parameters": None, "training_step": None}
+    assert manifest["runner"]["name"] == "local" and manifest["n_shards"] == 4
     assert len(list((run / "images" / "candidates").glob("*.png"))) == 5
     assert len(list((run / "images" / "train").glob("*.png"))) == 5
     assert len(list((run / "shards").glob("*.done.json"))) == 4
@@ -92,6 +96,27 @@ def test_verify_with_other_threshold_and_report(e2e_run, tmp_path):
     assert out.endswith("report.html")
     assert html.count('class="card"') == 5
     assert "caption of t0042" in html
+
+
+def test_verify_holds_the_run_lock_and_keeps_the_manifest_on_failure(e2e_run, tmp_path):
+    import os
+    import shutil
+    import socket
+
+    run, _, _ = e2e_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    before = (copy / "manifest.json").read_bytes()
+    (copy / ".lock").write_text(f"pid={os.getpid()} host={socket.gethostname()} since=now")
+    busy = run_cli("verify", copy, "--delta", "0.001", check=False)
+    assert busy.returncode == 2 and "in use by another memscan process" in busy.stderr
+    (copy / ".lock").unlink()
+    bad = run_cli("verify", copy, "--min-clique", "2", check=False)  # below the run's k: refused
+    assert bad.returncode == 2 and "below the run's" in bad.stderr
+    assert (copy / "manifest.json").read_bytes() == before and not (copy / ".lock").exists()
+    run_cli("verify", copy, "--delta", "0.001")
+    m = json.loads((copy / "manifest.json").read_text())
+    assert m["status"] == "complete" and m["reverified"][-1]["delta"] == 0.001 and "resumed" not in m
 
 
 def test_candidate_is_a_copy_of_its_training_image(e2e_run):

@@ -276,3 +276,55 @@ def invoke(*args):
     from memscan.cli import app
 
     return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def test_index_folder_is_a_run_overwrite_replaces_it_under_the_lock(tmp_path):
+    """The index folder has a lifecycle manifest (kind ``index``); ``--overwrite`` replaces the
+    index (old manifest, shards and files), refuses while another process holds the folder, and
+    never overwrites a run of another kind."""
+    import os
+    import socket
+
+    write_training_set(tmp_path / "train", 20, size=16)
+    write_training_set(tmp_path / "train8", 8, size=16)
+    out = tmp_path / "idx"
+    build_index(tmp_path / "train", out, embedder="pixel:4", shard_size=8, progress=False)
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["kind"] == "index" and m["memscan_run"] == 2 and m["status"] == "complete"
+    assert m["counts"] == {"entries": 20, "indexed": 20, "skipped": 0} and m["n_shards"] == 3
+    assert m["config"]["embedder"] == {"type": "pixel", "size": 4, "channels": 3} and "model" not in m
+    assert m["index"]["type"] == "flat" and m["index"]["dim"] == 48
+
+    (out / ".lock").write_text(f"pid={os.getpid()} host={socket.gethostname()} since=now")
+    busy = invoke("index", tmp_path / "train8", "--out", out, "--embedder", "pixel:4", "--overwrite", "--quiet")
+    assert busy.exit_code == 2 and "in use by another memscan process" in busy.output
+    assert len(TrainingIndex.load(out)) == 20
+    (out / ".lock").unlink()
+
+    res = invoke("index", tmp_path / "train8", "--out", out, "--embedder", "pixel:4", "--overwrite", "--quiet")
+    assert res.exit_code == 0, res.output
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["counts"]["indexed"] == 8 and m["n_shards"] == 1 and "resumed" not in m
+    assert sorted(p.name for p in (out / "shards").iterdir()) == ["00000.done.json", "00000.embeddings.parquet"]
+    assert len(TrainingIndex.load(out)) == 8 and not (out / ".lock").exists()
+
+    run = tmp_path / "not-an-index"
+    run.mkdir()
+    (run / "manifest.json").write_text(json.dumps({"memscan_run": 2, "kind": "extract", "status": "complete"}))
+    res = invoke("index", tmp_path / "train8", "--out", run, "--overwrite", "--quiet")
+    assert res.exit_code == 2 and "`memscan extract` run" in res.output
+    assert json.loads((run / "manifest.json").read_text())["kind"] == "extract"
+
+
+def test_index_report_counts_skipped_images_and_near_duplicates(tmp_path):
+    write_training_set(tmp_path / "train", 12, size=16)
+    (tmp_path / "train" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\ngarbage")
+    from PIL import Image
+
+    Image.fromarray(training_image("t0003", 16)).save(tmp_path / "train" / "zz-copy.png")  # a duplicate
+    build_index(tmp_path / "train", tmp_path / "idx", embedder="pixel:8", progress=False)
+    res = invoke("report", tmp_path / "idx")
+    assert res.exit_code == 0, res.output
+    html = (tmp_path / "idx" / "report.html").read_text()
+    assert "memscan index report" in html and "broken.png" in html
+    assert "2 have a\nnear-duplicate" in html or "2 have a near-duplicate" in html.replace("\n", " ")

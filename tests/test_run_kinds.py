@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from gen_support import MEMORIZED
@@ -46,6 +47,7 @@ class KindCase:
     tables: tuple[str, ...]
     kill_after: int = 1  # shard commits before the simulated kill
     has_model: bool = True
+    arrays: tuple[str, ...] = ()  # .npy files compared like the tables
 
 
 def _prompts(tmp: Path) -> Path:
@@ -109,6 +111,15 @@ def _unconditional(tmp: Path, out: Path) -> list:
     ]
 
 
+def _index(tmp: Path, out: Path) -> list:
+    from memscan.synthetic import write_training_set
+
+    train = tmp / "train16"
+    if not train.exists():
+        write_training_set(train, 40, size=16)
+    return ["index", train, "--out", out, "--embedder", "pixel:8", "--shard-size", 16, "--batch-size", 7, "--quiet"]
+
+
 # ---- membership inference: the small inputs of tests/golden_support.py ---------------------------
 def _mia_inputs(tmp: Path) -> tuple[Path, Path]:
     """16 smooth 8×8 RGB examples (the first 8 members) and their members file."""
@@ -163,6 +174,8 @@ CASES = [
     # ---- extraction: extract, extract-unconditional, index ------------------------------------
     KindCase("extract", _extract, ("prompts", "detections", "extractions"), kill_after=1),
     KindCase("extract-unconditional", _unconditional, ("generations", "extractions"), kill_after=1),
+    # the index of a training set: embedding shards; the pixel embedder is no model
+    KindCase("index", _index, ("ids",), kill_after=2, has_model=False, arrays=("embeddings",)),
     # ---- triage -----------------------------------------------------------------------------------
     # ---- membership inference: mia, inpaint, memscore ---------------------------------------------
     KindCase("mia", _mia, ("examples", "losses", "scores", "metrics"), kill_after=1),
@@ -220,6 +233,8 @@ def test_killed_run_resumes_to_the_uninterrupted_tables(case, tmp_path, monkeypa
     a, b = _tables(full, case.tables), _tables(killed, case.tables)
     for name in case.tables:
         pd.testing.assert_frame_equal(a[name], b[name], check_dtype=True, obj=f"{case.kind}: {name}")
+    for name in case.arrays:
+        np.testing.assert_array_equal(np.load(full / f"{name}.npy"), np.load(killed / f"{name}.npy"), err_msg=name)
     assert sorted(commits) == list(range(n_shards)), f"{case.kind}: every shard committed exactly once ({commits})"
 
 

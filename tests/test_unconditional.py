@@ -186,3 +186,32 @@ def test_report_of_an_unconditional_run(synth_train, tmp_path):
         )
     ]
     np.testing.assert_allclose(shown, rest["calibrated"].round(3).to_numpy(), atol=1e-9)
+
+
+def test_ray_runner_tables_equal_the_local_runner(ray_address, train, tmp_path):
+    """``--runner ray``: the same stage over the same shards on Ray workers (each loads the model
+    from its spec) writes the local runner's tables, and records the model and the runner."""
+    from typer.testing import CliRunner
+
+    from memscan.cli import app
+
+    address, _ = ray_address
+    args = ["extract-unconditional", "--model", "py:gen_support:unconditional16", "--train", str(train)]
+    args += ["--samples", "24", "--shard-size", "8", "--batch-size", "4", "--n-nearest", "10", "--quiet"]
+    local, ray_run = tmp_path / "local", tmp_path / "ray"
+    res = CliRunner().invoke(app, [*args, "--out", str(local)])
+    assert res.exit_code == 0, res.output
+    ray_args = ["--runner", "ray", "--ray-address", address, "--num-workers", "2"]
+    res = CliRunner().invoke(app, [*args, "--out", str(ray_run), *ray_args])
+    assert res.exit_code == 0, res.output
+    for t in ("generations", "extractions"):
+        pd.testing.assert_frame_equal(
+            pd.read_parquet(local / f"{t}.parquet"), pd.read_parquet(ray_run / f"{t}.parquet")
+        )
+    import json
+
+    m = json.loads((ray_run / "manifest.json").read_text())
+    assert m["runner"]["name"] == "ray" and m["model"]["id"] == "py:gen_support:unconditional16"
+    workers = {json.loads(p.read_text())["worker"] for p in (ray_run / "shards").glob("*.done.json")}
+    assert workers and all(w.startswith("ray:w") for w in workers)
+    assert json.loads((local / "manifest.json").read_text())["runner"]["name"] == "local"

@@ -170,3 +170,27 @@ def test_user_code_wraps_other_exceptions_and_keeps_the_cause():
     with pytest.raises(KeyboardInterrupt):
         with user_code("x"):
             raise KeyboardInterrupt
+
+
+def test_a_generator_failing_on_its_first_call_is_one_error_naming_the_prompt(tmp_path, synth_train, monkeypatch):
+    first = list(MEMORIZED)[0]  # the probe call (output shape) uses the first prompt
+    monkeypatch.setenv("MEMSCAN_TEST_FAIL_PROMPT", first)
+    res = _extract_in_process(_prompts(tmp_path), synth_train, tmp_path / "run")
+    assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+    (line,) = _error_lines(res.output)
+    assert "first call" in line and "line-1" in line and repr(first) in line
+    assert "RuntimeError: simulated bug in the user's model" in line
+    assert not (tmp_path / "run" / ".lock").exists()
+
+
+def test_unconditional_generator_failing_on_its_first_call_is_one_error(tmp_path, synth_train, monkeypatch):
+    from memscan.generators.seeds import derive_seed
+
+    monkeypatch.setenv("MEMSCAN_TEST_FAIL_SEED", str(derive_seed(0, "unconditional", 0)))
+    res = _cli(
+        "extract-unconditional", "--model", "py:user_code_support:fails_on_seed", "--train", synth_train,
+        "--samples", 8, "--n-nearest", 5, "--out", tmp_path / "run", "--quiet",
+    )  # fmt: skip
+    assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+    (line,) = _error_lines(res.output)
+    assert "first call (sample 0" in line and "RuntimeError" in line

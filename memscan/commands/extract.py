@@ -118,6 +118,7 @@ def register(app: typer.Typer) -> None:
                 progress=not quiet,
                 runner=runner,
                 runner_options=ray_options,
+                model_id=model,
             )
         c = result.manifest["counts"]
         typer.echo(

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from memscan.commands.common import run_library_call
+from memscan.commands.common import quiet_option, resume_option, run_library_call
 
 
 def register(app: typer.Typer) -> None:
@@ -31,7 +31,11 @@ def register(app: typer.Typer) -> None:
         device: str = typer.Option("cpu", "--device", help="cpu or cuda (model embedders)"),
         workers: int = typer.Option(2, "--workers", help="image-decoding threads"),
         overwrite: bool = typer.Option(False, "--overwrite", help="replace an index already in --out"),
-        quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
+        shard_size: int = typer.Option(
+            8192, "--shard-size", help="training images per shard (the unit of commit and --resume)"
+        ),
+        resume: bool = resume_option(),
+        quiet: bool = quiet_option(),
     ):
         """Embed every training image and build a FAISS index (embeddings and ids stored on disk)."""
         from memscan.index.faiss_index import IndexParams, build_index
@@ -47,6 +51,8 @@ def register(app: typer.Typer) -> None:
             device=device,
             workers=workers,
             overwrite=overwrite,
+            resume=resume,
+            shard_size=shard_size,
             progress=not quiet,
         )
         m = idx.meta

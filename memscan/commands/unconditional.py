@@ -31,12 +31,28 @@ def register(app: typer.Typer) -> None:
         device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N"),
         no_images: bool = typer.Option(False, "--no-images", help="do not write PNGs of extractions"),
         resume: bool = typer.Option(False, "--resume", help="finish a killed run in --out"),
+        runner: str = typer.Option(
+            "local", "--runner", help="local, or ray: shards on a pool of Ray actors (memscan[ray])"
+        ),
+        ray_address: str | None = typer.Option(
+            None,
+            "--ray-address",
+            help="runner ray: existing cluster (auto, HOST:6379, ray://HOST:10001) [start a local Ray]",
+        ),
+        num_workers: int | None = typer.Option(
+            None, "--num-workers", help="runner ray: workers, one model load each [as many as the cluster fits]"
+        ),
+        gpus_per_worker: float | None = typer.Option(
+            None, "--gpus-per-worker", help="runner ray: GPUs each worker asks for [1 with --device cuda, else 0]"
+        ),
         quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
     ):
         """Unconditional extraction: M generations, n nearest training images each, calibrated decision."""
         from memscan.extraction.unconditional import UnconditionalConfig
         from memscan.extraction.unconditional import extract_unconditional as run
         from memscan.generators.load import load_generator
+        from memscan.runners.base import GeneratorSpec
+        from memscan.runners.ray_runner import RayOptions
 
         with clean_errors():
             cfg = UnconditionalConfig(
@@ -53,9 +69,26 @@ def register(app: typer.Typer) -> None:
                 device=device,
                 save_images=not no_images,
             ).validate()
-            with loading_user_model(model):
-                gen = load_generator(model, device=cfg.device, batch_size=cfg.batch_size)
-            result = run(gen, train, out, cfg, index=index, resume=resume, progress=not quiet)
+            ray_options = RayOptions.from_cli(
+                runner, address=ray_address, num_workers=num_workers, gpus_per_worker=gpus_per_worker, device=cfg.device
+            )
+            if runner == "ray":  # each Ray worker loads its own model from the spec
+                gen = GeneratorSpec(model, {"device": cfg.device, "batch_size": cfg.batch_size})
+            else:
+                with loading_user_model(model):
+                    gen = load_generator(model, device=cfg.device, batch_size=cfg.batch_size)
+            result = run(
+                gen,
+                train,
+                out,
+                cfg,
+                index=index,
+                resume=resume,
+                progress=not quiet,
+                runner=runner,
+                runner_options=ray_options,
+                model_id=model,
+            )
         c = result.manifest["counts"]
         typer.echo(
             f"{c['samples']} generations: {c['extracted_generations']} extracted (calibrated ℓ < 1), "

@@ -1,12 +1,13 @@
-"""The extraction attack end to end, with the local runner: shards, resume, manifest.
+"""The extraction attack end to end: the run lifecycle, the shards, the merge, the manifest.
 
-``extract`` is what ``memscan extract`` calls; ``reverify`` is ``memscan verify``.
+``extract`` is what ``memscan extract`` calls; ``reverify`` is ``memscan verify``. Both open the
+run through :func:`memscan.store.open_run` (kind ``extract``); the shards go through
+:func:`memscan.runners.shards.run_shards` with the local or the Ray runner.
 """
 
 from __future__ import annotations
 
 import math
-import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,12 +20,10 @@ from memscan.data.prompts import load_prompts
 from memscan.data.training import TrainingSet, load_training_set
 from memscan.errors import MemscanError
 from memscan.extraction.config import ExtractConfig
-from memscan.extraction.shard import ShardTimings
 from memscan.extraction.verify import verify_candidates
-from memscan.extraction.worker import extraction_pool, extraction_stage, probe_generator
-from memscan.progress import progress_bar
-from memscan.runners import ShardTask
-from memscan.store import RunLock, RunStore, safe_name, write_table
+from memscan.extraction.worker import extraction_pool, extraction_stage, generator_record, probe_generator
+from memscan.runners.shards import run_shards
+from memscan.store import Run, RunStore, open_run, safe_name, write_table
 
 
 @dataclass
@@ -44,18 +43,6 @@ class ExtractionResult:
         return e[(e["rank"] == 1) & e["extracted"]]
 
 
-def versions() -> dict:
-    import importlib.metadata as md
-
-    out = {"python": platform.python_version()}
-    for pkg in ("memscan", "numpy", "torch", "diffusers", "pyarrow", "pandas"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            out[pkg] = None
-    return out
-
-
 def extract(
     generator,
     prompts: str | Path | pd.DataFrame,
@@ -68,6 +55,7 @@ def extract(
     stop_after_shards: int | None = None,
     runner: str = "local",
     runner_options=None,
+    model_id: str | None = None,
 ) -> ExtractionResult:
     """Run the generate → detect → verify attack over all prompts, shard by shard.
 
@@ -78,33 +66,29 @@ def extract(
     prompts : prompts file path, a list of prompt strings (ids ``p0``, ``p1``, …), or a table
         with ``prompt_id``, ``prompt`` (``train_id``, ``duplicate_count``, …)
     train : training set path or a loaded :class:`TrainingSet`
-    out : the run directory
+    out : the run directory (opened with :func:`memscan.store.open_run`, kind ``extract``)
     config : :class:`ExtractConfig`
-    resume : continue a run in ``out`` (same config required); completed shards are kept
+    resume : continue a run in ``out`` (same config, shard count, output shape and prompts
+        required); completed shards are kept
     stop_after_shards : stop after this many new shards (for tests of resume)
     runner : ``"local"`` (shards one after the other in this process) or ``"ray"`` (a pool of Ray
         actors running the same stage function; ``pip install memscan[ray]``, see docs/scale.md).
         Either runner can resume a run the other started.
     runner_options : :class:`memscan.runners.RayOptions` (or a dict of its fields) for ``"ray"``
+    model_id : the ``--model`` spec recorded in the manifest's ``model`` record when
+        ``generator`` is a loaded object (default: the spec it was given as, or its class)
     """
     config = config.validate()
-    store = RunStore(out)
-    if store.exists() and not resume:
-        raise MemscanError(
-            f"run directory {out} already holds a run", "pass --resume to finish it, or choose a new --out"
-        )
-    if resume and store.exists():
-        store.read_manifest(expect="extract")  # before any model loads or log line is written
-    store.create()
-    with RunLock(store.root):
-        # workers (one model load each) start while the driver reads the inputs
-        with extraction_pool(runner, generator, config, store, runner_options) as pool:
-            return _extract_locked(pool, prompts, train, store, config, resume, progress, stop_after_shards)
-
-
-def _extract_locked(pool, prompts, train, store, config, resume, progress, stop_after_shards):
     started = time.time()
-    # 1. inputs: prompts and the training set at the generator's resolution
+    with open_run(out, "extract", resume=resume) as run:
+        # workers (one model load each) start while the driver reads the inputs
+        with extraction_pool(runner, generator, config, run.store, runner_options) as pool:
+            return _extract_in(
+                run, pool, generator, model_id, prompts, train, config, progress, stop_after_shards, started
+            )
+
+
+def _prompt_table(prompts) -> tuple[pd.DataFrame, dict]:
     if isinstance(prompts, (list, tuple)):
         prompts = pd.DataFrame({"prompt_id": [f"p{i}" for i in range(len(prompts))], "prompt": list(prompts)})
     if isinstance(prompts, pd.DataFrame):
@@ -115,7 +99,22 @@ def _extract_locked(pool, prompts, train, store, config, resume, progress, stop_
     else:
         prompt_df, prompt_info = load_prompts(prompts)
     prompt_df["duplicate_count"] = pd.to_numeric(prompt_df["duplicate_count"], errors="coerce").astype("Int64")
-    shape, generator_info = pool.call(probe_generator, prompt_df["prompt"].iloc[0], config.seed)
+    return prompt_df, prompt_info
+
+
+def _extract_in(
+    run: Run, pool, generator, model_id, prompts, train, config, progress, stop_after_shards, started
+) -> ExtractionResult:
+    store = run.store
+    # 1. inputs: prompts and the training set at the generator's resolution
+    prompt_df, prompt_info = _prompt_table(prompts)
+    first = prompt_df.iloc[0]
+    where = (
+        f"the generator failed on its first call (prompt {first['prompt_id']}, {str(first['prompt'])[:60]!r}, "
+        "before any shard)"
+    )
+    probe = pool.call(probe_generator, first["prompt"], config.seed, where)
+    shape = probe.shape
     training = train if isinstance(train, TrainingSet) else load_training_set(train, size=shape[:2], channels=shape[2])
     if training.images.shape[1:] != shape:
         raise MemscanError(
@@ -126,100 +125,58 @@ def _extract_locked(pool, prompts, train, store, config, resume, progress, stop_
         store.log(f"skipped training image {s['id']} ({s['path']}): {s['reason']}")
 
     n_shards = math.ceil(len(prompt_df) / config.shard_size)
-    manifest = {
-        "memscan_run": 1,
-        "command": "extract",
+    prompts_path = store.root / "prompts.parquet"
+    if run.resuming and prompts_path.exists():
+        old_prompts = pd.read_parquet(prompts_path)
+        if old_prompts["prompt_id"].tolist() != prompt_df["prompt_id"].tolist():
+            raise MemscanError(
+                f"cannot resume {store.root}: the prompts differ from the original run", "pass the same prompts file"
+            )
+    fields = {
         "config": config.to_dict(),
-        "generator": generator_info,
+        "generator": probe.description,
+        "model": generator_record(generator, probe.parameters, model_id),
         "runner": pool.describe(),
         "output_shape": list(shape),
         "prompts": {**prompt_info, "count": len(prompt_df)},
         "training_set": training.summary(),
         "n_shards": n_shards,
         "seeds": {"run_seed": config.seed, "derivation": "blake2b(run_seed, prompt_id, sample_index) → 63-bit"},
-        "versions": versions(),
     }
-    if resume and store.exists():
-        old = store.read_manifest(expect="extract")
-        for key in ("config", "n_shards", "output_shape"):
-            if old.get(key) != manifest[key]:
-                raise MemscanError(
-                    f"cannot resume {store.root}: its {key} differs from this invocation ({old.get(key)} vs {manifest[key]})",
-                    "resume with the original options, or start a new run with another --out",
-                )
-        old_prompts = pd.read_parquet(store.root / "prompts.parquet")
-        if old_prompts["prompt_id"].tolist() != prompt_df["prompt_id"].tolist():
-            raise MemscanError(
-                f"cannot resume {store.root}: the prompts differ from the original run", "pass the same prompts file"
-            )
-        manifest["started"] = old.get("started")
-        manifest["resumed"] = old.get("resumed", []) + [time.strftime("%Y-%m-%dT%H:%M:%S")]
-    else:
-        manifest["started"] = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started))
-        write_table(prompt_df, store.root / "prompts.parquet")
-    manifest["status"] = "running"
-    store.write_manifest(manifest)
+    if not (run.resuming and prompts_path.exists()):
+        write_table(prompt_df, prompts_path)
+    run.start(fields, identity=("config", "n_shards", "output_shape"), started=started)
     store.log(f"extract: {len(prompt_df)} prompts in {n_shards} shards, {config.samples_per_prompt} samples each")
 
-    # 2. shards: skip the committed ones, run the rest
-    totals = ShardTimings()
-    todo = [s for s in range(n_shards) if not store.shard_done(s)][:stop_after_shards]
+    # 2. shards: the same stage over the same shards with either runner; results are committed
+    #    in the driver, once each (merge goes in shard order)
     shared_training = pool.share(training)  # Ray: one copy in the object store per node
-    bar = progress_bar(progress)
-    with bar:
-        task = bar.add_task(
-            "generate + detect",
-            total=sum(min(config.shard_size, len(prompt_df) - s * config.shard_size) for s in todo)
-            * config.samples_per_prompt,
-        )
-        # the same stage over the same shards with either runner; results arrive in completion
-        # order and are committed here, in the driver, once each (merge goes in shard order)
-        tasks = [
-            ShardTask(
-                s,
-                (prompt_df.iloc[s * config.shard_size : (s + 1) * config.shard_size], shared_training),
-                weight=min(config.shard_size, len(prompt_df) - s * config.shard_size) * config.samples_per_prompt,
-            )
-            for s in todo
-        ]
-        for done in pool.map(extraction_stage, tasks, progress=lambda n: bar.update(task, advance=n)):
-            s, (tables, t) = done.key, done.value
-            shard_prompts = prompt_df.iloc[s * config.shard_size : (s + 1) * config.shard_size]
-            store.commit_shard(
-                s,
-                tables,
-                {
-                    "prompts": len(shard_prompts),
-                    "generation_s": round(t.generation_s, 3),
-                    "detection_s": round(t.detection_s, 3),
-                    "verification_s": round(t.verification_s, 3),
-                    "worker": done.worker,
-                    "attempt": done.attempt,
-                },
-            )
-            store.log(
-                f"shard {s} committed: {len(shard_prompts)} prompts, {int(tables['detections']['detected'].sum())} detected"
-            )
-            for k in ("generation_s", "detection_s", "verification_s", "images", "prompts"):
-                setattr(totals, k, getattr(totals, k) + getattr(t, k))
-    if any(not store.shard_done(s) for s in range(n_shards)):
-        manifest["status"] = "incomplete"
-        store.write_manifest(manifest)
-        raise MemscanError(f"run {store.root} stopped before all shards were done", "rerun with --resume")
+    size = config.shard_size
+    run_shards(
+        run,
+        pool,
+        extraction_stage,
+        {s: (prompt_df.iloc[s * size : (s + 1) * size], shared_training) for s in range(n_shards)},
+        weights={s: min(size, len(prompt_df) - s * size) * config.samples_per_prompt for s in range(n_shards)},
+        label="generate + detect",
+        unit="images",
+        progress=progress,
+        stop_after_shards=stop_after_shards,
+        describe=lambda s, t: f"{len(t['detections'])} prompts, {int(t['detections']['detected'].sum())} detected",
+    )
 
     # 3. merge, save the matched training images, record throughput
     tables = store.merge(n_shards)
     _save_train_matches(store, tables["extractions"], training)
-    manifest["status"] = "complete"
-    manifest["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-    manifest["throughput"] = _throughput(store, n_shards, totals)
-    manifest["counts"] = _counts(tables["detections"], tables["extractions"])
-    store.write_manifest(manifest)
+    manifest = run.finish(
+        throughput=_throughput(store, n_shards),
+        counts=_counts(tables["detections"], tables["extractions"]),
+    )
     store.log(f"extract: complete — {manifest['counts']}")
     return ExtractionResult(store.root, prompt_df, tables["detections"], tables["extractions"], manifest)
 
 
-def _throughput(store: RunStore, n_shards: int, this_session: ShardTimings) -> dict:
+def _throughput(store: RunStore, n_shards: int) -> dict:
     recs = [store.shard_record(s) for s in range(n_shards)]
     gen = sum(r.get("generation_s", 0) for r in recs)
     det = sum(r.get("detection_s", 0) for r in recs)
@@ -268,11 +225,8 @@ def reverify(
     The candidates are the stored clique medoids; ``min_clique`` can be raised or lowered down to
     the clique sizes recorded (medoids exist only for prompts detected at the original k).
     """
-    store = RunStore(run)
-    with RunLock(store.root):
-        manifest = store.read_manifest(expect="extract")
-        if manifest.get("status") != "complete":
-            raise MemscanError(f"run {run} is not complete", "finish it with `memscan extract ... --resume` first")
+    with open_complete_for_rewrite(run) as opened:
+        store, manifest = opened.store, opened.manifest
         cfg = dict(manifest["config"])
         orig_k = cfg["min_clique"]
         if delta is not None:
@@ -306,6 +260,24 @@ def reverify(
             {"at": time.strftime("%Y-%m-%dT%H:%M:%S"), "delta": config.delta, "min_clique": config.min_clique}
         )
         manifest["counts"] = _counts(det, ext)
-        store.write_manifest(manifest)
+        opened.save()
         prompts = pd.read_parquet(store.root / "prompts.parquet")
         return ExtractionResult(store.root, prompts, det, ext, manifest)
+
+
+def open_complete_for_rewrite(run: str | Path, kind: str = "extract") -> Run:
+    """Open a finished run of ``kind`` to rewrite its tables in place (``memscan verify``).
+
+    The lifecycle's :func:`~memscan.store.open_run` with ``resume=True`` (lock held, kind checked),
+    without :meth:`~memscan.store.Run.start`: the manifest stays ``complete`` and the caller
+    updates it with :meth:`~memscan.store.Run.save`. A missing or unfinished run is refused and
+    nothing is written; an exception leaves the manifest as it was.
+    """
+    store = RunStore(run)
+    store.read_manifest(expect=kind)  # a missing run is an error, never created here
+    opened = open_run(run, kind, resume=True)
+    opened.manifest = opened.previous
+    if opened.manifest.get("status") != "complete":
+        opened.close()
+        raise MemscanError(f"run {run} is not complete", f"finish it with `memscan {kind} ... --resume` first")
+    return opened

@@ -17,8 +17,8 @@ the training set and judged by the calibrated distance (:mod:`memscan.extraction
 The run directory (:class:`memscan.store.RunStore`)::
 
     RUN/
-      manifest.json             command, config, generator, seeds, training set, search, counts,
-                                throughput
+      manifest.json             kind, config, generator, model, runner, seeds, training set,
+                                search, counts, throughput (the common fields: docs/outputs.md)
       generations.parquet       one row per generation (sample_index, seed, nearest training
                                 image, distances, calibrated, extracted)
       extractions.parquet       one row per extracted training image (de-duplicated)
@@ -42,15 +42,20 @@ from memscan.data.training import TrainingSet, load_training_set
 from memscan.distances import tiled_l2
 from memscan.errors import InputError, MemscanError, user_code
 from memscan.extraction.calibrated import CalibratedConfig
-from memscan.extraction.pipeline import versions
-from memscan.extraction.worker import output_shape
-from memscan.generators.base import check_generations, describe
+from memscan.extraction.worker import (
+    generator_record,
+    load_worker_generator,
+    model_pool,
+    probe_generator,
+    worker_store,
+)
+from memscan.generators.base import check_generations
 from memscan.generators.seeds import derive_seed
 from memscan.index.embedders import load_embedder
 from memscan.index.faiss_index import TrainingIndex
 from memscan.index.nearest import PixelSearch, pixel_distances, rowsort
-from memscan.progress import progress_bar
-from memscan.store import RunLock, RunStore, safe_name, write_table
+from memscan.runners.shards import run_shards
+from memscan.store import Run, RunStore, open_run, safe_name, write_table
 
 #: The prompt id under which unconditional seeds are derived.
 SEED_STREAM = "unconditional"
@@ -199,18 +204,29 @@ def extract_unconditional(
     resume: bool = False,
     progress: bool = True,
     stop_after_shards: int | None = None,
+    runner: str = "local",
+    runner_options=None,
+    model_id: str | None = None,
 ) -> UnconditionalResult:
     """Generate ``config.samples`` images and verify each with the calibrated distance.
 
     Parameters
     ----------
-    generator : a :class:`memscan.generators.Generator` (called with ``config.prompt``)
+    generator : a :class:`memscan.generators.Generator` (called with ``config.prompt``), or a
+        ``--model`` spec (a string or :class:`memscan.runners.GeneratorSpec`) that each worker
+        loads; the Ray runner needs a spec
     train : training set path (any layout) or a loaded :class:`~memscan.data.training.TrainingSet`
-    out : run directory
+    out : run directory (opened with :func:`memscan.store.open_run`, kind ``extract-unconditional``)
     config : :class:`UnconditionalConfig`
     index : None (exact pixel search), or a :class:`~memscan.index.faiss_index.TrainingIndex` /
-        index folder built from ``train``
+        index folder built from ``train`` (the Ray runner needs the folder: each worker loads it)
     resume : finish a killed run in ``out`` (same options); committed shards are kept
+    stop_after_shards : stop after this many new shards (for tests of resume)
+    runner : ``"local"`` or ``"ray"`` (a pool of Ray actors running the same stage over the same
+        shards; see docs/scale.md); either runner can resume a run the other started
+    runner_options : :class:`memscan.runners.RayOptions` (or a dict of its fields) for ``"ray"``
+    model_id : the ``--model`` spec recorded in the manifest's ``model`` record when
+        ``generator`` is a loaded object
 
     Examples
     --------
@@ -225,143 +241,180 @@ def extract_unconditional(
     (['t0007'], True)
     """
     config = config.validate()
-    store = RunStore(out)
-    if store.exists() and not resume:
-        raise MemscanError(
-            f"run directory {out} already holds a run", "pass --resume to finish it, or choose a new --out"
+    if runner == "ray" and isinstance(index, TrainingIndex):
+        raise InputError(
+            "the Ray runner loads the index in each worker, but got a loaded TrainingIndex",
+            "pass the index folder (memscan index TRAIN --out INDEX) instead",
         )
-    if resume and store.exists():
-        store.read_manifest(expect="extract-unconditional")  # before anything is loaded or logged
-    store.create()
-    with RunLock(store.root):
-        return _run_locked(generator, train, store, config, index, resume, progress, stop_after_shards)
-
-
-def _run_locked(generator, train, store, config, index, resume, progress, stop_after_shards) -> UnconditionalResult:
     started = time.time()
+    with open_run(out, "extract-unconditional", resume=resume) as run:
+        index_arg = str(Path(index).resolve()) if isinstance(index, (str, Path)) else index
+        with model_pool(
+            runner, setup_unconditional, generator, config, run.store, runner_options, (index_arg,)
+        ) as pool:
+            return _run(run, pool, generator, model_id, train, config, index, progress, stop_after_shards, started)
+
+
+@dataclass
+class UnconditionalWorker:
+    """A worker's context: its generator, the config, the run store, the index to search (if
+    any) and the verifier, built on the first shard from the shared training set."""
+
+    generator: object
+    config: UnconditionalConfig
+    store: RunStore
+    index: object = None
+    verifier: _Verifier | None = None
+
+    def verifier_for(self, training) -> _Verifier:
+        if self.verifier is None:
+            self.verifier = _Verifier(training, self.config, self.index)
+        return self.verifier
+
+
+def setup_unconditional(generator, config: UnconditionalConfig, store_root: str, index=None) -> UnconditionalWorker:
+    """Load the generator (when given as a spec) and open the run store; once per worker."""
+    store = worker_store(store_root)
+    return UnconditionalWorker(load_worker_generator(generator), config, store, index)
+
+
+def search_description(worker: UnconditionalWorker, training) -> dict:
+    """The verifier's description for the manifest (built in the worker that answers)."""
+    return worker.verifier_for(training).description
+
+
+def unconditional_stage(
+    worker: UnconditionalWorker, shard: int, lo: int, hi: int, shape: tuple, training, progress=None
+) -> tuple[dict[str, pd.DataFrame], dict]:
+    """Generate samples ``lo..hi-1`` → their n nearest training images → the calibrated decision.
+
+    Returns ``({"generations": table}, meta)`` (meta: samples and timings of the shard).
+    """
+    config, generator, store = worker.config, worker.generator, worker.store
+    verifier = worker.verifier_for(training)
+    shape = tuple(shape)
+    rows, gen_s, ver_s = [], 0.0, 0.0
+    for b in range(lo, hi, config.batch_size):
+        idx = list(range(b, min(hi, b + config.batch_size)))
+        seeds = [derive_seed(config.seed, SEED_STREAM, i) for i in idx]
+        t0 = time.perf_counter()
+        with user_code(f"the generator failed in shard {shard} (samples {idx[0]}–{idx[-1]})"):
+            made = generator.generate(config.prompt, seeds)  # user code: fails as one clean error
+        images = check_generations(made, len(seeds), config.prompt)
+        if images.shape[1:] != shape:
+            raise MemscanError(f"generator returned {images.shape[1:]} images, expected {shape}", "return one size")
+        t1 = time.perf_counter()
+        rows.extend(_judge(images, idx, seeds, verifier, training, config, store))
+        ver_s += time.perf_counter() - t1
+        gen_s += t1 - t0
+        if progress is not None:
+            progress(len(idx))
+    table = pd.DataFrame(rows, columns=GENERATION_COLUMNS)
+    return {"generations": table}, {
+        "samples": hi - lo,
+        "generation_s": round(gen_s, 3),
+        "verification_s": round(ver_s, 3),
+    }
+
+
+def _judge(images, idx, seeds, verifier, training, config, store) -> list[dict]:
+    """One row per generation of a batch: nearest training image, distances, calibrated decision."""
+    dist, nn = verifier.neighbours(images)
+    cal, nearest, mean, n_used = _calibrated_rows(dist, config.alpha_c)
+    best = nn[:, 0]
+    ok = best >= 0
+    l2_near = np.full(len(idx), np.nan)
+    tl2_near = np.full(len(idx), np.nan)
+    if ok.any():
+        ref = training.images[best[ok]]
+        if config.metric == "l2":
+            l2_near[ok] = nearest[ok]
+        else:
+            l2_near[ok] = tiled_l2(images[ok], ref, grid=1)
+        tl2_near[ok] = nearest[ok] if config.metric == "tiled_l2" else tiled_l2(images[ok], ref, grid=config.grid)
+    rows = []
+    for j, i in enumerate(idx):
+        extracted = bool(cal[j] < 1.0)
+        path = None
+        if extracted and config.save_images:
+            path = store.save_image(images[j], "candidates", f"u{i:08d}")
+        rows.append(
+            {
+                "sample_index": i,
+                "seed": seeds[j],
+                "nearest_train_id": training.ids[int(best[j])] if best[j] >= 0 else None,
+                "nearest_distance": float(nearest[j]),
+                "mean_distance": float(mean[j]),
+                "calibrated": float(cal[j]),
+                "extracted": extracted,
+                "nearest_l2": float(l2_near[j]),
+                "nearest_tiled_l2": float(tl2_near[j]),
+                "n_nearest": int(n_used[j]),
+                "candidate_image": path,
+            }
+        )
+    return rows
+
+
+def _run(run: Run, pool, generator, model_id, train, config, index, progress, stop_after_shards, started):
+    store = run.store
     # 1. the training set at the generator's resolution, and the searcher over it
-    with user_code("the generator failed on its first call (sample 0, before any shard)"):
-        shape = output_shape(generator, config.prompt, derive_seed(config.seed, SEED_STREAM, 0))
+    probe = pool.call(
+        probe_generator,
+        config.prompt,
+        derive_seed(config.seed, SEED_STREAM, 0),
+        "the generator failed on its first call (sample 0, before any shard)",
+    )
+    shape = tuple(probe.shape)
     training = train if isinstance(train, TrainingSet) else load_training_set(train, size=shape[:2], channels=shape[2])
-    if training.images.shape[1:] != tuple(shape):
+    if training.images.shape[1:] != shape:
         raise MemscanError(
-            f"training images are {training.images.shape[1:]} but generations are {tuple(shape)}",
+            f"training images are {training.images.shape[1:]} but generations are {shape}",
             "load the training set at the generator's resolution",
         )
     for s in training.skipped:
         store.log(f"skipped training image {s['id']} ({s['path']}): {s['reason']}")
-    verifier = _Verifier(training, config, index)
+    shared_training = pool.share(training)  # Ray: one copy in the object store per node
+    search = pool.call(search_description, shared_training)
+    if isinstance(index, (str, Path)):
+        search = {**search, "index": str(index)}
     n_shards = math.ceil(config.samples / config.shard_size)
-    manifest = {
-        "memscan_run": 1,
-        "command": "extract-unconditional",
+    fields = {
         "config": config.to_dict(),
         "calibrated": {
             "alpha_c": config.alpha_c,
-            "n": verifier.n,
+            "n": min(config.n_nearest, len(training)),
             "metric": config.metric,
             "rule": "extracted when l2(x, nearest) / (alpha_c * mean l2 to the n nearest) < 1",
         },
-        "generator": describe(generator),
+        "generator": probe.description,
+        "model": generator_record(generator, probe.parameters, model_id),
+        "runner": pool.describe(),
         "output_shape": list(shape),
         "training_set": training.summary(),
-        "search": verifier.description,
+        "search": search,
         "n_shards": n_shards,
         "seeds": {"run_seed": config.seed, "derivation": f"derive_seed(run_seed, {SEED_STREAM!r}, sample_index)"},
-        "versions": versions(),
     }
-    if resume and store.exists():
-        old = store.read_manifest(expect="extract-unconditional")
-        for key in ("command", "config", "n_shards", "output_shape"):
-            if old.get(key) != manifest[key]:
-                raise MemscanError(
-                    f"cannot resume {store.root}: its {key} differs from this invocation ({old.get(key)} vs {manifest[key]})",
-                    "resume with the original options, or start a new run with another --out",
-                )
-        manifest["started"] = old.get("started")
-        manifest["resumed"] = old.get("resumed", []) + [time.strftime("%Y-%m-%dT%H:%M:%S")]
-    else:
-        manifest["started"] = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started))
-    manifest["status"] = "running"
-    store.write_manifest(manifest)
-    store.log(
-        f"extract-unconditional: {config.samples} generations in {n_shards} shards ({verifier.description['search']} search)"
-    )
+    run.start(fields, identity=("config", "n_shards", "output_shape"), started=started)
+    store.log(f"extract-unconditional: {config.samples} generations in {n_shards} shards ({search['search']} search)")
 
-    # 2. shards of generations: generate → n nearest → calibrated decision → commit
-    todo = [s for s in range(n_shards) if not store.shard_done(s)]
-    new = 0
-    with progress_bar(progress) as bar:
-        task = bar.add_task(
-            "generate + verify", total=sum(min(config.shard_size, config.samples - s * config.shard_size) for s in todo)
-        )
-        for s in todo:
-            if stop_after_shards is not None and new >= stop_after_shards:
-                break
-            lo, hi = s * config.shard_size, min(config.samples, (s + 1) * config.shard_size)
-            rows, gen_s, ver_s = [], 0.0, 0.0
-            for b in range(lo, hi, config.batch_size):
-                idx = list(range(b, min(hi, b + config.batch_size)))
-                seeds = [derive_seed(config.seed, SEED_STREAM, i) for i in idx]
-                t0 = time.perf_counter()
-                with user_code(f"the generator failed in shard {s} (samples {idx[0]}–{idx[-1]})"):
-                    made = generator.generate(config.prompt, seeds)  # user code: fails as one clean error
-                images = check_generations(made, len(seeds), config.prompt)
-                if images.shape[1:] != tuple(shape):
-                    raise MemscanError(
-                        f"generator returned {images.shape[1:]} images, expected {tuple(shape)}", "return one size"
-                    )
-                t1 = time.perf_counter()
-                dist, nn = verifier.neighbours(images)
-                cal, nearest, mean, n_used = _calibrated_rows(dist, config.alpha_c)
-                best = nn[:, 0]
-                ok = best >= 0
-                l2_near = np.full(len(idx), np.nan)
-                tl2_near = np.full(len(idx), np.nan)
-                if ok.any():
-                    ref = training.images[best[ok]]
-                    if config.metric == "l2":
-                        l2_near[ok] = nearest[ok]
-                    else:
-                        l2_near[ok] = tiled_l2(images[ok], ref, grid=1)
-                    tl2_near[ok] = (
-                        nearest[ok] if config.metric == "tiled_l2" else tiled_l2(images[ok], ref, grid=config.grid)
-                    )
-                ver_s += time.perf_counter() - t1
-                gen_s += t1 - t0
-                for j, i in enumerate(idx):
-                    extracted = bool(cal[j] < 1.0)
-                    path = None
-                    if extracted and config.save_images:
-                        path = store.save_image(images[j], "candidates", f"u{i:08d}")
-                    rows.append(
-                        {
-                            "sample_index": i,
-                            "seed": seeds[j],
-                            "nearest_train_id": training.ids[int(best[j])] if best[j] >= 0 else None,
-                            "nearest_distance": float(nearest[j]),
-                            "mean_distance": float(mean[j]),
-                            "calibrated": float(cal[j]),
-                            "extracted": extracted,
-                            "nearest_l2": float(l2_near[j]),
-                            "nearest_tiled_l2": float(tl2_near[j]),
-                            "n_nearest": int(n_used[j]),
-                            "candidate_image": path,
-                        }
-                    )
-                bar.update(task, advance=len(idx))
-            table = pd.DataFrame(rows, columns=GENERATION_COLUMNS)
-            store.commit_shard(
-                s,
-                {"generations": table},
-                {"samples": hi - lo, "generation_s": round(gen_s, 3), "verification_s": round(ver_s, 3)},
-            )
-            store.log(f"shard {s} committed: {hi - lo} generations, {int(table['extracted'].sum())} extracted")
-            new += 1
-    if any(not store.shard_done(s) for s in range(n_shards)):
-        manifest["status"] = "incomplete"
-        store.write_manifest(manifest)
-        raise MemscanError(f"run {store.root} stopped before all shards were done", "rerun with --resume")
+    # 2. shards of generations: generate → n nearest → calibrated decision → commit (in the driver)
+    bounds = {s: (s * config.shard_size, min(config.samples, (s + 1) * config.shard_size)) for s in range(n_shards)}
+    run_shards(
+        run,
+        pool,
+        unconditional_stage,
+        {s: (s, lo, hi, shape, shared_training) for s, (lo, hi) in bounds.items()},
+        weights={s: hi - lo for s, (lo, hi) in bounds.items()},
+        label="generate + verify",
+        unit="images",
+        progress=progress,
+        stop_after_shards=stop_after_shards,
+        describe=lambda s, t: (
+            f"{len(t['generations'])} generations, {int(t['generations']['extracted'].sum())} extracted"
+        ),
+    )
 
     # 3. merge, de-duplicate extractions by training image, save their images, record throughput
     generations = store.merge(n_shards, tables=("generations",))["generations"]
@@ -374,20 +427,19 @@ def _run_locked(generator, train, store, config, index, resume, progress, stop_a
     recs = [store.shard_record(s) for s in range(n_shards)]
     gen_total = sum(r.get("generation_s", 0) for r in recs)
     ver_total = sum(r.get("verification_s", 0) for r in recs)
-    manifest["status"] = "complete"
-    manifest["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-    manifest["throughput"] = {
-        "generation_seconds": round(gen_total, 3),
-        "generation_images_per_s": round(len(generations) / gen_total, 2) if gen_total else None,
-        "verification_seconds": round(ver_total, 3),
-        "verification_images_per_s": round(len(generations) / ver_total, 2) if ver_total else None,
-    }
-    manifest["counts"] = {
-        "samples": int(len(generations)),
-        "extracted_generations": int(generations["extracted"].sum()),
-        "extracted_training_images": int(len(extractions)),
-    }
-    store.write_manifest(manifest)
+    manifest = run.finish(
+        throughput={
+            "generation_seconds": round(gen_total, 3),
+            "generation_images_per_s": round(len(generations) / gen_total, 2) if gen_total else None,
+            "verification_seconds": round(ver_total, 3),
+            "verification_images_per_s": round(len(generations) / ver_total, 2) if ver_total else None,
+        },
+        counts={
+            "samples": int(len(generations)),
+            "extracted_generations": int(generations["extracted"].sum()),
+            "extracted_training_images": int(len(extractions)),
+        },
+    )
     store.log(f"extract-unconditional: complete — {manifest['counts']}")
     return UnconditionalResult(store.root, generations, extractions, manifest)
 

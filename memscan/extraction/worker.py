@@ -16,10 +16,11 @@ from typing import Any
 import pandas as pd
 
 from memscan.data.training import TrainingSet
-from memscan.errors import InputError
+from memscan.errors import InputError, user_code
 from memscan.extraction.config import ExtractConfig
-from memscan.extraction.shard import ShardTimings, run_shard
+from memscan.extraction.shard import run_shard
 from memscan.generators.base import check_generations, describe
+from memscan.generators.model_record import count_parameters, model_record
 from memscan.runners import GeneratorSpec, RayOptions, WorkerPool, make_pool, require_ray
 from memscan.store import RunStore
 
@@ -33,48 +34,95 @@ class ExtractionWorker:
     store: RunStore
 
 
-def setup_extraction(generator, config: ExtractConfig, store_root: str) -> ExtractionWorker:
-    """Load the generator (when given as a spec) and open the run store; once per worker."""
+def worker_store(store_root: str) -> RunStore:
+    """The run store as a worker sees it (refused when the run directory is not visible there)."""
     store = RunStore(store_root)
     if not store.root.is_dir():
         raise InputError(
             f"the run directory {store_root} is not visible on worker host {socket.gethostname()}",
             "put --out (and --train) on a file system every node of the cluster mounts (NFS, Lustre, …)",
         )
+    return store
+
+
+def load_worker_generator(generator):
+    """The generator itself: loaded from its spec (a ``--model`` string or :class:`GeneratorSpec`),
+    or as given. Shared training images arrive read-only (zero-copy from Ray's object store);
+    distances only read them, so torch's warning about non-writable arrays is silenced."""
     if isinstance(generator, (str, GeneratorSpec)):
-        generator = GeneratorSpec.of(generator).load()
-    # shared training images arrive read-only (zero-copy from Ray's object store); distances
-    # only read them, so torch's warning about non-writable arrays says nothing here
+        spec = GeneratorSpec.of(generator)
+        with user_code(f"loading the model {spec.spec} failed", "fix the model (or its py: function) and rerun"):
+            generator = spec.load()
     warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-    return ExtractionWorker(generator, config, store)
+    return generator
 
 
-def output_shape(generator, prompt: str, seed: int) -> tuple[int, int, int]:
-    """H×W×C of the generator's images (declared, or from one probe generation)."""
+def setup_extraction(generator, config: ExtractConfig, store_root: str) -> ExtractionWorker:
+    """Load the generator (when given as a spec) and open the run store; once per worker."""
+    store = worker_store(store_root)
+    return ExtractionWorker(load_worker_generator(generator), config, store)
+
+
+def output_shape(generator, prompt: str, seed: int, where: str | None = None) -> tuple[int, int, int]:
+    """H×W×C of the generator's images (declared, or from one probe generation).
+
+    The probe call is user code: its failure is one :class:`~memscan.errors.UserCodeError`
+    saying ``where`` (default: the prompt and seed of the probe).
+    """
     shape = getattr(generator, "output_shape", None)
     if shape is not None:
         return tuple(shape)
-    probe = check_generations(generator.generate(prompt, [seed]), 1, prompt)
+    where = where or f"the generator failed on its first call (prompt {prompt[:60]!r}, seed {seed}, before any shard)"
+    with user_code(where):
+        made = generator.generate(prompt, [seed])
+    probe = check_generations(made, 1, prompt)
     return tuple(probe.shape[1:])
 
 
-def probe_generator(worker: ExtractionWorker, prompt: str, seed: int) -> tuple[tuple[int, int, int], dict]:
-    """The generator's output shape (H, W, C) and its description for the manifest."""
-    return tuple(output_shape(worker.generator, prompt, seed)), describe(worker.generator)
+@dataclass(frozen=True)
+class GeneratorProbe:
+    """What a worker reports about its generator: output shape, description, parameter count."""
+
+    shape: tuple[int, int, int]
+    description: dict
+    parameters: int | None
+
+
+def probe_generator(worker, prompt: str, seed: int, where: str | None = None) -> GeneratorProbe:
+    """The worker's generator's output shape (H, W, C), description and parameter count, for
+    the manifest (the driver of a Ray run loads no model: the worker reports them)."""
+    gen = worker.generator
+    return GeneratorProbe(tuple(output_shape(gen, prompt, seed, where)), describe(gen), count_parameters(gen))
 
 
 def extraction_stage(
     worker: ExtractionWorker, prompts: pd.DataFrame, training: TrainingSet, progress=None
-) -> tuple[dict[str, pd.DataFrame], ShardTimings]:
-    """Generate → detect → verify one shard of prompts (:func:`run_shard`); returns its tables."""
-    return run_shard(worker.generator, prompts, worker.config, training, worker.store, progress=progress)
+) -> tuple[dict[str, pd.DataFrame], dict]:
+    """Generate → detect → verify one shard of prompts (:func:`run_shard`); returns its tables and
+    the shard's completion-record fields (prompts, timings)."""
+    tables, t = run_shard(worker.generator, prompts, worker.config, training, worker.store, progress=progress)
+    meta = {
+        "prompts": len(prompts),
+        "generation_s": round(t.generation_s, 3),
+        "detection_s": round(t.detection_s, 3),
+        "verification_s": round(t.verification_s, 3),
+    }
+    return tables, meta
 
 
 def extraction_pool(runner: str, generator, config: ExtractConfig, store: RunStore, options=None) -> WorkerPool:
-    """The worker pool ``memscan.extract`` uses for ``runner`` ("local" or "ray").
+    """The worker pool ``memscan.extract`` uses for ``runner`` ("local" or "ray")."""
+    return model_pool(runner, setup_extraction, generator, config, store, options)
+
+
+def model_pool(
+    runner: str, setup, generator, config, store: RunStore, options=None, extra_args: tuple = ()
+) -> WorkerPool:
+    """A pool whose workers run ``setup(generator, config, store_root, *extra_args)``.
 
     The local runner takes a loaded generator or a spec; the Ray runner takes a spec only
     (a ``--model`` string or :class:`GeneratorSpec`): each worker loads its own model.
+    ``config`` supplies ``device`` and ``batch_size`` (the spec's load options).
     """
     root = str(Path(store.root).resolve())
     if runner == "ray":
@@ -96,8 +144,17 @@ def extraction_pool(runner: str, generator, config: ExtractConfig, store: RunSto
         if device.startswith("cuda:"):  # Ray numbers each worker's GPUs from 0
             gen_options["device"] = "cuda"
         generator = GeneratorSpec(spec.spec, gen_options)
-        return make_pool("ray", setup_extraction, (generator, config, root), opts, log=store.log)
+        return make_pool("ray", setup, (generator, config, root, *extra_args), opts, log=store.log)
     if isinstance(generator, (str, GeneratorSpec)):
         spec = GeneratorSpec.of(generator).normalized()
         generator = GeneratorSpec(spec.spec, {"device": config.device, "batch_size": config.batch_size, **spec.options})
-    return make_pool(runner, setup_extraction, (generator, config, root), options, log=store.log)
+    return make_pool(runner, setup, (generator, config, root, *extra_args), options, log=store.log)
+
+
+def generator_record(generator, parameters: int | None, model_id: str | None = None) -> dict:
+    """The manifest's ``model`` record (:func:`~memscan.generators.model_record.model_record`) of
+    the generator a run attacked: its ``--model`` spec (``model_id``, or the spec it was given as),
+    and the parameter count a worker reported (the driver of a Ray run loads no model)."""
+    if model_id is None and isinstance(generator, (str, GeneratorSpec)):
+        model_id = GeneratorSpec.of(generator).spec
+    return {**model_record(model_id if model_id is not None else generator), "parameters": parameters}

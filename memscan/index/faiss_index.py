@@ -13,9 +13,14 @@ Embeddings are L2-normalised, so the index ranks by inner product = cosine simil
 - ``hnsw`` (``IndexHNSWFlat``): graph search; fast queries, slow build, ≈ ``8·M`` extra bytes
   per vector.
 
-On disk an index is a folder (nothing pickled)::
+On disk an index is a folder (nothing pickled), a run directory of kind ``index``
+(:func:`memscan.store.open_run`: a killed build resumes with ``--resume``)::
 
     INDEX/
+      manifest.json     kind ``index``: embedder, parameters, counts, skipped images, timings
+      shards/           the embeddings of each shard of training images, committed one by one
+                        (only needed to resume; delete it once the build is complete)
+      run.log
       index.json        format version, count, dim, index type and parameters, the embedder's
                         spec (with the model file's sha256), the training source, skipped files
       embeddings.npy    float32 N×D (np.load(allow_pickle=False), memory-mappable)
@@ -39,10 +44,14 @@ import numpy as np
 
 from memscan.data.training import empty_training_set, list_source, nothing_readable
 from memscan.errors import InputError, MemscanError
+from memscan.generators.model_record import model_record
+from memscan.index.embed_shards import EmbedWorker, embed_stage, gather_shards
 from memscan.index.embedders import load_embedder
 from memscan.index.source import iter_batches
 from memscan.progress import progress_bar
-from memscan.store import atomic_write_json, write_table
+from memscan.runners import make_pool
+from memscan.runners.shards import run_shards
+from memscan.store import Run, atomic_write_json, open_run, write_table
 
 #: Largest collection indexed exactly (flat) when ``index_type="auto"``.
 FLAT_MAX = 1_000_000
@@ -329,6 +338,10 @@ def _build(emb: np.ndarray, params: IndexParams, chunk: int = 65536):
     return index
 
 
+#: Training images per shard of ``memscan index`` (the unit of commit and resume).
+INDEX_SHARD_SIZE = 8192
+
+
 def build_index(
     train: str | Path,
     out: str | Path | None = None,
@@ -339,7 +352,10 @@ def build_index(
     device: str = "cpu",
     workers: int = 2,
     overwrite: bool = False,
+    resume: bool = False,
+    shard_size: int = INDEX_SHARD_SIZE,
     progress: bool = True,
+    stop_after_shards: int | None = None,
 ) -> TrainingIndex:
     """Stream a training set through an embedder and index it (``memscan index``).
 
@@ -347,16 +363,24 @@ def build_index(
     ----------
     train : training set: folder, CSV/Parquet manifest, webdataset ``.tar`` (or folder of
         them), img2dataset layout
-    out : index folder to write (None: keep in memory only)
+    out : index folder to write (None: keep in memory only). It is a run directory of kind
+        ``index`` (:func:`memscan.store.open_run`): a manifest, the embedding shards committed one
+        by one, then the index files (module docstring)
     embedder : spec (``pixel``, ``pixel:SIZE``, ``model.pt``, ``model.onnx``,
         ``open_clip:MODEL:WEIGHTS``) or an :class:`~memscan.index.embedders.Embedder`
     index_type : ``auto``, ``flat``, ``ivf``, ``hnsw`` or a full :class:`IndexParams`
     batch_size : images decoded and embedded per step
     device : where model embedders run
     workers : image-decoding threads
+    overwrite : replace the index already in ``out`` (removed under the run's lock first)
+    resume : finish a killed build in ``out`` (same embedder, parameters, shard size and
+        training listing); committed shards are kept
+    shard_size : training images per shard (the unit of commit and resume)
+    stop_after_shards : stop after this many new shards (for tests of resume)
 
-    Embeddings are written to ``out/embeddings.npy`` as they are computed (memory-mapped), so
-    memory does not grow with decoded images; unreadable images are counted in ``index.json``.
+    Embeddings are committed shard by shard and gathered into ``out/embeddings.npy``
+    (memory-mapped), so memory does not grow with the training set; unreadable images are
+    counted in ``index.json`` and the manifest.
 
     Examples
     --------
@@ -372,22 +396,129 @@ def build_index(
     params = IndexParams(index_type) if isinstance(index_type, str) else index_type
     if params.index_type not in INDEX_TYPES:
         raise InputError(f"index type {params.index_type!r} is not one of {', '.join(INDEX_TYPES)}")
-    root = Path(out) if out is not None else None
-    if root is not None and (root / "index.json").exists() and not overwrite:
+    if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
+        raise InputError(f"shard_size={shard_size!r} must be a positive integer")
+    if out is None:
+        return _build_in_memory(train, embedder, params, batch_size, device, workers, progress, started)
+    root = Path(out)
+    if (root / "index.json").exists() and not (overwrite or resume):
         raise MemscanError(f"{root} already holds an index", "choose another --out, or pass --overwrite")
     emb_model = load_embedder(embedder, device=device, batch_size=batch_size)
+    with open_run(root, "index", resume=resume or overwrite) as run:
+        if overwrite:
+            _remove_index(run)
+        return _build_run(run, train, emb_model, params, batch_size, device, workers, shard_size, progress,
+                          stop_after_shards, started)  # fmt: skip
+
+
+def _remove_index(run: Run) -> None:
+    """Empty an index folder for ``--overwrite`` (the lock is held): the old manifest, shards,
+    index files and report go; the new build starts afresh."""
+    root = run.root
+    for name in ("manifest.json", "index.json", "embeddings.npy", "ids.parquet", "index.faiss", "report.html"):
+        (root / name).unlink(missing_ok=True)
+    for f in run.store.shard_dir.glob("*"):
+        f.unlink()
+    run.previous = None
+
+
+def _build_run(
+    run, train, emb_model, params, batch_size, device, workers, shard_size, progress, stop_after_shards, started
+):
+    store, root = run.store, run.root
     # 1. list the training set (nothing decoded yet)
     listing = list_source(train)
     n = len(listing.entries)
     if n == 0:
         raise empty_training_set(train)
-    # 2. embed batch by batch into a memory-mapped (or in-memory) N×D array
-    if root is not None:
-        root.mkdir(parents=True, exist_ok=True)
-        (root / "index.json").unlink(missing_ok=True)
-        emb = np.lib.format.open_memmap(root / "embeddings.npy", mode="w+", dtype=np.float32, shape=(n, emb_model.dim))
-    else:
-        emb = np.empty((n, emb_model.dim), np.float32)
+    n_shards = math.ceil(n / shard_size)
+    embedder_spec = emb_model.spec()
+    fields = {
+        "config": {"embedder": embedder_spec, "index": asdict(params), "shard_size": shard_size},
+        "source": str(train),
+        "entries": n,
+        "n_shards": n_shards,
+        "execution": {"batch_size": batch_size, "device": device, "workers": workers},
+        "runner": {"name": "local", "workers": 1},
+    }
+    if embedder_spec.get("type") != "pixel":  # a model embeds: record it like an attacked model
+        fields["model"] = model_record(embedder_spec.get("path") or str(embedder_spec), emb_model)
+    run.start(fields, identity=("config", "entries", "n_shards"), started=started)
+    store.log(f"index: {n} training images in {n_shards} shards, embedder {embedder_spec}")
+    # 2. embed shard by shard; each shard is committed once (a killed build resumes)
+    entries = listing.entries
+    with make_pool("local", EmbedWorker, (emb_model, batch_size, workers), log=store.log) as pool:
+        run.manifest["runner"] = pool.describe()
+        run_shards(
+            run,
+            pool,
+            embed_stage,
+            {s: (entries[s * shard_size : (s + 1) * shard_size], s * shard_size) for s in range(n_shards)},
+            weights={s: min(shard_size, n - s * shard_size) for s in range(n_shards)},
+            label="embed",
+            unit="images",
+            progress=progress,
+            stop_after_shards=stop_after_shards,
+            describe=lambda s, t: f"{len(t['embeddings'])} images embedded",
+        )
+    # 3. gather the shards into embeddings.npy, then the FAISS index
+    indexed = sum(store.shard_record(s)["rows"]["embeddings"] for s in range(n_shards))
+    if indexed == 0:
+        skipped = list(listing.skipped) + [x for s in range(n_shards) for x in store.shard_record(s).get("skipped", [])]
+        # nothing to resume: leave no run behind, so the corrected rerun on the same --out starts
+        _remove_index(run)
+        run.manifest = {}
+        raise nothing_readable(train, skipped)
+    (root / "index.json").unlink(missing_ok=True)
+    emb, ids, captions, shard_skipped, embed_s = gather_shards(store, n_shards, emb_model.dim, root / "embeddings.npy")
+    skipped = list(listing.skipped) + shard_skipped
+    t0 = time.perf_counter()
+    meta = _index_meta(emb_model, train, skipped, listing.warnings)
+    index = TrainingIndex.from_embeddings(emb, ids, captions, params, meta)
+    _record_timings(index, started, embed_s, time.perf_counter() - t0)
+    index.save(root, overwrite=True)
+    for s in skipped:
+        store.log(f"skipped training image {s['id']} ({s['path']}): {s['reason']}")
+    run.finish(
+        counts={"entries": n, "indexed": len(index), "skipped": len(skipped)},
+        index={"type": index.params.index_type, "dim": index.dim, "params": asdict(index.params)},
+        embedder=embedder_spec,
+        skipped_files=skipped[:100],
+        warnings=listing.warnings[:100],
+        timings_s=index.meta["timings_s"],
+    )
+    store.log(f"index: complete — {len(index)} images indexed, {len(skipped)} skipped")
+    return index
+
+
+def _index_meta(emb_model, train, skipped, warnings) -> dict:
+    return {
+        "embedder": emb_model.spec(),
+        "source": str(train),
+        "skipped": len(skipped),
+        "skipped_files": skipped[:100],
+        "warnings": warnings[:100],
+        "built": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+
+
+def _record_timings(index: TrainingIndex, started: float, embed_s: float, build_s: float) -> None:
+    index.meta["timings_s"] = {
+        "total": round(time.time() - started, 3),
+        "embed": round(embed_s, 3),
+        "index_build": round(build_s, 3),
+        "images_per_s": round(len(index) / max(time.time() - started, 1e-9), 1),
+    }
+
+
+def _build_in_memory(train, embedder, params, batch_size, device, workers, progress, started) -> TrainingIndex:
+    """``build_index(train, None)``: embed and index in memory, no folder written."""
+    emb_model = load_embedder(embedder, device=device, batch_size=batch_size)
+    listing = list_source(train)
+    n = len(listing.entries)
+    if n == 0:
+        raise empty_training_set(train)
+    emb = np.empty((n, emb_model.dim), np.float32)
     skipped = list(listing.skipped)
     kept = np.zeros(n, bool)
     embed_s = 0.0
@@ -405,37 +536,10 @@ def build_index(
         raise nothing_readable(train, skipped)
     ids = [e.id for e, k in zip(listing.entries, kept) if k]
     captions = [e.caption for e, k in zip(listing.entries, kept) if k]
-    if not kept.all():  # drop the rows of unreadable images
-        dense = np.ascontiguousarray(emb[kept])
-        if root is not None:
-            del emb
-            tmp = root / f".embeddings.npy.tmp-{os.getpid()}"
-            with open(tmp, "wb") as f:
-                np.save(f, dense, allow_pickle=False)
-            os.replace(tmp, root / "embeddings.npy")
-            emb = np.load(root / "embeddings.npy", mmap_mode="r", allow_pickle=False)
-        else:
-            emb = dense
-    elif root is not None:
-        emb.flush()
-    # 3. the FAISS index
+    emb = emb if kept.all() else np.ascontiguousarray(emb[kept])
     t0 = time.perf_counter()
-    meta = {
-        "embedder": emb_model.spec(),
-        "source": str(train),
-        "skipped": len(skipped),
-        "skipped_files": skipped[:100],
-        "warnings": listing.warnings[:100],
-        "built": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    }
-    index = TrainingIndex.from_embeddings(emb, ids, captions, params, meta)
-    build_s = time.perf_counter() - t0
-    index.meta["timings_s"] = {
-        "total": round(time.time() - started, 3),
-        "embed": round(embed_s, 3),
-        "index_build": round(build_s, 3),
-        "images_per_s": round(len(ids) / max(time.time() - started, 1e-9), 1),
-    }
-    if root is not None:
-        index.save(root, overwrite=True)
+    index = TrainingIndex.from_embeddings(
+        emb, ids, captions, params, _index_meta(emb_model, train, skipped, listing.warnings)
+    )
+    _record_timings(index, started, embed_s, time.perf_counter() - t0)
     return index

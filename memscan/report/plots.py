@@ -172,3 +172,16 @@ def calibrated_distance_plot(gen: pd.DataFrame, alpha_c: float) -> bytes:
     b.set_ylabel("distance to the nearest")
     b.legend(fontsize=8)
     return _png(fig)
+
+
+def nearest_similarity_plot(similarities: np.ndarray) -> bytes:
+    """Histogram of each indexed image's cosine similarity to its nearest other indexed image
+    (near 1: near-duplicates in the training set)."""
+    plt = _fig()
+    fig, a = plt.subplots(1, 1, figsize=(6, 3.2))
+    sims = similarities[np.isfinite(similarities)]
+    lo = float(min(0.0, sims.min())) if len(sims) else 0.0
+    a.hist(sims, bins=np.linspace(lo, 1.0, 50), color="#888")
+    a.set_xlabel("cosine similarity to the nearest other training image")
+    a.set_ylabel("training images")
+    return _png(fig)

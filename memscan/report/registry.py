@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from memscan.report.html import build_extraction_report
+from memscan.report.index import build_index_report
 from memscan.report.mia import build_mia_report
 from memscan.report.unconditional import build_unconditional_report
 from memscan.store import RunStore
@@ -23,6 +24,7 @@ from memscan.store import RunStore
 RENDERERS: dict[str, Callable[..., Path]] = {
     "extract": build_extraction_report,
     "extract-unconditional": build_unconditional_report,
+    "index": build_index_report,
     "mia": build_mia_report,
     "inpaint": build_mia_report,
     "memscore": build_mia_report,
