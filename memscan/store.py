@@ -126,11 +126,12 @@ def safe_name(identifier: str) -> str:
 #: What to open instead, for runs of commands other than ``memscan extract``.
 WHERE_RESULTS_ARE = {
     "extract-unconditional": "`memscan report RUN` shows it; its tables are generations.parquet and extractions.parquet",
-    "triage": "its results are scores.parquet and prompts.csv; pass prompts.csv to `memscan extract --prompts`",
-    "mia": "the run wrote its own report.html",
-    "inpaint": "the run wrote its own report.html",
-    "memscore": "the run wrote its own report.html",
-    "demo-mia": "the run wrote its own report.html",
+    "triage": "`memscan report RUN` shows it; pass its prompts.csv to `memscan extract --prompts`",
+    "mia": "`memscan report RUN` shows it; its tables are scores.parquet and metrics.parquet",
+    "inpaint": "`memscan report RUN` shows it; its tables are scores.parquet and metrics.parquet",
+    "memscore": "`memscan report RUN` shows it; its table is memscore.parquet",
+    "demo-mia": "`memscan report RUN` shows it; its tables are scores.parquet and metrics.parquet",
+    "index": "it is a training-set index: pass it as --index; `memscan report INDEX` shows it",
 }
 
 

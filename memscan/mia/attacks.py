@@ -32,9 +32,9 @@ from memscan.errors import InputError
 from memscan.mia.metrics import (
     DEFAULT_FPRS,
     AttackResult,
-    _as_labels,
-    _as_scores,
-    _check_two_classes,
+    as_labels,
+    as_scores,
+    check_two_classes,
     roc_metrics,
 )
 
@@ -104,7 +104,7 @@ class AttackInputs:
             length, not boolean, or of one class only; a timestep that is not a non-negative
             integer.
         """
-        loss = _as_scores(self.target_loss, "target_loss")
+        loss = as_scores(self.target_loss, "target_loss")
         n = loss.size
         shadow = mask = labels = None
         if self.shadow_loss is not None:
@@ -137,8 +137,8 @@ class AttackInputs:
         elif shadow is not None:
             mask = np.zeros(shadow.shape, dtype=bool)
         if self.is_member is not None:
-            labels = _as_labels(self.is_member, n)
-            _check_two_classes(labels)
+            labels = as_labels(self.is_member, n)
+            check_two_classes(labels)
         t = self.timestep
         if t is not None:
             if isinstance(t, bool) or int(t) != t or t < 0:

@@ -30,7 +30,7 @@ import torch
 
 from memscan.errors import InputError
 from memscan.generators.seeds import derive_seed
-from memscan.mia.metrics import DEFAULT_FPRS, AttackResultsTable, _as_labels, tpr_key
+from memscan.mia.metrics import DEFAULT_FPRS, AttackResultsTable, as_labels, tpr_key
 from memscan.mia.noise import NoisePredictor, as_noise_predictor, slice_condition
 
 __all__ = [
@@ -396,7 +396,7 @@ def timestep_sweep(
     ]
     table = AttackResultsTable(results)
     df = table.to_dataframe(ci=bootstrap > 0)
-    y = _as_labels(is_member, L.shape[1])
+    y = as_labels(is_member, L.shape[1])
     df["mean_loss_members"] = [float(L[j][y].mean()) for j in range(len(ts))]
     df["mean_loss_nonmembers"] = [float(L[j][~y].mean()) for j in range(len(ts))]
     order = sorted(range(len(ts)), key=lambda j: (-df[by].iloc[j], -df["auc"].iloc[j], ts[j]))

@@ -61,7 +61,7 @@ def tpr_key(fpr: float) -> str:
 # --------------------------------------------------------------------------------------------
 # input validation
 # --------------------------------------------------------------------------------------------
-def _as_scores(scores: Any, name: str = "scores") -> np.ndarray:
+def as_scores(scores: Any, name: str = "scores") -> np.ndarray:
     try:
         s = np.asarray(scores, dtype=np.float64)
     except (TypeError, ValueError) as exc:
@@ -80,7 +80,7 @@ def _as_scores(scores: Any, name: str = "scores") -> np.ndarray:
     return s
 
 
-def _as_labels(is_member: Any, n: int | None = None, name: str = "is_member") -> np.ndarray:
+def as_labels(is_member: Any, n: int | None = None, name: str = "is_member") -> np.ndarray:
     y = np.asarray(is_member)
     if y.ndim != 1:
         raise InputError(f"{name}: expected a 1-D array, got shape {y.shape}", "flatten it")
@@ -98,7 +98,7 @@ def _as_labels(is_member: Any, n: int | None = None, name: str = "is_member") ->
     return y
 
 
-def _check_two_classes(y: np.ndarray, name: str = "is_member") -> None:
+def check_two_classes(y: np.ndarray, name: str = "is_member") -> None:
     n_pos = int(y.sum())
     if n_pos == 0 or n_pos == y.size:
         present = "members" if n_pos else "non-members"
@@ -328,9 +328,9 @@ def roc_metrics(
     >>> bool(lo <= r.auc <= hi)
     True
     """
-    s = _as_scores(scores)
-    y = _as_labels(is_member, s.size)
-    _check_two_classes(y)
+    s = as_scores(scores)
+    y = as_labels(is_member, s.size)
+    check_two_classes(y)
     fprs_t = _check_fprs(fprs)
     if int(bootstrap) != bootstrap or bootstrap < 0:
         raise InputError(f"bootstrap: {bootstrap} is not a non-negative integer", "pass e.g. 1000")
