@@ -109,12 +109,42 @@ def _unconditional(tmp: Path, out: Path) -> list:
     ]
 
 
+TINY_SD = Path(__file__).parent / "data" / "tiny_sd_memorized"
+
+
+def _triage(tmp: Path, out: Path) -> list:
+    # 6 prompts, 2 per shard (--batch-size 4 // --generations 2 = 2 prompts per UNet batch): 3 shards
+    return [
+        "triage",
+        "--model",
+        TINY_SD,
+        "--prompts",
+        _prompts(tmp),
+        "--out",
+        out,
+        "--generations",
+        2,
+        "--batch-size",
+        4,
+        "--shard-size",
+        2,
+        "--num-inference-steps",
+        4,
+        "--guidance-scale",
+        3.0,
+        "--top",
+        3,
+        "--quiet",
+    ]
+
+
 # Each section below is one family of run kinds; adding a kind = an argv builder + one KindCase.
 CASES = [
     # ---- extraction: extract, extract-unconditional, index ------------------------------------
     KindCase("extract", _extract, ("prompts", "detections", "extractions"), kill_after=1),
     KindCase("extract-unconditional", _unconditional, ("generations", "extractions"), kill_after=1),
     # ---- triage -----------------------------------------------------------------------------------
+    KindCase("triage", _triage, ("scores",), kill_after=1),
     # ---- membership inference: mia, inpaint, memscore ---------------------------------------------
 ]
 
