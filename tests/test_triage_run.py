@@ -161,3 +161,38 @@ def test_report_refuses_an_unfinished_run(pipe, tmp_path):
         triage(pipe, PROMPTS, tmp_path / "r", CFG, shard_size=2, progress=False, stop_after_shards=1)
     with pytest.raises(MemscanError, match="not complete"):
         build_report(tmp_path / "r")
+
+
+def test_report_of_a_damaged_triage_run_is_one_clean_error(tmp_path):
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "manifest.json").write_text('{"kind": "triage", "status": "complete"}')
+    with pytest.raises(MemscanError, match="scores.parquet is missing"):
+        build_report(run)
+    pd.DataFrame({"prompt_id": ["a"], "wen_score": [1.0], "webster_score": [1.0]}).to_parquet(run / "scores.parquet")
+    with pytest.raises(MemscanError, match="has no config"):
+        build_report(run)
+
+
+def test_a_failing_pipeline_ends_cleanly_naming_the_prompts_and_resume_finishes(pipe, one_shard, tmp_path, monkeypatch):
+    import memscan.triage.worker as worker
+    from memscan.errors import UserCodeError
+
+    real = worker.score_prompts
+
+    def oom_on_the_second_batch(model, ids, prompts, config):
+        if ids[0] == "p2":
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real(model, ids, prompts, config)
+
+    monkeypatch.setattr(worker, "score_prompts", oom_on_the_second_batch)
+    out = tmp_path / "r"
+    with pytest.raises(
+        UserCodeError, match=r"the pipeline failed on prompts p2…p3: RuntimeError: CUDA out of memory"
+    ) as err:
+        triage(pipe, PROMPTS, out, CFG, shard_size=2, progress=False)
+    assert "--batch-size" in err.value.hint and "--resume" in err.value.hint
+    assert RunStore(out).read_manifest()["status"] == "incomplete" and RunStore(out).shard_done(0)
+    monkeypatch.setattr(worker, "score_prompts", real)
+    res = triage(pipe, PROMPTS, out, CFG, shard_size=2, progress=False, resume=True)
+    pd.testing.assert_frame_equal(res.scores, one_shard.scores, check_exact=True)

@@ -38,8 +38,9 @@ def build_triage_report(run: str | Path, out: str | Path | None = None, top: int
     if status != "complete":
         raise MemscanError(f"run {run} is not complete (status {status!r})", "finish it with --resume first")
     path = store.root / "scores.parquet"
-    if not path.is_file():
-        raise MemscanError(f"{path} is missing", "the triage run is damaged: rerun `memscan triage`")
+    if not path.is_file() or not isinstance(manifest.get("config"), dict):
+        what = f"{path} is missing" if not path.is_file() else f"{store.manifest_path} has no config"
+        raise MemscanError(what, "the triage run is damaged: rerun `memscan triage`")
     scores = pd.read_parquet(path)
     ranking = manifest.get("ranking", {})
     score = ranking.get("score", "wen")
