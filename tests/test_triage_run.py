@@ -196,3 +196,17 @@ def test_a_failing_pipeline_ends_cleanly_naming_the_prompts_and_resume_finishes(
     monkeypatch.setattr(worker, "score_prompts", real)
     res = triage(pipe, PROMPTS, out, CFG, shard_size=2, progress=False, resume=True)
     pd.testing.assert_frame_equal(res.scores, one_shard.scores, check_exact=True)
+
+
+def test_cli_ray_options_need_the_ray_runner(tmp_path):
+    from typer.testing import CliRunner
+
+    from memscan.cli import app
+
+    (tmp_path / "p.txt").write_text("a prompt\n")
+    args = ["triage", "--model", str(DATA), "--prompts", str(tmp_path / "p.txt"), "--out", str(tmp_path / "r")]
+    res = CliRunner().invoke(app, [*args, "--num-workers", "2", "--quiet"])
+    assert res.exit_code == 2 and "--num-workers applies to --runner ray only" in res.output
+    res = CliRunner().invoke(app, [*args, "--runner", "spark", "--quiet"])
+    assert res.exit_code == 2 and "unknown runner 'spark'" in res.output
+    assert not (tmp_path / "r").exists()  # nothing written for a refused invocation

@@ -138,7 +138,8 @@ def triage(
     select_ranked(pd.DataFrame(columns=["prompt_id", "wen_score", "webster_score"]), score, top, min_score)
     df, info = _prompt_table(prompts)  # bad prompts fail here, before the run or the model
     started = time.time()
-    # 1. sampling defaults from the model's memscan.json (the workers load the model itself)
+    # 1. sampling defaults from the model's memscan.json (the workers load the model itself);
+    #    shards are whole UNet batches of prompts
     source, meta = _sampling_defaults(model)
     steps = config.num_inference_steps or int(meta.get("num_inference_steps", 50))
     guidance = config.guidance_scale if config.guidance_scale is not None else float(meta.get("guidance_scale", 7.5))
@@ -151,34 +152,29 @@ def triage(
         for s in range(n_shards)
     }
     with open_run(out, "triage", resume=resume) as run:
+        # 2. the manifest; a resumed run must be the same run (checked before any model loads)
+        run.start(
+            {
+                "config": config.to_dict(),
+                "prompts": {**info, "count": len(df)},
+                "prompts_sha256": _digest(ids, texts),
+                "shard_size": per_shard,
+                "n_shards": n_shards,
+                "seeds": {"run_seed": config.seed, "derivation": "blake2b(run_seed, prompt_id, generation) → 63-bit"},
+            },
+            identity=("config", "shard_size", "n_shards", "prompts_sha256"),
+            started=started,
+        )
+        run.store.log(
+            f"triage: {len(df)} prompts in {n_shards} shards of {per_shard}, {config.generations} generations each"
+        )
         with triage_pool(runner, model, config, runner_options, log=run.store.log) as pool:
-            # 2. the model as a worker loaded it (the driver of a Ray run loads nothing)
-            loaded = pool.call(describe_triage_worker)
-            spec = source if isinstance(model, (str, Path, Text2ImageGenerator)) and source else model
-            record = model_record(spec)
-            model_info = {**record, "parameters": loaded["parameters"], "source": source}
-            model_info.update(pipeline=loaded["pipeline"], dtype=loaded["dtype"])
-            run.start(
-                {
-                    "config": config.to_dict(),
-                    "model": model_info,
-                    "runner": pool.describe(),
-                    "prompts": {**info, "count": len(df)},
-                    "prompts_sha256": _digest(ids, texts),
-                    "shard_size": per_shard,
-                    "n_shards": n_shards,
-                    "seeds": {
-                        "run_seed": config.seed,
-                        "derivation": "blake2b(run_seed, prompt_id, generation) → 63-bit",
-                    },
-                },
-                identity=("config", "shard_size", "n_shards", "prompts_sha256"),
-                started=started,
+            # 3. the model as a worker loaded it (the driver of a Ray run loads nothing)
+            run.manifest.update(
+                model=_model_info(model, source, pool.call(describe_triage_worker)), runner=pool.describe()
             )
-            run.store.log(
-                f"triage: {len(df)} prompts in {n_shards} shards of {per_shard}, {config.generations} generations each"
-            )
-            # 3. score the shards not yet committed, then merge them in shard order
+            run.save()
+            # 4. score the shards not yet committed
             run_shards(
                 run,
                 pool,
@@ -191,39 +187,55 @@ def triage(
                 stop_after_shards=stop_after_shards,
                 describe=lambda s, t: f"{len(t['scores'])} prompts",
             )
-        merged = run.store.merge(n_shards, tables=("scores",))["scores"]
-        if merged["prompt_id"].astype(str).tolist() != ids:
-            raise MemscanError(
-                f"the shards of {run.root} do not hold the prompts of this run", "start a new run with another --out"
-            )
-        # 4. tables: scores (all prompts) and the ranked, cut prompts file
-        table = _scores_table(df, merged, config)
-        ranked = select_ranked(table, score, top, min_score)
-        write_table(table, run.root / "scores.parquet")
-        cols = ["prompt_id", "prompt", "train_id", "duplicate_count", f"{score}_score"]
-        tmp = run.root / ".prompts.csv.tmp"
-        ranked[cols].rename(columns={f"{score}_score": "score"}).to_csv(tmp, index=False)
-        tmp.replace(run.root / "prompts.csv")
-        # 5. manifest: cost against the full attack, ranking, throughput
-        full = (
-            FULL_ATTACK["samples_per_prompt"] * FULL_ATTACK["num_inference_steps"] * FULL_ATTACK["evaluations_per_step"]
-        )
-        per_prompt = 2 * config.generations * config.steps
+        # 5. tables from the merged shards: scores (all prompts), the ranked and cut prompts file
+        table, ranked = _write_tables(run, df, n_shards, config, score, top, min_score)
         seconds = sum(float(run.store.shard_record(s).get("seconds", 0.0)) for s in range(n_shards))
         manifest = run.finish(
             ranking={"score": score, "top": top, "min_score": min_score, "kept": len(ranked)},
-            cost={
-                "unet_evaluations_per_prompt": per_prompt,
-                "full_attack_unet_evaluations_per_prompt": full,
-                "full_attack": FULL_ATTACK,
-                "share_of_full_attack": per_prompt / full,
-            },
+            cost=_cost(config),
             throughput={
                 "seconds": round(seconds, 3),
                 "prompts_per_s": round(len(table) / seconds, 2) if seconds else None,
             },
         )
     return TriageResult(Path(out), table, ranked, manifest)
+
+
+def _model_info(model, source: str | None, loaded: dict) -> dict:
+    """The manifest's ``model``: :func:`model_record` (its parameter count from a worker, which
+    loaded the pipeline) with the pipeline class, dtype and the ``--model`` as given."""
+    spec = source if isinstance(model, (str, Path, Text2ImageGenerator)) and source else model
+    info = {**model_record(spec), "parameters": loaded["parameters"], "source": source}
+    return {**info, "pipeline": loaded["pipeline"], "dtype": loaded["dtype"]}
+
+
+def _write_tables(run, df: pd.DataFrame, n_shards: int, config: TriageConfig, score, top, min_score):
+    """Merge the shards, write ``scores.parquet`` and ``prompts.csv``; returns both tables."""
+    merged = run.store.merge(n_shards, tables=("scores",))["scores"]
+    if merged["prompt_id"].astype(str).tolist() != df["prompt_id"].astype(str).tolist():
+        raise MemscanError(
+            f"the shards of {run.root} do not hold the prompts of this run", "start a new run with another --out"
+        )
+    table = _scores_table(df, merged, config)
+    ranked = select_ranked(table, score, top, min_score)
+    write_table(table, run.root / "scores.parquet")
+    cols = ["prompt_id", "prompt", "train_id", "duplicate_count", f"{score}_score"]
+    tmp = run.root / ".prompts.csv.tmp"
+    ranked[cols].rename(columns={f"{score}_score": "score"}).to_csv(tmp, index=False)
+    tmp.replace(run.root / "prompts.csv")
+    return table, ranked
+
+
+def _cost(config: TriageConfig) -> dict:
+    """UNet evaluations per prompt of triage against the full attack's."""
+    full = FULL_ATTACK["samples_per_prompt"] * FULL_ATTACK["num_inference_steps"] * FULL_ATTACK["evaluations_per_step"]
+    per_prompt = 2 * config.generations * config.steps
+    return {
+        "unet_evaluations_per_prompt": per_prompt,
+        "full_attack_unet_evaluations_per_prompt": full,
+        "full_attack": FULL_ATTACK,
+        "share_of_full_attack": per_prompt / full,
+    }
 
 
 def _scores_table(df: pd.DataFrame, merged: pd.DataFrame, config: TriageConfig) -> pd.DataFrame:
