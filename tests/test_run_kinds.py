@@ -169,6 +169,35 @@ def _memscore(tmp: Path, out: Path) -> list:
     ]  # fmt: skip
 
 
+TINY_SD = Path(__file__).parent / "data" / "tiny_sd_memorized"
+
+
+def _triage(tmp: Path, out: Path) -> list:
+    # 6 prompts, 2 per shard (--batch-size 4 // --generations 2 = 2 prompts per UNet batch): 3 shards
+    return [
+        "triage",
+        "--model",
+        TINY_SD,
+        "--prompts",
+        _prompts(tmp),
+        "--out",
+        out,
+        "--generations",
+        2,
+        "--batch-size",
+        4,
+        "--shard-size",
+        2,
+        "--num-inference-steps",
+        4,
+        "--guidance-scale",
+        3.0,
+        "--top",
+        3,
+        "--quiet",
+    ]
+
+
 # Each section below is one family of run kinds; adding a kind = an argv builder + one KindCase.
 CASES = [
     # ---- extraction: extract, extract-unconditional, index ------------------------------------
@@ -177,6 +206,7 @@ CASES = [
     # the index of a training set: embedding shards; the pixel embedder is no model
     KindCase("index", _index, ("ids",), kill_after=2, has_model=False, arrays=("embeddings",)),
     # ---- triage -----------------------------------------------------------------------------------
+    KindCase("triage", _triage, ("scores",), kill_after=1),
     # ---- membership inference: mia, inpaint, memscore ---------------------------------------------
     KindCase("mia", _mia, ("examples", "losses", "scores", "metrics"), kill_after=1),
     KindCase("inpaint", _inpaint, ("examples", "distances", "scores", "metrics"), kill_after=1),

@@ -128,7 +128,8 @@ def test_cli_triage_writes_scores_and_a_ranked_file_extract_reads(tmp_path):
     assert manifest["config"]["num_inference_steps"] == 10
     assert "3 kept" in proc.stdout
     again = run_cli("triage", "--model", DATA, "--prompts", tmp_path / "prompts.txt", "--out", run, check=False)
-    assert again.returncode == 2 and "already holds a triage run" in again.stderr
+    # one run lifecycle (issue 12): the refusal is open_run's, and it points at --resume
+    assert again.returncode == 2 and "already holds a run" in again.stderr and "--resume" in again.stderr
 
 
 def test_min_score_and_top_cuts(tmp_path, model):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from memscan.commands.common import run_library_call as _run
+from memscan.commands.common import clean_errors, quiet_option, resume_option
 
 
 def register(app: typer.Typer) -> None:
@@ -26,26 +26,62 @@ def register(app: typer.Typer) -> None:
         min_score: float | None = typer.Option(None, "--min-score", help="keep prompts scoring at least this"),
         seed: int = typer.Option(0, help="run seed"),
         batch_size: int = typer.Option(32, help="generations per UNet call"),
+        shard_size: int = typer.Option(
+            64, "--shard-size", help="prompts per shard, the unit of --resume (rounded up to whole UNet batches)"
+        ),
         device: str = typer.Option("cpu", help="cpu or cuda"),
         dtype: str = typer.Option("auto", help="auto, fp32, fp16, bf16"),
-        quiet: bool = typer.Option(False, "--quiet", help="no progress bar"),
+        resume: bool = resume_option(),
+        runner: str = typer.Option(
+            "local", "--runner", help="local, or ray: shards on a pool of Ray actors (memscan[ray])"
+        ),
+        ray_address: str | None = typer.Option(
+            None,
+            "--ray-address",
+            help="runner ray: existing cluster (auto, HOST:6379, ray://HOST:10001) [start a local Ray]",
+        ),
+        num_workers: int | None = typer.Option(
+            None, "--num-workers", help="runner ray: workers, one pipeline load each [as many as the cluster fits]"
+        ),
+        gpus_per_worker: float | None = typer.Option(
+            None, "--gpus-per-worker", help="runner ray: GPUs each worker asks for [1 with --device cuda, else 0]"
+        ),
+        quiet: bool = quiet_option("no progress bar"),
     ):
         """Score prompts with one or a few denoising steps (Wen et al. 2024, Webster 2023); write
         scores.parquet and a ranked prompts.csv that `memscan extract --prompts` reads."""
+        from memscan.runners.ray_runner import RayOptions
         from memscan.triage import TriageConfig
         from memscan.triage import triage as run_triage
 
-        cfg = TriageConfig(
-            generations=generations,
-            steps=steps,
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            seed=seed,
-            batch_size=batch_size,
-            device=device,
-            dtype=dtype,
-        )
-        res = _run(run_triage, model, prompts, out, cfg, score=score, top=top, min_score=min_score, progress=not quiet)
+        with clean_errors():
+            cfg = TriageConfig(
+                generations=generations,
+                steps=steps,
+                num_inference_steps=num_inference_steps,
+                guidance_scale=guidance_scale,
+                seed=seed,
+                batch_size=batch_size,
+                device=device,
+                dtype=dtype,
+            )
+            ray_options = RayOptions.from_cli(
+                runner, address=ray_address, num_workers=num_workers, gpus_per_worker=gpus_per_worker, device=device
+            )
+            res = run_triage(
+                model,
+                prompts,
+                out,
+                cfg,
+                score=score,
+                top=top,
+                min_score=min_score,
+                progress=not quiet,
+                resume=resume,
+                shard_size=shard_size,
+                runner=runner,
+                runner_options=ray_options,
+            )
         cost = res.manifest["cost"]
         typer.echo(
             f"{len(res.scores)} prompts scored ({cost['unet_evaluations_per_prompt']} UNet evaluations each, "

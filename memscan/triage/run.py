@@ -7,13 +7,20 @@ A triage run directory holds
   ``duplicate_count`` when the prompts table had them;
 - ``prompts.csv`` — the prompts ranked by the chosen score (highest first), cut to ``top`` and/or
   ``min_score``; ``memscan extract --prompts RUN/prompts.csv`` reads it as it is;
-- ``manifest.json`` — configuration, model, seeds, versions, counts and the cost per prompt
-  next to the full attack's.
+- ``manifest.json`` — configuration, model (id, parameters, training step, pipeline, dtype),
+  seeds, versions, the cost per prompt next to the full attack's, ranking and throughput;
+- ``shards/`` — each shard's scores and completion record (``--resume`` redoes only the rest),
+  ``run.log``, and ``report.html`` once ``memscan report RUN`` made it.
+
+It is written through the one run lifecycle (:func:`memscan.store.open_run`: lock, resume,
+status) and the one shard loop (:func:`memscan.runners.shards.run_shards`), on the local or the
+Ray runner (:mod:`memscan.triage.worker`).
 """
 
 from __future__ import annotations
 
-import json
+import hashlib
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +29,16 @@ import pandas as pd
 
 from memscan.data.prompts import load_prompts
 from memscan.errors import InputError, MemscanError
-from memscan.store import atomic_write_json, write_table
-from memscan.triage.scores import SCORES, TriageConfig, TriageModel, score_prompts
+from memscan.generators.diffusers_models import read_meta
+from memscan.generators.model_record import model_record
+from memscan.generators.text2image import Text2ImageGenerator
+from memscan.runners.shards import run_shards
+from memscan.store import RunStore, open_run, write_table
+from memscan.triage.scores import SCORES, TriageConfig
+from memscan.triage.worker import describe_triage_worker, shard_prompts, triage_pool, triage_stage
+
+#: Prompts per shard by default (the unit of commit and ``--resume``).
+DEFAULT_SHARD_SIZE = 64
 
 #: Generations and sampler steps of the full attack that triage is compared against
 #: (Carlini et al. 2023: 500 generations; Stable Diffusion's default 50 steps, ×2 for guidance).
@@ -91,95 +106,164 @@ def triage(
     top: int | None = None,
     min_score: float | None = None,
     progress: bool = True,
+    resume: bool = False,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    runner: str = "local",
+    runner_options=None,
+    stop_after_shards: int | None = None,
 ) -> TriageResult:
     """Score every prompt (Wen et al. 2024, Webster 2023) and write a triage run directory.
 
     Parameters
     ----------
     model : a text-to-image pipeline directory or hub id, a loaded diffusers pipeline, or a
-        :class:`memscan.generators.text2image.Text2ImageGenerator`
+        :class:`memscan.generators.text2image.Text2ImageGenerator` (the Ray runner needs a
+        directory or hub id: each worker loads its own pipeline)
     prompts : prompts file (text, CSV or Parquet, as ``memscan extract`` reads), a list of
         strings, or a table with ``prompt_id``, ``prompt``
-    out : the triage run directory (must not hold a triage run already)
+    out : the triage run directory (must not hold a run already, unless ``resume``)
     config : :class:`TriageConfig`
     score : which score ranks ``prompts.csv`` (``wen`` or ``webster``)
     top, min_score : keep the ``top`` highest-scoring prompts and/or those scoring ≥ ``min_score``
+    resume : finish the run in ``out`` (same config, shard size and prompts); committed shards
+        are kept. The ranking options may differ: ``prompts.csv`` is made from the merged scores.
+    shard_size : prompts per shard (the unit of commit and resume), rounded up to a whole number
+        of UNet batches of ``batch_size // generations`` prompts; the scores do not depend on it
+    runner : ``"local"`` (shards one after the other in this process) or ``"ray"`` (a pool of Ray
+        actors, ``pip install memscan[ray]``, see docs/scale.md); either can resume the other's run
+    runner_options : :class:`memscan.runners.RayOptions` (or a dict of its fields) for ``"ray"``
+    stop_after_shards : stop after this many new shards (a kill hook for tests of resume)
     """
     config = config.validate()
-    out = Path(out)
-    if (out / "scores.parquet").exists():
-        raise MemscanError(f"{out} already holds a triage run", "choose another --out")
     select_ranked(pd.DataFrame(columns=["prompt_id", "wen_score", "webster_score"]), score, top, min_score)
-    df, info = _prompt_table(prompts)  # bad prompts fail here, before the model loads
+    df, info = _prompt_table(prompts)  # bad prompts fail here, before the run or the model
     started = time.time()
-    # 1. the model, with sampling defaults from its memscan.json
-    pipe, source, meta = _load(model, config)
+    # 1. sampling defaults from the model's memscan.json (the workers load the model itself);
+    #    shards are whole UNet batches of prompts
+    source, meta = _sampling_defaults(model)
     steps = config.num_inference_steps or int(meta.get("num_inference_steps", 50))
     guidance = config.guidance_scale if config.guidance_scale is not None else float(meta.get("guidance_scale", 7.5))
     config = TriageConfig(**{**config.to_dict(), "num_inference_steps": steps, "guidance_scale": guidance}).validate()
-    tm = TriageModel(pipe, config.device)
-    # 2. score all prompts
-    t0 = time.perf_counter()
-    res = _score_with_progress(tm, df, config, progress)
-    seconds = time.perf_counter() - t0
-    # 3. tables: scores (all prompts) and the ranked, cut prompts file
+    per_shard = shard_prompts(shard_size, config)
+    n_shards = math.ceil(len(df) / per_shard)
+    ids, texts = df["prompt_id"].astype(str).tolist(), df["prompt"].astype(str).tolist()
+    shard_args = {
+        s: (ids[s * per_shard : (s + 1) * per_shard], texts[s * per_shard : (s + 1) * per_shard])
+        for s in range(n_shards)
+    }
+    with open_run(out, "triage", resume=resume) as run:
+        # 2. the manifest; a resumed run must be the same run (checked before any model loads)
+        run.start(
+            {
+                "config": config.to_dict(),
+                "prompts": {**info, "count": len(df)},
+                "prompts_sha256": _digest(ids, texts),
+                "shard_size": per_shard,
+                "n_shards": n_shards,
+                "seeds": {"run_seed": config.seed, "derivation": "blake2b(run_seed, prompt_id, generation) → 63-bit"},
+            },
+            identity=("config", "shard_size", "n_shards", "prompts_sha256"),
+            started=started,
+        )
+        run.store.log(
+            f"triage: {len(df)} prompts in {n_shards} shards of {per_shard}, {config.generations} generations each"
+        )
+        with triage_pool(runner, model, config, runner_options, log=run.store.log) as pool:
+            # 3. the model as a worker loaded it (the driver of a Ray run loads nothing)
+            run.manifest.update(
+                model=_model_info(model, source, pool.call(describe_triage_worker)), runner=pool.describe()
+            )
+            run.save()
+            # 4. score the shards not yet committed
+            run_shards(
+                run,
+                pool,
+                triage_stage,
+                shard_args,
+                weights={s: len(a[0]) for s, a in shard_args.items()},
+                label="triage",
+                unit="prompts",
+                progress=progress,
+                stop_after_shards=stop_after_shards,
+                describe=lambda s, t: f"{len(t['scores'])} prompts",
+            )
+        # 5. tables from the merged shards: scores (all prompts), the ranked and cut prompts file
+        table, ranked = _write_tables(run, df, n_shards, config, score, top, min_score)
+        seconds = sum(float(run.store.shard_record(s).get("seconds", 0.0)) for s in range(n_shards))
+        manifest = run.finish(
+            ranking={"score": score, "top": top, "min_score": min_score, "kept": len(ranked)},
+            cost=_cost(config),
+            throughput={
+                "seconds": round(seconds, 3),
+                "prompts_per_s": round(len(table) / seconds, 2) if seconds else None,
+            },
+        )
+    return TriageResult(Path(out), table, ranked, manifest)
+
+
+def _model_info(model, source: str | None, loaded: dict) -> dict:
+    """The manifest's ``model``: :func:`model_record` (its parameter count from a worker, which
+    loaded the pipeline) with the pipeline class, dtype and the ``--model`` as given."""
+    spec = source if isinstance(model, (str, Path, Text2ImageGenerator)) and source else model
+    info = {**model_record(spec), "parameters": loaded["parameters"], "source": source}
+    return {**info, "pipeline": loaded["pipeline"], "dtype": loaded["dtype"]}
+
+
+def _write_tables(run, df: pd.DataFrame, n_shards: int, config: TriageConfig, score, top, min_score):
+    """Merge the shards, write ``scores.parquet`` and ``prompts.csv``; returns both tables."""
+    merged = run.store.merge(n_shards, tables=("scores",))["scores"]
+    if merged["prompt_id"].astype(str).tolist() != df["prompt_id"].astype(str).tolist():
+        raise MemscanError(
+            f"the shards of {run.root} do not hold the prompts of this run", "start a new run with another --out"
+        )
+    table = _scores_table(df, merged, config)
+    ranked = select_ranked(table, score, top, min_score)
+    write_table(table, run.root / "scores.parquet")
+    cols = ["prompt_id", "prompt", "train_id", "duplicate_count", f"{score}_score"]
+    tmp = run.root / ".prompts.csv.tmp"
+    ranked[cols].rename(columns={f"{score}_score": "score"}).to_csv(tmp, index=False)
+    tmp.replace(run.root / "prompts.csv")
+    return table, ranked
+
+
+def _cost(config: TriageConfig) -> dict:
+    """UNet evaluations per prompt of triage against the full attack's."""
+    full = FULL_ATTACK["samples_per_prompt"] * FULL_ATTACK["num_inference_steps"] * FULL_ATTACK["evaluations_per_step"]
+    per_prompt = 2 * config.generations * config.steps
+    return {
+        "unet_evaluations_per_prompt": per_prompt,
+        "full_attack_unet_evaluations_per_prompt": full,
+        "full_attack": FULL_ATTACK,
+        "share_of_full_attack": per_prompt / full,
+    }
+
+
+def _scores_table(df: pd.DataFrame, merged: pd.DataFrame, config: TriageConfig) -> pd.DataFrame:
+    """One row per prompt: its ids, both scores, their ranks (1 = most likely memorized), the cost."""
     table = df[["prompt_id", "prompt", "train_id", "duplicate_count"]].copy()
     table["duplicate_count"] = pd.to_numeric(table["duplicate_count"], errors="coerce").astype("Int64")
-    table["wen_score"] = res["wen"]
-    table["webster_score"] = res["webster"]
+    table["wen_score"] = merged["wen_score"].to_numpy(dtype=float)
+    table["webster_score"] = merged["webster_score"].to_numpy(dtype=float)
     for s in SCORES:
         table[f"{s}_rank"] = table[f"{s}_score"].rank(ascending=False, method="min").astype(int)
     table["generations"] = config.generations
     table["steps"] = config.steps
-    table["unet_evaluations"] = res["unet_evaluations_per_prompt"]
-    ranked = select_ranked(table, score, top, min_score)
-    out.mkdir(parents=True, exist_ok=True)
-    write_table(table, out / "scores.parquet")
-    cols = ["prompt_id", "prompt", "train_id", "duplicate_count", f"{score}_score"]
-    tmp = out / ".prompts.csv.tmp"
-    ranked[cols].rename(columns={f"{score}_score": "score"}).to_csv(tmp, index=False)
-    tmp.replace(out / "prompts.csv")
-    # 4. manifest: configuration, cost against the full attack, counts
-    full = FULL_ATTACK["samples_per_prompt"] * FULL_ATTACK["num_inference_steps"] * FULL_ATTACK["evaluations_per_step"]
-    per_prompt = res["unet_evaluations_per_prompt"]
-    manifest = {
-        "memscan_run": 1,
-        "command": "triage",
-        "config": config.to_dict(),
-        "model": {"source": source, "pipeline": type(pipe).__name__, "dtype": str(tm.dtype).replace("torch.", "")},
-        "prompts": {**info, "count": len(table)},
-        "ranking": {"score": score, "top": top, "min_score": min_score, "kept": len(ranked)},
-        "seeds": {"run_seed": config.seed, "derivation": "blake2b(run_seed, prompt_id, generation) → 63-bit"},
-        "cost": {
-            "unet_evaluations_per_prompt": per_prompt,
-            "full_attack_unet_evaluations_per_prompt": full,
-            "full_attack": FULL_ATTACK,
-            "share_of_full_attack": per_prompt / full,
-        },
-        "throughput": {
-            "seconds": round(seconds, 3),
-            "prompts_per_s": round(len(table) / seconds, 2) if seconds else None,
-        },
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
-        "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    }
-    atomic_write_json(out / "manifest.json", manifest)
-    return TriageResult(out, table, ranked, manifest)
+    table["unet_evaluations"] = 2 * config.generations * config.steps
+    return table
 
 
-def _load(model, config: TriageConfig):
-    from memscan.generators.diffusers_models import read_meta
-    from memscan.generators.text2image import Text2ImageGenerator, load_pipeline
+def _digest(ids: list[str], texts: list[str]) -> str:
+    """sha256 of the prompt ids and texts (a resumed run must score the same prompts)."""
+    h = hashlib.sha256()
+    for i, t in zip(ids, texts):
+        h.update(i.encode() + b"\0" + t.encode() + b"\0")
+    return h.hexdigest()
 
+
+def _sampling_defaults(model) -> tuple[str | None, dict]:
+    """``(source, memscan.json sampling defaults)`` of ``model``, without loading it."""
     if isinstance(model, Text2ImageGenerator):
-        return (
-            model.pipe,
-            model.config.get("source"),
-            {
-                "num_inference_steps": model.steps,
-                "guidance_scale": model.guidance_scale,
-            },
-        )
+        return model.config.get("source"), {"num_inference_steps": model.steps, "guidance_scale": model.guidance_scale}
     if isinstance(model, (str, Path)):
         root = Path(model)
         if root.exists() and not (root / "model_index.json").exists():
@@ -187,32 +271,10 @@ def _load(model, config: TriageConfig):
                 f"{model} holds no model_index.json; triage needs a text-to-image pipeline",
                 "pass a directory saved with StableDiffusionPipeline.save_pretrained, or a hub id",
             )
-        meta = read_meta(root) if root.is_dir() else {}
-        return load_pipeline(str(model), device=config.device, dtype=config.dtype), str(model), meta
+        return str(model), (read_meta(root) if root.is_dir() else {})
     if hasattr(model, "unet"):
-        return model, type(model).__name__, {}
+        return type(model).__name__, {}
     raise InputError(f"cannot triage a {type(model).__name__}", "pass a pipeline directory, hub id or pipeline")
-
-
-def _score_with_progress(tm: TriageModel, df: pd.DataFrame, config: TriageConfig, progress: bool) -> dict:
-    """Score in chunks of prompts so a progress bar can follow (results do not depend on chunks)."""
-    import numpy as np
-
-    from memscan.progress import progress_bar
-
-    ids, texts = df["prompt_id"].astype(str).tolist(), df["prompt"].astype(str).tolist()
-    chunk = max(1, config.batch_size // config.generations)
-    parts = []
-    with progress_bar(progress, unit="prompts") as bar:
-        task = bar.add_task("triage", total=len(ids))
-        for s in range(0, len(ids), chunk):
-            parts.append(score_prompts(tm, ids[s : s + chunk], texts[s : s + chunk], config))
-            bar.update(task, advance=len(ids[s : s + chunk]))
-    return {
-        "wen": np.concatenate([p["wen"] for p in parts]),
-        "webster": np.concatenate([p["webster"] for p in parts]),
-        "unet_evaluations_per_prompt": parts[0]["unet_evaluations_per_prompt"],
-    }
 
 
 def read_scores(run: str | Path) -> pd.DataFrame:
@@ -224,4 +286,5 @@ def read_scores(run: str | Path) -> pd.DataFrame:
 
 
 def manifest_of(run: str | Path) -> dict:
-    return json.loads((Path(run) / "manifest.json").read_text())
+    """The manifest of a triage run (older runs, with ``"command"``, included)."""
+    return RunStore(run).read_manifest(expect="triage")

@@ -1,0 +1,139 @@
+"""The triage worker: setup, stage and pool, as every runner calls them.
+
+``setup_triage`` runs once per worker: it loads the pipeline (from its ``--model`` spec, so that
+each Ray actor loads its own; the local runner may also be handed a loaded pipeline) and keeps a
+:class:`~memscan.triage.scores.TriageModel`. ``triage_stage`` scores one shard of prompts. The
+local runner calls both in-process, the Ray runner in each actor; the driver commits the shards.
+
+Inside a shard, prompts are scored in chunks of ``batch_size // generations`` prompts (one UNet
+batch each; the progress bar moves per chunk). :func:`shard_prompts` makes every shard a whole
+number of chunks, so the UNet batches — and so the scores, to the last bit — are the same
+whatever the shard size and the runner.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from memscan.errors import InputError, user_code
+from memscan.generators.model_record import count_parameters
+from memscan.generators.text2image import Text2ImageGenerator, load_pipeline
+from memscan.runners import RayOptions, WorkerPool, make_pool, require_ray
+from memscan.triage.scores import TriageConfig, TriageModel, score_prompts
+
+
+@dataclass
+class TriageWorker:
+    """A worker's context: its own pipeline (as a :class:`TriageModel`) and the config."""
+
+    model: TriageModel
+    config: TriageConfig
+
+
+def chunk_prompts(config: TriageConfig) -> int:
+    """Prompts per UNet batch: ``batch_size // generations`` (at least 1).
+
+    Examples
+    --------
+    >>> chunk_prompts(TriageConfig(generations=4, batch_size=32)), chunk_prompts(TriageConfig(generations=8, batch_size=4))
+    (8, 1)
+    """
+    return max(1, config.batch_size // config.generations)
+
+
+def shard_prompts(shard_size: int, config: TriageConfig) -> int:
+    """Prompts per shard: ``shard_size`` rounded up to a whole number of UNet batches.
+
+    Examples
+    --------
+    >>> shard_prompts(64, TriageConfig(generations=4, batch_size=32)), shard_prompts(5, TriageConfig(generations=2, batch_size=8))
+    (64, 8)
+    """
+    if shard_size < 1:
+        raise InputError(f"shard_size={shard_size}", "use at least 1 prompt per shard")
+    chunk = chunk_prompts(config)
+    return math.ceil(shard_size / chunk) * chunk
+
+
+def setup_triage(model: Any, config: TriageConfig) -> TriageWorker:
+    """Load the pipeline (when given as a spec) on ``config.device``; once per worker."""
+    if isinstance(model, (str, Path)):
+        with user_code(f"loading the pipeline {model} failed", "fix the model and rerun"):
+            pipe = load_pipeline(str(model), device=config.device, dtype=config.dtype)
+    elif isinstance(model, Text2ImageGenerator):
+        pipe = model.pipe
+    else:
+        pipe = model
+    return TriageWorker(TriageModel(pipe, config.device), config)
+
+
+def describe_triage_worker(worker: TriageWorker) -> dict:
+    """What the manifest records of the worker's model: pipeline class, dtype, parameters."""
+    return {
+        "pipeline": type(worker.model.pipe).__name__,
+        "dtype": str(worker.model.dtype).replace("torch.", ""),
+        "parameters": count_parameters(worker.model.pipe),
+    }
+
+
+def triage_stage(
+    worker: TriageWorker, prompt_ids: list[str], prompts: list[str], progress=None
+) -> tuple[dict[str, pd.DataFrame], dict]:
+    """Score one shard of prompts; returns ``({"scores": prompt_id, wen_score, webster_score}, meta)``."""
+    config = worker.config
+    chunk = chunk_prompts(config)
+    t0 = time.perf_counter()
+    wen, webster = [], []
+    for s in range(0, len(prompt_ids), chunk):
+        ids = prompt_ids[s : s + chunk]
+        which = f"prompt {ids[0]}" if len(ids) == 1 else f"prompts {ids[0]}…{ids[-1]}"
+        with user_code(f"the pipeline failed on {which}"):
+            res = score_prompts(worker.model, ids, prompts[s : s + chunk], config)
+        wen.append(res["wen"])
+        webster.append(res["webster"])
+        if progress is not None:
+            progress(len(prompt_ids[s : s + chunk]))
+    table = pd.DataFrame(
+        {
+            "prompt_id": list(prompt_ids),
+            "wen_score": np.concatenate(wen) if wen else np.zeros(0),
+            "webster_score": np.concatenate(webster) if webster else np.zeros(0),
+        }
+    )
+    return {"scores": table}, {"prompts": len(prompt_ids), "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def triage_pool(runner: str, model: Any, config: TriageConfig, options=None, log=None) -> WorkerPool:
+    """The worker pool ``memscan triage`` uses for ``runner`` ("local" or "ray").
+
+    The local runner takes a loaded pipeline (or :class:`Text2ImageGenerator`) or a spec; the Ray
+    runner takes a spec only (a pipeline directory or hub id): each worker loads its own pipeline.
+    """
+    if runner != "ray":
+        return make_pool(runner, setup_triage, (model, config), options, log=log)
+    require_ray()
+    if not isinstance(model, (str, Path)):
+        raise InputError(
+            f"the Ray runner loads the pipeline in each worker, but got a loaded {type(model).__name__}",
+            "pass the --model directory or hub id instead of a pipeline object",
+        )
+    opts = options if isinstance(options, RayOptions) else RayOptions(**(options or {}))
+    device = str(config.device)
+    if device.startswith("cuda") and opts.gpus_per_worker <= 0:
+        raise InputError(
+            f"device={device} but the Ray workers ask for no GPU",
+            "pass --gpus-per-worker 1 (Ray hides the GPUs from workers that did not ask for one)",
+        )
+    if device.startswith("cuda:"):  # Ray numbers each worker's GPUs from 0
+        config = TriageConfig(**{**config.to_dict(), "device": "cuda"})
+    spec = str(model)
+    if not spec.startswith("py:") and Path(spec).expanduser().exists():
+        spec = str(Path(spec).expanduser().resolve())  # workers may start in another directory
+    return make_pool("ray", setup_triage, (spec, config), opts, log=log)
