@@ -421,7 +421,8 @@ class _Matrix:
         self.blocks = [(s, min(nq, s + rows)) for s in range(0, max(nq, 1), rows)] if nq and nr else []
         widest = max(nr, min(nq, rows)) if not symmetric else nr
         per_row = self.tw * self.c * dtype.itemsize * max(1, widest)
-        self.chunk_rows = max(1, min(self.th, GATHER_BYTES // per_row))
+        # in cache-sized chunks on the CPU; a GPU gains nothing from them but more launches
+        self.chunk_rows = max(1, min(self.th, GATHER_BYTES // per_row)) if device.type == "cpu" else self.th
 
     def items(self):
         return [(self, s, e, i, j) for (s, e) in self.blocks for i in range(self.grid) for j in range(self.grid)]
