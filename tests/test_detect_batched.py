@@ -164,3 +164,26 @@ def test_native_syrk_matches_a_product():
         iu = torch.triu_indices(37, 37)
         torch.testing.assert_close(c[iu[0], iu[1]], full[iu[0], iu[1]])
         assert (torch.tril(c, -1) == 0).all()
+
+
+def _greedy_reference(adj: np.ndarray) -> list[int]:
+    """The bitset greedy that cliques._greedy replaced (max over ascending positions)."""
+    n = adj.shape[0]
+    nbrs = [sum(1 << int(j) for j in np.flatnonzero(adj[i])) for i in range(n)]
+    cand, clique = (1 << n) - 1, []
+    while cand:
+        v = max((u for u in range(n) if cand >> u & 1), key=lambda u: (nbrs[u] & cand).bit_count())
+        clique.append(v)
+        cand &= nbrs[v]
+    return clique
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9, 0.99])
+def test_numpy_greedy_equals_the_bitset_greedy(p):
+    from memscan.cliques import _greedy
+
+    rng = np.random.default_rng(int(p * 100))
+    for n in (1, 7, 60):
+        upper = np.triu(rng.random((n, n)) < p, 1)
+        adj = upper | upper.T
+        assert _greedy(adj) == _greedy_reference(adj)
