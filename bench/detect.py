@@ -553,22 +553,26 @@ def format_results(rows: list[dict], machine: str) -> str:
 METHOD = """Method. One prompt = N = 500 generations, uint8, H×W×3. `random`: independent random
 images (no pair is below alpha, the clique step is trivial). `memorized`: 460 noisy copies of one
 image (Gaussian noise, σ uniform in [1, 6] grey levels per copy) and 40 unrelated images, so the
-generation graph is near-complete (alpha = 0.035) and the near-zero refinement runs. Each
-configuration runs in a fresh subprocess. Times are medians of repeated runs after a warm-up.
+generation graph is near-complete (alpha = 0.035) and the near-zero refinement runs. Distances
+are computed as detection computes them (`exact_near=alpha`: pairs within the float32 error
+bound of alpha recomputed exactly). Each configuration runs in a fresh subprocess, with one
+thread (`torch.set_num_threads(1)`) or torch's default; "× 1 thread" is the one-thread distance
+time over the default-thread one. Times are medians of repeated runs after a warm-up.
 Peak memory is the Linux peak resident set (`VmHWM`, reset through `/proc/self/clear_refs`)
 during one detection minus the resident set just before it, with the generations already
 loaded; tracemalloc cannot see torch. Roofline = the best median float32 `torch.mm` rate in the
 same process and thread setting (1024³, 2048³ and the workload's own N×D×N shape, measured
 before and after), both per wall-clock second and per CPU second (process CPU time, all
 threads), since the machine is shared and wall-clock figures move with its load; the target is
-judged per CPU second for one thread and per wall second for several (CPU time then also counts
-threads spinning while they wait on each other). Useful flops
+judged per CPU second for one thread and per wall second for several. Useful flops
 exploit symmetry: one multiply-add per pixel per unordered pair,
 N²·H·W·C (the full-matrix convention 2·N²·H·W·C would double the GFLOP/s and the fraction).
 The naive reference is a per-pair numpy loop in float64 (convert both images, loop over the 16
 tiles, `sqrt(mean(diff²))`, max), timed on a random sample of pairs (300 at 64×64, 40 at
 256×256) in the same process and extrapolated to N(N−1)/2 pairs; speedup compares distance
-times."""
+times. Shard rows: 8 prompts of one case in one process, first one thread and one prompt at a
+time (`detect` on each), then torch's default threads and one `detect_many` over the 8
+(distances, exact refinement and cliques included in both)."""
 
 
 def write_markdown(path: Path, body: str) -> None:
