@@ -31,6 +31,7 @@ The second term is a rigorous bound for identical images, so they always give ex
 
 from __future__ import annotations
 
+import math
 import threading
 from contextlib import contextmanager, nullcontext
 from typing import TypeVar
@@ -642,7 +643,7 @@ def _pairwise_stacked(xs, grid: int, block_elements: int, near: float | None) ->
     energy = torch.zeros((p, n), dtype=torch.float32, device=x.device)
     for i in range(grid):
         for j in range(grid):
-            t = x[:, :, i * th : (i + 1) * th, j * tw : (j + 1) * tw, :].reshape(p, n, d).to(torch.float32)
+            t = x[:, :, i * th : (i + 1) * th, j * tw : (j + 1) * tw, :].to(torch.float32).reshape(p, n, d)
             m = min(n, 64)
             mu = t[:, :m].mean(dim=1, keepdim=True)
             if x.dtype == torch.uint8:
@@ -815,15 +816,27 @@ def _refine_small(q, r, out, thresholds, grid, th, tw, block_elements, symmetric
     differences so that identical images still give exactly 0.
     """
     a, b, rel, gamma2 = thresholds
-    energy = a[:, None] + b[None, :]
-    bound2 = energy.mul_(gamma2)
-    small = out < torch.maximum(bound2 * (rel / gamma2), bound2.sqrt())
+    if out.numel() == 0:
+        return
+    # candidates first, with one scalar threshold (the largest any pair can have): one pass
+    # over the matrix, then the per-pair tests on the few candidates
+    e_max = float(a.max()) + float(b.max())
+    top = max(rel * e_max, math.sqrt(gamma2 * e_max))
     if near is not None:
-        small |= _near_mask(out, bound2, near)
-    del energy, bound2
+        n2 = float(near) * float(near)
+        top = max(top, math.sqrt(n2 + gamma2 * e_max + 1e-5 * n2))
+    idx = torch.nonzero(out < top * (1 + 1e-6), as_tuple=False)
     if symmetric:
-        small = torch.triu(small, diagonal=1)
-    idx = torch.nonzero(small, as_tuple=False)
+        idx = idx[idx[:, 0] < idx[:, 1]]
+    qi, ri = idx[:, 0], idx[:, 1]
+    bound2 = (a[qi] + b[ri]).mul_(gamma2)
+    dv = out[qi, ri]
+    small = dv < torch.maximum(bound2 * (rel / gamma2), bound2.sqrt())
+    if near is not None:
+        small |= _near_mask(dv, bound2, near)
+    del bound2, dv
+    if not bool(small.all()):
+        idx = idx[small]
     del small
     if idx.shape[0] == 0:
         return
