@@ -442,6 +442,26 @@ class _Matrix:
         products = (2 if self.syrk is not None else 1) * rows * nr * self.dtype.itemsize
         return gathered + products + 64 * (nq + nr)
 
+    def prealloc(self, scratch: dict) -> None:
+        """Allocate a worker's largest buffers for this matrix now, in the calling thread: its
+        allocator arena then serves them again once freed (worker threads get arenas of their
+        own, which would keep the freed memory in addition to what later phases use)."""
+        nr = self.r.shape[0]
+        rows = max((e - s for s, e in self.blocks), default=0)
+        dc = self.chunk_rows * self.tw * self.c
+        device = self.q.device
+        if not rows:
+            return
+        _buffer(scratch, "xr", (nr, dc), self.dtype, device)
+        if self.syrk is not None:
+            if ("gram", nr, self.dtype) not in scratch:
+                scratch[("gram", nr, self.dtype)] = torch.zeros((nr, nr), dtype=self.dtype)
+            _buffer(scratch, "sq", (nr, nr), self.dtype, device)
+            return
+        _buffer(scratch, "gemm", (rows, nr), self.dtype, device)
+        if not self.symmetric:
+            _buffer(scratch, "xq", (rows, dc), self.dtype, device)
+
     def input_bytes(self) -> int:
         """The images' size counted as uint8 (one byte per value)."""
         return self.q.numel() + (0 if self.symmetric else self.r.numel())
@@ -534,10 +554,13 @@ def _run_items(items, workers: int) -> None:
     lock = threading.Lock()
     todo = iter(items)
     errors: list = []
+    scratches = [{} for _ in range(workers)]
+    for m in {id(it[0]): it[0] for it in items}.values():
+        for scratch in scratches:
+            m.prealloc(scratch)
 
-    def loop():
+    def loop(scratch: dict):
         torch.set_num_threads(1)  # this thread's intra-op pool (OpenMP/MKL settings are per thread)
-        scratch: dict = {}
         while not errors:
             with lock:
                 item = next(todo, None)
@@ -548,11 +571,15 @@ def _run_items(items, workers: int) -> None:
             except BaseException as exc:  # re-raised in the calling thread
                 errors.append(exc)
 
-    pool = [threading.Thread(target=loop, name=f"memscan-tiles-{n}", daemon=True) for n in range(workers)]
+    pool = [
+        threading.Thread(target=loop, args=(scratches[n],), name=f"memscan-tiles-{n}", daemon=True)
+        for n in range(workers)
+    ]
     for t in pool:
         t.start()
     for t in pool:
         t.join()
+    del scratches, pool
     if errors:
         raise errors[0]
 
