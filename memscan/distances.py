@@ -528,7 +528,7 @@ def _buffer(scratch: dict, name: str, shape: tuple, dtype, device) -> torch.Tens
     return buf[:size].view(shape)
 
 
-def _plan_threads(matrices, threads: int | None) -> int:
+def _plan_threads(matrices, threads: int | None, input_bytes: int | None = None) -> int:
     """Worker threads for these matrices: at most ``threads`` (default: torch's setting), one
     per work item, ``MIN_WORK_PER_THREAD`` each, and buffers within ``WORKER_MEMORY``."""
     if any(m.q.device.type != "cpu" for m in matrices):
@@ -539,7 +539,9 @@ def _plan_threads(matrices, threads: int | None) -> int:
     items = sum(len(m.blocks) * m.grid * m.grid for m in matrices)
     work = sum(m.work() for m in matrices)
     per = max(m.worker_bytes() for m in matrices)
-    budget = WORKER_MEMORY * sum(m.input_bytes() for m in matrices)
+    if input_bytes is None:  # the images being compared (a refinement: those of its caller)
+        input_bytes = sum(m.input_bytes() for m in matrices)
+    budget = WORKER_MEMORY * input_bytes
     return int(max(1, min(want, items, work // MIN_WORK_PER_THREAD, budget // max(1, per))))
 
 
@@ -613,6 +615,7 @@ def _tiled_matrices(
     refine: bool = True,
     threads: int | None = None,
     near: float | None = None,
+    input_bytes: int | None = None,
 ) -> list:
     """Tiled ℓ2 matrices of several (queries, references) pairs: per tile one product, max over tiles.
 
@@ -629,7 +632,7 @@ def _tiled_matrices(
     """
     with _single_threaded_ops() as default_threads:
         matrices = [_Matrix(q, r, symmetric, dtype, grid, block_elements) for q, r in pairs]
-        workers = _plan_threads(matrices, threads if threads is not None else default_threads)
+        workers = _plan_threads(matrices, threads if threads is not None else default_threads, input_bytes)
         _run_items([it for m in matrices for it in m.items()], workers)
         outs = []
         for m in matrices:
@@ -638,7 +641,20 @@ def _tiled_matrices(
             out.clamp_(min=0.0).div_(scale).sqrt_()
             if refine and out.numel():
                 thresholds = _refine_thresholds(m.q_energy / scale, m.r_energy / scale, m.d, out.device)
-                _refine_small(m.q, m.r, out, thresholds, grid, m.th, m.tw, block_elements, symmetric, near, workers)
+                _refine_small(
+                    m.q,
+                    m.r,
+                    out,
+                    thresholds,
+                    grid,
+                    m.th,
+                    m.tw,
+                    block_elements,
+                    symmetric,
+                    near,
+                    workers,
+                    m.input_bytes(),
+                )
             if symmetric:
                 out = torch.triu(out, diagonal=1)
                 out = out + out.T
@@ -833,7 +849,9 @@ def _refine_thresholds(q_energy, r_energy, d: int, device) -> tuple:
     return q_energy.float(), r_energy.float(), REFINE_BELOW, 4.0 * gamma
 
 
-def _refine_small(q, r, out, thresholds, grid, th, tw, block_elements, symmetric, near=None, threads=None) -> None:
+def _refine_small(
+    q, r, out, thresholds, grid, th, tw, block_elements, symmetric, near=None, threads=None, input_bytes=None
+) -> None:
     """Recompute exactly, in place, the pairs within reach of float32 rounding: near zero, and
     (with ``near``) near that threshold.
 
@@ -877,7 +895,9 @@ def _refine_small(q, r, out, thresholds, grid, th, tw, block_elements, symmetric
     if 32 * idx.shape[0] >= uq.shape[0] * ur.shape[0]:
         sq = q[uq]
         sr = sq if symmetric else r[ur]
-        sub = _cross(sq, sr, grid, block_elements, symmetric, torch.float64, refine=False, threads=threads)
+        sub = _tiled_matrices(
+            [(sq, sr)], grid, block_elements, symmetric, torch.float64, False, threads, input_bytes=input_bytes
+        )[0]
         del sq, sr
         vals = sub[q_inv, r_inv]
         out[qi, ri] = vals.to(out.dtype)
