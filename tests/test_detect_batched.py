@@ -103,6 +103,11 @@ def test_batched_gemm_path_gives_the_same_edges_and_cliques():
         np.testing.assert_array_equal(b[_ref(x) == 0], 0.0)
     t = pairwise_tiled_l2_many([torch.from_numpy(x) for x in prompts], exact_near=ALPHA, batched_gemm=True)
     assert all(isinstance(d, torch.Tensor) for d in t)
+    floats = [x.astype(np.float32) / 255 for x in prompts[:2]]
+    for x, a, b in zip(prompts, pairwise_tiled_l2_many(floats, exact_near=ALPHA, batched_gemm=True), one):
+        assert np.abs(a - _ref(x)).max() <= 1e-5
+        np.testing.assert_array_equal(a < ALPHA, b < ALPHA)
+        np.testing.assert_array_equal(a[_ref(x) == 0], 0.0)
 
 
 def test_edges_follow_the_exact_distance_at_alpha():
