@@ -93,7 +93,9 @@ def detect_many(
 
         batches = [torch.as_tensor(b).to(device) for b in batches]
     dists = pairwise_tiled_l2_many(batches, grid, threads=threads, exact_near=alpha)
-    if len(dists) > 1 and all(hasattr(d, "cpu") and d.shape == dists[0].shape for d in dists):
+    if len(dists) > 1 and all(
+        hasattr(d, "cpu") and (d.shape, d.device) == (dists[0].shape, dists[0].device) for d in dists
+    ):
         import torch
 
         dists = list(torch.stack(dists).cpu().numpy())  # one copy back from a GPU, not one per prompt
