@@ -546,44 +546,51 @@ def _plan_threads(matrices, threads: int | None, input_bytes: int | None = None)
 
 
 def _run_items(items, workers: int) -> None:
-    """Run the work items on ``workers`` threads (the calling thread alone when 1); each worker
-    keeps its own buffers and runs its operations single-threaded."""
+    """Run the tile work items on ``workers`` threads (the calling thread alone when 1); each
+    worker keeps its own buffers, allocated here (see :meth:`_Matrix.prealloc`)."""
     if workers <= 1 or len(items) <= 1:
         scratch: dict = {}
         for item in items:
             _compute_item(item, scratch)
         return
-    lock = threading.Lock()
-    todo = iter(items)
-    errors: list = []
     scratches = [{} for _ in range(workers)]
     for m in {id(it[0]): it[0] for it in items}.values():
         for scratch in scratches:
             m.prealloc(scratch)
+    _thread_map(_compute_item, items, scratches)
 
-    def loop(scratch: dict):
+
+def _thread_map(fn, items, states: list) -> list:
+    """``[fn(item, state) for item in items]`` on ``len(states)`` threads, each with its own
+    state, running its operations single-threaded; the first exception is re-raised here."""
+    results: list = [None] * len(items)
+    lock = threading.Lock()
+    todo = iter(enumerate(items))
+    errors: list = []
+
+    def loop(state):
         torch.set_num_threads(1)  # this thread's intra-op pool (OpenMP/MKL settings are per thread)
         while not errors:
             with lock:
-                item = next(todo, None)
-            if item is None:
+                nxt = next(todo, None)
+            if nxt is None:
                 return
             try:
-                _compute_item(item, scratch)
+                results[nxt[0]] = fn(nxt[1], state)
             except BaseException as exc:  # re-raised in the calling thread
                 errors.append(exc)
 
     pool = [
-        threading.Thread(target=loop, args=(scratches[n],), name=f"memscan-tiles-{n}", daemon=True)
-        for n in range(workers)
+        threading.Thread(target=loop, args=(st,), name=f"memscan-tiles-{n}", daemon=True) for n, st in enumerate(states)
     ]
     for t in pool:
         t.start()
     for t in pool:
         t.join()
-    del scratches, pool
+    del pool, states
     if errors:
         raise errors[0]
+    return results
 
 
 @contextmanager
@@ -634,33 +641,31 @@ def _tiled_matrices(
         matrices = [_Matrix(q, r, symmetric, dtype, grid, block_elements) for q, r in pairs]
         workers = _plan_threads(matrices, threads if threads is not None else default_threads, input_bytes)
         _run_items([it for m in matrices for it in m.items()], workers)
-        outs = []
-        for m in matrices:
+
+        def finish(m, threads_inside):
             out = m.acc  # symmetric: the upper triangle is used
+            m.acc = None
             scale = m.units * m.units * m.d
             out.clamp_(min=0.0).div_(scale).sqrt_()
             if refine and out.numel():
                 thresholds = _refine_thresholds(m.q_energy / scale, m.r_energy / scale, m.d, out.device)
-                _refine_small(
-                    m.q,
-                    m.r,
-                    out,
-                    thresholds,
-                    grid,
-                    m.th,
-                    m.tw,
-                    block_elements,
-                    symmetric,
-                    near,
-                    workers,
-                    m.input_bytes(),
-                )
+                args = (grid, m.th, m.tw, block_elements, symmetric, near, threads_inside, m.input_bytes())
+                _refine_small(m.q, m.r, out, thresholds, *args)
             if symmetric:
                 out = torch.triu(out, diagonal=1)
                 out = out + out.T
-            outs.append(out)
-            m.acc = None
-    return outs
+            return out
+
+        # several matrices: finished (scaled, refined, mirrored) in parallel, each on one thread,
+        # as many at once as their temporaries allow; one matrix: its refinement uses the workers
+        fin = 0
+        if len(matrices) > 1 and workers > 1:
+            per = max(4 * m.acc.numel() * m.acc.element_size() + 3 * block_elements for m in matrices)
+            budget = WORKER_MEMORY * sum(m.input_bytes() for m in matrices)
+            fin = int(min(workers, len(matrices), budget // max(1, per)))
+        if fin > 1:
+            return _thread_map(finish, matrices, [1] * fin)
+        return [finish(m, workers) for m in matrices]
 
 
 def _same_shape_groups(xs, chosen) -> list[list[int]]:
