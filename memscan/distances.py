@@ -12,10 +12,15 @@ Images are ``H×W×C`` or batches ``N×H×W×C`` (grayscale: ``C = 1``), as ``ui
 floating point already in [0, 1]. numpy inputs give numpy outputs; torch tensors are computed
 on their own device (GPU included) and give torch outputs.
 
-The matrix versions never broadcast ``N×N×H×W×C``: each tile position is gathered once as a
-float32 ``N×D`` block, centred on a mean tile, and the squared distances come from one matrix
-product, ``‖a‖² + ‖b‖² − 2 a·b``, in row blocks that bound memory (for one batch against itself,
-only the upper triangle: BLAS ``syrk`` on the CPU, triangular row blocks elsewhere). Cancellation in that identity is guarded: negative values
+The matrix versions never broadcast ``N×N×H×W×C``: each tile position is gathered once, in
+cache-sized chunks of tile rows, as float32 ``N×Dc`` blocks centred on a mean tile, and the
+squared distances come from one matrix product per tile, ``‖a‖² + ‖b‖² − 2 a·b``, accumulated
+over the chunks (for one batch against itself on the CPU, only the upper triangle: BLAS
+``syrk``; elsewhere a GEMM per row block of queries). The tiles (and the batches of
+:func:`pairwise_tiled_l2_many`) are the work items of worker threads that each run their
+products single-threaded: the per-tile products are too small for intra-op threads, so more
+threads are used only where they pay (see :func:`pairwise_tiled_l2_many`), and the result does
+not depend on how many. Cancellation in that identity is guarded: negative values
 are clamped to 0, and a pair is recomputed exactly (float64, exact integer arithmetic for
 uint8) when its distance is within reach of float32 rounding — below
 ``max(REFINE_BELOW · e, sqrt(4 γ e))``, where ``e`` is the two images' largest centred tile
@@ -26,7 +31,9 @@ The second term is a rigorous bound for identical images, so they always give ex
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+import math
+import threading
+from contextlib import contextmanager, nullcontext
 from typing import TypeVar
 
 import numpy as np
@@ -44,10 +51,6 @@ REFINE_BELOW = 0.1
 
 #: Default budget, in float32 elements, for one block of the distance matrix being built.
 DEFAULT_BLOCK_ELEMENTS = 1 << 22
-
-#: Row blocks for a symmetric (pairwise) matrix that fits in one block: the upper triangle of
-#: b blocks costs (1 + 1/b)/2 of the full product, and smaller GEMMs run less efficiently.
-SYMMETRIC_ROW_BLOCKS = 4
 
 
 # --------------------------------------------------------------------------------------------
@@ -212,7 +215,14 @@ def _direct_tiled(a, b, grid: int, th: int, tw: int, block_elements: int) -> tor
 # --------------------------------------------------------------------------------------------
 # matrices of distances
 # --------------------------------------------------------------------------------------------
-def pairwise_tiled_l2(images: ArrayLike, grid: int = 4, *, block_elements: int = DEFAULT_BLOCK_ELEMENTS) -> ArrayLike:
+def pairwise_tiled_l2(
+    images: ArrayLike,
+    grid: int = 4,
+    *,
+    block_elements: int = DEFAULT_BLOCK_ELEMENTS,
+    threads: int | None = None,
+    exact_near: float | None = None,
+) -> ArrayLike:
     """All-pairs tiled ℓ2 of one batch: an N×N symmetric matrix with an exact-zero diagonal.
 
     Parameters
@@ -221,6 +231,14 @@ def pairwise_tiled_l2(images: ArrayLike, grid: int = 4, *, block_elements: int =
     grid : int, default 4
     block_elements : int
         Memory budget (float32 elements) for one row block of partial results.
+    threads : int, optional
+        Most worker threads (default: ``torch.get_num_threads()``); fewer are used when the work
+        or the memory bound calls for it (see :func:`pairwise_tiled_l2_many`). The result does
+        not depend on it.
+    exact_near : float, optional
+        A threshold (the edge threshold α of detection): pairs whose float32 distance lies
+        within the float32 error bound of it are recomputed exactly, so ``d < exact_near``
+        is decided as by the exact (float64) distance.
 
     Examples
     --------
@@ -230,10 +248,84 @@ def pairwise_tiled_l2(images: ArrayLike, grid: int = 4, *, block_elements: int =
     >>> d.shape, float(d[0, 3]), bool((d == d.T).all())
     ((4, 4), 0.0, True)
     """
-    x, was_numpy = _as_tensor(images, "images")
-    x = _check_images(x, "images", True)
-    out = _cross(x, x, grid, block_elements, symmetric=True)
-    return _back(out, was_numpy)
+    return pairwise_tiled_l2_many(
+        [images], grid, block_elements=block_elements, threads=threads, exact_near=exact_near
+    )[0]
+
+
+def pairwise_tiled_l2_many(
+    batches,
+    grid: int = 4,
+    *,
+    block_elements: int = DEFAULT_BLOCK_ELEMENTS,
+    threads: int | None = None,
+    exact_near: float | None = None,
+    batched_gemm: bool | None = None,
+) -> list:
+    """:func:`pairwise_tiled_l2` of several batches at once (one prompt's generations each).
+
+    The result for each batch is the one :func:`pairwise_tiled_l2` gives for it alone, bit for
+    bit on the CPU, whatever the number of batches or threads: every tile product runs on one
+    thread with the same shapes, and the maximum over tiles does not depend on their order.
+
+    How the work is spread:
+
+    - **CPU**: the (batch, tile) products are the work items of a few worker threads, each
+      running its BLAS ``syrk`` and torch operations single-threaded (intra-op threading is off
+      in the workers and, for the duration, in the calling thread; it is restored afterwards).
+      Workers are added only while each gets at least ``MIN_WORK_PER_THREAD`` multiply-adds and
+      their buffers stay within ``WORKER_MEMORY`` times the uint8 size of the images, so that
+      more threads are never slower and memory stays bounded.
+    - **GPU** (or ``batched_gemm=True``): batches of one shape are stacked and each tile is one
+      batched GEMM (``baddbmm``) over all of them; the near-zero refinement starts with one
+      mask over all batches and one host synchronisation.
+
+    Parameters
+    ----------
+    batches : sequence of N_p×H×W×C arrays or tensors (same H×W×C, any N_p)
+    threads, exact_near, block_elements : as for :func:`pairwise_tiled_l2`
+    batched_gemm : None (GPU tensors: yes), or force the stacked batched-GEMM path (tests)
+
+    Returns
+    -------
+    list of N_p×N_p matrices (numpy for numpy inputs, torch tensors for tensors)
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> a, b = rng.integers(0, 256, (2, 5, 8, 8, 3), dtype=np.uint8)
+    >>> da, db = pairwise_tiled_l2_many([a, b], grid=2)
+    >>> bool((da == pairwise_tiled_l2(a, grid=2)).all()), db.shape
+    (True, (5, 5))
+    """
+    if block_elements < 1:
+        raise InputError(f"block_elements must be a positive integer, got {block_elements!r}")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1):
+        raise InputError(f"threads must be a positive integer, got {threads!r}")
+    if exact_near is not None and not (np.isfinite(exact_near) and exact_near > 0):
+        raise InputError(f"exact_near must be a positive number, got {exact_near!r}")
+    xs, nps = [], []
+    for n, images in enumerate(batches):
+        x, was_numpy = _as_tensor(images, "images" if n == 0 else f"images[{n}]")
+        xs.append(_check_images(x, "images", True))
+        nps.append(was_numpy)
+        _tile_sizes(tuple(xs[-1].shape), grid, "images")
+    if not xs:
+        return []
+    outs: list = [None] * len(xs)
+    stacked = [n for n, x in enumerate(xs) if (x.device.type != "cpu" if batched_gemm is None else batched_gemm)]
+    for group in _same_shape_groups(xs, stacked):
+        for n, d in zip(group, _pairwise_stacked([xs[n] for n in group], grid, block_elements, exact_near)):
+            outs[n] = d
+    rest = [n for n in range(len(xs)) if outs[n] is None]
+    if rest:
+        got = _tiled_matrices(
+            [(xs[n], xs[n]) for n in rest], grid, block_elements, True, threads=threads, near=exact_near
+        )
+        for n, d in zip(rest, got):
+            outs[n] = d
+    return [_back(d, nps[n]) for n, d in enumerate(outs)]
 
 
 def cross_tiled_l2(
@@ -242,10 +334,12 @@ def cross_tiled_l2(
     grid: int = 4,
     *,
     block_elements: int = DEFAULT_BLOCK_ELEMENTS,
+    threads: int | None = None,
 ) -> ArrayLike:
     """Tiled ℓ2 between every query and every reference: a Q×R matrix.
 
     For very large reference sets use :func:`nearest_tiled_l2`, which keeps only the k nearest.
+    ``threads``: as for :func:`pairwise_tiled_l2` (work items are tiles × blocks of queries).
 
     Examples
     --------
@@ -265,7 +359,9 @@ def cross_tiled_l2(
             f"queries are {tuple(q.shape[1:])} but references are {tuple(r.shape[1:])}",
             "resize both sets to one H×W×C before comparing",
         )
-    return _back(_cross(q, r, grid, block_elements, symmetric=False), was_numpy)
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1):
+        raise InputError(f"threads must be a positive integer, got {threads!r}")
+    return _back(_cross(q, r, grid, block_elements, symmetric=False, threads=threads), was_numpy)
 
 
 def _cross(
@@ -276,121 +372,461 @@ def _cross(
     symmetric: bool,
     dtype: torch.dtype = torch.float32,
     refine: bool = True,
+    threads: int | None = None,
 ):
-    """Tiled ℓ2 of every (query, reference) pair: per tile one GEMM per row block, max over tiles.
-
-    For each tile position, the tile of every image is gathered once into an ``N×D`` block of
-    ``dtype`` and centred on a mean tile (distances do not change; cancellation in
-    ``‖a‖² + ‖b‖² − 2a·b`` shrinks with the norms). uint8 pixels stay in 0..255
-    units until the final scaling, and the centre is rounded to an integer, so in float64 every
-    product and sum is an exact integer and the result is exact. One ``addmm`` per row block
-    gives ``‖b‖² − 2a·b``; adding ``‖a‖²`` and the running maximum over tiles are the only other
-    passes over the output. For ``symmetric`` (q is r) on the CPU, one BLAS ``syrk`` per tile
-    computes just the upper triangle of ``−2 a·b`` (half the flops; the norms are its diagonal);
-    elsewhere a row block only computes the columns from its first row on (with ≥ 4 row blocks,
-    about 5/8 of the full product). The upper triangle is mirrored, so the result is exactly
-    symmetric.
-    """
-    th, tw = _tile_sizes(tuple(q.shape), grid, "images")
+    """Tiled ℓ2 of every (query, reference) pair (see :func:`_tiled_matrices`)."""
+    _tile_sizes(tuple(q.shape), grid, "images")
     if block_elements < 1:
         raise InputError(f"block_elements must be a positive integer, got {block_elements!r}")
-    nq, nr = q.shape[0], r.shape[0]
+    return _tiled_matrices([(q, r)], grid, block_elements, symmetric, dtype, refine, threads)[0]
+
+
+# --------------------------------------------------------------------------------------------
+# the tiled kernel: work items, worker threads
+# --------------------------------------------------------------------------------------------
+#: Bytes of one gather buffer: a tile is gathered in chunks of whole tile rows (N × Dc
+#: float32, centred), each consumed at once by the product while it is still in cache; the
+#: products accumulate over chunks (``beta = 1``). ~1.5 MiB keeps Dc ≳ 700 at N = 500.
+GATHER_BYTES = 3 << 19
+
+#: Least multiply-adds per worker thread: below it, starting and joining a thread costs more
+#: than it saves (a thread start is ~0.1 ms; 2²⁴ multiply-adds take ~0.3 ms on one core).
+MIN_WORK_PER_THREAD = 1 << 24
+
+#: Worker buffers (gather chunks and one tile's product each) stay below this multiple of the
+#: uint8 size of the images (at least one worker always runs).
+WORKER_MEMORY = 1.5
+
+
+class _Matrix:
+    """One distance matrix being built: squared tile distances (in the kernel's units), their
+    running maximum over tiles in ``acc`` and each image's largest centred tile energy."""
+
+    def __init__(self, q, r, symmetric: bool, dtype, grid: int, block_elements: int):
+        self.q, self.r, self.symmetric, self.dtype, self.grid = q, r, symmetric, dtype, grid
+        self.th, self.tw = q.shape[1] // grid, q.shape[2] // grid
+        self.c = q.shape[3]
+        self.d = self.th * self.tw * self.c
+        self.units = 255.0 if (q.dtype == torch.uint8 and r.dtype == torch.uint8) else 1.0
+        self.exact = dtype == torch.float64 and self.units == 255.0
+        nq, nr = q.shape[0], r.shape[0]
+        device = q.device
+        self.syrk = _cpu_syrk(dtype) if symmetric and device.type == "cpu" else None
+        # syrk: acc's upper triangle holds the result; otherwise every entry
+        self.acc = torch.zeros((nq, nr), dtype=dtype, device=device)
+        self.r_energy = torch.zeros(nr, dtype=dtype, device=device)
+        self.q_energy = self.r_energy if symmetric else torch.zeros(nq, dtype=dtype, device=device)
+        self.lock = threading.Lock()
+        # row blocks of queries bound the size of one product (cross only; symmetric: one block)
+        rows = nq if symmetric else max(1, min(nq, block_elements // max(1, nr)))
+        self.blocks = [(s, min(nq, s + rows)) for s in range(0, max(nq, 1), rows)] if nq and nr else []
+        widest = max(nr, min(nq, rows)) if not symmetric else nr
+        per_row = self.tw * self.c * dtype.itemsize * max(1, widest)
+        # in cache-sized chunks on the CPU; a GPU gains nothing from them but more launches
+        self.chunk_rows = max(1, min(self.th, GATHER_BYTES // per_row)) if device.type == "cpu" else self.th
+
+    def items(self):
+        return [(self, s, e, i, j) for (s, e) in self.blocks for i in range(self.grid) for j in range(self.grid)]
+
+    def work(self) -> float:
+        """Multiply-adds of all its products."""
+        nq, nr = self.q.shape[0], self.r.shape[0]
+        pairs = nq * (nr + 1) / 2 if self.symmetric else nq * nr
+        return pairs * self.d * self.grid * self.grid
+
+    def worker_bytes(self) -> int:
+        nq, nr = self.q.shape[0], self.r.shape[0]
+        rows = max((e - s for s, e in self.blocks), default=0)
+        chunk = self.chunk_rows * self.tw * self.c * self.dtype.itemsize
+        gathered = chunk * (nr + (0 if self.symmetric else rows))
+        products = (2 if self.syrk is not None else 1) * rows * nr * self.dtype.itemsize
+        return gathered + products + 64 * (nq + nr)
+
+    def prealloc(self, scratch: dict) -> None:
+        """Allocate a worker's largest buffers for this matrix now, in the calling thread: its
+        allocator arena then serves them again once freed (worker threads get arenas of their
+        own, which would keep the freed memory in addition to what later phases use)."""
+        nr = self.r.shape[0]
+        rows = max((e - s for s, e in self.blocks), default=0)
+        dc = self.chunk_rows * self.tw * self.c
+        device = self.q.device
+        if not rows:
+            return
+        _buffer(scratch, "xr", (nr, dc), self.dtype, device)
+        if self.syrk is not None:
+            if ("gram", nr, self.dtype) not in scratch:
+                scratch[("gram", nr, self.dtype)] = torch.zeros((nr, nr), dtype=self.dtype)
+            _buffer(scratch, "sq", (nr, nr), self.dtype, device)
+            return
+        _buffer(scratch, "gemm", (rows, nr), self.dtype, device)
+        if not self.symmetric:
+            _buffer(scratch, "xq", (rows, dc), self.dtype, device)
+
+    def input_bytes(self) -> int:
+        """The images' size counted as uint8 (one byte per value)."""
+        return self.q.numel() + (0 if self.symmetric else self.r.numel())
+
+
+def _compute_item(item, scratch: dict) -> None:
+    """One tile (i, j) of one row block [s, e): squared distances into a scratch buffer, then
+    merged into the matrix's running maximum (under its lock)."""
+    m, s, e, i, j = item
+    q, r, th, tw, c, dtype = m.q, m.r, m.th, m.tw, m.c, m.dtype
+    nr, rows = r.shape[0], e - s
     device = q.device
-    out = torch.zeros((nq, nr), dtype=dtype, device=device)
-    if nq == 0 or nr == 0:
-        return out
-    c = q.shape[3]
+    if m.syrk is not None:
+        gram = scratch.get(("gram", nr, dtype))
+        if gram is None:  # its lower triangle is never written: it stays 0
+            gram = scratch[("gram", nr, dtype)] = torch.zeros((nr, nr), dtype=dtype)
+        for k, r0 in enumerate(range(0, th, m.chunk_rows)):
+            r1 = min(th, r0 + m.chunk_rows)
+            xr = _buffer(scratch, "xr", (nr, (r1 - r0) * tw * c), dtype, device)
+            _gather_tile(r, i, j, r0, r1, th, tw, xr, m.units, None)
+            m.syrk(gram, xr, 0.0 if k == 0 else 1.0)  # upper triangle: a_i · a_j (i ≤ j)
+        rn = gram.diagonal().clone()  # ‖a‖², from the same product
+        sq = _buffer(scratch, "sq", (nr, nr), dtype, device)
+        torch.add(rn[:, None], rn[None, :], out=sq).add_(gram, alpha=-2.0)
+        with m.lock:
+            torch.maximum(m.acc, sq, out=m.acc)
+            torch.maximum(m.r_energy, rn, out=m.r_energy)
+        return
+    gemm = _buffer(scratch, "gemm", (rows, nr), dtype, device)
+    qn = torch.zeros(rows, dtype=dtype, device=device)
+    rn = torch.zeros(nr, dtype=dtype, device=device)
+    for k, r0 in enumerate(range(0, th, m.chunk_rows)):
+        r1 = min(th, r0 + m.chunk_rows)
+        dc = (r1 - r0) * tw * c
+        xr = _buffer(scratch, "xr", (nr, dc), dtype, device)
+        mu = _gather_tile(r, i, j, r0, r1, th, tw, xr, m.units, None)
+        rn.add_(_sq_norms(xr, m.exact))
+        if m.symmetric:
+            xq = xr
+        else:
+            xq = _buffer(scratch, "xq", (rows, dc), dtype, device)
+            _gather_tile(q[s:e], i, j, r0, r1, th, tw, xq, m.units, _rescale(mu, r.dtype, q.dtype))
+        if not m.symmetric:
+            qn.add_(_sq_norms(xq, m.exact))
+        gemm.addmm_(xq, xr.T, beta=0.0 if k == 0 else 1.0, alpha=-2.0)
+    if m.symmetric:
+        qn = rn
+    gemm.add_(qn[:, None]).add_(rn[None, :])
+    with m.lock:
+        dst = m.acc[s:e]
+        torch.maximum(dst, gemm, out=dst)
+        torch.maximum(m.r_energy, rn, out=m.r_energy)
+        if not m.symmetric:
+            torch.maximum(m.q_energy[s:e], qn, out=m.q_energy[s:e])
+
+
+def _buffer(scratch: dict, name: str, shape: tuple, dtype, device) -> torch.Tensor:
+    """A worker's reusable buffer of at least ``shape`` (a contiguous view of that shape)."""
+    size = int(np.prod(shape))
+    key = (name, dtype, str(device))
+    buf = scratch.get(key)
+    if buf is None or buf.numel() < size:
+        buf = scratch[key] = torch.empty(size, dtype=dtype, device=device)
+    return buf[:size].view(shape)
+
+
+def _plan_threads(matrices, threads: int | None, input_bytes: int | None = None) -> int:
+    """Worker threads for these matrices: at most ``threads`` (default: torch's setting), one
+    per work item, ``MIN_WORK_PER_THREAD`` each, and buffers within ``WORKER_MEMORY``."""
+    if any(m.q.device.type != "cpu" for m in matrices):
+        return 1  # the device runs its own kernels in parallel
+    if any(m.syrk is not None and m.syrk.holds_gil for m in matrices):  # pragma: no cover
+        return 1
+    want = threads if threads is not None else torch.get_num_threads()
+    items = sum(len(m.blocks) * m.grid * m.grid for m in matrices)
+    work = sum(m.work() for m in matrices)
+    per = max(m.worker_bytes() for m in matrices)
+    if input_bytes is None:  # the images being compared (a refinement: those of its caller)
+        input_bytes = sum(m.input_bytes() for m in matrices)
+    budget = WORKER_MEMORY * input_bytes
+    return int(max(1, min(want, items, work // MIN_WORK_PER_THREAD, budget // max(1, per))))
+
+
+def _run_items(items, workers: int) -> None:
+    """Run the tile work items on ``workers`` threads (the calling thread alone when 1); each
+    worker keeps its own buffers, allocated here (see :meth:`_Matrix.prealloc`)."""
+    if workers <= 1 or len(items) <= 1:
+        scratch: dict = {}
+        for item in items:
+            _compute_item(item, scratch)
+        return
+    scratches = [{} for _ in range(workers)]
+    for m in {id(it[0]): it[0] for it in items}.values():
+        for scratch in scratches:
+            m.prealloc(scratch)
+    _thread_map(_compute_item, items, scratches)
+
+
+def _thread_map(fn, items, states: list) -> list:
+    """``[fn(item, state) for item in items]`` on ``len(states)`` threads, each with its own
+    state, running its operations single-threaded; the first exception is re-raised here."""
+    results: list = [None] * len(items)
+    lock = threading.Lock()
+    todo = iter(enumerate(items))
+    errors: list = []
+
+    def loop(state):
+        torch.set_num_threads(1)  # this thread's intra-op pool (OpenMP/MKL settings are per thread)
+        while not errors:
+            with lock:
+                nxt = next(todo, None)
+            if nxt is None:
+                return
+            try:
+                results[nxt[0]] = fn(nxt[1], state)
+            except BaseException as exc:  # re-raised in the calling thread
+                errors.append(exc)
+
+    pool = [
+        threading.Thread(target=loop, args=(st,), name=f"memscan-tiles-{n}", daemon=True) for n, st in enumerate(states)
+    ]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    del pool, states
+    if errors:
+        raise errors[0]
+    return results
+
+
+@contextmanager
+def _single_threaded_ops():
+    """Intra-op threading off in this thread (torch) and in scipy's BLAS, for the duration.
+
+    The tile products are too small for intra-op threads (on 2 cores, two-thread torch and
+    BLAS pools spinning against each other made detection 3× slower than one thread);
+    parallelism comes from worker threads over tiles and batches instead. Restores the
+    previous settings on exit.
+    """
+    before = torch.get_num_threads()
+    if before != 1:
+        torch.set_num_threads(1)
+    try:
+        with _blas_threads(1):
+            yield before
+    finally:
+        if before != 1:
+            torch.set_num_threads(before)
+
+
+def _tiled_matrices(
+    pairs,
+    grid: int,
+    block_elements: int,
+    symmetric: bool,
+    dtype: torch.dtype = torch.float32,
+    refine: bool = True,
+    threads: int | None = None,
+    near: float | None = None,
+    input_bytes: int | None = None,
+) -> list:
+    """Tiled ℓ2 matrices of several (queries, references) pairs: per tile one product, max over tiles.
+
+    For each tile position, a tile of every image is gathered in chunks of tile rows into an
+    ``N×Dc`` block of ``dtype``, centred on a mean tile (distances do not change; cancellation
+    in ``‖a‖² + ‖b‖² − 2a·b`` shrinks with the norms), and the product accumulates over the
+    chunks. uint8 pixels stay in 0..255 units until the final scaling and the centre is
+    rounded to an integer, so in float64 every product and sum is an exact integer and the
+    result is exact. For ``symmetric`` (q is r) on the CPU, one BLAS ``syrk`` per chunk
+    computes just one triangle of the Gram matrix (half the flops; the norms are its diagonal);
+    elsewhere a GEMM per row block of queries. The triangle is mirrored, so the result is
+    exactly symmetric. Work items (matrix, row block, tile) run on worker threads
+    (:func:`_plan_threads`); the result does not depend on how many.
+    """
+    with _single_threaded_ops() as default_threads:
+        matrices = [_Matrix(q, r, symmetric, dtype, grid, block_elements) for q, r in pairs]
+        workers = _plan_threads(matrices, threads if threads is not None else default_threads, input_bytes)
+        _run_items([it for m in matrices for it in m.items()], workers)
+
+        def finish(m, threads_inside):
+            out = m.acc  # symmetric: the upper triangle is used
+            m.acc = None
+            scale = m.units * m.units * m.d
+            out.clamp_(min=0.0).div_(scale).sqrt_()
+            if refine and out.numel():
+                thresholds = _refine_thresholds(m.q_energy / scale, m.r_energy / scale, m.d, out.device)
+                args = (grid, m.th, m.tw, block_elements, symmetric, near, threads_inside, m.input_bytes())
+                _refine_small(m.q, m.r, out, thresholds, *args)
+            if symmetric:
+                out = torch.triu(out, diagonal=1)
+                out = out + out.T
+            return out
+
+        # several matrices: finished (scaled, refined, mirrored) in parallel, each on one thread,
+        # as many at once as their temporaries allow; one matrix: its refinement uses the workers
+        fin = 0
+        if len(matrices) > 1 and workers > 1:
+            per = max(4 * m.acc.numel() * m.acc.element_size() + 3 * block_elements for m in matrices)
+            budget = WORKER_MEMORY * sum(m.input_bytes() for m in matrices)
+            fin = int(min(workers, len(matrices), budget // max(1, per)))
+        if fin > 1:
+            return _thread_map(finish, matrices, [1] * fin)
+        return [finish(m, workers) for m in matrices]
+
+
+def _same_shape_groups(xs, chosen) -> list[list[int]]:
+    groups: dict = {}
+    for n in chosen:
+        groups.setdefault((tuple(xs[n].shape), xs[n].dtype, str(xs[n].device)), []).append(n)
+    return list(groups.values())
+
+
+def _pairwise_stacked(xs, grid: int, block_elements: int, near: float | None) -> list:
+    """Pairwise tiled ℓ2 of P same-shape batches stacked as P×N×H×W×C: per tile one centred
+    gather and one batched GEMM (``baddbmm``) for all P; the full N×N product (on a GPU fewer,
+    larger kernels beat half the flops). The refinement mask is built for all P at once and
+    read back with one synchronisation; only batches with pairs to refine are refined."""
+    x = torch.stack(xs)
+    p, n, h, w, c = x.shape
+    if n == 0:
+        return [torch.zeros((0, 0), dtype=torch.float32, device=x.device) for _ in xs]
+    th, tw = h // grid, w // grid
     d = th * tw * c
-    units = 255.0 if (q.dtype == torch.uint8 and r.dtype == torch.uint8) else 1.0
-    exact = dtype == torch.float64 and units == 255.0
-    rows = max(1, min(nq, block_elements // nr))
-    if symmetric and rows * 4 > nq >= 128:
-        rows = -(-nq // SYMMETRIC_ROW_BLOCKS)
-    xr = torch.empty((nr, d), dtype=dtype, device=device)
-    xq = xr if symmetric else torch.empty((nq, d), dtype=dtype, device=device)
-    syrk = _cpu_syrk(dtype) if symmetric and device.type == "cpu" else None
-    if syrk is not None:  # one BLAS call per tile computes exactly the upper triangle
-        np_dtype = np.float64 if dtype == torch.float64 else np.float32
-        gram = np.zeros((nr, nr), dtype=np_dtype, order="F")  # the N×N buffer of this path
-        gemm = torch.from_numpy(gram)  # a view: column-major, upper triangle = −2 a·b
-    else:
-        gemm = torch.empty(rows * nr, dtype=dtype, device=device)
-    first = True
-    with _blas_threads() if syrk is not None else nullcontext():
-        r_energy = torch.zeros(nr, dtype=dtype, device=device)  # max over tiles of ‖tile − centre‖²
-        q_energy = r_energy if symmetric else torch.zeros(nq, dtype=dtype, device=device)
-        for i in range(grid):
-            for j in range(grid):
-                mu = _gather_tile(r, i, j, th, tw, xr, units, None)
-                if syrk is not None:
-                    syrk(-2.0, xr.numpy().T, beta=0.0, c=gram, trans=1, overwrite_c=1)
-                    rn = gemm.diagonal().mul(-0.5)  # ‖a‖², from the same product
-                    torch.maximum(r_energy, rn, out=r_energy)
-                    gemm.add_(rn[None, :]).add_(rn[:, None])
-                    if first:
-                        out.copy_(gemm)
-                    else:
-                        torch.maximum(out, gemm, out=out)
-                    first = False
-                    continue
-                rn = _sq_norms(xr, exact)
-                torch.maximum(r_energy, rn, out=r_energy)
-                qn = rn
-                if not symmetric:
-                    _gather_tile(q, i, j, th, tw, xq, units, _rescale(mu, r.dtype, q.dtype))
-                    qn = _sq_norms(xq, exact)
-                    torch.maximum(q_energy, qn, out=q_energy)
-                for start in range(0, nq, rows):
-                    stop = min(nq, start + rows)
-                    c0 = start if symmetric else 0
-                    blk = gemm[: (stop - start) * (nr - c0)].view(stop - start, nr - c0)
-                    torch.addmm(rn[None, c0:], xq[start:stop], xr[c0:].T, alpha=-2.0, out=blk)
-                    blk.add_(qn[start:stop, None])
-                    dst = out[start:stop, c0:]
-                    if first:
-                        dst.copy_(blk)
-                    else:
-                        torch.maximum(dst, blk, out=dst)
-                first = False
-    del xr, xq, gemm
-    out.clamp_(min=0.0).div_(units * units * d).sqrt_()
-    if refine:
-        scale = units * units * d
-        thresholds = _refine_thresholds(q_energy / scale, r_energy / scale, d, device)
-        _refine_small(q, r, out, thresholds, grid, th, tw, block_elements, symmetric)
-    if symmetric:
+    units = 255.0 if x.dtype == torch.uint8 else 1.0
+    acc = torch.zeros((p, n, n), dtype=torch.float32, device=x.device)
+    energy = torch.zeros((p, n), dtype=torch.float32, device=x.device)
+    for i in range(grid):
+        for j in range(grid):
+            t = x[:, :, i * th : (i + 1) * th, j * tw : (j + 1) * tw, :].to(torch.float32).reshape(p, n, d)
+            m = min(n, 64)
+            mu = t[:, :m].mean(dim=1, keepdim=True)
+            if x.dtype == torch.uint8:
+                mu.round_()
+            t.sub_(mu)
+            sq = torch.linalg.vector_norm(t, dim=2).square_()
+            g = torch.baddbmm(sq[:, None, :], t, t.transpose(1, 2), alpha=-2.0)
+            g.add_(sq[:, :, None])
+            torch.maximum(acc, g, out=acc)
+            torch.maximum(energy, sq, out=energy)
+            del t, g
+    scale = units * units * d
+    acc.clamp_(min=0.0).div_(scale).sqrt_()
+    energy.div_(scale)
+    a, _, rel, gamma2 = _refine_thresholds(energy, energy, d, x.device)
+    e2 = a[:, :, None] + a[:, None, :]
+    mask = acc < torch.maximum(e2 * rel, (e2 * gamma2).sqrt())
+    if near is not None:
+        mask |= _near_mask(acc, e2 * gamma2, near)
+    mask &= torch.ones(n, n, dtype=torch.bool, device=x.device).triu(1)
+    need = mask.flatten(1).any(dim=1).tolist()  # the one synchronisation
+    del e2, mask
+    outs = []
+    for k in range(p):
+        out = acc[k]
+        if need[k]:
+            thresholds = (energy[k], energy[k], rel, gamma2)
+            _refine_small(xs[k], xs[k], out, thresholds, grid, th, tw, block_elements, True, near, 1)
         out = torch.triu(out, diagonal=1)
-        out = out + out.T
-    return out
+        outs.append(out + out.T)
+    return outs
+
+
+def _near_mask(dist: torch.Tensor, bound2: torch.Tensor, near: float) -> torch.Tensor:
+    """Pairs whose exact distance may lie on the other side of ``near`` than the computed one:
+    ``|d̂² − near²| ≤ bound2`` (the float32 error bound on the squared distance, see
+    :func:`_refine_thresholds`) plus a relative 1e-5 for the final scaling and square root."""
+    n2 = float(near) * float(near)
+    return (dist.square() - n2).abs_() <= bound2 + 1e-5 * n2
 
 
 def _cpu_syrk(dtype: torch.dtype):
-    """BLAS ``?syrk`` (C = α·AᵀA, upper triangle only: half the flops of a GEMM) from scipy,
-    or None when scipy is missing."""
+    """``syrk(c, a, beta)``: the upper triangle of the row-major N×N ``c`` becomes
+    ``a·aᵀ + beta·c`` for a row-major N×K ``a`` (BLAS ``?syrk``: half the flops of a GEMM), or
+    None when no BLAS is found.
+
+    The BLAS is the OpenBLAS that scipy loads, called through ctypes, which releases the GIL so
+    that worker threads run in parallel (scipy's own wrapper holds it); the call is checked once
+    against a small product. Otherwise scipy's wrapper (``syrk.holds_gil`` is True: one worker).
+    """
+    if dtype in _SYRK:
+        return _SYRK[dtype]
+    fn = None
     try:
         from scipy.linalg import blas
     except ImportError:  # pragma: no cover - scipy is a dependency
+        blas = None
+    if blas is not None:
+        fn = _native_syrk(dtype)
+        if fn is None:  # pragma: no cover - scipy without a loadable OpenBLAS
+            wrapped = blas.dsyrk if dtype == torch.float64 else blas.ssyrk
+
+            def fn(c, a, beta):
+                # column-major view of row-major c: its lower triangle is c's upper triangle
+                wrapped(1.0, a.numpy().T, beta=beta, c=c.numpy().T, trans=1, lower=1, overwrite_c=1)
+
+            fn.holds_gil = True
+    _SYRK[dtype] = fn
+    return fn
+
+
+_SYRK: dict = {}
+
+
+def _native_syrk(dtype: torch.dtype):
+    import ctypes
+    import os
+
+    controller = _blas_controller()
+    if controller is None:  # pragma: no cover
         return None
-    return blas.dsyrk if dtype == torch.float64 else blas.ssyrk
+    letter = "d" if dtype == torch.float64 else "s"
+    scalar = ctypes.c_double if dtype == torch.float64 else ctypes.c_float
+    for lib in controller.lib_controllers:
+        name = os.path.basename(lib.filepath or "")
+        if lib.internal_api != "openblas" or "openblas64" in name or "scipy" not in name:
+            continue  # scipy's LP64 OpenBLAS (32-bit integers) only
+        try:
+            handle = ctypes.CDLL(lib.filepath)
+        except OSError:  # pragma: no cover
+            continue
+        for symbol in (f"scipy_cblas_{letter}syrk", f"cblas_{letter}syrk"):
+            raw = getattr(handle, symbol, None)
+            if raw is None:
+                continue
+            i = ctypes.c_int
+            raw.argtypes = [i, i, i, i, i, scalar, ctypes.c_void_p, i, scalar, ctypes.c_void_p, i]
+            raw.restype = None
+
+            def fn(c, a, beta, raw=raw):
+                n, k = a.shape
+                # CblasRowMajor, CblasUpper, CblasNoTrans
+                raw(101, 121, 111, n, k, 1.0, a.data_ptr(), a.stride(0), beta, c.data_ptr(), c.stride(0))
+
+            fn.holds_gil = False
+            a = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]], dtype=dtype)
+            c = torch.zeros((2, 2), dtype=dtype)
+            fn(c, a, 0.0)
+            if c.tolist() == [[14.0, 32.0], [0.0, 77.0]]:
+                return fn
+    return None  # pragma: no cover
 
 
 _BLAS_CONTROLLER: list = []
 
 
-def _blas_threads():
-    """Limit scipy's BLAS to torch's thread count for the duration (threadpoolctl if present;
-    the library scan is done once and cached)."""
+def _blas_controller():
+    """threadpoolctl's view of the loaded BLAS libraries (scanned once), or None."""
     if not _BLAS_CONTROLLER:
         try:
+            from scipy.linalg import blas  # noqa: F401 - load scipy's BLAS before the scan
             from threadpoolctl import ThreadpoolController
 
             _BLAS_CONTROLLER.append(ThreadpoolController())
         except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn
             _BLAS_CONTROLLER.append(None)
-    controller = _BLAS_CONTROLLER[0]
+    return _BLAS_CONTROLLER[0]
+
+
+def _blas_threads(n: int):
+    """Limit the BLAS libraries to ``n`` threads for the duration (threadpoolctl if present)."""
+    controller = _blas_controller()
     if controller is None:  # pragma: no cover
         return nullcontext()
-    return controller.limit(limits=torch.get_num_threads(), user_api="blas")
+    return controller.limit(limits=n, user_api="blas")
 
 
 def _sq_norms(x: torch.Tensor, exact: bool) -> torch.Tensor:
@@ -403,7 +839,11 @@ def _refine_thresholds(q_energy, r_energy, d: int, device) -> tuple:
     """Per-row and per-column parts of the refinement threshold (see the module docstring).
 
     Returns ``(a, b, rel, gamma2)`` so that a pair is refined when
-    ``dist < max(rel · (a_i + b_j), sqrt(gamma2 · (a_i + b_j)))``.
+    ``dist < max(rel · (a_i + b_j), sqrt(gamma2 · (a_i + b_j)))``. ``gamma2 · (a_i + b_j)``
+    bounds the float32 rounding error of the squared distance: with γ = (D + 2)·u, a length-D
+    dot product errs by at most γ·Σ|a_k b_k| ≤ γ(e_a + e_b)/2 (normalised), so
+    ``‖a‖² + ‖b‖² − 2a·b`` by at most (2γ + 6u)(e_a + e_b) ≤ 4γ(e_a + e_b), in any summation
+    order (blocked GEMM, ``syrk``, chunks).
     """
     u = 2.0**-24
     if torch.get_float32_matmul_precision() != "highest":
@@ -411,12 +851,14 @@ def _refine_thresholds(q_energy, r_energy, d: int, device) -> tuple:
     if device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
         u = max(u, 2.0**-11)
     gamma = (d + 2) * u
-    # rounding moves a computed squared distance by at most ~2γ·e; a factor 2 to spare
     return q_energy.float(), r_energy.float(), REFINE_BELOW, 4.0 * gamma
 
 
-def _refine_small(q, r, out, thresholds, grid, th, tw, block_elements, symmetric) -> None:
-    """Recompute the pairs within reach of float32 rounding exactly, in place.
+def _refine_small(
+    q, r, out, thresholds, grid, th, tw, block_elements, symmetric, near=None, threads=None, input_bytes=None
+) -> None:
+    """Recompute exactly, in place, the pairs within reach of float32 rounding: near zero, and
+    (with ``near``) near that threshold.
 
     Few pairs: from pixel differences. Many pairs among few images (a cluster of near copies,
     the memorized case): one float64 tiled GEMM over just the images involved, exact for uint8
@@ -424,13 +866,27 @@ def _refine_small(q, r, out, thresholds, grid, th, tw, block_elements, symmetric
     differences so that identical images still give exactly 0.
     """
     a, b, rel, gamma2 = thresholds
-    energy = a[:, None] + b[None, :]
-    limit = torch.maximum(energy * rel, energy.mul_(gamma2).sqrt_())
-    small = out < limit
-    del energy, limit
+    if out.numel() == 0:
+        return
+    # candidates first, with one scalar threshold (the largest any pair can have): one pass
+    # over the matrix, then the per-pair tests on the few candidates
+    e_max = float(a.max()) + float(b.max())
+    top = max(rel * e_max, math.sqrt(gamma2 * e_max))
+    if near is not None:
+        n2 = float(near) * float(near)
+        top = max(top, math.sqrt(n2 + gamma2 * e_max + 1e-5 * n2))
+    idx = torch.nonzero(out < top * (1 + 1e-6), as_tuple=False)
     if symmetric:
-        small = torch.triu(small, diagonal=1)
-    idx = torch.nonzero(small, as_tuple=False)
+        idx = idx[idx[:, 0] < idx[:, 1]]
+    qi, ri = idx[:, 0], idx[:, 1]
+    bound2 = (a[qi] + b[ri]).mul_(gamma2)
+    dv = out[qi, ri]
+    small = dv < torch.maximum(bound2 * (rel / gamma2), bound2.sqrt())
+    if near is not None:
+        small |= _near_mask(dv, bound2, near)
+    del bound2, dv
+    if not bool(small.all()):
+        idx = idx[small]
     del small
     if idx.shape[0] == 0:
         return
@@ -444,7 +900,9 @@ def _refine_small(q, r, out, thresholds, grid, th, tw, block_elements, symmetric
     if 32 * idx.shape[0] >= uq.shape[0] * ur.shape[0]:
         sq = q[uq]
         sr = sq if symmetric else r[ur]
-        sub = _cross(sq, sr, grid, block_elements, symmetric, torch.float64, refine=False)
+        sub = _tiled_matrices(
+            [(sq, sr)], grid, block_elements, symmetric, torch.float64, False, threads, input_bytes=input_bytes
+        )[0]
         del sq, sr
         vals = sub[q_inv, r_inv]
         out[qi, ri] = vals.to(out.dtype)
@@ -467,21 +925,23 @@ def _rescale(mu: torch.Tensor, src: torch.dtype, dst: torch.dtype) -> torch.Tens
     return mu
 
 
-def _gather_tile(x, i: int, j: int, th: int, tw: int, dst, units: float, mu):
-    """Write tile (i, j) of every image, minus the centre ``mu``, into ``dst`` (N×D, float).
+def _gather_tile(x, i: int, j: int, r0: int, r1: int, th: int, tw: int, dst, units: float, mu):
+    """Write rows ``r0:r1`` of tile (i, j) of every image, minus the centre ``mu``, into
+    ``dst`` (N×Dc, float): one strided gather with the conversion, one subtraction.
 
-    ``units`` = 255: raw uint8 values; 1: [0, 1]. ``mu`` None: use the mean tile of the first
+    ``units`` = 255: raw uint8 values; 1: [0, 1]. ``mu`` None: use the mean of the first
     images (any centre gives the same distances). Returns the centre used, in the input's own
     units (0..255 for uint8).
     """
     n, c = x.shape[0], x.shape[3]
-    tile = x[:, i * th : (i + 1) * th, j * tw : (j + 1) * tw, :]
+    y0 = i * th
+    tile = x[:, y0 + r0 : y0 + r1, j * tw : (j + 1) * tw, :]
     if mu is None:
         m = min(n, 64)
         mu = tile[:m].reshape(m, -1).to(dst.dtype).mean(dim=0)
         if x.dtype == torch.uint8:
             mu.round_()  # an integer centre keeps uint8 tiles integer-valued (exact in float64)
-    dst.view(n, th, tw, c).copy_(tile)  # strided gather + conversion in one pass
+    dst.view(n, r1 - r0, tw, c).copy_(tile)  # strided gather + conversion in one pass
     dst.sub_(mu)
     if units == 1.0 and x.dtype == torch.uint8:
         dst.div_(255.0)

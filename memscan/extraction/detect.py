@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from memscan.cliques import CliqueResult, largest_clique
-from memscan.distances import pairwise_tiled_l2
+from memscan.distances import pairwise_tiled_l2_many
 
 
 @dataclass(frozen=True)
@@ -39,20 +39,77 @@ class Detection:
         }
 
 
-def detect(images, *, alpha: float, min_clique: int, grid: int = 4, max_expansions: int = 100_000) -> Detection:
+#: Prompts whose detection :func:`detect_many` may run together in ``extraction/shard.py``, and
+#: the most bytes of uint8 generations they may hold: the distances of all of them are built in
+#: one call (tiles × prompts on worker threads; one batched GEMM per tile on a GPU), and their
+#: generations stay in memory until then.
+DETECT_BATCH_PROMPTS = 8
+DETECT_BATCH_BYTES = 1 << 29
+
+
+def detect(
+    images,
+    *,
+    alpha: float,
+    min_clique: int,
+    grid: int = 4,
+    max_expansions: int = 100_000,
+    threads: int | None = None,
+) -> Detection:
     """Pairwise tiled ℓ2 of one prompt's generations, then the largest clique.
 
     ``images`` may be a numpy array or a torch tensor on any device (the distances are computed
-    there).
+    there). Pairs whose float32 distance lies within its rounding error bound of ``alpha`` are
+    recomputed exactly, so the generation graph is the one of the exact distances: it does not
+    depend on the device, on ``threads`` or on batching (:func:`detect_many`).
     """
-    d = pairwise_tiled_l2(images, grid)
-    d = d.cpu().numpy() if hasattr(d, "cpu") else np.asarray(d)
-    clique = largest_clique(d, alpha, max_expansions=max_expansions)
-    iu = np.triu_indices(d.shape[0], 1)
-    off = d[iu]
-    return Detection(
-        clique=clique,
-        detected=clique.size >= min_clique,
-        median_pairwise=float(np.median(off)) if off.size else 0.0,
-        min_pairwise=float(off.min()) if off.size else 0.0,
-    )
+    return detect_many(
+        [images], alpha=alpha, min_clique=min_clique, grid=grid, max_expansions=max_expansions, threads=threads
+    )[0]
+
+
+def detect_many(
+    batches,
+    *,
+    alpha: float,
+    min_clique: int,
+    grid: int = 4,
+    max_expansions: int = 100_000,
+    threads: int | None = None,
+    device: str | None = None,
+) -> list[Detection]:
+    """:func:`detect` for several prompts at once (one array of generations each): the same
+    results, with the distances of all of them built in one call
+    (:func:`memscan.distances.pairwise_tiled_l2_many`: tiles × prompts on worker threads, or on
+    a GPU one batched GEMM per tile), then each prompt's clique.
+
+    ``device``: where to compute the distances (``"cuda"``, ``"cuda:1"``; None or ``"cpu"``:
+    where the arrays are). Extra memory, beyond the generations: the prompts' N×N matrices,
+    the worker buffers (≤ 1.5× the uint8 generations, see ``WORKER_MEMORY``) and the
+    refinement's temporaries.
+    """
+    if device is not None and device != "cpu":
+        import torch
+
+        batches = [torch.as_tensor(b).to(device) for b in batches]
+    dists = pairwise_tiled_l2_many(batches, grid, threads=threads, exact_near=alpha)
+    if len(dists) > 1 and all(
+        hasattr(d, "cpu") and (d.shape, d.device) == (dists[0].shape, dists[0].device) for d in dists
+    ):
+        import torch
+
+        dists = list(torch.stack(dists).cpu().numpy())  # one copy back from a GPU, not one per prompt
+    out = []
+    for d in dists:
+        d = d.cpu().numpy() if hasattr(d, "cpu") else np.asarray(d)
+        clique = largest_clique(d, alpha, max_expansions=max_expansions)
+        off = d[np.triu_indices(d.shape[0], 1)]
+        out.append(
+            Detection(
+                clique=clique,
+                detected=clique.size >= min_clique,
+                median_pairwise=float(np.median(off)) if off.size else 0.0,
+                min_pairwise=float(off.min()) if off.size else 0.0,
+            )
+        )
+    return out

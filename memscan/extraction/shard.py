@@ -17,7 +17,7 @@ from memscan.data.images import montage
 from memscan.data.training import TrainingSet
 from memscan.errors import user_code
 from memscan.extraction.config import ExtractConfig
-from memscan.extraction.detect import detect
+from memscan.extraction.detect import DETECT_BATCH_BYTES, DETECT_BATCH_PROMPTS, detect, detect_many
 from memscan.extraction.verify import verify_candidates
 from memscan.generators.base import check_generations
 from memscan.generators.seeds import derive_seed, derive_seeds
@@ -66,11 +66,13 @@ def run_shard(
 ) -> tuple[dict[str, pd.DataFrame], ShardTimings]:
     """Attack every prompt of one shard; returns ``{"detections": df, "extractions": df}``.
 
-    Generations live in memory only until the prompt's detection is done; only the clique medoid
-    and a montage of the clique are written (as PNG).
+    Generations live in memory only until the prompt's detection is done — batched over up to
+    ``DETECT_BATCH_PROMPTS`` prompts (``DETECT_BATCH_BYTES`` of generations) with
+    :func:`detect_many`; only the clique medoid and a montage of the clique are written (as PNG).
     """
     timings = ShardTimings()
     rows, cand_rows, cand_images = [], [], []
+    pending: list = []  # generated prompts whose detection is batched (detect_many)
     for p in prompts.itertuples(index=False):
         # 1. generate, batch by batch, with per-sample seeds — in rounds when the budget is
         #    adaptive (config.rounds(): one round of samples_per_prompt otherwise)
@@ -100,10 +102,52 @@ def run_shard(
                 break
             found = None
         images = np.concatenate(parts)
-        t1 = time.perf_counter()
-        # 2. detect: pairwise tiled ℓ2 → largest clique (done already if the last round decided)
-        if found is None:
-            found = _detect(images, config)
+        del parts
+        timings.generation_s += time.perf_counter() - t0 - t_detect
+        timings.detection_s += t_detect
+        # 2. detect: pairwise tiled ℓ2 → largest clique, for a few prompts at once (done
+        #    already if the last round decided); generations live until then
+        pending.append((p, images, found))
+        if len(pending) >= DETECT_BATCH_PROMPTS or sum(x[1].nbytes for x in pending) >= DETECT_BATCH_BYTES:
+            _detect_pending(pending, config, store, timings, rows, cand_rows, cand_images)
+    _detect_pending(pending, config, store, timings, rows, cand_rows, cand_images)
+    # 4. verify the shard's candidates against the training set
+    t2 = time.perf_counter()
+    cand_df = pd.DataFrame(cand_rows, columns=DETECTION_COLUMNS)
+    stack = np.stack(cand_images) if cand_images else np.zeros((0, *training.images.shape[1:]), np.uint8)
+    extractions = verify_candidates(
+        cand_df, stack, training, delta=config.delta, grid=config.grid, n_nearest=config.n_nearest
+    )
+    timings.verification_s = time.perf_counter() - t2
+    detections = pd.DataFrame(rows, columns=DETECTION_COLUMNS)
+    detections["duplicate_count"] = detections["duplicate_count"].astype("Int64")
+    return {"detections": detections, "extractions": extractions}, timings
+
+
+def adaptive_stop(found, config: ExtractConfig) -> bool:
+    """The adaptive budget's rule after a round: stop when the largest clique of the generations
+    so far has fewer than ``continue_clique`` members (2: no pair within alpha), or, with
+    ``stop_when_detected``, when it has reached ``min_clique`` (the prompt is flagged already)."""
+    return found.clique.size < config.continue_clique or (config.stop_when_detected and found.detected)
+
+
+def _detect_pending(pending: list, config: ExtractConfig, store, timings, rows, cand_rows, cand_images) -> None:
+    """Detect the pending prompts not decided yet (one :func:`detect_many` call), then write
+    each prompt's row, in prompt order, and keep what a person will look at; empties
+    ``pending``."""
+    t1 = time.perf_counter()
+    todo = [k for k, (_, _, found) in enumerate(pending) if found is None]
+    found_now = detect_many(
+        [pending[k][1] for k in todo],
+        alpha=config.alpha,
+        min_clique=config.min_clique,
+        grid=config.grid,
+        max_expansions=config.max_expansions,
+        device=config.device,
+    )
+    for k, found in zip(todo, found_now):
+        pending[k] = (*pending[k][:2], found)
+    for p, images, found in pending:
         c = found.clique
         row = {
             "prompt_id": p.prompt_id,
@@ -126,29 +170,10 @@ def run_shard(
             cand_rows.append(row)
             cand_images.append(images[c.medoid])
         rows.append(row)
-        timings.generation_s += t1 - t0 - t_detect
-        timings.detection_s += time.perf_counter() - t1 + t_detect
         timings.images += len(images)
         timings.prompts += 1
-        del images, parts
-    # 4. verify the shard's candidates against the training set
-    t2 = time.perf_counter()
-    cand_df = pd.DataFrame(cand_rows, columns=DETECTION_COLUMNS)
-    stack = np.stack(cand_images) if cand_images else np.zeros((0, *training.images.shape[1:]), np.uint8)
-    extractions = verify_candidates(
-        cand_df, stack, training, delta=config.delta, grid=config.grid, n_nearest=config.n_nearest
-    )
-    timings.verification_s = time.perf_counter() - t2
-    detections = pd.DataFrame(rows, columns=DETECTION_COLUMNS)
-    detections["duplicate_count"] = detections["duplicate_count"].astype("Int64")
-    return {"detections": detections, "extractions": extractions}, timings
-
-
-def adaptive_stop(found, config: ExtractConfig) -> bool:
-    """The adaptive budget's rule after a round: stop when the largest clique of the generations
-    so far has fewer than ``continue_clique`` members (2: no pair within alpha), or, with
-    ``stop_when_detected``, when it has reached ``min_clique`` (the prompt is flagged already)."""
-    return found.clique.size < config.continue_clique or (config.stop_when_detected and found.detected)
+    pending.clear()
+    timings.detection_s += time.perf_counter() - t1
 
 
 def _detect(images: np.ndarray, config: ExtractConfig):

@@ -1,0 +1,39 @@
+"""bench/detect.py runs end to end on tiny inputs (the CUDA code path shares these functions;
+its timing and memory hooks are no-ops on the CPU)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_detect", ROOT / "bench" / "detect.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _args(**kw):
+    base = dict(size=16, case="memorized", threads=0, n=24, reps=1, alpha=0.035, naive_pairs=3, device="cpu", shard=0)
+    base.update(kw)
+    return argparse.Namespace(**base)
+
+
+def test_prompt_and_shard_rows(bench):
+    rows = [bench.worker(_args(threads=1)), bench.worker(_args()), bench.shard_worker(_args(shard=3))]
+    assert rows[0]["threads"] == 1 and rows[0]["kind"] == "prompt"
+    assert rows[2]["same_cliques"] and rows[2]["prompts"] == 3 and rows[2]["ratio"] > 0
+    assert rows[0]["naive_max_abs_diff"] < 1e-5
+    table = bench.format_results(rows, "test machine")
+    assert "× 1 thread" in table and "shard of 3 at 16×16 memorized" in table
+    with pytest.raises(SystemExit, match="CUDA"):
+        if not __import__("torch").cuda.is_available():
+            bench.worker(_args(device="cuda"))
+        raise SystemExit("CUDA present: nothing to check")

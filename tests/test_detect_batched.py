@@ -1,0 +1,194 @@
+"""Batched and threaded detection (issue 17): the same distances, edges and cliques as one
+prompt on one thread, on random and near-copy inputs; edges decided as by the exact distance."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import memscan.distances as dist_mod
+from memscan.distances import cross_tiled_l2, pairwise_tiled_l2, pairwise_tiled_l2_many
+from memscan.errors import InputError
+from memscan.extraction.detect import detect, detect_many
+
+ALPHA = 0.035
+
+
+def _ref(x: np.ndarray, grid: int = 4) -> np.ndarray:
+    """Exact tiled ℓ2 (integer arithmetic) of all pairs of a uint8 batch, float64."""
+    n, h, w, c = x.shape
+    th, tw = h // grid, w // grid
+    t = x.reshape(n, grid, th, grid, tw, c).transpose(1, 3, 0, 2, 4, 5).reshape(grid * grid, n, -1).astype(np.int64)
+    out = np.zeros((n, n))
+    for tile in t:
+        diff = tile[:, None, :] - tile[None, :, :]
+        out = np.maximum(out, (diff * diff).sum(-1) / (255.0 * 255.0 * tile.shape[1]))
+    return np.sqrt(out)
+
+
+def _near_copies(rng, n: int, size: int, n_other: int = 4) -> np.ndarray:
+    """n − n_other noisy copies of one image (σ 1–6 grey levels) and n_other unrelated ones."""
+    base = rng.integers(0, 256, (1, size, size, 3)).astype(np.float64)
+    sigma = rng.uniform(1.0, 6.0, (n - n_other, 1, 1, 1))
+    copies = np.clip(np.rint(base + rng.standard_normal((n - n_other, size, size, 3)) * sigma), 0, 255)
+    other = rng.integers(0, 256, (n_other, size, size, 3))
+    return np.concatenate([copies, other]).astype(np.uint8)[rng.permutation(n)]
+
+
+def _prompts(seed: int = 0):
+    rng = np.random.default_rng(seed)
+    return [
+        rng.integers(0, 256, (24, 16, 16, 3), dtype=np.uint8),
+        _near_copies(rng, 30, 16),
+        _near_copies(rng, 17, 16, n_other=2),
+        rng.integers(0, 256, (1, 16, 16, 3), dtype=np.uint8),
+        _near_copies(rng, 40, 16, n_other=10),
+    ]
+
+
+def _same_detection(a, b):
+    assert a.clique.members.tolist() == b.clique.members.tolist()
+    assert (a.clique.size, a.clique.medoid, a.clique.n_edges, a.clique.method) == (
+        b.clique.size,
+        b.clique.medoid,
+        b.clique.n_edges,
+        b.clique.method,
+    )
+    assert a.detected == b.detected
+    assert a.clique.mean_distance == pytest.approx(b.clique.mean_distance, abs=1e-6)
+    assert a.median_pairwise == pytest.approx(b.median_pairwise, abs=1e-6)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3, 8])
+def test_batched_and_threaded_equal_one_prompt_one_thread_bit_for_bit(threads, monkeypatch):
+    monkeypatch.setattr(dist_mod, "MIN_WORK_PER_THREAD", 1)  # small inputs: force the workers
+    monkeypatch.setattr(dist_mod, "WORKER_MEMORY", 1e6)
+    prompts = _prompts()
+    one = [pairwise_tiled_l2(x, threads=1, exact_near=ALPHA) for x in prompts]
+    many = pairwise_tiled_l2_many(prompts, threads=threads, exact_near=ALPHA)
+    for x, a, b in zip(prompts, one, many):
+        np.testing.assert_array_equal(a, b)  # CPU: bit for bit, whatever the threads
+        assert np.abs(a - _ref(x)).max() <= 1e-5
+    cross_one = cross_tiled_l2(prompts[1][:7], prompts[4], threads=1)
+    cross_many = cross_tiled_l2(prompts[1][:7], prompts[4], threads=threads, block_elements=64)
+    np.testing.assert_array_equal(cross_one, cross_tiled_l2(prompts[1][:7], prompts[4], threads=threads))
+    np.testing.assert_allclose(cross_many, cross_one, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_detect_many_equals_detect(threads, monkeypatch):
+    monkeypatch.setattr(dist_mod, "MIN_WORK_PER_THREAD", 1)
+    prompts = _prompts(1)
+    singles = [detect(x, alpha=ALPHA, min_clique=10, threads=1) for x in prompts]
+    for a, b in zip(singles, detect_many(prompts, alpha=ALPHA, min_clique=10, threads=threads)):
+        _same_detection(a, b)
+    assert [d.detected for d in singles] == [False, True, True, False, True]
+    assert detect_many([], alpha=ALPHA, min_clique=10) == []
+
+
+def test_batched_gemm_path_gives_the_same_edges_and_cliques():
+    """The GPU path (stacked prompts, one baddbmm per tile), run on the CPU: distances within
+    the float32 bound, edges and cliques identical (pairs near alpha are recomputed exactly)."""
+    prompts = _prompts(2)
+    prompts = [prompts[1], prompts[2][:1].repeat(30, 0), prompts[4][:30], prompts[0][:30]]
+    prompts[1][5:, 0, 0, 0] ^= 1
+    one = [pairwise_tiled_l2(x, threads=1, exact_near=ALPHA) for x in prompts]
+    stacked = pairwise_tiled_l2_many(prompts, exact_near=ALPHA, batched_gemm=True)
+    for x, a, b in zip(prompts, one, stacked):
+        assert np.abs(b - _ref(x)).max() <= 1e-5
+        assert np.abs(a - b).max() <= 1e-5
+        assert (b == b.T).all() and (np.diag(b) == 0).all()
+        np.testing.assert_array_equal(a < ALPHA, b < ALPHA)
+        np.testing.assert_array_equal(b[_ref(x) == 0], 0.0)
+    t = pairwise_tiled_l2_many([torch.from_numpy(x) for x in prompts], exact_near=ALPHA, batched_gemm=True)
+    assert all(isinstance(d, torch.Tensor) for d in t)
+    floats = [x.astype(np.float32) / 255 for x in prompts[:2]]
+    for x, a, b in zip(prompts, pairwise_tiled_l2_many(floats, exact_near=ALPHA, batched_gemm=True), one):
+        assert np.abs(a - _ref(x)).max() <= 1e-5
+        np.testing.assert_array_equal(a < ALPHA, b < ALPHA)
+        np.testing.assert_array_equal(a[_ref(x) == 0], 0.0)
+
+
+def test_edges_follow_the_exact_distance_at_alpha():
+    """alpha set exactly on some pairs' exact distances (rounded to float32, as stored): each
+    pair is an edge exactly when its exact distance, rounded to float32, is below alpha."""
+    rng = np.random.default_rng(3)
+    x = _near_copies(rng, 40, 32, n_other=0)
+    ref = _ref(x)
+    ref32 = ref.astype(np.float32)
+    iu = np.triu_indices(40, 1)
+    for alpha in np.quantile(ref32[iu], np.linspace(0.05, 0.95, 19)):  # without exact_near 2 differ
+        alpha = float(ref32[iu][np.argmin(np.abs(ref32[iu] - alpha))])  # a tie with some pair
+        for d in (
+            pairwise_tiled_l2(x, exact_near=alpha),
+            pairwise_tiled_l2_many([x], exact_near=alpha, batched_gemm=True)[0],
+        ):
+            np.testing.assert_array_equal(d < np.float32(alpha), ref32 < np.float32(alpha))
+
+
+def test_threads_setting_is_restored_and_small_problems_stay_on_one_thread(monkeypatch):
+    before = torch.get_num_threads()
+    used = []
+    real = dist_mod._run_items
+    monkeypatch.setattr(dist_mod, "_run_items", lambda items, workers: (used.append(workers), real(items, workers))[1])
+    x = np.random.default_rng(4).integers(0, 256, (6, 8, 8, 3), dtype=np.uint8)
+    pairwise_tiled_l2(x, threads=4)
+    assert used == [1]  # too little work for a second thread
+    assert torch.get_num_threads() == before
+    with pytest.raises(InputError, match="does not divide"):
+        pairwise_tiled_l2_many([x, x[:, :7]], threads=2)
+    assert torch.get_num_threads() == before
+    with pytest.raises(InputError, match="threads must be a positive integer"):
+        pairwise_tiled_l2(x, threads=0)
+    with pytest.raises(InputError, match="exact_near must be a positive number"):
+        pairwise_tiled_l2(x, exact_near=float("nan"))
+
+
+def test_memory_bound_limits_the_workers(monkeypatch):
+    monkeypatch.setattr(dist_mod, "MIN_WORK_PER_THREAD", 1)
+    x = np.zeros((500, 64, 64, 3), np.uint8)
+    m = dist_mod._Matrix(torch.from_numpy(x), torch.from_numpy(x), True, torch.float32, 4, 1 << 22)
+    per = m.worker_bytes()
+    assert per < 4 << 20  # one tile's product and its gather buffers, not the whole prompt
+    workers = dist_mod._plan_threads([m], 64)
+    assert workers * per <= dist_mod.WORKER_MEMORY * x.nbytes
+    assert workers >= 2
+    eight = [dist_mod._Matrix(torch.from_numpy(x), torch.from_numpy(x), True, torch.float32, 4, 1 << 22)] * 8
+    assert dist_mod._plan_threads(eight, 64) >= 16  # eight prompts: room for many more workers
+
+
+def test_native_syrk_matches_a_product():
+    for dtype in (torch.float32, torch.float64):
+        syrk = dist_mod._cpu_syrk(dtype)
+        a = torch.randn(37, 53, dtype=dtype)
+        c = torch.zeros(37, 37, dtype=dtype)
+        syrk(c, a, 0.0)
+        syrk(c, a, 1.0)
+        full = 2 * a @ a.T
+        iu = torch.triu_indices(37, 37)
+        torch.testing.assert_close(c[iu[0], iu[1]], full[iu[0], iu[1]])
+        assert (torch.tril(c, -1) == 0).all()
+
+
+def _greedy_reference(adj: np.ndarray) -> list[int]:
+    """The bitset greedy that cliques._greedy replaced (max over ascending positions)."""
+    n = adj.shape[0]
+    nbrs = [sum(1 << int(j) for j in np.flatnonzero(adj[i])) for i in range(n)]
+    cand, clique = (1 << n) - 1, []
+    while cand:
+        v = max((u for u in range(n) if cand >> u & 1), key=lambda u: (nbrs[u] & cand).bit_count())
+        clique.append(v)
+        cand &= nbrs[v]
+    return clique
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9, 0.99])
+def test_numpy_greedy_equals_the_bitset_greedy(p):
+    from memscan.cliques import _greedy
+
+    rng = np.random.default_rng(int(p * 100))
+    for n in (1, 7, 60):
+        upper = np.triu(rng.random((n, n)) < p, 1)
+        adj = upper | upper.T
+        assert _greedy(adj) == _greedy_reference(adj)
