@@ -56,9 +56,16 @@ from memscan.mia.noise import as_noise_predictor, load_noise_predictor
 # isort: split
 # --- kernels: the measures of the papers, on arrays -----------------------------------------
 from memscan.cliques import largest_clique
-from memscan.distances import cross_tiled_l2, l2, nearest_tiled_l2, pairwise_tiled_l2, tiled_l2
+from memscan.distances import (
+    cross_tiled_l2,
+    l2,
+    nearest_tiled_l2,
+    pairwise_tiled_l2,
+    pairwise_tiled_l2_many,
+    tiled_l2,
+)
 from memscan.extraction.calibrated import calibrated_distance
-from memscan.extraction.detect import detect
+from memscan.extraction.detect import detect, detect_many
 from memscan.index import nearest_pixels
 from memscan.mia.inpaint import inpaint_distances
 from memscan.mia.loss import diffusion_loss, timestep_sweep
@@ -126,6 +133,7 @@ __all__ = [
     "calibrated_distance",
     "cross_tiled_l2",
     "detect",
+    "detect_many",
     "diffusion_loss",
     "inpaint_distances",
     "l2",
@@ -133,6 +141,7 @@ __all__ = [
     "nearest_pixels",
     "nearest_tiled_l2",
     "pairwise_tiled_l2",
+    "pairwise_tiled_l2_many",
     "roc_metrics",
     "tiled_l2",
     "timestep_sweep",
