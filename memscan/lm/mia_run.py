@@ -285,11 +285,13 @@ def setup_lm_mia(model: Any, reference: Any, config: LmMiaConfig) -> LmMiaWorker
 def describe_lm_mia_worker(worker: LmMiaWorker) -> dict:
     """What the manifest records of the models as a worker loaded them."""
 
+    from memscan.generators.causal_lm import describe_lm
+
     def one(m):
         if m is None:
             return None
-        desc = m.describe() if hasattr(m, "describe") else {"class": type(m).__name__}
-        return {"parameters": getattr(m, "parameters", None), "describe": desc}
+        params = getattr(m, "parameters", None)
+        return {"parameters": params if isinstance(params, int) else None, "describe": describe_lm(m)}
 
     return {"model": one(worker.target), "reference": one(worker.reference)}
 
