@@ -272,7 +272,8 @@ def test_ray_equals_local(ray_address, tmp_path):
         runner_options=RayOptions(num_workers=2),
         **common,
     )
-    assert ray.manifest["runner"]["name"] == "ray"
+    assert ray.manifest["runner"]["name"] == "ray" and local.manifest["runner"]["name"] == "local"
+    assert ray.manifest["model"] == local.manifest["model"]  # recorded from a worker's load
     for t in ("examples", "statistics", "scores", "metrics"):
         pd.testing.assert_frame_equal(
             pd.read_parquet(tmp_path / "local" / f"{t}.parquet"), pd.read_parquet(tmp_path / "ray" / f"{t}.parquet")

@@ -108,7 +108,9 @@ def _metric_row(r: dict, best: str | None) -> dict:
     return {
         "statistic": r["statistic"],
         "attack": r["attack"],
-        "description": _BLIND_LABEL if r["statistic"] == BLIND_STATISTIC else SCORE_DESCRIPTIONS.get(r["statistic"], ""),
+        "description": _BLIND_LABEL
+        if r["statistic"] == BLIND_STATISTIC
+        else SCORE_DESCRIPTIONS.get(r["statistic"], ""),
         "auc": r["auc"],
         "auc_ci": _ci(r, "auc"),
         "bacc": r["balanced_accuracy"],
