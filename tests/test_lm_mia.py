@@ -170,7 +170,7 @@ def test_bad_text_files_are_refused(tmp_path, content, suffix, want):
 
 
 def test_overlapping_splits_and_one_token_examples_are_refused(tmp_path):
-    with pytest.raises(InputError, match="both members and non-members"):
+    with pytest.raises(InputError, match="are also in --nonmembers"):
         run_lm_mia(bigram(), MEMBERS, MEMBERS[:2] + NONMEMBERS, tmp_path / "o", progress=False)
     assert not (tmp_path / "o").exists()  # refused before the run directory
     with pytest.raises(InputError, match="1 token"):

@@ -198,6 +198,26 @@ def _triage(tmp: Path, out: Path) -> list:
     ]
 
 
+# ---- language models ------------------------------------------------------------------------------
+def _lm_mia(tmp: Path, out: Path) -> list:
+    """16 texts (8 members, 8 non-members) on a tiny random GPT-2 with a byte tokenizer: 3 shards."""
+    import json
+
+    from lm_support import MEMBERS, NONMEMBERS
+
+    from memscan.testing.tiny_lm import make_tiny_gpt2
+
+    model, members, nonmembers = tmp / "tiny_gpt2", tmp / "lm_members.txt", tmp / "lm_nonmembers.jsonl"
+    if not model.exists():
+        make_tiny_gpt2(model)
+        members.write_text("\n".join(MEMBERS) + "\n")
+        nonmembers.write_text("".join(json.dumps({"text": t}) + "\n" for t in NONMEMBERS))
+    return [
+        "lm", "mia", "--model", model, "--members", members, "--nonmembers", nonmembers, "--out", out,
+        "--shard-size", 6, "--bootstrap", 10, "--quiet",
+    ]  # fmt: skip
+
+
 # Each section below is one family of run kinds; adding a kind = an argv builder + one KindCase.
 CASES = [
     # ---- extraction: extract, extract-unconditional, index ------------------------------------
@@ -211,6 +231,8 @@ CASES = [
     KindCase("mia", _mia, ("examples", "losses", "scores", "metrics"), kill_after=1),
     KindCase("inpaint", _inpaint, ("examples", "distances", "scores", "metrics"), kill_after=1),
     KindCase("memscore", _memscore, ("memscore",), kill_after=1),
+    # ---- language models --------------------------------------------------------------------------
+    KindCase("lm-mia", _lm_mia, ("examples", "statistics", "scores", "metrics"), kill_after=1),
 ]
 
 

@@ -238,9 +238,11 @@ def _examples(members, nonmembers) -> tuple[pd.DataFrame, dict]:
     both = set(parts[0]["text"]) & set(parts[1]["text"])
     if both:
         first = next(t for t in parts[0]["text"] if t in both)
+        m, n = (sources[r]["path"] for r in ("members", "nonmembers"))
+        same = " (the same file)" if m == n and m != "<list>" else ""
         raise InputError(
-            f"{len(both)} text(s) are both members and non-members (first: {first[:60]!r})",
-            "a text cannot be both: pass disjoint --members and --nonmembers files",
+            f"{len(both)} text(s) of --members {m} are also in --nonmembers {n}{same} (first: {first[:60]!r})",
+            "a text cannot be both a member and a non-member: pass disjoint files",
         )
     dup = ex["id"][ex["id"].duplicated()]
     if len(dup):
