@@ -221,11 +221,19 @@ def next_token_moments(next_logprobs) -> tuple[np.ndarray, np.ndarray]:
     lp = np.asarray(next_logprobs, dtype=np.float64)
     if lp.ndim < 1 or lp.shape[-1] < 1:
         raise InputError(f"next_logprobs: expected (..., V) log-probabilities, got shape {lp.shape}")
+    # five passes over the (..., V) array: exp, Σ p·l, l − μ, its square, Σ p·(l − μ)²
     p = np.exp(lp)
-    finite = np.isfinite(lp)
-    safe = np.where(finite, lp, 0.0)
-    mu = np.sum(np.where(finite, p * safe, 0.0), axis=-1)
-    var = np.sum(np.where(finite, p * (safe - mu[..., None]) ** 2, 0.0), axis=-1)
+    mu = np.einsum("...v,...v->...", p, lp)
+    bad = ~np.isfinite(mu)  # rows with impossible tokens (log p = −inf: 0 · −inf is NaN)
+    if bad.any():
+        row = lp[bad]
+        finite = np.isfinite(row)
+        mu[bad] = np.sum(np.where(finite, p[bad] * np.where(finite, row, 0.0), 0.0), axis=-1)
+    dev = lp - mu[..., None]
+    np.square(dev, out=dev)
+    if bad.any():
+        dev[bad] = np.where(np.isfinite(dev[bad]), dev[bad], 0.0)
+    var = np.einsum("...v,...v->...", p, dev)
     return mu, np.sqrt(np.maximum(var, 0.0))
 
 
