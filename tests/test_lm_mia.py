@@ -129,6 +129,7 @@ def test_manifest_records_models_config_counts_and_blind_baseline(tmp_path):
         "members": 8,
         "nonmembers": 8,
         "truncated": 0,
+        "lowercase_one_token": 0,
         "tokens": sum(len(t.encode()) for t in MEMBERS + NONMEMBERS),
     }
     b = m["blind_baseline"]
@@ -278,3 +279,22 @@ def test_ray_equals_local(ray_address, tmp_path):
         pd.testing.assert_frame_equal(
             pd.read_parquet(tmp_path / "local" / f"{t}.parquet"), pd.read_parquet(tmp_path / "ray" / f"{t}.parquet")
         )
+
+
+class _MergesLowercase(ByteBigram):
+    """A tokenizer that turns every all-lowercase text into one token (as BPE can: HELLO → hello)."""
+
+    def encode(self, text):
+        ids = super().encode(text)
+        return ids[:1] if text.islower() else ids
+
+
+def test_a_lowercased_text_of_one_token_gets_ratio_one_and_is_counted(tmp_path):
+    members, nonmembers = [t.upper() for t in MEMBERS], [t.capitalize() for t in NONMEMBERS]
+    res = run_lm_mia(
+        _MergesLowercase(members), members, nonmembers, tmp_path / "r", LmMiaConfig(bootstrap=0), progress=False
+    )
+    st = res.statistics
+    assert not st["lowercase_scored"].any() and (st["lowercase"] == 1.0).all()
+    assert res.manifest["counts"]["lowercase_one_token"] == 16
+    assert res.auc("lowercase") == 0.5 and res.auc("loss") == 1.0

@@ -15,7 +15,7 @@ A run directory holds
 - ``examples.parquet`` — ``index``, ``id``, ``source`` (``members``/``nonmembers``), ``line``,
   ``is_member``, ``text``;
 - ``statistics.parquet`` — one row per example: ``index``, ``n_tokens`` (scored tokens + 1),
-  ``truncated``, ``mean_nll``, ``perplexity``, ``zlib_bits``, ``lowercase_mean_nll``,
+  ``truncated``, ``lowercase_scored``, ``mean_nll``, ``perplexity``, ``zlib_bits``, ``lowercase_mean_nll``,
   ``reference_mean_nll`` and one column per score (higher = member);
 - ``scores.parquet`` / ``metrics.parquet`` — the diffusion MIA's tables (``docs/mia.md``): one
   ``statistic`` per score (``loss``, ``zlib``, ``lowercase``, ``min_k``, ``min_k_plus_plus``,
@@ -379,7 +379,10 @@ def lm_mia_stage(
     if progress is not None:
         progress(len(ids) // 2)
     lower = [_encode(target, t.lower(), cfg.max_tokens)[0] for t in scored]
-    lower = [s if s.size >= 2 else seqs[k] for k, s in enumerate(lower)]
+    # a lowercased text can tokenize to a single token ("HELLO" → "hello"): its ratio is then 1
+    # (no evidence either way), flagged per example and counted in the manifest
+    lower_scored = [s.size >= 2 for s in lower]
+    lower = [s if ok else seqs[k] for k, (s, ok) in enumerate(zip(lower, lower_scored))]
     lower_lp = _token_logprobs(target, lower, cfg.batch_size, where)
     ref_lp = None
     if ref is not None:
@@ -406,6 +409,7 @@ def lm_mia_stage(
             "index": int(idx),
             "n_tokens": int(seqs[k].size),
             "truncated": bool(truncated[k]),
+            "lowercase_scored": bool(lower_scored[k]),
             "mean_nll": ms.mean_nll(lp),
             "perplexity": ms.perplexity(lp) if ms.mean_nll(lp) < 700 else math.inf,
             "zlib_bits": ms.zlib_entropy_bits(scored[k]),
@@ -436,6 +440,7 @@ _STAT_COLUMNS = [
     "index",
     "n_tokens",
     "truncated",
+    "lowercase_scored",
     "mean_nll",
     "perplexity",
     "zlib_bits",
@@ -582,6 +587,7 @@ def run_lm_mia(
                 "members": int(examples["is_member"].sum()),
                 "nonmembers": int((~examples["is_member"]).sum()),
                 "truncated": int(stats["truncated"].sum()),
+                "lowercase_one_token": int((~stats["lowercase_scored"]).sum()),
                 "tokens": tokens,
             },
             blind_baseline=blind,
