@@ -282,6 +282,55 @@ def test_report_and_verify_refuse_runs_of_other_commands(corpus, tmp_path):
     assert_clean_error(cli("report", mia), "mia")
 
 
+# ---- language models: memscan lm extractable / exposure ----------------------------------------------
+LM_BAD = [
+    "a JSONL file without the text field",
+    "a Parquet file without the text column",
+    "a JSONL line that is not JSON",
+    "documents shorter than prefix + suffix",
+    "token ids of another tokenizer",
+    "token ids without a tokenizer record",
+    "a folder without training text",
+    "training text that does not exist",
+    "a model directory that is not a causal LM",
+    "a model directory without config.json",
+    "a model file that is not a .gguf",
+    "a py: object that is not a causal LM",
+    "a canary that does not match its format",
+    "a canary format without a hole",
+    "a canary line that is not JSON",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_lm_dir(tmp_path_factory):
+    pytest.importorskip("transformers")
+    from memscan.testing.tiny_lm import make_tiny_gpt2
+
+    return make_tiny_gpt2(tmp_path_factory.mktemp("lm") / "gpt2")
+
+
+@pytest.mark.parametrize("bad", LM_BAD)
+def test_bad_language_model_inputs_are_refused(corpus, tiny_lm_dir, tmp_path, bad):
+    option, value, want = corpus.bad_lm[bad]
+    good_data = tmp_path / "good.jsonl"
+    good_data.write_text(json.dumps({"text": "a long enough training document. " * 10}) + "\n")
+    model = value if option == "model" else tiny_lm_dir
+    commands = []
+    if option in ("data", "model"):
+        data = value if option == "data" else good_data
+        commands.append(
+            ("lm", "extractable", "--model", model, "--data", data, "--sequences", 2, "--prefix-lengths", 32)
+        )
+    if option in ("canaries", "model"):
+        canaries = value if option == "canaries" else "my PIN is {d2}::my PIN is 12"
+        commands.append(("lm", "exposure", "--model", model, "--canaries", canaries))
+    for i, args in enumerate(commands):
+        out = tmp_path / f"o{i}"
+        assert_clean_error(cli(*args, "--out", out, "--quiet"), want)
+        assert not (out / "manifest.json").exists()  # refused before any run starts
+
+
 # ---- language models: `memscan lm mia` (lmmia) ---------------------------------------------------
 LM_MIA_BAD = [
     "an empty members file",
