@@ -218,7 +218,7 @@ def _bad_lm_inputs(lm: Path) -> dict[str, tuple[str, str, str]]:
         "a model directory that is not a causal LM": ("model", str(not_causal), "not a causal language model"),
         "a model directory without config.json": ("model", str(no_config), "no config.json"),
         "a model file that is not a .gguf": ("model", str(lm / "model.bin"), "not a .gguf"),
-        "a py: object that is not a causal LM": ("model", "py:lm_support:not_a_causal_lm", "not a causal LM"),
+        "a py: object that is not a causal LM": ("model", "py:lm_corpus_support:not_a_causal_lm", "not a causal LM"),
         "a canary that does not match its format": ("canaries", str(lm / "mismatch.jsonl"), "does not match"),
         "a canary format without a hole": ("canaries", str(lm / "no_hole.jsonl"), "no hole"),
         "a canary line that is not JSON": ("canaries", str(lm / "canaries_not_json.jsonl"), "is not JSON"),

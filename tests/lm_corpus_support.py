@@ -1,5 +1,5 @@
 """Shared inputs of the language-model tests: a small corpus with memorized and unseen documents,
-and a lookup "model" (py:lm_support:lookup) that has memorized exactly the ``MEMORIZED`` ones."""
+and a lookup "model" (py:lm_corpus_support:lookup) that has memorized exactly the ``MEMORIZED`` ones."""
 
 from __future__ import annotations
 
