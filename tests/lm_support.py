@@ -1,58 +1,15 @@
-"""Shared inputs of the language-model tests: a small corpus with memorized and unseen documents,
-and a lookup "model" (py:lm_support:lookup) that has memorized exactly the ``MEMORIZED`` ones.
+"""Small causal language models for the ``lm mia`` tests, behind the causal-LM protocol.
 
-For ``lm mia`` (below): ``ByteBigram``, a byte-level bigram model with add-α smoothing fitted on a
-list of texts — a model that "memorized" its training texts, with next-token distributions known
-exactly (numpy), so the run's scores can be checked against a direct computation.
-``py:lm_support:bigram`` loads the one fitted on :data:`MEMBERS` (the Ray workers import it the
-same way)."""
+``ByteBigram``: a byte-level bigram model with add-α smoothing, fitted on a list of texts — a
+model that "memorized" its training texts, with next-token distributions known exactly (numpy),
+so the run's scores can be checked against a direct computation. ``py:lm_support:bigram`` loads
+the one fitted on :data:`MEMBERS` (the Ray workers import it the same way).
+"""
 
 from __future__ import annotations
 
-import json
-import random
-import string
-from pathlib import Path
-
 import numpy as np
 
-from memscan.testing.lookup_lm import LookupLM
-
-
-def _words(seed: int, n: int) -> str:
-    rng = random.Random(seed)
-    return " ".join("".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(3, 8))) for _ in range(n))
-
-
-#: Documents the lookup model was trained on (it reproduces them given any 12-byte context: their
-#: 12-byte substrings are unique).
-MEMORIZED = [f"Record {i}: " + _words(i, 30) + "." for i in range(6)]
-#: Documents it never saw.
-UNSEEN = [f"Unseen {i}: " + _words(100 + i, 30) + "." for i in range(6)]
-
-
-def write_corpus(path: Path) -> Path:
-    """A JSONL corpus: memorized docs m0..m5, unseen docs u0..u5, and one too-short doc."""
-    path = Path(path)
-    with open(path, "w") as f:
-        for i, t in enumerate(MEMORIZED):
-            f.write(json.dumps({"id": f"m{i}", "text": t}) + "\n")
-        for i, t in enumerate(UNSEEN):
-            f.write(json.dumps({"id": f"u{i}", "text": t}) + "\n")
-        f.write(json.dumps({"id": "short", "text": "too short"}) + "\n")
-    return path
-
-
-def lookup() -> LookupLM:
-    """The lookup model of ``MEMORIZED`` (order 12: every 12-byte context in them is unique)."""
-    return LookupLM.from_texts(MEMORIZED, order=12)
-
-
-def not_a_causal_lm():
-    return object()
-
-
-# ---- lm mia (lmmia) ---------------------------------------------------------------------------------
 MEMBERS = [
     "the quick brown fox jumps over the lazy dog",
     "a stitch in time saves nine, or so they say",

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from lm_support import MEMORIZED, UNSEEN, write_corpus
+from lm_corpus_support import MEMORIZED, UNSEEN, write_corpus
 from typer.testing import CliRunner
 
 from memscan.cli import app
@@ -44,7 +44,7 @@ def test_lookup_model_end_to_end_known_answers(tmp_path):
     data = write_corpus(tmp_path / "d.jsonl")
     out = tmp_path / "run"
     res = _invoke(
-        "lm", "extractable", "--model", "py:lm_support:lookup", "--data", data, "--out", out,
+        "lm", "extractable", "--model", "py:lm_corpus_support:lookup", "--data", data, "--out", out,
         "--prefix-lengths", "16,32", "--suffix-length", 20, "--sequences", 12, "--seed", 1, "--shard-size", 5,
         "--batch-size", 4, "--quiet",
     )  # fmt: skip
@@ -58,7 +58,7 @@ def test_lookup_model_end_to_end_known_answers(tmp_path):
     assert (df.loc[memorized, "match_fraction"] == 1).all() and (df.loc[memorized, "exact_memorization"] == 1).all()
     assert df.loc[memorized, "pythia_extractable"].all() and (df.loc[~memorized, "pythia_score"] < 0.2).all()
     # p under T=1, top-40: every true byte has probability (0.9 + 0.1 f(y)) / Σ_top40 → known exactly
-    from lm_support import lookup
+    from lm_corpus_support import lookup
 
     lm = lookup()
     f = np.exp(lm.fallback)
@@ -83,7 +83,7 @@ def test_lookup_model_end_to_end_known_answers(tmp_path):
         assert doc[r["offset"] - r["prefix_len"] : r["offset"]] == r["prefix_text"]
     m = RunStore(out).read_manifest(expect="lm-extractable")
     assert m["data"]["skipped_short_documents"] == 1 and m["data"]["skipped_names"] == ["short"]
-    assert m["tokenizer"]["vocab_sha256"] and m["model"]["id"] == "py:lm_support:lookup"
+    assert m["tokenizer"]["vocab_sha256"] and m["model"]["id"] == "py:lm_corpus_support:lookup"
     assert m["summary"]["by_prefix_length"]["16"]["extractable_rate"] == pytest.approx(memorized.mean())
     _invoke("report", out)
     html = (out / "report.html").read_text()
@@ -145,7 +145,7 @@ def test_html_escapes_training_text(tmp_path):
     data.write_text(json.dumps({"id": "<b>x</b>", "text": evil}) + "\n")
     out = tmp_path / "run"
     _invoke(
-        "lm", "extractable", "--model", "py:lm_support:lookup", "--data", data, "--out", out,
+        "lm", "extractable", "--model", "py:lm_corpus_support:lookup", "--data", data, "--out", out,
         "--prefix-lengths", 32, "--suffix-length", 32, "--sequences", 2, "--quiet",
     )  # fmt: skip
     _invoke("report", out)

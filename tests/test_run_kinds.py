@@ -209,7 +209,7 @@ def _tiny_lm(tmp: Path) -> Path:
 
 
 def _lm_extractable(tmp: Path, out: Path) -> list:
-    from lm_support import write_corpus
+    from lm_corpus_support import write_corpus
 
     data = tmp / "lm_corpus.jsonl"
     if not data.exists():
