@@ -23,7 +23,7 @@ Usage::
     python bench/lm_logprobs.py                        # GPT-2-small shape (124M, V = 50257), random weights
     python bench/lm_logprobs.py --size tiny            # the tests' tiny GPT-2 (V = 384)
     python bench/lm_logprobs.py --model DIR            # any transformers causal LM directory
-    python bench/lm_logprobs.py --json bench/results/lm_logprobs.json
+    python bench/lm_logprobs.py --wait 600 --json bench/results/lm_logprobs.json
 """
 
 from __future__ import annotations
@@ -91,7 +91,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--json", help="write the summary here")
+    ap.add_argument("--wait", type=float, default=0.0, help="wait up to S seconds for a load average < 0.7")
     args = ap.parse_args(argv)
+    deadline = time.time() + args.wait
+    while os.getloadavg()[0] >= 0.7 and time.time() < deadline:
+        time.sleep(10)
 
     import torch
 
