@@ -88,3 +88,19 @@ def reference_bigram() -> ByteBigram:
     m = ByteBigram(NONMEMBERS[:4] + ["some other english text about ordinary things, said the man"])
     m.spec = "py:lm_support:reference_bigram"
     return m
+
+
+class MomentsBigram(ByteBigram):
+    """The bigram with the optional ``next_token_moments`` of the adapter (computed here by the
+    paper's formula, independently of memscan.lm.membership)."""
+
+    calls = 0
+
+    def next_token_moments(self, ids):
+        MomentsBigram.calls += 1
+        nlp = self.next_token_logprobs(ids)
+        p = np.exp(nlp)
+        mu = (p * nlp).sum(-1)
+        sigma = np.sqrt(np.maximum((p * nlp**2).sum(-1) - mu**2, 0.0))
+        tok = np.take_along_axis(nlp, np.asarray(ids)[:, 1:, None], axis=-1)[..., 0]
+        return tok, mu, sigma

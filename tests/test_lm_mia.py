@@ -298,3 +298,13 @@ def test_a_lowercased_text_of_one_token_gets_ratio_one_and_is_counted(tmp_path):
     assert not st["lowercase_scored"].any() and (st["lowercase"] == 1.0).all()
     assert res.manifest["counts"]["lowercase_one_token"] == 16
     assert res.auc("lowercase") == 0.5 and res.auc("loss") == 1.0
+
+
+def test_an_adapter_with_next_token_moments_gives_the_same_scores(tmp_path):
+    from lm_support import MomentsBigram
+
+    plain = _run(tmp_path, "plain")
+    fast = _run(tmp_path, "fast", model=MomentsBigram(MEMBERS))
+    assert MomentsBigram.calls > 0
+    for name in ms.SCORE_NAMES[:-1]:
+        np.testing.assert_allclose(fast.statistics[name], plain.statistics[name], rtol=1e-9, err_msg=name)

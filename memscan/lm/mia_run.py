@@ -326,25 +326,40 @@ def _token_logprobs(model, seqs: list[np.ndarray], batch_size: int, what: str) -
 
 def _next_token_pass(model, seqs: list[np.ndarray], batch_size: int, what: str):
     """Per sequence: token log-probabilities and the Min-K%++ moments, from one pass over the
-    next-token distributions (in chunks of at most :data:`NEXT_TOKEN_BUDGET` bytes)."""
+    next-token distributions (in chunks of at most :data:`NEXT_TOKEN_BUDGET` bytes).
+
+    An adapter with ``next_token_moments(ids) -> (log p(x_t), μ_t, σ_t)`` (three B×(T−1) arrays,
+    the sums of :func:`memscan.lm.membership.next_token_moments` done where the logits are) is
+    asked for those instead of the full B×(T−1)×V distributions."""
     out: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = [None] * len(seqs)  # type: ignore[list-item]
     vocab = int(getattr(model, "vocab_size", 0) or 0)
+    fast = callable(getattr(model, "next_token_moments", None))
     for batch in _equal_length_batches(seqs, batch_size):
         t = seqs[batch[0]].size
         per = max(1, (t - 1) * max(vocab, 1) * 8)
-        step = max(1, min(len(batch), NEXT_TOKEN_BUDGET // per)) if vocab else len(batch)
+        step = max(1, min(len(batch), NEXT_TOKEN_BUDGET // per)) if vocab and not fast else len(batch)
         for s in range(0, len(batch), step):
             part = batch[s : s + step]
             ids = np.stack([seqs[i] for i in part])
-            with user_code(what):
-                nlp = np.asarray(model.next_token_logprobs(ids), dtype=np.float64)
-            if nlp.shape[:2] != (len(part), t - 1):
-                raise MemscanError(
-                    f"{what}: next_token_logprobs gave shape {nlp.shape} for {ids.shape} token ids",
-                    "it must return B×(T−1)×V log-probabilities",
-                )
-            tok = np.take_along_axis(nlp, ids[:, 1:, None], axis=-1)[..., 0]
-            mu, sigma = ms.next_token_moments(nlp)
+            if fast:  # the adapter computes them where the logits are (no B×(T−1)×V transfer)
+                with user_code(what):
+                    tok, mu, sigma = (np.asarray(a, dtype=np.float64) for a in model.next_token_moments(ids))
+                if not tok.shape == mu.shape == sigma.shape == (len(part), t - 1):
+                    raise MemscanError(
+                        f"{what}: next_token_moments gave shapes {tok.shape}, {mu.shape}, {sigma.shape} "
+                        f"for {ids.shape} token ids",
+                        "it must return three B×(T−1) arrays: log p(x_t), μ_t, σ_t",
+                    )
+            else:
+                with user_code(what):
+                    nlp = np.asarray(model.next_token_logprobs(ids), dtype=np.float64)
+                if nlp.shape[:2] != (len(part), t - 1):
+                    raise MemscanError(
+                        f"{what}: next_token_logprobs gave shape {nlp.shape} for {ids.shape} token ids",
+                        "it must return B×(T−1)×V log-probabilities",
+                    )
+                tok = np.take_along_axis(nlp, ids[:, 1:, None], axis=-1)[..., 0]
+                mu, sigma = ms.next_token_moments(nlp)
             for j, i in enumerate(part):
                 out[i] = (tok[j], mu[j], sigma[j])
     return out
