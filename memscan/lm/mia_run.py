@@ -380,7 +380,7 @@ def lm_mia_stage(
         if s.size < 2:
             raise InputError(
                 f"example {i} has {s.size} token(s); membership scores need at least 2 (the first is not predicted)",
-                "remove it from the members/non-members file, or give it more text",
+                "remove it from the members/non-members file (or give it more text) and run again with a new --out",
             )
         seqs.append(s)
         truncated.append(cut)
