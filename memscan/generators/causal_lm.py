@@ -16,6 +16,7 @@ The protocol (:class:`CausalLM`), token ids are int64 numpy arrays::
     encode(text) -> int64 array           (no special tokens added)
     decode(ids) -> str
     vocab_size: int                       (width of the next-token distribution)
+    max_length: int | None                (optional: the longest sequence the model takes)
     eos_token_id: int | None
     greedy(prefixes B×k, n_new) -> (tokens B×n_new int64, top2_gap B×n_new float64)
     sample(prefixes B×k, n_new, *, temperature, top_k, top_p, seed) -> B×n_new int64
@@ -109,6 +110,10 @@ class TransformersCausalLM:
         eos = getattr(tokenizer, "eos_token_id", None)
         self.eos_token_id = int(eos) if eos is not None else None
         self.parameters = int(sum(p.numel() for p in model.parameters()))
+        cfg = model.config
+        self.max_length = next(
+            (int(getattr(cfg, a)) for a in ("n_positions", "max_position_embeddings") if getattr(cfg, a, None)), None
+        )
         self._vocab_sha = None
         params = inspect.signature(model.forward).parameters
         # transformers ≥ 5 names the KV cache ``cache`` (``past_key_values`` before)
