@@ -310,6 +310,13 @@ def tiny_lm_dir(tmp_path_factory):
     return make_tiny_gpt2(tmp_path_factory.mktemp("lm") / "gpt2")
 
 
+def test_lm_window_longer_than_the_model_positions(tiny_lm_dir, tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"text": "x" * 2000}) + "\n")
+    args = ("lm", "extractable", "--model", tiny_lm_dir, "--data", data, "--prefix-lengths", "32,600")
+    assert_clean_error(cli(*args, "--out", tmp_path / "o", "--quiet"), "positions of the model")
+
+
 @pytest.mark.parametrize("bad", LM_BAD)
 def test_bad_language_model_inputs_are_refused(corpus, tiny_lm_dir, tmp_path, bad):
     option, value, want = corpus.bad_lm[bad]

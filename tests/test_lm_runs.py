@@ -184,3 +184,28 @@ def test_real_smollm2_gguf_loads_and_greedy_decodes():
     assert "Paris" in lm.decode(tokens[0]) and (tokens[0] == tokens[1]).all()
     lp = lm.token_logprobs(ids[None, :])
     assert lp.shape == (1, len(ids) - 1) and np.isfinite(lp).all()
+
+
+def test_pythia_score_reuses_the_k32_continuation_exactly(tiny_dir):
+    """With k = 32 and m ≥ 32 the Pythia tokens come from the k = 32 continuation; without, they
+    are decoded on their own: both give the score of a direct 32-token greedy decoding."""
+    from memscan.generators.causal_lm import load_causal_lm
+    from memscan.lm.worker import LMWorker, extractable_stage
+
+    lm = load_causal_lm(str(tiny_dir))
+    rng = np.random.default_rng(0)
+    windows = rng.integers(3, 259, size=(5, 32 + 40)).astype(np.int64)
+    direct, _ = lm.greedy(windows[:, :32], 32)
+    want = (direct == windows[:, 32:64]).mean(axis=1)
+    cfg = {
+        "suffix_length": 40,
+        "prefix_lengths": [16, 32],
+        "batch_size": 5,
+        "temperature": 1.0,
+        "top_k": 40,
+        "top_p": None,
+    }
+    for ks in ([16, 32], [16]):
+        tables, _ = extractable_stage(LMWorker(lm), np.arange(5), windows, 32, {**cfg, "prefix_lengths": ks})
+        got = tables["sequences"].drop_duplicates("seq_id")["pythia_score"].to_numpy()
+        np.testing.assert_array_equal(got, want)

@@ -134,3 +134,9 @@ def test_parquet_text_streams_in_batches(tmp_path):
     out = list(iter_documents(open_text_source(tmp_path / "big.parquet"), LM.encode))
     assert len(out) == 2500 and out[-1][1] == "2499" and LM.decode(out[1234][2]) == docs[1234]
     assert pd.Series([t for _, t, _ in out]).is_unique
+
+
+def test_start_offsets_take_each_document_once(tmp_path):
+    src = open_text_source(_jsonl(tmp_path / "d.jsonl", DOCS))
+    s = sample_sequences(src, LM.encode, left=5, right=5, n=50, seed=0, offsets="start")
+    assert len(s.offset) == 6 and sorted(s.doc_index.tolist()) == list(range(6))

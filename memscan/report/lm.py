@@ -85,7 +85,7 @@ def np_curve_plot(table: pd.DataFrame) -> str:
     colors = ["#c0392b", "#2471a3", "#1e8449", "#7d3c98", "#b9770e", "#555"]
     for i, ((k, target), shares) in enumerate(np_curves(table).items()):
         c = colors[(i // 2) % len(colors)]
-        ax.plot(N_GRID, shares, "-" if target == 0.5 else ":", color=c, label=f"k={k}, p≥{target}")
+        ax.step(N_GRID, shares, "-" if target == 0.5 else ":", where="post", color=c, label=f"k={k}, p≥{target}")
         if target == 0.5:
             greedy = float(table[table["prefix_len"] == k]["extractable"].mean())
             ax.axhline(greedy, color=c, lw=0.8, alpha=0.5)
