@@ -95,7 +95,11 @@ def test_ray_tables_equal_local_tables(ray_address, tmp_path):
         pd.testing.assert_frame_equal(
             pd.read_parquet(tmp_path / "ray" / name), pd.read_parquet(tmp_path / "local" / name)
         )
-    assert (tmp_path / "ray" / "prompts.csv").read_text() == (tmp_path / "local" / "prompts.csv").read_text()
+    # the same ranking; scores equal up to float32 rounding (torch's thread count differs between
+    # the driver and Ray workers, which moves UNet outputs by ~1e-7 relative)
+    ray_csv, local_csv = (pd.read_csv(tmp_path / d / "prompts.csv") for d in ("ray", "local"))
+    assert ray_csv["prompt_id"].tolist() == local_csv["prompt_id"].tolist()
+    pd.testing.assert_series_equal(ray_csv["score"], local_csv["score"], rtol=1e-5)
     assert ray.manifest["runner"]["name"] == "ray" and ray.manifest["runner"]["workers"] == 2
     assert ray.manifest["model"] == local.manifest["model"]  # the parameter count came from a worker
     assert local.manifest["model"]["id"] == str(DATA.resolve()) and local.manifest["model"]["parameters"] > 0

@@ -194,3 +194,46 @@ def test_unconditional_generator_failing_on_its_first_call_is_one_error(tmp_path
     assert res.exit_code == 2 and "Traceback" not in res.output, res.output
     (line,) = _error_lines(res.output)
     assert "first call (sample 0" in line and "RuntimeError" in line
+
+
+def _mia_argv(kind, tmp_path, out):
+    """A small mia / inpaint / memscore run (the golden inputs) whose user code can fail."""
+    import numpy as np
+    from golden_support import MEMSCORE_X, MIA_MEMBERS, _write_png, mia_ids, mia_images
+
+    data, members, x = tmp_path / "data", tmp_path / "members.txt", tmp_path / "x.npy"
+    if not data.exists():
+        data.mkdir()
+        for i, img in zip(mia_ids(), mia_images()):
+            _write_png(data / f"{i}.png", img)
+        members.write_text("\n".join(mia_ids()[:MIA_MEMBERS]) + "\n")
+        np.save(x, np.asarray(MEMSCORE_X))
+    common = ["--data", data, "--members", members, "--out", out, "--batch-size", 8, "--shard-size", 8]
+    common += ["--bootstrap", 0, "--quiet"]
+    if kind == "mia":
+        return ["mia", "--model", "py:user_code_support:failing_predictor", *common, "--timesteps", 10]
+    if kind == "inpaint":
+        return ["inpaint", "--model", "py:user_code_support:failing_predictor", *common, "--steps", 10]
+    return [
+        "memscore", "--data", x, "--train-fn", "py:user_code_support:failing_train",
+        "--log-likelihood-fn", "py:golden_support:gauss_loglik", "--folds", 3, "--out", out, "--quiet",
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", ["mia", "inpaint", "memscore"])
+def test_failing_user_model_in_membership_runs_stops_cleanly_then_resumes(kind, tmp_path):
+    out = tmp_path / "run"
+    # shard 0 (8 examples) takes 4 model calls for mia, 20 for inpaint, 1 train call for memscore
+    after = {"mia": 4, "inpaint": 20, "memscore": 1}[kind]
+    env = {"MEMSCAN_TEST_FAIL": "1", "MEMSCAN_TEST_FAIL_AFTER": str(after)}
+    res = run_cli(*_mia_argv(kind, tmp_path, out), env=env, check=False)
+    assert res.returncode == 2, res.stderr
+    errors = _error_lines(res.stderr)
+    assert len(errors) == 1 and "failed on" in errors[0] and "--resume" in errors[0], res.stderr
+    assert "Traceback" not in res.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "incomplete"
+    assert (out / "shards" / "00000.done.json").exists()  # the shard before the failure is kept
+    done = run_cli(*_mia_argv(kind, tmp_path, out), "--resume")
+    assert done.returncode == 0
+    assert json.loads((out / "manifest.json").read_text())["status"] == "complete"

@@ -5,6 +5,7 @@ The failure is switched by environment variables, so "fixing the bug" is unsetti
 
 import os
 
+import numpy as np
 from gen_support import planted
 
 from memscan.errors import InputError
@@ -58,3 +59,42 @@ class AlwaysRaises:
 
 def always_raises():
     return AlwaysRaises()
+
+
+class _FailingPredictor:
+    """The memorizing noise predictor of the golden inputs, with a bug that fires after
+    ``MEMSCAN_TEST_FAIL_AFTER`` calls while ``MEMSCAN_TEST_FAIL=1`` (so the first shard can commit
+    before it fails)."""
+
+    def __init__(self):
+        from golden_support import MemorizingPredictor
+
+        self.inner = MemorizingPredictor()
+        self.alphas_cumprod = self.inner.alphas_cumprod
+        self.calls = 0
+
+    def predict_noise(self, x_t, t, condition=None):
+        self.calls += 1
+        if os.environ.get("MEMSCAN_TEST_FAIL") == "1" and self.calls > int(
+            os.environ.get("MEMSCAN_TEST_FAIL_AFTER", 1)
+        ):
+            raise ZeroDivisionError("bug in the user's noise predictor")
+        return self.inner.predict_noise(x_t, t, condition)
+
+
+def failing_predictor():
+    """``py:user_code_support:failing_predictor`` for `memscan mia` / `inpaint`."""
+    return _FailingPredictor()
+
+
+def failing_train(d):
+    """``py:user_code_support:failing_train`` for `memscan memscore`: fails while
+    ``MEMSCAN_TEST_FAIL=1`` on every fold but the first."""
+    global _TRAINED
+    _TRAINED += 1
+    if os.environ.get("MEMSCAN_TEST_FAIL") == "1" and _TRAINED > 1:
+        raise ValueError("bug in the user's train function")
+    return float(np.mean(d)), float(np.var(d))
+
+
+_TRAINED = 0

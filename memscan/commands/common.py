@@ -79,3 +79,30 @@ def quiet_option(help: str = "no progress bars") -> bool:
 def resume_option() -> bool:
     """``--resume``: finish a killed (or failed) run in ``--out``."""
     return typer.Option(False, "--resume", help="finish a killed run in --out")
+
+
+# ---- the runner options every model-heavy command shares (memscan.runners) ---------------------
+def runner_option(unit: str = "shards") -> str:
+    """``--runner local|ray``."""
+    return typer.Option("local", "--runner", help=f"local, or ray: {unit} on a pool of Ray actors (memscan\\[ray])")
+
+
+def ray_address_option() -> str | None:
+    """``--ray-address``: an existing Ray cluster."""
+    return typer.Option(
+        None,
+        "--ray-address",
+        help="runner ray: existing cluster (auto, HOST:6379, ray://HOST:10001) [start a local Ray]",
+    )
+
+
+def num_workers_option(load: str = "one model load each") -> int | None:
+    """``--num-workers``: Ray workers."""
+    return typer.Option(None, "--num-workers", help=f"runner ray: workers, {load} [as many as the cluster fits]")
+
+
+def gpus_per_worker_option() -> float | None:
+    """``--gpus-per-worker``: GPUs each Ray worker asks for."""
+    return typer.Option(
+        None, "--gpus-per-worker", help="runner ray: GPUs each worker asks for [1 with --device cuda, else 0]"
+    )

@@ -6,7 +6,16 @@ from pathlib import Path
 
 import typer
 
-from memscan.commands.common import clean_errors, loading_user_model, quiet_option, resume_option
+from memscan.commands.common import (
+    clean_errors,
+    gpus_per_worker_option,
+    loading_user_model,
+    num_workers_option,
+    quiet_option,
+    ray_address_option,
+    resume_option,
+    runner_option,
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -47,20 +56,10 @@ def register(app: typer.Typer) -> None:
         height: int | None = typer.Option(None, help="text-to-image: output height [native]"),
         width: int | None = typer.Option(None, help="text-to-image: output width [native]"),
         resume: bool = resume_option(),
-        runner: str = typer.Option(
-            "local", "--runner", help="local, or ray: shards on a pool of Ray actors (memscan[ray])"
-        ),
-        ray_address: str | None = typer.Option(
-            None,
-            "--ray-address",
-            help="runner ray: existing cluster (auto, HOST:6379, ray://HOST:10001) [start a local Ray]",
-        ),
-        num_workers: int | None = typer.Option(
-            None, "--num-workers", help="runner ray: workers, one model load each [as many as the cluster fits]"
-        ),
-        gpus_per_worker: float | None = typer.Option(
-            None, "--gpus-per-worker", help="runner ray: GPUs each worker asks for [1 with --device cuda, else 0]"
-        ),
+        runner: str = runner_option(),
+        ray_address: str | None = ray_address_option(),
+        num_workers: int | None = num_workers_option(),
+        gpus_per_worker: float | None = gpus_per_worker_option(),
         config: Path | None = typer.Option(
             None, "--config", help="TOML file with these options (an \\[extract] table or top-level keys)"
         ),

@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 
 from memscan.commands.common import fail as _fail
-from memscan.commands.common import resume_option
+from memscan.commands.common import num_workers_option, ray_address_option, resume_option, runner_option
 from memscan.commands.formatting import inpaint_summary, memscore_summary, mia_summary
 from memscan.errors import MemscanError
 
@@ -44,17 +44,9 @@ def register(app: typer.Typer) -> None:
         threads: int | None = typer.Option(None, "--threads", help="torch CPU threads"),
         shard_size: int = typer.Option(256, "--shard-size", help="examples per shard (unit of commit and resume)"),
         resume: bool = resume_option(),
-        runner: str = typer.Option(
-            "local", "--runner", help="local, or ray: shards on a pool of Ray actors (memscan[ray])"
-        ),
-        ray_address: str | None = typer.Option(
-            None,
-            "--ray-address",
-            help="runner ray: existing cluster (auto, HOST:6379, ray://HOST:10001) [start a local Ray]",
-        ),
-        num_workers: int | None = typer.Option(
-            None, "--num-workers", help="runner ray: workers, one model load each [as many as the cluster fits]"
-        ),
+        runner: str = runner_option(),
+        ray_address: str | None = ray_address_option(),
+        num_workers: int | None = num_workers_option(),
         quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
     ):
         """Membership inference with the diffusion loss L_t: threshold and LiRA, per timestep."""
@@ -111,17 +103,9 @@ def register(app: typer.Typer) -> None:
         threads: int | None = typer.Option(None, "--threads", help="torch CPU threads"),
         shard_size: int = typer.Option(256, "--shard-size", help="examples per shard (unit of commit and resume)"),
         resume: bool = resume_option(),
-        runner: str = typer.Option(
-            "local", "--runner", help="local, or ray: shards on a pool of Ray actors (memscan[ray])"
-        ),
-        ray_address: str | None = typer.Option(
-            None,
-            "--ray-address",
-            help="runner ray: existing cluster (auto, HOST:6379, ray://HOST:10001) [start a local Ray]",
-        ),
-        num_workers: int | None = typer.Option(
-            None, "--num-workers", help="runner ray: workers, one model load each [as many as the cluster fits]"
-        ),
+        runner: str = runner_option(),
+        ray_address: str | None = ray_address_option(),
+        num_workers: int | None = num_workers_option(),
         quiet: bool = typer.Option(False, "--quiet", help="no progress output"),
     ):
         """The inpainting attack: hide part of each image, inpaint it (RePaint), score the distance."""
@@ -166,15 +150,9 @@ def register(app: typer.Typer) -> None:
         repeats: int = typer.Option(1, "--repeats", help="L repeats"),
         seed: int = typer.Option(0, "--seed", help="seed of the fold assignment"),
         resume: bool = resume_option(),
-        runner: str = typer.Option(
-            "local", "--runner", help="local, or ray: folds on a pool of Ray actors (memscan[ray])"
-        ),
-        ray_address: str | None = typer.Option(
-            None, "--ray-address", help="runner ray: existing cluster [start a local Ray]"
-        ),
-        num_workers: int | None = typer.Option(
-            None, "--num-workers", help="runner ray: workers [as many as the cluster fits]"
-        ),
+        runner: str = runner_option("folds"),
+        ray_address: str | None = ray_address_option(),
+        num_workers: int | None = num_workers_option(),
         quiet: bool = typer.Option(False, "--quiet", help="no progress bar"),
     ):
         """Memorization score M = U − V (van den Burg & Williams 2021), K folds × L repeats, resumable."""

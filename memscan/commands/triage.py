@@ -6,7 +6,15 @@ from pathlib import Path
 
 import typer
 
-from memscan.commands.common import clean_errors, quiet_option, resume_option
+from memscan.commands.common import (
+    clean_errors,
+    gpus_per_worker_option,
+    num_workers_option,
+    quiet_option,
+    ray_address_option,
+    resume_option,
+    runner_option,
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -32,20 +40,10 @@ def register(app: typer.Typer) -> None:
         device: str = typer.Option("cpu", help="cpu or cuda"),
         dtype: str = typer.Option("auto", help="auto, fp32, fp16, bf16"),
         resume: bool = resume_option(),
-        runner: str = typer.Option(
-            "local", "--runner", help="local, or ray: shards on a pool of Ray actors (memscan[ray])"
-        ),
-        ray_address: str | None = typer.Option(
-            None,
-            "--ray-address",
-            help="runner ray: existing cluster (auto, HOST:6379, ray://HOST:10001) [start a local Ray]",
-        ),
-        num_workers: int | None = typer.Option(
-            None, "--num-workers", help="runner ray: workers, one pipeline load each [as many as the cluster fits]"
-        ),
-        gpus_per_worker: float | None = typer.Option(
-            None, "--gpus-per-worker", help="runner ray: GPUs each worker asks for [1 with --device cuda, else 0]"
-        ),
+        runner: str = runner_option(),
+        ray_address: str | None = ray_address_option(),
+        num_workers: int | None = num_workers_option("one pipeline load each"),
+        gpus_per_worker: float | None = gpus_per_worker_option(),
         quiet: bool = quiet_option("no progress bar"),
     ):
         """Score prompts with one or a few denoising steps (Wen et al. 2024, Webster 2023); write

@@ -6,7 +6,14 @@ from pathlib import Path
 
 import typer
 
-from memscan.commands.common import clean_errors, loading_user_model
+from memscan.commands.common import (
+    clean_errors,
+    gpus_per_worker_option,
+    loading_user_model,
+    num_workers_option,
+    ray_address_option,
+    runner_option,
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -31,20 +38,10 @@ def register(app: typer.Typer) -> None:
         device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N"),
         no_images: bool = typer.Option(False, "--no-images", help="do not write PNGs of extractions"),
         resume: bool = typer.Option(False, "--resume", help="finish a killed run in --out"),
-        runner: str = typer.Option(
-            "local", "--runner", help="local, or ray: shards on a pool of Ray actors (memscan[ray])"
-        ),
-        ray_address: str | None = typer.Option(
-            None,
-            "--ray-address",
-            help="runner ray: existing cluster (auto, HOST:6379, ray://HOST:10001) [start a local Ray]",
-        ),
-        num_workers: int | None = typer.Option(
-            None, "--num-workers", help="runner ray: workers, one model load each [as many as the cluster fits]"
-        ),
-        gpus_per_worker: float | None = typer.Option(
-            None, "--gpus-per-worker", help="runner ray: GPUs each worker asks for [1 with --device cuda, else 0]"
-        ),
+        runner: str = runner_option(),
+        ray_address: str | None = ray_address_option(),
+        num_workers: int | None = num_workers_option(),
+        gpus_per_worker: float | None = gpus_per_worker_option(),
         quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
     ):
         """Unconditional extraction: M generations, n nearest training images each, calibrated decision."""

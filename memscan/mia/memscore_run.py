@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from memscan.data.training import load_training_set
-from memscan.errors import InputError
+from memscan.errors import InputError, user_code
 from memscan.generators.model_record import model_record
 from memscan.mia.inputs import absolute_spec
 from memscan.mia.memscore import _check_ll, _result_from, _take, fold_assignment
@@ -77,8 +77,11 @@ def memscore_stage(ctx: dict, repeat: int, fold: int, train_idx: np.ndarray) -> 
     """One (repeat, fold) model: train it on ``train_idx``, then ``log p`` of every example."""
     data = ctx["data"]
     t0 = time.perf_counter()
-    model = ctx["train_fn"](_take(data, np.asarray(train_idx)))
-    row = _check_ll(ctx["log_likelihood_fn"](model, data), len(data), repeat, fold)
+    with user_code(f"the train function failed on repeat {repeat}, fold {fold}"):
+        model = ctx["train_fn"](_take(data, np.asarray(train_idx)))
+    with user_code(f"the log-likelihood function failed on repeat {repeat}, fold {fold}"):
+        ll = ctx["log_likelihood_fn"](model, data)
+    row = _check_ll(ll, len(data), repeat, fold)
     table = pd.DataFrame(
         {"repeat": np.int64(repeat), "fold": np.int64(fold), "index": np.arange(len(row)), "loglik": row}
     )

@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from memscan.errors import user_code
 from memscan.mia.attack_labels import parse_attacks, run_attacks
 from memscan.mia.inpaint import InpaintConfig, inpaint_distances, inpaint_mask
 from memscan.mia.inputs import MiaInputs, examples_table, load_mia_inputs, resolve_condition
@@ -266,7 +267,6 @@ def statistic_worker(specs: Sequence[str], device: str, threads: int | None = No
 def _predictor(ctx: dict, m: int):
     models = ctx["models"]
     if m not in models:
-        from memscan.errors import user_code
         from memscan.mia.noise import load_noise_predictor
 
         if ctx["own"]:
@@ -292,7 +292,9 @@ def statistic_stage(
     cond = resolve_condition(p, condition, captions)
     t0 = time.perf_counter()
     ids = range(shard.start, shard.stop)
-    values, extra = stat.evaluate(p, images, cond, ids, keep=shard.model == 0)
+    where = f"the model {name} failed on examples {shard.start}–{shard.stop - 1} ({stat.name})"
+    with user_code(where):
+        values, extra = stat.evaluate(p, images, cond, ids, keep=shard.model == 0)
     seconds = time.perf_counter() - t0
     tables = {stat.table: stat.table_of(name, values, len(ids), shard.start), **extra}
     return tables, {"statistic": stat.name, "model": name, "examples": [shard.start, shard.stop], "seconds": seconds}
