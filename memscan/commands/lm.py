@@ -7,7 +7,15 @@ from pathlib import Path
 
 import typer
 
-from memscan.commands.common import clean_errors, quiet_option, resume_option
+from memscan.commands.common import (
+    clean_errors,
+    gpus_per_worker_option,
+    num_workers_option,
+    quiet_option,
+    ray_address_option,
+    resume_option,
+    runner_option,
+)
 
 lm_app = typer.Typer(no_args_is_help=True, help="Memorization of causal language models (docs/lm.md).")
 
@@ -162,14 +170,10 @@ def lm_mia(
     device: str = typer.Option("cpu", "--device", help="cpu or cuda"),
     dtype: str = typer.Option("auto", "--dtype", help="auto, float32, float16, bfloat16"),
     resume: bool = resume_option(),
-    runner: str = typer.Option("local", "--runner", help=RUNNER_HELP),
-    ray_address: str | None = typer.Option(None, "--ray-address", help=RAY_ADDRESS_HELP),
-    num_workers: int | None = typer.Option(
-        None, "--num-workers", help="runner ray: workers, one model load each [as many as the cluster fits]"
-    ),
-    gpus_per_worker: float | None = typer.Option(
-        None, "--gpus-per-worker", help="runner ray: GPUs each worker asks for [1 with --device cuda, else 0]"
-    ),
+    runner: str = runner_option(),
+    ray_address: str | None = ray_address_option(),
+    num_workers: int | None = num_workers_option(),
+    gpus_per_worker: float | None = gpus_per_worker_option(),
     quiet: bool = quiet_option("no progress bar"),
 ):
     """Membership scores of a causal LM on member and non-member texts (loss, zlib, lowercase,
