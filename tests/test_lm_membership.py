@@ -234,3 +234,15 @@ def test_blind_baseline_with_too_few_texts_is_skipped_with_its_reason():
     res = blind_baseline(["a b", "c d", "e f"], [True, False, False])
     assert res.roc is None and not res.warning and "at least 2" in res.skipped
     assert blind_baseline(["a b", "c d", "e f", "g h"], [True, True, False, False]).folds == 2
+
+
+def test_min_k_is_monotone_in_k_and_never_above_the_mean():
+    rng = np.random.default_rng(7)
+    for _ in range(100):
+        lp = np.log(rng.uniform(1e-6, 1.0, rng.integers(1, 60)))
+        values = [m.min_k_score(lp, k) for k in (1, 5, 10, 20, 50, 80, 100)]
+        assert all(a <= b + 1e-12 for a, b in zip(values, values[1:]))
+        assert values[-1] == pytest.approx(m.loss_score(lp))
+        mu, sd = m.next_token_moments(np.log(rng.dirichlet(np.ones(9), size=lp.size)))
+        z = [m.min_k_plus_plus_score(lp, mu, sd, k) for k in (5, 20, 100)]
+        assert z[0] <= z[1] + 1e-12 <= z[2] + 2e-12

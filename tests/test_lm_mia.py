@@ -308,3 +308,10 @@ def test_an_adapter_with_next_token_moments_gives_the_same_scores(tmp_path):
     assert MomentsBigram.calls > 0
     for name in ms.SCORE_NAMES[:-1]:
         np.testing.assert_allclose(fast.statistics[name], plain.statistics[name], rtol=1e-9, err_msg=name)
+
+
+def test_report_of_a_damaged_run_is_one_clean_error(tmp_path):
+    _run(tmp_path)
+    (tmp_path / "run" / "statistics.parquet").unlink()
+    res = runner.invoke(app, ["report", str(tmp_path / "run")])
+    assert res.exit_code == 2 and "statistics.parquet" in res.output and "Traceback" not in res.output
