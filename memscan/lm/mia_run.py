@@ -48,7 +48,7 @@ import pandas as pd
 from memscan.errors import InputError, MemscanError, user_code
 from memscan.generators.model_record import model_record
 from memscan.lm import membership as ms
-from memscan.lm.blind import BLIND_WARNING_TEXT, blind_baseline
+from memscan.lm.blind import BLIND_AUC_WARNING, BLIND_WARNING_TEXT, blind_baseline
 from memscan.mia.metrics import AttackResult, roc_metrics
 from memscan.mia.tables import metrics_rows, score_rows
 from memscan.runners import RayOptions, make_pool, require_ray
@@ -645,7 +645,7 @@ def _tables(examples: pd.DataFrame, stats: pd.DataFrame, config: LmMiaConfig, wi
         "auc": bl.auc,
         "warning": bl.warning,
         "warning_text": BLIND_WARNING_TEXT if bl.warning else None,
-        "threshold": 0.6,
+        "threshold": BLIND_AUC_WARNING,
         "skipped": bl.skipped,
         "params": bl.params,
     }
