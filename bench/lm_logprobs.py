@@ -1,18 +1,20 @@
 """Per-token log-probability pass (what ``memscan lm mia`` scores use) against a bare forward loop
 of the same model, in the same process.
 
-Three loops over the same batches of token ids (B × T, random ids of the model's vocabulary):
+Four loops over the same batches of token ids (B × T, random ids of the model's vocabulary):
 
 1. ``bare`` — ``model(input_ids=x, use_cache=False).logits`` under ``torch.inference_mode`` and
    nothing else: the cost of the model itself;
 2. ``token_logprobs`` — the adapter's per-token log-probabilities (one forward pass, log-softmax,
    gather, float64 to numpy): the pass of the loss, zlib, lowercase, Min-K% and reference scores;
-3. ``mia_pass`` — what one ``lm mia`` shard does for the target model: the next-token
+3. ``float32_logsumexp`` — for comparison, the cheapest exact pass: the gathered logit minus a
+   float32 log-sum-exp over the vocabulary, then float64 (what the adapter could do);
+4. ``mia_pass`` — what one ``lm mia`` shard does for the target model: the next-token
    distributions (B × (T−1) × V float64), the exact Min-K%++ moments μ_t, σ_t over the vocabulary
    and the gathered token log-probabilities (:func:`memscan.lm.mia_run._next_token_pass`).
 
-The loops alternate (bare, token_logprobs, mia_pass, bare, …) so that drift in the machine's load
-hits all three alike; each figure is the median over ``--repeats``. Overhead = time / bare − 1.
+The loops alternate (bare, token_logprobs, float32_logsumexp, mia_pass, bare, …) so that drift in
+the machine's load hits all of them alike; each figure is the median over ``--repeats``. Overhead = time / bare − 1.
 Target (issue 13): ``token_logprobs`` within 5 % of the bare loop.
 
 Figures count only on an idle machine: the script reads the 1-minute load average at the start
@@ -122,11 +124,23 @@ def main(argv=None) -> dict:
             for b in batches:
                 lm.token_logprobs(b)
 
+        def float32_logsumexp():  # what a cheaper adapter pass would cost: gathered logit − logsumexp, float32
+            with torch.inference_mode():
+                for x in tensors:
+                    logits = lm.model(input_ids=x, use_cache=False).logits[:, :-1]
+                    tok = logits.gather(-1, x[:, 1:, None])[..., 0] - torch.logsumexp(logits, dim=-1)
+                    tok.double().numpy()
+
         def mia_pass():
             for b in batches:
                 _next_token_pass(lm, list(b), args.batch, "benchmark")
 
-        loops = {"bare": bare, "token_logprobs": token_logprobs, "mia_pass": mia_pass}
+        loops = {
+            "bare": bare,
+            "token_logprobs": token_logprobs,
+            "float32_logsumexp": float32_logsumexp,
+            "mia_pass": mia_pass,
+        }
         for fn in loops.values():  # warm-up
             fn()
         times: dict[str, list[float]] = {k: [] for k in loops}
@@ -148,7 +162,7 @@ def main(argv=None) -> dict:
         "threads": torch.get_num_threads(),
         "median_seconds": med,
         "tokens_per_s": {k: tokens / v for k, v in med.items()},
-        "overhead": {k: med[k] / med["bare"] - 1.0 for k in ("token_logprobs", "mia_pass")},
+        "overhead": {k: med[k] / med["bare"] - 1.0 for k in loops if k != "bare"},
         "load_average": [load_before, load_after],
         "idle": idle,
     }
@@ -157,7 +171,7 @@ def main(argv=None) -> dict:
     )
     for k in loops:
         extra = "" if k == "bare" else f"  overhead {summary['overhead'][k] * 100:+.1f}%"
-        print(f"  {k:15s} {med[k]:.4f} s  {summary['tokens_per_s'][k]:10.0f} tokens/s{extra}")
+        print(f"  {k:18s} {med[k]:.4f} s  {summary['tokens_per_s'][k]:10.0f} tokens/s{extra}")
     if not idle:
         print(f"  NOT IDLE (load average {load_before:.2f} ≥ 0.7 at the start): these figures do not count")
     if args.json:
