@@ -223,3 +223,41 @@ def _bad_lm_inputs(lm: Path) -> dict[str, tuple[str, str, str]]:
         "a canary format without a hole": ("canaries", str(lm / "no_hole.jsonl"), "no hole"),
         "a canary line that is not JSON": ("canaries", str(lm / "canaries_not_json.jsonl"), "is not JSON"),
     }
+
+
+# ---- language models: member / non-member texts for `memscan lm mia` (lmmia) ----------------------
+def build_lm_mia_texts(root: Path) -> tuple[Path, dict[str, tuple[Path, Path, str]]]:
+    """A good members file and bad (members, non-members) pairs for ``lm mia``: name → (members,
+    non-members, what the error must mention)."""
+    import json
+
+    root.mkdir(parents=True, exist_ok=True)
+    good = root / "members.txt"
+    good.write_text("the first member text\nthe second member text\n")
+    other = root / "nonmembers.txt"
+    other.write_text("a text the model never saw\nanother unseen text\n")
+    empty = root / "empty.txt"
+    empty.write_text("")
+    blank = root / "blank.txt"
+    blank.write_text("\n  \n\n")
+    no_text = root / "no_text.jsonl"
+    no_text.write_text(json.dumps({"body": "a text under the wrong key"}) + "\n")
+    not_json = root / "not_json.jsonl"
+    not_json.write_text('{"text": "fine"}\n{"text": broken\n')
+    binary = root / "binary.txt"
+    binary.write_bytes(b"caf\xe9 au lait\n")
+    one_token = root / "one_token.txt"
+    one_token.write_text("a\nthe second member text\n")
+    no_column = root / "no_column.parquet"
+    pd.DataFrame({"body": ["x", "y"]}).to_parquet(no_column)
+    return good, {
+        "an empty members file": (empty, other, "holds no examples"),
+        "a members file of blank lines": (blank, other, "holds no examples"),
+        "a JSONL without text": (no_text, other, 'no "text" field'),
+        "a JSONL line that is not JSON": (not_json, other, "line 2 is not JSON"),
+        "non-UTF-8 bytes": (binary, other, "not UTF-8"),
+        "a Parquet file without a text column": (no_column, other, 'no "text" column'),
+        "members equal to non-members": (good, good, "(the same file)"),
+        "a members path that does not exist": (root / "nowhere.txt", other, "does not exist"),
+        "an example of one token": (one_token, other, "1 token(s)"),
+    }

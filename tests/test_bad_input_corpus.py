@@ -336,3 +336,33 @@ def test_bad_language_model_inputs_are_refused(corpus, tiny_lm_dir, tmp_path, ba
         out = tmp_path / f"o{i}"
         assert_clean_error(cli(*args, "--out", out, "--quiet"), want)
         assert not (out / "manifest.json").exists()  # refused before any run starts
+
+
+# ---- language models: `memscan lm mia` (lmmia) ---------------------------------------------------
+LM_MIA_BAD = [
+    "an empty members file",
+    "a members file of blank lines",
+    "a JSONL without text",
+    "a JSONL line that is not JSON",
+    "non-UTF-8 bytes",
+    "a Parquet file without a text column",
+    "members equal to non-members",
+    "a members path that does not exist",
+    "an example of one token",
+]
+
+
+@pytest.fixture(scope="module")
+def lm_mia_texts(tmp_path_factory):
+    from bad_inputs import build_lm_mia_texts
+
+    return build_lm_mia_texts(tmp_path_factory.mktemp("lm_mia_texts"))[1]
+
+
+@pytest.mark.parametrize("bad", LM_MIA_BAD)
+def test_bad_member_texts_are_refused_by_lm_mia(lm_mia_texts, tmp_path, bad):
+    members, nonmembers, want = lm_mia_texts[bad]
+    args = ("lm", "mia", "--model", "py:lm_support:bigram", "--members", members, "--nonmembers", nonmembers)
+    line = assert_clean_error(cli(*args, "--out", tmp_path / "o", "--bootstrap", 0, "--quiet"), want)
+    assert members.name in line or "example" in line  # names the input
+    assert " — " in line  # and a fix

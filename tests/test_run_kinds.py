@@ -227,6 +227,22 @@ def _lm_exposure(tmp: Path, out: Path) -> list:
     ]  # fmt: skip
 
 
+def _lm_mia(tmp: Path, out: Path) -> list:
+    """16 texts (8 members, 8 non-members) on the tiny random GPT-2: 3 shards."""
+    import json
+
+    from lm_support import MEMBERS, NONMEMBERS
+
+    members, nonmembers = tmp / "lm_members.txt", tmp / "lm_nonmembers.jsonl"
+    if not members.exists():
+        members.write_text("\n".join(MEMBERS) + "\n")
+        nonmembers.write_text("".join(json.dumps({"text": t}) + "\n" for t in NONMEMBERS))
+    return [
+        "lm", "mia", "--model", _tiny_lm(tmp), "--members", members, "--nonmembers", nonmembers, "--out", out,
+        "--shard-size", 6, "--bootstrap", 10, "--quiet",
+    ]  # fmt: skip
+
+
 # Each section below is one family of run kinds; adding a kind = an argv builder + one KindCase.
 CASES = [
     # ---- extraction: extract, extract-unconditional, index ------------------------------------
@@ -243,6 +259,7 @@ CASES = [
     # ---- language models ------------------------------------------------------------------------------
     KindCase("lm-extractable", _lm_extractable, ("sequences",), kill_after=1),
     KindCase("lm-exposure", _lm_exposure, ("exposures", "parts"), kill_after=2),
+    KindCase("lm-mia", _lm_mia, ("examples", "statistics", "scores", "metrics"), kill_after=1),
 ]
 
 
