@@ -42,6 +42,7 @@ True
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import inspect
 import json
@@ -373,6 +374,14 @@ def quiet_loading():
     level = tlog.get_verbosity()
     tlog.set_verbosity_error()
     tlog.disable_progress_bar()
+    # the GGUF reader draws its own tqdm bar, outside transformers' progress-bar switch
+    try:
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    except Exception:  # noqa: BLE001 - an older transformers or no gguf support: nothing to silence
+        gguf_utils = None
+    bar = getattr(gguf_utils, "tqdm", None)
+    if bar is not None:
+        gguf_utils.tqdm = functools.partial(bar, disable=True)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
@@ -380,6 +389,8 @@ def quiet_loading():
     finally:
         tlog.set_verbosity(level)
         tlog.enable_progress_bar()
+        if bar is not None:
+            gguf_utils.tqdm = bar
 
 
 def _load_transformers_quiet(where, spec, device, dtype, gguf_file) -> TransformersCausalLM:
