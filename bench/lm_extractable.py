@@ -62,7 +62,7 @@ def wait_idle(max_load: float, wait: float) -> float | None:
             return load
         if time.time() >= deadline:
             return None
-        time.sleep(min(30.0, max(1.0, deadline - time.time())))
+        time.sleep(min(5.0, max(1.0, deadline - time.time())))
 
 
 def demo_sized(tmp: Path):

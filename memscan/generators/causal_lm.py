@@ -42,6 +42,7 @@ True
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import inspect
 import json
@@ -373,6 +374,14 @@ def quiet_loading():
     level = tlog.get_verbosity()
     tlog.set_verbosity_error()
     tlog.disable_progress_bar()
+    # the GGUF reader draws its own tqdm bar, outside transformers' progress-bar switch
+    try:
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    except Exception:  # noqa: BLE001 - an older transformers or no gguf support: nothing to silence
+        gguf_utils = None
+    bar = getattr(gguf_utils, "tqdm", None)
+    if bar is not None:
+        gguf_utils.tqdm = functools.partial(bar, disable=True)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
@@ -380,6 +389,8 @@ def quiet_loading():
     finally:
         tlog.set_verbosity(level)
         tlog.enable_progress_bar()
+        if bar is not None:
+            gguf_utils.tqdm = bar
 
 
 def _load_transformers_quiet(where, spec, device, dtype, gguf_file) -> TransformersCausalLM:
@@ -397,7 +408,7 @@ def _load_transformers_quiet(where, spec, device, dtype, gguf_file) -> Transform
     except (OSError, ValueError) as exc:
         raise InputError(f"cannot read the model config of {spec}: {str(exc).splitlines()[0]}", _hint(local)) from None
     try:
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=_torch_dtype(dtype, device), **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(where, **{_dtype_keyword(): _torch_dtype(dtype, device)}, **kwargs)
     except ValueError as exc:
         raise InputError(
             f"model {spec} ({type(config).__name__}) is not a causal language model: {str(exc).splitlines()[0]}",
@@ -414,6 +425,14 @@ def _load_transformers_quiet(where, spec, device, dtype, gguf_file) -> Transform
         ) from None
     model.to(device)
     return TransformersCausalLM(model, tokenizer, spec=spec, device=device, gguf_file=gguf_file)
+
+
+def _dtype_keyword() -> str:
+    """``from_pretrained``'s dtype keyword: ``dtype`` since transformers 4.56, ``torch_dtype`` before."""
+    import transformers
+    from packaging.version import Version
+
+    return "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
 
 
 def _hint(local: bool) -> str:
