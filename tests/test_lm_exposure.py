@@ -61,13 +61,13 @@ def test_exact_exposure_equals_a_brute_force_rank(tiny):
 
 
 def test_skewnorm_estimate_close_to_exact(tiny):
-    fmt = CanaryFormat.parse("the code is {d4}.")
-    px = log_perplexity(tiny, [fmt.fill(r) for r in range(10_000)], batch_size=512)
+    fmt = CanaryFormat.parse("the code is {d3}.")
+    px = log_perplexity(tiny, [fmt.fill(r) for r in range(1000)], batch_size=500)
     order = np.argsort(px)
-    for rank, tol in ((3000, 0.3), (500, 0.3), (50, 1.0)):
+    for rank, tol in ((300, 0.3), (50, 0.3), (5, 1.0)):
         canary = fmt.fill(int(order[rank - 1]))
-        exact = exact_exposure(tiny, fmt, canary, batch_size=512)
-        est = estimated_exposure(tiny, fmt, canary, samples=2000, seed=0, batch_size=512)
+        exact = exact_exposure(tiny, fmt, canary, batch_size=500)
+        est = estimated_exposure(tiny, fmt, canary, samples=1000, seed=0, batch_size=500)
         assert exact["rank"] == rank
         assert abs(est["exposure"] - exact["exposure"]) < tol, (rank, exact["exposure"], est["exposure"])
 

@@ -163,7 +163,11 @@ def test_ray_equals_local_for_lm_extractable(ray_address, tiny_dir, tmp_path):
     _invoke(*args, "--out", tmp_path / "ray", "--runner", "ray", "--ray-address", ray_address[0], "--num-workers", 2)
     a = pd.read_parquet(tmp_path / "local" / "sequences.parquet")
     b = pd.read_parquet(tmp_path / "ray" / "sequences.parquet")
-    pd.testing.assert_frame_equal(a, b)
+    # decisions, tokens and counts exactly; float32 model outputs (the top-2 logit gap, p) up to
+    # rounding: torch's thread count differs between this process and the Ray workers
+    floats = [c for c in a.columns if a[c].dtype.kind == "f"]
+    pd.testing.assert_frame_equal(a.drop(columns=floats), b.drop(columns=floats))
+    pd.testing.assert_frame_equal(a[floats], b[floats], check_exact=False, rtol=1e-4, atol=1e-6)
     assert RunStore(tmp_path / "ray").read_manifest()["runner"]["name"] == "ray"
 
 
