@@ -18,5 +18,6 @@ COMMAND_MODULES: list[str] = [
     "unconditional",
     "triage",
     "mia",
+    "lm",
     "demo",
 ]

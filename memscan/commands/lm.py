@@ -1,0 +1,146 @@
+"""``memscan lm``: language-model memorization — ``extractable`` and ``exposure`` (and ``mia``,
+appended below in its own block)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from memscan.commands.common import clean_errors, quiet_option, resume_option
+
+lm_app = typer.Typer(no_args_is_help=True, help="Memorization of causal language models (docs/lm.md).")
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(lm_app, name="lm")
+
+
+def _ray_options(runner, ray_address, num_workers, gpus_per_worker, device):
+    from memscan.runners.ray_runner import RayOptions
+
+    return RayOptions.from_cli(
+        runner, address=ray_address, num_workers=num_workers, gpus_per_worker=gpus_per_worker, device=device
+    )
+
+
+MODEL_HELP = "transformers model directory, .gguf file, hub id, or py:module:attribute"
+RUNNER_HELP = "local, or ray: shards on a pool of Ray actors (memscan[ray])"
+RAY_ADDRESS_HELP = "runner ray: existing cluster (auto, HOST:6379, ray://HOST:10001) [start a local Ray]"
+
+
+@lm_app.command("extractable")
+def extractable(
+    model: str = typer.Option(..., "--model", help=MODEL_HELP),
+    data: Path = typer.Option(
+        ..., "--data", help="training text: folder of .txt, JSONL/Parquet (text column), .npy ids"
+    ),
+    out: Path = typer.Option(..., "--out", help="run directory to write"),
+    prefix_lengths: str = typer.Option(
+        "32", "--prefix-lengths", help="prefix lengths k, comma-separated (suffix fixed)"
+    ),
+    suffix_length: int = typer.Option(50, "--suffix-length", help="suffix length m (tokens that must match)"),
+    sequences: int = typer.Option(1000, "--sequences", help="training sequences to sample"),
+    seed: int = typer.Option(0, "--seed", help="sampling seed (documents and offsets)"),
+    batch_size: int = typer.Option(64, "--batch-size", help="sequences per decoding batch"),
+    temperature: float = typer.Option(1.0, "--temperature", help="decoding scheme of p_sample: temperature"),
+    top_k: int = typer.Option(40, "--top-k", help="decoding scheme of p_sample: top-k (0: off)"),
+    top_p: float = typer.Option(1.0, "--top-p", help="decoding scheme of p_sample: top-p (1: off)"),
+    offsets: str = typer.Option("random", "--offsets", help="random: a random window per document; start: its start"),
+    text_column: str = typer.Option("text", "--text-column", help="JSONL field / Parquet column holding the text"),
+    shard_size: int = typer.Option(256, "--shard-size", help="sequences per shard, the unit of --resume"),
+    device: str = typer.Option("cpu", help="cpu or cuda"),
+    dtype: str = typer.Option("auto", help="auto (float32 on CPU), float32, bfloat16, float16"),
+    resume: bool = resume_option(),
+    runner: str = typer.Option("local", "--runner", help=RUNNER_HELP),
+    ray_address: str | None = typer.Option(None, "--ray-address", help=RAY_ADDRESS_HELP),
+    num_workers: int | None = typer.Option(None, "--num-workers", help="runner ray: workers, one model load each"),
+    gpus_per_worker: float | None = typer.Option(None, "--gpus-per-worker", help="runner ray: GPUs per worker"),
+    quiet: bool = quiet_option("no progress bar"),
+):
+    """k-extractable (Carlini 2022), Pythia score, exact memorization and probabilistic extraction
+    (Hayes 2025) of training sequences; writes sequences.parquet."""
+    from memscan.lm.extractable_run import ExtractableConfig, lm_extractable, parse_prefix_lengths
+
+    with clean_errors():
+        cfg = ExtractableConfig(
+            prefix_lengths=parse_prefix_lengths(prefix_lengths),
+            suffix_length=suffix_length,
+            sequences=sequences,
+            seed=seed,
+            batch_size=batch_size,
+            temperature=temperature,
+            top_k=top_k or None,
+            top_p=top_p,
+            offsets=offsets,
+            text_column=text_column,
+            device=device,
+            dtype=dtype,
+        )
+        opts = _ray_options(runner, ray_address, num_workers, gpus_per_worker, device)
+        res = lm_extractable(
+            model,
+            data,
+            out,
+            cfg,
+            progress=not quiet,
+            resume=resume,
+            shard_size=shard_size,
+            runner=runner,
+            runner_options=opts,
+        )
+    rates = ", ".join(f"k={k}: {v['extractable_rate']:.1%}" for k, v in res.rates["by_prefix_length"].items())
+    skipped = res.manifest["counts"]["skipped_short_documents"]
+    typer.echo(
+        f"{res.manifest['counts']['sequences']} sequences; extractable {rates}"
+        + (f"; {skipped} short documents skipped" if skipped else "")
+        + f" → {out / 'sequences.parquet'}"
+    )
+
+
+@lm_app.command("exposure")
+def exposure(
+    model: str = typer.Option(..., "--model", help=MODEL_HELP),
+    canaries: str = typer.Option(
+        ..., "--canaries", help="JSONL of {canary, format, copies}, canary<TAB>format lines, or 'FORMAT::CANARY'"
+    ),
+    out: Path = typer.Option(..., "--out", help="run directory to write"),
+    exact_limit: int = typer.Option(100_000, "--exact-limit", help="enumerate the candidates when |R| ≤ this"),
+    samples: int = typer.Option(10_000, "--samples", help="candidates sampled for the skew-normal estimate"),
+    candidates_per_shard: int = typer.Option(20_000, "--candidates-per-shard", help="the unit of --resume"),
+    batch_size: int = typer.Option(256, "--batch-size", help="candidates per forward pass"),
+    seed: int = typer.Option(0, "--seed", help="seed of the sampled candidates"),
+    device: str = typer.Option("cpu", help="cpu or cuda"),
+    dtype: str = typer.Option("auto", help="auto (float32 on CPU), float32, bfloat16, float16"),
+    resume: bool = resume_option(),
+    runner: str = typer.Option("local", "--runner", help=RUNNER_HELP),
+    ray_address: str | None = typer.Option(None, "--ray-address", help=RAY_ADDRESS_HELP),
+    num_workers: int | None = typer.Option(None, "--num-workers", help="runner ray: workers, one model load each"),
+    gpus_per_worker: float | None = typer.Option(None, "--gpus-per-worker", help="runner ray: GPUs per worker"),
+    quiet: bool = quiet_option("no progress bar"),
+):
+    """Secret Sharer exposure (Carlini et al. 2019) of planted canaries; writes exposures.parquet."""
+    from memscan.lm.exposure_run import ExposureConfig, lm_exposure
+
+    with clean_errors():
+        cfg = ExposureConfig(
+            exact_limit=exact_limit,
+            samples=samples,
+            candidates_per_shard=candidates_per_shard,
+            batch_size=batch_size,
+            seed=seed,
+            device=device,
+            dtype=dtype,
+        )
+        opts = _ray_options(runner, ray_address, num_workers, gpus_per_worker, device)
+        res = lm_exposure(
+            model, canaries, out, cfg, progress=not quiet, resume=resume, runner=runner, runner_options=opts
+        )
+    e = res.exposures
+    typer.echo(
+        f"{len(e)} canaries: exposure {e['exposure'].min():.2f}–{e['exposure'].max():.2f} bits "
+        f"(max {e['max_exposure'].max():.2f}) → {out / 'exposures.parquet'}"
+    )
+
+
+# ---- lmmia: `memscan lm mia` is appended below this line -------------------------------------------

@@ -1,0 +1,426 @@
+"""The causal-language-model adapter: the one module that loads language models with transformers.
+
+``load_causal_lm(spec, *, device="cpu", dtype="auto", gguf_file=None) -> CausalLM`` where ``spec``
+is
+
+- a local directory saved with ``save_pretrained`` (model + tokenizer), or a hub id — loaded with
+  ``AutoModelForCausalLM`` and ``AutoTokenizer``;
+- a ``.gguf`` file (or a directory/hub id plus ``gguf_file=``) — transformers' GGUF loading, which
+  dequantises the weights into a torch model (needs the ``gguf`` and ``accelerate`` packages:
+  ``pip install 'memscan[lm]'``);
+- ``py:module:attribute`` — the user's own object implementing :class:`CausalLM` (or a class /
+  zero-argument factory returning one).
+
+The protocol (:class:`CausalLM`), token ids are int64 numpy arrays::
+
+    encode(text) -> int64 array           (no special tokens added)
+    decode(ids) -> str
+    vocab_size: int                       (width of the next-token distribution)
+    eos_token_id: int | None
+    greedy(prefixes B×k, n_new) -> (tokens B×n_new int64, top2_gap B×n_new float64)
+    sample(prefixes B×k, n_new, *, temperature, top_k, top_p, seed) -> B×n_new int64
+    token_logprobs(ids B×T) -> B×(T−1) float64       column j: log p(x_{j+1} | x_≤j)
+    next_token_logprobs(ids B×T, start=0) -> B×(T−1−start)×V float64
+                                          row j: log p(· | x_≤start+j), the full distribution
+    describe() -> dict                    class, spec, dtype, device, tokenizer name + vocab sha256
+    parameters: int | None
+
+``greedy`` decodes a batch of equal-length prefixes together with the KV cache (no padding, so a
+row's tokens do not depend on the batch up to float rounding); ``top2_gap`` is the difference of
+the two largest logits at each step: where it is within float rounding (:data:`NEAR_TIE`), a
+different batch composition may pick the other token. ``sample`` applies temperature, top-k and
+top-p in transformers' order (:mod:`memscan.lm.decoding`) and draws with a ``torch.Generator``
+seeded by ``seed`` (same seed, same batch: same tokens).
+
+Examples
+--------
+>>> vocab_sha256({"a": 0, "b": 1}) == vocab_sha256({"b": 1, "a": 0})
+True
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import inspect
+import json
+import warnings
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from memscan.errors import InputError
+
+#: A top-2 logit gap below this is a near-tie: float rounding (batch composition, kernels) may
+#: flip the argmax. float32 logits of magnitude ~10 carry ~1e-6 absolute rounding per operation.
+NEAR_TIE = 1e-4
+
+#: Methods every causal LM must have (``sample`` and ``next_token_logprobs`` are needed only by
+#: the measures that use them, and checked there).
+REQUIRED = ("encode", "decode", "greedy", "token_logprobs")
+
+
+@runtime_checkable
+class CausalLM(Protocol):
+    """What memscan needs from a causal language model (see the module docstring)."""
+
+    vocab_size: int
+    eos_token_id: int | None
+
+    def encode(self, text: str) -> np.ndarray: ...  # pragma: no cover
+
+    def decode(self, ids) -> str: ...  # pragma: no cover
+
+    def greedy(self, prefixes: np.ndarray, n_new: int) -> tuple[np.ndarray, np.ndarray]: ...  # pragma: no cover
+
+    def token_logprobs(self, ids: np.ndarray) -> np.ndarray: ...  # pragma: no cover
+
+
+def vocab_sha256(vocab: dict[str, int]) -> str:
+    """sha256 of a tokenizer's vocabulary (token → id), independent of dict order."""
+    items = sorted((str(k), int(v)) for k, v in vocab.items())
+    return hashlib.sha256(json.dumps(items, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+def as_int64_batch(ids: Any, what: str = "token ids") -> np.ndarray:
+    """``ids`` as a 2-D int64 array (a 1-D array becomes one row)."""
+    arr = np.asarray(ids)
+    if arr.ndim == 1:
+        arr = arr[None, :]
+    if arr.ndim != 2 or not (np.issubdtype(arr.dtype, np.integer) or arr.size == 0):
+        raise InputError(f"{what} must be a B×T integer array, got {arr.dtype} {arr.shape}", "pass int64 token ids")
+    return arr.astype(np.int64, copy=False)
+
+
+class TransformersCausalLM:
+    """A transformers causal LM and its tokenizer behind the :class:`CausalLM` protocol."""
+
+    def __init__(self, model: Any, tokenizer: Any, *, spec: str, device: str = "cpu", gguf_file: str | None = None):
+        import torch
+
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.spec = spec
+        self.device = torch.device(device)
+        self.gguf_file = gguf_file
+        out = model.get_output_embeddings()
+        self.vocab_size = int(out.weight.shape[0]) if out is not None else int(model.config.vocab_size)
+        eos = getattr(tokenizer, "eos_token_id", None)
+        self.eos_token_id = int(eos) if eos is not None else None
+        self.parameters = int(sum(p.numel() for p in model.parameters()))
+        self._vocab_sha = None
+        params = inspect.signature(model.forward).parameters
+        # transformers ≥ 5 names the KV cache ``cache`` (``past_key_values`` before)
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
+        self._keep_arg = next((a for a in ("logits_to_keep", "num_logits_to_keep") if a in params), None)
+
+    # ---- text
+    def encode(self, text: str) -> np.ndarray:
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return np.asarray(ids, dtype=np.int64)
+
+    def decode(self, ids) -> str:
+        return self.tokenizer.decode([int(i) for i in np.asarray(ids).ravel()], skip_special_tokens=False)
+
+    # ---- model
+    def _tensor(self, ids: np.ndarray):
+        import torch
+
+        arr = as_int64_batch(ids)
+        if arr.size and (arr.min() < 0 or arr.max() >= self.vocab_size):
+            raise InputError(
+                f"token ids outside the model's vocabulary [0, {self.vocab_size})",
+                "tokenize with the model's own tokenizer",
+            )
+        return torch.as_tensor(arr, device=self.device)
+
+    def _logits(self, out):
+        return out.logits.float()
+
+    def _first(self, x):
+        """Forward over the prefixes with the cache on; logits of the last position only where supported."""
+        kwargs = {self._keep_arg: 1} if self._keep_arg else {}
+        return self.model(input_ids=x, use_cache=True, **kwargs)
+
+    def _next(self, out, nxt):
+        """One cached decoding step: feed the chosen tokens B×1."""
+        cache = getattr(out, self._cache_arg, None)
+        if cache is None:
+            cache = getattr(out, "past_key_values", None)
+        return self.model(input_ids=nxt[:, None], use_cache=True, **{self._cache_arg: cache})
+
+    def greedy(self, prefixes: np.ndarray, n_new: int) -> tuple[np.ndarray, np.ndarray]:
+        """Greedy continuation of B equal-length prefixes, n_new tokens, with the KV cache."""
+        import torch
+
+        x = self._tensor(prefixes)
+        b = x.shape[0]
+        tokens = np.zeros((b, n_new), dtype=np.int64)
+        gaps = np.zeros((b, n_new), dtype=np.float64)
+        if n_new == 0 or b == 0:
+            return tokens, gaps
+        with torch.inference_mode():
+            out = self._first(x)
+            for t in range(n_new):
+                logits = self._logits(out)[:, -1, :]
+                top2 = torch.topk(logits, 2, dim=-1)
+                nxt = top2.indices[:, 0]
+                tokens[:, t] = nxt.cpu().numpy()
+                gaps[:, t] = (top2.values[:, 0] - top2.values[:, 1]).double().cpu().numpy()
+                if t + 1 < n_new:
+                    out = self._next(out, nxt)
+        return tokens, gaps
+
+    def sample(
+        self,
+        prefixes: np.ndarray,
+        n_new: int,
+        *,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int = 0,
+    ) -> np.ndarray:
+        """Sampled continuation (temperature → top-k → top-p, renormalised), seeded by ``seed``."""
+        import torch
+
+        from memscan.lm.decoding import check_scheme
+
+        top_k = None if not top_k else int(top_k)
+        top_p = None if top_p is None or top_p >= 1.0 else float(top_p)
+        check_scheme(temperature, top_k, top_p)
+        x = self._tensor(prefixes)
+        b = x.shape[0]
+        tokens = np.zeros((b, n_new), dtype=np.int64)
+        if n_new == 0 or b == 0:
+            return tokens
+        gen = torch.Generator(device=self.device).manual_seed(int(seed))
+        with torch.inference_mode():
+            out = self._first(x)
+            for t in range(n_new):
+                s = torch.log_softmax(self._logits(out)[:, -1, :].double(), dim=-1) / float(temperature)
+                if top_k is not None and top_k < s.shape[-1]:
+                    kth = torch.topk(s, top_k, dim=-1).values[:, -1:]
+                    s = s.masked_fill(s < kth, float("-inf"))
+                s = torch.log_softmax(s, dim=-1)
+                if top_p is not None:
+                    sp, order = torch.sort(s, dim=-1, descending=True, stable=True)
+                    p = sp.exp()
+                    before = torch.cumsum(p, dim=-1) - p
+                    remove_sorted = before >= top_p
+                    remove_sorted[:, 0] = False
+                    remove = remove_sorted.scatter(1, order, remove_sorted)
+                    s = torch.log_softmax(s.masked_fill(remove, float("-inf")), dim=-1)
+                nxt = torch.multinomial(s.exp(), 1, generator=gen)[:, 0]
+                tokens[:, t] = nxt.cpu().numpy()
+                if t + 1 < n_new:
+                    out = self._next(out, nxt)
+        return tokens
+
+    def token_logprobs(self, ids: np.ndarray) -> np.ndarray:
+        """log p(x_{t+1} | x_≤t) for every position, one forward pass: B×(T−1) float64."""
+        import torch
+
+        x = self._tensor(ids)
+        if x.shape[1] < 2:
+            return np.zeros((x.shape[0], 0), dtype=np.float64)
+        with torch.inference_mode():
+            lp = torch.log_softmax(self._logits(self.model(input_ids=x, use_cache=False))[:, :-1, :].double(), dim=-1)
+            return lp.gather(-1, x[:, 1:, None])[..., 0].cpu().numpy()
+
+    def next_token_logprobs(self, ids: np.ndarray, start: int = 0) -> np.ndarray:
+        """The full next-token distributions log p(· | x_≤j) for j ≥ start: B×(T−1−start)×V float64."""
+        import torch
+
+        x = self._tensor(ids)
+        with torch.inference_mode():
+            logits = self._logits(self.model(input_ids=x, use_cache=False))[:, start : x.shape[1] - 1, :]
+            return torch.log_softmax(logits.double(), dim=-1).cpu().numpy()
+
+    # ---- record
+    def tokenizer_record(self) -> dict:
+        if self._vocab_sha is None:
+            self._vocab_sha = vocab_sha256(self.tokenizer.get_vocab())
+        return {
+            "name": str(getattr(self.tokenizer, "name_or_path", "") or self.spec),
+            "class": type(self.tokenizer).__name__,
+            "vocab_size": int(len(self.tokenizer)),
+            "vocab_sha256": self._vocab_sha,
+        }
+
+    def describe(self) -> dict:
+        return {
+            "class": type(self.model).__name__,
+            "spec": self.spec,
+            "gguf_file": self.gguf_file,
+            "dtype": str(next(self.model.parameters()).dtype).removeprefix("torch."),
+            "device": str(self.device),
+            "vocab_size": self.vocab_size,
+            "tokenizer": self.tokenizer_record(),
+        }
+
+
+def describe_lm(lm: Any) -> dict:
+    """The manifest record of any causal LM (a user's object may lack ``describe``)."""
+    fn = getattr(lm, "describe", None)
+    if callable(fn):
+        return dict(fn())
+    return {"class": type(lm).__qualname__, "vocab_size": int(getattr(lm, "vocab_size", 0) or 0), "tokenizer": None}
+
+
+def tokenizer_sha256(lm: Any) -> str | None:
+    """The vocabulary hash the model's record carries, or ``None`` when it has none."""
+    tok = describe_lm(lm).get("tokenizer") or {}
+    return tok.get("vocab_sha256") if isinstance(tok, dict) else None
+
+
+def _torch_dtype(dtype: str, device: str):
+    import torch
+
+    if dtype in (None, "auto"):
+        return torch.float32 if str(device).startswith("cpu") else "auto"
+    table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16}
+    table.update({"bfloat16": torch.bfloat16, "bf16": torch.bfloat16})
+    if dtype not in table:
+        raise InputError(f"dtype {dtype!r} is not one of auto, {', '.join(table)}", "e.g. --dtype float32")
+    return table[dtype]
+
+
+def load_causal_lm(spec: str, *, device: str = "cpu", dtype: str = "auto", gguf_file: str | None = None) -> Any:
+    """Load the causal LM named by ``spec`` (see the module docstring)."""
+    spec = str(spec)
+    if spec.startswith("py:"):
+        return _load_python(spec)
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        if gguf_file is not None:
+            raise InputError(f"model {spec} is a .gguf file and gguf_file={gguf_file!r} was given too", "pass one")
+        return _load_transformers(str(path.parent), spec, device, dtype, gguf_file=path.name)
+    if path.exists() and not path.is_dir():
+        raise InputError(
+            f"model {spec} is a file but not a .gguf",
+            "pass a transformers model directory, a .gguf file, a hub id or py:module:attribute",
+        )
+    if path.is_dir() or (spec.count("/") == 1 and not spec.startswith((".", "/", "~"))):
+        return _load_transformers(str(path) if path.is_dir() else spec, spec, device, dtype, gguf_file=gguf_file)
+    raise InputError(
+        f"model {spec!r} is not a directory, a .gguf file, a hub id or py:module:attribute",
+        "e.g. --model ./my-gpt2 or --model HuggingFaceTB/SmolLM2-135M",
+    )
+
+
+def _load_transformers(where: str, spec: str, device: str, dtype: str, gguf_file: str | None) -> TransformersCausalLM:
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        raise InputError("language models need transformers", "pip install 'memscan[lm]'") from None
+    if gguf_file is not None:
+        for pkg in ("gguf", "accelerate"):
+            try:
+                __import__(pkg)
+            except ImportError:
+                raise InputError(
+                    f"loading {gguf_file} needs the {pkg!r} package", "pip install 'memscan[lm]'"
+                ) from None
+    with quiet_loading():
+        return _load_transformers_quiet(where, spec, device, dtype, gguf_file)
+
+
+@contextlib.contextmanager
+def quiet_loading():
+    """Silence transformers' progress bars and deprecation chatter while loading."""
+    from transformers.utils import logging as tlog
+
+    level = tlog.get_verbosity()
+    tlog.set_verbosity_error()
+    tlog.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            yield
+    finally:
+        tlog.set_verbosity(level)
+        tlog.enable_progress_bar()
+
+
+def _load_transformers_quiet(where, spec, device, dtype, gguf_file) -> TransformersCausalLM:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    local = Path(where).is_dir()
+    if local and gguf_file is None and not (Path(where) / "config.json").is_file():
+        raise InputError(
+            f"model directory {spec} has no config.json: not a transformers model",
+            "save it with model.save_pretrained(dir) and tokenizer.save_pretrained(dir), or pass a .gguf file",
+        )
+    try:
+        config = AutoConfig.from_pretrained(where, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot read the model config of {spec}: {str(exc).splitlines()[0]}", _hint(local)) from None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=_torch_dtype(dtype, device), **kwargs)
+    except ValueError as exc:
+        raise InputError(
+            f"model {spec} ({type(config).__name__}) is not a causal language model: {str(exc).splitlines()[0]}",
+            "pass a model AutoModelForCausalLM loads (GPT-2, Llama, …), or wrap yours as py:module:attribute",
+        ) from None
+    except OSError as exc:
+        raise InputError(f"cannot load model {spec}: {str(exc).splitlines()[0]}", _hint(local)) from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+    except (OSError, ValueError, TypeError) as exc:
+        raise InputError(
+            f"cannot load the tokenizer of {spec}: {str(exc).splitlines()[0]}",
+            "save the tokenizer beside the model (tokenizer.save_pretrained(dir))",
+        ) from None
+    model.to(device)
+    return TransformersCausalLM(model, tokenizer, spec=spec, device=device, gguf_file=gguf_file)
+
+
+def _hint(local: bool) -> str:
+    return "check the directory" if local else "check the id and your network, or pass a local directory"
+
+
+def _load_python(spec: str) -> Any:
+    from memscan.errors import user_code
+    from memscan.user_code import import_object
+
+    obj = import_object(spec, "a causal LM object, or a class / factory returning one")
+    if inspect.isclass(obj) or (callable(obj) and not hasattr(obj, "greedy") and _no_required_args(obj)):
+        with user_code(f"the factory {spec} failed", "fix the factory"):
+            obj = obj()
+    return check_causal_lm(obj, spec)
+
+
+def _no_required_args(fn: Any) -> bool:
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return not [p for p in params if p.default is p.empty and p.kind in kinds]
+
+
+def check_causal_lm(obj: Any, name: str) -> Any:
+    """Refuse an object that lacks the protocol's required methods."""
+    missing = [m for m in (*REQUIRED, "vocab_size") if not hasattr(obj, m)]
+    if missing:
+        raise InputError(
+            f"{name} is not a causal LM: it lacks {', '.join(missing)}",
+            "implement encode, decode, vocab_size, greedy and token_logprobs (memscan.generators.causal_lm.CausalLM)",
+        )
+    return obj
+
+
+__all__ = [
+    "NEAR_TIE",
+    "CausalLM",
+    "TransformersCausalLM",
+    "as_int64_batch",
+    "check_causal_lm",
+    "describe_lm",
+    "load_causal_lm",
+    "tokenizer_sha256",
+    "vocab_sha256",
+]

@@ -1,0 +1,192 @@
+"""The language-model workers: setup and stages of ``lm-extractable`` and ``lm-exposure``, as every
+runner calls them.
+
+``setup_lm`` runs once per worker and loads the causal LM from its ``--model`` spec (each Ray actor
+loads its own; the local runner may be handed the model the driver loaded). The stages work on one
+shard each and return ``(tables, meta)``; the driver commits them
+(:func:`memscan.runners.shards.run_shards`). Inside a shard the rows go through the model in
+batches of ``batch_size`` in shard order, so the batches — and so the numbers, to the last bit —
+are the same on every runner.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from memscan.errors import InputError, user_code
+from memscan.generators.causal_lm import NEAR_TIE, describe_lm, load_causal_lm
+from memscan.lm.exposure import CanaryFormat, count_lower, log_perplexity, sample_secrets, skewnorm_exposure
+from memscan.lm.memorization import (
+    PYTHIA_LENGTH,
+    exact_memorization,
+    k_extractable,
+    match_fraction,
+    samples_needed,
+    suffix_log_probability,
+    teacher_forced,
+)
+from memscan.runners import RayOptions, WorkerPool, make_pool, require_ray
+
+
+@dataclass
+class LMWorker:
+    """A worker's context: its causal LM."""
+
+    lm: Any
+
+
+def setup_lm(model: Any, device: str = "cpu", dtype: str = "auto") -> LMWorker:
+    """Load the causal LM (when given as a spec); once per worker."""
+    if isinstance(model, (str, Path)):
+        with user_code(f"loading the language model {model} failed", "fix the model and rerun"):
+            return LMWorker(load_causal_lm(str(model), device=device, dtype=dtype))
+    return LMWorker(model)
+
+
+def describe_lm_worker(worker: LMWorker) -> dict:
+    """The model as the worker loaded it: its record and parameter count."""
+    return {"describe": describe_lm(worker.lm), "parameters": getattr(worker.lm, "parameters", None)}
+
+
+def lm_pool(runner: str, model: Any, *, device: str = "cpu", dtype: str = "auto", options=None, log=None) -> WorkerPool:
+    """The worker pool for ``runner``: the local runner takes a loaded model or a spec; the Ray
+    runner a spec (each worker loads its own model)."""
+    if runner != "ray":
+        return make_pool(runner, setup_lm, (model, device, dtype), options, log=log)
+    require_ray()
+    if not isinstance(model, (str, Path)):
+        raise InputError(
+            f"the Ray runner loads the model in each worker, but got a loaded {type(model).__name__}",
+            "pass the --model directory, .gguf file, hub id or py: spec",
+        )
+    opts = options if isinstance(options, RayOptions) else RayOptions(**(options or {}))
+    if str(device).startswith("cuda") and opts.gpus_per_worker <= 0:
+        raise InputError(f"device={device} but the Ray workers ask for no GPU", "pass --gpus-per-worker 1")
+    if str(device).startswith("cuda:"):
+        device = "cuda"
+    spec = str(model)
+    if not spec.startswith("py:") and Path(spec).expanduser().exists():
+        spec = str(Path(spec).expanduser().resolve())
+    return make_pool("ray", setup_lm, (spec, device, dtype), opts, log=log)
+
+
+# ---- lm-extractable
+
+
+def _leading_matches(greedy: np.ndarray, true: np.ndarray) -> np.ndarray:
+    """Tokens from the start of the suffix that the greedy continuation gets right, per row."""
+    eq = greedy == true
+    return np.where(eq.all(axis=1), eq.shape[1], np.argmin(eq, axis=1))
+
+
+def extractable_stage(
+    worker: LMWorker, seq_ids: np.ndarray, windows: np.ndarray, left: int, config: dict, progress=None
+) -> tuple[dict[str, pd.DataFrame], dict]:
+    """Every measure of :mod:`memscan.lm.memorization` for one shard of sequences.
+
+    ``windows[i]`` holds the sequence's tokens; the suffix starts at ``left``. Returns one row per
+    sequence and prefix length (``sequences``), and ``meta`` with counts and timings.
+    """
+    lm = worker.lm
+    m = int(config["suffix_length"])
+    ks = [int(k) for k in config["prefix_lengths"]]
+    bs = int(config["batch_size"])
+    scheme = {"temperature": config["temperature"], "top_k": config["top_k"], "top_p": config["top_p"]}
+    t0 = time.perf_counter()
+    rows: list[dict] = []
+    for lo in range(0, len(seq_ids), bs):
+        w = np.asarray(windows[lo : lo + bs], dtype=np.int64)
+        ids = np.asarray(seq_ids[lo : lo + bs])
+        which = f"sequences {int(ids[0])}…{int(ids[-1])}"
+        true = w[:, left : left + m]
+        true32 = w[:, left : left + PYTHIA_LENGTH]
+        with user_code(f"the language model failed on {which}"):
+            g32, gap32 = lm.greedy(w[:, left - PYTHIA_LENGTH : left], PYTHIA_LENGTH)
+        pythia = match_fraction(g32, true32)
+        for k in ks:
+            with user_code(f"the language model failed on {which} (prefix {k})"):
+                if k == PYTHIA_LENGTH and m == PYTHIA_LENGTH:
+                    greedy, gaps = g32, gap32
+                else:
+                    greedy, gaps = lm.greedy(w[:, left - k : left], m)
+                argmax, log_q = teacher_forced(lm, w[:, left - k : left + m], k - 1, **scheme)
+            greedy, gaps = np.asarray(greedy, dtype=np.int64), np.asarray(gaps, dtype=np.float64)
+            ext = k_extractable(greedy, true)
+            frac = match_fraction(greedy, true)
+            mf = exact_memorization(argmax, true)
+            log_p = suffix_log_probability(log_q)
+            n50, n90 = samples_needed(log_p, 0.5), samples_needed(log_p, 0.9)
+            lead = _leading_matches(greedy, true)
+            for i in range(len(ids)):
+                rows.append(
+                    {
+                        "seq_id": int(ids[i]),
+                        "prefix_len": k,
+                        "suffix_len": m,
+                        "extractable": bool(ext[i]),
+                        "match_fraction": float(frac[i]),
+                        "matched_leading_tokens": int(lead[i]),
+                        "pythia_score": float(pythia[i]),
+                        "pythia_extractable": bool(pythia[i] == 1.0),
+                        "exact_memorization": float(mf[i]),
+                        "log_p_sample": float(log_p[i]),
+                        "p_sample": float(np.exp(log_p[i])),
+                        "n_samples_50": float(n50[i]),
+                        "n_samples_90": float(n90[i]),
+                        "near_ties": int(np.sum(gaps[i] < NEAR_TIE)),
+                        "min_top2_gap": float(gaps[i].min()) if gaps.shape[1] else float("nan"),
+                        "prefix_text": lm.decode(w[i, left - k : left]),
+                        "suffix_text": lm.decode(true[i]),
+                        "greedy_text": lm.decode(greedy[i]),
+                        "suffix_matched_text": lm.decode(true[i, : lead[i]]),
+                        "suffix_rest_text": lm.decode(true[i, lead[i] :]),
+                    }
+                )
+        if progress is not None:
+            progress(len(ids))
+    table = pd.DataFrame(rows)
+    return {"sequences": table}, {"sequences": int(len(seq_ids)), "seconds": round(time.perf_counter() - t0, 3)}
+
+
+# ---- lm-exposure
+
+
+def exposure_stage(worker: LMWorker, part: dict, progress=None) -> tuple[dict[str, pd.DataFrame], dict]:
+    """One part of one canary's exposure: an exact count over candidates ``lo ≤ r < hi``, or the
+    skew-normal estimate from ``samples`` uniform candidates (:mod:`memscan.lm.exposure`)."""
+    lm = worker.lm
+    t0 = time.perf_counter()
+    fmt = CanaryFormat.parse(part["format"])
+    secret = fmt.index_of(part["canary"])
+    where = f"the language model failed on canary {part['canary_id']}"
+    row = {"canary_id": part["canary_id"], "method": part["method"], "lo": part["lo"], "hi": part["hi"]}
+    with user_code(where):
+        px = float(log_perplexity(lm, [part["canary"]])[0])
+        if part["method"] == "exact":
+            lower, ties = count_lower(lm, fmt, px, part["lo"], part["hi"], skip=secret, batch_size=part["batch_size"])
+            row.update(
+                n_lower=lower, n_ties=ties, candidates=part["hi"] - part["lo"] - int(part["lo"] <= secret < part["hi"])
+            )
+            est = {}
+        else:
+            secrets = sample_secrets(fmt, part["samples"], part["seed"])
+            sample_px = log_perplexity(lm, [fmt.fill(int(r)) for r in secrets], batch_size=part["batch_size"])
+            est = skewnorm_exposure(sample_px, px)
+            row.update(
+                n_lower=int(np.sum(sample_px < px)), n_ties=int(np.sum(sample_px == px)), candidates=len(secrets)
+            )
+    row["log_perplexity"] = px
+    for key in ("exposure", "skewnorm_a", "skewnorm_loc", "skewnorm_scale"):
+        row[f"estimate_{key}" if key == "exposure" else key] = float(est.get(key, np.nan))
+    if progress is not None:
+        progress(row["candidates"])
+    return {"parts": pd.DataFrame([row])}, {
+        "candidates": row["candidates"],
+        "seconds": round(time.perf_counter() - t0, 3),
+    }

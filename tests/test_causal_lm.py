@@ -1,0 +1,177 @@
+"""The causal-LM adapter (memscan.generators.causal_lm) on a tiny random GPT-2 with a byte-level
+tokenizer, and the reference lookup model (memscan.testing.lookup_lm)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from memscan.errors import InputError
+from memscan.generators.causal_lm import NEAR_TIE, TransformersCausalLM, describe_lm, load_causal_lm
+from memscan.testing.lookup_lm import LookupLM
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+TEXT = (
+    "It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of "
+    "foolishness, it was the epoch of belief, it was the epoch of incredulity, it was the season of Light."
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    from memscan.testing.tiny_lm import make_tiny_gpt2
+
+    return make_tiny_gpt2(tmp_path_factory.mktemp("lm") / "gpt2", seed=3)
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_dir):
+    return load_causal_lm(str(tiny_dir))
+
+
+def _prefixes(lm, k=16, b=12):
+    ids = lm.encode(TEXT)
+    return np.stack([ids[i * 7 : i * 7 + k] for i in range(b)])
+
+
+def test_loads_with_tokenizer_record(lm, tiny_dir):
+    assert isinstance(lm, TransformersCausalLM)
+    rec = lm.describe()
+    assert rec["class"] == "GPT2LMHeadModel" and rec["dtype"] == "float32" and rec["device"] == "cpu"
+    assert rec["tokenizer"]["class"] == "ByT5Tokenizer" and len(rec["tokenizer"]["vocab_sha256"]) == 64
+    assert lm.vocab_size == 384 and lm.parameters > 0
+    assert lm.decode(lm.encode("héllo")) == "héllo"
+    assert lm.encode("ab").dtype == np.int64 and list(lm.encode("ab")) == [ord("a") + 3, ord("b") + 3]
+    # the same tokenizer loaded twice hashes the same
+    assert load_causal_lm(str(tiny_dir)).describe()["tokenizer"]["vocab_sha256"] == rec["tokenizer"]["vocab_sha256"]
+
+
+def test_batched_greedy_equals_one_at_a_time_except_near_ties(lm):
+    prefixes = _prefixes(lm)
+    tokens, gaps = lm.greedy(prefixes, 30)
+    assert tokens.shape == gaps.shape == (12, 30) and (gaps >= 0).all()
+    near_ties = 0
+    for i in range(len(prefixes)):
+        alone, alone_gaps = lm.greedy(prefixes[i : i + 1], 30)
+        diff = np.flatnonzero(alone[0] != tokens[i])
+        if diff.size:  # allowed only after a near-tie at the first difference
+            j = diff[0]
+            assert min(gaps[i, j], alone_gaps[0, j]) < NEAR_TIE, (i, j, gaps[i, j])
+            near_ties += 1
+        else:
+            np.testing.assert_allclose(alone_gaps[0], gaps[i], atol=1e-4)
+    print(f"near-ties that changed a batched continuation: {near_ties} of {len(prefixes)}")
+    assert near_ties <= 1
+
+
+def test_greedy_equals_transformers_generate(lm):
+    prefixes = _prefixes(lm, b=3)
+    tokens, gaps = lm.greedy(prefixes, 20)
+    for i in range(3):
+        x = torch.as_tensor(prefixes[i : i + 1])
+        out = lm.model.generate(
+            x, attention_mask=torch.ones_like(x), max_new_tokens=20, do_sample=False, pad_token_id=0
+        )
+        ref = out[0, prefixes.shape[1] :].numpy()
+        if not (gaps[i] < NEAR_TIE).any():
+            np.testing.assert_array_equal(tokens[i], ref)
+
+
+def test_token_logprobs_equal_log_softmax_of_one_forward(lm):
+    ids = _prefixes(lm, k=40, b=4)
+    got = lm.token_logprobs(ids)
+    with torch.no_grad():
+        logits = lm.model(input_ids=torch.as_tensor(ids)).logits.double()
+    ref = torch.log_softmax(logits, -1)[:, :-1].gather(-1, torch.as_tensor(ids)[:, 1:, None])[..., 0].numpy()
+    assert got.shape == (4, 39) and got.dtype == np.float64
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-6)
+    full = lm.next_token_logprobs(ids)
+    assert full.shape == (4, 39, lm.vocab_size)
+    np.testing.assert_allclose(np.exp(full).sum(-1), 1.0, atol=1e-9)
+    np.testing.assert_allclose(np.take_along_axis(full, ids[:, 1:, None], -1)[..., 0], got, atol=1e-9)
+    np.testing.assert_allclose(lm.next_token_logprobs(ids, start=30), full[:, 30:], atol=1e-9)
+
+
+def test_greedy_agrees_with_teacher_forced_argmax(lm):
+    """The first greedy token is the argmax of the next-token distribution after the prefix."""
+    prefixes = _prefixes(lm, b=5)
+    tokens, _ = lm.greedy(prefixes, 5)
+    whole = np.concatenate([prefixes, tokens], axis=1)
+    lp = lm.next_token_logprobs(whole, start=prefixes.shape[1] - 1)
+    np.testing.assert_array_equal(lp.argmax(-1), tokens)
+
+
+def test_sampling_reproducible_by_seed(lm):
+    prefixes = _prefixes(lm, b=4)
+    a = lm.sample(prefixes, 12, temperature=1.0, top_k=40, seed=7)
+    b = lm.sample(prefixes, 12, temperature=1.0, top_k=40, seed=7)
+    c = lm.sample(prefixes, 12, temperature=1.0, top_k=40, seed=8)
+    np.testing.assert_array_equal(a, b)
+    assert (a != c).any()
+    greedy, gaps = lm.greedy(prefixes, 12)
+    one = lm.sample(prefixes, 12, top_k=1, seed=1)
+    if not (gaps < NEAR_TIE).any():
+        np.testing.assert_array_equal(one, greedy)
+    np.testing.assert_array_equal(lm.sample(prefixes, 12, top_p=1e-9, seed=2), one)
+    with pytest.raises(InputError, match="temperature"):
+        lm.sample(prefixes, 2, temperature=0.0)
+
+
+def test_bad_model_inputs(tmp_path, tiny_dir):
+    with pytest.raises(InputError, match="no config.json"):
+        load_causal_lm(str(tmp_path))
+    (tmp_path / "weights.bin").write_bytes(b"x")
+    with pytest.raises(InputError, match="not a .gguf"):
+        load_causal_lm(str(tmp_path / "weights.bin"))
+    with pytest.raises(InputError, match="not a directory"):
+        load_causal_lm("./nowhere/at/all")
+    with pytest.raises(InputError, match="outside the model's vocabulary"):
+        load_causal_lm(str(tiny_dir)).token_logprobs(np.array([[1, 5000]]))
+
+
+def test_not_a_causal_lm_directory(tmp_path):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    config = T5Config(vocab_size=50, d_model=16, d_kv=8, d_ff=16, num_layers=1, num_heads=2)
+    T5ForConditionalGeneration(config).save_pretrained(tmp_path)
+    with pytest.raises(InputError, match="not a causal language model"):
+        load_causal_lm(str(tmp_path))
+
+
+def test_python_spec_loads_a_user_object():
+    lm = load_causal_lm("py:memscan.testing.lookup_lm:lookup_factory")
+    assert isinstance(lm, LookupLM) and describe_lm(lm)["class"] == "LookupLM"
+    with pytest.raises(InputError, match="not a causal LM"):
+        load_causal_lm("py:memscan.testing.lookup_lm:as_int64_batch")
+
+
+# ---- the lookup model
+
+
+def test_lookup_model_copies_its_training_text():
+    texts = ["the quick brown fox jumps over the lazy dog", "pack my box with five dozen liquor jugs"]
+    lm = LookupLM.from_texts(texts, order=6)
+    for text in texts:
+        ids = lm.encode(text)
+        tokens, gaps = lm.greedy(ids[None, :10], len(ids) - 10)
+        assert lm.decode(tokens[0]) == text[10:]
+        assert (gaps > 1.0).all()
+    ids = lm.encode(texts[0])[None, :]
+    lp = lm.token_logprobs(ids)
+    full = lm.next_token_logprobs(ids)
+    np.testing.assert_allclose(np.exp(full).sum(-1), 1.0)
+    np.testing.assert_allclose(np.take_along_axis(full, ids[:, 1:, None], -1)[..., 0], lp)
+    # after an order-6 context the true byte has probability confidence + (1-confidence)·f(v)
+    f = np.exp(lm.fallback)
+    assert np.isclose(np.exp(lp[0, 10]), 0.9 + 0.1 * f[ids[0, 11]])
+
+
+def test_lookup_model_sampling_reproducible_and_within_top_k():
+    lm = LookupLM.from_texts(["abcabcabd"], order=2)
+    prefixes = lm.encode("ab")[None, :].repeat(3, 0)
+    a = lm.sample(prefixes, 8, top_k=2, seed=5)
+    np.testing.assert_array_equal(a, lm.sample(prefixes, 8, top_k=2, seed=5))
+    allowed = set(lm.encode("abcd").tolist()) | {0, 1}  # top-2 of an unseen context: fallback tokens 0, 1
+    assert set(a.ravel().tolist()) <= allowed
