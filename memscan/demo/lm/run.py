@@ -4,13 +4,17 @@ The shipped model (``memscan/demo/lm/model``: a byte-level GPT-2, safetensors, t
 :mod:`memscan.demo.lm.train` on the Shakespeare plays with planted canaries) is loaded through the
 real causal-LM adapter (:func:`memscan.generators.causal_lm.load_causal_lm`), then
 
-1. **extractable** (Carlini et al. 2022): every sentence canary and a seeded random sample of
-   ordinary passages of the plays, prompted with their first ``PREFIX_BYTES`` bytes (= tokens: the
-   model is byte-level); extracted when the greedy continuation equals the next ``SUFFIX_BYTES``
-   exactly;
+1. **extractable** (Carlini et al. 2022), through ``memscan lm extractable``'s run function
+   (:func:`memscan.lm.extractable_run.lm_extractable`, run directory ``OUT/extractable``): every
+   sentence canary and a seeded random sample of ordinary passages of the plays, prompted with
+   their first ``PREFIX_BYTES`` bytes (= tokens: the model is byte-level); extracted when the greedy
+   continuation equals the next ``SUFFIX_BYTES`` exactly;
 2. **exposure** (Carlini et al. 2019): every digit canary ``the secret number is DDDDD``, ranked
-   by log-perplexity among all 10**5 candidates of its format (exact enumeration):
-   ``exposure = log2 |R| − log2 rank``;
+   by log-perplexity among all 10**5 candidates of its format, exact: the demo's 28 canaries share
+   one format, so :func:`format_logprobs` enumerates it once (10**4 forward passes, one per
+   4-digit stem) where ``memscan lm exposure`` enumerates 10**5 texts per canary — the same ranks
+   (tested against :func:`memscan.lm.exposure.exact_exposure`), 280× fewer passes, inside the
+   demo's 5 minutes; ``exposure = log2 |R| − log2 rank``;
 3. the figures by planted copy count go to ``OUT/summary.json`` (``extracted_by_duplicate_count``
    in the image demo's structure, ``exposure_by_duplicate_count``, ``ordinary``).
 """
@@ -37,6 +41,7 @@ from memscan.demo.lm.canaries import (
     ordinary_passages,
 )
 from memscan.errors import MemscanError
+from memscan.lm.extractable_run import ExtractableConfig, lm_extractable
 
 
 def model_dir() -> Path:
@@ -88,47 +93,39 @@ def _load(mdir: Path, device: str):
     return load_causal_lm(str(mdir), device=device)
 
 
-def greedy_extractable(lm, texts: list[str], batch_size: int = 64) -> np.ndarray:
-    """Per text: does the greedy continuation of its first ``PREFIX_BYTES`` tokens reproduce the
-    next ``SUFFIX_BYTES`` tokens exactly (k-extractable, Carlini et al. 2022, §2)."""
-    ids = [lm.encode(t) for t in texts]
-    if any(len(x) < PREFIX_BYTES + SUFFIX_BYTES for x in ids):
-        raise MemscanError("a demo sequence is shorter than prefix + suffix", "report this as a memscan bug")
-    arr = np.stack([x[: PREFIX_BYTES + SUFFIX_BYTES] for x in ids])
-    out = np.zeros(len(arr), dtype=bool)
-    for i in range(0, len(arr), batch_size):
-        chunk = arr[i : i + batch_size]
-        toks, _ = lm.greedy(chunk[:, :PREFIX_BYTES], SUFFIX_BYTES)
-        out[i : i + batch_size] = (toks == chunk[:, PREFIX_BYTES:]).all(axis=1)
-    return out
+def format_logprobs(lm, prefix: str = DIGIT_PREFIX, digits: int = DIGITS, batch_size: int = 1000) -> np.ndarray:
+    """log p(d | prefix) for every ``digits``-digit string d (index = int(d)), exact, one format.
 
-
-def digit_logprobs(lm, batch_size: int = 1000) -> np.ndarray:
-    """log p(d | ``DIGIT_PREFIX``) for every ``DIGITS``-digit string d (index = int(d)), exact.
-
-    One forward pass per candidate *stem* (the first DIGITS−1 digits, 10**(DIGITS−1) of them): the
-    next-token distributions at the last DIGITS positions give every digit's log-probability, so
-    the 10 candidates that share a stem cost one pass."""
-    prefix = lm.encode(DIGIT_PREFIX)
-    digit_ids = np.array([lm.encode(str(d))[0] for d in range(10)])
-    n_stems = 10 ** (DIGITS - 1)
-    stems = np.array([[int(c) for c in f"{s:0{DIGITS - 1}d}"] for s in range(n_stems)], dtype=np.int64)
-    L = len(prefix)
-    total = np.zeros(10**DIGITS)
+    The canaries of the demo share one format, so one enumeration ranks them all. One forward pass
+    per *stem* (the first ``digits − 1`` digits: 10**(digits−1) passes, not 10**digits): the
+    next-token distributions at the last ``digits`` positions give the log-probability of every
+    candidate that shares the stem. Sums of the same per-token log-probabilities as
+    :func:`memscan.lm.exposure.log_perplexity` (up to the prefix's own, shared by all candidates,
+    and the unit: nats here, bits there), so the ranks are the same (tested)."""
+    pre = np.asarray(lm.encode(prefix), dtype=np.int64)
+    digit_ids = np.array([int(lm.encode(str(d))[0]) for d in range(10)], dtype=np.int64)
+    if any(len(lm.encode(str(d))) != 1 for d in range(10)):
+        raise MemscanError("the model's tokenizer does not give one token per digit", "use a byte-level model")
+    n_stems = 10 ** (digits - 1)
+    L = len(pre)
+    total = np.zeros(10**digits)
     for i in range(0, n_stems, batch_size):
-        st = stems[i : i + batch_size]
-        b = len(st)
-        ids = np.concatenate([np.tile(prefix, (b, 1)), digit_ids[st], np.zeros((b, 1), dtype=np.int64)], axis=1)
-        # rows j = 0..DIGITS-1: log p(· | prefix, d_1..d_j)
-        nt = lm.next_token_logprobs(ids, start=L - 1)[:, :DIGITS, :][:, :, digit_ids]  # b × DIGITS × 10
-        stem_lp = np.take_along_axis(nt[:, : DIGITS - 1, :], st[:, :, None], axis=2)[..., 0].sum(axis=1)
-        last = nt[:, DIGITS - 1, :]  # b × 10
-        total[(i + np.arange(b))[:, None] * 10 + np.arange(10)[None, :]] = stem_lp[:, None] + last
+        stem = np.arange(i, min(n_stems, i + batch_size))
+        st = (stem[:, None] // 10 ** np.arange(digits - 2, -1, -1)[None, :]) % 10  # b × (digits−1) digits
+        b = len(stem)
+        pad = np.full((b, 1), digit_ids[0], dtype=np.int64)  # only its position's input is needed, not its own prob
+        ids = np.concatenate([np.tile(pre, (b, 1)), digit_ids[st], pad], axis=1)
+        # row j = 0..digits−1: log p(· | prefix, d_1..d_j), restricted to the 10 digit tokens
+        nt = np.asarray(lm.next_token_logprobs(ids, start=L - 1))[:, :digits, :][:, :, digit_ids]
+        stem_lp = np.take_along_axis(nt[:, : digits - 1, :], st[:, :, None], axis=2)[..., 0].sum(axis=1)
+        total[stem[:, None] * 10 + np.arange(10)[None, :]] = stem_lp[:, None] + nt[:, digits - 1, :]
     return total
 
 
 def exposure_of(total: np.ndarray, value: int) -> tuple[float, int]:
-    """Exposure (Carlini et al. 2019, Def. 4): log2 |R| − log2 rank, rank = 1 + #candidates more likely."""
+    """Exposure (Carlini et al. 2019, Def. 2–3): ``log2 |R| − log2 rank``, ``rank = 1 +`` the number
+    of candidates strictly more likely (ties do not push the canary down, as in
+    :mod:`memscan.lm.exposure`)."""
     rank = 1 + int((total > total[value]).sum())
     return math.log2(len(total)) - math.log2(rank), rank
 
@@ -159,25 +156,33 @@ def run_demo_lm(
     cans = canaries(seed)
     t_load = time.perf_counter()
 
-    # 1. extractable: sentence canaries + ordinary passages
+    # 1. extractable (memscan lm extractable's run function): sentence canaries + ordinary passages,
+    #    prefix = the first PREFIX_BYTES tokens of each document, suffix the next SUFFIX_BYTES
     sent = [c for c in cans if c.kind == "sentence"]
     ordinary = ordinary_passages(settings["ordinary"], seed)
-    texts = [c.text for c in sent] + ordinary
-    flags = greedy_extractable(lm, texts, settings["batch_size"])
-    ext = pd.DataFrame(
-        {
-            "id": [c.id for c in sent] + [f"ordinary-{i:04d}" for i in range(len(ordinary))],
-            "kind": ["canary"] * len(sent) + ["ordinary"] * len(ordinary),
-            "copies": [c.copies for c in sent] + [1] * len(ordinary),
-            "text": texts,
-            "extractable": flags,
-        }
+    docs = [{"id": c.id, "text": c.text, "kind": "canary", "copies": c.copies} for c in sent]
+    docs += [{"id": f"ordinary-{i:04d}", "text": t, "kind": "ordinary", "copies": 1} for i, t in enumerate(ordinary)]
+    with open(out / "sequences.jsonl", "w") as f:
+        for d in docs:
+            f.write(json.dumps(d) + "\n")
+    config = ExtractableConfig(
+        prefix_lengths=(PREFIX_BYTES,),
+        suffix_length=SUFFIX_BYTES,
+        sequences=len(docs),
+        offsets="start",
+        batch_size=settings["batch_size"],
+        device=device,
     )
+    res = lm_extractable(lm, out / "sequences.jsonl", out / "extractable", config, progress=progress)
+    table = res.sequences.drop_duplicates("train_id").set_index("train_id")
+    ext = pd.DataFrame(docs)
+    ext["extractable"] = [bool(table.loc[d["id"], "extractable"]) for d in docs]
+    ext["matched_leading_tokens"] = [int(table.loc[d["id"], "matched_leading_tokens"]) for d in docs]
     ext.to_csv(out / "extractable.csv", index=False)
     t_ext = time.perf_counter()
 
     # 2. exposure: digit canaries, exact over all 10**DIGITS candidates of the format
-    total = digit_logprobs(lm)
+    total = format_logprobs(lm)
     dig = [c for c in cans if c.kind == "digits"]
     exp_rows = []
     for c in dig:
