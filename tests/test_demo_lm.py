@@ -198,3 +198,14 @@ def test_demo_lm_train_writes_a_loadable_model(tmp_path):
     assert (out / "model.safetensors").exists()
     lm = load_causal_lm(str(out))
     assert lm.parameters == meta["parameters"]
+
+
+def test_demo_lm_commands_are_registered():
+    from typer.testing import CliRunner
+
+    from memscan.cli import app
+
+    res = CliRunner().invoke(app, ["demo", "lm", "--help"])
+    assert res.exit_code == 0 and "--quick" in res.output and "--out" in res.output
+    res = CliRunner().invoke(app, ["demo", "lm", "train", "--help"])
+    assert res.exit_code == 0 and "--steps" in res.output and "--threads" in res.output
