@@ -65,7 +65,7 @@ class DemoLMResult:
 
     out: Path
     summary: dict
-    rows: list[tuple[str, str, str]] = field(default_factory=list)
+    rows: list[tuple[str, str, str, str]] = field(default_factory=list)
 
     def text(self) -> str:
         """The table the command prints."""
@@ -74,11 +74,17 @@ class DemoLMResult:
             f"memscan demo lm: {s['model']['parameters']:,}-parameter byte-level GPT-2, "
             f"prefix {s['prefix_length']} + suffix {s['suffix_length']} bytes, "
             f"{s['timings_s']['total']:.0f} s",
-            f"  {'copies':>7}  {'extracted':>9}  {'exposure (bits, of ' + str(s['exposure_max_bits']) + ')':>26}",
+            f"  {'copies':>7}  {'extracted':>9}  {'M(f)':>6}  {'exposure (bits, of ' + str(s['exposure_max_bits']) + ')':>26}",
         ]
-        lines += [f"  {c:>7}  {e:>9}  {x:>26}" for c, e, x in self.rows]
+        lines += [f"  {c:>7}  {e:>9}  {m:>6}  {x:>26}" for c, e, m, x in self.rows]
         o = s["ordinary"]
-        lines.append(f"  ordinary passages of the plays: {o['extracted']}/{o['sampled']} extracted ({o['rate']:.1%})")
+        lines.append(
+            f"  ordinary passages of the plays: {o['extracted']}/{o['sampled']} extracted ({o['rate']:.1%}), "
+            f"M(f) {o['mean_exact_memorization']:.2f}"
+        )
+        lines.append(
+            "  (M(f): share of suffix tokens whose teacher-forced argmax is the true token, Tirumala et al. 2022)"
+        )
         lines.append(f"  summary: {self.out / 'summary.json'}")
         return "\n".join(lines)
 
@@ -177,7 +183,8 @@ def run_demo_lm(
     table = res.sequences.drop_duplicates("train_id").set_index("train_id")
     ext = pd.DataFrame(docs)
     ext["extractable"] = [bool(table.loc[d["id"], "extractable"]) for d in docs]
-    ext["matched_leading_tokens"] = [int(table.loc[d["id"], "matched_leading_tokens"]) for d in docs]
+    for col in ("matched_leading_tokens", "match_fraction", "exact_memorization"):
+        ext[col] = [table.loc[d["id"], col] for d in docs]
     ext.to_csv(out / "extractable.csv", index=False)
     t_ext = time.perf_counter()
 
@@ -210,17 +217,23 @@ def run_demo_lm(
     for k in summary["extracted_by_duplicate_count"]:
         e = summary["extracted_by_duplicate_count"][k]
         x = summary["exposure_by_duplicate_count"][k]
-        rows.append((k, f"{e['extracted']}/{e['planted']}", f"{x['mean']:.1f} (min {x['min']:.1f})"))
+        m = summary["memorization_by_duplicate_count"][k]["mean_exact_memorization"]
+        rows.append((k, f"{e['extracted']}/{e['planted']}", f"{m:.2f}", f"{x['mean']:.1f} (min {x['min']:.1f})"))
     return DemoLMResult(out, summary, rows)
 
 
 def summarise(ext, expo, *, quick: bool) -> dict:
     """The summary's figures from the per-sequence tables."""
     can = ext[ext["kind"] == "canary"]
-    by_count = {}
+    by_count, memo = {}, {}
     for c in COPIES:
         sel = can[can["copies"] == c]
         by_count[str(c)] = {"planted": int(len(sel)), "extracted": int(sel["extractable"].sum())}
+        memo[str(c)] = {
+            "mean_matched_leading_tokens": round(float(sel["matched_leading_tokens"].mean()), 3),
+            "mean_match_fraction": round(float(sel["match_fraction"].mean()), 4),
+            "mean_exact_memorization": round(float(sel["exact_memorization"].mean()), 4),
+        }
     exposure = {}
     for c in COPIES:
         sel = expo[expo["copies"] == c]["exposure"]
@@ -235,11 +248,14 @@ def summarise(ext, expo, *, quick: bool) -> dict:
     return {
         "extracted_by_duplicate_count": by_count,
         "exposure_by_duplicate_count": exposure,
+        "memorization_by_duplicate_count": memo,
         "exposure_max_bits": round(math.log2(10**DIGITS), 3),
         "ordinary": {
             "sampled": int(len(ordn)),
             "extracted": int(ordn["extractable"].sum()),
             "rate": float(ordn["extractable"].mean()) if len(ordn) else 0.0,
+            "mean_exact_memorization": round(float(ordn["exact_memorization"].mean()), 4) if len(ordn) else 0.0,
+            "mean_matched_leading_tokens": round(float(ordn["matched_leading_tokens"].mean()), 3) if len(ordn) else 0.0,
         },
         "prefix_length": PREFIX_BYTES,
         "suffix_length": SUFFIX_BYTES,

@@ -45,6 +45,8 @@ class LMTrainConfig:
     n_head: int = 4
     n_positions: int = 256
     threads: int = 1
+    #: stop after this many steps of the ``steps``-step schedule (None: run it to the end)
+    stop_at: int | None = None
 
 
 def build_model(cfg: LMTrainConfig):
@@ -107,7 +109,8 @@ def train_lm_demo_model(
     t0 = time.time()
     log: list[dict] = []
     running = None
-    for step in range(cfg.steps):
+    n_steps = cfg.steps if cfg.stop_at is None else min(cfg.steps, cfg.stop_at)
+    for step in range(n_steps):
         for g in opt.param_groups:
             g["lr"] = _lr(step, cfg)
         starts = rng.integers(0, n - cfg.block, cfg.batch_size)
@@ -119,7 +122,7 @@ def train_lm_demo_model(
         opt.step()
         v = float(loss)
         running = v if running is None else 0.95 * running + 0.05 * v
-        if step % log_every == 0 or step == cfg.steps - 1:
+        if step % log_every == 0 or step == n_steps - 1:
             rec = {
                 "step": step,
                 "loss": round(v, 4),
@@ -148,10 +151,11 @@ def train_lm_demo_model(
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
         "parameters": int(sum(p.numel() for p in model.parameters())),
-        "tokens_seen": cfg.steps * cfg.batch_size * cfg.block,
+        "steps_run": n_steps,
+        "tokens_seen": n_steps * cfg.batch_size * cfg.block,
         "corpus": {"sha256": corpus_record()["sha256"], "bytes": corpus_record()["bytes"]},
         "planted": {"sha256": planted.sha256, "bytes": len(planted.text), "canary_seed": planted.seed},
-        "epochs": round(cfg.steps * cfg.batch_size * cfg.block / n, 3),
+        "epochs": round(n_steps * cfg.batch_size * cfg.block / n, 3),
         "loss_log": log,
         "final_loss_ema": round(running, 4) if running is not None else None,
     }
