@@ -131,6 +131,9 @@ WHERE_RESULTS_ARE = {
     "inpaint": "`memscan report RUN` shows it; its tables are scores.parquet and metrics.parquet",
     "memscore": "`memscan report RUN` shows it; its table is memscore.parquet",
     "demo-mia": "`memscan report RUN` shows it; its tables are scores.parquet and metrics.parquet",
+    "lm-mia": "`memscan report RUN` shows it; its tables are scores.parquet and metrics.parquet",
+    "lm-extractable": "`memscan report RUN` shows it; its table is sequences.parquet",
+    "lm-exposure": "`memscan report RUN` shows it; its table is exposures.parquet",
     "index": "it is a training-set index: pass it as --index; `memscan report INDEX` shows it",
 }
 

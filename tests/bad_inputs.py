@@ -39,6 +39,8 @@ class Corpus:
     bad_members: dict[str, tuple[Path, str]]
     #: arrays for memscore --data: name → (path, what the error must mention)
     bad_arrays: dict[str, tuple[Path, str]]
+    #: language-model inputs: name → (which option: data | model | canaries, value, what the error must mention)
+    bad_lm: dict[str, tuple[str, str, str]] = None
 
 
 def _good(name: str, size: int = SIZE) -> np.ndarray:
@@ -164,7 +166,9 @@ def build_corpus(root: Path) -> Corpus:
         "a string array": (arrays / "text.npy", "numeric"),
         "too few examples for the folds": (arrays / "one.npy", "fold"),
     }
+    bad_lm = _bad_lm_inputs(root / "lm")
     return Corpus(
+        bad_lm=bad_lm,
         mixed=mixed,
         mixed_good=8,
         mixed_broken=["corrupt", "text", "truncated", "zero"],
@@ -175,3 +179,85 @@ def build_corpus(root: Path) -> Corpus:
         bad_members=bad_members,
         bad_arrays=bad_arrays,
     )
+
+
+def _bad_lm_inputs(lm: Path) -> dict[str, tuple[str, str, str]]:
+    """Training text, models and canaries that ``memscan lm`` must refuse (the model, where one is
+    needed, is a tiny byte-level GPT-2 the test supplies)."""
+    import json
+
+    lm.mkdir()
+    (lm / "no_text.jsonl").write_text(json.dumps({"id": 1, "body": "the text is under another name"}) + "\n")
+    pd.DataFrame({"content": ["a document " * 20]}).to_parquet(lm / "no_text.parquet")
+    (lm / "not_json.jsonl").write_text(json.dumps({"text": "fine " * 30}) + "\n{oops\n")
+    (lm / "short.jsonl").write_text("".join(json.dumps({"text": f"short {i}"}) + "\n" for i in range(5)))
+    ids = np.arange(3, 203, dtype=np.int64).reshape(2, 100)
+    np.save(lm / "other_tokenizer.npy", ids)
+    (lm / "other_tokenizer.npy.tokenizer.json").write_text(json.dumps({"vocab_sha256": "0" * 64, "name": "gpt2"}))
+    np.save(lm / "unrecorded.npy", ids)
+    (lm / "empty_dir").mkdir()
+    not_causal = lm / "t5"
+    not_causal.mkdir()
+    (not_causal / "config.json").write_text(json.dumps({"model_type": "t5", "d_model": 16, "vocab_size": 50}))
+    no_config = lm / "no_config"
+    no_config.mkdir()
+    (no_config / "weights.bin").write_bytes(b"\0" * 16)
+    (lm / "model.bin").write_bytes(b"\0" * 16)
+    (lm / "mismatch.jsonl").write_text(json.dumps({"canary": "my PIN is 12a", "format": "my PIN is {d3}"}) + "\n")
+    (lm / "no_hole.jsonl").write_text(json.dumps({"canary": "my PIN", "format": "my PIN"}) + "\n")
+    (lm / "canaries_not_json.jsonl").write_text("my PIN is 123\n")
+    return {
+        "a JSONL file without the text field": ("data", str(lm / "no_text.jsonl"), "no 'text' field"),
+        "a Parquet file without the text column": ("data", str(lm / "no_text.parquet"), "no text column"),
+        "a JSONL line that is not JSON": ("data", str(lm / "not_json.jsonl"), "line 2 is not JSON"),
+        "documents shorter than prefix + suffix": ("data", str(lm / "short.jsonl"), "tokens a window needs"),
+        "token ids of another tokenizer": ("data", str(lm / "other_tokenizer.npy"), "another tokenizer"),
+        "token ids without a tokenizer record": ("data", str(lm / "unrecorded.npy"), "no tokenizer record"),
+        "a folder without training text": ("data", str(lm / "empty_dir"), "holds no"),
+        "training text that does not exist": ("data", str(lm / "nowhere.jsonl"), "does not exist"),
+        "a model directory that is not a causal LM": ("model", str(not_causal), "not a causal language model"),
+        "a model directory without config.json": ("model", str(no_config), "no config.json"),
+        "a model file that is not a .gguf": ("model", str(lm / "model.bin"), "not a .gguf"),
+        "a py: object that is not a causal LM": ("model", "py:lm_corpus_support:not_a_causal_lm", "not a causal LM"),
+        "a canary that does not match its format": ("canaries", str(lm / "mismatch.jsonl"), "does not match"),
+        "a canary format without a hole": ("canaries", str(lm / "no_hole.jsonl"), "no hole"),
+        "a canary line that is not JSON": ("canaries", str(lm / "canaries_not_json.jsonl"), "is not JSON"),
+    }
+
+
+# ---- language models: member / non-member texts for `memscan lm mia` (lmmia) ----------------------
+def build_lm_mia_texts(root: Path) -> tuple[Path, dict[str, tuple[Path, Path, str]]]:
+    """A good members file and bad (members, non-members) pairs for ``lm mia``: name → (members,
+    non-members, what the error must mention)."""
+    import json
+
+    root.mkdir(parents=True, exist_ok=True)
+    good = root / "members.txt"
+    good.write_text("the first member text\nthe second member text\n")
+    other = root / "nonmembers.txt"
+    other.write_text("a text the model never saw\nanother unseen text\n")
+    empty = root / "empty.txt"
+    empty.write_text("")
+    blank = root / "blank.txt"
+    blank.write_text("\n  \n\n")
+    no_text = root / "no_text.jsonl"
+    no_text.write_text(json.dumps({"body": "a text under the wrong key"}) + "\n")
+    not_json = root / "not_json.jsonl"
+    not_json.write_text('{"text": "fine"}\n{"text": broken\n')
+    binary = root / "binary.txt"
+    binary.write_bytes(b"caf\xe9 au lait\n")
+    one_token = root / "one_token.txt"
+    one_token.write_text("a\nthe second member text\n")
+    no_column = root / "no_column.parquet"
+    pd.DataFrame({"body": ["x", "y"]}).to_parquet(no_column)
+    return good, {
+        "an empty members file": (empty, other, "holds no examples"),
+        "a members file of blank lines": (blank, other, "holds no examples"),
+        "a JSONL without text": (no_text, other, 'no "text" field'),
+        "a JSONL line that is not JSON": (not_json, other, "line 2 is not JSON"),
+        "non-UTF-8 bytes": (binary, other, "not UTF-8"),
+        "a Parquet file without a text column": (no_column, other, 'no "text" column'),
+        "members equal to non-members": (good, good, "(the same file)"),
+        "a members path that does not exist": (root / "nowhere.txt", other, "does not exist"),
+        "an example of one token": (one_token, other, "1 token(s)"),
+    }

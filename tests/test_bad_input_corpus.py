@@ -280,3 +280,89 @@ def test_report_and_verify_refuse_runs_of_other_commands(corpus, tmp_path):
     mia.mkdir()
     (mia / "manifest.json").write_text('{"kind": "mia", "status": "complete"}')
     assert_clean_error(cli("report", mia), "mia")
+
+
+# ---- language models: memscan lm extractable / exposure ----------------------------------------------
+LM_BAD = [
+    "a JSONL file without the text field",
+    "a Parquet file without the text column",
+    "a JSONL line that is not JSON",
+    "documents shorter than prefix + suffix",
+    "token ids of another tokenizer",
+    "token ids without a tokenizer record",
+    "a folder without training text",
+    "training text that does not exist",
+    "a model directory that is not a causal LM",
+    "a model directory without config.json",
+    "a model file that is not a .gguf",
+    "a py: object that is not a causal LM",
+    "a canary that does not match its format",
+    "a canary format without a hole",
+    "a canary line that is not JSON",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_lm_dir(tmp_path_factory):
+    pytest.importorskip("transformers")
+    from memscan.testing.tiny_lm import make_tiny_gpt2
+
+    return make_tiny_gpt2(tmp_path_factory.mktemp("lm") / "gpt2")
+
+
+def test_lm_window_longer_than_the_model_positions(tiny_lm_dir, tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"text": "x" * 2000}) + "\n")
+    args = ("lm", "extractable", "--model", tiny_lm_dir, "--data", data, "--prefix-lengths", "32,600")
+    assert_clean_error(cli(*args, "--out", tmp_path / "o", "--quiet"), "positions of the model")
+
+
+@pytest.mark.parametrize("bad", LM_BAD)
+def test_bad_language_model_inputs_are_refused(corpus, tiny_lm_dir, tmp_path, bad):
+    option, value, want = corpus.bad_lm[bad]
+    good_data = tmp_path / "good.jsonl"
+    good_data.write_text(json.dumps({"text": "a long enough training document. " * 10}) + "\n")
+    model = value if option == "model" else tiny_lm_dir
+    commands = []
+    if option in ("data", "model"):
+        data = value if option == "data" else good_data
+        commands.append(
+            ("lm", "extractable", "--model", model, "--data", data, "--sequences", 2, "--prefix-lengths", 32)
+        )
+    if option in ("canaries", "model"):
+        canaries = value if option == "canaries" else "my PIN is {d2}::my PIN is 12"
+        commands.append(("lm", "exposure", "--model", model, "--canaries", canaries))
+    for i, args in enumerate(commands):
+        out = tmp_path / f"o{i}"
+        assert_clean_error(cli(*args, "--out", out, "--quiet"), want)
+        assert not (out / "manifest.json").exists()  # refused before any run starts
+
+
+# ---- language models: `memscan lm mia` (lmmia) ---------------------------------------------------
+LM_MIA_BAD = [
+    "an empty members file",
+    "a members file of blank lines",
+    "a JSONL without text",
+    "a JSONL line that is not JSON",
+    "non-UTF-8 bytes",
+    "a Parquet file without a text column",
+    "members equal to non-members",
+    "a members path that does not exist",
+    "an example of one token",
+]
+
+
+@pytest.fixture(scope="module")
+def lm_mia_texts(tmp_path_factory):
+    from bad_inputs import build_lm_mia_texts
+
+    return build_lm_mia_texts(tmp_path_factory.mktemp("lm_mia_texts"))[1]
+
+
+@pytest.mark.parametrize("bad", LM_MIA_BAD)
+def test_bad_member_texts_are_refused_by_lm_mia(lm_mia_texts, tmp_path, bad):
+    members, nonmembers, want = lm_mia_texts[bad]
+    args = ("lm", "mia", "--model", "py:lm_support:bigram", "--members", members, "--nonmembers", nonmembers)
+    line = assert_clean_error(cli(*args, "--out", tmp_path / "o", "--bootstrap", 0, "--quiet"), want)
+    assert members.name in line or "example" in line  # names the input
+    assert " — " in line  # and a fix

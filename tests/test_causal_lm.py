@@ -175,3 +175,16 @@ def test_lookup_model_sampling_reproducible_and_within_top_k():
     np.testing.assert_array_equal(a, lm.sample(prefixes, 8, top_k=2, seed=5))
     allowed = set(lm.encode("abcd").tolist()) | {0, 1}  # top-2 of an unseen context: fallback tokens 0, 1
     assert set(a.ravel().tolist()) <= allowed
+
+
+def test_shared_prefix_logprobs_equal_the_plain_pass(lm):
+    ids = lm.encode(TEXT)
+    rows = np.stack([np.concatenate([ids[:20], lm.encode(f"{i:04d}"), ids[30:35]]) for i in range(0, 9000, 700)])
+    plain = lm.token_logprobs(rows)
+    shared = lm.token_logprobs_shared_prefix(rows)
+    assert shared.shape == plain.shape
+    np.testing.assert_allclose(shared, plain, atol=2e-5, rtol=0)
+    # nothing shared, or one row: the plain pass
+    np.testing.assert_array_equal(lm.token_logprobs_shared_prefix(rows[:1]), lm.token_logprobs(rows[:1]))
+    same = np.stack([ids[:12]] * 3)
+    np.testing.assert_allclose(lm.token_logprobs_shared_prefix(same), lm.token_logprobs(same), atol=2e-5)

@@ -198,6 +198,51 @@ def _triage(tmp: Path, out: Path) -> list:
     ]
 
 
+# ---- language models: a tiny random GPT-2 (byte-level) and a small JSONL corpus --------------------
+def _tiny_lm(tmp: Path) -> Path:
+    from memscan.testing.tiny_lm import make_tiny_gpt2
+
+    model = tmp / "tiny_gpt2"
+    if not model.exists():
+        make_tiny_gpt2(model, seed=4)
+    return model
+
+
+def _lm_extractable(tmp: Path, out: Path) -> list:
+    from lm_corpus_support import write_corpus
+
+    data = tmp / "lm_corpus.jsonl"
+    if not data.exists():
+        write_corpus(data)
+    return [
+        "lm", "extractable", "--model", _tiny_lm(tmp), "--data", data, "--out", out, "--prefix-lengths", "16,32",
+        "--suffix-length", 16, "--sequences", 9, "--shard-size", 3, "--batch-size", 2, "--quiet",
+    ]  # fmt: skip
+
+
+def _lm_exposure(tmp: Path, out: Path) -> list:
+    return [
+        "lm", "exposure", "--model", _tiny_lm(tmp), "--canaries", "my PIN is {d3}::my PIN is 042::3", "--out", out,
+        "--candidates-per-shard", 300, "--batch-size", 128, "--quiet",
+    ]  # fmt: skip
+
+
+def _lm_mia(tmp: Path, out: Path) -> list:
+    """16 texts (8 members, 8 non-members) on the tiny random GPT-2: 3 shards."""
+    import json
+
+    from lm_support import MEMBERS, NONMEMBERS
+
+    members, nonmembers = tmp / "lm_members.txt", tmp / "lm_nonmembers.jsonl"
+    if not members.exists():
+        members.write_text("\n".join(MEMBERS) + "\n")
+        nonmembers.write_text("".join(json.dumps({"text": t}) + "\n" for t in NONMEMBERS))
+    return [
+        "lm", "mia", "--model", _tiny_lm(tmp), "--members", members, "--nonmembers", nonmembers, "--out", out,
+        "--shard-size", 6, "--bootstrap", 10, "--quiet",
+    ]  # fmt: skip
+
+
 # Each section below is one family of run kinds; adding a kind = an argv builder + one KindCase.
 CASES = [
     # ---- extraction: extract, extract-unconditional, index ------------------------------------
@@ -211,6 +256,10 @@ CASES = [
     KindCase("mia", _mia, ("examples", "losses", "scores", "metrics"), kill_after=1),
     KindCase("inpaint", _inpaint, ("examples", "distances", "scores", "metrics"), kill_after=1),
     KindCase("memscore", _memscore, ("memscore",), kill_after=1),
+    # ---- language models ------------------------------------------------------------------------------
+    KindCase("lm-extractable", _lm_extractable, ("sequences",), kill_after=1),
+    KindCase("lm-exposure", _lm_exposure, ("exposures", "parts"), kill_after=2),
+    KindCase("lm-mia", _lm_mia, ("examples", "statistics", "scores", "metrics"), kill_after=1),
 ]
 
 

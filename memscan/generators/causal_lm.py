@@ -16,6 +16,7 @@ The protocol (:class:`CausalLM`), token ids are int64 numpy arrays::
     encode(text) -> int64 array           (no special tokens added)
     decode(ids) -> str
     vocab_size: int                       (width of the next-token distribution)
+    max_length: int | None                (optional: the longest sequence the model takes)
     eos_token_id: int | None
     greedy(prefixes B×k, n_new) -> (tokens B×n_new int64, top2_gap B×n_new float64)
     sample(prefixes B×k, n_new, *, temperature, top_k, top_p, seed) -> B×n_new int64
@@ -41,6 +42,7 @@ True
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import inspect
 import json
@@ -109,6 +111,10 @@ class TransformersCausalLM:
         eos = getattr(tokenizer, "eos_token_id", None)
         self.eos_token_id = int(eos) if eos is not None else None
         self.parameters = int(sum(p.numel() for p in model.parameters()))
+        cfg = model.config
+        self.max_length = next(
+            (int(getattr(cfg, a)) for a in ("n_positions", "max_position_embeddings") if getattr(cfg, a, None)), None
+        )
         self._vocab_sha = None
         params = inspect.signature(model.forward).parameters
         # transformers ≥ 5 names the KV cache ``cache`` (``past_key_values`` before)
@@ -229,6 +235,39 @@ class TransformersCausalLM:
             lp = torch.log_softmax(self._logits(self.model(input_ids=x, use_cache=False))[:, :-1, :].double(), dim=-1)
             return lp.gather(-1, x[:, 1:, None])[..., 0].cpu().numpy()
 
+    def token_logprobs_shared_prefix(self, ids: np.ndarray) -> np.ndarray:
+        """:meth:`token_logprobs` of rows that begin with the same tokens (canary candidates of one
+        format): the common prefix goes through the model once, its KV cache is repeated for every
+        row, and only the differing tail is computed per row. Equal to :meth:`token_logprobs` up
+        to float rounding; falls back to it when the rows share fewer than 2 tokens or the cache
+        cannot be repeated."""
+        import torch
+
+        x = self._tensor(ids)
+        b, t = x.shape
+        arr = x.cpu().numpy()
+        same = np.all(arr == arr[:1], axis=0)
+        p = t if same.all() else int(np.argmin(same))
+        p = min(p, t - 1)
+        if b < 2 or p < 2:
+            return self.token_logprobs(arr)
+        with torch.inference_mode():
+            out = self.model(input_ids=x[:1, :p], use_cache=True)
+            cache = getattr(out, self._cache_arg, None)
+            if cache is None:
+                cache = getattr(out, "past_key_values", None)
+            if not hasattr(cache, "batch_repeat_interleave"):
+                return self.token_logprobs(arr)
+            cache.batch_repeat_interleave(b)
+            head = torch.log_softmax(self._logits(out)[0].double(), dim=-1)  # p × V, predicts x_1 … x_p
+            rest = self.model(input_ids=x[:, p:], use_cache=True, **{self._cache_arg: cache})
+            tail = torch.log_softmax(self._logits(rest)[:, :-1].double(), dim=-1)  # predicts x_{p+1} …
+            shared = head[:-1].gather(-1, x[0, 1:p, None])[:, 0]
+            first = head[-1][x[:, p]]
+            after = tail.gather(-1, x[:, p + 1 :, None])[..., 0]
+            lp = torch.cat([shared[None, :].expand(b, -1), first[:, None], after], dim=1)
+            return lp.cpu().numpy()
+
     def next_token_logprobs(self, ids: np.ndarray, start: int = 0) -> np.ndarray:
         """The full next-token distributions log p(· | x_≤j) for j ≥ start: B×(T−1−start)×V float64."""
         import torch
@@ -335,6 +374,14 @@ def quiet_loading():
     level = tlog.get_verbosity()
     tlog.set_verbosity_error()
     tlog.disable_progress_bar()
+    # the GGUF reader draws its own tqdm bar, outside transformers' progress-bar switch
+    try:
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    except Exception:  # noqa: BLE001 - an older transformers or no gguf support: nothing to silence
+        gguf_utils = None
+    bar = getattr(gguf_utils, "tqdm", None)
+    if bar is not None:
+        gguf_utils.tqdm = functools.partial(bar, disable=True)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
@@ -342,6 +389,8 @@ def quiet_loading():
     finally:
         tlog.set_verbosity(level)
         tlog.enable_progress_bar()
+        if bar is not None:
+            gguf_utils.tqdm = bar
 
 
 def _load_transformers_quiet(where, spec, device, dtype, gguf_file) -> TransformersCausalLM:

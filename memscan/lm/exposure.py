@@ -108,8 +108,14 @@ def exposure_from_rank(rank: int | float, space_size: int) -> float:
 
 
 def log_perplexity(lm, texts: list[str], *, batch_size: int = 256) -> np.ndarray:
-    """``Px`` in bits of each text (Carlini et al. 2019 Def. 1), batched by token length (no padding)."""
+    """``Px`` in bits of each text (Carlini et al. 2019 Def. 1), batched by token length (no padding).
+
+    With ``lm.token_logprobs_shared_prefix`` (the transformers adapter has it), the common first
+    tokens of a batch go through the model once."""
     encoded = [np.asarray(lm.encode(t), dtype=np.int64) for t in texts]
+    # candidates of one format share their first tokens: an adapter that can reuse the KV cache
+    # of the shared prefix scores only the tails (the same numbers up to float rounding)
+    score = getattr(lm, "token_logprobs_shared_prefix", None) or lm.token_logprobs
     out = np.zeros(len(texts), dtype=np.float64)
     by_len: dict[int, list[int]] = {}
     for i, ids in enumerate(encoded):
@@ -119,7 +125,7 @@ def log_perplexity(lm, texts: list[str], *, batch_size: int = 256) -> np.ndarray
             raise InputError(f"canary {texts[rows[0]]!r} is a single token", "use a longer canary format")
         for lo in range(0, len(rows), batch_size):
             chunk = rows[lo : lo + batch_size]
-            lp = np.asarray(lm.token_logprobs(np.stack([encoded[i] for i in chunk])), dtype=np.float64)
+            lp = np.asarray(score(np.stack([encoded[i] for i in chunk])), dtype=np.float64)
             out[chunk] = -lp.sum(axis=1) / math.log(2)
     return out
 

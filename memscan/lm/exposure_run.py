@@ -182,15 +182,19 @@ def lm_exposure(
     parts = plan_parts(table, config)
     started = time.time()
     spec = model if isinstance(model, (str, Path)) else None
+    if spec is not None and runner != "ray":  # a bad model fails here, before the run starts
+        from memscan.errors import user_code
+        from memscan.generators.causal_lm import load_causal_lm
+
+        with user_code(f"loading the language model {spec} failed", "fix the model and rerun"):
+            model = load_causal_lm(str(spec), device=config.device, dtype=config.dtype)
     digest = hashlib.sha256(table[["canary_id", "canary", "format"]].to_json(orient="records").encode()).hexdigest()
     with open_run(out, KIND, resume=resume) as run:
         run.start(
             {
                 "config": asdict(config),
                 "canaries": {
-                    "source": str(canaries)
-                    if spec is not None or not isinstance(canaries, pd.DataFrame)
-                    else "<table>",
+                    "source": "<table>" if isinstance(canaries, pd.DataFrame) else str(canaries),
                     "count": len(table),
                 },
                 "canaries_sha256": digest,

@@ -159,6 +159,14 @@ def lm_extractable(
             lm = load_causal_lm(str(spec), device=config.device, dtype=config.dtype)
     else:
         lm = model
+    longest = max(config.prefix_lengths) + config.suffix_length
+    max_length = getattr(lm, "max_length", None)
+    if max_length and longest > max_length:
+        raise InputError(
+            f"a prefix of {max(config.prefix_lengths)} + suffix of {config.suffix_length} tokens exceeds the "
+            f"{max_length} positions of the model",
+            "lower --prefix-lengths / --suffix-length",
+        )
     record = describe_lm(lm)
     tokenizer = record.get("tokenizer")
     check_tokenizer(source, (tokenizer or {}).get("vocab_sha256"), int(lm.vocab_size))

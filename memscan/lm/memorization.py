@@ -31,7 +31,7 @@ Examples
 >>> true = np.array([[1, 2, 3, 4], [1, 2, 3, 4]])
 >>> k_extractable(greedy, true).tolist(), match_fraction(greedy, true).tolist()
 ([True, False], [1.0, 0.75])
->>> samples_needed(np.log([0.5, 0.1, 0.0]), 0.5).tolist()
+>>> samples_needed(np.array([np.log(0.5), np.log(0.1), -np.inf]), 0.5).tolist()
 [1.0, 7.0, inf]
 """
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import logging
+from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -289,14 +290,15 @@ def sample_sequences(
     """``n`` reproducible windows of ``left + right`` tokens (see the module docstring).
 
     ``offsets="random"`` draws the window start uniformly in each chosen document;
-    ``"start"`` takes the document's first ``left + right`` tokens.
+    ``"start"`` takes the document's first ``left + right`` tokens (so at most one window per
+    document: ``n`` is capped at the number of long-enough documents).
     """
     if offsets not in ("random", "start"):
         raise InputError(f"offsets {offsets!r} must be random or start", "--offsets random|start")
     if n < 1:
         raise InputError(f"--sequences {n} must be ≥ 1", "e.g. --sequences 1000")
     need = left + right
-    lengths = []
+    lengths = array("q")  # one int64 per document: the only thing pass 1 keeps
     skipped, names, longest = 0, [], 0
     for _, train_id, ids in iter_documents(source, encode):
         lengths.append(len(ids))
@@ -316,6 +318,9 @@ def sample_sequences(
             "lower --prefix-lengths / --suffix-length, or give longer documents",
         )
     rng = np.random.default_rng(seed)
+    if offsets == "start" and n > eligible.size:  # a document has one start: no repeated windows
+        log.warning("%d sequences asked for, %d documents are long enough: taking %d", n, eligible.size, eligible.size)
+        n = int(eligible.size)
     chosen = []
     while len(chosen) < n:
         chosen.extend(rng.permutation(eligible)[: n - len(chosen)].tolist())

@@ -106,16 +106,23 @@ def extractable_stage(
         which = f"sequences {int(ids[0])}…{int(ids[-1])}"
         true = w[:, left : left + m]
         true32 = w[:, left : left + PYTHIA_LENGTH]
-        with user_code(f"the language model failed on {which}"):
-            g32, gap32 = lm.greedy(w[:, left - PYTHIA_LENGTH : left], PYTHIA_LENGTH)
-        pythia = match_fraction(g32, true32)
+        # the Pythia score's 32 greedy tokens: from the k = 32 continuation when there is one
+        # (the same prefix, the same batch: the same tokens), else decoded on their own
+        g32 = None
+        if PYTHIA_LENGTH not in ks or m < PYTHIA_LENGTH:
+            with user_code(f"the language model failed on {which}"):
+                g32, _ = lm.greedy(w[:, left - PYTHIA_LENGTH : left], PYTHIA_LENGTH)
+        results = {}
         for k in ks:
             with user_code(f"the language model failed on {which} (prefix {k})"):
-                if k == PYTHIA_LENGTH and m == PYTHIA_LENGTH:
-                    greedy, gaps = g32, gap32
-                else:
-                    greedy, gaps = lm.greedy(w[:, left - k : left], m)
+                greedy, gaps = lm.greedy(w[:, left - k : left], m)
                 argmax, log_q = teacher_forced(lm, w[:, left - k : left + m], k - 1, **scheme)
+            results[k] = (greedy, gaps, argmax, log_q)
+            if k == PYTHIA_LENGTH and g32 is None:
+                g32 = np.asarray(greedy)[:, :PYTHIA_LENGTH]
+        pythia = match_fraction(g32, true32)
+        for k in ks:
+            greedy, gaps, argmax, log_q = results[k]
             greedy, gaps = np.asarray(greedy, dtype=np.int64), np.asarray(gaps, dtype=np.float64)
             ext = k_extractable(greedy, true)
             frac = match_fraction(greedy, true)

