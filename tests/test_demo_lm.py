@@ -202,10 +202,11 @@ def test_demo_lm_train_writes_a_loadable_model(tmp_path):
     from memscan.generators.causal_lm import load_causal_lm
 
     out = tmp_path / "m"
-    proc = run_cli("demo", "lm", "train", "--out", out, "--steps", "2", "--quiet")
+    proc = run_cli("demo", "lm", "train", "--out", out, "--steps", "2", "--restart-steps", "1", "--quiet")
     assert "trained in" in proc.stdout
     meta = json.loads((out / "memscan.json").read_text())
-    assert meta["recipe"]["steps"] == 2 and len(meta["loss_log"]) == 2 and meta["threads"] == 1
+    assert meta["recipe"]["steps"] == 2 and meta["recipe"]["restart_steps"] == 1 and meta["threads"] == 1
+    assert [r["phase"] for r in meta["loss_log"]] == [1, 1, 2] and meta["steps_run"] == 3
     assert (out / "model.safetensors").exists()
     lm = load_causal_lm(str(out))
     assert lm.parameters == meta["parameters"]
@@ -220,3 +221,26 @@ def test_demo_lm_commands_are_registered():
     assert res.exit_code == 0 and "--quick" in res.output and "--out" in res.output
     res = CliRunner().invoke(app, ["demo", "lm", "train", "--help"])
     assert res.exit_code == 0 and "--steps" in res.output and "--threads" in res.output
+
+
+def test_training_is_deterministic_and_phase_two_from_a_saved_phase_one_equals_one_run(tmp_path):
+    """The shipped weights were trained as phase 1, then phase 2 from phase 1's saved directory
+    (``init_from``): that equals training both phases in one run (same seeds, one thread)."""
+    from safetensors.numpy import load_file
+
+    from memscan.demo.lm.train import LMTrainConfig, train_lm_demo_model
+
+    small = {"n_layer": 1, "n_embd": 32, "n_head": 2, "n_positions": 64, "block": 64, "batch_size": 4}
+    both = LMTrainConfig(steps=3, warmup=1, restart_steps=2, **small)
+    one = LMTrainConfig(steps=3, warmup=1, restart_steps=0, **small)
+    train_lm_demo_model(tmp_path / "a", both)
+    train_lm_demo_model(tmp_path / "p1", one)
+    rec = train_lm_demo_model(tmp_path / "b", both, init_from=tmp_path / "p1")
+    wa = load_file(tmp_path / "a" / "model.safetensors")
+    wb = load_file(tmp_path / "b" / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        np.testing.assert_array_equal(wa[k], wb[k])
+    assert [r["phase"] for r in rec["loss_log"]] == [1, 1, 2, 2] and rec["steps_run"] == 5
+    with pytest.raises(ValueError, match="another phase-1 recipe"):
+        train_lm_demo_model(tmp_path / "c", LMTrainConfig(steps=4, warmup=1, **small), init_from=tmp_path / "p1")

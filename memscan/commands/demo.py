@@ -123,12 +123,13 @@ def demo_lm(
 @lm_app.command("train")
 def demo_lm_train(
     out: Path = typer.Option(Path("memscan/demo/lm/model"), "--out", help="model directory to write"),
-    steps: int | None = typer.Option(None, help="training steps [the recorded recipe's]"),
+    steps: int | None = typer.Option(None, help="phase-1 training steps [1800]"),
+    restart_steps: int | None = typer.Option(None, help="phase-2 (warm restart) steps [900]"),
     threads: int | None = typer.Option(None, help="torch threads [1]"),
     quiet: bool = quiet_option("no loss log"),
 ):
     """Retrain the LM demo model from its recorded recipe (47 minutes measured on one shared CPU thread)."""
     from memscan.demo.lm.train import retrain
 
-    rec = run_library_call(retrain, out, steps=steps, threads=threads, progress=not quiet)
+    rec = run_library_call(retrain, out, steps=steps, restart_steps=restart_steps, threads=threads, progress=not quiet)
     typer.echo(f"trained in {rec['seconds']} s ({rec['threads']} threads) → {out}")

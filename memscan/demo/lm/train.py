@@ -47,6 +47,9 @@ class LMTrainConfig:
     threads: int = 1
     #: stop after this many steps of the ``steps``-step schedule (None: run it to the end)
     stop_at: int | None = None
+    #: phase 2, a warm restart: this many more steps, fresh AdamW, cosine from ``restart_lr``
+    restart_steps: int = 900
+    restart_lr: float = 1e-3
 
 
 def build_model(cfg: LMTrainConfig):
@@ -73,46 +76,44 @@ def encode_bytes(text: str) -> np.ndarray:
 
 
 def _lr(step: int, cfg: LMTrainConfig) -> float:
+    """Phase 1: linear warm-up to ``lr``, cosine decay to ``lr · min_lr_ratio`` at ``steps``."""
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
     t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-def train_lm_demo_model(
-    out_dir: str | Path = MODEL_DIR,
-    cfg: LMTrainConfig = LMTrainConfig(),
-    log_every: int = 50,
-    progress=None,
-    snapshot_every: int = 0,
-    snapshot_dir: str | Path | None = None,
-) -> dict:
-    """Train and save the model; returns the training record (also in ``memscan.json``)."""
-    from transformers import ByT5Tokenizer
+def _lr_restart(step: int, cfg: LMTrainConfig) -> float:
+    """Phase 2 (a warm restart, Loshchilov & Hutter 2017): warm-up to ``restart_lr``, cosine to
+    ``restart_lr · min_lr_ratio`` at ``restart_steps``."""
+    warm = min(cfg.warmup, max(1, cfg.restart_steps // 10))
+    if step < warm:
+        return cfg.restart_lr * (step + 1) / warm
+    t = (step - warm) / max(1, cfg.restart_steps - warm)
+    return cfg.restart_lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
-    torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
-    planted = planted_corpus(cfg.canary_seed)
-    ids = torch.from_numpy(encode_bytes(planted.text))
-    n = len(ids)
-    model = build_model(cfg)
-    model.train()
-    decay = [p for name, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for name, p in model.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW(
+
+def _optimizer(model, cfg: LMTrainConfig):
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=cfg.lr,
         betas=(0.9, 0.95),
     )
-    load_start = os.getloadavg()
+
+
+def _phase(model, ids, cfg: LMTrainConfig, *, phase: int, steps: int, lr_fn, log: list, log_every: int, progress):
+    """``steps`` AdamW steps on random ``block``-byte windows (fresh optimizer; windows drawn with
+    ``numpy.random.default_rng([seed, phase])``); appends to ``log``; returns the seconds taken."""
+    rng = np.random.default_rng(cfg.seed if phase == 1 else [cfg.seed, phase])
+    opt = _optimizer(model, cfg)
+    n = len(ids)
     t0 = time.time()
-    log: list[dict] = []
     running = None
-    n_steps = cfg.steps if cfg.stop_at is None else min(cfg.steps, cfg.stop_at)
-    for step in range(n_steps):
+    for step in range(steps):
         for g in opt.param_groups:
-            g["lr"] = _lr(step, cfg)
+            g["lr"] = lr_fn(step, cfg)
         starts = rng.integers(0, n - cfg.block, cfg.batch_size)
         x = torch.stack([ids[s : s + cfg.block] for s in starts])
         loss = model(input_ids=x, labels=x).loss
@@ -120,10 +121,11 @@ def train_lm_demo_model(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        v = float(loss)
+        v = float(loss.detach())
         running = v if running is None else 0.95 * running + 0.05 * v
-        if step % log_every == 0 or step == n_steps - 1:
+        if step % log_every == 0 or step == steps - 1:
             rec = {
+                "phase": phase,
                 "step": step,
                 "loss": round(v, 4),
                 "loss_ema": round(running, 4),
@@ -132,50 +134,118 @@ def train_lm_demo_model(
             log.append(rec)
             if progress:
                 progress(rec)
-        if snapshot_every and snapshot_dir and step and step % snapshot_every == 0:
-            model.save_pretrained(Path(snapshot_dir) / f"step{step}", safe_serialization=True)
-    seconds = time.time() - t0
+    return time.time() - t0
+
+
+def train_lm_demo_model(
+    out_dir: str | Path = MODEL_DIR,
+    cfg: LMTrainConfig = LMTrainConfig(),
+    log_every: int = 50,
+    progress=None,
+    init_from: str | Path | None = None,
+) -> dict:
+    """Train and save the model; returns the training record (also in ``memscan.json``).
+
+    Phase 1: ``steps`` (or ``stop_at``) steps from scratch; phase 2 (if ``restart_steps``): a warm
+    restart with a fresh optimizer. ``init_from``: a directory holding phase 1's result (its weights
+    and ``memscan.json``, trained with the same recipe) — phase 1 is then taken from it, not rerun.
+    """
+    from transformers import ByT5Tokenizer, GPT2LMHeadModel
+
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    planted = planted_corpus(cfg.canary_seed)
+    ids = torch.from_numpy(encode_bytes(planted.text))
+    n = len(ids)
+    load_start = os.getloadavg()
+    log: list[dict] = []
+    n1 = cfg.steps if cfg.stop_at is None else min(cfg.steps, cfg.stop_at)
+    if init_from is None:
+        model = build_model(cfg)
+        model.train()
+        sec1 = _phase(model, ids, cfg, phase=1, steps=n1, lr_fn=_lr, log=log, log_every=log_every, progress=progress)
+        phase1 = {"seconds": round(sec1, 1), "threads": cfg.threads, "loadavg_start": [round(x, 2) for x in load_start]}
+    else:
+        prev = json.loads((Path(init_from) / "memscan.json").read_text())
+        want = {k: v for k, v in asdict(cfg).items() if k not in ("restart_steps", "restart_lr", "stop_at")}
+        got = {k: prev["recipe"].get(k) for k in want}
+        if got != want:
+            raise ValueError(f"{init_from} was trained with another phase-1 recipe: {got} != {want}")
+        model = GPT2LMHeadModel.from_pretrained(init_from)  # safetensors
+        model.train()
+        log += [{"phase": 1, **r} for r in prev["loss_log"]]
+        phase1 = {
+            "seconds": prev["seconds"],
+            "threads": prev["threads"],
+            "loadavg_start": prev.get("loadavg_start"),
+            "loadavg_end": prev.get("loadavg_end"),
+            "from": "a separate run of the same phase-1 recipe",
+        }
+    sec2 = 0.0
+    if cfg.restart_steps:
+        sec2 = _phase(
+            model,
+            ids,
+            cfg,
+            phase=2,
+            steps=cfg.restart_steps,
+            lr_fn=_lr_restart,
+            log=log,
+            log_every=log_every,
+            progress=progress,
+        )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.eval()
     model.save_pretrained(out, safe_serialization=True)
     ByT5Tokenizer(extra_ids=0).save_pretrained(out)
+    steps_run = n1 + cfg.restart_steps
     record = {
         "kind": "memscan-demo-lm",
         "recipe": asdict(cfg),
-        "seconds": round(seconds, 1),
+        "seconds": round(phase1["seconds"] + sec2, 1),
+        "phase_seconds": [phase1["seconds"], round(sec2, 1)],
+        "phase1": phase1,
         "threads": cfg.threads,
-        "loadavg_start": [round(x, 2) for x in load_start],
+        "loadavg_start": phase1.get("loadavg_start"),
         "loadavg_end": [round(x, 2) for x in os.getloadavg()],
         "cpu": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
         "parameters": int(sum(p.numel() for p in model.parameters())),
-        "steps_run": n_steps,
-        "tokens_seen": n_steps * cfg.batch_size * cfg.block,
+        "steps_run": steps_run,
+        "tokens_seen": steps_run * cfg.batch_size * cfg.block,
         "corpus": {"sha256": corpus_record()["sha256"], "bytes": corpus_record()["bytes"]},
         "planted": {"sha256": planted.sha256, "bytes": len(planted.text), "canary_seed": planted.seed},
-        "epochs": round(n_steps * cfg.batch_size * cfg.block / n, 3),
+        "epochs": round(steps_run * cfg.batch_size * cfg.block / n, 3),
         "loss_log": log,
-        "final_loss_ema": round(running, 4) if running is not None else None,
+        "final_loss_ema": log[-1]["loss_ema"] if log else None,
     }
     (out / "memscan.json").write_text(json.dumps(record, indent=2) + "\n")
     return record
 
 
 def retrain(
-    out: str | Path = MODEL_DIR, *, steps: int | None = None, threads: int | None = None, progress: bool = True
+    out: str | Path = MODEL_DIR,
+    *,
+    steps: int | None = None,
+    restart_steps: int | None = None,
+    threads: int | None = None,
+    progress: bool = True,
 ) -> dict:
     """``memscan demo lm train``: the recorded recipe (defaults of :class:`LMTrainConfig`), optionally
-    with other ``steps`` / ``threads``; the loss log goes to stderr unless ``progress`` is false."""
+    with other ``steps`` / ``restart_steps`` / ``threads``; the loss log goes to stderr unless
+    ``progress`` is false."""
     import sys
     from dataclasses import replace
 
     cfg = LMTrainConfig()
-    over = {k: v for k, v in {"steps": steps, "threads": threads}.items() if v is not None}
+    over = {"steps": steps, "restart_steps": restart_steps, "threads": threads}
+    over = {k: v for k, v in over.items() if v is not None}
     cfg = replace(cfg, **over)
 
     def show(rec: dict) -> None:
-        print(f"step {rec['step']:>5}  loss {rec['loss_ema']:.3f}  {rec['seconds']:.0f} s", file=sys.stderr, flush=True)
+        msg = f"phase {rec['phase']} step {rec['step']:>5}  loss {rec['loss_ema']:.3f}  {rec['seconds']:.0f} s"
+        print(msg, file=sys.stderr, flush=True)
 
     return train_lm_demo_model(out, cfg, progress=show if progress else None)
