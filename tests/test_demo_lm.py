@@ -169,26 +169,26 @@ def test_quick_demo_lm_summary_schema(quick_demo_lm):
 
 
 def test_quick_demo_lm_shows_memorization_rising_with_repetition(quick_demo_lm):
-    """The shipped weights (docs/demo.md, "Results"): exposure and exact memorization M(f) rise
-    with the number of copies; nothing planted once, and no ordinary passage, is extracted.
-
-    Not reached by the shipped weights (47 min on one shared CPU thread, 1.45 epochs): the strict
-    50-byte greedy extraction of the canaries planted ≥ 50 times (M(f) 0.94 at 100 copies, 0.79 at
-    50; the issue's target) — see docs/demo.md."""
+    """The shipped weights (docs/demo.md, "Results"): extraction, exposure and exact memorization
+    M(f) rise with the number of copies; nothing planted ≤ 20 times, and no ordinary passage, is
+    extracted. Short of the issue's target: of the canaries planted 50 times only 1 of 4 is
+    extracted (M(f) 0.95), of those planted 100 times 3 of 4 (M(f) 0.99) — see docs/demo.md."""
     out, _ = quick_demo_lm
     s = json.loads((out / "summary.json").read_text())
     by = s["extracted_by_duplicate_count"]
     ex = {k: v["mean"] for k, v in s["exposure_by_duplicate_count"].items()}
     mf = {k: v["mean_exact_memorization"] for k, v in s["memorization_by_duplicate_count"].items()}
-    # canaries planted once or twice are not extracted; ordinary passages of the plays mostly not
-    assert by["1"]["extracted"] == 0 and by["2"]["extracted"] == 0, by
+    # canaries planted ≥ 50 times are extracted (most at 100), those planted ≤ 20 times are not;
+    # ordinary passages of the plays are mostly not extracted
+    assert by["100"]["extracted"] >= 3 and by["50"]["extracted"] >= 1, by
+    assert all(by[str(c)]["extracted"] == 0 for c in (1, 2, 5, 10, 20)), by
     assert s["ordinary"]["rate"] <= 0.05, s["ordinary"]
     # exposure (bits, of log2 1e5 = 16.6): high at 100 copies, low at 1, rising with repetition
     assert s["exposure_by_duplicate_count"]["100"]["min"] >= 10 and ex["100"] >= 12, ex
     assert ex["100"] > ex["50"] > ex["20"] > max(ex["1"], ex["2"], ex["5"], ex["10"]), ex
     assert ex["1"] <= 4, ex
     # exact memorization of the sentence canaries' suffixes rises with repetition
-    assert mf["100"] >= 0.9 and mf["50"] >= 0.7 and mf["1"] <= 0.6, mf
+    assert mf["100"] >= 0.95 and mf["50"] >= 0.9 and mf["1"] <= 0.65, mf
     assert mf["100"] > mf["50"] > mf["20"] > mf["1"], mf
 
 
