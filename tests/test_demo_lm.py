@@ -242,5 +242,14 @@ def test_training_is_deterministic_and_phase_two_from_a_saved_phase_one_equals_o
     for k in wa:
         np.testing.assert_array_equal(wa[k], wb[k])
     assert [r["phase"] for r in rec["loss_log"]] == [1, 1, 2, 2] and rec["steps_run"] == 5
+    # a second warm restart continued from the two-phase directory = three phases in one run
+    three = LMTrainConfig(steps=3, warmup=1, restart_steps=2, restarts=2, **small)
+    train_lm_demo_model(tmp_path / "d", three)
+    rec = train_lm_demo_model(tmp_path / "e", three, init_from=tmp_path / "b")
+    wd = load_file(tmp_path / "d" / "model.safetensors")
+    we = load_file(tmp_path / "e" / "model.safetensors")
+    for k in wd:
+        np.testing.assert_array_equal(wd[k], we[k])
+    assert len(rec["phase_seconds"]) == 3 and rec["steps_run"] == 7
     with pytest.raises(ValueError, match="another phase-1 recipe"):
         train_lm_demo_model(tmp_path / "c", LMTrainConfig(steps=4, warmup=1, **small), init_from=tmp_path / "p1")

@@ -50,6 +50,8 @@ class LMTrainConfig:
     #: phase 2, a warm restart: this many more steps, fresh AdamW, cosine from ``restart_lr``
     restart_steps: int = 900
     restart_lr: float = 1e-3
+    #: how many warm restarts (phases 2, 3, …), each ``restart_steps`` long
+    restarts: int = 1
 
 
 def build_model(cfg: LMTrainConfig):
@@ -146,9 +148,10 @@ def train_lm_demo_model(
 ) -> dict:
     """Train and save the model; returns the training record (also in ``memscan.json``).
 
-    Phase 1: ``steps`` (or ``stop_at``) steps from scratch; phase 2 (if ``restart_steps``): a warm
-    restart with a fresh optimizer. ``init_from``: a directory holding phase 1's result (its weights
-    and ``memscan.json``, trained with the same recipe) — phase 1 is then taken from it, not rerun.
+    Phase 1: ``steps`` (or ``stop_at``) steps from scratch; phases 2 … 1 + ``restarts`` (if
+    ``restart_steps``): warm restarts with a fresh optimizer. ``init_from``: a directory holding the
+    result of this recipe's first phase(s) (its weights and ``memscan.json``) — those phases are
+    taken from it, not rerun.
     """
     from transformers import ByT5Tokenizer, GPT2LMHeadModel
 
@@ -160,51 +163,58 @@ def train_lm_demo_model(
     load_start = os.getloadavg()
     log: list[dict] = []
     n1 = cfg.steps if cfg.stop_at is None else min(cfg.steps, cfg.stop_at)
+    n_phases = 1 + (cfg.restarts if cfg.restart_steps else 0)
     if init_from is None:
         model = build_model(cfg)
         model.train()
         sec1 = _phase(model, ids, cfg, phase=1, steps=n1, lr_fn=_lr, log=log, log_every=log_every, progress=progress)
+        phase_seconds = [round(sec1, 1)]
         phase1 = {"seconds": round(sec1, 1), "threads": cfg.threads, "loadavg_start": [round(x, 2) for x in load_start]}
     else:
         prev = json.loads((Path(init_from) / "memscan.json").read_text())
-        want = {k: v for k, v in asdict(cfg).items() if k not in ("restart_steps", "restart_lr", "stop_at")}
+        skip = ("restart_steps", "restart_lr", "stop_at", "restarts")
+        want = {k: v for k, v in asdict(cfg).items() if k not in skip}
         got = {k: prev["recipe"].get(k) for k in want}
         if got != want:
             raise ValueError(f"{init_from} was trained with another phase-1 recipe: {got} != {want}")
+        phase_seconds = list(prev.get("phase_seconds", [prev["seconds"]]))
+        if len(phase_seconds) > 1 and prev["recipe"].get("restart_steps") != cfg.restart_steps:
+            raise ValueError(f"{init_from} has warm restarts of another length than {cfg.restart_steps}")
+        if len(phase_seconds) > n_phases:
+            raise ValueError(f"{init_from} has more phases ({len(phase_seconds)}) than this recipe ({n_phases})")
         model = GPT2LMHeadModel.from_pretrained(init_from)  # safetensors
         model.train()
-        log += [{"phase": 1, **r} for r in prev["loss_log"]]
-        phase1 = {
-            "seconds": prev["seconds"],
-            "threads": prev["threads"],
-            "loadavg_start": prev.get("loadavg_start"),
-            "loadavg_end": prev.get("loadavg_end"),
-            "from": "a separate run of the same phase-1 recipe",
-        }
-    sec2 = 0.0
-    if cfg.restart_steps:
-        sec2 = _phase(
+        log += [{"phase": 1, **r} if "phase" not in r else r for r in prev["loss_log"]]
+        phase1 = dict(prev.get("phase1") or {})
+        phase1.setdefault("seconds", phase_seconds[0])
+        phase1.setdefault("threads", prev["threads"])
+        phase1.setdefault("loadavg_start", prev.get("loadavg_start"))
+        phase1.setdefault("loadavg_end", prev.get("loadavg_end"))
+        phase1["from"] = "a separate run of the same recipe's first phase(s)"
+    for phase in range(len(phase_seconds) + 1, n_phases + 1):
+        sec = _phase(
             model,
             ids,
             cfg,
-            phase=2,
+            phase=phase,
             steps=cfg.restart_steps,
             lr_fn=_lr_restart,
             log=log,
             log_every=log_every,
             progress=progress,
         )
+        phase_seconds.append(round(sec, 1))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.eval()
     model.save_pretrained(out, safe_serialization=True)
     ByT5Tokenizer(extra_ids=0).save_pretrained(out)
-    steps_run = n1 + cfg.restart_steps
+    steps_run = n1 + (n_phases - 1) * cfg.restart_steps
     record = {
         "kind": "memscan-demo-lm",
         "recipe": asdict(cfg),
-        "seconds": round(phase1["seconds"] + sec2, 1),
-        "phase_seconds": [phase1["seconds"], round(sec2, 1)],
+        "seconds": round(sum(phase_seconds), 1),
+        "phase_seconds": phase_seconds,
         "phase1": phase1,
         "threads": cfg.threads,
         "loadavg_start": phase1.get("loadavg_start"),
