@@ -408,7 +408,7 @@ def _load_transformers_quiet(where, spec, device, dtype, gguf_file) -> Transform
     except (OSError, ValueError) as exc:
         raise InputError(f"cannot read the model config of {spec}: {str(exc).splitlines()[0]}", _hint(local)) from None
     try:
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=_torch_dtype(dtype, device), **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(where, **{_dtype_keyword(): _torch_dtype(dtype, device)}, **kwargs)
     except ValueError as exc:
         raise InputError(
             f"model {spec} ({type(config).__name__}) is not a causal language model: {str(exc).splitlines()[0]}",
@@ -425,6 +425,14 @@ def _load_transformers_quiet(where, spec, device, dtype, gguf_file) -> Transform
         ) from None
     model.to(device)
     return TransformersCausalLM(model, tokenizer, spec=spec, device=device, gguf_file=gguf_file)
+
+
+def _dtype_keyword() -> str:
+    """``from_pretrained``'s dtype keyword: ``dtype`` since transformers 4.56, ``torch_dtype`` before."""
+    import transformers
+    from packaging.version import Version
+
+    return "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
 
 
 def _hint(local: bool) -> str:
