@@ -171,8 +171,8 @@ def test_quick_demo_lm_summary_schema(quick_demo_lm):
 def test_quick_demo_lm_shows_memorization_rising_with_repetition(quick_demo_lm):
     """The shipped weights (docs/demo.md, "Results"): extraction, exposure and exact memorization
     M(f) rise with the number of copies; nothing planted ≤ 20 times, and no ordinary passage, is
-    extracted. Short of the issue's target: of the canaries planted 50 times only 1 of 4 is
-    extracted (M(f) 0.95), of those planted 100 times 3 of 4 (M(f) 0.99) — see docs/demo.md."""
+    extracted. Short of the issue's target at 50 copies: 2 of 4 extracted (M(f) 0.99), 4 of 4 at
+    100 — see docs/demo.md."""
     out, _ = quick_demo_lm
     s = json.loads((out / "summary.json").read_text())
     by = s["extracted_by_duplicate_count"]
@@ -180,7 +180,7 @@ def test_quick_demo_lm_shows_memorization_rising_with_repetition(quick_demo_lm):
     mf = {k: v["mean_exact_memorization"] for k, v in s["memorization_by_duplicate_count"].items()}
     # canaries planted ≥ 50 times are extracted (most at 100), those planted ≤ 20 times are not;
     # ordinary passages of the plays are mostly not extracted
-    assert by["100"]["extracted"] >= 3 and by["50"]["extracted"] >= 1, by
+    assert by["100"]["extracted"] == 4 and by["50"]["extracted"] >= 2, by
     assert all(by[str(c)]["extracted"] == 0 for c in (1, 2, 5, 10, 20)), by
     assert s["ordinary"]["rate"] <= 0.05, s["ordinary"]
     # exposure (bits, of log2 1e5 = 16.6): high at 100 copies, low at 1, rising with repetition
@@ -188,8 +188,8 @@ def test_quick_demo_lm_shows_memorization_rising_with_repetition(quick_demo_lm):
     assert ex["100"] > ex["50"] > ex["20"] > max(ex["1"], ex["2"], ex["5"], ex["10"]), ex
     assert ex["1"] <= 4, ex
     # exact memorization of the sentence canaries' suffixes rises with repetition
-    assert mf["100"] >= 0.95 and mf["50"] >= 0.9 and mf["1"] <= 0.65, mf
-    assert mf["100"] > mf["50"] > mf["20"] > mf["1"], mf
+    assert mf["100"] >= 0.99 and mf["50"] >= 0.95 and mf["1"] <= 0.65, mf
+    assert mf["100"] >= mf["50"] > mf["20"] > mf["10"] > mf["1"], mf
 
 
 def test_demo_lm_refuses_an_out_that_holds_a_run(quick_demo_lm):
@@ -206,7 +206,7 @@ def test_demo_lm_train_writes_a_loadable_model(tmp_path):
     assert "trained in" in proc.stdout
     meta = json.loads((out / "memscan.json").read_text())
     assert meta["recipe"]["steps"] == 2 and meta["recipe"]["restart_steps"] == 1 and meta["threads"] == 1
-    assert [r["phase"] for r in meta["loss_log"]] == [1, 1, 2] and meta["steps_run"] == 3
+    assert [r["phase"] for r in meta["loss_log"]] == [1, 1, 2, 3] and meta["steps_run"] == 4
     assert (out / "model.safetensors").exists()
     lm = load_causal_lm(str(out))
     assert lm.parameters == meta["parameters"]
@@ -231,7 +231,7 @@ def test_training_is_deterministic_and_phase_two_from_a_saved_phase_one_equals_o
     from memscan.demo.lm.train import LMTrainConfig, train_lm_demo_model
 
     small = {"n_layer": 1, "n_embd": 32, "n_head": 2, "n_positions": 64, "block": 64, "batch_size": 4}
-    both = LMTrainConfig(steps=3, warmup=1, restart_steps=2, **small)
+    both = LMTrainConfig(steps=3, warmup=1, restart_steps=2, restarts=1, **small)
     one = LMTrainConfig(steps=3, warmup=1, restart_steps=0, **small)
     train_lm_demo_model(tmp_path / "a", both)
     train_lm_demo_model(tmp_path / "p1", one)

@@ -51,7 +51,7 @@ class LMTrainConfig:
     restart_steps: int = 900
     restart_lr: float = 1e-3
     #: how many warm restarts (phases 2, 3, …), each ``restart_steps`` long
-    restarts: int = 1
+    restarts: int = 2
 
 
 def build_model(cfg: LMTrainConfig):
