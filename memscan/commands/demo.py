@@ -128,7 +128,7 @@ def demo_lm_train(
     threads: int | None = typer.Option(None, help="torch threads [1]"),
     quiet: bool = quiet_option("no loss log"),
 ):
-    """Retrain the LM demo model from its recorded recipe (47 minutes measured on one shared CPU thread)."""
+    """Retrain the LM demo model from its recorded recipe (69 minutes measured on one shared CPU thread)."""
     from memscan.demo.lm.train import retrain
 
     rec = run_library_call(retrain, out, steps=steps, restart_steps=restart_steps, threads=threads, progress=not quiet)
