@@ -4,7 +4,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint setup clean
+.PHONY: demo demo-lm test lint setup clean
 
 $(BIN)/memscan: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -17,6 +17,9 @@ setup: $(BIN)/memscan
 
 demo: setup
 	$(BIN)/memscan demo --out runs/demo-$$(date +%Y%m%d-%H%M%S)
+
+demo-lm: setup
+	$(BIN)/memscan demo lm --out runs/demo-lm-$$(date +%Y%m%d-%H%M%S)
 
 lint: setup
 	$(BIN)/ruff check .

@@ -3,7 +3,9 @@
 - ``memscan demo`` (no subcommand): the image-extraction demo on the shipped model and data;
 - ``memscan demo train``: retrain the shipped demo model from its recorded recipe;
 - ``memscan demo mia`` (alias ``memscan demo-mia``): membership inference and inpainting with
-  CPU-trained shadow models.
+  CPU-trained shadow models;
+- ``memscan demo lm``: prefix → suffix extraction and canary exposure on a small byte-level GPT-2
+  trained on the Shakespeare plays with planted canaries; ``memscan demo lm train`` retrains it.
 
 Adding a demo is one function here: ``@demo_app.command("NAME")`` over one library call (its
 library function lives in :mod:`memscan.demo`).
@@ -93,3 +95,41 @@ def _demo_mia(out: Path, quick: bool, overrides: dict, progress: bool) -> str:
     summary = {"report": str(res.report), "manifest": res.manifest, "text": text}
     (Path(out) / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     return text
+
+
+lm_app = typer.Typer(
+    help="The language-model demo: a byte-level GPT-2 trained on the Shakespeare plays with planted canaries.",
+    invoke_without_command=True,
+)
+demo_app.add_typer(lm_app, name="lm")
+
+
+@lm_app.callback()
+def demo_lm(
+    ctx: typer.Context,
+    out: Path = typer.Option(Path("runs/demo-lm"), "--out", help="output directory"),
+    quick: bool = typer.Option(False, "--quick", help="reduced run (CI): fewer ordinary passages"),
+    quiet: bool = quiet_option(),
+):
+    """Extraction and exposure of planted canaries on the shipped LM demo model (CPU, minutes)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from memscan.demo.lm.run import run_demo_lm
+
+    res = run_library_call(run_demo_lm, out, quick=quick, progress=not quiet)
+    typer.echo(res.text())
+
+
+@lm_app.command("train")
+def demo_lm_train(
+    out: Path = typer.Option(Path("memscan/demo/lm/model"), "--out", help="model directory to write"),
+    steps: int | None = typer.Option(None, help="phase-1 training steps [1800]"),
+    restart_steps: int | None = typer.Option(None, help="phase-2 (warm restart) steps [900]"),
+    threads: int | None = typer.Option(None, help="torch threads [1]"),
+    quiet: bool = quiet_option("no loss log"),
+):
+    """Retrain the LM demo model from its recorded recipe (69 minutes measured on one shared CPU thread)."""
+    from memscan.demo.lm.train import retrain
+
+    rec = run_library_call(retrain, out, steps=steps, restart_steps=restart_steps, threads=threads, progress=not quiet)
+    typer.echo(f"trained in {rec['seconds']} s ({rec['threads']} threads) → {out}")

@@ -1,0 +1,264 @@
+"""``memscan demo lm``: discoverable memorization and canary exposure rising with repetition.
+
+The shipped model (``memscan/demo/lm/model``: a byte-level GPT-2, safetensors, trained by
+:mod:`memscan.demo.lm.train` on the Shakespeare plays with planted canaries) is loaded through the
+real causal-LM adapter (:func:`memscan.generators.causal_lm.load_causal_lm`), then
+
+1. **extractable** (Carlini et al. 2022), through ``memscan lm extractable``'s run function
+   (:func:`memscan.lm.extractable_run.lm_extractable`, run directory ``OUT/extractable``): every
+   sentence canary and a seeded random sample of ordinary passages of the plays, prompted with
+   their first ``PREFIX_BYTES`` bytes (= tokens: the model is byte-level); extracted when the greedy
+   continuation equals the next ``SUFFIX_BYTES`` exactly;
+2. **exposure** (Carlini et al. 2019): every digit canary ``the secret number is DDDDD``, ranked
+   by log-perplexity among all 10**5 candidates of its format, exact: the demo's 28 canaries share
+   one format, so :func:`format_logprobs` enumerates it once (10**4 forward passes, one per
+   4-digit stem) where ``memscan lm exposure`` enumerates 10**5 texts per canary — the same ranks
+   (tested against :func:`memscan.lm.exposure.exact_exposure`), 280× fewer passes, inside the
+   demo's 5 minutes; ``exposure = log2 |R| − log2 rank``;
+3. the figures by planted copy count go to ``OUT/summary.json`` (``extracted_by_duplicate_count``
+   in the image demo's structure, ``exposure_by_duplicate_count``, ``ordinary``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from memscan.demo.lm.canaries import (
+    COPIES,
+    DEFAULT_SEED,
+    DIGIT_PREFIX,
+    DIGITS,
+    PREFIX_BYTES,
+    SUFFIX_BYTES,
+    canaries,
+    ordinary_passages,
+)
+from memscan.errors import MemscanError
+from memscan.lm.extractable_run import ExtractableConfig, lm_extractable
+
+
+def model_dir() -> Path:
+    """The shipped LM demo model (transformers layout, safetensors weights, ByT5 tokenizer)."""
+    return Path(str(resources.files("memscan.demo.lm") / "model"))
+
+
+def demo_lm_settings(quick: bool) -> dict:
+    return {"ordinary": 40 if quick else 200, "batch_size": 64}
+
+
+@dataclass
+class DemoLMResult:
+    """A finished ``memscan demo lm``.
+
+    Attributes
+    ----------
+    out : the demo directory (``summary.json``, ``extractable.csv``, ``exposure.csv``)
+    summary : what ``summary.json`` holds
+    """
+
+    out: Path
+    summary: dict
+    rows: list[tuple[str, str, str, str]] = field(default_factory=list)
+
+    def text(self) -> str:
+        """The table the command prints."""
+        s = self.summary
+        lines = [
+            f"memscan demo lm: {s['model']['parameters']:,}-parameter byte-level GPT-2, "
+            f"prefix {s['prefix_length']} + suffix {s['suffix_length']} bytes, "
+            f"{s['timings_s']['total']:.0f} s",
+            f"  {'copies':>7}  {'extracted':>9}  {'M(f)':>6}  {'exposure (bits, of ' + str(s['exposure_max_bits']) + ')':>26}",
+        ]
+        lines += [f"  {c:>7}  {e:>9}  {m:>6}  {x:>26}" for c, e, m, x in self.rows]
+        o = s["ordinary"]
+        lines.append(
+            f"  ordinary passages of the plays: {o['extracted']}/{o['sampled']} extracted ({o['rate']:.1%}), "
+            f"M(f) {o['mean_exact_memorization']:.2f}"
+        )
+        lines.append(
+            "  (M(f): share of suffix tokens whose teacher-forced argmax is the true token, Tirumala et al. 2022)"
+        )
+        lines.append(f"  summary: {self.out / 'summary.json'}")
+        return "\n".join(lines)
+
+
+def _load(mdir: Path, device: str):
+    from memscan.generators.causal_lm import load_causal_lm
+
+    if not (mdir / "model.safetensors").exists():
+        raise MemscanError(
+            f"the LM demo model is missing from {mdir}", "reinstall memscan, or train it: memscan demo lm train"
+        )
+    return load_causal_lm(str(mdir), device=device)
+
+
+def format_logprobs(lm, prefix: str = DIGIT_PREFIX, digits: int = DIGITS, batch_size: int = 1000) -> np.ndarray:
+    """log p(d | prefix) for every ``digits``-digit string d (index = int(d)), exact, one format.
+
+    The canaries of the demo share one format, so one enumeration ranks them all. One forward pass
+    per *stem* (the first ``digits − 1`` digits: 10**(digits−1) passes, not 10**digits): the
+    next-token distributions at the last ``digits`` positions give the log-probability of every
+    candidate that shares the stem. Sums of the same per-token log-probabilities as
+    :func:`memscan.lm.exposure.log_perplexity` (up to the prefix's own, shared by all candidates,
+    and the unit: nats here, bits there), so the ranks are the same (tested)."""
+    pre = np.asarray(lm.encode(prefix), dtype=np.int64)
+    digit_ids = np.array([int(lm.encode(str(d))[0]) for d in range(10)], dtype=np.int64)
+    if any(len(lm.encode(str(d))) != 1 for d in range(10)):
+        raise MemscanError("the model's tokenizer does not give one token per digit", "use a byte-level model")
+    n_stems = 10 ** (digits - 1)
+    L = len(pre)
+    total = np.zeros(10**digits)
+    for i in range(0, n_stems, batch_size):
+        stem = np.arange(i, min(n_stems, i + batch_size))
+        st = (stem[:, None] // 10 ** np.arange(digits - 2, -1, -1)[None, :]) % 10  # b × (digits−1) digits
+        b = len(stem)
+        pad = np.full((b, 1), digit_ids[0], dtype=np.int64)  # only its position's input is needed, not its own prob
+        ids = np.concatenate([np.tile(pre, (b, 1)), digit_ids[st], pad], axis=1)
+        # row j = 0..digits−1: log p(· | prefix, d_1..d_j), restricted to the 10 digit tokens
+        nt = np.asarray(lm.next_token_logprobs(ids, start=L - 1))[:, :digits, :][:, :, digit_ids]
+        stem_lp = np.take_along_axis(nt[:, : digits - 1, :], st[:, :, None], axis=2)[..., 0].sum(axis=1)
+        total[stem[:, None] * 10 + np.arange(10)[None, :]] = stem_lp[:, None] + nt[:, digits - 1, :]
+    return total
+
+
+def exposure_of(total: np.ndarray, value: int) -> tuple[float, int]:
+    """Exposure (Carlini et al. 2019, Def. 2–3): ``log2 |R| − log2 rank``, ``rank = 1 +`` the number
+    of candidates strictly more likely (ties do not push the canary down, as in
+    :mod:`memscan.lm.exposure`)."""
+    rank = 1 + int((total > total[value]).sum())
+    return math.log2(len(total)) - math.log2(rank), rank
+
+
+def run_demo_lm(
+    out: str | Path = "runs/demo-lm",
+    *,
+    quick: bool = False,
+    progress: bool = True,
+    device: str = "cpu",
+    seed: int = DEFAULT_SEED,
+    model: str | Path | None = None,
+) -> DemoLMResult:
+    """Run the LM demo; the summary is also written to ``OUT/summary.json``.
+
+    ``model``: another model directory trained by :mod:`memscan.demo.lm.train` (default: the shipped one)."""
+    import pandas as pd
+
+    t0 = time.perf_counter()
+    out = Path(out)
+    if (out / "summary.json").exists():
+        raise MemscanError(f"{out} already holds an LM demo run", "remove it or pass another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    settings = demo_lm_settings(quick)
+    mdir = Path(model) if model is not None else model_dir()
+    lm = _load(mdir, device)
+    meta = json.loads((mdir / "memscan.json").read_text())
+    cans = canaries(seed)
+    t_load = time.perf_counter()
+
+    # 1. extractable (memscan lm extractable's run function): sentence canaries + ordinary passages,
+    #    prefix = the first PREFIX_BYTES tokens of each document, suffix the next SUFFIX_BYTES
+    sent = [c for c in cans if c.kind == "sentence"]
+    ordinary = ordinary_passages(settings["ordinary"], seed)
+    docs = [{"id": c.id, "text": c.text, "kind": "canary", "copies": c.copies} for c in sent]
+    docs += [{"id": f"ordinary-{i:04d}", "text": t, "kind": "ordinary", "copies": 1} for i, t in enumerate(ordinary)]
+    with open(out / "sequences.jsonl", "w") as f:
+        for d in docs:
+            f.write(json.dumps(d) + "\n")
+    config = ExtractableConfig(
+        prefix_lengths=(PREFIX_BYTES,),
+        suffix_length=SUFFIX_BYTES,
+        sequences=len(docs),
+        offsets="start",
+        batch_size=settings["batch_size"],
+        device=device,
+    )
+    res = lm_extractable(lm, out / "sequences.jsonl", out / "extractable", config, progress=progress)
+    table = res.sequences.drop_duplicates("train_id").set_index("train_id")
+    ext = pd.DataFrame(docs)
+    ext["extractable"] = [bool(table.loc[d["id"], "extractable"]) for d in docs]
+    for col in ("matched_leading_tokens", "match_fraction", "exact_memorization"):
+        ext[col] = [table.loc[d["id"], col] for d in docs]
+    ext.to_csv(out / "extractable.csv", index=False)
+    t_ext = time.perf_counter()
+
+    # 2. exposure: digit canaries, exact over all 10**DIGITS candidates of the format
+    total = format_logprobs(lm)
+    dig = [c for c in cans if c.kind == "digits"]
+    exp_rows = []
+    for c in dig:
+        e, r = exposure_of(total, int(c.text[len(DIGIT_PREFIX) :]))
+        exp_rows.append({"id": c.id, "copies": c.copies, "text": c.text, "rank": r, "exposure": e})
+    expo = pd.DataFrame(exp_rows)
+    expo.to_csv(out / "exposure.csv", index=False)
+    t_expo = time.perf_counter()
+
+    summary = summarise(ext, expo, quick=quick)
+    summary["model"] = {
+        "dir": str(mdir),
+        "parameters": meta["parameters"],
+        "recipe": meta["recipe"],
+        "training_seconds": meta["seconds"],
+    }
+    summary["timings_s"] = {
+        "load": round(t_load - t0, 2),
+        "extractable": round(t_ext - t_load, 2),
+        "exposure": round(t_expo - t_ext, 2),
+        "total": round(time.perf_counter() - t0, 2),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    rows = []
+    for k in summary["extracted_by_duplicate_count"]:
+        e = summary["extracted_by_duplicate_count"][k]
+        x = summary["exposure_by_duplicate_count"][k]
+        m = summary["memorization_by_duplicate_count"][k]["mean_exact_memorization"]
+        rows.append((k, f"{e['extracted']}/{e['planted']}", f"{m:.2f}", f"{x['mean']:.1f} (min {x['min']:.1f})"))
+    return DemoLMResult(out, summary, rows)
+
+
+def summarise(ext, expo, *, quick: bool) -> dict:
+    """The summary's figures from the per-sequence tables."""
+    can = ext[ext["kind"] == "canary"]
+    by_count, memo = {}, {}
+    for c in COPIES:
+        sel = can[can["copies"] == c]
+        by_count[str(c)] = {"planted": int(len(sel)), "extracted": int(sel["extractable"].sum())}
+        memo[str(c)] = {
+            "mean_matched_leading_tokens": round(float(sel["matched_leading_tokens"].mean()), 3),
+            "mean_match_fraction": round(float(sel["match_fraction"].mean()), 4),
+            "mean_exact_memorization": round(float(sel["exact_memorization"].mean()), 4),
+        }
+    exposure = {}
+    for c in COPIES:
+        sel = expo[expo["copies"] == c]["exposure"]
+        exposure[str(c)] = {
+            "planted": int(len(sel)),
+            "mean": round(float(sel.mean()), 3),
+            "min": round(float(sel.min()), 3),
+            "max": round(float(sel.max()), 3),
+            "exposures": [round(float(v), 3) for v in sel],
+        }
+    ordn = ext[ext["kind"] == "ordinary"]
+    return {
+        "extracted_by_duplicate_count": by_count,
+        "exposure_by_duplicate_count": exposure,
+        "memorization_by_duplicate_count": memo,
+        "exposure_max_bits": round(math.log2(10**DIGITS), 3),
+        "ordinary": {
+            "sampled": int(len(ordn)),
+            "extracted": int(ordn["extractable"].sum()),
+            "rate": float(ordn["extractable"].mean()) if len(ordn) else 0.0,
+            "mean_exact_memorization": round(float(ordn["exact_memorization"].mean()), 4) if len(ordn) else 0.0,
+            "mean_matched_leading_tokens": round(float(ordn["matched_leading_tokens"].mean()), 3) if len(ordn) else 0.0,
+        },
+        "prefix_length": PREFIX_BYTES,
+        "suffix_length": SUFFIX_BYTES,
+        "candidates_per_format": 10**DIGITS,
+        "quick": quick,
+    }
