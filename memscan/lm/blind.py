@@ -7,7 +7,7 @@ the non-members were collected later or elsewhere, so the split itself is separa
 *distribution shift*), and an MIA's AUC on it says little about the model.
 
 memscan runs one such classifier on every ``lm mia`` split: character n-grams (2–5, within word
-boundaries) and word uni- and bigrams (hashed into 2^20 columns each), TF-IDF with sublinear term
+boundaries) and word uni- and bigrams (hashed into 2^18 columns each), TF-IDF with sublinear term
 frequency, into an L2
 logistic regression (C = 1), evaluated by stratified K-fold cross-validation (K = 5, shuffled
 with the run's seed, fewer folds when a class is smaller). Every text is scored by the model of
@@ -45,7 +45,7 @@ BLIND_WARNING_TEXT = (
 )
 
 #: Hashed feature columns per n-gram family (collisions are rare at this size; memory stays bounded).
-HASH_FEATURES = 2**20
+HASH_FEATURES = 2**18
 
 #: Folds of the cross-validation (fewer when a class has fewer examples).
 DEFAULT_FOLDS = 5
@@ -96,7 +96,7 @@ def blind_classifier(seed: int = 0):
             ("words", tfidf(analyzer="word", ngram_range=(1, 2), token_pattern=r"(?u)\b\w+\b")),
         ]
     )
-    return make_pipeline(features, LogisticRegression(C=1.0, max_iter=2000, random_state=seed))
+    return make_pipeline(features, LogisticRegression(C=1.0, solver="liblinear", max_iter=2000, random_state=seed))
 
 
 def blind_baseline(texts, is_member, *, folds: int = DEFAULT_FOLDS, seed: int = 0, bootstrap: int = 0) -> BlindBaseline:
@@ -120,7 +120,7 @@ def blind_baseline(texts, is_member, *, folds: int = DEFAULT_FOLDS, seed: int = 
     smaller = int(min(y.sum(), (~y).sum()))
     k = min(int(folds), smaller)
     params = {
-        "features": "tf-idf of hashed (2^20) char_wb 2-5-grams + word 1-2-grams, sublinear tf",
+        "features": "tf-idf of hashed (2^18) char_wb 2-5-grams + word 1-2-grams, sublinear tf",
         "classifier": "logistic regression, L2, C=1",
         "cv": f"stratified {k}-fold, shuffled, seed {seed}",
         "folds": k,
