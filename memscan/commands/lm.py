@@ -33,8 +33,6 @@ def _ray_options(runner, ray_address, num_workers, gpus_per_worker, device):
 
 
 MODEL_HELP = "transformers model directory, .gguf file, hub id, or py:module:attribute"
-RUNNER_HELP = "local, or ray: shards on a pool of Ray actors (memscan[ray])"
-RAY_ADDRESS_HELP = "runner ray: existing cluster (auto, HOST:6379, ray://HOST:10001) [start a local Ray]"
 
 
 @lm_app.command("extractable")
@@ -60,10 +58,10 @@ def extractable(
     device: str = typer.Option("cpu", help="cpu or cuda"),
     dtype: str = typer.Option("auto", help="auto (float32 on CPU), float32, bfloat16, float16"),
     resume: bool = resume_option(),
-    runner: str = typer.Option("local", "--runner", help=RUNNER_HELP),
-    ray_address: str | None = typer.Option(None, "--ray-address", help=RAY_ADDRESS_HELP),
-    num_workers: int | None = typer.Option(None, "--num-workers", help="runner ray: workers, one model load each"),
-    gpus_per_worker: float | None = typer.Option(None, "--gpus-per-worker", help="runner ray: GPUs per worker"),
+    runner: str = runner_option(),
+    ray_address: str | None = ray_address_option(),
+    num_workers: int | None = num_workers_option(),
+    gpus_per_worker: float | None = gpus_per_worker_option(),
     quiet: bool = quiet_option("no progress bar"),
 ):
     """k-extractable (Carlini 2022), Pythia score, exact memorization and probabilistic extraction
@@ -121,10 +119,10 @@ def exposure(
     device: str = typer.Option("cpu", help="cpu or cuda"),
     dtype: str = typer.Option("auto", help="auto (float32 on CPU), float32, bfloat16, float16"),
     resume: bool = resume_option(),
-    runner: str = typer.Option("local", "--runner", help=RUNNER_HELP),
-    ray_address: str | None = typer.Option(None, "--ray-address", help=RAY_ADDRESS_HELP),
-    num_workers: int | None = typer.Option(None, "--num-workers", help="runner ray: workers, one model load each"),
-    gpus_per_worker: float | None = typer.Option(None, "--gpus-per-worker", help="runner ray: GPUs per worker"),
+    runner: str = runner_option(),
+    ray_address: str | None = ray_address_option(),
+    num_workers: int | None = num_workers_option(),
+    gpus_per_worker: float | None = gpus_per_worker_option(),
     quiet: bool = quiet_option("no progress bar"),
 ):
     """Secret Sharer exposure (Carlini et al. 2019) of planted canaries; writes exposures.parquet."""
