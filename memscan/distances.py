@@ -676,10 +676,17 @@ def _same_shape_groups(xs, chosen) -> list[list[int]]:
 
 
 def _pairwise_stacked(xs, grid: int, block_elements: int, near: float | None) -> list:
-    """Pairwise tiled ℓ2 of P same-shape batches stacked as P×N×H×W×C: per tile one centred
-    gather and one batched GEMM (``baddbmm``) for all P; the full N×N product (on a GPU fewer,
-    larger kernels beat half the flops). The refinement mask is built for all P at once and
-    read back with one synchronisation; only batches with pairs to refine are refined."""
+    """Pairwise tiled ℓ2 of P same-shape batches stacked as P×N×H×W×C: per row of tiles one
+    gather (with the float conversion) and one batched GEMM (``baddbmm``) over the P × ``grid``
+    tiles of that row; the full N×N product (on a GPU fewer, larger kernels beat half the
+    flops). The refinement mask is built for all P at once and read back with one
+    synchronisation; only batches with pairs to refine are refined.
+
+    Each tile's arithmetic is the one of a tile on its own (same centre: the rounded mean of
+    its first 64 images; same products): only the number of kernel launches changes
+    (``grid`` GEMMs instead of ``grid²``). Memory in flight per prompt: one row of tiles in
+    float32 (4/``grid`` × the uint8 input) and ``grid`` N×N float32 products.
+    """
     x = torch.stack(xs)
     p, n, h, w, c = x.shape
     if n == 0:
@@ -689,20 +696,27 @@ def _pairwise_stacked(xs, grid: int, block_elements: int, near: float | None) ->
     units = 255.0 if x.dtype == torch.uint8 else 1.0
     acc = torch.zeros((p, n, n), dtype=torch.float32, device=x.device)
     energy = torch.zeros((p, n), dtype=torch.float32, device=x.device)
+    rows = torch.empty((p, grid, n, th, tw, c), dtype=torch.float32, device=x.device)
+    m = min(n, 64)
     for i in range(grid):
-        for j in range(grid):
-            t = x[:, :, i * th : (i + 1) * th, j * tw : (j + 1) * tw, :].to(torch.float32).reshape(p, n, d)
-            m = min(n, 64)
-            mu = t[:, :m].mean(dim=1, keepdim=True)
-            if x.dtype == torch.uint8:
-                mu.round_()
-            t.sub_(mu)
-            sq = torch.linalg.vector_norm(t, dim=2).square_()
-            g = torch.baddbmm(sq[:, None, :], t, t.transpose(1, 2), alpha=-2.0)
-            g.add_(sq[:, :, None])
-            torch.maximum(acc, g, out=acc)
-            torch.maximum(energy, sq, out=energy)
-            del t, g
+        # 1. gather the row's grid tiles of every image, tile-major: P×grid×N×th×tw×C float32
+        band = x[:, :, i * th : (i + 1) * th, : grid * tw, :].reshape(p, n, th, grid, tw, c)
+        rows.copy_(band.permute(0, 3, 1, 2, 4, 5))
+        t = rows.view(p * grid, n, d)
+        # 2. centre each tile (its own rounded mean of the first images; distances unchanged)
+        mu = t[:, :m].mean(dim=1, keepdim=True)
+        if x.dtype == torch.uint8:
+            mu.round_()
+        t.sub_(mu)
+        # 3. ‖a‖² + ‖b‖² − 2a·b for every tile of the row in one batched GEMM
+        sq = torch.linalg.vector_norm(t, dim=2).square_()
+        g = torch.baddbmm(sq[:, None, :], t, t.transpose(1, 2), alpha=-2.0)
+        g.add_(sq[:, :, None])
+        # 4. the maximum over tiles
+        torch.maximum(acc, g.view(p, grid, n, n).amax(dim=1), out=acc)
+        torch.maximum(energy, sq.view(p, grid, n).amax(dim=1), out=energy)
+        del t, g
+    del rows
     scale = units * units * d
     acc.clamp_(min=0.0).div_(scale).sqrt_()
     energy.div_(scale)
@@ -714,15 +728,12 @@ def _pairwise_stacked(xs, grid: int, block_elements: int, near: float | None) ->
     mask &= torch.ones(n, n, dtype=torch.bool, device=x.device).triu(1)
     need = mask.flatten(1).any(dim=1).tolist()  # the one synchronisation
     del e2, mask
-    outs = []
     for k in range(p):
-        out = acc[k]
         if need[k]:
             thresholds = (energy[k], energy[k], rel, gamma2)
-            _refine_small(xs[k], xs[k], out, thresholds, grid, th, tw, block_elements, True, near, 1)
-        out = torch.triu(out, diagonal=1)
-        outs.append(out + out.T)
-    return outs
+            _refine_small(xs[k], xs[k], acc[k], thresholds, grid, th, tw, block_elements, True, near, 1)
+    acc = torch.triu(acc, diagonal=1)
+    return list((acc + acc.transpose(1, 2)).unbind(0))
 
 
 def _near_mask(dist: torch.Tensor, bound2: torch.Tensor, near: float) -> torch.Tensor:
