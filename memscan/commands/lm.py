@@ -216,3 +216,45 @@ def lm_mia(
         lines.append(f"  blind baseline not run: {blind['skipped']}")
     lines.append(f"  report: memscan report {out}")
     typer.echo("\n".join(lines))
+
+
+# ---- lmindex: `memscan lm index` (the exact-substring corpus index) --------------------------------
+
+
+@lm_app.command("index")
+def lm_index_command(
+    corpus: Path = typer.Argument(
+        ..., help="training corpus: folder of .txt, JSONL/Parquet (text column), pre-tokenized .npy/Parquet ids"
+    ),
+    out: Path = typer.Option(..., "--out", help="index folder to write (a run directory: --resume continues it)"),
+    tokenizer: str | None = typer.Option(
+        None, "--tokenizer", help=f"index token ids of this model's tokenizer ({MODEL_HELP})"
+    ),
+    byte_mode: bool = typer.Option(False, "--bytes", help="index raw bytes instead (any encoding; no tokenizer)"),
+    text_column: str = typer.Option("text", "--text-column", help="JSONL field / Parquet column holding the text"),
+    shard_tokens: int = typer.Option(
+        1 << 27,
+        "--shard-tokens",
+        help="tokens per suffix-array shard at most (the unit of --resume; build memory ≈ 18 bytes a token)",
+    ),
+    resume: bool = resume_option(),
+):
+    """Suffix-array index of a training corpus (exact substring count / locate / longest match;
+    docs/lm.md). Give exactly one of --tokenizer and --bytes."""
+    from memscan.lm.index_run import lm_index
+
+    with clean_errors():
+        index = lm_index(
+            corpus,
+            out,
+            tokenizer=tokenizer,
+            byte_mode=byte_mode,
+            text_column=text_column,
+            shard_tokens=shard_tokens,
+            resume=resume,
+        )
+    disk = index.meta["disk_bytes"]
+    typer.echo(
+        f"{index.n_docs} documents, {index.n_tokens} {'bytes' if index.mode == 'bytes' else 'tokens'} in "
+        f"{len(index.shards)} shard(s), {disk / max(index.n_tokens, 1):.2f} bytes a token on disk → {out}"
+    )

@@ -628,6 +628,12 @@ def build_corpus_index(
     first = next(shards, None)
     if first is None:
         raise InputError(f"the corpus for {root} holds no document", "give at least one non-empty document")
+    pending = [first]
+    if not any(len(a) for _, a in first):  # 1. an all-empty corpus is refused before the run starts
+        second = next(shards, None)
+        if second is None:
+            raise InputError(f"the corpus for {root} holds no token (every document is empty)", "give some text")
+        pending.append(second)
     mode = state["mode"]
     if mode == "bytes":
         dtype, vocab, tokenizer = np.dtype(">u2"), 256, None
@@ -648,7 +654,7 @@ def build_corpus_index(
         )
         say = log or run.store.log
         records, n_docs, n_tokens, built, build_s = [], 0, 0, 0, 0.0
-        for s, docs in enumerate(_chain(first, shards)):
+        for s, docs in enumerate(_chain(pending, shards)):
             text, starts = _concatenate(docs, dtype, separator, vocab)
             digest = _shard_digest(text)
             rec = {
@@ -686,8 +692,6 @@ def build_corpus_index(
             n_docs += len(docs)
             n_tokens += rec["n_tokens"]
             del text, starts
-        if n_tokens == 0:
-            raise InputError(f"the corpus for {root} holds no token (every document is empty)", "give some text")
         n_shards = len(records)
         documents = run.store.merge(n_shards, tables=("documents",))["documents"]
         sa_dtype = "<u8" if any(r["n_tokens"] + r["n_docs"] >= (1 << 32) for r in records) else "<u4"
@@ -729,8 +733,8 @@ def build_corpus_index(
     return CorpusIndex.open(root)
 
 
-def _chain(first, rest):
-    yield first
+def _chain(pending, rest):
+    yield from pending
     yield from rest
 
 
