@@ -55,6 +55,11 @@ def extractable(
     offsets: str = typer.Option("random", "--offsets", help="random: a random window per document; start: its start"),
     text_column: str = typer.Option("text", "--text-column", help="JSONL field / Parquet column holding the text"),
     shard_size: int = typer.Option(256, "--shard-size", help="sequences per shard, the unit of --resume"),
+    index: Path | None = typer.Option(
+        None,
+        "--index",
+        help="corpus index (memscan lm index): adds suffix_count / window_count and the duplication curve",
+    ),
     device: str = typer.Option("cpu", help="cpu or cuda"),
     dtype: str = typer.Option("auto", help="auto (float32 on CPU), float32, bfloat16, float16"),
     resume: bool = resume_option(),
@@ -94,6 +99,7 @@ def extractable(
             shard_size=shard_size,
             runner=runner,
             runner_options=opts,
+            index=index,
         )
     rates = ", ".join(f"k={k}: {v['extractable_rate']:.1%}" for k, v in res.rates["by_prefix_length"].items())
     skipped = res.manifest["counts"]["skipped_short_documents"]
