@@ -224,3 +224,12 @@ def test_tokenizer_is_recorded_and_checked(tmp_path):
         index.count("some text")  # text needs the tokenizer
     with pytest.raises(InputError, match="bytes query"):
         index.count(b"ab")
+
+
+def test_an_index_pickles_by_reopening_its_folder(tmp_path):
+    import pickle
+
+    index = CorpusIndex.build([b"abcabc", b"cab"], tmp_path / "idx", shard_tokens=4)
+    copy = pickle.loads(pickle.dumps(index))
+    assert copy is not index and copy.root == index.root
+    assert copy.count(b"ab") == index.count(b"ab") == 3 and copy.locate(b"cab").tolist() == [[0, 2], [1, 0]]

@@ -138,7 +138,7 @@ class _Shard:
     sa: np.ndarray
     doc_starts: np.ndarray
     doc_offset: int
-    raw: mmap.mmap = field(repr=False)
+    raw: _OffsetBytes = field(repr=False)
     sa_view: memoryview = field(repr=False)
 
     @property
@@ -199,6 +199,10 @@ class CorpusIndex:
 
     def __len__(self) -> int:
         return self.n_tokens
+
+    def __reduce__(self):
+        # memory maps do not pickle: a copy (e.g. sent to a Ray worker) reopens the folder
+        return (CorpusIndex.open, (str(self.root),))
 
     # ---- build / open ------------------------------------------------------------------------
     @classmethod
