@@ -105,3 +105,33 @@ def test_duplicate_counts_against_a_naive_count_and_the_report(duplicated, tmp_p
     _invoke("report", tmp_path / "run")
     html = (tmp_path / "run" / "report.html").read_text()
     assert "Memorization against duplication" in html and "per decade" in html
+
+
+def test_tiny_gpt2_token_index_end_to_end(tmp_path):
+    """A transformers model: its tokenizer indexes the corpus, and `lm extractable --index` with the
+    same model counts every window (ByT5 ids are bytes + 3, so text counts are token counts)."""
+    pytest.importorskip("transformers")
+    from memscan import CorpusIndex
+    from memscan.testing.tiny_lm import make_tiny_gpt2
+
+    model = make_tiny_gpt2(tmp_path / "gpt2", seed=1)
+    texts = MEMORIZED[:3] * 2 + UNSEEN[:2]
+    data = tmp_path / "c.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    _invoke("lm", "index", data, "--out", tmp_path / "idx", "--tokenizer", model)
+    index = CorpusIndex.open(tmp_path / "idx")
+    byt5 = lambda t: np.frombuffer(t.encode(), np.uint8).astype(np.int64) + 3  # noqa: E731 - ByT5: byte + 3
+    assert index.dtype == np.dtype(">u2") and index.n_tokens == sum(len(t.encode()) for t in texts)
+    assert index.count(byt5(MEMORIZED[1][:30])) == 2 and index.count(byt5("Unseen 1")) == 1
+    out = tmp_path / "run"
+    _invoke(
+        "lm", "extractable", "--model", model, "--data", data, "--out", out, "--prefix-lengths", 16,
+        "--suffix-length", 8, "--sequences", 6, "--batch-size", 6, "--index", tmp_path / "idx", "--quiet",
+    )  # fmt: skip
+    df = pd.read_parquet(out / "sequences.parquet")
+    for _, r in df.iterrows():
+        assert r["window_count"] == _naive_count(texts, r["prefix_text"] + r["suffix_text"]) >= 1
+        assert r["suffix_count"] == _naive_count(texts, r["suffix_text"])
+    # the run's model has the recorded vocabulary (a model of another one is refused: bad-input corpus)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["tokenizer"]["vocab_sha256"] == index.tokenizer_record["vocab_sha256"]

@@ -565,14 +565,24 @@ def _shard_digest(tokens: np.ndarray) -> str:
     return hashlib.sha256(memoryview(np.ascontiguousarray(tokens).view(np.uint8))).hexdigest()
 
 
-def _cut_shards(named_docs: Iterator[tuple[str, object]], shard_tokens: int, state: dict):
+def _cut_shards(
+    named_docs: Iterator[tuple[str, object]], shard_tokens: int, mode: str, dtype: np.dtype, vocab: int
+) -> Iterator[list[tuple[str, np.ndarray]]]:
     """Group ``(train_id, doc)`` into shards at document boundaries; yields lists of
-    ``(train_id, ids)``; ``state["mode"]`` is set from the first document."""
+    ``(train_id, ids)``, the ids checked against the vocabulary and already in ``dtype`` (so a
+    shard held in memory takes its on-disk size, not 8 bytes a token)."""
     buf, size = [], 0
     for train_id, doc in named_docs:
-        arr, kind = _as_document(doc, state.get("mode"))
-        state["mode"] = kind
-        # 1. a new shard before the document that would take this one past shard_tokens
+        arr, _ = _as_document(doc, mode)
+        # 1. every id in the vocabulary (the separator and beyond can never be stored)
+        if len(arr) and mode == "tokens" and (int(arr.min()) < 0 or int(arr.max()) >= vocab):
+            bad = int(arr.max()) if int(arr.max()) >= vocab else int(arr.min())
+            raise InputError(
+                f"document {train_id} holds token id {bad}, outside the vocabulary of {vocab}",
+                "give the right --tokenizer (or vocab_size)",
+            )
+        arr = arr.astype(dtype)
+        # 2. a new shard before the document that would take this one past shard_tokens
         if buf and size + len(arr) > shard_tokens:
             yield buf
             buf, size = [], 0
@@ -582,21 +592,13 @@ def _cut_shards(named_docs: Iterator[tuple[str, object]], shard_tokens: int, sta
         yield buf
 
 
-def _concatenate(
-    docs: list[tuple[str, np.ndarray]], dtype: np.dtype, separator: int, vocab: int
-) -> tuple[np.ndarray, np.ndarray]:
+def _concatenate(docs: list[tuple[str, np.ndarray]], dtype: np.dtype, separator: int) -> tuple[np.ndarray, np.ndarray]:
     """The shard's text (each document then the separator) and its document starts."""
     lengths = np.asarray([len(a) for _, a in docs], dtype=np.int64)
     starts = np.zeros(len(docs) + 1, dtype=np.int64)
     np.cumsum(lengths + 1, out=starts[1:])
     text = np.full(int(starts[-1]), separator, dtype=dtype)
-    for (train_id, arr), s in zip(docs, starts[:-1]):
-        if len(arr) and (int(arr.min()) < 0 or int(arr.max()) >= vocab):
-            raise InputError(
-                f"document {train_id} holds token id {int(arr.max()) if arr.max() >= vocab else int(arr.min())}, "
-                f"outside the vocabulary of {vocab}",
-                "give the right --tokenizer (or vocab_size)",
-            )
+    for (_, arr), s in zip(docs, starts[:-1]):
         text[s : s + len(arr)] = arr
     return text, starts
 
@@ -627,24 +629,26 @@ def build_corpus_index(
     root = Path(out)
     if tokenizer is not None and vocab_size is None:
         vocab_size = int(tokenizer.get("vocab_size") or 0) or None
-    state: dict = {}
-    shards = _cut_shards(iter(named_docs), shard_tokens, state)
-    first = next(shards, None)
-    if first is None:
+    # 1. the first document says the mode (bytes or token ids), hence the dtype
+    it = iter(named_docs)
+    head = next(it, None)
+    if head is None:
         raise InputError(f"the corpus for {root} holds no document", "give at least one non-empty document")
-    pending = [first]
-    if not any(len(a) for _, a in first):  # 1. an all-empty corpus is refused before the run starts
-        second = next(shards, None)
-        if second is None:
-            raise InputError(f"the corpus for {root} holds no token (every document is empty)", "give some text")
-        pending.append(second)
-    mode = state["mode"]
+    _, mode = _as_document(head[1], None)
     if mode == "bytes":
         dtype, vocab, tokenizer = np.dtype(">u2"), 256, None
     else:
         vocab = int(vocab_size) if vocab_size is not None else int(np.iinfo(np.uint32).max)
         dtype = token_dtype(vocab)
     separator = int(np.iinfo(dtype).max)
+    shards = _cut_shards(_chain([head], it), shard_tokens, mode, dtype, vocab)
+    # 2. the first shard is read before the run starts: bad input there is refused with nothing written
+    pending = [next(shards)]
+    if not any(len(a) for _, a in pending[0]):  # an all-empty corpus
+        second = next(shards, None)
+        if second is None:
+            raise InputError(f"the corpus for {root} holds no token (every document is empty)", "give some text")
+        pending.append(second)
     config = {
         "mode": mode,
         "shard_tokens": shard_tokens,
@@ -659,7 +663,7 @@ def build_corpus_index(
         say = log or run.store.log
         records, n_docs, n_tokens, built, build_s = [], 0, 0, 0, 0.0
         for s, docs in enumerate(_chain(pending, shards)):
-            text, starts = _concatenate(docs, dtype, separator, vocab)
+            text, starts = _concatenate(docs, dtype, separator)
             digest = _shard_digest(text)
             rec = {
                 "directory": f"{SHARD_DIR}/{s:05d}",
