@@ -192,8 +192,10 @@ def main(argv=None) -> dict:
             "disk_bytes": disk,
             "bytes_per_token": round(disk / args.tokens, 3),
             "shards": len(index.shards),
+            "breakdown_s": json.loads((out / "manifest.json").read_text())["throughput"]["this_process"],
             "dtypes": index.meta["dtypes"],
         }
+        print(f"build breakdown (s): {build['breakdown_s']}")
         print(f"build: {build_s:.1f} s = {build['tokens_per_s']:,} tokens/s ({build_cpu:.1f} s CPU); peak RSS +{build['peak_rss_above_corpus_gib']} GiB "
               f"(total {build['peak_rss_gib']} GiB); {build['bytes_per_token']} bytes/token on disk")  # fmt: skip
 

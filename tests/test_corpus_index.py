@@ -114,6 +114,8 @@ def test_a_match_never_spans_two_documents(tmp_path):
     assert index.count([1, 2, 3]) == 0 and index.longest_match([1, 2, 3, 4]) == (2, 0, 0)
     # a token id outside the vocabulary (the separator's place) occurs nowhere
     assert index.count([index.separator]) == 0 and index.count([-1]) == 0
+    assert index.count([3, index.separator]) == 0 and index.count([3, 4, -1]) == 0 and index.count([3, 4]) == 1
+    assert len(index.locate([3, index.separator])) == 0
     length, doc, off = index.longest_match([3, index.separator, 4])
     assert length == 1 and (doc, off) in ((1, 0), (2, 1))
 

@@ -351,8 +351,9 @@ class CorpusIndex:
 
     def count(self, query) -> int:
         """How many times ``query`` occurs in the corpus (overlapping occurrences count)."""
-        key, valid = self._key(self._nonempty(query))
-        if valid * self.dtype.itemsize != len(key) or valid == 0:
+        q = self._nonempty(query)
+        key, valid = self._key(q)
+        if valid < len(q):  # a token outside the vocabulary occurs nowhere
             return 0
         return self._count_key(key)
 
@@ -625,7 +626,7 @@ def build_corpus_index(
     """
     if isinstance(shard_tokens, bool) or not isinstance(shard_tokens, int) or shard_tokens < 1:
         raise InputError(f"shard_tokens={shard_tokens!r} must be a positive integer", "e.g. --shard-tokens 100000000")
-    started = time.time()
+    started, t_start = time.time(), time.perf_counter()
     root = Path(out)
     if tokenizer is not None and vocab_size is None:
         vocab_size = int(tokenizer.get("vocab_size") or 0) or None
@@ -661,14 +662,21 @@ def build_corpus_index(
             {"config": config, "data": source or {}, "tokenizer": tokenizer}, identity=("config",), started=started
         )
         say = log or run.store.log
-        records, n_docs, n_tokens, built, build_s = [], 0, 0, 0, 0.0
+        records, n_docs, n_tokens, built = [], 0, 0, 0
+        timings = {"read_s": 0.0, "digest_s": 0.0, "suffix_sort_s": 0.0, "write_s": 0.0}
+        t_read = t_start  # the first shard was read before the run started
         for s, docs in enumerate(_chain(pending, shards)):
             text, starts = _concatenate(docs, dtype, separator)
+            train_ids = [t for t, _ in docs]
+            docs.clear()  # the ids live on in ``text``: free the per-document copies before the sort
+            t0 = time.perf_counter()
+            timings["read_s"] += t0 - t_read  # reading, tokenizing and concatenating the documents
             digest = _shard_digest(text)
+            timings["digest_s"] += time.perf_counter() - t0
             rec = {
                 "directory": f"{SHARD_DIR}/{s:05d}",
-                "n_docs": len(docs),
-                "n_tokens": int(len(text) - len(docs)),
+                "n_docs": len(train_ids),
+                "n_tokens": int(len(text) - len(train_ids)),
                 "doc_offset": n_docs,
                 "tokens_sha256": digest,
             }
@@ -683,23 +691,25 @@ def build_corpus_index(
                 if stop_after_shards is not None and built >= stop_after_shards:
                     return None  # type: ignore[return-value]  # tests of resume: stop here
                 t0 = time.perf_counter()
-                _write_shard(root, rec["directory"], text, starts)
-                build_s += time.perf_counter() - t0
+                sort_s, write_s = _write_shard(root, rec["directory"], text, starts)
+                timings["suffix_sort_s"] += sort_s
+                timings["write_s"] += write_s
                 table = pd.DataFrame(
                     {
-                        "doc": np.arange(n_docs, n_docs + len(docs), dtype=np.int64),
-                        "train_id": [t for t, _ in docs],
+                        "doc": np.arange(n_docs, n_docs + len(train_ids), dtype=np.int64),
+                        "train_id": train_ids,
                         "n_tokens": np.diff(starts) - 1,
-                        "shard": np.full(len(docs), s, dtype=np.int64),
+                        "shard": np.full(len(train_ids), s, dtype=np.int64),
                     }
                 )
                 run.store.commit_shard(s, {"documents": table}, rec)
                 built += 1
-                say(f"{KIND}: shard {s}: {len(docs)} documents, {rec['n_tokens']} tokens")
+                say(f"{KIND}: shard {s}: {len(train_ids)} documents, {rec['n_tokens']} tokens")
             records.append(rec)
-            n_docs += len(docs)
+            n_docs += len(train_ids)
             n_tokens += rec["n_tokens"]
             del text, starts
+            t_read = time.perf_counter()
         n_shards = len(records)
         documents = run.store.merge(n_shards, tables=("documents",))["documents"]
         sa_dtype = "<u8" if any(r["n_tokens"] + r["n_docs"] >= (1 << 32) for r in records) else "<u4"
@@ -734,7 +744,7 @@ def build_corpus_index(
             index={"disk_bytes": disk, "bytes_per_token": round(disk / n_tokens, 4), "dtypes": meta["dtypes"]},
             throughput={
                 "seconds": round(seconds, 3),
-                "suffix_sort_seconds_this_process": round(build_s, 3),
+                "this_process": {k: round(v, 3) for k, v in timings.items()},
                 "tokens_per_s": round(n_tokens / seconds, 1) if seconds else None,
             },
         )
@@ -746,13 +756,16 @@ def _chain(pending, rest):
     yield from rest
 
 
-def _write_shard(root: Path, directory: str, text: np.ndarray, starts: np.ndarray) -> None:
-    """Sort and write one shard into a temporary folder, then rename it into place."""
+def _write_shard(root: Path, directory: str, text: np.ndarray, starts: np.ndarray) -> tuple[float, float]:
+    """Sort and write one shard into a temporary folder, then rename it into place; returns the
+    seconds of the suffix sort and of the writes."""
     final = root / directory
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    t0 = time.perf_counter()
     sa = suffix_array(text)
+    t1 = time.perf_counter()
     for name, arr in (("tokens", text), ("sa", sa), ("doc_starts", starts)):
         with open(tmp / f"{name}.npy", "wb") as fh:
             np.save(fh, arr, allow_pickle=False)
@@ -761,3 +774,4 @@ def _write_shard(root: Path, directory: str, text: np.ndarray, starts: np.ndarra
     del sa
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
+    return t1 - t0, time.perf_counter() - t1
