@@ -165,13 +165,17 @@ def test_dtypes_and_bytes_per_token(tmp_path):
     assert again.count(q) == index.count(q) == len(naive_locate(docs, q))
 
 
-def test_suffix_array_is_sorted_for_every_width():
+@pytest.mark.parametrize("chunk", [1 << 22, 7])
+def test_suffix_array_is_sorted_for_every_width(monkeypatch, chunk):
+    import memscan.lm.corpus_index as ci
+
+    monkeypatch.setattr(ci, "_CHUNK", chunk)  # 7: the token-boundary selection runs in many chunks
     rng = np.random.default_rng(2)
     for dt, hi in (("u1", 5), (">u2", 3000), (">u4", 70_000)):
         text = rng.integers(0, hi, size=400).astype(dt)
         sa = suffix_array(text)
         want = sorted(range(len(text)), key=lambda i: text[i:].tolist())
-        assert sa.tolist() == want, dt
+        assert sa.dtype == np.dtype("<u4") and sa.tolist() == want, dt
 
 
 def test_build_resumes_and_refuses_a_changed_corpus(tmp_path):

@@ -112,18 +112,26 @@ def suffix_array(text: np.ndarray) -> np.ndarray:
         raise ValueError(f"suffix_array needs big-endian ids, got {text.dtype}")
     raw = np.ascontiguousarray(text).view(np.uint8)
     out = divsufsort(raw)  # int32 (or int64 past 2^31 bytes): every byte suffix
-    if w > 1:
-        # 1. keep the byte suffixes on a token boundary (low bits of the position zero)
-        low = out.view(np.uint8)[:: out.itemsize] if sys.byteorder == "little" else (out % w).astype(np.uint8)
-        keep = (low & (w - 1)) == 0
-        del low
-        out = out[keep]
-        del keep
+    dtype = np.dtype("<u4") if len(text) < (1 << 32) else np.dtype("<u8")
+    if w == 1:
+        return out.view(dtype) if out.itemsize == dtype.itemsize else out.astype(dtype)
+    # 1. keep the byte suffixes on a token boundary (position divisible by w), chunk by chunk so
+    #    that the selection needs no full-size temporary beside libdivsufsort's output
+    sa = np.empty(len(text), dtype=dtype)
+    shift, filled = w.bit_length() - 1, 0
+    for start in range(0, len(out), _CHUNK):
+        chunk = out[start : start + _CHUNK]
+        kept = chunk[(chunk & (w - 1)) == 0]
         # 2. byte position → token position
-        out >>= w.bit_length() - 1
-    if len(text) < (1 << 32):
-        return out.view(np.uint32) if out.dtype == np.int32 else out.astype("<u4")
-    return out.view(np.uint64)
+        sa[filled : filled + len(kept)] = kept >> shift
+        filled += len(kept)
+    if filled != len(text):  # pragma: no cover - libdivsufsort returned something else
+        raise RuntimeError(f"suffix array has {filled} token suffixes, expected {len(text)}")
+    return sa
+
+
+#: Byte suffixes filtered at a time by :func:`suffix_array`.
+_CHUNK = 1 << 22
 
 
 # ---- the index -----------------------------------------------------------------------------------
