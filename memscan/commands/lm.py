@@ -241,7 +241,7 @@ def lm_index_command(
     shard_tokens: int = typer.Option(
         1 << 27,
         "--shard-tokens",
-        help="tokens per suffix-array shard at most (the unit of --resume; build memory ≈ 18 bytes a token)",
+        help="tokens per suffix-array shard at most (the unit of --resume; build memory ≈ 16 bytes a token)",
     ),
     resume: bool = resume_option(),
 ):

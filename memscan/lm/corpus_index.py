@@ -74,8 +74,8 @@ from memscan.store import atomic_write_json, open_run
 
 KIND = "lm-index"
 FORMAT_VERSION = 1
-#: Tokens per shard by default: the build's peak memory is about 18 bytes a token for ``>u2``
-#: ids (≈ 2.4 GB), 30 for ``>u4``.
+#: Tokens per shard by default: the build's peak memory is about 16 bytes a token for ``>u2``
+#: ids (≈ 2 GiB; measured: bench/lm_index.py), about 26 for ``>u4``.
 DEFAULT_SHARD_TOKENS = 1 << 27
 SHARD_DIR = "sa"
 _TOKEN_DTYPES = (np.dtype("u1"), np.dtype(">u2"), np.dtype(">u4"))
