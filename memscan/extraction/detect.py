@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from memscan.cliques import CliqueResult, largest_clique
+from memscan.cliques import CliqueResult, largest_clique, upper_mask
 from memscan.distances import pairwise_tiled_l2_many
 
 
@@ -99,17 +99,17 @@ def detect_many(
         import torch
 
         dists = list(torch.stack(dists).cpu().numpy())  # one copy back from a GPU, not one per prompt
-    out = []
-    for d in dists:
-        d = d.cpu().numpy() if hasattr(d, "cpu") else np.asarray(d)
-        clique = largest_clique(d, alpha, max_expansions=max_expansions)
-        off = d[np.triu_indices(d.shape[0], 1)]
-        out.append(
-            Detection(
-                clique=clique,
-                detected=clique.size >= min_clique,
-                median_pairwise=float(np.median(off)) if off.size else 0.0,
-                min_pairwise=float(off.min()) if off.size else 0.0,
-            )
-        )
-    return out
+    return [_summarise(d, alpha, min_clique, max_expansions) for d in dists]
+
+
+def _summarise(d, alpha: float, min_clique: int, max_expansions: int) -> Detection:
+    """One prompt's distance matrix → its largest clique, median and minimum pairwise distance."""
+    d = d.cpu().numpy() if hasattr(d, "cpu") else np.asarray(d)
+    clique = largest_clique(d, alpha, max_expansions=max_expansions)
+    off = d[upper_mask(d.shape[0])]  # a fresh copy: the median may reorder it in place
+    return Detection(
+        clique=clique,
+        detected=clique.size >= min_clique,
+        min_pairwise=float(off.min()) if off.size else 0.0,
+        median_pairwise=float(np.median(off, overwrite_input=True)) if off.size else 0.0,
+    )
