@@ -267,3 +267,18 @@ def test_greedy_takes_runs_of_universal_candidates_as_the_one_by_one_greedy():
             adj[i, j] = adj[j, i] = False
         np.fill_diagonal(adj, False)
         assert _greedy(adj) == _greedy_reference(adj)
+
+
+def test_median_in_place_equals_numpy_median():
+    from memscan.extraction.detect import _median_in_place
+
+    rng = np.random.default_rng(12)
+    for size in (1, 2, 3, 4, 5, 10, 11, 1000, 1001, 124_750):
+        for dtype in (np.float32, np.float64):
+            a = rng.random(size).astype(dtype)
+            if size > 4:
+                a[: size // 3] = a[size // 2]  # ties at the middle
+                rng.shuffle(a)
+            want = np.median(a)
+            got = _median_in_place(a.copy())
+            assert got == want and got.dtype == want.dtype

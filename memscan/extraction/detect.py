@@ -140,5 +140,18 @@ def _summarise(d, alpha: float, min_clique: int, max_expansions: int) -> Detecti
         clique=clique,
         detected=clique.size >= min_clique,
         min_pairwise=float(off.min()) if off.size else 0.0,
-        median_pairwise=float(np.median(off, overwrite_input=True)) if off.size else 0.0,
+        median_pairwise=float(_median_in_place(off)) if off.size else 0.0,
     )
+
+
+def _median_in_place(a: np.ndarray):
+    """``np.median(a)`` of a 1-D array without NaN (the same value, bit for bit), reordering
+    ``a``: one partition at the lower middle and the minimum above it (np.median partitions
+    at both middles and the end, ~15× slower on the 124 750 distances of 500 generations).
+    The mean of the two middles is taken as np.median takes it (``np.mean`` of a pair)."""
+    h = a.size // 2
+    if a.size % 2:
+        a.partition(h)
+        return np.mean(a[h : h + 1])
+    a.partition(h - 1)
+    return np.mean(np.array([a[h - 1], a[h:].min()], dtype=a.dtype))
