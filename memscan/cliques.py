@@ -167,14 +167,21 @@ def _reduce(adj: np.ndarray) -> tuple[list[int], np.ndarray]:
 def _search(adj: np.ndarray, budget: int) -> tuple[list[int], str, int, int]:
     n = adj.shape[0]
     # 1. Order by degree, highest first; vertex positions in the bitsets follow this order.
-    order = np.argsort(-adj.sum(1), kind="stable")
+    degree = adj.sum(1)
+    order = np.argsort(-degree, kind="stable")
     pos_adj = _submatrix(adj, order)
-    packed = np.packbits(pos_adj, axis=1, bitorder="little")
-    nbrs = [int.from_bytes(packed[i].tobytes(), "little") for i in range(n)]
 
     # 2. Greedy lower bound: repeatedly take the candidate with most neighbours among candidates.
-    full = (1 << n) - 1
+    #    The colouring below never uses more than max degree + 1 colours (a vertex left out of
+    #    a colour class has a neighbour in it), so a greedy clique of that size is the maximum,
+    #    with the same result as the check after the colouring (a clique's graph, plus
+    #    isolated vertices: the memorized prompt's).
     best = _greedy(pos_adj)
+    if len(best) >= int(degree.max()) + 1:
+        return [int(order[v]) for v in best], "exact", len(best), 0
+    packed = np.packbits(pos_adj, axis=1, bitorder="little")
+    nbrs = [int.from_bytes(packed[i].tobytes(), "little") for i in range(n)]
+    full = (1 << n) - 1
     root_bound = max(_colour_bound(nbrs, full), len(best))
     if len(best) >= root_bound:
         return [int(order[v]) for v in best], "exact", len(best), 0
