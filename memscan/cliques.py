@@ -130,7 +130,7 @@ def _max_clique(adj: np.ndarray, budget: int) -> tuple[list[int], str, int, int]
     if rest.size == 0:
         return forced, "exact", len(forced), 0
     members, method, upper, steps = _search(adj if rest.size == adj.shape[0] else _submatrix(adj, rest), budget)
-    members = forced + [int(rest[v]) for v in members]
+    members = forced + rest[np.asarray(members, dtype=np.int64)].tolist()
     return members, method, len(forced) + upper, steps
 
 
@@ -178,13 +178,13 @@ def _search(adj: np.ndarray, budget: int) -> tuple[list[int], str, int, int]:
     #    isolated vertices: the memorized prompt's).
     best = _greedy(pos_adj)
     if len(best) >= int(degree.max()) + 1:
-        return [int(order[v]) for v in best], "exact", len(best), 0
+        return order[np.asarray(best, dtype=np.int64)].tolist(), "exact", len(best), 0
     packed = np.packbits(pos_adj, axis=1, bitorder="little")
     nbrs = [int.from_bytes(packed[i].tobytes(), "little") for i in range(n)]
     full = (1 << n) - 1
     root_bound = max(_colour_bound(nbrs, full), len(best))
     if len(best) >= root_bound:
-        return [int(order[v]) for v in best], "exact", len(best), 0
+        return order[np.asarray(best, dtype=np.int64)].tolist(), "exact", len(best), 0
 
     # 3. Branch and bound (MCQ) with an explicit stack (no recursion limit on clique size).
     #    A frame is [candidates left, vertices in colour order, their colours, next index];
@@ -256,7 +256,7 @@ def _greedy(adj: np.ndarray) -> list[int]:
             #    the one-by-one greedy would take all of them next, in ascending position (its
             #    tie rule). Take them at once (a near-complete graph: a few steps, not ~N).
             universal = np.flatnonzero(cand & (deg == n_cand - 1))
-            clique.extend(int(u) for u in universal)
+            clique.extend(universal.tolist())
             leaving = np.zeros_like(cand)
             leaving[universal] = True
         else:
