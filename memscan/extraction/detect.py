@@ -145,7 +145,7 @@ def _summarise(d, alpha: float, min_clique: int, max_expansions: int) -> Detecti
 
 
 def _median_in_place(a: np.ndarray):
-    """``np.median(a)`` of a 1-D array without NaN (the same value, bit for bit), reordering
+    """``np.median(a)`` of a 1-D array without NaN (the same value and dtype), reordering
     ``a``: one partition at the lower middle and the minimum above it (np.median partitions
     at both middles and the end, ~15× slower on the 124 750 distances of 500 generations).
     The mean of the two middles is taken as np.median takes it (``np.mean`` of a pair)."""
