@@ -254,3 +254,30 @@ def test_prop_clique_size_invariant_to_permutation(n, p, seed):
     assert a.size == b.size
     assert is_clique(d, a.members)
     assert is_clique(d[np.ix_(perm, perm)], b.members)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(n=st.integers(1, 40), p=st.floats(0.0, 1.0), seed=st.integers(0, 2**32 - 1))
+def test_prop_colouring_bound_at_most_max_degree_plus_one(n, p, seed):
+    """What the search's shortcut rests on: the greedy colouring uses at most Δ + 1 colours,
+    so a greedy clique of Δ + 1 members is exact without colouring."""
+    from memscan.cliques import _colour_bound
+
+    rng = np.random.default_rng(seed)
+    upper = np.triu(rng.random((n, n)) < p, 1)
+    adj = upper | upper.T
+    nbrs = [sum(1 << int(j) for j in np.flatnonzero(adj[i])) for i in range(n)]
+    assert _colour_bound(nbrs, (1 << n) - 1) <= int(adj.sum(1).max()) + 1
+
+
+def test_clique_plus_isolated_vertices_is_exact_without_search():
+    """The memorized prompt's graph: a clique of copies and unrelated generations with no edge."""
+    rng = np.random.default_rng(5)
+    d = np.full((120, 120), 0.9)
+    members = np.sort(rng.choice(120, 100, replace=False))
+    d[np.ix_(members, members)] = rng.uniform(0.01, 0.3, (100, 100))
+    d = np.minimum(d, d.T)
+    np.fill_diagonal(d, 0.0)
+    r = largest_clique(d, ALPHA)
+    assert r.members.tolist() == members.tolist()
+    assert (r.method, r.upper_bound, r.expansions) == ("exact", 100, 0)  # the others have no edge

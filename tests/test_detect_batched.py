@@ -192,3 +192,93 @@ def test_numpy_greedy_equals_the_bitset_greedy(p):
         upper = np.triu(rng.random((n, n)) < p, 1)
         adj = upper | upper.T
         assert _greedy(adj) == _greedy_reference(adj)
+
+
+def _fields(det):
+    c = det.clique
+    return (
+        c.members.tolist(),
+        c.size,
+        c.medoid,
+        c.mean_distance,
+        c.method,
+        c.upper_bound,
+        c.expansions,
+        c.n_nodes,
+        c.n_edges,
+        det.detected,
+        det.median_pairwise,
+        det.min_pairwise,
+    )
+
+
+@pytest.mark.parametrize("threads", [2, 3, 8])
+def test_parallel_post_processing_equals_the_serial_one(threads, monkeypatch):
+    """Cliques, medians and minima of several prompts on threads: exactly the serial results
+    (==, not approx), on random and near-copy prompts and a near-complete 200-node graph; and
+    the median, minimum and mean clique distance as the plain numpy formulas give them."""
+    import memscan.extraction.detect as detect_mod
+
+    rng = np.random.default_rng(7)
+    prompts = _prompts(5) + [_near_copies(rng, 200, 8, n_other=20), rng.integers(0, 256, (200, 8, 8, 3), np.uint8)]
+    dists = pairwise_tiled_l2_many(prompts, threads=1, exact_near=ALPHA)
+    serial = [detect_mod._summarise(d, ALPHA, 10, 100_000) for d in dists]
+    pools = []
+
+    class Recording(detect_mod.ThreadPoolExecutor):
+        def __init__(self, workers, **kw):
+            pools.append(workers)
+            super().__init__(workers, **kw)
+
+    monkeypatch.setattr(detect_mod, "ThreadPoolExecutor", Recording)
+    parallel = detect_mod._summarise_all(dists, ALPHA, 10, 100_000, threads)
+    assert pools == [min(threads, len(dists))]  # really on threads
+    assert [_fields(a) for a in parallel] == [_fields(b) for b in serial]
+    assert [d.detected for d in serial] == [False, True, True, False, True, True, False]
+    for d, det in zip(dists, serial):
+        n = d.shape[0]
+        off = d[np.triu_indices(n, 1)]
+        if off.size:
+            assert det.median_pairwise == float(np.median(off)) and det.min_pairwise == float(off.min())
+        m = det.clique.members
+        sub = d.astype(np.float64)[np.ix_(m, m)]
+        if len(m) > 1:
+            assert det.clique.mean_distance == float(sub[np.triu_indices(len(m), 1)].mean())
+        adj = (d < ALPHA) & ~np.eye(n, dtype=bool)
+        assert adj[np.ix_(m, m)].sum() == len(m) * (len(m) - 1)  # a clique
+    got = detect_many(prompts, alpha=ALPHA, min_clique=10, threads=threads)
+    assert [_fields(a) for a in got] == [_fields(b) for b in serial]
+    assert len(pools) == 2
+
+
+def test_greedy_takes_runs_of_universal_candidates_as_the_one_by_one_greedy():
+    """Near-complete graphs (a clique with a few missing edges, isolated vertices): the greedy
+    that takes every candidate joined to all others at once picks the same vertices, in the
+    same order, as the one-by-one reference."""
+    from memscan.cliques import _greedy
+
+    rng = np.random.default_rng(11)
+    for n, k, missing in ((40, 35, 0), (40, 35, 3), (60, 50, 10), (30, 30, 1), (25, 5, 2)):
+        adj = np.zeros((n, n), bool)
+        members = rng.choice(n, k, replace=False)
+        adj[np.ix_(members, members)] = True
+        for _ in range(missing):
+            i, j = rng.choice(members, 2, replace=False)
+            adj[i, j] = adj[j, i] = False
+        np.fill_diagonal(adj, False)
+        assert _greedy(adj) == _greedy_reference(adj)
+
+
+def test_median_in_place_equals_numpy_median():
+    from memscan.extraction.detect import _median_in_place
+
+    rng = np.random.default_rng(12)
+    for size in (1, 2, 3, 4, 5, 10, 11, 1000, 1001, 124_750):
+        for dtype in (np.float32, np.float64):
+            a = rng.random(size).astype(dtype)
+            if size > 4:
+                a[: size // 3] = a[size // 2]  # ties at the middle
+                rng.shuffle(a)
+            want = np.median(a)
+            got = _median_in_place(a.copy())
+            assert got == want and got.dtype == want.dtype
