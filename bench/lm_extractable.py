@@ -109,7 +109,7 @@ def bench_model(name: str, lm, n: int, batch: int, n_generate: int, repeats: int
                 out.append(y[0, K:].numpy())
         return np.stack(out)
 
-    batched()  # warm-up (allocator, kernels)
+    lm.greedy(prefixes[:batch], 2)  # warm-up (allocator, kernels): a prefill and one step at full batch
     with torch.inference_mode():
         x = torch.as_tensor(prefixes[:1])
         model.generate(x, attention_mask=torch.ones_like(x), **gen_kwargs)
@@ -166,6 +166,7 @@ def main() -> int:
         print(f"machine busy (1-min load {os.getloadavg()[0]:.2f} ≥ {args.max_load}): no figures taken; rerun later")
         return 3
     busy = load is None
+    loadavg_start = [round(x, 2) for x in os.getloadavg()]
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in [m.strip() for m in args.models.split(",") if m.strip()]:
@@ -193,6 +194,8 @@ def main() -> int:
         "threads": args.threads,
         "load_at_start": None if busy else load,
         "busy_machine": busy,
+        "loadavg_start": loadavg_start,  # 1, 5, 15 minutes
+        "loadavg_end": [round(x, 2) for x in os.getloadavg()],
         "cpu": os.cpu_count(),
         "torch": torch.__version__,
         "python": sys.version.split()[0],
