@@ -237,3 +237,20 @@ def test_shared_prefix_logprobs_equal_the_plain_pass(lm):
     np.testing.assert_array_equal(lm.token_logprobs_shared_prefix(rows[:1]), lm.token_logprobs(rows[:1]))
     same = np.stack([ids[:12]] * 3)
     np.testing.assert_allclose(lm.token_logprobs_shared_prefix(same), lm.token_logprobs(same), atol=2e-5)
+
+
+def test_per_token_passes_of_a_bfloat16_model(tiny_dir):
+    """A bfloat16 model's logits are cast to float32 a chunk at a time: the same values as a float64
+    log-softmax of those bfloat16 logits."""
+    lm16 = load_causal_lm(str(tiny_dir), dtype="bfloat16")
+    assert lm16.describe()["dtype"] == "bfloat16"
+    ids = _prefixes(lm16, k=20, b=2)
+    with torch.no_grad():
+        logits = lm16.model(input_ids=torch.as_tensor(ids)).logits
+    assert logits.dtype == torch.bfloat16
+    ref = torch.log_softmax(logits.double(), -1)[:, :-1].numpy()
+    ref_tok = np.take_along_axis(ref, ids[:, 1:, None], -1)[..., 0]
+    np.testing.assert_allclose(lm16.token_logprobs(ids), ref_tok, rtol=0, atol=1e-5)
+    tok, mu, _ = lm16.next_token_moments(ids)
+    np.testing.assert_allclose(tok, ref_tok, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(mu, (np.exp(ref) * ref).sum(-1), rtol=0, atol=1e-5)
