@@ -109,7 +109,7 @@ def bench_model(name: str, lm, n: int, batch: int, n_generate: int, repeats: int
                 out.append(y[0, K:].numpy())
         return np.stack(out)
 
-    batched()  # warm-up (allocator, kernels)
+    lm.greedy(prefixes[:batch], 2)  # warm-up (allocator, kernels): a prefill and one step at full batch
     with torch.inference_mode():
         x = torch.as_tensor(prefixes[:1])
         model.generate(x, attention_mask=torch.ones_like(x), **gen_kwargs)
@@ -127,6 +127,11 @@ def bench_model(name: str, lm, n: int, batch: int, n_generate: int, repeats: int
                 ref = res
     agree = np.all(tokens[:n_generate] == ref, axis=1)
     near_tie = (gaps[:n_generate] < 1e-4).any(axis=1)
+    # ``min_new_tokens`` makes ``generate`` suppress the end token; greedy decoding does not, so a
+    # row whose first difference is the end token chosen by the batched greedy is explained by it
+    first = np.argmax(tokens[:n_generate] != ref, axis=1)
+    eos = lm.eos_token_id
+    by_eos = ~agree & (tokens[np.arange(n_generate), first] == eos) if eos is not None else np.zeros_like(agree)
     result = {
         "model": name,
         "parameters": int(lm.parameters),
@@ -139,7 +144,8 @@ def bench_model(name: str, lm, n: int, batch: int, n_generate: int, repeats: int
         "batched_seq_per_cpu_s": statistics.median(cpu["batched"]),
         "generate_seq_per_cpu_s": statistics.median(cpu["generate"]),
         "tokens_agree": int(agree.sum()),
-        "disagree_without_near_tie": int((~agree & ~near_tie).sum()),
+        "disagree_at_end_token": int(by_eos.sum()),  # generate's min_new_tokens suppressed it
+        "disagree_without_near_tie": int((~agree & ~near_tie & ~by_eos).sum()),
     }
     result["speedup"] = result["batched_seq_per_s"] / result["generate_seq_per_s"]
     result["speedup_cpu"] = result["batched_seq_per_cpu_s"] / result["generate_seq_per_cpu_s"]
@@ -166,6 +172,7 @@ def main() -> int:
         print(f"machine busy (1-min load {os.getloadavg()[0]:.2f} ≥ {args.max_load}): no figures taken; rerun later")
         return 3
     busy = load is None
+    loadavg_start = [round(x, 2) for x in os.getloadavg()]
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in [m.strip() for m in args.models.split(",") if m.strip()]:
@@ -193,6 +200,8 @@ def main() -> int:
         "threads": args.threads,
         "load_at_start": None if busy else load,
         "busy_machine": busy,
+        "loadavg_start": loadavg_start,  # 1, 5, 15 minutes
+        "loadavg_end": [round(x, 2) for x in os.getloadavg()],
         "cpu": os.cpu_count(),
         "torch": torch.__version__,
         "python": sys.version.split()[0],

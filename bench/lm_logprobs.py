@@ -5,16 +5,20 @@ Four loops over the same batches of token ids (B × T, random ids of the model's
 
 1. ``bare`` — ``model(input_ids=x, use_cache=False).logits`` under ``torch.inference_mode`` and
    nothing else: the cost of the model itself;
-2. ``token_logprobs`` — the adapter's per-token log-probabilities (one forward pass, log-softmax,
-   gather, float64 to numpy): the pass of the loss, zlib, lowercase, Min-K% and reference scores;
-3. ``float32_logsumexp`` — for comparison, the cheapest exact pass: the gathered logit minus a
-   float32 log-sum-exp over the vocabulary, then float64 (what the adapter could do);
-4. ``mia_pass`` — what one ``lm mia`` shard does for the target model: the next-token
-   distributions (B × (T−1) × V float64), the exact Min-K%++ moments μ_t, σ_t over the vocabulary
-   and the gathered token log-probabilities (:func:`memscan.lm.mia_run._next_token_pass`).
+2. ``token_logprobs`` — the adapter's per-token log-probabilities (one forward pass, then per
+   chunk of positions the gathered logit minus a float32 log-sum-exp, float64 to numpy): the pass
+   of the loss, zlib, lowercase, Min-K% and reference scores;
+3. ``float32_logsumexp`` — the same quantity written inline over the whole B × (T−1) × V logits in
+   one call (the prototype the adapter's pass was built from), for comparison;
+4. ``mia_pass`` — what one ``lm mia`` shard does for the target model
+   (:func:`memscan.lm.mia_run._next_token_pass`): through the adapter's ``next_token_moments``,
+   the token log-probabilities and the exact Min-K%++ moments μ_t, σ_t over the vocabulary, in
+   float32 chunks where the logits are (no B × (T−1) × V float64 array).
 
 The loops alternate (bare, token_logprobs, float32_logsumexp, mia_pass, bare, …) so that drift in
-the machine's load hits all of them alike; each figure is the median over ``--repeats``. Overhead = time / bare − 1.
+the machine's load hits all of them alike; each figure is the median over ``--repeats``. Overhead = time / bare − 1,
+in wall time and in process CPU time (with one thread, CPU time is what a busy machine's time
+slicing does not inflate).
 Target (issue 13): ``token_logprobs`` within 5 % of the bare loop.
 
 Figures count only on an idle machine: the script reads the 1-minute load average at the start
@@ -78,10 +82,11 @@ def build_model(size: str, seq_len: int, where: Path):
     return load_causal_lm(str(where))
 
 
-def timed(fn) -> float:
-    t0 = time.perf_counter()
+def timed(fn) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) of one call."""
+    c0, t0 = time.process_time(), time.perf_counter()
     fn()
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
 def main(argv=None) -> dict:
@@ -144,11 +149,15 @@ def main(argv=None) -> dict:
         for fn in loops.values():  # warm-up
             fn()
         times: dict[str, list[float]] = {k: [] for k in loops}
+        cpu: dict[str, list[float]] = {k: [] for k in loops}
         for _ in range(args.repeats):
             for name, fn in loops.items():
-                times[name].append(timed(fn))
+                wall, used = timed(fn)
+                times[name].append(wall)
+                cpu[name].append(used)
     load_after = os.getloadavg()[0]
     med = {k: statistics.median(v) for k, v in times.items()}
+    med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
     tokens = args.batch * args.seq_len * args.batches
     idle = load_before < 0.7  # the run itself adds ~1 per thread to the load after
     summary = {
@@ -163,6 +172,9 @@ def main(argv=None) -> dict:
         "median_seconds": med,
         "tokens_per_s": {k: tokens / v for k, v in med.items()},
         "overhead": {k: med[k] / med["bare"] - 1.0 for k in loops if k != "bare"},
+        # process CPU time: what a busy machine's time slicing does not inflate (one thread)
+        "median_cpu_seconds": med_cpu,
+        "overhead_cpu": {k: med_cpu[k] / med_cpu["bare"] - 1.0 for k in loops if k != "bare"},
         "load_average": [load_before, load_after],
         "idle": idle,
     }
@@ -171,9 +183,13 @@ def main(argv=None) -> dict:
     )
     for k in loops:
         extra = "" if k == "bare" else f"  overhead {summary['overhead'][k] * 100:+.1f}%"
-        print(f"  {k:18s} {med[k]:.4f} s  {summary['tokens_per_s'][k]:10.0f} tokens/s{extra}")
+        extra += "" if k == "bare" else f"  (CPU time {summary['overhead_cpu'][k] * 100:+.1f}%)"
+        print(f"  {k:18s} {med[k]:.4f} s  CPU {med_cpu[k]:.4f} s  {summary['tokens_per_s'][k]:10.0f} tokens/s{extra}")
     if not idle:
-        print(f"  NOT IDLE (load average {load_before:.2f} ≥ 0.7 at the start): these figures do not count")
+        print(
+            f"  NOT IDLE (load average {load_before:.2f} ≥ 0.7 at the start): the wall-time figures do not "
+            "count; the CPU-time overheads (one thread) are the figures on a busy machine"
+        )
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(summary, indent=1) + "\n")

@@ -90,8 +90,57 @@ def test_token_logprobs_equal_log_softmax_of_one_forward(lm):
     full = lm.next_token_logprobs(ids)
     assert full.shape == (4, 39, lm.vocab_size)
     np.testing.assert_allclose(np.exp(full).sum(-1), 1.0, atol=1e-9)
-    np.testing.assert_allclose(np.take_along_axis(full, ids[:, 1:, None], -1)[..., 0], got, atol=1e-9)
+    # token_logprobs: float32 logit − log-sum-exp; next_token_logprobs: float64 log-softmax
+    np.testing.assert_allclose(np.take_along_axis(full, ids[:, 1:, None], -1)[..., 0], got, atol=1e-6)
     np.testing.assert_allclose(lm.next_token_logprobs(ids, start=30), full[:, 30:], atol=1e-9)
+
+
+@pytest.mark.parametrize("chunk", [None, 100, 700])
+def test_per_token_passes_equal_a_float64_log_softmax_in_any_chunking(lm, monkeypatch, chunk):
+    """token_logprobs and next_token_moments (float32, chunks of positions) against a float64
+    log-softmax of the same logits and the Min-K%++ moments summed directly over the vocabulary;
+    chunks of 100 / 700 elements (< one position of V = 384, ~2 positions) split every row."""
+    import memscan.generators.causal_lm as causal_lm
+
+    if chunk is not None:
+        monkeypatch.setattr(causal_lm, "CHUNK_ELEMENTS", chunk)
+    ids = _prefixes(lm, k=33, b=3)
+    with torch.no_grad():
+        ref = torch.log_softmax(lm.model(input_ids=torch.as_tensor(ids)).logits.double(), -1)[:, :-1].numpy()
+    ref_tok = np.take_along_axis(ref, ids[:, 1:, None], -1)[..., 0]
+    p = np.exp(ref)
+    ref_mu = (p * ref).sum(-1)
+    ref_sigma = np.sqrt((p * ref**2).sum(-1) - ref_mu**2)  # the paper's form, in float64
+    np.testing.assert_allclose(lm.token_logprobs(ids), ref_tok, rtol=0, atol=1e-6)
+    tok, mu, sigma = lm.next_token_moments(ids)
+    assert tok.shape == mu.shape == sigma.shape == (3, 32) and mu.dtype == np.float64
+    np.testing.assert_allclose(tok, ref_tok, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(mu, ref_mu, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(sigma, ref_sigma, rtol=0, atol=1e-5)
+    assert (sigma > 0.1).all()  # a random model's distributions are far from one-hot: a real check
+    # one token: nothing to predict
+    assert [a.shape for a in lm.next_token_moments(ids[:, :1])] == [(3, 0)] * 3
+    assert lm.token_logprobs(ids[:, :1]).shape == (3, 0)
+
+
+def test_moments_of_a_distribution_with_impossible_tokens():
+    """Logits of −inf (tokens a model masks out) have p = 0 and add nothing to μ or σ; checked
+    against membership.next_token_moments, which handles them the same way."""
+    from memscan.generators.causal_lm import per_token_moments
+    from memscan.lm.membership import next_token_moments
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 6, 11, generator=g)
+    logits[0, :, 3] = float("-inf")
+    logits[1, 2, :5] = float("-inf")
+    ids = torch.tensor([[0, 1, 2, 4, 5, 6], [7, 8, 9, 10, 6, 5]])
+    tok, mu, sigma = per_token_moments(logits, ids)
+    lp = torch.log_softmax(logits.double(), -1)[:, :-1].numpy()
+    ref_mu, ref_sigma = next_token_moments(lp)
+    np.testing.assert_allclose(mu.numpy(), ref_mu, atol=1e-6)
+    np.testing.assert_allclose(sigma.numpy(), ref_sigma, atol=1e-6)
+    np.testing.assert_allclose(tok.numpy(), np.take_along_axis(lp, ids[:, 1:, None].numpy(), -1)[..., 0], atol=1e-6)
+    assert np.isfinite(mu.numpy()).all() and np.isfinite(sigma.numpy()).all()
 
 
 def test_greedy_agrees_with_teacher_forced_argmax(lm):
@@ -188,3 +237,20 @@ def test_shared_prefix_logprobs_equal_the_plain_pass(lm):
     np.testing.assert_array_equal(lm.token_logprobs_shared_prefix(rows[:1]), lm.token_logprobs(rows[:1]))
     same = np.stack([ids[:12]] * 3)
     np.testing.assert_allclose(lm.token_logprobs_shared_prefix(same), lm.token_logprobs(same), atol=2e-5)
+
+
+def test_per_token_passes_of_a_bfloat16_model(tiny_dir):
+    """A bfloat16 model's logits are cast to float32 a chunk at a time: the same values as a float64
+    log-softmax of those bfloat16 logits."""
+    lm16 = load_causal_lm(str(tiny_dir), dtype="bfloat16")
+    assert lm16.describe()["dtype"] == "bfloat16"
+    ids = _prefixes(lm16, k=20, b=2)
+    with torch.no_grad():
+        logits = lm16.model(input_ids=torch.as_tensor(ids)).logits
+    assert logits.dtype == torch.bfloat16
+    ref = torch.log_softmax(logits.double(), -1)[:, :-1].numpy()
+    ref_tok = np.take_along_axis(ref, ids[:, 1:, None], -1)[..., 0]
+    np.testing.assert_allclose(lm16.token_logprobs(ids), ref_tok, rtol=0, atol=1e-5)
+    tok, mu, _ = lm16.next_token_moments(ids)
+    np.testing.assert_allclose(tok, ref_tok, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(mu, (np.exp(ref) * ref).sum(-1), rtol=0, atol=1e-5)

@@ -220,7 +220,7 @@ def test_demo_lm_commands_are_registered():
     res = CliRunner().invoke(app, ["demo", "lm", "--help"])
     assert res.exit_code == 0 and "--quick" in res.output and "--out" in res.output
     res = CliRunner().invoke(app, ["demo", "lm", "train", "--help"])
-    assert res.exit_code == 0 and "--steps" in res.output and "--threads" in res.output
+    assert res.exit_code == 0 and "--steps" in res.output and "--threads" in res.output and "--bf16" in res.output
 
 
 def test_training_is_deterministic_and_phase_two_from_a_saved_phase_one_equals_one_run(tmp_path):
@@ -253,3 +253,30 @@ def test_training_is_deterministic_and_phase_two_from_a_saved_phase_one_equals_o
     assert len(rec["phase_seconds"]) == 3 and rec["steps_run"] == 7
     with pytest.raises(ValueError, match="another phase-1 recipe"):
         train_lm_demo_model(tmp_path / "c", LMTrainConfig(steps=4, warmup=1, **small), init_from=tmp_path / "p1")
+
+
+def test_bf16_training_is_recorded_deterministic_and_differs_from_float32(tmp_path):
+    """``bf16=True`` runs the forward under bfloat16 autocast: recorded in the recipe, the same
+    weights twice (float32 state), and not the float32 run's weights (the autocast is engaged);
+    ``restart_steps=0`` is one phase; an older record without ``bf16`` still seeds phase 2."""
+    from safetensors.numpy import load_file
+
+    from memscan.demo.lm.train import LMTrainConfig, train_lm_demo_model
+
+    small = {"n_layer": 1, "n_embd": 32, "n_head": 2, "n_positions": 64, "block": 64, "batch_size": 4}
+    cfg = LMTrainConfig(steps=3, warmup=1, restart_steps=0, bf16=True, **small)
+    rec = train_lm_demo_model(tmp_path / "a", cfg)
+    train_lm_demo_model(tmp_path / "b", cfg)
+    train_lm_demo_model(tmp_path / "f", LMTrainConfig(steps=3, warmup=1, restart_steps=0, **small))
+    assert rec["recipe"]["bf16"] is True and rec["steps_run"] == 3 and len(rec["phase_seconds"]) == 1
+    wa, wb, wf = (load_file(tmp_path / d / "model.safetensors") for d in "abf")
+    for k in wa:
+        assert wa[k].dtype == np.float32
+        np.testing.assert_array_equal(wa[k], wb[k])
+    assert any(not np.array_equal(wa[k], wf[k]) for k in wa)
+    # a record written before the option existed (no "bf16" key) reads as bf16 = False
+    meta = json.loads((tmp_path / "f" / "memscan.json").read_text())
+    del meta["recipe"]["bf16"]
+    (tmp_path / "f" / "memscan.json").write_text(json.dumps(meta))
+    more = LMTrainConfig(steps=3, warmup=1, restart_steps=1, restarts=1, **small)
+    assert train_lm_demo_model(tmp_path / "g", more, init_from=tmp_path / "f")["steps_run"] == 4

@@ -21,6 +21,8 @@ The protocol (:class:`CausalLM`), token ids are int64 numpy arrays::
     greedy(prefixes B×k, n_new) -> (tokens B×n_new int64, top2_gap B×n_new float64)
     sample(prefixes B×k, n_new, *, temperature, top_k, top_p, seed) -> B×n_new int64
     token_logprobs(ids B×T) -> B×(T−1) float64       column j: log p(x_{j+1} | x_≤j)
+    next_token_moments(ids B×T) -> 3 × B×(T−1) float64   (optional) log p(x_{j+1}), μ_j, σ_j:
+                                          the Min-K%++ moments of log p over the vocabulary
     next_token_logprobs(ids B×T, start=0) -> B×(T−1−start)×V float64
                                           row j: log p(· | x_≤start+j), the full distribution
     describe() -> dict                    class, spec, dtype, device, tokenizer name + vocab sha256
@@ -225,15 +227,40 @@ class TransformersCausalLM:
         return tokens
 
     def token_logprobs(self, ids: np.ndarray) -> np.ndarray:
-        """log p(x_{t+1} | x_≤t) for every position, one forward pass: B×(T−1) float64."""
+        """log p(x_{t+1} | x_≤t) for every position, one forward pass: B×(T−1) float64.
+
+        Computed as the gathered logit minus the float32 log-sum-exp over the vocabulary, in chunks
+        of positions (:func:`per_token_logprobs`): no B×T×V log-softmax tensor, no float64 copy of
+        the logits. Within float32 rounding (≈ 1e-6 for logits of magnitude ~10) of a float64
+        log-softmax."""
         import torch
 
         x = self._tensor(ids)
         if x.shape[1] < 2:
             return np.zeros((x.shape[0], 0), dtype=np.float64)
         with torch.inference_mode():
-            lp = torch.log_softmax(self._logits(self.model(input_ids=x, use_cache=False))[:, :-1, :].double(), dim=-1)
-            return lp.gather(-1, x[:, 1:, None])[..., 0].cpu().numpy()
+            logits = self.model(input_ids=x, use_cache=False).logits
+            return per_token_logprobs(logits, x).double().cpu().numpy()
+
+    def next_token_moments(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(log p(x_{t+1} | x_≤t), μ_t, σ_t)``, three B×(T−1) float64 arrays, from one forward pass.
+
+        μ_t and σ_t are the exact moments of ``log p(z)`` under the next-token distribution, over
+        the whole vocabulary (Min-K%++, Zhang et al. 2025, eq. 3; the sums of
+        :func:`memscan.lm.membership.next_token_moments`), computed in float32 where the logits
+        are, in chunks of positions (:func:`per_token_moments`): the B×(T−1)×V distributions
+        never leave the model's device and are never copied to float64."""
+        import torch
+
+        x = self._tensor(ids)
+        b, t = x.shape
+        if t < 2:
+            empty = np.zeros((b, 0), dtype=np.float64)
+            return empty, empty.copy(), empty.copy()
+        with torch.inference_mode():
+            logits = self.model(input_ids=x, use_cache=False).logits
+            tok, mu, sigma = per_token_moments(logits, x)
+            return tok.double().cpu().numpy(), mu.double().cpu().numpy(), sigma.double().cpu().numpy()
 
     def token_logprobs_shared_prefix(self, ids: np.ndarray) -> np.ndarray:
         """:meth:`token_logprobs` of rows that begin with the same tokens (canary candidates of one
@@ -259,14 +286,14 @@ class TransformersCausalLM:
             if not hasattr(cache, "batch_repeat_interleave"):
                 return self.token_logprobs(arr)
             cache.batch_repeat_interleave(b)
-            head = torch.log_softmax(self._logits(out)[0].double(), dim=-1)  # p × V, predicts x_1 … x_p
+            head = out.logits[0]  # p × V: predicts x_1 … x_p
             rest = self.model(input_ids=x[:, p:], use_cache=True, **{self._cache_arg: cache})
-            tail = torch.log_softmax(self._logits(rest)[:, :-1].double(), dim=-1)  # predicts x_{p+1} …
-            shared = head[:-1].gather(-1, x[0, 1:p, None])[:, 0]
-            first = head[-1][x[:, p]]
-            after = tail.gather(-1, x[:, p + 1 :, None])[..., 0]
+            shared = per_token_logprobs(head[None], x[:1, :p])[0]  # x_1 … x_{p−1}
+            last = head[-1].float()
+            first = last[x[:, p]] - torch.logsumexp(last, dim=0)  # x_p, per row
+            after = per_token_logprobs(rest.logits, x[:, p:])  # x_{p+1} …
             lp = torch.cat([shared[None, :].expand(b, -1), first[:, None], after], dim=1)
-            return lp.cpu().numpy()
+            return lp.double().cpu().numpy()
 
     def next_token_logprobs(self, ids: np.ndarray, start: int = 0) -> np.ndarray:
         """The full next-token distributions log p(· | x_≤j) for j ≥ start: B×(T−1−start)×V float64."""
@@ -298,6 +325,71 @@ class TransformersCausalLM:
             "vocab_size": self.vocab_size,
             "tokenizer": self.tokenizer_record(),
         }
+
+
+#: Elements (positions × vocabulary) of the logits handled at once by :func:`per_token_logprobs`
+#: and :func:`per_token_moments`: their float32 temporaries stay ≈ 4 MB, in cache.
+CHUNK_ELEMENTS = 1 << 20
+
+
+def _position_chunks(logits, n_pos: int):
+    """``(row, lo, hi)`` over the first ``n_pos`` positions of each row of B×T×V ``logits``:
+    ``logits[row, lo:hi]`` is contiguous and holds ≲ :data:`CHUNK_ELEMENTS` values."""
+    step = max(1, CHUNK_ELEMENTS // max(1, int(logits.shape[-1])))
+    for row in range(int(logits.shape[0])):
+        for lo in range(0, n_pos, step):
+            yield row, lo, min(n_pos, lo + step)
+
+
+def per_token_logprobs(logits, ids):
+    """``log p(ids[:, j+1] | ids[:, ≤j])`` from B×T×V ``logits`` (any float dtype) and B×T ``ids``:
+    a B×(T−1) float32 tensor.
+
+    1. for each row and chunk of positions, cast that chunk of logits to float32;
+    2. gather the logit of the true next token;
+    3. subtract the log-sum-exp over the vocabulary (max-shifted, so exact up to float32
+       rounding) — the log-softmax of that one token, without a B×T×V log-softmax tensor.
+    """
+    import torch
+
+    n_pos = int(ids.shape[1]) - 1
+    out = torch.empty((int(ids.shape[0]), max(0, n_pos)), dtype=torch.float32, device=logits.device)
+    for row, lo, hi in _position_chunks(logits, n_pos):
+        chunk = logits[row, lo:hi].float()  # (1)
+        picked = chunk.gather(1, ids[row, lo + 1 : hi + 1, None])[:, 0]  # (2)
+        out[row, lo:hi] = picked - torch.logsumexp(chunk, dim=1)  # (3)
+    return out
+
+
+def per_token_moments(logits, ids):
+    """``(log p(x_{j+1}), μ_j, σ_j)``, three B×(T−1) float32 tensors, from B×T×V ``logits``:
+    the per-token log-probabilities and the moments of ``log p(z)`` over the whole vocabulary
+    (μ = Σ p·log p, σ² = Σ p·(log p − μ)², as :func:`memscan.lm.membership.next_token_moments`).
+
+    1. for each row and chunk of positions, the float32 log-softmax of that chunk;
+    2. the true token's entry;
+    3. p = exp(log p), μ = Σ p·log p;
+    4. σ² = Σ p·(log p − μ)² (no cancellation), σ = √σ².
+    """
+    import torch
+
+    n_pos = int(ids.shape[1]) - 1
+    shape = (int(ids.shape[0]), max(0, n_pos))
+    tok, mu, sigma = (torch.empty(shape, dtype=torch.float32, device=logits.device) for _ in range(3))
+    for row, lo, hi in _position_chunks(logits, n_pos):
+        lp = torch.log_softmax(logits[row, lo:hi].float(), dim=1)  # (1)
+        tok[row, lo:hi] = lp.gather(1, ids[row, lo + 1 : hi + 1, None])[:, 0]  # (2)
+        p = lp.exp()  # (3)
+        m = (p * lp).sum(1)
+        if not bool(torch.isfinite(m).all()):  # a −inf logit: p = 0 there, and 0 · −inf is NaN
+            m = torch.where(p > 0, p * lp, 0.0).sum(1)
+        mu[row, lo:hi] = m
+        lp.sub_(m[:, None]).square_()  # (4)
+        var = (p * lp).sum(1)
+        if not bool(torch.isfinite(var).all()):
+            var = torch.where(p > 0, p * lp, 0.0).sum(1)
+        sigma[row, lo:hi] = var.clamp_min_(0.0).sqrt_()
+    return tok, mu, sigma
 
 
 def describe_lm(lm: Any) -> dict:
@@ -478,6 +570,8 @@ __all__ = [
     "check_causal_lm",
     "describe_lm",
     "load_causal_lm",
+    "per_token_logprobs",
+    "per_token_moments",
     "tokenizer_sha256",
     "vocab_sha256",
 ]
