@@ -129,6 +129,7 @@ def demo_lm_train(
     bf16: bool = typer.Option(
         False, "--bf16", help="bfloat16 autocast for forward and loss (float32 weights): ≈ 2× faster a step [off]"
     ),
+    device: str = typer.Option("cpu", "--device", help="where to train: cpu, cuda, cuda:1 [cpu]"),
     quiet: bool = quiet_option("no loss log"),
 ):
     """Retrain the LM demo model from its recorded recipe (69 minutes measured on one shared CPU thread).
@@ -142,6 +143,7 @@ def demo_lm_train(
         restart_steps=restart_steps,
         threads=threads,
         bf16=bf16 or None,
+        device=device,
         progress=not quiet,
     )
     typer.echo(f"trained in {rec['seconds']} s ({rec['threads']} threads) → {out}")

@@ -56,6 +56,9 @@ class LMTrainConfig:
     #: AdamW state stay float32): 2.1× faster a step on a CPU with AVX-512 BF16 (docs/demo.md);
     #: off for the shipped weights
     bf16: bool = False
+    #: where to train (``"cpu"``, ``"cuda"``): not part of the recipe's identity (the shipped
+    #: record says where its weights were trained)
+    device: str = "cpu"
 
 
 def build_model(cfg: LMTrainConfig):
@@ -121,8 +124,8 @@ def _phase(model, ids, cfg: LMTrainConfig, *, phase: int, steps: int, lr_fn, log
         for g in opt.param_groups:
             g["lr"] = lr_fn(step, cfg)
         starts = rng.integers(0, n - cfg.block, cfg.batch_size)
-        x = torch.stack([ids[s : s + cfg.block] for s in starts])
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+        x = torch.stack([ids[s : s + cfg.block] for s in starts]).to(cfg.device)
+        with torch.autocast(torch.device(cfg.device).type, dtype=torch.bfloat16, enabled=cfg.bf16):
             loss = model(input_ids=x, labels=x).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -170,14 +173,14 @@ def train_lm_demo_model(
     n1 = cfg.steps if cfg.stop_at is None else min(cfg.steps, cfg.stop_at)
     n_phases = 1 + (cfg.restarts if cfg.restart_steps else 0)
     if init_from is None:
-        model = build_model(cfg)
+        model = build_model(cfg).to(cfg.device)
         model.train()
         sec1 = _phase(model, ids, cfg, phase=1, steps=n1, lr_fn=_lr, log=log, log_every=log_every, progress=progress)
         phase_seconds = [round(sec1, 1)]
         phase1 = {"seconds": round(sec1, 1), "threads": cfg.threads, "loadavg_start": [round(x, 2) for x in load_start]}
     else:
         prev = json.loads((Path(init_from) / "memscan.json").read_text())
-        skip = ("restart_steps", "restart_lr", "stop_at", "restarts")
+        skip = ("restart_steps", "restart_lr", "stop_at", "restarts", "device")
         want = {k: v for k, v in asdict(cfg).items() if k not in skip}
         got = {k: prev["recipe"].get(k, getattr(LMTrainConfig(), k)) for k in want}  # older records lack bf16
         if got != want:
@@ -187,7 +190,7 @@ def train_lm_demo_model(
             raise ValueError(f"{init_from} has warm restarts of another length than {cfg.restart_steps}")
         if len(phase_seconds) > n_phases:
             raise ValueError(f"{init_from} has more phases ({len(phase_seconds)}) than this recipe ({n_phases})")
-        model = GPT2LMHeadModel.from_pretrained(init_from)  # safetensors
+        model = GPT2LMHeadModel.from_pretrained(init_from).to(cfg.device)  # safetensors
         model.train()
         log += [{"phase": 1, **r} if "phase" not in r else r for r in prev["loss_log"]]
         phase1 = dict(prev.get("phase1") or {})
@@ -212,7 +215,7 @@ def train_lm_demo_model(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.eval()
-    model.save_pretrained(out, safe_serialization=True)
+    model.cpu().save_pretrained(out, safe_serialization=True)
     ByT5Tokenizer(extra_ids=0).save_pretrained(out)
     steps_run = n1 + (n_phases - 1) * cfg.restart_steps
     record = {
@@ -222,6 +225,7 @@ def train_lm_demo_model(
         "phase_seconds": phase_seconds,
         "phase1": phase1,
         "threads": cfg.threads,
+        "device": cfg.device if cfg.device == "cpu" else f"{cfg.device} ({torch.cuda.get_device_name(cfg.device)})",
         "loadavg_start": phase1.get("loadavg_start"),
         "loadavg_end": [round(x, 2) for x in os.getloadavg()],
         "cpu": platform.processor() or platform.machine(),
@@ -247,6 +251,7 @@ def retrain(
     restart_steps: int | None = None,
     threads: int | None = None,
     bf16: bool | None = None,
+    device: str | None = None,
     progress: bool = True,
 ) -> dict:
     """``memscan demo lm train``: the recorded recipe (defaults of :class:`LMTrainConfig`), optionally
@@ -256,7 +261,7 @@ def retrain(
     from dataclasses import replace
 
     cfg = LMTrainConfig()
-    over = {"steps": steps, "restart_steps": restart_steps, "threads": threads, "bf16": bf16}
+    over = {"steps": steps, "restart_steps": restart_steps, "threads": threads, "bf16": bf16, "device": device}
     over = {k: v for k, v in over.items() if v is not None}
     cfg = replace(cfg, **over)
 
