@@ -98,7 +98,7 @@ class IndexParams:
     train_size : vectors sampled to train IVF k-means (default ``min(N, 64·nlist)``)
     seed : sampling seed of the IVF training sample
     pq_m : ivfpq: sub-quantizers = bytes per vector code (must divide the embedding dimension)
-    pq_bits : ivfpq: bits per sub-quantizer (8; lowered to ``log2(train_size)`` for tiny sets)
+    pq_bits : ivfpq: bits per sub-quantizer (8; lowered to ``log2(train_size / 39)`` for small sets)
     shards : parts the index is built in (consecutive rows each; searches merged)
     """
 
@@ -135,7 +135,7 @@ class IndexParams:
         if kind == "ivfpq":
             if self.pq_m < 1 or not 1 <= bits <= 16:
                 raise InputError(f"pq_m={self.pq_m}, pq_bits={bits}: need pq_m ≥ 1 and 1 ≤ pq_bits ≤ 16")
-            bits = int(min(bits, max(1, math.floor(math.log2(train)))))  # k-means needs ≥ 2^bits points
+            bits = int(min(bits, max(1, math.floor(math.log2(train / 39)))))  # k-means: ≥ 39 points a centroid
         return IndexParams(
             kind, nlist, nprobe, self.hnsw_m, self.ef_construction, self.ef_search, train, self.seed,
             self.pq_m, bits, self.shards,
