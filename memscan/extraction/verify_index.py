@@ -12,9 +12,11 @@ paper verified by retrieval. With ``--index IDX`` each candidate medoid is
    as the full path), which gives the (ℓ, δ)-extraction decision and the k-eidetic count —
    **among the K retrieved**: a count of K means "at least K".
 
-The union of the candidates' retrieved images is passed to ``nearest_tiled_l2`` in training-set
-order (ascending index row), in one call, so ties resolve as in the full path; with a flat index
-and K ≥ the training-set size it is the very call of ``--train``, and the tables are equal.
+Retrieved images are passed to ``nearest_tiled_l2`` in training-set order (ascending index row),
+so ties resolve as in the full path. When the candidates' retrievals overlap (their union is at
+most 2·K images) one call covers the union; with a flat index and K ≥ the training-set size that
+is the very call of ``--train``, and the tables are equal bit for bit. Otherwise each candidate
+gets its own call over its K images (Q·K pairs rather than Q·union).
 
 Memory is bounded by the candidates and K, never the training set: the index is opened
 memory-mapped (:meth:`TrainingIndex.load` with ``mmap=True``) once per process, and what travels
@@ -90,13 +92,18 @@ class RetrievalStats:
 
 
 class IndexVerifier:
-    """An index opened memory-mapped, its embedder and a random-access reader of its source."""
+    """An index opened memory-mapped, its embedder and a random-access reader of its source.
 
-    def __init__(self, spec: IndexVerification):
+    ``reader``: anything with ``read(rows, size, channels) → (kept, images, skipped)`` and
+    ``bytes_read`` (default: :func:`training_reader`; ``bench/verify_index.py`` passes a source
+    that renders synthetic training images on the fly).
+    """
+
+    def __init__(self, spec: IndexVerification, reader=None):
         self.spec = spec
         self.index = TrainingIndex.load(spec.index, mmap=True)
         self.embedder = load_embedder(self.index.meta.get("embedder", "pixel"), device=spec.device)
-        self.reader = training_reader(self.index, spec.train)
+        self.reader = reader if reader is not None else training_reader(self.index, spec.train)
         self._rows: dict[str, int] | None = None
 
     def row_of(self, train_id: str) -> int | None:
@@ -191,22 +198,31 @@ def verify_candidates_indexed(
     before = verifier.reader.bytes_read
     kept, decoded, skipped = verifier.reader.read(wanted, size=images.shape[1:3], channels=images.shape[3])
     stats.decoded, stats.bytes_read, stats.skipped = len(kept), verifier.reader.bytes_read - before, skipped
-    # 3. exact tiled ℓ2 of every candidate to the readable retrieved images, in training order
-    #    (one call, as the full path makes it over the whole training set: with K ≥ N the very
-    #    same call, so the very same distances)
     order = np.argsort(kept, kind="stable")
     kept, decoded = kept[order], decoded[order]
     out = []
-    if len(kept):
+    # 3. exact tiled ℓ2 to the readable retrieved images, in training order: one call over the
+    #    union when the candidates' retrievals overlap (Q·U pairs ≤ 2·Q·K; with K ≥ N it is the
+    #    --train path's very call, so the very same distances), else one call per candidate
+    union = len(kept) <= 2 * k
+    if union and len(kept):
         dist, idx, _ = nearest_tiled_l2(images, decoded, k=len(kept), grid=grid)
+    at = {int(r): i for i, r in enumerate(kept)}
     for c, cand in enumerate(candidates.itertuples(index=False)):
-        if not len(kept):
-            break
-        # 4. this candidate's own retrieved images, nearest first; the k-eidetic count among them
-        mine = np.isin(kept[idx[c]], rows[c])
-        d_c, r_c = dist[c][mine], kept[idx[c]][mine]
+        if union and len(kept):
+            mine = np.isin(kept[idx[c]], rows[c])
+            d_c, r_c = dist[c][mine], kept[idx[c]][mine]
+        else:
+            r_all = np.array(sorted({int(r) for r in rows[c] if int(r) in at}), np.int64)
+            if not len(r_all):
+                continue
+            d1, i1, _ = nearest_tiled_l2(
+                images[c : c + 1], decoded[[at[int(r)] for r in r_all]], k=len(r_all), grid=grid
+            )
+            d_c, r_c = d1[0], r_all[i1[0]]
         if not len(r_c):
             continue
+        # 4. this candidate's retrieved images, nearest first; the k-eidetic count among them
         within = int((d_c <= delta).sum())
         top = slice(0, min(n_nearest, len(r_c)))
         out.extend(
