@@ -78,6 +78,21 @@ def test_flat_index_with_k_at_least_n_equals_the_train_path(tmp_path, synth_trai
     assert "retrieved" in html and "lower bound" in html
 
 
+def test_verify_rerun_goes_through_the_index(tmp_path, flat_index, train_run):
+    import shutil
+
+    from memscan.extraction.pipeline import reverify
+
+    res = extract(planted(), PROMPTS, None, tmp_path / "idx", CFG, progress=False, index=flat_index, retrieve=500)
+    again = reverify(res.run_dir, delta=0.0155)
+    ref_dir = tmp_path / "ref"
+    shutil.copytree(train_run.run_dir, ref_dir)
+    ref = reverify(ref_dir, delta=0.0155)
+    pd.testing.assert_frame_equal(_ext(ref), _ext(again), check_exact=True)
+    assert again.manifest["retrieval"]["retrieved"] == 5 * 120
+    assert 0 < again.manifest["counts"]["extractions"] < 5  # the tighter delta drops some
+
+
 def test_eidetic_counts_with_planted_duplicates_and_small_k(tmp_path, synth_train):
     # three exact copies of t0003 in the training set: k-eidetic count 3 with the full path;
     # through the index with K = 2 the count is bounded by the retrieval (2)

@@ -26,6 +26,7 @@ from memscan.extraction.verify_index import (
     IndexVerification,
     RetrievalStats,
     open_index_verifier,
+    verify_candidates_indexed,
 )
 from memscan.extraction.worker import extraction_pool, extraction_stage, generator_record, probe_generator
 from memscan.runners.shards import run_shards
@@ -304,7 +305,19 @@ def reverify(
             cfg["n_nearest"] = int(n_nearest)
         config = ExtractConfig(**cfg).validate()
         shape = tuple(manifest["output_shape"])
-        training = load_training_set(train or manifest["training_set"]["source"], size=shape[:2], channels=shape[2])
+        via = manifest.get("verification") or {}
+        if via.get("via") == "index":  # verified through an index: re-verify through it
+            verifier = open_index_verifier(
+                IndexVerification(
+                    via["index"],
+                    int(via["retrieve"]),
+                    str(Path(train).resolve()) if train else None,
+                    device=config.device,
+                )  # fmt: skip
+            )
+        else:
+            verifier = None
+            training = load_training_set(train or manifest["training_set"]["source"], size=shape[:2], channels=shape[2])
         det = store.table("detections")
         det["detected"] = det["clique_size"] >= config.min_clique
         cands = det[det["detected"] & det["candidate_image"].notna()].reset_index(drop=True)
@@ -313,10 +326,18 @@ def reverify(
             if len(cands)
             else np.zeros((0, *shape), np.uint8)
         )
-        ext = verify_candidates(cands, imgs, training, delta=config.delta, grid=config.grid, n_nearest=config.n_nearest)
+        kw = {"delta": config.delta, "grid": config.grid, "n_nearest": config.n_nearest}
+        if verifier is not None:
+            ext, stats = verify_candidates_indexed(cands, imgs, verifier, **kw)
+            manifest["retrieval"] = stats
+        else:
+            ext = verify_candidates(cands, imgs, training, **kw)
         write_table(det, store.root / "detections.parquet")
         write_table(ext, store.root / "extractions.parquet")
-        _save_train_matches(store, ext, training)
+        if verifier is not None:
+            _save_train_matches_indexed(store, ext, verifier, shape)
+        else:
+            _save_train_matches(store, ext, training)
         manifest["config"] = config.to_dict()
         manifest.setdefault("reverified", []).append(
             {"at": time.strftime("%Y-%m-%dT%H:%M:%S"), "delta": config.delta, "min_clique": config.min_clique}
