@@ -145,7 +145,7 @@ def _params(kind: str, n: int, nprobe: int | None):
 def phase_build(work: Path, kind: str, n: int, embedder: str, nprobe: int | None) -> dict:
     import pandas as pd
 
-    from memscan.index.faiss_index import TrainingIndex
+    from memscan.index.faiss_index import MmapFlat, TrainingIndex
 
     emb = np.load(work / "embeddings.npy", mmap_mode="r")
     ids = pd.read_parquet(work / "ids.parquet")["id"].tolist()
@@ -156,7 +156,11 @@ def phase_build(work: Path, kind: str, n: int, embedder: str, nprobe: int | None
         link.symlink_to(work / "embeddings.npy")
     emb = np.load(link, mmap_mode="r")
     t0 = time.perf_counter()
-    index = TrainingIndex.from_embeddings(emb, ids, None, _params(kind, n, nprobe), {"embedder": embedder})
+    if kind == "flat":  # a flat index is its embeddings (memscan saves no faiss file for it)
+        params = _params(kind, n, nprobe).resolve(n)
+        index = TrainingIndex(MmapFlat(emb), emb, ids, [""] * n, params, {"embedder": embedder})
+    else:
+        index = TrainingIndex.from_embeddings(emb, ids, None, _params(kind, n, nprobe), {"embedder": embedder})
     build_s = time.perf_counter() - t0
     index.save(folder, overwrite=True)
     size = index.memory_bytes()

@@ -471,16 +471,21 @@ class MmapFlat:
     def search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         q = np.ascontiguousarray(q, dtype=np.float32)
         k = min(int(k), self.ntotal)
-        best = (np.full((q.shape[0], 0), -np.inf, np.float32), np.zeros((q.shape[0], 0), np.int64))
-        for s in range(0, self.ntotal, self.chunk):
-            # 1. similarities to one chunk of rows (float32 BLAS), its k best per query
-            block = np.asarray(self.embeddings[s : s + self.chunk], dtype=np.float32)
-            sims = q @ block.T
-            kk = min(k, sims.shape[1])
-            top = np.argpartition(-sims, kk - 1, axis=1)[:, :kk]
-            # 2. merged with the best so far
-            best = merge_searches([best, (np.take_along_axis(sims, top, 1), top + s)], k)
-        return best
+        per = max(1, (1 << 22) // self.chunk)  # queries per block: ≤ 4M similarities (16 MB) at once
+        sims_out = np.empty((q.shape[0], k), np.float32)
+        rows_out = np.empty((q.shape[0], k), np.int64)
+        for a in range(0, q.shape[0], per):
+            qb = q[a : a + per]
+            best = (np.full((len(qb), 0), -np.inf, np.float32), np.zeros((len(qb), 0), np.int64))
+            for s in range(0, self.ntotal, self.chunk):
+                # 1. similarities to one chunk of rows (float32 BLAS), its k best per query
+                sims = qb @ np.asarray(self.embeddings[s : s + self.chunk], dtype=np.float32).T
+                kk = min(k, sims.shape[1])
+                top = np.argpartition(sims, sims.shape[1] - kk, axis=1)[:, -kk:]
+                # 2. merged with the best so far
+                best = merge_searches([best, (np.take_along_axis(sims, top, 1), top + s)], k)
+            sims_out[a : a + per], rows_out[a : a + per] = best
+        return sims_out, rows_out
 
 
 def _set_search_params(index, params: IndexParams) -> None:
