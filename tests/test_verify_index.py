@@ -247,3 +247,22 @@ def test_bad_index_inputs(tmp_path, synth_train, flat_index):
     (moved / "ids.parquet").write_bytes(b"not parquet")
     with pytest.raises(InputError, match="cannot be read"):
         extract(planted(), PROMPTS, None, tmp_path / "d", CFG, progress=False, index=moved)
+
+
+def test_cli_index_ivfpq_in_two_shards_then_extract_through_it(tmp_path, synth_train):
+    from conftest import run_cli
+
+    idx = tmp_path / "idx"
+    run_cli("index", synth_train, "--out", idx, "--embedder", "pixel:8", "--index-type", "ivfpq", "--pq-m", "16",
+            "--nlist", "2", "--nprobe", "2", "--index-shards", "2", "--quiet")  # fmt: skip
+    assert sorted(p.name for p in idx.glob("index-*.faiss")) == ["index-000.faiss", "index-001.faiss"]
+    (tmp_path / "p.txt").write_text("\n".join(PROMPTS) + "\n")
+    run = tmp_path / "run"
+    proc = run_cli("extract", "--model", "py:gen_support:planted", "--prompts", tmp_path / "p.txt", "--index", idx,
+                   "--retrieve", 50, "--out", run, "--samples-per-prompt", 60, "--batch-size", 30, "--quiet")  # fmt: skip
+    assert "5 extractions" in proc.stdout
+    m = json.loads((run / "manifest.json").read_text())
+    assert m["verification"]["index_type"] == "ivfpq" and m["verification"]["index_params"]["shards"] == 2
+    assert m["verification"]["retrieve"] == 50 and m["retrieval"]["retrieved"] == 5 * 50
+    run_cli("report", run)
+    assert "lower bound" in (run / "report.html").read_text()
