@@ -20,7 +20,7 @@ from gen_support import MEMORIZED, planted
 from PIL import Image
 
 from memscan.data.training import list_source, load_training_set
-from memscan.errors import InputError
+from memscan.errors import InputError, MemscanError
 from memscan.extraction.config import ExtractConfig
 from memscan.extraction.pipeline import extract
 from memscan.extraction.verify import verify_candidates
@@ -266,3 +266,16 @@ def test_cli_index_ivfpq_in_two_shards_then_extract_through_it(tmp_path, synth_t
     assert m["verification"]["retrieve"] == 50 and m["retrieval"]["retrieved"] == 5 * 50
     run_cli("report", run)
     assert "lower bound" in (run / "report.html").read_text()
+
+
+def test_index_run_stopped_then_resumed_equals_uninterrupted(tmp_path, flat_index, train_run):
+    run = tmp_path / "run"
+    kw = {"progress": False, "index": flat_index, "retrieve": 500}
+    with pytest.raises(MemscanError, match="resume"):  # stop_after_shards: the run stops early
+        extract(planted(), PROMPTS, None, run, CFG, stop_after_shards=1, **kw)
+    # resuming with another K is refused (the verification is part of the run's identity)
+    with pytest.raises(MemscanError, match="verification"):
+        extract(planted(), PROMPTS, None, run, CFG, resume=True, progress=False, index=flat_index, retrieve=7)
+    res = extract(planted(), PROMPTS, None, run, CFG, resume=True, **kw)
+    pd.testing.assert_frame_equal(_ext(train_run), _ext(res), check_exact=True)
+    assert res.manifest["retrieval"]["candidates"] == 5
