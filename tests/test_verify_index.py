@@ -279,3 +279,17 @@ def test_index_run_stopped_then_resumed_equals_uninterrupted(tmp_path, flat_inde
     res = extract(planted(), PROMPTS, None, run, CFG, resume=True, **kw)
     pd.testing.assert_frame_equal(_ext(train_run), _ext(res), check_exact=True)
     assert res.manifest["retrieval"]["candidates"] == 5
+
+
+def test_the_index_path_never_decodes_the_training_set(tmp_path, flat_index, monkeypatch):
+    import memscan.data.training as training_mod
+    import memscan.extraction.pipeline as pipeline_mod
+
+    def refuse(*a, **k):
+        raise AssertionError("the training set was decoded whole")
+
+    monkeypatch.setattr(pipeline_mod, "load_training_set", refuse)
+    monkeypatch.setattr(training_mod, "decode_training_set", refuse)
+    res = extract(planted(), PROMPTS[:2], None, tmp_path / "run", CFG, progress=False, index=flat_index, retrieve=10)
+    assert res.manifest["counts"]["extractions"] == 2
+    assert res.manifest["retrieval"]["decoded"] <= 2 * 10  # only the retrieved images were read
