@@ -380,6 +380,51 @@ LM_INDEX_BAD = [
 ]
 
 
+# ---- memscan extract --index (issue 18): a missing or damaged index, a training source gone ----
+def _index_cases(root: Path, clean: Path) -> dict[str, tuple[Path, str]]:
+    import shutil
+
+    from memscan.index.faiss_index import IndexParams, build_index
+
+    good = root / "good"
+    build_index(clean, good, embedder="pixel:8", index_type=IndexParams("ivf", nlist=1), progress=False)
+    cases: dict[str, tuple[Path, str]] = {"an index path that does not exist": (root / "nope", "does not exist")}
+
+    def copy(name: str) -> Path:
+        p = root / name.replace(" ", "_")
+        shutil.copytree(good, p)
+        return p
+
+    p = copy("no index json")
+    (p / "index.json").unlink()
+    cases["a folder without index.json"] = (p, "not a memscan index")
+    p = copy("bad json")
+    (p / "index.json").write_text("{not json")
+    cases["an index.json that is not JSON"] = (p, "not valid JSON")
+    p = copy("bad ids")
+    (p / "ids.parquet").write_bytes(b"PAR1 garbage")
+    cases["a corrupt ids.parquet"] = (p, "cannot be read")
+    p = copy("bad faiss")
+    (p / "index.faiss").write_bytes(b"\0" * 64)
+    cases["a corrupt index.faiss"] = (p, "cannot be read")
+    p = copy("source gone")
+    loc = pd.read_parquet(p / "locations.parquet")
+    loc["path"] = [str(root / "moved" / f"{i}.png") for i in range(len(loc))]
+    loc.to_parquet(p / "locations.parquet")
+    cases["an index whose training images moved"] = (p, "--train")
+    return cases
+
+
+INDEX_BAD = [
+    "an index path that does not exist",
+    "a folder without index.json",
+    "an index.json that is not JSON",
+    "a corrupt ids.parquet",
+    "a corrupt index.faiss",
+    "an index whose training images moved",
+]
+
+
 @pytest.fixture(scope="module")
 def lm_index_inputs(tmp_path_factory):
     from bad_inputs import build_lm_index_inputs
@@ -395,3 +440,25 @@ def test_bad_corpus_index_inputs_are_refused(lm_index_inputs, tiny_lm_dir, tmp_p
     out = tmp_path / "o"
     assert_clean_error(cli(*args, "--out", out), want)
     assert not (out / "manifest.json").exists()  # refused before any run starts
+
+
+@pytest.fixture(scope="module")
+def index_cases(corpus, tmp_path_factory):
+    return _index_cases(tmp_path_factory.mktemp("bad_index"), corpus.clean)
+
+
+@pytest.mark.parametrize("bad", INDEX_BAD)
+def test_bad_indexes_are_refused_by_extract(corpus, index_cases, tmp_path, bad):
+    path, want = index_cases[bad]
+    out = tmp_path / "out"
+    args = ("extract", "--model", "py:gen_support:planted", "--prompts", corpus.blank_lines, "--index", path)
+    line = assert_clean_error(cli(*args, "--out", out, "--quiet"), want)
+    assert path.name in line or "--train" in line  # names the input, or the option that fixes it
+    assert not out.exists()  # refused before any run is written: a corrected rerun starts afresh
+
+
+def test_extract_needs_train_or_index_and_a_positive_retrieve(corpus, index_cases, tmp_path):
+    base = ("extract", "--model", "py:gen_support:planted", "--prompts", corpus.blank_lines, "--out", tmp_path / "o")
+    assert_clean_error(cli(*base, "--quiet"), "--train", "--index")
+    good = index_cases["a corrupt ids.parquet"][0].parent / "good"
+    assert_clean_error(cli(*base, "--index", good, "--retrieve", 0, "--quiet"), "--retrieve")

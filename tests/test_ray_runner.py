@@ -89,6 +89,23 @@ def test_ray_run_equals_local_run(ray_address, reference, prompts, synth_train, 
     assert str(os.getpid()) not in "".join(workers)
 
 
+def test_ray_run_through_the_index_equals_local_run(ray_address, reference, prompts, synth_train, tmp_path):
+    """extract --index on Ray: workers get the small IndexVerification record (never the training
+    images) and open the index memory-mapped; a flat index with K ≥ N gives the --train tables."""
+    from memscan.index.faiss_index import build_index
+
+    build_index(synth_train, tmp_path / "idx", embedder="pixel:8", index_type="flat", progress=False)
+    run = tmp_path / "ray"
+    res = extract(
+        "py:gen_support:planted", prompts, None, run, CFG, progress=False, runner="ray",
+        runner_options=RayOptions(num_workers=2), index=tmp_path / "idx", retrieve=200,
+    )  # fmt: skip
+    _assert_same_run(reference, run)
+    assert res.manifest["verification"]["via"] == "index" and res.manifest["runner"]["name"] == "ray"
+    recs = [json.loads(p.read_text()) for p in (run / "shards").glob("*.done.json")]
+    assert sum(r["retrieval"]["candidates"] for r in recs) == res.manifest["counts"]["detections"]
+
+
 def test_worker_killed_mid_shard_is_retried_elsewhere(ray_address, reference, prompts, synth_train, tmp_path):
     _, victims = ray_address
     folder = victims / "kill"

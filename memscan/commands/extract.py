@@ -25,8 +25,20 @@ def register(app: typer.Typer) -> None:
         prompts: Path = typer.Option(
             ..., "--prompts", help="text file (one prompt a line) or CSV/Parquet with prompt_id, prompt"
         ),
-        train: Path = typer.Option(
-            ..., "--train", help="training images: a folder or a CSV/Parquet manifest (id, path, caption)"
+        train: Path | None = typer.Option(
+            None,
+            "--train",
+            help="training images: folder, CSV/Parquet manifest (id, path, caption), webdataset .tar, img2dataset "
+            "output [with --index: where the index recorded them]",
+        ),
+        index: Path | None = typer.Option(
+            None,
+            "--index",
+            help="verify through this training index (`memscan index`): each candidate against its --retrieve "
+            "nearest training images only; the training set is never decoded whole",
+        ),
+        retrieve: int = typer.Option(
+            100, "--retrieve", help="with --index: training images retrieved and compared per candidate (K)"
         ),
         out: Path = typer.Option(..., "--out", help="run directory to write"),
         samples_per_prompt: int | None = typer.Option(None, help="generations per prompt [500]"),
@@ -65,7 +77,9 @@ def register(app: typer.Typer) -> None:
         ),
         quiet: bool = quiet_option(),
     ):
-        """Generate many images per prompt, find cliques of near-copies, verify them against the training set."""
+        """Generate many images per prompt, find cliques of near-copies, verify them against the training set
+        (all of it with --train; with --index, each candidate's --retrieve nearest training images)."""
+        from memscan.errors import InputError
         from memscan.extraction.config import ExtractConfig
         from memscan.extraction.pipeline import extract as run_extract
         from memscan.generators.load import load_generator
@@ -73,6 +87,8 @@ def register(app: typer.Typer) -> None:
         from memscan.runners.ray_runner import RayOptions
 
         with clean_errors():
+            if train is None and index is None:
+                raise InputError("extract needs the training set", "pass --train TRAIN, or --index INDEX")
             cfg = ExtractConfig.from_sources(
                 config,
                 samples_per_prompt=samples_per_prompt,
@@ -118,6 +134,8 @@ def register(app: typer.Typer) -> None:
                 runner=runner,
                 runner_options=ray_options,
                 model_id=model,
+                index=index,
+                retrieve=retrieve,
             )
         c = result.manifest["counts"]
         typer.echo(

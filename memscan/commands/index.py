@@ -23,10 +23,17 @@ def register(app: typer.Typer) -> None:
             help="pixel, pixel:SIZE, a TorchScript file (.pt), an .onnx file, or open_clip:MODEL:WEIGHTS",
         ),
         index_type: str = typer.Option(
-            "auto", "--index-type", help="auto (flat up to 1M vectors, else ivf), flat, ivf, hnsw"
+            "auto",
+            "--index-type",
+            help="auto (flat up to 1M vectors, else ivf), flat, ivf, ivfpq (product-quantized: --pq-m bytes a "
+            "vector), hnsw",
         ),
-        nlist: int | None = typer.Option(None, help="IVF cells [4·sqrt(N)]"),
+        nlist: int | None = typer.Option(None, help="IVF cells (ivf, ivfpq) [4·sqrt(N)]"),
         nprobe: int | None = typer.Option(None, help="IVF cells visited per query [max(8, nlist/8)]"),
+        pq_m: int = typer.Option(64, "--pq-m", help="ivfpq: bytes per vector code (must divide the dimension)"),
+        index_shards: int = typer.Option(
+            1, "--index-shards", help="build the index in this many parts (one file each; searches are merged)"
+        ),
         batch_size: int = typer.Option(256, "--batch-size", help="images decoded and embedded per step"),
         device: str = typer.Option("cpu", "--device", help="cpu or cuda (model embedders)"),
         workers: int = typer.Option(2, "--workers", help="image-decoding threads"),
@@ -40,7 +47,7 @@ def register(app: typer.Typer) -> None:
         """Embed every training image and build a FAISS index (embeddings and ids stored on disk)."""
         from memscan.index.faiss_index import IndexParams, build_index
 
-        params = IndexParams(index_type, nlist=nlist, nprobe=nprobe)
+        params = IndexParams(index_type, nlist=nlist, nprobe=nprobe, pq_m=pq_m, shards=index_shards)
         idx = run_library_call(
             build_index,
             train,

@@ -18,9 +18,16 @@ import pandas as pd
 from memscan.data.images import read_image
 from memscan.data.prompts import load_prompts
 from memscan.data.training import TrainingSet, load_training_set
-from memscan.errors import MemscanError
+from memscan.errors import InputError, MemscanError
 from memscan.extraction.config import ExtractConfig
 from memscan.extraction.verify import verify_candidates
+from memscan.extraction.verify_index import (
+    DEFAULT_RETRIEVE,
+    IndexVerification,
+    RetrievalStats,
+    open_index_verifier,
+    verify_candidates_indexed,
+)
 from memscan.extraction.worker import extraction_pool, extraction_stage, generator_record, probe_generator
 from memscan.runners.shards import run_shards
 from memscan.store import Run, RunStore, open_run, safe_name, write_table
@@ -56,6 +63,8 @@ def extract(
     runner: str = "local",
     runner_options=None,
     model_id: str | None = None,
+    index: str | Path | None = None,
+    retrieve: int = DEFAULT_RETRIEVE,
 ) -> ExtractionResult:
     """Run the generate → detect → verify attack over all prompts, shard by shard.
 
@@ -65,7 +74,8 @@ def extract(
         :class:`memscan.runners.GeneratorSpec`) that each worker loads; the Ray runner needs a spec
     prompts : prompts file path, a list of prompt strings (ids ``p0``, ``p1``, …), or a table
         with ``prompt_id``, ``prompt`` (``train_id``, ``duplicate_count``, …)
-    train : training set path or a loaded :class:`TrainingSet`
+    train : training set path or a loaded :class:`TrainingSet`; with ``index``, optional (the
+        index records its source) — where the indexed images are now
     out : the run directory (opened with :func:`memscan.store.open_run`, kind ``extract``)
     config : :class:`ExtractConfig`
     resume : continue a run in ``out`` (same config, shard count, output shape and prompts
@@ -77,8 +87,22 @@ def extract(
     runner_options : :class:`memscan.runners.RayOptions` (or a dict of its fields) for ``"ray"``
     model_id : the ``--model`` spec recorded in the manifest's ``model`` record when
         ``generator`` is a loaded object (default: the spec it was given as, or its class)
+    index : a training index folder (``memscan index``): verify each candidate among its top
+        ``retrieve`` training images only (:mod:`memscan.extraction.verify_index`); the training
+        set is never decoded whole, by the driver or by any worker
+    retrieve : K, training images retrieved and decoded per candidate with ``index``
     """
     config = config.validate()
+    if index is not None:
+        if isinstance(train, TrainingSet):
+            raise InputError("with an index, pass the training set as a path (or None), not loaded images")
+        train = IndexVerification(
+            str(Path(index).resolve()), retrieve, str(Path(train).resolve()) if train is not None else None,
+            device=config.device,
+        ).validate()  # fmt: skip
+        open_index_verifier(train)  # a missing or damaged index (or source) fails before any run is written
+    elif train is None:
+        raise InputError("extract needs the training set", "pass --train TRAIN, or --index INDEX")
     started = time.time()
     with open_run(out, "extract", resume=resume) as run:
         # workers (one model load each) start while the driver reads the inputs
@@ -115,14 +139,21 @@ def _extract_in(
     )
     probe = pool.call(probe_generator, first["prompt"], config.seed, where)
     shape = probe.shape
-    training = train if isinstance(train, TrainingSet) else load_training_set(train, size=shape[:2], channels=shape[2])
-    if training.images.shape[1:] != shape:
-        raise MemscanError(
-            f"training images are {training.images.shape[1:]} but generations are {shape}",
-            "load the training set at the generator's resolution",
+    verifier = open_index_verifier(train) if isinstance(train, IndexVerification) else None
+    if verifier is not None:  # through the index: nothing decoded here
+        training, summary, verification = train, verifier.summary(shape), verifier.describe()
+    else:
+        training = (
+            train if isinstance(train, TrainingSet) else load_training_set(train, size=shape[:2], channels=shape[2])
         )
-    for s in training.skipped:
-        store.log(f"skipped training image {s['id']} ({s['path']}): {s['reason']}")
+        if training.images.shape[1:] != shape:
+            raise MemscanError(
+                f"training images are {training.images.shape[1:]} but generations are {shape}",
+                "load the training set at the generator's resolution",
+            )
+        for s in training.skipped:
+            store.log(f"skipped training image {s['id']} ({s['path']}): {s['reason']}")
+        summary, verification = training.summary(), None
 
     n_shards = math.ceil(len(prompt_df) / config.shard_size)
     prompts_path = store.root / "prompts.parquet"
@@ -139,18 +170,22 @@ def _extract_in(
         "runner": pool.describe(),
         "output_shape": list(shape),
         "prompts": {**prompt_info, "count": len(prompt_df)},
-        "training_set": training.summary(),
+        "training_set": summary,
         "n_shards": n_shards,
         "seeds": {"run_seed": config.seed, "derivation": "blake2b(run_seed, prompt_id, sample_index) → 63-bit"},
     }
+    if verification is not None:
+        fields["verification"] = verification
     if not (run.resuming and prompts_path.exists()):
         write_table(prompt_df, prompts_path)
-    run.start(fields, identity=("config", "n_shards", "output_shape"), started=started)
+    run.start(fields, identity=("config", "n_shards", "output_shape", "verification"), started=started)
     store.log(f"extract: {len(prompt_df)} prompts in {n_shards} shards, {config.samples_per_prompt} samples each")
 
     # 2. shards: the same stage over the same shards with either runner; results are committed
     #    in the driver, once each (merge goes in shard order)
-    shared_training = pool.share(training)  # Ray: one copy in the object store per node
+    # Ray: one copy in the object store per node (with an index: the small IndexVerification
+    # record; each worker opens the index memory-mapped)
+    shared_training = pool.share(training)
     size = config.shard_size
     run_shards(
         run,
@@ -167,10 +202,16 @@ def _extract_in(
 
     # 3. merge, save the matched training images, record throughput
     tables = store.merge(n_shards)
-    _save_train_matches(store, tables["extractions"], training)
+    extra = {}
+    if verifier is not None:
+        _save_train_matches_indexed(store, tables["extractions"], verifier, shape)
+        extra["retrieval"] = _retrieval(store, n_shards)
+    else:
+        _save_train_matches(store, tables["extractions"], training)
     manifest = run.finish(
         throughput=_throughput(store, n_shards),
         counts=_counts(tables["detections"], tables["extractions"]),
+        **extra,
     )
     store.log(f"extract: complete — {manifest['counts']}")
     return ExtractionResult(store.root, prompt_df, tables["detections"], tables["extractions"], manifest)
@@ -212,6 +253,28 @@ def _save_train_matches(store: RunStore, extractions: pd.DataFrame, training: Tr
             store.save_image(training.images[index[tid]], "train", safe_name(tid))
 
 
+def _retrieval(store: RunStore, n_shards: int) -> dict:
+    """The manifest's ``retrieval`` record: what verification through the index read (summed
+    over shards); each unreadable retrieved image is logged by name."""
+    total = RetrievalStats()
+    for s in range(n_shards):
+        total.add(store.shard_record(s).get("retrieval", {}))
+    for sk in total.skipped:
+        store.log(f"skipped retrieved training image {sk['id']} ({sk['path']}): {sk['reason']}")
+    return total.to_dict()
+
+
+def _save_train_matches_indexed(store: RunStore, extractions: pd.DataFrame, verifier, shape) -> None:
+    """The rank-1 training images of an index-verified run, read by random access."""
+    if not len(extractions):
+        return
+    tids = extractions.loc[extractions["rank"] == 1, "train_id"].unique()
+    rows = [r for r in (verifier.row_of(t) for t in tids) if r is not None]
+    kept, images, _ = verifier.reader.read(rows, size=tuple(shape[:2]), channels=int(shape[2]))
+    for r, img in zip(kept, images):
+        store.save_image(img, "train", safe_name(verifier.index.ids[int(r)]))
+
+
 def reverify(
     run: str | Path,
     train: str | Path | None = None,
@@ -242,7 +305,19 @@ def reverify(
             cfg["n_nearest"] = int(n_nearest)
         config = ExtractConfig(**cfg).validate()
         shape = tuple(manifest["output_shape"])
-        training = load_training_set(train or manifest["training_set"]["source"], size=shape[:2], channels=shape[2])
+        via = manifest.get("verification") or {}
+        if via.get("via") == "index":  # verified through an index: re-verify through it
+            verifier = open_index_verifier(
+                IndexVerification(
+                    via["index"],
+                    int(via["retrieve"]),
+                    str(Path(train).resolve()) if train else None,
+                    device=config.device,
+                )  # fmt: skip
+            )
+        else:
+            verifier = None
+            training = load_training_set(train or manifest["training_set"]["source"], size=shape[:2], channels=shape[2])
         det = store.table("detections")
         det["detected"] = det["clique_size"] >= config.min_clique
         cands = det[det["detected"] & det["candidate_image"].notna()].reset_index(drop=True)
@@ -251,10 +326,18 @@ def reverify(
             if len(cands)
             else np.zeros((0, *shape), np.uint8)
         )
-        ext = verify_candidates(cands, imgs, training, delta=config.delta, grid=config.grid, n_nearest=config.n_nearest)
+        kw = {"delta": config.delta, "grid": config.grid, "n_nearest": config.n_nearest}
+        if verifier is not None:
+            ext, stats = verify_candidates_indexed(cands, imgs, verifier, **kw)
+            manifest["retrieval"] = stats
+        else:
+            ext = verify_candidates(cands, imgs, training, **kw)
         write_table(det, store.root / "detections.parquet")
         write_table(ext, store.root / "extractions.parquet")
-        _save_train_matches(store, ext, training)
+        if verifier is not None:
+            _save_train_matches_indexed(store, ext, verifier, shape)
+        else:
+            _save_train_matches(store, ext, training)
         manifest["config"] = config.to_dict()
         manifest.setdefault("reverified", []).append(
             {"at": time.strftime("%Y-%m-%dT%H:%M:%S"), "delta": config.delta, "min_clique": config.min_clique}

@@ -19,6 +19,7 @@ from memscan.errors import user_code
 from memscan.extraction.config import ExtractConfig
 from memscan.extraction.detect import DETECT_BATCH_BYTES, DETECT_BATCH_PROMPTS, detect, detect_many
 from memscan.extraction.verify import verify_candidates
+from memscan.extraction.verify_index import IndexVerification, open_index_verifier, verify_candidates_indexed
 from memscan.generators.base import check_generations
 from memscan.generators.seeds import derive_seed, derive_seeds
 from memscan.store import RunStore, safe_name
@@ -60,11 +61,14 @@ def run_shard(
     generator,
     prompts: pd.DataFrame,
     config: ExtractConfig,
-    training: TrainingSet,
+    training: TrainingSet | IndexVerification,
     store: RunStore,
     progress=None,
 ) -> tuple[dict[str, pd.DataFrame], ShardTimings]:
     """Attack every prompt of one shard; returns ``{"detections": df, "extractions": df}``.
+
+    ``training`` is the decoded training set, or an :class:`IndexVerification` (verify through
+    the index: only each candidate's retrieved images are decoded; counts in ``timings.extra``).
 
     Generations live in memory only until the prompt's detection is done — batched over up to
     ``DETECT_BATCH_PROMPTS`` prompts (``DETECT_BATCH_BYTES`` of generations) with
@@ -114,10 +118,17 @@ def run_shard(
     # 4. verify the shard's candidates against the training set
     t2 = time.perf_counter()
     cand_df = pd.DataFrame(cand_rows, columns=DETECTION_COLUMNS)
-    stack = np.stack(cand_images) if cand_images else np.zeros((0, *training.images.shape[1:]), np.uint8)
-    extractions = verify_candidates(
-        cand_df, stack, training, delta=config.delta, grid=config.grid, n_nearest=config.n_nearest
-    )
+    if isinstance(training, IndexVerification):  # through the index: only the retrieved are decoded
+        stack = np.stack(cand_images) if cand_images else np.zeros((0, 1, 1, 3), np.uint8)
+        extractions, timings.extra["retrieval"] = verify_candidates_indexed(
+            cand_df, stack, open_index_verifier(training), delta=config.delta, grid=config.grid,
+            n_nearest=config.n_nearest,
+        )  # fmt: skip
+    else:
+        stack = np.stack(cand_images) if cand_images else np.zeros((0, *training.images.shape[1:]), np.uint8)
+        extractions = verify_candidates(
+            cand_df, stack, training, delta=config.delta, grid=config.grid, n_nearest=config.n_nearest
+        )
     timings.verification_s = time.perf_counter() - t2
     detections = pd.DataFrame(rows, columns=DETECTION_COLUMNS)
     detections["duplicate_count"] = detections["duplicate_count"].astype("Int64")

@@ -45,32 +45,47 @@ def verify_candidates(
     ``mean_clique_distance``; ``images`` holds the candidate medoids in the same order.
     """
     if len(candidates) == 0:
-        return pd.DataFrame({c: pd.Series(dtype=_dtype(c)) for c in EXTRACTION_COLUMNS})
+        return empty_extractions()
     if images.shape[1:] != training.images.shape[1:]:
         raise ValueError(f"candidates are {images.shape[1:]} but training images are {training.images.shape[1:]}")
     dist, idx, within = nearest_tiled_l2(images, training.images, k=n_nearest, grid=grid, within=delta)
     rows = []
     for c, cand in enumerate(candidates.itertuples(index=False)):
-        for r in range(dist.shape[1]):
-            tid = training.ids[int(idx[c, r])]
-            expected = getattr(cand, "train_id", None)
-            rows.append(
-                {
-                    "prompt_id": cand.prompt_id,
-                    "rank": r + 1,
-                    "train_id": tid,
-                    "train_caption": training.captions[int(idx[c, r])],
-                    "tiled_l2": float(dist[c, r]),
-                    "extracted": bool(dist[c, r] <= delta),
-                    "eidetic_k": int(within[c]),
-                    "expected_train_id": expected,
-                    "matches_expected": None if expected is None else bool(expected == tid),
-                    "clique_size": int(cand.clique_size),
-                    "mean_clique_distance": float(cand.mean_clique_distance),
-                    "delta": float(delta),
-                }
-            )
+        tids = [training.ids[int(i)] for i in idx[c]]
+        caps = [training.captions[int(i)] for i in idx[c]]
+        rows.extend(extraction_rows(cand, dist[c], tids, caps, int(within[c]), delta))
     return pd.DataFrame(rows, columns=EXTRACTION_COLUMNS)
+
+
+def extraction_rows(cand, dist, tids, captions, within: int, delta: float) -> list[dict]:
+    """The rows of one candidate: its nearest training images (``tids``, ``captions``) at
+    distances ``dist``, ascending; ``within`` is its k-eidetic count."""
+    expected = getattr(cand, "train_id", None)
+    rows = []
+    for r in range(len(dist)):
+        tid = tids[r]
+        rows.append(
+            {
+                "prompt_id": cand.prompt_id,
+                "rank": r + 1,
+                "train_id": tid,
+                "train_caption": captions[r],
+                "tiled_l2": float(dist[r]),
+                "extracted": bool(dist[r] <= delta),
+                "eidetic_k": int(within),
+                "expected_train_id": expected,
+                "matches_expected": None if expected is None else bool(expected == tid),
+                "clique_size": int(cand.clique_size),
+                "mean_clique_distance": float(cand.mean_clique_distance),
+                "delta": float(delta),
+            }
+        )
+    return rows
+
+
+def empty_extractions() -> pd.DataFrame:
+    """The extractions table with no rows (typed columns)."""
+    return pd.DataFrame({c: pd.Series(dtype=_dtype(c)) for c in EXTRACTION_COLUMNS})
 
 
 def _dtype(col: str) -> str:

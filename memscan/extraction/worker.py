@@ -19,6 +19,7 @@ from memscan.data.training import TrainingSet
 from memscan.errors import InputError, user_code
 from memscan.extraction.config import ExtractConfig
 from memscan.extraction.shard import run_shard
+from memscan.extraction.verify_index import IndexVerification
 from memscan.generators.base import check_generations, describe
 from memscan.generators.model_record import count_parameters, model_record
 from memscan.runners import GeneratorSpec, RayOptions, WorkerPool, make_pool, require_ray
@@ -96,10 +97,10 @@ def probe_generator(worker, prompt: str, seed: int, where: str | None = None) ->
 
 
 def extraction_stage(
-    worker: ExtractionWorker, prompts: pd.DataFrame, training: TrainingSet, progress=None
+    worker: ExtractionWorker, prompts: pd.DataFrame, training: TrainingSet | IndexVerification, progress=None
 ) -> tuple[dict[str, pd.DataFrame], dict]:
     """Generate → detect → verify one shard of prompts (:func:`run_shard`); returns its tables and
-    the shard's completion-record fields (prompts, timings)."""
+    the shard's completion-record fields (prompts, timings; with an index, what it retrieved)."""
     tables, t = run_shard(worker.generator, prompts, worker.config, training, worker.store, progress=progress)
     meta = {
         "prompts": len(prompts),
@@ -107,6 +108,8 @@ def extraction_stage(
         "detection_s": round(t.detection_s, 3),
         "verification_s": round(t.verification_s, 3),
     }
+    if "retrieval" in t.extra:
+        meta["retrieval"] = t.extra["retrieval"]
     return tables, meta
 
 

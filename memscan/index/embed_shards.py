@@ -31,10 +31,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from memscan.index.locations import LOCATION_COLUMNS, locations_table
 from memscan.index.source import iter_batches
 from memscan.store import RunStore
 
-#: Columns of a shard's ``embeddings`` table.
+#: Columns of a shard's ``embeddings`` table (then where each image lives, ``LOCATION_COLUMNS``).
 EMBEDDING_COLUMNS = ["row", "id", "caption", "embedding"]
 
 
@@ -52,7 +53,7 @@ def embed_stage(worker: EmbedWorker, entries, first_row: int, progress=None) -> 
     listed in the meta's ``skipped``, never fatal."""
     emb_model = worker.embedder
     skipped: list[dict] = []
-    rows, ids, captions, vectors = [], [], [], []
+    rows, ids, captions, vectors, kept = [], [], [], [], []
     embed_s = 0.0
     for pos, (images,) in iter_batches(
         entries, [emb_model.input_size], emb_model.channels, worker.batch_size, skipped=skipped, workers=worker.workers
@@ -65,23 +66,27 @@ def embed_stage(worker: EmbedWorker, entries, first_row: int, progress=None) -> 
             ids.append(entries[int(p)].id)
             captions.append(entries[int(p)].caption)
             vectors.append(vecs[k])
+            kept.append(entries[int(p)])
         if progress is not None:
             progress(len(pos))
     if progress is not None and skipped:
         progress(len(skipped))
     table = pd.DataFrame({"row": np.asarray(rows, np.int64), "id": ids, "caption": captions, "embedding": vectors})
-    return {"embeddings": table[EMBEDDING_COLUMNS]}, {
+    table = pd.concat([table[EMBEDDING_COLUMNS], locations_table(kept)], axis=1)
+    return {"embeddings": table}, {
         "entries": len(entries),
         "embed_s": round(embed_s, 3),
         "skipped": skipped,
     }
 
 
-def gather_shards(store: RunStore, n_shards: int, dim: int, path: Path) -> tuple[np.ndarray, list, list, list, float]:
+def gather_shards(store: RunStore, n_shards: int, dim: int, path: Path):
     """Write every committed shard's embeddings, in order, to ``path`` (``.npy``, written to a
     temporary name and renamed); returns ``(embeddings memory map, ids, captions, skipped,
-    embed seconds)``."""
+    embed seconds, locations)`` — ``locations`` the ``LOCATION_COLUMNS`` table, or None when a
+    shard was committed before locations were recorded."""
     ids, captions, skipped, embed_s, n = [], [], [], 0.0, 0
+    locations: list | None = []
     for s in range(n_shards):
         rec = store.shard_record(s)
         skipped.extend(rec.get("skipped", []))
@@ -97,7 +102,12 @@ def gather_shards(store: RunStore, n_shards: int, dim: int, path: Path) -> tuple
         at += len(t)
         ids.extend(t["id"].tolist())
         captions.extend(t["caption"].tolist())
+        if locations is not None and set(LOCATION_COLUMNS) <= set(t.columns):
+            locations.append(t[LOCATION_COLUMNS])
+        else:
+            locations = None
     out.flush()
     del out
     os.replace(tmp, path)
-    return np.load(path, mmap_mode="r", allow_pickle=False), ids, captions, skipped, embed_s
+    loc = pd.concat(locations, ignore_index=True) if locations else None
+    return np.load(path, mmap_mode="r", allow_pickle=False), ids, captions, skipped, embed_s, loc

@@ -10,8 +10,17 @@ Embeddings are L2-normalised, so the index ranks by inner product = cosine simil
 - ``ivf`` (``IndexIVFFlat``): ``nlist`` k-means cells (default ``4·sqrt(N)``), search visits
   ``nprobe`` of them; the default above :data:`FLAT_MAX` (build is a k-means on a sample plus one
   assignment pass; memory ≈ flat + 8 bytes per vector).
+- ``ivfpq`` (``IndexIVFPQ``): IVF cells holding product-quantized residuals of ``pq_m`` bytes
+  per vector (default 64; ``pq_bits`` = 8 bits per sub-quantizer): an index of 10^8 vectors fits
+  in ~7 GB. Its similarities are approximate: callers re-rank what it retrieves by exact pixel
+  distance (:mod:`memscan.extraction.verify_index`).
 - ``hnsw`` (``IndexHNSWFlat``): graph search; fast queries, slow build, ≈ ``8·M`` extra bytes
   per vector.
+
+Any of them can be built in ``shards`` parts over consecutive rows (one coarse quantizer and
+one product quantizer trained once, then copied into every part): each part is its own file,
+searchable alone (by another process or Ray worker), and :func:`merge_searches` merges their
+answers into the answer of the unsharded index.
 
 On disk an index is a folder (nothing pickled), a run directory of kind ``index``
 (:func:`memscan.store.open_run`: a killed build resumes with ``--resume``)::
@@ -25,8 +34,12 @@ On disk an index is a folder (nothing pickled), a run directory of kind ``index`
                         spec (with the model file's sha256), the training source, skipped files
       embeddings.npy    float32 N×D (np.load(allow_pickle=False), memory-mappable)
       ids.parquet       id, caption — row i is embedding i
-      index.faiss       faiss.write_index (ivf, hnsw); a flat index is its embeddings and is
-                        rebuilt from embeddings.npy on load
+      locations.parquet where image i lives: path, member, offset, size (tar member data
+                        offset and length for webdataset shards; -1 for image files), so
+                        verification reads a retrieved image without scanning its shard
+      index.faiss       faiss.write_index (ivf, ivfpq, hnsw); a flat index is its embeddings and
+                        is rebuilt from embeddings.npy on load (memory-mapped: searched in place)
+      index-NNN.faiss   the parts of an index built with ``shards`` > 1 (instead of index.faiss)
 
 ``index.json`` is written last: a folder without it is an unfinished build.
 """
@@ -47,6 +60,7 @@ from memscan.errors import InputError, MemscanError
 from memscan.generators.model_record import model_record
 from memscan.index.embed_shards import EmbedWorker, embed_stage, gather_shards
 from memscan.index.embedders import load_embedder
+from memscan.index.locations import locations_table
 from memscan.index.source import iter_batches
 from memscan.progress import progress_bar
 from memscan.runners import make_pool
@@ -55,7 +69,9 @@ from memscan.store import Run, atomic_write_json, open_run, write_table
 
 #: Largest collection indexed exactly (flat) when ``index_type="auto"``.
 FLAT_MAX = 1_000_000
-INDEX_TYPES = ("auto", "flat", "ivf", "hnsw")
+INDEX_TYPES = ("auto", "flat", "ivf", "ivfpq", "hnsw")
+#: Index types with IVF cells (``nlist``, ``nprobe``).
+IVF_TYPES = ("ivf", "ivfpq")
 FORMAT_VERSION = 1
 
 
@@ -73,13 +89,17 @@ class IndexParams:
 
     Parameters
     ----------
-    index_type : ``auto`` (flat up to :data:`FLAT_MAX` vectors, else ivf), ``flat``, ``ivf``, ``hnsw``
+    index_type : ``auto`` (flat up to :data:`FLAT_MAX` vectors, else ivf), ``flat``, ``ivf``,
+        ``ivfpq``, ``hnsw``
     nlist : IVF cells (default ``4·sqrt(N)``, at most ``N/39`` so k-means has 39 points a cell)
     nprobe : IVF cells visited per query (default ``max(8, nlist/8)``)
     hnsw_m : HNSW neighbours per node
     ef_construction, ef_search : HNSW beam widths at build and query time
     train_size : vectors sampled to train IVF k-means (default ``min(N, 64·nlist)``)
     seed : sampling seed of the IVF training sample
+    pq_m : ivfpq: sub-quantizers = bytes per vector code (must divide the embedding dimension)
+    pq_bits : ivfpq: bits per sub-quantizer (8; lowered to ``log2(train_size / 39)`` for small sets)
+    shards : parts the index is built in (consecutive rows each; searches merged)
     """
 
     index_type: str = "auto"
@@ -90,6 +110,9 @@ class IndexParams:
     ef_search: int = 128
     train_size: int | None = None
     seed: int = 0
+    pq_m: int = 64
+    pq_bits: int = 8
+    shards: int = 1
 
     def resolve(self, n: int) -> IndexParams:
         """Fill in the automatic choices for ``n`` vectors."""
@@ -98,15 +121,25 @@ class IndexParams:
         kind = self.index_type
         if kind == "auto":
             kind = "flat" if n <= FLAT_MAX else "ivf"
-        nlist, nprobe, train = self.nlist, self.nprobe, self.train_size
-        if kind == "ivf":
+        nlist, nprobe, train, bits = self.nlist, self.nprobe, self.train_size, self.pq_bits
+        if isinstance(self.shards, bool) or not isinstance(self.shards, int) or not 1 <= self.shards <= n:
+            raise InputError(f"shards={self.shards!r} must lie in 1..{n} (the number of vectors)")
+        if kind in IVF_TYPES:
             if nlist is None:
                 nlist = int(max(1, min(round(4 * math.sqrt(n)), n // 39)))
             if nlist < 1 or nlist > n:
                 raise InputError(f"nlist={nlist} must lie in 1..{n} (the number of vectors)")
             nprobe = min(nlist, nprobe if nprobe is not None else max(8, nlist // 8))
-            train = min(n, train if train is not None else max(64 * nlist, 39 * nlist))
-        return IndexParams(kind, nlist, nprobe, self.hnsw_m, self.ef_construction, self.ef_search, train, self.seed)
+            floor = max(64 * nlist, 39 * nlist, 39 * 2**bits if kind == "ivfpq" else 0)
+            train = min(n, train if train is not None else floor)
+        if kind == "ivfpq":
+            if self.pq_m < 1 or not 1 <= bits <= 16:
+                raise InputError(f"pq_m={self.pq_m}, pq_bits={bits}: need pq_m ≥ 1 and 1 ≤ pq_bits ≤ 16")
+            bits = int(min(bits, max(1, math.floor(math.log2(train / 39)))))  # k-means: ≥ 39 points a centroid
+        return IndexParams(
+            kind, nlist, nprobe, self.hnsw_m, self.ef_construction, self.ef_search, train, self.seed,
+            self.pq_m, bits, self.shards,
+        )  # fmt: skip
 
 
 class TrainingIndex:
@@ -134,6 +167,7 @@ class TrainingIndex:
         captions: list[str],
         params: IndexParams,
         meta: dict | None = None,
+        locations=None,
     ):
         self.index = index
         self.embeddings = embeddings
@@ -141,6 +175,9 @@ class TrainingIndex:
         self.captions = list(captions)
         self.params = params
         self.meta = dict(meta or {})
+        #: where each image lives (a table, row i ↔ embedding i: path, member, offset, size;
+        #: :mod:`memscan.index.locations`), or None (an index built from arrays, or before it)
+        self.locations = locations
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -158,8 +195,10 @@ class TrainingIndex:
         captions: list[str] | None = None,
         params: IndexParams | str = "auto",
         meta: dict | None = None,
+        locations=None,
     ) -> TrainingIndex:
-        """Index L2-normalised float32 ``N×D`` embeddings (row i belongs to ``ids[i]``)."""
+        """Index L2-normalised float32 ``N×D`` embeddings (row i belongs to ``ids[i]``;
+        ``locations``: optional table of where each image lives, row-aligned)."""
         emb = np.asanyarray(embeddings)  # keeps a memory map a memory map
         emb = emb if emb.dtype == np.float32 else emb.astype(np.float32)
         if emb.ndim != 2 or emb.shape[0] == 0:
@@ -170,8 +209,11 @@ class TrainingIndex:
             raise InputError("index ids must be unique", "deduplicate the training ids")
         params = IndexParams(params) if isinstance(params, str) else params
         params = params.resolve(emb.shape[0])
+        if locations is not None and len(locations) != emb.shape[0]:
+            raise InputError(f"{len(locations)} locations for {emb.shape[0]} embeddings", "pass one location per row")
         index = _build(emb, params)
-        return cls(index, emb, list(ids), list(captions) if captions is not None else [""] * len(ids), params, meta)
+        caps = list(captions) if captions is not None else [""] * len(ids)
+        return cls(index, emb, list(ids), caps, params, meta, locations)
 
     # ---- query ------------------------------------------------------------------------------
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -206,6 +248,9 @@ class TrainingIndex:
         """
         if self.params.index_type == "hnsw":
             raise InputError("HNSW indexes cannot answer range queries", "use search() with a k")
+        first = self.index.parts[0] if isinstance(self.index, IndexParts) else self.index
+        if isinstance(first, MmapFlat):
+            raise InputError("a memory-mapped flat index answers search() only", "load it with mmap=False")
         q = np.ascontiguousarray(queries, dtype=np.float32)
         # FAISS keeps results with similarity > radius for inner product; nudge to include ≥.
         lims, sims, idx = self.index.range_search(q, float(np.nextafter(np.float32(threshold), np.float32(-np.inf))))
@@ -217,8 +262,8 @@ class TrainingIndex:
         return self.search(emb.embed(images), k)
 
     def memory_bytes(self) -> int:
-        """Bytes of the FAISS index's serialized form (≈ its memory)."""
-        return int(_faiss().serialize_index(self.index).nbytes)
+        """Bytes of the FAISS index's serialized form (≈ its memory; all parts together)."""
+        return sum(_part_bytes(p) for p in (self.index.parts if isinstance(self.index, IndexParts) else [self.index]))
 
     # ---- disk -------------------------------------------------------------------------------
     def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
@@ -239,13 +284,19 @@ class TrainingIndex:
                 np.save(f, np.ascontiguousarray(self.embeddings, dtype=np.float32), allow_pickle=False)
             os.replace(tmp, emb_path)
         write_table(pd.DataFrame({"id": self.ids, "caption": self.captions}), root / "ids.parquet")
-        faiss_path = root / "index.faiss"
-        if self.params.index_type == "flat":
-            faiss_path.unlink(missing_ok=True)
+        if self.locations is not None:
+            write_table(self.locations.reset_index(drop=True), root / "locations.parquet")
         else:
-            tmp = root / f".index.faiss.tmp-{os.getpid()}"
-            _faiss().write_index(self.index, str(tmp))
-            os.replace(tmp, faiss_path)
+            (root / "locations.parquet").unlink(missing_ok=True)
+        for old in [root / "index.faiss", *root.glob("index-[0-9][0-9][0-9].faiss")]:
+            old.unlink(missing_ok=True)
+        if self.params.index_type != "flat":
+            parts = self.index.parts if isinstance(self.index, IndexParts) else [self.index]
+            for p, part in enumerate(parts):
+                name = _part_file(p, len(parts))
+                tmp = root / f".{name}.tmp-{os.getpid()}"
+                _faiss().write_index(part, str(tmp))
+                os.replace(tmp, root / name)
         meta = {
             **self.meta,
             "memscan_index": FORMAT_VERSION,
@@ -259,7 +310,12 @@ class TrainingIndex:
 
     @classmethod
     def load(cls, path: str | Path, *, mmap: bool = False) -> TrainingIndex:
-        """Read an index folder written by :meth:`save` (``mmap``: memory-map the embeddings)."""
+        """Read an index folder written by :meth:`save`.
+
+        ``mmap``: memory-map the embeddings and the FAISS files (``faiss.IO_FLAG_MMAP``): a flat
+        index is then searched in place, chunk by chunk, and an IVF / IVF-PQ index reads its
+        inverted lists from the page cache — several processes on one node share one copy.
+        """
         import pandas as pd
 
         root = Path(path)
@@ -276,22 +332,41 @@ class TrainingIndex:
             raise InputError(
                 f"{root}: index format {meta.get('memscan_index')!r} is not {FORMAT_VERSION}", "rebuild the index"
             )
-        emb = np.load(root / "embeddings.npy", mmap_mode="r" if mmap else None, allow_pickle=False)
-        ids_df = pd.read_parquet(root / "ids.parquet")
+        try:
+            emb = np.load(root / "embeddings.npy", mmap_mode="r" if mmap else None, allow_pickle=False)
+            ids_df = pd.read_parquet(root / "ids.parquet")
+            locations = pd.read_parquet(root / "locations.parquet") if (root / "locations.parquet").exists() else None
+        except (OSError, ValueError) as exc:  # missing, truncated or not-an-array files
+            raise InputError(f"{root}: the index files cannot be read ({exc})"[:300], "rebuild the index") from None
         if len(ids_df) != emb.shape[0] or emb.shape[0] != meta["count"] or emb.shape[1] != meta["dim"]:
             raise InputError(
                 f"{root}: embeddings, ids and index.json disagree on the size", "the index is damaged; rebuild it"
             )
         params = IndexParams(**meta["params"])
-        if params.index_type == "flat":
+        if locations is not None and len(locations) != emb.shape[0]:
+            raise InputError(f"{root}: locations.parquet and the embeddings disagree on the size", "rebuild the index")
+        bounds = part_bounds(emb.shape[0], params.shards)
+        if params.index_type == "flat" and mmap:
+            parts = [MmapFlat(emb[a:b]) for a, b in bounds]
+            index = parts[0] if len(parts) == 1 else IndexParts(parts, [a for a, _ in bounds])
+        elif params.index_type == "flat":
             index = _build(np.asarray(emb, dtype=np.float32), params)
         else:
-            index = _faiss().read_index(str(root / "index.faiss"))
-            _set_search_params(index, params)
-            if index.ntotal != emb.shape[0]:
-                raise InputError(
-                    f"{root}: index.faiss holds {index.ntotal} vectors, not {emb.shape[0]}", "rebuild the index"
-                )
+            faiss = _faiss()
+            flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
+            parts = []
+            for p, (a, b) in enumerate(bounds):
+                name = _part_file(p, len(bounds))
+                try:
+                    part = faiss.read_index(str(root / name), flags)
+                except RuntimeError as exc:
+                    raise InputError(f"{root}: {name} cannot be read ({str(exc).splitlines()[0][:200]})",
+                                     "the index is damaged; rebuild it") from None  # fmt: skip
+                _set_search_params(part, params)
+                if part.ntotal != b - a:
+                    raise InputError(f"{root}: {name} holds {part.ntotal} vectors, not {b - a}", "rebuild the index")
+                parts.append(part)
+            index = parts[0] if len(parts) == 1 else IndexParts(parts, [a for a, _ in bounds])
         return cls(
             index,
             emb,
@@ -299,27 +374,167 @@ class TrainingIndex:
             ids_df["caption"].fillna("").astype(str).tolist(),
             params,
             meta,
+            locations,
         )
+
+
+def _part_file(p: int, n_parts: int) -> str:
+    return "index.faiss" if n_parts == 1 else f"index-{p:03d}.faiss"
+
+
+def _part_bytes(part) -> int:
+    if isinstance(part, MmapFlat):
+        return int(part.embeddings.nbytes)
+    return int(_faiss().serialize_index(part).nbytes)
+
+
+def part_bounds(n: int, shards: int) -> list[tuple[int, int]]:
+    """The row ranges ``[a, b)`` of an index built in ``shards`` parts (as equal as possible).
+
+    >>> part_bounds(10, 3)
+    [(0, 3), (3, 6), (6, 10)]
+    """
+    cuts = [p * n // shards for p in range(shards + 1)]
+    return [(cuts[p], cuts[p + 1]) for p in range(shards)]
+
+
+def merge_searches(results: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Merge the searches of several index parts into the ``k`` best of their union.
+
+    ``results``: per part, ``(similarities Q×k_p, global row ids Q×k_p)`` (``-1`` = none). The
+    merge orders by similarity, descending, ties by the lower row — the order of one search
+    over all rows. A part searched on another process (or Ray worker) is merged the same way.
+    """
+    # 1. all parts' answers side by side; missing answers (-1) sort last
+    sims = np.concatenate([np.asarray(s, np.float32) for s, _ in results], axis=1)
+    rows = np.concatenate([np.asarray(i, np.int64) for _, i in results], axis=1)
+    sims = np.where(rows < 0, -np.inf, sims)
+    # 2. per query: by similarity descending, then row ascending; keep k
+    order = np.lexsort((np.where(rows < 0, np.iinfo(np.int64).max, rows), -sims), axis=1)[:, :k]
+    return np.take_along_axis(sims, order, 1), np.take_along_axis(rows, order, 1)
+
+
+class IndexParts:
+    """An index built in parts over consecutive rows; :meth:`search` merges the parts' answers.
+
+    Each part is a FAISS index (or :class:`MmapFlat`) over rows ``offsets[p]…``; it can be
+    searched alone anywhere, and :func:`merge_searches` gives the unsharded answer.
+    """
+
+    def __init__(self, parts: list, offsets: list[int]):
+        self.parts = list(parts)
+        self.offsets = [int(o) for o in offsets]
+
+    @property
+    def ntotal(self) -> int:
+        return sum(int(p.ntotal) for p in self.parts)
+
+    def search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        results = []
+        for part, off in zip(self.parts, self.offsets):
+            sims, idx = part.search(q, min(int(k), int(part.ntotal)))
+            results.append((sims, np.where(idx < 0, -1, idx + off)))
+        return merge_searches(results, int(k))
+
+    def range_search(self, q: np.ndarray, radius: float):
+        per = [p.range_search(q, radius) for p in self.parts]
+        lims, sims, rows = [0], [], []
+        for i in range(q.shape[0]):
+            for (lim, s, ix), off in zip(per, self.offsets):
+                sims.append(s[lim[i] : lim[i + 1]])
+                rows.append(ix[lim[i] : lim[i + 1]] + off)
+            lims.append(lims[-1] + sum(len(ix[lim[i] : lim[i + 1]]) for lim, _, ix in per))
+        cat = np.concatenate
+        return (
+            np.asarray(lims, np.int64),
+            cat(sims) if sims else np.zeros(0, np.float32),
+            cat(rows) if rows else np.zeros(0, np.int64),
+        )
+
+
+class MmapFlat:
+    """Exact inner-product search over memory-mapped embeddings, in place, chunk by chunk.
+
+    What a flat index is when opened with ``mmap=True``: nothing is copied into memory beyond
+    one chunk of rows (the operating system pages the embeddings in and shares them between
+    processes).
+    """
+
+    def __init__(self, embeddings: np.ndarray, chunk: int = 65536):
+        self.embeddings = embeddings
+        self.chunk = int(chunk)
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.embeddings.shape[0])
+
+    def search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        q = np.ascontiguousarray(q, dtype=np.float32)
+        k = min(int(k), self.ntotal)
+        per = max(1, (1 << 22) // self.chunk)  # queries per block: ≤ 4M similarities (16 MB) at once
+        sims_out = np.empty((q.shape[0], k), np.float32)
+        rows_out = np.empty((q.shape[0], k), np.int64)
+        for a in range(0, q.shape[0], per):
+            qb = q[a : a + per]
+            best = (np.full((len(qb), 0), -np.inf, np.float32), np.zeros((len(qb), 0), np.int64))
+            for s in range(0, self.ntotal, self.chunk):
+                # 1. similarities to one chunk of rows (float32 BLAS), its k best per query
+                sims = qb @ np.asarray(self.embeddings[s : s + self.chunk], dtype=np.float32).T
+                kk = min(k, sims.shape[1])
+                top = np.argpartition(sims, sims.shape[1] - kk, axis=1)[:, -kk:]
+                # 2. merged with the best so far
+                best = merge_searches([best, (np.take_along_axis(sims, top, 1), top + s)], k)
+            sims_out[a : a + per], rows_out[a : a + per] = best
+        return sims_out, rows_out
 
 
 def _set_search_params(index, params: IndexParams) -> None:
     faiss = _faiss()
-    if params.index_type == "ivf":
+    if params.index_type in IVF_TYPES:
         faiss.extract_index_ivf(index).nprobe = int(params.nprobe)
     elif params.index_type == "hnsw":
         index.hnsw.efSearch = int(params.ef_search)
 
 
 def _build(emb: np.ndarray, params: IndexParams, chunk: int = 65536):
-    """A FAISS inner-product index of kind ``params.index_type`` over ``emb`` (added in chunks)."""
+    """A FAISS inner-product index of kind ``params.index_type`` over ``emb`` (added in chunks);
+    with ``params.shards`` > 1, an :class:`IndexParts` of indexes trained once, filled part by part."""
+    faiss = _faiss()
+    n, d = emb.shape
+    template = _trained_empty(emb, params)
+    bounds = part_bounds(n, params.shards)
+    parts = []
+    for a, b in bounds:
+        # 3. add every vector of the part, a chunk at a time (no second full copy of a memory map)
+        index = template if len(bounds) == 1 else faiss.clone_index(template)
+        for s in range(a, b, chunk):
+            index.add(np.ascontiguousarray(emb[s : min(b, s + chunk)], dtype=np.float32))
+        _set_search_params(index, params)
+        parts.append(index)
+    return parts[0] if len(parts) == 1 else IndexParts(parts, [a for a, _ in bounds])
+
+
+def _trained_empty(emb: np.ndarray, params: IndexParams):
+    """The empty index of kind ``params.index_type``, trained (IVF k-means, PQ codebooks) on a
+    seeded sample of ``emb``: every part of a sharded index is a copy of it."""
     faiss = _faiss()
     n, d = emb.shape
     # 1. the empty index of the chosen kind
     if params.index_type == "flat":
         index = faiss.IndexFlatIP(d)
-    elif params.index_type == "ivf":
+    elif params.index_type in IVF_TYPES:
         quantizer = faiss.IndexFlatIP(d)
-        index = faiss.IndexIVFFlat(quantizer, d, int(params.nlist), faiss.METRIC_INNER_PRODUCT)
+        if params.index_type == "ivf":
+            index = faiss.IndexIVFFlat(quantizer, d, int(params.nlist), faiss.METRIC_INNER_PRODUCT)
+        else:
+            if d % params.pq_m:
+                raise InputError(
+                    f"ivfpq: pq_m={params.pq_m} does not divide the embedding dimension {d}",
+                    "choose --pq-m among the divisors of the dimension (e.g. 64 for 768 or 192)",
+                )
+            index = faiss.IndexIVFPQ(
+                quantizer, d, int(params.nlist), int(params.pq_m), int(params.pq_bits), faiss.METRIC_INNER_PRODUCT
+            )
         index.cp.seed = int(params.seed)
         index.cp.spherical = True  # unit-norm centroids: cells of an inner-product (cosine) space
         # 2. k-means on a seeded sample (FAISS warns below 39 points a cell; resolve() avoids it)
@@ -331,10 +546,6 @@ def _build(emb: np.ndarray, params: IndexParams, chunk: int = 65536):
         index.hnsw.efConstruction = int(params.ef_construction)
     else:  # pragma: no cover - resolve() validates
         raise InputError(f"unknown index type {params.index_type!r}")
-    # 3. add every vector, a chunk at a time (no second full copy of a memory-mapped array)
-    for s in range(0, n, chunk):
-        index.add(np.ascontiguousarray(emb[s : s + chunk], dtype=np.float32))
-    _set_search_params(index, params)
     return index
 
 
@@ -415,8 +626,11 @@ def _remove_index(run: Run) -> None:
     """Empty an index folder for ``--overwrite`` (the lock is held): the old manifest, shards,
     index files and report go; the new build starts afresh."""
     root = run.root
-    for name in ("manifest.json", "index.json", "embeddings.npy", "ids.parquet", "index.faiss", "report.html"):
+    for name in ("manifest.json", "index.json", "embeddings.npy", "ids.parquet", "locations.parquet", "index.faiss",
+                 "report.html"):  # fmt: skip
         (root / name).unlink(missing_ok=True)
+    for part in root.glob("index-[0-9][0-9][0-9].faiss"):
+        part.unlink()
     for f in run.store.shard_dir.glob("*"):
         f.unlink()
     run.previous = None
@@ -470,11 +684,13 @@ def _build_run(
         run.manifest = {}
         raise nothing_readable(train, skipped)
     (root / "index.json").unlink(missing_ok=True)
-    emb, ids, captions, shard_skipped, embed_s = gather_shards(store, n_shards, emb_model.dim, root / "embeddings.npy")
+    emb, ids, captions, shard_skipped, embed_s, locations = gather_shards(
+        store, n_shards, emb_model.dim, root / "embeddings.npy"
+    )
     skipped = list(listing.skipped) + shard_skipped
     t0 = time.perf_counter()
-    meta = _index_meta(emb_model, train, skipped, listing.warnings)
-    index = TrainingIndex.from_embeddings(emb, ids, captions, params, meta)
+    meta = _index_meta(emb_model, train, skipped, listing.warnings, listing.layout)
+    index = TrainingIndex.from_embeddings(emb, ids, captions, params, meta, locations)
     _record_timings(index, started, embed_s, time.perf_counter() - t0)
     index.save(root, overwrite=True)
     for s in skipped:
@@ -491,10 +707,12 @@ def _build_run(
     return index
 
 
-def _index_meta(emb_model, train, skipped, warnings) -> dict:
+def _index_meta(emb_model, train, skipped, warnings, layout=None) -> dict:
     return {
         "embedder": emb_model.spec(),
         "source": str(train),
+        "source_resolved": str(Path(train).resolve()),
+        "layout": layout,
         "skipped": len(skipped),
         "skipped_files": skipped[:100],
         "warnings": warnings[:100],
@@ -538,8 +756,8 @@ def _build_in_memory(train, embedder, params, batch_size, device, workers, progr
     captions = [e.caption for e, k in zip(listing.entries, kept) if k]
     emb = emb if kept.all() else np.ascontiguousarray(emb[kept])
     t0 = time.perf_counter()
-    index = TrainingIndex.from_embeddings(
-        emb, ids, captions, params, _index_meta(emb_model, train, skipped, listing.warnings)
-    )
+    locations = locations_table([e for e, k in zip(listing.entries, kept) if k])
+    meta = _index_meta(emb_model, train, skipped, listing.warnings, listing.layout)
+    index = TrainingIndex.from_embeddings(emb, ids, captions, params, meta, locations)
     _record_timings(index, started, embed_s, time.perf_counter() - t0)
     return index

@@ -23,6 +23,22 @@ from memscan.report.plots import (
 from memscan.store import safe_name
 
 
+def _index_verification_rows(manifest: dict) -> dict:
+    """Summary rows of a run verified through a training index (``extract --index``)."""
+    v = manifest.get("verification") or {}
+    if v.get("via") != "index":
+        return {}
+    r = manifest.get("retrieval") or {}
+    return {
+        "verification": f"through the {v['index_type']} index {v['index']}: each candidate against its "
+        f"{v['retrieve']} retrieved training images (exact tiled ℓ2 among them)",
+        "k-eidetic counts": f"counted among the {v['retrieve']} retrieved training images only: a lower bound "
+        "(bounded by the retrieval)",
+        "retrieved training images": f"{r.get('retrieved', 0)} retrieved, {r.get('decoded', 0)} decoded, "
+        f"{r.get('skipped_count', 0)} unreadable (named in run.log)",
+    }
+
+
 def build_extraction_report(run: str | Path, out: str | Path | None = None, extra_summary: dict | None = None) -> Path:
     """Write ``report.html`` for a finished ``extract`` run; returns its path.
 
@@ -87,12 +103,13 @@ def build_extraction_report(run: str | Path, out: str | Path | None = None, extr
             "stopped_early": int((det["n_samples"] < rounds[-1]).sum()),
             "prompts": len(det),
         }
+    extra_summary = {**(extra_summary or {}), **_index_verification_rows(manifest)}
     html = (
         environment()
         .get_template("report.html.j2")
         .render(
             **run_context(root, manifest),
-            extra_summary=list((extra_summary or {}).items()),
+            extra_summary=list(extra_summary.items()),
             detection_png=png_base64(detection_distance_plot(det, cfg["alpha"], cfg["min_clique"])),
             duplication_png=png_base64(duplication_plot(rates)) if len(rates) else None,
             duplication_rows=rates.to_dict("records"),

@@ -1,0 +1,141 @@
+"""Where each indexed training image lives, and reading retrieved images by random access.
+
+``memscan index`` records, row by row beside the embeddings, where every image it indexed lives
+(``locations.parquet``): the image file's ``path`` (folder, manifest, img2dataset layouts), or the
+webdataset shard's ``path`` with the image ``member``'s name, the ``offset`` of its data in the
+tar and its ``size`` in bytes. Verification through the index (:mod:`memscan.extraction.verify_index`)
+then decodes just the images the index retrieved: a tar member is one ``seek`` + one ``read`` of
+``size`` bytes, never a scan of its shard. Images are decoded exactly as
+:func:`memscan.data.training.load_training_set` decodes them (same reader, same resize), so the
+pixels compared are the same.
+
+Examples
+--------
+>>> import tempfile
+>>> from memscan.data.training import list_source
+>>> from memscan.synthetic import write_training_set
+>>> d = tempfile.mkdtemp()
+>>> _ = write_training_set(d, 3, size=8)
+>>> reader = SourceReader.from_listing(list_source(d))
+>>> kept, images, skipped = reader.read([2, 0], size=(8, 8))
+>>> kept.tolist(), images.shape, skipped, reader.images_read
+([2, 0], (2, 8, 8, 3), [], 2)
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from memscan.data.training import Entry
+from memscan.data.webdataset import TarSample, read_sample
+
+#: Columns of ``locations.parquet`` (row i ↔ embedding i): ``offset``/``size`` are -1 for image files.
+LOCATION_COLUMNS = ["path", "member", "offset", "size"]
+
+
+def entry_location(entry) -> dict:
+    """The location record of one listed training image (a tar member, or a file)."""
+    if isinstance(entry, TarSample):
+        return {"path": str(Path(entry.path).resolve()), "member": entry.member, "offset": int(entry.offset),
+                "size": int(entry.size)}  # fmt: skip
+    return {"path": str(Path(entry.path).resolve()), "member": "", "offset": -1, "size": -1}
+
+
+def locations_table(entries: Sequence) -> pd.DataFrame:
+    """``LOCATION_COLUMNS`` for ``entries``, in order."""
+    rows = [entry_location(e) for e in entries]
+    df = pd.DataFrame(rows, columns=LOCATION_COLUMNS)
+    return df.astype({"path": str, "member": str, "offset": "int64", "size": "int64"})
+
+
+class SourceReader:
+    """Random access to the images of an indexed training set, by index row.
+
+    Parameters
+    ----------
+    ids, captions : per row
+    locations : a ``LOCATION_COLUMNS`` table, row-aligned (``None`` for rows not found are
+        given as ``path == ""``: reading them is a named skip)
+    workers : decoding threads
+
+    Attributes
+    ----------
+    bytes_read : bytes read from the source so far (tar members: their ``size``; files: their size)
+    images_read : images decoded so far
+    """
+
+    def __init__(self, ids: Sequence[str], captions: Sequence[str], locations: pd.DataFrame, workers: int = 2):
+        if len(locations) != len(ids):
+            raise ValueError(f"{len(locations)} locations for {len(ids)} ids")
+        self.ids = list(ids)
+        self.captions = list(captions)
+        self.paths = locations["path"].astype(str).tolist()
+        self.members = locations["member"].fillna("").astype(str).tolist()
+        self.offsets = locations["offset"].to_numpy(np.int64)
+        self.sizes = locations["size"].to_numpy(np.int64)
+        self.workers = workers
+        self.bytes_read = 0
+        self.images_read = 0
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @classmethod
+    def from_listing(cls, listing, ids: Sequence[str] | None = None, captions=None, workers: int = 2) -> SourceReader:
+        """A reader over a listed source (:func:`memscan.data.training.list_source`); with ``ids``
+        (an index's rows), row i is the listed image of ``ids[i]`` (absent: a named skip when read)."""
+        if ids is None:
+            return cls(listing.ids, listing.captions, locations_table(listing.entries), workers)
+        by_id = {e.id: e for e in listing.entries}
+        rows = [entry_location(by_id[i]) if i in by_id else {"path": "", "member": "", "offset": -1, "size": -1}
+                for i in ids]  # fmt: skip
+        caps = captions if captions is not None else [by_id[i].caption if i in by_id else "" for i in ids]
+        return cls(ids, caps, pd.DataFrame(rows, columns=LOCATION_COLUMNS), workers)
+
+    def item(self, row: int):
+        """The reader's record of ``row``: a :class:`TarSample` or an :class:`Entry`."""
+        path = Path(self.paths[row])
+        if self.offsets[row] >= 0:
+            return TarSample(self.ids[row], path, self.captions[row], self.members[row], int(self.offsets[row]),
+                             int(self.sizes[row]))  # fmt: skip
+        return Entry(self.ids[row], path, self.captions[row])
+
+    def _read_one(self, row: int, size, channels: int):
+        where = f"{self.paths[row]}:{self.members[row]}" if self.members[row] else self.paths[row]
+        if not self.paths[row]:
+            return {"id": self.ids[row], "path": "", "reason": "not in the training source (listed by the index only)"}
+        item = self.item(row)
+        try:
+            arr = read_sample(item, size, channels)
+            nbytes = int(self.sizes[row]) if self.offsets[row] >= 0 else os.path.getsize(self.paths[row])
+        except Exception as exc:  # PIL raises many types on corrupt data; all are a skip
+            return {"id": self.ids[row], "path": where, "reason": f"{type(exc).__name__}: {exc}"[:200]}
+        return arr, nbytes
+
+    def read(self, rows: Sequence[int], size: tuple[int, int] | None, channels: int = 3):
+        """Decode ``rows`` at ``size`` (H, W) and ``channels``.
+
+        Returns ``(kept rows, uint8 K×H×W×C, skipped)``: ``kept`` are the rows that decoded, in
+        the order asked; ``skipped`` names the others (``id``, ``path``, ``reason``).
+        """
+        rows = [int(r) for r in rows]
+        with ThreadPoolExecutor(max_workers=max(1, self.workers)) as pool:
+            decoded = list(pool.map(lambda r: self._read_one(r, size, channels), rows))
+        kept, images, skipped = [], [], []
+        for r, d in zip(rows, decoded):
+            if isinstance(d, dict):
+                skipped.append(d)
+                continue
+            kept.append(r)
+            images.append(d[0])
+            self.bytes_read += d[1]
+            self.images_read += 1
+        h, w = size if size is not None else (0, 0)
+        stack = np.stack(images) if images else np.zeros((0, h, w, channels), np.uint8)
+        return np.asarray(kept, np.int64), stack, skipped

@@ -1,0 +1,295 @@
+"""Verification through the training index (issue 18): ``memscan extract --index``.
+
+Independent checks: the ``--train`` path (every training image decoded, exact tiled ℓ2 over all of
+them) is the reference; with a flat index and K ≥ the training-set size the tables must be equal
+(same matches, distances, k-eidetic counts). Recall of approximate indexes is measured against
+exact search; sharded indexes against the unsharded one; webdataset reads by counting bytes.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+
+import faiss
+import numpy as np
+import pandas as pd
+import pytest
+from gen_support import MEMORIZED, planted
+from PIL import Image
+
+from memscan.data.training import list_source, load_training_set
+from memscan.errors import InputError, MemscanError
+from memscan.extraction.config import ExtractConfig
+from memscan.extraction.pipeline import extract
+from memscan.extraction.verify import verify_candidates
+from memscan.extraction.verify_index import IndexVerification, IndexVerifier, verify_candidates_indexed
+from memscan.index.embedders import l2_normalize
+from memscan.index.faiss_index import IndexParams, TrainingIndex, build_index, merge_searches
+from memscan.index.locations import SourceReader
+from memscan.synthetic import training_image, write_training_set
+
+PROMPTS = list(MEMORIZED) + [f"fresh {i}" for i in range(3)]
+CFG = ExtractConfig(samples_per_prompt=40, batch_size=20, shard_size=4, n_nearest=5)
+
+
+@pytest.fixture(scope="module")
+def flat_index(tmp_path_factory, synth_train):
+    out = tmp_path_factory.mktemp("vi") / "flat"
+    build_index(synth_train, out, embedder="pixel:8", index_type="flat", progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def train_run(tmp_path_factory, synth_train):
+    return extract(planted(), PROMPTS, synth_train, tmp_path_factory.mktemp("vi") / "train", CFG, progress=False)
+
+
+def _ext(result):
+    return result.extractions.sort_values(["prompt_id", "rank"]).reset_index(drop=True)
+
+
+def test_flat_index_with_k_at_least_n_equals_the_train_path(tmp_path, synth_train, flat_index, train_run):
+    res = extract(planted(), PROMPTS, None, tmp_path / "idx", CFG, progress=False, index=flat_index, retrieve=500)
+    a, b = _ext(train_run), _ext(res)
+    assert len(a) == len(MEMORIZED) * CFG.n_nearest  # 5 detected prompts × n_nearest rows
+    # same matches, same distances (bit for bit), same k-eidetic counts
+    pd.testing.assert_frame_equal(a, b, check_exact=True)
+    pd.testing.assert_frame_equal(train_run.detections, res.detections)
+    top = b[b["rank"] == 1]
+    assert top["extracted"].all() and set(top["train_id"]) == set(MEMORIZED.values())
+    m = res.manifest
+    assert m["verification"]["via"] == "index" and m["verification"]["index_type"] == "flat"
+    assert m["verification"]["retrieve"] == 500 and "lower bound" in m["verification"]["eidetic_k"]
+    # K is capped by the 120 indexed images: 5 candidates × 120 retrieved; each shard decodes the
+    # distinct retrieved images of its candidates once (2 shards hold candidates: 2 × 120)
+    assert m["retrieval"]["retrieved"] == 5 * 120 and m["retrieval"]["decoded"] == 2 * 120
+    assert m["retrieval"]["skipped_count"] == 0
+    assert m["training_set"]["images"] == 120 and m["training_set"]["source"] == str(synth_train)
+    # the matched training images saved (read by random access) are the --train path's, byte for byte
+    saved = {p.name: p.read_bytes() for p in (res.run_dir / "images" / "train").glob("*.png")}
+    assert saved == {p.name: p.read_bytes() for p in (train_run.run_dir / "images" / "train").glob("*.png")}
+    assert len(saved) == 5
+    # the report says the k-eidetic counts are bounded by the retrieval
+    from memscan.report.html import build_extraction_report
+
+    html = build_extraction_report(res.run_dir).read_text()
+    assert "retrieved" in html and "lower bound" in html
+
+
+def test_verify_rerun_goes_through_the_index(tmp_path, flat_index, train_run):
+    import shutil
+
+    from memscan.extraction.pipeline import reverify
+
+    res = extract(planted(), PROMPTS, None, tmp_path / "idx", CFG, progress=False, index=flat_index, retrieve=500)
+    again = reverify(res.run_dir, delta=0.0155)
+    ref_dir = tmp_path / "ref"
+    shutil.copytree(train_run.run_dir, ref_dir)
+    ref = reverify(ref_dir, delta=0.0155)
+    pd.testing.assert_frame_equal(_ext(ref), _ext(again), check_exact=True)
+    assert again.manifest["retrieval"]["retrieved"] == 5 * 120
+    assert 0 < again.manifest["counts"]["extractions"] < 5  # the tighter delta drops some
+
+
+def test_eidetic_counts_with_planted_duplicates_and_small_k(tmp_path, synth_train):
+    # three exact copies of t0003 in the training set: k-eidetic count 3 with the full path;
+    # through the index with K = 2 the count is bounded by the retrieval (2)
+    train = tmp_path / "train"
+    train.mkdir()
+    for f in synth_train.iterdir():
+        (train / f.name).write_bytes(f.read_bytes())
+    for c in ("copyA", "copyB"):
+        (train / f"{c}.png").write_bytes((synth_train / "t0003.png").read_bytes())
+    idx = tmp_path / "idx"
+    build_index(train, idx, embedder="pixel:8", index_type="flat", progress=False)
+    training = load_training_set(train, size=(32, 32))
+    cands = pd.DataFrame(
+        {"prompt_id": ["p"], "train_id": ["t0003"], "clique_size": [12], "mean_clique_distance": [0.01]}
+    )
+    img = training_image("t0003")[None]
+    full = verify_candidates(cands, img, training, delta=0.15, grid=4, n_nearest=4)
+    assert full["eidetic_k"].iloc[0] == 3
+    for k, expect in ((2, 2), (10, 3)):
+        v = IndexVerifier(IndexVerification(str(idx), k))
+        got, stats = verify_candidates_indexed(cands, img, v, delta=0.15, grid=4, n_nearest=4)
+        assert got["eidetic_k"].iloc[0] == expect and stats["retrieved"] == k
+        assert set(got["train_id"].iloc[: min(k, 3)]) <= {"t0003", "copyA", "copyB"}
+        assert got["tiled_l2"].iloc[0] == 0.0
+
+
+def test_ivfpq_default_k_extracts_planted_copies_and_recall_is_measured(tmp_path):
+    # 2,000 training images (t0000…t1999, the planted ones among them): K = 100 is 5% of the set
+    train = tmp_path / "train"
+    write_training_set(train, 2000, size=32)
+    idx = tmp_path / "pq"
+    params = IndexParams("ivfpq", nlist=16, nprobe=4, pq_m=16)
+    index = build_index(train, idx, embedder="pixel:8", index_type=params, progress=False)
+    assert index.params.pq_bits == 5  # 2,000 vectors: 2^5 centroids of ≥ 39 points each
+    codes = faiss.extract_index_ivf(index.index).invlists.compute_ntotal() * 16
+    assert codes / len(index) == 16  # pq_m bytes per vector code
+    res = extract(planted(), PROMPTS, None, tmp_path / "run", CFG, progress=False, index=idx)
+    top = _ext(res)[lambda d: d["rank"] == 1].set_index("prompt_id")
+    assert set(top.loc[top["extracted"], "train_id"]) == set(MEMORIZED.values())
+    # recall@1 of the exact nearest training image (brute force over all 2,000), measured
+    training = load_training_set(train, size=(32, 32))
+    det = res.detections[res.detections["detected"]].reset_index(drop=True)
+    from memscan.data.images import read_image
+
+    imgs = np.stack([read_image(res.run_dir / p, (32, 32), 3) for p in det["candidate_image"]])
+    exact = verify_candidates(det, imgs, training, delta=0.15, grid=4, n_nearest=1).set_index("prompt_id")
+    recall = float((top["train_id"] == exact["train_id"]).mean())
+    assert recall == 1.0
+    # same distances up to the float32 rounding of the tiled kernel (other batch shapes here)
+    np.testing.assert_allclose(top["tiled_l2"], exact["tiled_l2"], rtol=1e-4)
+    assert res.manifest["verification"]["index_type"] == "ivfpq"
+    assert 0 < res.manifest["retrieval"]["retrieved"] <= 5 * 100
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf", "ivfpq"])
+def test_sharded_index_equals_unsharded(tmp_path, kind):
+    rng = np.random.default_rng(3)
+    x = l2_normalize(rng.normal(size=(3000, 32)) + 3 * rng.normal(size=(20, 32))[rng.integers(0, 20, 3000)])
+    ids = [f"v{i}" for i in range(3000)]
+    q = l2_normalize(x[rng.integers(0, 3000, 50)] + 0.05 * rng.normal(size=(50, 32)))
+    one = TrainingIndex.from_embeddings(x, ids, params=IndexParams(kind, nlist=16, nprobe=4, pq_m=8))
+    two = TrainingIndex.from_embeddings(x, ids, params=IndexParams(kind, nlist=16, nprobe=4, pq_m=8, shards=2))
+    s1, i1 = one.search(q, 10)
+    s2, i2 = two.search(q, 10)
+    np.testing.assert_array_equal(i1, i2)
+    np.testing.assert_allclose(s1, s2, rtol=1e-6)
+    # saved in two files; reloaded (memory-mapped) it answers the same
+    two.save(tmp_path / "two")
+    assert sorted(p.name for p in (tmp_path / "two").glob("index*.faiss")) == (
+        [] if kind == "flat" else ["index-000.faiss", "index-001.faiss"]
+    )
+    s3, i3 = TrainingIndex.load(tmp_path / "two", mmap=True).search(q, 10)
+    np.testing.assert_array_equal(i1, i3)
+
+
+def test_merge_searches_orders_by_similarity_then_row():
+    a = (np.array([[0.9, 0.5]]), np.array([[4, 7]]))
+    b = (np.array([[0.9, 0.7]]), np.array([[2, -1]]))
+    s, i = merge_searches([a, b], 3)
+    assert i.tolist() == [[2, 4, 7]] and s.tolist()[0][:2] == pytest.approx([0.9, 0.9])
+
+
+def test_mmap_flat_search_equals_faiss_flat(tmp_path, flat_index):
+    mem = TrainingIndex.load(flat_index)
+    mm = TrainingIndex.load(flat_index, mmap=True)
+    q = mem.embeddings[[3, 50, 99]] + 0.01
+    np.testing.assert_array_equal(mem.search(q, 7)[1], mm.search(q, 7)[1])
+
+
+def _png(img) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_webdataset_retrieved_images_read_by_offset_and_corrupt_members_skipped(tmp_path):
+    # a 40-sample shard; the index is built, then member t0007's bytes are damaged in place
+    shard = tmp_path / "00000.tar"
+    with tarfile.open(shard, "w") as tf:
+        for i in range(40):
+            data = _png(training_image(f"t{i:04d}"))
+            info = tarfile.TarInfo(f"t{i:04d}.png")
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    idx = tmp_path / "idx"
+    index = build_index(shard, idx, embedder="pixel:8", index_type="flat", progress=False)
+    loc = TrainingIndex.load(idx).locations
+    entries = list_source(shard).entries
+    assert loc["offset"].tolist() == [e.offset for e in entries] and loc["size"].tolist() == [e.size for e in entries]
+    raw = bytearray(shard.read_bytes())
+    e7 = entries[7]
+    raw[e7.offset : e7.offset + e7.size] = b"\0" * e7.size
+    shard.write_bytes(bytes(raw))
+    # 1. reads by offset: exactly the members' bytes, nothing else of the shard
+    reader = SourceReader(index.ids, index.captions, loc)
+    kept, imgs, skipped = reader.read([3, 7, 20], size=(32, 32))
+    assert kept.tolist() == [3, 20] and reader.bytes_read == entries[3].size + entries[20].size
+    assert reader.bytes_read < shard.stat().st_size / 10
+    np.testing.assert_array_equal(imgs[0], training_image("t0003"))
+    assert skipped[0]["id"] == "t0007" and "t0007.png" in skipped[0]["path"]
+    # 2. through verification: the corrupt retrieved member is a counted, named skip
+    v = IndexVerifier(IndexVerification(str(idx), 5))
+    cands = pd.DataFrame(
+        {"prompt_id": ["p"], "train_id": ["t0007"], "clique_size": [12], "mean_clique_distance": [0.0]}
+    )
+    got, stats = verify_candidates_indexed(cands, training_image("t0007")[None], v, delta=0.15, grid=4, n_nearest=3)
+    assert stats["skipped_count"] == 1 and stats["skipped"][0]["id"] == "t0007"
+    assert stats["decoded"] == 4 and stats["bytes_read"] > 0 and "t0007" not in set(got["train_id"])
+
+
+def test_bad_index_inputs(tmp_path, synth_train, flat_index):
+    with pytest.raises(InputError, match="does not exist"):
+        extract(planted(), PROMPTS, None, tmp_path / "a", CFG, progress=False, index=tmp_path / "nope")
+    assert not (tmp_path / "a").exists()
+    # an index whose recorded source moved away: one clear error naming --train
+    moved = tmp_path / "moved"
+    import shutil
+
+    shutil.copytree(flat_index, moved)
+    meta = json.loads((moved / "index.json").read_text())
+    meta["source"] = meta["source_resolved"] = str(tmp_path / "gone")
+    (moved / "index.json").write_text(json.dumps(meta))
+    loc = pd.read_parquet(moved / "locations.parquet")
+    loc["path"] = [str(tmp_path / "gone" / f"{i}.png") for i in range(len(loc))]
+    loc.to_parquet(moved / "locations.parquet")
+    with pytest.raises(InputError, match="--train"):
+        extract(planted(), PROMPTS, None, tmp_path / "b", CFG, progress=False, index=moved)
+    # ... and --train says where the images are now
+    res = extract(planted(), PROMPTS[:2], synth_train, tmp_path / "c", CFG, progress=False, index=moved, retrieve=10)
+    assert res.manifest["counts"]["extractions"] == 2
+    # a damaged index file
+    (moved / "ids.parquet").write_bytes(b"not parquet")
+    with pytest.raises(InputError, match="cannot be read"):
+        extract(planted(), PROMPTS, None, tmp_path / "d", CFG, progress=False, index=moved)
+
+
+def test_cli_index_ivfpq_in_two_shards_then_extract_through_it(tmp_path, synth_train):
+    from conftest import run_cli
+
+    idx = tmp_path / "idx"
+    run_cli("index", synth_train, "--out", idx, "--embedder", "pixel:8", "--index-type", "ivfpq", "--pq-m", "16",
+            "--nlist", "2", "--nprobe", "2", "--index-shards", "2", "--quiet")  # fmt: skip
+    assert sorted(p.name for p in idx.glob("index-*.faiss")) == ["index-000.faiss", "index-001.faiss"]
+    (tmp_path / "p.txt").write_text("\n".join(PROMPTS) + "\n")
+    run = tmp_path / "run"
+    proc = run_cli("extract", "--model", "py:gen_support:planted", "--prompts", tmp_path / "p.txt", "--index", idx,
+                   "--retrieve", 50, "--out", run, "--samples-per-prompt", 60, "--batch-size", 30, "--quiet")  # fmt: skip
+    assert "5 extractions" in proc.stdout
+    m = json.loads((run / "manifest.json").read_text())
+    assert m["verification"]["index_type"] == "ivfpq" and m["verification"]["index_params"]["shards"] == 2
+    assert m["verification"]["retrieve"] == 50 and m["retrieval"]["retrieved"] == 5 * 50
+    run_cli("report", run)
+    assert "lower bound" in (run / "report.html").read_text()
+
+
+def test_index_run_stopped_then_resumed_equals_uninterrupted(tmp_path, flat_index, train_run):
+    run = tmp_path / "run"
+    kw = {"progress": False, "index": flat_index, "retrieve": 500}
+    with pytest.raises(MemscanError, match="resume"):  # stop_after_shards: the run stops early
+        extract(planted(), PROMPTS, None, run, CFG, stop_after_shards=1, **kw)
+    # resuming with another K is refused (the verification is part of the run's identity)
+    with pytest.raises(MemscanError, match="verification"):
+        extract(planted(), PROMPTS, None, run, CFG, resume=True, progress=False, index=flat_index, retrieve=7)
+    res = extract(planted(), PROMPTS, None, run, CFG, resume=True, **kw)
+    pd.testing.assert_frame_equal(_ext(train_run), _ext(res), check_exact=True)
+    assert res.manifest["retrieval"]["candidates"] == 5
+
+
+def test_the_index_path_never_decodes_the_training_set(tmp_path, flat_index, monkeypatch):
+    import memscan.data.training as training_mod
+    import memscan.extraction.pipeline as pipeline_mod
+
+    def refuse(*a, **k):
+        raise AssertionError("the training set was decoded whole")
+
+    monkeypatch.setattr(pipeline_mod, "load_training_set", refuse)
+    monkeypatch.setattr(training_mod, "decode_training_set", refuse)
+    res = extract(planted(), PROMPTS[:2], None, tmp_path / "run", CFG, progress=False, index=flat_index, retrieve=10)
+    assert res.manifest["counts"]["extractions"] == 2
+    assert res.manifest["retrieval"]["decoded"] <= 2 * 10  # only the retrieved images were read
