@@ -48,8 +48,8 @@ import hashlib
 import inspect
 import json
 import warnings
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -112,6 +112,8 @@ class TransformersCausalLM:
         self.vocab_size = int(out.weight.shape[0]) if out is not None else int(model.config.vocab_size)
         eos = getattr(tokenizer, "eos_token_id", None)
         self.eos_token_id = int(eos) if eos is not None else None
+        bos = getattr(tokenizer, "bos_token_id", None)
+        self.bos_token_id = int(bos) if bos is not None else None
         self.parameters = int(sum(p.numel() for p in model.parameters()))
         cfg = model.config
         self.max_length = next(
@@ -235,154 +237,6 @@ class TransformersCausalLM:
                     nxt = torch.multinomial(s.exp(), 1, generator=gen)[:, 0]
                 else:
                     nxt = inverse_cdf(s.exp(), torch.as_tensor(uniforms[:, t], device=s.device))
-                tokens[:, t] = nxt.cpu().numpy()
-                if t + 1 < n_new:
-                    out = self._next(out, nxt)
-        return tokens
-
-    def token_logprobs(self, ids: np.ndarray) -> np.ndarray: ...  # pragma: no cover
-
-
-def vocab_sha256(vocab: dict[str, int]) -> str:
-    """sha256 of a tokenizer's vocabulary (token → id), independent of dict order."""
-    items = sorted((str(k), int(v)) for k, v in vocab.items())
-    return hashlib.sha256(json.dumps(items, ensure_ascii=False).encode("utf-8")).hexdigest()
-
-
-def as_int64_batch(ids: Any, what: str = "token ids") -> np.ndarray:
-    """``ids`` as a 2-D int64 array (a 1-D array becomes one row)."""
-    arr = np.asarray(ids)
-    if arr.ndim == 1:
-        arr = arr[None, :]
-    if arr.ndim != 2 or not (np.issubdtype(arr.dtype, np.integer) or arr.size == 0):
-        raise InputError(f"{what} must be a B×T integer array, got {arr.dtype} {arr.shape}", "pass int64 token ids")
-    return arr.astype(np.int64, copy=False)
-
-
-class TransformersCausalLM:
-    """A transformers causal LM and its tokenizer behind the :class:`CausalLM` protocol."""
-
-    def __init__(self, model: Any, tokenizer: Any, *, spec: str, device: str = "cpu", gguf_file: str | None = None):
-        import torch
-
-        self.model = model.eval()
-        self.tokenizer = tokenizer
-        self.spec = spec
-        self.device = torch.device(device)
-        self.gguf_file = gguf_file
-        out = model.get_output_embeddings()
-        self.vocab_size = int(out.weight.shape[0]) if out is not None else int(model.config.vocab_size)
-        eos = getattr(tokenizer, "eos_token_id", None)
-        self.eos_token_id = int(eos) if eos is not None else None
-        self.parameters = int(sum(p.numel() for p in model.parameters()))
-        cfg = model.config
-        self.max_length = next(
-            (int(getattr(cfg, a)) for a in ("n_positions", "max_position_embeddings") if getattr(cfg, a, None)), None
-        )
-        self._vocab_sha = None
-        params = inspect.signature(model.forward).parameters
-        # transformers ≥ 5 names the KV cache ``cache`` (``past_key_values`` before)
-        self._cache_arg = "cache" if "cache" in params else "past_key_values"
-        self._keep_arg = next((a for a in ("logits_to_keep", "num_logits_to_keep") if a in params), None)
-
-    # ---- text
-    def encode(self, text: str) -> np.ndarray:
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        return np.asarray(ids, dtype=np.int64)
-
-    def decode(self, ids) -> str:
-        return self.tokenizer.decode([int(i) for i in np.asarray(ids).ravel()], skip_special_tokens=False)
-
-    # ---- model
-    def _tensor(self, ids: np.ndarray):
-        import torch
-
-        arr = as_int64_batch(ids)
-        if arr.size and (arr.min() < 0 or arr.max() >= self.vocab_size):
-            raise InputError(
-                f"token ids outside the model's vocabulary [0, {self.vocab_size})",
-                "tokenize with the model's own tokenizer",
-            )
-        return torch.as_tensor(arr, device=self.device)
-
-    def _logits(self, out):
-        return out.logits.float()
-
-    def _first(self, x):
-        """Forward over the prefixes with the cache on; logits of the last position only where supported."""
-        kwargs = {self._keep_arg: 1} if self._keep_arg else {}
-        return self.model(input_ids=x, use_cache=True, **kwargs)
-
-    def _next(self, out, nxt):
-        """One cached decoding step: feed the chosen tokens B×1."""
-        cache = getattr(out, self._cache_arg, None)
-        if cache is None:
-            cache = getattr(out, "past_key_values", None)
-        return self.model(input_ids=nxt[:, None], use_cache=True, **{self._cache_arg: cache})
-
-    def greedy(self, prefixes: np.ndarray, n_new: int) -> tuple[np.ndarray, np.ndarray]:
-        """Greedy continuation of B equal-length prefixes, n_new tokens, with the KV cache."""
-        import torch
-
-        x = self._tensor(prefixes)
-        b = x.shape[0]
-        tokens = np.zeros((b, n_new), dtype=np.int64)
-        gaps = np.zeros((b, n_new), dtype=np.float64)
-        if n_new == 0 or b == 0:
-            return tokens, gaps
-        with torch.inference_mode():
-            out = self._first(x)
-            for t in range(n_new):
-                logits = self._logits(out)[:, -1, :]
-                top2 = torch.topk(logits, 2, dim=-1)
-                nxt = top2.indices[:, 0]
-                tokens[:, t] = nxt.cpu().numpy()
-                gaps[:, t] = (top2.values[:, 0] - top2.values[:, 1]).double().cpu().numpy()
-                if t + 1 < n_new:
-                    out = self._next(out, nxt)
-        return tokens, gaps
-
-    def sample(
-        self,
-        prefixes: np.ndarray,
-        n_new: int,
-        *,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        seed: int = 0,
-    ) -> np.ndarray:
-        """Sampled continuation (temperature → top-k → top-p, renormalised), seeded by ``seed``."""
-        import torch
-
-        from memscan.lm.decoding import check_scheme
-
-        top_k = None if not top_k else int(top_k)
-        top_p = None if top_p is None or top_p >= 1.0 else float(top_p)
-        check_scheme(temperature, top_k, top_p)
-        x = self._tensor(prefixes)
-        b = x.shape[0]
-        tokens = np.zeros((b, n_new), dtype=np.int64)
-        if n_new == 0 or b == 0:
-            return tokens
-        gen = torch.Generator(device=self.device).manual_seed(int(seed))
-        with torch.inference_mode():
-            out = self._first(x)
-            for t in range(n_new):
-                s = torch.log_softmax(self._logits(out)[:, -1, :].double(), dim=-1) / float(temperature)
-                if top_k is not None and top_k < s.shape[-1]:
-                    kth = torch.topk(s, top_k, dim=-1).values[:, -1:]
-                    s = s.masked_fill(s < kth, float("-inf"))
-                s = torch.log_softmax(s, dim=-1)
-                if top_p is not None:
-                    sp, order = torch.sort(s, dim=-1, descending=True, stable=True)
-                    p = sp.exp()
-                    before = torch.cumsum(p, dim=-1) - p
-                    remove_sorted = before >= top_p
-                    remove_sorted[:, 0] = False
-                    remove = remove_sorted.scatter(1, order, remove_sorted)
-                    s = torch.log_softmax(s.masked_fill(remove, float("-inf")), dim=-1)
-                nxt = torch.multinomial(s.exp(), 1, generator=gen)[:, 0]
                 tokens[:, t] = nxt.cpu().numpy()
                 if t + 1 < n_new:
                     out = self._next(out, nxt)
