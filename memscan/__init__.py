@@ -51,6 +51,7 @@ from memscan.generators.base import CallableGenerator, Generator
 from memscan.generators.load import as_generator, load_generator
 from memscan.generators.seeds import derive_seed
 from memscan.index import PixelEmbedder, TrainingIndex, load_embedder
+from memscan.lm.corpus_index import CorpusIndex
 from memscan.mia.noise import as_noise_predictor, load_noise_predictor
 
 # isort: split
@@ -118,6 +119,7 @@ __all__ = [
     "UnconditionalResult",
     # inputs and models
     "CallableGenerator",
+    "CorpusIndex",
     "Generator",
     "PixelEmbedder",
     "TrainingIndex",
