@@ -50,6 +50,7 @@ from memscan.demo.lm.canaries import (
 from memscan.errors import MemscanError
 from memscan.lm.extract_run import lm_extract
 from memscan.lm.extractable_run import ExtractableConfig, lm_extractable
+from memscan.lm.memorization import samples_needed, suffix_log_probability, teacher_forced
 from memscan.lm.sampling_attack import LmExtractConfig
 
 
@@ -121,6 +122,11 @@ class DemoLMResult:
             )
             prec = ", ".join(f"{m} {v['confirmed']}/{v['N']}" for m, v in a["precision"].items())
             lines.append(f"    precision@N: {prec}")
+            need = ", ".join(
+                f"{k}×: {v['median_samples_needed_50']:.3g}" if v["median_samples_needed_50"] else f"{k}×: ∞"
+                for k, v in a["canaries_by_duplicate_count"].items()
+            )
+            lines.append(f"    samples a canary needs to open one with chance 1/2 (median, by copies): {need}")
         lines.append(f"  summary: {self.out / 'summary.json'}")
         return "\n".join(lines)
 
@@ -294,13 +300,26 @@ def sampling_attack(lm, out: Path, settings: dict, *, seed: int = DEFAULT_SEED, 
         for h in hits:
             found[h] = found.get(h, 0) + 1 + int(r["duplicates"])
         other += not hits
+    # the chance that one sample *starts* with the whole canary line, under the attack's own
+    # scheme (Hayes et al. 2025: p = Π q(byte | "\n", bytes before)), and the samples that would
+    # draw it with probability 1/2 — what blind sampling is up against
+    log_p = {}
+    for c in sentences:
+        ids = np.asarray(lm.encode("\n" + c.text), dtype=np.int64)[None, :]
+        _, log_q = teacher_forced(
+            lm, ids, 0, temperature=config.temperature_end, top_k=config.top_k, top_p=config.top_p
+        )
+        log_p[c.id] = float(suffix_log_probability(log_q)[0])
     by_count = {}
     for c in COPIES:
         ids = [s.id for s in sentences if s.copies == c]
+        lp = np.array([log_p[i] for i in ids])
         by_count[str(c)] = {
             "planted": len(ids),
             "extracted": sum(i in found for i in ids),
             "samples": int(sum(found.get(i, 0) for i in ids)),
+            "median_log10_p_line_start": _finite(round(float(np.median(lp)) / math.log(10), 2)),
+            "median_samples_needed_50": _finite(float(np.median(samples_needed(lp, 0.5)))),
         }
     return {
         "samples": int(config.samples),
@@ -327,6 +346,11 @@ def sampling_attack(lm, out: Path, settings: dict, *, seed: int = DEFAULT_SEED, 
             **{k: res.manifest["throughput"][k] for k in ("generate_seconds", "score_seconds", "confirm_seconds")},
         },
     }
+
+
+def _finite(x: float) -> float | None:
+    """``x``, or ``None`` for ±inf/NaN (summary.json stays strict JSON)."""
+    return x if math.isfinite(x) else None
 
 
 def summarise(ext, expo, *, quick: bool) -> dict:
