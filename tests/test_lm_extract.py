@@ -298,3 +298,20 @@ def test_read_prompts(tmp_path):
     assert read_prompts(tmp_path / "p.txt") == ["first", "second line"]
     (tmp_path / "p.jsonl").write_text('{"prompt": "\\n"}\n{"text": "x"}\n')
     assert read_prompts(tmp_path / "p.jsonl") == ["\n", "x"]
+
+
+def test_ray_equals_local(ray_address, copy_index, tmp_path):
+    """The same shard stage on Ray workers (each loads the py: model itself): the same tables."""
+    from memscan.runners import RayOptions
+
+    cfg = LmExtractConfig(samples=12, length=60, top=4, batch_size=3, min_match=40)
+    common = dict(prompts=PROMPTS, reference="py:lm_extract_support:reference_lm", progress=False, shard_size=4)
+    local = lm_extract("py:lm_extract_support:copy_lm", copy_index, tmp_path / "local", cfg, **common)
+    ray = lm_extract("py:lm_extract_support:copy_lm", copy_index, tmp_path / "ray", cfg, runner="ray",
+                     runner_options=RayOptions(num_workers=2), **common)  # fmt: skip
+    assert ray.manifest["runner"]["name"] == "ray" and local.manifest["runner"]["name"] == "local"
+    assert ray.manifest["model"] == local.manifest["model"]
+    for t in ("samples", "precision"):
+        pd.testing.assert_frame_equal(
+            pd.read_parquet(tmp_path / "local" / f"{t}.parquet"), pd.read_parquet(tmp_path / "ray" / f"{t}.parquet")
+        )
