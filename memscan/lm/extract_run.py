@@ -373,7 +373,7 @@ def lm_extract(
             started=started,
         )
         run.store.log(f"{KIND}: {n} samples in {n_shards} shards, index {index_rec['path']} ({idx.mode})")
-        pool_model = spec if runner == "ray" else lm
+        pool_model = model if runner == "ray" else lm
         with _pool(runner, pool_model, reference, config, runner_options, run.store.log) as pool:
             loaded = pool.call(describe_extract_worker)
             run.manifest.update(
