@@ -1,4 +1,4 @@
-"""Fuzzy de-duplication of generated samples by word trigrams (Carlini et al. 2021, §5.3
+"""Fuzzy de-duplication of generated samples by word trigrams (Carlini et al. 2021, §6.1 "Data De-Duplication"
 "Data De-Duplication").
 
 The paper's rule, exactly: ``tri(s)`` is the **multiset** of word-level trigrams of ``s``, words
@@ -48,7 +48,7 @@ def words(text: str) -> list[str]:
 
 
 def word_trigrams(text: str) -> Counter:
-    """The multiset ``tri(text)`` of consecutive word triples (Carlini et al. 2021, §5.3)."""
+    """The multiset ``tri(text)`` of consecutive word triples (Carlini et al. 2021, §6.1 "Data De-Duplication")."""
     w = words(text)
     return Counter(zip(w, w[1:], w[2:]))
 
@@ -61,7 +61,7 @@ def trigram_overlap(a: Counter, b: Counter) -> int:
 
 
 def is_near_duplicate(s1: str, s2: str) -> bool:
-    """``|tri(s1) ∩ tri(s2)| ≥ |tri(s1)| / 2`` (Carlini et al. 2021, §5.3); with no trigram in
+    """``|tri(s1) ∩ tri(s2)| ≥ |tri(s1)| / 2`` (Carlini et al. 2021, §6.1 "Data De-Duplication"); with no trigram in
     ``s1``, equal texts only."""
     t1 = word_trigrams(s1)
     if not t1:

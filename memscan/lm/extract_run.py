@@ -7,7 +7,7 @@ kind ``lm-extract``).
    decaying temperature, unconditional or from ``--prompts``; each sample scored by
    ``perplexity``, ``zlib_ratio``, ``lowercase_ratio``, ``reference_ratio`` (with ``--reference``)
    and ``min_window_perplexity`` (:mod:`memscan.lm.ranking`);
-2. **de-duplicate** (:mod:`memscan.lm.dedup`): word-trigram multisets, §5.3's rule, walking the
+2. **de-duplicate** (:mod:`memscan.lm.dedup`): word-trigram multisets, §6.1 "Data De-Duplication"'s rule, walking the
    samples by increasing perplexity; empty samples (EOS first) are dropped and counted;
 3. **confirm** against the corpus index (:class:`memscan.lm.corpus_index.CorpusIndex`): the
    longest run of the sample's tokens (its UTF-8 bytes for an index in bytes mode) found in the
@@ -433,7 +433,7 @@ def _record(spec, loaded: dict | None) -> dict:
 
 
 def _kept_samples(merged: pd.DataFrame, metrics) -> tuple[pd.DataFrame, dict]:
-    """Drop empty samples, de-duplicate the rest by increasing perplexity (§5.3), rank them."""
+    """Drop empty samples, de-duplicate the rest by increasing perplexity (§6.1 "Data De-Duplication"), rank them."""
     live = merged[merged["n_tokens"] > 0].reset_index(drop=True)
     order = rk.rank_order(live["perplexity"].to_numpy(dtype=np.float64), higher_first=False)
     dd = greedy_dedup(live["text"].tolist(), order)

@@ -4,9 +4,9 @@ metrics of :mod:`memscan.lm.ranking`, one shard of samples at a time, on any run
 
 Sampling (§5.1). Each sample starts from a prompt: the model's start-of-text token by default
 (the paper's unconditional samples start from GPT-2's ``<|endoftext|>``; memscan takes the
-model's BOS token, else its EOS token), or the prompts of a file (§5.1.2 "Conditioning on Internet
+model's BOS token, else its EOS token), or the prompts of a file (§5.1 "Conditioning on Internet
 Text"), sample ``i`` taking prompt ``i mod P``. Decoding is top-k (k = 40, the paper's and its
-released code's) with the **decaying temperature** of §5.1.1: "t = 10, decaying to t = 1 over a
+released code's) with the **decaying temperature** of §5.1: "t = 10, decaying to t = 1 over a
 period of the first 20 tokens" — the paper gives the end points and the period, not the shape;
 memscan decays linearly, ``T_j = max(1, 10 − 9 · j / 20)`` for the j-th new token (j = 0, 1, …),
 so the first 20 tokens are drawn hotter and token 20 on at T = 1 (:func:`temperature_schedule`).
@@ -125,7 +125,7 @@ def temperature_schedule(
     n_new: int, start: float = T_START, end: float = T_END, decay_tokens: int = DECAY_TOKENS
 ) -> list[float]:
     """Per-token temperatures: linear from ``start`` (token 0) to ``end`` (token ``decay_tokens``
-    and after), ``T_j = start + (end − start) · min(j, d) / d`` (Carlini et al. 2021, §5.1.1).
+    and after), ``T_j = start + (end − start) · min(j, d) / d`` (Carlini et al. 2021, §5.1).
 
     >>> [round(t, 2) for t in temperature_schedule(4, 10, 1, 2)]
     [10.0, 5.5, 1.0, 1.0]
