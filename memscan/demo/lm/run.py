@@ -122,6 +122,11 @@ class DemoLMResult:
             )
             prec = ", ".join(f"{m} {v['confirmed']}/{v['N']}" for m, v in a["precision"].items())
             lines.append(f"    precision@N: {prec}")
+            part = ", ".join(
+                f"{k}×: {v['partial']}/{v['planted']} (≤ {v['longest_partial_bytes']} B)"
+                for k, v in a["canaries_by_duplicate_count"].items()
+            )
+            lines.append(f"    canaries begun but not finished (≥ {PARTIAL_BYTES} bytes matched inside one): {part}")
             need = ", ".join(
                 f"{k}×: {v['median_samples_needed_50']:.3g}" if v["median_samples_needed_50"] else f"{k}×: ∞"
                 for k, v in a["canaries_by_duplicate_count"].items()
@@ -270,6 +275,10 @@ def run_demo_lm(
     return DemoLMResult(out, summary, rows)
 
 
+#: A sample's corpus match counts as part of a canary (a partial emission) from this many bytes.
+PARTIAL_BYTES = 20
+
+
 def sampling_attack(lm, out: Path, settings: dict, *, seed: int = DEFAULT_SEED, progress: bool = True) -> dict:
     """The sampling attack on the demo model: index the planted corpus (bytes mode), draw
     ``attack_samples`` samples from a line break, rank, de-duplicate and confirm them
@@ -310,6 +319,14 @@ def sampling_attack(lm, out: Path, settings: dict, *, seed: int = DEFAULT_SEED, 
             lm, ids, 0, temperature=config.temperature_end, top_k=config.top_k, top_p=config.top_p
         )
         log_p[c.id] = float(suffix_log_probability(log_q)[0])
+    # partial emissions: the longest corpus match of any sample that lies inside a canary line
+    # (≥ PARTIAL_BYTES), confirmed or not
+    longest: dict[str, int] = {}
+    for r in res.samples[res.samples["match_len"] >= PARTIAL_BYTES].to_dict("records"):
+        inner = r["match_text"].strip("\n")
+        for c in sentences:
+            if len(inner) >= PARTIAL_BYTES and inner in c.text:
+                longest[c.id] = max(longest.get(c.id, 0), len(inner))
     by_count = {}
     for c in COPIES:
         ids = [s.id for s in sentences if s.copies == c]
@@ -320,6 +337,8 @@ def sampling_attack(lm, out: Path, settings: dict, *, seed: int = DEFAULT_SEED, 
             "samples": int(sum(found.get(i, 0) for i in ids)),
             "median_log10_p_line_start": _finite(round(float(np.median(lp)) / math.log(10), 2)),
             "median_samples_needed_50": _finite(float(np.median(samples_needed(lp, 0.5)))),
+            "partial": sum(i in longest for i in ids),
+            "longest_partial_bytes": max((longest.get(i, 0) for i in ids), default=0),
         }
     return {
         "samples": int(config.samples),
