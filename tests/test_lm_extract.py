@@ -282,7 +282,7 @@ def test_tiny_gpt2_unconditional_end_to_end_on_a_token_index(tiny_gpt2, tmp_path
     rec = lm.describe()["tokenizer"]
     text = "some training text for the tiny model, repeated. " * 4
     CorpusIndex.build([lm.encode(text)], tmp_path / "tok", tokenizer=rec, vocab_size=lm.vocab_size)
-    res = lm_extract(str(path), tmp_path / "tok", tmp_path / "run", LmExtractConfig(samples=6, length=30, top=3,
+    res = lm_extract(lm, tmp_path / "tok", tmp_path / "run", LmExtractConfig(samples=6, length=30, top=3,
                      batch_size=3), progress=False)  # fmt: skip
     assert res.manifest["match_unit"] == "tokens" and res.manifest["min_match"] == 50
     assert len(res.samples) >= 1 and not res.samples["confirmed"].any()  # 30 tokens cannot reach 50
