@@ -315,3 +315,23 @@ def test_ray_equals_local(ray_address, copy_index, tmp_path):
         pd.testing.assert_frame_equal(
             pd.read_parquet(tmp_path / "local" / f"{t}.parquet"), pd.read_parquet(tmp_path / "ray" / f"{t}.parquet")
         )
+
+
+def test_duplication_bins_by_hand():
+    from memscan.report.lm_extract import duplication_bins, duplication_fit
+
+    s = pd.DataFrame(
+        {
+            "match_count": [0, 1, 2, 3, 9, 10, 40, 100],
+            "match_len": [0, 4, 6, 10, 20, 50, 60, 120],
+            "confirmed": [False, False, False, False, False, True, True, True],
+        }
+    )
+    bins = duplication_bins(s)  # half-decade edges 1, 3, 10, 32, 100 (316); count 0 left out
+    assert [(b["lo"], b["samples"], b["confirmed"]) for b in bins] == [(1, 2, 0), (3, 2, 0), (10, 1, 1), (32, 1, 1),
+                                                                        (100, 1, 1)]  # fmt: skip
+    assert bins[0]["mean_match_len"] == 5.0 and bins[1]["rate"] == 0.0 and bins[2]["rate"] == 1.0
+    fit = duplication_fit(bins)
+    x, y = np.log10([1, 3, 10, 32, 100]), [0, 0, 1, 1, 1]
+    slope, intercept = np.polyfit(x, y, 1)
+    assert fit["slope_per_decade"] == pytest.approx(slope) and fit["intercept"] == pytest.approx(intercept)

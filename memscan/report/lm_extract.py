@@ -26,8 +26,8 @@ KIND = "lm-extract"
 
 
 def duplication_bins(samples: pd.DataFrame) -> list[dict]:
-    """Samples with a match, binned by its corpus count (1, 2–3, 4–9, 10–31, …: half-decades):
-    ``{lo, hi, samples, confirmed, rate}`` per non-empty bin."""
+    """Samples with a match, binned by its corpus count (1–2, 3–9, 10–31, …: half-decades):
+    ``{lo, hi, samples, confirmed, rate, mean_match_len}`` per non-empty bin."""
     s = samples[samples["match_count"] > 0]
     if s.empty:
         return []
@@ -38,7 +38,8 @@ def duplication_bins(samples: pd.DataFrame) -> list[dict]:
         sel = s[(s["match_count"] >= lo) & (s["match_count"] < hi)]
         if len(sel):
             out.append({"lo": int(lo), "hi": int(min(hi - 1, s["match_count"].max())), "samples": int(len(sel)),
-                        "confirmed": int(sel["confirmed"].sum()), "rate": float(sel["confirmed"].mean())})  # fmt: skip
+                        "confirmed": int(sel["confirmed"].sum()), "rate": float(sel["confirmed"].mean()),
+                        "mean_match_len": float(sel["match_len"].mean())})  # fmt: skip
     return out
 
 
