@@ -263,6 +263,54 @@ def build_lm_mia_texts(root: Path) -> tuple[Path, dict[str, tuple[Path, Path, st
     }
 
 
+# ---- language models: the corpus index, `memscan lm index` and `lm extractable --index` (lmindex) ----
+def build_lm_index_inputs(root: Path) -> dict[str, tuple[list, str]]:
+    """Inputs `memscan lm index` (and `lm extractable --index`) must refuse: name → (the command's
+    arguments, less ``--out``, what the error must mention). ``{lookup}`` stands for the lookup
+    model spec and ``{tiny}`` for the tiny GPT-2 directory the test supplies."""
+    import json
+
+    from memscan import CorpusIndex
+
+    root.mkdir(parents=True, exist_ok=True)
+    empty = root / "empty"
+    empty.mkdir()
+    (empty / "a.txt").write_text("")
+    (empty / "b.txt").write_text("")
+    latin1 = root / "latin1"
+    latin1.mkdir()
+    (latin1 / "a.txt").write_bytes(b"caf\xe9 au lait")
+    ids = np.arange(3, 203, dtype=np.int64).reshape(2, 100)
+    np.save(root / "other_tokenizer.npy", ids)
+    (root / "other_tokenizer.npy.tokenizer.json").write_text(json.dumps({"vocab_sha256": "0" * 64}))
+    corpus = root / "corpus.jsonl"
+    corpus.write_text(
+        "".join(json.dumps({"text": f"training document {i}: " + "words " * 30}) + "\n" for i in range(4))
+    )
+    # an index of another tokenizer (a recorded vocabulary no model has), and a damaged one
+    other = root / "other_index"
+    CorpusIndex.build(
+        [np.arange(300) % 250], other, tokenizer={"name": "x", "vocab_sha256": "1" * 64, "vocab_size": 256}
+    )
+    damaged = root / "damaged_index"
+    CorpusIndex.build([b"some training text"], damaged)
+    sa = damaged / "sa" / "00000" / "sa.npy"
+    sa.write_bytes(sa.read_bytes()[:-4])
+    extractable = ["lm", "extractable", "--model", "{tiny}", "--data", str(corpus), "--sequences", 2, "--prefix-lengths", 16, "--suffix-length", 8]  # fmt: skip
+    return {
+        "an empty corpus": (["lm", "index", str(empty), "--bytes"], "holds no token"),
+        "invalid UTF-8 where text is expected": (["lm", "index", str(latin1), "--tokenizer", "{lookup}"], "not UTF-8"),
+        "token ids of another tokenizer": (
+            ["lm", "index", str(root / "other_tokenizer.npy"), "--tokenizer", "{lookup}"],
+            "another tokenizer",
+        ),
+        "neither --tokenizer nor --bytes": (["lm", "index", str(corpus)], "exactly one of"),
+        "an index of another tokenizer": ([*extractable, "--index", str(other)], "not the corpus index's"),
+        "a corrupt index file": ([*extractable, "--index", str(damaged)], "sa.npy"),
+        "a folder that is no index": ([*extractable, "--index", str(latin1)], "not a corpus index"),
+    }
+
+
 # ---- language models: indexes and prompts for `memscan lm extract` (lmextract) --------------------
 def build_lm_extract_inputs(root: Path) -> tuple[Path, dict[str, tuple[list, str]]]:
     """A good bytes-mode corpus index and the bad inputs ``lm extract`` must refuse: name → (the

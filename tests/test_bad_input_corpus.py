@@ -368,6 +368,35 @@ def test_bad_member_texts_are_refused_by_lm_mia(lm_mia_texts, tmp_path, bad):
     assert " — " in line  # and a fix
 
 
+# ---- language models: the corpus index (lmindex) -------------------------------------------------
+LM_INDEX_BAD = [
+    "an empty corpus",
+    "invalid UTF-8 where text is expected",
+    "token ids of another tokenizer",
+    "neither --tokenizer nor --bytes",
+    "an index of another tokenizer",
+    "a corrupt index file",
+    "a folder that is no index",
+]
+
+
+@pytest.fixture(scope="module")
+def lm_index_inputs(tmp_path_factory):
+    from bad_inputs import build_lm_index_inputs
+
+    return build_lm_index_inputs(tmp_path_factory.mktemp("lm_index") / "c")
+
+
+@pytest.mark.parametrize("bad", LM_INDEX_BAD)
+def test_bad_corpus_index_inputs_are_refused(lm_index_inputs, tiny_lm_dir, tmp_path, bad):
+    args, want = lm_index_inputs[bad]
+    spec = {"{lookup}": "py:lm_corpus_support:lookup", "{tiny}": str(tiny_lm_dir)}
+    args = [spec.get(str(a), a) for a in args]
+    out = tmp_path / "o"
+    assert_clean_error(cli(*args, "--out", out), want)
+    assert not (out / "manifest.json").exists()  # refused before any run starts
+
+
 # ---- language models: `memscan lm extract` (lmextract) -------------------------------------------
 LM_EXTRACT_BAD = [
     "an index of another tokenizer",

@@ -114,6 +114,8 @@ def test_a_match_never_spans_two_documents(tmp_path):
     assert index.count([1, 2, 3]) == 0 and index.longest_match([1, 2, 3, 4]) == (2, 0, 0)
     # a token id outside the vocabulary (the separator's place) occurs nowhere
     assert index.count([index.separator]) == 0 and index.count([-1]) == 0
+    assert index.count([3, index.separator]) == 0 and index.count([3, 4, -1]) == 0 and index.count([3, 4]) == 1
+    assert len(index.locate([3, index.separator])) == 0
     length, doc, off = index.longest_match([3, index.separator, 4])
     assert length == 1 and (doc, off) in ((1, 0), (2, 1))
 
@@ -163,13 +165,17 @@ def test_dtypes_and_bytes_per_token(tmp_path):
     assert again.count(q) == index.count(q) == len(naive_locate(docs, q))
 
 
-def test_suffix_array_is_sorted_for_every_width():
+@pytest.mark.parametrize("chunk", [1 << 22, 7])
+def test_suffix_array_is_sorted_for_every_width(monkeypatch, chunk):
+    import memscan.lm.corpus_index as ci
+
+    monkeypatch.setattr(ci, "_CHUNK", chunk)  # 7: the token-boundary selection runs in many chunks
     rng = np.random.default_rng(2)
     for dt, hi in (("u1", 5), (">u2", 3000), (">u4", 70_000)):
         text = rng.integers(0, hi, size=400).astype(dt)
         sa = suffix_array(text)
         want = sorted(range(len(text)), key=lambda i: text[i:].tolist())
-        assert sa.tolist() == want, dt
+        assert sa.dtype == np.dtype("<u4") and sa.tolist() == want, dt
 
 
 def test_build_resumes_and_refuses_a_changed_corpus(tmp_path):
@@ -224,3 +230,12 @@ def test_tokenizer_is_recorded_and_checked(tmp_path):
         index.count("some text")  # text needs the tokenizer
     with pytest.raises(InputError, match="bytes query"):
         index.count(b"ab")
+
+
+def test_an_index_pickles_by_reopening_its_folder(tmp_path):
+    import pickle
+
+    index = CorpusIndex.build([b"abcabc", b"cab"], tmp_path / "idx", shard_tokens=4)
+    copy = pickle.loads(pickle.dumps(index))
+    assert copy is not index and copy.root == index.root
+    assert copy.count(b"ab") == index.count(b"ab") == 3 and copy.locate(b"cab").tolist() == [[0, 2], [1, 0]]

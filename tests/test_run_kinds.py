@@ -262,6 +262,16 @@ def _lm_extract(tmp: Path, out: Path) -> list:
     ]  # fmt: skip
 
 
+def _lm_index(tmp: Path, out: Path) -> list:
+    """6 text files of 120 bytes, indexed as bytes, ≤ 250 a shard: 3 shards."""
+    corpus = tmp / "lm_index_corpus"
+    if not corpus.exists():
+        corpus.mkdir()
+        for i in range(6):
+            (corpus / f"doc{i}.txt").write_bytes((f"document {i} says: " * 20).encode()[:120])
+    return ["lm", "index", corpus, "--out", out, "--bytes", "--shard-tokens", 250]
+
+
 # Each section below is one family of run kinds; adding a kind = an argv builder + one KindCase.
 CASES = [
     # ---- extraction: extract, extract-unconditional, index ------------------------------------
@@ -280,6 +290,7 @@ CASES = [
     KindCase("lm-exposure", _lm_exposure, ("exposures", "parts"), kill_after=2),
     KindCase("lm-mia", _lm_mia, ("examples", "statistics", "scores", "metrics"), kill_after=1),
     KindCase("lm-extract", _lm_extract, ("samples", "precision"), kill_after=1),
+    KindCase("lm-index", _lm_index, ("documents",), kill_after=1, has_model=False),
 ]
 
 

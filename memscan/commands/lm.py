@@ -55,6 +55,11 @@ def extractable(
     offsets: str = typer.Option("random", "--offsets", help="random: a random window per document; start: its start"),
     text_column: str = typer.Option("text", "--text-column", help="JSONL field / Parquet column holding the text"),
     shard_size: int = typer.Option(256, "--shard-size", help="sequences per shard, the unit of --resume"),
+    index: Path | None = typer.Option(
+        None,
+        "--index",
+        help="corpus index (memscan lm index): adds suffix_count / window_count and the duplication curve",
+    ),
     device: str = typer.Option("cpu", help="cpu or cuda"),
     dtype: str = typer.Option("auto", help="auto (float32 on CPU), float32, bfloat16, float16"),
     resume: bool = resume_option(),
@@ -94,6 +99,7 @@ def extractable(
             shard_size=shard_size,
             runner=runner,
             runner_options=opts,
+            index=index,
         )
     rates = ", ".join(f"k={k}: {v['extractable_rate']:.1%}" for k, v in res.rates["by_prefix_length"].items())
     skipped = res.manifest["counts"]["skipped_short_documents"]
@@ -216,6 +222,48 @@ def lm_mia(
         lines.append(f"  blind baseline not run: {blind['skipped']}")
     lines.append(f"  report: memscan report {out}")
     typer.echo("\n".join(lines))
+
+
+# ---- lmindex: `memscan lm index` (the exact-substring corpus index) --------------------------------
+
+
+@lm_app.command("index")
+def lm_index_command(
+    corpus: Path = typer.Argument(
+        ..., help="training corpus: folder of .txt, JSONL/Parquet (text column), pre-tokenized .npy/Parquet ids"
+    ),
+    out: Path = typer.Option(..., "--out", help="index folder to write (a run directory: --resume continues it)"),
+    tokenizer: str | None = typer.Option(
+        None, "--tokenizer", help=f"index token ids of this model's tokenizer ({MODEL_HELP})"
+    ),
+    byte_mode: bool = typer.Option(False, "--bytes", help="index raw bytes instead (any encoding; no tokenizer)"),
+    text_column: str = typer.Option("text", "--text-column", help="JSONL field / Parquet column holding the text"),
+    shard_tokens: int = typer.Option(
+        1 << 27,
+        "--shard-tokens",
+        help="tokens per suffix-array shard at most (the unit of --resume; build memory ≈ 16 bytes a token)",
+    ),
+    resume: bool = resume_option(),
+):
+    """Suffix-array index of a training corpus (exact substring count / locate / longest match;
+    docs/lm.md). Give exactly one of --tokenizer and --bytes."""
+    from memscan.lm.index_run import lm_index
+
+    with clean_errors():
+        index = lm_index(
+            corpus,
+            out,
+            tokenizer=tokenizer,
+            byte_mode=byte_mode,
+            text_column=text_column,
+            shard_tokens=shard_tokens,
+            resume=resume,
+        )
+    disk = index.meta["disk_bytes"]
+    typer.echo(
+        f"{index.n_docs} documents, {index.n_tokens} {'bytes' if index.mode == 'bytes' else 'tokens'} in "
+        f"{len(index.shards)} shard(s), {disk / max(index.n_tokens, 1):.2f} bytes a token on disk → {out}"
+    )
 
 
 # ---- lmextract: `memscan lm extract` (Carlini et al. 2021) is appended below this line ---------------

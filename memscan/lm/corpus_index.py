@@ -74,8 +74,8 @@ from memscan.store import atomic_write_json, open_run
 
 KIND = "lm-index"
 FORMAT_VERSION = 1
-#: Tokens per shard by default: the build's peak memory is about 18 bytes a token for ``>u2``
-#: ids (≈ 2.4 GB), 30 for ``>u4``.
+#: Tokens per shard by default: the build's peak memory is about 16 bytes a token for ``>u2``
+#: ids (≈ 2 GiB; measured: bench/lm_index.py), about 26 for ``>u4``.
 DEFAULT_SHARD_TOKENS = 1 << 27
 SHARD_DIR = "sa"
 _TOKEN_DTYPES = (np.dtype("u1"), np.dtype(">u2"), np.dtype(">u4"))
@@ -112,18 +112,26 @@ def suffix_array(text: np.ndarray) -> np.ndarray:
         raise ValueError(f"suffix_array needs big-endian ids, got {text.dtype}")
     raw = np.ascontiguousarray(text).view(np.uint8)
     out = divsufsort(raw)  # int32 (or int64 past 2^31 bytes): every byte suffix
-    if w > 1:
-        # 1. keep the byte suffixes on a token boundary (low bits of the position zero)
-        low = out.view(np.uint8)[:: out.itemsize] if sys.byteorder == "little" else (out % w).astype(np.uint8)
-        keep = (low & (w - 1)) == 0
-        del low
-        out = out[keep]
-        del keep
+    dtype = np.dtype("<u4") if len(text) < (1 << 32) else np.dtype("<u8")
+    if w == 1:
+        return out.view(dtype) if out.itemsize == dtype.itemsize else out.astype(dtype)
+    # 1. keep the byte suffixes on a token boundary (position divisible by w), chunk by chunk so
+    #    that the selection needs no full-size temporary beside libdivsufsort's output
+    sa = np.empty(len(text), dtype=dtype)
+    shift, filled = w.bit_length() - 1, 0
+    for start in range(0, len(out), _CHUNK):
+        chunk = out[start : start + _CHUNK]
+        kept = chunk[(chunk & (w - 1)) == 0]
         # 2. byte position → token position
-        out >>= w.bit_length() - 1
-    if len(text) < (1 << 32):
-        return out.view(np.uint32) if out.dtype == np.int32 else out.astype("<u4")
-    return out.view(np.uint64)
+        sa[filled : filled + len(kept)] = kept >> shift
+        filled += len(kept)
+    if filled != len(text):  # pragma: no cover - libdivsufsort returned something else
+        raise RuntimeError(f"suffix array has {filled} token suffixes, expected {len(text)}")
+    return sa
+
+
+#: Byte suffixes filtered at a time by :func:`suffix_array`.
+_CHUNK = 1 << 22
 
 
 # ---- the index -----------------------------------------------------------------------------------
@@ -138,7 +146,7 @@ class _Shard:
     sa: np.ndarray
     doc_starts: np.ndarray
     doc_offset: int
-    raw: mmap.mmap = field(repr=False)
+    raw: _OffsetBytes = field(repr=False)
     sa_view: memoryview = field(repr=False)
 
     @property
@@ -199,6 +207,10 @@ class CorpusIndex:
 
     def __len__(self) -> int:
         return self.n_tokens
+
+    def __reduce__(self):
+        # memory maps do not pickle: a copy (e.g. sent to a Ray worker) reopens the folder
+        return (CorpusIndex.open, (str(self.root),))
 
     # ---- build / open ------------------------------------------------------------------------
     @classmethod
@@ -347,8 +359,9 @@ class CorpusIndex:
 
     def count(self, query) -> int:
         """How many times ``query`` occurs in the corpus (overlapping occurrences count)."""
-        key, valid = self._key(self._nonempty(query))
-        if valid * self.dtype.itemsize != len(key) or valid == 0:
+        q = self._nonempty(query)
+        key, valid = self._key(q)
+        if valid < len(q):  # a token outside the vocabulary occurs nowhere
             return 0
         return self._count_key(key)
 
@@ -561,14 +574,24 @@ def _shard_digest(tokens: np.ndarray) -> str:
     return hashlib.sha256(memoryview(np.ascontiguousarray(tokens).view(np.uint8))).hexdigest()
 
 
-def _cut_shards(named_docs: Iterator[tuple[str, object]], shard_tokens: int, state: dict):
+def _cut_shards(
+    named_docs: Iterator[tuple[str, object]], shard_tokens: int, mode: str, dtype: np.dtype, vocab: int
+) -> Iterator[list[tuple[str, np.ndarray]]]:
     """Group ``(train_id, doc)`` into shards at document boundaries; yields lists of
-    ``(train_id, ids)``; ``state["mode"]`` is set from the first document."""
+    ``(train_id, ids)``, the ids checked against the vocabulary and already in ``dtype`` (so a
+    shard held in memory takes its on-disk size, not 8 bytes a token)."""
     buf, size = [], 0
     for train_id, doc in named_docs:
-        arr, kind = _as_document(doc, state.get("mode"))
-        state["mode"] = kind
-        # 1. a new shard before the document that would take this one past shard_tokens
+        arr, _ = _as_document(doc, mode)
+        # 1. every id in the vocabulary (the separator and beyond can never be stored)
+        if len(arr) and mode == "tokens" and (int(arr.min()) < 0 or int(arr.max()) >= vocab):
+            bad = int(arr.max()) if int(arr.max()) >= vocab else int(arr.min())
+            raise InputError(
+                f"document {train_id} holds token id {bad}, outside the vocabulary of {vocab}",
+                "give the right --tokenizer (or vocab_size)",
+            )
+        arr = arr.astype(dtype)
+        # 2. a new shard before the document that would take this one past shard_tokens
         if buf and size + len(arr) > shard_tokens:
             yield buf
             buf, size = [], 0
@@ -578,21 +601,13 @@ def _cut_shards(named_docs: Iterator[tuple[str, object]], shard_tokens: int, sta
         yield buf
 
 
-def _concatenate(
-    docs: list[tuple[str, np.ndarray]], dtype: np.dtype, separator: int, vocab: int
-) -> tuple[np.ndarray, np.ndarray]:
+def _concatenate(docs: list[tuple[str, np.ndarray]], dtype: np.dtype, separator: int) -> tuple[np.ndarray, np.ndarray]:
     """The shard's text (each document then the separator) and its document starts."""
     lengths = np.asarray([len(a) for _, a in docs], dtype=np.int64)
     starts = np.zeros(len(docs) + 1, dtype=np.int64)
     np.cumsum(lengths + 1, out=starts[1:])
     text = np.full(int(starts[-1]), separator, dtype=dtype)
-    for (train_id, arr), s in zip(docs, starts[:-1]):
-        if len(arr) and (int(arr.min()) < 0 or int(arr.max()) >= vocab):
-            raise InputError(
-                f"document {train_id} holds token id {int(arr.max()) if arr.max() >= vocab else int(arr.min())}, "
-                f"outside the vocabulary of {vocab}",
-                "give the right --tokenizer (or vocab_size)",
-            )
+    for (_, arr), s in zip(docs, starts[:-1]):
         text[s : s + len(arr)] = arr
     return text, starts
 
@@ -619,22 +634,30 @@ def build_corpus_index(
     """
     if isinstance(shard_tokens, bool) or not isinstance(shard_tokens, int) or shard_tokens < 1:
         raise InputError(f"shard_tokens={shard_tokens!r} must be a positive integer", "e.g. --shard-tokens 100000000")
-    started = time.time()
+    started, t_start = time.time(), time.perf_counter()
     root = Path(out)
     if tokenizer is not None and vocab_size is None:
         vocab_size = int(tokenizer.get("vocab_size") or 0) or None
-    state: dict = {}
-    shards = _cut_shards(iter(named_docs), shard_tokens, state)
-    first = next(shards, None)
-    if first is None:
+    # 1. the first document says the mode (bytes or token ids), hence the dtype
+    it = iter(named_docs)
+    head = next(it, None)
+    if head is None:
         raise InputError(f"the corpus for {root} holds no document", "give at least one non-empty document")
-    mode = state["mode"]
+    _, mode = _as_document(head[1], None)
     if mode == "bytes":
         dtype, vocab, tokenizer = np.dtype(">u2"), 256, None
     else:
         vocab = int(vocab_size) if vocab_size is not None else int(np.iinfo(np.uint32).max)
         dtype = token_dtype(vocab)
     separator = int(np.iinfo(dtype).max)
+    shards = _cut_shards(_chain([head], it), shard_tokens, mode, dtype, vocab)
+    # 2. the first shard is read before the run starts: bad input there is refused with nothing written
+    pending = [next(shards)]
+    if not any(len(a) for _, a in pending[0]):  # an all-empty corpus
+        second = next(shards, None)
+        if second is None:
+            raise InputError(f"the corpus for {root} holds no token (every document is empty)", "give some text")
+        pending.append(second)
     config = {
         "mode": mode,
         "shard_tokens": shard_tokens,
@@ -647,14 +670,21 @@ def build_corpus_index(
             {"config": config, "data": source or {}, "tokenizer": tokenizer}, identity=("config",), started=started
         )
         say = log or run.store.log
-        records, n_docs, n_tokens, built, build_s = [], 0, 0, 0, 0.0
-        for s, docs in enumerate(_chain(first, shards)):
-            text, starts = _concatenate(docs, dtype, separator, vocab)
+        records, n_docs, n_tokens, built = [], 0, 0, 0
+        timings = {"read_s": 0.0, "digest_s": 0.0, "suffix_sort_s": 0.0, "write_s": 0.0}
+        t_read = t_start  # the first shard was read before the run started
+        for s, docs in enumerate(_chain(pending, shards)):
+            text, starts = _concatenate(docs, dtype, separator)
+            train_ids = [t for t, _ in docs]
+            docs.clear()  # the ids live on in ``text``: free the per-document copies before the sort
+            t0 = time.perf_counter()
+            timings["read_s"] += t0 - t_read  # reading, tokenizing and concatenating the documents
             digest = _shard_digest(text)
+            timings["digest_s"] += time.perf_counter() - t0
             rec = {
                 "directory": f"{SHARD_DIR}/{s:05d}",
-                "n_docs": len(docs),
-                "n_tokens": int(len(text) - len(docs)),
+                "n_docs": len(train_ids),
+                "n_tokens": int(len(text) - len(train_ids)),
                 "doc_offset": n_docs,
                 "tokens_sha256": digest,
             }
@@ -669,25 +699,25 @@ def build_corpus_index(
                 if stop_after_shards is not None and built >= stop_after_shards:
                     return None  # type: ignore[return-value]  # tests of resume: stop here
                 t0 = time.perf_counter()
-                _write_shard(root, rec["directory"], text, starts)
-                build_s += time.perf_counter() - t0
+                sort_s, write_s = _write_shard(root, rec["directory"], text, starts)
+                timings["suffix_sort_s"] += sort_s
+                timings["write_s"] += write_s
                 table = pd.DataFrame(
                     {
-                        "doc": np.arange(n_docs, n_docs + len(docs), dtype=np.int64),
-                        "train_id": [t for t, _ in docs],
+                        "doc": np.arange(n_docs, n_docs + len(train_ids), dtype=np.int64),
+                        "train_id": train_ids,
                         "n_tokens": np.diff(starts) - 1,
-                        "shard": np.full(len(docs), s, dtype=np.int64),
+                        "shard": np.full(len(train_ids), s, dtype=np.int64),
                     }
                 )
                 run.store.commit_shard(s, {"documents": table}, rec)
                 built += 1
-                say(f"{KIND}: shard {s}: {len(docs)} documents, {rec['n_tokens']} tokens")
+                say(f"{KIND}: shard {s}: {len(train_ids)} documents, {rec['n_tokens']} tokens")
             records.append(rec)
-            n_docs += len(docs)
+            n_docs += len(train_ids)
             n_tokens += rec["n_tokens"]
             del text, starts
-        if n_tokens == 0:
-            raise InputError(f"the corpus for {root} holds no token (every document is empty)", "give some text")
+            t_read = time.perf_counter()
         n_shards = len(records)
         documents = run.store.merge(n_shards, tables=("documents",))["documents"]
         sa_dtype = "<u8" if any(r["n_tokens"] + r["n_docs"] >= (1 << 32) for r in records) else "<u4"
@@ -722,25 +752,28 @@ def build_corpus_index(
             index={"disk_bytes": disk, "bytes_per_token": round(disk / n_tokens, 4), "dtypes": meta["dtypes"]},
             throughput={
                 "seconds": round(seconds, 3),
-                "suffix_sort_seconds_this_process": round(build_s, 3),
+                "this_process": {k: round(v, 3) for k, v in timings.items()},
                 "tokens_per_s": round(n_tokens / seconds, 1) if seconds else None,
             },
         )
     return CorpusIndex.open(root)
 
 
-def _chain(first, rest):
-    yield first
+def _chain(pending, rest):
+    yield from pending
     yield from rest
 
 
-def _write_shard(root: Path, directory: str, text: np.ndarray, starts: np.ndarray) -> None:
-    """Sort and write one shard into a temporary folder, then rename it into place."""
+def _write_shard(root: Path, directory: str, text: np.ndarray, starts: np.ndarray) -> tuple[float, float]:
+    """Sort and write one shard into a temporary folder, then rename it into place; returns the
+    seconds of the suffix sort and of the writes."""
     final = root / directory
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    t0 = time.perf_counter()
     sa = suffix_array(text)
+    t1 = time.perf_counter()
     for name, arr in (("tokens", text), ("sa", sa), ("doc_starts", starts)):
         with open(tmp / f"{name}.npy", "wb") as fh:
             np.save(fh, arr, allow_pickle=False)
@@ -749,3 +782,4 @@ def _write_shard(root: Path, directory: str, text: np.ndarray, starts: np.ndarra
     del sa
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
+    return t1 - t0, time.perf_counter() - t1

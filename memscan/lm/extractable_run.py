@@ -11,7 +11,9 @@ A run directory holds
   32 + 32 tokens whatever the suffix length), ``exact_memorization`` (Tirumala et al. 2022),
   ``log_p_sample`` / ``p_sample`` / ``n_samples_50`` / ``n_samples_90`` (Hayes et al. 2025, under
   the recorded temperature/top-k/top-p), ``near_ties`` (greedy steps whose top-2 logit gap is
-  below float rounding), and the decoded prefix, suffix and greedy texts;
+  below float rounding), and the decoded prefix, suffix and greedy texts; with ``--index IDX``
+  also ``suffix_count`` and ``window_count``, how often the suffix and the prefix + suffix occur
+  in the corpus index (:mod:`memscan.lm.duplication`);
 - ``manifest.json`` — config, model record (id, parameters, training step, class, dtype,
   tokenizer name and vocabulary sha256), data source, counts, skipped documents, the extractable
   rate by prefix length, throughput;
@@ -36,7 +38,10 @@ import pandas as pd
 from memscan.errors import InputError, MemscanError, user_code
 from memscan.generators.causal_lm import describe_lm, load_causal_lm
 from memscan.generators.model_record import model_record
+from memscan.lm.corpus_index import CorpusIndex
+from memscan.lm.corpus_index import check_tokenizer as check_index_tokenizer
 from memscan.lm.decoding import check_scheme
+from memscan.lm.duplication import duplicate_counts, duplication_summary
 from memscan.lm.memorization import PYTHIA_LENGTH
 from memscan.lm.text_data import check_tokenizer, open_text_source, sample_sequences
 from memscan.lm.worker import describe_lm_worker, extractable_stage, lm_pool
@@ -133,6 +138,7 @@ def lm_extractable(
     runner: str = "local",
     runner_options=None,
     stop_after_shards: int | None = None,
+    index=None,
 ) -> ExtractableResult:
     """Measure discoverable memorization on ``config.sequences`` training sequences of ``data``.
 
@@ -146,11 +152,16 @@ def lm_extractable(
     shard_size : sequences per shard (the unit of commit and resume)
     runner, runner_options : ``"local"`` or ``"ray"`` (:func:`memscan.runners.make_pool`)
     stop_after_shards : a kill hook for tests of resume
+    index : a corpus index (:class:`memscan.lm.corpus_index.CorpusIndex` or its folder): adds
+        ``suffix_count`` and ``window_count`` (:mod:`memscan.lm.duplication`) and the duplication
+        curve to the summary
     """
     config = config.validate()
     if shard_size < 1:
         raise InputError(f"shard size {shard_size} must be ≥ 1", "e.g. --shard-size 256")
     source = open_text_source(data, text_column=config.text_column)  # bad data fails before any model
+    if index is not None and not isinstance(index, CorpusIndex):
+        index = CorpusIndex.open(index)  # a damaged index fails before any model too
     started = time.time()
     spec = model if isinstance(model, (str, Path)) else None
     # the driver needs the tokenizer to cut the sequences; the local runner reuses this model
@@ -170,6 +181,8 @@ def lm_extractable(
     record = describe_lm(lm)
     tokenizer = record.get("tokenizer")
     check_tokenizer(source, (tokenizer or {}).get("vocab_sha256"), int(lm.vocab_size))
+    if index is not None:
+        check_index_tokenizer(index, lm)
     left, right = config.window
     sample = sample_sequences(
         source,
@@ -242,6 +255,15 @@ def lm_extractable(
             )
         merged = run.store.merge(n_shards, tables=("sequences",))["sequences"]
         table = _sequences_table(merged, sample)
+        if index is not None:
+            table = _with_duplicate_counts(table, index, sample, config, lm)
+            run.manifest["corpus_index"] = {
+                "path": str(index.root),
+                "mode": index.mode,
+                "documents": index.n_docs,
+                "tokens": index.n_tokens,
+                "vocab_sha256": (index.tokenizer_record or {}).get("vocab_sha256"),
+            }
         write_table(table, run.root / "sequences.parquet")
         rates = extractable_rates(table)
         seconds = sum(float(run.store.shard_record(s).get("seconds", 0.0)) for s in range(n_shards))
@@ -251,6 +273,22 @@ def lm_extractable(
             throughput={"seconds": round(seconds, 3), "sequences_per_s": round(n / seconds, 3) if seconds else None},
         )
     return ExtractableResult(Path(out), table, manifest, rates)
+
+
+def _with_duplicate_counts(table: pd.DataFrame, index, sample, config: ExtractableConfig, lm) -> pd.DataFrame:
+    """``suffix_count`` and ``window_count`` of every (sequence, prefix length) row."""
+    ks = list(config.prefix_lengths)
+    suffix, window = duplicate_counts(index, sample.tokens, sample.left, ks, config.suffix_length, lm)
+    counts = pd.DataFrame(
+        {
+            "seq_id": np.repeat(np.arange(len(suffix), dtype=np.int64), len(ks)),
+            "prefix_len": np.tile(np.asarray(ks, dtype=np.int64), len(suffix)),
+            "suffix_count": np.repeat(suffix, len(ks)),
+            "window_count": window.reshape(-1),
+        }
+    )
+    table = table.drop(columns=["suffix_count", "window_count"], errors="ignore")
+    return table.merge(counts, on=["seq_id", "prefix_len"], how="left", validate="one_to_one")
 
 
 def _model_fields(describe: dict) -> dict:
@@ -293,6 +331,7 @@ def extractable_rates(table: pd.DataFrame) -> dict:
         "pythia_extractable_rate": float(pythia["pythia_extractable"].mean()) if len(pythia) else 0.0,
         "mean_pythia_score": float(pythia["pythia_score"].mean()) if len(pythia) else 0.0,
         "near_tie_steps": int(table["near_ties"].sum()),
+        "duplication": duplication_summary(table),
     }
 
 

@@ -20,7 +20,13 @@ import pandas as pd
 from memscan.errors import MemscanError
 from memscan.report.base import environment, open_complete_run, png_base64, run_context, write_page
 
-__all__ = ["build_lm_exposure_report", "build_lm_extractable_report", "extractable_rate_plot", "np_curve_plot"]
+__all__ = [
+    "build_lm_exposure_report",
+    "build_lm_extractable_report",
+    "duplication_plot",
+    "extractable_rate_plot",
+    "np_curve_plot",
+]
 
 #: Sample counts n of the (n, p) curves.
 N_GRID = np.unique(np.round(np.logspace(0, 9, 91))).astype(float)
@@ -97,6 +103,33 @@ def np_curve_plot(table: pd.DataFrame) -> str:
     return _png(fig)
 
 
+def duplication_plot(duplication: dict) -> str:
+    """Extractable rate against the duplicate count of the window (prefix + suffix), log₂-binned
+    (x: the bin's mean count, log axis; marker area: sequences in the bin), with each prefix
+    length's least-squares line ``a + b·log10 count`` (Carlini et al. 2022 Fig. 1b)."""
+    fig = _figure(6.4, 3.8)
+    ax = fig.add_subplot(1, 1, 1)
+    colors = ["#c0392b", "#2471a3", "#1e8449", "#7d3c98", "#b9770e", "#555"]
+    for i, (k, d) in enumerate(sorted(duplication.items())):
+        c = colors[i % len(colors)]
+        curve = pd.DataFrame(d["window"]["curve"])
+        curve = curve[curve["mean_count"] >= 1]
+        if not len(curve):
+            continue
+        size = 12 + 60 * curve["sequences"] / curve["sequences"].max()
+        ax.scatter(curve["mean_count"], curve["extractable_rate"], s=size, color=c, label=f"k={k}")
+        fit = d["window"]["fit"]
+        if fit:
+            x = np.logspace(0, np.log10(max(curve["mean_count"].max(), 2)), 50)
+            ax.plot(x, fit["intercept"] + fit["slope_per_decade"] * np.log10(x), "--", color=c, lw=1,
+                    label=f"k={k}: {fit['slope_per_decade']:+.3f} ± {fit['slope_se']:.3f} per decade")  # fmt: skip
+    ax.set_xscale("log")
+    ax.set_xlabel("occurrences of the window (prefix + suffix) in the corpus")
+    ax.set_ylabel("share extractable")
+    ax.legend(fontsize=7)
+    return _png(fig)
+
+
 def _clean(r: dict) -> dict:
     return {k: (None if not isinstance(v, str) and not isinstance(v, (list, np.ndarray)) and pd.isna(v) else v)
             for k, v in r.items()}  # fmt: skip
@@ -139,6 +172,9 @@ def build_lm_extractable_report(run: str | Path, out: str | Path | None = None, 
             longest=longest,
             rows=[{**_clean(r), "n90": _count(r["n_samples_90"])} for r in best.head(top).to_dict("records")],
             n_sequences=int(table["seq_id"].nunique()) if len(table) else 0,
+            duplication=rates.get("duplication"),
+            duplication_png=duplication_plot(rates["duplication"]) if rates.get("duplication") else None,
+            corpus_index=manifest.get("corpus_index"),
         )
     )
     return write_page(html, store.root, out)

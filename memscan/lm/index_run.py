@@ -1,0 +1,135 @@
+"""``memscan lm index``: the exact-substring index of a training corpus (run kind ``lm-index``).
+
+The corpus is read in the forms :mod:`memscan.lm.text_data` reads (a folder of ``.txt``, JSONL /
+Parquet with a text column, pre-tokenized ``.npy`` / Parquet ids), streamed once, document by
+document, and indexed by :func:`memscan.lm.corpus_index.build_corpus_index` (layout, shards and
+resume there).
+
+- ``--tokenizer MODEL``: text is tokenized with the model's tokenizer (``encode``, no special
+  tokens); its record (name, vocabulary sha256, size) is kept in ``index.json``, and pre-tokenized
+  ids must carry the same vocabulary hash. Text must be valid UTF-8 (a ``.txt`` file that is not is
+  refused, naming the file and the byte).
+- ``--bytes``: the raw bytes of each document (a ``.txt`` file byte for byte, whatever its
+  encoding; JSONL / Parquet text as UTF-8). Pre-tokenized ids are refused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from memscan.errors import InputError, user_code
+from memscan.lm.corpus_index import DEFAULT_SHARD_TOKENS, CorpusIndex, build_corpus_index
+from memscan.lm.text_data import TextSource, _iter_file, check_tokenizer, open_text_source
+
+KIND = "lm-index"
+
+
+def load_tokenizer(spec):
+    """The model whose tokenizer indexes text: a spec (loaded with
+    :func:`memscan.generators.causal_lm.load_causal_lm`) or an object with ``encode``; returns
+    ``(model, tokenizer record)``."""
+    from memscan.generators.causal_lm import describe_lm, load_causal_lm
+
+    if isinstance(spec, (str, Path)):
+        with user_code(f"loading the tokenizer's model {spec} failed", "fix the model and rerun"):
+            lm = load_causal_lm(str(spec))
+    else:
+        lm = spec
+    rec = describe_lm(lm).get("tokenizer")
+    if not isinstance(rec, dict) or not rec.get("vocab_sha256"):
+        raise InputError(
+            f"the model {spec} records no tokenizer vocabulary (describe()['tokenizer']['vocab_sha256'])",
+            "give a transformers model directory, or index bytes with --bytes",
+        )
+    vocab = max(int(rec.get("vocab_size") or 0), int(getattr(lm, "vocab_size", 0) or 0))
+    return lm, {**rec, "vocab_size": vocab}
+
+
+def _train_id(f, local_id) -> str:
+    return str(f"{f.label}:{local_id}" if f.label and f.kind != "txt" else (f.label or local_id))
+
+
+def iter_corpus(source: TextSource, encode=None) -> Iterator[tuple[str, object]]:
+    """``(train_id, document)`` in source order: ``bytes`` when ``encode`` is None (byte mode),
+    else int64 token ids."""
+    for f in source.files:
+        if f.kind == "txt":
+            data = f.path.read_bytes()
+            if encode is None:
+                yield _train_id(f, f.path.name), data
+                continue
+            try:
+                text = data.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise InputError(
+                    f"{f.path} is not UTF-8 text (byte {exc.start}: {data[exc.start : exc.start + 1]!r})",
+                    "convert it to UTF-8, or index raw bytes with --bytes",
+                ) from None
+            yield _train_id(f, f.path.name), encode(text)
+            continue
+        try:
+            for local_id, item in _iter_file(f):
+                if isinstance(item, str):
+                    yield _train_id(f, local_id), (item.encode("utf-8") if encode is None else encode(item))
+                else:
+                    yield _train_id(f, local_id), np.asarray(item, dtype=np.int64)
+        except UnicodeDecodeError as exc:
+            raise InputError(
+                f"{f.path} is not UTF-8 text (byte {exc.start})", "convert it to UTF-8 (JSONL is UTF-8 by definition)"
+            ) from None
+
+
+def lm_index(
+    corpus: str | Path,
+    out: str | Path,
+    *,
+    tokenizer=None,
+    byte_mode: bool = False,
+    text_column: str = "text",
+    shard_tokens: int = DEFAULT_SHARD_TOKENS,
+    resume: bool = False,
+    stop_after_shards: int | None = None,
+) -> CorpusIndex:
+    """Index the training corpus ``corpus`` into the folder ``out`` (``memscan lm index``).
+
+    Parameters
+    ----------
+    corpus : a folder of .txt, a JSONL / Parquet file with a text column, pre-tokenized ids
+    out : the index folder (a run directory of kind ``lm-index``)
+    tokenizer : a model spec or causal-LM object whose tokenizer tokenizes the text
+    byte_mode : index raw bytes instead (exactly one of ``tokenizer`` / ``byte_mode``)
+    text_column : the JSONL field / Parquet column holding the text
+    shard_tokens : tokens per suffix-array shard at most (the unit of resume)
+    resume : finish a killed build (same corpus and options)
+    """
+    if (tokenizer is None) == (not byte_mode):
+        raise InputError(
+            "give exactly one of --tokenizer MODEL and --bytes",
+            "--tokenizer indexes the model's token ids; --bytes indexes raw bytes",
+        )
+    source = open_text_source(corpus, text_column=text_column)
+    if byte_mode:
+        if source.pretokenized:
+            raise InputError(
+                f"{corpus} holds pre-tokenized ids, and --bytes indexes text",
+                "give the text, or index the ids with --tokenizer MODEL",
+            )
+        docs, record, vocab = iter_corpus(source), None, None
+    else:
+        lm, record = load_tokenizer(tokenizer)
+        vocab = int(record["vocab_size"])
+        check_tokenizer(source, record["vocab_sha256"], vocab)
+        docs = iter_corpus(source, lm.encode)
+    return build_corpus_index(
+        docs,
+        out,
+        shard_tokens=shard_tokens,
+        vocab_size=vocab,
+        tokenizer=record,
+        source=source.record(),
+        resume=resume,
+        stop_after_shards=stop_after_shards,
+    )
