@@ -309,3 +309,38 @@ def build_lm_index_inputs(root: Path) -> dict[str, tuple[list, str]]:
         "a corrupt index file": ([*extractable, "--index", str(damaged)], "sa.npy"),
         "a folder that is no index": ([*extractable, "--index", str(latin1)], "not a corpus index"),
     }
+
+
+# ---- language models: indexes and prompts for `memscan lm extract` (lmextract) --------------------
+def build_lm_extract_inputs(root: Path) -> tuple[Path, dict[str, tuple[list, str]]]:
+    """A good bytes-mode corpus index and the bad inputs ``lm extract`` must refuse: name → (the
+    options that replace the good ones, what the error must mention)."""
+    import json
+
+    from memscan.lm.corpus_index import CorpusIndex
+
+    root.mkdir(parents=True, exist_ok=True)
+    good = root / "bytes_index"
+    CorpusIndex.build([b"a small training corpus of plain text. " * 4], good)
+    other = root / "other_tokenizer_index"
+    CorpusIndex.build([np.arange(20)], other, tokenizer={"name": "gpt2", "vocab_sha256": "0" * 64, "vocab_size": 50257})
+    not_index = root / "not_an_index"
+    not_index.mkdir()
+    (not_index / "index.json").write_text("{broken")
+    empty_prompts = root / "empty_prompts.txt"
+    empty_prompts.write_text("\n\n")
+    no_prompt = root / "no_prompt.jsonl"
+    no_prompt.write_text(json.dumps({"body": "hello"}) + "\n")
+    binary = root / "binary_prompts.txt"
+    binary.write_bytes(b"caf\xe9\n")
+    return good, {
+        "an index of another tokenizer": (["--index", other], "is not the corpus index's"),
+        "an index path that does not exist": (["--index", root / "nowhere"], "does not exist"),
+        "a damaged index.json": (["--index", not_index], "damaged"),
+        "a prompts file of blank lines": (["--prompts", empty_prompts], "holds no prompt"),
+        "a prompts JSONL without a prompt": (["--prompts", no_prompt], 'no "prompt"'),
+        "non-UTF-8 prompts": (["--prompts", binary], "not UTF-8"),
+        "a prompts path that does not exist": (["--prompts", root / "nowhere.txt"], "does not exist"),
+        "samples longer than the model's positions": (["--length", 5000], "positions of the model"),
+        "no sample to draw": (["--samples", 0], "--samples 0 must be ≥ 1"),
+    }

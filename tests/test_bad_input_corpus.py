@@ -462,3 +462,41 @@ def test_extract_needs_train_or_index_and_a_positive_retrieve(corpus, index_case
     assert_clean_error(cli(*base, "--quiet"), "--train", "--index")
     good = index_cases["a corrupt ids.parquet"][0].parent / "good"
     assert_clean_error(cli(*base, "--index", good, "--retrieve", 0, "--quiet"), "--retrieve")
+
+
+# ---- language models: `memscan lm extract` (lmextract) -------------------------------------------
+LM_EXTRACT_BAD = [
+    "an index of another tokenizer",
+    "an index path that does not exist",
+    "a damaged index.json",
+    "a prompts file of blank lines",
+    "a prompts JSONL without a prompt",
+    "non-UTF-8 prompts",
+    "a prompts path that does not exist",
+    "samples longer than the model's positions",
+    "no sample to draw",
+]
+
+
+@pytest.fixture(scope="module")
+def lm_extract_inputs(tmp_path_factory):
+    from bad_inputs import build_lm_extract_inputs
+
+    return build_lm_extract_inputs(tmp_path_factory.mktemp("lm_extract_inputs"))
+
+
+@pytest.mark.parametrize("bad", LM_EXTRACT_BAD)
+def test_bad_inputs_are_refused_by_lm_extract(lm_extract_inputs, tiny_lm_dir, tmp_path, bad):
+    good_index, cases = lm_extract_inputs
+    options, want = cases[bad]
+    base = {"--model": tiny_lm_dir, "--index": good_index, "--samples": 2, "--length": 8}
+    base.update(dict(zip(options[::2], options[1::2])))
+    args = ["lm", "extract", *(x for kv in base.items() for x in kv), "--out", tmp_path / "o", "--quiet"]
+    assert_clean_error(cli(*args), want)
+    assert not (tmp_path / "o" / "manifest.json").exists()  # refused before any run starts
+
+
+def test_lm_extract_unconditional_needs_a_start_token(lm_extract_inputs, tmp_path):
+    good_index, _ = lm_extract_inputs
+    args = ["lm", "extract", "--model", "py:lm_extract_support:no_start_lm", "--index", good_index, "--samples", 2]
+    assert_clean_error(cli(*args, "--out", tmp_path / "o", "--quiet"), "neither a BOS nor an EOS", "--prompts")

@@ -192,6 +192,38 @@ def test_quick_demo_lm_shows_memorization_rising_with_repetition(quick_demo_lm):
     assert mf["100"] >= mf["50"] > mf["20"] > mf["10"] > mf["1"], mf
 
 
+def test_quick_demo_lm_sampling_attack_is_consistent_with_its_run(quick_demo_lm):
+    """The sampling attack (Carlini et al. 2021) against an index of the planted corpus built at
+    demo time: the summary agrees with its lm-extract run, every canary said to have come out is
+    held whole by a confirmed sample's corpus match, and the run renders. Which canaries come out
+    of blind sampling is not asserted (it depends on the weights and the sample budget)."""
+    import pandas as pd
+
+    from memscan.demo.lm.canaries import canaries
+
+    out, proc = quick_demo_lm
+    a = json.loads((out / "summary.json").read_text())["sampling_attack"]
+    samples = pd.read_parquet(out / "extract" / "samples.parquet")
+    manifest = json.loads((out / "extract" / "manifest.json").read_text())
+    assert manifest["kind"] == "lm-extract" and manifest["match_unit"] == "bytes" and a["min_match"] == 100
+    assert manifest["counts"]["generated"] == a["samples"] == 64 and len(samples) == a["kept"]
+    assert a["confirmed"] == int(samples["confirmed"].sum())
+    assert (samples["match_len"] >= 100).sum() == a["confirmed"]
+    assert set(a["canaries_by_duplicate_count"]) == {str(c) for c in COPIES}
+    texts = {c.id: c.text for c in canaries()}
+    confirmed = samples[samples["confirmed"]]["match_text"].tolist()
+    for cid in a["canaries_extracted"]:
+        assert any(texts[cid] in m or m.strip("\n") in texts[cid] for m in confirmed), cid
+    n_out = sum(v["extracted"] for v in a["canaries_by_duplicate_count"].values())
+    assert n_out == len(a["canaries_extracted"]) and all(
+        0 <= v["extracted"] <= v["planted"] == PER_COUNT for v in a["canaries_by_duplicate_count"].values()
+    )
+    assert set(a["precision"]) >= {"perplexity", "zlib_ratio", "lowercase_ratio", "min_window_perplexity"}
+    assert a["timings_s"]["index_build"] > 0 and "sampling attack" in proc.stdout
+    run_cli("report", out / "extract")
+    assert (out / "extract" / "report.html").exists()
+
+
 def test_demo_lm_refuses_an_out_that_holds_a_run(quick_demo_lm):
     out, _ = quick_demo_lm
     proc = run_cli("demo", "lm", "--quick", "--out", out, "--quiet", check=False)

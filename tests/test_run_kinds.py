@@ -243,6 +243,25 @@ def _lm_mia(tmp: Path, out: Path) -> list:
     ]  # fmt: skip
 
 
+def _lm_extract(tmp: Path, out: Path) -> list:
+    """The copy model of tests/lm_extract_support.py, 12 samples from 4 prompts, a bytes index: 3 shards."""
+    import json
+
+    from lm_extract_support import DOCS, PROMPTS
+
+    from memscan.lm.corpus_index import CorpusIndex
+
+    index, prompts = tmp / "lm_extract_index", tmp / "lm_extract_prompts.jsonl"
+    if not index.exists():
+        CorpusIndex.build([d.encode() for d in DOCS], index)
+        prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    return [
+        "lm", "extract", "--model", "py:lm_extract_support:copy_lm", "--index", index, "--out", out,
+        "--prompts", prompts, "--samples", 12, "--length", 120, "--top", 4, "--shard-size", 4, "--batch-size", 3,
+        "--min-match", 60, "--quiet",
+    ]  # fmt: skip
+
+
 def _lm_index(tmp: Path, out: Path) -> list:
     """6 text files of 120 bytes, indexed as bytes, ≤ 250 a shard: 3 shards."""
     corpus = tmp / "lm_index_corpus"
@@ -270,6 +289,7 @@ CASES = [
     KindCase("lm-extractable", _lm_extractable, ("sequences",), kill_after=1),
     KindCase("lm-exposure", _lm_exposure, ("exposures", "parts"), kill_after=2),
     KindCase("lm-mia", _lm_mia, ("examples", "statistics", "scores", "metrics"), kill_after=1),
+    KindCase("lm-extract", _lm_extract, ("samples", "precision"), kill_after=1),
     KindCase("lm-index", _lm_index, ("documents",), kill_after=1, has_model=False),
 ]
 

@@ -264,3 +264,91 @@ def lm_index_command(
         f"{index.n_docs} documents, {index.n_tokens} {'bytes' if index.mode == 'bytes' else 'tokens'} in "
         f"{len(index.shards)} shard(s), {disk / max(index.n_tokens, 1):.2f} bytes a token on disk → {out}"
     )
+
+
+# ---- lmextract: `memscan lm extract` (Carlini et al. 2021) is appended below this line ---------------
+
+
+@lm_app.command("extract")
+def lm_extract_command(
+    model: str = typer.Option(..., "--model", help=MODEL_HELP),
+    index: Path = typer.Option(..., "--index", help="corpus index of the training data (memscan lm index)"),
+    out: Path = typer.Option(..., "--out", help="run directory to write"),
+    samples: int = typer.Option(1000, "--samples", help="samples to draw"),
+    length: int = typer.Option(256, "--length", help="new tokens per sample"),
+    top: int = typer.Option(100, "--top", help="N of precision@N: top samples of each ranking"),
+    reference: str | None = typer.Option(None, "--reference", help="reference model for reference_ratio"),
+    prompts: Path | None = typer.Option(
+        None, "--prompts", help="prompts, one a line (or JSONL with 'prompt'); default: the model's start token"
+    ),
+    top_k: int = typer.Option(40, "--top-k", help="top-k of the sampler (0: off)"),
+    top_p: float = typer.Option(1.0, "--top-p", help="top-p of the sampler (1: off)"),
+    temperature_start: float = typer.Option(10.0, "--temperature-start", help="temperature of the first token"),
+    temperature_end: float = typer.Option(1.0, "--temperature-end", help="temperature after the decay"),
+    decay_tokens: int = typer.Option(20, "--decay-tokens", help="tokens of the linear temperature decay"),
+    window: int = typer.Option(50, "--window", help="tokens of the sliding window of min_window_perplexity"),
+    min_match: int | None = typer.Option(
+        None,
+        "--min-match",
+        help="corpus match that confirms a sample (default: 50 tokens, 100 bytes for a bytes index)",
+    ),
+    batch_size: int = typer.Option(32, "--batch-size", help="samples per decoding and scoring batch"),
+    seed: int = typer.Option(0, "--seed", help="run seed (each sample's seed derives from it and its id)"),
+    shard_size: int = typer.Option(256, "--shard-size", help="samples per shard, the unit of --resume"),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda"),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (float32 on CPU), float32, bfloat16, float16"),
+    resume: bool = resume_option(),
+    runner: str = runner_option(),
+    ray_address: str | None = ray_address_option(),
+    num_workers: int | None = num_workers_option(),
+    gpus_per_worker: float | None = gpus_per_worker_option(),
+    quiet: bool = quiet_option("no progress bar"),
+):
+    """Extraction by sampling and ranking (Carlini et al. 2021): sample (top-k 40, temperature
+    10 → 1 over the first 20 tokens), score (perplexity, zlib, lowercase, reference, 50-token
+    window), de-duplicate (word trigrams), confirm against the corpus index; writes
+    samples.parquet and precision.parquet."""
+    from memscan.lm.extract_run import lm_extract
+    from memscan.lm.sampling_attack import LmExtractConfig
+
+    with clean_errors():
+        cfg = LmExtractConfig(
+            samples=samples,
+            length=length,
+            top_k=top_k or None,
+            top_p=top_p,
+            temperature_start=temperature_start,
+            temperature_end=temperature_end,
+            decay_tokens=decay_tokens,
+            window=window,
+            top=top,
+            min_match=min_match,
+            batch_size=batch_size,
+            seed=seed,
+            device=device,
+            dtype=dtype,
+        )
+        opts = _ray_options(runner, ray_address, num_workers, gpus_per_worker, device)
+        res = lm_extract(
+            model,
+            index,
+            out,
+            cfg,
+            reference=reference,
+            prompts=prompts,
+            progress=not quiet,
+            resume=resume,
+            shard_size=shard_size,
+            runner=runner,
+            runner_options=opts,
+        )
+    c = res.manifest["counts"]
+    unit = res.manifest["match_unit"]
+    lines = [
+        f"memscan lm extract: {c['generated']} samples, {c['kept']} kept after de-duplication, "
+        f"{c['confirmed']} confirmed (≥ {res.manifest['min_match']} {unit} in the corpus)"
+    ]
+    for r in res.precision.to_dict("records"):
+        lines.append(f"  {r['metric']}: precision@{r['N']} {r['precision']:.3f} ({r['confirmed']} confirmed)")
+    lines.append(f"  samples: {out / 'samples.parquet'}; report: memscan report {out}")
+    typer.echo("\n".join(lines))

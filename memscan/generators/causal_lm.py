@@ -20,6 +20,7 @@ The protocol (:class:`CausalLM`), token ids are int64 numpy arrays::
     eos_token_id: int | None
     greedy(prefixes B×k, n_new) -> (tokens B×n_new int64, top2_gap B×n_new float64)
     sample(prefixes B×k, n_new, *, temperature, top_k, top_p, seed) -> B×n_new int64
+                                          (temperature: one or one per step; seed: one or one per row)
     token_logprobs(ids B×T) -> B×(T−1) float64       column j: log p(x_{j+1} | x_≤j)
     next_token_moments(ids B×T) -> 3 × B×(T−1) float64   (optional) log p(x_{j+1}), μ_j, σ_j:
                                           the Min-K%++ moments of log p over the vocabulary
@@ -49,6 +50,7 @@ import hashlib
 import inspect
 import json
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -112,6 +114,8 @@ class TransformersCausalLM:
         self.vocab_size = int(out.weight.shape[0]) if out is not None else int(model.config.vocab_size)
         eos = getattr(tokenizer, "eos_token_id", None)
         self.eos_token_id = int(eos) if eos is not None else None
+        bos = getattr(tokenizer, "bos_token_id", None)
+        self.bos_token_id = int(bos) if bos is not None else None
         self.parameters = int(sum(p.numel() for p in model.parameters()))
         cfg = model.config
         self.max_length = next(
@@ -185,29 +189,40 @@ class TransformersCausalLM:
         prefixes: np.ndarray,
         n_new: int,
         *,
-        temperature: float = 1.0,
+        temperature: float | Sequence[float] = 1.0,
         top_k: int | None = None,
         top_p: float | None = None,
-        seed: int = 0,
+        seed: int | Sequence[int] = 0,
     ) -> np.ndarray:
-        """Sampled continuation (temperature → top-k → top-p, renormalised), seeded by ``seed``."""
+        """Sampled continuation (temperature → top-k → top-p, renormalised), seeded by ``seed``.
+
+        ``temperature`` is one value, or one per new token (a schedule, e.g. the decaying
+        temperature of Carlini et al. 2021, :func:`memscan.lm.sampling_attack.temperature_schedule`).
+        ``seed`` is one integer (a ``torch.Generator`` draws the whole batch) or one integer per row:
+        row i then draws its uniforms from ``numpy.random.default_rng(seed[i])`` and takes the token
+        by inverse CDF, so a row's tokens do not depend on the rows batched with it (up to float
+        rounding of the logits).
+        """
         import torch
 
         from memscan.lm.decoding import check_scheme
 
         top_k = None if not top_k else int(top_k)
         top_p = None if top_p is None or top_p >= 1.0 else float(top_p)
-        check_scheme(temperature, top_k, top_p)
+        temps = temperature_steps(temperature, n_new)
+        for t in sorted(set(temps)):
+            check_scheme(t, top_k, top_p)
         x = self._tensor(prefixes)
         b = x.shape[0]
         tokens = np.zeros((b, n_new), dtype=np.int64)
         if n_new == 0 or b == 0:
             return tokens
-        gen = torch.Generator(device=self.device).manual_seed(int(seed))
+        uniforms = row_uniforms(seed, b, n_new)
+        gen = None if uniforms is not None else torch.Generator(device=self.device).manual_seed(int(seed))
         with torch.inference_mode():
             out = self._first(x)
             for t in range(n_new):
-                s = torch.log_softmax(self._logits(out)[:, -1, :].double(), dim=-1) / float(temperature)
+                s = torch.log_softmax(self._logits(out)[:, -1, :].double(), dim=-1) / float(temps[t])
                 if top_k is not None and top_k < s.shape[-1]:
                     kth = torch.topk(s, top_k, dim=-1).values[:, -1:]
                     s = s.masked_fill(s < kth, float("-inf"))
@@ -220,7 +235,10 @@ class TransformersCausalLM:
                     remove_sorted[:, 0] = False
                     remove = remove_sorted.scatter(1, order, remove_sorted)
                     s = torch.log_softmax(s.masked_fill(remove, float("-inf")), dim=-1)
-                nxt = torch.multinomial(s.exp(), 1, generator=gen)[:, 0]
+                if uniforms is None:
+                    nxt = torch.multinomial(s.exp(), 1, generator=gen)[:, 0]
+                else:
+                    nxt = inverse_cdf(s.exp(), torch.as_tensor(uniforms[:, t], device=s.device))
                 tokens[:, t] = nxt.cpu().numpy()
                 if t + 1 < n_new:
                     out = self._next(out, nxt)
@@ -390,6 +408,46 @@ def per_token_moments(logits, ids):
             var = torch.where(p > 0, p * lp, 0.0).sum(1)
         sigma[row, lo:hi] = var.clamp_min_(0.0).sqrt_()
     return tok, mu, sigma
+
+
+def temperature_steps(temperature: float | Sequence[float], n_new: int) -> list[float]:
+    """One temperature per new token: a number repeated, or a sequence of exactly ``n_new``.
+
+    >>> temperature_steps(0.5, 3), temperature_steps([2.0, 1.0], 2)
+    ([0.5, 0.5, 0.5], [2.0, 1.0])
+    """
+    if np.ndim(temperature) == 0:
+        return [float(temperature)] * int(n_new)
+    temps = [float(t) for t in np.asarray(temperature, dtype=np.float64).ravel()]
+    if len(temps) != int(n_new):
+        raise InputError(
+            f"a temperature schedule of {len(temps)} steps for {n_new} new tokens",
+            "give one temperature, or one per new token",
+        )
+    return temps
+
+
+def row_uniforms(seed: int | Sequence[int], rows: int, n_new: int) -> np.ndarray | None:
+    """``rows × n_new`` uniforms in [0, 1), row i from ``numpy.random.default_rng(seed[i])`` — or
+    ``None`` for a single integer seed (the batch then shares one ``torch.Generator``)."""
+    if np.ndim(seed) == 0:
+        return None
+    seeds = [int(s) for s in np.asarray(seed).ravel()]
+    if len(seeds) != rows:
+        raise InputError(f"{len(seeds)} per-row seeds for {rows} rows", "give one seed, or one per row")
+    return np.stack([np.random.default_rng(s).random(n_new) for s in seeds]) if rows else np.zeros((0, n_new))
+
+
+def inverse_cdf(probs, u):
+    """The token whose cumulative probability interval holds ``u`` (B×V probabilities, B uniforms):
+    the first index with ``cumsum > u · total``, never a token of probability 0."""
+    import torch
+
+    c = torch.cumsum(probs, dim=-1)
+    idx = torch.searchsorted(c, (u.to(c.dtype) * c[:, -1]).unsqueeze(-1), right=True)[:, 0]
+    last = probs.shape[-1] - 1 - torch.argmax(torch.flip(probs > 0, dims=[-1]).to(torch.int8), dim=-1)
+    idx = torch.minimum(idx, last)
+    return idx
 
 
 def describe_lm(lm: Any) -> dict:
@@ -569,9 +627,12 @@ __all__ = [
     "as_int64_batch",
     "check_causal_lm",
     "describe_lm",
+    "inverse_cdf",
     "load_causal_lm",
     "per_token_logprobs",
     "per_token_moments",
+    "row_uniforms",
+    "temperature_steps",
     "tokenizer_sha256",
     "vocab_sha256",
 ]

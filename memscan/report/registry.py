@@ -17,6 +17,7 @@ from pathlib import Path
 from memscan.report.html import build_extraction_report
 from memscan.report.index import build_index_report
 from memscan.report.lm import build_lm_exposure_report, build_lm_extractable_report
+from memscan.report.lm_extract import build_lm_extract_report
 from memscan.report.lm_index import build_lm_index_report
 from memscan.report.lm_mia import build_lm_mia_report
 from memscan.report.mia import build_mia_report
@@ -37,6 +38,7 @@ RENDERERS: dict[str, Callable[..., Path]] = {
     "lm-extractable": build_lm_extractable_report,
     "lm-exposure": build_lm_exposure_report,
     "lm-mia": build_lm_mia_report,
+    "lm-extract": build_lm_extract_report,
     "lm-index": build_lm_index_report,
 }
 

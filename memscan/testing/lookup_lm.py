@@ -32,7 +32,7 @@ from collections import defaultdict
 
 import numpy as np
 
-from memscan.generators.causal_lm import as_int64_batch, vocab_sha256
+from memscan.generators.causal_lm import as_int64_batch, row_uniforms, temperature_steps, vocab_sha256
 from memscan.lm.decoding import log_softmax, scheme_logprobs
 
 
@@ -138,15 +138,20 @@ class LookupLM:
                 ctx.append(int(top[0]))
         return tokens, gaps
 
-    def sample(self, prefixes, n_new: int, *, temperature=1.0, top_k=None, top_p=None, seed: int = 0) -> np.ndarray:
+    def sample(self, prefixes, n_new: int, *, temperature=1.0, top_k=None, top_p=None, seed=0) -> np.ndarray:
+        """Inverse-CDF sampling under the scheme; ``temperature`` one value or one per step,
+        ``seed`` one integer (one generator for the batch) or one per row (as the transformers
+        adapter)."""
         x = as_int64_batch(prefixes)
-        rng = np.random.default_rng(seed)
+        temps = temperature_steps(temperature, n_new)
+        per_row = row_uniforms(seed, x.shape[0], n_new)
+        rng = np.random.default_rng(seed) if per_row is None else None
         tokens = np.zeros((x.shape[0], n_new), dtype=np.int64)
         ctxs = [list(row) for row in x]
         for t in range(n_new):
-            u = rng.random(x.shape[0])
+            u = rng.random(x.shape[0]) if per_row is None else per_row[:, t]
             for i, ctx in enumerate(ctxs):
-                q = np.exp(scheme_logprobs(self.distribution(ctx), temperature=temperature, top_k=top_k, top_p=top_p))
+                q = np.exp(scheme_logprobs(self.distribution(ctx), temperature=temps[t], top_k=top_k, top_p=top_p))
                 tok = int(min(np.searchsorted(np.cumsum(q), u[i] * q.sum(), side="right"), self.vocab_size - 1))
                 while q[tok] == 0:  # never land on a removed token through rounding
                     tok -= 1

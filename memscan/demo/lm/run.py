@@ -15,8 +15,15 @@ real causal-LM adapter (:func:`memscan.generators.causal_lm.load_causal_lm`), th
    4-digit stem) where ``memscan lm exposure`` enumerates 10**5 texts per canary — the same ranks
    (tested against :func:`memscan.lm.exposure.exact_exposure`), 280× fewer passes, inside the
    demo's 5 minutes; ``exposure = log2 |R| − log2 rank``;
-3. the figures by planted copy count go to ``OUT/summary.json`` (``extracted_by_duplicate_count``
-   in the image demo's structure, ``exposure_by_duplicate_count``, ``ordinary``).
+3. **sampling attack** (Carlini et al. 2021), through ``memscan lm extract``'s run function
+   (:func:`memscan.lm.extract_run.lm_extract`, run directory ``OUT/extract``): an index of the
+   planted training text in bytes mode is built at demo time (``OUT/corpus_index``), the model is
+   sampled blind — every sample starts from a line break, knowing nothing of the canaries — and
+   the samples are ranked, de-duplicated and confirmed against the index (≥ 100 bytes); a sentence
+   canary "came out" when a confirmed sample's corpus match holds it whole;
+4. the figures by planted copy count go to ``OUT/summary.json`` (``extracted_by_duplicate_count``
+   in the image demo's structure, ``exposure_by_duplicate_count``, ``ordinary``,
+   ``sampling_attack``).
 """
 
 from __future__ import annotations
@@ -41,7 +48,10 @@ from memscan.demo.lm.canaries import (
     ordinary_passages,
 )
 from memscan.errors import MemscanError
+from memscan.lm.extract_run import lm_extract
 from memscan.lm.extractable_run import ExtractableConfig, lm_extractable
+from memscan.lm.memorization import samples_needed, suffix_log_probability, teacher_forced
+from memscan.lm.sampling_attack import LmExtractConfig
 
 
 def model_dir() -> Path:
@@ -50,7 +60,20 @@ def model_dir() -> Path:
 
 
 def demo_lm_settings(quick: bool) -> dict:
-    return {"ordinary": 40 if quick else 200, "batch_size": 64}
+    """The demo's sizes. The sampling attack: ``attack_samples`` blind samples of ``attack_length``
+    bytes from a line break, at the paper's top-k 40 and a constant temperature 1
+    (``attack_temperature_start`` = 1: the paper's plain top-k sampler — its decaying temperature
+    draws the first 20 bytes nearly at random, and a canary only comes out after a later line
+    break, where the sample has too few bytes left for 100)."""
+    return {
+        "ordinary": 40 if quick else 200,
+        "batch_size": 64,
+        "attack_samples": 64 if quick else 1024,
+        "attack_length": 128,
+        "attack_batch_size": 128,
+        "attack_temperature_start": 1.0,
+        "attack_top": 100,
+    }
 
 
 @dataclass
@@ -85,6 +108,30 @@ class DemoLMResult:
         lines.append(
             "  (M(f): share of suffix tokens whose teacher-forced argmax is the true token, Tirumala et al. 2022)"
         )
+        a = s.get("sampling_attack")
+        if a:
+            by = ", ".join(
+                f"{k}×: {v['extracted']}/{v['planted']}" for k, v in a["canaries_by_duplicate_count"].items()
+            )
+            lines.append(
+                f"  sampling attack (Carlini et al. 2021): {a['samples']} blind samples of {a['length']} bytes → "
+                f"{a['kept']} kept, {a['confirmed']} confirmed by the corpus index (≥ {a['min_match']} bytes)"
+            )
+            lines.append(
+                f"    sentence canaries out of blind sampling, by copies: {by}; other confirmed: {a['confirmed_other']}"
+            )
+            prec = ", ".join(f"{m} {v['confirmed']}/{v['N']}" for m, v in a["precision"].items())
+            lines.append(f"    precision@N: {prec}")
+            part = ", ".join(
+                f"{k}×: {v['partial']}/{v['planted']} (≤ {v['longest_partial_bytes']} B)"
+                for k, v in a["canaries_by_duplicate_count"].items()
+            )
+            lines.append(f"    canaries begun but not finished (≥ {PARTIAL_BYTES} bytes matched inside one): {part}")
+            need = ", ".join(
+                f"{k}×: {v['median_samples_needed_50']:.3g}" if v["median_samples_needed_50"] else f"{k}×: ∞"
+                for k, v in a["canaries_by_duplicate_count"].items()
+            )
+            lines.append(f"    samples a canary needs to open one with chance 1/2 (median, by copies): {need}")
         lines.append(f"  summary: {self.out / 'summary.json'}")
         return "\n".join(lines)
 
@@ -199,7 +246,12 @@ def run_demo_lm(
     expo.to_csv(out / "exposure.csv", index=False)
     t_expo = time.perf_counter()
 
+    # 3. the sampling attack: index the planted text (bytes), sample blind, rank, confirm
+    attack = sampling_attack(lm, out, settings, seed=seed, progress=progress)
+    t_attack = time.perf_counter()
+
     summary = summarise(ext, expo, quick=quick)
+    summary["sampling_attack"] = attack
     summary["model"] = {
         "dir": str(mdir),
         "parameters": meta["parameters"],
@@ -210,6 +262,7 @@ def run_demo_lm(
         "load": round(t_load - t0, 2),
         "extractable": round(t_ext - t_load, 2),
         "exposure": round(t_expo - t_ext, 2),
+        "sampling_attack": round(t_attack - t_expo, 2),
         "total": round(time.perf_counter() - t0, 2),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
@@ -220,6 +273,103 @@ def run_demo_lm(
         m = summary["memorization_by_duplicate_count"][k]["mean_exact_memorization"]
         rows.append((k, f"{e['extracted']}/{e['planted']}", f"{m:.2f}", f"{x['mean']:.1f} (min {x['min']:.1f})"))
     return DemoLMResult(out, summary, rows)
+
+
+#: A sample's corpus match counts as part of a canary (a partial emission) from this many bytes.
+PARTIAL_BYTES = 20
+
+
+def sampling_attack(lm, out: Path, settings: dict, *, seed: int = DEFAULT_SEED, progress: bool = True) -> dict:
+    """The sampling attack on the demo model: index the planted corpus (bytes mode), draw
+    ``attack_samples`` samples from a line break, rank, de-duplicate and confirm them
+    (``OUT/extract``); which canaries came out, by planted copy count."""
+    from memscan.demo.lm.canaries import planted_corpus
+    from memscan.lm.corpus_index import CorpusIndex
+
+    t0 = time.perf_counter()
+    planted = planted_corpus(seed)
+    t1 = time.perf_counter()
+    CorpusIndex.build([planted.text.encode("ascii")], out / "corpus_index")
+    t2 = time.perf_counter()
+    config = LmExtractConfig(
+        samples=settings["attack_samples"],
+        length=settings["attack_length"],
+        batch_size=settings["attack_batch_size"],
+        temperature_start=settings["attack_temperature_start"],
+        top=settings["attack_top"],
+    )
+    res = lm_extract(lm, out / "corpus_index", out / "extract", config, prompts=["\n"], progress=progress)
+    t3 = time.perf_counter()
+    min_match = res.manifest["min_match"]
+    sentences = [c for c in planted.canaries if c.kind == "sentence"]
+    found: dict[str, int] = {}
+    other = 0
+    for r in res.samples[res.samples["confirmed"]].to_dict("records"):
+        hits = [c.id for c in sentences if c.text in r["match_text"] or r["match_text"].strip("\n") in c.text]
+        for h in hits:
+            found[h] = found.get(h, 0) + 1 + int(r["duplicates"])
+        other += not hits
+    # the chance that one sample *starts* with the whole canary line, under the attack's own
+    # scheme (Hayes et al. 2025: p = Π q(byte | "\n", bytes before)), and the samples that would
+    # draw it with probability 1/2 — what blind sampling is up against
+    log_p = {}
+    for c in sentences:
+        ids = np.asarray(lm.encode("\n" + c.text), dtype=np.int64)[None, :]
+        _, log_q = teacher_forced(
+            lm, ids, 0, temperature=config.temperature_end, top_k=config.top_k, top_p=config.top_p
+        )
+        log_p[c.id] = float(suffix_log_probability(log_q)[0])
+    # partial emissions: the longest corpus match of any sample that lies inside a canary line
+    # (≥ PARTIAL_BYTES), confirmed or not
+    longest: dict[str, int] = {}
+    for r in res.samples[res.samples["match_len"] >= PARTIAL_BYTES].to_dict("records"):
+        inner = r["match_text"].strip("\n")
+        for c in sentences:
+            if len(inner) >= PARTIAL_BYTES and inner in c.text:
+                longest[c.id] = max(longest.get(c.id, 0), len(inner))
+    by_count = {}
+    for c in COPIES:
+        ids = [s.id for s in sentences if s.copies == c]
+        lp = np.array([log_p[i] for i in ids])
+        by_count[str(c)] = {
+            "planted": len(ids),
+            "extracted": sum(i in found for i in ids),
+            "samples": int(sum(found.get(i, 0) for i in ids)),
+            "median_log10_p_line_start": _finite(round(float(np.median(lp)) / math.log(10), 2)),
+            "median_samples_needed_50": _finite(float(np.median(samples_needed(lp, 0.5)))),
+            "partial": sum(i in longest for i in ids),
+            "longest_partial_bytes": max((longest.get(i, 0) for i in ids), default=0),
+        }
+    return {
+        "samples": int(config.samples),
+        "length": int(config.length),
+        "prompt": "\n",
+        "top_k": config.top_k,
+        "temperature": [config.temperature_start, config.temperature_end, config.decay_tokens],
+        "min_match": int(min_match),
+        "kept": int(res.manifest["counts"]["kept"]),
+        "duplicates_removed": int(res.manifest["counts"]["duplicates_removed"]),
+        "confirmed": int(res.manifest["counts"]["confirmed"]),
+        "confirmed_other": int(other),
+        "canaries_by_duplicate_count": by_count,
+        "canaries_extracted": sorted(found),
+        "precision": {
+            r["metric"]: {"N": int(r["N"]), "confirmed": int(r["confirmed"]), "precision": float(r["precision"])}
+            for r in res.precision.to_dict("records")
+        },
+        "longest_match": int(res.samples["match_len"].max()) if len(res.samples) else 0,
+        "timings_s": {
+            "planted_corpus": round(t1 - t0, 2),
+            "index_build": round(t2 - t1, 2),
+            "attack": round(t3 - t2, 2),
+            **{k: res.manifest["throughput"][k] for k in ("generate_seconds", "score_seconds", "confirm_seconds")},
+        },
+    }
+
+
+def _finite(x: float) -> float | None:
+    """``x``, or ``None`` for ±inf/NaN (summary.json stays strict JSON)."""
+    return x if math.isfinite(x) else None
 
 
 def summarise(ext, expo, *, quick: bool) -> dict:

@@ -1,0 +1,337 @@
+"""``memscan lm extract`` (Carlini et al. 2021): the temperature schedule and per-sample seeds of
+the sampler, each ranking metric against a direct computation, the trigram dedup against a
+brute-force comparison, precision@N against a hand count, and end to end on a copy model (whose
+confirmed samples are known) and a tiny random GPT-2; the report escapes sample text."""
+
+from __future__ import annotations
+
+import math
+import random
+import zlib
+from collections import Counter
+
+import numpy as np
+import pandas as pd
+import pytest
+from lm_extract_support import DOCS, PROMPTS, copy_lm, reference_lm
+
+from memscan.errors import InputError
+from memscan.lm import ranking as rk
+from memscan.lm.corpus_index import CorpusIndex
+from memscan.lm.decoding import scheme_logprobs
+from memscan.lm.dedup import greedy_dedup, is_near_duplicate, word_trigrams, words
+from memscan.lm.extract_run import LmExtractConfig, lm_extract, precision_table, read_prompts
+from memscan.lm.sampling_attack import ExtractSampleWorker, sample_and_score_stage, sample_seed, temperature_schedule
+
+
+# ---- the sampler --------------------------------------------------------------------------------
+def test_temperature_schedule_is_linear_from_10_to_1_over_20_tokens():
+    t = temperature_schedule(30)  # the paper's defaults
+    assert len(t) == 30
+    for j in range(30):
+        want = 10.0 - 9.0 * j / 20 if j < 20 else 1.0
+        assert t[j] == pytest.approx(want, abs=1e-12)
+    assert t[0] == 10.0 and t[19] > 1.0 and t[20] == 1.0
+    assert temperature_schedule(5, 2.0, 2.0, 20) == [2.0] * 5
+    assert temperature_schedule(3, 10, 1, 0) == [1.0] * 3
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt2(tmp_path_factory):
+    pytest.importorskip("transformers")
+    from memscan.generators.causal_lm import load_causal_lm
+    from memscan.testing.tiny_lm import make_tiny_gpt2
+
+    path = make_tiny_gpt2(tmp_path_factory.mktemp("gpt2") / "m", seed=3)
+    return path, load_causal_lm(str(path))
+
+
+def test_adapter_draws_each_row_from_its_seed_under_the_step_temperature(tiny_gpt2):
+    """Per-row seeds: each token is the inverse CDF of the row's own uniform under
+    scheme(temperature_t, top-k) of the model's next-token distribution — recomputed here from
+    next_token_logprobs and numpy — and a row does not depend on the rows batched with it."""
+    from memscan.generators.causal_lm import row_uniforms
+
+    _, lm = tiny_gpt2
+    n_new, k = 12, 40
+    temps = temperature_schedule(n_new, 10.0, 1.0, 6)
+    prefixes = np.tile(lm.encode("ab"), (3, 1))
+    seeds = [sample_seed(0, i) for i in range(3)]
+    toks = lm.sample(prefixes, n_new, temperature=temps, top_k=k, seed=seeds)
+    alone = np.concatenate([lm.sample(prefixes[i : i + 1], n_new, temperature=temps, top_k=k, seed=[s])
+                            for i, s in enumerate(seeds)])  # fmt: skip
+    np.testing.assert_array_equal(toks, alone)
+    u = row_uniforms(seeds, 3, n_new)
+    full = np.concatenate([prefixes, toks], axis=1)
+    nt = lm.next_token_logprobs(full, start=prefixes.shape[1] - 1)  # rows predict the new tokens
+    checked = 0
+    for i in range(3):
+        for t in range(n_new):
+            q = np.exp(scheme_logprobs(nt[i, t], temperature=temps[t], top_k=k))
+            c = np.cumsum(q)
+            want = int(np.searchsorted(c, u[i, t] * c[-1], side="right"))
+            if np.min(np.abs(c - u[i, t] * c[-1])) < 1e-9:
+                continue  # a uniform on a float boundary: either token is right
+            assert toks[i, t] == want, (i, t)
+            checked += 1
+    assert checked >= 30
+    # the schedule matters: a constant temperature of 1 draws other tokens from the same uniforms
+    assert not np.array_equal(toks, lm.sample(prefixes, n_new, temperature=1.0, top_k=k, seed=seeds))
+    with pytest.raises(InputError, match="schedule of 3 steps"):
+        lm.sample(prefixes, n_new, temperature=[1.0, 2.0, 3.0], seed=seeds)
+
+
+# ---- the metrics --------------------------------------------------------------------------------
+def _min_window_brute(lp, w):
+    w = min(w, len(lp))
+    return min(math.exp(-sum(lp[j : j + w]) / w) for j in range(len(lp) - w + 1))
+
+
+def test_min_window_perplexity_and_ranks_by_hand():
+    rng = np.random.default_rng(0)
+    for n in (1, 5, 49, 50, 51, 130):
+        lp = np.log(rng.uniform(0.01, 1.0, n))
+        for w in (1, 7, 50):
+            assert rk.min_window_perplexity(lp, w) == pytest.approx(_min_window_brute(list(lp), w), rel=1e-12)
+    assert rk.ranks(np.array([0.2, 0.9, np.nan, 0.5]), higher_first=True).tolist() == [3, 1, 4, 2]
+    assert rk.ranks(np.array([0.2, 0.9, 0.2, 0.5]), higher_first=False).tolist() == [1, 4, 2, 3]
+
+
+def test_every_score_of_the_stage_equals_a_direct_computation():
+    lm, ref = copy_lm(), reference_lm()
+    cfg = LmExtractConfig(samples=6, length=70, batch_size=4, window=20).validate().to_dict()
+    tables, meta = sample_and_score_stage(ExtractSampleWorker(lm, ref), list(range(6)), PROMPTS, cfg)
+    s = tables["samples"]
+    assert meta["generate_seconds"] >= 0 and meta["score_seconds"] >= 0
+    for r in s.to_dict("records"):
+        prompt = PROMPTS[r["sample_id"] % len(PROMPTS)]
+        ctx = lm.encode(prompt)
+        gen = np.asarray(r["tokens"])
+        assert r["text"] == lm.decode(gen) and r["n_tokens"] == gen.size == 70
+        lp = lm.token_logprobs(np.concatenate([ctx, gen]))[0][-gen.size :]
+        nll = -lp.mean()
+        assert r["mean_nll"] == pytest.approx(nll, rel=1e-12)
+        assert r["perplexity"] == pytest.approx(math.exp(nll), rel=1e-12)
+        bits = 8 * len(zlib.compress(r["text"].encode("utf-8")))
+        assert r["zlib_bits"] == bits and r["zlib_ratio"] == pytest.approx(nll / bits, rel=1e-12)
+        low = lm.encode(r["text"].lower())
+        low_lp = lm.token_logprobs(np.concatenate([ctx, low]))[0][-low.size :]
+        assert r["lowercase_ratio"] == pytest.approx(-low_lp.mean() / nll, rel=1e-12)
+        rseq = ref.encode(r["text"])
+        ref_lp = ref.token_logprobs(np.concatenate([ref.encode(prompt), rseq]))[0][-rseq.size :]
+        assert r["reference_ratio"] == pytest.approx(-ref_lp.mean() / nll, rel=1e-12)
+        assert r["min_window_perplexity"] == pytest.approx(_min_window_brute(list(lp), 20), rel=1e-12)
+
+
+def test_precision_at_n_by_hand():
+    s = pd.DataFrame(
+        {
+            "perplexity": [5.0, 1.0, 3.0, 2.0, 4.0],  # lowest first: 1, 3, 2, 4, 0
+            "lowercase_ratio": [9.0, 1.0, 8.0, 7.0, 1.0],  # highest first: 0, 2, 3, 1, 4
+            "confirmed": [True, True, False, False, True],
+        }
+    )
+    p = precision_table(s, ["perplexity", "lowercase_ratio"], 3).set_index("metric")
+    # perplexity top 3 = samples 1, 3, 2 → 1 confirmed; lowercase top 3 = 0, 2, 3 → 1 confirmed
+    assert p.loc["perplexity", ["N", "confirmed"]].tolist() == [3, 1]
+    assert p.loc["perplexity", "precision"] == pytest.approx(1 / 3)
+    assert p.loc["lowercase_ratio", "confirmed"] == 1
+    assert p.loc["all samples", ["N", "confirmed"]].tolist() == [5, 3]
+    big = precision_table(s, ["perplexity"], 100).set_index("metric")  # N larger than the samples
+    assert big.loc["perplexity", ["N", "confirmed"]].tolist() == [5, 3]
+
+
+# ---- the dedup ----------------------------------------------------------------------------------
+def _brute_dedup(texts, order):
+    kept, dup_of = [], [-1] * len(texts)
+    for i in order:
+        ti = Counter(zip(*(words(texts[i])[j:] for j in range(3))))
+        best = None
+        for k in kept:
+            if not ti:
+                hit = texts[i] == texts[k]
+                ov = 0
+            else:
+                tk = Counter(zip(*(words(texts[k])[j:] for j in range(3))))
+                ov = sum((ti & tk).values())
+                hit = 2 * ov >= sum(ti.values())
+            if hit and (best is None or ov > best[0] or (ov == best[0] and k < best[1])):
+                best = (ov, k)
+        if best is None:
+            kept.append(i)
+        else:
+            dup_of[i] = best[1]
+    return kept, dup_of
+
+
+def test_dedup_equals_a_brute_force_trigram_comparison():
+    rng = random.Random(0)
+    vocab = [f"w{i}" for i in range(12)]
+    base = [" ".join(rng.choice(vocab) for _ in range(rng.randint(2, 25))) for _ in range(30)]
+    texts = []
+    for t in base:  # each base text and mutated copies of it (near duplicates at every overlap)
+        texts.append(t)
+        for _ in range(rng.randint(0, 3)):
+            w = t.split()
+            for _ in range(rng.randint(0, 6)):
+                w[rng.randrange(len(w))] = rng.choice(vocab)
+            texts.append(", ".join(w) if rng.random() < 0.3 else " ".join(w))
+    texts += ["a b", "a b", "x"]  # no trigrams: duplicates only when equal
+    for seed in range(3):
+        order = list(range(len(texts)))
+        random.Random(seed).shuffle(order)
+        dd = greedy_dedup(texts, order)
+        kept, dup_of = _brute_dedup(texts, order)
+        assert dd.keep.tolist() == kept
+        assert dd.duplicate_of.tolist() == dup_of
+        assert dd.duplicates.sum() == len(texts) - len(kept) > 0
+
+
+def test_the_papers_rule_multisets_and_asymmetry():
+    assert word_trigrams("my name my name my name") == Counter({("my", "name", "my"): 2, ("name", "my", "name"): 2})
+    # half of s1's trigrams shared → duplicate (≥, not >); fewer → not
+    assert is_near_duplicate("a b c d", "a b c x")  # 1 of 2
+    assert not is_near_duplicate("a b c d e", "a b c x y")  # 1 of 3
+    # a short sample inside a long one duplicates it, not the reverse
+    long = "one two three four five six seven eight nine ten"
+    assert is_near_duplicate("three four five six", long) and not is_near_duplicate(long, "three four five six")
+    assert words("don't-stop, now!") == ["don", "t", "stop", "now"]
+
+
+# ---- end to end ---------------------------------------------------------------------------------
+def _longest_common_run(q: bytes, docs: list[bytes]) -> int:
+    best = 0
+    for s in range(len(q)):
+        for d in docs:
+            n = best + 1
+            while s + n <= len(q) and q[s : s + n] in d:
+                best, n = n, n + 1
+    return best
+
+
+def _occurrences(span: bytes, docs: list[bytes]) -> int:
+    n = 0
+    for d in docs:
+        i = d.find(span)
+        while i >= 0:
+            n, i = n + 1, d.find(span, i + 1)
+    return n
+
+
+@pytest.fixture(scope="module")
+def copy_index(tmp_path_factory):
+    root = tmp_path_factory.mktemp("copyidx")
+    CorpusIndex.build([d.encode() for d in DOCS], root / "idx")
+    return root / "idx"
+
+
+def test_copy_model_end_to_end_confirms_exactly_the_copied_samples(copy_index, tmp_path):
+    cfg = LmExtractConfig(samples=24, length=150, top=5, batch_size=8, min_match=60)
+    res = lm_extract(copy_lm(), copy_index, tmp_path / "run", cfg, prompts=PROMPTS, reference=reference_lm(),
+                     progress=False, shard_size=10)  # fmt: skip
+    s = res.samples
+    docs = [d.encode() for d in DOCS]
+    c = res.manifest["counts"]
+    assert c["generated"] == 24 and c["kept"] == len(s) and c["kept"] + c["duplicates_removed"] + c["empty"] == 24
+    for r in s.to_dict("records"):
+        q = r["text"].encode()
+        assert r["match_len"] == _longest_common_run(q, docs)  # the index's match vs a naive scan
+        assert r["confirmed"] == (r["match_len"] >= 60)
+        span = q[r["match_start"] : r["match_start"] + r["match_len"]]
+        assert (r["match_before"] + r["match_text"] + r["match_after"]).encode() == q
+        assert r["match_text"].encode() == span
+        assert docs[r["match_doc"]][r["match_offset"] : r["match_offset"] + r["match_len"]] == span
+        assert r["match_count"] == _occurrences(span, docs)
+    # the copy model copies from inside its documents: most samples are confirmed, and the
+    # samples from the prompt it never saw ("xyz ") start off the corpus
+    assert s["confirmed"].sum() >= len(s) // 2
+    # precision recounted from the table
+    for m in rk.METRICS:
+        top = s.sort_values([m, "sample_id"], ascending=[m not in rk.HIGHER_FIRST, True]).head(5)
+        assert res.precision_of(m) == pytest.approx(top["confirmed"].mean())
+        assert sorted(s[f"rank_{m}"]) == list(range(1, len(s) + 1))
+    assert res.precision_of("all samples") == pytest.approx(s["confirmed"].mean())
+    # near duplicates were removed: no kept sample duplicates another kept one walked before it
+    order = np.argsort(s["perplexity"].to_numpy(), kind="stable")
+    for a in range(len(order)):
+        for b in range(a):
+            assert not is_near_duplicate(s["text"][order[a]], s["text"][order[b]])
+    # the report escapes the copied markup and highlights the match
+    from memscan.report.registry import build_report
+
+    html = build_report(res.run_dir).read_text()
+    assert "<script>alert" not in html
+    assert "&lt;script&gt;alert" in html and "<mark>" in html
+    for m in rk.METRICS:
+        assert m in html
+
+
+def test_same_tables_on_a_second_run_with_another_batch_size(copy_index, tmp_path):
+    """Per-sample seeds: the batch size does not change a sample."""
+    a = lm_extract(copy_lm(), copy_index, tmp_path / "a", LmExtractConfig(samples=10, length=40, batch_size=3),
+                   prompts=PROMPTS, progress=False)  # fmt: skip
+    b = lm_extract(copy_lm(), copy_index, tmp_path / "b", LmExtractConfig(samples=10, length=40, batch_size=10),
+                   prompts=PROMPTS, progress=False, shard_size=4)  # fmt: skip
+    assert a.samples["text"].tolist() == b.samples["text"].tolist()
+
+
+def test_tiny_gpt2_unconditional_end_to_end_on_a_token_index(tiny_gpt2, tmp_path):
+    """A random GPT-2 (ByT5 tokenizer) against an index of its own token ids: runs, starts from the
+    EOS token, and refuses an index of another tokenizer."""
+    path, lm = tiny_gpt2
+    rec = lm.describe()["tokenizer"]
+    text = "some training text for the tiny model, repeated. " * 4
+    CorpusIndex.build([lm.encode(text)], tmp_path / "tok", tokenizer=rec, vocab_size=lm.vocab_size)
+    res = lm_extract(lm, tmp_path / "tok", tmp_path / "run", LmExtractConfig(samples=6, length=30, top=3,
+                     batch_size=3), progress=False)  # fmt: skip
+    assert res.manifest["match_unit"] == "tokens" and res.manifest["min_match"] == 50
+    assert len(res.samples) >= 1 and not res.samples["confirmed"].any()  # 30 tokens cannot reach 50
+    assert set(res.precision["metric"]) == {*(m for m in rk.METRICS if m != "reference_ratio"), "all samples"}
+    CorpusIndex.build([np.arange(10)], tmp_path / "other", tokenizer={**rec, "vocab_sha256": "0" * 64})
+    with pytest.raises(InputError, match="is not the corpus index's"):
+        lm_extract(lm, tmp_path / "other", tmp_path / "r2", LmExtractConfig(samples=2, length=5), progress=False)
+    assert not (tmp_path / "r2").exists()
+
+
+def test_read_prompts(tmp_path):
+    (tmp_path / "p.txt").write_text("first\n\nsecond line\n")
+    assert read_prompts(tmp_path / "p.txt") == ["first", "second line"]
+    (tmp_path / "p.jsonl").write_text('{"prompt": "\\n"}\n{"text": "x"}\n')
+    assert read_prompts(tmp_path / "p.jsonl") == ["\n", "x"]
+
+
+def test_ray_equals_local(ray_address, copy_index, tmp_path):
+    """The same shard stage on Ray workers (each loads the py: model itself): the same tables."""
+    from memscan.runners import RayOptions
+
+    cfg = LmExtractConfig(samples=12, length=60, top=4, batch_size=3, min_match=40)
+    common = dict(prompts=PROMPTS, reference="py:lm_extract_support:reference_lm", progress=False, shard_size=4)
+    local = lm_extract("py:lm_extract_support:copy_lm", copy_index, tmp_path / "local", cfg, **common)
+    ray = lm_extract("py:lm_extract_support:copy_lm", copy_index, tmp_path / "ray", cfg, runner="ray",
+                     runner_options=RayOptions(num_workers=2), **common)  # fmt: skip
+    assert ray.manifest["runner"]["name"] == "ray" and local.manifest["runner"]["name"] == "local"
+    assert ray.manifest["model"] == local.manifest["model"]
+    for t in ("samples", "precision"):
+        pd.testing.assert_frame_equal(
+            pd.read_parquet(tmp_path / "local" / f"{t}.parquet"), pd.read_parquet(tmp_path / "ray" / f"{t}.parquet")
+        )
+
+
+def test_duplication_bins_by_hand():
+    from memscan.report.lm_extract import duplication_bins, duplication_fit
+
+    s = pd.DataFrame(
+        {
+            "match_count": [0, 1, 2, 3, 9, 10, 40, 100],
+            "match_len": [0, 4, 6, 10, 20, 50, 60, 120],
+            "confirmed": [False, False, False, False, False, True, True, True],
+        }
+    )
+    bins = duplication_bins(s)  # half-decade edges 1, 3, 10, 32, 100 (316); count 0 left out
+    assert [(b["lo"], b["samples"], b["confirmed"]) for b in bins] == [(1, 2, 0), (3, 2, 0), (10, 1, 1), (32, 1, 1),
+                                                                        (100, 1, 1)]  # fmt: skip
+    assert bins[0]["mean_match_len"] == 5.0 and bins[1]["rate"] == 0.0 and bins[2]["rate"] == 1.0
+    fit = duplication_fit(bins)
+    x, y = np.log10([1, 3, 10, 32, 100]), [0, 0, 1, 1, 1]
+    slope, intercept = np.polyfit(x, y, 1)
+    assert fit["slope_per_decade"] == pytest.approx(slope) and fit["intercept"] == pytest.approx(intercept)
