@@ -134,6 +134,7 @@ WHERE_RESULTS_ARE = {
     "lm-mia": "`memscan report RUN` shows it; its tables are scores.parquet and metrics.parquet",
     "lm-extractable": "`memscan report RUN` shows it; its table is sequences.parquet",
     "lm-exposure": "`memscan report RUN` shows it; its table is exposures.parquet",
+    "compare": "`memscan report RUN` shows it; its tables are compare.parquet, overlap.parquet, outliers.parquet",
     "index": "it is a training-set index: pass it as --index; `memscan report INDEX` shows it",
 }
 
