@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from memscan.commands.common import quiet_option, resume_option, run_library_call
+from memscan.commands.formatting import compare_summary
 
 
 def _labels(items: list[str]) -> dict[str, str]:
@@ -35,7 +36,7 @@ def register(app: typer.Typer) -> None:
             "step",
             "--by",
             help="attribute memorization is fitted against (log10): params, step (training step), train_size, "
-            "or label (a numeric --label) [step]",
+            "or label (a numeric --label)",
         ),
         label: list[str] = typer.Option(
             [], "--label", help="RUN=TEXT: the name shown for a run (repeatable) [the run's folder name]"
@@ -46,7 +47,7 @@ def register(app: typer.Typer) -> None:
             help="compare runs of one kind made with different thresholds or data; they are flagged in the table "
             "and the page [refused]",
         ),
-        k: int = typer.Option(5, "--k", help="neighbour of the k-NN outlier score (Ramaswamy et al. 2000) [5]"),
+        k: int = typer.Option(5, "--k", help="neighbour of the k-NN outlier score (Ramaswamy et al. 2000)"),
         resume: bool = resume_option(),
         quiet: bool = quiet_option(),
     ):
@@ -67,18 +68,4 @@ def register(app: typer.Typer) -> None:
                 progress=not quiet,
             )
         )
-        typer.echo(_summary(res))
-
-
-def _summary(res) -> str:
-    t = res.table
-    lines = [f"{len(t)} runs compared → {res.run_dir / 'compare.parquet'}, {res.report}"]
-    for _, r in t.iterrows():
-        flag = f"  [mismatch: {r['mismatch']}]" if r.get("mismatch") else ""
-        lines.append(f"  {r['label']}: {r['kind']}, {r['memorization_measure']} = {r['memorization']:.4g}{flag}")
-    for f in res.fits.itertuples(index=False):
-        lines.append(
-            f"  fit ({f.kind}): {f.measure} = {f.intercept:.4g} + {f.slope:.4g}·log10({f.by}), "
-            f"slope 95% CI [{f.slope_lo:.3g}, {f.slope_hi:.3g}] (n = {f.n})"
-        )
-    return "\n".join(lines)
+        typer.echo(compare_summary(res))

@@ -25,9 +25,18 @@ NOT_SETTINGS = frozenset(
         "generator", "output_shape", "prompts", "training_set", "seeds", "skipped_attacks", "best_timestep",
         "reverified", "data", "model_spec", "reference_spec", "examples_sha256", "sequences_sha256", "canaries",
         "canaries_sha256", "folds_of", "blind_baseline", "search", "scores", "model_description", "tokenizer",
-        "skipped", "extractable_rate", "host", "finished_at", "error",
+        "skipped", "extractable_rate", "host", "finished_at", "error", "resumed", "history",
     }
 )  # fmt: skip
+#: Where each kind records its settings (other kinds: every manifest key but NOT_SETTINGS).
+SETTINGS_KEYS = {
+    "extract": ("config",),
+    "extract-unconditional": ("config",),
+    "memscore": ("memscore",),
+    "lm-extractable": ("config",),
+    "lm-exposure": ("config",),
+    "lm-mia": ("config", "scores"),
+}
 #: Where each kind records its data (training set, prompts, examples).
 DATA_KEYS = {
     "extract": (("training_set", "source"), ("training_set", "images"), ("prompts", "count")),
@@ -81,8 +90,9 @@ def settings_of(kind: str, manifest: dict) -> dict:
         else:
             flat[prefix] = json.dumps(v, sort_keys=True, default=str)
 
+    keys = SETTINGS_KEYS.get(kind)
     for key, value in manifest.items():
-        if key in NOT_SETTINGS:
+        if (keys is not None and key not in keys) or (keys is None and key in NOT_SETTINGS):
             continue
         walk(key, _strip(value))
     return flat

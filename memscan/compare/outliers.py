@@ -24,6 +24,10 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+#: Extra float32 candidates re-ranked in float64 (so near-ties at the k-th place are exact).
+CANDIDATE_MARGIN = 8
+#: Decimals the distances are rounded to (equal distances must tie in rank statistics).
+ROUND = 12
 #: Neighbours for the k-NN distance (Ramaswamy et al. 2000 use the k-th neighbour's distance).
 DEFAULT_K = 5
 
@@ -51,21 +55,21 @@ def knn_distance(features: np.ndarray, reference: np.ndarray | None = None, k: i
     out = np.full(n, np.nan)
     if len(ref_rows) == 0 or k < 1:
         return out
-    # 1. exact squared distances to the k + 1 nearest reference rows (one may be the row itself)
+    # 1. candidates: the k + 1 + margin nearest reference rows in float32 (one may be the row itself)
     index = faiss.IndexFlatL2(d)
     index.add(x[ref_rows])
-    kk = min(k + 1, len(ref_rows))
-    dist, nn = index.search(x, kk)
+    kk = min(k + 1 + CANDIDATE_MARGIN, len(ref_rows))
+    _, nn = index.search(x, kk)
+    x64 = np.asarray(features, np.float64).reshape(n, -1)
     for i in range(n):
-        # 2. drop the row itself; when it is missing among ties at distance 0, its k + 1
-        #    neighbours all lie at 0 and any k of them give the same k-th distance
-        hits = ref_rows[nn[i]]
-        keep = dist[i][hits != i] if ref[i] else dist[i]
-        keep = keep[:k]
-        if len(keep) < k:
+        # 2. exact float64 normalised ℓ2 to the candidates, the row itself dropped
+        hits = ref_rows[nn[i][nn[i] >= 0]]
+        hits = hits[hits != i]
+        dist = np.sort(np.sqrt(((x64[hits] - x64[i]) ** 2).mean(axis=1)))
+        if len(dist) < k:
             continue
-        # 3. squared sum → normalised ℓ2 (clamped: float32 rounding can give tiny negatives)
-        out[i] = math.sqrt(max(float(keep[k - 1]), 0.0) / d)
+        # 3. the k-th; rounded so that equal distances tie exactly (rank correlations)
+        out[i] = round(float(dist[k - 1]), ROUND)
     return out
 
 
@@ -88,7 +92,7 @@ def text_knn_distance(texts: list[str], reference: np.ndarray | None = None, k: 
             d = d[ref_rows != i]
         if len(d) < k:
             continue
-        out[i] = float(np.sort(d)[k - 1])
+        out[i] = round(float(np.sort(d)[k - 1]), ROUND)
     return out
 
 

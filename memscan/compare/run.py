@@ -210,6 +210,7 @@ def compare_runs(
     labels: dict[str, str] | None = None,
     allow_mismatch: bool = False,
     k: int = DEFAULT_K,
+    extra: dict[str, dict] | None = None,
     resume: bool = False,
     progress: bool = True,
     stop_after_shards: int | None = None,
@@ -226,6 +227,8 @@ def compare_runs(
     allow_mismatch : compare runs of one kind made with different thresholds or data, flagged
         in the table (``mismatch``), the manifest and the page; without it they are refused
     k : the neighbour of the k-NN outlier score
+    extra : run → further columns of its row (a checkpoint sweep's ``heldout_loss``,
+        ``train_loss``, ``loss_gap``)
     resume : continue a killed comparison in ``out``
     stop_after_shards : stop after this many runs (tests of resume)
     """
@@ -255,6 +258,7 @@ def compare_runs(
                 "k": int(k),
                 "allow_mismatch": bool(allow_mismatch),
                 "mismatches": [m.__dict__ for m in mismatches],
+                "extra_columns": {str(r): dict(v) for r, v in (extra or {}).items()},
                 "n_shards": len(runs),
             },
             identity=("runs", "labels", "by", "k", "allow_mismatch", "n_shards"),
@@ -273,6 +277,11 @@ def compare_runs(
             )
         tables = run.store.merge(len(runs), tables=TABLES)
         table = _decorate(tables["compare"], tables["outliers"], mismatches)
+        for r, cols in (extra or {}).items():
+            for c, v in cols.items():
+                if c not in table:
+                    table[c] = np.nan
+                table.loc[table["run"] == str(r), c] = v
         write_table(table, run.root / "compare.parquet")
         items = tables["items"]
         sets = {r: set(items.loc[items["run"] == r, "item"]) for r in table["run"]}

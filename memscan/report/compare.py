@@ -16,11 +16,11 @@ import pandas as pd
 
 from memscan.compare.overlap import membership_matrix
 from memscan.report.base import data_uri, environment, open_complete_run, png_base64, version, write_page
-from memscan.report.plots import memorization_vs_attribute_plot, rates_by_duplicates_plot
+from memscan.report.plots import heldout_plot, memorization_vs_attribute_plot, rates_by_duplicates_plot
 
 #: Columns of compare.parquet the side-by-side table shows, in order, when present.
 SHOWN_COLUMNS = (
-    "kind", "model", "params", "step", "train_size", "heldout_loss", "prompts", "samples", "detections",
+    "kind", "model", "params", "step", "train_size", "heldout_loss", "train_loss", "loss_gap", "prompts", "samples", "detections",
     "extractions", "detection_rate", "extraction_rate", "extracted_generations", "extracted_training_images",
     "examples", "members", "statistic", "attack", "auc", "auc_lo", "auc_hi", "tpr@1%fpr", "tpr@1%fpr_lo",
     "tpr@1%fpr_hi", "tpr@0.1%fpr", "tpr@0.1%fpr_lo", "tpr@0.1%fpr_hi", "memscore_mean", "memscore_median",
@@ -79,6 +79,9 @@ def build_compare_report(run: str | Path, out: str | Path | None = None) -> Path
     fit_png = None
     if len(table) >= 2:
         fit_png = png_base64(memorization_vs_attribute_plot(table, fits, by))
+    heldout_png = None
+    if "heldout_loss" in table and table["heldout_loss"].notna().any() and table["step"].notna().any():
+        heldout_png = png_base64(heldout_plot(table))
     # 5. outliers
     out_sections = []
     for r in table["run"]:
@@ -122,6 +125,7 @@ def build_compare_report(run: str | Path, out: str | Path | None = None) -> Path
             ov_rows=ov_rows,
             fits=fits.to_dict(orient="records"),
             fit_png=fit_png,
+            heldout_png=heldout_png,
             by=by,
             k=manifest.get("k"),
             outliers=out_sections,

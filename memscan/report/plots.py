@@ -222,3 +222,20 @@ def memorization_vs_attribute_plot(table: pd.DataFrame, fits: pd.DataFrame, by: 
     ax.set_ylabel("memorization")
     ax.legend(fontsize=8)
     return _png(fig)
+
+
+def heldout_plot(table: pd.DataFrame) -> bytes:
+    """A checkpoint sweep: memorization (left axis) and held-out / training loss (right) by step."""
+    plt = _fig()
+    t = table.sort_values("step")
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    ax.plot(t["step"], t["memorization"], "o-", color="C0", label=str(t["memorization_measure"].iloc[0]))
+    ax.set_xlabel("training step")
+    ax.set_ylabel(str(t["memorization_measure"].iloc[0]), color="C0")
+    ax.set_xscale("log")
+    b = ax.twinx()
+    b.plot(t["step"], t["heldout_loss"], "s--", color="C3", label="held-out loss")
+    b.plot(t["step"], t["train_loss"], "^--", color="C2", label="training loss")
+    b.set_ylabel("diffusion loss")
+    b.legend(fontsize=8, loc="upper right")
+    return _png(fig)
