@@ -243,6 +243,15 @@ def _lm_mia(tmp: Path, out: Path) -> list:
     ]  # fmt: skip
 
 
+def _compare(tmp: Path, out: Path) -> list:
+    """Two extract runs (made once), compared: one shard per run."""
+    runs = [tmp / "compare_in_a", tmp / "compare_in_b"]
+    for r in runs:
+        if not (r / "manifest.json").exists():
+            _invoke(_extract(tmp, r))
+    return ["compare", *runs, "--out", out, "--quiet"]
+
+
 # Each section below is one family of run kinds; adding a kind = an argv builder + one KindCase.
 CASES = [
     # ---- extraction: extract, extract-unconditional, index ------------------------------------
@@ -260,6 +269,8 @@ CASES = [
     KindCase("lm-extractable", _lm_extractable, ("sequences",), kill_after=1),
     KindCase("lm-exposure", _lm_exposure, ("exposures", "parts"), kill_after=2),
     KindCase("lm-mia", _lm_mia, ("examples", "statistics", "scores", "metrics"), kill_after=1),
+    # ---- comparisons of finished runs -------------------------------------------------------------
+    KindCase("compare", _compare, ("compare", "items", "overlap", "outliers"), kill_after=1, has_model=False),
 ]
 
 
