@@ -323,3 +323,45 @@ def test_unet_only_checkpoint_without_base_is_refused(tmp_path):
     del argv[i : i + 2]
     res = runner.invoke(app, [str(a) for a in argv])
     assert res.exit_code == 2 and "--base" in res.output and "unet/" in res.output
+
+
+def test_mia_runs_metrics_and_outliers_from_their_tables(tmp_path):
+    """Two mia runs (the golden 8×8 examples, an untrained tiny UNet): the row holds the best
+    attack's metrics row of metrics.parquet; the outlier score is the brute-force k-NN distance
+    to the *member* examples in pixel space."""
+    from golden_support import MIA_MEMBERS, _write_png, _write_tiny_unet, mia_ids, mia_images
+
+    data, members, unet = tmp_path / "data", tmp_path / "members.txt", tmp_path / "unet"
+    data.mkdir()
+    for i, img in zip(mia_ids(), mia_images()):
+        _write_png(data / f"{i}.png", img)
+    members.write_text("\n".join(mia_ids()[:MIA_MEMBERS]) + "\n")
+    _write_tiny_unet(unet)
+    import shutil
+
+    args = ["mia", "--data", data, "--model", unet, "--members", members, "--out", tmp_path / "a"]
+    args += ["--timesteps", "10,100", "--noise-draws", 1, "--batch-size", 4, "--bootstrap", 20, "--quiet"]
+    res = runner.invoke(app, [str(a) for a in args])
+    assert res.exit_code == 0, res.output
+    outs = [tmp_path / "a", tmp_path / "b"]
+    shutil.copytree(outs[0], outs[1])  # a second run directory with the same tables
+    res = compare_runs(outs, tmp_path / "cmp", k=3, progress=False)
+    m = pd.read_parquet(outs[0] / "metrics.parquet")
+    best = m.sort_values(["tpr@1%fpr", "auc"], ascending=False, kind="stable").iloc[0]
+    row = res.table.iloc[0]
+    for col in ("auc", "auc_lo", "auc_hi", "tpr@1%fpr", "tpr@1%fpr_lo", "tpr@1%fpr_hi", "tpr@0.1%fpr"):
+        assert row[col] == pytest.approx(best[col], nan_ok=True), col
+    assert row["memorization"] == row["auc"] and row["kind"] == "mia"
+    # outliers: pixels in [0, 1], reference = members, self excluded
+    ex = pd.read_parquet(outs[0] / "examples.parquet").sort_values("index")
+    from memscan.data.training import load_training_set
+
+    ts = load_training_set(data)
+    pos = {i: n for n, i in enumerate(ts.ids)}
+    x = np.stack([ts.images[pos[i]] for i in ex["id"]]).astype(np.float64).reshape(len(ex), -1) / 255.0
+    want = _brute_knn(x, ex["is_member"].to_numpy(bool), 3)
+    got = res.outliers[res.outliers["run"] == str(outs[0])]["outlier"].to_numpy()
+    np.testing.assert_allclose(got, want, atol=1e-9)
+    assert (res.run_dir / "images" / "outliers").is_dir()
+    page = (res.run_dir / "compare.html").read_text()
+    assert "Memorization vs outliers" in page and "data:image/png;base64" in page
