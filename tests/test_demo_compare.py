@@ -30,8 +30,14 @@ def test_quick_demo_compare_runs_the_sweep_and_compares_by_step(tmp_path):
     proc = run_cli("demo", "compare", "--quick", "--out", out, "--quiet", timeout=1800)
     s = json.loads((out / "summary.json").read_text())
     steps = [c["step"] for c in s["checkpoints"]]
-    assert steps == [c.step for c in list_checkpoints(checkpoints_dir())]
-    for c in s["checkpoints"]:
+    assert steps == [*(c.step for c in list_checkpoints(checkpoints_dir())), 3000]  # + the shipped model
+    for c in s["checkpoints"][:-1]:
         assert c["heldout_loss"] > 0 and c["train_loss"] > 0
+    for c in s["checkpoints"]:
         assert set(c["extraction_rate_by_duplicates"]) >= {"200", "100", "50"}
-    assert (out / "sweep" / "compare.html").exists() and "report" in proc.stdout
+    # the shipped model (3000 steps) extracts the most duplicated images; early checkpoints fewer
+    last = s["checkpoints"][-1]["extraction_rate_by_duplicates"]
+    assert last["200"] >= 0.5 and last["200"] >= s["checkpoints"][0]["extraction_rate_by_duplicates"]["200"]
+    assert len(s["fits"]) == 1 and s["fits"][0]["n"] == 3
+    assert (out / "sweep" / "compare.html").exists() and (out / "compare" / "compare.html").exists()
+    assert "report" in proc.stdout

@@ -11,8 +11,12 @@ widths 16/32/32) saved during one training run with the demo recipe
    recording each checkpoint's held-out and training loss (a checkpoint sweep,
    :func:`memscan.extraction.sweep.extract_sweep`);
 3. compares them by training step (``OUT/sweep/compare.html``): extraction rate by duplicate
-   count per checkpoint, which images each checkpoint memorized and their overlap, and
-   memorization against training step with its log-linear fit.
+   count per checkpoint, which images each checkpoint memorized and their overlap;
+4. runs the same attack on the shipped demo model (``memscan/demo/model``: the same recipe and
+   data, wider — 32/64/64 — and trained for 3,000 steps) and compares all three
+   (``OUT/compare/compare.html``) by training step, with the log-linear fit. That last point
+   differs in width as well as in steps: the demo shows memorization growing with training and
+   capacity together, and says so.
 """
 
 from __future__ import annotations
@@ -75,16 +79,18 @@ class DemoCompareResult:
         ]
         for c in s["checkpoints"]:
             rates = ", ".join(f"{k}×: {v:.2f}" for k, v in c["extraction_rate_by_duplicates"].items())
-            lines.append(
-                f"  step {c['step']:>5}: {c['extractions']:>2} extractions ({rates}); "
-                f"held-out loss {c['heldout_loss']:.4f}, training loss {c['train_loss']:.4f}"
+            loss = (
+                f"; held-out loss {c['heldout_loss']:.4f}, training loss {c['train_loss']:.4f}"
+                if c["heldout_loss"] is not None
+                else ""
             )
+            lines.append(f"  {c['label']}: {c['extractions']:>2} extractions ({rates}){loss}")
         for f in s["fits"]:
             lines.append(
-                f"  fit: extraction rate = {f['intercept']:.3f} + {f['slope']:.3f}·log10(step), "
-                f"slope 95% CI [{f['slope_lo']:.3f}, {f['slope_hi']:.3f}]"
+                f"  fit (widths differ at the last point): extraction rate = {f['intercept']:.3f} + "
+                f"{f['slope']:.3f}·log10(step), slope 95% CI [{f['slope_lo']:.3f}, {f['slope_hi']:.3f}]"
             )
-        lines.append(f"  report: {self.report}")
+        lines.append(f"  report: {self.report} (the sweep alone: {s['sweep_report']})")
         return "\n".join(lines)
 
 
@@ -103,12 +109,14 @@ def run_demo_compare(
     if (out / "sweep" / "manifest.json").exists():
         raise MemscanError(f"{out} already holds a demo comparison", "remove it or pass another --out")
     samples = 24 if quick else 60
+    from memscan.demo.run import model_dir
+
     # 1. data: the training set and held-out digits
     data = build_demo_data()
     write_demo_data(data, out / "data")
     write_heldout(data, out / "heldout", 16 if quick else 64)
     # 2. prompts: the duplicated images' captions and a few unique ones
-    prompts = candidate_prompts(data, 4 if quick else 12, 25 if quick else 2)
+    prompts = candidate_prompts(data, 2 if quick else 12, 50 if quick else 2)
     prompts.to_csv(out / "prompts.csv", index=False)
     config = ExtractConfig(
         samples_per_prompt=samples, grid=4, min_clique=10, delta=0.15, seed=0, batch_size=samples, shard_size=8
@@ -124,9 +132,28 @@ def run_demo_compare(
         heldout=out / "heldout",
         progress=progress,
     )
-    dup = pd.read_parquet(res.run_dir / "by_duplicates.parquet")
+    # 4. the shipped (wider, longer-trained) model: the same attack, then all three compared
+    from memscan.compare.run import compare_runs
+    from memscan.extraction.pipeline import extract
+
+    shipped = out / "shipped"
+    extract(
+        load_unet_generator(str(model_dir()), batch_size=samples),
+        out / "prompts.csv",
+        out / "data" / "train",
+        shipped,
+        config,
+        progress=progress,
+        model_id=str(model_dir()),
+    )
+    runs = [*[str(r) for r in res.table.sort_values("step")["run"]], str(shipped)]
+    labels = {r: f"16/32/32, step {int(s)}" for r, s in zip(res.table["run"], res.table["step"])}
+    labels[str(shipped)] = "32/64/64 (shipped), step 3000"
+    both = compare_runs(runs, out / "compare", by="step", labels=labels, progress=progress)
+    dup = pd.read_parquet(both.run_dir / "by_duplicates.parquet")
+    held = res.table.set_index("run")
     rows = []
-    for _, r in res.table.sort_values("step").iterrows():
+    for _, r in both.table.sort_values("step").iterrows():
         d = dup[dup["run"] == r["run"]].sort_values("duplicate_count")
         rows.append(
             {
@@ -136,8 +163,10 @@ def run_demo_compare(
                 "extraction_rate_by_duplicates": {
                     str(int(c)): float(v) for c, v in zip(d["duplicate_count"], d["extraction_rate"])
                 },
-                "heldout_loss": float(r["heldout_loss"]),
-                "train_loss": float(r["train_loss"]),
+                "label": str(r["label"]),
+                "params": None if pd.isna(r["params"]) else int(r["params"]),
+                "heldout_loss": float(held.loc[r["run"], "heldout_loss"]) if r["run"] in held.index else None,
+                "train_loss": float(held.loc[r["run"], "train_loss"]) if r["run"] in held.index else None,
             }
         )
     summary = {
@@ -145,15 +174,16 @@ def run_demo_compare(
         "samples_per_prompt": samples,
         "quick": quick,
         "checkpoints": rows,
-        "fits": res.fits.to_dict(orient="records"),
+        "fits": both.fits.to_dict(orient="records"),
         "model": json.loads((ckdir / "memscan.json").read_text())["training"]["recipe"]
         if (ckdir / "memscan.json").exists()
         else None,
         "seconds": round(time.perf_counter() - t0, 1),
-        "report": str(res.report),
+        "report": str(both.report),
+        "sweep_report": str(res.report),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=_plain))
-    return DemoCompareResult(out, res.table, res.fits, res.report, summary)
+    return DemoCompareResult(out, both.table, both.fits, both.report, summary)
 
 
 def _plain(x):
