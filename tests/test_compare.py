@@ -365,3 +365,34 @@ def test_mia_runs_metrics_and_outliers_from_their_tables(tmp_path):
     assert (res.run_dir / "images" / "outliers").is_dir()
     page = (res.run_dir / "compare.html").read_text()
     assert "Memorization vs outliers" in page and "data:image/png;base64" in page
+
+
+@pytest.mark.slow
+def test_lm_mia_runs_use_tfidf_outliers(tmp_path):
+    """An lm-mia run (tiny random GPT-2) and a copy: the outlier score is the brute-force TF-IDF
+    cosine k-NN distance to the member texts, and the blind baseline is never the 'best' attack."""
+    import shutil
+
+    pytest.importorskip("transformers")
+    from lm_support import MEMBERS, NONMEMBERS
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    from memscan.testing.tiny_lm import make_tiny_gpt2
+
+    model = make_tiny_gpt2(tmp_path / "gpt2", seed=4)
+    (tmp_path / "m.txt").write_text("\n".join(MEMBERS) + "\n")
+    (tmp_path / "n.txt").write_text("\n".join(NONMEMBERS) + "\n")
+    args = ["lm", "mia", "--model", model, "--members", tmp_path / "m.txt", "--nonmembers", tmp_path / "n.txt"]
+    res = runner.invoke(app, [str(a) for a in [*args, "--out", tmp_path / "a", "--bootstrap", 0, "--quiet"]])
+    assert res.exit_code == 0, res.output
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    out = compare_runs([tmp_path / "a", tmp_path / "b"], tmp_path / "cmp", k=2, progress=False)
+    row = out.table.iloc[0]
+    assert row["kind"] == "lm-mia" and not row["statistic"].startswith("blind")
+    ex = pd.read_parquet(tmp_path / "a" / "examples.parquet").sort_values("index")
+    v = TfidfVectorizer().fit_transform(ex["text"]).toarray()
+    mem = ex["is_member"].to_numpy(bool)
+    cos = 1 - v @ v.T
+    want = [round(sorted(cos[i, j] for j in range(len(ex)) if mem[j] and j != i)[1], 12) for i in range(len(ex))]
+    got = out.outliers[out.outliers["run"] == str(tmp_path / "a")]["outlier"].to_numpy()
+    np.testing.assert_allclose(got, want, atol=1e-9)
