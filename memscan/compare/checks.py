@@ -92,7 +92,7 @@ def settings_of(kind: str, manifest: dict) -> dict:
 
     keys = SETTINGS_KEYS.get(kind)
     for key, value in manifest.items():
-        if (keys is not None and key not in keys) or (keys is None and key in NOT_SETTINGS):
+        if (keys is not None and key not in keys) or (keys is None and key in NOT_SETTINGS) or key in OPERATIONAL:
             continue
         walk(key, _strip(value))
     return flat
