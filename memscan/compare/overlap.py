@@ -12,8 +12,9 @@ def overlap_table(items: dict[str, set[str]]) -> pd.DataFrame:
     Examples
     --------
     >>> t = overlap_table({"a": {"x", "y"}, "b": {"y", "z", "w"}})
-    >>> t.loc[(t.run_a == "a") & (t.run_b == "b"), ["both", "union", "jaccard"]].values.tolist()
-    [[1, 4, 0.25]]
+    >>> r = t[(t.run_a == "a") & (t.run_b == "b")].iloc[0]
+    >>> int(r.both), int(r.union), float(r.jaccard)
+    (1, 4, 0.25)
     """
     rows = []
     names = list(items)
