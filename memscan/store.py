@@ -135,6 +135,7 @@ WHERE_RESULTS_ARE = {
     "lm-extractable": "`memscan report RUN` shows it; its table is sequences.parquet",
     "lm-exposure": "`memscan report RUN` shows it; its table is exposures.parquet",
     "lm-extract": "`memscan report RUN` shows it; its tables are samples.parquet and precision.parquet",
+    "compare": "`memscan report RUN` shows it; its tables are compare.parquet, overlap.parquet, outliers.parquet",
     "index": "it is a training-set index: pass it as --index; `memscan report INDEX` shows it",
 }
 

@@ -500,3 +500,34 @@ def test_lm_extract_unconditional_needs_a_start_token(lm_extract_inputs, tmp_pat
     good_index, _ = lm_extract_inputs
     args = ["lm", "extract", "--model", "py:lm_extract_support:no_start_lm", "--index", good_index, "--samples", 2]
     assert_clean_error(cli(*args, "--out", tmp_path / "o", "--quiet"), "neither a BOS nor an EOS", "--prompts")
+
+
+# ---- memscan compare: what is not a finished, comparable run -----------------------------------------
+def test_compare_refuses_what_it_cannot_compare(corpus, finished_run, tmp_path):
+    """Not a run, a damaged manifest, an unfinished run, a run of a kind compare does not read, a
+    checkpoint folder without checkpoints: one clean error each, the inputs unchanged, and the
+    refused --out reusable."""
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / "manifest.json").write_text("{")
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    (unfinished / "manifest.json").write_text('{"kind": "extract", "status": "incomplete"}')
+    index = tmp_path / "index"
+    assert cli("index", corpus.mixed, "--out", index, "--quiet").exit_code == 0
+    before = _snapshot(finished_run)
+    out = tmp_path / "cmp"
+    for bad, want in (
+        (tmp_path / "nowhere", "not a memscan run"),
+        (damaged, "not valid JSON"),
+        (unfinished, "not complete"),
+        (index, "kind 'index'"),
+    ):
+        assert_clean_error(cli("compare", finished_run, bad, "--out", out, "--quiet"), str(bad.name), want)
+        assert not (out / "manifest.json").exists()
+    assert _snapshot(finished_run) == before
+    empty = tmp_path / "ckpts"
+    (empty / "checkpoint-5").mkdir(parents=True)  # a checkpoint folder whose checkpoint holds no model
+    args = TRAIN_COMMANDS["extract"](corpus, corpus.mixed, tmp_path / "sweep")
+    args = tuple(empty if a == "py:gen_support:planted" else a for a in args)
+    assert_clean_error(cli(*args), "checkpoint-5", "holds no model")

@@ -272,6 +272,15 @@ def _lm_index(tmp: Path, out: Path) -> list:
     return ["lm", "index", corpus, "--out", out, "--bytes", "--shard-tokens", 250]
 
 
+def _compare(tmp: Path, out: Path) -> list:
+    """Two extract runs (made once), compared: one shard per run."""
+    runs = [tmp / "compare_in_a", tmp / "compare_in_b"]
+    for r in runs:
+        if not (r / "manifest.json").exists():
+            _invoke(_extract(tmp, r))
+    return ["compare", *runs, "--out", out, "--quiet"]
+
+
 # Each section below is one family of run kinds; adding a kind = an argv builder + one KindCase.
 CASES = [
     # ---- extraction: extract, extract-unconditional, index ------------------------------------
@@ -291,6 +300,8 @@ CASES = [
     KindCase("lm-mia", _lm_mia, ("examples", "statistics", "scores", "metrics"), kill_after=1),
     KindCase("lm-extract", _lm_extract, ("samples", "precision"), kill_after=1),
     KindCase("lm-index", _lm_index, ("documents",), kill_after=1, has_model=False),
+    # ---- comparisons of finished runs -------------------------------------------------------------
+    KindCase("compare", _compare, ("compare", "items", "overlap", "outliers"), kill_after=1, has_model=False),
 ]
 
 

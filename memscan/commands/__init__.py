@@ -19,5 +19,6 @@ COMMAND_MODULES: list[str] = [
     "triage",
     "mia",
     "lm",
+    "compare",
     "demo",
 ]

@@ -4,6 +4,8 @@
 - ``memscan demo train``: retrain the shipped demo model from its recorded recipe;
 - ``memscan demo mia`` (alias ``memscan demo-mia``): membership inference and inpainting with
   CPU-trained shadow models;
+- ``memscan demo compare``: the same extraction attack on each shipped demo checkpoint (memorization
+  over training steps, with held-out loss), compared by step;
 - ``memscan demo lm``: prefix → suffix extraction and canary exposure on a small byte-level GPT-2
   trained on the Shakespeare plays with planted canaries; ``memscan demo lm train`` retrains it.
 
@@ -147,3 +149,16 @@ def demo_lm_train(
         progress=not quiet,
     )
     typer.echo(f"trained in {rec['seconds']} s ({rec['threads']} threads) → {out}")
+
+
+@demo_app.command("compare")
+def demo_compare(
+    out: Path = typer.Option(Path("runs/demo-compare"), "--out", help="output directory"),
+    quick: bool = typer.Option(False, "--quick", help="reduced run (CI): fewer prompts, generations, held-out images"),
+    quiet: bool = quiet_option(),
+):
+    """Memorization over training: the same extraction attack on each shipped demo checkpoint, compared by step."""
+    from memscan.demo.compare import run_demo_compare
+
+    res = run_library_call(run_demo_compare, out, quick=quick, progress=not quiet)
+    typer.echo(res.text())

@@ -16,12 +16,24 @@ from memscan.commands.common import (
     resume_option,
     runner_option,
 )
+from memscan.commands.formatting import compare_summary
 
 
 def register(app: typer.Typer) -> None:
     @app.command("extract")
     def extract(
-        model: str = typer.Option(..., "--model", help="diffusers directory / hub id, or py:module:attribute"),
+        model: str = typer.Option(
+            ...,
+            "--model",
+            help="diffusers directory / hub id, py:module:attribute, or a folder of checkpoint-N directories "
+            "(a checkpoint sweep: the same attack and seeds on each, then `memscan compare` by training step)",
+        ),
+        base: Path | None = typer.Option(
+            None, "--base", help="sweep: the pipeline that completes unet/-only checkpoints (scheduler, captions)"
+        ),
+        heldout: Path | None = typer.Option(
+            None, "--heldout", help="sweep: held-out images; each checkpoint's held-out and training loss is recorded"
+        ),
         prompts: Path = typer.Option(
             ..., "--prompts", help="text file (one prompt a line) or CSV/Parquet with prompt_id, prompt"
         ),
@@ -78,10 +90,13 @@ def register(app: typer.Typer) -> None:
         quiet: bool = quiet_option(),
     ):
         """Generate many images per prompt, find cliques of near-copies, verify them against the training set
-        (all of it with --train; with --index, each candidate's --retrieve nearest training images)."""
+        (all of it with --train; with --index, each candidate's --retrieve nearest training images);
+        --model FOLDER of checkpoint-N/: the same attack on each checkpoint, then a comparison."""
         from memscan.errors import InputError
         from memscan.extraction.config import ExtractConfig
         from memscan.extraction.pipeline import extract as run_extract
+        from memscan.extraction.sweep import extract_sweep
+        from memscan.generators.checkpoints import list_checkpoints
         from memscan.generators.load import load_generator
         from memscan.runners.base import GeneratorSpec
         from memscan.runners.ray_runner import RayOptions
@@ -118,11 +133,36 @@ def register(app: typer.Typer) -> None:
             ray_options = RayOptions.from_cli(
                 runner, address=ray_address, num_workers=num_workers, gpus_per_worker=gpus_per_worker, device=cfg.device
             )
-            if runner == "ray":  # each Ray worker loads its own model from the spec
-                gen = GeneratorSpec(model, {"device": cfg.device, "batch_size": cfg.batch_size, **gen_options})
-            else:
-                with loading_user_model(model):
-                    gen = load_generator(model, device=cfg.device, batch_size=cfg.batch_size, **gen_options)
+
+            def make(spec: str):
+                if runner == "ray":  # each Ray worker loads its own model from the spec
+                    return GeneratorSpec(spec, {"device": cfg.device, "batch_size": cfg.batch_size, **gen_options})
+                with loading_user_model(spec):
+                    return load_generator(spec, device=cfg.device, batch_size=cfg.batch_size, **gen_options)
+
+            if list_checkpoints(model):
+                res = extract_sweep(
+                    model,
+                    make,
+                    prompts,
+                    train,
+                    out,
+                    cfg,
+                    base=base,
+                    heldout=heldout,
+                    resume=resume,
+                    progress=not quiet,
+                    runner=runner,
+                    runner_options=ray_options,
+                )
+                typer.echo(compare_summary(res))
+                return
+            if base is not None or heldout is not None:
+                raise InputError(
+                    f"--base and --heldout apply to checkpoint sweeps; {model} is not a folder of checkpoint-N directories",
+                    "drop them, or pass the folder that holds the checkpoints",
+                )
+            gen = make(model)
             result = run_extract(
                 gen,
                 prompts,

@@ -74,3 +74,18 @@ def demo_mia_summary(res) -> str:
         f"  best timestep ({best['by']}): t = {best['timestep']}",
     ]
     return summary_text("demo-mia", res.run.metrics, res.out / "run", extra)
+
+
+def compare_summary(res) -> str:
+    """What `memscan compare` (and a checkpoint sweep) prints: one line per run, one per fit."""
+    t = res.table
+    lines = [f"{len(t)} runs compared → {res.run_dir / 'compare.parquet'}, {res.report}"]
+    for _, r in t.iterrows():
+        flag = f"  [mismatch: {r['mismatch']}]" if r.get("mismatch") else ""
+        lines.append(f"  {r['label']}: {r['kind']}, {r['memorization_measure']} = {r['memorization']:.4g}{flag}")
+    for f in res.fits.itertuples(index=False):
+        lines.append(
+            f"  fit ({f.kind}): {f.measure} = {f.intercept:.4g} + {f.slope:.4g}·log10({f.by}), "
+            f"slope 95% CI [{f.slope_lo:.3g}, {f.slope_hi:.3g}] (n = {f.n})"
+        )
+    return "\n".join(lines)

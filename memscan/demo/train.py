@@ -68,8 +68,15 @@ def train_demo_model(
     device: str = "cpu",
     log_every: int = 500,
     progress=None,
+    checkpoint_steps: tuple[int, ...] = (),
 ) -> dict:
-    """Train and save the model; returns the training record (also in ``memscan.json``)."""
+    """Train and save the model; returns the training record (also in ``memscan.json``).
+
+    ``checkpoint_steps``: also save the model after each of these steps as
+    ``out_dir/checkpoint-N/`` (a full pipeline directory with a ``trainer_state.json`` holding
+    ``global_step``, the layout diffusers' and transformers' trainers write), for checkpoint
+    sweeps (``memscan extract --model out_dir``).
+    """
     from diffusers import DDIMPipeline, DDIMScheduler, DDPMScheduler
 
     torch.manual_seed(cfg.seed)
@@ -111,6 +118,20 @@ def train_demo_model(
         losses.append(loss.item())
         if progress is not None:
             progress(step + 1, cfg.steps)
+        if step + 1 in checkpoint_steps:
+            _save(
+                unet,
+                sched,
+                Path(out_dir) / f"checkpoint-{step + 1}",
+                captions,
+                null,
+                cfg,
+                data,
+                device,
+                losses,
+                step + 1,
+            )
+            unet.train()
         if (step + 1) % log_every == 0:
             log.append(
                 {
@@ -124,10 +145,38 @@ def train_demo_model(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     unet = unet.to("cpu").eval()
+    if checkpoint_steps:  # a checkpoint folder holds only the checkpoints (and the recipe below)
+        record = _record(captions, null, cfg, data, device, seconds, unet, log)
+        (out / "memscan.json").write_text(json.dumps(record, indent=1))
+        return record
     DDIMPipeline(unet=unet, scheduler=DDIMScheduler.from_config(sched.config)).save_pretrained(
         out, safe_serialization=True
     )
-    record = {
+    record = _record(captions, null, cfg, data, device, seconds, unet, log)
+    (out / "memscan.json").write_text(json.dumps(record, indent=1))
+    return record
+
+
+def _save(unet, sched, out: Path, captions, null, cfg, data, device, losses, step: int) -> None:
+    """One ``checkpoint-N`` directory: the pipeline, ``memscan.json`` and ``trainer_state.json``."""
+    from diffusers import DDIMPipeline, DDIMScheduler
+
+    out.mkdir(parents=True, exist_ok=True)
+    was = next(unet.parameters()).device
+    unet = unet.to("cpu").eval()
+    DDIMPipeline(unet=unet, scheduler=DDIMScheduler.from_config(sched.config)).save_pretrained(
+        out, safe_serialization=True
+    )
+    unet.to(was)
+    record = _record(captions, null, cfg, data, device, None, unet, [])
+    record["training"]["step"] = step
+    record["training"]["loss_last_100"] = float(np.mean(losses[-100:]))
+    (out / "memscan.json").write_text(json.dumps(record, indent=1))
+    (out / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+
+
+def _record(captions, null, cfg, data, device, seconds, unet, log) -> dict:
+    return {
         "class_captions": captions,
         "null_class": null,
         "sampler": cfg.sampler,
@@ -138,10 +187,8 @@ def train_demo_model(
             "data": {**asdict(data.config), "rows": len(data.ids), "base_images": len(captions)},
             "device": device,
             "torch_threads": torch.get_num_threads(),
-            "seconds": round(seconds, 1),
+            "seconds": None if seconds is None else round(seconds, 1),
             "parameters": sum(p.numel() for p in unet.parameters()),
             "log": log,
         },
     }
-    (out / "memscan.json").write_text(json.dumps(record, indent=1))
-    return record

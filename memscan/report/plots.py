@@ -185,3 +185,57 @@ def nearest_similarity_plot(similarities: np.ndarray) -> bytes:
     a.set_xlabel("cosine similarity to the nearest other training image")
     a.set_ylabel("training images")
     return _png(fig)
+
+
+def rates_by_duplicates_plot(dup: pd.DataFrame, labels: dict) -> bytes:
+    """Extraction rate against duplicate count, one line per run (``by_duplicates.parquet``)."""
+    plt = _fig()
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for run, g in dup.groupby("run", sort=False):
+        g = g.sort_values("duplicate_count")
+        ax.plot(g["duplicate_count"], g["extraction_rate"], marker="o", label=str(labels.get(run, run)))
+    ax.set_xscale("log")
+    ax.set_xlabel("duplicate count in the training set")
+    ax.set_ylabel("extraction rate")
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def memorization_vs_attribute_plot(table: pd.DataFrame, fits: pd.DataFrame, by: str) -> bytes:
+    """Each run's ``memorization`` against ``by`` (log x), with the log-linear fit of each kind."""
+    plt = _fig()
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for kind, g in table.groupby("kind", sort=True):
+        x = pd.to_numeric(g["label"] if by == "label" else g.get(by), errors="coerce").to_numpy(float)
+        y = g["memorization"].to_numpy(float)
+        ok = np.isfinite(x) & (x > 0) & np.isfinite(y)
+        ax.plot(x[ok], y[ok], "o", label=f"{kind} ({g['memorization_measure'].iloc[0]})")
+        for lab, xi, yi in zip(g["label"][ok], x[ok], y[ok]):
+            ax.annotate(str(lab), (xi, yi), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        f = fits[fits["kind"] == kind]
+        if len(f) and ok.sum() >= 2:
+            xs = np.geomspace(x[ok].min(), x[ok].max(), 50)
+            ax.plot(xs, f["intercept"].iloc[0] + f["slope"].iloc[0] * np.log10(xs), "-", lw=1)
+    ax.set_xscale("log")
+    ax.set_xlabel(by)
+    ax.set_ylabel("memorization")
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def heldout_plot(table: pd.DataFrame) -> bytes:
+    """A checkpoint sweep: memorization (left axis) and held-out / training loss (right) by step."""
+    plt = _fig()
+    t = table.sort_values("step")
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    ax.plot(t["step"], t["memorization"], "o-", color="C0", label=str(t["memorization_measure"].iloc[0]))
+    ax.set_xlabel("training step")
+    ax.set_ylabel(str(t["memorization_measure"].iloc[0]), color="C0")
+    ax.set_xscale("log")
+    b = ax.twinx()
+    b.plot(t["step"], t["heldout_loss"], "s--", color="C3", label="held-out loss")
+    b.plot(t["step"], t["train_loss"], "^--", color="C2", label="training loss")
+    b.set_ylabel("diffusion loss")
+    b.legend(fontsize=8, loc="upper right")
+    return _png(fig)

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from memscan.report.compare import build_compare_report
 from memscan.report.html import build_extraction_report
 from memscan.report.index import build_index_report
 from memscan.report.lm import build_lm_exposure_report, build_lm_extractable_report
@@ -40,6 +41,7 @@ RENDERERS: dict[str, Callable[..., Path]] = {
     "lm-mia": build_lm_mia_report,
     "lm-extract": build_lm_extract_report,
     "lm-index": build_lm_index_report,
+    "compare": build_compare_report,
 }
 
 

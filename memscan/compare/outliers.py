@@ -1,0 +1,136 @@
+"""Memorization or outliers? A model-free outlier score beside each example's memorization score.
+
+A fair criticism of the memorization score (van den Burg & Williams 2021) and of membership
+scores is that they may flag atypical examples rather than copies. For every scored example we
+compute the **k-NN distance** (Ramaswamy, Rastogi & Shim, "Efficient algorithms for mining
+outliers from large data sets", SIGMOD 2000): the distance to its k-th nearest *training*
+example, itself excluded (k = 5 by default, the value of that paper's experiments' small-k
+regime; a duplicated example has distance 0 to its copies, so it is never an outlier). Spaces:
+
+- images / arrays: the normalised ℓ2 of DESIGN.md, ``sqrt(mean((a − b)²))`` over pixels in
+  [0, 1] (exact search with a FAISS flat index);
+- text: cosine distance ``1 − cos`` between TF-IDF vectors (scikit-learn).
+
+Then Spearman's rank correlation between the outlier score and the memorization score
+(scipy), and the examples where the two rankings disagree most: high memorization but typical,
+and outlying but not memorized.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+#: Extra float32 candidates re-ranked in float64 (so near-ties at the k-th place are exact).
+CANDIDATE_MARGIN = 8
+#: Decimals the distances are rounded to (equal distances must tie in rank statistics).
+ROUND = 12
+#: Neighbours for the k-NN distance (Ramaswamy et al. 2000 use the k-th neighbour's distance).
+DEFAULT_K = 5
+
+
+def knn_distance(features: np.ndarray, reference: np.ndarray | None = None, k: int = DEFAULT_K) -> np.ndarray:
+    """Normalised ℓ2 distance from each row of ``features`` to its k-th nearest reference row,
+    the row itself excluded.
+
+    Parameters
+    ----------
+    features : float N×D (pixels in [0, 1], or any vectors)
+    reference : bool mask (N,) of the rows that are training examples (default: all)
+    k : the neighbour whose distance is the score
+
+    Returns
+    -------
+    numpy.ndarray (N,), float64; NaN for rows with fewer than k other reference rows
+    """
+    import faiss
+
+    x = np.ascontiguousarray(np.asarray(features, np.float32).reshape(len(features), -1))
+    n, d = x.shape
+    ref = np.ones(n, bool) if reference is None else np.asarray(reference, bool)
+    ref_rows = np.flatnonzero(ref)
+    out = np.full(n, np.nan)
+    if len(ref_rows) == 0 or k < 1:
+        return out
+    # 1. candidates: the k + 1 + margin nearest reference rows in float32 (one may be the row itself)
+    index = faiss.IndexFlatL2(d)
+    index.add(x[ref_rows])
+    kk = min(k + 1 + CANDIDATE_MARGIN, len(ref_rows))
+    _, nn = index.search(x, kk)
+    x64 = np.asarray(features, np.float64).reshape(n, -1)
+    for i in range(n):
+        # 2. exact float64 normalised ℓ2 to the candidates, the row itself dropped
+        hits = ref_rows[nn[i][nn[i] >= 0]]
+        hits = hits[hits != i]
+        dist = np.sort(np.sqrt(((x64[hits] - x64[i]) ** 2).mean(axis=1)))
+        if len(dist) < k:
+            continue
+        # 3. the k-th; rounded so that equal distances tie exactly (rank correlations)
+        out[i] = round(float(dist[k - 1]), ROUND)
+    return out
+
+
+def text_knn_distance(texts: list[str], reference: np.ndarray | None = None, k: int = DEFAULT_K) -> np.ndarray:
+    """Cosine distance in TF-IDF space (scikit-learn defaults, fitted on every text) to the k-th
+    nearest reference text, the text itself excluded."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    n = len(texts)
+    ref = np.ones(n, bool) if reference is None else np.asarray(reference, bool)
+    out = np.full(n, np.nan)
+    if n == 0:
+        return out
+    x = TfidfVectorizer().fit_transform(texts)  # rows are L2-normalised
+    sim = (x @ x[np.flatnonzero(ref)].T).toarray()
+    ref_rows = np.flatnonzero(ref)
+    for i in range(n):
+        d = 1.0 - sim[i]
+        if ref[i]:
+            d = d[ref_rows != i]
+        if len(d) < k:
+            continue
+        out[i] = round(float(np.sort(d)[k - 1]), ROUND)
+    return out
+
+
+@dataclass(frozen=True)
+class OutlierAnalysis:
+    """Spearman's ρ between memorization and outlier scores, and the most disagreeing examples.
+
+    Attributes
+    ----------
+    n : examples with both scores
+    spearman, p_value : scipy.stats.spearmanr
+    table : per example: ``id``, ``score``, ``outlier``, ``score_rank`` / ``outlier_rank``
+        (fractional ranks in [0, 1]), ``disagreement`` = score_rank − outlier_rank
+    """
+
+    n: int
+    spearman: float
+    p_value: float
+    table: pd.DataFrame
+
+    def most_disagreeing(self, top: int = 5) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """(memorized but typical, outlying but not memorized): the ``top`` of each end."""
+        t = self.table.dropna(subset=["disagreement"]).sort_values("disagreement", kind="stable")
+        return t.iloc[::-1].head(top), t.head(top)
+
+
+def analyse(ids, score, outlier) -> OutlierAnalysis:
+    """Rank correlation and disagreement between ``score`` (memorization / MIA) and ``outlier``."""
+    from scipy import stats
+
+    t = pd.DataFrame({"id": [str(i) for i in ids], "score": np.asarray(score, float), "outlier": outlier})
+    ok = np.isfinite(t["score"]) & np.isfinite(t["outlier"])
+    n = int(ok.sum())
+    rho, p = (math.nan, math.nan)
+    if n >= 3:
+        r = stats.spearmanr(t.loc[ok, "score"], t.loc[ok, "outlier"])
+        rho, p = float(r.statistic), float(r.pvalue)
+    t["score_rank"] = t["score"].where(ok).rank(pct=True)
+    t["outlier_rank"] = t["outlier"].where(ok).rank(pct=True)
+    t["disagreement"] = t["score_rank"] - t["outlier_rank"]
+    return OutlierAnalysis(n, rho, p, t)

@@ -1,0 +1,322 @@
+"""``memscan compare``: finished runs side by side (run kind ``compare``).
+
+The run directory::
+
+    OUT/
+      manifest.json          runs, labels, --by, k, mismatches, fits, outlier correlations
+      compare.parquet        one row per run (run, kind, label, model, params, step, train_size,
+                             the run's counts under their manifest names, rates, MIA metrics with
+                             their bootstrap bounds, memscore summaries, memorization,
+                             memorization_measure, mismatch, outlier_spearman, outlier_p)
+      items.parquet          run, item: the training items each run memorized
+      overlap.parquet        run_a, run_b, n_a, n_b, both, union, jaccard
+      by_duplicates.parquet  run, duplicate_count, prompts, extractions, extraction_rate
+      outliers.parquet       run, id, score, outlier, score_rank, outlier_rank, disagreement,
+                             thumbnail
+      fits.parquet           kind, by, measure, n, slope, intercept, slope_se, slope_lo,
+                             slope_hi, r2
+      images/outliers/…png   thumbnails of the most disagreeing examples
+      compare.html           the page (also what ``memscan report OUT`` writes)
+
+One shard per input run (read it, score its examples' outlyingness), so a killed comparison
+resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from memscan.compare.checks import Mismatch, find_mismatches
+from memscan.compare.outliers import DEFAULT_K, analyse, knn_distance, text_knn_distance
+from memscan.compare.overlap import overlap_table
+from memscan.compare.runs import BY_CHOICES, read_manifest, summarize_run
+from memscan.compare.scaling import log_linear_fit
+from memscan.errors import InputError
+from memscan.runners import make_pool
+from memscan.runners.shards import run_shards
+from memscan.store import open_run, safe_name, write_table
+
+KIND = "compare"
+TABLES = ("compare", "items", "by_duplicates", "outliers")
+#: Examples shown at each end of the outlier disagreement.
+SHOWN = 5
+
+
+@dataclass
+class CompareResult:
+    """A finished comparison (the tables are also in ``run_dir``)."""
+
+    run_dir: Path
+    manifest: dict
+    table: pd.DataFrame
+    overlap: pd.DataFrame
+    fits: pd.DataFrame
+    outliers: pd.DataFrame
+    report: Path | None
+
+
+def _setup() -> dict:
+    return {}
+
+
+def compare_stage(ctx: dict, run: str, label: str, k: int, out: str) -> tuple[dict, dict]:
+    """One input run: its summary row, items, rates by duplicate count and outlier scores."""
+    s = summarize_run(run, label)
+    row = pd.DataFrame([s.row])
+    items = pd.DataFrame({"run": str(run), "item": s.items["item"].astype(str)})
+    dup = s.by_duplicates.copy()
+    dup.insert(0, "run", str(run))
+    if not len(dup):
+        dup = pd.DataFrame(
+            {"run": pd.Series([], dtype=str), "duplicate_count": pd.Series([], dtype="int64")}
+            | {c: pd.Series([], dtype="float64") for c in ("prompts", "extractions", "extraction_rate")}
+        )
+    outl = _outliers(run, s, k, Path(out))
+    return {"compare": row, "items": items, "by_duplicates": dup, "outliers": outl}, {"run": str(run)}
+
+
+def _empty_outliers() -> pd.DataFrame:
+    cols = {"run": str, "id": str, "score": float, "outlier": float}
+    cols |= {"score_rank": float, "outlier_rank": float, "disagreement": float, "thumbnail": str}
+    return pd.DataFrame({c: pd.Series([], dtype=t) for c, t in cols.items()})
+
+
+def _outliers(run: str, s, k: int, out: Path) -> pd.DataFrame:
+    """k-NN outlier score of each scored example, in pixel space (images / arrays) or TF-IDF
+    space (texts); thumbnails of the most disagreeing examples."""
+    if not len(s.scores):
+        return _empty_outliers()
+    feats, texts = _features(Path(run), s)
+    ids = s.scores["id"].astype(str).tolist()
+    ref = s.scores["is_member"].to_numpy(bool)
+    if texts is not None:
+        outlier = text_knn_distance(texts, ref, k)
+    elif feats is not None:
+        outlier = knn_distance(feats, ref, k)
+    else:
+        return _empty_outliers()
+    a = analyse(ids, s.scores["score"].to_numpy(float), outlier)
+    t = a.table.copy()
+    t.insert(0, "run", str(run))
+    t["thumbnail"] = ""
+    if feats is not None and feats.ndim == 4:
+        from memscan.mia.run_dir import save_thumb
+        from memscan.store import RunStore
+
+        hi, lo = a.most_disagreeing(SHOWN)
+        pos = {i: n for n, i in enumerate(ids)}
+        for i in list(hi["id"]) + list(lo["id"]):
+            rel = save_thumb(RunStore(out), "outliers", f"{safe_name(run)}/{i}", feats[pos[i]])
+            t.loc[t["id"] == i, "thumbnail"] = rel
+    return t
+
+
+def _features(root: Path, s) -> tuple[np.ndarray | None, list[str] | None]:
+    """The examples' pixels in [0, 1] (N×H×W×C, or N×D for arrays), or their texts."""
+    m = read_manifest(root)
+    kind = m.get("kind")
+    ids = s.scores["id"].astype(str).tolist()
+    if kind == "lm-mia":
+        ex = pd.read_parquet(root / "examples.parquet").sort_values("index")
+        return None, ex["text"].astype(str).tolist()
+    data = (m.get("sources") or {}).get("data")
+    if not data or not Path(data).exists():
+        return None, None
+    if kind == "memscore":
+        from memscan.mia.memscore_run import load_array_data
+
+        arr, _, imgs = load_array_data(data)
+        if imgs is not None:
+            x = imgs.astype(np.float32) / 255.0
+            return (x if x.ndim == 4 else x[..., None]), None
+        return np.asarray(arr, np.float64).reshape(len(arr), -1), None
+    from memscan.data.training import load_training_set
+
+    ts = load_training_set(data)
+    pos = {i: n for n, i in enumerate(ts.ids)}
+    if not all(i in pos for i in ids):
+        return None, None
+    return ts.images[[pos[i] for i in ids]].astype(np.float32) / 255.0, None
+
+
+def _attribute(row: pd.Series, by: str) -> float:
+    v = row.get(by) if by != "label" else row.get("label")
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        return math.nan
+    return x if math.isfinite(x) and x > 0 else math.nan
+
+
+def _fits(table: pd.DataFrame, by: str) -> pd.DataFrame:
+    rows = []
+    for kind, g in table.groupby("kind", sort=True):
+        x = g.apply(lambda r: _attribute(r, by), axis=1).to_numpy(float)
+        y = g["memorization"].to_numpy(float)
+        ok = np.isfinite(x) & np.isfinite(y)
+        if ok.sum() < 3 or len(set(x[ok])) < 2:
+            continue
+        f = log_linear_fit(x[ok], y[ok])
+        rows.append(
+            {
+                "kind": kind,
+                "by": by,
+                "measure": str(g["memorization_measure"].iloc[0]),
+                "n": f.n,
+                "slope": f.slope,
+                "intercept": f.intercept,
+                "slope_se": f.slope_se,
+                "slope_lo": f.slope_ci[0],
+                "slope_hi": f.slope_ci[1],
+                "r2": f.r2,
+            }
+        )
+    cols = ["kind", "by", "measure", "n", "slope", "intercept", "slope_se", "slope_lo", "slope_hi", "r2"]
+    return pd.DataFrame(rows, columns=cols)
+
+
+def check_inputs(runs: list[str | Path], labels: dict[str, str] | None, by: str) -> list[tuple[str, str, dict]]:
+    """Validate the inputs before anything is written: existing finished runs, no run twice,
+    labels naming given runs, a known ``--by``."""
+    if by not in BY_CHOICES:
+        raise InputError(f"--by {by!r} is not one of {', '.join(BY_CHOICES)}", "e.g. --by step")
+    if len(runs) < 2:
+        raise InputError(f"compare needs at least 2 runs, got {len(runs)}", "pass two or more run directories")
+    keys = [str(Path(r).resolve()) for r in runs]
+    if len(set(keys)) < len(keys):
+        dup = next(r for r, k in zip(runs, keys) if keys.count(k) > 1)
+        raise InputError(f"run {dup} is given twice", "pass each run once")
+    for name in labels or {}:
+        if name not in {str(r) for r in runs} and str(Path(name).resolve()) not in keys:
+            raise InputError(f"--label {name}=…: {name} is not one of the runs", "use RUN=TEXT with a given RUN")
+    return [(str(r), *_kind_manifest(r)) for r in runs]
+
+
+def _kind_manifest(run) -> tuple[str, dict]:
+    m = read_manifest(run)
+    return m.get("kind") or m.get("command"), m
+
+
+def compare_runs(
+    runs: list[str | Path],
+    out: str | Path,
+    *,
+    by: str = "step",
+    labels: dict[str, str] | None = None,
+    allow_mismatch: bool = False,
+    k: int = DEFAULT_K,
+    extra: dict[str, dict] | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    stop_after_shards: int | None = None,
+) -> CompareResult:
+    """Compare finished runs (see the module for what is written).
+
+    Parameters
+    ----------
+    runs : run directories (≥ 2) of the kinds in :data:`memscan.compare.runs.COMPARABLE_KINDS`
+    out : the comparison's run directory
+    by : the attribute of the scaling fit: ``params``, ``step``, ``train_size`` or ``label``
+        (a numeric label)
+    labels : run → label shown in the table and the page (default: the run's folder name)
+    allow_mismatch : compare runs of one kind made with different thresholds or data, flagged
+        in the table (``mismatch``), the manifest and the page; without it they are refused
+    k : the neighbour of the k-NN outlier score
+    extra : run → further columns of its row (a checkpoint sweep's ``heldout_loss``,
+        ``train_loss``, ``loss_gap``)
+    resume : continue a killed comparison in ``out``
+    stop_after_shards : stop after this many runs (tests of resume)
+    """
+    labels = dict(labels or {})
+    triples = check_inputs(runs, labels, by)
+    if k < 1:
+        raise InputError(f"--k {k} must be ≥ 1", "e.g. --k 5")
+    mismatches = find_mismatches(triples)
+    if mismatches and not allow_mismatch:
+        first = mismatches[0]
+        raise InputError(
+            f"the runs are not comparable: {first.text()}"
+            + (f" (and {len(mismatches) - 1} more difference(s))" if len(mismatches) > 1 else ""),
+            "compare runs made with the same thresholds on the same data, or pass --allow-mismatch to "
+            "compare them anyway (flagged in the table and the page)",
+        )
+    label_of = {}
+    for r in runs:
+        r = str(r)
+        label_of[r] = labels.get(r, labels.get(str(Path(r).resolve()), Path(r).name))
+    with open_run(out, KIND, resume=resume) as run:
+        run.start(
+            {
+                "runs": [str(Path(r).resolve()) for r in runs],
+                "labels": label_of,
+                "by": by,
+                "k": int(k),
+                "allow_mismatch": bool(allow_mismatch),
+                "mismatches": [m.__dict__ for m in mismatches],
+                "extra_columns": {str(r): dict(v) for r, v in (extra or {}).items()},
+                "n_shards": len(runs),
+            },
+            identity=("runs", "labels", "by", "k", "allow_mismatch", "n_shards"),
+        )
+        with make_pool("local", _setup, ()) as pool:
+            run_shards(
+                run,
+                pool,
+                compare_stage,
+                {i: (str(r), label_of[str(r)], int(k), str(run.root)) for i, r in enumerate(runs)},
+                label="compare: runs",
+                unit="runs",
+                progress=progress,
+                stop_after_shards=stop_after_shards,
+                describe=lambda s, t: f"run {runs[s]}",
+            )
+        tables = run.store.merge(len(runs), tables=TABLES)
+        table = _decorate(tables["compare"], tables["outliers"], mismatches)
+        for r, cols in (extra or {}).items():
+            for c, v in cols.items():
+                if c not in table:
+                    table[c] = np.nan
+                table.loc[table["run"] == str(r), c] = v
+        write_table(table, run.root / "compare.parquet")
+        items = tables["items"]
+        sets = {r: set(items.loc[items["run"] == r, "item"]) for r in table["run"]}
+        overlap = overlap_table(sets)
+        write_table(overlap, run.root / "overlap.parquet")
+        fits = _fits(table, by)
+        write_table(fits, run.root / "fits.parquet")
+        manifest = run.finish(
+            counts={"runs": len(runs), "kinds": int(table["kind"].nunique()), "mismatches": len(mismatches)},
+            fits=fits.to_dict(orient="records"),
+        )
+    from memscan.report.compare import build_compare_report
+
+    report = build_compare_report(run.root, run.root / "compare.html")
+    return CompareResult(run.root, manifest, table, overlap, fits, tables["outliers"], report)
+
+
+def _decorate(table: pd.DataFrame, outliers: pd.DataFrame, mismatches: list[Mismatch]) -> pd.DataFrame:
+    """Add ``mismatch`` (what differs from the other runs of its kind; empty when comparable)
+    and the outlier correlation of each run."""
+    t = table.copy()
+    flags = {r: [] for r in t["run"]}
+    for m in mismatches:
+        for r in m.values:
+            flags.setdefault(r, []).append(f"{m.what} {m.key}")
+    t["mismatch"] = [", ".join(flags.get(r, [])) for r in t["run"]]
+    rho, p = [], []
+    for r in t["run"]:
+        o = outliers[outliers["run"] == r]
+        if len(o):
+            a = analyse(o["id"], o["score"].to_numpy(float), o["outlier"].to_numpy(float))
+            rho.append(a.spearman)
+            p.append(a.p_value)
+        else:
+            rho.append(math.nan)
+            p.append(math.nan)
+    t["outlier_spearman"], t["outlier_p"] = rho, p
+    return t

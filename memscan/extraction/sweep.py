@@ -1,0 +1,174 @@
+"""Checkpoint sweeps: the same extraction attack, with the same seeds, on every checkpoint of a
+training run, then ``memscan compare`` over them.
+
+``memscan extract --model FOLDER`` with ``FOLDER/checkpoint-N/…`` (:mod:`memscan.generators.
+checkpoints`) writes::
+
+    OUT/
+      checkpoint-N/           one extract run per checkpoint (same prompts, config and seeds)
+      .models/checkpoint-N/   a unet/-only checkpoint completed by --base (symbolic links)
+      heldout.parquet         with --heldout: checkpoint, step, heldout_loss, train_loss, loss_gap
+      manifest.json, compare.parquet, compare.html, …   the comparison (run kind ``compare``,
+                              by training step; see :mod:`memscan.compare.run`)
+
+Resumable: a finished checkpoint run is kept, an unfinished one resumes, the comparison resumes.
+
+**Held-out loss.** With ``--heldout IMAGES``, each checkpoint's diffusion loss ``L_t`` (DESIGN.md)
+on the held-out images and on as many training images (the first by id), averaged over the
+timesteps :data:`HELDOUT_TIMESTEPS` and :data:`HELDOUT_DRAWS` noise draws with fixed seeds, with the
+model's null class as condition when it has one. Overfitting shows as a growing gap
+``heldout_loss − train_loss``; "memorization without overfitting" (Tirumala et al. 2022) as
+extraction rising while the gap stays flat.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from memscan.data.training import TrainingSet, load_training_set
+from memscan.errors import InputError
+from memscan.extraction.config import ExtractConfig
+from memscan.generators.checkpoints import list_checkpoints, model_dir
+from memscan.store import RunStore, write_table
+
+#: Timesteps of the held-out loss, as fractions of the model's T (100, 300, 500, 700 of T = 1000).
+HELDOUT_TIMESTEPS = (0.1, 0.3, 0.5, 0.7)
+#: Noise draws per example and timestep of the held-out loss.
+HELDOUT_DRAWS = 2
+
+
+def heldout_losses(model: str | Path, heldout: np.ndarray, train: np.ndarray, device: str = "cpu") -> dict:
+    """``heldout_loss``, ``train_loss`` (mean ``L_t`` over :data:`HELDOUT_TIMESTEPS`, examples and
+    draws) and ``loss_gap`` of the diffusers model in ``model``."""
+    from memscan.generators.noise import load_diffusers_noise_predictor
+    from memscan.mia.loss import diffusion_loss
+
+    p = load_diffusers_noise_predictor(model, device=device)
+    cond = p.null_class  # the classifier-free-guidance "no condition" class, if the model has one
+    T = int(p.alphas_cumprod.numel())
+    ts = sorted({int(f * T) for f in HELDOUT_TIMESTEPS})
+    out = {}
+    for name, imgs in (("heldout_loss", heldout), ("train_loss", train)):
+        L = diffusion_loss(p, imgs, ts, condition=cond, noise_draws=HELDOUT_DRAWS, seed=0)
+        out[name] = float(np.mean(L))
+    out["loss_gap"] = out["heldout_loss"] - out["train_loss"]
+    return out
+
+
+def extract_sweep(
+    folder: str | Path,
+    make_generator: Callable[[str], object],
+    prompts,
+    train: str | Path,
+    out: str | Path,
+    config: ExtractConfig = ExtractConfig(),
+    *,
+    base: str | Path | None = None,
+    heldout: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    runner: str = "local",
+    runner_options=None,
+    stop_after_shards: int | None = None,
+):
+    """Extract from every checkpoint of ``folder``, then compare them (see the module).
+
+    Parameters
+    ----------
+    folder : a folder of ``checkpoint-N`` directories
+    make_generator : model directory → the generator (or a runner spec) ``extract`` takes
+    prompts, train, config, runner, runner_options : as :func:`memscan.extraction.pipeline.extract`
+    out : the sweep directory
+    base : the pipeline that completes ``unet/``-only checkpoints
+    heldout : held-out images (a folder or manifest) for each checkpoint's held-out loss
+    resume : continue a killed sweep (finished checkpoints are kept)
+    stop_after_shards : stop after this many new shards of one checkpoint (tests of resume)
+
+    Returns
+    -------
+    memscan.compare.run.CompareResult
+    """
+    from memscan.compare.run import compare_runs
+    from memscan.extraction.pipeline import extract
+
+    ckpts = list_checkpoints(folder)
+    if not ckpts:
+        raise InputError(f"{folder} holds no checkpoint-N directories", "pass a model directory or a checkpoint folder")
+    out = Path(out)
+    if out.is_file():
+        raise InputError(f"--out {out} is a file", "choose a directory for the sweep")
+    started = [c for c in ckpts if RunStore(out / c.name).exists()] + ([1] if RunStore(out).exists() else [])
+    if started and not resume:
+        raise InputError(
+            f"sweep directory {out} already holds runs", "pass --resume to finish it, or choose a new --out"
+        )
+    config = config.validate()
+    if heldout is not None and not Path(heldout).exists():
+        raise InputError(f"--heldout {heldout} does not exist", "pass a folder or manifest of held-out images")
+    training = held = None
+    # 1. every checkpoint: the same attack, the same seeds
+    runs, extra = [], {}
+    for c in ckpts:
+        sub = out / c.name
+        path = model_dir(c, base, out / ".models")
+        done = RunStore(sub).exists() and RunStore(sub).read_manifest().get("status") == "complete"
+        if not done:
+            extract(
+                make_generator(str(path)),
+                prompts,
+                train,
+                sub,
+                config,
+                resume=RunStore(sub).exists(),
+                progress=progress,
+                runner=runner,
+                runner_options=runner_options,
+                model_id=str(c.path),
+                stop_after_shards=stop_after_shards,
+            )
+        runs.append(str(sub))
+        if heldout is not None:
+            if held is None:  # at the generator's resolution, known once a run has finished
+                shape = RunStore(sub).read_manifest()["output_shape"]
+                training = load_training_set(train, size=tuple(shape[:2]), channels=shape[2])
+                held = load_training_set(heldout, size=tuple(shape[:2]), channels=shape[2])
+            extra[str(sub)] = _losses_at(sub, path, held, training, config.device)
+    # 2. the held-out losses, then the comparison by training step
+    if extra:
+        rows = [{"checkpoint": Path(r).name, "step": s.step, **extra[r]} for r, s in zip(runs, ckpts)]
+        write_table(pd.DataFrame(rows), out / "heldout.parquet")
+    return compare_runs(
+        runs,
+        out,
+        by="step",
+        labels={r: Path(r).name for r in runs},
+        extra=extra,
+        resume=RunStore(out).exists(),
+        progress=progress,
+    )
+
+
+def _losses_at(sub: Path, model: Path, held: TrainingSet, training: TrainingSet, device: str) -> dict:
+    """The checkpoint's losses, computed once and kept in ``sub/heldout.json`` (resume)."""
+    import json
+
+    from memscan.store import atomic_write_json
+
+    cache = sub / "heldout.json"
+    if cache.exists():
+        return json.loads(cache.read_text())
+    n = len(held.ids)
+    order = np.argsort(np.asarray(training.ids, dtype=object), kind="stable")[:n]
+    h, w = training.images.shape[1:3]
+    if held.images.shape[1:] != training.images.shape[1:]:
+        raise InputError(
+            f"held-out images are {held.images.shape[1:]}, training images {training.images.shape[1:]}",
+            f"pass held-out images of the training images' size ({h}×{w})",
+        )
+    res = heldout_losses(model, held.images, training.images[order], device)
+    atomic_write_json(cache, res)
+    return res
