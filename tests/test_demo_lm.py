@@ -169,27 +169,29 @@ def test_quick_demo_lm_summary_schema(quick_demo_lm):
 
 
 def test_quick_demo_lm_shows_memorization_rising_with_repetition(quick_demo_lm):
-    """The shipped weights (docs/demo.md, "Results"): extraction, exposure and exact memorization
-    M(f) rise with the number of copies; nothing planted ≤ 20 times, and no ordinary passage, is
-    extracted. Short of the issue's target at 50 copies: 2 of 4 extracted (M(f) 0.99), 4 of 4 at
-    100 — see docs/demo.md."""
+    """The shipped weights (docs/demo.md, "Results"): the issue's targets — every canary planted
+    ≥ 50 times extracted, none planted once, ordinary passages mostly not — and extraction,
+    exposure and exact memorization M(f) rising with the number of copies."""
     out, _ = quick_demo_lm
     s = json.loads((out / "summary.json").read_text())
     by = s["extracted_by_duplicate_count"]
     ex = {k: v["mean"] for k, v in s["exposure_by_duplicate_count"].items()}
     mf = {k: v["mean_exact_memorization"] for k, v in s["memorization_by_duplicate_count"].items()}
-    # canaries planted ≥ 50 times are extracted (most at 100), those planted ≤ 20 times are not;
-    # ordinary passages of the plays are mostly not extracted
-    assert by["100"]["extracted"] == 4 and by["50"]["extracted"] >= 2, by
-    assert all(by[str(c)]["extracted"] == 0 for c in (1, 2, 5, 10, 20)), by
+    copies = ("1", "2", "5", "10", "20", "50", "100")
+    # canaries planted ≥ 50 times are extracted, those planted ≤ 5 times are not, and the count
+    # extracted never falls as the copies rise; ordinary passages of the plays are mostly not extracted
+    assert by["100"]["extracted"] == 4 and by["50"]["extracted"] == 4, by
+    assert all(by[c]["extracted"] == 0 for c in ("1", "2", "5")), by
+    counts = [by[c]["extracted"] for c in copies]
+    assert counts == sorted(counts), by
     assert s["ordinary"]["rate"] <= 0.05, s["ordinary"]
-    # exposure (bits, of log2 1e5 = 16.6): high at 100 copies, low at 1, rising with repetition
+    # exposure (bits, of log2 1e5 = 16.6): high at 100 copies, low at 1, rising with every step
     assert s["exposure_by_duplicate_count"]["100"]["min"] >= 10 and ex["100"] >= 12, ex
-    assert ex["100"] > ex["50"] > ex["20"] > max(ex["1"], ex["2"], ex["5"], ex["10"]), ex
-    assert ex["1"] <= 4, ex
+    assert all(ex[a] < ex[b] for a, b in zip(copies, copies[1:])), ex
+    assert ex["1"] <= 6, ex
     # exact memorization of the sentence canaries' suffixes rises with repetition
-    assert mf["100"] >= 0.99 and mf["50"] >= 0.95 and mf["1"] <= 0.65, mf
-    assert mf["100"] >= mf["50"] > mf["20"] > mf["10"] > mf["1"], mf
+    assert mf["100"] >= 0.99 and mf["50"] >= 0.99 and mf["1"] <= 0.7, mf
+    assert mf["50"] > mf["5"] > mf["2"] > mf["1"], mf
 
 
 def test_quick_demo_lm_sampling_attack_is_consistent_with_its_run(quick_demo_lm):
@@ -299,7 +301,7 @@ def test_bf16_training_is_recorded_deterministic_and_differs_from_float32(tmp_pa
     cfg = LMTrainConfig(steps=3, warmup=1, restart_steps=0, bf16=True, **small)
     rec = train_lm_demo_model(tmp_path / "a", cfg)
     train_lm_demo_model(tmp_path / "b", cfg)
-    train_lm_demo_model(tmp_path / "f", LMTrainConfig(steps=3, warmup=1, restart_steps=0, **small))
+    train_lm_demo_model(tmp_path / "f", LMTrainConfig(steps=3, warmup=1, restart_steps=0, bf16=False, **small))
     assert rec["recipe"]["bf16"] is True and rec["steps_run"] == 3 and len(rec["phase_seconds"]) == 1
     wa, wb, wf = (load_file(tmp_path / d / "model.safetensors") for d in "abf")
     for k in wa:
@@ -310,5 +312,5 @@ def test_bf16_training_is_recorded_deterministic_and_differs_from_float32(tmp_pa
     meta = json.loads((tmp_path / "f" / "memscan.json").read_text())
     del meta["recipe"]["bf16"]
     (tmp_path / "f" / "memscan.json").write_text(json.dumps(meta))
-    more = LMTrainConfig(steps=3, warmup=1, restart_steps=1, restarts=1, **small)
+    more = LMTrainConfig(steps=3, warmup=1, restart_steps=1, restarts=1, bf16=False, **small)
     assert train_lm_demo_model(tmp_path / "g", more, init_from=tmp_path / "f")["steps_run"] == 4
