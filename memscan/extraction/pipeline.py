@@ -167,7 +167,7 @@ def _extract_in(
 
     # 3. merge, save the matched training images, record throughput
     tables = store.merge(n_shards)
-    _save_train_matches(store, tables["extractions"], training)
+    save_train_matches(store, tables["extractions"], training)
     manifest = run.finish(
         throughput=_throughput(store, n_shards),
         counts=_counts(tables["detections"], tables["extractions"]),
@@ -203,7 +203,7 @@ def _counts(det: pd.DataFrame, ext: pd.DataFrame) -> dict:
     }
 
 
-def _save_train_matches(store: RunStore, extractions: pd.DataFrame, training: TrainingSet) -> None:
+def save_train_matches(store: RunStore, extractions: pd.DataFrame, training: TrainingSet) -> None:
     if not len(extractions):
         return
     index = {tid: i for i, tid in enumerate(training.ids)}
@@ -254,7 +254,7 @@ def reverify(
         ext = verify_candidates(cands, imgs, training, delta=config.delta, grid=config.grid, n_nearest=config.n_nearest)
         write_table(det, store.root / "detections.parquet")
         write_table(ext, store.root / "extractions.parquet")
-        _save_train_matches(store, ext, training)
+        save_train_matches(store, ext, training)
         manifest["config"] = config.to_dict()
         manifest.setdefault("reverified", []).append(
             {"at": time.strftime("%Y-%m-%dT%H:%M:%S"), "delta": config.delta, "min_clique": config.min_clique}
