@@ -30,8 +30,8 @@ import pandas as pd
 from memscan.data.prompts import load_prompts
 from memscan.errors import InputError, MemscanError
 from memscan.generators.diffusers_models import read_meta
-from memscan.generators.model_record import model_record
 from memscan.generators.diffusers_unet import DiffusersUNetGenerator
+from memscan.generators.model_record import model_record
 from memscan.generators.text2image import Text2ImageGenerator
 from memscan.runners.shards import run_shards
 from memscan.store import RunStore, open_run, write_table

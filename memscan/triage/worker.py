@@ -24,8 +24,8 @@ import numpy as np
 import pandas as pd
 
 from memscan.errors import InputError, user_code
-from memscan.generators.model_record import count_parameters
 from memscan.generators.diffusers_unet import DiffusersUNetGenerator, load_unet_generator
+from memscan.generators.model_record import count_parameters
 from memscan.generators.text2image import Text2ImageGenerator, is_text2image_index, load_pipeline
 from memscan.runners import RayOptions, WorkerPool, make_pool, require_ray
 from memscan.triage.scores import ClassTriageModel, TriageConfig, TriageModel, score_prompts
