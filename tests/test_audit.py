@@ -176,8 +176,8 @@ def test_a_generator_without_a_triage_score_falls_back_to_the_adaptive_first_rou
     assert m["budget"]["unit"] == "generations"
     assert not (out / "scores.parquet").exists()
     det = pd.read_parquet(out / "detections.parquet")
-    assert det["prompt_id"].tolist() == ["p0", "p1", "p2", "p3"]  # the candidates' order
-    assert set(det.loc[det["detected"], "prompt_id"]) == {"p0", "p1"}
+    assert det["prompt_id"].tolist() == ["line-1", "line-2", "line-3", "line-4"]  # the candidates' order
+    assert set(det.loc[det["detected"], "prompt_id"]) == {"line-1", "line-2"}
     assert (out / "report.html").exists()
     html = (out / "report.html").read_text()
     assert "stage triage" in html and "skipped" in html
