@@ -17,20 +17,16 @@ from memscan.commands.common import (
     runner_option,
 )
 
-HELP = """The whole extraction attack in one run directory, stage by stage:
+HELP = """The whole extraction attack in one run directory, stage by stage.
 
-\b
-1. candidates: the captions of the most duplicated training images (as `memscan candidates`),
-   or --prompts as given;
-2. triage: one-step memorization scores of every candidate (as `memscan triage`: Wen et al.
-   2024, 4 generations × 1 step, 2 UNet evaluations each); models no score applies to (a plain
-   py: function, SDXL-style pipelines, class-conditional UNets without a null class) keep the
-   candidates' order and say so;
-3. extract: the adaptive extraction (`memscan extract --adaptive`, first round and rounds of
-   4 % of --samples-per-prompt) down the triage ranking, --round-prompts prompts a round, until
-   the budget is spent (--budget model evaluations, triage included; default 10 % of the brute
-   force, every candidate × --samples-per-prompt) or the --top K prompts are attacked;
-4. verify: detections.parquet and extractions.parquet as `memscan extract` writes them;
+1. candidates: the captions of the --candidates most duplicated training images (as `memscan candidates`), or --prompts as given.
+
+2. triage: one-step memorization scores of every candidate (as `memscan triage`: Wen et al. 2024; 4 generations × 1 step, 2 UNet evaluations each). Models no score applies to (a plain py: function, SDXL-style pipelines, class-conditional UNets without a null class) keep the candidates' order, and the audit says so.
+
+3. extract: the adaptive extraction (`memscan extract --adaptive`, first round and further rounds of 4 % of --samples-per-prompt) down the triage ranking, --round-prompts prompts a round, until the budget is spent: --budget model evaluations for the whole audit, triage included (default: 10 % of the brute force, every candidate × --samples-per-prompt), or the --top K prompts.
+
+4. verify: detections.parquet and extractions.parquet, as `memscan extract` writes them.
+
 5. report: report.html shows every stage (prompts kept, evaluations spent, found).
 
 --resume finishes a killed audit at the stage and shard where it stopped."""
