@@ -24,12 +24,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from memscan.audit import AuditBudget, AuditResult, audit, default_extract_config
 from memscan.data.images import read_image
 from memscan.demo.data import DemoData, build_demo_data, write_demo_data
 from memscan.distances import cross_tiled_l2, nearest_tiled_l2
 from memscan.errors import MemscanError
 from memscan.extraction.config import ExtractConfig
-from memscan.audit import AuditBudget, AuditResult, audit, default_extract_config
 from memscan.extraction.pipeline import extract
 from memscan.generators.diffusers_unet import load_unet_generator
 from memscan.report.registry import build_report

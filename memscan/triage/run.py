@@ -20,6 +20,7 @@ Ray runner (:mod:`memscan.triage.worker`).
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import time
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ import pandas as pd
 
 from memscan.data.prompts import load_prompts
 from memscan.errors import InputError, MemscanError
-from memscan.generators.diffusers_models import read_meta
+from memscan.generators.diffusers_models import model_dirs, read_meta
 from memscan.generators.diffusers_unet import DiffusersUNetGenerator
 from memscan.generators.model_record import model_record
 from memscan.generators.text2image import Text2ImageGenerator
@@ -276,7 +277,7 @@ def _sampling_defaults(model) -> tuple[str | None, dict]:
     if isinstance(model, (str, Path)):
         root = Path(model)
         if is_unet_model_dir(root):
-            return str(model), read_meta(root)
+            return str(model), _class_model_meta(root)
         if root.exists() and not (root / "model_index.json").exists():
             raise InputError(
                 f"{model} holds no model_index.json; triage needs a text-to-image pipeline",
@@ -286,6 +287,26 @@ def _sampling_defaults(model) -> tuple[str | None, dict]:
     if hasattr(model, "unet"):
         return type(model).__name__, {}
     raise InputError(f"cannot triage a {type(model).__name__}", "pass a pipeline directory, hub id or pipeline")
+
+
+def _class_model_meta(root: Path) -> dict:
+    """``memscan.json`` of a UNet2DModel directory the triage scores apply to (refused otherwise:
+    an unconditional model has no prompt to score, one without a null class no empty prompt)."""
+    unet_dir, _ = model_dirs(root)
+    config = json.loads((unet_dir / "config.json").read_text())
+    meta = read_meta(root)
+    if config.get("num_class_embeds") is None:
+        raise InputError(
+            f"{root} is an unconditional UNet2DModel: it has no prompt to score",
+            "triage scores text-to-image pipelines and class-conditional UNets with a null_class",
+        )
+    if meta.get("null_class") is None:
+        raise InputError(
+            f"{root} is a class-conditional UNet2DModel without a null_class in memscan.json: the Wen score "
+            "needs the unconditional prediction",
+            "set null_class (the label trained as 'no condition'), or run `memscan extract --adaptive`",
+        )
+    return meta
 
 
 def read_scores(run: str | Path) -> pd.DataFrame:
