@@ -103,7 +103,9 @@ def test_quick_demo_runs_through_the_audit_and_compares_with_the_full_budget(qui
     assert s["evaluations_full_budget"] == full["counts"]["samples"] * 20 == s["prompts"] * 40 * 20
     assert s["evaluations_spent"] <= 0.4 * s["evaluations_full_budget"]
     ours = set(pd.read_parquet(out / "run" / "extractions.parquet").query("rank == 1 and extracted")["prompt_id"])
-    theirs = set(pd.read_parquet(out / "full_budget" / "extractions.parquet").query("rank == 1 and extracted")["prompt_id"])
+    theirs = set(
+        pd.read_parquet(out / "full_budget" / "extractions.parquet").query("rank == 1 and extracted")["prompt_id"]
+    )
     assert s["found_of_full_budget"] == len(ours & theirs) / len(theirs) and s["found_of_full_budget"] >= 0.9
     # the controls: every image planted once is attacked, and none is extracted
     once = s["extracted_by_duplicate_count"]["1"]
