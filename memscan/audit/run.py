@@ -170,8 +170,12 @@ def audit(
         missing = sorted(set(map(str, controls)) - set(cands["prompt_id"].astype(str)))
         if missing:
             raise InputError(f"control prompt(s) {', '.join(missing[:5])} are not among the candidates", "")
-        with extraction_pool(runner, model, config, run.store, runner_options) as pool:
-            return _stages(
+
+        # the extraction's workers; on Ray opened twice (around triage, whose own workers need the CPUs)
+        def pool():
+            return extraction_pool(runner, model, config, run.store, runner_options)
+
+        return _stages(
                 run, pool, model, model_id, train, cands, rec_cand, budget, config, triage_config,
                 score, list(map(str, controls)), triage_shard_size, progress, runner, runner_options,
                 (fields, identity, started),
@@ -179,60 +183,63 @@ def audit(
 
 
 def _stages(
-    run, pool, model, model_id, train, cands, rec_cand, budget, config, triage_config, score, controls,
+    run, make_pool, model, model_id, train, cands, rec_cand, budget, config, triage_config, score, controls,
     triage_shard_size, progress, runner, runner_options, start,
 ) -> AuditResult:  # fmt: skip
-    # 2. what the model costs and supports (asked of a worker: a Ray driver loads no model)
-    facts = pool.call(generator_facts)
-    if facts["conditioning_gap"]:
-        raise InputError(
-            f"memscan audit attacks prompts, but {facts['conditioning_gap']}",
-            "use `memscan extract-unconditional` for unconditional models",
+    with make_pool() as pool:
+        # 2. what the model costs and supports (asked of a worker: a Ray driver loads no model)
+        facts = pool.call(generator_facts)
+        if facts["conditioning_gap"]:
+            raise InputError(
+                f"memscan audit attacks prompts, but {facts['conditioning_gap']}",
+                "use `memscan extract-unconditional` for unconditional models",
+            )
+        first = cands.iloc[0]
+        probe = pool.call(probe_generator, first["prompt"], config.seed, None)
+        per_image, n = facts["per_image"], len(cands)
+        brute = full_budget(n, config.samples_per_prompt, per_image)
+        limit = resolve_budget(budget, n, brute)
+        triage_config = replace(
+            triage_config,
+            num_inference_steps=triage_config.num_inference_steps or facts["num_inference_steps"] or 50,
+            guidance_scale=triage_config.guidance_scale
+            if triage_config.guidance_scale is not None
+            else (facts["guidance_scale"] if facts["guidance_scale"] is not None else 7.5),
+        ).validate()
+        gap = facts["triage_gap"]
+        triage_cost = 0 if gap else 2 * triage_config.generations * triage_config.steps * n
+        probe_cost = facts["probe_images"] * per_image
+        check_one_round(limit, triage_cost + probe_cost, config.rounds()[0] * per_image, n, budget.round_prompts)
+        # the training set at the generator's resolution: a bad one is refused before the manifest
+        shape = probe.shape
+        training = (
+            train if isinstance(train, TrainingSet) else load_training_set(train, size=shape[:2], channels=shape[2])
         )
-    first = cands.iloc[0]
-    probe = pool.call(probe_generator, first["prompt"], config.seed, None)
-    per_image, n = facts["per_image"], len(cands)
-    brute = full_budget(n, config.samples_per_prompt, per_image)
-    limit = resolve_budget(budget, n, brute)
-    triage_config = replace(
-        triage_config,
-        num_inference_steps=triage_config.num_inference_steps or facts["num_inference_steps"] or 50,
-        guidance_scale=triage_config.guidance_scale
-        if triage_config.guidance_scale is not None
-        else (facts["guidance_scale"] if facts["guidance_scale"] is not None else 7.5),
-    ).validate()
-    gap = facts["triage_gap"]
-    triage_cost = 0 if gap else 2 * triage_config.generations * triage_config.steps * n
-    probe_cost = facts["probe_images"] * per_image
-    check_one_round(limit, triage_cost + probe_cost, config.rounds()[0] * per_image, n, budget.round_prompts)
-    # the training set at the generator's resolution: a bad one is refused before the manifest
-    shape = probe.shape
-    training = train if isinstance(train, TrainingSet) else load_training_set(train, size=shape[:2], channels=shape[2])
-    if training.images.shape[1:] != tuple(shape):
-        raise MemscanError(
-            f"training images are {training.images.shape[1:]} but generations are {tuple(shape)}",
-            "load the training set at the generator's resolution",
+        if training.images.shape[1:] != tuple(shape):
+            raise MemscanError(
+                f"training images are {training.images.shape[1:]} but generations are {tuple(shape)}",
+                "load the training set at the generator's resolution",
+            )
+        for s in training.skipped:
+            run.store.log(f"skipped training image {s['id']} ({s['path']}): {s['reason']}")
+        if run.manifest.get("status") != "running":
+            fields, identity, started = start
+            run.start(fields, identity=identity, started=started)
+        run.manifest.update(
+            model=generator_record(model, probe.parameters, model_id),
+            generator=probe.description,
+            runner=pool.describe(),
+            output_shape=list(probe.shape),
+            budget={
+                "evaluations": limit,
+                "top": budget.top,
+                "unit": facts["unit"],
+                "evaluations_per_generation": per_image,
+            },
+            evaluations_full_budget=brute,
+            training_set=training.summary(),
         )
-    for s in training.skipped:
-        run.store.log(f"skipped training image {s['id']} ({s['path']}): {s['reason']}")
-    if run.manifest.get("status") != "running":
-        fields, identity, started = start
-        run.start(fields, identity=identity, started=started)
-    run.manifest.update(
-        model=generator_record(model, probe.parameters, model_id),
-        generator=probe.description,
-        runner=pool.describe(),
-        output_shape=list(probe.shape),
-        budget={
-            "evaluations": limit,
-            "top": budget.top,
-            "unit": facts["unit"],
-            "evaluations_per_generation": per_image,
-        },
-        evaluations_full_budget=brute,
-        training_set=training.summary(),
-    )
-    run.save()
+        run.save()
     # 3. triage (or the fallback: the candidates' order, screened by the adaptive first round)
     if gap:
         run.store.log(f"audit: no triage score — {gap}; falling back to the adaptive first round")
@@ -244,45 +251,46 @@ def _stages(
         with triage_pool(runner, spec, tcfg, runner_options, log=run.store.log) as tpool:
             ranked, rec_triage = triage_stage_run(run, tpool, cands, tcfg, triage_shard_size, score, progress)
         scores = pd.read_parquet(run.root / "scores.parquet")
-    # 4. the adaptive extraction down the ranking, round by round
-    rec_extract = extract_rounds(
-        run,
-        pool,
-        ranked,
-        pool.share(training),
-        config,
-        first_shard=int(rec_triage["shards"]),
-        per_image=per_image,
-        probe_cost=probe_cost,
-        spent_before=int(rec_triage["evaluations"]),
-        budget=limit,
-        top=budget.top,
-        round_prompts=budget.round_prompts,
-        controls=controls,
-        progress=progress,
-    )
-    # 5. verification: the tables of `memscan extract`, the matched training images
-    tables, rec_verify = verify_stage(run, rec_extract, ranked, training)
-    stages = {
-        "candidates": rec_cand,
-        "triage": rec_triage,
-        "extract": {k: v for k, v in rec_extract.items() if k != "shards"},
-        "verify": rec_verify,
-    }
-    total = sum(int(s["evaluations"]) for s in stages.values())
-    det, ext = tables["detections"], tables["extractions"]
-    top = ext[ext["rank"] == 1] if len(ext) else ext
-    manifest = run.finish(
-        stages=stages,
-        evaluations_total=total,
-        share_of_full_budget=total / brute if brute else None,
-        n_shards=int(rec_triage["shards"]) + len(rec_extract["shards"]),
-        counts={
-            "prompts": int(len(det)),
-            "samples": int(det["n_samples"].sum()) if len(det) else 0,
-            "detections": int(det["detected"].sum()) if len(det) else 0,
-            "extractions": int(top["extracted"].sum()) if len(top) else 0,
-        },
-    )
-    prompts = pd.read_parquet(run.root / "prompts.parquet")
-    return AuditResult(run.root, cands, scores, prompts, det, ext, manifest)
+    with make_pool() as pool:
+        # 4. the adaptive extraction down the ranking, round by round
+        rec_extract = extract_rounds(
+            run,
+            pool,
+            ranked,
+            pool.share(training),
+            config,
+            first_shard=int(rec_triage["shards"]),
+            per_image=per_image,
+            probe_cost=probe_cost,
+            spent_before=int(rec_triage["evaluations"]),
+            budget=limit,
+            top=budget.top,
+            round_prompts=budget.round_prompts,
+            controls=controls,
+            progress=progress,
+        )
+        # 5. verification: the tables of `memscan extract`, the matched training images
+        tables, rec_verify = verify_stage(run, rec_extract, ranked, training)
+        stages = {
+            "candidates": rec_cand,
+            "triage": rec_triage,
+            "extract": {k: v for k, v in rec_extract.items() if k != "shards"},
+            "verify": rec_verify,
+        }
+        total = sum(int(s["evaluations"]) for s in stages.values())
+        det, ext = tables["detections"], tables["extractions"]
+        top = ext[ext["rank"] == 1] if len(ext) else ext
+        manifest = run.finish(
+            stages=stages,
+            evaluations_total=total,
+            share_of_full_budget=total / brute if brute else None,
+            n_shards=int(rec_triage["shards"]) + len(rec_extract["shards"]),
+            counts={
+                "prompts": int(len(det)),
+                "samples": int(det["n_samples"].sum()) if len(det) else 0,
+                "detections": int(det["detected"].sum()) if len(det) else 0,
+                "extractions": int(top["extracted"].sum()) if len(top) else 0,
+            },
+        )
+        prompts = pd.read_parquet(run.root / "prompts.parquet")
+        return AuditResult(run.root, cands, scores, prompts, det, ext, manifest)
