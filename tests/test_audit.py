@@ -241,3 +241,16 @@ def test_triage_of_a_caption_conditional_unet_matches_a_hand_computation():
     no_null = DiffusersUNetGenerator(unet, DDPMScheduler(num_train_timesteps=100), class_captions=captions)
     with pytest.raises(InputError, match="null_class"):
         ClassTriageModel(no_null)
+
+
+def test_the_ray_runner_gives_the_local_tables(inputs, full_audit, tmp_path):
+    """Triage and extraction shards on 2 Ray workers (each loads the model from its spec)."""
+    pytest.importorskip("ray")
+    out = tmp_path / "ray"
+    _invoke(audit_args(inputs, out, "--top", 12, "--runner", "ray", "--num-workers", 2))
+    assert _manifest(out)["runner"]["name"] == "ray"
+    for t in ("prompts", *TABLES):
+        pd.testing.assert_frame_equal(
+            pd.read_parquet(full_audit / f"{t}.parquet"), pd.read_parquet(out / f"{t}.parquet"), obj=t
+        )
+    assert _manifest(out)["stages"] == _manifest(full_audit)["stages"]
