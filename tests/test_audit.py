@@ -254,3 +254,20 @@ def test_the_ray_runner_gives_the_local_tables(inputs, full_audit, tmp_path):
             pd.read_parquet(full_audit / f"{t}.parquet"), pd.read_parquet(out / f"{t}.parquet"), obj=t
         )
     assert _manifest(out)["stages"] == _manifest(full_audit)["stages"]
+
+
+def test_candidates_from_the_training_captions_equal_memscan_candidates(inputs, tmp_path):
+    train, _ = small_demo(inputs)
+    out = tmp_path / "run"
+    _invoke(["audit", "--model", MODEL, "--train", train, "--out", out, *SAMPLING, *ADAPTIVE, "--top", 2, "--quiet",
+             "--no-report"])  # fmt: skip
+    _invoke(["candidates", train, "--top", 1000, "--out", tmp_path / "c.csv", "--quiet"])
+    pd.testing.assert_frame_equal(pd.read_csv(out / "candidates.csv"), pd.read_csv(tmp_path / "c.csv"))
+    for side in ("duplicates", "pairs"):
+        pd.testing.assert_frame_equal(
+            pd.read_parquet(out / f"candidates.{side}.parquet"), pd.read_parquet(tmp_path / f"c.{side}.parquet")
+        )
+    cands = pd.read_parquet(out / "candidates.parquet")
+    assert len(cands) == 12 and cands["duplicate_count"].iloc[:3].tolist() == [4, 4, 4]  # one prompt per cluster
+    assert _manifest(out)["stages"]["candidates"]["from"] == "duplicates"
+    assert len(pd.read_parquet(out / "detections.parquet")) == 2  # --top 2 of the triage ranking
