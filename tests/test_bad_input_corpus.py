@@ -67,6 +67,10 @@ TRAIN_COMMANDS = {
         "extract-unconditional", "--model", "py:gen_support:planted", "--train", t, "--samples", 16, "--out", out,
         "--quiet",
     ),
+    "audit": lambda c, t, out: (
+        "audit", "--model", "py:gen_support:planted", "--prompts", c.blank_lines, "--train", t, "--out", out,
+        "--samples-per-prompt", 12, "--min-clique", 3, "--first-round", 4, "--round-size", 4, "--top", 3, "--quiet",
+    ),
 }  # fmt: skip
 
 BAD_TRAIN = [
@@ -118,7 +122,7 @@ def test_broken_files_beside_good_ones_are_skipped_and_counted(corpus, tmp_path,
     out = tmp_path / "out"
     res = cli(*TRAIN_COMMANDS[command](corpus, corpus.mixed, out))
     assert res.exit_code == 0, res.output
-    if command in ("extract", "extract-unconditional"):
+    if command in ("extract", "extract-unconditional", "audit"):
         info = json.loads((out / "manifest.json").read_text())["training_set"]
         assert info["images"] == corpus.mixed_good
     elif command == "index":
@@ -257,6 +261,24 @@ def test_a_refused_command_can_be_rerun_on_the_same_out(corpus, tmp_path, comman
     assert_clean_error(cli(*TRAIN_COMMANDS[command](corpus, corpus.bad_train["only broken files"][0], out)))
     res = cli(*TRAIN_COMMANDS[command](corpus, corpus.mixed, out))
     assert res.exit_code == 0, res.output
+
+
+@pytest.mark.parametrize("bad", ["no captions and no prompts", "a budget smaller than one round", "no conditioning"])
+def test_audit_refuses_what_it_cannot_attack(corpus, unet_dir, tmp_path, bad):
+    """One clear error each, before any model evaluation: a training set without captions and no
+    --prompts, a budget that cannot pay triage and one round, a model without conditioning."""
+    base = ["audit", "--model", "py:gen_support:planted", "--train", corpus.mixed, "--out", tmp_path / "o", "--quiet"]
+    if bad == "no captions and no prompts":
+        line = assert_clean_error(cli(*[a if a is not corpus.mixed else corpus.clean for a in base]), "no captions")
+        assert str(corpus.clean) in line and "--prompts" in line
+    elif bad == "a budget smaller than one round":
+        line = assert_clean_error(cli(*base, "--prompts", corpus.blank_lines, "--budget", 50), "smaller than one round")
+        # a plain function: no triage; 3 prompts × a first round of 20 generations (4 % of 500)
+        assert "3 prompts × first round 20" in line and "--top" in line
+    else:
+        args = [a if a != "py:gen_support:planted" else unet_dir for a in base]
+        line = assert_clean_error(cli(*args, "--prompts", corpus.blank_lines), "no conditioning")
+        assert "extract-unconditional" in line
 
 
 def test_report_and_verify_refuse_runs_of_other_commands(corpus, tmp_path):

@@ -77,7 +77,8 @@ def test_shipped_weights_load_through_safetensors_only(monkeypatch):
 @pytest.fixture(scope="module")
 def quick_demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "d"
-    proc = run_cli("demo", "--quick", "--out", out, "--quiet")
+    # the audit, then the brute force it is compared with: ≈ 50 s idle, 550 s at a load of 10 on 2 cores
+    proc = run_cli("demo", "--quick", "--out", out, "--quiet", timeout=1500)
     return out, proc
 
 
@@ -91,6 +92,26 @@ def test_quick_demo_extracts_the_most_duplicated_images(quick_demo):
     assert s["precision"] == 1.0
     assert "report" in proc.stdout and (out / "run" / "report.html").exists()
     assert s["timings_s"]["total"] > 0 and s["thresholds"]["delta"] == 0.15
+
+
+def test_quick_demo_runs_through_the_audit_and_compares_with_the_full_budget(quick_demo):
+    out, proc = quick_demo
+    s = json.loads((out / "summary.json").read_text())
+    m = json.loads((out / "run" / "manifest.json").read_text())
+    assert m["kind"] == "audit" and s["evaluations_spent"] == m["evaluations_total"]
+    full = json.loads((out / "full_budget" / "manifest.json").read_text())
+    # the full budget: every candidate × 40 generations × 20 DDIM steps (unguided)
+    assert s["evaluations_full_budget"] == full["counts"]["samples"] * 20 == s["prompts"] * 40 * 20
+    assert s["evaluations_spent"] <= 0.4 * s["evaluations_full_budget"]
+    ours = set(pd.read_parquet(out / "run" / "extractions.parquet").query("rank == 1 and extracted")["prompt_id"])
+    theirs = set(
+        pd.read_parquet(out / "full_budget" / "extractions.parquet").query("rank == 1 and extracted")["prompt_id"]
+    )
+    assert s["found_of_full_budget"] == len(ours & theirs) / len(theirs) and s["found_of_full_budget"] >= 0.9
+    # the controls: every image planted once is attacked, and none is extracted
+    once = s["extracted_by_duplicate_count"]["1"]
+    assert once["attacked"] == once["planted"] == 8 and once["extracted"] == 0
+    assert "found of full budget" in proc.stdout and "UNet evaluations" in proc.stdout
 
 
 def test_quick_demo_reports_no_unique_image_unless_it_truly_matches(quick_demo):

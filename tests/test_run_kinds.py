@@ -198,6 +198,13 @@ def _triage(tmp: Path, out: Path) -> list:
     ]
 
 
+def _audit(tmp: Path, out: Path) -> list:
+    # the demo model on 12 captions: 1 triage shard, then 3 rounds of 4 prompts (1 shard each)
+    from audit_support import audit_args
+
+    return audit_args(tmp, out, "--top", 12)
+
+
 # ---- language models: a tiny random GPT-2 (byte-level) and a small JSONL corpus --------------------
 def _tiny_lm(tmp: Path) -> Path:
     from memscan.testing.tiny_lm import make_tiny_gpt2
@@ -290,6 +297,8 @@ CASES = [
     KindCase("index", _index, ("ids",), kill_after=2, has_model=False, arrays=("embeddings",)),
     # ---- triage -----------------------------------------------------------------------------------
     KindCase("triage", _triage, ("scores",), kill_after=1),
+    # ---- the whole audit: candidates → triage → adaptive extraction → verify --------------------
+    KindCase("audit", _audit, ("scores", "prompts", "detections", "extractions"), kill_after=2),
     # ---- membership inference: mia, inpaint, memscore ---------------------------------------------
     KindCase("mia", _mia, ("examples", "losses", "scores", "metrics"), kill_after=1),
     KindCase("inpaint", _inpaint, ("examples", "distances", "scores", "metrics"), kill_after=1),

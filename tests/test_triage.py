@@ -156,8 +156,10 @@ def test_triage_refuses_a_unet2d_model(tmp_path):
         norm_num_groups=4,
         layers_per_block=1,
     ).save_pretrained(tmp_path / "m")
-    with pytest.raises(MemscanError, match="model_index.json"):
+    # an unconditional UNet has no prompt to score (class-conditional ones are scored: test_audit.py)
+    with pytest.raises(MemscanError, match="unconditional UNet2DModel"):
         triage(str(tmp_path / "m"), ["a"], tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # refused before the run directory
 
 
 def test_finetune_lowers_the_memorized_pairs_loss():

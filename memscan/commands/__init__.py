@@ -17,6 +17,7 @@ COMMAND_MODULES: list[str] = [
     "candidates",
     "unconditional",
     "triage",
+    "audit",
     "mia",
     "lm",
     "compare",

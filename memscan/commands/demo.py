@@ -51,7 +51,8 @@ def demo(
     res = run_library_call(run_demo, out, samples_per_prompt=samples_per_prompt, quick=quick, progress=not quiet)
     s = res.summary
     lines = [
-        f"memscan demo: {s['prompts']} prompts × {s['samples_per_prompt']} generations in {s['timings_s']['total']:.0f} s"
+        f"memscan demo: {s['prompts']} prompts, full budget {s['samples_per_prompt']} generations each, "
+        f"in {s['timings_s']['total']:.0f} s"
     ]
     lines += [f"  {k:>15}: {v}" for k, v in res.rows]
     lines += [f"  report: {res.report}", f"  summary: {res.out / 'summary.json'}"]

@@ -20,7 +20,11 @@ from memscan.commands.common import (
 def register(app: typer.Typer) -> None:
     @app.command()
     def triage(
-        model: str = typer.Option(..., "--model", help="text-to-image pipeline directory or hub id"),
+        model: str = typer.Option(
+            ...,
+            "--model",
+            help="text-to-image pipeline directory or hub id, or a class-conditional UNet directory with a null_class",
+        ),
         prompts: Path = typer.Option(..., "--prompts", help="text file (one prompt a line) or CSV/Parquet"),
         out: Path = typer.Option(..., "--out", help="triage run directory to write"),
         generations: int = typer.Option(4, help="initial noises per prompt"),

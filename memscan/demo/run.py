@@ -4,8 +4,13 @@
 2. Choose candidate prompts the way Carlini et al. did: count near-duplicates in the training
    set and attack the captions of the most duplicated images (plus a sample of unique ones, so the
    contrast is visible).
-3. Extract with the shipped model: generate → tiled-ℓ2 cliques → verify against the training set.
-4. Score against the ground truth and write ``summary.json`` and ``report.html``.
+3. Audit with the shipped model (:func:`memscan.audit.audit`): triage scores rank the candidates,
+   the adaptive extraction goes down the ranking within a budget of 10 % of the brute force's
+   UNet evaluations (40 % in ``--quick``, whose pool is two-thirds memorized), and the images
+   planted once are attacked whatever the budget (the controls).
+4. The brute force for comparison: every candidate × the full budget (``full_budget/``), so the
+   summary can say which share of its extractions the audit found, for which share of its cost.
+5. Score against the ground truth and write ``summary.json`` and ``report.html``.
 """
 
 from __future__ import annotations
@@ -19,12 +24,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from memscan.audit import AuditBudget, AuditResult, audit, default_extract_config
 from memscan.data.images import read_image
 from memscan.demo.data import DemoData, build_demo_data, write_demo_data
 from memscan.distances import cross_tiled_l2, nearest_tiled_l2
 from memscan.errors import MemscanError
 from memscan.extraction.config import ExtractConfig
-from memscan.extraction.pipeline import ExtractionResult, extract
+from memscan.extraction.pipeline import extract
 from memscan.generators.diffusers_unet import load_unet_generator
 from memscan.report.registry import build_report
 
@@ -38,9 +44,25 @@ def model_dir() -> Path:
 
 
 def demo_settings(quick: bool, samples_per_prompt: int | None) -> dict:
+    # the audit's rounds: the quick pool is two-thirds memorized, so its first round is k = 10
+    # generations (a memorized prompt is flagged in one model call); the full demo screens with 5
     if quick:
-        return {"samples": samples_per_prompt or 40, "unique_prompts": 8, "min_count": 25}
-    return {"samples": samples_per_prompt or 100, "unique_prompts": 24, "min_count": 1}
+        return {
+            "samples": samples_per_prompt or 40,
+            "unique_prompts": 8,
+            "min_count": 25,
+            "budget_share": 0.4,
+            "first_round": 10,
+            "round_size": 5,
+        }
+    return {
+        "samples": samples_per_prompt or 100,
+        "unique_prompts": 24,
+        "min_count": 1,
+        "budget_share": 0.1,
+        "first_round": 5,
+        "round_size": 5,
+    }
 
 
 def count_duplicates(images: np.ndarray, tau: float = DUPLICATE_TAU, grid: int = 4) -> np.ndarray:
@@ -82,6 +104,7 @@ def score(run_dir: Path, data: DemoData, prompts: pd.DataFrame, delta: float, sh
     top = ext[(ext["rank"] == 1) & ext["extracted"]]
     base = data.base_images()
     extracted = set(top["prompt_id"])
+    attacked = set(det["prompt_id"])
     # precision: each extraction's candidate vs the prompt's own ground-truth image, recomputed
     correct = 0
     for pid in extracted:
@@ -91,8 +114,9 @@ def score(run_dir: Path, data: DemoData, prompts: pd.DataFrame, delta: float, sh
     by_count: dict[str, dict] = {}
     for row in prompts.itertuples(index=False):
         k = str(int(row.planted_copies))
-        entry = by_count.setdefault(k, {"planted": 0, "extracted": 0})
+        entry = by_count.setdefault(k, {"planted": 0, "attacked": 0, "extracted": 0})
         entry["planted"] += 1
+        entry["attacked"] += row.prompt_id in attacked
         entry["extracted"] += row.prompt_id in extracted
     by_count = dict(sorted(by_count.items(), key=lambda kv: int(kv[0])))
     heavy = [b for b in prompts["prompt_id"] if data.copies[b] >= 50]
@@ -111,15 +135,15 @@ class DemoResult:
 
     Attributes
     ----------
-    out : the demo directory (``data/``, ``prompts.csv``, ``run/``, ``summary.json``)
-    run : the extraction run ``out/run``
+    out : the demo directory (``data/``, ``prompts.csv``, ``run/``, ``full_budget/``, ``summary.json``)
+    run : the audit run ``out/run``
     summary : what ``summary.json`` holds (extraction by planted copy count, precision, recall,
         thresholds, timings, the report's path)
     rows : (label, value) pairs of the headline figures, as the report and the CLI show them
     """
 
     out: Path
-    run: ExtractionResult
+    run: AuditResult
     summary: dict
     rows: list[tuple[str, str]]
 
@@ -156,21 +180,35 @@ def run_demo(
     prompts = candidate_prompts(data, settings["unique_prompts"], settings["min_count"])
     prompts.to_csv(out / "prompts.csv", index=False)
     t_cand = time.perf_counter()
-    # 3. extraction
+    # 3. the audit: triage → adaptive extraction down the ranking within the budget; controls
     gen = load_unet_generator(str(mdir), device=device, batch_size=min(settings["samples"], 128))
-    config = ExtractConfig(
-        samples_per_prompt=settings["samples"],
-        grid=4,
-        min_clique=10,
-        delta=0.15,
-        seed=0,
-        batch_size=min(settings["samples"], 128),
-        shard_size=8,
-        device=device,
+    common = {"grid": 4, "min_clique": 10, "delta": 0.15, "seed": 0, "shard_size": 8, "device": device}
+    common["batch_size"] = min(settings["samples"], 128)
+    rounds = {"first_round": min(settings["first_round"], settings["samples"]), "round_size": settings["round_size"]}
+    config = default_extract_config(settings["samples"], **common, **rounds)
+    controls = prompts.loc[prompts["planted_copies"] == 1, "prompt_id"].tolist()
+    result = audit(
+        gen,
+        out / "data" / "train",
+        out / "run",
+        prompts=out / "prompts.csv",
+        config=config,
+        budget=AuditBudget(share=settings["budget_share"]),
+        controls=controls,
+        progress=progress,
     )
-    result = extract(gen, out / "prompts.csv", out / "data" / "train", out / "run", config, progress=progress)
     t_ext = time.perf_counter()
-    # 4. score and report
+    # 4. the brute force it is compared with: every candidate × the full budget
+    full = extract(
+        gen,
+        out / "prompts.csv",
+        out / "data" / "train",
+        out / "full_budget",
+        ExtractConfig(samples_per_prompt=settings["samples"], **common),
+        progress=progress,
+    )
+    t_full = time.perf_counter()
+    # 5. score and report
     shape = tuple(result.manifest["output_shape"])
     summary = score(out / "run", data, prompts, config.delta, shape)
     summary["thresholds"] = {
@@ -181,21 +219,48 @@ def run_demo(
         "duplicate_tau": DUPLICATE_TAU,
     }
     summary["samples_per_prompt"] = config.samples_per_prompt
+    found_full = set(full.extracted["prompt_id"])
+    m = result.manifest
+    summary["evaluations_spent"] = int(m["evaluations_total"])
+    summary["evaluations_full_budget"] = int(m["evaluations_full_budget"])
+    summary["found_of_full_budget"] = (
+        len(found_full & set(result.extracted["prompt_id"])) / len(found_full) if found_full else None
+    )
+    summary["full_budget_extractions"] = len(found_full)
+    summary["audit"] = {
+        "budget": m["budget"],
+        "stages": {
+            k: {"prompts_kept": v["prompts_kept"], "evaluations": v["evaluations"]} for k, v in m["stages"].items()
+        },
+        "controls": controls,
+        "first_round": config.first_round,
+        "round_size": config.round_size,
+    }
     summary["prompts"] = len(prompts)
     summary["quick"] = quick
     summary["model"] = json.loads((mdir / "memscan.json").read_text())["training"]["recipe"]
     rows = [
-        (f"{k} copies", f"{v['extracted']}/{v['planted']} extracted")
+        (f"{k} copies", f"{v['extracted']}/{v['planted']} extracted ({v['attacked']} attacked)")
         for k, v in summary["extracted_by_duplicate_count"].items()
     ]
     rows += [("precision", _fmt(summary["precision"])), ("recall at ≥ 50 copies", _fmt(summary["recall_at_50plus"]))]
+    spent, brute = summary["evaluations_spent"], summary["evaluations_full_budget"]
+    rows += [
+        ("UNet evaluations", f"{spent:,} of the full budget's {brute:,} ({spent / brute:.1%})"),
+        (
+            "found of full budget",
+            f"{len(found_full & set(result.extracted['prompt_id']))}/{len(found_full)} extractions"
+            + (f" ({summary['found_of_full_budget']:.0%})" if found_full else ""),
+        ),
+    ]
     report = build_report(out / "run", extra_summary=dict(rows))
     t_end = time.perf_counter()
     summary["timings_s"] = {
         "data": round(t_data - t0, 2),
         "candidates": round(t_cand - t_data, 2),
-        "extraction": round(t_ext - t_cand, 2),
-        "report": round(t_end - t_ext, 2),
+        "audit": round(t_ext - t_cand, 2),
+        "full_budget": round(t_full - t_ext, 2),
+        "report": round(t_end - t_full, 2),
         "total": round(t_end - t0, 2),
     }
     summary["report"] = str(report)

@@ -207,7 +207,7 @@ def _extract_in(
         _save_train_matches_indexed(store, tables["extractions"], verifier, shape)
         extra["retrieval"] = _retrieval(store, n_shards)
     else:
-        _save_train_matches(store, tables["extractions"], training)
+        save_train_matches(store, tables["extractions"], training)
     manifest = run.finish(
         throughput=_throughput(store, n_shards),
         counts=_counts(tables["detections"], tables["extractions"]),
@@ -244,7 +244,7 @@ def _counts(det: pd.DataFrame, ext: pd.DataFrame) -> dict:
     }
 
 
-def _save_train_matches(store: RunStore, extractions: pd.DataFrame, training: TrainingSet) -> None:
+def save_train_matches(store: RunStore, extractions: pd.DataFrame, training: TrainingSet) -> None:
     if not len(extractions):
         return
     index = {tid: i for i, tid in enumerate(training.ids)}
@@ -337,7 +337,7 @@ def reverify(
         if verifier is not None:
             _save_train_matches_indexed(store, ext, verifier, shape)
         else:
-            _save_train_matches(store, ext, training)
+            save_train_matches(store, ext, training)
         manifest["config"] = config.to_dict()
         manifest.setdefault("reverified", []).append(
             {"at": time.strftime("%Y-%m-%dT%H:%M:%S"), "delta": config.delta, "min_clique": config.min_clique}

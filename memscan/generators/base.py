@@ -36,6 +36,19 @@ def describe(generator: Any) -> dict:
     return out
 
 
+def evaluations_per_generation(generator: Any) -> tuple[int, str]:
+    """``(model evaluations per generated image, unit)`` of a generator.
+
+    Diffusers generators declare it (``evaluations_per_generation``: UNet evaluations — sampler
+    steps, ×2 with classifier-free guidance); anything else (a plain ``py:`` function) counts one
+    evaluation per image, with the unit ``"generations"`` saying so.
+    """
+    n = getattr(generator, "evaluations_per_generation", None)
+    if isinstance(n, int) and n >= 1:
+        return n, "unet evaluations"
+    return 1, "generations"
+
+
 def check_generations(images: Any, n: int, prompt: str, source: str = "generator") -> np.ndarray:
     """Validate a generator's output: uint8, N×H×W×C with N = len(seeds), finite.
 

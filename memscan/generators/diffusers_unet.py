@@ -96,6 +96,13 @@ class DiffusersUNetGenerator:
             "channels": self.shape[0],
         }
 
+    @property
+    def evaluations_per_generation(self) -> int:
+        """UNet evaluations per image: one per sampler step, two when guided (conditional model,
+        ``guidance_scale != 1``), as :meth:`_sample` calls the UNet."""
+        guided = self.num_class_embeds is not None and self.guidance_scale != 1.0
+        return self.steps * (2 if guided else 1)
+
     # 1. prompt → class label ------------------------------------------------------------
     def class_of(self, prompt: str) -> int | None:
         """The class id a prompt selects (None for an unconditional model)."""

@@ -171,6 +171,12 @@ class Text2ImageGenerator:
             "initial_noise": "memscan: randn(C×h×w, float32) per sample on CPU" if self.latent_shape else "pipeline",
         }
 
+    @property
+    def evaluations_per_generation(self) -> int:
+        """UNet evaluations per image: one per sampler step, two with classifier-free guidance
+        (diffusers guides when ``guidance_scale > 1``)."""
+        return self.steps * (2 if self.guidance_scale > 1 else 1)
+
     # 1. noise -------------------------------------------------------------------------------
     def generators(self, seeds: list[int]) -> list:
         """One CPU ``torch.Generator`` per sample, seeded by its memscan seed."""

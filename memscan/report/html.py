@@ -39,7 +39,9 @@ def _index_verification_rows(manifest: dict) -> dict:
     }
 
 
-def build_extraction_report(run: str | Path, out: str | Path | None = None, extra_summary: dict | None = None) -> Path:
+def build_extraction_report(
+    run: str | Path, out: str | Path | None = None, extra_summary: dict | None = None, kind: str = "extract"
+) -> Path:
     """Write ``report.html`` for a finished ``extract`` run; returns its path.
 
     Parameters
@@ -47,8 +49,9 @@ def build_extraction_report(run: str | Path, out: str | Path | None = None, extr
     run : run directory
     out : output path (default ``RUN/report.html``)
     extra_summary : optional key → value rows shown under the summary (the demo's ground truth)
+    kind : the run kind whose tables these are (``audit`` runs hold the same tables)
     """
-    store, manifest = open_complete_run(run, "extract")
+    store, manifest = open_complete_run(run, kind)
     det, ext = store.table("detections"), store.table("extractions")
     root = store.root
     cfg = manifest["config"]

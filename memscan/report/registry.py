@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from memscan.report.audit import build_audit_report
 from memscan.report.compare import build_compare_report
 from memscan.report.html import build_extraction_report
 from memscan.report.index import build_index_report
@@ -29,6 +30,7 @@ from memscan.store import RunStore
 #: The page for each run kind (the manifest's ``kind``, or ``command`` in older runs).
 RENDERERS: dict[str, Callable[..., Path]] = {
     "extract": build_extraction_report,
+    "audit": build_audit_report,
     "extract-unconditional": build_unconditional_report,
     "index": build_index_report,
     "mia": build_mia_report,

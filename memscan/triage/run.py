@@ -20,6 +20,7 @@ Ray runner (:mod:`memscan.triage.worker`).
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import time
 from dataclasses import dataclass
@@ -29,13 +30,20 @@ import pandas as pd
 
 from memscan.data.prompts import load_prompts
 from memscan.errors import InputError, MemscanError
-from memscan.generators.diffusers_models import read_meta
+from memscan.generators.diffusers_models import model_dirs, read_meta
+from memscan.generators.diffusers_unet import DiffusersUNetGenerator
 from memscan.generators.model_record import model_record
 from memscan.generators.text2image import Text2ImageGenerator
 from memscan.runners.shards import run_shards
 from memscan.store import RunStore, open_run, write_table
 from memscan.triage.scores import SCORES, TriageConfig
-from memscan.triage.worker import describe_triage_worker, shard_prompts, triage_pool, triage_stage
+from memscan.triage.worker import (
+    describe_triage_worker,
+    is_unet_model_dir,
+    shard_prompts,
+    triage_pool,
+    triage_stage,
+)
 
 #: Prompts per shard by default (the unit of commit and ``--resume``).
 DEFAULT_SHARD_SIZE = 64
@@ -55,7 +63,7 @@ class TriageResult:
     manifest: dict
 
 
-def _prompt_table(prompts) -> tuple[pd.DataFrame, dict]:
+def prompt_table(prompts) -> tuple[pd.DataFrame, dict]:
     if isinstance(prompts, (list, tuple)):
         df = pd.DataFrame({"prompt_id": [f"p{i}" for i in range(len(prompts))], "prompt": list(prompts)})
         info = {"source": "<list>"}
@@ -116,9 +124,11 @@ def triage(
 
     Parameters
     ----------
-    model : a text-to-image pipeline directory or hub id, a loaded diffusers pipeline, or a
-        :class:`memscan.generators.text2image.Text2ImageGenerator` (the Ray runner needs a
-        directory or hub id: each worker loads its own pipeline)
+    model : a text-to-image pipeline directory or hub id, a loaded diffusers pipeline, a
+        :class:`memscan.generators.text2image.Text2ImageGenerator`, or a class- or
+        caption-conditional ``UNet2DModel`` directory with a ``null_class`` in its
+        ``memscan.json`` (or its :class:`~memscan.generators.diffusers_unet.DiffusersUNetGenerator`);
+        the Ray runner needs a directory or hub id: each worker loads its own model
     prompts : prompts file (text, CSV or Parquet, as ``memscan extract`` reads), a list of
         strings, or a table with ``prompt_id``, ``prompt``
     out : the triage run directory (must not hold a run already, unless ``resume``)
@@ -136,7 +146,7 @@ def triage(
     """
     config = config.validate()
     select_ranked(pd.DataFrame(columns=["prompt_id", "wen_score", "webster_score"]), score, top, min_score)
-    df, info = _prompt_table(prompts)  # bad prompts fail here, before the run or the model
+    df, info = prompt_table(prompts)  # bad prompts fail here, before the run or the model
     started = time.time()
     # 1. sampling defaults from the model's memscan.json (the workers load the model itself);
     #    shards are whole UNet batches of prompts
@@ -192,7 +202,7 @@ def triage(
         seconds = sum(float(run.store.shard_record(s).get("seconds", 0.0)) for s in range(n_shards))
         manifest = run.finish(
             ranking={"score": score, "top": top, "min_score": min_score, "kept": len(ranked)},
-            cost=_cost(config),
+            cost=triage_cost(config),
             throughput={
                 "seconds": round(seconds, 3),
                 "prompts_per_s": round(len(table) / seconds, 2) if seconds else None,
@@ -204,7 +214,7 @@ def triage(
 def _model_info(model, source: str | None, loaded: dict) -> dict:
     """The manifest's ``model``: :func:`model_record` (its parameter count from a worker, which
     loaded the pipeline) with the pipeline class, dtype and the ``--model`` as given."""
-    spec = source if isinstance(model, (str, Path, Text2ImageGenerator)) and source else model
+    spec = source if isinstance(model, (str, Path, Text2ImageGenerator, DiffusersUNetGenerator)) and source else model
     info = {**model_record(spec), "parameters": loaded["parameters"], "source": source}
     return {**info, "pipeline": loaded["pipeline"], "dtype": loaded["dtype"]}
 
@@ -216,7 +226,7 @@ def _write_tables(run, df: pd.DataFrame, n_shards: int, config: TriageConfig, sc
         raise MemscanError(
             f"the shards of {run.root} do not hold the prompts of this run", "start a new run with another --out"
         )
-    table = _scores_table(df, merged, config)
+    table = scores_table(df, merged, config)
     ranked = select_ranked(table, score, top, min_score)
     write_table(table, run.root / "scores.parquet")
     cols = ["prompt_id", "prompt", "train_id", "duplicate_count", f"{score}_score"]
@@ -226,7 +236,7 @@ def _write_tables(run, df: pd.DataFrame, n_shards: int, config: TriageConfig, sc
     return table, ranked
 
 
-def _cost(config: TriageConfig) -> dict:
+def triage_cost(config: TriageConfig) -> dict:
     """UNet evaluations per prompt of triage against the full attack's."""
     full = FULL_ATTACK["samples_per_prompt"] * FULL_ATTACK["num_inference_steps"] * FULL_ATTACK["evaluations_per_step"]
     per_prompt = 2 * config.generations * config.steps
@@ -238,7 +248,7 @@ def _cost(config: TriageConfig) -> dict:
     }
 
 
-def _scores_table(df: pd.DataFrame, merged: pd.DataFrame, config: TriageConfig) -> pd.DataFrame:
+def scores_table(df: pd.DataFrame, merged: pd.DataFrame, config: TriageConfig) -> pd.DataFrame:
     """One row per prompt: its ids, both scores, their ranks (1 = most likely memorized), the cost."""
     table = df[["prompt_id", "prompt", "train_id", "duplicate_count"]].copy()
     table["duplicate_count"] = pd.to_numeric(table["duplicate_count"], errors="coerce").astype("Int64")
@@ -262,10 +272,12 @@ def _digest(ids: list[str], texts: list[str]) -> str:
 
 def _sampling_defaults(model) -> tuple[str | None, dict]:
     """``(source, memscan.json sampling defaults)`` of ``model``, without loading it."""
-    if isinstance(model, Text2ImageGenerator):
+    if isinstance(model, (Text2ImageGenerator, DiffusersUNetGenerator)):
         return model.config.get("source"), {"num_inference_steps": model.steps, "guidance_scale": model.guidance_scale}
     if isinstance(model, (str, Path)):
         root = Path(model)
+        if is_unet_model_dir(root):
+            return str(model), _class_model_meta(root)
         if root.exists() and not (root / "model_index.json").exists():
             raise InputError(
                 f"{model} holds no model_index.json; triage needs a text-to-image pipeline",
@@ -275,6 +287,26 @@ def _sampling_defaults(model) -> tuple[str | None, dict]:
     if hasattr(model, "unet"):
         return type(model).__name__, {}
     raise InputError(f"cannot triage a {type(model).__name__}", "pass a pipeline directory, hub id or pipeline")
+
+
+def _class_model_meta(root: Path) -> dict:
+    """``memscan.json`` of a UNet2DModel directory the triage scores apply to (refused otherwise:
+    an unconditional model has no prompt to score, one without a null class no empty prompt)."""
+    unet_dir, _ = model_dirs(root)
+    config = json.loads((unet_dir / "config.json").read_text())
+    meta = read_meta(root)
+    if config.get("num_class_embeds") is None:
+        raise InputError(
+            f"{root} is an unconditional UNet2DModel: it has no prompt to score",
+            "triage scores text-to-image pipelines and class-conditional UNets with a null_class",
+        )
+    if meta.get("null_class") is None:
+        raise InputError(
+            f"{root} is a class-conditional UNet2DModel without a null_class in memscan.json: the Wen score "
+            "needs the unconditional prediction",
+            "set null_class (the label trained as 'no condition'), or run `memscan extract --adaptive`",
+        )
+    return meta
 
 
 def read_scores(run: str | Path) -> pd.DataFrame:

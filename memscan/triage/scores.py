@@ -116,6 +116,10 @@ class TriageModel:
         self.vae_scale = scale
         self._torch = torch
 
+    def predict(self, x, t, condition):
+        """``ε_θ(x, t, c)`` for a batch of text embeddings ``condition``."""
+        return self.unet(x, t, encoder_hidden_states=condition).sample
+
     def embed(self, prompts: list[str]):
         """Text embeddings of ``prompts`` and of the empty prompt (the unconditional input)."""
         with self._torch.inference_mode():
@@ -134,6 +138,66 @@ class TriageModel:
             for i in indices
         ]
         return torch.stack(x)
+
+
+class ClassTriageModel:
+    """A class- or caption-conditional ``UNet2DModel`` (the demo model) as triage sees it.
+
+    The condition of a prompt is its class label (a caption listed in ``memscan.json``'s
+    ``class_captions``, or an integer id); the unconditional input — Wen et al.'s empty prompt —
+    is the ``null_class`` the model was trained with for classifier-free guidance (label
+    dropout). A model without a null class has no unconditional prediction: the Wen score does
+    not apply to it, and this class refuses it (the audit then falls back to its adaptive first
+    round).
+
+    Parameters
+    ----------
+    generator : a :class:`memscan.generators.diffusers_unet.DiffusersUNetGenerator`
+    device : where to run
+    """
+
+    def __init__(self, generator, device: str = "cpu"):
+        import torch
+
+        from memscan.generators.noise import ddim_scheduler_like
+
+        reason = class_triage_gap(generator)
+        if reason:
+            raise InputError(reason, "run `memscan extract --adaptive` directly (or `memscan audit`, which falls back)")
+        self.pipe = generator
+        self.unet = generator.unet.to(device)
+        self.device = device
+        self.dtype = next(iter(self.unet.parameters())).dtype
+        self.scheduler = ddim_scheduler_like(generator.scheduler)
+        self.latent_shape = tuple(int(v) for v in generator.shape)
+        self.null_class = int(generator.null_class)
+        self._torch = torch
+
+    def embed(self, prompts: list[str]):
+        """Class labels of ``prompts`` and the null class (the unconditional input)."""
+        torch = self._torch
+        labels = torch.tensor([self.pipe.class_of(p) for p in prompts], dtype=torch.long, device=self.device)
+        return labels, torch.full_like(labels, self.null_class)
+
+    def initial_latents(self, prompt_id: str, indices: range, seed: int):
+        """``randn(C×H×W)`` per generation from its own CPU generator (the extraction's noise)."""
+        return TriageModel.initial_latents(self, prompt_id, indices, seed)
+
+    def predict(self, x, t, condition):
+        """``ε_θ(x, t, c)`` for a batch of class labels ``condition``."""
+        return self.unet(x, t, class_labels=condition).sample
+
+
+def class_triage_gap(generator) -> str | None:
+    """Why the triage scores cannot apply to a UNet generator (None when they can)."""
+    if getattr(generator, "num_class_embeds", None) is None:
+        return "the model has no conditioning (an unconditional UNet): no prompt to score"
+    if getattr(generator, "null_class", None) is None:
+        return (
+            "the class-conditional model names no null_class (the label trained as 'no condition'), so it has no "
+            "unconditional prediction and the Wen score does not apply"
+        )
+    return None
 
 
 def score_prompts(model: TriageModel, prompt_ids: list[str], prompts: list[str], config: TriageConfig) -> dict:
@@ -163,7 +227,7 @@ def score_prompts(model: TriageModel, prompt_ids: list[str], prompts: list[str],
             for n, t in enumerate(timesteps):
                 # 2. both noise predictions in one call (as classifier-free guidance does)
                 x_in = sched.scale_model_input(torch.cat([z, z]), t)
-                eps = model.unet(x_in, t, encoder_hidden_states=torch.cat([cond, uncond])).sample
+                eps = model.predict(x_in, t, torch.cat([cond, uncond]))
                 eps_c, eps_u = eps.float().chunk(2)
                 # 3. Wen et al. 2024: ||ε(x_t, c_prompt) − ε(x_t, c_empty)||₂ per generation
                 wen_sum += (eps_c - eps_u).flatten(1).norm(dim=1).double().cpu()

@@ -13,6 +13,7 @@ whatever the shard size and the runner.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass
@@ -23,17 +24,18 @@ import numpy as np
 import pandas as pd
 
 from memscan.errors import InputError, user_code
+from memscan.generators.diffusers_unet import DiffusersUNetGenerator, load_unet_generator
 from memscan.generators.model_record import count_parameters
-from memscan.generators.text2image import Text2ImageGenerator, load_pipeline
+from memscan.generators.text2image import Text2ImageGenerator, is_text2image_index, load_pipeline
 from memscan.runners import RayOptions, WorkerPool, make_pool, require_ray
-from memscan.triage.scores import TriageConfig, TriageModel, score_prompts
+from memscan.triage.scores import ClassTriageModel, TriageConfig, TriageModel, score_prompts
 
 
 @dataclass
 class TriageWorker:
     """A worker's context: its own pipeline (as a :class:`TriageModel`) and the config."""
 
-    model: TriageModel
+    model: TriageModel | ClassTriageModel
     config: TriageConfig
 
 
@@ -63,7 +65,19 @@ def shard_prompts(shard_size: int, config: TriageConfig) -> int:
 
 
 def setup_triage(model: Any, config: TriageConfig) -> TriageWorker:
-    """Load the pipeline (when given as a spec) on ``config.device``; once per worker."""
+    """Load the model (when given as a spec) on ``config.device``; once per worker.
+
+    A text-to-image pipeline (directory, hub id, loaded pipeline or
+    :class:`Text2ImageGenerator`) is scored through its text encoder; a class- or
+    caption-conditional ``UNet2DModel`` directory (or its
+    :class:`~memscan.generators.diffusers_unet.DiffusersUNetGenerator`) through its class labels
+    and null class (:class:`ClassTriageModel`).
+    """
+    if isinstance(model, (str, Path)) and is_unet_model_dir(model):
+        with user_code(f"loading the model {model} failed", "fix the model and rerun"):
+            model = load_unet_generator(str(model), device=config.device)
+    if isinstance(model, DiffusersUNetGenerator):
+        return TriageWorker(ClassTriageModel(model, config.device), config)
     if isinstance(model, (str, Path)):
         with user_code(f"loading the pipeline {model} failed", "fix the model and rerun"):
             pipe = load_pipeline(str(model), device=config.device, dtype=config.dtype)
@@ -74,12 +88,24 @@ def setup_triage(model: Any, config: TriageConfig) -> TriageWorker:
     return TriageWorker(TriageModel(pipe, config.device), config)
 
 
+def is_unet_model_dir(model: str | Path) -> bool:
+    """Whether ``model`` is a local UNet2DModel directory (not a text-to-image pipeline)."""
+    root = Path(model)
+    if not root.is_dir():
+        return False
+    index = root / "model_index.json"
+    if index.exists():
+        return not is_text2image_index(json.loads(index.read_text()))
+    return (root / "unet" / "config.json").exists() or (root / "config.json").exists()
+
+
 def describe_triage_worker(worker: TriageWorker) -> dict:
     """What the manifest records of the worker's model: pipeline class, dtype, parameters."""
+    pipe = worker.model.pipe
     return {
-        "pipeline": type(worker.model.pipe).__name__,
+        "pipeline": type(pipe.unet if isinstance(pipe, DiffusersUNetGenerator) else pipe).__name__,
         "dtype": str(worker.model.dtype).replace("torch.", ""),
-        "parameters": count_parameters(worker.model.pipe),
+        "parameters": count_parameters(pipe.unet if isinstance(pipe, DiffusersUNetGenerator) else pipe),
     }
 
 

@@ -1,0 +1,244 @@
+"""Attack cost: the brute force (every candidate × the full budget) against ``memscan audit``
+(triage → adaptive extraction down the triage ranking within a budget), counting every UNet
+evaluation, triage's included.
+
+Method (one process):
+
+1. Brute force: every candidate prompt gets ``N`` generations (seeds ``derive_seed(0, prompt id,
+   i)``), kept in memory (:func:`adaptive.full_pass`); detection and verification give the
+   brute force's extractions; its cost is ``prompts × N × evaluations per image``.
+2. Triage for real (:func:`memscan.triage.triage` on the same prompts, 4 generations × 1 step):
+   its scores, the ROC of separating the brute force's extractions from the other prompts
+   (``memscan.mia.metrics.roc_metrics``: ``auc``, ``tpr@1%fpr``), and its cost.
+3. The audit at each budget, simulated on prefixes of the brute force's generations (an audit's
+   first n generations of a prompt *are* the brute force's first n, and the adaptive rule only
+   sees them): rounds down the ranking with :func:`memscan.audit.budget.round_size`, each prompt
+   under :func:`memscan.extraction.shard.adaptive_stop`. Rankings: triage (wen, webster), the
+   candidates' duplicate count, a random order (no ranking at all).
+4. One budget run for real through :func:`memscan.audit.audit`; its per-prompt ``n_samples``,
+   evaluations and extractions are compared with the simulation.
+
+Usage::
+
+    python bench/audit_cost.py --unique 100 --samples 100 --json bench/results/audit_cost_demo.json
+    python bench/audit_cost.py --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from adaptive import Simulator, full_pass  # noqa: E402
+
+from memscan.audit.budget import round_size  # noqa: E402
+from memscan.extraction.shard import adaptive_stop  # noqa: E402
+from memscan.mia.metrics import roc_metrics  # noqa: E402
+
+SHARES = [0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3]
+
+
+def prompt_spend(sim: Simulator, pid: str, cfg) -> int:
+    """Generations the adaptive rule gives ``pid`` (its rounds, stopping as :func:`adaptive_stop`)."""
+    for upto in cfg.rounds():
+        if upto < cfg.samples_per_prompt and adaptive_stop(sim.detection(pid, upto), cfg):
+            return upto
+    return cfg.samples_per_prompt
+
+
+def simulate_audit(sim, ranking, cfg, per_image, fixed, budget, round_prompts) -> dict:
+    """The audit's extraction stage on the brute force's generations: rounds down ``ranking``."""
+    spent, pos, n_samples = fixed, 0, {}
+    first_cost = cfg.rounds()[0] * per_image
+    # 1. rounds: as many prompts as the budget left pays a first round for (≤ round_prompts)
+    while (k := round_size(budget, spent, len(ranking) - pos, first_cost, round_prompts)) > 0:
+        for pid in ranking[pos : pos + k]:
+            # 2. each prompt under the adaptive rule, to its end (the round's spend may overshoot)
+            n_samples[pid] = prompt_spend(sim, pid, cfg)
+            spent += n_samples[pid] * per_image
+        pos += k
+    found = {pid for pid, n in n_samples.items() if sim.extracted(pid, n)}
+    return {"evaluations": spent, "attacked": len(n_samples), "found": found, "n_samples": n_samples}
+
+
+def load_avg() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--unique", type=int, default=100, help="count-1 captions in the pool (besides the 28 duplicated)")
+    ap.add_argument("--samples", type=int, default=100, help="full budget N per prompt")
+    ap.add_argument("--batch", type=int, default=100)
+    ap.add_argument("--round-prompts", type=int, default=8)
+    ap.add_argument("--real-share", type=float, default=0.1, help="budget share of the real audit run")
+    ap.add_argument("--quick", action="store_true", help="small pool and N (minutes on a CPU)")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    if args.quick:
+        args.unique, args.samples = 12, 40
+
+    import torch
+
+    from memscan.audit import AuditBudget, audit, default_extract_config
+    from memscan.demo.data import build_demo_data, write_demo_data
+    from memscan.demo.run import candidate_prompts, model_dir
+    from memscan.generators.diffusers_unet import load_unet_generator
+    from memscan.triage import TriageConfig, triage
+
+    torch.set_num_threads(1)
+    tmp = Path(tempfile.mkdtemp(prefix="audit-cost-"))
+    load_start = load_avg()
+    data = build_demo_data()
+    write_demo_data(data, tmp / "data")
+    prompts = candidate_prompts(data, args.unique, 1)
+    pids = prompts["prompt_id"].tolist()
+    gen = load_unet_generator(str(model_dir()), batch_size=args.batch)
+    per_image = gen.evaluations_per_generation
+    cfg = default_extract_config(args.samples, batch_size=args.batch)
+    n = args.samples
+
+    # 1. brute force
+    t0 = time.perf_counter()
+    images = full_pass(gen, prompts, n, args.batch)
+    brute_s = time.perf_counter() - t0
+    sim = Simulator(images, data.images, cfg, "cpu")
+    brute_found = {pid for pid in pids if sim.extracted(pid, n)}
+    brute_cost = len(pids) * n * per_image
+    print(f"brute force: {len(pids)} prompts × {n} × {per_image} = {brute_cost:,} UNet evaluations, "
+          f"{len(brute_found)} extractions, {brute_s:.0f} s")  # fmt: skip
+
+    # 2. triage, for real; ROC of its scores against the brute force's extractions
+    t0 = time.perf_counter()
+    tri = triage(gen, prompts[["prompt_id", "prompt", "train_id", "duplicate_count"]], tmp / "triage",
+                 TriageConfig(generations=4, steps=1), progress=False)  # fmt: skip
+    triage_s = time.perf_counter() - t0
+    scores = tri.scores.set_index("prompt_id").loc[pids]
+    triage_cost = int(scores["unet_evaluations"].sum())
+    labels = np.array([pid in brute_found for pid in pids])
+    roc = {}
+    for s in ("wen", "webster"):
+        r = roc_metrics(scores[f"{s}_score"].to_numpy(), labels).to_dict()
+        roc[s] = {
+            k: r[k] for k in ("auc", "tpr@1%fpr", "tpr@0.1%fpr", "balanced_accuracy", "n_members", "n_nonmembers")
+        }
+    dup = roc_metrics(prompts["duplicate_count"].to_numpy(float), labels).to_dict()
+    roc["duplicate_count"] = {k: dup[k] for k in ("auc", "tpr@1%fpr", "balanced_accuracy")}
+    print(f"triage: {triage_cost:,} UNet evaluations ({triage_cost / brute_cost:.2%}), {triage_s:.0f} s; ROC {roc}")
+
+    # 3. the audit's curve, simulated, for each ranking
+    rng = np.random.default_rng(0)
+    rankings = {
+        "triage wen": scores.sort_values(["wen_score"], ascending=False, kind="mergesort").index.tolist(),
+        "triage webster": scores.sort_values(["webster_score"], ascending=False, kind="mergesort").index.tolist(),
+        "duplicate count": prompts.sort_values("duplicate_count", ascending=False, kind="mergesort")["prompt_id"].tolist(),
+        "random order": list(rng.permutation(pids)),
+    }  # fmt: skip
+    probe = per_image
+    curves = {}
+    for name, ranking in rankings.items():
+        fixed = (triage_cost if name.startswith("triage") else 0) + probe
+        rows = []
+        for share in SHARES:
+            budget = int(np.ceil(share * brute_cost))
+            if budget < fixed + min(args.round_prompts, len(pids)) * cfg.rounds()[0] * per_image:
+                continue
+            res = simulate_audit(sim, ranking, cfg, per_image, fixed, budget, args.round_prompts)
+            rows.append({
+                "budget_share": share,
+                "evaluations": res["evaluations"],
+                "evaluations_share": res["evaluations"] / brute_cost,
+                "attacked": res["attacked"],
+                "found": len(res["found"] & brute_found),
+                "found_share": len(res["found"] & brute_found) / len(brute_found) if brute_found else None,
+                "extra": len(res["found"] - brute_found),
+            })  # fmt: skip
+        # the whole ranking: every prompt under the adaptive rule (no budget)
+        res = simulate_audit(sim, ranking, cfg, per_image, fixed, None, args.round_prompts)
+        rows.append({"budget_share": None, "evaluations": res["evaluations"],
+                     "evaluations_share": res["evaluations"] / brute_cost, "attacked": res["attacked"],
+                     "found": len(res["found"] & brute_found),
+                     "found_share": len(res["found"] & brute_found) / len(brute_found) if brute_found else None,
+                     "extra": len(res["found"] - brute_found)})  # fmt: skip
+        curves[name] = rows
+        print(f"\n{name}: budget share → evaluations spent (share of brute force), prompts attacked, found")
+        for r in rows:
+            b = "all" if r["budget_share"] is None else f"{r['budget_share']:.1%}"
+            print(f"  {b:>6} → {r['evaluations']:>9,} ({r['evaluations_share']:6.2%}), {r['attacked']:>4} attacked, "
+                  f"{r['found']}/{len(brute_found)} found" + (f" (+{r['extra']} new)" if r["extra"] else ""))  # fmt: skip
+
+    # 4. one budget for real through memscan.audit
+    t0 = time.perf_counter()
+    real = audit(gen, tmp / "data" / "train", tmp / "audit", prompts=prompts[["prompt_id", "prompt", "train_id",
+                 "duplicate_count"]], config=cfg, budget=AuditBudget(share=args.real_share,
+                 round_prompts=args.round_prompts), progress=False)  # fmt: skip
+    real_s = time.perf_counter() - t0
+    sim_real = simulate_audit(sim, rankings["triage wen"], cfg, per_image, triage_cost + probe,
+                              int(np.ceil(args.real_share * brute_cost)), args.round_prompts)  # fmt: skip
+    det = real.detections.set_index("prompt_id")["n_samples"]
+    agree = sum(int(det.get(pid, -1)) == k for pid, k in sim_real["n_samples"].items())
+    found_real = set(real.extracted["prompt_id"])
+    real_row = {
+        "budget_share": args.real_share,
+        "evaluations_total": real.manifest["evaluations_total"],
+        "evaluations_share": real.manifest["evaluations_total"] / brute_cost,
+        "simulated_evaluations": sim_real["evaluations"],
+        "n_samples_agree_with_simulation": f"{agree}/{len(sim_real['n_samples'])} (attacked: {len(det)})",
+        "found": len(found_real & brute_found),
+        "found_share": len(found_real & brute_found) / len(brute_found) if brute_found else None,
+        "stages": {k: {"prompts_kept": v["prompts_kept"], "evaluations": v["evaluations"]}
+                   for k, v in real.manifest["stages"].items()},
+        "seconds": round(real_s, 1),
+    }  # fmt: skip
+    print(f"\nreal audit at {args.real_share:.0%}: {real_row}")
+    summary = {
+        "model": "memscan/demo/model",
+        "prompts": len(pids),
+        "memorized_share_of_pool": len(brute_found) / len(pids),
+        "samples_per_prompt": n,
+        "unet_evaluations_per_generation": per_image,
+        "first_round": cfg.first_round,
+        "round_size": cfg.round_size,
+        "round_prompts": args.round_prompts,
+        "brute_force": {"evaluations": brute_cost, "extractions": len(brute_found), "seconds": round(brute_s, 1)},
+        "brute_force_extractions_by_planted_copies": {
+            str(k): f"{sum(p in brute_found for p in g['prompt_id'])}/{len(g)}"
+            for k, g in prompts.groupby("planted_copies")
+        },
+        "triage": {
+            "evaluations": triage_cost,
+            "share": triage_cost / brute_cost,
+            "seconds": round(triage_s, 1),
+            "roc": roc,
+        },  # fmt: skip
+        "curves": curves,
+        "real_audit": real_row,
+        "load_average": {"start": load_start, "end": load_avg()},
+        "cpu": os.cpu_count(),
+        "commit": subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
+        ).stdout.strip(),  # fmt: skip
+    }
+    target = [r for r in curves["triage wen"] if r["evaluations_share"] <= 0.10 and (r["found_share"] or 0) >= 0.95]
+    summary["target_met_triage_wen"] = bool(target)
+    print(f"\ntarget (≥ 95 % found at ≤ 10 % of the evaluations) with triage (wen): {'met' if target else 'missed'}")
+    print(f"load average: {summary['load_average']}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(summary, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()

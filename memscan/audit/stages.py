@@ -1,0 +1,287 @@
+"""The audit's stages, each with the standalone command's own library functions and tables.
+
+1. **candidates** — the prompts: ``--prompts`` as given, or the training set's captions ranked by
+   near-duplicate count (:func:`memscan.data.duplicates.select_candidates`, ``memscan candidates``);
+   writes ``candidates.csv`` (+ its ``.duplicates.parquet``/``.pairs.parquet``/``.candidates.json``)
+   and ``candidates.parquet``.
+2. **triage** — :func:`memscan.triage.worker.triage_stage` over shards of the candidates (the
+   shards of ``memscan triage``), then ``scores.parquet`` (:func:`memscan.triage.run.scores_table`)
+   and the ranking; or, for a model the scores cannot apply to, the candidates' order.
+3. **extract** — the adaptive extraction of ``memscan extract --adaptive``
+   (:func:`memscan.extraction.worker.extraction_stage`) down the ranking, round by round, until
+   the budget is spent (:mod:`memscan.audit.budget`).
+4. **verify** — the rounds' shards merged into ``prompts.parquet``, ``detections.parquet`` and
+   ``extractions.parquet`` (each candidate verified against the training set in its shard, as in
+   ``memscan extract``), the matched training images saved.
+
+Every stage's shards are committed in the audit's own run store (one numbering across stages);
+a finished stage leaves ``stages/<name>.json``, so a resumed audit skips it.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pandas as pd
+
+from memscan.audit.budget import round_size
+from memscan.data.duplicates import DuplicateConfig, select_candidates
+from memscan.data.training import list_source
+from memscan.errors import InputError
+from memscan.extraction.config import ExtractConfig
+from memscan.extraction.pipeline import save_train_matches
+from memscan.extraction.worker import extraction_stage
+from memscan.runners.shards import run_shards
+from memscan.store import Run, atomic_write_json, write_table
+from memscan.triage.run import prompt_table, scores_table, select_ranked
+from memscan.triage.scores import TriageConfig
+from memscan.triage.worker import shard_prompts, triage_stage
+
+STAGES = ("candidates", "triage", "extract", "verify")
+PROMPT_COLUMNS = ["prompt_id", "prompt", "train_id", "duplicate_count"]
+
+
+# ---- stage markers --------------------------------------------------------------------------
+def marker_path(run: Run, stage: str) -> Path:
+    return run.root / "stages" / f"{stage}.json"
+
+
+def read_marker(run: Run, stage: str) -> dict | None:
+    """The record of a finished stage (None while it is not finished)."""
+    import json
+
+    path = marker_path(run, stage)
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def write_marker(run: Run, stage: str, record: dict) -> dict:
+    """Mark ``stage`` finished with its ``record`` (prompts kept, evaluations, …)."""
+    path = marker_path(run, stage)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, record)
+    run.store.log(f"audit: stage {stage} done — {record}")
+    return record
+
+
+# ---- 1. candidates --------------------------------------------------------------------------
+def candidates_stage(
+    run: Run, train, prompts, duplicates: DuplicateConfig, top: int, min_count: int, progress: bool
+) -> tuple[pd.DataFrame, dict]:
+    """The candidate prompts (``--prompts``, or the captions of the most duplicated images)."""
+    done = read_marker(run, "candidates")
+    if done is not None:
+        return pd.read_parquet(run.root / "candidates.parquet"), done
+    if prompts is not None:
+        df, info = prompt_table(prompts)
+        record = {"source": str(info.get("source", prompts)), "from": "prompts"}
+    else:
+        listing = list_source(train)
+        if listing.entries and not any(str(e.caption or "").strip() for e in listing.entries):
+            raise InputError(
+                f"the training set {train} has no captions, and no --prompts were given",
+                "pass --prompts FILE (one prompt a line, or CSV/Parquet with prompt_id, prompt), or add captions",
+            )
+        res = select_candidates(
+            train, run.root / "candidates.csv", top, duplicates, min_count=min_count, progress=progress, overwrite=True
+        )
+        df = res.prompts
+        empty = df["prompt"].astype(str).str.strip() == ""
+        df = df[~empty].reset_index(drop=True)
+        if df.empty:
+            raise InputError(
+                f"none of the {int(empty.sum())} candidate images of {train} has a caption",
+                "pass --prompts, or add captions to the most duplicated images",
+            )
+        record = {"source": str(train), "from": "duplicates", "without_caption": int(empty.sum())}
+    df = df.reset_index(drop=True)
+    df["duplicate_count"] = pd.to_numeric(df["duplicate_count"], errors="coerce").astype("Int64")
+    if df["prompt_id"].astype(str).duplicated().any():
+        raise InputError("the prompts repeat a prompt_id", "give every prompt its own prompt_id")
+    write_table(df, run.root / "candidates.parquet")
+    return df, write_marker(run, "candidates", {**record, "prompts_kept": len(df), "evaluations": 0})
+
+
+# ---- 2. triage ------------------------------------------------------------------------------
+def triage_shards(df: pd.DataFrame, config: TriageConfig, shard_size: int) -> dict[int, tuple]:
+    """The triage shards (as ``memscan triage`` cuts them), numbered from 0."""
+    per = shard_prompts(shard_size, config)
+    ids, texts = df["prompt_id"].astype(str).tolist(), df["prompt"].astype(str).tolist()
+    return {s: (ids[s * per : (s + 1) * per], texts[s * per : (s + 1) * per]) for s in range(math.ceil(len(df) / per))}
+
+
+def triage_stage_run(
+    run: Run, pool, df: pd.DataFrame, config: TriageConfig, shard_size: int, score: str, progress: bool
+) -> tuple[pd.DataFrame, dict]:
+    """Score every candidate (shards 0…T−1), write ``scores.parquet``; returns the ranking."""
+    shards = triage_shards(df, config, shard_size)
+    done = read_marker(run, "triage")
+    if done is None:
+        run_shards(
+            run,
+            pool,
+            triage_stage,
+            shards,
+            weights={s: len(a[0]) for s, a in shards.items()},
+            label="triage",
+            unit="prompts",
+            progress=progress,
+        )
+        parts = [run.store.read_shard(s, "scores") for s in range(len(shards))]
+        table = scores_table(df, pd.concat(parts, ignore_index=True), config)
+        write_table(table, run.root / "scores.parquet")
+        per_prompt = 2 * config.generations * config.steps
+        done = write_marker(
+            run,
+            "triage",
+            {
+                "score": score,
+                "prompts_kept": len(df),
+                "evaluations": per_prompt * len(df),
+                "evaluations_per_prompt": per_prompt,
+                "shards": len(shards),
+            },
+        )
+    table = pd.read_parquet(run.root / "scores.parquet")
+    return rank_by_score(df, table, score), done
+
+
+def rank_by_score(df: pd.DataFrame, scores: pd.DataFrame, score: str) -> pd.DataFrame:
+    """The candidates in the order of :func:`memscan.triage.run.select_ranked` (highest first)."""
+    order = select_ranked(scores, score)["prompt_id"].astype(str).tolist()
+    return df.set_index(df["prompt_id"].astype(str)).loc[order].reset_index(drop=True)
+
+
+def skip_triage(run: Run, df: pd.DataFrame, reason: str) -> tuple[pd.DataFrame, dict]:
+    """No triage score applies: keep the candidates' order (the adaptive first round screens)."""
+    done = read_marker(run, "triage")
+    if done is None:
+        done = write_marker(
+            run,
+            "triage",
+            {
+                "skipped": True,
+                "reason": reason,
+                "fallback": "candidates' order; the adaptive first round screens every prompt",
+                "prompts_kept": len(df),
+                "evaluations": 0,
+                "shards": 0,
+            },
+        )
+    return df, done
+
+
+# ---- 3. extract (adaptive, round by round) ----------------------------------------------------
+def extract_rounds(
+    run: Run,
+    pool,
+    ranked: pd.DataFrame,
+    training,
+    config: ExtractConfig,
+    *,
+    first_shard: int,
+    per_image: int,
+    probe_cost: int,
+    spent_before: int,
+    budget: int | None,
+    top: int | None,
+    round_prompts: int,
+    controls: list[str],
+    progress: bool,
+) -> dict:
+    """Attack the ranking round by round until the budget (or ``top``) is spent; controls last.
+
+    Rounds are planned from the committed shards alone (what each earlier round spent), so a
+    resumed audit plans the same rounds. Returns the stage record (``rounds``: prompts, shards
+    and evaluations of each).
+    """
+    done = read_marker(run, "extract")
+    if done is not None:
+        return done
+    ranking = ranked if top is None else ranked.head(top)
+    first_cost = config.rounds()[0] * per_image
+    spent, pos, shard, rounds = spent_before + probe_cost, 0, first_shard, []
+    attacked: set[str] = set()
+    args: dict[int, tuple] = {s: () for s in range(first_shard)}
+    while True:
+        # 1. the next round: the next prompts of the ranking the budget left pays a first round
+        #    for; when the budget is spent, the controls not attacked yet (whatever they cost)
+        k = round_size(budget, spent, len(ranking) - pos, first_cost, round_prompts)
+        if k > 0:
+            batch, why = ranking.iloc[pos : pos + k], "ranking"
+            pos += k
+        else:
+            rest = [c for c in controls if c not in attacked]
+            if not rest:
+                break
+            batch, why = ranked[ranked["prompt_id"].astype(str).isin(rest)], "controls"
+        batch = batch[~batch["prompt_id"].astype(str).isin(attacked)].reset_index(drop=True)
+        if batch.empty:
+            continue
+        attacked.update(batch["prompt_id"].astype(str))
+        # 2. its shards (the extraction's shard size), numbered after every earlier shard
+        size = config.shard_size
+        ids = list(range(shard, shard + math.ceil(len(batch) / size)))
+        for j, s in enumerate(ids):
+            args[s] = (batch.iloc[j * size : (j + 1) * size][PROMPT_COLUMNS].reset_index(drop=True), training)
+        run_shards(
+            run,
+            pool,
+            extraction_stage,
+            args,
+            weights={s: len(args[s][0]) * config.samples_per_prompt for s in ids},
+            label=f"extract round {len(rounds) + 1}",
+            unit="images",
+            progress=progress,
+        )
+        # 3. what it spent, from the committed tables
+        gens = sum(int(run.store.read_shard(s, "detections")["n_samples"].sum()) for s in ids)
+        spent += gens * per_image
+        rounds.append(
+            {"prompts": len(batch), "why": why, "shards": ids, "generations": gens, "evaluations": gens * per_image}
+        )
+        shard = ids[-1] + 1
+        run.store.log(f"audit: round {len(rounds)} ({why}) — {len(batch)} prompts, {gens} generations")
+    return write_marker(
+        run,
+        "extract",
+        {
+            "prompts_kept": sum(r["prompts"] for r in rounds),
+            "evaluations": probe_cost + sum(r["evaluations"] for r in rounds),
+            "probe_evaluations": probe_cost,
+            "generations": sum(r["generations"] for r in rounds),
+            "rounds": rounds,
+            "shards": [s for r in rounds for s in r["shards"]],
+            "budget_left": None if budget is None else budget - spent,
+        },
+    )
+
+
+# ---- 4. verify ------------------------------------------------------------------------------
+def verify_stage(run: Run, extracted: dict, ranked: pd.DataFrame, training) -> tuple[dict, dict]:
+    """Merge the extraction shards into the tables ``memscan extract`` writes; save matches."""
+    shards = extracted["shards"]
+    tables = {}
+    for t in ("detections", "extractions"):
+        parts = [run.store.read_shard(s, t) for s in shards]
+        parts = [p for p in parts if len(p)]
+        empty = run.store.read_shard(shards[0], t).iloc[0:0] if shards else pd.DataFrame()
+        tables[t] = pd.concat(parts, ignore_index=True) if parts else empty
+        write_table(tables[t], run.root / f"{t}.parquet")
+    order = tables["detections"]["prompt_id"].astype(str).tolist() if len(tables["detections"]) else []
+    prompts = ranked.set_index(ranked["prompt_id"].astype(str)).loc[order].reset_index(drop=True)
+    write_table(prompts, run.root / "prompts.parquet")
+    if training is not None:
+        save_train_matches(run.store, tables["extractions"], training)
+    ext = tables["extractions"]
+    top = ext[(ext["rank"] == 1) & ext["extracted"]] if len(ext) else ext
+    record = read_marker(run, "verify") or write_marker(
+        run,
+        "verify",
+        {
+            "prompts_kept": int(len(top)),
+            "evaluations": 0,
+            "candidates_verified": int(tables["detections"]["detected"].sum()) if len(order) else 0,
+        },
+    )
+    return tables, record
