@@ -102,7 +102,7 @@ def check_one_round(budget: int | None, fixed_cost: int, first_round_cost: int, 
 
     Examples
     --------
-    >>> check_one_round(1000, 400, 80, 52, 8)
+    >>> check_one_round(1040, 400, 80, 52, 8)  # exactly one round: accepted
     >>> check_one_round(500, 400, 80, 52, 8)
     Traceback (most recent call last):
     ...
