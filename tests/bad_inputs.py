@@ -225,7 +225,7 @@ def _bad_lm_inputs(lm: Path) -> dict[str, tuple[str, str, str]]:
     }
 
 
-# ---- language models: member / non-member texts for `memscan lm mia` (lmmia) ----------------------
+# ---- language models: member / non-member texts for `memscan lm mia` ------------------------------
 def build_lm_mia_texts(root: Path) -> tuple[Path, dict[str, tuple[Path, Path, str]]]:
     """A good members file and bad (members, non-members) pairs for ``lm mia``: name → (members,
     non-members, what the error must mention)."""
@@ -263,7 +263,7 @@ def build_lm_mia_texts(root: Path) -> tuple[Path, dict[str, tuple[Path, Path, st
     }
 
 
-# ---- language models: the corpus index, `memscan lm index` and `lm extractable --index` (lmindex) ----
+# ---- language models: the corpus index, `memscan lm index` and `lm extractable --index` --------------
 def build_lm_index_inputs(root: Path) -> dict[str, tuple[list, str]]:
     """Inputs `memscan lm index` (and `lm extractable --index`) must refuse: name → (the command's
     arguments, less ``--out``, what the error must mention). ``{lookup}`` stands for the lookup
@@ -311,7 +311,7 @@ def build_lm_index_inputs(root: Path) -> dict[str, tuple[list, str]]:
     }
 
 
-# ---- language models: indexes and prompts for `memscan lm extract` (lmextract) --------------------
+# ---- language models: indexes and prompts for `memscan lm extract` --------------------------------
 def build_lm_extract_inputs(root: Path) -> tuple[Path, dict[str, tuple[list, str]]]:
     """A good bytes-mode corpus index and the bad inputs ``lm extract`` must refuse: name → (the
     options that replace the good ones, what the error must mention)."""

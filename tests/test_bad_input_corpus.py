@@ -360,7 +360,7 @@ def test_bad_language_model_inputs_are_refused(corpus, tiny_lm_dir, tmp_path, ba
         assert not (out / "manifest.json").exists()  # refused before any run starts
 
 
-# ---- language models: `memscan lm mia` (lmmia) ---------------------------------------------------
+# ---- language models: `memscan lm mia` -----------------------------------------------------------
 LM_MIA_BAD = [
     "an empty members file",
     "a members file of blank lines",
@@ -390,7 +390,7 @@ def test_bad_member_texts_are_refused_by_lm_mia(lm_mia_texts, tmp_path, bad):
     assert " — " in line  # and a fix
 
 
-# ---- language models: the corpus index (lmindex) -------------------------------------------------
+# ---- language models: the corpus index -----------------------------------------------------------
 LM_INDEX_BAD = [
     "an empty corpus",
     "invalid UTF-8 where text is expected",
@@ -486,7 +486,7 @@ def test_extract_needs_train_or_index_and_a_positive_retrieve(corpus, index_case
     assert_clean_error(cli(*base, "--index", good, "--retrieve", 0, "--quiet"), "--retrieve")
 
 
-# ---- language models: `memscan lm extract` (lmextract) -------------------------------------------
+# ---- language models: `memscan lm extract` -------------------------------------------------------
 LM_EXTRACT_BAD = [
     "an index of another tokenizer",
     "an index path that does not exist",

@@ -1,5 +1,5 @@
-"""``memscan lm``: language-model memorization — ``extractable`` and ``exposure`` (and ``mia``,
-appended below in its own block)."""
+"""``memscan lm``: language-model memorization — ``extractable``, ``exposure``, ``mia``, ``index``
+(the corpus index) and ``extract`` (extraction by sampling), one block each."""
 
 from __future__ import annotations
 
@@ -155,7 +155,7 @@ def exposure(
     )
 
 
-# ---- lmmia: `memscan lm mia` is appended below this line -------------------------------------------
+# ---- `memscan lm mia` ------------------------------------------------------------------------------
 
 
 @lm_app.command("mia")
@@ -224,7 +224,7 @@ def lm_mia(
     typer.echo("\n".join(lines))
 
 
-# ---- lmindex: `memscan lm index` (the exact-substring corpus index) --------------------------------
+# ---- `memscan lm index` (the exact-substring corpus index) ----------------------------------------
 
 
 @lm_app.command("index")
@@ -266,7 +266,7 @@ def lm_index_command(
     )
 
 
-# ---- lmextract: `memscan lm extract` (Carlini et al. 2021) is appended below this line ---------------
+# ---- `memscan lm extract` (Carlini et al. 2021) ------------------------------------------------------
 
 
 @lm_app.command("extract")
