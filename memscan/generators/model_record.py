@@ -98,3 +98,12 @@ def model_record(spec: Any, model: Any = None) -> dict:
         ident = getattr(spec, "spec", None) or type(spec).__qualname__
     step = training_step(ident) if not ident.startswith("py:") else None
     return {"id": ident, "parameters": count_parameters(model) if model is not None else None, "training_step": step}
+
+
+def loaded_model_record(spec: Any, loaded: dict | None) -> dict:
+    """:func:`model_record` of ``spec`` completed by what a worker reported after loading the model
+    (``{"parameters", "describe"}``; None: nothing was loaded, e.g. a resumed run with no shard left)."""
+    rec = model_record(spec)
+    if loaded:
+        rec.update(parameters=loaded.get("parameters"), describe=loaded.get("describe"))
+    return rec

@@ -50,7 +50,7 @@ import numpy as np
 import pandas as pd
 
 from memscan.errors import InputError, MemscanError, user_code
-from memscan.generators.model_record import model_record
+from memscan.generators.model_record import loaded_model_record
 from memscan.lm import ranking as rk
 from memscan.lm.dedup import greedy_dedup
 from memscan.lm.sampling_attack import (
@@ -377,8 +377,8 @@ def lm_extract(
         with _pool(runner, pool_model, reference, config, runner_options, run.store.log) as pool:
             loaded = pool.call(describe_extract_worker)
             run.manifest.update(
-                model=_record(model, loaded["model"]),
-                reference_model=_record(reference, loaded["reference"]) if reference is not None else None,
+                model=loaded_model_record(model, loaded["model"]),
+                reference_model=loaded_model_record(reference, loaded["reference"]) if reference is not None else None,
                 tokenizer=(loaded["model"] or {}).get("describe", {}).get("tokenizer"),
                 runner=pool.describe(),
             )
@@ -423,13 +423,6 @@ def lm_extract(
             },
         )
     return LmExtractResult(Path(out), samples, precision, manifest)
-
-
-def _record(spec, loaded: dict | None) -> dict:
-    rec = model_record(spec)
-    if loaded:
-        rec.update(parameters=loaded.get("parameters"), describe=loaded.get("describe"))
-    return rec
 
 
 def _kept_samples(merged: pd.DataFrame, metrics) -> tuple[pd.DataFrame, dict]:

@@ -46,7 +46,7 @@ import numpy as np
 import pandas as pd
 
 from memscan.errors import InputError, MemscanError, user_code
-from memscan.generators.model_record import model_record
+from memscan.generators.model_record import loaded_model_record
 from memscan.lm import membership as ms
 from memscan.lm.blind import BLIND_AUC_WARNING, BLIND_WARNING_TEXT, blind_baseline
 from memscan.mia.metrics import AttackResult, roc_metrics
@@ -567,8 +567,8 @@ def run_lm_mia(
         with _pool(runner, model, reference, config, runner_options, run.store.log) as pool:
             loaded = pool.call(describe_lm_mia_worker)
             run.manifest.update(
-                model=_record(model, loaded["model"]),
-                reference_model=_record(reference, loaded["reference"]) if reference is not None else None,
+                model=loaded_model_record(model, loaded["model"]),
+                reference_model=loaded_model_record(reference, loaded["reference"]) if reference is not None else None,
                 runner=pool.describe(),
             )
             run.save()
@@ -615,13 +615,6 @@ def run_lm_mia(
         )
     statistics = stats.merge(examples[["index", "id", "is_member"]], on="index")
     return LmMiaResult(Path(out), examples, statistics, scores, metrics, blind, manifest)
-
-
-def _record(spec, loaded: dict | None) -> dict:
-    rec = model_record(spec)
-    if loaded:
-        rec.update(parameters=loaded.get("parameters"), describe=loaded.get("describe"))
-    return rec
 
 
 def _tables(examples: pd.DataFrame, stats: pd.DataFrame, config: LmMiaConfig, with_reference: bool):
