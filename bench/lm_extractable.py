@@ -4,7 +4,10 @@ the KV cache against transformers' ``generate`` called one sequence at a time, i
 For each model the same N windows of 82 random in-vocabulary tokens are decoded two ways:
 
 - ``batched``: ``CausalLM.greedy(prefixes[i:i+B], 50)`` for batches of ``B`` (default 64)
-  equal-length 32-token prefixes — one prefill, then 50 cached single-token steps per batch;
+  equal-length 32-token prefixes — one prefill, then 50 cached single-token steps per batch; on a
+  CPU the rows are split across torch's threads, one single-threaded worker per part
+  (``row_workers``); the same batches decoded unsplit, with torch's intra-op threads, are timed
+  too (``batched_whole``) to show what the split adds;
 - ``generate``: ``model.generate(prefix[None], max_new_tokens=50, min_new_tokens=50,
   do_sample=False)`` per sequence (what a user would write first; ``min_new_tokens`` keeps both
   at exactly 50 new tokens).
@@ -100,6 +103,10 @@ def bench_model(name: str, lm, n: int, batch: int, n_generate: int, repeats: int
         _ = np.all(tokens == suffixes, axis=1)  # the k-extractable flag itself
         return tokens, np.concatenate(gaps)
 
+    def batched_whole():  # the same batches without the row split: one call, torch's intra-op threads
+        for i in range(0, n, batch):
+            lm._greedy_rows(lm._tensor(prefixes[i : i + batch]), M)
+
     def one_at_a_time():
         out = []
         with torch.inference_mode():
@@ -113,10 +120,13 @@ def bench_model(name: str, lm, n: int, batch: int, n_generate: int, repeats: int
     with torch.inference_mode():
         x = torch.as_tensor(prefixes[:1])
         model.generate(x, attention_mask=torch.ones_like(x), **gen_kwargs)
-    times = {"batched": [], "generate": []}
-    cpu = {"batched": [], "generate": []}
+    times = {"batched": [], "batched_whole": [], "generate": []}
+    cpu = {"batched": [], "batched_whole": [], "generate": []}
+    runs = [("batched", batched, n), ("generate", one_at_a_time, n_generate)]
+    if hasattr(lm, "_greedy_rows"):
+        runs.insert(1, ("batched_whole", batched_whole, n))
     for _ in range(repeats):
-        for label, fn, count in (("batched", batched, n), ("generate", one_at_a_time, n_generate)):
+        for label, fn, count in runs:
             c0, t0 = _cpu(), time.perf_counter()
             res = fn()
             times[label].append(count / (time.perf_counter() - t0))
@@ -141,6 +151,7 @@ def bench_model(name: str, lm, n: int, batch: int, n_generate: int, repeats: int
         "generate_sequences": n_generate,
         "batched_seq_per_s": statistics.median(times["batched"]),
         "generate_seq_per_s": statistics.median(times["generate"]),
+        "batched_whole_seq_per_s": statistics.median(times["batched_whole"]) if times["batched_whole"] else None,
         "batched_seq_per_cpu_s": statistics.median(cpu["batched"]),
         "generate_seq_per_cpu_s": statistics.median(cpu["generate"]),
         "tokens_agree": int(agree.sum()),
@@ -191,6 +202,7 @@ def main() -> int:
                 f"{name:8s} {r['parameters'] / 1e6:7.2f} M params  batched (B={args.batch_size}, KV cache) "
                 f"{r['batched_seq_per_s']:8.2f} seq/s   generate one at a time {r['generate_seq_per_s']:7.2f} seq/s   "
                 f"ratio {r['speedup']:5.1f}× (CPU time: {r['speedup_cpu']:5.1f}×)   "
+                f"[unsplit batch {r['batched_whole_seq_per_s'] or float('nan'):8.2f} seq/s]   "
                 f"tokens agree {r['tokens_agree']}/{r['generate_sequences']}",
                 flush=True,
             )

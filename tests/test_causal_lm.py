@@ -254,3 +254,38 @@ def test_per_token_passes_of_a_bfloat16_model(tiny_dir):
     tok, mu, _ = lm16.next_token_moments(ids)
     np.testing.assert_allclose(tok, ref_tok, rtol=0, atol=1e-5)
     np.testing.assert_allclose(mu, (np.exp(ref) * ref).sum(-1), rtol=0, atol=1e-5)
+
+
+def test_rows_split_across_threads_decode_as_the_whole_batch(lm):
+    """On a CPU with 2 intra-op threads a batch of 16 rows is split into two parts of 8, each decoded
+    by its own single-threaded worker: greedy tokens equal the whole batch's, except after a
+    near-tie (batch size changes the float rounding), and per-row-seeded samples do too; the
+    caller's thread count is left as it was. One seed for the whole batch keeps it whole."""
+    from memscan.generators import causal_lm
+
+    prefixes = np.concatenate([_prefixes(lm), _prefixes(lm, b=4) + 1])  # 16 rows
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert lm.row_workers(16) == 2 and lm.row_workers(15) == 1 and lm.row_workers(4) == 1
+        split, split_gaps = lm.greedy(prefixes, 20)
+        assert torch.get_num_threads() == 2
+        whole, whole_gaps = lm._greedy_rows(lm._tensor(prefixes), 20)
+        seeds = list(range(100, 116))
+        sampled = lm.sample(prefixes, 12, temperature=1.0, top_k=40, seed=seeds)
+        sampled_whole = lm._sample_rows(
+            lm._tensor(prefixes), 12, [1.0] * 12, 40, None, None, causal_lm.row_uniforms(seeds, 16, 12)
+        )
+    finally:
+        torch.set_num_threads(before)
+    for i in range(16):
+        diff = np.flatnonzero(split[i] != whole[i])
+        if diff.size:
+            assert min(split_gaps[i, diff[0]], whole_gaps[i, diff[0]]) < NEAR_TIE
+        else:
+            np.testing.assert_allclose(split_gaps[i], whole_gaps[i], atol=1e-4)
+    assert (split == whole).all(axis=1).sum() >= 15
+    assert (sampled == sampled_whole).all(axis=1).sum() >= 15
+    # and each split row equals that row decoded alone (the split changes nothing a row sees)
+    alone, _ = lm._greedy_rows(lm._tensor(prefixes[9:10]), 20)
+    assert (alone[0] == split[9]).all() or split_gaps[9].min() < NEAR_TIE

@@ -51,6 +51,7 @@ import inspect
 import json
 import warnings
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -61,6 +62,9 @@ from memscan.errors import InputError
 #: A top-2 logit gap below this is a near-tie: float rounding (batch composition, kernels) may
 #: flip the argmax. float32 logits of magnitude ~10 carry ~1e-6 absolute rounding per operation.
 NEAR_TIE = 1e-4
+
+#: Fewest rows per thread when a CPU batch is split across threads (:meth:`TransformersCausalLM.row_workers`).
+MIN_ROWS_PER_WORKER = 8
 
 #: Methods every causal LM must have (``sample`` and ``next_token_logprobs`` are needed only by
 #: the measures that use them, and checked there).
@@ -162,11 +166,38 @@ class TransformersCausalLM:
             cache = getattr(out, "past_key_values", None)
         return self.model(input_ids=nxt[:, None], use_cache=True, **{self._cache_arg: cache})
 
-    def greedy(self, prefixes: np.ndarray, n_new: int) -> tuple[np.ndarray, np.ndarray]:
-        """Greedy continuation of B equal-length prefixes, n_new tokens, with the KV cache."""
+    def row_workers(self, rows: int) -> int:
+        """Threads over which a CPU batch of ``rows`` rows is split (1: not split).
+
+        A decoding step of a small model is a chain of small operations (B×d by d×4d products,
+        layer norms, element-wise activations) that torch's intra-op threads divide too finely to
+        pay; the rows, whose decoding is independent, divide well. So on a CPU the batch is split
+        into up to ``torch.get_num_threads()`` parts of at least :data:`MIN_ROWS_PER_WORKER` rows,
+        each decoded by its own thread with one intra-op thread — the same threads as before,
+        put where the work is. On other devices the batch stays whole."""
         import torch
 
+        if self.device.type != "cpu":
+            return 1
+        return max(1, min(torch.get_num_threads(), rows // MIN_ROWS_PER_WORKER))
+
+    def greedy(self, prefixes: np.ndarray, n_new: int) -> tuple[np.ndarray, np.ndarray]:
+        """Greedy continuation of B equal-length prefixes, n_new tokens, with the KV cache.
+
+        On a CPU the rows are split across threads (:meth:`row_workers`); a row's tokens do not
+        depend on the split up to float rounding (near-ties, reported by ``top2_gap``)."""
         x = self._tensor(prefixes)
+        workers = self.row_workers(x.shape[0]) if n_new else 1
+        if workers <= 1:
+            return self._greedy_rows(x, n_new)
+        parts = np.array_split(np.arange(x.shape[0]), workers)
+        done = split_rows(lambda rows: self._greedy_rows(x[rows], n_new), parts)
+        return np.concatenate([t for t, _ in done]), np.concatenate([g for _, g in done])
+
+    def _greedy_rows(self, x, n_new: int) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`greedy` of one B×k tensor of prefixes, in this thread."""
+        import torch
+
         b = x.shape[0]
         tokens = np.zeros((b, n_new), dtype=np.int64)
         gaps = np.zeros((b, n_new), dtype=np.float64)
@@ -214,11 +245,25 @@ class TransformersCausalLM:
             check_scheme(t, top_k, top_p)
         x = self._tensor(prefixes)
         b = x.shape[0]
-        tokens = np.zeros((b, n_new), dtype=np.int64)
         if n_new == 0 or b == 0:
-            return tokens
+            return np.zeros((b, n_new), dtype=np.int64)
         uniforms = row_uniforms(seed, b, n_new)
-        gen = None if uniforms is not None else torch.Generator(device=self.device).manual_seed(int(seed))
+        if uniforms is None:  # one generator draws the whole batch: it stays whole
+            gen = torch.Generator(device=self.device).manual_seed(int(seed))
+            return self._sample_rows(x, n_new, temps, top_k, top_p, gen, None)
+        # one seed per row: rows are independent, so a CPU batch is split across threads
+        parts = np.array_split(np.arange(b), self.row_workers(b))
+        done = split_rows(
+            lambda rows: self._sample_rows(x[rows], n_new, temps, top_k, top_p, None, uniforms[rows]), parts
+        )
+        return np.concatenate(done)
+
+    def _sample_rows(self, x, n_new: int, temps: list, top_k, top_p, gen, uniforms) -> np.ndarray:
+        """:meth:`sample` of one B×k tensor of prefixes, in this thread: ``gen`` draws the tokens,
+        or (``gen`` None) row i takes them by inverse CDF of ``uniforms[i]``."""
+        import torch
+
+        tokens = np.zeros((x.shape[0], n_new), dtype=np.int64)
         with torch.inference_mode():
             out = self._first(x)
             for t in range(n_new):
@@ -408,6 +453,19 @@ def per_token_moments(logits, ids):
             var = torch.where(p > 0, p * lp, 0.0).sum(1)
         sigma[row, lo:hi] = var.clamp_min_(0.0).sqrt_()
     return tok, mu, sigma
+
+
+def split_rows(fn, parts: list) -> list:
+    """``[fn(part) for part in parts]``, one thread per part, each running torch single-threaded.
+
+    torch's intra-op thread count is a per-thread setting, so the workers' ``set_num_threads(1)``
+    leaves the caller's unchanged. The first exception is raised here."""
+    import torch
+
+    if len(parts) == 1:
+        return [fn(parts[0])]
+    with ThreadPoolExecutor(len(parts), initializer=torch.set_num_threads, initargs=(1,)) as pool:
+        return list(pool.map(fn, parts))
 
 
 def temperature_steps(temperature: float | Sequence[float], n_new: int) -> list[float]:
