@@ -26,6 +26,7 @@ itself, from a file system every node mounts).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -172,6 +173,55 @@ def training_reader(index: TrainingIndex, train: str | None = None) -> SourceRea
     return reader
 
 
+#: Candidates re-ranked together: one exact tiled-ℓ2 call over the union of their retrieved
+#: images (a call has a fixed cost of ~1 ms; its product grows with candidates × union).
+RERANK_GROUP = 8
+
+#: Below this many candidates a verification call runs single-threaded (see
+#: :func:`verification_threads`).
+SINGLE_THREAD_BELOW = 64
+
+
+@contextmanager
+def verification_threads(n_candidates: int):
+    """One thread for torch, FAISS (OpenMP) and BLAS while verifying a small batch.
+
+    A shard's candidates are a few images: their embedding, search and re-ranking take
+    milliseconds, too little for a parallel region to pay, and on a busy machine a two-thread
+    barrier waits for a descheduled thread (the pixel embedding of 8 images took 6.5 ms with
+    two threads at load 8, 0.3 ms with one). Parallelism comes from the runner's workers.
+    Larger batches (``memscan verify RUN``) keep the default threads. Restored on exit.
+    """
+    if n_candidates >= SINGLE_THREAD_BELOW:
+        yield
+        return
+    import faiss
+    import torch
+
+    blas = _blas_libraries()
+    before = torch.get_num_threads(), faiss.omp_get_max_threads(), [lib.num_threads for lib in blas]
+    torch.set_num_threads(1)
+    faiss.omp_set_num_threads(1)
+    for lib in blas:
+        lib.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before[0])
+        faiss.omp_set_num_threads(before[1])
+        for lib, n in zip(blas, before[2]):
+            lib.set_num_threads(n)
+
+
+@lru_cache(maxsize=1)
+def _blas_libraries() -> list:
+    """The loaded BLAS libraries' thread controls (threadpoolctl; scanned once per process)."""
+    from memscan.distances import _blas_controller
+
+    controller = _blas_controller()
+    return [] if controller is None else list(controller.select(user_api="blas").lib_controllers)
+
+
 def verify_candidates_indexed(
     candidates: pd.DataFrame,
     images: np.ndarray,
@@ -189,48 +239,63 @@ def verify_candidates_indexed(
     stats = RetrievalStats(candidates=len(candidates))
     if len(candidates) == 0:
         return empty_extractions(), stats.to_dict()
+    with verification_threads(len(candidates)):
+        return _verify(candidates, images, verifier, stats, delta, grid, n_nearest)
+
+
+def _verify(candidates, images, verifier, stats, delta, grid, n_nearest):
     k = verifier.spec.retrieve
-    # 1. embed the medoids with the index's embedder; the top K rows of each
+    # 1. embed the medoids with the index's embedder; the top K rows of each, in one search
     _, rows = verifier.index.search(verifier.embedder.embed(images), k)
-    # 2. decode each retrieved image once, at the candidates' resolution, by random access
+    # 2. decode each retrieved image once (deduplicated over all candidates), at the
+    #    candidates' resolution, by random access
     wanted = np.unique(rows[rows >= 0])
     stats.retrieved = int((rows >= 0).sum())
     before = verifier.reader.bytes_read
     kept, decoded, skipped = verifier.reader.read(wanted, size=images.shape[1:3], channels=images.shape[3])
     stats.decoded, stats.bytes_read, stats.skipped = len(kept), verifier.reader.bytes_read - before, skipped
     order = np.argsort(kept, kind="stable")
-    kept, decoded = kept[order], decoded[order]
-    out = []
+    kept, decoded = np.asarray(kept, np.int64)[order], decoded[order]
     # 3. exact tiled ℓ2 to the readable retrieved images, in training order: one call over the
     #    union when the candidates' retrievals overlap (Q·U pairs ≤ 2·Q·K; with K ≥ N it is the
-    #    --train path's very call, so the very same distances), else one call per candidate
-    union = len(kept) <= 2 * k
-    if union and len(kept):
-        dist, idx, _ = nearest_tiled_l2(images, decoded, k=len(kept), grid=grid)
-    at = {int(r): i for i, r in enumerate(kept)}
-    for c, cand in enumerate(candidates.itertuples(index=False)):
-        if union and len(kept):
-            mine = np.isin(kept[idx[c]], rows[c])
-            d_c, r_c = dist[c][mine], kept[idx[c]][mine]
-        else:
-            r_all = np.array(sorted({int(r) for r in rows[c] if int(r) in at}), np.int64)
-            if not len(r_all):
-                continue
-            d1, i1, _ = nearest_tiled_l2(
-                images[c : c + 1], decoded[[at[int(r)] for r in r_all]], k=len(r_all), grid=grid
-            )
-            d_c, r_c = d1[0], r_all[i1[0]]
-        if not len(r_c):
+    #    --train path's very call, so the very same distances), else one call per group of
+    #    RERANK_GROUP candidates over the union of their retrievals
+    readable = np.where(rows >= 0, np.isin(rows, kept), False)
+    groups = (
+        [np.arange(len(rows))]
+        if len(kept) <= 2 * k
+        else np.array_split(np.arange(len(rows)), -(-len(rows) // RERANK_GROUP))
+    )
+    per_candidate: list = [None] * len(rows)
+    for members in groups:
+        union = np.unique(rows[members][readable[members]])
+        if not len(union):
             continue
+        refs = decoded if len(union) == len(kept) else decoded[np.searchsorted(kept, union)]
+        dist, idx, _ = nearest_tiled_l2(images[members], refs, k=len(union), grid=grid)
+        ranked = union[idx]  # each member's union rows, nearest first (ties: training order)
+        # which of the union each member retrieved, in the member's nearest-first order
+        mask = np.zeros((len(members), len(union)), bool)
+        got = readable[members]
+        at = np.searchsorted(union, np.where(got, rows[members], union[0]))
+        mask[np.nonzero(got)[0], at[got]] = True
+        mine = np.take_along_axis(mask, idx, 1)
+        for m, c in enumerate(members):
+            per_candidate[c] = (dist[m][mine[m]], ranked[m][mine[m]])
+    out = []
+    for c, cand in enumerate(candidates.itertuples(index=False)):
+        if per_candidate[c] is None or not len(per_candidate[c][1]):
+            continue
+        d_c, r_c = per_candidate[c]
         # 4. this candidate's retrieved images, nearest first; the k-eidetic count among them
         within = int((d_c <= delta).sum())
-        top = slice(0, min(n_nearest, len(r_c)))
+        top = r_c[: min(n_nearest, len(r_c))]
         out.extend(
             extraction_rows(
                 cand,
-                d_c[top],
-                [verifier.index.ids[int(r)] for r in r_c[top]],
-                [verifier.index.captions[int(r)] for r in r_c[top]],
+                d_c[: len(top)],
+                [verifier.index.ids[int(r)] for r in top],
+                [verifier.index.captions[int(r)] for r in top],
                 within,
                 delta,
             )
