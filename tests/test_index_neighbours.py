@@ -1,0 +1,119 @@
+"""``extract-unconditional`` and ``candidates`` through the training index (issue 18).
+
+The reference of each is its path that decodes the whole training set: ``--train`` (exact
+search, or the index re-ranked over the decoded set). Through an index folder nothing but the
+retrieved images is decoded; with a flat index and K ≥ the training-set size the tables equal
+the decoding path's, and with K < N they equal the index-over-decoded-set path's exactly (the
+same retrieval, the same integer-exact pixel distances).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from memscan.errors import InputError
+from memscan.extraction.unconditional import UnconditionalConfig, extract_unconditional
+from memscan.index.faiss_index import TrainingIndex, build_index
+from memscan.synthetic import SyntheticGenerator, write_training_set
+
+SIZE = 16
+MEMORIZED = "t0007"
+N_TRAIN = 120
+
+
+@pytest.fixture(scope="module")
+def train(tmp_path_factory):
+    root = tmp_path_factory.mktemp("nbr") / "train"
+    write_training_set(root, N_TRAIN, size=SIZE)
+    return root
+
+
+@pytest.fixture(scope="module")
+def index(train, tmp_path_factory):
+    out = tmp_path_factory.mktemp("nbr") / "idx"
+    build_index(train, out, embedder="pixel:8", index_type="flat", progress=False)
+    return out
+
+
+def _gen():
+    return SyntheticGenerator({"": MEMORIZED}, size=SIZE, copy_rate=0.3, noise=0.01)
+
+
+def _refuse_decoding(monkeypatch):
+    import memscan.data.training as training_mod
+    import memscan.extraction.unconditional as unc_mod
+
+    def refuse(*a, **k):
+        raise AssertionError("the training set was decoded whole")
+
+    monkeypatch.setattr(unc_mod, "load_training_set", refuse)
+    monkeypatch.setattr(training_mod, "decode_training_set", refuse)
+
+
+GEN_COLS = ["nearest_train_id", "nearest_distance", "calibrated", "extracted", "n_nearest"]
+
+
+@pytest.mark.parametrize("metric", ["l2", "tiled_l2"])
+def test_unconditional_through_the_index_equals_the_decoding_paths(train, index, tmp_path, monkeypatch, metric):
+    cfg = UnconditionalConfig(samples=40, shard_size=16, batch_size=8, n_nearest=20, metric=metric)
+    exact = extract_unconditional(_gen(), train, tmp_path / "exact", cfg, progress=False)
+    # the index over the decoded training set (a loaded TrainingIndex: the decoding path)
+    loaded = TrainingIndex.load(index)
+    few = UnconditionalConfig(**{**cfg.to_dict(), "n_candidates": 30})
+    decoded_few = extract_unconditional(_gen(), train, tmp_path / "dec", few, index=loaded, progress=False)
+    _refuse_decoding(monkeypatch)
+    # K ≥ N: the exact answer (distances exact integers on both sides; exact search's are
+    # float32 except the nearest, so compared to 1e-6)
+    all_k = UnconditionalConfig(**{**cfg.to_dict(), "n_candidates": N_TRAIN})
+    via = extract_unconditional(_gen(), None, tmp_path / "via", all_k, index=index, progress=False)
+    pd.testing.assert_frame_equal(via.generations[GEN_COLS], exact.generations[GEN_COLS], rtol=1e-6)
+    assert via.extractions["train_id"].tolist() == exact.extractions["train_id"].tolist() == [MEMORIZED]
+    assert via.extractions["hits"].tolist() == exact.extractions["hits"].tolist()
+    # K < N: the very tables of the index re-ranked over the decoded set
+    via_few = extract_unconditional(_gen(), None, tmp_path / "via_few", few, index=index, progress=False)
+    cols = [c for c in via_few.generations.columns if c != "candidate_image"]
+    pd.testing.assert_frame_equal(via_few.generations[cols], decoded_few.generations[cols], check_exact=True)
+    pd.testing.assert_frame_equal(
+        via_few.extractions.drop(columns=["candidate_image"]),
+        decoded_few.extractions.drop(columns=["candidate_image"]),
+        check_exact=True,
+    )
+    # the manifest says how: index, its type, K; what was read; nothing else decoded
+    m = via_few.manifest
+    assert m["search"]["search"] == "index" and m["search"]["training_decoded"] is False
+    assert m["search"]["index_type"] == "flat" and m["search"]["retrieve"] == 30
+    assert m["training_set"]["via_index"] == str(index.resolve()) and m["training_set"]["images"] == N_TRAIN
+    r = m["retrieval"]
+    assert r["candidates"] == 40 and r["retrieved"] == 40 * 30 and r["skipped_count"] == 0
+    assert 30 <= r["decoded"] <= 40 * 30 and r["bytes_read"] > 0
+    assert (tmp_path / "via_few" / via_few.extractions["train_image"].iloc[0]).exists()
+
+
+def test_unconditional_index_inputs(train, index, tmp_path):
+    cfg = UnconditionalConfig(samples=8, n_nearest=5, n_candidates=10)
+    with pytest.raises(InputError, match="does not exist"):
+        extract_unconditional(_gen(), None, tmp_path / "a", cfg, index=tmp_path / "missing", progress=False)
+    with pytest.raises(InputError, match="needs the training set"):
+        extract_unconditional(_gen(), None, tmp_path / "b", cfg, progress=False)
+    # an index of another training set: none of its ids is in the source given
+    other = tmp_path / "other"
+    write_training_set(other, 5, size=SIZE, prefix="o")
+    with pytest.raises(InputError, match="no id of the index"):
+        extract_unconditional(_gen(), other, tmp_path / "c", cfg, index=index, progress=False)
+    assert not any((tmp_path / d).exists() for d in "abc")  # nothing written before the error
+
+
+def test_cli_extract_unconditional_with_index_only(index, tmp_path):
+    from typer.testing import CliRunner
+
+    from memscan.cli import app
+
+    args = ["extract-unconditional", "--model", "py:gen_support:unconditional16", "--index", str(index),
+            "--n-candidates", "20", "--n-nearest", "10", "--samples", "24", "--shard-size", "12",
+            "--out", str(tmp_path / "run"), "--quiet"]  # fmt: skip
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    g = pd.read_parquet(tmp_path / "run" / "generations.parquet")
+    assert len(g) == 24 and (g["n_nearest"] == 10).all() and np.isfinite(g["calibrated"]).all()
