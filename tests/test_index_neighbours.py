@@ -117,3 +117,58 @@ def test_cli_extract_unconditional_with_index_only(index, tmp_path):
     assert res.exit_code == 0, res.output
     g = pd.read_parquet(tmp_path / "run" / "generations.parquet")
     assert len(g) == 24 and (g["n_nearest"] == 10).all() and np.isfinite(g["calibrated"]).all()
+
+
+# ---- memscan candidates --index without TRAIN ------------------------------------------------
+@pytest.fixture(scope="module")
+def planted_dups(tmp_path_factory):
+    from test_candidates import planted
+
+    return planted.__wrapped__(tmp_path_factory)
+
+
+def test_candidates_through_the_index_equal_the_listing_path(planted_dups, tmp_path, monkeypatch):
+    from test_candidates import _check_counts
+
+    from memscan.data.duplicates import DuplicateConfig, count_duplicates, select_candidates
+
+    root, expected = planted_dups
+    build_index(root, tmp_path / "idx", progress=False)
+    listed = count_duplicates(root, DuplicateConfig(), index=tmp_path / "idx", progress=False)
+    import memscan.data.duplicates as dup_mod
+
+    def refuse(*a, **k):
+        raise AssertionError("the training set was listed or decoded")
+
+    monkeypatch.setattr(dup_mod, "list_source", refuse)
+    monkeypatch.setattr(dup_mod, "iter_batches", refuse)
+    via = count_duplicates(None, DuplicateConfig(), index=tmp_path / "idx", progress=False)
+    _check_counts(via.table, expected)  # the planted groups, counted exactly
+    pd.testing.assert_frame_equal(via.table, listed.table, check_exact=True)
+    pd.testing.assert_frame_equal(via.pairs, listed.pairs, check_exact=True)
+    v = via.summary["via_index"]
+    assert v["training_decoded"] is False and v["index_type"] == "flat"
+    # only the images in candidate pairs were read: the 9 planted copies and the look-alike pair
+    assert v["decoded"] == 11 and v["bytes_read"] > 0
+    res = select_candidates(None, tmp_path / "p.csv", 3, index=tmp_path / "idx", progress=False)
+    assert res.prompts["duplicate_count"].tolist() == [4, 3, 2]
+
+
+def test_cli_candidates_with_index_only(planted_dups, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from memscan.cli import app
+
+    root, _ = planted_dups
+    build_index(root, tmp_path / "idx", progress=False)
+    res = CliRunner().invoke(app, ["candidates", "--index", str(tmp_path / "idx"), "--top", "2",
+                                   "--out", str(tmp_path / "p.csv"), "--quiet"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert pd.read_csv(tmp_path / "p.csv")["duplicate_count"].tolist() == [4, 3]
+    summary = json.loads((tmp_path / "p.candidates.json").read_text())
+    assert summary["via_index"]["index"] == str(tmp_path / "idx")
+    # no TRAIN and no index: one clear error
+    res = CliRunner().invoke(app, ["candidates", "--top", "2", "--out", str(tmp_path / "q.csv")])
+    assert res.exit_code != 0 and "--index" in res.output and not (tmp_path / "q.csv").exists()

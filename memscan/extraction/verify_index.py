@@ -34,13 +34,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from memscan.data.training import list_source
 from memscan.distances import nearest_tiled_l2
 from memscan.errors import InputError
 from memscan.extraction.verify import EXTRACTION_COLUMNS, empty_extractions, extraction_rows
 from memscan.index.embedders import load_embedder
 from memscan.index.faiss_index import TrainingIndex
-from memscan.index.locations import SourceReader
+from memscan.index.locations import training_reader
 
 #: Training images retrieved per candidate by default (``--retrieve``).
 DEFAULT_RETRIEVE = 100
@@ -147,30 +146,6 @@ class IndexVerifier:
 def open_index_verifier(spec: IndexVerification) -> IndexVerifier:
     """The :class:`IndexVerifier` of ``spec``, opened once per process (driver or worker)."""
     return IndexVerifier(spec.validate())
-
-
-def training_reader(index: TrainingIndex, train: str | None = None) -> SourceReader:
-    """Random access to the images of ``index``: through its recorded locations, or by listing
-    ``train`` (or the source the index recorded) when it has none or ``train`` is given."""
-    if train is None and index.locations is not None:
-        paths = index.locations["path"]
-        if len(paths) and not Path(str(paths.iloc[0])).exists():
-            raise InputError(
-                f"the training images the index {index.meta.get('source')!r} was built from are not where it "
-                f"recorded them ({paths.iloc[0]} is missing)",
-                "pass --train with the training set's current location",
-            )
-        return SourceReader(index.ids, index.captions, index.locations)
-    source = train or index.meta.get("source_resolved") or index.meta.get("source")
-    if not source or not Path(source).exists():
-        raise InputError(
-            f"the index's training source {source!r} does not exist",
-            "pass --train with the training set the index was built from",
-        )
-    reader = SourceReader.from_listing(list_source(source), index.ids, index.captions)
-    if not any(reader.paths):
-        raise InputError(f"no id of the index is in the training set {source}", "pass the set the index was built from")
-    return reader
 
 
 #: Candidates re-ranked together: one exact tiled-ℓ2 call over the union of their retrieved
