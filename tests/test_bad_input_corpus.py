@@ -506,6 +506,14 @@ def test_bad_indexes_are_refused_by_extract_unconditional(corpus, index_cases, t
     assert not out.exists()  # refused before any run is written
 
 
+@pytest.mark.parametrize("bad", INDEX_BAD)
+def test_bad_indexes_are_refused_by_candidates_without_train(index_cases, tmp_path, bad):
+    path, want = index_cases[bad]
+    out = tmp_path / "prompts.csv"
+    assert_clean_error(cli("candidates", "--index", path, "--top", 2, "--out", out, "--quiet"), want)
+    assert not out.exists() and not (tmp_path / "prompts.candidates.json").exists()
+
+
 # ---- language models: `memscan lm extract` -------------------------------------------------------
 LM_EXTRACT_BAD = [
     "an index of another tokenizer",
