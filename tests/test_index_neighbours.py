@@ -172,3 +172,50 @@ def test_cli_candidates_with_index_only(planted_dups, tmp_path):
     # no TRAIN and no index: one clear error
     res = CliRunner().invoke(app, ["candidates", "--top", "2", "--out", str(tmp_path / "q.csv")])
     assert res.exit_code != 0 and "--index" in res.output and not (tmp_path / "q.csv").exists()
+
+
+# ---- a sharded index served by Ray actors, one per part ----------------------------------------
+@pytest.mark.parametrize("kind", ["flat", "ivfpq"])
+def test_sharded_index_served_by_ray_actors_equals_the_unsharded_index(ray_address, train, tmp_path, kind):
+    from memscan.extraction.verify_index import IndexVerification, IndexVerifier, verify_candidates_indexed
+    from memscan.index.faiss_index import IndexParams
+    from memscan.runners.ray_runner import RayIndexParts, serve_index_on_ray
+    from memscan.synthetic import training_image
+
+    params = dict(index_type=kind) if kind == "flat" else dict(index_type=kind, nlist=4, nprobe=4, pq_m=8)
+    build_index(train, tmp_path / "one", embedder="pixel:8", index_type=IndexParams(**params), progress=False)
+    build_index(train, tmp_path / "two", embedder="pixel:8", index_type=IndexParams(**params, shards=2),
+                progress=False)  # fmt: skip
+    one = TrainingIndex.load(tmp_path / "one", mmap=True)
+    served = serve_index_on_ray(tmp_path / "two")
+    try:
+        assert isinstance(served.index, RayIndexParts) and len(served.index.servers) == 2
+        assert served.index.ntotal == N_TRAIN and served.index.sizes == [N_TRAIN // 2] * 2
+        q = np.asarray(one.embeddings[::7])
+        local = TrainingIndex.load(tmp_path / "two", mmap=True)  # the same parts, searched here
+        for k in (1, 10, N_TRAIN):  # the parts' answers merged = the unsharded index's answer
+            s1, i1 = one.search(q, k)
+            s2, i2 = served.search(q, k)
+            np.testing.assert_allclose(s2, s1, rtol=0, atol=1e-6)  # BLAS blocks differ with the part sizes
+            if kind == "flat":  # (PQ codes tie for near-equal images: their order may differ)
+                np.testing.assert_array_equal(i2, i1)
+            s3, i3 = local.search(q, k)
+            np.testing.assert_array_equal(i2, i3)
+            np.testing.assert_array_equal(s2, s3)
+        # verification through the served index: the tables of the unsharded one
+        ids = [f"t{i:04d}" for i in (3, 7, 50)]
+        imgs = np.stack([training_image(t, SIZE) for t in ids])
+        cands = pd.DataFrame({"prompt_id": ids, "train_id": ids, "clique_size": 10, "mean_clique_distance": 0.0})
+        kw = dict(delta=0.15, grid=4, n_nearest=3)
+        spec = IndexVerification(str(tmp_path / "two"), 20)
+        a, _ = verify_candidates_indexed(cands, imgs, IndexVerifier(spec), **kw)
+        b, _ = verify_candidates_indexed(cands, imgs, IndexVerifier(spec, index=served), **kw)
+        pd.testing.assert_frame_equal(a, b, check_exact=True)
+        if kind == "flat":
+            c, _ = verify_candidates_indexed(
+                cands, imgs, IndexVerifier(IndexVerification(str(tmp_path / "one"), 20)), **kw
+            )
+            pd.testing.assert_frame_equal(a, c, check_exact=True)
+        assert a.loc[a["rank"] == 1, "train_id"].tolist() == ids and (a.loc[a["rank"] == 1, "tiled_l2"] == 0).all()
+    finally:
+        served.index.close()

@@ -96,12 +96,14 @@ class IndexVerifier:
 
     ``reader``: anything with ``read(rows, size, channels) → (kept, images, skipped)`` and
     ``bytes_read`` (default: :func:`training_reader`; ``bench/verify_index.py`` passes a source
-    that renders synthetic training images on the fly).
+    that renders synthetic training images on the fly). ``index``: the index already opened
+    (default: ``spec.index`` memory-mapped) — e.g. one whose parts are served by Ray actors
+    (:func:`memscan.runners.ray_runner.serve_index_on_ray`).
     """
 
-    def __init__(self, spec: IndexVerification, reader=None):
+    def __init__(self, spec: IndexVerification, reader=None, index: TrainingIndex | None = None):
         self.spec = spec
-        self.index = TrainingIndex.load(spec.index, mmap=True)
+        self.index = index if index is not None else TrainingIndex.load(spec.index, mmap=True)
         self.embedder = load_embedder(self.index.meta.get("embedder", "pixel"), device=spec.device)
         self.reader = reader if reader is not None else training_reader(self.index, spec.train)
         self._rows: dict[str, int] | None = None

@@ -529,3 +529,92 @@ def map_shards(
     """
     with RayPool(setup, setup_args, options, log=log) as pool:
         yield from pool.map(stage, tasks, progress=progress)
+
+
+# --------------------------------------------------------------------------------------------
+# a sharded training index served by Ray actors, one per part
+# --------------------------------------------------------------------------------------------
+class IndexPartServer:
+    """A Ray actor holding one part of an index built in shards (``memscan index --shards``),
+    memory-mapped, and answering searches of it in global rows.
+
+    Each part is opened where its actor runs (:func:`memscan.index.faiss_index.open_index_part`):
+    the index folder must be on a file system that node mounts; no other part is read there.
+    """
+
+    def __init__(self, root: str, part: int, threads: int = 1):
+        from memscan.index.faiss_index import open_index_part
+
+        self.part, self.offset = open_index_part(root, part)
+        if threads:
+            import faiss
+
+            faiss.omp_set_num_threads(int(threads))
+
+    def ntotal(self) -> int:
+        return int(self.part.ntotal)
+
+    def search(self, queries, k: int):
+        import numpy as np
+
+        sims, idx = self.part.search(queries, min(int(k), int(self.part.ntotal)))
+        return sims, np.where(idx < 0, -1, idx + self.offset)
+
+
+class RayIndexParts:
+    """The parts of a sharded index, each searched by its own Ray actor; answers merged.
+
+    Stands where :class:`memscan.index.faiss_index.IndexParts` stands (``TrainingIndex.index``):
+    :meth:`search` sends the queries to every part's actor at once and merges their answers with
+    :func:`memscan.index.faiss_index.merge_searches`, so the result is the unsharded index's.
+    An index larger than one machine's memory is thus served by several machines, each holding
+    only its parts. Use :func:`serve_index_on_ray` to open an index this way.
+
+    Parameters
+    ----------
+    root : the index folder (reachable from every node that runs a part)
+    n_parts : its parts (``IndexParams.shards``)
+    cpus_per_part : CPUs Ray reserves for each part's actor
+    address : a Ray cluster to connect to (None: the running one, or a local Ray)
+    """
+
+    def __init__(self, root: str, n_parts: int, *, cpus_per_part: float = 1, address: str | None = None):
+        ray = require_ray()
+        if not ray.is_initialized():
+            ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
+        self.ray, self.root = ray, str(root)
+        actor = ray.remote(IndexPartServer).options(num_cpus=cpus_per_part, max_restarts=1, max_task_retries=1)
+        self.servers = [actor.remote(self.root, p, max(1, int(cpus_per_part))) for p in range(int(n_parts))]
+        self.sizes = ray.get([s.ntotal.remote() for s in self.servers])  # each part opened (or its error)
+
+    @property
+    def ntotal(self) -> int:
+        return int(sum(self.sizes))
+
+    def search(self, queries, k: int):
+        from memscan.index.faiss_index import merge_searches
+
+        q = self.ray.put(queries)
+        answers = self.ray.get([s.search.remote(q, int(k)) for s in self.servers])
+        return merge_searches(answers, int(k))
+
+    def range_search(self, queries, radius):
+        raise InputError("an index served by Ray actors answers search() only", "load it locally for range queries")
+
+    def close(self) -> None:
+        for s in self.servers:
+            self.ray.kill(s)
+        self.servers = []
+
+
+def serve_index_on_ray(path, *, cpus_per_part: float = 1, address: str | None = None):
+    """Open the index folder ``path`` with its parts served by Ray actors (:class:`RayIndexParts`).
+
+    The driver reads ids, captions and locations (memory-mapped embeddings, not searched); the
+    searches run in the actors. Returns a :class:`memscan.index.faiss_index.TrainingIndex`.
+    """
+    from memscan.index.faiss_index import TrainingIndex
+
+    index = TrainingIndex.load(path, mmap=True, open_parts=False)
+    index.index = RayIndexParts(str(path), index.params.shards, cpus_per_part=cpus_per_part, address=address)
+    return index
