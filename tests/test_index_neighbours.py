@@ -178,8 +178,8 @@ def test_cli_candidates_with_index_only(planted_dups, tmp_path):
 @pytest.mark.parametrize("kind", ["flat", "ivfpq"])
 def test_sharded_index_served_by_ray_actors_equals_the_unsharded_index(ray_address, train, tmp_path, kind):
     from memscan.extraction.verify_index import IndexVerification, IndexVerifier, verify_candidates_indexed
-    from memscan.index.faiss_index import IndexParams
-    from memscan.runners.ray_runner import RayIndexParts, serve_index_on_ray
+    from memscan.index.faiss_index import IndexParams, serve_index_on_ray
+    from memscan.runners.ray_runner import RayIndexParts
     from memscan.synthetic import training_image
 
     params = dict(index_type=kind) if kind == "flat" else dict(index_type=kind, nlist=4, nprobe=4, pq_m=8)

@@ -98,7 +98,7 @@ class IndexVerifier:
     ``bytes_read`` (default: :func:`training_reader`; ``bench/verify_index.py`` passes a source
     that renders synthetic training images on the fly). ``index``: the index already opened
     (default: ``spec.index`` memory-mapped) — e.g. one whose parts are served by Ray actors
-    (:func:`memscan.runners.ray_runner.serve_index_on_ray`).
+    (:func:`memscan.index.faiss_index.serve_index_on_ray`).
     """
 
     def __init__(self, spec: IndexVerification, reader=None, index: TrainingIndex | None = None):

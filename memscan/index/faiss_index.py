@@ -415,6 +415,23 @@ def open_index_part(path: str | Path, part: int):
     return index, a
 
 
+def serve_index_on_ray(path: str | Path, *, cpus_per_part: float = 1, address: str | None = None) -> TrainingIndex:
+    """Open the index folder ``path`` with each of its parts searched by its own Ray actor.
+
+    The driver reads ids, captions and locations (and memory-maps the embeddings, which it does
+    not search); each actor opens one part (:func:`open_index_part`) and the answers are merged
+    (:func:`merge_searches`) — the unsharded index's answer. ``index.index.close()`` stops the
+    actors. See :class:`memscan.runners.ray_runner.RayIndexParts`.
+    """
+    from memscan.runners.ray_runner import RayIndexParts
+
+    index = TrainingIndex.load(path, mmap=True, open_parts=False)
+    root = str(Path(path).resolve())
+    args = [(root, p) for p in range(index.params.shards)]
+    index.index = RayIndexParts(open_index_part, args, merge_searches, cpus_per_part=cpus_per_part, address=address)
+    return index
+
+
 def _part_file(p: int, n_parts: int) -> str:
     return "index.faiss" if n_parts == 1 else f"index-{p:03d}.faiss"
 

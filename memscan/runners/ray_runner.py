@@ -532,20 +532,19 @@ def map_shards(
 
 
 # --------------------------------------------------------------------------------------------
-# a sharded training index served by Ray actors, one per part
+# parts of a sharded index served by Ray actors, one per part
 # --------------------------------------------------------------------------------------------
 class IndexPartServer:
-    """A Ray actor holding one part of an index built in shards (``memscan index --shards``),
-    memory-mapped, and answering searches of it in global rows.
+    """A Ray actor holding one part of an index built in shards, answering searches of it in
+    global rows.
 
-    Each part is opened where its actor runs (:func:`memscan.index.faiss_index.open_index_part`):
-    the index folder must be on a file system that node mounts; no other part is read there.
+    ``opener(*args)`` returns ``(part, first_row)``; it runs where the actor runs (for a training
+    index: :func:`memscan.index.faiss_index.open_index_part`, memory-mapped from a file system
+    that node mounts), so no other part is read there.
     """
 
-    def __init__(self, root: str, part: int, threads: int = 1):
-        from memscan.index.faiss_index import open_index_part
-
-        self.part, self.offset = open_index_part(root, part)
+    def __init__(self, opener: Callable, args: tuple, threads: int = 1):
+        self.part, self.offset = opener(*args)
         if threads:
             import faiss
 
@@ -565,26 +564,36 @@ class RayIndexParts:
     """The parts of a sharded index, each searched by its own Ray actor; answers merged.
 
     Stands where :class:`memscan.index.faiss_index.IndexParts` stands (``TrainingIndex.index``):
-    :meth:`search` sends the queries to every part's actor at once and merges their answers with
-    :func:`memscan.index.faiss_index.merge_searches`, so the result is the unsharded index's.
+    :meth:`search` sends the queries to every part's actor at once (one object in Ray's store)
+    and merges their answers with ``merge(answers, k)``
+    (:func:`memscan.index.faiss_index.merge_searches`), so the result is the unsharded index's.
     An index larger than one machine's memory is thus served by several machines, each holding
-    only its parts. Use :func:`serve_index_on_ray` to open an index this way.
+    only its parts. :func:`memscan.index.faiss_index.serve_index_on_ray` opens an index this way.
 
     Parameters
     ----------
-    root : the index folder (reachable from every node that runs a part)
-    n_parts : its parts (``IndexParams.shards``)
-    cpus_per_part : CPUs Ray reserves for each part's actor
+    opener : ``opener(*args) → (part, first_row)``, run in each actor (picklable)
+    part_args : the arguments of each part's opener, one tuple per part
+    merge : ``merge(list of (similarities, rows), k) → (similarities, rows)``
+    cpus_per_part : CPUs Ray reserves for each part's actor (and its search threads)
     address : a Ray cluster to connect to (None: the running one, or a local Ray)
     """
 
-    def __init__(self, root: str, n_parts: int, *, cpus_per_part: float = 1, address: str | None = None):
+    def __init__(
+        self,
+        opener: Callable,
+        part_args: list[tuple],
+        merge: Callable,
+        *,
+        cpus_per_part: float = 1,
+        address: str | None = None,
+    ):
         ray = require_ray()
         if not ray.is_initialized():
             ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
-        self.ray, self.root = ray, str(root)
+        self.ray, self.merge = ray, merge
         actor = ray.remote(IndexPartServer).options(num_cpus=cpus_per_part, max_restarts=1, max_task_retries=1)
-        self.servers = [actor.remote(self.root, p, max(1, int(cpus_per_part))) for p in range(int(n_parts))]
+        self.servers = [actor.remote(opener, tuple(a), max(1, int(cpus_per_part))) for a in part_args]
         self.sizes = ray.get([s.ntotal.remote() for s in self.servers])  # each part opened (or its error)
 
     @property
@@ -592,11 +601,8 @@ class RayIndexParts:
         return int(sum(self.sizes))
 
     def search(self, queries, k: int):
-        from memscan.index.faiss_index import merge_searches
-
         q = self.ray.put(queries)
-        answers = self.ray.get([s.search.remote(q, int(k)) for s in self.servers])
-        return merge_searches(answers, int(k))
+        return self.merge(self.ray.get([s.search.remote(q, int(k)) for s in self.servers]), int(k))
 
     def range_search(self, queries, radius):
         raise InputError("an index served by Ray actors answers search() only", "load it locally for range queries")
@@ -605,16 +611,3 @@ class RayIndexParts:
         for s in self.servers:
             self.ray.kill(s)
         self.servers = []
-
-
-def serve_index_on_ray(path, *, cpus_per_part: float = 1, address: str | None = None):
-    """Open the index folder ``path`` with its parts served by Ray actors (:class:`RayIndexParts`).
-
-    The driver reads ids, captions and locations (memory-mapped embeddings, not searched); the
-    searches run in the actors. Returns a :class:`memscan.index.faiss_index.TrainingIndex`.
-    """
-    from memscan.index.faiss_index import TrainingIndex
-
-    index = TrainingIndex.load(path, mmap=True, open_parts=False)
-    index.index = RayIndexParts(str(path), index.params.shards, cpus_per_part=cpus_per_part, address=address)
-    return index
