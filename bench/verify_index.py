@@ -144,7 +144,9 @@ def _params(kind: str, n: int, nprobe: int | None):
     nlist = max(16, int(round(np.sqrt(n))))  # ~1,000 cells at 10^6 (k-means is the build cost)
     if kind == "flat":
         return IndexParams("flat")
-    return IndexParams(kind, nlist=nlist, nprobe=nprobe or max(8, nlist // 32), train_size=min(n, 64 * nlist))
+    # nprobe 8 of ~1,000 cells: the source is in the top 100 for every candidate (measured at nprobe
+    # 8 and 31: recall@1 after re-ranking 1.000 both), and the search is 4× cheaper than at 31
+    return IndexParams(kind, nlist=nlist, nprobe=nprobe or max(8, nlist // 128), train_size=min(n, 64 * nlist))
 
 
 def phase_build(work: Path, kind: str, n: int, embedder: str, nprobe: int | None) -> dict:

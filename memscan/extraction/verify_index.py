@@ -30,6 +30,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -260,7 +261,11 @@ def _verify(candidates, images, verifier, stats, delta, grid, n_nearest):
         for m, c in enumerate(members):
             per_candidate[c] = (dist[m][mine[m]], ranked[m][mine[m]])
     out = []
-    for c, cand in enumerate(candidates.itertuples(index=False)):
+    # the candidates' fields as plain values (a namedtuple class per call costs ~1 ms)
+    fields = {c: candidates[c].tolist() for c in ("prompt_id", "train_id", "clique_size", "mean_clique_distance")
+              if c in candidates.columns}  # fmt: skip
+    for c in range(len(candidates)):
+        cand = SimpleNamespace(**{name: values[c] for name, values in fields.items()})
         if per_candidate[c] is None or not len(per_candidate[c][1]):
             continue
         d_c, r_c = per_candidate[c]
