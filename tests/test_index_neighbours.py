@@ -117,6 +117,10 @@ def test_cli_extract_unconditional_with_index_only(index, tmp_path):
     assert res.exit_code == 0, res.output
     g = pd.read_parquet(tmp_path / "run" / "generations.parquet")
     assert len(g) == 24 and (g["n_nearest"] == 10).all() and np.isfinite(g["calibrated"]).all()
+    # the report says that the neighbourhood is taken among the retrieved images
+    res = CliRunner().invoke(app, ["report", str(tmp_path / "run")])
+    assert res.exit_code == 0, res.output
+    assert "the n nearest among the 20 retrieved training images" in (tmp_path / "run" / "report.html").read_text()
 
 
 # ---- memscan candidates --index without TRAIN ------------------------------------------------
