@@ -159,6 +159,12 @@ RERANK_GROUP = 8
 #: :func:`verification_threads`).
 SINGLE_THREAD_BELOW = 64
 
+#: Most candidates verified in one piece (more are verified in chunks: ``memscan verify RUN``
+#: passes all of a run's candidates at once) ...
+VERIFY_CHUNK = 32
+#: ... and most bytes of retrieved images a piece decodes at once (K × H × W × C per candidate).
+VERIFY_CHUNK_BYTES = 256 << 20
+
 
 @contextmanager
 def verification_threads(n_candidates: int):
@@ -217,8 +223,27 @@ def verify_candidates_indexed(
     stats = RetrievalStats(candidates=len(candidates))
     if len(candidates) == 0:
         return empty_extractions(), stats.to_dict()
-    with verification_threads(len(candidates)):
-        return _verify(candidates, images, verifier, stats, delta, grid, n_nearest)
+    # a shard's few candidates at once; many (memscan verify RUN) in chunks, so that memory stays
+    # bounded by the chunk's retrieved images and each chunk runs single-threaded
+    per = verification_chunk(verifier.spec.retrieve, images.shape[1:])
+    tables = []
+    for s in range(0, len(candidates), per):
+        part = RetrievalStats()
+        with verification_threads(min(per, len(candidates) - s)):
+            tables.append(_verify(candidates.iloc[s : s + per], images[s : s + per], verifier, part, delta, grid,
+                                  n_nearest))  # fmt: skip
+        for name in ("retrieved", "decoded", "bytes_read"):
+            setattr(stats, name, getattr(stats, name) + getattr(part, name))
+        stats.skipped.extend(part.skipped)
+    tables = [t for t in tables if len(t)]
+    return (pd.concat(tables, ignore_index=True) if tables else empty_extractions()), stats.to_dict()
+
+
+def verification_chunk(retrieve: int, shape) -> int:
+    """Candidates verified together: at most :data:`VERIFY_CHUNK`, and no more than
+    :data:`VERIFY_CHUNK_BYTES` of retrieved images (K × H × W × C bytes each)."""
+    per_candidate = max(1, int(retrieve) * int(np.prod(shape)))
+    return int(max(1, min(VERIFY_CHUNK, VERIFY_CHUNK_BYTES // per_candidate)))
 
 
 def _verify(candidates, images, verifier, stats, delta, grid, n_nearest):
@@ -282,5 +307,4 @@ def _verify(candidates, images, verifier, stats, delta, grid, n_nearest):
                 delta,
             )
         )
-    table = pd.DataFrame(out, columns=EXTRACTION_COLUMNS) if out else empty_extractions()
-    return table, stats.to_dict()
+    return pd.DataFrame(out, columns=EXTRACTION_COLUMNS) if out else empty_extractions()
