@@ -15,10 +15,18 @@ paper verified by retrieval. With ``--index IDX`` each candidate medoid is
 Retrieved images are passed to ``nearest_tiled_l2`` in training-set order (ascending index row),
 so ties resolve as in the full path. When the candidates' retrievals overlap (their union is at
 most 2·K images) one call covers the union; with a flat index and K ≥ the training-set size that
-is the very call of ``--train``, and the tables are equal bit for bit. Otherwise each candidate
-gets its own call over its K images (Q·K pairs rather than Q·union).
+is the very call of ``--train``, and the tables are equal bit for bit. Otherwise the candidates
+are re-ranked :data:`RERANK_GROUP` (8) at a time, one call over the union of their retrievals
+(a call's fixed cost, ~1 ms, is shared; its product, 8 × 8·K pairs, stays cheap); each
+candidate keeps the distances to its own K.
 
-Memory is bounded by the candidates and K, never the training set: the index is opened
+The whole search for a batch is one FAISS call, each distinct retrieved image is read once, and
+a batch of a shard's few candidates runs single-threaded (:func:`verification_threads`: on a
+busy machine a two-thread barrier costs more than the work). Many candidates at once
+(``memscan verify RUN``) are verified in chunks of at most :data:`VERIFY_CHUNK` candidates and
+:data:`VERIFY_CHUNK_BYTES` of retrieved images. ``bench/verify_index.py`` times each part.
+
+Memory is bounded by the chunk and K, never the training set: the index is opened
 memory-mapped (:meth:`TrainingIndex.load` with ``mmap=True``) once per process, and what travels
 to a Ray worker is the small :class:`IndexVerification` record (the worker opens the index
 itself, from a file system every node mounts).
@@ -174,7 +182,8 @@ def verification_threads(n_candidates: int):
     milliseconds, too little for a parallel region to pay, and on a busy machine a two-thread
     barrier waits for a descheduled thread (the pixel embedding of 8 images took 6.5 ms with
     two threads at load 8, 0.3 ms with one). Parallelism comes from the runner's workers.
-    Larger batches (``memscan verify RUN``) keep the default threads. Restored on exit.
+    Batches of :data:`SINGLE_THREAD_BELOW` or more (``extract-unconditional``'s batches of
+    generations) keep the default threads. Restored on exit.
     """
     if n_candidates >= SINGLE_THREAD_BELOW:
         yield
