@@ -250,3 +250,18 @@ def test_many_candidates_are_verified_in_chunks_with_the_same_tables(index, monk
     assert top["train_id"].tolist() == ids and (top["tiled_l2"] == 0).all()
     # the byte bound: 512×512×3 images, K = 100 → 3 candidates a chunk
     assert vi.verification_chunk(100, (512, 512, 3)) == (256 << 20) // (100 * 512 * 512 * 3)
+
+
+def test_unconditional_through_the_index_in_chunks_gives_the_same_tables(index, tmp_path, monkeypatch):
+    import memscan.extraction.unconditional as unc_mod
+
+    cfg = UnconditionalConfig(samples=24, shard_size=24, batch_size=12, n_nearest=10, n_candidates=20)
+    whole = extract_unconditional(_gen(), None, tmp_path / "whole", cfg, index=index, progress=False)
+    # 5 generations' retrieved images per chunk (20 × 16×16×3 bytes each)
+    monkeypatch.setattr(unc_mod, "VERIFY_CHUNK_BYTES", 5 * 20 * SIZE * SIZE * 3)
+    chunked = extract_unconditional(_gen(), None, tmp_path / "chunked", cfg, index=index, progress=False)
+    cols = [c for c in whole.generations.columns if c != "candidate_image"]
+    pd.testing.assert_frame_equal(chunked.generations[cols], whole.generations[cols], check_exact=True)
+    a, b = whole.manifest["retrieval"], chunked.manifest["retrieval"]
+    assert a["candidates"] == b["candidates"] == 24 and a["retrieved"] == b["retrieved"] == 24 * 20
+    assert b["decoded"] >= a["decoded"]

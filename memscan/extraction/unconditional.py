@@ -43,6 +43,7 @@ from memscan.distances import tiled_l2
 from memscan.errors import InputError, MemscanError, user_code
 from memscan.extraction.calibrated import CalibratedConfig
 from memscan.extraction.verify_index import (
+    VERIFY_CHUNK_BYTES,
     IndexVerification,
     RetrievalStats,
     open_index_verifier,
@@ -222,7 +223,18 @@ class _Verifier:
 
     def _neighbours_via_index(self, images: np.ndarray):
         """The same steps as :func:`memscan.extraction.verify_index.verify_candidates_indexed`:
-        embed, retrieve ``n_candidates``, read each retrieved image once, exact distances."""
+        embed, retrieve ``n_candidates``, read each retrieved image once, exact distances — in
+        chunks of generations whose retrieved images stay within
+        :data:`~memscan.extraction.verify_index.VERIFY_CHUNK_BYTES`."""
+        per = max(1, VERIFY_CHUNK_BYTES // max(1, self.config.n_candidates * int(np.prod(images.shape[1:]))))
+        parts = [self._chunk_via_index(images[s : s + per]) for s in range(0, len(images), per)]
+        stats = RetrievalStats()
+        for p in parts:
+            stats.add(p[3])
+        cat = np.concatenate
+        return cat([p[0] for p in parts]), cat([p[1] for p in parts]), cat([p[2] for p in parts]), stats.to_dict()
+
+    def _chunk_via_index(self, images: np.ndarray):
         stats = RetrievalStats(candidates=len(images))
         with verification_threads(len(images)):
             # 1. embed with the index's embedder; the top n_candidates index rows of each generation
@@ -246,7 +258,7 @@ class _Verifier:
             best = np.take_along_axis(pos, order, 1)[:, 0]
         nearest = np.zeros_like(images)
         nearest[best >= 0] = decoded[best[best >= 0]]
-        return dist, rows, nearest, stats.to_dict()
+        return dist, rows, nearest, {**asdict(stats)}
 
 
 def _calibrated_rows(d: np.ndarray, alpha_c: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
