@@ -486,6 +486,34 @@ def test_extract_needs_train_or_index_and_a_positive_retrieve(corpus, index_case
     assert_clean_error(cli(*base, "--index", good, "--retrieve", 0, "--quiet"), "--retrieve")
 
 
+@pytest.mark.parametrize("bad", [*INDEX_BAD, "an index of another training set"])
+def test_bad_indexes_are_refused_by_extract_unconditional(corpus, index_cases, tmp_path, bad):
+    from memscan.synthetic import write_training_set
+
+    if bad == "an index of another training set":  # --train names a set none of the index's ids is in
+        other = tmp_path / "other"
+        write_training_set(other, 3, size=16, prefix="o")
+        path, want, extra = (
+            index_cases["a corrupt ids.parquet"][0].parent / "good",
+            "no id of the index",
+            ("--train", other),
+        )
+    else:
+        (path, want), extra = index_cases[bad], ()
+    out = tmp_path / "out"
+    args = ("extract-unconditional", "--model", "py:gen_support:unconditional16", "--samples", 4, "--index", path)
+    assert_clean_error(cli(*args, *extra, "--n-candidates", 50, "--out", out, "--quiet"), want)
+    assert not out.exists()  # refused before any run is written
+
+
+@pytest.mark.parametrize("bad", INDEX_BAD)
+def test_bad_indexes_are_refused_by_candidates_without_train(index_cases, tmp_path, bad):
+    path, want = index_cases[bad]
+    out = tmp_path / "prompts.csv"
+    assert_clean_error(cli("candidates", "--index", path, "--top", 2, "--out", out, "--quiet"), want)
+    assert not out.exists() and not (tmp_path / "prompts.candidates.json").exists()
+
+
 # ---- language models: `memscan lm extract` -------------------------------------------------------
 LM_EXTRACT_BAD = [
     "an index of another tokenizer",

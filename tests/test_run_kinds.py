@@ -48,6 +48,7 @@ class KindCase:
     kill_after: int = 1  # shard commits before the simulated kill
     has_model: bool = True
     arrays: tuple[str, ...] = ()  # .npy files compared like the tables
+    label: str = ""  # the test id when one kind has several cases (default: the kind)
 
 
 def _prompts(tmp: Path) -> Path:
@@ -109,6 +110,18 @@ def _unconditional(tmp: Path, out: Path) -> list:
         10,
         "--quiet",
     ]
+
+
+def _unconditional_via_index(tmp: Path, out: Path) -> list:
+    """extract-unconditional through a training index (issue 18): no --train, nothing decoded whole."""
+    from memscan.index.faiss_index import build_index
+
+    args = _unconditional(tmp, out)
+    index = tmp / "index16"
+    if not (index / "index.json").exists():
+        build_index(tmp / "train16", index, embedder="pixel:8", index_type="flat", progress=False)
+    at = args.index("--train")
+    return [*args[:at], "--index", index, "--n-candidates", 20, *args[at + 2 :]]
 
 
 def _index(tmp: Path, out: Path) -> list:
@@ -293,6 +306,9 @@ CASES = [
     # ---- extraction: extract, extract-unconditional, index ------------------------------------
     KindCase("extract", _extract, ("prompts", "detections", "extractions"), kill_after=1),
     KindCase("extract-unconditional", _unconditional, ("generations", "extractions"), kill_after=1),
+    KindCase(
+        "extract-unconditional", _unconditional_via_index, ("generations", "extractions"), label="unconditional-index"
+    ),
     # the index of a training set: embedding shards; the pixel embedder is no model
     KindCase("index", _index, ("ids",), kill_after=2, has_model=False, arrays=("embeddings",)),
     # ---- triage -----------------------------------------------------------------------------------
@@ -329,7 +345,7 @@ def _tables(run: Path, names) -> dict[str, pd.DataFrame]:
     return {t: pd.read_parquet(run / f"{t}.parquet") for t in names}
 
 
-@pytest.fixture(params=CASES, ids=lambda c: c.kind)
+@pytest.fixture(params=CASES, ids=lambda c: c.label or c.kind)
 def case(request):
     return request.param
 

@@ -12,9 +12,11 @@ from memscan.commands.common import run_library_call
 def register(app: typer.Typer) -> None:
     @app.command("candidates")
     def candidates(
-        train: Path = typer.Argument(
-            ...,
-            help="training set: folder, CSV/Parquet manifest, webdataset .tar (or folder of them), img2dataset output",
+        train: Path | None = typer.Argument(
+            None,
+            help="training set: folder, CSV/Parquet manifest, webdataset .tar (or folder of them), img2dataset output; "
+            "optional with --index (the images are the index's, and the pixel check reads only those in candidate "
+            "pairs, through the locations the index recorded)",
         ),
         top: int = typer.Option(..., "--top", help="number of prompts to write (one per duplicate cluster)"),
         out: Path = typer.Option(..., "--out", help="prompts file to write (.csv or .parquet)"),
@@ -27,7 +29,11 @@ def register(app: typer.Typer) -> None:
         max_neighbors: int = typer.Option(
             10_000, "--max-neighbors", help="neighbours kept per image (counts at it are flagged capped)"
         ),
-        index: Path | None = typer.Option(None, "--index", help="reuse an index built by `memscan index` on TRAIN"),
+        index: Path | None = typer.Option(
+            None,
+            "--index",
+            help="reuse an index built by `memscan index` (its embeddings and FAISS index; without TRAIN, its images)",
+        ),
         embedder: str = typer.Option("pixel", "--embedder", help="embedder when no --index is given"),
         batch_size: int = typer.Option(256, "--batch-size", help="images per step"),
         device: str = typer.Option("cpu", "--device", help="cpu or cuda (model embedders)"),
@@ -60,7 +66,7 @@ def register(app: typer.Typer) -> None:
         )
         s = res.counts.summary
         typer.echo(
-            f"{s['images']} images: {s['images_with_duplicates']} with near-duplicates in {s['clusters_with_duplicates']} clusters "
+            f"{s['images']} images{' (via the index)' if s.get('via_index') else ''}: {s['images_with_duplicates']} with near-duplicates in {s['clusters_with_duplicates']} clusters "
             f"(τ = {tau}, {s['confirmed_pairs']} pairs confirmed, {s['rejected_by_pixel_check']} rejected); "
             f"{len(res.prompts)} prompts → {out}"
         )

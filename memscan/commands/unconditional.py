@@ -20,17 +20,30 @@ def register(app: typer.Typer) -> None:
     @app.command("extract-unconditional")
     def extract_unconditional(
         model: str = typer.Option(..., "--model", help="diffusers directory / hub id, or py:module:attribute"),
-        train: Path = typer.Option(..., "--train", help="training set (folder, manifest, webdataset, img2dataset)"),
+        train: Path | None = typer.Option(
+            None,
+            "--train",
+            help="training set (folder, manifest, webdataset, img2dataset); with --index, optional: where the "
+            "indexed images are now (default: where the index recorded them)",
+        ),
         samples: int = typer.Option(..., "--samples", help="generations M (paper, CIFAR-10: 65536)"),
         out: Path = typer.Option(..., "--out", help="run directory to write"),
         index: Path | None = typer.Option(
-            None, "--index", help="embedding index of TRAIN (default: exact pixel search)"
+            None,
+            "--index",
+            help="training index (memscan index): each generation's --n-candidates most similar training images "
+            "are read by random access and re-ranked on pixels; the training set is never decoded whole "
+            "(default: exact pixel search over the decoded --train)",
         ),
         n_nearest: int = typer.Option(50, "--n-nearest", help="n of the calibrated distance (paper: 50)"),
         alpha_c: float = typer.Option(0.5, "--alpha-c", help="α_c of the calibrated distance (paper: 0.5)"),
         metric: str = typer.Option("l2", "--metric", help="l2 (paper) or tiled_l2"),
         grid: int = typer.Option(4, "--grid", help="tiles per side for tiled_l2"),
-        n_candidates: int = typer.Option(200, "--n-candidates", help="with --index: candidates re-ranked on pixels"),
+        n_candidates: int = typer.Option(
+            200,
+            "--n-candidates",
+            help="with --index: training images retrieved per generation and re-ranked on pixels (K)",
+        ),
         prompt: str = typer.Option("", "--prompt", help="what the generator is called with"),
         seed: int = typer.Option(0, "--seed", help="run seed; generation i uses derive_seed(seed, 'unconditional', i)"),
         batch_size: int = typer.Option(64, "--batch-size", help="generations per model call"),

@@ -269,7 +269,7 @@ def count_duplicates_arrays(
 # streaming over a training set
 # --------------------------------------------------------------------------------------------
 def count_duplicates(
-    train: str | Path,
+    train: str | Path | None,
     config: DuplicateConfig = DuplicateConfig(),
     *,
     embedder="pixel",
@@ -284,7 +284,10 @@ def count_duplicates(
 
     Parameters
     ----------
-    train : the training set (folder, manifest, webdataset shards, img2dataset layout)
+    train : the training set (folder, manifest, webdataset shards, img2dataset layout); None
+        with ``index``: the images are the index's, and the pixel check reads just the images
+        in candidate pairs through the locations the index recorded (tar member offsets, paths;
+        :func:`memscan.index.locations.training_reader`) — nothing is listed or decoded whole
     config : thresholds (:class:`DuplicateConfig`)
     embedder : embedder spec or object (ignored when ``index`` is given: its own is used)
     index : a :class:`~memscan.index.faiss_index.TrainingIndex` or the path of one built from
@@ -294,6 +297,10 @@ def count_duplicates(
     """
     config = config.validate()
     started = time.time()
+    if train is None:
+        if index is None:
+            raise InputError("counting duplicates needs the training set", "pass TRAIN, or --index INDEX")
+        return _count_via_index(index, config, started)
     listing = list_source(train)
     skipped = list(listing.skipped)
     size = (config.check_size, config.check_size)
@@ -377,6 +384,50 @@ def count_duplicates(
     return counts
 
 
+def _count_via_index(index, config: DuplicateConfig, started: float) -> DuplicateCounts:
+    """:func:`count_duplicates` from an index alone: its embeddings and FAISS index find the
+    candidate pairs; the pixel check reads only the images in them, by random access."""
+    from memscan.index.locations import training_reader
+
+    path = None if isinstance(index, TrainingIndex) else str(index)
+    if path is not None and not Path(path).is_dir():
+        raise InputError(f"training index {path} does not exist", "build it with `memscan index TRAIN --out INDEX`")
+    index = index if isinstance(index, TrainingIndex) else TrainingIndex.load(index)
+    reader = training_reader(index) if config.pixel_delta is not None else None
+    emb = np.asanyarray(index.embeddings)
+    # 1. candidate pairs from the index; 2. the images in them, each read once
+    pairs, _, _ = candidate_pairs(index, emb, config)
+    check_images, read = None, {"decoded": 0, "bytes_read": 0}
+    if reader is not None and pairs.size:
+        involved = np.unique(pairs.ravel())
+        kept, imgs, failed = reader.read(involved, size=(config.check_size, config.check_size), channels=3)
+        if failed:
+            raise InputError(
+                f"{len(failed)} image(s) in candidate pairs could not be read for the pixel check "
+                f"(first: {failed[0]['id']} at {failed[0]['path']}: {failed[0]['reason']})",
+                "restore the training images where the index recorded them, or rebuild the index",
+            )
+        remap = np.full(len(index), -1, np.int64)
+        remap[kept] = np.arange(len(kept))
+        check_images = _Remapped(imgs, remap)
+        read = {"decoded": int(len(kept)), "bytes_read": int(reader.bytes_read)}
+    embed_done = time.time()
+    counts = count_duplicates_arrays(emb, check_images, index.ids, index.captions, config, index=index)
+    m = index.meta
+    counts.summary.update(
+        {
+            "source": m.get("source"),
+            "embedder": m.get("embedder"),
+            "skipped": int(m.get("skipped", 0)),
+            "skipped_files": m.get("skipped_files", [])[:100],
+            "not_in_index": 0,
+            "via_index": {"index": path, "index_type": index.params.index_type, "training_decoded": False, **read},
+            "timings_s": {"embed": round(embed_done - started, 3), "total": round(time.time() - started, 3)},
+        }
+    )
+    return counts
+
+
 class _Remapped:
     """Index ``images[remap[i]]`` as if it were a full ``N``-row array (sparse pixel-check store)."""
 
@@ -435,7 +486,7 @@ def top_candidates(counts: DuplicateCounts, top: int, min_count: int = 1) -> pd.
 
 
 def select_candidates(
-    train: str | Path,
+    train: str | Path | None,
     out: str | Path,
     top: int,
     config: DuplicateConfig = DuplicateConfig(),

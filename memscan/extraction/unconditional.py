@@ -42,6 +42,13 @@ from memscan.data.training import TrainingSet, load_training_set
 from memscan.distances import tiled_l2
 from memscan.errors import InputError, MemscanError, user_code
 from memscan.extraction.calibrated import CalibratedConfig
+from memscan.extraction.verify_index import (
+    VERIFY_CHUNK_BYTES,
+    IndexVerification,
+    RetrievalStats,
+    open_index_verifier,
+    verification_threads,
+)
 from memscan.extraction.worker import (
     generator_record,
     load_worker_generator,
@@ -139,12 +146,36 @@ class UnconditionalResult:
 
 
 class _Verifier:
-    """n nearest training images of a batch of generations: exact, or index + exact re-rank."""
+    """n nearest training images of a batch of generations: exact, index + exact re-rank over
+    the decoded training set, or — with an :class:`IndexVerification` instead of a training set —
+    index + exact re-rank over just the retrieved images, read by random access (nothing else
+    decoded)."""
 
     def __init__(self, training, config: UnconditionalConfig, index=None):
         self.training, self.config = training, config
+        self.index, self.via = None, None
+        if isinstance(training, IndexVerification):  # through the index: the training set is never decoded
+            self.via = open_index_verifier(training)
+            self.index, self.embedder = self.via.index, self.via.embedder
+            self.ids, self.captions = self.index.ids, self.index.captions
+            self.n = min(config.n_nearest, len(self.index))
+            self.description = {
+                "search": "index",
+                "method": (
+                    f"{self.index.params.index_type} embedding index, {config.n_candidates} retrieved training "
+                    f"images per generation read by random access and re-ranked by exact {config.metric}"
+                ),
+                "index": training.index,
+                "index_type": self.index.params.index_type,
+                "index_params": asdict(self.index.params),
+                "retrieve": config.n_candidates,
+                "embedder": self.index.meta.get("embedder"),
+                "training_decoded": False,
+                "neighbourhood": f"the n nearest among the {config.n_candidates} retrieved training images",
+            }
+            return
+        self.ids, self.captions = training.ids, training.captions
         self.n = min(config.n_nearest, len(training))
-        self.index = None
         if index is None:
             self.search = PixelSearch(training.images, grid=config.grid)
             self.description = {"search": "exact", "method": "faiss IndexFlatL2 over pixels, exact refinement"}
@@ -170,16 +201,64 @@ class _Verifier:
             "index_ids_not_in_training_set": unmatched,
         }
 
-    def neighbours(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Ascending distances (Q×n, ``inf`` where fewer were found) and training rows (Q×n)."""
+    def neighbours(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+        """Ascending distances (Q×n, ``inf`` where fewer were found), training rows (Q×n, -1
+        where none), the nearest training image of each generation (zeros where none) and what
+        was read (through the index only: :class:`RetrievalStats` counts)."""
+        if self.via is not None:
+            return self._neighbours_via_index(images)
         if self.index is None:
             nb = self.search.search(images, k=self.n, metric=self.config.metric)
-            return nb.distances, nb.indices
-        _, ii = self.index.search(self.embedder.embed(images), self.config.n_candidates)
-        cand = self.to_train[np.where(ii >= 0, ii, len(self.to_train) - 1)]
-        d = pixel_distances(images, self.training.images, cand, self.config.metric, self.config.grid)
-        order = rowsort(d, cand)
-        return np.take_along_axis(d, order, 1)[:, : self.n], np.take_along_axis(cand, order, 1)[:, : self.n]
+            dist, rows = nb.distances, nb.indices
+        else:
+            _, ii = self.index.search(self.embedder.embed(images), self.config.n_candidates)
+            cand = self.to_train[np.where(ii >= 0, ii, len(self.to_train) - 1)]
+            d = pixel_distances(images, self.training.images, cand, self.config.metric, self.config.grid)
+            order = rowsort(d, cand)
+            dist, rows = np.take_along_axis(d, order, 1)[:, : self.n], np.take_along_axis(cand, order, 1)[:, : self.n]
+        nearest = np.zeros_like(images)
+        ok = rows[:, 0] >= 0
+        nearest[ok] = self.training.images[rows[ok, 0]]
+        return dist, rows, nearest, {}
+
+    def _neighbours_via_index(self, images: np.ndarray):
+        """The same steps as :func:`memscan.extraction.verify_index.verify_candidates_indexed`:
+        embed, retrieve ``n_candidates``, read each retrieved image once, exact distances — in
+        chunks of generations whose retrieved images stay within
+        :data:`~memscan.extraction.verify_index.VERIFY_CHUNK_BYTES`."""
+        per = max(1, VERIFY_CHUNK_BYTES // max(1, self.config.n_candidates * int(np.prod(images.shape[1:]))))
+        parts = [self._chunk_via_index(images[s : s + per]) for s in range(0, len(images), per)]
+        stats = RetrievalStats()
+        for p in parts:
+            stats.add(p[3])
+        cat = np.concatenate
+        return cat([p[0] for p in parts]), cat([p[1] for p in parts]), cat([p[2] for p in parts]), stats.to_dict()
+
+    def _chunk_via_index(self, images: np.ndarray):
+        stats = RetrievalStats(candidates=len(images))
+        with verification_threads(len(images)):
+            # 1. embed with the index's embedder; the top n_candidates index rows of each generation
+            _, ii = self.index.search(self.embedder.embed(images), self.config.n_candidates)
+            # 2. read each retrieved image once (deduplicated), at the generations' resolution
+            wanted = np.unique(ii[ii >= 0])
+            stats.retrieved = int((ii >= 0).sum())
+            before = self.via.reader.bytes_read
+            kept, decoded, skipped = self.via.reader.read(wanted, size=images.shape[1:3], channels=images.shape[3])
+            stats.decoded, stats.bytes_read = len(kept), self.via.reader.bytes_read - before
+            stats.skipped = skipped
+            # 3. exact pixel distances to the readable ones; unreadable or missing: -1 (inf)
+            at = np.full(len(self.index) + 1, -1, np.int64)
+            at[kept] = np.arange(len(kept))
+            pos = at[np.where(ii >= 0, ii, len(self.index))]
+            d = pixel_distances(images, decoded, pos, self.config.metric, self.config.grid)
+            cand = np.where(pos >= 0, ii, -1)
+            order = rowsort(d, np.where(cand >= 0, cand, np.iinfo(np.int64).max))
+            dist = np.take_along_axis(d, order, 1)[:, : self.n]
+            rows = np.take_along_axis(cand, order, 1)[:, : self.n]
+            best = np.take_along_axis(pos, order, 1)[:, 0]
+        nearest = np.zeros_like(images)
+        nearest[best >= 0] = decoded[best[best >= 0]]
+        return dist, rows, nearest, {**asdict(stats)}
 
 
 def _calibrated_rows(d: np.ndarray, alpha_c: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -215,11 +294,16 @@ def extract_unconditional(
     generator : a :class:`memscan.generators.Generator` (called with ``config.prompt``), or a
         ``--model`` spec (a string or :class:`memscan.runners.GeneratorSpec`) that each worker
         loads; the Ray runner needs a spec
-    train : training set path (any layout) or a loaded :class:`~memscan.data.training.TrainingSet`
+    train : training set path (any layout) or a loaded :class:`~memscan.data.training.TrainingSet`;
+        with an index folder, optional (the index records its source) — where the indexed
+        images are now
     out : run directory (opened with :func:`memscan.store.open_run`, kind ``extract-unconditional``)
     config : :class:`UnconditionalConfig`
-    index : None (exact pixel search), or a :class:`~memscan.index.faiss_index.TrainingIndex` /
-        index folder built from ``train`` (the Ray runner needs the folder: each worker loads it)
+    index : None (exact pixel search); an index folder (``memscan index``): each generation's
+        ``n_candidates`` most similar training images are retrieved, read by random access and
+        re-ranked by exact pixel distance — the training set is never decoded whole, by the
+        driver or by any worker (:mod:`memscan.extraction.verify_index`); or a loaded
+        :class:`~memscan.index.faiss_index.TrainingIndex` with ``train`` (decoded) to re-rank on
     resume : finish a killed run in ``out`` (same options); committed shards are kept
     stop_after_shards : stop after this many new shards (for tests of resume)
     runner : ``"local"`` or ``"ray"`` (a pool of Ray actors running the same stage over the same
@@ -246,6 +330,16 @@ def extract_unconditional(
             "the Ray runner loads the index in each worker, but got a loaded TrainingIndex",
             "pass the index folder (memscan index TRAIN --out INDEX) instead",
         )
+    if isinstance(index, (str, Path)) and not isinstance(train, TrainingSet):
+        # through the index folder: only the retrieved images are ever decoded
+        train = IndexVerification(
+            str(Path(index).resolve()), config.n_candidates, str(Path(train).resolve()) if train is not None else None,
+            device=config.device,
+        ).validate()  # fmt: skip
+        open_index_verifier(train)  # a missing or damaged index (or source) fails before any run is written
+        index = None
+    elif train is None:
+        raise InputError("extract-unconditional needs the training set", "pass --train TRAIN, or --index INDEX")
     started = time.time()
     with open_run(out, "extract-unconditional", resume=resume) as run:
         index_arg = str(Path(index).resolve()) if isinstance(index, (str, Path)) else index
@@ -294,6 +388,7 @@ def unconditional_stage(
     verifier = worker.verifier_for(training)
     shape = tuple(shape)
     rows, gen_s, ver_s = [], 0.0, 0.0
+    retrieval = RetrievalStats() if verifier.via is not None else None
     for b in range(lo, hi, config.batch_size):
         idx = list(range(b, min(hi, b + config.batch_size)))
         seeds = [derive_seed(config.seed, SEED_STREAM, i) for i in idx]
@@ -304,29 +399,31 @@ def unconditional_stage(
         if images.shape[1:] != shape:
             raise MemscanError(f"generator returned {images.shape[1:]} images, expected {shape}", "return one size")
         t1 = time.perf_counter()
-        rows.extend(_judge(images, idx, seeds, verifier, training, config, store))
+        rows.extend(_judge(images, idx, seeds, verifier, training, config, store, retrieval))
         ver_s += time.perf_counter() - t1
         gen_s += t1 - t0
         if progress is not None:
             progress(len(idx))
     table = pd.DataFrame(rows, columns=GENERATION_COLUMNS)
-    return {"generations": table}, {
-        "samples": hi - lo,
-        "generation_s": round(gen_s, 3),
-        "verification_s": round(ver_s, 3),
-    }
+    meta = {"samples": hi - lo, "generation_s": round(gen_s, 3), "verification_s": round(ver_s, 3)}
+    if retrieval is not None:
+        meta["retrieval"] = retrieval.to_dict()
+    return {"generations": table}, meta
 
 
-def _judge(images, idx, seeds, verifier, training, config, store) -> list[dict]:
-    """One row per generation of a batch: nearest training image, distances, calibrated decision."""
-    dist, nn = verifier.neighbours(images)
+def _judge(images, idx, seeds, verifier, training, config, store, retrieval=None) -> list[dict]:
+    """One row per generation of a batch: nearest training image, distances, calibrated decision
+    (``retrieval``: what reading through the index cost is added to it)."""
+    dist, nn, nearest_images, read = verifier.neighbours(images)
+    if retrieval is not None and read:
+        retrieval.add(read)
     cal, nearest, mean, n_used = _calibrated_rows(dist, config.alpha_c)
     best = nn[:, 0]
     ok = best >= 0
     l2_near = np.full(len(idx), np.nan)
     tl2_near = np.full(len(idx), np.nan)
     if ok.any():
-        ref = training.images[best[ok]]
+        ref = nearest_images[ok]
         if config.metric == "l2":
             l2_near[ok] = nearest[ok]
         else:
@@ -342,7 +439,7 @@ def _judge(images, idx, seeds, verifier, training, config, store) -> list[dict]:
             {
                 "sample_index": i,
                 "seed": seeds[j],
-                "nearest_train_id": training.ids[int(best[j])] if best[j] >= 0 else None,
+                "nearest_train_id": verifier.ids[int(best[j])] if best[j] >= 0 else None,
                 "nearest_distance": float(nearest[j]),
                 "mean_distance": float(mean[j]),
                 "calibrated": float(cal[j]),
@@ -366,15 +463,24 @@ def _run(run: Run, pool, generator, model_id, train, config, index, progress, st
         "the generator failed on its first call (sample 0, before any shard)",
     )
     shape = tuple(probe.shape)
-    training = train if isinstance(train, TrainingSet) else load_training_set(train, size=shape[:2], channels=shape[2])
-    if training.images.shape[1:] != shape:
-        raise MemscanError(
-            f"training images are {training.images.shape[1:]} but generations are {shape}",
-            "load the training set at the generator's resolution",
+    via = open_index_verifier(train) if isinstance(train, IndexVerification) else None
+    if via is not None:  # through the index: nothing decoded here
+        training, summary, n_train = train, via.summary(shape), len(via.index)
+    else:
+        training = (
+            train if isinstance(train, TrainingSet) else load_training_set(train, size=shape[:2], channels=shape[2])
         )
-    for s in training.skipped:
-        store.log(f"skipped training image {s['id']} ({s['path']}): {s['reason']}")
-    shared_training = pool.share(training)  # Ray: one copy in the object store per node
+        if training.images.shape[1:] != shape:
+            raise MemscanError(
+                f"training images are {training.images.shape[1:]} but generations are {shape}",
+                "load the training set at the generator's resolution",
+            )
+        for s in training.skipped:
+            store.log(f"skipped training image {s['id']} ({s['path']}): {s['reason']}")
+        summary, n_train = training.summary(), len(training)
+    # Ray: one copy in the object store per node (with an index: the small IndexVerification
+    # record; each worker opens the index memory-mapped)
+    shared_training = pool.share(training)
     search = pool.call(search_description, shared_training)
     if isinstance(index, (str, Path)):
         search = {**search, "index": str(index)}
@@ -383,7 +489,7 @@ def _run(run: Run, pool, generator, model_id, train, config, index, progress, st
         "config": config.to_dict(),
         "calibrated": {
             "alpha_c": config.alpha_c,
-            "n": min(config.n_nearest, len(training)),
+            "n": min(config.n_nearest, n_train),
             "metric": config.metric,
             "rule": "extracted when l2(x, nearest) / (alpha_c * mean l2 to the n nearest) < 1",
         },
@@ -391,12 +497,12 @@ def _run(run: Run, pool, generator, model_id, train, config, index, progress, st
         "model": generator_record(generator, probe.parameters, model_id),
         "runner": pool.describe(),
         "output_shape": list(shape),
-        "training_set": training.summary(),
+        "training_set": summary,
         "search": search,
         "n_shards": n_shards,
         "seeds": {"run_seed": config.seed, "derivation": f"derive_seed(run_seed, {SEED_STREAM!r}, sample_index)"},
     }
-    run.start(fields, identity=("config", "n_shards", "output_shape"), started=started)
+    run.start(fields, identity=("config", "n_shards", "output_shape", "search"), started=started)
     store.log(f"extract-unconditional: {config.samples} generations in {n_shards} shards ({search['search']} search)")
 
     # 2. shards of generations: generate → n nearest → calibrated decision → commit (in the driver)
@@ -418,16 +524,31 @@ def _run(run: Run, pool, generator, model_id, train, config, index, progress, st
 
     # 3. merge, de-duplicate extractions by training image, save their images, record throughput
     generations = store.merge(n_shards, tables=("generations",))["generations"]
-    extractions = dedupe_extractions(generations, training)
+    extractions = dedupe_extractions(generations, via.index if via is not None else training)
     if config.save_images and len(extractions):
-        row = {tid: k for k, tid in enumerate(training.ids)}
-        for tid in extractions["train_id"]:
-            store.save_image(training.images[row[tid]], "train", safe_name(tid))
+        if via is not None:  # the extracted training images alone, read by random access
+            row = {tid: k for k, tid in enumerate(via.index.ids)}
+            kept, imgs, _ = via.reader.read([row[t] for t in extractions["train_id"]], shape[:2], shape[2])
+            for r, img in zip(kept, imgs):
+                store.save_image(img, "train", safe_name(via.index.ids[int(r)]))
+        else:
+            row = {tid: k for k, tid in enumerate(training.ids)}
+            for tid in extractions["train_id"]:
+                store.save_image(training.images[row[tid]], "train", safe_name(tid))
     write_table(extractions, store.root / "extractions.parquet")
     recs = [store.shard_record(s) for s in range(n_shards)]
     gen_total = sum(r.get("generation_s", 0) for r in recs)
     ver_total = sum(r.get("verification_s", 0) for r in recs)
+    extra = {}
+    if via is not None:  # what verification through the index read, summed over shards
+        retrieval = RetrievalStats()
+        for r in recs:
+            retrieval.add(r.get("retrieval", {}))
+        for sk in retrieval.skipped:
+            store.log(f"skipped retrieved training image {sk['id']} ({sk['path']}): {sk['reason']}")
+        extra["retrieval"] = retrieval.to_dict()
     manifest = run.finish(
+        **extra,
         throughput={
             "generation_seconds": round(gen_total, 3),
             "generation_images_per_s": round(len(generations) / gen_total, 2) if gen_total else None,
@@ -445,7 +566,8 @@ def _run(run: Run, pool, generator, model_id, train, config, index, progress, st
 
 
 def dedupe_extractions(generations: pd.DataFrame, training) -> pd.DataFrame:
-    """One row per extracted training image: its closest generation, and how many hit it."""
+    """One row per extracted training image: its closest generation, and how many hit it
+    (``training``: anything with ``ids`` and ``captions`` — a training set or an index)."""
     ext = generations[generations["extracted"]]
     cols = [
         "train_id",

@@ -15,10 +15,18 @@ paper verified by retrieval. With ``--index IDX`` each candidate medoid is
 Retrieved images are passed to ``nearest_tiled_l2`` in training-set order (ascending index row),
 so ties resolve as in the full path. When the candidates' retrievals overlap (their union is at
 most 2·K images) one call covers the union; with a flat index and K ≥ the training-set size that
-is the very call of ``--train``, and the tables are equal bit for bit. Otherwise each candidate
-gets its own call over its K images (Q·K pairs rather than Q·union).
+is the very call of ``--train``, and the tables are equal bit for bit. Otherwise the candidates
+are re-ranked :data:`RERANK_GROUP` (8) at a time, one call over the union of their retrievals
+(a call's fixed cost, ~1 ms, is shared; its product, 8 × 8·K pairs, stays cheap); each
+candidate keeps the distances to its own K.
 
-Memory is bounded by the candidates and K, never the training set: the index is opened
+The whole search for a batch is one FAISS call, each distinct retrieved image is read once, and
+a batch of a shard's few candidates runs single-threaded (:func:`verification_threads`: on a
+busy machine a two-thread barrier costs more than the work). Many candidates at once
+(``memscan verify RUN``) are verified in chunks of at most :data:`VERIFY_CHUNK` candidates and
+:data:`VERIFY_CHUNK_BYTES` of retrieved images. ``bench/verify_index.py`` times each part.
+
+Memory is bounded by the chunk and K, never the training set: the index is opened
 memory-mapped (:meth:`TrainingIndex.load` with ``mmap=True``) once per process, and what travels
 to a Ray worker is the small :class:`IndexVerification` record (the worker opens the index
 itself, from a file system every node mounts).
@@ -26,20 +34,21 @@ itself, from a file system every node mounts).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
 
-from memscan.data.training import list_source
 from memscan.distances import nearest_tiled_l2
 from memscan.errors import InputError
 from memscan.extraction.verify import EXTRACTION_COLUMNS, empty_extractions, extraction_rows
 from memscan.index.embedders import load_embedder
 from memscan.index.faiss_index import TrainingIndex
-from memscan.index.locations import SourceReader
+from memscan.index.locations import training_reader
 
 #: Training images retrieved per candidate by default (``--retrieve``).
 DEFAULT_RETRIEVE = 100
@@ -96,12 +105,14 @@ class IndexVerifier:
 
     ``reader``: anything with ``read(rows, size, channels) → (kept, images, skipped)`` and
     ``bytes_read`` (default: :func:`training_reader`; ``bench/verify_index.py`` passes a source
-    that renders synthetic training images on the fly).
+    that renders synthetic training images on the fly). ``index``: the index already opened
+    (default: ``spec.index`` memory-mapped) — e.g. one whose parts are served by Ray actors
+    (:func:`memscan.index.faiss_index.serve_index_on_ray`).
     """
 
-    def __init__(self, spec: IndexVerification, reader=None):
+    def __init__(self, spec: IndexVerification, reader=None, index: TrainingIndex | None = None):
         self.spec = spec
-        self.index = TrainingIndex.load(spec.index, mmap=True)
+        self.index = index if index is not None else TrainingIndex.load(spec.index, mmap=True)
         self.embedder = load_embedder(self.index.meta.get("embedder", "pixel"), device=spec.device)
         self.reader = reader if reader is not None else training_reader(self.index, spec.train)
         self._rows: dict[str, int] | None = None
@@ -148,28 +159,60 @@ def open_index_verifier(spec: IndexVerification) -> IndexVerifier:
     return IndexVerifier(spec.validate())
 
 
-def training_reader(index: TrainingIndex, train: str | None = None) -> SourceReader:
-    """Random access to the images of ``index``: through its recorded locations, or by listing
-    ``train`` (or the source the index recorded) when it has none or ``train`` is given."""
-    if train is None and index.locations is not None:
-        paths = index.locations["path"]
-        if len(paths) and not Path(str(paths.iloc[0])).exists():
-            raise InputError(
-                f"the training images the index {index.meta.get('source')!r} was built from are not where it "
-                f"recorded them ({paths.iloc[0]} is missing)",
-                "pass --train with the training set's current location",
-            )
-        return SourceReader(index.ids, index.captions, index.locations)
-    source = train or index.meta.get("source_resolved") or index.meta.get("source")
-    if not source or not Path(source).exists():
-        raise InputError(
-            f"the index's training source {source!r} does not exist",
-            "pass --train with the training set the index was built from",
-        )
-    reader = SourceReader.from_listing(list_source(source), index.ids, index.captions)
-    if not any(reader.paths):
-        raise InputError(f"no id of the index is in the training set {source}", "pass the set the index was built from")
-    return reader
+#: Candidates re-ranked together: one exact tiled-ℓ2 call over the union of their retrieved
+#: images (a call has a fixed cost of ~1 ms; its product grows with candidates × union).
+RERANK_GROUP = 8
+
+#: Below this many candidates a verification call runs single-threaded (see
+#: :func:`verification_threads`).
+SINGLE_THREAD_BELOW = 64
+
+#: Most candidates verified in one piece (more are verified in chunks: ``memscan verify RUN``
+#: passes all of a run's candidates at once) ...
+VERIFY_CHUNK = 32
+#: ... and most bytes of retrieved images a piece decodes at once (K × H × W × C per candidate).
+VERIFY_CHUNK_BYTES = 256 << 20
+
+
+@contextmanager
+def verification_threads(n_candidates: int):
+    """One thread for torch, FAISS (OpenMP) and BLAS while verifying a small batch.
+
+    A shard's candidates are a few images: their embedding, search and re-ranking take
+    milliseconds, too little for a parallel region to pay, and on a busy machine a two-thread
+    barrier waits for a descheduled thread (the pixel embedding of 8 images took 6.5 ms with
+    two threads at load 8, 0.3 ms with one). Parallelism comes from the runner's workers.
+    Batches of :data:`SINGLE_THREAD_BELOW` or more (``extract-unconditional``'s batches of
+    generations) keep the default threads. Restored on exit.
+    """
+    if n_candidates >= SINGLE_THREAD_BELOW:
+        yield
+        return
+    import faiss
+    import torch
+
+    blas = _blas_libraries()
+    before = torch.get_num_threads(), faiss.omp_get_max_threads(), [lib.num_threads for lib in blas]
+    torch.set_num_threads(1)
+    faiss.omp_set_num_threads(1)
+    for lib in blas:
+        lib.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before[0])
+        faiss.omp_set_num_threads(before[1])
+        for lib, n in zip(blas, before[2]):
+            lib.set_num_threads(n)
+
+
+@lru_cache(maxsize=1)
+def _blas_libraries() -> list:
+    """The loaded BLAS libraries' thread controls (threadpoolctl; scanned once per process)."""
+    from memscan.distances import _blas_controller
+
+    controller = _blas_controller()
+    return [] if controller is None else list(controller.select(user_api="blas").lib_controllers)
 
 
 def verify_candidates_indexed(
@@ -189,51 +232,88 @@ def verify_candidates_indexed(
     stats = RetrievalStats(candidates=len(candidates))
     if len(candidates) == 0:
         return empty_extractions(), stats.to_dict()
+    # a shard's few candidates at once; many (memscan verify RUN) in chunks, so that memory stays
+    # bounded by the chunk's retrieved images and each chunk runs single-threaded
+    per = verification_chunk(verifier.spec.retrieve, images.shape[1:])
+    tables = []
+    for s in range(0, len(candidates), per):
+        part = RetrievalStats()
+        with verification_threads(min(per, len(candidates) - s)):
+            tables.append(_verify(candidates.iloc[s : s + per], images[s : s + per], verifier, part, delta, grid,
+                                  n_nearest))  # fmt: skip
+        for name in ("retrieved", "decoded", "bytes_read"):
+            setattr(stats, name, getattr(stats, name) + getattr(part, name))
+        stats.skipped.extend(part.skipped)
+    tables = [t for t in tables if len(t)]
+    return (pd.concat(tables, ignore_index=True) if tables else empty_extractions()), stats.to_dict()
+
+
+def verification_chunk(retrieve: int, shape) -> int:
+    """Candidates verified together: at most :data:`VERIFY_CHUNK`, and no more than
+    :data:`VERIFY_CHUNK_BYTES` of retrieved images (K × H × W × C bytes each)."""
+    per_candidate = max(1, int(retrieve) * int(np.prod(shape)))
+    return int(max(1, min(VERIFY_CHUNK, VERIFY_CHUNK_BYTES // per_candidate)))
+
+
+def _verify(candidates, images, verifier, stats, delta, grid, n_nearest):
     k = verifier.spec.retrieve
-    # 1. embed the medoids with the index's embedder; the top K rows of each
+    # 1. embed the medoids with the index's embedder; the top K rows of each, in one search
     _, rows = verifier.index.search(verifier.embedder.embed(images), k)
-    # 2. decode each retrieved image once, at the candidates' resolution, by random access
+    # 2. decode each retrieved image once (deduplicated over all candidates), at the
+    #    candidates' resolution, by random access
     wanted = np.unique(rows[rows >= 0])
     stats.retrieved = int((rows >= 0).sum())
     before = verifier.reader.bytes_read
     kept, decoded, skipped = verifier.reader.read(wanted, size=images.shape[1:3], channels=images.shape[3])
     stats.decoded, stats.bytes_read, stats.skipped = len(kept), verifier.reader.bytes_read - before, skipped
     order = np.argsort(kept, kind="stable")
-    kept, decoded = kept[order], decoded[order]
-    out = []
+    kept, decoded = np.asarray(kept, np.int64)[order], decoded[order]
     # 3. exact tiled ℓ2 to the readable retrieved images, in training order: one call over the
     #    union when the candidates' retrievals overlap (Q·U pairs ≤ 2·Q·K; with K ≥ N it is the
-    #    --train path's very call, so the very same distances), else one call per candidate
-    union = len(kept) <= 2 * k
-    if union and len(kept):
-        dist, idx, _ = nearest_tiled_l2(images, decoded, k=len(kept), grid=grid)
-    at = {int(r): i for i, r in enumerate(kept)}
-    for c, cand in enumerate(candidates.itertuples(index=False)):
-        if union and len(kept):
-            mine = np.isin(kept[idx[c]], rows[c])
-            d_c, r_c = dist[c][mine], kept[idx[c]][mine]
-        else:
-            r_all = np.array(sorted({int(r) for r in rows[c] if int(r) in at}), np.int64)
-            if not len(r_all):
-                continue
-            d1, i1, _ = nearest_tiled_l2(
-                images[c : c + 1], decoded[[at[int(r)] for r in r_all]], k=len(r_all), grid=grid
-            )
-            d_c, r_c = d1[0], r_all[i1[0]]
-        if not len(r_c):
+    #    --train path's very call, so the very same distances), else one call per group of
+    #    RERANK_GROUP candidates over the union of their retrievals
+    readable = np.where(rows >= 0, np.isin(rows, kept), False)
+    groups = (
+        [np.arange(len(rows))]
+        if len(kept) <= 2 * k
+        else np.array_split(np.arange(len(rows)), -(-len(rows) // RERANK_GROUP))
+    )
+    per_candidate: list = [None] * len(rows)
+    for members in groups:
+        union = np.unique(rows[members][readable[members]])
+        if not len(union):
             continue
+        refs = decoded if len(union) == len(kept) else decoded[np.searchsorted(kept, union)]
+        dist, idx, _ = nearest_tiled_l2(images[members], refs, k=len(union), grid=grid)
+        ranked = union[idx]  # each member's union rows, nearest first (ties: training order)
+        # which of the union each member retrieved, in the member's nearest-first order
+        mask = np.zeros((len(members), len(union)), bool)
+        got = readable[members]
+        at = np.searchsorted(union, np.where(got, rows[members], union[0]))
+        mask[np.nonzero(got)[0], at[got]] = True
+        mine = np.take_along_axis(mask, idx, 1)
+        for m, c in enumerate(members):
+            per_candidate[c] = (dist[m][mine[m]], ranked[m][mine[m]])
+    out = []
+    # the candidates' fields as plain values (a namedtuple class per call costs ~1 ms)
+    fields = {c: candidates[c].tolist() for c in ("prompt_id", "train_id", "clique_size", "mean_clique_distance")
+              if c in candidates.columns}  # fmt: skip
+    for c in range(len(candidates)):
+        cand = SimpleNamespace(**{name: values[c] for name, values in fields.items()})
+        if per_candidate[c] is None or not len(per_candidate[c][1]):
+            continue
+        d_c, r_c = per_candidate[c]
         # 4. this candidate's retrieved images, nearest first; the k-eidetic count among them
         within = int((d_c <= delta).sum())
-        top = slice(0, min(n_nearest, len(r_c)))
+        top = r_c[: min(n_nearest, len(r_c))]
         out.extend(
             extraction_rows(
                 cand,
-                d_c[top],
-                [verifier.index.ids[int(r)] for r in r_c[top]],
-                [verifier.index.captions[int(r)] for r in r_c[top]],
+                d_c[: len(top)],
+                [verifier.index.ids[int(r)] for r in top],
+                [verifier.index.captions[int(r)] for r in top],
                 within,
                 delta,
             )
         )
-    table = pd.DataFrame(out, columns=EXTRACTION_COLUMNS) if out else empty_extractions()
-    return table, stats.to_dict()
+    return pd.DataFrame(out, columns=EXTRACTION_COLUMNS) if out else empty_extractions()

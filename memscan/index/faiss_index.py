@@ -309,12 +309,15 @@ class TrainingIndex:
         return root
 
     @classmethod
-    def load(cls, path: str | Path, *, mmap: bool = False) -> TrainingIndex:
+    def load(cls, path: str | Path, *, mmap: bool = False, open_parts: bool = True) -> TrainingIndex:
         """Read an index folder written by :meth:`save`.
 
         ``mmap``: memory-map the embeddings and the FAISS files (``faiss.IO_FLAG_MMAP``): a flat
         index is then searched in place, chunk by chunk, and an IVF / IVF-PQ index reads its
         inverted lists from the page cache — several processes on one node share one copy.
+        ``open_parts=False``: ids, captions, locations and parameters only; ``index`` is None
+        until the caller sets it — e.g. to parts served elsewhere
+        (:class:`memscan.runners.ray_runner.RayIndexParts`).
         """
         import pandas as pd
 
@@ -346,7 +349,9 @@ class TrainingIndex:
         if locations is not None and len(locations) != emb.shape[0]:
             raise InputError(f"{root}: locations.parquet and the embeddings disagree on the size", "rebuild the index")
         bounds = part_bounds(emb.shape[0], params.shards)
-        if params.index_type == "flat" and mmap:
+        if not open_parts:
+            index = None
+        elif params.index_type == "flat" and mmap:
             parts = [MmapFlat(emb[a:b]) for a, b in bounds]
             index = parts[0] if len(parts) == 1 else IndexParts(parts, [a for a, _ in bounds])
         elif params.index_type == "flat":
@@ -376,6 +381,55 @@ class TrainingIndex:
             meta,
             locations,
         )
+
+
+def open_index_part(path: str | Path, part: int):
+    """Part ``part`` of an index folder, memory-mapped, and the row its rows start at.
+
+    What one server of a sharded index opens (:class:`memscan.runners.ray_runner.IndexPartServer`):
+    nothing of the other parts is read.
+    """
+    root = Path(path)
+    try:
+        meta = json.loads((root / "index.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise InputError(f"{root} is not a readable memscan index ({exc})"[:300], "rebuild the index") from None
+    params = IndexParams(**meta["params"])
+    bounds = part_bounds(int(meta["count"]), params.shards)
+    if not 0 <= part < len(bounds):
+        raise InputError(f"{root} has {len(bounds)} part(s), not a part {part}")
+    a, b = bounds[part]
+    if params.index_type == "flat":
+        emb = np.load(root / "embeddings.npy", mmap_mode="r", allow_pickle=False)
+        return MmapFlat(emb[a:b]), a
+    faiss = _faiss()
+    name = _part_file(part, len(bounds))
+    try:
+        index = faiss.read_index(str(root / name), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+    except RuntimeError as exc:
+        raise InputError(f"{root}: {name} cannot be read ({str(exc).splitlines()[0][:200]})",
+                         "the index is damaged; rebuild it") from None  # fmt: skip
+    _set_search_params(index, params)
+    if index.ntotal != b - a:
+        raise InputError(f"{root}: {name} holds {index.ntotal} vectors, not {b - a}", "rebuild the index")
+    return index, a
+
+
+def serve_index_on_ray(path: str | Path, *, cpus_per_part: float = 1, address: str | None = None) -> TrainingIndex:
+    """Open the index folder ``path`` with each of its parts searched by its own Ray actor.
+
+    The driver reads ids, captions and locations (and memory-maps the embeddings, which it does
+    not search); each actor opens one part (:func:`open_index_part`) and the answers are merged
+    (:func:`merge_searches`) — the unsharded index's answer. ``index.index.close()`` stops the
+    actors. See :class:`memscan.runners.ray_runner.RayIndexParts`.
+    """
+    from memscan.runners.ray_runner import RayIndexParts
+
+    index = TrainingIndex.load(path, mmap=True, open_parts=False)
+    root = str(Path(path).resolve())
+    args = [(root, p) for p in range(index.params.shards)]
+    index.index = RayIndexParts(open_index_part, args, merge_searches, cpus_per_part=cpus_per_part, address=address)
+    return index
 
 
 def _part_file(p: int, n_parts: int) -> str:

@@ -32,8 +32,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from memscan.data.training import Entry
+from memscan.data.training import Entry, list_source
 from memscan.data.webdataset import TarSample, read_sample
+from memscan.errors import InputError
 
 #: Columns of ``locations.parquet`` (row i ↔ embedding i): ``offset``/``size`` are -1 for image files.
 LOCATION_COLUMNS = ["path", "member", "offset", "size"]
@@ -139,3 +140,28 @@ class SourceReader:
         h, w = size if size is not None else (0, 0)
         stack = np.stack(images) if images else np.zeros((0, h, w, channels), np.uint8)
         return np.asarray(kept, np.int64), stack, skipped
+
+
+def training_reader(index, train: str | None = None) -> SourceReader:
+    """Random access to the images of ``index`` (a :class:`~memscan.index.faiss_index.TrainingIndex`):
+    through its recorded locations, or by listing ``train`` (or the source the index recorded)
+    when it has none or ``train`` is given."""
+    if train is None and index.locations is not None:
+        paths = index.locations["path"]
+        if len(paths) and not Path(str(paths.iloc[0])).exists():
+            raise InputError(
+                f"the training images the index {index.meta.get('source')!r} was built from are not where it "
+                f"recorded them ({paths.iloc[0]} is missing)",
+                "pass the training set's current location (--train; TRAIN for `memscan candidates`)",
+            )
+        return SourceReader(index.ids, index.captions, index.locations)
+    source = train or index.meta.get("source_resolved") or index.meta.get("source")
+    if not source or not Path(source).exists():
+        raise InputError(
+            f"the index's training source {source!r} does not exist",
+            "pass --train with the training set the index was built from",
+        )
+    reader = SourceReader.from_listing(list_source(source), index.ids, index.captions)
+    if not any(reader.paths):
+        raise InputError(f"no id of the index is in the training set {source}", "pass the set the index was built from")
+    return reader

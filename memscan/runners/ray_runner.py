@@ -529,3 +529,85 @@ def map_shards(
     """
     with RayPool(setup, setup_args, options, log=log) as pool:
         yield from pool.map(stage, tasks, progress=progress)
+
+
+# --------------------------------------------------------------------------------------------
+# parts of a sharded index served by Ray actors, one per part
+# --------------------------------------------------------------------------------------------
+class IndexPartServer:
+    """A Ray actor holding one part of an index built in shards, answering searches of it in
+    global rows.
+
+    ``opener(*args)`` returns ``(part, first_row)``; it runs where the actor runs (for a training
+    index: :func:`memscan.index.faiss_index.open_index_part`, memory-mapped from a file system
+    that node mounts), so no other part is read there.
+    """
+
+    def __init__(self, opener: Callable, args: tuple, threads: int = 1):
+        self.part, self.offset = opener(*args)
+        if threads:
+            import faiss
+
+            faiss.omp_set_num_threads(int(threads))
+
+    def ntotal(self) -> int:
+        return int(self.part.ntotal)
+
+    def search(self, queries, k: int):
+        import numpy as np
+
+        sims, idx = self.part.search(queries, min(int(k), int(self.part.ntotal)))
+        return sims, np.where(idx < 0, -1, idx + self.offset)
+
+
+class RayIndexParts:
+    """The parts of a sharded index, each searched by its own Ray actor; answers merged.
+
+    Stands where :class:`memscan.index.faiss_index.IndexParts` stands (``TrainingIndex.index``):
+    :meth:`search` sends the queries to every part's actor at once (one object in Ray's store)
+    and merges their answers with ``merge(answers, k)``
+    (:func:`memscan.index.faiss_index.merge_searches`), so the result is the unsharded index's.
+    An index larger than one machine's memory is thus served by several machines, each holding
+    only its parts. :func:`memscan.index.faiss_index.serve_index_on_ray` opens an index this way.
+
+    Parameters
+    ----------
+    opener : ``opener(*args) → (part, first_row)``, run in each actor (picklable)
+    part_args : the arguments of each part's opener, one tuple per part
+    merge : ``merge(list of (similarities, rows), k) → (similarities, rows)``
+    cpus_per_part : CPUs Ray reserves for each part's actor (and its search threads)
+    address : a Ray cluster to connect to (None: the running one, or a local Ray)
+    """
+
+    def __init__(
+        self,
+        opener: Callable,
+        part_args: list[tuple],
+        merge: Callable,
+        *,
+        cpus_per_part: float = 1,
+        address: str | None = None,
+    ):
+        ray = require_ray()
+        if not ray.is_initialized():
+            ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
+        self.ray, self.merge = ray, merge
+        actor = ray.remote(IndexPartServer).options(num_cpus=cpus_per_part, max_restarts=1, max_task_retries=1)
+        self.servers = [actor.remote(opener, tuple(a), max(1, int(cpus_per_part))) for a in part_args]
+        self.sizes = ray.get([s.ntotal.remote() for s in self.servers])  # each part opened (or its error)
+
+    @property
+    def ntotal(self) -> int:
+        return int(sum(self.sizes))
+
+    def search(self, queries, k: int):
+        q = self.ray.put(queries)
+        return self.merge(self.ray.get([s.search.remote(q, int(k)) for s in self.servers]), int(k))
+
+    def range_search(self, queries, radius):
+        raise InputError("an index served by Ray actors answers search() only", "load it locally for range queries")
+
+    def close(self) -> None:
+        for s in self.servers:
+            self.ray.kill(s)
+        self.servers = []
