@@ -159,7 +159,8 @@ def test_mia_report_outlier_section_spearman_disagreement_escaping(tmp_path):
     emb = PixelEmbedder(4).embed(np.stack([ts4.images[ts4.ids.index(i)] for i in ex["id"]]))
     want2 = _brute_cosine_knn(emb, emb, list(range(len(emb))), 2)  # every example is indexed
     np.testing.assert_allclose(t2["outlier"], want2, atol=1e-6)
-    assert "index embedding" in json.loads((run / "outliers.json").read_text())["space"]
+    meta2 = json.loads((run / "outliers.json").read_text())
+    assert "index embedding" in meta2["space"] and meta2["index"] == str((tmp_path / "idx").resolve())
     assert len(list((run / "images" / "outliers").glob("*.png"))) == (t2["thumbnail"] != "").sum()
     # memscan compare --index: the same embedding space for every compared run
     import shutil
@@ -198,3 +199,35 @@ def test_memscore_report_outlier_section_and_bad_inputs(tmp_path):
     assert res.exit_code != 0 and "--outliers" in res.output
     res = runner.invoke(app, ["report", str(tmp_path / "m"), "--outliers", "--k", "0"])
     assert res.exit_code != 0 and "--k" in res.output and "Traceback" not in res.output
+
+
+@pytest.mark.slow
+def test_lm_mia_report_outlier_section_tfidf_and_escaped_texts(tmp_path):
+    """An lm-mia run (tiny random GPT-2): TF-IDF k-NN distance to the member texts, against a
+    brute force; the page shows the texts escaped."""
+    pytest.importorskip("transformers")
+    from lm_support import MEMBERS, NONMEMBERS
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    from memscan.testing.tiny_lm import make_tiny_gpt2
+
+    model = make_tiny_gpt2(tmp_path / "gpt2", seed=4)
+    members = [*MEMBERS[:-1], MEMBERS[-1] + " <b>bold</b>"]
+    (tmp_path / "m.txt").write_text("\n".join(members) + "\n")
+    (tmp_path / "n.txt").write_text("\n".join(NONMEMBERS) + "\n")
+    args = ["lm", "mia", "--model", model, "--members", tmp_path / "m.txt", "--nonmembers", tmp_path / "n.txt"]
+    res = runner.invoke(app, [str(a) for a in [*args, "--out", tmp_path / "a", "--bootstrap", 0, "--quiet"]])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["report", str(tmp_path / "a"), "--outliers", "--k", "2"])
+    assert res.exit_code == 0, res.output
+    ex = pd.read_parquet(tmp_path / "a" / "examples.parquet").sort_values("index")
+    v = TfidfVectorizer().fit_transform(ex["text"]).toarray()
+    mem = ex["is_member"].to_numpy(bool)
+    cos = 1 - v @ v.T
+    want = [round(sorted(cos[i, j] for j in range(len(ex)) if mem[j] and j != i)[1], 12) for i in range(len(ex))]
+    t = pd.read_parquet(tmp_path / "a" / "outliers.parquet")
+    np.testing.assert_allclose(t["outlier"], want, atol=1e-9)
+    page = (tmp_path / "a" / "report.html").read_text()
+    rho = stats.spearmanr(t["score"], want).statistic
+    assert "Memorization vs outliers" in page and f"ρ = {rho:.3f}" in page
+    assert "<b>bold</b>" not in page

@@ -85,8 +85,9 @@ def features(root: Path, s) -> tuple[np.ndarray | None, list[str] | None, list[s
         if "caption" in ex and "id" in ex:
             cap = dict(zip(ex["id"].astype(str), ex["caption"].fillna("").astype(str)))
             captions = [cap.get(i, "") for i in ids]
-        if kind == "lm-mia":
-            return None, ex["text"].astype(str).tolist(), captions
+        if kind == "lm-mia":  # the text is what the page shows
+            texts = ex["text"].astype(str).tolist()  # in the order of s.scores (by index)
+            return None, texts, texts
     data = (m.get("sources") or {}).get("data")
     if not data or not Path(data).exists():
         return None, None, captions
@@ -115,6 +116,8 @@ def load_index(index):
         return index
     from memscan.index.faiss_index import TrainingIndex
 
+    if not Path(index).exists():
+        raise InputError(f"--index {index} does not exist", "build one with `memscan index TRAIN --out INDEX`")
     return TrainingIndex.load(index)
 
 
@@ -151,7 +154,10 @@ def score_outliers(
         outlier = index_knn_distance(idx, ids, _at_embedder_size(root, idx, ids, feats), k)
         spec = idx.meta.get("embedder", "pixel")
         meta |= {"space": f"index embedding {_spec_text(spec)}, cosine distance"}
-        meta |= {"reference": f"the {len(idx)} training images of the index", "index": str(index)}
+        meta |= {
+            "reference": f"the {len(idx)} training images of the index",
+            "index": str(index) if isinstance(index, (str, Path)) else None,
+        }
     elif texts is not None:
         outlier = text_knn_distance(texts, ref, k)
         meta |= {"space": "TF-IDF, cosine distance", "reference": "the run's member texts"}
@@ -199,6 +205,8 @@ def write_run_outliers(run: str | Path, k: int = DEFAULT_K, index=None) -> RunOu
             f"run {run} is of kind {kind!r}, whose examples carry no memorization or membership score",
             f"outliers are scored for runs of kinds {', '.join(SCORED_KINDS)}",
         )
+    index_path = None if index is None or not isinstance(index, (str, Path)) else str(Path(index).resolve())
+    index = load_index(index)  # a bad index is refused before anything in the run changes
     store = RunStore(run)
     old = store.root / "images" / "outliers"
     if old.is_dir():
@@ -212,6 +220,8 @@ def write_run_outliers(run: str | Path, k: int = DEFAULT_K, index=None) -> RunOu
             "restore the examples at that path",
         )
     res.meta["made"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    if index_path is not None:
+        res.meta["index"] = index_path
     write_table(res.table, store.root / "outliers.parquet")
     atomic_write_json(store.root / "outliers.json", res.meta)
     return res
