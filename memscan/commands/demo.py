@@ -161,8 +161,8 @@ def demo_compare(
     quick: bool = typer.Option(
         False,
         "--quick",
-        help="reduced run (CI): images planted ≥ 50 times and 2 unique ones, 24 generations each, 16 held-out "
-        "images [≥ 25 times and the 4 planted once, 32 generations, 32 held-out images]",
+        help="reduced run (CI): the images planted ≥ 50 times [≥ 25 times], with 2 unique ones, 24 generations "
+        "each, 16 held-out images",
     ),
     quiet: bool = quiet_option(),
 ):
