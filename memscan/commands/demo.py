@@ -161,14 +161,15 @@ def demo_compare(
     quick: bool = typer.Option(
         False,
         "--quick",
-        help="reduced run (CI): the images planted ≥ 50 times [≥ 25 times], with 2 unique ones, 24 generations "
-        "each, 16 held-out images",
+        help="reduced run (CI): the images planted ≥ 50 times [≥ 25 times] and the 4 planted once, 24 "
+        "generations each [32], 16 held-out images [32]",
     ),
+    threads: int = typer.Option(1, "--threads", help="torch threads (one is fastest for these tiny models)"),
     quiet: bool = quiet_option(),
 ):
     """Memorization over training and width: the same extraction attack on each shipped demo checkpoint (16/32/32,
     compared by step, with held-out loss), then the last checkpoint against the wider shipped model (by parameters)."""
     from memscan.demo.compare import run_demo_compare
 
-    res = run_library_call(run_demo_compare, out, quick=quick, progress=not quiet)
+    res = run_library_call(run_demo_compare, out, quick=quick, progress=not quiet, threads=threads)
     typer.echo(res.text())

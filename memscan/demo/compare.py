@@ -6,8 +6,8 @@ widths 16/32/32) saved during one training run with the demo recipe
 
 1. rebuilds the demo training set (digits with planted duplicates) and a held-out set (digits
    that are not in it);
-2. attacks the captions of the images planted ≥ 25 times and of 2 planted once (``--quick``:
-   ≥ 50 times) with the same extraction attack and the same seeds on every checkpoint,
+2. attacks the captions of the images planted ≥ 25 times and of the 4 planted once
+   (``--quick``: ≥ 50 times) with the same extraction attack and the same seeds on every checkpoint,
    recording each checkpoint's held-out and training loss (a checkpoint sweep,
    :func:`memscan.extraction.sweep.extract_sweep`);
 3. compares them by training step (``OUT/sweep/compare.html``): extraction rate by duplicate
@@ -98,14 +98,29 @@ class DemoCompareResult:
 
 #: Generations per prompt (``--quick``: :data:`QUICK_SAMPLES`), sized for the 5-minute budget on
 #: 2 CPU cores (docs/demo.md has the measured time).
-SAMPLES = 24
+SAMPLES = 32
 QUICK_SAMPLES = 24
+#: Torch threads: one. The models are tiny (8×8 digits); on 2 busy cores two threads spin for
+#: cores that other processes hold (the default run took 563 s of CPU with two threads under a
+#: load of 7, 40 s with one; docs/demo.md).
+THREADS = 1
 
 
 def run_demo_compare(
-    out: str | Path = "runs/demo-compare", *, quick: bool = False, progress: bool = True
+    out: str | Path = "runs/demo-compare", *, quick: bool = False, progress: bool = True, threads: int | None = THREADS
 ) -> DemoCompareResult:
-    """Run the demo (see the module); ``quick``: fewer prompts and generations (CI)."""
+    """Run the demo (see the module); ``quick``: fewer prompts and generations (CI); ``threads``:
+    torch threads while it runs (None: unchanged)."""
+    from memscan.mia.shadow import torch_threads
+
+    with torch_threads(threads):
+        res = _run_demo_compare(Path(out), quick, progress)
+    res.summary["threads"] = threads
+    (res.out / "summary.json").write_text(json.dumps(res.summary, indent=1, default=_plain))
+    return res
+
+
+def _run_demo_compare(out: Path, quick: bool, progress: bool) -> DemoCompareResult:
     t0 = time.perf_counter()
     out = Path(out)
     ckdir = checkpoints_dir()
@@ -123,10 +138,10 @@ def run_demo_compare(
     # 1. data: the training set and held-out digits
     data = build_demo_data()
     write_demo_data(data, out / "data")
-    write_heldout(data, out / "heldout", 16)
-    # 2. prompts: the captions of the images planted ≥ 25 times (quick: ≥ 50) and 2 of the unique
-    #    ones planted once
-    prompts = candidate_prompts(data, 2, 50 if quick else 25)
+    write_heldout(data, out / "heldout", 16 if quick else 32)
+    # 2. prompts: the captions of the images planted ≥ 25 times (quick: ≥ 50) and of the unique
+    #    ones planted once (4)
+    prompts = candidate_prompts(data, 2 if quick else 4, 50 if quick else 25)
     prompts.to_csv(out / "prompts.csv", index=False)
     config = ExtractConfig(
         samples_per_prompt=samples, grid=4, min_clique=10, delta=0.15, seed=0, batch_size=samples, shard_size=8
