@@ -577,3 +577,9 @@ def test_bad_indexes_are_refused_by_the_outlier_score(corpus, index_cases, finis
     before = _snapshot(ms)
     assert_clean_error(cli("report", ms, "--outliers", "--index", path), want)
     assert _snapshot(ms) == before  # nothing written to the run
+
+
+def test_report_outliers_refuses_runs_without_per_example_scores(finished_run):
+    before = _snapshot(finished_run)
+    assert_clean_error(cli("report", finished_run, "--outliers"), "kind 'extract'", "memscore")
+    assert _snapshot(finished_run) == before

@@ -194,6 +194,14 @@ def test_memscore_report_outlier_section_and_bad_inputs(tmp_path):
     page = (tmp_path / "m" / "report.html").read_text()
     assert f"ρ = {rho:.3f}" in page and "memorization score M" in page
     assert json.loads((tmp_path / "m" / "outliers.json").read_text())["spearman"] == pytest.approx(rho)
+    # the same at run time: memscore --outliers records it and the run's page shows it
+    res = runner.invoke(app, [str(a) for a in [*args[:-1], tmp_path / "m2", "--outliers", "--quiet"]])
+    assert res.exit_code == 0, res.output
+    t2 = pd.read_parquet(tmp_path / "m2" / "outliers.parquet")
+    want5 = [round(sorted(abs(x[i] - x[j]) for j in range(len(x)) if j != i)[4], 12) for i in range(len(x))]
+    np.testing.assert_allclose(t2["outlier"], want5, atol=1e-9)  # k = 5
+    rho5 = stats.spearmanr(ms["score"], want5).statistic
+    assert f"ρ = {rho5:.3f}" in (tmp_path / "m2" / "report.html").read_text()
     # arrays cannot be embedded by an image index; --index without --outliers; an extract run
     res = runner.invoke(app, ["report", str(tmp_path / "m"), "--index", str(tmp_path)])
     assert res.exit_code != 0 and "--outliers" in res.output
