@@ -581,3 +581,33 @@ def test_compare_refuses_what_it_cannot_compare(corpus, finished_run, tmp_path):
     args = TRAIN_COMMANDS["extract"](corpus, corpus.mixed, tmp_path / "sweep")
     args = tuple(empty if a == "py:gen_support:planted" else a for a in args)
     assert_clean_error(cli(*args), "checkpoint-5", "holds no model")
+
+
+# ---- the outlier score in a training index's space: memscan compare / report --index ------------------
+@pytest.mark.parametrize("bad", [b for b in INDEX_BAD if b != "an index whose training images moved"])
+def test_bad_indexes_are_refused_by_the_outlier_score(corpus, index_cases, finished_run, tmp_path, bad):
+    """(The training images are not read back: the outlier score uses the index's embeddings.)"""
+    import shutil
+
+    import numpy as np
+
+    path, want = index_cases[bad]
+    twin = tmp_path / "twin"
+    shutil.copytree(finished_run, twin)
+    out = tmp_path / "cmp"
+    assert_clean_error(cli("compare", finished_run, twin, "--out", out, "--index", path, "--quiet"), want)
+    assert not out.exists()
+    np.save(tmp_path / "x.npy", np.linspace(0, 1, 9))
+    ms = tmp_path / "ms"
+    args = ("memscore", "--data", tmp_path / "x.npy", "--train-fn", "py:golden_support:gauss_train")
+    args += ("--log-likelihood-fn", "py:golden_support:gauss_loglik", "--folds", 3, "--out", ms, "--quiet")
+    assert cli(*args).exit_code == 0
+    before = _snapshot(ms)
+    assert_clean_error(cli("report", ms, "--outliers", "--index", path), want)
+    assert _snapshot(ms) == before  # nothing written to the run
+
+
+def test_report_outliers_refuses_runs_without_per_example_scores(finished_run):
+    before = _snapshot(finished_run)
+    assert_clean_error(cli("report", finished_run, "--outliers"), "kind 'extract'", "memscore")
+    assert _snapshot(finished_run) == before

@@ -38,6 +38,15 @@ def test_quick_demo_compare_runs_the_sweep_and_compares_by_step(tmp_path):
     # the shipped model (3000 steps) extracts the most duplicated images; early checkpoints fewer
     last = s["checkpoints"][-1]["extraction_rate_by_duplicates"]
     assert last["200"] >= 0.5 and last["200"] >= s["checkpoints"][0]["extraction_rate_by_duplicates"]["200"]
-    assert len(s["fits"]) == 1 and s["fits"][0]["n"] == 3
+    # the fit is over the checkpoints (one width); the shipped model is compared by parameters
+    n_ckpts = len(list_checkpoints(checkpoints_dir()))
+    assert len(s["fits"]) == 1 and s["fits"][0]["n"] == n_ckpts and s["fits"][0]["by"] == "step"
+    assert s["checkpoints"][-1]["params"] > s["checkpoints"][-2]["params"]
+    assert s["checkpoints"][-1]["heldout_loss"] is None
+    for c in s["checkpoints"]:  # "e/n" beside each rate
+        e, n = (int(v) for v in c["extractions_by_duplicates"]["200"].split("/"))
+        assert e / n == c["extraction_rate_by_duplicates"]["200"]
     assert (out / "sweep" / "compare.html").exists() and (out / "compare" / "compare.html").exists()
-    assert "report" in proc.stdout
+    assert str(out / "sweep" / "compare.html") in proc.stdout and str(out / "compare" / "compare.html") in proc.stdout
+    # memorization rises over training: the last checkpoint extracts at least what the first does
+    assert s["checkpoints"][-2]["extractions"] >= s["checkpoints"][0]["extractions"]

@@ -48,6 +48,13 @@ def register(app: typer.Typer) -> None:
             "and the page [refused]",
         ),
         k: int = typer.Option(5, "--k", help="neighbour of the k-NN outlier score (Ramaswamy et al. 2000)"),
+        index: Path | None = typer.Option(
+            None,
+            "--index",
+            help="training index (memscan index) of image runs: the outlier score is the k-NN cosine distance "
+            "between its embeddings, to its training images [pixels in [0, 1] (TF-IDF for text), to each "
+            "run's member examples]",
+        ),
         resume: bool = resume_option(),
         quiet: bool = quiet_option(),
     ):
@@ -64,6 +71,7 @@ def register(app: typer.Typer) -> None:
                 labels=_labels(label),
                 allow_mismatch=allow_mismatch,
                 k=k,
+                index=index,
                 resume=resume,
                 progress=not quiet,
             )

@@ -17,6 +17,32 @@ _TARGET_HELP = "target: a diffusers directory or py:module:attribute (with --mem
 _SHADOWS_HELP = "shadow directory (train_shadow_models / demo-mia) for LiRA"
 
 
+def _outliers_option() -> bool:
+    return typer.Option(
+        False,
+        "--outliers",
+        help="once the run is complete, score every example by its k-NN distance (k = 5) to the other training "
+        "examples and record it in the run (outliers.parquet) for its report; `memscan report RUN --outliers "
+        "[--index INDEX] [--k K]` recomputes it [off]",
+    )
+
+
+def _record_outliers(out: Path, outliers: bool) -> None:
+    """``--outliers``: the run is complete (and kept) before this step; its failure is one error."""
+    if not outliers:
+        return
+    from memscan.compare.example_outliers import write_run_outliers
+    from memscan.report.registry import build_report
+
+    try:
+        res = write_run_outliers(out)
+        build_report(out)  # the page again, with its "Memorization vs outliers" section
+    except MemscanError as exc:
+        _fail(exc)
+    m = res.meta
+    typer.echo(f"outliers: Spearman's rho {m['spearman']} between the score and the k-NN distance (n = {m['n']})")
+
+
 def register(app: typer.Typer) -> None:
     @app.command()
     def mia(
@@ -47,6 +73,7 @@ def register(app: typer.Typer) -> None:
         runner: str = runner_option(),
         ray_address: str | None = ray_address_option(),
         num_workers: int | None = num_workers_option(),
+        outliers: bool = _outliers_option(),
         quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
     ):
         """Membership inference with the diffusion loss L_t: threshold and LiRA, per timestep."""
@@ -78,6 +105,7 @@ def register(app: typer.Typer) -> None:
         except MemscanError as exc:
             _fail(exc)
         typer.echo(mia_summary(res, out))
+        _record_outliers(out, outliers)
 
     @app.command()
     def inpaint(
@@ -106,6 +134,7 @@ def register(app: typer.Typer) -> None:
         runner: str = runner_option(),
         ray_address: str | None = ray_address_option(),
         num_workers: int | None = num_workers_option(),
+        outliers: bool = _outliers_option(),
         quiet: bool = typer.Option(False, "--quiet", help="no progress output"),
     ):
         """The inpainting attack: hide part of each image, inpaint it (RePaint), score the distance."""
@@ -137,6 +166,7 @@ def register(app: typer.Typer) -> None:
         except MemscanError as exc:
             _fail(exc)
         typer.echo(inpaint_summary(res, out))
+        _record_outliers(out, outliers)
 
     @app.command()
     def memscore(
@@ -153,6 +183,7 @@ def register(app: typer.Typer) -> None:
         runner: str = runner_option("folds"),
         ray_address: str | None = ray_address_option(),
         num_workers: int | None = num_workers_option(),
+        outliers: bool = _outliers_option(),
         quiet: bool = typer.Option(False, "--quiet", help="no progress bar"),
     ):
         """Memorization score M = U − V (van den Burg & Williams 2021), K folds × L repeats, resumable."""
@@ -176,3 +207,4 @@ def register(app: typer.Typer) -> None:
         except MemscanError as exc:
             _fail(exc)
         typer.echo(memscore_summary(res))
+        _record_outliers(out, outliers)

@@ -9,7 +9,11 @@ regime; a duplicated example has distance 0 to its copies, so it is never an out
 
 - images / arrays: the normalised ℓ2 of DESIGN.md, ``sqrt(mean((a − b)²))`` over pixels in
   [0, 1] (exact search with a FAISS flat index);
-- text: cosine distance ``1 − cos`` between TF-IDF vectors (scikit-learn).
+- text: cosine distance ``1 − cos`` between TF-IDF vectors (scikit-learn);
+- a training index (``memscan index``): cosine distance ``1 − cos`` between the index's own
+  L2-normalised embeddings (:func:`index_knn_distance`): the reference is every indexed training
+  image, an example found in the index by its id is represented by its stored vector and
+  excluded from its own neighbours, any other example is embedded with the index's embedder.
 
 Then Spearman's rank correlation between the outlier score and the memorization score
 (scipy), and the examples where the two rankings disagree most: high memorization but typical,
@@ -28,6 +32,8 @@ import pandas as pd
 CANDIDATE_MARGIN = 8
 #: Decimals the distances are rounded to (equal distances must tie in rank statistics).
 ROUND = 12
+#: Queries re-ranked per block in :func:`embedding_knn_distance`.
+CHUNK = 2048
 #: Neighbours for the k-NN distance (Ramaswamy et al. 2000 use the k-th neighbour's distance).
 DEFAULT_K = 5
 
@@ -93,6 +99,101 @@ def text_knn_distance(texts: list[str], reference: np.ndarray | None = None, k: 
         if len(d) < k:
             continue
         out[i] = round(float(np.sort(d)[k - 1]), ROUND)
+    return out
+
+
+def embedding_knn_distance(
+    queries: np.ndarray, reference: np.ndarray, self_rows: np.ndarray | None = None, k: int = DEFAULT_K, index=None
+) -> np.ndarray:
+    """Cosine distance ``1 − u·v`` from each L2-normalised query vector to its k-th nearest
+    reference vector, the query's own reference row excluded.
+
+    Parameters
+    ----------
+    queries : float Q×D, L2-normalised
+    reference : float N×D, L2-normalised (a training index's embeddings)
+    self_rows : int (Q,): the reference row that *is* query i (excluded), or −1 (none)
+    k : the neighbour whose distance is the score
+    index : an object with ``search(q, k) -> (similarities, rows)`` over ``reference`` (a
+        :class:`~memscan.index.faiss_index.TrainingIndex`) giving the candidates; default: an
+        exact FAISS inner-product index built here
+
+    Returns
+    -------
+    numpy.ndarray (Q,), float64; NaN where fewer than k other reference rows exist
+    """
+    q = np.ascontiguousarray(np.asarray(queries, np.float32).reshape(len(queries), -1))
+    ref = np.asarray(reference)
+    n_q, n_ref = len(q), len(ref)
+    rows = np.full(n_q, -1, np.int64) if self_rows is None else np.asarray(self_rows, np.int64)
+    out = np.full(n_q, np.nan)
+    if n_q == 0 or n_ref == 0 or k < 1:
+        return out
+    # 1. candidates: the k + 1 + margin most similar reference rows (one may be the query itself)
+    kk = min(k + 1 + CANDIDATE_MARGIN, n_ref)
+    if index is None:
+        import faiss
+
+        index = faiss.IndexFlatIP(q.shape[1])
+        index.add(np.ascontiguousarray(ref, np.float32))
+    _, nn = index.search(q, kk)
+    nn = np.asarray(nn, np.int64)
+    for s in range(0, n_q, CHUNK):
+        # 2. exact float64 cosine distance to the candidates; the query's own row and missing
+        #    candidates (−1) are set to +inf
+        c = nn[s : s + CHUNK]
+        drop = (c < 0) | (c == rows[s : s + CHUNK, None])
+        flat = np.where(drop, 0, c).ravel()
+        order = np.argsort(flat, kind="stable")  # sorted reads (a memory-mapped index)
+        vec = np.empty((len(flat), ref.shape[1]), np.float64)
+        vec[order] = np.asarray(ref[flat[order]], np.float64)
+        d = 1.0 - np.einsum("qkd,qd->qk", vec.reshape(*c.shape, -1), q[s : s + CHUNK].astype(np.float64))
+        d[drop] = np.inf
+        # 3. the k-th; rounded so that equal distances tie exactly (rank correlations)
+        kth = np.sort(d, axis=1)[:, k - 1] if d.shape[1] >= k else np.full(len(d), np.inf)
+        out[s : s + CHUNK] = np.where(np.isfinite(kth), np.round(np.maximum(kth, 0.0), ROUND), np.nan)
+    return out
+
+
+def index_knn_distance(index, ids, images=None, k: int = DEFAULT_K, embedder=None) -> np.ndarray:
+    """k-NN cosine distance of each example to the training images of a ``memscan index``.
+
+    Parameters
+    ----------
+    index : :class:`~memscan.index.faiss_index.TrainingIndex` (``TrainingIndex.load(INDEX)``)
+    ids : the examples' ids; an id found in the index is represented by its stored embedding and
+        is excluded from its own neighbours (the example itself)
+    images : uint8 N×H×W×C (or a callable ``rows -> images``) for the examples *not* in the
+        index, embedded with the index's recorded embedder; None: such examples get NaN
+    k : the neighbour whose distance is the score
+    embedder : override the recorded embedder (tests)
+
+    Returns
+    -------
+    numpy.ndarray (N,), float64 (NaN for an example neither indexed nor given as an image)
+    """
+    from memscan.index.embedders import l2_normalize, load_embedder
+
+    ids = [str(i) for i in ids]
+    pos = {i: r for r, i in enumerate(index.ids)}
+    self_rows = np.array([pos.get(i, -1) for i in ids], np.int64)
+    q = np.zeros((len(ids), index.dim), np.float32)
+    known = self_rows >= 0
+    # 1. indexed examples: their own stored vectors
+    if known.any():
+        q[known] = np.asarray(index.embeddings[self_rows[known]], np.float32)
+    missing = np.flatnonzero(~known)
+    have = np.ones(len(ids), bool)
+    # 2. the others (non-members): embedded with the index's own embedder
+    if len(missing):
+        if images is None:
+            have[missing] = False
+        else:
+            imgs = images(missing) if callable(images) else np.asarray(images)[missing]
+            emb = load_embedder(embedder or index.meta.get("embedder", "pixel"))
+            q[missing] = l2_normalize(emb.embed(imgs))
+    out = embedding_knn_distance(q, index.embeddings, self_rows, k, index=index)
+    out[~have] = np.nan
     return out
 
 

@@ -3,7 +3,7 @@
 The run directory::
 
     OUT/
-      manifest.json          runs, labels, --by, k, mismatches, fits, outlier correlations
+      manifest.json          runs, labels, --by, k, index, mismatches, fits, outlier correlations
       compare.parquet        one row per run (run, kind, label, model, params, step, train_size,
                              the run's counts under their manifest names, rates, MIA metrics with
                              their bootstrap bounds, memscore summaries, memorization,
@@ -11,7 +11,7 @@ The run directory::
       items.parquet          run, item: the training items each run memorized
       overlap.parquet        run_a, run_b, n_a, n_b, both, union, jaccard
       by_duplicates.parquet  run, duplicate_count, prompts, extractions, extraction_rate
-      outliers.parquet       run, id, score, outlier, score_rank, outlier_rank, disagreement,
+      outliers.parquet       run, id, caption, score, outlier, score_rank, outlier_rank, disagreement,
                              thumbnail
       fits.parquet           kind, by, measure, n, slope, intercept, slope_se, slope_lo,
                              slope_hi, r2
@@ -32,19 +32,21 @@ import numpy as np
 import pandas as pd
 
 from memscan.compare.checks import Mismatch, find_mismatches
-from memscan.compare.outliers import DEFAULT_K, analyse, knn_distance, text_knn_distance
+from memscan.compare.example_outliers import SHOWN as EXAMPLES_SHOWN
+from memscan.compare.example_outliers import empty_table, score_outliers, thumb_prefix
+from memscan.compare.outliers import DEFAULT_K, analyse
 from memscan.compare.overlap import overlap_table
 from memscan.compare.runs import BY_CHOICES, read_manifest, summarize_run
 from memscan.compare.scaling import log_linear_fit
 from memscan.errors import InputError
 from memscan.runners import make_pool
 from memscan.runners.shards import run_shards
-from memscan.store import open_run, safe_name, write_table
+from memscan.store import open_run, write_table
 
 KIND = "compare"
 TABLES = ("compare", "items", "by_duplicates", "outliers")
 #: Examples shown at each end of the outlier disagreement.
-SHOWN = 5
+SHOWN = EXAMPLES_SHOWN
 
 
 @dataclass
@@ -64,7 +66,7 @@ def _setup() -> dict:
     return {}
 
 
-def compare_stage(ctx: dict, run: str, label: str, k: int, out: str) -> tuple[dict, dict]:
+def compare_stage(ctx: dict, run: str, label: str, k: int, out: str, index: str | None = None) -> tuple[dict, dict]:
     """One input run: its summary row, items, rates by duplicate count and outlier scores."""
     s = summarize_run(run, label)
     row = pd.DataFrame([s.row])
@@ -76,72 +78,28 @@ def compare_stage(ctx: dict, run: str, label: str, k: int, out: str) -> tuple[di
             {"run": pd.Series([], dtype=str), "duplicate_count": pd.Series([], dtype="int64")}
             | {c: pd.Series([], dtype="float64") for c in ("prompts", "extractions", "extraction_rate")}
         )
-    outl = _outliers(run, s, k, Path(out))
+    outl = _outliers(run, s, k, Path(out), index)
     return {"compare": row, "items": items, "by_duplicates": dup, "outliers": outl}, {"run": str(run)}
 
 
 def _empty_outliers() -> pd.DataFrame:
-    cols = {"run": str, "id": str, "score": float, "outlier": float}
-    cols |= {"score_rank": float, "outlier_rank": float, "disagreement": float, "thumbnail": str}
-    return pd.DataFrame({c: pd.Series([], dtype=t) for c, t in cols.items()})
-
-
-def _outliers(run: str, s, k: int, out: Path) -> pd.DataFrame:
-    """k-NN outlier score of each scored example, in pixel space (images / arrays) or TF-IDF
-    space (texts); thumbnails of the most disagreeing examples."""
-    if not len(s.scores):
-        return _empty_outliers()
-    feats, texts = _features(Path(run), s)
-    ids = s.scores["id"].astype(str).tolist()
-    ref = s.scores["is_member"].to_numpy(bool)
-    if texts is not None:
-        outlier = text_knn_distance(texts, ref, k)
-    elif feats is not None:
-        outlier = knn_distance(feats, ref, k)
-    else:
-        return _empty_outliers()
-    a = analyse(ids, s.scores["score"].to_numpy(float), outlier)
-    t = a.table.copy()
-    t.insert(0, "run", str(run))
-    t["thumbnail"] = ""
-    if feats is not None and feats.ndim == 4:
-        from memscan.mia.run_dir import save_thumb
-        from memscan.store import RunStore
-
-        hi, lo = a.most_disagreeing(SHOWN)
-        pos = {i: n for n, i in enumerate(ids)}
-        for i in list(hi["id"]) + list(lo["id"]):
-            rel = save_thumb(RunStore(out), "outliers", f"{safe_name(run)}/{i}", feats[pos[i]])
-            t.loc[t["id"] == i, "thumbnail"] = rel
+    t = empty_table()
+    t.insert(0, "run", pd.Series([], dtype=str))
     return t
 
 
-def _features(root: Path, s) -> tuple[np.ndarray | None, list[str] | None]:
-    """The examples' pixels in [0, 1] (N×H×W×C, or N×D for arrays), or their texts."""
-    m = read_manifest(root)
-    kind = m.get("kind")
-    ids = s.scores["id"].astype(str).tolist()
-    if kind == "lm-mia":
-        ex = pd.read_parquet(root / "examples.parquet").sort_values("index")
-        return None, ex["text"].astype(str).tolist()
-    data = (m.get("sources") or {}).get("data")
-    if not data or not Path(data).exists():
-        return None, None
-    if kind == "memscore":
-        from memscan.mia.memscore_run import load_array_data
+def _outliers(run: str, s, k: int, out: Path, index: str | None = None) -> pd.DataFrame:
+    """k-NN outlier score of each scored example, in pixel space (images / arrays), TF-IDF
+    space (texts) or the training index's embedding space; thumbnails of the most disagreeing
+    examples (:func:`memscan.compare.example_outliers.score_outliers`)."""
+    from memscan.store import RunStore
 
-        arr, _, imgs = load_array_data(data)
-        if imgs is not None:
-            x = imgs.astype(np.float32) / 255.0
-            return (x if x.ndim == 4 else x[..., None]), None
-        return np.asarray(arr, np.float64).reshape(len(arr), -1), None
-    from memscan.data.training import load_training_set
-
-    ts = load_training_set(data)
-    pos = {i: n for n, i in enumerate(ts.ids)}
-    if not all(i in pos for i in ids):
-        return None, None
-    return ts.images[[pos[i] for i in ids]].astype(np.float32) / 255.0, None
+    res = score_outliers(run, s, k, index, thumbs=RunStore(out), prefix=thumb_prefix(run))
+    if res.analysis is None:
+        return _empty_outliers()
+    t = res.table
+    t.insert(0, "run", str(run))
+    return t
 
 
 def _attribute(row: pd.Series, by: str) -> float:
@@ -210,6 +168,7 @@ def compare_runs(
     labels: dict[str, str] | None = None,
     allow_mismatch: bool = False,
     k: int = DEFAULT_K,
+    index: str | Path | None = None,
     extra: dict[str, dict] | None = None,
     resume: bool = False,
     progress: bool = True,
@@ -227,6 +186,8 @@ def compare_runs(
     allow_mismatch : compare runs of one kind made with different thresholds or data, flagged
         in the table (``mismatch``), the manifest and the page; without it they are refused
     k : the neighbour of the k-NN outlier score
+    index : a training index (``memscan index`` folder): the outlier score is then the k-NN cosine
+        distance in its embedding space to its training images, instead of pixels / TF-IDF
     extra : run → further columns of its row (a checkpoint sweep's ``heldout_loss``,
         ``train_loss``, ``loss_gap``)
     resume : continue a killed comparison in ``out``
@@ -249,6 +210,11 @@ def compare_runs(
     for r in runs:
         r = str(r)
         label_of[r] = labels.get(r, labels.get(str(Path(r).resolve()), Path(r).name))
+    idx_arg = None if index is None else str(Path(index).resolve())
+    if idx_arg is not None:
+        from memscan.compare.example_outliers import load_index
+
+        load_index(idx_arg)  # a bad index is refused before anything is written
     with open_run(out, KIND, resume=resume) as run:
         run.start(
             {
@@ -256,19 +222,20 @@ def compare_runs(
                 "labels": label_of,
                 "by": by,
                 "k": int(k),
+                "index": None if index is None else str(Path(index).resolve()),
                 "allow_mismatch": bool(allow_mismatch),
                 "mismatches": [m.__dict__ for m in mismatches],
                 "extra_columns": {str(r): dict(v) for r, v in (extra or {}).items()},
                 "n_shards": len(runs),
             },
-            identity=("runs", "labels", "by", "k", "allow_mismatch", "n_shards"),
+            identity=("runs", "labels", "by", "k", "index", "allow_mismatch", "n_shards"),
         )
         with make_pool("local", _setup, ()) as pool:
             run_shards(
                 run,
                 pool,
                 compare_stage,
-                {i: (str(r), label_of[str(r)], int(k), str(run.root)) for i, r in enumerate(runs)},
+                {i: (str(r), label_of[str(r)], int(k), str(run.root), idx_arg) for i, r in enumerate(runs)},
                 label="compare: runs",
                 unit="runs",
                 progress=progress,

@@ -128,6 +128,7 @@ def build_compare_report(run: str | Path, out: str | Path | None = None) -> Path
             heldout_png=heldout_png,
             by=by,
             k=manifest.get("k"),
+            outlier_index=manifest.get("index"),
             outliers=out_sections,
         )
     )

@@ -25,6 +25,7 @@ from memscan.lm.mia_run import BLIND_STATISTIC
 from memscan.mia.metrics import plot_roc, roc_metrics
 from memscan.mia.tables import scores_of
 from memscan.report.base import environment, open_complete_run, write_page
+from memscan.report.mia import outlier_context
 
 __all__ = ["build_lm_mia_report"]
 
@@ -69,6 +70,7 @@ def build_lm_mia_report(run: str | Path, out: str | Path | None = None, top: int
             made=pd.Timestamp.now().strftime("%Y-%m-%d %H:%M"),
             version=(manifest.get("versions") or {}).get("memscan") or "dev",
             manifest_rows=_manifest_rows(manifest),
+            outliers=outlier_context(root),
             blind=blind,
             blind_threshold=BLIND_AUC_WARNING,
             blind_text=BLIND_WARNING_TEXT,

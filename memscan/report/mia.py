@@ -126,6 +126,7 @@ def build_mia_report(run: str | Path, out: str | Path | None = None) -> Path:
         "skipped": manifest.get("skipped_attacks", []),
         "sections": [],
         "memscore": None,
+        "outliers": outlier_context(root),
     }
     if kind == "memscore":
         ctx["memscore"] = _memscore_context(store, manifest)
@@ -135,6 +136,68 @@ def build_mia_report(run: str | Path, out: str | Path | None = None) -> Path:
     path = Path(out) if out else root / "report.html"
     path.write_text(html, encoding="utf-8")
     return path
+
+
+def _rank_scatter_png(t: pd.DataFrame) -> bytes:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(4, 3.6))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.scatter(t["outlier_rank"], t["score_rank"], s=8, alpha=0.6, color="#555")
+    ax.plot([0, 1], [0, 1], ls="--", lw=1, c="#c0392b")
+    ax.set_xlabel("outlier score rank (k-NN distance)")
+    ax.set_ylabel("memorization / membership score rank")
+    fig.tight_layout()
+    return _png(fig)
+
+
+def outlier_context(root: Path, shown: int = 5) -> dict | None:
+    """Memorization vs outliers, from ``outliers.parquet`` / ``outliers.json`` when the run holds
+    them (``memscan report RUN --outliers``, or ``--outliers`` on the run's command): Spearman's ρ
+    (recomputed from the table), a rank scatter, and the ``shown`` examples at each end of the
+    rank difference, with their thumbnails and captions."""
+    from memscan.compare.outliers import analyse
+
+    path = root / "outliers.parquet"
+    if not path.exists():
+        return None
+    t = pd.read_parquet(path)
+    meta_path = root / "outliers.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    a = analyse(t["id"], t["score"].to_numpy(float), t["outlier"].to_numpy(float))
+    hi, lo = a.most_disagreeing(shown)
+    cap = dict(zip(t["id"].astype(str), t["caption"].fillna("").astype(str))) if "caption" in t else {}
+    thumb = dict(zip(t["id"].astype(str), t["thumbnail"].fillna("").astype(str))) if "thumbnail" in t else {}
+
+    def rows(d: pd.DataFrame) -> list[dict]:
+        return [
+            {
+                "id": r.id,
+                "caption": cap.get(r.id, ""),
+                "score": float(r.score),
+                "outlier": float(r.outlier),
+                "score_rank": float(r.score_rank),
+                "outlier_rank": float(r.outlier_rank),
+                "img": _uri(root, thumb[r.id]) if thumb.get(r.id) else None,
+            }
+            for r in d.itertuples(index=False)
+        ]
+
+    ok = a.table.dropna(subset=["disagreement"])
+    return {
+        "n": a.n,
+        "spearman": a.spearman,
+        "p_value": a.p_value,
+        "k": meta.get("k"),
+        "space": meta.get("space") or "",
+        "reference": meta.get("reference") or "",
+        "score": meta.get("score") or "",
+        "scatter": base64.b64encode(_rank_scatter_png(ok)).decode() if len(ok) else None,
+        "memorized_typical": rows(hi),
+        "outlying_not_memorized": rows(lo),
+    }
 
 
 def _memscore_context(store: RunStore, manifest: dict) -> dict:
