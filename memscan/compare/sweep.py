@@ -36,6 +36,12 @@ SHAPE_KEYS = (
     "model_type",
     "architectures",
     "vocab_size",
+    "n_embd",
+    "n_layer",
+    "n_head",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
     "_class_name",
     "sample_size",
     "in_channels",
@@ -123,11 +129,12 @@ def checkpoint_sweep(
         raise InputError(
             f"sweep directory {out} already holds runs", "pass --resume to finish it, or choose a new --out"
         )
-    # 1. every checkpoint: the same attack, the same seeds
+    # 1. every checkpoint's model directory (a checkpoint that holds none fails before any run)
+    paths = [model_dir(c, base, out / ".models") for c in ckpts]
+    # 2. every checkpoint: the same attack, the same seeds
     runs, extra = [], {}
-    for c in ckpts:
+    for c, path in zip(ckpts, paths):
         sub = out / c.name
-        path = model_dir(c, base, out / ".models")
         store = RunStore(sub)
         done = store.exists() and store.read_manifest().get("status") == "complete"
         if not done:
@@ -135,7 +142,7 @@ def checkpoint_sweep(
         runs.append(str(sub))
         if losses is not None:
             extra[str(sub)] = _cached_losses(sub, path, losses)
-    # 2. the losses, then the comparison by training step
+    # 3. the losses, then the comparison by training step
     if extra:
         rows = [{"checkpoint": Path(r).name, "step": s.step, **extra[r]} for r, s in zip(runs, ckpts)]
         write_table(pd.DataFrame(rows), out / "heldout.parquet")

@@ -124,6 +124,18 @@ def train_lm_checkpoints(
     return records
 
 
+def export_checkpoint(src: str | Path, dst: str | Path, dtype: str = "bfloat16") -> Path:
+    """Copy the checkpoint ``src`` (saved by :func:`train_lm_checkpoints`) to ``dst`` with its
+    weights cast to ``dtype`` (its record says so)."""
+    from transformers import GPT2LMHeadModel
+
+    src = Path(src)
+    rec = json.loads((src / "memscan.json").read_text())
+    rec["saved_dtype"] = dtype
+    model = GPT2LMHeadModel.from_pretrained(src, dtype=torch.float32)
+    return save_checkpoint(model, Path(dst), step=int(rec["step"]), record=rec, dtype=dtype)
+
+
 if __name__ == "__main__":  # pragma: no cover - the shipped checkpoints' training run
     import argparse
     import sys
