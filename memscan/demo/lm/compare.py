@@ -63,6 +63,55 @@ def heldout_sentences(n: int, seed: int = DEFAULT_SEED) -> list[str]:
     return out[:n]
 
 
+def format_logprobs_cached(lm, prefix: str = DIGIT_PREFIX, digits: int = DIGITS, batch_size: int = 1000):
+    """:func:`memscan.demo.lm.run.format_logprobs` (log p(d | prefix) of every ``digits``-digit
+    string d, exact) with the prefix's KV cache: the prefix goes through the model once per batch
+    of stems and each stem's pass covers only its own ``digits − 1`` tokens (5× fewer tokens for
+    the demo's format). Equal to ``format_logprobs`` up to float rounding (tested); falls back to
+    it for a model without a repeatable cache."""
+    import numpy as np
+
+    from memscan.demo.lm.run import format_logprobs
+
+    model = getattr(lm, "model", None)
+    if model is None:
+        return format_logprobs(lm, prefix, digits, batch_size)
+    import torch
+
+    pre = torch.as_tensor(np.asarray(lm.encode(prefix), dtype=np.int64))[None, :]
+    digit_ids = np.array([int(lm.encode(str(d))[0]) for d in range(10)], dtype=np.int64)
+    if any(len(lm.encode(str(d))) != 1 for d in range(10)):
+        raise MemscanError("the model's tokenizer does not give one token per digit", "use a byte-level model")
+    dev = next(model.parameters()).device
+    pre, dig = pre.to(dev), torch.as_tensor(digit_ids, device=dev)
+    n_stems = 10 ** (digits - 1)
+    total = np.zeros(10**digits)
+    with torch.inference_mode():
+        for i in range(0, n_stems, batch_size):
+            stem = np.arange(i, min(n_stems, i + batch_size))
+            st = (stem[:, None] // 10 ** np.arange(digits - 2, -1, -1)[None, :]) % 10  # b × (digits−1)
+            b = len(stem)
+            # 1. the prefix once; its cache repeated for the b stems
+            head = model(input_ids=pre, use_cache=True)
+            arg = getattr(lm, "_cache_arg", "past_key_values")
+            cache = getattr(head, arg, None)
+            if cache is None:
+                cache = getattr(head, "past_key_values", None)
+            if not hasattr(cache, "batch_repeat_interleave"):
+                return format_logprobs(lm, prefix, digits, batch_size)
+            cache.batch_repeat_interleave(b)
+            first = torch.log_softmax(head.logits[0, -1].double(), dim=-1)[dig].cpu().numpy()  # log p(d_1 | prefix)
+            # 2. the stems' digits: row j of the output is log p(· | prefix, d_1..d_{j+1})
+            tail = dig[torch.as_tensor(st, device=dev)]
+            rest = model(input_ids=tail, use_cache=True, **{arg: cache})
+            lp = torch.log_softmax(rest.logits.double(), dim=-1)[:, :, dig].cpu().numpy()  # b × (digits−1) × 10
+            stem_lp = first[st[:, 0]].copy()
+            for j in range(1, digits - 1):
+                stem_lp += lp[np.arange(b), j - 1, st[:, j]]
+            total[stem[:, None] * 10 + np.arange(10)[None, :]] = stem_lp[:, None] + lp[:, digits - 2, :]
+    return total
+
+
 @dataclass
 class DemoLMCompareResult:
     """A finished ``memscan demo lm compare``: ``out``, the comparison ``table`` (one row per
@@ -132,7 +181,7 @@ def run_demo_lm_compare(
 ) -> DemoLMCompareResult:
     """Run the demo (see the module); ``quick``: 40 ordinary passages instead of 200 (CI)."""
     from memscan.demo.lm.canaries import ordinary_passages, planted_corpus
-    from memscan.demo.lm.run import exposure_of, format_logprobs
+    from memscan.demo.lm.run import exposure_of
     from memscan.generators.causal_lm import load_causal_lm
     from memscan.lm.corpus_index import CorpusIndex
     from memscan.lm.extractable_run import ExtractableConfig, lm_extractable
@@ -176,7 +225,7 @@ def run_demo_lm_compare(
     exp_rows = []
     for c in list_checkpoints(models):
         lm = load_causal_lm(str(c.path), device=device)
-        total = format_logprobs(lm)
+        total = format_logprobs_cached(lm)
         for d in dig:
             e, r = exposure_of(total, int(d.text[len(DIGIT_PREFIX) :]))
             exp_rows.append({"step": c.step, "id": d.id, "copies": d.copies, "rank": r, "exposure": e})
