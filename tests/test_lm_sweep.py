@@ -216,3 +216,18 @@ def test_mean_token_nll_pools_tokens_over_windows(lm_files):
     got, n = mean_token_nll(lm, [lm.encode(t) for t in texts])
     want, n_want = _torch_nll(path, texts, 64)
     assert n == n_want == (63 + 63 + 29) + 1 and got == pytest.approx(want, rel=1e-6)
+
+
+def test_lm_exposure_sweep_reads_each_runs_exposures(lm_files, tmp_path):
+    tmp, held, _ = lm_files
+    out = tmp_path / "expo"
+    _invoke(
+        "lm", "exposure", "--model", tmp / "ck", "--canaries", "my PIN is {d3}::my PIN is 042", "--out", out,
+        "--heldout", tmp / "held.txt", "--quiet",
+    )  # fmt: skip
+    t = pd.read_parquet(out / "compare.parquet")
+    assert sorted(t["step"]) == [100, 200] and "train_loss" not in t  # exposure has no training text
+    for _, row in t.iterrows():
+        e = pd.read_parquet(out / row["label"] / "exposures.parquet")
+        assert row["exposure_mean"] == pytest.approx(e["exposure"].mean()) and row["canaries"] == len(e)
+        assert row["heldout_loss"] == pytest.approx(_torch_nll(row["model"], held, 64)[0], rel=1e-5)
