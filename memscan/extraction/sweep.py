@@ -12,6 +12,8 @@ checkpoints`) writes::
                               by training step; see :mod:`memscan.compare.run`)
 
 Resumable: a finished checkpoint run is kept, an unfinished one resumes, the comparison resumes.
+The loop is :func:`memscan.compare.sweep.checkpoint_sweep` (shared with every other ``--model``
+command); this module gives it the extraction run and the diffusion held-out loss.
 
 **Held-out loss.** With ``--heldout IMAGES``, each checkpoint's diffusion loss ``L_t`` (DESIGN.md)
 on the held-out images and on as many training images (the first by id), averaged over the
