@@ -206,7 +206,19 @@ def _bad_lm_inputs(lm: Path) -> dict[str, tuple[str, str, str]]:
     (lm / "mismatch.jsonl").write_text(json.dumps({"canary": "my PIN is 12a", "format": "my PIN is {d3}"}) + "\n")
     (lm / "no_hole.jsonl").write_text(json.dumps({"canary": "my PIN", "format": "my PIN"}) + "\n")
     (lm / "canaries_not_json.jsonl").write_text("my PIN is 123\n")
+    # checkpoint sweeps (--model FOLDER of checkpoint-N/): one holding no model; two of other widths
+    (lm / "ckpts_empty" / "checkpoint-10").mkdir(parents=True)
+    for step, width in ((10, 32), (20, 64)):
+        d = lm / "ckpts_mismatched" / f"checkpoint-{step}"
+        d.mkdir(parents=True)
+        (d / "config.json").write_text(json.dumps({"model_type": "gpt2", "vocab_size": 384, "n_embd": width}))
     return {
+        "a checkpoint folder whose checkpoint-N holds no model": (
+            "model",
+            str(lm / "ckpts_empty"),
+            "holds no model",
+        ),
+        "checkpoints of different models": ("model", str(lm / "ckpts_mismatched"), "are not one model"),
         "a JSONL file without the text field": ("data", str(lm / "no_text.jsonl"), "no 'text' field"),
         "a Parquet file without the text column": ("data", str(lm / "no_text.parquet"), "no text column"),
         "a JSONL line that is not JSON": ("data", str(lm / "not_json.jsonl"), "line 2 is not JSON"),

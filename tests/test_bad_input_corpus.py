@@ -321,6 +321,8 @@ LM_BAD = [
     "a canary that does not match its format",
     "a canary format without a hole",
     "a canary line that is not JSON",
+    "a checkpoint folder whose checkpoint-N holds no model",
+    "checkpoints of different models",
 ]
 
 

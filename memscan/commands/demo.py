@@ -8,7 +8,8 @@
   over training steps, with held-out loss), compared by step, and the last one against the wider
   shipped model (by parameters);
 - ``memscan demo lm``: prefix → suffix extraction and canary exposure on a small byte-level GPT-2
-  trained on the Shakespeare plays with planted canaries; ``memscan demo lm train`` retrains it.
+  trained on the Shakespeare plays with planted canaries; ``memscan demo lm train`` retrains it;
+  ``memscan demo lm compare``: the same measurements on each shipped LM checkpoint, by step.
 
 Adding a demo is one function here: ``@demo_app.command("NAME")`` over one library call (its
 library function lives in :mod:`memscan.demo`).
@@ -153,6 +154,20 @@ def demo_lm_train(
         progress=not quiet,
     )
     typer.echo(f"trained in {rec['seconds']} s ({rec['threads']} threads) → {out}")
+
+
+@lm_app.command("compare")
+def demo_lm_compare(
+    out: Path = typer.Option(Path("runs/demo-lm-compare"), "--out", help="output directory"),
+    quick: bool = typer.Option(False, "--quick", help="reduced run (CI): 40 ordinary passages instead of 200"),
+    quiet: bool = quiet_option(),
+):
+    """Memorization over training: the LM demo's canaries (extracted by copy count, exposure) on each shipped
+    checkpoint and the shipped model, with held-out loss, compared by step (CPU, minutes)."""
+    from memscan.demo.lm.compare import run_demo_lm_compare
+
+    res = run_library_call(run_demo_lm_compare, out, quick=quick, progress=not quiet)
+    typer.echo(res.text())
 
 
 @demo_app.command("compare")

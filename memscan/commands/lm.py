@@ -32,7 +32,45 @@ def _ray_options(runner, ray_address, num_workers, gpus_per_worker, device):
     )
 
 
-MODEL_HELP = "transformers model directory, .gguf file, hub id, or py:module:attribute"
+MODEL_HELP = (
+    "transformers model directory, .gguf file, hub id, or py:module:attribute; or a folder of checkpoint-N/ "
+    "model directories (a checkpoint sweep: the same run and seeds on each, then `memscan compare` by step)"
+)
+HELDOUT_HELP = (
+    "sweep: held-out texts (JSONL with text, Parquet, or one a line); each checkpoint's mean token NLL on "
+    "them is recorded (heldout_loss)"
+)
+
+
+def _sweep(model, out, heldout, run_one, *, train_rows=None, device="cpu", dtype="auto", resume=False, quiet=False):
+    """Run a checkpoint sweep when ``model`` is a folder of ``checkpoint-N/`` (True), else nothing
+    (False; ``--heldout`` is then refused)."""
+    from memscan.errors import InputError
+    from memscan.generators.checkpoints import list_checkpoints
+
+    if not list_checkpoints(model):
+        if heldout is not None:
+            raise InputError(
+                f"--heldout applies to checkpoint sweeps; {model} is not a folder of checkpoint-N directories",
+                "drop it, or pass the folder that holds the checkpoints",
+            )
+        return False
+    from memscan.commands.formatting import compare_summary
+    from memscan.lm.sweep import lm_checkpoint_sweep
+
+    res = lm_checkpoint_sweep(
+        model,
+        run_one,
+        out,
+        heldout=heldout,
+        train_rows=train_rows() if train_rows is not None and heldout is not None else None,
+        device=device,
+        dtype=dtype,
+        resume=resume,
+        progress=not quiet,
+    )
+    typer.echo(compare_summary(res))
+    return True
 
 
 @lm_app.command("extractable")
@@ -62,6 +100,7 @@ def extractable(
     ),
     device: str = typer.Option("cpu", help="cpu or cuda"),
     dtype: str = typer.Option("auto", help="auto (float32 on CPU), float32, bfloat16, float16"),
+    heldout: Path | None = typer.Option(None, "--heldout", help=HELDOUT_HELP),
     resume: bool = resume_option(),
     runner: str = runner_option(),
     ray_address: str | None = ray_address_option(),
@@ -89,18 +128,29 @@ def extractable(
             dtype=dtype,
         )
         opts = _ray_options(runner, ray_address, num_workers, gpus_per_worker, device)
-        res = lm_extractable(
-            model,
-            data,
-            out,
-            cfg,
-            progress=not quiet,
-            resume=resume,
-            shard_size=shard_size,
-            runner=runner,
-            runner_options=opts,
-            index=index,
-        )
+
+        def run_one(path, sub, resume_run, model_id):
+            return lm_extractable(
+                path,
+                data,
+                sub,
+                cfg,
+                progress=not quiet,
+                resume=resume_run,
+                shard_size=shard_size,
+                runner=runner,
+                runner_options=opts,
+                index=index,
+            )
+
+        from memscan.lm.sweep import first_documents
+
+        rows = lambda: first_documents(data, text_column)  # noqa: E731
+        if _sweep(
+            model, out, heldout, run_one, train_rows=rows, device=device, dtype=dtype, resume=resume, quiet=quiet
+        ):
+            return
+        res = run_one(model, out, resume, model)
     rates = ", ".join(f"k={k}: {v['extractable_rate']:.1%}" for k, v in res.rates["by_prefix_length"].items())
     skipped = res.manifest["counts"]["skipped_short_documents"]
     typer.echo(
@@ -124,6 +174,7 @@ def exposure(
     seed: int = typer.Option(0, "--seed", help="seed of the sampled candidates"),
     device: str = typer.Option("cpu", help="cpu or cuda"),
     dtype: str = typer.Option("auto", help="auto (float32 on CPU), float32, bfloat16, float16"),
+    heldout: Path | None = typer.Option(None, "--heldout", help=HELDOUT_HELP),
     resume: bool = resume_option(),
     runner: str = runner_option(),
     ray_address: str | None = ray_address_option(),
@@ -145,9 +196,15 @@ def exposure(
             dtype=dtype,
         )
         opts = _ray_options(runner, ray_address, num_workers, gpus_per_worker, device)
-        res = lm_exposure(
-            model, canaries, out, cfg, progress=not quiet, resume=resume, runner=runner, runner_options=opts
-        )
+
+        def run_one(path, sub, resume_run, model_id):
+            return lm_exposure(
+                path, canaries, sub, cfg, progress=not quiet, resume=resume_run, runner=runner, runner_options=opts
+            )
+
+        if _sweep(model, out, heldout, run_one, device=device, dtype=dtype, resume=resume, quiet=quiet):
+            return
+        res = run_one(model, out, resume, model)
     e = res.exposures
     typer.echo(
         f"{len(e)} canaries: exposure {e['exposure'].min():.2f}–{e['exposure'].max():.2f} bits "
@@ -173,6 +230,7 @@ def lm_mia(
     shard_size: int = typer.Option(64, "--shard-size", help="examples per shard (unit of commit and resume)"),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda"),
     dtype: str = typer.Option("auto", "--dtype", help="auto, float32, float16, bfloat16"),
+    heldout: Path | None = typer.Option(None, "--heldout", help=HELDOUT_HELP),
     resume: bool = resume_option(),
     runner: str = runner_option(),
     ray_address: str | None = ray_address_option(),
@@ -196,19 +254,30 @@ def lm_mia(
             bootstrap=bootstrap,
         )
         opts = _ray_options(runner, ray_address, num_workers, gpus_per_worker, device)
-        res = run_lm_mia(
-            model,
-            members,
-            nonmembers,
-            out,
-            cfg,
-            reference=reference,
-            progress=not quiet,
-            resume=resume,
-            shard_size=shard_size,
-            runner=runner,
-            runner_options=opts,
-        )
+
+        def run_one(path, sub, resume_run, model_id):
+            return run_lm_mia(
+                path,
+                members,
+                nonmembers,
+                sub,
+                cfg,
+                reference=reference,
+                progress=not quiet,
+                resume=resume_run,
+                shard_size=shard_size,
+                runner=runner,
+                runner_options=opts,
+            )
+
+        from memscan.lm.sweep import first_texts
+
+        rows = lambda: first_texts(members, "members")  # noqa: E731
+        if _sweep(
+            model, out, heldout, run_one, train_rows=rows, device=device, dtype=dtype, resume=resume, quiet=quiet
+        ):
+            return
+        res = run_one(model, out, resume, model)
     lines = [f"memscan lm mia: {out}"]
     for r in res.metrics.to_dict("records"):
         lines.append(
@@ -297,6 +366,7 @@ def lm_extract_command(
     shard_size: int = typer.Option(256, "--shard-size", help="samples per shard, the unit of --resume"),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda"),
     dtype: str = typer.Option("auto", "--dtype", help="auto (float32 on CPU), float32, bfloat16, float16"),
+    heldout: Path | None = typer.Option(None, "--heldout", help=HELDOUT_HELP),
     resume: bool = resume_option(),
     runner: str = runner_option(),
     ray_address: str | None = ray_address_option(),
@@ -329,19 +399,25 @@ def lm_extract_command(
             dtype=dtype,
         )
         opts = _ray_options(runner, ray_address, num_workers, gpus_per_worker, device)
-        res = lm_extract(
-            model,
-            index,
-            out,
-            cfg,
-            reference=reference,
-            prompts=prompts,
-            progress=not quiet,
-            resume=resume,
-            shard_size=shard_size,
-            runner=runner,
-            runner_options=opts,
-        )
+
+        def run_one(path, sub, resume_run, model_id):
+            return lm_extract(
+                path,
+                index,
+                sub,
+                cfg,
+                reference=reference,
+                prompts=prompts,
+                progress=not quiet,
+                resume=resume_run,
+                shard_size=shard_size,
+                runner=runner,
+                runner_options=opts,
+            )
+
+        if _sweep(model, out, heldout, run_one, device=device, dtype=dtype, resume=resume, quiet=quiet):
+            return
+        res = run_one(model, out, resume, model)
     c = res.manifest["counts"]
     unit = res.manifest["match_unit"]
     lines = [

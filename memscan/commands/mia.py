@@ -13,7 +13,34 @@ from memscan.commands.common import num_workers_option, ray_address_option, resu
 from memscan.commands.formatting import inpaint_summary, memscore_summary, mia_summary
 from memscan.errors import MemscanError
 
-_TARGET_HELP = "target: a diffusers directory or py:module:attribute (with --members)"
+_TARGET_HELP = (
+    "target: a diffusers directory or py:module:attribute (with --members); or a folder of checkpoint-N/ "
+    "(a checkpoint sweep: the same attack and seeds on each, then `memscan compare` by training step)"
+)
+_BASE_HELP = "sweep: the pipeline that completes unet/-only checkpoints (scheduler)"
+
+
+def _sweep(model, out, base, run_one, *, resume: bool, quiet: bool) -> bool:
+    """Run a checkpoint sweep when ``model`` is a folder of ``checkpoint-N/`` (True), else nothing
+    (False; ``--base`` is then refused)."""
+    from memscan.errors import InputError
+    from memscan.generators.checkpoints import list_checkpoints
+
+    if model is None or not list_checkpoints(model):
+        if base is not None:
+            raise InputError(
+                f"--base applies to checkpoint sweeps; {model} is not a folder of checkpoint-N directories",
+                "drop it, or pass the folder that holds the checkpoints",
+            )
+        return False
+    from memscan.commands.formatting import compare_summary
+    from memscan.compare.sweep import checkpoint_sweep
+
+    res = checkpoint_sweep(model, run_one, out, base=base, resume=resume, progress=not quiet)
+    typer.echo(compare_summary(res))
+    return True
+
+
 _SHADOWS_HELP = "shadow directory (train_shadow_models / demo-mia) for LiRA"
 
 
@@ -49,6 +76,7 @@ def register(app: typer.Typer) -> None:
         data: Path = typer.Option(..., "--data", help="examples: a folder of images or a CSV/Parquet manifest"),
         out: Path = typer.Option(..., "--out", help="run directory to write"),
         model: str | None = typer.Option(None, "--model", help=_TARGET_HELP),
+        base: Path | None = typer.Option(None, "--base", help=_BASE_HELP),
         members: Path | None = typer.Option(
             None, "--members", help="member ids (text, one a line) or CSV/Parquet with id, is_member"
         ),
@@ -83,25 +111,33 @@ def register(app: typer.Typer) -> None:
 
         try:
             cfg = LossConfig(parse_timesteps(timesteps), noise_draws, flip, seed, batch_size)
-            res = run_mia(
-                out,
-                data,
-                model=model,
-                members=members,
-                shadows=shadows,
-                target_shadow=target_shadow,
-                loss=cfg,
-                attacks=attacks,
-                condition=condition,
-                bootstrap=bootstrap,
-                device=device,
-                threads=threads,
-                progress=not quiet,
-                resume=resume,
-                shard_size=shard_size,
-                runner=runner,
-                runner_options=RayOptions.from_cli(runner, address=ray_address, num_workers=num_workers, device=device),
-            )
+
+            def run_one(path, sub, resume_run, model_id):
+                return run_mia(
+                    sub,
+                    data,
+                    model=path,
+                    members=members,
+                    shadows=shadows,
+                    target_shadow=target_shadow,
+                    loss=cfg,
+                    attacks=attacks,
+                    condition=condition,
+                    bootstrap=bootstrap,
+                    device=device,
+                    threads=threads,
+                    progress=not quiet,
+                    resume=resume_run,
+                    shard_size=shard_size,
+                    runner=runner,
+                    runner_options=RayOptions.from_cli(
+                        runner, address=ray_address, num_workers=num_workers, device=device
+                    ),
+                )
+
+            if _sweep(model, out, base, run_one, resume=resume, quiet=quiet):
+                return
+            res = run_one(model, out, resume, model)
         except MemscanError as exc:
             _fail(exc)
         typer.echo(mia_summary(res, out))
@@ -112,6 +148,7 @@ def register(app: typer.Typer) -> None:
         data: Path = typer.Option(..., "--data", help="examples: a folder of images or a CSV/Parquet manifest"),
         out: Path = typer.Option(..., "--out", help="run directory to write"),
         model: str | None = typer.Option(None, "--model", help=_TARGET_HELP),
+        base: Path | None = typer.Option(None, "--base", help=_BASE_HELP),
         members: Path | None = typer.Option(None, "--members", help="member ids (text) or CSV/Parquet id, is_member"),
         shadows: Path | None = typer.Option(None, "--shadows", help=_SHADOWS_HELP),
         target_shadow: int | None = typer.Option(None, "--target-shadow", help="use shadow model M as the target"),
@@ -144,25 +181,33 @@ def register(app: typer.Typer) -> None:
 
         try:
             cfg = InpaintConfig(region, fraction, steps, jump_length, jump_n_sample, eta, samples, seed, batch_size)
-            res = run_inpaint(
-                out,
-                data,
-                model=model,
-                members=members,
-                shadows=shadows,
-                target_shadow=target_shadow,
-                config=cfg,
-                attacks=attacks,
-                condition=condition,
-                bootstrap=bootstrap,
-                device=device,
-                threads=threads,
-                progress=not quiet,
-                resume=resume,
-                shard_size=shard_size,
-                runner=runner,
-                runner_options=RayOptions.from_cli(runner, address=ray_address, num_workers=num_workers, device=device),
-            )
+
+            def run_one(path, sub, resume_run, model_id):
+                return run_inpaint(
+                    sub,
+                    data,
+                    model=path,
+                    members=members,
+                    shadows=shadows,
+                    target_shadow=target_shadow,
+                    config=cfg,
+                    attacks=attacks,
+                    condition=condition,
+                    bootstrap=bootstrap,
+                    device=device,
+                    threads=threads,
+                    progress=not quiet,
+                    resume=resume_run,
+                    shard_size=shard_size,
+                    runner=runner,
+                    runner_options=RayOptions.from_cli(
+                        runner, address=ray_address, num_workers=num_workers, device=device
+                    ),
+                )
+
+            if _sweep(model, out, base, run_one, resume=resume, quiet=quiet):
+                return
+            res = run_one(model, out, resume, model)
         except MemscanError as exc:
             _fail(exc)
         typer.echo(inpaint_summary(res, out))

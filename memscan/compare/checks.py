@@ -36,6 +36,7 @@ SETTINGS_KEYS = {
     "lm-extractable": ("config",),
     "lm-exposure": ("config",),
     "lm-mia": ("config", "scores"),
+    "lm-extract": ("config", "min_match"),
 }
 #: Where each kind records its data (training set, prompts, examples).
 DATA_KEYS = {
@@ -48,6 +49,7 @@ DATA_KEYS = {
     "lm-extractable": (("sequences_sha256",),),
     "lm-exposure": (("canaries_sha256",),),
     "lm-mia": (("examples_sha256",),),
+    "lm-extract": (("index", "path"), ("index", "n_tokens"), ("prompts", "sha256")),
 }
 
 

@@ -15,7 +15,13 @@ mia, inpaint, lm-mia   ``auc`` of the best attack (highest TPR at 1 % FPR, then 
 memscore               ``memscore_mean``
 lm-extractable         ``extractable_rate`` at the longest prefix
 lm-exposure            ``exposure_mean``
+lm-extract             ``confirmed_rate`` = confirmed / kept samples
 =====================  ==========================================================
+
+Extraction rate by duplicate count: for ``extract``, the prompts' ``duplicate_count``; for
+``lm-extractable`` run with ``--index``, each sequence's ``window_count`` (occurrences of its
+prefix + suffix in the corpus) at the longest prefix, under the same column names (``prompts``:
+sequences prompted, ``extractions``: extractable ones).
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ COMPARABLE_KINDS = (
     "lm-extractable",
     "lm-exposure",
     "lm-mia",
+    "lm-extract",
 )
 MIA_KINDS = ("mia", "inpaint", "demo-mia", "lm-mia")
 #: The attributes ``--by`` accepts.
@@ -237,6 +244,35 @@ def _lm_extractable(root: Path, m: dict, row: dict) -> RunSummary:
     row["memorization"], row["memorization_measure"] = row["extractable_rate"], "extractable_rate"
     hit = at[at["extractable"].astype(bool)]
     items = hit["train_id"].astype(str) + "@" + hit["offset"].astype(str)
+    by_dup = pd.DataFrame()
+    if "window_count" in at and at["window_count"].notna().any():
+        p = at.dropna(subset=["window_count"])
+        g = p.groupby("window_count", sort=True)["extractable"].agg(["size", "sum"]).reset_index()
+        by_dup = pd.DataFrame(
+            {
+                "duplicate_count": g["window_count"].astype("int64"),
+                "prompts": g["size"].astype("int64"),
+                "extractions": g["sum"].astype("int64"),
+                "extraction_rate": g["sum"] / g["size"],
+            }
+        )
+    return RunSummary(row, items=pd.DataFrame({"item": sorted(set(items))}), by_duplicates=by_dup)
+
+
+def _lm_extract(root: Path, m: dict, row: dict) -> RunSummary:
+    counts = m.get("counts", {})
+    for key in ("generated", "kept", "duplicates_removed", "confirmed"):
+        row[key] = counts.get(key)
+    row["confirmed_rate"] = _ratio(row["confirmed"], row["kept"])
+    prec = _table(root, "precision")
+    for r in prec.to_dict("records"):
+        if r["metric"] != "all samples":
+            row["top"] = int(r["N"])
+            row[f"precision_{r['metric']}"] = float(r["precision"])
+    row["memorization"], row["memorization_measure"] = row["confirmed_rate"], "confirmed_rate"
+    samples = _table(root, "samples")
+    hit = samples[samples["confirmed"].astype(bool)] if len(samples) else samples
+    items = hit["match_train_id"].astype(str) + "@" + hit["match_offset"].astype(str) if len(hit) else []
     return RunSummary(row, items=pd.DataFrame({"item": sorted(set(items))}))
 
 
@@ -260,4 +296,5 @@ _READERS = {
     "memscore": _memscore,
     "lm-extractable": _lm_extractable,
     "lm-exposure": _lm_exposure,
+    "lm-extract": _lm_extract,
 }

@@ -12,6 +12,8 @@ checkpoints`) writes::
                               by training step; see :mod:`memscan.compare.run`)
 
 Resumable: a finished checkpoint run is kept, an unfinished one resumes, the comparison resumes.
+The loop is :func:`memscan.compare.sweep.checkpoint_sweep` (shared with every other ``--model``
+command); this module gives it the extraction run and the diffusion held-out loss.
 
 **Held-out loss.** With ``--heldout IMAGES``, each checkpoint's diffusion loss ``L_t`` (DESIGN.md)
 on the held-out images and on as many training images (the first by id), averaged over the
@@ -27,13 +29,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from memscan.data.training import TrainingSet, load_training_set
 from memscan.errors import InputError
 from memscan.extraction.config import ExtractConfig
-from memscan.generators.checkpoints import list_checkpoints, model_dir
-from memscan.store import RunStore, write_table
+from memscan.store import RunStore
 
 #: Timesteps of the held-out loss, as fractions of the model's T (100, 300, 500, 700 of T = 1000).
 HELDOUT_TIMESTEPS = (0.1, 0.3, 0.5, 0.7)
@@ -92,75 +92,49 @@ def extract_sweep(
     -------
     memscan.compare.run.CompareResult
     """
-    from memscan.compare.run import compare_runs
+    from memscan.compare.sweep import checkpoint_sweep
     from memscan.extraction.pipeline import extract
 
-    ckpts = list_checkpoints(folder)
-    if not ckpts:
-        raise InputError(f"{folder} holds no checkpoint-N directories", "pass a model directory or a checkpoint folder")
-    out = Path(out)
-    if out.is_file():
-        raise InputError(f"--out {out} is a file", "choose a directory for the sweep")
-    started = [c for c in ckpts if RunStore(out / c.name).exists()] + ([1] if RunStore(out).exists() else [])
-    if started and not resume:
-        raise InputError(
-            f"sweep directory {out} already holds runs", "pass --resume to finish it, or choose a new --out"
-        )
     config = config.validate()
     if heldout is not None and not Path(heldout).exists():
         raise InputError(f"--heldout {heldout} does not exist", "pass a folder or manifest of held-out images")
-    training = held = None
-    # 1. every checkpoint: the same attack, the same seeds
-    runs, extra = [], {}
-    for c in ckpts:
-        sub = out / c.name
-        path = model_dir(c, base, out / ".models")
-        done = RunStore(sub).exists() and RunStore(sub).read_manifest().get("status") == "complete"
-        if not done:
-            extract(
-                make_generator(str(path)),
-                prompts,
-                train,
-                sub,
-                config,
-                resume=RunStore(sub).exists(),
-                progress=progress,
-                runner=runner,
-                runner_options=runner_options,
-                model_id=str(c.path),
-                stop_after_shards=stop_after_shards,
-            )
-        runs.append(str(sub))
-        if heldout is not None:
-            if held is None:  # at the generator's resolution, known once a run has finished
-                shape = RunStore(sub).read_manifest()["output_shape"]
-                training = load_training_set(train, size=tuple(shape[:2]), channels=shape[2])
-                held = load_training_set(heldout, size=tuple(shape[:2]), channels=shape[2])
-            extra[str(sub)] = _losses_at(sub, path, held, training, config.device)
-    # 2. the held-out losses, then the comparison by training step
-    if extra:
-        rows = [{"checkpoint": Path(r).name, "step": s.step, **extra[r]} for r, s in zip(runs, ckpts)]
-        write_table(pd.DataFrame(rows), out / "heldout.parquet")
-    return compare_runs(
-        runs,
+    sets: dict = {}
+
+    def run_one(path: str, sub: Path, resume_run: bool, model_id: str) -> None:
+        extract(
+            make_generator(path),
+            prompts,
+            train,
+            sub,
+            config,
+            resume=resume_run,
+            progress=progress,
+            runner=runner,
+            runner_options=runner_options,
+            model_id=model_id,
+            stop_after_shards=stop_after_shards,
+        )
+
+    def losses(path: Path, sub: Path) -> dict:
+        if not sets:  # at the generator's resolution, known once a run has finished
+            shape = RunStore(sub).read_manifest()["output_shape"]
+            sets["train"] = load_training_set(train, size=tuple(shape[:2]), channels=shape[2])
+            sets["held"] = load_training_set(heldout, size=tuple(shape[:2]), channels=shape[2])
+        return _losses_at(path, sets["held"], sets["train"], config.device)
+
+    return checkpoint_sweep(
+        folder,
+        run_one,
         out,
-        by="step",
-        labels={r: Path(r).name for r in runs},
-        extra=extra,
-        resume=RunStore(out).exists(),
+        base=base,
+        losses=losses if heldout is not None else None,
+        resume=resume,
         progress=progress,
     )
 
 
-def _losses_at(sub: Path, model: Path, held: TrainingSet, training: TrainingSet, device: str) -> dict:
-    """The checkpoint's losses, computed once and kept in ``sub/heldout.json`` (resume)."""
-    import json
-
-    from memscan.store import atomic_write_json
-
-    cache = sub / "heldout.json"
-    if cache.exists():
-        return json.loads(cache.read_text())
+def _losses_at(model: Path, held: TrainingSet, training: TrainingSet, device: str) -> dict:
+    """The checkpoint's losses on the held-out images and as many training images (the first by id)."""
     n = len(held.ids)
     order = np.argsort(np.asarray(training.ids, dtype=object), kind="stable")[:n]
     h, w = training.images.shape[1:3]
@@ -169,6 +143,4 @@ def _losses_at(sub: Path, model: Path, held: TrainingSet, training: TrainingSet,
             f"held-out images are {held.images.shape[1:]}, training images {training.images.shape[1:]}",
             f"pass held-out images of the training images' size ({h}×{w})",
         )
-    res = heldout_losses(model, held.images, training.images[order], device)
-    atomic_write_json(cache, res)
-    return res
+    return heldout_losses(model, held.images, training.images[order], device)

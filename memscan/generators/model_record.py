@@ -7,7 +7,8 @@
   pipeline's components, a UNet, a causal LM), or ``None`` for an opaque callable;
 - ``training_step``: where the checkpoint says so — a ``trainer_state.json`` (``global_step``,
   as transformers' and diffusers' trainers save it), a ``checkpoint-N`` directory name, or a
-  memscan ``memscan.json`` training record (``training.recipe.steps``); else ``None``.
+  memscan ``memscan.json`` training record (``training.recipe.steps``, or ``steps_run`` for the
+  LM demo's); else ``None``.
 
 Examples
 --------
@@ -80,7 +81,10 @@ def training_step(path: str | Path) -> int | None:
     meta = root / "memscan.json"
     if meta.is_file():
         try:
-            steps = json.loads(meta.read_text()).get("training", {}).get("recipe", {}).get("steps")
+            rec = json.loads(meta.read_text())
+            steps = rec.get("training", {}).get("recipe", {}).get("steps")
+            if steps is None:  # the LM demo's record (memscan.demo.lm.train): the steps it ran
+                steps = rec.get("steps_run")
         except (json.JSONDecodeError, OSError, AttributeError):
             steps = None
         if isinstance(steps, int):

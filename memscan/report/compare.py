@@ -25,7 +25,8 @@ SHOWN_COLUMNS = (
     "examples", "members", "statistic", "attack", "auc", "auc_lo", "auc_hi", "tpr@1%fpr", "tpr@1%fpr_lo",
     "tpr@1%fpr_hi", "tpr@0.1%fpr", "tpr@0.1%fpr_lo", "tpr@0.1%fpr_hi", "memscore_mean", "memscore_median",
     "memscore_p90", "memscore_p99", "memscore_max", "sequences", "extractable", "extractable_rate",
-    "pythia_score_mean", "exact_memorization_mean", "canaries", "exposure_mean", "exposure_max",
+    "pythia_score_mean", "exact_memorization_mean", "canaries", "exposure_mean", "exposure_max", "generated", "kept",
+    "confirmed", "confirmed_rate",
     "memorization", "memorization_measure", "outlier_spearman", "outlier_p",
 )  # fmt: skip
 

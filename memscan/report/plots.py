@@ -235,7 +235,9 @@ def heldout_plot(table: pd.DataFrame) -> bytes:
     ax.set_xscale("log")
     b = ax.twinx()
     b.plot(t["step"], t["heldout_loss"], "s--", color="C3", label="held-out loss")
-    b.plot(t["step"], t["train_loss"], "^--", color="C2", label="training loss")
-    b.set_ylabel("diffusion loss")
+    if "train_loss" in t and t["train_loss"].notna().any():
+        b.plot(t["step"], t["train_loss"], "^--", color="C2", label="training loss")
+    text = t["kind"].astype(str).str.startswith("lm-").all() if "kind" in t else False
+    b.set_ylabel("mean token NLL (nats)" if text else "diffusion loss")
     b.legend(fontsize=8, loc="upper right")
     return _png(fig)

@@ -112,9 +112,22 @@ def _optimizer(model, cfg: LMTrainConfig):
     )
 
 
-def _phase(model, ids, cfg: LMTrainConfig, *, phase: int, steps: int, lr_fn, log: list, log_every: int, progress):
+def _phase(
+    model,
+    ids,
+    cfg: LMTrainConfig,
+    *,
+    phase: int,
+    steps: int,
+    lr_fn,
+    log: list,
+    log_every: int,
+    progress,
+    after_step=None,
+):
     """``steps`` AdamW steps on random ``block``-byte windows (fresh optimizer; windows drawn with
-    ``numpy.random.default_rng([seed, phase])``); appends to ``log``; returns the seconds taken."""
+    ``numpy.random.default_rng([seed, phase])``); appends to ``log``; returns the seconds taken.
+    ``after_step(n, model, seconds)``, if given, is called after the n-th step (1-based)."""
     rng = np.random.default_rng(cfg.seed if phase == 1 else [cfg.seed, phase])
     opt = _optimizer(model, cfg)
     n = len(ids)
@@ -144,6 +157,8 @@ def _phase(model, ids, cfg: LMTrainConfig, *, phase: int, steps: int, lr_fn, log
             log.append(rec)
             if progress:
                 progress(rec)
+        if after_step is not None:
+            after_step(step + 1, model, time.time() - t0)
     return time.time() - t0
 
 
