@@ -64,15 +64,33 @@ from memscan.mia.metrics import roc_metrics  # noqa: E402
 SHARES = [0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3]
 
 
-def prompt_spend(sim: Simulator, pid: str, cfg) -> int:
-    """Generations the adaptive rule gives ``pid`` (its rounds, stopping as :func:`adaptive_stop`)."""
+_NEAR: dict = {}
+
+
+def shows_near_copy(sim: Simulator, pid: str, upto: int) -> bool:
+    """Whether one of the first ``upto`` generations lies within δ of a training image (the
+    verification's criterion applied to the generations so far)."""
+    key = (id(sim), pid, upto)
+    if key not in _NEAR:
+        from memscan.distances import nearest_tiled_l2
+
+        dist, _, _ = nearest_tiled_l2(sim.images[pid][:upto], sim.training, k=1, grid=sim.base.grid)
+        _NEAR[key] = bool(np.asarray(dist)[:, 0].min() <= sim.base.delta)
+    return _NEAR[key]
+
+
+def prompt_spend(sim: Simulator, pid: str, cfg, near_copy: bool = False) -> int:
+    """Generations the adaptive rule gives ``pid`` (its rounds, stopping as :func:`adaptive_stop`;
+    with ``near_copy``, a prompt whose generations so far include a near-copy of a training image
+    continues even without a pair — an alternative rule, simulated only)."""
     for upto in cfg.rounds():
         if upto < cfg.samples_per_prompt and adaptive_stop(sim.detection(pid, upto), cfg):
-            return upto
+            if not (near_copy and shows_near_copy(sim, pid, upto)):
+                return upto
     return cfg.samples_per_prompt
 
 
-def simulate_audit(sim, ranking, cfg, per_image, fixed, budget, round_prompts) -> dict:
+def simulate_audit(sim, ranking, cfg, per_image, fixed, budget, round_prompts, near_copy=False) -> dict:
     """The audit's extraction stage on the brute force's generations: rounds down ``ranking``."""
     spent, pos, n_samples = fixed, 0, {}
     first_cost = cfg.rounds()[0] * per_image
@@ -80,7 +98,7 @@ def simulate_audit(sim, ranking, cfg, per_image, fixed, budget, round_prompts) -
     while (k := round_size(budget, spent, len(ranking) - pos, first_cost, round_prompts)) > 0:
         for pid in ranking[pos : pos + k]:
             # 2. each prompt under the adaptive rule, to its end (the round's spend may overshoot)
-            n_samples[pid] = prompt_spend(sim, pid, cfg)
+            n_samples[pid] = prompt_spend(sim, pid, cfg, near_copy)
             spent += n_samples[pid] * per_image
         pos += k
     found = {pid for pid, n in n_samples.items() if sim.extracted(pid, n)}
@@ -230,14 +248,17 @@ def main() -> None:
     }  # fmt: skip
     probe = per_image
     curves, missed = {}, {}
+    # the alternative stop rule (continue on a near-copy of a training image), simulated only
+    rankings["triage wen + near-copy rule"] = rankings["triage wen"]
     for name, ranking in rankings.items():
+        near = name.endswith("near-copy rule")
         fixed = (triage_cost if name.startswith("triage") else 0) + probe
         rows = []
         for share in SHARES:
             budget = int(np.ceil(share * brute_cost))
             if budget < fixed + min(args.round_prompts, len(pids)) * cfg.rounds()[0] * per_image:
                 continue
-            res = simulate_audit(sim, ranking, cfg, per_image, fixed, budget, args.round_prompts)
+            res = simulate_audit(sim, ranking, cfg, per_image, fixed, budget, args.round_prompts, near)
             rows.append({
                 "budget_share": share,
                 "evaluations": res["evaluations"],
@@ -248,7 +269,7 @@ def main() -> None:
                 "extra": len(res["found"] - brute_found),
             })  # fmt: skip
         # the whole ranking: every prompt under the adaptive rule (no budget)
-        res = simulate_audit(sim, ranking, cfg, per_image, fixed, None, args.round_prompts)
+        res = simulate_audit(sim, ranking, cfg, per_image, fixed, None, args.round_prompts, near)
         rows.append({"budget_share": None, "evaluations": res["evaluations"],
                      "evaluations_share": res["evaluations"] / brute_cost, "attacked": res["attacked"],
                      "found": len(res["found"] & brute_found),
@@ -256,7 +277,9 @@ def main() -> None:
                      "extra": len(res["found"] - brute_found)})  # fmt: skip
         curves[name] = rows
         # why a brute-force extraction is missed: its rank, and what the adaptive rule gave it
-        at = simulate_audit(sim, ranking, cfg, per_image, fixed, int(np.ceil(0.1 * brute_cost)), args.round_prompts)
+        at = simulate_audit(
+            sim, ranking, cfg, per_image, fixed, int(np.ceil(0.1 * brute_cost)), args.round_prompts, near
+        )
         missed[name] = {
             pid: {
                 "rank": ranking.index(pid) + 1,
