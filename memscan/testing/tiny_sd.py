@@ -466,7 +466,7 @@ def as_the_pipeline_sees_it(pipe, images: np.ndarray) -> np.ndarray:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m memscan.testing.tiny_sd OUT [--memorized N --steps S --device D]``."""
+    """``python -m memscan.testing.tiny_sd OUT [--memorized N --steps S --weights W… --memorized-share F --device D]``."""
     import argparse
 
     ap = argparse.ArgumentParser(description="write the tiny SD pipeline (optionally fine-tuned to memorize)")
