@@ -14,7 +14,9 @@ Method (one process):
    first n generations of a prompt *are* the brute force's first n, and the adaptive rule only
    sees them): rounds down the ranking with :func:`memscan.audit.budget.round_size`, each prompt
    under :func:`memscan.extraction.shard.adaptive_stop`. Rankings: triage (wen, webster), the
-   candidates' duplicate count, a random order (no ranking at all).
+   candidates' duplicate count, a random order (no ranking at all); and one alternative stop
+   rule, simulated only: wen's ranking where a prompt without a pair still continues when one of
+   its generations so far lies within δ of a training image (the "near-copy rule").
 4. One budget run for real through :func:`memscan.audit.audit`; its per-prompt ``n_samples``,
    evaluations and extractions are compared with the simulation.
 
