@@ -14,13 +14,29 @@ Method (one process):
    first n generations of a prompt *are* the brute force's first n, and the adaptive rule only
    sees them): rounds down the ranking with :func:`memscan.audit.budget.round_size`, each prompt
    under :func:`memscan.extraction.shard.adaptive_stop`. Rankings: triage (wen, webster), the
-   candidates' duplicate count, a random order (no ranking at all).
+   candidates' duplicate count, a random order (no ranking at all); and one alternative stop
+   rule, simulated only: wen's ranking where a prompt without a pair still continues when one of
+   its generations so far lies within δ of a training image (the "near-copy rule").
 4. One budget run for real through :func:`memscan.audit.audit`; its per-prompt ``n_samples``,
    evaluations and extractions are compared with the simulation.
+
+5. The floor: the least any policy with this detector and these rounds could spend to find
+   ≥ 95 % of the brute force's extractions — triage, the probe, and for the cheapest 95 % of
+   the extracted prompts the first round at which their generations so far already give the
+   extraction (a perfect ranking that attacks no other prompt). A budget below it cannot meet
+   the target whatever the round policy.
+
+Models: the demo model (``--model demo``, the default: the demo's candidate prompts) or a
+memorized tiny Stable-Diffusion pipeline (``--tiny-model DIR``, written by
+``python -m memscan.testing.tiny_sd DIR --memorized 6 --weights …``; the pool is its memorized
+captions and ``--others`` of its random training captions, which carry no information about
+their images).
 
 Usage::
 
     python bench/audit_cost.py --unique 100 --samples 100 --json bench/results/audit_cost_demo.json
+    python bench/audit_cost.py --tiny-model bench/models/tiny_sd_audit --others 94 --samples 100 \
+        --json bench/results/audit_cost_tiny_sd.json
     python bench/audit_cost.py --quick
 """
 
@@ -50,15 +66,33 @@ from memscan.mia.metrics import roc_metrics  # noqa: E402
 SHARES = [0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3]
 
 
-def prompt_spend(sim: Simulator, pid: str, cfg) -> int:
-    """Generations the adaptive rule gives ``pid`` (its rounds, stopping as :func:`adaptive_stop`)."""
+_NEAR: dict = {}
+
+
+def shows_near_copy(sim: Simulator, pid: str, upto: int) -> bool:
+    """Whether one of the first ``upto`` generations lies within δ of a training image (the
+    verification's criterion applied to the generations so far)."""
+    key = (id(sim), pid, upto)
+    if key not in _NEAR:
+        from memscan.distances import nearest_tiled_l2
+
+        dist, _, _ = nearest_tiled_l2(sim.images[pid][:upto], sim.training, k=1, grid=sim.base.grid)
+        _NEAR[key] = bool(np.asarray(dist)[:, 0].min() <= sim.base.delta)
+    return _NEAR[key]
+
+
+def prompt_spend(sim: Simulator, pid: str, cfg, near_copy: bool = False) -> int:
+    """Generations the adaptive rule gives ``pid`` (its rounds, stopping as :func:`adaptive_stop`;
+    with ``near_copy``, a prompt whose generations so far include a near-copy of a training image
+    continues even without a pair — an alternative rule, simulated only)."""
     for upto in cfg.rounds():
         if upto < cfg.samples_per_prompt and adaptive_stop(sim.detection(pid, upto), cfg):
-            return upto
+            if not (near_copy and shows_near_copy(sim, pid, upto)):
+                return upto
     return cfg.samples_per_prompt
 
 
-def simulate_audit(sim, ranking, cfg, per_image, fixed, budget, round_prompts) -> dict:
+def simulate_audit(sim, ranking, cfg, per_image, fixed, budget, round_prompts, near_copy=False) -> dict:
     """The audit's extraction stage on the brute force's generations: rounds down ``ranking``."""
     spent, pos, n_samples = fixed, 0, {}
     first_cost = cfg.rounds()[0] * per_image
@@ -66,11 +100,75 @@ def simulate_audit(sim, ranking, cfg, per_image, fixed, budget, round_prompts) -
     while (k := round_size(budget, spent, len(ranking) - pos, first_cost, round_prompts)) > 0:
         for pid in ranking[pos : pos + k]:
             # 2. each prompt under the adaptive rule, to its end (the round's spend may overshoot)
-            n_samples[pid] = prompt_spend(sim, pid, cfg)
+            n_samples[pid] = prompt_spend(sim, pid, cfg, near_copy)
             spent += n_samples[pid] * per_image
         pos += k
     found = {pid for pid, n in n_samples.items() if sim.extracted(pid, n)}
     return {"evaluations": spent, "attacked": len(n_samples), "found": found, "n_samples": n_samples}
+
+
+def floor_cost(sim, found: set, cfg, per_image, fixed, share: float = 0.95) -> dict:
+    """The floor: ``fixed`` plus, for the cheapest ``share`` of the extractions ``found``, the
+    first round at which the generations so far already give the extraction."""
+    need = {}
+    for pid in found:
+        need[pid] = next((upto for upto in cfg.rounds() if sim.extracted(pid, upto)), cfg.samples_per_prompt)
+    k = int(np.ceil(share * len(found)))
+    cheapest = sorted(need.values())[:k]
+    return {
+        "evaluations": fixed + sum(cheapest) * per_image,
+        "extractions": k,
+        "samples_to_extraction": dict(sorted(need.items(), key=lambda kv: kv[1])),
+    }
+
+
+def demo_inputs(args, tmp: Path) -> dict:
+    """The demo model, its data and candidate prompts (with ``planted_copies``)."""
+    from memscan.demo.data import build_demo_data, write_demo_data
+    from memscan.demo.run import candidate_prompts, model_dir
+    from memscan.generators.diffusers_unet import load_unet_generator
+
+    data = build_demo_data()
+    write_demo_data(data, tmp / "data")
+    prompts = candidate_prompts(data, args.unique, 1)
+    gen = load_unet_generator(str(model_dir()), batch_size=args.batch)
+    return {"model": "memscan/demo/model", "gen": gen, "prompts": prompts, "training": data.images,
+            "train_dir": tmp / "data" / "train", "group_by": "planted_copies"}  # fmt: skip
+
+
+def tiny_inputs(args, tmp: Path) -> dict:
+    """A memorized tiny SD pipeline: its memorized captions and ``args.others`` random training
+    captions; the training set as the pipeline renders it (its autoencoder is untrained)."""
+    import pandas as pd
+
+    from memscan.data.images import save_png
+    from memscan.generators.text2image import load_text2image_generator
+    from memscan.synthetic import training_image
+    from memscan.testing.tiny_sd import as_the_pipeline_sees_it
+
+    model = Path(args.tiny_model)
+    meta = json.loads((model / "memscan.json").read_text())["finetune"]
+    gen = load_text2image_generator(str(model), batch_size=args.batch)
+    mem, recipe = meta["memorized"], meta["recipe"]
+    w = np.asarray(recipe["weights"], float) / sum(recipe["weights"])
+    # expected draws of each memorized pair in training; the others' pairs are random (≈ 1 each)
+    draws = np.round(w * recipe["memorized_share"] * recipe["batch_size"] * recipe["steps"]).astype(int)
+    others = meta["other_captions"][: args.others]
+    prompts = pd.DataFrame({
+        "prompt_id": [f"mem{i}" for i in range(len(mem))] + [f"o{i:03d}" for i in range(len(others))],
+        "prompt": [m["caption"] for m in mem] + others,
+        "train_id": [m["train_id"] for m in mem] + [None] * len(others),
+        "duplicate_count": [int(d) for d in draws] + [1] * len(others),
+    })  # fmt: skip
+    ids = [m["train_id"] for m in mem] + meta["pool_ids"]
+    view = as_the_pipeline_sees_it(gen.pipe, np.stack([training_image(t, gen.height) for t in ids]))
+    train_dir = tmp / "tiny-train"
+    train_dir.mkdir(parents=True)
+    for tid, img in zip(ids, view):
+        save_png(img, train_dir / f"{tid}.png")
+    return {"model": str(model), "gen": gen, "prompts": prompts, "training": view, "train_dir": train_dir,
+            "group_by": "duplicate_count", "recipe": recipe, "finetune_seconds": meta.get("seconds"),
+            "finetune_log": meta.get("log")}  # fmt: skip
 
 
 def load_avg() -> list[float]:
@@ -85,6 +183,8 @@ def main() -> None:
     ap.add_argument("--round-prompts", type=int, default=8)
     ap.add_argument("--real-share", type=float, default=0.1, help="budget share of the real audit run")
     ap.add_argument("--quick", action="store_true", help="small pool and N (minutes on a CPU)")
+    ap.add_argument("--tiny-model", type=Path, help="a memorized tiny SD pipeline (instead of the demo model)")
+    ap.add_argument("--others", type=int, default=94, help="random training captions in the tiny pool")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     if args.quick:
@@ -93,19 +193,14 @@ def main() -> None:
     import torch
 
     from memscan.audit import AuditBudget, audit, default_extract_config
-    from memscan.demo.data import build_demo_data, write_demo_data
-    from memscan.demo.run import candidate_prompts, model_dir
-    from memscan.generators.diffusers_unet import load_unet_generator
     from memscan.triage import TriageConfig, triage
 
     torch.set_num_threads(1)
     tmp = Path(tempfile.mkdtemp(prefix="audit-cost-"))
     load_start = load_avg()
-    data = build_demo_data()
-    write_demo_data(data, tmp / "data")
-    prompts = candidate_prompts(data, args.unique, 1)
+    inputs = tiny_inputs(args, tmp) if args.tiny_model else demo_inputs(args, tmp)
+    gen, prompts = inputs["gen"], inputs["prompts"]
     pids = prompts["prompt_id"].tolist()
-    gen = load_unet_generator(str(model_dir()), batch_size=args.batch)
     per_image = gen.evaluations_per_generation
     cfg = default_extract_config(args.samples, batch_size=args.batch)
     n = args.samples
@@ -114,7 +209,7 @@ def main() -> None:
     t0 = time.perf_counter()
     images = full_pass(gen, prompts, n, args.batch)
     brute_s = time.perf_counter() - t0
-    sim = Simulator(images, data.images, cfg, "cpu")
+    sim = Simulator(images, inputs["training"], cfg, "cpu")
     brute_found = {pid for pid in pids if sim.extracted(pid, n)}
     brute_cost = len(pids) * n * per_image
     print(f"brute force: {len(pids)} prompts × {n} × {per_image} = {brute_cost:,} UNet evaluations, "
@@ -136,6 +231,13 @@ def main() -> None:
         }
     dup = roc_metrics(prompts["duplicate_count"].to_numpy(float), labels).to_dict()
     roc["duplicate_count"] = {k: dup[k] for k in ("auc", "tpr@1%fpr", "balanced_accuracy")}
+    # the same scores against "duplicated in training" (count > 1) rather than "extracted"
+    dup_labels = prompts.set_index("prompt_id").loc[pids, "duplicate_count"].to_numpy() > 1
+    roc_dup = {}
+    if 0 < dup_labels.sum() < len(dup_labels):
+        for s in ("wen", "webster"):
+            r = roc_metrics(scores[f"{s}_score"].to_numpy(), dup_labels).to_dict()
+            roc_dup[s] = {k: r[k] for k in ("auc", "tpr@1%fpr", "n_members", "n_nonmembers")}
     print(f"triage: {triage_cost:,} UNet evaluations ({triage_cost / brute_cost:.2%}), {triage_s:.0f} s; ROC {roc}")
 
     # 3. the audit's curve, simulated, for each ranking
@@ -147,15 +249,18 @@ def main() -> None:
         "random order": list(rng.permutation(pids)),
     }  # fmt: skip
     probe = per_image
-    curves = {}
+    curves, missed = {}, {}
+    # the alternative stop rule (continue on a near-copy of a training image), simulated only
+    rankings["triage wen + near-copy rule"] = rankings["triage wen"]
     for name, ranking in rankings.items():
+        near = name.endswith("near-copy rule")
         fixed = (triage_cost if name.startswith("triage") else 0) + probe
         rows = []
         for share in SHARES:
             budget = int(np.ceil(share * brute_cost))
             if budget < fixed + min(args.round_prompts, len(pids)) * cfg.rounds()[0] * per_image:
                 continue
-            res = simulate_audit(sim, ranking, cfg, per_image, fixed, budget, args.round_prompts)
+            res = simulate_audit(sim, ranking, cfg, per_image, fixed, budget, args.round_prompts, near)
             rows.append({
                 "budget_share": share,
                 "evaluations": res["evaluations"],
@@ -166,13 +271,29 @@ def main() -> None:
                 "extra": len(res["found"] - brute_found),
             })  # fmt: skip
         # the whole ranking: every prompt under the adaptive rule (no budget)
-        res = simulate_audit(sim, ranking, cfg, per_image, fixed, None, args.round_prompts)
+        res = simulate_audit(sim, ranking, cfg, per_image, fixed, None, args.round_prompts, near)
         rows.append({"budget_share": None, "evaluations": res["evaluations"],
                      "evaluations_share": res["evaluations"] / brute_cost, "attacked": res["attacked"],
                      "found": len(res["found"] & brute_found),
                      "found_share": len(res["found"] & brute_found) / len(brute_found) if brute_found else None,
                      "extra": len(res["found"] - brute_found)})  # fmt: skip
         curves[name] = rows
+        # why a brute-force extraction is missed: its rank, and what the adaptive rule gave it
+        at = simulate_audit(
+            sim, ranking, cfg, per_image, fixed, int(np.ceil(0.1 * brute_cost)), args.round_prompts, near
+        )
+        missed[name] = {
+            pid: {
+                "rank": ranking.index(pid) + 1,
+                "attacked_at_10pct": pid in at["n_samples"],
+                "n_samples_at_10pct": at["n_samples"].get(pid),
+                "n_samples_unbudgeted": res["n_samples"][pid],
+                "first_round_clique": int(sim.detection(pid, cfg.rounds()[0]).clique.size),
+                "full_budget_clique": int(sim.detection(pid, n).clique.size),
+            }
+            for pid in sorted(brute_found - at["found"], key=ranking.index)
+        }
+        print(f"  missed at 10 %: {missed[name]}")
         print(f"\n{name}: budget share → evaluations spent (share of brute force), prompts attacked, found")
         for r in rows:
             b = "all" if r["budget_share"] is None else f"{r['budget_share']:.1%}"
@@ -181,7 +302,7 @@ def main() -> None:
 
     # 4. one budget for real through memscan.audit
     t0 = time.perf_counter()
-    real = audit(gen, tmp / "data" / "train", tmp / "audit", prompts=prompts[["prompt_id", "prompt", "train_id",
+    real = audit(gen, inputs["train_dir"], tmp / "audit", prompts=prompts[["prompt_id", "prompt", "train_id",
                  "duplicate_count"]], config=cfg, budget=AuditBudget(share=args.real_share,
                  round_prompts=args.round_prompts), progress=False)  # fmt: skip
     real_s = time.perf_counter() - t0
@@ -203,8 +324,13 @@ def main() -> None:
         "seconds": round(real_s, 1),
     }  # fmt: skip
     print(f"\nreal audit at {args.real_share:.0%}: {real_row}")
+    floor = floor_cost(sim, brute_found, cfg, per_image, triage_cost + probe)
+    floor["share"] = floor["evaluations"] / brute_cost
+    print(f"\nfloor (perfect ranking, ≥ 95 % of the extractions): {floor['evaluations']:,} evaluations "
+          f"({floor['share']:.2%}); generations to each extraction: {floor['samples_to_extraction']}")  # fmt: skip
+    group = inputs["group_by"]
     summary = {
-        "model": "memscan/demo/model",
+        "model": inputs["model"],
         "prompts": len(pids),
         "memorized_share_of_pool": len(brute_found) / len(pids),
         "samples_per_prompt": n,
@@ -213,17 +339,29 @@ def main() -> None:
         "round_size": cfg.round_size,
         "round_prompts": args.round_prompts,
         "brute_force": {"evaluations": brute_cost, "extractions": len(brute_found), "seconds": round(brute_s, 1)},
-        "brute_force_extractions_by_planted_copies": {
-            str(k): f"{sum(p in brute_found for p in g['prompt_id'])}/{len(g)}"
-            for k, g in prompts.groupby("planted_copies")
+        f"brute_force_extractions_by_{group}": {
+            str(k): f"{sum(p in brute_found for p in g['prompt_id'])}/{len(g)}" for k, g in prompts.groupby(group)
         },
+        "brute_force_extracted": sorted(brute_found),
+        "floor_for_95_percent": floor,
         "triage": {
             "evaluations": triage_cost,
             "share": triage_cost / brute_cost,
             "seconds": round(triage_s, 1),
             "roc": roc,
+            "roc_duplicated_vs_not": roc_dup,
         },  # fmt: skip
         "curves": curves,
+        "missed_at_10_percent": missed,
+        **(
+            {
+                "tiny_recipe": inputs["recipe"],
+                "finetune_seconds": inputs["finetune_seconds"],
+                "finetune_log": inputs["finetune_log"],
+            }
+            if args.tiny_model
+            else {}
+        ),
         "real_audit": real_row,
         "load_average": {"start": load_start, "end": load_avg()},
         "cpu": os.cpu_count(),

@@ -28,10 +28,13 @@ def triage_gap(generator) -> str | None:
         unet = getattr(pipe, "unet", None)
         if unet is None or not hasattr(pipe, "encode_prompt"):
             return f"{type(pipe).__name__} has no UNet and text encoder the triage scores can call"
-        if getattr(unet.config, "addition_embed_type", None) is not None:
+        added = getattr(unet.config, "addition_embed_type", None)
+        if added == "text_time" and not hasattr(pipe, "_get_add_time_ids"):
+            return f"{type(pipe).__name__} takes SDXL's added conditioning but cannot build its time ids"
+        if added not in (None, "text_time"):
             return (
-                f"{type(pipe).__name__} needs added conditioning (SDXL-style); the triage scores support "
-                "single-text-encoder pipelines and class-conditional UNets"
+                f"{type(pipe).__name__}'s UNet takes added conditioning {added!r}; the triage scores support "
+                "Stable Diffusion (v1/v2), SDXL-style ('text_time') pipelines and class-conditional UNets"
             )
         return None
     return f"{type(generator).__name__} (a plain function) exposes no noise prediction, so no triage score applies"

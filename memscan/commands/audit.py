@@ -21,7 +21,7 @@ HELP = """The whole extraction attack in one run directory, stage by stage.
 
 1. candidates: the captions of the --candidates most duplicated training images (as `memscan candidates`), or --prompts as given.
 
-2. triage: one-step memorization scores of every candidate (as `memscan triage`: Wen et al. 2024; 4 generations × 1 step, 2 UNet evaluations each). Models no score applies to (a plain py: function, SDXL-style pipelines, class-conditional UNets without a null class) keep the candidates' order, and the audit says so.
+2. triage: one-step memorization scores of every candidate (as `memscan triage`: Wen et al. 2024; 4 generations × 1 step, 2 UNet evaluations each). Stable Diffusion and SDXL-style pipelines (added conditioning: pooled text embeds and time ids, the pipeline's own zero/negative conditioning as the unconditional input) and class-conditional UNets with a null class are scored. Models no score applies to (a plain py: function, other added conditioning, class-conditional UNets without a null class) keep the candidates' order, and the audit says so.
 
 3. extract: the adaptive extraction (`memscan extract --adaptive`, first round and further rounds of 4 % of --samples-per-prompt) down the triage ranking, --round-prompts prompts a round, until the budget is spent: --budget model evaluations for the whole audit, triage included (default: 10 % of the brute force, every candidate × --samples-per-prompt), or the --top K prompts.
 

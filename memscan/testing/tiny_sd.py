@@ -313,8 +313,16 @@ def finetune_tiny_sd(
 
 
 #: Captions of the memorized pairs of :func:`build_memorized_tiny_sd` (in order).
-MEMORIZED_CAPTIONS = ["a red fox in snow", "a lighthouse at dusk", "an old blue bicycle", "green apples"]
-#: Relative duplication of those pairs (the first is seen most often).
+MEMORIZED_CAPTIONS = [
+    "a red fox in snow",
+    "a lighthouse at dusk",
+    "an old blue bicycle",
+    "green apples",
+    "a stone bridge",
+    "purple tulips",
+]
+#: Relative duplication of the first four pairs (the first is seen most often); pass ``weights``
+#: to :func:`build_memorized_tiny_sd` for other duplicate counts.
 MEMORIZED_WEIGHTS = [0.4, 0.3, 0.2, 0.1]
 
 
@@ -326,6 +334,8 @@ def build_memorized_tiny_sd(
     finetune: FinetuneConfig = FinetuneConfig(),
     device: str = "cpu",
     check_every: int = 0,
+    weights: list[float] | None = None,
+    n_others: int = 512,
 ) -> dict:
     """Build the tiny pipeline, fine-tune it to memorize ``n_memorized`` pairs, save it.
 
@@ -336,6 +346,10 @@ def build_memorized_tiny_sd(
     the recipe, the captions and ids, and how often 16 generations of each memorized caption
     copy it (tiled ℓ2 ≤ 0.15 to the image as the pipeline renders it, see
     :func:`as_the_pipeline_sees_it`). Returns that record.
+
+    ``weights`` sets the relative duplication of the memorized pairs (default
+    :data:`MEMORIZED_WEIGHTS`, which covers the first four); ``n_others`` the number of random
+    captions.
     """
     import time
 
@@ -346,6 +360,10 @@ def build_memorized_tiny_sd(
 
     if not 1 <= n_memorized <= len(MEMORIZED_CAPTIONS):
         raise ValueError(f"n_memorized must lie in 1..{len(MEMORIZED_CAPTIONS)}")
+    if weights is None and n_memorized > len(MEMORIZED_WEIGHTS):
+        raise ValueError(f"pass weights for n_memorized > {len(MEMORIZED_WEIGHTS)}")
+    if weights is not None and len(weights) != n_memorized:
+        raise ValueError("weights must give one weight per memorized pair")
     t0 = time.perf_counter()
     pipe = build_tiny_sd(config).to(device)
     size = config.resolution
@@ -353,8 +371,8 @@ def build_memorized_tiny_sd(
     memorized = [(training_image(tid, size), MEMORIZED_CAPTIONS[i]) for i, tid in enumerate(mem_ids)]
     pool_ids = [f"t{i:04d}" for i in range(100, 164)]
     pool = np.stack([training_image(tid, size) for tid in pool_ids])
-    others = random_captions(512, seed=finetune.seed)
-    weights = MEMORIZED_WEIGHTS[:n_memorized]
+    others = random_captions(n_others, seed=finetune.seed)
+    weights = list(weights) if weights is not None else MEMORIZED_WEIGHTS[:n_memorized]
     gen = torch.Generator("cpu").manual_seed(finetune.seed)
     chunk = check_every or finetune.steps
     log, done = [], 0
@@ -448,7 +466,7 @@ def as_the_pipeline_sees_it(pipe, images: np.ndarray) -> np.ndarray:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m memscan.testing.tiny_sd OUT [--memorized N --steps S --device D]``."""
+    """``python -m memscan.testing.tiny_sd OUT [--memorized N --steps S --weights W… --memorized-share F --device D]``."""
     import argparse
 
     ap = argparse.ArgumentParser(description="write the tiny SD pipeline (optionally fine-tuned to memorize)")
@@ -457,6 +475,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=FinetuneConfig.steps)
     ap.add_argument("--check-every", type=int, default=0)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--weights", type=float, nargs="+", help="relative duplication of the memorized pairs")
+    ap.add_argument("--memorized-share", type=float, default=FinetuneConfig.memorized_share)
     args = ap.parse_args(argv)
     if args.memorized == 0:
         print(save_tiny_sd(args.out))
@@ -464,9 +484,10 @@ def main(argv: list[str] | None = None) -> None:
     rec = build_memorized_tiny_sd(
         args.out,
         n_memorized=args.memorized,
-        finetune=FinetuneConfig(steps=args.steps),
+        finetune=FinetuneConfig(steps=args.steps, memorized_share=args.memorized_share),
         device=args.device,
         check_every=args.check_every,
+        weights=args.weights,
     )
     print(json.dumps({"log": rec["log"], "seconds": rec["seconds"]}))
 

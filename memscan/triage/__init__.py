@@ -6,13 +6,14 @@ directory ``memscan triage`` writes.
 """
 
 from memscan.triage.run import FULL_ATTACK, TriageResult, read_scores, select_ranked, triage
-from memscan.triage.scores import SCORES, TriageConfig, TriageModel, score_prompts
+from memscan.triage.scores import SCORES, SDXLTriageModel, TriageConfig, TriageModel, score_prompts
 
 __all__ = [
     "FULL_ATTACK",
     "SCORES",
     "TriageConfig",
     "TriageModel",
+    "SDXLTriageModel",
     "TriageResult",
     "read_scores",
     "score_prompts",

@@ -87,6 +87,9 @@ class TriageModel:
     device : where to run
     """
 
+    #: ``unet.config.addition_embed_type`` values this class supplies (None: no added conditioning).
+    ADDED_CONDITIONING: tuple = (None,)
+
     def __init__(self, pipe, device: str = "cpu"):
         import torch
 
@@ -98,10 +101,13 @@ class TriageModel:
                 f"{type(pipe).__name__} lacks {', '.join(needed)}; triage scores need a UNet text-to-image pipeline",
                 "use a Stable Diffusion (v1/v2-style) pipeline",
             )
-        if getattr(pipe.unet.config, "addition_embed_type", None) is not None:
+        added = getattr(pipe.unet.config, "addition_embed_type", None)
+        if added not in self.ADDED_CONDITIONING:
             raise InputError(
-                f"{type(pipe).__name__} needs added conditioning (SDXL-style); triage supports single-text-encoder pipelines",
-                "run `memscan extract` directly, or triage with a Stable Diffusion v1/v2-style pipeline",
+                f"{type(pipe).__name__}'s UNet takes added conditioning {added!r}, which {type(self).__name__} does "
+                f"not supply (it supports {', '.join(map(repr, self.ADDED_CONDITIONING))})",
+                "use text2image_triage_model, which picks the SDXL-style scorer for 'text_time'; other added "
+                "conditioning has no triage score: run `memscan extract --adaptive` (or `memscan audit`, which falls back)",
             )
         self.pipe = pipe.to(device)
         self.device = device
@@ -138,6 +144,87 @@ class TriageModel:
             for i in indices
         ]
         return torch.stack(x)
+
+
+class SDXLTriageModel(TriageModel):
+    """An SDXL-style pipeline (UNet with ``addition_embed_type="text_time"``) as triage sees it.
+
+    The condition of a prompt is what ``StableDiffusionXLPipeline.__call__`` feeds its UNet:
+    the two encoders' concatenated hidden states (``encoder_hidden_states``), the second
+    encoder's pooled projection (``text_embeds``) and the six size/crop ``time_ids``
+    (original size, crop top-left (0, 0), target size — the generation's resolution). The
+    unconditional input is the pipeline's own negative conditioning: with
+    ``force_zeros_for_empty_prompt`` (SDXL's default) zero embeddings, otherwise the encoded
+    ``negative_prompt`` (empty by default), with the same ``time_ids`` — exactly what the
+    pipeline pairs with the prompt under classifier-free guidance. A condition is a tuple
+    ``(hidden states, text_embeds, time_ids)``.
+
+    Parameters
+    ----------
+    pipe : a ``StableDiffusionXLPipeline`` (or kin: ``encode_prompt`` returning four tensors,
+        ``_get_add_time_ids``)
+    device : where to run
+    negative_prompt : the unconditional prompt of guidance (None: the pipeline's default)
+    resolution : ``(height, width)`` of the generations (None: the UNet's native size)
+    """
+
+    ADDED_CONDITIONING = ("text_time",)
+
+    def __init__(self, pipe, device: str = "cpu", negative_prompt: str | None = None, resolution=None):
+        super().__init__(pipe, device)
+        if not hasattr(pipe, "_get_add_time_ids"):
+            raise InputError(
+                f"{type(pipe).__name__} takes SDXL's added conditioning but cannot build its time ids",
+                "use a StableDiffusionXLPipeline",
+            )
+        native = (self.latent_shape[1] * self.vae_scale, self.latent_shape[2] * self.vae_scale)
+        self.resolution = tuple(int(v) for v in (resolution or native))
+        self.negative_prompt = negative_prompt
+
+    def embed(self, prompts: list[str]):
+        """``(hidden states, text_embeds, time_ids)`` of ``prompts`` and of the negative conditioning."""
+        torch = self._torch
+        negative = None if self.negative_prompt is None else [self.negative_prompt] * len(prompts)
+        with torch.inference_mode():
+            cond, uncond, pooled, pooled_u = self.pipe.encode_prompt(
+                prompt=prompts,
+                device=self.device,
+                num_images_per_prompt=1,
+                do_classifier_free_guidance=True,
+                negative_prompt=negative,
+            )
+        # 1. time ids as the pipeline builds them: original size, crop (0, 0), target size
+        enc2 = getattr(self.pipe, "text_encoder_2", None)
+        proj = int(pooled.shape[-1]) if enc2 is None else int(enc2.config.projection_dim)
+        ids = self.pipe._get_add_time_ids(self.resolution, (0, 0), self.resolution, cond.dtype, proj)
+        ids = ids.to(self.device).repeat(len(prompts), 1)
+        return (cond, pooled, ids), (uncond, pooled_u, ids)
+
+    def predict(self, x, t, condition):
+        """``ε_θ(x, t, c)`` with the added conditioning of ``condition``."""
+        hidden, pooled, ids = condition
+        return self.unet(
+            x, t, encoder_hidden_states=hidden, added_cond_kwargs={"text_embeds": pooled, "time_ids": ids}
+        ).sample
+
+
+def text2image_triage_model(pipe, device: str = "cpu", negative_prompt: str | None = None, resolution=None):
+    """The triage model of a text-to-image pipeline: :class:`SDXLTriageModel` when its UNet takes
+    SDXL's added conditioning (``text_time``), else :class:`TriageModel` (which refuses other
+    added conditioning with a clear error)."""
+    unet = getattr(pipe, "unet", None)
+    if unet is not None and getattr(unet.config, "addition_embed_type", None) == "text_time":
+        return SDXLTriageModel(pipe, device, negative_prompt=negative_prompt, resolution=resolution)
+    return TriageModel(pipe, device)
+
+
+def concat_conditions(a, b):
+    """Concatenate two batches of conditions along the batch axis (tensors, or tuples of them)."""
+    import torch
+
+    if isinstance(a, tuple):
+        return tuple(torch.cat([x, y]) for x, y in zip(a, b))
+    return torch.cat([a, b])
 
 
 class ClassTriageModel:
@@ -227,7 +314,7 @@ def score_prompts(model: TriageModel, prompt_ids: list[str], prompts: list[str],
             for n, t in enumerate(timesteps):
                 # 2. both noise predictions in one call (as classifier-free guidance does)
                 x_in = sched.scale_model_input(torch.cat([z, z]), t)
-                eps = model.predict(x_in, t, torch.cat([cond, uncond]))
+                eps = model.predict(x_in, t, concat_conditions(cond, uncond))
                 eps_c, eps_u = eps.float().chunk(2)
                 # 3. Wen et al. 2024: ||ε(x_t, c_prompt) − ε(x_t, c_empty)||₂ per generation
                 wen_sum += (eps_c - eps_u).flatten(1).norm(dim=1).double().cpu()

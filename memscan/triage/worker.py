@@ -24,11 +24,18 @@ import numpy as np
 import pandas as pd
 
 from memscan.errors import InputError, user_code
+from memscan.generators.diffusers_models import read_meta
 from memscan.generators.diffusers_unet import DiffusersUNetGenerator, load_unet_generator
 from memscan.generators.model_record import count_parameters
 from memscan.generators.text2image import Text2ImageGenerator, is_text2image_index, load_pipeline
 from memscan.runners import RayOptions, WorkerPool, make_pool, require_ray
-from memscan.triage.scores import ClassTriageModel, TriageConfig, TriageModel, score_prompts
+from memscan.triage.scores import (
+    ClassTriageModel,
+    TriageConfig,
+    TriageModel,
+    score_prompts,
+    text2image_triage_model,
+)
 
 
 @dataclass
@@ -81,11 +88,17 @@ def setup_triage(model: Any, config: TriageConfig) -> TriageWorker:
     if isinstance(model, (str, Path)):
         with user_code(f"loading the pipeline {model} failed", "fix the model and rerun"):
             pipe = load_pipeline(str(model), device=config.device, dtype=config.dtype)
+        # SDXL-style time ids carry the generation's resolution: the model's memscan.json one, if any
+        res = read_meta(Path(model)).get("resolution") if Path(model).is_dir() else None
+        return TriageWorker(text2image_triage_model(pipe, config.device, resolution=res and (res, res)), config)
     elif isinstance(model, Text2ImageGenerator):
-        pipe = model.pipe
+        # the generator's negative prompt and resolution are the unconditional input and time ids
+        # SDXL-style pipelines are sampled with
+        sdxl = {"negative_prompt": model.negative_prompt, "resolution": (model.height, model.width)}
+        return TriageWorker(text2image_triage_model(model.pipe, config.device, **sdxl), config)
     else:
         pipe = model
-    return TriageWorker(TriageModel(pipe, config.device), config)
+    return TriageWorker(text2image_triage_model(pipe, config.device), config)
 
 
 def is_unet_model_dir(model: str | Path) -> bool:
