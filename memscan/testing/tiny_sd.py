@@ -116,6 +116,44 @@ def build_tokenizer(max_length: int = 32):
         return CLIPTokenizer.from_pretrained(tmp, model_max_length=max_length)
 
 
+def tiny_autoencoder(channels: tuple[int, int], resolution: int):
+    """A two-level ``AutoencoderKL`` with SD's 4 latent channels (latents at half resolution)."""
+    from memscan.generators.text2image import quiet_loading
+
+    with quiet_loading():
+        from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=channels,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=resolution,
+    )
+
+
+def tiny_clip_config(vocab_size: int, width: int, max_length: int, layers: int = 2, projection_dim: int | None = None):
+    """A small ``CLIPTextConfig`` for the byte-level tokenizer (ids 0/1: begin / end-and-pad)."""
+    from transformers import CLIPTextConfig
+
+    extra = {} if projection_dim is None else {"projection_dim": projection_dim}
+    return CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        max_position_embeddings=max_length,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+        **extra,
+    )
+
+
 def build_tiny_sd(config: TinySDConfig = TinySDConfig()):
     """Build the tiny ``StableDiffusionPipeline`` with freshly initialised weights.
 
@@ -126,12 +164,12 @@ def build_tiny_sd(config: TinySDConfig = TinySDConfig()):
     ('StableDiffusionPipeline', 16, 2)
     """
     import torch
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextModel
 
     from memscan.generators.text2image import quiet_loading
 
     with quiet_loading():  # the pipeline import makes transformers warn that torchvision is absent
-        from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+        from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
     tokenizer = build_tokenizer(config.max_length)
     torch.manual_seed(config.seed)
@@ -149,16 +187,7 @@ def build_tiny_sd(config: TinySDConfig = TinySDConfig()):
         norm_num_groups=8,
     )
     # 2. autoencoder: two levels → latents at half resolution (vae_scale_factor = 2)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=config.vae_channels,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=config.resolution,
-    )
+    vae = tiny_autoencoder(config.vae_channels, config.resolution)
     # 2b. Stable Diffusion scales latents to unit variance (Rombach et al. 2022, §G): measure
     #     this autoencoder's latent std on 32 synthetic pictures and set scaling_factor = 1 / std
     from memscan.synthetic import smooth_image
@@ -171,17 +200,7 @@ def build_tiny_sd(config: TinySDConfig = TinySDConfig()):
     vae.register_to_config(scaling_factor=1.0 / std)
     # 3. text encoder sized to the tokenizer
     text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=config.text_dim,
-            intermediate_size=2 * config.text_dim,
-            num_hidden_layers=config.text_layers,
-            num_attention_heads=4,
-            max_position_embeddings=config.max_length,
-            bos_token_id=0,
-            eos_token_id=1,
-            pad_token_id=1,
-        )
+        tiny_clip_config(len(tokenizer), config.text_dim, config.max_length, config.text_layers)
     )
     # 4. Stable Diffusion's scheduler configuration
     scheduler = DDIMScheduler(

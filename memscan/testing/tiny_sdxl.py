@@ -22,7 +22,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from memscan.testing.tiny_sd import build_tokenizer
+from memscan.testing.tiny_sd import build_tokenizer, tiny_autoencoder, tiny_clip_config
 
 
 @dataclass(frozen=True)
@@ -61,12 +61,12 @@ def build_tiny_sdxl(config: TinySDXLConfig = TinySDXLConfig()):
     ('StableDiffusionXLPipeline', 'text_time', 'CLIPTextModelWithProjection')
     """
     import torch
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     from memscan.generators.text2image import quiet_loading
 
     with quiet_loading():  # the pipeline import makes transformers warn that torchvision is absent
-        from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+        from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 
     tokenizer = build_tokenizer(config.max_length)
     tokenizer_2 = build_tokenizer(config.max_length)
@@ -89,34 +89,15 @@ def build_tiny_sdxl(config: TinySDXLConfig = TinySDXLConfig()):
         norm_num_groups=8,
     )
     # 2. autoencoder: two levels → latents at half resolution (vae_scale_factor = 2)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=config.vae_channels,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=config.resolution,
-    )
-
+    vae = tiny_autoencoder(config.vae_channels, config.resolution)
     # 3. the two text encoders (the second with the pooled projection)
-    def text_config(width: int) -> CLIPTextConfig:
-        return CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=width,
-            intermediate_size=2 * width,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=config.max_length,
-            projection_dim=config.projection_dim,
-            bos_token_id=0,
-            eos_token_id=1,
-            pad_token_id=1,
-        )
-
-    text_encoder = CLIPTextModel(text_config(config.text_dims[0]))
-    text_encoder_2 = CLIPTextModelWithProjection(text_config(config.text_dims[1]))
+    widths = config.text_dims
+    text_encoder = CLIPTextModel(
+        tiny_clip_config(len(tokenizer), widths[0], config.max_length, 2, config.projection_dim)
+    )
+    text_encoder_2 = CLIPTextModelWithProjection(
+        tiny_clip_config(len(tokenizer), widths[1], config.max_length, 2, config.projection_dim)
+    )
     # 4. SDXL's scheduler configuration (Euler, SD's noise schedule)
     scheduler = EulerDiscreteScheduler(
         beta_start=0.00085,
