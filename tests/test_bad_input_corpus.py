@@ -486,6 +486,9 @@ def test_extract_needs_train_or_index_and_a_positive_retrieve(corpus, index_case
     assert_clean_error(cli(*base, "--quiet"), "--train", "--index")
     good = index_cases["a corrupt ids.parquet"][0].parent / "good"
     assert_clean_error(cli(*base, "--index", good, "--retrieve", 0, "--quiet"), "--retrieve")
+    # part servers need Ray: without --runner ray, refused before any run is written
+    assert_clean_error(cli(*base, "--index", good, "--serve-index-cpus", 1, "--quiet"), "--runner ray")
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("bad", [*INDEX_BAD, "an index of another training set"])

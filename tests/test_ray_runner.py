@@ -106,6 +106,41 @@ def test_ray_run_through_the_index_equals_local_run(ray_address, reference, prom
     assert sum(r["retrieval"]["candidates"] for r in recs) == res.manifest["counts"]["detections"]
 
 
+def test_ray_run_through_an_index_served_by_part_actors_equals_local_run(
+    ray_address, reference, prompts, synth_train, tmp_path, monkeypatch
+):
+    """extract --index IDX --serve-index-cpus 0 on Ray: an index built in two parts is searched by two
+    Ray actors, one per part (no worker opens a part); the tables equal the local --train run's, and
+    the actors are stopped when the run ends. Without --runner ray, one clear error."""
+    import memscan.extraction.pipeline as pipeline
+    from memscan.errors import InputError
+    from memscan.index.faiss_index import IndexParams, build_index, serve_index_on_ray
+
+    build_index(synth_train, tmp_path / "idx", embedder="pixel:8", index_type=IndexParams("flat", shards=2),
+                progress=False)  # fmt: skip
+    served = []
+
+    def serve(*args, **kwargs):  # the real serving, remembered to look at afterwards
+        served.append(serve_index_on_ray(*args, **kwargs))
+        return served[-1]
+
+    monkeypatch.setattr(pipeline, "serve_index_on_ray", serve)
+    run = tmp_path / "served"
+    res = extract(
+        "py:gen_support:planted", prompts, None, run, CFG, progress=False, runner="ray",
+        runner_options=RayOptions(num_workers=2), index=tmp_path / "idx", retrieve=200, serve_index=0,
+    )  # fmt: skip
+    _assert_same_run(reference, run)
+    assert res.manifest["index_search"] == "ray actors, one per part"
+    assert res.manifest["verification"]["via"] == "index"
+    assert len(served) == 1 and len(served[0].index.sizes) == 2 and sum(served[0].index.sizes) == len(served[0].ids)
+    assert served[0].index.servers == []  # the part actors were stopped when the run ended
+    with pytest.raises(InputError, match="--runner ray"):
+        extract("py:gen_support:planted", prompts, None, tmp_path / "x", CFG, progress=False,
+                index=tmp_path / "idx", serve_index=0)  # fmt: skip
+    assert not (tmp_path / "x").exists()
+
+
 def test_worker_killed_mid_shard_is_retried_elsewhere(ray_address, reference, prompts, synth_train, tmp_path):
     _, victims = ray_address
     folder = victims / "kill"

@@ -52,6 +52,13 @@ def register(app: typer.Typer) -> None:
         retrieve: int = typer.Option(
             100, "--retrieve", help="with --index: training images retrieved and compared per candidate (K)"
         ),
+        serve_index_cpus: float | None = typer.Option(
+            None,
+            "--serve-index-cpus",
+            help="with --index and --runner ray: serve each part of a sharded index (`memscan index --index-shards`) "
+            "from its own Ray actor reserving this many CPUs, so that no worker opens the whole index "
+            "[off: each worker opens it memory-mapped]",
+        ),
         out: Path = typer.Option(..., "--out", help="run directory to write"),
         samples_per_prompt: int | None = typer.Option(None, help="generations per prompt [500]"),
         grid: int | None = typer.Option(None, help="tiles per side for tiled ℓ2 [4]"),
@@ -176,6 +183,7 @@ def register(app: typer.Typer) -> None:
                 model_id=model,
                 index=index,
                 retrieve=retrieve,
+                serve_index=serve_index_cpus,
             )
         c = result.manifest["counts"]
         typer.echo(

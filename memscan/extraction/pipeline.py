@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +29,7 @@ from memscan.extraction.verify_index import (
     verify_candidates_indexed,
 )
 from memscan.extraction.worker import extraction_pool, extraction_stage, generator_record, probe_generator
+from memscan.index.faiss_index import serve_index_on_ray
 from memscan.runners.shards import run_shards
 from memscan.store import Run, RunStore, open_run, safe_name, write_table
 
@@ -65,6 +66,7 @@ def extract(
     model_id: str | None = None,
     index: str | Path | None = None,
     retrieve: int = DEFAULT_RETRIEVE,
+    serve_index: float | None = None,
 ) -> ExtractionResult:
     """Run the generate → detect → verify attack over all prompts, shard by shard.
 
@@ -91,6 +93,11 @@ def extract(
         ``retrieve`` training images only (:mod:`memscan.extraction.verify_index`); the training
         set is never decoded whole, by the driver or by any worker
     retrieve : K, training images retrieved and decoded per candidate with ``index``
+    serve_index : with ``index`` and the Ray runner: serve each part of the index from its own
+        Ray actor reserving this many CPUs (:func:`memscan.index.faiss_index.serve_index_on_ray`),
+        so that no worker opens the whole index — for an index larger than one machine's memory,
+        built in shards (``memscan index --index-shards``). None: each worker opens the index
+        memory-mapped.
     """
     config = config.validate()
     if index is not None:
@@ -103,6 +110,26 @@ def extract(
         open_index_verifier(train)  # a missing or damaged index (or source) fails before any run is written
     elif train is None:
         raise InputError("extract needs the training set", "pass --train TRAIN, or --index INDEX")
+    if serve_index is not None:
+        if index is None or runner != "ray":
+            raise InputError(
+                "--serve-index serves an index's parts from Ray actors", "use it with --index and --runner ray"
+            )
+        if serve_index < 0:
+            raise InputError(f"--serve-index-cpus must be ≥ 0, got {serve_index}")
+        address = getattr(runner_options, "address", None) if runner_options is not None else None
+        served = serve_index_on_ray(train.index, cpus_per_part=float(serve_index), address=address)
+        try:
+            return _extract_run(out, resume, runner, generator, config, runner_options, model_id, prompts,
+                                replace(train, served=served.index), progress, stop_after_shards)  # fmt: skip
+        finally:
+            served.index.close()
+    return _extract_run(out, resume, runner, generator, config, runner_options, model_id, prompts, train, progress,
+                        stop_after_shards)  # fmt: skip
+
+
+def _extract_run(out, resume, runner, generator, config, runner_options, model_id, prompts, train, progress,
+                 stop_after_shards) -> ExtractionResult:  # fmt: skip
     started = time.time()
     with open_run(out, "extract", resume=resume) as run:
         # workers (one model load each) start while the driver reads the inputs
@@ -176,6 +203,8 @@ def _extract_in(
     }
     if verification is not None:
         fields["verification"] = verification
+        # how the index was searched (not part of the run's identity: it changes no result)
+        fields["index_search"] = "ray actors, one per part" if train.served is not None else "opened by each worker"
     if not (run.resuming and prompts_path.exists()):
         write_table(prompt_df, prompts_path)
     run.start(fields, identity=("config", "n_shards", "output_shape", "verification"), started=started)

@@ -70,6 +70,10 @@ class IndexVerification:
     retrieve: int = DEFAULT_RETRIEVE
     train: str | None = None
     device: str = "cpu"
+    #: the index's parts served by Ray actors (:class:`memscan.runners.ray_runner.RayIndexParts`,
+    #: from :func:`memscan.index.faiss_index.serve_index_on_ray`): every process that opens this
+    #: record searches through them instead of opening the parts. Not part of the record's identity.
+    served: object = field(default=None, compare=False, repr=False)
 
     def validate(self) -> IndexVerification:
         if isinstance(self.retrieve, bool) or not isinstance(self.retrieve, int) or self.retrieve < 1:
@@ -112,6 +116,9 @@ class IndexVerifier:
 
     def __init__(self, spec: IndexVerification, reader=None, index: TrainingIndex | None = None):
         self.spec = spec
+        if index is None and spec.served is not None:  # ids and locations here, the parts in the actors
+            index = TrainingIndex.load(spec.index, mmap=True, open_parts=False)
+            index.index = spec.served
         self.index = index if index is not None else TrainingIndex.load(spec.index, mmap=True)
         self.embedder = load_embedder(self.index.meta.get("embedder", "pixel"), device=spec.device)
         self.reader = reader if reader is not None else training_reader(self.index, spec.train)
