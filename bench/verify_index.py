@@ -220,16 +220,17 @@ def phase_verify(work: Path, kind: str, n: int, q: int, retrieve: int, group: in
             "mean_clique_distance": 0.0,
         }  # fmt: skip
     )
-    top1, eidetic, dist1 = [], [], []
+    parts = [cands.iloc[g : g + group] for g in range(0, q, group)]
+    tables = []
     t0, c0 = time.perf_counter(), _cpu()
-    for g in range(0, q, group):
-        ext, _ = verify_candidates_indexed(
-            cands.iloc[g : g + group], imgs[g : g + group], verifier, delta=0.15, grid=4, n_nearest=1
+    for g, part in zip(range(0, q, group), parts):
+        tables.append(
+            verify_candidates_indexed(part, imgs[g : g + group], verifier, delta=0.15, grid=4, n_nearest=1)[0]
         )
-        top1.extend(ext["train_id"].tolist())
-        eidetic.extend(ext["eidetic_k"].tolist())
-        dist1.extend(ext["tiled_l2"].tolist())
     verify_s, cpu_s = time.perf_counter() - t0, _cpu() - c0
+    # the benchmark's own bookkeeping, outside the timed loop
+    ext = pd.concat(tables, ignore_index=True)
+    top1, dist1 = ext["train_id"].tolist(), ext["tiled_l2"].tolist()
     truth = cands["train_id"].tolist()
 
     # the parts of the verification, each alone, in the same groups and threads: embedding,

@@ -245,6 +245,8 @@ def verify_candidates_indexed(
             setattr(stats, name, getattr(stats, name) + getattr(part, name))
         stats.skipped.extend(part.skipped)
     tables = [t for t in tables if len(t)]
+    if len(tables) == 1:  # a shard's few candidates: one piece, nothing to concatenate
+        return tables[0], stats.to_dict()
     return (pd.concat(tables, ignore_index=True) if tables else empty_extractions()), stats.to_dict()
 
 
