@@ -196,8 +196,13 @@ def test_sharded_index_equals_unsharded(tmp_path, kind):
     assert sorted(p.name for p in (tmp_path / "two").glob("index*.faiss")) == (
         [] if kind == "flat" else ["index-000.faiss", "index-001.faiss"]
     )
-    s3, i3 = TrainingIndex.load(tmp_path / "two", mmap=True).search(q, 10)
+    loaded = TrainingIndex.load(tmp_path / "two", mmap=True)
+    s3, i3 = loaded.search(q, 10)
     np.testing.assert_array_equal(i1, i3)
+    if kind != "flat":  # memory-mapped inverted lists: no prefetch threads started per search
+        lists = [faiss.downcast_InvertedLists(faiss.extract_index_ivf(p).invlists) for p in loaded.index.parts]
+        assert [type(x).__name__ for x in lists] == ["OnDiskInvertedLists"] * 2
+        assert [x.prefetch_nthread for x in lists] == [0, 0]
 
 
 def test_merge_searches_orders_by_similarity_then_row():
