@@ -119,6 +119,38 @@ def test_eidetic_counts_with_planted_duplicates_and_small_k(tmp_path, synth_trai
         assert got["tiled_l2"].iloc[0] == 0.0
 
 
+def test_groups_rerank_each_candidate_among_its_own_retrievals(synth_train, flat_index):
+    # K = 4 of 120 and 20 distinct candidates: the retrievals barely overlap, so candidates are
+    # re-ranked RERANK_GROUP at a time (one cross_tiled_l2 call per group). Reference, per
+    # candidate alone: the index's K rows, then nearest_tiled_l2 over exactly those images
+    from memscan.distances import nearest_tiled_l2
+    from memscan.extraction import verify_index as vi
+
+    training = load_training_set(synth_train, size=(32, 32))
+    rng = np.random.default_rng(3)
+    pick = rng.choice(len(training.ids), 20, replace=False)
+    noisy = training.images[pick].astype(np.int16) + rng.integers(-20, 21, (20, 32, 32, 3))
+    imgs = np.clip(noisy, 0, 255).astype(np.uint8)
+    imgs[5] = imgs[4]  # two equal candidates: equal rows
+    cands = pd.DataFrame({"prompt_id": [f"c{i}" for i in range(20)], "train_id": [training.ids[i] for i in pick],
+                          "clique_size": 9, "mean_clique_distance": 0.01})  # fmt: skip
+    k = 4
+    v = IndexVerifier(IndexVerification(str(flat_index), k))
+    got, stats = verify_candidates_indexed(cands, imgs, v, delta=0.15, grid=4, n_nearest=k)
+    assert stats["decoded"] > 2 * k and len(cands) > vi.RERANK_GROUP  # the grouped path ran
+    _, rows = v.index.search(v.embedder.embed(imgs), k)
+    row_of = {tid: i for i, tid in enumerate(training.ids)}
+    for c in range(len(cands)):
+        mine = np.sort(np.array([row_of[v.index.ids[r]] for r in rows[c]]))
+        dist, idx, within = nearest_tiled_l2(imgs[c : c + 1], training.images[mine], k=k, grid=4, within=0.15)
+        g = got[got["prompt_id"] == f"c{c}"]
+        assert g["train_id"].tolist() == [training.ids[mine[i]] for i in idx[0]]
+        np.testing.assert_allclose(g["tiled_l2"], dist[0], rtol=1e-5, atol=1e-6)
+        assert (g["eidetic_k"] == within[0]).all() and g["rank"].tolist() == list(range(1, k + 1))
+    a, b = got[got["prompt_id"] == "c4"], got[got["prompt_id"] == "c5"]
+    assert a["train_id"].tolist() == b["train_id"].tolist() and a["tiled_l2"].tolist() == b["tiled_l2"].tolist()
+
+
 def test_ivfpq_default_k_extracts_planted_copies_and_recall_is_measured(tmp_path):
     # 2,000 training images (t0000…t1999, the planted ones among them): K = 100 is 5% of the set
     train = tmp_path / "train"
@@ -164,8 +196,13 @@ def test_sharded_index_equals_unsharded(tmp_path, kind):
     assert sorted(p.name for p in (tmp_path / "two").glob("index*.faiss")) == (
         [] if kind == "flat" else ["index-000.faiss", "index-001.faiss"]
     )
-    s3, i3 = TrainingIndex.load(tmp_path / "two", mmap=True).search(q, 10)
+    loaded = TrainingIndex.load(tmp_path / "two", mmap=True)
+    s3, i3 = loaded.search(q, 10)
     np.testing.assert_array_equal(i1, i3)
+    if kind != "flat":  # memory-mapped inverted lists: no prefetch threads started per search
+        lists = [faiss.downcast_InvertedLists(faiss.extract_index_ivf(p).invlists) for p in loaded.index.parts]
+        assert [type(x).__name__ for x in lists] == ["OnDiskInvertedLists"] * 2
+        assert [x.prefetch_nthread for x in lists] == [0, 0]
 
 
 def test_merge_searches_orders_by_similarity_then_row():
