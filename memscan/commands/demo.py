@@ -139,8 +139,9 @@ def demo_lm_train(
     device: str = typer.Option("cpu", "--device", help="where to train: cpu, cuda, cuda:1 [cpu]"),
     quiet: bool = quiet_option("no loss log"),
 ):
-    """Retrain the LM demo model from its recorded recipe: 7,200 bf16 steps, ≈ 44 min of one CPU core
-    (estimated from the measured step time; the shipped weights took 128 s on a lent H200, --device cuda)."""
+    """Retrain the LM demo model from its recorded recipe: 7,200 bf16 steps — ≈ 22 min on 2 CPU cores
+    with --threads 2, ≈ 41 min with one (the first 300 steps timed on the idle 2-core machine,
+    extrapolated); the shipped weights took 128 s on a lent H200 (--device cuda)."""
     from memscan.demo.lm.train import retrain
 
     rec = run_library_call(
