@@ -129,3 +129,35 @@ def test_quick_demo_reports_no_unique_image_unless_it_truly_matches(quick_demo):
     for pid in set(ext["prompt_id"]) & unique:
         rel = det.loc[det["prompt_id"] == pid, "candidate_image"].iloc[0]
         assert float(tiled_l2(read_image(out / "run" / rel, (16, 16), 1), base[pid])) <= 0.15
+
+
+def test_quick_demo_verified_through_a_flat_index_equals_its_train_path(quick_demo, tmp_path):
+    """Issue 18 on the demo: the full-budget run's candidates (verified with --train against all
+    2,072 training images) verified again through a flat pixel index with K ≥ N give the same
+    extraction table: same matches, same distances, same k-eidetic counts."""
+    from memscan.data.images import read_image
+    from memscan.extraction.verify_index import IndexVerification, IndexVerifier, verify_candidates_indexed
+    from memscan.index.faiss_index import build_index
+
+    out, _ = quick_demo
+    run = out / "full_budget"
+    m = json.loads((run / "manifest.json").read_text())
+    n_train, shape, cfg = m["training_set"]["images"], tuple(m["output_shape"]), m["config"]
+    build_index(out / "data" / "train", tmp_path / "idx", embedder="pixel:8", index_type="flat", progress=False)
+    det = pd.read_parquet(run / "detections.parquet")
+    cands = det[det["detected"] & det["candidate_image"].notna()].reset_index(drop=True)
+    assert len(cands) >= 10
+    imgs = np.stack([read_image(run / p, shape[:2], shape[2]) for p in cands["candidate_image"]])
+    verifier = IndexVerifier(IndexVerification(str(tmp_path / "idx"), n_train))
+    ext, stats = verify_candidates_indexed(
+        cands, imgs, verifier, delta=cfg["delta"], grid=cfg["grid"], n_nearest=cfg["n_nearest"]
+    )
+    want = pd.read_parquet(run / "extractions.parquet")
+    key = ["prompt_id", "rank"]
+    pd.testing.assert_frame_equal(
+        ext.sort_values(key).reset_index(drop=True)[list(want.columns)],
+        want.sort_values(key).reset_index(drop=True),
+        check_exact=True,
+    )
+    assert stats["candidates"] == len(cands) and stats["skipped_count"] == 0
+    assert ext.query("rank == 1 and extracted")["prompt_id"].nunique() >= 10
