@@ -30,8 +30,8 @@ from memscan.audit.stages import (
 )
 from memscan.audit.support import generator_facts
 from memscan.data.duplicates import DuplicateConfig
-from memscan.data.training import TrainingSet, load_training_set
-from memscan.errors import InputError, MemscanError
+from memscan.data.training import TrainingSet, training_at_shape
+from memscan.errors import InputError
 from memscan.extraction.config import ExtractConfig
 from memscan.extraction.worker import extraction_pool, generator_record, probe_generator
 from memscan.runners import GeneratorSpec
@@ -212,16 +212,7 @@ def _stages(
         check_one_round(limit, triage_cost + probe_cost, config.rounds()[0] * per_image, n, budget.round_prompts)
         # the training set at the generator's resolution: a bad one is refused before the manifest
         shape = probe.shape
-        training = (
-            train if isinstance(train, TrainingSet) else load_training_set(train, size=shape[:2], channels=shape[2])
-        )
-        if training.images.shape[1:] != tuple(shape):
-            raise MemscanError(
-                f"training images are {training.images.shape[1:]} but generations are {tuple(shape)}",
-                "load the training set at the generator's resolution",
-            )
-        for s in training.skipped:
-            run.store.log(f"skipped training image {s['id']} ({s['path']}): {s['reason']}")
+        training = training_at_shape(train, shape, run.store.log)
         if run.manifest.get("status") != "running":
             fields, identity, started = start
             run.start(fields, identity=identity, started=started)

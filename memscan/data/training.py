@@ -264,3 +264,21 @@ def nothing_readable(path, skipped: list[dict]) -> InputError:
         f"no image of training set {path} could be read ({len(skipped)} skipped{first})",
         "check the files are valid images",
     )
+
+
+def training_at_shape(train: str | Path | TrainingSet, shape: tuple[int, ...], log=None) -> TrainingSet:
+    """The training set ``train`` (a path, decoded here, or already loaded) at the generations'
+    H×W×C ``shape``; a loaded set of another shape is refused. ``log(line)``, if given, records
+    each skipped file."""
+    from memscan.errors import MemscanError
+
+    shape = tuple(shape)
+    training = train if isinstance(train, TrainingSet) else load_training_set(train, size=shape[:2], channels=shape[2])
+    if training.images.shape[1:] != shape:
+        raise MemscanError(
+            f"training images are {training.images.shape[1:]} but generations are {shape}",
+            "load the training set at the generator's resolution",
+        )
+    for s in training.skipped if log is not None else ():
+        log(f"skipped training image {s['id']} ({s['path']}): {s['reason']}")
+    return training

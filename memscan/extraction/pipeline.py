@@ -17,7 +17,7 @@ import pandas as pd
 
 from memscan.data.images import read_image
 from memscan.data.prompts import load_prompts
-from memscan.data.training import TrainingSet, load_training_set
+from memscan.data.training import TrainingSet, load_training_set, training_at_shape
 from memscan.errors import InputError, MemscanError
 from memscan.extraction.config import ExtractConfig
 from memscan.extraction.verify import verify_candidates
@@ -170,16 +170,7 @@ def _extract_in(
     if verifier is not None:  # through the index: nothing decoded here
         training, summary, verification = train, verifier.summary(shape), verifier.describe()
     else:
-        training = (
-            train if isinstance(train, TrainingSet) else load_training_set(train, size=shape[:2], channels=shape[2])
-        )
-        if training.images.shape[1:] != shape:
-            raise MemscanError(
-                f"training images are {training.images.shape[1:]} but generations are {shape}",
-                "load the training set at the generator's resolution",
-            )
-        for s in training.skipped:
-            store.log(f"skipped training image {s['id']} ({s['path']}): {s['reason']}")
+        training = training_at_shape(train, shape, store.log)
         summary, verification = training.summary(), None
 
     n_shards = math.ceil(len(prompt_df) / config.shard_size)

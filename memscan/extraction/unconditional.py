@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from memscan.data.training import TrainingSet, load_training_set
+from memscan.data.training import TrainingSet, training_at_shape
 from memscan.distances import tiled_l2
 from memscan.errors import InputError, MemscanError, user_code
 from memscan.extraction.calibrated import CalibratedConfig
@@ -467,16 +467,7 @@ def _run(run: Run, pool, generator, model_id, train, config, index, progress, st
     if via is not None:  # through the index: nothing decoded here
         training, summary, n_train = train, via.summary(shape), len(via.index)
     else:
-        training = (
-            train if isinstance(train, TrainingSet) else load_training_set(train, size=shape[:2], channels=shape[2])
-        )
-        if training.images.shape[1:] != shape:
-            raise MemscanError(
-                f"training images are {training.images.shape[1:]} but generations are {shape}",
-                "load the training set at the generator's resolution",
-            )
-        for s in training.skipped:
-            store.log(f"skipped training image {s['id']} ({s['path']}): {s['reason']}")
+        training = training_at_shape(train, shape, store.log)
         summary, n_train = training.summary(), len(training)
     # Ray: one copy in the object store per node (with an index: the small IndexVerification
     # record; each worker opens the index memory-mapped)
