@@ -43,12 +43,12 @@ def _gen():
 
 def _refuse_decoding(monkeypatch):
     import memscan.data.training as training_mod
-    import memscan.extraction.unconditional as unc_mod
 
     def refuse(*a, **k):
         raise AssertionError("the training set was decoded whole")
 
-    monkeypatch.setattr(unc_mod, "load_training_set", refuse)
+    # every path loads a training set through memscan.data.training (training_at_shape)
+    monkeypatch.setattr(training_mod, "load_training_set", refuse)
     monkeypatch.setattr(training_mod, "decode_training_set", refuse)
 
 

@@ -326,6 +326,7 @@ def test_the_index_path_never_decodes_the_training_set(tmp_path, flat_index, mon
         raise AssertionError("the training set was decoded whole")
 
     monkeypatch.setattr(pipeline_mod, "load_training_set", refuse)
+    monkeypatch.setattr(training_mod, "load_training_set", refuse)  # via training_at_shape
     monkeypatch.setattr(training_mod, "decode_training_set", refuse)
     res = extract(planted(), PROMPTS[:2], None, tmp_path / "run", CFG, progress=False, index=flat_index, retrieve=10)
     assert res.manifest["counts"]["extractions"] == 2
