@@ -29,14 +29,18 @@ Method (one process):
 Models: the demo model (``--model demo``, the default: the demo's candidate prompts) or a
 memorized tiny Stable-Diffusion pipeline (``--tiny-model DIR``, written by
 ``python -m memscan.testing.tiny_sd DIR --memorized 6 --weights …``; the pool is its memorized
-captions and ``--others`` of its random training captions, which carry no information about
-their images).
+captions and ``--others`` of its other training captions: random ones that carry no information
+about their images, or with ``--paired`` training each pool image's own caption). A new model's
+α comes from its pilot (``scripts/alpha_evidence.py --tiny-model``; docs/choosing-alpha.md).
 
 Usage::
 
     python bench/audit_cost.py --unique 100 --samples 100 --json bench/results/audit_cost_demo.json
-    python bench/audit_cost.py --tiny-model bench/models/tiny_sd_audit --others 94 --samples 100 \
-        --json bench/results/audit_cost_tiny_sd.json
+    python -m memscan.testing.tiny_sd bench/models/tiny_sd_paired --memorized 6 --steps 3000 \
+        --check-every 500 --weights 0.3 0.25 0.2 0.12 0.08 0.05 --memorized-share 0.6 --pool 4096 --paired
+    python scripts/alpha_evidence.py --tiny-model bench/models/tiny_sd_paired --samples 100 --others 12
+    python bench/audit_cost.py --tiny-model bench/models/tiny_sd_paired --others 94 --samples 100 \
+        --round-prompts 4 --alpha 0.17 --json bench/results/audit_cost_tiny_sd_paired.json
     python bench/audit_cost.py --quick
 """
 
@@ -154,11 +158,18 @@ def tiny_inputs(args, tmp: Path) -> dict:
     # expected draws of each memorized pair in training; the others' pairs are random (≈ 1 each)
     draws = np.round(w * recipe["memorized_share"] * recipe["batch_size"] * recipe["steps"]).astype(int)
     others = meta["other_captions"][: args.others]
+    if recipe.get("paired"):  # caption j is pool image j's own caption, drawn ≈ this often
+        other_ids = meta["pool_ids"][: args.others]
+        other_draws = round(
+            (1 - recipe["memorized_share"]) * recipe["batch_size"] * recipe["steps"] / len(meta["pool_ids"])
+        )
+    else:  # captions drawn with random images: no training image of their own
+        other_ids, other_draws = [None] * len(others), 1
     prompts = pd.DataFrame({
         "prompt_id": [f"mem{i}" for i in range(len(mem))] + [f"o{i:03d}" for i in range(len(others))],
         "prompt": [m["caption"] for m in mem] + others,
-        "train_id": [m["train_id"] for m in mem] + [None] * len(others),
-        "duplicate_count": [int(d) for d in draws] + [1] * len(others),
+        "train_id": [m["train_id"] for m in mem] + other_ids,
+        "duplicate_count": [int(d) for d in draws] + [other_draws] * len(others),
     })  # fmt: skip
     ids = [m["train_id"] for m in mem] + meta["pool_ids"]
     view = as_the_pipeline_sees_it(gen.pipe, np.stack([training_image(t, gen.height) for t in ids]))
@@ -185,6 +196,13 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small pool and N (minutes on a CPU)")
     ap.add_argument("--tiny-model", type=Path, help="a memorized tiny SD pipeline (instead of the demo model)")
     ap.add_argument("--others", type=int, default=94, help="random training captions in the tiny pool")
+    ap.add_argument(
+        "--alpha",
+        type=float,
+        default=None,
+        help="edge threshold α of the extraction (default: memscan's 0.08, chosen on the demo model; "
+        "for the tiny pipeline take it from its pilot, scripts/alpha_evidence.py --tiny-model)",
+    )
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     if args.quick:
@@ -202,7 +220,7 @@ def main() -> None:
     gen, prompts = inputs["gen"], inputs["prompts"]
     pids = prompts["prompt_id"].tolist()
     per_image = gen.evaluations_per_generation
-    cfg = default_extract_config(args.samples, batch_size=args.batch)
+    cfg = default_extract_config(args.samples, batch_size=args.batch, alpha=args.alpha)
     n = args.samples
 
     # 1. brute force
@@ -335,6 +353,7 @@ def main() -> None:
         "memorized_share_of_pool": len(brute_found) / len(pids),
         "samples_per_prompt": n,
         "unet_evaluations_per_generation": per_image,
+        "alpha": cfg.alpha,
         "first_round": cfg.first_round,
         "round_size": cfg.round_size,
         "round_prompts": args.round_prompts,

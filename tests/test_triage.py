@@ -194,6 +194,43 @@ def test_finetune_lowers_the_memorized_pairs_loss():
     assert err() < 0.7 * before, (before, err())
 
 
+def test_training_pairs_memorized_pool_and_paired_pool():
+    """draw_pairs: a memorized draw is image i with caption i; the default pool draws image and
+    caption independently (the recipe's original RNG order); ``paired`` draws pool pair j."""
+    import torch
+
+    from memscan.testing.tiny_sd import FinetuneConfig, draw_pairs
+
+    w = torch.tensor([0.7, 0.3], dtype=torch.float64)
+    cfg = FinetuneConfig(batch_size=4000, memorized_share=0.5)
+    img, cap = draw_pairs(torch.Generator().manual_seed(1), cfg, w, 2, 10, 30)
+    mem = img < 2
+    assert (cap[mem] == img[mem]).all() and 0.45 < mem.float().mean() < 0.55
+    assert img[~mem].max() == 11 and cap[~mem].max() == 31  # pool images 2..11, captions 2..31
+    assert (img[~mem] != cap[~mem]).float().mean() > 0.8  # independent draws
+    # the same stream by hand: rand, multinomial, then image and caption draws
+    g = torch.Generator().manual_seed(1)
+    m_ = torch.rand(4000, generator=g) < 0.5
+    which = torch.multinomial(w, 4000, replacement=True, generator=g)
+    ref_img = torch.where(m_, which, torch.randint(2, 12, (4000,), generator=g))
+    ref_cap = torch.where(m_, which, torch.randint(2, 32, (4000,), generator=g))
+    assert torch.equal(img, ref_img) and torch.equal(cap, ref_cap)
+    img, cap = draw_pairs(torch.Generator().manual_seed(1), FinetuneConfig(batch_size=4000, paired=True), w, 2, 10, 10)
+    assert torch.equal(img, cap) and set(img.tolist()) == set(range(12))
+
+
+def test_paired_training_needs_a_caption_per_pool_image():
+    from memscan.synthetic import training_image
+    from memscan.testing.tiny_sd import FinetuneConfig, build_tiny_sd, finetune_tiny_sd
+
+    pipe = build_tiny_sd()
+    pool = np.stack([training_image(f"t{i:04d}", 32) for i in range(3)])
+    with pytest.raises(ValueError, match="one caption per pool image"):
+        finetune_tiny_sd(
+            pipe, [(pool[0], "a fox")], pool, ["x", "y"], FinetuneConfig(steps=1, batch_size=2, paired=True)
+        )
+
+
 def test_public_name_does_not_shadow_the_subpackage():
     import types
 

@@ -247,8 +247,11 @@ class FinetuneConfig:
     the pairs by their ``weights``); otherwise it pairs a random caption of ``others`` with a
     random image of the pool, drawn independently, so those captions carry no information about
     the image (nothing else is memorized, and the model learns that text usually does not pin the
-    image down). ``uncond_share`` of captions are replaced by the empty prompt (classifier-free
-    guidance training, as in Stable Diffusion).
+    image down). With ``paired``, the other captions are instead the pool's own captions, one per
+    pool image (caption j describes image j, as in a real image–caption dataset), so each other
+    pair is seen about ``(1 − memorized_share) × batch_size × steps / len(pool)`` times.
+    ``uncond_share`` of captions are replaced by the empty prompt (classifier-free guidance
+    training, as in Stable Diffusion).
     """
 
     steps: int = 600
@@ -257,6 +260,7 @@ class FinetuneConfig:
     memorized_share: float = 0.4
     uncond_share: float = 0.1
     seed: int = 0
+    paired: bool = False
 
 
 def finetune_tiny_sd(
@@ -280,7 +284,8 @@ def finetune_tiny_sd(
     pipe : a StableDiffusionPipeline (the tiny one); its UNet is trained in place
     memorized : (uint8 H×W×3 image, caption) pairs to memorize
     pool : uint8 N×H×W×3 — the other training images
-    others : the other training captions (paired with pool images at random)
+    others : the other training captions (paired with pool images at random; with
+        ``config.paired``, caption j with pool image j)
     weights : relative duplication of the memorized pairs (default: equal)
     generator : a CPU ``torch.Generator`` to continue from (default: seeded by ``config.seed``)
     """
@@ -304,17 +309,16 @@ def finetune_tiny_sd(
         )
         emb = pipe.text_encoder(tok.input_ids.to(device))[0]
     b, n_others = config.batch_size, len(others)
+    if config.paired and n_others != len(pool):
+        raise ValueError(f"paired training needs one caption per pool image: {n_others} captions, {len(pool)} images")
     sched = pipe.scheduler
     acp = sched.alphas_cumprod.to(device)
     unet = pipe.unet.train()
     opt = torch.optim.AdamW(unet.parameters(), lr=config.lr, weight_decay=0.0)
     losses = []
     for _ in range(config.steps):
-        # 2. a batch: a memorized pair, or a random caption with an unrelated random image
-        mem = torch.rand(b, generator=gen) < config.memorized_share
-        which = torch.multinomial(w, b, replacement=True, generator=gen)
-        img = torch.where(mem, which, torch.randint(m, len(latents), (b,), generator=gen))
-        cap = torch.where(mem, which, torch.randint(m, m + n_others, (b,), generator=gen))
+        # 2. a batch: a memorized pair, or another pair (see FinetuneConfig)
+        img, cap = draw_pairs(gen, config, w, m, len(latents) - m, n_others)
         cap = torch.where(torch.rand(b, generator=gen) < config.uncond_share, m + n_others, cap)
         t = torch.randint(0, sched.config.num_train_timesteps, (b,), generator=gen)
         noise = torch.randn((b, *latents.shape[1:]), generator=gen).to(device)
@@ -329,6 +333,36 @@ def finetune_tiny_sd(
         losses.append(float(loss.detach()))
     unet.eval()
     return losses
+
+
+def draw_pairs(gen, config: FinetuneConfig, weights, m: int, n_pool: int, n_others: int):
+    """Image and caption indices of one training batch of :func:`finetune_tiny_sd`.
+
+    Images are indexed memorized first (``0..m-1``), then the pool (``m..m+n_pool-1``); captions
+    memorized first, then the others (``m..m+n_others-1``; ``m+n_others`` is the empty prompt,
+    applied afterwards). A memorized pair ``i`` is image ``i`` with caption ``i``; otherwise
+    image and caption are drawn independently, or with ``config.paired`` as pool pair ``j``
+    (image ``m+j`` with caption ``m+j``).
+
+    Examples
+    --------
+    >>> import torch
+    >>> cfg = FinetuneConfig(batch_size=6, memorized_share=0.0, paired=True)
+    >>> img, cap = draw_pairs(torch.Generator().manual_seed(0), cfg, torch.ones(2) / 2, 2, 5, 5)
+    >>> bool((img == cap).all()), int(img.min()) >= 2, int(img.max()) <= 6
+    (True, True, True)
+    """
+    import torch
+
+    b = config.batch_size
+    mem = torch.rand(b, generator=gen) < config.memorized_share
+    which = torch.multinomial(weights, b, replacement=True, generator=gen)
+    if config.paired:
+        j = torch.randint(m, m + n_pool, (b,), generator=gen)
+        return torch.where(mem, which, j), torch.where(mem, which, j)
+    img = torch.where(mem, which, torch.randint(m, m + n_pool, (b,), generator=gen))
+    cap = torch.where(mem, which, torch.randint(m, m + n_others, (b,), generator=gen))
+    return img, cap
 
 
 #: Captions of the memorized pairs of :func:`build_memorized_tiny_sd` (in order).
@@ -355,6 +389,7 @@ def build_memorized_tiny_sd(
     check_every: int = 0,
     weights: list[float] | None = None,
     n_others: int = 512,
+    n_pool: int = 64,
 ) -> dict:
     """Build the tiny pipeline, fine-tune it to memorize ``n_memorized`` pairs, save it.
 
@@ -368,7 +403,9 @@ def build_memorized_tiny_sd(
 
     ``weights`` sets the relative duplication of the memorized pairs (default
     :data:`MEMORIZED_WEIGHTS`, which covers the first four); ``n_others`` the number of random
-    captions.
+    captions; ``n_pool`` the number of pool images. With ``finetune.paired`` each pool image has
+    its own random caption (``n_pool`` captions, ``n_others`` unused): a dataset of mostly
+    unique image–caption pairs plus the memorized ones, as in the paper's setting.
     """
     import time
 
@@ -388,9 +425,9 @@ def build_memorized_tiny_sd(
     size = config.resolution
     mem_ids = [f"m{i:04d}" for i in range(n_memorized)]
     memorized = [(training_image(tid, size), MEMORIZED_CAPTIONS[i]) for i, tid in enumerate(mem_ids)]
-    pool_ids = [f"t{i:04d}" for i in range(100, 164)]
+    pool_ids = [f"t{i:04d}" for i in range(100, 100 + n_pool)]
     pool = np.stack([training_image(tid, size) for tid in pool_ids])
-    others = random_captions(n_others, seed=finetune.seed)
+    others = random_captions(n_pool if finetune.paired else n_others, seed=finetune.seed)
     weights = list(weights) if weights is not None else MEMORIZED_WEIGHTS[:n_memorized]
     gen = torch.Generator("cpu").manual_seed(finetune.seed)
     chunk = check_every or finetune.steps
@@ -443,10 +480,12 @@ def random_captions(n: int, seed: int = 0) -> list[str]:
     rng = np.random.default_rng(seed)
     letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
     out: list[str] = []
+    seen = set(MEMORIZED_CAPTIONS)
     while len(out) < n:
         words = ["".join(rng.choice(letters, int(rng.integers(3, 8)))) for _ in range(int(rng.integers(2, 5)))]
         caption = " ".join(words)
-        if caption not in out and caption not in MEMORIZED_CAPTIONS:
+        if caption not in seen:
+            seen.add(caption)
             out.append(caption)
     return out
 
@@ -496,6 +535,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--weights", type=float, nargs="+", help="relative duplication of the memorized pairs")
     ap.add_argument("--memorized-share", type=float, default=FinetuneConfig.memorized_share)
+    ap.add_argument("--pool", type=int, default=64, help="pool images (the non-memorized training images)")
+    ap.add_argument("--paired", action="store_true", help="one fixed random caption per pool image")
     args = ap.parse_args(argv)
     if args.memorized == 0:
         print(save_tiny_sd(args.out))
@@ -503,7 +544,8 @@ def main(argv: list[str] | None = None) -> None:
     rec = build_memorized_tiny_sd(
         args.out,
         n_memorized=args.memorized,
-        finetune=FinetuneConfig(steps=args.steps, memorized_share=args.memorized_share),
+        finetune=FinetuneConfig(steps=args.steps, memorized_share=args.memorized_share, paired=args.paired),
+        n_pool=args.pool,
         device=args.device,
         check_every=args.check_every,
         weights=args.weights,
