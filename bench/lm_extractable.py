@@ -5,9 +5,11 @@ For each model the same N windows of 82 random in-vocabulary tokens are decoded 
 
 - ``batched``: ``CausalLM.greedy(prefixes[i:i+B], 50)`` for batches of ``B`` (default 64)
   equal-length 32-token prefixes — one prefill, then 50 cached single-token steps per batch; on a
-  CPU the rows are split across torch's threads, one single-threaded worker per part
-  (``row_workers``); the same batches decoded unsplit, with torch's intra-op threads, are timed
-  too (``batched_whole``) to show what the split adds;
+  CPU the rows are split into one part per torch thread (``row_workers``), each decoded with one
+  intra-op thread, the first in this process and the others in persistent forked worker processes
+  (Linux; ``memscan.generators.row_split``). The same batches are timed with the parts in threads
+  (``batched_threads``, ``MEMSCAN_ROW_SPLIT=threads``) and unsplit, with torch's intra-op threads
+  (``batched_whole``), to show what each adds. CPU time counts the workers' too (from /proc);
 - ``generate``: ``model.generate(prefix[None], max_new_tokens=50, min_new_tokens=50,
   do_sample=False)`` per sequence (what a user would write first; ``min_new_tokens`` keeps both
   at exactly 50 new tokens).
@@ -37,6 +39,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import multiprocessing
 import os
 import resource
 import statistics
@@ -50,12 +53,26 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's memscan, not an installed one
 
+from memscan.generators.row_split import ENV as ROW_SPLIT  # noqa: E402
+from memscan.generators.row_split import split_mode  # noqa: E402
+
 K, M = 32, 50
 
 
 def _cpu() -> float:
+    """CPU seconds of this process and of its live worker processes (the forked row-split workers
+    are not reaped while they serve, so ``RUSAGE_CHILDREN`` would miss them: their /proc figures)."""
     r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
+    total = r.ru_utime + r.ru_stime
+    tick = os.sysconf("SC_CLK_TCK")
+    for child in multiprocessing.active_children():
+        try:
+            with open(f"/proc/{child.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+        except (FileNotFoundError, IndexError, ValueError):
+            pass
+    return total
 
 
 def wait_idle(max_load: float, wait: float) -> float | None:
@@ -114,6 +131,18 @@ def bench_model(name: str, lm, n: int, batch: int, n_generate: int, repeats: int
         _ = np.all(tokens == suffixes, axis=1)  # the k-extractable flag itself
         return tokens, np.concatenate(gaps)
 
+    def batched_threads():  # the same row split, its parts in threads rather than forked processes
+        before = os.environ.get(ROW_SPLIT)
+        os.environ[ROW_SPLIT] = "threads"
+        try:
+            for i in range(0, n, batch):
+                lm.greedy(prefixes[i : i + batch], M)
+        finally:
+            if before is None:
+                os.environ.pop(ROW_SPLIT)
+            else:
+                os.environ[ROW_SPLIT] = before
+
     def batched_whole():  # the same batches without the row split: one call, torch's intra-op threads
         for i in range(0, n, batch):
             lm._greedy_rows(lm._tensor(prefixes[i : i + batch]), M)
@@ -131,11 +160,13 @@ def bench_model(name: str, lm, n: int, batch: int, n_generate: int, repeats: int
     with torch.inference_mode():
         x = torch.as_tensor(prefixes[:1])
         model.generate(x, attention_mask=torch.ones_like(x), **gen_kwargs)
-    times = {"batched": [], "batched_whole": [], "generate": []}
-    cpu = {"batched": [], "batched_whole": [], "generate": []}
+    times = {"batched": [], "batched_threads": [], "batched_whole": [], "generate": []}
+    cpu = {"batched": [], "batched_threads": [], "batched_whole": [], "generate": []}
     runs = [("batched", batched, n), ("generate", one_at_a_time, n_generate)]
     if hasattr(lm, "_greedy_rows"):
         runs.insert(1, ("batched_whole", batched_whole, n))
+        if split_mode() == "processes":
+            runs.insert(1, ("batched_threads", batched_threads, n))
     for _ in range(repeats):
         for label, fn, count in runs:
             c0, t0 = _cpu(), time.perf_counter()
@@ -162,6 +193,8 @@ def bench_model(name: str, lm, n: int, batch: int, n_generate: int, repeats: int
         "generate_sequences": n_generate,
         "batched_seq_per_s": statistics.median(times["batched"]),
         "generate_seq_per_s": statistics.median(times["generate"]),
+        "row_split": split_mode(),
+        "batched_threads_seq_per_s": statistics.median(times["batched_threads"]) if times["batched_threads"] else None,
         "batched_whole_seq_per_s": statistics.median(times["batched_whole"]) if times["batched_whole"] else None,
         "batched_seq_per_cpu_s": statistics.median(cpu["batched"]),
         "generate_seq_per_cpu_s": statistics.median(cpu["generate"]),
@@ -223,7 +256,8 @@ def main() -> int:
                 f"{name:8s} {r['parameters'] / 1e6:7.2f} M params  batched (B={args.batch_size}, KV cache) "
                 f"{r['batched_seq_per_s']:8.2f} seq/s   generate one at a time {r['generate_seq_per_s']:7.2f} seq/s   "
                 f"ratio {r['speedup']:5.1f}× (CPU time: {r['speedup_cpu']:5.1f}×)   "
-                f"[unsplit batch {r['batched_whole_seq_per_s'] or float('nan'):8.2f} seq/s]   "
+                f"[parts in threads {r['batched_threads_seq_per_s'] or float('nan'):8.2f} seq/s, "
+                f"unsplit batch {r['batched_whole_seq_per_s'] or float('nan'):8.2f} seq/s]   "
                 f"tokens agree {r['tokens_agree']}/{r['generate_sequences']}",
                 flush=True,
             )

@@ -256,13 +256,20 @@ def test_per_token_passes_of_a_bfloat16_model(tiny_dir):
     np.testing.assert_allclose(mu, (np.exp(ref) * ref).sum(-1), rtol=0, atol=1e-5)
 
 
-def test_rows_split_across_threads_decode_as_the_whole_batch(lm):
+@pytest.mark.parametrize("mode", ["threads", "processes"])
+def test_rows_split_across_cores_decode_as_the_whole_batch(lm, mode, monkeypatch):
     """On a CPU with 2 intra-op threads a batch of 16 rows is split into two parts of 8, each decoded
-    by its own single-threaded worker: greedy tokens equal the whole batch's, except after a
-    near-tie (batch size changes the float rounding), and per-row-seeded samples do too; the
-    caller's thread count is left as it was. One seed for the whole batch keeps it whole."""
+    by its own single-threaded worker (a thread, or a forked process): greedy tokens equal the whole
+    batch's, except after a near-tie (batch size changes the float rounding), and per-row-seeded
+    samples do too; the caller's thread count is left as it was. One seed for the whole batch keeps
+    it whole."""
     from memscan.generators import causal_lm
+    from memscan.generators.row_split import split_mode
 
+    if mode == "processes" and split_mode() != "processes":
+        pytest.skip("forked workers need Linux's fork")
+    monkeypatch.setenv("MEMSCAN_ROW_SPLIT", mode)
+    forks = lm._forked.forks if lm._forked is not None else 0
     prefixes = np.concatenate([_prefixes(lm), _prefixes(lm, b=4) + 1])  # 16 rows
     before = torch.get_num_threads()
     torch.set_num_threads(2)
@@ -289,3 +296,37 @@ def test_rows_split_across_threads_decode_as_the_whole_batch(lm):
     # and each split row equals that row decoded alone (the split changes nothing a row sees)
     alone, _ = lm._greedy_rows(lm._tensor(prefixes[9:10]), 20)
     assert (alone[0] == split[9]).all() or split_gaps[9].min() < NEAR_TIE
+    # the parts ran where the mode says: a worker process was forked only for "processes"
+    assert (lm._forked is not None and lm._forked.forks > forks) == (mode == "processes")
+
+
+def test_a_bad_row_split_setting_is_refused_at_load(tiny_dir, monkeypatch):
+    monkeypatch.setenv("MEMSCAN_ROW_SPLIT", "fibers")
+    with pytest.raises(InputError, match="MEMSCAN_ROW_SPLIT='fibers'.*auto, processes or threads"):
+        load_causal_lm(str(tiny_dir))
+
+
+def test_forked_row_workers_follow_changed_weights(tiny_dir, monkeypatch):
+    """Workers forked before the weights change (training, load_state_dict) are forked again: the
+    split decodes with the new weights, as the whole batch does."""
+    monkeypatch.setenv("MEMSCAN_ROW_SPLIT", "processes")
+    from memscan.generators.row_split import split_mode
+
+    if split_mode() != "processes":
+        pytest.skip("forked workers need Linux's fork")
+    lm2 = load_causal_lm(str(tiny_dir))
+    prefixes = np.concatenate([_prefixes(lm2), _prefixes(lm2, b=4) + 1])
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        old, _ = lm2.greedy(prefixes, 12)
+        with torch.no_grad():  # an in-place update, as an optimizer step makes
+            for p in lm2.model.parameters():
+                p.mul_(-1.5)
+        new, gaps = lm2.greedy(prefixes, 12)
+        whole, _ = lm2._greedy_rows(lm2._tensor(prefixes), 12)
+    finally:
+        torch.set_num_threads(before)
+    assert lm2._forked.forks == 2  # forked, then forked again after the change
+    assert (old[8:] != new[8:]).any()  # the weights changed what the worker's rows decode to
+    assert (new == whole).all(axis=1).sum() >= 15

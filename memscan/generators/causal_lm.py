@@ -51,19 +51,19 @@ import inspect
 import json
 import warnings
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
 from memscan.errors import InputError
+from memscan.generators.row_split import ForkedRows, split_mode, split_rows
 
 #: A top-2 logit gap below this is a near-tie: float rounding (batch composition, kernels) may
 #: flip the argmax. float32 logits of magnitude ~10 carry ~1e-6 absolute rounding per operation.
 NEAR_TIE = 1e-4
 
-#: Fewest rows per thread when a CPU batch is split across threads (:meth:`TransformersCausalLM.row_workers`).
+#: Fewest rows per part when a CPU batch is split across cores (:meth:`TransformersCausalLM.row_workers`).
 MIN_ROWS_PER_WORKER = 8
 
 #: Methods every causal LM must have (``sample`` and ``next_token_logprobs`` are needed only by
@@ -130,6 +130,8 @@ class TransformersCausalLM:
         # transformers ≥ 5 names the KV cache ``cache`` (``past_key_values`` before)
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
         self._keep_arg = next((a for a in ("logits_to_keep", "num_logits_to_keep") if a in params), None)
+        self._forked: ForkedRows | None = None  # worker processes for the row split, forked when first needed
+        split_mode()  # a bad MEMSCAN_ROW_SPLIT is refused here, before any work starts
 
     # ---- text
     def encode(self, text: str) -> np.ndarray:
@@ -167,14 +169,16 @@ class TransformersCausalLM:
         return self.model(input_ids=nxt[:, None], use_cache=True, **{self._cache_arg: cache})
 
     def row_workers(self, rows: int) -> int:
-        """Threads over which a CPU batch of ``rows`` rows is split (1: not split).
+        """Parts into which a CPU batch of ``rows`` rows is split (1: not split).
 
         A decoding step of a small model is a chain of small operations (B×d by d×4d products,
         layer norms, element-wise activations) that torch's intra-op threads divide too finely to
         pay; the rows, whose decoding is independent, divide well. So on a CPU the batch is split
         into up to ``torch.get_num_threads()`` parts of at least :data:`MIN_ROWS_PER_WORKER` rows,
-        each decoded by its own thread with one intra-op thread — the same threads as before,
-        put where the work is. On other devices the batch stays whole."""
+        each decoded with one intra-op thread — the same cores as before, put where the work is —
+        in persistent forked worker processes on Linux, else in threads
+        (:mod:`memscan.generators.row_split`; ``MEMSCAN_ROW_SPLIT=threads`` forces threads). On
+        other devices the batch stays whole."""
         import torch
 
         if self.device.type != "cpu":
@@ -190,9 +194,24 @@ class TransformersCausalLM:
         workers = self.row_workers(x.shape[0]) if n_new else 1
         if workers <= 1:
             return self._greedy_rows(x, n_new)
-        parts = np.array_split(np.arange(x.shape[0]), workers)
-        done = split_rows(lambda rows: self._greedy_rows(x[rows], n_new), parts)
+        parts = np.array_split(x.cpu().numpy(), workers)
+        done = self._split("_greedy_part", [(p, n_new) for p in parts])
         return np.concatenate([t for t, _ in done]), np.concatenate([g for _, g in done])
+
+    def _split(self, method: str, args: list[tuple]) -> list:
+        """``[getattr(self, method)(*a) for a in args]``, the parts in parallel, each with one torch
+        thread: in forked worker processes (Linux) or in threads (:mod:`memscan.generators.row_split`)."""
+        if split_mode() == "threads":
+            return split_rows(lambda a: getattr(self, method)(*a), args)
+        if self._forked is None:
+            self._forked = ForkedRows(self, weights_fingerprint)
+        return self._forked.map(method, args)
+
+    def _greedy_part(self, prefixes: np.ndarray, n_new: int) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`_greedy_rows` of validated int64 prefixes given as an array (one part of a split)."""
+        import torch
+
+        return self._greedy_rows(torch.as_tensor(prefixes, device=self.device), n_new)
 
     def _greedy_rows(self, x, n_new: int) -> tuple[np.ndarray, np.ndarray]:
         """:meth:`greedy` of one B×k tensor of prefixes, in this thread."""
@@ -253,10 +272,17 @@ class TransformersCausalLM:
             return self._sample_rows(x, n_new, temps, top_k, top_p, gen, None)
         # one seed per row: rows are independent, so a CPU batch is split across threads
         parts = np.array_split(np.arange(b), self.row_workers(b))
-        done = split_rows(
-            lambda rows: self._sample_rows(x[rows], n_new, temps, top_k, top_p, None, uniforms[rows]), parts
-        )
+        xs = x.cpu().numpy()
+        done = self._split("_sample_part", [(xs[r], n_new, temps, top_k, top_p, uniforms[r]) for r in parts])
         return np.concatenate(done)
+
+    def _sample_part(self, prefixes: np.ndarray, n_new: int, temps, top_k, top_p, uniforms) -> np.ndarray:
+        """:meth:`_sample_rows` of one part of a split, row i drawing by inverse CDF of ``uniforms[i]``."""
+        import torch
+
+        return self._sample_rows(
+            torch.as_tensor(prefixes, device=self.device), n_new, temps, top_k, top_p, None, uniforms
+        )
 
     def _sample_rows(self, x, n_new: int, temps: list, top_k, top_p, gen, uniforms) -> np.ndarray:
         """:meth:`sample` of one B×k tensor of prefixes, in this thread: ``gen`` draws the tokens,
@@ -455,17 +481,17 @@ def per_token_moments(logits, ids):
     return tok, mu, sigma
 
 
-def split_rows(fn, parts: list) -> list:
-    """``[fn(part) for part in parts]``, one thread per part, each running torch single-threaded.
-
-    torch's intra-op thread count is a per-thread setting, so the workers' ``set_num_threads(1)``
-    leaves the caller's unchanged. The first exception is raised here."""
-    import torch
-
-    if len(parts) == 1:
-        return [fn(parts[0])]
-    with ThreadPoolExecutor(len(parts), initializer=torch.set_num_threads, initargs=(1,)) as pool:
-        return list(pool.map(fn, parts))
+def weights_fingerprint(lm: TransformersCausalLM) -> tuple:
+    """Identity, address and in-place version counter of every parameter and buffer of ``lm.model``:
+    changes when the weights are trained, loaded or moved (what :class:`ForkedRows` compares)."""
+    out = []
+    for t in (*lm.model.parameters(), *lm.model.buffers()):
+        try:
+            version = t._version
+        except RuntimeError:  # an inference tensor keeps no version counter (and cannot change outside it)
+            version = -1
+        out.append((id(t), t.data_ptr(), version))
+    return tuple(out)
 
 
 def temperature_steps(temperature: float | Sequence[float], n_new: int) -> list[float]:
