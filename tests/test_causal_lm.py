@@ -269,7 +269,7 @@ def test_rows_split_across_cores_decode_as_the_whole_batch(lm, mode, monkeypatch
     if mode == "processes" and split_mode() != "processes":
         pytest.skip("forked workers need Linux's fork")
     monkeypatch.setenv("MEMSCAN_ROW_SPLIT", mode)
-    forks = lm._forked.forks if lm._forked is not None else 0
+    forks, fallbacks = lm._forked.forks, lm._forked.fallbacks
     prefixes = np.concatenate([_prefixes(lm), _prefixes(lm, b=4) + 1])  # 16 rows
     before = torch.get_num_threads()
     torch.set_num_threads(2)
@@ -297,7 +297,8 @@ def test_rows_split_across_cores_decode_as_the_whole_batch(lm, mode, monkeypatch
     alone, _ = lm._greedy_rows(lm._tensor(prefixes[9:10]), 20)
     assert (alone[0] == split[9]).all() or split_gaps[9].min() < NEAR_TIE
     # the parts ran where the mode says: a worker process was forked only for "processes"
-    assert (lm._forked is not None and lm._forked.forks > forks) == (mode == "processes")
+    # (and no part fell back to the caller: the workers computed theirs)
+    assert (lm._forked.forks > forks) == (mode == "processes") and lm._forked.fallbacks == fallbacks
 
 
 def test_a_bad_row_split_setting_is_refused_at_load(tiny_dir, monkeypatch):
@@ -307,8 +308,9 @@ def test_a_bad_row_split_setting_is_refused_at_load(tiny_dir, monkeypatch):
 
 
 def test_forked_row_workers_follow_changed_weights(tiny_dir, monkeypatch):
-    """Workers forked before the weights change (training, load_state_dict) are forked again: the
-    split decodes with the new weights, as the whole batch does."""
+    """Workers forked before the model changes are forked again, so the split decodes as the whole
+    batch does: after an in-place update (an optimizer step), a write through ``.data`` (which
+    bypasses the version counter) and a forward hook."""
     monkeypatch.setenv("MEMSCAN_ROW_SPLIT", "processes")
     from memscan.generators.row_split import split_mode
 
@@ -316,17 +318,28 @@ def test_forked_row_workers_follow_changed_weights(tiny_dir, monkeypatch):
         pytest.skip("forked workers need Linux's fork")
     lm2 = load_causal_lm(str(tiny_dir))
     prefixes = np.concatenate([_prefixes(lm2), _prefixes(lm2, b=4) + 1])
+    params = list(lm2.model.parameters())
+    changes = [
+        lambda: [p.mul_(-1.5) for p in params],
+        lambda: [p.data.add_(0.05 * torch.randn_like(p)) for p in params],
+        lambda: lm2.model.get_output_embeddings().register_forward_hook(
+            lambda mod, inp, out: out + torch.linspace(0, 30, out.shape[-1])
+        ),
+    ]
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        old, _ = lm2.greedy(prefixes, 12)
-        with torch.no_grad():  # an in-place update, as an optimizer step makes
-            for p in lm2.model.parameters():
-                p.mul_(-1.5)
-        new, gaps = lm2.greedy(prefixes, 12)
-        whole, _ = lm2._greedy_rows(lm2._tensor(prefixes), 12)
+        previous, _ = lm2.greedy(prefixes, 12)
+        assert lm2._forked.forks == 1
+        for n, change in enumerate(changes, start=2):
+            with torch.no_grad():
+                change()
+            new, _ = lm2.greedy(prefixes, 12)
+            whole, _ = lm2._greedy_rows(lm2._tensor(prefixes), 12)
+            assert lm2._forked.forks == n  # forked again after the change
+            assert (previous[8:] != new[8:]).any()  # the change altered what the workers' rows decode to
+            assert (new == whole).all(axis=1).sum() >= 15
+            previous = new
     finally:
         torch.set_num_threads(before)
-    assert lm2._forked.forks == 2  # forked, then forked again after the change
-    assert (old[8:] != new[8:]).any()  # the weights changed what the worker's rows decode to
-    assert (new == whole).all(axis=1).sum() >= 15
+    assert lm2._forked.fallbacks == 0

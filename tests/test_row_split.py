@@ -107,6 +107,40 @@ def test_a_failing_or_killed_worker_loses_nothing():
     split.close()
 
 
+class SlowInWorkers(Owner):
+    def rows(self, xs):
+        if os.getpid() != self.parent:
+            time.sleep(0.5)
+        return [10 * x for x in xs], os.getpid()
+
+
+def test_an_interrupted_call_leaves_no_reply_for_the_next():
+    """An exception while the caller waits for the workers (Ctrl-C) kills them: the next calls get
+    their own results, not the interrupted call's."""
+
+    class Interrupted(Exception):
+        pass
+
+    def interrupt(signum, frame):
+        raise Interrupted
+
+    owner = SlowInWorkers()
+    split = ForkedRows(owner, fingerprint=lambda o: 0)
+    split.map("rows", [([0],), ([0],)])
+    old = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.2)
+        with pytest.raises(Interrupted):
+            split.map("rows", [([1],), ([2],)])
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    assert split.workers == 0
+    assert [r for r, _ in split.map("rows", [([3],), ([4],)])] == [[30], [40]]
+    assert [r for r, _ in split.map("rows", [([5],), ([6],)])] == [[50], [60]]
+    split.close()
+
+
 def test_workers_stop_when_the_owner_is_collected():
     owner = Owner()
     split = ForkedRows(owner, fingerprint=lambda o: 0)

@@ -130,7 +130,9 @@ class TransformersCausalLM:
         # transformers ≥ 5 names the KV cache ``cache`` (``past_key_values`` before)
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
         self._keep_arg = next((a for a in ("logits_to_keep", "num_logits_to_keep") if a in params), None)
-        self._forked: ForkedRows | None = None  # worker processes for the row split, forked when first needed
+        # worker processes for the row split (forked when first needed; made here, not lazily,
+        # so that two threads never make two)
+        self._forked = ForkedRows(self, weights_fingerprint)
         split_mode()  # a bad MEMSCAN_ROW_SPLIT is refused here, before any work starts
 
     # ---- text
@@ -203,8 +205,6 @@ class TransformersCausalLM:
         thread: in forked worker processes (Linux) or in threads (:mod:`memscan.generators.row_split`)."""
         if split_mode() == "threads":
             return split_rows(lambda a: getattr(self, method)(*a), args)
-        if self._forked is None:
-            self._forked = ForkedRows(self, weights_fingerprint)
         return self._forked.map(method, args)
 
     def _greedy_part(self, prefixes: np.ndarray, n_new: int) -> tuple[np.ndarray, np.ndarray]:
@@ -482,15 +482,29 @@ def per_token_moments(logits, ids):
 
 
 def weights_fingerprint(lm: TransformersCausalLM) -> tuple:
-    """Identity, address and in-place version counter of every parameter and buffer of ``lm.model``:
-    changes when the weights are trained, loaded or moved (what :class:`ForkedRows` compares)."""
-    out = []
-    for t in (*lm.model.parameters(), *lm.model.buffers()):
-        try:
-            version = t._version
-        except RuntimeError:  # an inference tensor keeps no version counter (and cannot change outside it)
-            version = -1
-        out.append((id(t), t.data_ptr(), version))
+    """What :class:`ForkedRows` compares before each call: changes when anything the forked workers
+    would compute with changes.
+
+    Every parameter's and buffer's identity, address, in-place version counter and an integer
+    checksum of its bits (so writes through ``.data``, which bypass the version counter, are seen
+    too: one read of the weights, against the ``n_new`` reads of a decoding call), each module's
+    training flag and forward hooks, the module itself and the device."""
+    import torch
+
+    ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+    model = lm.model
+    out: list = [id(model), str(lm.device)]
+    with torch.no_grad():
+        for t in (*model.parameters(), *model.buffers()):
+            try:
+                version = t._version
+            except RuntimeError:  # an inference tensor keeps no version counter
+                version = -1
+            flat = t.detach().reshape(-1)
+            bits = flat.view(ints[flat.element_size()]) if flat.element_size() in ints else flat
+            out.append((id(t), t.data_ptr(), version, int(bits.sum(dtype=torch.int64))))
+    for m in model.modules():
+        out.append((m.training, tuple(m._forward_hooks), tuple(m._forward_pre_hooks)))
     return tuple(out)
 
 

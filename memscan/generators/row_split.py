@@ -22,8 +22,12 @@ decoded with one intra-op thread. Two ways to run the parts:
    (training, ``load_state_dict``, ``.to``) the workers are closed and forked again.
 2. A part whose worker fails — an exception in the method, a worker killed by the system — is run
    again in the caller's process, so a deterministic error is raised there with its own traceback,
-   and the broken workers are closed (forked again on the next call).
-3. A worker exits when its pipe closes: when the owner is collected, at interpreter exit (the
+   and the broken workers are closed (forked again on the next call). A call interrupted in the
+   caller (its own part failing, Ctrl-C) kills the workers: no reply is left in a pipe for the
+   next call to read.
+3. Every part runs in a fresh thread with one torch thread, in the caller and in the workers
+   alike, so no thread-local torch state (autocast, grad mode) of the thread that forked leaks in.
+4. A worker exits when its pipe closes: when the owner is collected, at interpreter exit (the
    workers are daemons), or when the parent is killed outright.
 
 ``MEMSCAN_ROW_SPLIT=threads`` selects threads everywhere (the default, ``auto``, forks where the
@@ -43,6 +47,7 @@ Examples
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 import sys
@@ -51,6 +56,7 @@ import warnings
 import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from multiprocessing.connection import wait as wait_ready
 from typing import Any
 
 #: Environment variable choosing how a CPU batch's parts run: ``auto`` (processes where ``fork``
@@ -103,13 +109,10 @@ def _worker_loop(owner: Any, conn, inherited: list) -> None:
     devnull = open(os.devnull, "w")
     sys.stdout = sys.stderr = devnull
     warnings.simplefilter("ignore")
-    try:
-        import torch
-
-        torch.set_num_threads(1)
-    except ImportError:  # pragma: no cover - torch is present wherever a torch model is split
-        pass
-    # 3. serve requests; any failure is reported as such and the parent runs the part itself
+    logging.disable(logging.CRITICAL)  # handlers may hold the parent's streams (and their locks)
+    # 3. serve requests, each in a fresh thread with one torch thread, as the caller runs its own
+    #    part: the same thread-local torch state (no autocast or grad mode inherited from the
+    #    thread that forked); any failure is reported and the parent runs the part itself
     while True:
         try:
             request = conn.recv()
@@ -119,7 +122,7 @@ def _worker_loop(owner: Any, conn, inherited: list) -> None:
             os._exit(0)
         method, args = request
         try:
-            reply = ("ok", getattr(owner, method)(*args))
+            reply = ("ok", _single_threaded(getattr(owner, method), *args))
         except BaseException as exc:  # noqa: BLE001 - reported to the parent, which re-runs the part
             reply = ("error", f"{type(exc).__name__}: {exc}")
         try:
@@ -128,14 +131,18 @@ def _worker_loop(owner: Any, conn, inherited: list) -> None:
             os._exit(0)
 
 
-def _close(conns: list, procs: list) -> None:
+def _close(conns: list, procs: list, kill: bool = False) -> None:
     """Tell the workers to stop, close the pipes and reap the workers. (A stop message, not only the
-    closed pipe: workers forked later for another owner hold copies of these pipes' ends.)"""
-    for c in conns:
-        try:
-            c.send(None)
-        except (OSError, ValueError):
-            pass
+    closed pipe: workers forked later for another owner hold copies of these pipes' ends.) With
+    ``kill`` (an interrupted call: the workers may be mid-part) they are killed at once."""
+    for c, p in zip(conns, procs):
+        if kill:
+            p.kill()
+        else:
+            try:
+                c.send(None)
+            except (OSError, ValueError):
+                pass
         try:
             c.close()
         except OSError:  # pragma: no cover
@@ -168,7 +175,7 @@ class ForkedRows:
         self._conns: list = []
         self._procs: list = []
         self._forked_at: Any = None
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self.forks = 0  # how many workers were forked over this object's life (tests, diagnostics)
         self.fallbacks = 0  # parts re-run in the caller after a worker failed
         self._finalizer = weakref.finalize(self, _close, self._conns, self._procs)
@@ -178,10 +185,11 @@ class ForkedRows:
         """Worker processes alive now."""
         return sum(p.is_alive() for p in self._procs)
 
-    def close(self) -> None:
-        """Close the workers (forked again on the next call)."""
-        _close(self._conns, self._procs)
-        self._forked_at = None
+    def close(self, kill: bool = False) -> None:
+        """Close the workers (forked again on the next call); ``kill``: at once, mid-part."""
+        with self._lock:
+            _close(self._conns, self._procs, kill)
+            self._forked_at = None
 
     def _ensure(self, n: int, stamp: Any) -> None:
         """At least ``n`` workers forked from the owner as it is now (``stamp``)."""
@@ -200,13 +208,16 @@ class ForkedRows:
         self._forked_at = stamp
 
     def _drain(self, sent: list[bool]) -> list:
-        """The workers' replies to the parts sent (None where a worker failed to answer)."""
+        """The workers' replies to the parts sent (None where a worker failed to answer: an error
+        reply, or the worker gone — its exit is watched beside its pipe)."""
         replies = []
-        for conn, ok in zip(self._conns, sent):
+        for conn, proc, ok in zip(self._conns, self._procs, sent):
             reply = None
             if ok:
                 try:
-                    reply = conn.recv()
+                    wait_ready([conn, proc.sentinel])
+                    if conn.poll():
+                        reply = conn.recv()
                 except (EOFError, OSError):
                     reply = None
             replies.append(reply)
@@ -214,7 +225,10 @@ class ForkedRows:
 
     def map(self, method: str, args: list[tuple]) -> list:
         """``[getattr(owner, method)(*a) for a in args]``: ``args[0]`` in this process (one torch
-        thread), the rest in the workers, in parallel. Results in order."""
+        thread), the rest in the workers, in parallel. Results in order.
+
+        An exception that interrupts the call (the caller's own part failing, Ctrl-C) kills the
+        workers, so that no reply is left in a pipe for the next call to read."""
         owner = self._owner()
         if owner is None:  # pragma: no cover - the owner calls this
             raise RuntimeError("ForkedRows: the owner is gone")
@@ -224,20 +238,20 @@ class ForkedRows:
         with self._lock:  # one batch at a time through the workers; another caller waits
             # 1. workers forked from the owner as it is now
             self._ensure(len(args) - 1, self.fingerprint(owner))
-            # 2. send the further parts, run the first here, collect
-            sent = []
-            for conn, a in zip(self._conns, args[1:]):
-                try:
-                    conn.send((method, a))
-                    sent.append(True)
-                except (OSError, ValueError):
-                    sent.append(False)
             try:
+                # 2. send the further parts, run the first here, collect
+                sent = []
+                for conn, a in zip(self._conns, args[1:]):
+                    try:
+                        conn.send((method, a))
+                        sent.append(True)
+                    except (OSError, ValueError):
+                        sent.append(False)
                 first = _single_threaded(fn, *args[0])
+                replies = self._drain(sent)
             except BaseException:
-                self._drain(sent)  # no reply may be left in a pipe for the next call to read
+                self.close(kill=True)
                 raise
-            replies = self._drain(sent)
             results, failed = [first], []
             for i, reply in enumerate(replies, start=1):
                 if reply is not None and reply[0] == "ok":
