@@ -270,7 +270,7 @@ class TransformersCausalLM:
         if uniforms is None:  # one generator draws the whole batch: it stays whole
             gen = torch.Generator(device=self.device).manual_seed(int(seed))
             return self._sample_rows(x, n_new, temps, top_k, top_p, gen, None)
-        # one seed per row: rows are independent, so a CPU batch is split across threads
+        # one seed per row: rows are independent, so a CPU batch is split across cores
         parts = np.array_split(np.arange(b), self.row_workers(b))
         xs = x.cpu().numpy()
         done = self._split("_sample_part", [(xs[r], n_new, temps, top_k, top_p, uniforms[r]) for r in parts])

@@ -9,7 +9,8 @@ decoded with one intra-op thread. Two ways to run the parts:
   call releases and re-takes it, and a small model's step is hundreds of calls. On 2 cores two
   threads give 1.45–1.6× one thread.
 - :class:`ForkedRows` — the first part in the caller's process, each further part in a persistent
-  worker process forked from it (Linux), so the parts share no GIL: 1.9× one thread on 2 cores.
+  worker process forked from it (Linux), so the parts share no GIL: on 2 cores the demo language
+  model decodes 1.15× faster than with threads (docs/benchmarks.md).
   The workers are forked once, when first needed, and hold the model by copy-on-write: its weights
   are shared with the parent, not copied. Each call sends the part's arguments and receives its
   result through a pipe (our own arrays; nothing a user supplied is unpickled).
@@ -17,8 +18,8 @@ decoded with one intra-op thread. Two ways to run the parts:
 ``ForkedRows`` is an optimisation only; it never changes a result and never loses work:
 
 1. The workers see the object as it was when they were forked. Before each call the owner's
-   ``fingerprint(owner)`` (for a torch model: every parameter's and buffer's identity, address and
-   in-place version counter) is compared with the one taken at fork time; if the weights changed
+   ``fingerprint(owner)`` (for a torch model: every parameter's and buffer's identity, address,
+   in-place version counter and bit checksum, each module's training flag and hooks) is compared with the one taken at fork time; if the weights changed
    (training, ``load_state_dict``, ``.to``) the workers are closed and forked again.
 2. A part whose worker fails — an exception in the method, a worker killed by the system — is run
    again in the caller's process, so a deterministic error is raised there with its own traceback,
