@@ -19,8 +19,9 @@ decoded with one intra-op thread. Two ways to run the parts:
 
 1. The workers see the object as it was when they were forked. Before each call the owner's
    ``fingerprint(owner)`` (for a torch model: every parameter's and buffer's identity, address,
-   in-place version counter and bit checksum, each module's training flag and hooks) is compared with the one taken at fork time; if the weights changed
-   (training, ``load_state_dict``, ``.to``) the workers are closed and forked again.
+   in-place version counter and bit checksum, each module's training flag and hooks) is compared
+   with the one taken at fork time; if the model changed (training, ``load_state_dict``, ``.to``,
+   a hook) the workers are closed and forked again.
 2. A part whose worker fails — an exception in the method, a worker killed by the system — is run
    again in the caller's process, so a deterministic error is raised there with its own traceback,
    and the broken workers are closed (forked again on the next call). A call interrupted in the
