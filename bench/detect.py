@@ -34,13 +34,17 @@ Also:
 - ``--device cuda``: the generations are moved to the GPU first; times are taken after
   ``torch.cuda.synchronize()``, the peak is float32 ``torch.mm`` on that GPU (4096³ and 8192³),
   memory is the peak CUDA allocation above the inputs; the shard rows then use the batched
-  GEMM path (one ``baddbmm`` per tile over the P prompts).
+  GEMM path (one ``baddbmm`` per row of tiles over the P prompts, the exact refinement of
+  all P at once);
+- ``--profile``: the shard rows also profile one batched distance call (torch.profiler): the
+  top operators by self time (device time on a GPU) and, on a GPU, the host synchronisations.
 
 Usage::
 
     python bench/detect.py                       # 64 and 256, threads 1 and default
     python bench/detect.py --sizes 64 --reps 5 --shard 8
     python bench/detect.py --device cuda --threads 0 --shard 8
+    python bench/detect.py --device cuda --sizes 64 256 --threads 0 --reps 3 --shard 8 --profile
     python bench/detect.py --markdown docs/benchmarks.md   # also write the docs section
 """
 
@@ -313,6 +317,38 @@ def worker(args) -> dict:
     }
 
 
+#: Runtime calls that block the host until the device has caught up (CUDA profiles only).
+SYNC_EVENTS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+
+
+def _profile(torch, fn, device: str, top: int = 10) -> dict:
+    """One call of ``fn`` under torch.profiler: the ``top`` operators by self time (device time
+    on a GPU, else CPU time), in ms, and the host synchronisations (CUDA only)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.startswith("cuda")
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    fn()
+    _sync(device)
+    with profile(activities=acts) as prof:
+        fn()
+        _sync(device)
+    events = prof.key_averages()
+
+    def self_time(e):
+        if cuda:
+            return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)
+        return e.self_cpu_time_total
+
+    rows = sorted(events, key=self_time, reverse=True)[:top]
+    return {
+        "by": "self device time" if cuda else "self CPU time",
+        "top": [{"op": e.key, "calls": e.count, "ms": self_time(e) / 1e3} for e in rows],
+        "host_syncs": sum(e.count for e in events if e.key in SYNC_EVENTS) if cuda else None,
+        "ops": sum(e.count for e in events if e.key.startswith("aten::")),
+    }
+
+
 def shard_worker(args) -> dict:
     """P prompts of one case in one process: one thread and one prompt at a time (``detect``
     each, threads=1) against the default threads and ``detect_many`` over the P prompts."""
@@ -355,6 +391,7 @@ def shard_worker(args) -> dict:
     same = [(a.clique.members.tolist(), a.clique.medoid) for a in one_at_a_time()] == [
         (b.clique.members.tolist(), b.clique.medoid) for b in found
     ]
+    prof = _profile(torch, batched_distances, device) if getattr(args, "profile", False) else None
     peak_mm = _peak_gflops(torch, n, (size // grid) ** 2 * 3, device)
     useful = p * float(n) * n * size * size * 3
     uint8 = sum(int(x.nbytes) for x in hosts)
@@ -384,6 +421,7 @@ def shard_worker(args) -> dict:
         "memory_ratio": (peak.delta / uint8) if peak.delta is not None else None,
         "same_cliques": same,
         "clique_sizes": [int(f.clique.size) for f in found],
+        "profile_distances": prof,
     }
 
 
@@ -414,6 +452,8 @@ def _run_config(args, size: int, case: str, threads: int, shard: int = 0) -> dic
     ]
     if args.naive_pairs:
         cmd += ["--naive-pairs", str(args.naive_pairs)]
+    if args.profile:
+        cmd += ["--profile"]
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if res.returncode != 0:
@@ -602,6 +642,9 @@ def main(argv=None) -> None:
     p.add_argument("--shard-sizes", type=int, nargs="+", default=None, help="sizes of the shard rows (default --sizes)")
     p.add_argument("--no-prompt-rows", action="store_true", help="only the shard rows")
     p.add_argument("--json", type=Path, help="also write the raw figures here")
+    p.add_argument(
+        "--profile", action="store_true", help="shard rows: profile one batched distance call (top ops, host syncs)"
+    )
     p.add_argument("--markdown", type=Path, help="write/replace the section in this file")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--size", type=int, help=argparse.SUPPRESS)
@@ -654,6 +697,11 @@ def main(argv=None) -> None:
                     f"load {os.getloadavg()[0]:.2f}",
                     flush=True,
                 )
+                prof = r.get("profile_distances")
+                if prof:
+                    print(f"  profile ({prof['by']}, {prof['ops']} aten ops, host syncs {prof['host_syncs']}):")
+                    for e in prof["top"]:
+                        print(f"    {e['ms']:8.3f} ms  {e['calls']:5d}×  {e['op']}")
     table = format_results(rows, machine)
     print()
     print(table)

@@ -277,8 +277,9 @@ def pairwise_tiled_l2_many(
       their buffers stay within ``WORKER_MEMORY`` times the uint8 size of the images, so that
       more threads are never slower and memory stays bounded.
     - **GPU** (or ``batched_gemm=True``): batches of one shape are stacked and each tile is one
-      batched GEMM (``baddbmm``) over all of them; the near-zero refinement starts with one
-      mask over all batches and one host synchronisation.
+      batched GEMM (``baddbmm``) over all of them; the exact refinement is done for all
+      batches at once (their clusters of near copies stacked into one float64 GEMM per tile),
+      with at most three host synchronisations per call whatever the number of batches.
 
     Parameters
     ----------
@@ -679,8 +680,8 @@ def _pairwise_stacked(xs, grid: int, block_elements: int, near: float | None) ->
     """Pairwise tiled ℓ2 of P same-shape batches stacked as P×N×H×W×C: per row of tiles one
     gather (with the float conversion) and one batched GEMM (``baddbmm``) over the P × ``grid``
     tiles of that row; the full N×N product (on a GPU fewer, larger kernels beat half the
-    flops). The refinement mask is built for all P at once and read back with one
-    synchronisation; only batches with pairs to refine are refined.
+    flops). The pairs to refine are marked for all P at once and refined together
+    (:func:`_refine_stacked`).
 
     Each tile's arithmetic is the one of a tile on its own (same centre: the rounded mean of
     its first 64 images; same products): only the number of kernel launches changes
@@ -726,14 +727,107 @@ def _pairwise_stacked(xs, grid: int, block_elements: int, near: float | None) ->
     if near is not None:
         mask |= _near_mask(acc, e2 * gamma2, near)
     mask &= torch.ones(n, n, dtype=torch.bool, device=x.device).triu(1)
-    need = mask.flatten(1).any(dim=1).tolist()  # the one synchronisation
-    del e2, mask
-    for k in range(p):
-        if need[k]:
-            thresholds = (energy[k], energy[k], rel, gamma2)
-            _refine_small(xs[k], xs[k], acc[k], thresholds, grid, th, tw, block_elements, True, near, 1)
+    del e2
+    _refine_stacked(x, acc, mask, grid, th, tw, block_elements)
+    del mask
     acc = torch.triu(acc, diagonal=1)
     return list((acc + acc.transpose(1, 2)).unbind(0))
+
+
+#: Float64 temporaries of the stacked refinement stay below this multiple of the uint8 size of
+#: the stacked batches (prompts are refined in groups that fit).
+STACKED_REFINE_MEMORY = 1.5
+
+
+def _refine_stacked(x, acc, mask, grid: int, th: int, tw: int, block_elements: int) -> None:
+    """Recompute exactly, in place, the pairs ``mask`` marks in the P stacked batches ``x``
+    (P×N×H×W×C) — every prompt at once, with at most three host synchronisations instead of
+    several per prompt.
+
+    The decision is that of :func:`_refine_small`, prompt by prompt: a prompt with many pairs
+    among few images (``32 · pairs ≥ images²``, a cluster of near copies) gets the float64
+    tiled matrix of its cluster; here the clusters of all such prompts are stacked (padded to
+    the largest) and each tile is one batched float64 GEMM over them, in groups whose
+    temporaries stay within ``STACKED_REFINE_MEMORY`` × the uint8 batches. For uint8 this is
+    exact integer arithmetic (an integer centre; every partial sum below 2⁵³), so each value is
+    the exact distance rounded once to float32, as the per-prompt refinement gives. The other
+    prompts' pairs are computed from pixel differences, all prompts' pairs in one chunked pass.
+    Float pixels: pairs the float64 product puts below ``1e-5`` are finished from differences,
+    so that identical images give exactly 0.
+    """
+    p, n, h, w, c = x.shape
+    # 1. the pairs to refine as (prompt, i, j), i < j, and the images each prompt's pairs involve
+    idx = torch.nonzero(mask)  # synchronisation 1
+    if idx.shape[0] == 0:
+        return
+    k, i, j = idx.unbind(1)
+    involved = (mask.any(dim=2) | mask.any(dim=1)).flatten()  # P·N, prompt-major
+    pairs_h, members_h = torch.stack([mask.sum(dim=(1, 2)), involved.view(p, n).sum(dim=1)]).tolist()  # sync. 2
+    dense = [q for q in range(p) if pairs_h[q] and 32 * pairs_h[q] >= members_h[q] ** 2]
+    exact = x.dtype == torch.uint8
+    flat = x.view(p * n, h, w, c)
+    direct = None  # all pairs
+    if dense:
+        # 2. each dense prompt's cluster: its involved images, in order; a pair's positions in it
+        # (the involved images first, in order: a stable sort, no synchronisation)
+        members = torch.argsort((~involved).to(torch.uint8), stable=True)[: sum(members_h)]
+        rank = torch.cumsum(involved, dim=0) - 1  # position among all members
+        starts = torch.tensor(np.cumsum([0] + members_h[:-1]).tolist(), dtype=torch.int64, device=x.device)
+        is_dense = torch.zeros(p, dtype=torch.bool, device=x.device)
+        is_dense[dense] = True
+        direct = ~is_dense[k]
+        d = th * tw * c
+        scale = (255.0 * 255.0 if exact else 1.0) * d
+        size = max(members_h[q] for q in dense)
+        per = 8 * size * (d + 3 * size)  # one tile of a cluster, its product, the running maximum
+        budget = STACKED_REFINE_MEMORY * x.numel() - 32 * idx.shape[0]  # less the pair indices
+        group = max(1, int(budget // per))
+        slot = torch.full((p,), -1, dtype=torch.int64, device=x.device)
+        offset = np.cumsum([0] + members_h[:-1]).tolist()
+        for g0 in range(0, len(dense), group):
+            ks = dense[g0 : g0 + group]
+            u = max(members_h[q] for q in ks)
+            # cluster members' global image indices, each row padded with its first member
+            sel = torch.empty((len(ks), u), dtype=torch.int64, device=x.device)
+            for s, q in enumerate(ks):
+                sel[s] = members[offset[q]]
+                sel[s, : members_h[q]] = members[offset[q] : offset[q] + members_h[q]]
+            slot[ks] = torch.arange(len(ks), device=x.device)
+            best = torch.zeros((len(ks), u, u), dtype=torch.float64, device=x.device)
+            for ti in range(grid):
+                for tj in range(grid):
+                    # 3. one tile of every cluster image, centred on an integer mean tile
+                    tile = flat[:, ti * th : (ti + 1) * th, tj * tw : (tj + 1) * tw, :]
+                    t = tile.index_select(0, sel.flatten()).to(torch.float64).view(len(ks), u, d)
+                    mu = t[:, : min(u, 64)].mean(dim=1, keepdim=True)
+                    if exact:
+                        mu.round_()
+                    t.sub_(mu)
+                    # 4. ‖a‖² + ‖b‖² − 2a·b: one batched float64 GEMM over the clusters
+                    sq = (t * t).sum(dim=2)
+                    prod = torch.baddbmm(sq[:, None, :], t, t.transpose(1, 2), alpha=-2.0)
+                    prod.add_(sq[:, :, None])
+                    torch.maximum(best, prod, out=best)
+                    del t, prod
+            best.clamp_(min=0.0).div_(scale).sqrt_()
+            # 5. the group's pairs take their values from their cluster's matrix
+            mine = slot[k] >= 0
+            km, im, jm = k[mine], i[mine], j[mine]
+            vals = best[slot[km], rank[km * n + im] - starts[km], rank[km * n + jm] - starts[km]]
+            acc[km, im, jm] = vals.to(acc.dtype)
+            if not exact:  # float pixels: identical images must still give exactly 0
+                direct[mine] = vals < 1e-5
+            slot[ks] = -1
+            del best, vals
+        if exact and all(q in dense for q in range(p) if pairs_h[q]):
+            return  # every pair was in a cluster: exact already
+        k, i, j = k[direct], i[direct], j[direct]  # synchronisation 3
+    # 6. every other pair from pixel differences, all prompts together, in chunks
+    chunk = max(1, block_elements // max(1, 4 * h * w * c))
+    for s in range(0, k.shape[0], chunk):
+        ks, is_, js = k[s : s + chunk], i[s : s + chunk], j[s : s + chunk]
+        vals = _direct_tiled(flat[ks * n + is_], flat[ks * n + js], grid, th, tw, block_elements)
+        acc[ks, is_, js] = vals.to(acc.dtype)
 
 
 def _near_mask(dist: torch.Tensor, bound2: torch.Tensor, near: float) -> torch.Tensor:

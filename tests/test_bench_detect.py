@@ -31,6 +31,10 @@ def test_prompt_and_shard_rows(bench):
     assert rows[0]["threads"] == 1 and rows[0]["kind"] == "prompt"
     assert rows[2]["same_cliques"] and rows[2]["prompts"] == 3 and rows[2]["ratio"] > 0
     assert rows[0]["naive_max_abs_diff"] < 1e-5
+    prof = bench.shard_worker(_args(shard=2, profile=True))["profile_distances"]
+    assert prof["by"] == "self CPU time" and prof["ops"] > 0 and prof["host_syncs"] is None
+    assert len(prof["top"]) == 10 and all(e["ms"] >= 0 and e["calls"] >= 1 for e in prof["top"])
+    assert [e["ms"] for e in prof["top"]] == sorted((e["ms"] for e in prof["top"]), reverse=True)
     table = bench.format_results(rows, "test machine")
     assert "× 1 thread" in table and "shard of 3 at 16×16 memorized" in table
     with pytest.raises(SystemExit, match="CUDA"):

@@ -110,6 +110,86 @@ def test_batched_gemm_path_gives_the_same_edges_and_cliques():
         np.testing.assert_array_equal(a[_ref(x) == 0], 0.0)
 
 
+def _refine_case():
+    """Four prompts of 24 images: a cluster of near copies (dense), 10 disjoint near-duplicate
+    pairs among random images (sparse: 10 pairs among 20 images), random images with no pair
+    to refine, and a second cluster; the pairs to refine are marked in a P×N×N mask."""
+    rng = np.random.default_rng(7)
+    n = 24
+    dense = _near_copies(rng, n, 16, n_other=3)
+    dense[2] = dense[1]  # identical images in a cluster too
+    sparse = rng.integers(0, 256, (n, 16, 16, 3), dtype=np.uint8)
+    sparse[1::2] = sparse[0::2]
+    sparse[1::2, 3, 5, 0] ^= 7  # near, not identical; pairs (2m, 2m+1)
+    sparse[5] = sparse[4]  # one identical pair
+    x = np.stack([dense, sparse, rng.integers(0, 256, (n, 16, 16, 3), dtype=np.uint8), dense[::-1].copy()])
+    refs = [_ref(b) for b in x]
+    mask = np.zeros((4, n, n), dtype=bool)
+    iu = np.triu_indices(n, 1)
+    for q in (0, 3):
+        m = np.zeros((n, n), dtype=bool)
+        m[iu] = refs[q][iu] < 0.1
+        mask[q] = m
+    mask[1, np.arange(0, n, 2), np.arange(1, n, 2)] = True
+    return x, refs, mask
+
+
+@pytest.mark.parametrize("budget", [dist_mod.STACKED_REFINE_MEMORY, 1e-9])
+def test_stacked_refinement_gives_the_exact_values_of_the_marked_pairs(budget, monkeypatch):
+    """The GPU path's refinement of all prompts at once (clusters stacked into one float64
+    GEMM per tile, other pairs from pixel differences), run on the CPU: every marked pair gets
+    its exact tiled ℓ2 rounded to float32 — the brute-force integer reference, bit for bit —
+    and nothing else changes; the same with the clusters refined one group at a time."""
+    monkeypatch.setattr(dist_mod, "STACKED_REFINE_MEMORY", budget)
+    direct_pairs = []
+    real_direct = dist_mod._direct_tiled
+    monkeypatch.setattr(
+        dist_mod, "_direct_tiled", lambda a, b, *args: direct_pairs.append(a.shape[0]) or real_direct(a, b, *args)
+    )
+    products = []
+    real_baddbmm = torch.baddbmm
+    monkeypatch.setattr(torch, "baddbmm", lambda *a, **k: products.append(a[1].shape[0]) or real_baddbmm(*a, **k))
+    x, refs, mask = _refine_case()
+    acc = torch.full(mask.shape, 0.5, dtype=torch.float32)
+    dist_mod._refine_stacked(torch.from_numpy(x), acc, torch.from_numpy(mask), 4, 4, 4, 1 << 22)
+    got = acc.numpy()
+    for q in range(4):
+        np.testing.assert_array_equal(got[q][mask[q]], refs[q][mask[q]].astype(np.float32))
+        assert (got[q][~mask[q]] == 0.5).all()
+    assert sum(direct_pairs) == mask[1].sum() == 12  # the sparse prompt's pairs only
+    assert products == ([2] * 16 if budget > 1 else [1] * 32)  # two clusters: stacked or one by one
+    assert got[1, 4, 5] == 0.0 and mask[0].sum() > 150  # a cluster: dense
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_stacked_refinement_and_batched_path_on_cuda():
+    x, refs, mask = _refine_case()
+    acc = torch.full(mask.shape, 0.5, dtype=torch.float32, device="cuda")
+    dist_mod._refine_stacked(torch.from_numpy(x).cuda(), acc, torch.from_numpy(mask).cuda(), 4, 4, 4, 1 << 22)
+    got = acc.cpu().numpy()
+    for q in range(4):
+        np.testing.assert_array_equal(got[q][mask[q]], refs[q][mask[q]].astype(np.float32))
+        assert (got[q][~mask[q]] == 0.5).all()
+    prompts = [torch.from_numpy(b).cuda() for b in x]
+    for b, d in zip(x, pairwise_tiled_l2_many(prompts, exact_near=ALPHA)):
+        assert d.is_cuda
+        np.testing.assert_array_equal(d.cpu().numpy() < ALPHA, _ref(b).astype(np.float32) < ALPHA)
+        assert np.abs(d.cpu().numpy() - _ref(b)).max() <= 1e-5
+
+
+def test_stacked_refinement_of_float_pixels_keeps_identical_images_at_zero():
+    x, refs, mask = _refine_case()
+    xf = torch.from_numpy(x).float().div_(255.0)
+    acc = torch.full(mask.shape, 0.5, dtype=torch.float32)
+    dist_mod._refine_stacked(xf, acc, torch.from_numpy(mask), 4, 4, 4, 1 << 22)
+    for q in range(4):
+        np.testing.assert_allclose(acc[q].numpy()[mask[q]], refs[q][mask[q]], rtol=0, atol=1e-6)
+        zero = mask[q] & (refs[q] == 0)
+        assert (acc[q].numpy()[zero] == 0.0).all()
+        assert (acc[q].numpy()[~mask[q]] == 0.5).all()
+    assert (mask & (np.stack(refs) == 0)).sum() >= 3  # identical images are among the marked pairs
+
+
 def test_edges_follow_the_exact_distance_at_alpha():
     """alpha set exactly on some pairs' exact distances (rounded to float32, as stored): each
     pair is an edge exactly when its exact distance, rounded to float32, is below alpha."""
