@@ -68,6 +68,7 @@ TARGETS = {
     "memory": 3.0,
     "threads_256": 1.7,
     "shard": 1.6,
+    "gpu": 0.30,
 }
 
 
@@ -133,6 +134,28 @@ def _mm_rate(torch, m: int, k: int, n: int, reps: int = 5, device: str = "cpu") 
     wall, cpu = _median_time(lambda: torch.mm(a, b.T, out=out), reps, device)
     flop = 2.0 * m * n * k
     return flop / wall / 1e9, flop / cpu / 1e9
+
+
+def _int8_rate(torch, m: int, k: int, n: int, reps: int = 5, device: str = "cpu") -> tuple[float, float]:
+    """GOP/s (per wall second, per CPU second) of ``torch._int_mm`` (int8 → int32), counted as
+    the float rows are (2·m·n·k)."""
+    a = torch.randint(-128, 128, (m, k), dtype=torch.int8, device=device)
+    b = torch.randint(-128, 128, (n, k), dtype=torch.int8, device=device)
+    out = torch.empty(m, n, dtype=torch.int32, device=device)
+    torch._int_mm(a, b.T, out=out)
+    wall, cpu = _median_time(lambda: torch._int_mm(a, b.T, out=out), reps, device)
+    op = 2.0 * m * n * k
+    return op / wall / 1e9, op / cpu / 1e9
+
+
+def _int8_peak(torch, device: str) -> float | None:
+    """The int8 product's rate at 8192³ (GPU) or 2048³ (CPU), or None without int8 products."""
+    from memscan.distances import _int8_gram_ok
+
+    if not _int8_gram_ok(torch.device(device)):
+        return None
+    size = 8192 if device.startswith("cuda") else 2048
+    return _int8_rate(torch, size, size, size, reps=5 if size == 8192 else 3, device=device)[0]
 
 
 def _peak_gflops(torch, n: int, d: int, device: str = "cpu") -> dict:
@@ -355,6 +378,7 @@ def shard_worker(args) -> dict:
     import numpy as np
 
     torch = _setup(args)
+    import memscan.distances as dist_mod
     from memscan.distances import pairwise_tiled_l2, pairwise_tiled_l2_many
     from memscan.extraction.detect import detect, detect_many
 
@@ -395,6 +419,10 @@ def shard_worker(args) -> dict:
     peak_mm = _peak_gflops(torch, n, (size // grid) ** 2 * 3, device)
     useful = p * float(n) * n * size * size * 3
     uint8 = sum(int(x.nbytes) for x in hosts)
+    # the batched path on a GPU takes exact int8 products for uint8 tiles where it can
+    stacked = device.startswith("cuda")
+    int8 = stacked and dist_mod.STACKED_INT8 and dist_mod._int8_gram_ok(torch.device(device))
+    int8_peak = _int8_peak(torch, device) if int8 else None
     return {
         "kind": "shard",
         "device": device,
@@ -422,6 +450,9 @@ def shard_worker(args) -> dict:
         "same_cliques": same,
         "clique_sizes": [int(f.clique.size) for f in found],
         "profile_distances": prof,
+        "products": ("int8" if int8 else "float32") if stacked else "float32 (CPU threads)",
+        "int8_peak_gops": int8_peak,
+        "int8_fraction_many": (useful / t_many_d / 1e9 / int8_peak) if int8_peak else None,
     }
 
 
@@ -586,6 +617,13 @@ def format_results(rows: list[dict], machine: str) -> str:
         lines.append(
             f"- shard of {r['prompts']} at {r['size']}×{r['size']} {r['case']}, {r['device']}: "
             f"≥ {TARGETS['shard']}× {ok} ({r['ratio']:.2f}×), memory {mem}"
+            + (
+                f", batched distances ≥ {TARGETS['gpu']:.0%} of the float32 peak "
+                f"{'met' if r['roofline_fraction_many'] >= TARGETS['gpu'] else 'MISSED'} "
+                f"({r['roofline_fraction_many']:.0%}, {r['products']} products)"
+                if r["device"].startswith("cuda")
+                else ""
+            )
         )
     return "\n".join(lines)
 
@@ -692,7 +730,14 @@ def main(argv=None) -> None:
                     f"{r['prompts_per_s_one']:.2f} prompts/s, {r['threads']} threads batched "
                     f"{r['prompts_per_s_many']:.2f} prompts/s = {r['ratio']:.2f}× (distances alone "
                     f"{r['ratio_distances']:.2f}×, {r['gflops_many_distances']:.0f} GFLOP/s = "
-                    f"{r['roofline_fraction_many']:.0%} of {r['peak_gflops']:.0f}); peak memory Δ "
+                    f"{r['roofline_fraction_many']:.0%} of {r['peak_gflops']:.0f} float32, "
+                    f"{r['products']} products"
+                    + (
+                        f", {r['int8_fraction_many']:.0%} of the int8 peak {r['int8_peak_gops']:.0f} GOP/s"
+                        if r.get("int8_peak_gops")
+                        else ""
+                    )
+                    + "); peak memory Δ "
                     f"{_mib(r['peak_delta'])} MiB; same cliques {r['same_cliques']}; "
                     f"load {os.getloadavg()[0]:.2f}",
                     flush=True,

@@ -276,8 +276,10 @@ def pairwise_tiled_l2_many(
       Workers are added only while each gets at least ``MIN_WORK_PER_THREAD`` multiply-adds and
       their buffers stay within ``WORKER_MEMORY`` times the uint8 size of the images, so that
       more threads are never slower and memory stays bounded.
-    - **GPU** (or ``batched_gemm=True``): batches of one shape are stacked and each tile is one
-      batched GEMM (``baddbmm``) over all of them; the exact refinement is done for all
+    - **GPU** (or ``batched_gemm=True``): batches of one shape are stacked. uint8 images take
+      exact int8 products (``torch._int_mm``, pixels − 128, one per batch and tile) where the
+      device has them: every distance exact, nothing to refine. Otherwise each row of tiles is
+      one batched GEMM (``baddbmm``) over all of them; the exact refinement is done for all
       batches at once (their clusters of near copies stacked into one float64 GEMM per tile),
       with at most three host synchronisations per call whatever the number of batches.
 
@@ -694,6 +696,8 @@ def _pairwise_stacked(xs, grid: int, block_elements: int, near: float | None) ->
         return [torch.zeros((0, 0), dtype=torch.float32, device=x.device) for _ in xs]
     th, tw = h // grid, w // grid
     d = th * tw * c
+    if x.dtype == torch.uint8 and STACKED_INT8 and _round8(d) <= INT8_MAX_TILE and _int8_gram_ok(x.device):
+        return list(_pairwise_stacked_int8(x, grid).unbind(0))
     units = 255.0 if x.dtype == torch.uint8 else 1.0
     acc = torch.zeros((p, n, n), dtype=torch.float32, device=x.device)
     energy = torch.zeros((p, n), dtype=torch.float32, device=x.device)
@@ -732,6 +736,78 @@ def _pairwise_stacked(xs, grid: int, block_elements: int, near: float | None) ->
     del mask
     acc = torch.triu(acc, diagonal=1)
     return list((acc + acc.transpose(1, 2)).unbind(0))
+
+
+#: The stacked path computes uint8 tiles with exact int8 products (``torch._int_mm``) where the
+#: device supports them; False: always the float32 products and the exact refinement.
+STACKED_INT8 = True
+
+#: Largest tile (values, padded to a multiple of 8) for one int8 product: its dot products,
+#: at most D·128², stay within int32.
+INT8_MAX_TILE = 1 << 16
+
+_INT8_OK: dict = {}
+
+
+def _round8(v: int) -> int:
+    return -(-v // 8) * 8
+
+
+def _int8_gram_ok(device) -> bool:
+    """Whether ``torch._int_mm`` (int8 × int8 → int32; tensor cores on GPUs, VNNI on CPUs) runs
+    on this device and gives exact products; checked once per device on a small product."""
+    key = str(device)
+    if key not in _INT8_OK:
+        try:
+            gen = torch.Generator().manual_seed(0)
+            a = torch.randint(-128, 128, (24, 16), dtype=torch.int8, generator=gen)
+            got = torch._int_mm(a.to(device), a.to(device).t()).cpu()
+            _INT8_OK[key] = got.dtype == torch.int32 and bool((got.long() == a.long() @ a.long().t()).all())
+        except (AttributeError, NotImplementedError, RuntimeError):  # no int8 products here
+            _INT8_OK[key] = False
+    return _INT8_OK[key]
+
+
+def _pairwise_stacked_int8(x, grid: int) -> torch.Tensor:
+    """Pairwise tiled ℓ2 of P stacked uint8 batches (P×N×H×W×C, a fresh copy: modified) from
+    exact integer products: P×N×N float32, each the exact distance rounded once to float32.
+
+    Pixels minus 128 fit int8 and distances do not change under a common shift; a tile's dot
+    products (≤ D·128²) are exact in int32 for D ≤ ``INT8_MAX_TILE``, and
+    ``‖a‖² + ‖b‖² − 2a·b`` is formed in int32 (int64 for tiles over 2¹⁵ values, where it could
+    overflow). No float rounding anywhere, so no pair needs refining and the edges are those of
+    the exact distances. Per row of tiles: one gather of the P × ``grid`` tiles into an int8
+    buffer (rows and values padded to multiples of 8, as the int8 kernels require), one int8
+    product per (prompt, tile), then the combination and the maximum over tiles for all of
+    them at once. Memory in flight: the int8 row (1/``grid`` × the uint8 input), ``grid`` N×N
+    int32 products per prompt and the running maximum.
+    """
+    p, n, h, w, c = x.shape
+    th, tw = h // grid, w // grid
+    d = th * tw * c
+    m, k = max(24, _round8(n)), _round8(d)  # the int8 kernels want > 16 rows, multiples of 8
+    wide = d > 1 << 15  # the squared distance (≤ 255²·D) or its partial sums may pass 2³¹
+    x8 = x.view(torch.int8).bitwise_xor_(-128)  # uint8 v → int8 v − 128, in place
+    rows = torch.zeros((p, grid, m, k), dtype=torch.int8, device=x.device)  # padding stays 0
+    gram = torch.empty((p, grid, m, m), dtype=torch.int32, device=x.device)
+    best = torch.zeros((p, m, m), dtype=torch.int64 if wide else torch.int32, device=x.device)
+    for i in range(grid):
+        # 1. gather the row's grid tiles of every image, tile-major, into the int8 buffer
+        band = x8[:, :, i * th : (i + 1) * th, : grid * tw, :].reshape(p, n, th, grid, tw, c)
+        rows[:, :, :n, :d].view(p, grid, n, th, tw, c).copy_(band.permute(0, 3, 1, 2, 4, 5))
+        # 2. one exact int8 product per (prompt, tile): a·b for every pair
+        for q in range(p):
+            for t in range(grid):
+                torch._int_mm(rows[q, t], rows[q, t].t(), out=gram[q, t])
+        # 3. ‖a‖² + ‖b‖² − 2a·b (the norms are the products' diagonal), the maximum over tiles
+        g = gram.long() if wide else gram
+        sq = g.diagonal(dim1=2, dim2=3).clone()
+        g.mul_(-2).add_(sq[:, :, :, None]).add_(sq[:, :, None, :])
+        torch.maximum(best, g.amax(dim=1), out=best)
+        del g, sq
+    del rows, gram
+    out = best[:, :n, :n].double().div_(255.0 * 255.0 * d).sqrt_()
+    return out.to(torch.float32)
 
 
 #: Float64 temporaries of the stacked refinement stay below this multiple of the uint8 size of

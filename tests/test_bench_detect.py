@@ -35,6 +35,11 @@ def test_prompt_and_shard_rows(bench):
     assert prof["by"] == "self CPU time" and prof["ops"] > 0 and prof["host_syncs"] is None
     assert len(prof["top"]) == 10 and all(e["ms"] >= 0 and e["calls"] >= 1 for e in prof["top"])
     assert [e["ms"] for e in prof["top"]] == sorted((e["ms"] for e in prof["top"]), reverse=True)
+    assert rows[2]["products"] == "float32 (CPU threads)" and rows[2]["int8_peak_gops"] is None
+    gops, _ = bench._int8_rate(__import__("torch"), 64, 64, 64, reps=1)
+    assert gops > 0 and bench._int8_peak(__import__("torch"), "cpu") > 0
+    gpu = dict(rows[2], device="cuda", roofline_fraction_many=0.31, products="int8")
+    assert "30% of the float32 peak met (31%, int8 products)" in bench.format_results([gpu], "m")
     table = bench.format_results(rows, "test machine")
     assert "× 1 thread" in table and "shard of 3 at 16×16 memorized" in table
     with pytest.raises(SystemExit, match="CUDA"):
