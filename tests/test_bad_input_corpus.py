@@ -616,3 +616,50 @@ def test_report_outliers_refuses_runs_without_per_example_scores(finished_run):
     before = _snapshot(finished_run)
     assert_clean_error(cli("report", finished_run, "--outliers"), "kind 'extract'", "memscore")
     assert _snapshot(finished_run) == before
+
+
+# ---- a device this machine does not have ---------------------------------------------------------
+def _no_such_device() -> str:
+    import torch
+
+    return f"cuda:{torch.cuda.device_count() + 7}" if torch.cuda.is_available() else "cuda"
+
+
+DEVICE_COMMANDS = {
+    "extract": lambda c, m, lm, d, t: (
+        "extract", "--model", "py:gen_support:planted", "--prompts", c.blank_lines, "--train", c.clean,
+        "--samples-per-prompt", 12, "--min-clique", 3,
+    ),
+    "extract-unconditional": lambda c, m, lm, d, t: (
+        "extract-unconditional", "--model", "py:gen_support:planted", "--train", c.clean, "--samples", 16,
+    ),
+    "audit": lambda c, m, lm, d, t: (
+        "audit", "--model", "py:gen_support:planted", "--prompts", c.blank_lines, "--train", c.clean,
+        "--samples-per-prompt", 12, "--min-clique", 3,
+    ),
+    "triage": lambda c, m, lm, d, t: ("triage", "--model", TINY_SD, "--prompts", c.blank_lines),
+    "mia": lambda c, m, lm, d, t: ("mia", "--data", c.clean, "--model", m, "--members", t),
+    "index": lambda c, m, lm, d, t: ("index", c.clean),
+    "lm extractable": lambda c, m, lm, d, t: (
+        "lm", "extractable", "--model", lm, "--data", d, "--sequences", 2, "--prefix-lengths", 32,
+    ),
+    "lm exposure": lambda c, m, lm, d, t: ("lm", "exposure", "--model", lm, "--canaries", "my PIN is {d2}::my PIN is 12"),
+    "lm mia": lambda c, m, lm, d, t: ("lm", "mia", "--model", lm, "--members", d, "--nonmembers", d.with_name("n.jsonl")),
+    "inpaint": lambda c, m, lm, d, t: ("inpaint", "--data", c.clean, "--model", m, "--members", t),
+    "candidates": lambda c, m, lm, d, t: ("candidates", c.clean, "--top", 3, "--embedder", "pixel"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("command", sorted(DEVICE_COMMANDS))
+def test_a_device_this_machine_lacks_is_one_error_before_any_work(corpus, unet_dir, tiny_lm_dir, tmp_path, command):
+    """``--device cuda`` without a GPU (or ``cuda:N`` past the GPUs there are): one error naming
+    the device and the fix, before any generation, training or scoring — nothing written."""
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"text": "a long enough training document. " * 10}) + "\n")
+    (tmp_path / "n.jsonl").write_text(json.dumps({"text": "another document, not a member. " * 10}) + "\n")
+    (tmp_path / "m.txt").write_text("m0\n")
+    out = tmp_path / ("o.csv" if command == "candidates" else "o")
+    args = DEVICE_COMMANDS[command](corpus, unet_dir, tiny_lm_dir, data, tmp_path / "m.txt")
+    device = _no_such_device()
+    assert_clean_error(cli(*args, "--out", out, "--device", device, "--quiet"), f"--device {device}", "--device cpu")
+    assert not out.exists()

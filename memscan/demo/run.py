@@ -27,6 +27,7 @@ import pandas as pd
 from memscan.audit import AuditBudget, AuditResult, audit, default_extract_config
 from memscan.data.images import read_image
 from memscan.demo.data import DemoData, build_demo_data, write_demo_data
+from memscan.devices import check_device
 from memscan.distances import cross_tiled_l2, nearest_tiled_l2
 from memscan.errors import MemscanError
 from memscan.extraction.config import ExtractConfig
@@ -274,6 +275,7 @@ def _fmt(x) -> str:
 
 def train_model(out: str | Path, *, steps: int | None = None, device: str = "cpu") -> dict:
     """Retrain the demo model with the recorded recipe (``memscan demo train``)."""
+    check_device(device)
     from memscan.demo.train import TrainConfig, train_demo_model
 
     cfg = TrainConfig() if steps is None else TrainConfig(steps=steps)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from memscan.cliques import CliqueResult, largest_clique, upper_mask
+from memscan.devices import check_device
 from memscan.distances import pairwise_tiled_l2_many
 
 
@@ -95,6 +96,7 @@ def detect_many(
     if device is not None and device != "cpu":
         import torch
 
+        check_device(device)
         batches = [torch.as_tensor(b).to(device) for b in batches]
     dists = pairwise_tiled_l2_many(batches, grid, threads=threads, exact_near=alpha)
     if len(dists) > 1 and all(

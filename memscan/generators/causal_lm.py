@@ -56,6 +56,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from memscan.devices import check_device
 from memscan.errors import InputError
 from memscan.generators.row_split import ForkedRows, split_mode, split_rows
 
@@ -576,6 +577,7 @@ def _torch_dtype(dtype: str, device: str):
 
 def load_causal_lm(spec: str, *, device: str = "cpu", dtype: str = "auto", gguf_file: str | None = None) -> Any:
     """Load the causal LM named by ``spec`` (see the module docstring)."""
+    check_device(device)
     spec = str(spec)
     if spec.startswith("py:"):
         return _load_python(spec)

@@ -16,6 +16,7 @@ import inspect
 import json
 from pathlib import Path
 
+from memscan.devices import check_device
 from memscan.errors import InputError
 from memscan.generators.base import CallableGenerator
 from memscan.generators.diffusers_models import hub_pipeline_index
@@ -23,6 +24,7 @@ from memscan.generators.diffusers_models import hub_pipeline_index
 
 def load_generator(spec: str, *, device: str = "cpu", batch_size: int = 64, **options):
     """Load the generator named by ``spec`` (see module docstring)."""
+    check_device(device)
     if spec.startswith("py:"):
         return _load_python(spec)
     path = Path(spec)

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from memscan.devices import check_device
 from memscan.errors import InputError
 from memscan.generators.diffusers_models import load_ddpm_scheduler, load_unet, model_dirs, read_meta
 
@@ -249,6 +250,7 @@ def load_diffusers_noise_predictor(
     them supplies ``class_captions`` and ``null_class``; a missing scheduler falls back to
     diffusers' ``DDPMScheduler()`` defaults (linear β, T = 1000) — a warning is recorded in
     ``config["warnings"]``."""
+    check_device(device)
     root = Path(spec)
     unet_dir, sched_dir = model_dirs(root)
     unet = load_unet(unet_dir, str(spec))

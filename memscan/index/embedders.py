@@ -30,6 +30,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 
+from memscan.devices import check_device
 from memscan.errors import InputError
 
 #: ImageNet channel statistics: the default input normalisation of model embedders (SSCD and
@@ -437,6 +438,7 @@ def load_embedder(spec: str | dict | Embedder = "pixel", *, device: str = "cpu",
     >>> load_embedder({'type': 'pixel', 'size': 4, 'channels': 1}).dim
     16
     """
+    check_device(device)
     if not isinstance(spec, (str, dict)):
         if hasattr(spec, "embed") and hasattr(spec, "dim"):
             return spec

@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from memscan.devices import check_device
 from memscan.errors import InputError, MemscanError, user_code
 from memscan.generators.model_record import loaded_model_record
 from memscan.lm import membership as ms
@@ -535,6 +536,8 @@ def run_lm_mia(
     if int(shard_size) < 1:
         raise InputError(f"shard_size={shard_size}", "use at least 1 example per shard")
     examples, sources = _examples(members, nonmembers)  # bad inputs fail here, before the run
+    if runner == "local":
+        check_device(config.device)  # the models load in this process: a missing GPU fails here
     started = time.time()
     n = len(examples)
     n_shards = math.ceil(n / shard_size)

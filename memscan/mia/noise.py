@@ -34,6 +34,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 
+from memscan.devices import check_device
 from memscan.errors import InputError
 from memscan.generators.noise import (
     PREDICTION_TYPES,
@@ -236,6 +237,7 @@ def load_noise_predictor(
       ``null_class``; a missing scheduler falls back to diffusers' ``DDPMScheduler()`` defaults
       (linear β, T = 1000) — a warning is recorded in ``config["warnings"]``.
     """
+    check_device(device)
     spec = str(spec)
     if spec.startswith("py:"):
         obj = import_object(spec, "a noise predictor or a factory of one")

@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from memscan.devices import check_device
 from memscan.errors import user_code
 from memscan.mia.attack_labels import parse_attacks, run_attacks
 from memscan.mia.inpaint import InpaintConfig, inpaint_distances, inpaint_mask
@@ -560,6 +561,7 @@ def _open_and_attack(
     stop_after_shards: int | None,
 ) -> MiaResult:
     t0 = time.perf_counter()
+    check_device(device)  # the target loads here, on the device: refused before the run opens
     with open_run(out, kind, resume=resume) as run, torch_threads(threads):
         s = load_mia_inputs(
             data, model=model, members=members, shadows=shadows, target_shadow=target_shadow, device=device

@@ -29,6 +29,7 @@ from pathlib import Path
 import pandas as pd
 
 from memscan.data.prompts import load_prompts
+from memscan.devices import check_device
 from memscan.errors import InputError, MemscanError
 from memscan.generators.diffusers_models import model_dirs, read_meta
 from memscan.generators.diffusers_unet import DiffusersUNetGenerator
@@ -147,6 +148,8 @@ def triage(
     config = config.validate()
     select_ranked(pd.DataFrame(columns=["prompt_id", "wen_score", "webster_score"]), score, top, min_score)
     df, info = prompt_table(prompts)  # bad prompts fail here, before the run or the model
+    if runner == "local":
+        check_device(config.device)  # the model loads in this process: a missing GPU fails here
     started = time.time()
     # 1. sampling defaults from the model's memscan.json (the workers load the model itself);
     #    shards are whole UNet batches of prompts

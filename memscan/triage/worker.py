@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from memscan.devices import check_device
 from memscan.errors import InputError, user_code
 from memscan.generators.diffusers_models import read_meta
 from memscan.generators.diffusers_unet import DiffusersUNetGenerator, load_unet_generator
@@ -80,6 +81,7 @@ def setup_triage(model: Any, config: TriageConfig) -> TriageWorker:
     :class:`~memscan.generators.diffusers_unet.DiffusersUNetGenerator`) through its class labels
     and null class (:class:`ClassTriageModel`).
     """
+    check_device(config.device)
     if isinstance(model, (str, Path)) and is_unet_model_dir(model):
         with user_code(f"loading the model {model} failed", "fix the model and rerun"):
             model = load_unet_generator(str(model), device=config.device)

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from memscan.demo.lm.canaries import DEFAULT_SEED, corpus_record, planted_corpus
+from memscan.devices import check_device
 
 MODEL_DIR = Path(__file__).resolve().parent / "model"
 BYTE_OFFSET = 3  # ByT5: ids 0, 1, 2 are <pad>, </s>, <unk>; byte b is id b + 3
@@ -179,6 +180,7 @@ def train_lm_demo_model(
     result of this recipe's first phase(s) (its weights and ``memscan.json``) — those phases are
     taken from it, not rerun.
     """
+    check_device(cfg.device)
     from transformers import ByT5Tokenizer, GPT2LMHeadModel
 
     torch.set_num_threads(cfg.threads)

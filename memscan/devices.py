@@ -1,0 +1,39 @@
+"""Devices named on the command line: ``cpu``, ``cuda`` or ``cuda:N``, checked where local work
+on them starts (model loading, detection, embedding, training), so that a missing GPU is one
+clear error before any work rather than a traceback after it."""
+
+from __future__ import annotations
+
+from memscan.errors import InputError
+
+
+def check_device(device, option: str = "--device") -> str:
+    """``device`` as a string, after checking that it names ``cpu`` or a CUDA device torch sees.
+
+    Examples
+    --------
+    >>> check_device("cpu")
+    'cpu'
+    >>> check_device("tpu")
+    Traceback (most recent call last):
+    ...
+    memscan.errors.InputError: --device tpu: not a device memscan runs on (use cpu, cuda or cuda:N)
+    """
+    name = str(device)
+    if name == "cpu":
+        return name
+    kind, _, index = name.partition(":")
+    if kind != "cuda" or (index and not index.isdigit()):
+        raise InputError(f"{option} {name}: not a device memscan runs on", "use cpu, cuda or cuda:N")
+    import torch
+
+    if not torch.cuda.is_available():
+        build = torch.__version__
+        raise InputError(
+            f"{option} {name}: torch {build} sees no CUDA device on this machine",
+            "use --device cpu, or run where a GPU and a CUDA build of torch are installed",
+        )
+    count = torch.cuda.device_count()
+    if index and int(index) >= count:
+        raise InputError(f"{option} {name}: this machine has {count} CUDA device(s)", f"use cuda:0 … cuda:{count - 1}")
+    return name
