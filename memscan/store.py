@@ -157,7 +157,7 @@ class RunLock:
             except FileNotFoundError:
                 raise MemscanError(
                     f"{self.path.parent} is not a memscan run (the directory does not exist)",
-                    "pass the --out directory of `memscan extract`",
+                    "pass the --out directory of a memscan run",
                 ) from None
             except FileExistsError:
                 if self._stale():
@@ -248,7 +248,7 @@ class RunStore:
         another command."""
         if not self.manifest_path.exists():
             raise MemscanError(
-                f"{self.root} is not a memscan run (no manifest.json)", "pass the --out directory of `memscan extract`"
+                f"{self.root} is not a memscan run (no manifest.json)", "pass the --out directory of a memscan run"
             )
         try:
             manifest = json.loads(self.manifest_path.read_text())

@@ -663,3 +663,32 @@ def test_a_device_this_machine_lacks_is_one_error_before_any_work(corpus, unet_d
     device = _no_such_device()
     assert_clean_error(cli(*args, "--out", out, "--device", device, "--quiet"), f"--device {device}", "--device cpu")
     assert not out.exists()
+
+
+def test_error_hints_name_the_argument_the_command_takes(tiny_lm_dir, tmp_path):
+    """The fix names what the user typed: ``lm index`` takes its corpus as the CORPUS argument,
+    ``lm extractable`` as ``--data``; any run kind can be reported."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert_clean_error(cli("lm", "index", empty, "--out", tmp_path / "li", "--bytes"), "point CORPUS at")
+    args = ("lm", "extractable", "--model", tiny_lm_dir, "--data", empty, "--out", tmp_path / "o", "--quiet")
+    assert_clean_error(cli(*args), "point --data at")
+    assert_clean_error(cli("report", tmp_path / "nothing"), "the --out directory of a memscan run")
+
+
+@pytest.mark.parametrize("option", [("--nlist", "-3"), ("--nprobe", "0"), ("--pq-m", "0"), ("--index-shards", "0")])
+def test_bad_index_parameters_are_refused_before_anything_is_embedded(corpus, tmp_path, monkeypatch, option):
+    import memscan.index.faiss_index as fi
+
+    monkeypatch.setattr(fi, "load_embedder", lambda *a, **k: pytest.fail("embedding started"), raising=False)
+    out = tmp_path / "idx"
+    res = cli("index", corpus.clean, "--out", out, "--index-type", "ivfpq", option[0], option[1], "--quiet")
+    assert_clean_error(res, f"={option[1]} must be a positive integer", f"e.g. {option[0]} 8")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("option", ["--samples", "--batch-size", "--shard-size"])
+def test_unconditional_counts_must_be_positive(corpus, tmp_path, option):
+    args = ("extract-unconditional", "--model", "py:gen_support:planted", "--train", corpus.clean, "--samples", 16)
+    res = cli(*args, option, 0, "--out", tmp_path / "o", "--quiet")
+    assert_clean_error(res, f"{option.strip('-').replace('-', '_')}=0 must be a positive integer", f"e.g. {option} ")

@@ -180,6 +180,28 @@ def test_bad_model_inputs(tmp_path, tiny_dir):
         load_causal_lm(str(tiny_dir)).token_logprobs(np.array([[1, 5000]]))
 
 
+def test_pickled_weights_are_refused_never_unpickled(tmp_path, tiny_dir, monkeypatch):
+    """A directory whose weights are only a pickled ``pytorch_model.bin`` is refused with the way
+    to convert it; nothing is unpickled (torch.load and pickle are never reached)."""
+    import pickle
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    pickled = tmp_path / "pickled"
+    shutil.copytree(tiny_dir, pickled)
+    state = load_file(pickled / "model.safetensors")
+    (pickled / "model.safetensors").unlink()
+    torch.save(state, pickled / "pytorch_model.bin")
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load reached"))
+    monkeypatch.setattr(pickle, "load", lambda *a, **k: pytest.fail("pickle.load reached"))
+    with pytest.raises(InputError, match="no .safetensors weights.*does not load pickled") as err:
+        load_causal_lm(str(pickled))
+    assert "save_pretrained" in err.value.hint
+    assert load_causal_lm(str(tiny_dir)).vocab_size > 0  # the safetensors copy loads
+
+
 def test_not_a_causal_lm_directory(tmp_path):
     from transformers import T5Config, T5ForConditionalGeneration
 

@@ -200,7 +200,11 @@ def test_pythia_score_reuses_the_k32_continuation_exactly(tiny_dir):
     rng = np.random.default_rng(0)
     windows = rng.integers(3, 259, size=(5, 32 + 40)).astype(np.int64)
     direct, _ = lm.greedy(windows[:, :32], 32)
+    # the model's own continuation as the true suffix: rows 0–2 wholly, row 3 for 12 tokens
+    windows[:3, 32:64] = direct[:3]
+    windows[3, 32:44] = direct[3, :12]
     want = (direct == windows[:, 32:64]).mean(axis=1)
+    assert (want[:3] == 1.0).all() and 12 / 32 <= want[3] < 1.0 and want[4] < 0.5  # scores that can fail
     cfg = {
         "suffix_length": 40,
         "prefix_lengths": [16, 32],

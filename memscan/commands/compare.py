@@ -9,6 +9,7 @@ import typer
 
 from memscan.commands.common import quiet_option, resume_option, run_library_call
 from memscan.commands.formatting import compare_summary
+from memscan.compare.runs import COMPARABLE_KINDS
 
 
 def _labels(items: list[str]) -> dict[str, str]:
@@ -28,8 +29,7 @@ def register(app: typer.Typer) -> None:
     def compare(
         runs: list[Path] = typer.Argument(
             ...,
-            help="finished runs (≥ 2) of kinds extract, extract-unconditional, mia, inpaint, memscore, "
-            "lm-extractable, lm-exposure, lm-mia",
+            help="finished runs (≥ 2) of kinds " + ", ".join(COMPARABLE_KINDS),
         ),
         out: Path = typer.Option(..., "--out", help="the comparison's run directory"),
         by: str = typer.Option(

@@ -77,9 +77,9 @@ def demo_train(
 @demo_app.command("mia")
 def demo_mia(
     out: Path = typer.Option(Path("runs/demo-mia"), "--out", help="output directory (rerun resumes training)"),
-    n_examples: int | None = typer.Option(None, "--examples", help="pool size [256]"),
+    n_examples: int | None = typer.Option(None, "--examples", help="pool size [128]"),
     n_models: int | None = typer.Option(None, "--models", help="shadow models, model 0 is the target [8]"),
-    steps: int | None = typer.Option(None, "--steps", help="training steps per model [600]"),
+    steps: int | None = typer.Option(None, "--steps", help="training steps per model [400]"),
     threads: int | None = typer.Option(None, "--threads", help="torch threads [1]"),
     quick: bool = typer.Option(False, "--quick", help="tiny settings (seconds; for CI)"),
     quiet: bool = quiet_option("no progress output"),

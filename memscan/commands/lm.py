@@ -303,7 +303,10 @@ def lm_index_command(
     ),
     out: Path = typer.Option(..., "--out", help="index folder to write (a run directory: --resume continues it)"),
     tokenizer: str | None = typer.Option(
-        None, "--tokenizer", help=f"index token ids of this model's tokenizer ({MODEL_HELP})"
+        None,
+        "--tokenizer",
+        help="index token ids of this model's tokenizer (transformers model directory, .gguf file, hub id, "
+        "or py:module:attribute)",
     ),
     byte_mode: bool = typer.Option(False, "--bytes", help="index raw bytes instead (any encoding; no tokenizer)"),
     text_column: str = typer.Option("text", "--text-column", help="JSONL field / Parquet column holding the text"),

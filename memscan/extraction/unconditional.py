@@ -121,7 +121,10 @@ class UnconditionalConfig:
         for name in ("samples", "batch_size", "shard_size"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-                raise InputError(f"{name}={v!r} must be a positive integer")
+                raise InputError(
+                    f"{name}={v!r} must be a positive integer",
+                    f"e.g. --{name.replace('_', '-')} {getattr(type(self), name)}",
+                )
         if self.n_candidates < self.n_nearest:
             raise InputError(
                 f"n_candidates={self.n_candidates} is below n_nearest={self.n_nearest}",

@@ -653,12 +653,22 @@ def _load_transformers_quiet(where, spec, device, dtype, gguf_file) -> Transform
             f"model directory {spec} has no config.json: not a transformers model",
             "save it with model.save_pretrained(dir) and tokenizer.save_pretrained(dir), or pass a .gguf file",
         )
+    if local and gguf_file is None and not any(Path(where).glob("*.safetensors")):
+        raise InputError(
+            f"model directory {spec} holds no .safetensors weights: memscan does not load pickled "
+            "checkpoints (pytorch_model.bin can run code when unpickled)",
+            "convert it once where you trust it: AutoModelForCausalLM.from_pretrained(dir).save_pretrained(dir)",
+        )
     try:
         config = AutoConfig.from_pretrained(where, **kwargs)
     except (OSError, ValueError) as exc:
         raise InputError(f"cannot read the model config of {spec}: {str(exc).splitlines()[0]}", _hint(local)) from None
     try:
-        model = AutoModelForCausalLM.from_pretrained(where, **{_dtype_keyword(): _torch_dtype(dtype, device)}, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(
+            where,
+            **{_dtype_keyword(): _torch_dtype(dtype, device)},
+            **(kwargs or {"use_safetensors": True}),  # GGUF, or safetensors: never a pickle
+        )
     except ValueError as exc:
         raise InputError(
             f"model {spec} ({type(config).__name__}) is not a causal language model: {str(exc).splitlines()[0]}",

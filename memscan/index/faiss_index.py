@@ -114,6 +114,27 @@ class IndexParams:
     pq_bits: int = 8
     shards: int = 1
 
+    def validate(self) -> IndexParams:
+        """Check what does not depend on the number of vectors (before anything is embedded);
+        ``resolve`` checks the rest. Returns ``self``."""
+
+        def positive(name, v, none_ok=False):
+            if v is None and none_ok:
+                return
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                option = {"nlist": "--nlist", "nprobe": "--nprobe", "pq_m": "--pq-m", "shards": "--index-shards"}
+                raise InputError(f"{name}={v!r} must be a positive integer", f"e.g. {option.get(name, name)} 8")
+
+        if self.index_type not in INDEX_TYPES:
+            raise InputError(f"index type {self.index_type!r} is not one of {', '.join(INDEX_TYPES)}")
+        for name in ("nlist", "nprobe", "train_size"):
+            positive(name, getattr(self, name), none_ok=True)
+        for name in ("hnsw_m", "ef_construction", "ef_search", "pq_m", "shards"):
+            positive(name, getattr(self, name))
+        if not 1 <= self.pq_bits <= 16:
+            raise InputError(f"pq_bits={self.pq_bits!r} must lie in 1..16", "8 is the usual choice")
+        return self
+
     def resolve(self, n: int) -> IndexParams:
         """Fill in the automatic choices for ``n`` vectors."""
         if self.index_type not in INDEX_TYPES:
@@ -682,7 +703,7 @@ def build_index(
     (20, 768, 'flat', ['t0000', 't0001'])
     """
     started = time.time()
-    params = IndexParams(index_type) if isinstance(index_type, str) else index_type
+    params = (IndexParams(index_type) if isinstance(index_type, str) else index_type).validate()
     if params.index_type not in INDEX_TYPES:
         raise InputError(f"index type {params.index_type!r} is not one of {', '.join(INDEX_TYPES)}")
     if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:

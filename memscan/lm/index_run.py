@@ -110,7 +110,7 @@ def lm_index(
             "give exactly one of --tokenizer MODEL and --bytes",
             "--tokenizer indexes the model's token ids; --bytes indexes raw bytes",
         )
-    source = open_text_source(corpus, text_column=text_column)
+    source = open_text_source(corpus, text_column=text_column, option="CORPUS")
     if byte_mode:
         if source.pretokenized:
             raise InputError(

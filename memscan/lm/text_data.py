@@ -76,8 +76,9 @@ class TextSource:
         }
 
 
-def open_text_source(path: str | Path, *, text_column: str = "text") -> TextSource:
-    """Check ``path`` and say what it holds (see the module docstring); errors name the fix."""
+def open_text_source(path: str | Path, *, text_column: str = "text", option: str = "--data") -> TextSource:
+    """Check ``path`` and say what it holds (see the module docstring); errors name the fix, and
+    ``option``: the command-line argument that gave the path (``--data``, ``CORPUS``)."""
     root = Path(path).expanduser()
     if not root.exists():
         raise InputError(f"training text {path} does not exist", "pass a folder of .txt, a JSONL/Parquet or .npy file")
@@ -85,17 +86,19 @@ def open_text_source(path: str | Path, *, text_column: str = "text") -> TextSour
         paths = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES)
         paths = [p for p in paths if not p.name.endswith(".tokenizer.json")]
         if not paths:
-            raise InputError(f"folder {path} holds no {', '.join(SUFFIXES)} file", "point --data at the training text")
-        files = [_classify(p, p.relative_to(root).as_posix(), text_column) for p in paths]
+            raise InputError(
+                f"folder {path} holds no {', '.join(SUFFIXES)} file", f"point {option} at the training text"
+            )
+        files = [_classify(p, p.relative_to(root).as_posix(), text_column, option) for p in paths]
     else:
-        files = [_classify(root, "", text_column)]
+        files = [_classify(root, "", text_column, option)]
     kinds = {f.kind in ("parquet-ids", "npy") for f in files}
     if len(kinds) > 1:
-        raise InputError(f"{path} mixes text and pre-tokenized ids", "point --data at one kind")
+        raise InputError(f"{path} mixes text and pre-tokenized ids", f"point {option} at one kind")
     return TextSource(root, text_column, files)
 
 
-def _classify(path: Path, label: str, text_column: str) -> TextFile:
+def _classify(path: Path, label: str, text_column: str, option: str = "--data") -> TextFile:
     suffix = path.suffix.lower()
     if suffix == ".txt":
         return TextFile(path, "txt", label)
@@ -120,7 +123,9 @@ def _classify(path: Path, label: str, text_column: str) -> TextFile:
         )
     if suffix == ".npy":
         return TextFile(path, "npy", label)
-    raise InputError(f"{path} is not a .txt, .jsonl, .parquet or .npy file", "convert it, or point --data at a folder")
+    raise InputError(
+        f"{path} is not a .txt, .jsonl, .parquet or .npy file", f"convert it, or point {option} at a folder"
+    )
 
 
 def _check_jsonl_column(path: Path, column: str) -> None:
