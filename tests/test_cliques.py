@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import inspect
 import sys
-import time
 
 import networkx as nx
 import numpy as np
@@ -58,24 +57,22 @@ def test_planted_clique_in_sparse_graph():
     assert r.n_edges == int(adj.sum()) // 2
 
 
-def test_complete_graph_500_is_fast_and_exact():
+def test_complete_graph_500_is_exact_without_search():
+    """The memorized extreme (every generation a copy): the greedy bound meets the colouring
+    bound, so no branch is expanded (the speed itself is measured in bench/detect.py)."""
     d = np.full((500, 500), 0.01)
     np.fill_diagonal(d, 0.0)
-    t0 = time.perf_counter()
     r = largest_clique(d, ALPHA)
-    elapsed = time.perf_counter() - t0
     assert r.size == 500 and r.method == "exact" and r.upper_bound == 500
     assert r.members.tolist() == list(range(500))
-    assert elapsed < 5.0  # typically ~0.05 s
+    assert r.expansions == 0
 
 
 def test_dense_random_graph_finishes_within_budget():
     rng = np.random.default_rng(1)
     d = random_graph(rng, 300, 0.9)
     budget = 2_000
-    t0 = time.perf_counter()
     r = largest_clique(d, ALPHA, max_expansions=budget)
-    elapsed = time.perf_counter() - t0
     assert r.method in ("bounded", "exact")
     assert r.expansions <= budget
     assert is_clique(d, r.members)
@@ -83,7 +80,6 @@ def test_dense_random_graph_finishes_within_budget():
     assert r.upper_bound >= r.size
     if r.method == "exact":
         assert r.upper_bound == r.size
-    assert elapsed < 10.0  # ~0.1 s on one core
 
 
 def test_zero_budget_still_returns_a_true_clique():

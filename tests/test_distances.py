@@ -6,8 +6,6 @@ The reference is a plain numpy loop in float64 over the definitions in DESIGN.md
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 import torch
@@ -219,15 +217,20 @@ def test_refinement_paths(kind):
         assert (c[ref[:7] == 0] == 0).all()
 
 
-def test_many_identical_images_are_fast():
+def test_many_identical_images_take_one_float64_product_not_a_recompute_per_pair(monkeypatch):
     """The memorized extreme: every pair identical. Used to cost one exact per-pair recompute
-    for each of the N(N−1)/2 pairs (minutes at 256×256); now one float64 GEMM."""
+    for each of the N(N−1)/2 pairs (minutes at 256×256); now one float64 tiled product over
+    the images involved (the timing is in bench/detect.py, not here)."""
+    import memscan.distances as dist_mod
+
+    direct = []
+    real = dist_mod._direct_tiled
+    monkeypatch.setattr(dist_mod, "_direct_tiled", lambda a, *r: direct.append(a.shape[0]) or real(a, *r))
     rng = np.random.default_rng(16)
     x = np.repeat(rng.integers(0, 256, (1, 32, 32, 3), dtype=np.uint8), 300, 0)
     x[150:] = rng.integers(0, 256, (1, 32, 32, 3), dtype=np.uint8)
-    t0 = time.perf_counter()
-    d = pairwise_tiled_l2(x)
-    assert time.perf_counter() - t0 < 5.0  # ~0.1 s on one core
+    d = pairwise_tiled_l2(x, threads=1)
+    assert sum(direct) == 0  # uint8: the float64 product is exact, no pair recomputed alone
     assert (d[:150, :150] == 0).all() and (d[150:, 150:] == 0).all()
     assert d[0, 200] == pytest.approx(ref_tiled(x[0], x[200]), abs=TOL)
 
