@@ -421,7 +421,7 @@ def shard_worker(args) -> dict:
     uint8 = sum(int(x.nbytes) for x in hosts)
     # the batched path on a GPU takes exact int8 products for uint8 tiles where it can
     stacked = device.startswith("cuda")
-    int8 = stacked and dist_mod.STACKED_INT8 and dist_mod._int8_gram_ok(torch.device(device))
+    int8 = stacked and dist_mod.INT8_PRODUCTS and dist_mod._int8_gram_ok(torch.device(device))
     int8_peak = _int8_peak(torch, device) if int8 else None
     return {
         "kind": "shard",

@@ -414,9 +414,20 @@ class _Matrix:
         self.exact = dtype == torch.float64 and self.units == 255.0
         nq, nr = q.shape[0], r.shape[0]
         device = q.device
-        self.syrk = _cpu_syrk(dtype) if symmetric and device.type == "cpu" else None
-        # syrk: acc's upper triangle holds the result; otherwise every entry
-        self.acc = torch.zeros((nq, nr), dtype=dtype, device=device)
+        # uint8 against uint8: exact int8 products where the device has them (no rounding at all)
+        self.int8 = (
+            dtype == torch.float32
+            and q.dtype == torch.uint8
+            and r.dtype == torch.uint8
+            and INT8_PRODUCTS
+            and _round8(self.d) <= INT8_MAX_TILE
+            and _int8_gram_ok(device)
+        )
+        self.wide = self.d > 1 << 15  # int8: ‖a − b‖² (≤ 255²·D) or its partial sums may pass 2³¹
+        self.syrk = _cpu_syrk(dtype) if symmetric and device.type == "cpu" and not self.int8 else None
+        # syrk: acc's upper triangle holds the result; otherwise every entry (int8: exact integers)
+        acc_dtype = (torch.int64 if self.wide else torch.int32) if self.int8 else dtype
+        self.acc = torch.zeros((nq, nr), dtype=acc_dtype, device=device)
         self.r_energy = torch.zeros(nr, dtype=dtype, device=device)
         self.q_energy = self.r_energy if symmetric else torch.zeros(nq, dtype=dtype, device=device)
         self.lock = threading.Lock()
@@ -425,21 +436,29 @@ class _Matrix:
         self.blocks = [(s, min(nq, s + rows)) for s in range(0, max(nq, 1), rows)] if nq and nr else []
         widest = max(nr, min(nq, rows)) if not symmetric else nr
         per_row = self.tw * self.c * dtype.itemsize * max(1, widest)
-        # in cache-sized chunks on the CPU; a GPU gains nothing from them but more launches
-        self.chunk_rows = max(1, min(self.th, GATHER_BYTES // per_row)) if device.type == "cpu" else self.th
+        # in cache-sized chunks on the CPU; a GPU gains nothing from them but more launches (int8:
+        # the whole tile, a quarter of the float32 bytes, in one product)
+        cpu_chunks = device.type == "cpu" and not self.int8
+        self.chunk_rows = max(1, min(self.th, GATHER_BYTES // per_row)) if cpu_chunks else self.th
 
     def items(self):
         return [(self, s, e, i, j) for (s, e) in self.blocks for i in range(self.grid) for j in range(self.grid)]
 
     def work(self) -> float:
-        """Multiply-adds of all its products."""
+        """Multiply-adds of all its products, in float32 terms (an int8 product does every pair,
+        not half, at about a quarter of the time per multiply-add: half the float32 ``syrk``)."""
         nq, nr = self.q.shape[0], self.r.shape[0]
         pairs = nq * (nr + 1) / 2 if self.symmetric else nq * nr
-        return pairs * self.d * self.grid * self.grid
+        return pairs * self.d * self.grid * self.grid / (2 if self.int8 else 1)
 
     def worker_bytes(self) -> int:
         nq, nr = self.q.shape[0], self.r.shape[0]
         rows = max((e - s for s, e in self.blocks), default=0)
+        if self.int8:  # the int8 tiles, the int32 product (int64 when wide), the norms' int32 pass
+            mq, mr, k = _int8_rows(rows), _int8_rows(nr), _round8(self.d)
+            tiles = k * (mr + (0 if self.symmetric else mq))
+            norms = 0 if self.symmetric else 4 * k * max(rows, nr)
+            return tiles + (12 if self.wide else 4) * mq * mr + norms + 64 * (nq + nr)
         chunk = self.chunk_rows * self.tw * self.c * self.dtype.itemsize
         gathered = chunk * (nr + (0 if self.symmetric else rows))
         products = (2 if self.syrk is not None else 1) * rows * nr * self.dtype.itemsize
@@ -454,6 +473,12 @@ class _Matrix:
         dc = self.chunk_rows * self.tw * self.c
         device = self.q.device
         if not rows:
+            return
+        if self.int8:
+            _int8_tile(scratch, "r8", nr, self.d, device)
+            if not self.symmetric:
+                _int8_tile(scratch, "q8", rows, self.d, device)
+            _buffer(scratch, "gram32", (_int8_rows(rows), _int8_rows(nr)), torch.int32, device)
             return
         _buffer(scratch, "xr", (nr, dc), self.dtype, device)
         if self.syrk is not None:
@@ -477,6 +502,9 @@ def _compute_item(item, scratch: dict) -> None:
     q, r, th, tw, c, dtype = m.q, m.r, m.th, m.tw, m.c, m.dtype
     nr, rows = r.shape[0], e - s
     device = q.device
+    if m.int8:
+        _compute_item_int8(m, s, e, i, j, scratch)
+        return
     if m.syrk is not None:
         gram = scratch.get(("gram", nr, dtype))
         if gram is None:  # its lower triangle is never written: it stays 0
@@ -519,6 +547,68 @@ def _compute_item(item, scratch: dict) -> None:
         torch.maximum(m.r_energy, rn, out=m.r_energy)
         if not m.symmetric:
             torch.maximum(m.q_energy[s:e], qn, out=m.q_energy[s:e])
+
+
+def _int8_rows(n: int) -> int:
+    """Rows of an int8 product operand: a multiple of 8 and over 16, as the int8 kernels want."""
+    return max(24, _round8(n))
+
+
+def _int8_tile(scratch: dict, name: str, n: int, d: int, device) -> torch.Tensor:
+    """A worker's zero-padded int8 tile buffer for ``n`` images of ``d`` values (padding stays 0:
+    only ``[:n, :d]`` is ever written)."""
+    key = (name, _int8_rows(n), _round8(d), str(device))
+    buf = scratch.get(key)
+    if buf is None:
+        buf = scratch[key] = torch.zeros((_int8_rows(n), _round8(d)), dtype=torch.int8, device=device)
+    return buf
+
+
+def _gather_int8(x, i: int, j: int, th: int, tw: int, dst: torch.Tensor) -> None:
+    """Tile (i, j) of every uint8 image of ``x``, minus 128, into ``dst[:n, :D]`` (int8): one
+    strided copy of the bytes, one XOR with 0x80 (uint8 v → int8 v − 128)."""
+    n, c = x.shape[0], x.shape[3]
+    region = dst.view(torch.uint8)[:n, : th * tw * c]
+    region.view(n, th, tw, c).copy_(x[:, i * th : (i + 1) * th, j * tw : (j + 1) * tw, :])
+    region.bitwise_xor_(128)
+
+
+def _int8_norms(t: torch.Tensor) -> torch.Tensor:
+    """Exact squared norms of the rows of an int8 tile (int32: at most D·128² < 2³¹)."""
+    return t.to(torch.int32).square_().sum(dim=1, dtype=torch.int32)
+
+
+def _compute_item_int8(m, s: int, e: int, i: int, j: int, scratch: dict) -> None:
+    """One tile of one row block from exact int8 products: ``a·b`` in int32 (``torch._int_mm``,
+    pixels − 128), ``‖a‖² + ‖b‖² − 2a·b`` in int32 (int64 for wide tiles), merged into the
+    matrix's running maximum. Every value is an exact integer, whatever the order or threads."""
+    q, r, th, tw = m.q, m.r, m.th, m.tw
+    nr, rows = r.shape[0], e - s
+    device = q.device
+    # 1. the tiles, shifted into int8
+    xr = _int8_tile(scratch, "r8", nr, m.d, device)
+    _gather_int8(r, i, j, th, tw, xr)
+    if m.symmetric:
+        xq = xr
+    else:
+        xq = _int8_tile(scratch, "q8", rows, m.d, device)
+        _gather_int8(q[s:e], i, j, th, tw, xq)
+    # 2. one exact product for every pair of the block
+    gram = _buffer(scratch, "gram32", (xq.shape[0], xr.shape[0]), torch.int32, device)
+    torch._int_mm(xq, xr.t(), out=gram)
+    # 3. the squared distances (the norms: the product's diagonal, or their own pass)
+    if m.symmetric:
+        rn = gram.diagonal()[:nr].clone()
+        qn = rn
+    else:
+        rn, qn = _int8_norms(xr[:nr]), _int8_norms(xq[:rows])
+    d2 = gram[:rows, :nr]
+    if m.wide:
+        d2, qn, rn = d2.long(), qn.long(), rn.long()
+    d2.mul_(-2).add_(qn[:, None]).add_(rn[None, :])
+    with m.lock:
+        dst = m.acc[s:e]
+        torch.maximum(dst, d2, out=dst)
 
 
 def _buffer(scratch: dict, name: str, shape: tuple, dtype, device) -> torch.Tensor:
@@ -649,6 +739,8 @@ def _tiled_matrices(
             out = m.acc  # symmetric: the upper triangle is used
             m.acc = None
             scale = m.units * m.units * m.d
+            if m.int8:  # exact integers: the exact distance, rounded once to float32
+                return out.double().div_(scale).sqrt_().to(torch.float32)
             out.clamp_(min=0.0).div_(scale).sqrt_()
             if refine and out.numel():
                 thresholds = _refine_thresholds(m.q_energy / scale, m.r_energy / scale, m.d, out.device)
@@ -696,7 +788,7 @@ def _pairwise_stacked(xs, grid: int, block_elements: int, near: float | None) ->
         return [torch.zeros((0, 0), dtype=torch.float32, device=x.device) for _ in xs]
     th, tw = h // grid, w // grid
     d = th * tw * c
-    if x.dtype == torch.uint8 and STACKED_INT8 and _round8(d) <= INT8_MAX_TILE and _int8_gram_ok(x.device):
+    if x.dtype == torch.uint8 and INT8_PRODUCTS and _round8(d) <= INT8_MAX_TILE and _int8_gram_ok(x.device):
         return list(_pairwise_stacked_int8(x, grid).unbind(0))
     units = 255.0 if x.dtype == torch.uint8 else 1.0
     acc = torch.zeros((p, n, n), dtype=torch.float32, device=x.device)
@@ -740,7 +832,7 @@ def _pairwise_stacked(xs, grid: int, block_elements: int, near: float | None) ->
 
 #: The stacked path computes uint8 tiles with exact int8 products (``torch._int_mm``) where the
 #: device supports them; False: always the float32 products and the exact refinement.
-STACKED_INT8 = True
+INT8_PRODUCTS = True
 
 #: Largest tile (values, padded to a multiple of 8) for one int8 product: its dot products,
 #: at most D·128², stay within int32.

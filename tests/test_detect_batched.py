@@ -15,6 +15,16 @@ from memscan.extraction.detect import detect, detect_many
 ALPHA = 0.035
 
 
+@pytest.fixture(autouse=True, params=[True, False], ids=["int8", "float32"])
+def products(request, monkeypatch):
+    """Every test twice: uint8 tiles from exact int8 products, and from float32 products with
+    the exact refinement (the path of float pixels, and of devices without int8 products)."""
+    import memscan.distances as dist_mod
+
+    monkeypatch.setattr(dist_mod, "INT8_PRODUCTS", request.param)
+    return request.param
+
+
 def _ref(x: np.ndarray, grid: int = 4) -> np.ndarray:
     """Exact tiled ℓ2 (integer arithmetic) of all pairs of a uint8 batch, float64."""
     n, h, w, c = x.shape
@@ -87,14 +97,12 @@ def test_detect_many_equals_detect(threads, monkeypatch):
     assert detect_many([], alpha=ALPHA, min_clique=10) == []
 
 
-@pytest.mark.parametrize("int8", [True, False])
-def test_batched_gemm_path_gives_the_same_edges_and_cliques(int8, monkeypatch):
+def test_batched_gemm_path_gives_the_same_edges_and_cliques():
     """The GPU path (stacked prompts, one baddbmm per tile), run on the CPU: distances within
     the float32 bound, edges and cliques identical (pairs near alpha are recomputed exactly)."""
     prompts = _prompts(2)
     prompts = [prompts[1], prompts[2][:1].repeat(30, 0), prompts[4][:30], prompts[0][:30]]
     prompts[1][5:, 0, 0, 0] ^= 1
-    monkeypatch.setattr(dist_mod, "STACKED_INT8", int8)
     one = [pairwise_tiled_l2(x, threads=1, exact_near=ALPHA) for x in prompts]
     stacked = pairwise_tiled_l2_many(prompts, exact_near=ALPHA, batched_gemm=True)
     for x, a, b in zip(prompts, one, stacked):
@@ -193,11 +201,13 @@ def test_stacked_refinement_of_float_pixels_keeps_identical_images_at_zero():
 
 
 @pytest.mark.parametrize("size, grid", [(16, 4), (20, 2), (106, 1)])
-def test_int8_stacked_path_is_exact(size, grid, monkeypatch):
+def test_int8_stacked_path_is_exact(size, grid, monkeypatch, products):
     """uint8 tiles from exact int8 products (pixels − 128; int32, or int64 for tiles over 2¹⁵
     values — the 106×106×3 tile): every distance is the exact one rounded once to float32, bit
     for bit the brute-force integer reference; rows and values padded for the int8 kernels (N
     not a multiple of 8; a 5×5×3 tile of 75 values)."""
+    if not products:
+        pytest.skip("the int8 products themselves")
     assert dist_mod._int8_gram_ok(torch.device("cpu"))
     calls = []
     real = torch._int_mm

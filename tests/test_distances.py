@@ -22,6 +22,17 @@ from memscan.distances import (
 )
 from memscan.errors import InputError
 
+
+@pytest.fixture(autouse=True, params=[True, False], ids=["int8", "float32"])
+def products(request, monkeypatch):
+    """Every test twice: uint8 tiles from exact int8 products, and from float32 products with
+    the exact refinement (the path of float pixels, and of devices without int8 products)."""
+    import memscan.distances as dist_mod
+
+    monkeypatch.setattr(dist_mod, "INT8_PRODUCTS", request.param)
+    return request.param
+
+
 TOL = 1e-5  # max abs error allowed against the float64 reference
 
 
@@ -498,3 +509,44 @@ def test_cuda_matches_brute_force(kind):
     order = np.argsort(ref[:4], axis=1, kind="stable")[:, :3]
     np.testing.assert_array_equal(idx, order)
     np.testing.assert_array_equal(counts, (ref[:4] <= 0.05).sum(1))
+
+
+def _exact_cross(q: np.ndarray, r: np.ndarray, grid: int) -> np.ndarray:
+    """Exact tiled ℓ2 (integer arithmetic) of every (q, r) pair of uint8 images, float64."""
+    n, h, w, c = q.shape
+    th, tw = h // grid, w // grid
+
+    def tiles(x):
+        return x.reshape(len(x), grid, th, grid, tw, c).transpose(1, 3, 0, 2, 4, 5).reshape(grid * grid, len(x), -1)
+
+    out = np.zeros((len(q), len(r)))
+    for a, b in zip(tiles(q.astype(np.int64)), tiles(r.astype(np.int64))):
+        diff = a[:, None, :] - b[None, :, :]
+        out = np.maximum(out, (diff * diff).sum(-1) / (255.0 * 255.0 * a.shape[1]))
+    return np.sqrt(out)
+
+
+@pytest.mark.parametrize("size, grid", [(20, 2), (106, 1)])
+def test_int8_products_give_the_exact_distances(size, grid, products, monkeypatch):
+    """uint8 tiles on the CPU path from exact int8 products: every distance is the exact one
+    rounded once to float32 — pairwise on one and two threads, and cross with several row blocks
+    of queries (5 queries: fewer than the 24 rows the int8 kernels want, padded); the 106×106×3
+    tile holds the largest distance, 255²·D > 2³¹ (int64)."""
+    if not products:
+        pytest.skip("the int8 products themselves")
+    calls = []
+    real = torch._int_mm
+    monkeypatch.setattr(torch, "_int_mm", lambda a, b, **k: calls.append(a.shape) or real(a, b, **k))
+    rng = np.random.default_rng(21)
+    x = rng.integers(0, 256, (37, size, size, 3), dtype=np.uint8)
+    x[3] = x[30]
+    x[0], x[1] = 0, 255
+    x[5:9] = np.clip(x[4].astype(int) + rng.integers(-2, 3, (4, size, size, 3)), 0, 255)
+    want = _exact_cross(x, x, grid).astype(np.float32)
+    for threads in (1, 2):
+        np.testing.assert_array_equal(pairwise_tiled_l2(x, grid=grid, threads=threads), want)
+    got = cross_tiled_l2(x[:5], x, grid=grid, block_elements=2 * 37)
+    np.testing.assert_array_equal(got, want[:5])
+    assert want[0, 1] == 1.0 and want[3, 30] == 0.0
+    k = -(-((size // grid) ** 2) * 3 // 8) * 8  # a tile's values, padded to a multiple of 8
+    assert sum(shape[1] == k for shape in calls) == 2 * grid * grid + 3 * grid * grid  # pairwise ×2; 3 blocks

@@ -653,12 +653,6 @@ def _load_transformers_quiet(where, spec, device, dtype, gguf_file) -> Transform
             f"model directory {spec} has no config.json: not a transformers model",
             "save it with model.save_pretrained(dir) and tokenizer.save_pretrained(dir), or pass a .gguf file",
         )
-    if local and gguf_file is None and not any(Path(where).glob("*.safetensors")):
-        raise InputError(
-            f"model directory {spec} holds no .safetensors weights: memscan does not load pickled "
-            "checkpoints (pytorch_model.bin can run code when unpickled)",
-            "convert it once where you trust it: AutoModelForCausalLM.from_pretrained(dir).save_pretrained(dir)",
-        )
     try:
         config = AutoConfig.from_pretrained(where, **kwargs)
     except (OSError, ValueError) as exc:
@@ -675,6 +669,12 @@ def _load_transformers_quiet(where, spec, device, dtype, gguf_file) -> Transform
             "pass a model AutoModelForCausalLM loads (GPT-2, Llama, …), or wrap yours as py:module:attribute",
         ) from None
     except OSError as exc:
+        if local and gguf_file is None and not any(Path(where).glob("*.safetensors")):
+            raise InputError(
+                f"model directory {spec} holds no .safetensors weights: memscan does not load pickled "
+                "checkpoints (pytorch_model.bin can run code when unpickled)",
+                "convert it once where you trust it: AutoModelForCausalLM.from_pretrained(dir).save_pretrained(dir)",
+            ) from None
         raise InputError(f"cannot load model {spec}: {str(exc).splitlines()[0]}", _hint(local)) from None
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
