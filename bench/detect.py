@@ -253,6 +253,7 @@ def worker(args) -> dict:
     import numpy as np
 
     torch = _setup(args)
+    import memscan.distances as dist_mod
     from memscan.cliques import largest_clique
     from memscan.distances import pairwise_tiled_l2
 
@@ -284,6 +285,17 @@ def worker(args) -> dict:
     peak_after = _peak_gflops(torch, n, d_tile, device)
     peak_wall = max(v[0] for p in (peak_before, peak_after) for v in p.values())
     peak_cpu = max(v[1] for p in (peak_before, peak_after) for v in p.values())
+    # 3. which products ran; with int8 ones, the float32 products timed in this process too
+    int8 = dist_mod.INT8_PRODUCTS and dist_mod._int8_gram_ok(torch.device(device))
+    t_float = c_float = int8_peak = None
+    if int8:
+        dist_mod.INT8_PRODUCTS = False
+        try:
+            distances(x)  # warm
+            t_float, c_float = _median_time(lambda: distances(x), args.reps, device)
+        finally:
+            dist_mod.INT8_PRODUCTS = True
+        int8_peak = _int8_peak(torch, device)
 
     # naive per-pair reference on a sample of pairs, extrapolated
     rng = np.random.default_rng(2)
@@ -337,6 +349,12 @@ def worker(args) -> dict:
             "edge_density": float(adj.sum() / max(1, n * (n - 1))),
         },
         "pairs_below_0.01": int(((dist < 0.01) & ~np.eye(n, dtype=bool)).sum() // 2),
+        "products": "int8" if int8 else "float32",
+        "t_distances_float32": t_float if int8 else t_dist,
+        "cpu_distances_float32": c_float if int8 else c_dist,
+        "int8_speedup": (t_float / t_dist) if int8 else None,
+        "int8_peak_gops": int8_peak,
+        "int8_fraction": (useful / t_dist / 1e9 / int8_peak) if int8_peak else None,
     }
 
 
@@ -419,9 +437,8 @@ def shard_worker(args) -> dict:
     peak_mm = _peak_gflops(torch, n, (size // grid) ** 2 * 3, device)
     useful = p * float(n) * n * size * size * 3
     uint8 = sum(int(x.nbytes) for x in hosts)
-    # the batched path on a GPU takes exact int8 products for uint8 tiles where it can
-    stacked = device.startswith("cuda")
-    int8 = stacked and dist_mod.INT8_PRODUCTS and dist_mod._int8_gram_ok(torch.device(device))
+    # uint8 tiles take exact int8 products where the device has them (GPU: the stacked path)
+    int8 = dist_mod.INT8_PRODUCTS and dist_mod._int8_gram_ok(torch.device(device))
     int8_peak = _int8_peak(torch, device) if int8 else None
     return {
         "kind": "shard",
@@ -450,7 +467,7 @@ def shard_worker(args) -> dict:
         "same_cliques": same,
         "clique_sizes": [int(f.clique.size) for f in found],
         "profile_distances": prof,
-        "products": ("int8" if int8 else "float32") if stacked else "float32 (CPU threads)",
+        "products": "int8" if int8 else "float32",
         "int8_peak_gops": int8_peak,
         "int8_fraction_many": (useful / t_many_d / 1e9 / int8_peak) if int8_peak else None,
     }
@@ -540,15 +557,24 @@ def _vs_one_thread(r: dict, rows: list[dict]) -> float | None:
     return None
 
 
+def _products(r: dict) -> str:
+    if r.get("products") != "int8":
+        return "float32"
+    speed = "" if r.get("int8_speedup") is None else f", {r['int8_speedup']:.2f}× float32"
+    peak = "" if not r.get("int8_fraction") else f", {r['int8_fraction']:.0%} of {r['int8_peak_gops']:.0f} GOP/s"
+    return "int8" + speed + peak
+
+
 def format_results(rows: list[dict], machine: str) -> str:
     prompt_rows = [r for r in rows if r.get("kind", "prompt") == "prompt"]
     shard_rows = [r for r in rows if r.get("kind") == "shard"]
     head = (
         "| size | case | device, threads | distances ms | × 1 thread | clique ms | prompts/s | useful GFLOP/s "
-        "(wall / CPU) | mm peak GFLOP/s (wall / CPU) | roofline (wall / CPU) | naive s "
-        "(extrap.) | speedup | peak mem Δ MiB (× uint8) | clique: size, method, edges |"
+        "(wall / CPU) | mm peak GFLOP/s (wall / CPU) | roofline (wall / CPU) | products: × float32 "
+        "in-process, of the int8 peak | naive s (extrap.) | speedup | peak mem Δ MiB (× uint8) | "
+        "clique: size, method, edges |"
     )
-    lines = [head, "|" + "---|" * 14]
+    lines = [head, "|" + "---|" * 15]
     for r in prompt_rows:
         c = r["clique"]
         mem = "n/a" if r["memory_ratio"] is None else f"{r['memory_ratio']:.2f}"
@@ -560,6 +586,7 @@ def format_results(rows: list[dict], machine: str) -> str:
             f"{r['prompts_per_s']:.2f} | {r['gflops']:.0f} / {r['gflops_cpu']:.0f} | "
             f"{r['peak_gflops']:.0f} / {r['peak_gflops_cpu']:.0f} | "
             f"{r['roofline_fraction']:.0%} / {r['roofline_fraction_cpu']:.0%} | "
+            f"{_products(r)} | "
             f"{r['naive_total_s']:.1f} | {r['speedup_distances']:.0f}× | "
             f"{_mib(r['peak_rss_delta'])} ({mem}) | "
             f"{c['size']}, {c['method']}, {c['edge_density']:.0%} |"
@@ -706,7 +733,7 @@ def main(argv=None) -> None:
                 print(
                     f"{size}×{size}×3 {case:9s} {args.device} threads={r['threads']}: "
                     f"distances {r['t_distances'] * 1e3:.1f} ms "
-                    f"(CPU {r['cpu_distances'] * 1e3:.1f} ms), "
+                    f"(CPU {r['cpu_distances'] * 1e3:.1f} ms; products {_products(r)}), "
                     f"clique {r['t_clique'] * 1e3:.1f} ms → {r['prompts_per_s']:.2f} prompts/s; "
                     f"useful {r['gflops']:.1f} GFLOP/s wall, {r['gflops_cpu']:.1f} per CPU-s = "
                     f"{r['roofline_fraction']:.0%} / {r['roofline_fraction_cpu']:.0%} of mm peak "

@@ -12,16 +12,26 @@ Images are ``H×W×C`` or batches ``N×H×W×C`` (grayscale: ``C = 1``), as ``ui
 floating point already in [0, 1]. numpy inputs give numpy outputs; torch tensors are computed
 on their own device (GPU included) and give torch outputs.
 
-The matrix versions never broadcast ``N×N×H×W×C``: each tile position is gathered once, in
-cache-sized chunks of tile rows, as float32 ``N×Dc`` blocks centred on a mean tile, and the
-squared distances come from one matrix product per tile, ``‖a‖² + ‖b‖² − 2 a·b``, accumulated
-over the chunks (for one batch against itself on the CPU, only the upper triangle: BLAS
-``syrk``; elsewhere a GEMM per row block of queries). The tiles (and the batches of
-:func:`pairwise_tiled_l2_many`) are the work items of worker threads that each run their
-products single-threaded: the per-tile products are too small for intra-op threads, so more
-threads are used only where they pay (see :func:`pairwise_tiled_l2_many`), and the result does
-not depend on how many. Cancellation in that identity is guarded: negative values
-are clamped to 0, and a pair is recomputed exactly (float64, exact integer arithmetic for
+The matrix versions never broadcast ``N×N×H×W×C``: each tile position is gathered once and the
+squared distances come from one matrix product per tile, ``‖a‖² + ‖b‖² − 2 a·b``.
+
+- **uint8 against uint8** (generations, training images), where the device has int8 products
+  (``torch._int_mm``: VNNI/AMX on CPUs, tensor cores on GPUs; checked once per device): pixels
+  minus 128 fit int8, a tile's dot products (≤ D·128²) are exact in int32, and the identity is
+  formed in int32 (int64 for tiles over 2¹⁵ values). Every distance is then the exact one,
+  rounded once to float32 — nothing to refine, whatever the threads, batching or device. On
+  this project's 2-core CPU this is 3.2–3.8× the float32 products (docs/benchmarks.md).
+- **Otherwise** (float pixels, mixed dtypes, ``INT8_PRODUCTS = False``, tiles over 2¹⁶
+  values): float32 ``N×Dc`` blocks centred on a mean tile, gathered in cache-sized chunks of
+  tile rows, the product accumulated over the chunks (for one batch against itself on the CPU
+  only the upper triangle: BLAS ``syrk``; elsewhere a GEMM per row block of queries), and the
+  exact refinement below.
+
+The tiles (and the batches of :func:`pairwise_tiled_l2_many`) are the work items of worker
+threads that each run their products single-threaded: the per-tile products are too small for
+intra-op threads, so more threads are used only where they pay (see
+:func:`pairwise_tiled_l2_many`), and the result does not depend on how many. With float32
+products, cancellation in the identity is guarded: negative values are clamped to 0, and a pair is recomputed exactly (float64, exact integer arithmetic for
 uint8) when its distance is within reach of float32 rounding — below
 ``max(REFINE_BELOW · e, sqrt(4 γ e))``, where ``e`` is the two images' largest centred tile
 energy (mean squared pixel, [0, 1] units) and ``γ = (D + 2) · u`` the worst-case relative error
@@ -266,7 +276,8 @@ def pairwise_tiled_l2_many(
 
     The result for each batch is the one :func:`pairwise_tiled_l2` gives for it alone, bit for
     bit on the CPU, whatever the number of batches or threads: every tile product runs on one
-    thread with the same shapes, and the maximum over tiles does not depend on their order.
+    thread with the same shapes (uint8 with int8 products: exact integers in any case), and the
+    maximum over tiles does not depend on their order.
 
     How the work is spread:
 
@@ -830,8 +841,9 @@ def _pairwise_stacked(xs, grid: int, block_elements: int, near: float | None) ->
     return list((acc + acc.transpose(1, 2)).unbind(0))
 
 
-#: The stacked path computes uint8 tiles with exact int8 products (``torch._int_mm``) where the
-#: device supports them; False: always the float32 products and the exact refinement.
+#: uint8 tiles (CPU work items and the stacked GPU path) take exact int8 products
+#: (``torch._int_mm``) where the device supports them; False: always the float32 products and
+#: the exact refinement (as for float pixels).
 INT8_PRODUCTS = True
 
 #: Largest tile (values, padded to a multiple of 8) for one int8 product: its dot products,

@@ -31,11 +31,13 @@ def test_prompt_and_shard_rows(bench):
     assert rows[0]["threads"] == 1 and rows[0]["kind"] == "prompt"
     assert rows[2]["same_cliques"] and rows[2]["prompts"] == 3 and rows[2]["ratio"] > 0
     assert rows[0]["naive_max_abs_diff"] < 1e-5
+    assert rows[0]["products"] == "int8" and rows[0]["int8_speedup"] > 0 and rows[0]["int8_peak_gops"] > 0
+    assert rows[0]["t_distances_float32"] > 0 and "× float32" in bench._products(rows[0])
     prof = bench.shard_worker(_args(shard=2, profile=True))["profile_distances"]
     assert prof["by"] == "self CPU time" and prof["ops"] > 0 and prof["host_syncs"] is None
     assert len(prof["top"]) == 10 and all(e["ms"] >= 0 and e["calls"] >= 1 for e in prof["top"])
     assert [e["ms"] for e in prof["top"]] == sorted((e["ms"] for e in prof["top"]), reverse=True)
-    assert rows[2]["products"] == "float32 (CPU threads)" and rows[2]["int8_peak_gops"] is None
+    assert rows[2]["products"] == "int8" and rows[2]["int8_peak_gops"] > 0 and rows[2]["int8_fraction_many"] > 0
     gops, _ = bench._int8_rate(__import__("torch"), 64, 64, 64, reps=1)
     assert gops > 0 and bench._int8_peak(__import__("torch"), "cpu") > 0
     gpu = dict(rows[2], device="cuda", roofline_fraction_many=0.31, products="int8")
