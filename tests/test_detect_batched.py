@@ -200,44 +200,6 @@ def test_stacked_refinement_of_float_pixels_keeps_identical_images_at_zero():
     assert (mask & (np.stack(refs) == 0)).sum() >= 3  # identical images are among the marked pairs
 
 
-@pytest.mark.parametrize("size, grid", [(16, 4), (20, 2), (106, 1)])
-def test_int8_stacked_path_is_exact(size, grid, monkeypatch, products):
-    """uint8 tiles from exact int8 products (pixels − 128; int32, or int64 for tiles over 2¹⁵
-    values — the 106×106×3 tile): every distance is the exact one rounded once to float32, bit
-    for bit the brute-force integer reference; rows and values padded for the int8 kernels (N
-    not a multiple of 8; a 5×5×3 tile of 75 values)."""
-    if not products:
-        pytest.skip("the int8 products themselves")
-    assert dist_mod._int8_gram_ok(torch.device("cpu"))
-    calls = []
-    real = torch._int_mm
-    monkeypatch.setattr(torch, "_int_mm", lambda a, b, **k: calls.append(a.shape) or real(a, b, **k))
-    rng = np.random.default_rng(11)
-    prompts = [_near_copies(rng, 13, size, n_other=3), rng.integers(0, 256, (13, size, size, 3), dtype=np.uint8)]
-    prompts[0][4] = prompts[0][7]
-    prompts[1][:, 0, 0, :] = (0, 255, 128)  # the extremes of the int8 range
-    prompts[1][0], prompts[1][1] = 0, 255  # the largest distance: 255²·D passes 2³¹ at 106×106×3
-    got = pairwise_tiled_l2_many(prompts, grid=grid, exact_near=ALPHA, batched_gemm=True)
-    for x, d in zip(prompts, got):
-        np.testing.assert_array_equal(d, _ref(x, grid).astype(np.float32))
-    assert got[0][4, 7] == 0.0 and got[1][0, 1] == 1.0
-    th = size // grid
-    assert calls and all(s == (24, -(-th * th * 3 // 8) * 8) for s in calls)
-    assert len(calls) == 2 * grid * grid  # one product per (prompt, tile)
-
-
-def test_int8_products_unavailable_fall_back_to_the_float_path(monkeypatch):
-    monkeypatch.setitem(dist_mod._INT8_OK, "cpu", False)
-    monkeypatch.setattr(torch, "_int_mm", lambda *a, **k: pytest.fail("int8 product used"))
-    x = _prompts(4)[1]
-    d = pairwise_tiled_l2_many([x], exact_near=ALPHA, batched_gemm=True)[0]
-    assert np.abs(d - _ref(x)).max() <= 1e-5
-    np.testing.assert_array_equal(d < ALPHA, _ref(x).astype(np.float32) < ALPHA)
-    monkeypatch.delitem(dist_mod._INT8_OK, "cpu")
-    monkeypatch.setattr(torch, "_int_mm", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("no int8 kernel")))
-    assert dist_mod._int8_gram_ok(torch.device("cpu")) is False
-
-
 def test_edges_follow_the_exact_distance_at_alpha():
     """alpha set exactly on some pairs' exact distances (rounded to float32, as stored): each
     pair is an edge exactly when its exact distance, rounded to float32, is below alpha."""

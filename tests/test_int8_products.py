@@ -1,0 +1,109 @@
+"""Exact int8 products for uint8 tiles (``torch._int_mm``, pixels − 128): every distance the
+exact one rounded once to float32, on the CPU work items and on the stacked (GPU) path run on
+the CPU. (test_distances.py and test_detect_batched.py run everything else under both kinds of
+products.)"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import memscan.distances as dist_mod
+from memscan.distances import cross_tiled_l2, pairwise_tiled_l2, pairwise_tiled_l2_many
+
+ALPHA = 0.035
+
+
+@pytest.fixture(autouse=True)
+def int8_products(monkeypatch):
+    monkeypatch.setattr(dist_mod, "INT8_PRODUCTS", True)
+    assert dist_mod._int8_gram_ok(torch.device("cpu")), "this CPU runs no int8 products"
+
+
+def _near_copies(rng, n: int, size: int, n_other: int = 4) -> np.ndarray:
+    """n − n_other noisy copies of one image (σ 1–6 grey levels) and n_other unrelated ones."""
+    base = rng.integers(0, 256, (1, size, size, 3)).astype(np.float64)
+    sigma = rng.uniform(1.0, 6.0, (n - n_other, 1, 1, 1))
+    copies = np.clip(np.rint(base + rng.standard_normal((n - n_other, size, size, 3)) * sigma), 0, 255)
+    other = rng.integers(0, 256, (n_other, size, size, 3))
+    return np.concatenate([copies, other]).astype(np.uint8)[rng.permutation(n)]
+
+
+def _ref(x: np.ndarray, grid: int = 4) -> np.ndarray:
+    return _exact_cross(x, x, grid)
+
+
+def _exact_cross(q: np.ndarray, r: np.ndarray, grid: int) -> np.ndarray:
+    """Exact tiled ℓ2 (integer arithmetic) of every (q, r) pair of uint8 images, float64."""
+    n, h, w, c = q.shape
+    th, tw = h // grid, w // grid
+
+    def tiles(x):
+        return x.reshape(len(x), grid, th, grid, tw, c).transpose(1, 3, 0, 2, 4, 5).reshape(grid * grid, len(x), -1)
+
+    out = np.zeros((len(q), len(r)))
+    for a, b in zip(tiles(q.astype(np.int64)), tiles(r.astype(np.int64))):
+        diff = a[:, None, :] - b[None, :, :]
+        out = np.maximum(out, (diff * diff).sum(-1) / (255.0 * 255.0 * a.shape[1]))
+    return np.sqrt(out)
+
+
+@pytest.mark.parametrize("size, grid", [(20, 2), (106, 1)])
+def test_int8_products_give_the_exact_distances(size, grid, monkeypatch):
+    """uint8 tiles on the CPU path from exact int8 products: every distance is the exact one
+    rounded once to float32 — pairwise on one and two threads, and cross with several row blocks
+    of queries (5 queries: fewer than the 24 rows the int8 kernels want, padded); the 106×106×3
+    tile holds the largest distance, 255²·D > 2³¹ (int64)."""
+    calls = []
+    real = torch._int_mm
+    monkeypatch.setattr(torch, "_int_mm", lambda a, b, **k: calls.append(a.shape) or real(a, b, **k))
+    rng = np.random.default_rng(21)
+    x = rng.integers(0, 256, (37, size, size, 3), dtype=np.uint8)
+    x[3] = x[30]
+    x[0], x[1] = 0, 255
+    x[5:9] = np.clip(x[4].astype(int) + rng.integers(-2, 3, (4, size, size, 3)), 0, 255)
+    want = _exact_cross(x, x, grid).astype(np.float32)
+    for threads in (1, 2):
+        np.testing.assert_array_equal(pairwise_tiled_l2(x, grid=grid, threads=threads), want)
+    got = cross_tiled_l2(x[:5], x, grid=grid, block_elements=2 * 37)
+    np.testing.assert_array_equal(got, want[:5])
+    assert want[0, 1] == 1.0 and want[3, 30] == 0.0
+    k = -(-((size // grid) ** 2) * 3 // 8) * 8  # a tile's values, padded to a multiple of 8
+    assert sum(shape[1] == k for shape in calls) == 2 * grid * grid + 3 * grid * grid  # pairwise ×2; 3 blocks
+
+
+@pytest.mark.parametrize("size, grid", [(16, 4), (20, 2), (106, 1)])
+def test_int8_stacked_path_is_exact(size, grid, monkeypatch):
+    """uint8 tiles from exact int8 products (pixels − 128; int32, or int64 for tiles over 2¹⁵
+    values — the 106×106×3 tile): every distance is the exact one rounded once to float32, bit
+    for bit the brute-force integer reference; rows and values padded for the int8 kernels (N
+    not a multiple of 8; a 5×5×3 tile of 75 values)."""
+    assert dist_mod._int8_gram_ok(torch.device("cpu"))
+    calls = []
+    real = torch._int_mm
+    monkeypatch.setattr(torch, "_int_mm", lambda a, b, **k: calls.append(a.shape) or real(a, b, **k))
+    rng = np.random.default_rng(11)
+    prompts = [_near_copies(rng, 13, size, n_other=3), rng.integers(0, 256, (13, size, size, 3), dtype=np.uint8)]
+    prompts[0][4] = prompts[0][7]
+    prompts[1][:, 0, 0, :] = (0, 255, 128)  # the extremes of the int8 range
+    prompts[1][0], prompts[1][1] = 0, 255  # the largest distance: 255²·D passes 2³¹ at 106×106×3
+    got = pairwise_tiled_l2_many(prompts, grid=grid, exact_near=ALPHA, batched_gemm=True)
+    for x, d in zip(prompts, got):
+        np.testing.assert_array_equal(d, _ref(x, grid).astype(np.float32))
+    assert got[0][4, 7] == 0.0 and got[1][0, 1] == 1.0
+    th = size // grid
+    assert calls and all(s == (24, -(-th * th * 3 // 8) * 8) for s in calls)
+    assert len(calls) == 2 * grid * grid  # one product per (prompt, tile)
+
+
+def test_int8_products_unavailable_fall_back_to_the_float_path(monkeypatch):
+    monkeypatch.setitem(dist_mod._INT8_OK, "cpu", False)
+    monkeypatch.setattr(torch, "_int_mm", lambda *a, **k: pytest.fail("int8 product used"))
+    x = _near_copies(np.random.default_rng(4), 30, 16)
+    d = pairwise_tiled_l2_many([x], exact_near=ALPHA, batched_gemm=True)[0]
+    assert np.abs(d - _ref(x)).max() <= 1e-5
+    np.testing.assert_array_equal(d < ALPHA, _ref(x).astype(np.float32) < ALPHA)
+    monkeypatch.delitem(dist_mod._INT8_OK, "cpu")
+    monkeypatch.setattr(torch, "_int_mm", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("no int8 kernel")))
+    assert dist_mod._int8_gram_ok(torch.device("cpu")) is False
