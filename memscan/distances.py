@@ -292,7 +292,8 @@ def pairwise_tiled_l2_many(
       device has them: every distance exact, nothing to refine. Otherwise each row of tiles is
       one batched GEMM (``baddbmm``) over all of them; the exact refinement is done for all
       batches at once (their clusters of near copies stacked into one float64 GEMM per tile),
-      with at most three host synchronisations per call whatever the number of batches.
+      with a few host synchronisations per call (two, one per group of clusters, one for the
+      remaining pairs), none per batch.
 
     Parameters
     ----------
@@ -566,9 +567,11 @@ def _int8_rows(n: int) -> int:
 
 
 def _int8_tile(scratch: dict, name: str, n: int, d: int, device) -> torch.Tensor:
-    """A worker's zero-padded int8 tile buffer for ``n`` images of ``d`` values (padding stays 0:
-    only ``[:n, :d]`` is ever written)."""
-    key = (name, _int8_rows(n), _round8(d), str(device))
+    """A worker's zero-padded int8 tile buffer for ``n`` images of ``d`` values. Keyed by ``d``
+    itself, so its padding columns ``d:`` are never written and stay 0 (another tile size that
+    pads to the same width gets its own buffer); rows past ``n`` may hold an earlier, longer
+    batch's tiles, but their products are never read."""
+    key = (name, _int8_rows(n), d, str(device))
     buf = scratch.get(key)
     if buf is None:
         buf = scratch[key] = torch.zeros((_int8_rows(n), _round8(d)), dtype=torch.int8, device=device)
@@ -864,7 +867,8 @@ def _int8_gram_ok(device) -> bool:
     if key not in _INT8_OK:
         try:
             gen = torch.Generator().manual_seed(0)
-            a = torch.randint(-128, 128, (24, 16), dtype=torch.int8, generator=gen)
+            a = torch.randint(-128, 128, (24, 72), dtype=torch.int8, generator=gen)
+            a[0], a[1], a[2, ::2], a[2, 1::2] = -128, 127, -128, 127  # the extremes: no saturation
             got = torch._int_mm(a.to(device), a.to(device).t()).cpu()
             _INT8_OK[key] = got.dtype == torch.int32 and bool((got.long() == a.long() @ a.long().t()).all())
         except (AttributeError, NotImplementedError, RuntimeError):  # no int8 products here
@@ -884,7 +888,8 @@ def _pairwise_stacked_int8(x, grid: int) -> torch.Tensor:
     buffer (rows and values padded to multiples of 8, as the int8 kernels require), one int8
     product per (prompt, tile), then the combination and the maximum over tiles for all of
     them at once. Memory in flight: the int8 row (1/``grid`` × the uint8 input), ``grid`` N×N
-    int32 products per prompt and the running maximum.
+    int32 products per prompt (and their int64 copy for wide tiles, over 2¹⁵ values — then the
+    images are large and these N×N buffers small beside them) and the running maximum.
     """
     p, n, h, w, c = x.shape
     th, tw = h // grid, w // grid
@@ -921,8 +926,8 @@ STACKED_REFINE_MEMORY = 1.5
 
 def _refine_stacked(x, acc, mask, grid: int, th: int, tw: int, block_elements: int) -> None:
     """Recompute exactly, in place, the pairs ``mask`` marks in the P stacked batches ``x``
-    (P×N×H×W×C) — every prompt at once, with at most three host synchronisations instead of
-    several per prompt.
+    (P×N×H×W×C) — every prompt at once, with a few host synchronisations (two, one per group
+    of clusters, one for the pairs left to pixel differences) instead of several per prompt.
 
     The decision is that of :func:`_refine_small`, prompt by prompt: a prompt with many pairs
     among few images (``32 · pairs ≥ images²``, a cluster of near copies) gets the float64
@@ -959,7 +964,8 @@ def _refine_stacked(x, acc, mask, grid: int, th: int, tw: int, block_elements: i
         d = th * tw * c
         scale = (255.0 * 255.0 if exact else 1.0) * d
         size = max(members_h[q] for q in dense)
-        per = 8 * size * (d + 3 * size)  # one tile of a cluster, its product, the running maximum
+        # one tile of a cluster (as gathered, and in float64), its product, the running maximum
+        per = size * d * (8 + x.element_size()) + 8 * 3 * size * size
         budget = STACKED_REFINE_MEMORY * x.numel() - 32 * idx.shape[0]  # less the pair indices
         group = max(1, int(budget // per))
         slot = torch.full((p,), -1, dtype=torch.int64, device=x.device)
@@ -984,14 +990,14 @@ def _refine_stacked(x, acc, mask, grid: int, th: int, tw: int, block_elements: i
                         mu.round_()
                     t.sub_(mu)
                     # 4. ‖a‖² + ‖b‖² − 2a·b: one batched float64 GEMM over the clusters
-                    sq = (t * t).sum(dim=2)
+                    sq = torch.bmm(t.view(-1, 1, d), t.view(-1, d, 1)).view(len(ks), u)  # no t·t copy
                     prod = torch.baddbmm(sq[:, None, :], t, t.transpose(1, 2), alpha=-2.0)
                     prod.add_(sq[:, :, None])
                     torch.maximum(best, prod, out=best)
                     del t, prod
             best.clamp_(min=0.0).div_(scale).sqrt_()
             # 5. the group's pairs take their values from their cluster's matrix
-            mine = slot[k] >= 0
+            mine = torch.nonzero(slot[k] >= 0).squeeze(1)  # one synchronisation per group
             km, im, jm = k[mine], i[mine], j[mine]
             vals = best[slot[km], rank[km * n + im] - starts[km], rank[km * n + jm] - starts[km]]
             acc[km, im, jm] = vals.to(acc.dtype)
@@ -1001,7 +1007,8 @@ def _refine_stacked(x, acc, mask, grid: int, th: int, tw: int, block_elements: i
             del best, vals
         if exact and all(q in dense for q in range(p) if pairs_h[q]):
             return  # every pair was in a cluster: exact already
-        k, i, j = k[direct], i[direct], j[direct]  # synchronisation 3
+        rest = torch.nonzero(direct).squeeze(1)  # the last synchronisation
+        k, i, j = k[rest], i[rest], j[rest]
     # 6. every other pair from pixel differences, all prompts together, in chunks
     chunk = max(1, block_elements // max(1, 4 * h * w * c))
     for s in range(0, k.shape[0], chunk):

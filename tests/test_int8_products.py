@@ -107,3 +107,17 @@ def test_int8_products_unavailable_fall_back_to_the_float_path(monkeypatch):
     monkeypatch.delitem(dist_mod._INT8_OK, "cpu")
     monkeypatch.setattr(torch, "_int_mm", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("no int8 kernel")))
     assert dist_mod._int8_gram_ok(torch.device("cpu")) is False
+
+
+def test_batches_whose_tiles_pad_to_the_same_width_do_not_share_padding():
+    """Two batches in one call whose tiles hold 8 and 5 values (both padded to 8): each gets
+    its exact distances, in either order and on one or two threads (a shared buffer would
+    leave the first batch's pixels in the second's padding columns)."""
+    rng = np.random.default_rng(5)
+    a = rng.integers(0, 256, (5, 4, 4, 2), dtype=np.uint8)  # 2×2 tiles of 2×2×2 = 8 values
+    b = rng.integers(0, 256, (7, 10, 2, 1), dtype=np.uint8)  # 2×2 tiles of 5×1×1 = 5 values; 24 rows too
+    for order in ((a, b), (b, a)):
+        for threads in (1, 2):
+            got = pairwise_tiled_l2_many(list(order), grid=2, threads=threads)
+            for x, d in zip(order, got):
+                np.testing.assert_array_equal(d, _exact_cross(x, x, 2).astype(np.float32))
