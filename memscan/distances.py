@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 from contextlib import contextmanager, nullcontext
 from typing import TypeVar
 
@@ -860,9 +861,16 @@ def _round8(v: int) -> int:
     return -(-v // 8) * 8
 
 
+#: On a CPU, int8 products are used only when one takes at most this fraction of a float32
+#: product's time (they compute every pair, where the float32 path's ``syrk`` computes half).
+INT8_CPU_MAX_TIME = 0.35
+
+
 def _int8_gram_ok(device) -> bool:
-    """Whether ``torch._int_mm`` (int8 × int8 → int32; tensor cores on GPUs, VNNI on CPUs) runs
-    on this device and gives exact products; checked once per device on a small product."""
+    """Whether ``torch._int_mm`` (int8 × int8 → int32; tensor cores on GPUs, VNNI/AMX on CPUs)
+    runs on this device, gives exact products (the int8 extremes included) and, on a CPU, pays:
+    a tile-sized int8 product must take at most ``INT8_CPU_MAX_TIME`` of the float32 one (a CPU
+    without int8 dot-product instructions keeps the float32 path). Checked once per device."""
     key = str(device)
     if key not in _INT8_OK:
         try:
@@ -870,10 +878,33 @@ def _int8_gram_ok(device) -> bool:
             a = torch.randint(-128, 128, (24, 72), dtype=torch.int8, generator=gen)
             a[0], a[1], a[2, ::2], a[2, 1::2] = -128, 127, -128, 127  # the extremes: no saturation
             got = torch._int_mm(a.to(device), a.to(device).t()).cpu()
-            _INT8_OK[key] = got.dtype == torch.int32 and bool((got.long() == a.long() @ a.long().t()).all())
+            ok = got.dtype == torch.int32 and bool((got.long() == a.long() @ a.long().t()).all())
+            _INT8_OK[key] = ok and (torch.device(device).type != "cpu" or _int8_pays_on_cpu())
         except (AttributeError, NotImplementedError, RuntimeError):  # no int8 products here
             _INT8_OK[key] = False
     return _INT8_OK[key]
+
+
+def _int8_pays_on_cpu() -> bool:
+    """An int8 product of a 64×64 tile's shape (256 × 768) against the float32 one, one thread,
+    best of three each (a few milliseconds, once per process)."""
+    a = torch.randint(-128, 128, (256, 768), dtype=torch.int8)
+    f = a.float()
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        best = {}
+        for name, fn in (("int8", lambda: torch._int_mm(a, a.t())), ("float32", lambda: f @ f.t())):
+            fn()
+            times = []
+            for _ in range(3):
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+            best[name] = min(times)
+    finally:
+        torch.set_num_threads(before)
+    return best["int8"] <= INT8_CPU_MAX_TIME * best["float32"]
 
 
 def _pairwise_stacked_int8(x, grid: int) -> torch.Tensor:

@@ -30,6 +30,8 @@ def products(request, monkeypatch):
     import memscan.distances as dist_mod
 
     monkeypatch.setattr(dist_mod, "INT8_PRODUCTS", request.param)
+    monkeypatch.setattr(dist_mod, "_int8_pays_on_cpu", lambda: True)  # tested wherever _int_mm runs
+    monkeypatch.delitem(dist_mod._INT8_OK, "cpu", raising=False)
     return request.param
 
 

@@ -13,12 +13,18 @@ import memscan.distances as dist_mod
 from memscan.distances import cross_tiled_l2, pairwise_tiled_l2, pairwise_tiled_l2_many
 
 ALPHA = 0.035
+REAL_PAYS = dist_mod._int8_pays_on_cpu  # before any fixture replaces it
 
 
 @pytest.fixture(autouse=True)
 def int8_products(monkeypatch):
+    """int8 products on, whether or not they are faster than float32 on this CPU (correctness
+    is tested everywhere ``torch._int_mm`` runs)."""
     monkeypatch.setattr(dist_mod, "INT8_PRODUCTS", True)
-    assert dist_mod._int8_gram_ok(torch.device("cpu")), "this CPU runs no int8 products"
+    monkeypatch.setattr(dist_mod, "_int8_pays_on_cpu", lambda: True)
+    monkeypatch.delitem(dist_mod._INT8_OK, "cpu", raising=False)
+    if not dist_mod._int8_gram_ok(torch.device("cpu")):
+        pytest.skip("torch._int_mm does not run on this CPU")
 
 
 def _near_copies(rng, n: int, size: int, n_other: int = 4) -> np.ndarray:
@@ -121,3 +127,39 @@ def test_batches_whose_tiles_pad_to_the_same_width_do_not_share_padding():
             got = pairwise_tiled_l2_many(list(order), grid=2, threads=threads)
             for x, d in zip(order, got):
                 np.testing.assert_array_equal(d, _exact_cross(x, x, 2).astype(np.float32))
+
+
+def test_a_cpu_where_int8_products_do_not_pay_keeps_the_float32_path(monkeypatch):
+    """A CPU where an int8 product is not clearly faster than a float32 one keeps the float32
+    products (and their exact refinement)."""
+    monkeypatch.setattr(dist_mod, "_int8_pays_on_cpu", lambda: False)
+    monkeypatch.delitem(dist_mod._INT8_OK, "cpu")
+    assert dist_mod._int8_gram_ok(torch.device("cpu")) is False
+    monkeypatch.setattr(torch, "_int_mm", lambda *a, **k: pytest.fail("int8 product used"))
+    x = _near_copies(np.random.default_rng(8), 30, 16)
+    d = pairwise_tiled_l2(x, exact_near=ALPHA)
+    assert np.abs(d - _ref(x)).max() <= 1e-5
+    np.testing.assert_array_equal(d < ALPHA, _ref(x).astype(np.float32) < ALPHA)
+
+
+@pytest.mark.parametrize("int8_s, float_s, pays", [(0.1, 1.0, True), (0.5, 1.0, False)])
+def test_the_speed_check_compares_the_two_products_and_restores_threads(monkeypatch, int8_s, float_s, pays):
+    """The check's decision from the two timings (a fake clock: the int8 product takes
+    ``int8_s``, the float32 one ``float_s``), with torch's thread setting restored."""
+    clock = {"now": 0.0, "next": 0.0}
+    real_int_mm = torch._int_mm
+
+    def fake_int_mm(*a, **k):
+        clock["next"] = int8_s
+        return real_int_mm(*a, **k)
+
+    def fake_counter():
+        clock["now"] += clock["next"]
+        clock["next"] = float_s  # anything but an int8 product is the float32 one here
+        return clock["now"]
+
+    monkeypatch.setattr(torch, "_int_mm", fake_int_mm)
+    monkeypatch.setattr(dist_mod.time, "perf_counter", fake_counter)
+    before = torch.get_num_threads()
+    assert REAL_PAYS() is pays
+    assert torch.get_num_threads() == before
