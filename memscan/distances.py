@@ -16,7 +16,8 @@ The matrix versions never broadcast ``N×N×H×W×C``: each tile position is gat
 squared distances come from one matrix product per tile, ``‖a‖² + ‖b‖² − 2 a·b``.
 
 - **uint8 against uint8** (generations, training images), where the device has int8 products
-  (``torch._int_mm``: VNNI/AMX on CPUs, tensor cores on GPUs; checked once per device): pixels
+  (``torch._int_mm``: VNNI/AMX on CPUs, tensor cores on GPUs; checked once per device for exact
+  results and, on a CPU, for a product at least 1/``INT8_CPU_MAX_TIME`` × faster): pixels
   minus 128 fit int8, a tile's dot products (≤ D·128²) are exact in int32, and the identity is
   formed in int32 (int64 for tiles over 2¹⁵ values). Every distance is then the exact one,
   rounded once to float32 — nothing to refine, whatever the threads, batching or device. On
