@@ -6,6 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from distance_support import exact_pairwise as _ref
+from distance_support import near_copies as _near_copies
+from distance_support import products  # noqa: F401 - the fixture
 
 import memscan.distances as dist_mod
 from memscan.distances import cross_tiled_l2, pairwise_tiled_l2, pairwise_tiled_l2_many
@@ -14,38 +17,7 @@ from memscan.extraction.detect import detect, detect_many
 
 ALPHA = 0.035
 
-
-@pytest.fixture(autouse=True, params=[True, False], ids=["int8", "float32"])
-def products(request, monkeypatch):
-    """Every test twice: uint8 tiles from exact int8 products, and from float32 products with
-    the exact refinement (the path of float pixels, and of devices without int8 products)."""
-    import memscan.distances as dist_mod
-
-    monkeypatch.setattr(dist_mod, "INT8_PRODUCTS", request.param)
-    monkeypatch.setattr(dist_mod, "_int8_pays_on_cpu", lambda: True)  # tested wherever _int_mm runs
-    monkeypatch.delitem(dist_mod._INT8_OK, "cpu", raising=False)
-    return request.param
-
-
-def _ref(x: np.ndarray, grid: int = 4) -> np.ndarray:
-    """Exact tiled ℓ2 (integer arithmetic) of all pairs of a uint8 batch, float64."""
-    n, h, w, c = x.shape
-    th, tw = h // grid, w // grid
-    t = x.reshape(n, grid, th, grid, tw, c).transpose(1, 3, 0, 2, 4, 5).reshape(grid * grid, n, -1).astype(np.int64)
-    out = np.zeros((n, n))
-    for tile in t:
-        diff = tile[:, None, :] - tile[None, :, :]
-        out = np.maximum(out, (diff * diff).sum(-1) / (255.0 * 255.0 * tile.shape[1]))
-    return np.sqrt(out)
-
-
-def _near_copies(rng, n: int, size: int, n_other: int = 4) -> np.ndarray:
-    """n − n_other noisy copies of one image (σ 1–6 grey levels) and n_other unrelated ones."""
-    base = rng.integers(0, 256, (1, size, size, 3)).astype(np.float64)
-    sigma = rng.uniform(1.0, 6.0, (n - n_other, 1, 1, 1))
-    copies = np.clip(np.rint(base + rng.standard_normal((n - n_other, size, size, 3)) * sigma), 0, 255)
-    other = rng.integers(0, 256, (n_other, size, size, 3))
-    return np.concatenate([copies, other]).astype(np.uint8)[rng.permutation(n)]
+pytestmark = pytest.mark.usefixtures("products")
 
 
 def _prompts(seed: int = 0):
@@ -158,9 +130,9 @@ def test_stacked_refinement_gives_the_exact_values_of_the_marked_pairs(budget, m
     monkeypatch.setattr(
         dist_mod, "_direct_tiled", lambda a, b, *args: direct_pairs.append(a.shape[0]) or real_direct(a, b, *args)
     )
-    products = []
+    gemms = []
     real_baddbmm = torch.baddbmm
-    monkeypatch.setattr(torch, "baddbmm", lambda *a, **k: products.append(a[1].shape[0]) or real_baddbmm(*a, **k))
+    monkeypatch.setattr(torch, "baddbmm", lambda *a, **k: gemms.append(a[1].shape[0]) or real_baddbmm(*a, **k))
     x, refs, mask = _refine_case()
     acc = torch.full(mask.shape, 0.5, dtype=torch.float32)
     dist_mod._refine_stacked(torch.from_numpy(x), acc, torch.from_numpy(mask), 4, 4, 4, 1 << 22)
@@ -169,7 +141,7 @@ def test_stacked_refinement_gives_the_exact_values_of_the_marked_pairs(budget, m
         np.testing.assert_array_equal(got[q][mask[q]], refs[q][mask[q]].astype(np.float32))
         assert (got[q][~mask[q]] == 0.5).all()
     assert sum(direct_pairs) == mask[1].sum() == 12  # the sparse prompt's pairs only
-    assert products == ([2] * 16 if budget > 1 else [1] * 32)  # two clusters: stacked or one by one
+    assert gemms == ([2] * 16 if budget > 1 else [1] * 32)  # two clusters: stacked or one by one
     assert got[1, 4, 5] == 0.0 and mask[0].sum() > 150  # a cluster: dense
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from distance_support import products  # noqa: F401 - the fixture
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
@@ -22,17 +23,7 @@ from memscan.distances import (
 )
 from memscan.errors import InputError
 
-
-@pytest.fixture(autouse=True, params=[True, False], ids=["int8", "float32"])
-def products(request, monkeypatch):
-    """Every test twice: uint8 tiles from exact int8 products, and from float32 products with
-    the exact refinement (the path of float pixels, and of devices without int8 products)."""
-    import memscan.distances as dist_mod
-
-    monkeypatch.setattr(dist_mod, "INT8_PRODUCTS", request.param)
-    monkeypatch.setattr(dist_mod, "_int8_pays_on_cpu", lambda: True)  # tested wherever _int_mm runs
-    monkeypatch.delitem(dist_mod._INT8_OK, "cpu", raising=False)
-    return request.param
+pytestmark = pytest.mark.usefixtures("products")
 
 
 TOL = 1e-5  # max abs error allowed against the float64 reference

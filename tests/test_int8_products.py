@@ -8,6 +8,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from distance_support import exact_cross as _exact_cross
+from distance_support import exact_pairwise as _ref
+from distance_support import near_copies as _near_copies
 
 import memscan.distances as dist_mod
 from memscan.distances import cross_tiled_l2, pairwise_tiled_l2, pairwise_tiled_l2_many
@@ -25,34 +28,6 @@ def int8_products(monkeypatch):
     monkeypatch.delitem(dist_mod._INT8_OK, "cpu", raising=False)
     if not dist_mod._int8_gram_ok(torch.device("cpu")):
         pytest.skip("torch._int_mm does not run on this CPU")
-
-
-def _near_copies(rng, n: int, size: int, n_other: int = 4) -> np.ndarray:
-    """n − n_other noisy copies of one image (σ 1–6 grey levels) and n_other unrelated ones."""
-    base = rng.integers(0, 256, (1, size, size, 3)).astype(np.float64)
-    sigma = rng.uniform(1.0, 6.0, (n - n_other, 1, 1, 1))
-    copies = np.clip(np.rint(base + rng.standard_normal((n - n_other, size, size, 3)) * sigma), 0, 255)
-    other = rng.integers(0, 256, (n_other, size, size, 3))
-    return np.concatenate([copies, other]).astype(np.uint8)[rng.permutation(n)]
-
-
-def _ref(x: np.ndarray, grid: int = 4) -> np.ndarray:
-    return _exact_cross(x, x, grid)
-
-
-def _exact_cross(q: np.ndarray, r: np.ndarray, grid: int) -> np.ndarray:
-    """Exact tiled ℓ2 (integer arithmetic) of every (q, r) pair of uint8 images, float64."""
-    n, h, w, c = q.shape
-    th, tw = h // grid, w // grid
-
-    def tiles(x):
-        return x.reshape(len(x), grid, th, grid, tw, c).transpose(1, 3, 0, 2, 4, 5).reshape(grid * grid, len(x), -1)
-
-    out = np.zeros((len(q), len(r)))
-    for a, b in zip(tiles(q.astype(np.int64)), tiles(r.astype(np.int64))):
-        diff = a[:, None, :] - b[None, :, :]
-        out = np.maximum(out, (diff * diff).sum(-1) / (255.0 * 255.0 * a.shape[1]))
-    return np.sqrt(out)
 
 
 @pytest.mark.parametrize("size, grid", [(20, 2), (106, 1)])
