@@ -926,7 +926,7 @@ def _pairwise_stacked_int8(x, grid: int) -> torch.Tensor:
     p, n, h, w, c = x.shape
     th, tw = h // grid, w // grid
     d = th * tw * c
-    m, k = max(24, _round8(n)), _round8(d)  # the int8 kernels want > 16 rows, multiples of 8
+    m, k = _int8_rows(n), _round8(d)  # the int8 kernels want > 16 rows, multiples of 8
     wide = d > 1 << 15  # the squared distance (≤ 255²·D) or its partial sums may pass 2³¹
     x8 = x.view(torch.int8).bitwise_xor_(-128)  # uint8 v → int8 v − 128, in place
     rows = torch.zeros((p, grid, m, k), dtype=torch.int8, device=x.device)  # padding stays 0
