@@ -402,6 +402,8 @@ def shard_worker(args) -> dict:
 
     n, size, grid, device, alpha, p = args.n, args.size, 4, args.device, args.alpha, args.shard
     default_threads = torch.get_num_threads()
+    # the stacked batched-GEMM path: a GPU's, or forced on the CPU as its proxy (--stacked)
+    stacked = device != "cpu" or bool(getattr(args, "stacked", False))
     hosts = [make_generations(np, args.case, n, size, seed=10 + k) for k in range(p)]
     xs = [_on(torch, x, device) for x in hosts]
     warm = [_on(torch, make_generations(np, args.case, 32, size, seed=1), device)] * 2
@@ -416,7 +418,7 @@ def shard_worker(args) -> dict:
         return detect_many(xs, alpha=alpha, min_clique=10, grid=grid)
 
     def batched_distances():
-        return pairwise_tiled_l2_many(xs, grid, exact_near=alpha)
+        return pairwise_tiled_l2_many(xs, grid, exact_near=alpha, batched_gemm=True if stacked else None)
 
     # 1. one thread, one prompt at a time (torch itself on one thread too)
     torch.set_num_threads(1)
@@ -440,6 +442,17 @@ def shard_worker(args) -> dict:
     # uint8 tiles take exact int8 products where the device has them (GPU: the stacked path)
     int8 = dist_mod.INT8_PRODUCTS and dist_mod._int8_gram_ok(torch.device(device))
     int8_peak = _int8_peak(torch, device) if int8 else None
+    # the stacked path groups prompts per int8 product on a GPU: also timed ungrouped, same process
+    group, t_ungrouped = None, None
+    if int8 and stacked:
+        m, k = dist_mod._int8_rows(n), dist_mod._round8((size // grid) ** 2 * 3)
+        group = dist_mod._int8_group(p, m, k, torch.device(device), uint8)
+        if group > 1:
+            before, dist_mod.INT8_GROUP = dist_mod.INT8_GROUP, 1
+            try:
+                t_ungrouped, _ = _median_time(batched_distances, args.reps, device)
+            finally:
+                dist_mod.INT8_GROUP = before
     return {
         "kind": "shard",
         "device": device,
@@ -470,6 +483,10 @@ def shard_worker(args) -> dict:
         "products": "int8" if int8 else "float32",
         "int8_peak_gops": int8_peak,
         "int8_fraction_many": (useful / t_many_d / 1e9 / int8_peak) if int8_peak else None,
+        "stacked": stacked,
+        "int8_group": group,
+        "t_many_distances_ungrouped": t_ungrouped,
+        "group_speedup": (t_ungrouped / t_many_d) if t_ungrouped else None,
     }
 
 
@@ -502,6 +519,10 @@ def _run_config(args, size: int, case: str, threads: int, shard: int = 0) -> dic
         cmd += ["--naive-pairs", str(args.naive_pairs)]
     if args.profile:
         cmd += ["--profile"]
+    if args.stacked:
+        cmd += ["--stacked"]
+    if args.int8_group:
+        cmd += ["--int8-group", str(args.int8_group)]
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if res.returncode != 0:
@@ -710,6 +731,10 @@ def main(argv=None) -> None:
     p.add_argument(
         "--profile", action="store_true", help="shard rows: profile one batched distance call (top ops, host syncs)"
     )
+    p.add_argument(
+        "--stacked", action="store_true", help="shard rows: the stacked batched-GEMM path on the CPU too (GPU proxy)"
+    )
+    p.add_argument("--int8-group", type=int, default=0, help="stacked int8 path: prompts per product (0 = its rule)")
     p.add_argument("--markdown", type=Path, help="write/replace the section in this file")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--size", type=int, help=argparse.SUPPRESS)
@@ -717,6 +742,10 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if args.worker:
         args.threads = args.threads[0]
+        if args.int8_group:  # this worker process only
+            import memscan.distances as dist_mod
+
+            dist_mod.INT8_GROUP = args.int8_group
         print(json.dumps(shard_worker(args) if args.shard else worker(args)))
         return
 
@@ -762,6 +791,12 @@ def main(argv=None) -> None:
                     + (
                         f", {r['int8_fraction_many']:.0%} of the int8 peak {r['int8_peak_gops']:.0f} GOP/s"
                         if r.get("int8_peak_gops")
+                        else ""
+                    )
+                    + (
+                        f"; int8 products for {r['int8_group']} prompts at once: "
+                        f"{r['group_speedup']:.2f}× one prompt per product"
+                        if r.get("group_speedup")
                         else ""
                     )
                     + "); peak memory Δ "

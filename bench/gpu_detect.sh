@@ -3,7 +3,8 @@
 # in the repository root; figures land under $OUT, or bench/results without it):
 #   1. the CUDA tests of the distance kernels (int8 and float32 products, the stacked path,
 #      the batched refinement) — they are skipped on machines without a GPU;
-#   2. bench/detect.py on the GPU: shard rows of 8 prompts at 64×64 and 256×256, N = 500, with
+#   2. bench/detect.py on the GPU: shard rows of 8 prompts at 64×64 and 256×256, N = 500 (int8
+#      products grouped over prompts where they are small, and ungrouped for comparison), with
 #      the float32 and int8 peaks measured in the same process and one profiled call per row.
 # Usage: bash bench/gpu_detect.sh   (about 3–5 minutes on an H100/H200)
 set -euo pipefail

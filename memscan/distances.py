@@ -290,7 +290,8 @@ def pairwise_tiled_l2_many(
       their buffers stay within ``WORKER_MEMORY`` times the uint8 size of the images, so that
       more threads are never slower and memory stays bounded.
     - **GPU** (or ``batched_gemm=True``): batches of one shape are stacked. uint8 images take
-      exact int8 products (``torch._int_mm``, pixels − 128, one per batch and tile) where the
+      exact int8 products (``torch._int_mm``, pixels − 128; on a GPU several batches' tiles share
+      one product while they are small, :func:`_int8_group`) where the
       device has them: every distance exact, nothing to refine. Otherwise each row of tiles is
       one batched GEMM (``baddbmm``) over all of them; the exact refinement is done for all
       batches at once (their clusters of near copies stacked into one float64 GEMM per tile),
@@ -908,6 +909,38 @@ def _int8_pays_on_cpu() -> bool:
     return best["int8"] <= INT8_CPU_MAX_TIME * best["float32"]
 
 
+#: Stacked int8 path: the tiles of up to this many prompts share one product (None: chosen by
+#: :func:`_int8_group`; 1: one product per prompt and tile). Results never depend on it.
+INT8_GROUP: int | None = None
+
+#: A GPU's int8 product of a 500-image tile (~500 × 768 × 500 at 64×64) is far too small to fill
+#: the device and takes less time than its launch: prompts are grouped until one product holds
+#: about this many multiply-adds (the cross-prompt blocks are computed and discarded)...
+INT8_GROUP_MACS = 1 << 32
+
+#: ...and while its int32 output stays within this multiple of the stacked uint8 generations.
+INT8_GROUP_MEMORY = 0.35
+
+
+def _int8_group(p: int, m: int, k: int, device, input_bytes: int) -> int:
+    """Prompts per int8 product on the stacked path: 1 on a CPU (its products are bound by
+    arithmetic, so the discarded cross-prompt blocks would cost their full time); on a GPU, the
+    largest G ≤ P whose (G·m)² × k product stays within ``INT8_GROUP_MACS`` multiply-adds and
+    its output within ``INT8_GROUP_MEMORY`` × the uint8 input. ``INT8_GROUP`` overrides both."""
+    if INT8_GROUP is not None:
+        return max(1, min(p, int(INT8_GROUP)))
+    if torch.device(device).type == "cpu":
+        return 1
+    g = 1
+    while (
+        g < p
+        and ((g + 1) * m) ** 2 * k <= INT8_GROUP_MACS
+        and 4 * ((g + 1) * m) ** 2 <= INT8_GROUP_MEMORY * input_bytes
+    ):
+        g += 1
+    return g
+
+
 def _pairwise_stacked_int8(x, grid: int) -> torch.Tensor:
     """Pairwise tiled ℓ2 of P stacked uint8 batches (P×N×H×W×C, a fresh copy: modified) from
     exact integer products: P×N×N float32, each the exact distance rounded once to float32.
@@ -917,36 +950,49 @@ def _pairwise_stacked_int8(x, grid: int) -> torch.Tensor:
     ``‖a‖² + ‖b‖² − 2a·b`` is formed in int32 (int64 for tiles over 2¹⁵ values, where it could
     overflow). No float rounding anywhere, so no pair needs refining and the edges are those of
     the exact distances. Per row of tiles: one gather of the P × ``grid`` tiles into an int8
-    buffer (rows and values padded to multiples of 8, as the int8 kernels require), one int8
-    product per (prompt, tile), then the combination and the maximum over tiles for all of
-    them at once. Memory in flight: the int8 row (1/``grid`` × the uint8 input), ``grid`` N×N
-    int32 products per prompt (and their int64 copy for wide tiles, over 2¹⁵ values — then the
-    images are large and these N×N buffers small beside them) and the running maximum.
+    buffer (tile-major; rows and values padded to multiples of 8, as the int8 kernels require),
+    one int8 product per tile and group of G prompts (:func:`_int8_group`; G > 1: the G
+    prompts' tiles are one contiguous (G·m) × k operand and the G diagonal m × m blocks of its
+    product are kept), then the combination and the maximum over tiles for all of them at
+    once. Memory in flight: the int8 row (1/``grid`` × the uint8 input), ``grid`` N×N int32
+    products per prompt (and their int64 copy for wide tiles, over 2¹⁵ values — then the
+    images are large and these N×N buffers small beside them), one grouped product (at most
+    ``INT8_GROUP_MEMORY`` × the input) and the running maximum.
     """
     p, n, h, w, c = x.shape
     th, tw = h // grid, w // grid
     d = th * tw * c
     m, k = _int8_rows(n), _round8(d)  # the int8 kernels want > 16 rows, multiples of 8
     wide = d > 1 << 15  # the squared distance (≤ 255²·D) or its partial sums may pass 2³¹
+    group = _int8_group(p, m, k, x.device, x.numel())
     x8 = x.view(torch.int8).bitwise_xor_(-128)  # uint8 v → int8 v − 128, in place
-    rows = torch.zeros((p, grid, m, k), dtype=torch.int8, device=x.device)  # padding stays 0
-    gram = torch.empty((p, grid, m, m), dtype=torch.int32, device=x.device)
+    rows = torch.zeros((grid, p, m, k), dtype=torch.int8, device=x.device)  # padding stays 0
+    gram = torch.empty((grid, p, m, m), dtype=torch.int32, device=x.device)
+    flat = torch.empty((group * m) ** 2, dtype=torch.int32, device=x.device) if group > 1 else None
     best = torch.zeros((p, m, m), dtype=torch.int64 if wide else torch.int32, device=x.device)
     for i in range(grid):
         # 1. gather the row's grid tiles of every image, tile-major, into the int8 buffer
         band = x8[:, :, i * th : (i + 1) * th, : grid * tw, :].reshape(p, n, th, grid, tw, c)
-        rows[:, :, :n, :d].view(p, grid, n, th, tw, c).copy_(band.permute(0, 3, 1, 2, 4, 5))
-        # 2. one exact int8 product per (prompt, tile): a·b for every pair
-        for q in range(p):
-            for t in range(grid):
-                torch._int_mm(rows[q, t], rows[q, t].t(), out=gram[q, t])
+        rows[:, :, :n, :d].view(grid, p, n, th, tw, c).copy_(band.permute(3, 0, 1, 2, 4, 5))
+        # 2. exact int8 products a·b for every pair: one per tile and group of prompts
+        for t in range(grid):
+            for s in range(0, p, group):
+                e = min(p, s + group)
+                if e - s == 1:
+                    torch._int_mm(rows[t, s], rows[t, s].t(), out=gram[t, s])
+                    continue
+                a = rows[t, s:e].view((e - s) * m, k)
+                prod = flat[: ((e - s) * m) ** 2].view((e - s) * m, (e - s) * m)
+                torch._int_mm(a, a.t(), out=prod)
+                # the prompts' own blocks: the diagonal of the (G, m, G, m) view
+                gram[t, s:e].copy_(prod.view(e - s, m, e - s, m).diagonal(dim1=0, dim2=2).permute(2, 0, 1))
         # 3. ‖a‖² + ‖b‖² − 2a·b (the norms are the products' diagonal), the maximum over tiles
         g = gram.long() if wide else gram
         sq = g.diagonal(dim1=2, dim2=3).clone()
         g.mul_(-2).add_(sq[:, :, :, None]).add_(sq[:, :, None, :])
-        torch.maximum(best, g.amax(dim=1), out=best)
+        torch.maximum(best, g.amax(dim=0), out=best)
         del g, sq
-    del rows, gram
+    del rows, gram, flat
     out = best[:, :n, :n].double().div_(255.0 * 255.0 * d).sqrt_()
     return out.to(torch.float32)
 

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+import memscan.distances as dist_mod
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -26,7 +28,7 @@ def _args(**kw):
     return argparse.Namespace(**base)
 
 
-def test_prompt_and_shard_rows(bench):
+def test_prompt_and_shard_rows(bench, monkeypatch):
     rows = [bench.worker(_args(threads=1)), bench.worker(_args()), bench.shard_worker(_args(shard=3))]
     assert rows[0]["threads"] == 1 and rows[0]["kind"] == "prompt"
     assert rows[2]["same_cliques"] and rows[2]["prompts"] == 3 and rows[2]["ratio"] > 0
@@ -38,6 +40,11 @@ def test_prompt_and_shard_rows(bench):
     assert len(prof["top"]) == 10 and all(e["ms"] >= 0 and e["calls"] >= 1 for e in prof["top"])
     assert [e["ms"] for e in prof["top"]] == sorted((e["ms"] for e in prof["top"]), reverse=True)
     assert rows[2]["products"] == "int8" and rows[2]["int8_peak_gops"] > 0 and rows[2]["int8_fraction_many"] > 0
+    assert rows[2]["stacked"] is False and rows[2]["int8_group"] is None
+    monkeypatch.setattr(dist_mod, "INT8_GROUP", 2)  # as --int8-group 2 sets it in a worker process
+    proxy = bench.shard_worker(_args(shard=3, stacked=True))  # the GPU path, on the CPU
+    assert proxy["stacked"] and proxy["int8_group"] == 2 and proxy["same_cliques"]
+    assert proxy["t_many_distances_ungrouped"] > 0 and proxy["group_speedup"] > 0
     gops, _ = bench._int8_rate(__import__("torch"), 64, 64, 64, reps=1)
     assert gops > 0 and bench._int8_peak(__import__("torch"), "cpu") > 0
     gpu = dict(rows[2], device="cuda", roofline_fraction_many=0.31, products="int8")

@@ -78,6 +78,51 @@ def test_int8_stacked_path_is_exact(size, grid, monkeypatch):
     assert len(calls) == 2 * grid * grid  # one product per (prompt, tile)
 
 
+@pytest.mark.parametrize("group", [2, 3])
+@pytest.mark.parametrize("size, grid", [(16, 4), (106, 1)])
+def test_grouped_int8_products_keep_each_prompts_exact_distances(size, grid, group, monkeypatch):
+    """The stacked path's grouped products (a GPU's choice: G prompts' tiles in one product, its
+    G diagonal blocks kept): every distance still the exact one rounded once to float32, with 3
+    prompts of different contents in groups of 2 (the last group alone) and of 3; one product per
+    tile and group, of G × 24 rows."""
+    monkeypatch.setattr(dist_mod, "INT8_GROUP", group)
+    calls = []
+    real = torch._int_mm
+    monkeypatch.setattr(torch, "_int_mm", lambda a, b, **k: calls.append(a.shape) or real(a, b, **k))
+    rng = np.random.default_rng(5)
+    prompts = [
+        _near_copies(rng, 13, size, n_other=3),
+        rng.integers(0, 256, (13, size, size, 3), dtype=np.uint8),
+        _near_copies(rng, 13, size, n_other=6),
+    ]
+    prompts[1][0], prompts[1][1] = 0, 255  # the largest distance (int64 at 106×106×3)
+    prompts[2][2] = prompts[2][9]
+    got = pairwise_tiled_l2_many(prompts, grid=grid, exact_near=ALPHA, batched_gemm=True)
+    for x, d in zip(prompts, got):
+        np.testing.assert_array_equal(d, _ref(x, grid).astype(np.float32))
+    assert got[1][0, 1] == 1.0 and got[2][2, 9] == 0.0
+    sizes = [len(range(s, min(3, s + group))) for s in range(0, 3, group)]
+    assert sorted(s[0] for s in calls) == sorted([24 * g for g in sizes] * grid * grid)
+
+
+def test_int8_group_size_rule():
+    """One prompt per product on a CPU (arithmetic-bound: the discarded blocks would cost their
+    time); on a GPU, prompts grouped until a product reaches INT8_GROUP_MACS multiply-adds or its
+    output INT8_GROUP_MEMORY × the uint8 input; INT8_GROUP overrides."""
+    m, k = 504, 768  # 500 images of 64×64×3 in 4×4 tiles
+    shard = 8 * 500 * 64 * 64 * 3
+    assert dist_mod._int8_group(8, m, k, "cpu", shard) == 1
+    # (4·504)²·768 = 3.1·10⁹ ≤ 2³² < (5·504)²·768; 4·(4·504)² bytes = 16.3 MB ≤ 0.35 × 49 MB
+    assert dist_mod._int8_group(8, m, k, "cuda", shard) == 4
+    assert dist_mod._int8_group(3, m, k, "cuda", shard) == 3  # never more than the prompts
+    assert dist_mod._int8_group(8, m, 64 * 64 * 3, "cuda", shard * 16) == 1  # 256×256: big enough alone
+    assert dist_mod._int8_group(8, m, k, "cuda", 2 * 500 * 64 * 64 * 3) == 2  # memory: 2 prompts' worth
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(dist_mod, "INT8_GROUP", 6)
+        assert dist_mod._int8_group(8, m, k, "cpu", shard) == 6
+        assert dist_mod._int8_group(2, m, k, "cpu", shard) == 2
+
+
 def test_int8_products_unavailable_fall_back_to_the_float_path(monkeypatch):
     monkeypatch.setitem(dist_mod._INT8_OK, "cpu", False)
     monkeypatch.setattr(torch, "_int_mm", lambda *a, **k: pytest.fail("int8 product used"))
