@@ -63,7 +63,7 @@ def test_run_directory_contents(e2e_run):
     assert manifest["config"]["samples_per_prompt"] == 60
     assert manifest["config"]["alpha"] == 0.08 and manifest["config"]["delta"] == 0.15
     assert manifest["prompts"]["blank_lines_skipped"] == 1
-    assert manifest["counts"] == {"prompts": 15, "samples": 900, "detections": 5, "extractions": 5}
+    assert manifest["counts"] == {"prompts": 15, "samples": 900, "detections": 5, "undecided": 0, "extractions": 5}
     assert manifest["throughput"]["generation_images_per_s"] > 0
     assert manifest["versions"]["torch"]
     # the one lifecycle's manifest (issue 12): kind instead of command, the model record, the runner
@@ -151,3 +151,23 @@ def test_bad_generator_outputs_give_one_line_errors(tmp_path, synth_train):
         assert proc.returncode == 2, proc.stderr
         assert needle in proc.stderr and "Traceback" not in proc.stderr
         assert proc.stderr.strip().startswith("error:")
+
+
+def test_counts_name_the_prompts_a_bounded_clique_search_left_undecided():
+    """A prompt not detected whose clique search stopped at its budget with an upper bound still
+    ≥ min_clique is undecided (a larger search could detect it); a bounded search whose bound is
+    below min_clique, an exact one, and a detected prompt are not."""
+    from memscan.extraction.verify import empty_extractions, extraction_counts
+
+    det = pd.DataFrame(
+        {
+            "n_samples": [50] * 4,
+            "detected": [False, False, False, True],
+            "clique_size": [6, 6, 6, 12],
+            "clique_method": ["bounded", "bounded", "exact", "bounded"],
+            "clique_upper_bound": [14, 9, 6, 20],
+        }
+    )
+    counts = extraction_counts(det, empty_extractions(), min_clique=10)
+    assert counts == {"prompts": 4, "samples": 200, "detections": 1, "undecided": 1, "extractions": 0}
+    assert extraction_counts(det, empty_extractions(), min_clique=9)["undecided"] == 2

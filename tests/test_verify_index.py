@@ -119,6 +119,65 @@ def test_eidetic_counts_with_planted_duplicates_and_small_k(tmp_path, synth_trai
         assert got["tiled_l2"].iloc[0] == 0.0
 
 
+def _flat_images(tmp_path, values):
+    """Training images of one grey level each: their tiled ℓ2 is |a − b| / 255 (hand-worked)."""
+    train = tmp_path / "flat_train"
+    train.mkdir()
+    for name, v in values.items():
+        Image.fromarray(np.full((32, 32, 3), v, np.uint8)).save(train / f"{name}.png")
+    return train
+
+
+def test_eidetic_count_is_centred_on_the_training_image_not_the_generation(tmp_path):
+    """Carlini et al. 2023, Def. 2: the extracted training image x is k-eidetic when at most k
+    training images lie within δ of x. Grey images (tiled ℓ2 = |a − b|/255), δ = 0.15: the
+    generation 64 is nearest to x = 100 (36/255 = 0.141, extracted); within δ of x are x, y = 113
+    (0.051) and w = 130 (0.118) → 3; z = 27 is within δ of the generation (0.145) but 0.286 from
+    x, and y, w are beyond δ of the generation (0.192, 0.259): a count centred on the generation
+    would be 2 ({x, z}). Through a flat index with K = N, the same count; a candidate (175)
+    with nothing within δ counts 0."""
+    values = {"x": 100, "y": 113, "w": 130, "z": 27, "far1": 220, "far2": 255}
+    train = _flat_images(tmp_path, values)
+    training = load_training_set(train, size=(32, 32))
+    want = sum(abs(v - values["x"]) / 255 <= 0.15 for v in values.values())  # the hand-worked count
+    assert want == 3
+    cands = pd.DataFrame({"prompt_id": ["p", "q"], "train_id": [None, None], "clique_size": [12, 12],
+                          "mean_clique_distance": [0.01, 0.01]})  # fmt: skip
+    imgs = np.stack([np.full((32, 32, 3), 64, np.uint8), np.full((32, 32, 3), 175, np.uint8)])
+    full = verify_candidates(cands, imgs, training, delta=0.15, grid=4, n_nearest=3)
+    p, q = full[full["prompt_id"] == "p"], full[full["prompt_id"] == "q"]
+    assert p["train_id"].iloc[0] == "x" and bool(p["extracted"].iloc[0])
+    assert (p["eidetic_k"] == 3).all()
+    assert not q["extracted"].any() and (q["eidetic_k"] == 0).all()
+    idx = tmp_path / "idx"
+    build_index(train, idx, embedder="pixel:8", index_type="flat", progress=False)
+    v = IndexVerifier(IndexVerification(str(idx), len(values)))
+    got, stats = verify_candidates_indexed(cands, imgs, v, delta=0.15, grid=4, n_nearest=3)
+    pd.testing.assert_frame_equal(got.reset_index(drop=True), full.reset_index(drop=True), check_exact=True)
+    assert stats["unverified_count"] == 0
+
+
+def test_a_candidate_whose_retrieved_images_are_all_unreadable_is_counted_unverified(tmp_path, flat_index):
+    """Nothing is silently skipped: a candidate none of whose retrieved images can be read has no
+    extraction rows, and is counted (and named) as unverified; the other candidate is verified."""
+    v = IndexVerifier(IndexVerification(str(flat_index), 3))
+    real = v.reader.read
+    _, rows = v.index.search(v.embedder.embed(training_image("t0005")[None]), 3)
+    lost = set(rows[0].tolist())
+
+    def read(wanted, size, channels=3):
+        kept, imgs, skipped = real([r for r in wanted if r not in lost], size=size, channels=channels)
+        return kept, imgs, skipped + [{"id": str(r), "path": "gone", "reason": "missing"} for r in wanted if r in lost]
+
+    v.reader.read = read
+    cands = pd.DataFrame({"prompt_id": ["lost", "kept"], "train_id": ["t0005", "t0040"], "clique_size": [12, 12],
+                          "mean_clique_distance": [0.0, 0.0]})  # fmt: skip
+    imgs = np.stack([training_image("t0005"), training_image("t0040")])
+    got, stats = verify_candidates_indexed(cands, imgs, v, delta=0.15, grid=4, n_nearest=3)
+    assert set(got["prompt_id"]) == {"kept"} and got["train_id"].iloc[0] == "t0040"
+    assert stats["unverified_count"] == 1 and stats["unverified"] == ["lost"] and stats["skipped_count"] == 3
+
+
 def test_groups_rerank_each_candidate_among_its_own_retrievals(synth_train, flat_index):
     # K = 4 of 120 and 20 distinct candidates: the retrievals barely overlap, so candidates are
     # re-ranked RERANK_GROUP at a time (one cross_tiled_l2 call per group). Reference, per
@@ -142,10 +201,14 @@ def test_groups_rerank_each_candidate_among_its_own_retrievals(synth_train, flat
     row_of = {tid: i for i, tid in enumerate(training.ids)}
     for c in range(len(cands)):
         mine = np.sort(np.array([row_of[v.index.ids[r]] for r in rows[c]]))
-        dist, idx, within = nearest_tiled_l2(imgs[c : c + 1], training.images[mine], k=k, grid=4, within=0.15)
+        dist, idx, _ = nearest_tiled_l2(imgs[c : c + 1], training.images[mine], k=k, grid=4)
+        # the k-eidetic count: retrieved images within δ of the extracted training image x
+        x = training.images[mine[idx[0][0]]][None]
+        _, _, within = nearest_tiled_l2(x, training.images[mine], k=1, grid=4, within=0.15)
         g = got[got["prompt_id"] == f"c{c}"]
         assert g["train_id"].tolist() == [training.ids[mine[i]] for i in idx[0]]
         np.testing.assert_allclose(g["tiled_l2"], dist[0], rtol=1e-5, atol=1e-6)
+        assert dist[0][0] <= 0.15  # every candidate is a noisy copy: extracted
         assert (g["eidetic_k"] == within[0]).all() and g["rank"].tolist() == list(range(1, k + 1))
     a, b = got[got["prompt_id"] == "c4"], got[got["prompt_id"] == "c5"]
     assert a["train_id"].tolist() == b["train_id"].tolist() and a["tiled_l2"].tolist() == b["tiled_l2"].tolist()

@@ -33,6 +33,7 @@ from memscan.data.duplicates import DuplicateConfig
 from memscan.data.training import TrainingSet, training_at_shape
 from memscan.errors import InputError
 from memscan.extraction.config import ExtractConfig
+from memscan.extraction.verify import extraction_counts
 from memscan.extraction.worker import extraction_pool, generator_record, probe_generator
 from memscan.runners import GeneratorSpec
 from memscan.store import open_run
@@ -270,18 +271,12 @@ def _stages(
         }
         total = sum(int(s["evaluations"]) for s in stages.values())
         det, ext = tables["detections"], tables["extractions"]
-        top = ext[ext["rank"] == 1] if len(ext) else ext
         manifest = run.finish(
             stages=stages,
             evaluations_total=total,
             share_of_full_budget=total / brute if brute else None,
             n_shards=int(rec_triage["shards"]) + len(rec_extract["shards"]),
-            counts={
-                "prompts": int(len(det)),
-                "samples": int(det["n_samples"].sum()) if len(det) else 0,
-                "detections": int(det["detected"].sum()) if len(det) else 0,
-                "extractions": int(top["extracted"].sum()) if len(top) else 0,
-            },
+            counts=extraction_counts(det, ext, config.min_clique),
         )
         prompts = pd.read_parquet(run.root / "prompts.parquet")
         return AuditResult(run.root, cands, scores, prompts, det, ext, manifest)

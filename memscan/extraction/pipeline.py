@@ -20,7 +20,7 @@ from memscan.data.prompts import load_prompts
 from memscan.data.training import TrainingSet, load_training_set, training_at_shape
 from memscan.errors import InputError, MemscanError
 from memscan.extraction.config import ExtractConfig
-from memscan.extraction.verify import verify_candidates
+from memscan.extraction.verify import extraction_counts, verify_candidates
 from memscan.extraction.verify_index import (
     DEFAULT_RETRIEVE,
     IndexVerification,
@@ -230,7 +230,7 @@ def _extract_in(
         save_train_matches(store, tables["extractions"], training)
     manifest = run.finish(
         throughput=_throughput(store, n_shards),
-        counts=_counts(tables["detections"], tables["extractions"]),
+        counts=extraction_counts(tables["detections"], tables["extractions"], config.min_clique),
         **extra,
     )
     store.log(f"extract: complete — {manifest['counts']}")
@@ -254,16 +254,6 @@ def _throughput(store: RunStore, n_shards: int) -> dict:
     }
 
 
-def _counts(det: pd.DataFrame, ext: pd.DataFrame) -> dict:
-    top = ext[ext["rank"] == 1] if len(ext) else ext
-    return {
-        "prompts": int(len(det)),
-        "samples": int(det["n_samples"].sum()) if len(det) else 0,
-        "detections": int(det["detected"].sum()) if len(det) else 0,
-        "extractions": int(top["extracted"].sum()) if len(top) else 0,
-    }
-
-
 def save_train_matches(store: RunStore, extractions: pd.DataFrame, training: TrainingSet) -> None:
     if not len(extractions):
         return
@@ -275,12 +265,15 @@ def save_train_matches(store: RunStore, extractions: pd.DataFrame, training: Tra
 
 def _retrieval(store: RunStore, n_shards: int) -> dict:
     """The manifest's ``retrieval`` record: what verification through the index read (summed
-    over shards); each unreadable retrieved image is logged by name."""
+    over shards); each unreadable retrieved image is logged by name, and each candidate left
+    unverified because none of its retrieved images could be read."""
     total = RetrievalStats()
     for s in range(n_shards):
         total.add(store.shard_record(s).get("retrieval", {}))
     for sk in total.skipped:
         store.log(f"skipped retrieved training image {sk['id']} ({sk['path']}): {sk['reason']}")
+    for prompt in total.unverified:
+        store.log(f"candidate of prompt {prompt} not verified: none of its retrieved training images could be read")
     return total.to_dict()
 
 
@@ -362,7 +355,7 @@ def reverify(
         manifest.setdefault("reverified", []).append(
             {"at": time.strftime("%Y-%m-%dT%H:%M:%S"), "delta": config.delta, "min_clique": config.min_clique}
         )
-        manifest["counts"] = _counts(det, ext)
+        manifest["counts"] = extraction_counts(det, ext, config.min_clique)
         opened.save()
         prompts = pd.read_parquet(store.root / "prompts.parquet")
         return ExtractionResult(store.root, prompts, det, ext, manifest)

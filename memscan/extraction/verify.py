@@ -2,8 +2,10 @@
 
 For each candidate (a clique medoid), the ``n_nearest`` training images by exact tiled ℓ2, the
 (ℓ, δ)-extraction decision — extracted when ``tiled_l2(x̂, x) ≤ δ`` (Carlini et al. 2023, Def. 1;
-paper δ = 0.15) — and the k-eidetic count: the number of training images within δ of the
-candidate (an extracted image is k-eidetic when that count is ≤ k).
+paper δ = 0.15) — and the k-eidetic count of the extracted training image: the number of
+training images within δ of x, the nearest training image, itself included (Def. 2: x is
+k-eidetic memorized when it is extractable and at most k training images lie within δ of it;
+the count is centred on x, not on the generation x̂). 0 when nothing is extracted.
 """
 
 from __future__ import annotations
@@ -48,18 +50,28 @@ def verify_candidates(
         return empty_extractions()
     if images.shape[1:] != training.images.shape[1:]:
         raise ValueError(f"candidates are {images.shape[1:]} but training images are {training.images.shape[1:]}")
-    dist, idx, within = nearest_tiled_l2(images, training.images, k=n_nearest, grid=grid, within=delta)
+    # 1. each candidate's nearest training images
+    dist, idx, _ = nearest_tiled_l2(images, training.images, k=n_nearest, grid=grid)
+    # 2. the k-eidetic count of each extracted training image x (the nearest, within δ): the
+    #    training images within δ of x itself, one pass over the training set for the distinct x
+    extracted = dist[:, 0] <= delta
+    xs = np.unique(idx[extracted, 0])
+    counts = np.zeros(len(candidates), np.int64)
+    if len(xs):
+        _, _, within = nearest_tiled_l2(training.images[xs], training.images, k=1, grid=grid, within=delta)
+        counts[extracted] = within[np.searchsorted(xs, idx[extracted, 0])]
     rows = []
     for c, cand in enumerate(candidates.itertuples(index=False)):
         tids = [training.ids[int(i)] for i in idx[c]]
         caps = [training.captions[int(i)] for i in idx[c]]
-        rows.extend(extraction_rows(cand, dist[c], tids, caps, int(within[c]), delta))
+        rows.extend(extraction_rows(cand, dist[c], tids, caps, int(counts[c]), delta))
     return pd.DataFrame(rows, columns=EXTRACTION_COLUMNS)
 
 
 def extraction_rows(cand, dist, tids, captions, within: int, delta: float) -> list[dict]:
     """The rows of one candidate: its nearest training images (``tids``, ``captions``) at
-    distances ``dist``, ascending; ``within`` is its k-eidetic count."""
+    distances ``dist``, ascending; ``within`` is the k-eidetic count of its extracted training
+    image (0 when nothing is within δ)."""
     expected = getattr(cand, "train_id", None)
     rows = []
     for r in range(len(dist)):
@@ -98,3 +110,24 @@ def _dtype(col: str) -> str:
         "mean_clique_distance": "float64",
         "delta": "float64",
     }.get(col, "object")
+
+
+def extraction_counts(det: pd.DataFrame, ext: pd.DataFrame, min_clique: int) -> dict:
+    """The manifest's ``counts``. ``undecided``: prompts not detected whose clique search stopped
+    at its budget (``clique_method == "bounded"``) with a proven upper bound still ≥
+    ``min_clique`` — a larger search (``ExtractConfig.max_expansions``) could detect them."""
+    top = ext[ext["rank"] == 1] if len(ext) else ext
+    undecided = (
+        (~det["detected"].astype(bool))
+        & (det["clique_method"] == "bounded")
+        & (det["clique_upper_bound"] >= min_clique)
+        if len(det)
+        else pd.Series([], dtype=bool)
+    )
+    return {
+        "prompts": int(len(det)),
+        "samples": int(det["n_samples"].sum()) if len(det) else 0,
+        "detections": int(det["detected"].sum()) if len(det) else 0,
+        "undecided": int(undecided.sum()),
+        "extractions": int(top["extracted"].sum()) if len(top) else 0,
+    }
