@@ -63,7 +63,14 @@ def test_run_directory_contents(e2e_run):
     assert manifest["config"]["samples_per_prompt"] == 60
     assert manifest["config"]["alpha"] == 0.08 and manifest["config"]["delta"] == 0.15
     assert manifest["prompts"]["blank_lines_skipped"] == 1
-    assert manifest["counts"] == {"prompts": 15, "samples": 900, "detections": 5, "undecided": 0, "extractions": 5}
+    assert manifest["counts"] == {
+        "prompts": 15,
+        "samples": 900,
+        "detections": 5,
+        "undecided": 0,
+        "extractions": 5,
+        "extracted_images": 5,
+    }
     assert manifest["throughput"]["generation_images_per_s"] > 0
     assert manifest["versions"]["torch"]
     # the one lifecycle's manifest (issue 12): kind instead of command, the model record, the runner
@@ -169,5 +176,26 @@ def test_counts_name_the_prompts_a_bounded_clique_search_left_undecided():
         }
     )
     counts = extraction_counts(det, empty_extractions(), min_clique=10)
-    assert counts == {"prompts": 4, "samples": 200, "detections": 1, "undecided": 1, "extractions": 0}
+    assert counts == {
+        "prompts": 4,
+        "samples": 200,
+        "detections": 1,
+        "undecided": 1,
+        "extractions": 0,
+        "extracted_images": 0,
+    }
     assert extraction_counts(det, empty_extractions(), min_clique=9)["undecided"] == 2
+
+
+def test_counts_of_extracted_images_are_distinct_training_images():
+    """Three prompts extract, two of them the same training image: 3 extractions, 2 images; a
+    rank-2 row and an unextracted prompt add nothing."""
+    from memscan.extraction.verify import extraction_counts
+
+    det = pd.DataFrame({"n_samples": [10] * 4, "detected": [True] * 4, "clique_size": [12] * 4,
+                        "clique_method": ["exact"] * 4, "clique_upper_bound": [12] * 4})  # fmt: skip
+    ext = pd.DataFrame({"prompt_id": ["a", "b", "c", "c", "d"], "rank": [1, 1, 1, 2, 1],
+                        "train_id": ["t1", "t1", "t2", "t3", "t4"],
+                        "extracted": [True, True, True, True, False]})  # fmt: skip
+    counts = extraction_counts(det, ext, min_clique=10)
+    assert counts["extractions"] == 3 and counts["extracted_images"] == 2

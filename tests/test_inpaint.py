@@ -144,3 +144,16 @@ def test_members_reconstruct_closer(tiny_trained, region):
     # measured: mean distance 0.13 vs 0.34 (left half), 0.10 vs 0.35 (top half); AUC 1.0 for both
     assert members < 0.6 * others, (members, others)
     assert roc_metrics(-r.distance, y).auc >= 0.85
+
+
+def test_pipeline_outputs_are_brought_to_the_images_channels():
+    """An inpainting pipeline's output with other channels than the images: grey repeated into
+    RGB, RGB averaged into grey (alpha dropped), RGBA cut to RGB (not made grey)."""
+    from memscan.mia.inpaint import _channels
+
+    rgba = np.stack([np.full((2, 2), v, np.float32) for v in (0.2, 0.4, 0.9, 1.0)], -1)
+    np.testing.assert_array_equal(_channels(rgba, 3), rgba[..., :3])
+    np.testing.assert_allclose(_channels(rgba, 1)[..., 0], np.full((2, 2), 0.5))
+    grey = np.full((2, 2), 0.3, np.float32)
+    assert _channels(grey, 3).shape == (2, 2, 3) and (_channels(grey, 3) == 0.3).all()
+    np.testing.assert_array_equal(_channels(rgba[..., :3], 3), rgba[..., :3])  # already right: unchanged

@@ -138,7 +138,14 @@ def test_fresh_random_pipeline_end_to_end_no_false_extractions(tiny_dir, tmp_pat
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["generator"]["type"] == "diffusers-text2image"
     assert manifest["generator"]["num_inference_steps"] == STEPS
-    assert manifest["counts"] == {"prompts": 2, "samples": 24, "detections": 0, "undecided": 0, "extractions": 0}
+    assert manifest["counts"] == {
+        "prompts": 2,
+        "samples": 24,
+        "detections": 0,
+        "undecided": 0,
+        "extractions": 0,
+        "extracted_images": 0,
+    }
     assert len(det) == 2 and not det["detected"].any() and len(ext) == 0
     # every pair of generations is far apart: a random pipeline does not repeat itself
     assert (det["min_pairwise_distance"] > 0.08).all()

@@ -5,7 +5,8 @@ scores is that they may flag atypical examples rather than copies. For every sco
 compute the **k-NN distance** (Ramaswamy, Rastogi & Shim, "Efficient algorithms for mining
 outliers from large data sets", SIGMOD 2000): the distance to its k-th nearest *training*
 example, itself excluded (k = 5 by default, the value of that paper's experiments' small-k
-regime; a duplicated example has distance 0 to its copies, so it is never an outlier). Spaces:
+regime; an example with at least k exact copies in the training set has distance 0, so it is
+never an outlier — one with fewer copies can still be). Spaces:
 
 - images / arrays: the normalised ℓ2 of DESIGN.md, ``sqrt(mean((a − b)²))`` over pixels in
   [0, 1] (exact search with a FAISS flat index);

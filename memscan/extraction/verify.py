@@ -115,7 +115,9 @@ def _dtype(col: str) -> str:
 def extraction_counts(det: pd.DataFrame, ext: pd.DataFrame, min_clique: int) -> dict:
     """The manifest's ``counts``. ``undecided``: prompts not detected whose clique search stopped
     at its budget (``clique_method == "bounded"``) with a proven upper bound still ≥
-    ``min_clique`` — a larger search (``ExtractConfig.max_expansions``) could detect them."""
+    ``min_clique`` — a larger search (``ExtractConfig.max_expansions``) could detect them.
+    ``extractions`` counts prompts; ``extracted_images`` the distinct training images they
+    extracted (the paper's unit: two prompts that extract one image count it once)."""
     top = ext[ext["rank"] == 1] if len(ext) else ext
     undecided = (
         (~det["detected"].astype(bool))
@@ -130,4 +132,5 @@ def extraction_counts(det: pd.DataFrame, ext: pd.DataFrame, min_clique: int) -> 
         "detections": int(det["detected"].sum()) if len(det) else 0,
         "undecided": int(undecided.sum()),
         "extractions": int(top["extracted"].sum()) if len(top) else 0,
+        "extracted_images": int(top.loc[top["extracted"].astype(bool), "train_id"].nunique()) if len(top) else 0,
     }

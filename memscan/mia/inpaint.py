@@ -191,6 +191,20 @@ class InpaintConfig:
         return len(_schedule(self.num_inference_steps, self.jump_length, self.jump_n_sample, 1000)[1])
 
 
+def _channels(rec: np.ndarray, c: int) -> np.ndarray:
+    """A pipeline's H×W(×C') output with ``c`` channels: grey → repeated; colour → grey as the
+    mean of its colour channels (alpha dropped); RGBA → RGB (alpha dropped)."""
+    if rec.ndim == 2:
+        rec = rec[..., None]
+    if rec.shape[-1] == c:
+        return rec
+    if rec.shape[-1] == 1:
+        return np.repeat(rec, c, -1)
+    if c == 1:
+        return rec[..., :3].mean(-1, keepdims=True)
+    return rec[..., :c]
+
+
 def _schedule(steps: int, jump_length: int, jump_n_sample: int, T: int):
     ts = repaint_timesteps(steps, jump_length, jump_n_sample, T)
     reverse = [t for i, t in enumerate(ts) if t < (ts[i - 1] if i else ts[0] + 1)]
@@ -459,11 +473,7 @@ def pipeline_inpainter(
                 output_type="np",
                 **call_kwargs,
             )
-            rec = np.asarray(res.images[0], dtype=np.float32)
-            if rec.ndim == 2:
-                rec = rec[..., None]
-            if rec.shape[-1] != c:
-                rec = rec.mean(-1, keepdims=True) if c == 1 else np.repeat(rec[..., :1], c, -1)
+            rec = _channels(np.asarray(res.images[0], dtype=np.float32), c)
             known = ~hidden[i][..., None]
             out[i] = np.where(known, images[i] / 255.0, rec)
         return out
