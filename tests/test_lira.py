@@ -9,6 +9,7 @@ import pytest
 from scipy.stats import norm
 
 from memscan.errors import InputError
+from memscan.mia.attack_labels import run_attacks
 from memscan.mia.attacks import (
     ATTACKS,
     AttackInputs,
@@ -17,7 +18,7 @@ from memscan.mia.attacks import (
     LossThreshold,
     make_attack,
 )
-from memscan.mia.metrics import AttackResult, RocResult
+from memscan.mia.metrics import AttackResult, RocResult, roc_metrics
 
 
 def _known_gaussians(seed=0, n=40):
@@ -95,28 +96,263 @@ def _random_masked(seed=3, m=16, n=30):
     return target, shadow, mask
 
 
+# --------------------------------------------------------------------------------------------
+# reference: LiRA written out per example from Carlini et al. 2022 (Alg. 1 and §IV-C), with σ
+# from the definitions — not from memscan's vectorised code
+# --------------------------------------------------------------------------------------------
+def _pooled_sd_by_least_squares(values_per_example):
+    """Pooled within-example deviation as the residual deviation of a one-way ANOVA: regress all
+    values on one indicator per example; σ² = residual sum of squares / (n − rank)."""
+    y = np.concatenate(values_per_example)
+    groups = np.repeat(np.arange(len(values_per_example)), [len(v) for v in values_per_example])
+    design = (groups[:, None] == np.arange(len(values_per_example))[None, :]).astype(float)
+    coef, *_ = np.linalg.lstsq(design, y, rcond=None)
+    resid = y - design @ coef
+    return float(np.sqrt(resid @ resid / (y.size - np.linalg.matrix_rank(design))))
+
+
+def _pooled_sd_loop(values_per_example, centers):
+    """σ² = Σ_i Σ_m (s_mi − μ_i)² / Σ_i (n_i − 1), written as a plain loop."""
+    ss = dof = 0.0
+    for v, c in zip(values_per_example, centers):
+        ss += sum((float(x) - c) ** 2 for x in v)
+        dof += len(v) - 1
+    return (ss / dof) ** 0.5
+
+
+def _reference_lira(target, shadow, mask, *, fixed_variance=False, location="mean"):
+    """(online, offline scores, σ_in, σ_out online, σ_out offline) of LiRA on s = −loss, per example.
+
+    Fixed variance: pooled within-example σ when IN and OUT each have a degree of freedom
+    (for the offline attack: OUT alone); otherwise the global deviation of all values of a side,
+    ``np.std(dat)`` as in Carlini et al.'s released code (research/mi_lira_2021/plot.py) —
+    here as ``statistics.pstdev``.
+    """
+    import statistics
+
+    center = statistics.fmean if location == "mean" else statistics.median
+    n = len(target)
+    s = [-float(v) for v in target]
+    ins = [[-float(shadow[m][i]) for m in range(len(shadow)) if mask[m][i]] for i in range(n)]
+    outs = [[-float(shadow[m][i]) for m in range(len(shadow)) if not mask[m][i]] for i in range(n)]
+    mu_in = [center(v) if v else float("nan") for v in ins]
+    mu_out = [center(v) for v in outs]
+
+    def fixed(values, mus, pooled):
+        if pooled:
+            return [_pooled_sd_loop(values, mus)] * n
+        return [statistics.pstdev([x for v in values for x in v])] * n
+
+    def has_dof(values):
+        return sum(len(v) - 1 for v in values) >= 1
+
+    if fixed_variance:
+        both = has_dof(ins) and has_dof(outs)
+        sd_in = fixed(ins, mu_in, both) if all(ins) else None
+        sd_out_on = fixed(outs, mu_out, both)
+        sd_out_off = fixed(outs, mu_out, has_dof(outs))
+    else:
+        sd_in = [statistics.pstdev(v, c) for v, c in zip(ins, mu_in)] if all(ins) else None
+        sd_out_on = sd_out_off = [statistics.pstdev(v, c) for v, c in zip(outs, mu_out)]
+    online = None
+    if sd_in is not None:  # Algorithm 1, line 12, in logs
+        online = np.array(
+            [norm.logpdf(s[i], mu_in[i], sd_in[i]) - norm.logpdf(s[i], mu_out[i], sd_out_on[i]) for i in range(n)]
+        )
+    # §IV-C: Λ = 1 − Pr[Z > s]; memscan returns −log Pr[Z ≥ s], the same ranking
+    offline = np.array([-norm.logsf(s[i], mu_out[i], sd_out_off[i]) for i in range(n)])
+    return online, offline, sd_in, sd_out_on, sd_out_off
+
+
+def _pairwise_auc(scores, is_member):
+    """AUC as Pr[score(member) > score(non-member)] + ½ Pr[tie], over all pairs."""
+    pos, neg = scores[is_member], scores[~is_member]
+    return float(((pos[:, None] > neg[None, :]) + 0.5 * (pos[:, None] == neg[None, :])).mean())
+
+
 @pytest.mark.parametrize("location", ["mean", "median"])
 @pytest.mark.parametrize("fixed_variance", [False, True])
 def test_lira_vs_loop_reference(fixed_variance, location):
-    target, shadow, mask = _random_masked()
-    center = np.mean if location == "mean" else np.median
-    s_shadow, s = -shadow, -target
-    mu_in = np.array([center(s_shadow[mask[:, i], i]) for i in range(s.size)])
-    mu_out = np.array([center(s_shadow[~mask[:, i], i]) for i in range(s.size)])
-    if fixed_variance:  # pooled within-example deviation
-        res_in = np.concatenate([s_shadow[mask[:, i], i] - mu_in[i] for i in range(s.size)])
-        res_out = np.concatenate([s_shadow[~mask[:, i], i] - mu_out[i] for i in range(s.size)])
-        sd_in = np.full(s.size, np.sqrt(np.mean(res_in**2)))
-        sd_out = np.full(s.size, np.sqrt(np.mean(res_out**2)))
-    else:
-        sd_in = np.array([np.sqrt(np.mean((s_shadow[mask[:, i], i] - mu_in[i]) ** 2)) for i in range(s.size)])
-        sd_out = np.array([np.sqrt(np.mean((s_shadow[~mask[:, i], i] - mu_out[i]) ** 2)) for i in range(s.size)])
+    target, shadow, mask = _random_masked()  # 2–14 IN and OUT models per example
+    online, offline, sd_in, sd_out, _ = _reference_lira(
+        target, shadow, mask, fixed_variance=fixed_variance, location=location
+    )
     inputs = AttackInputs(target, shadow, mask)
     on = LiRAOnline(fixed_variance=fixed_variance, location=location).fit_score(inputs)
     off = LiRAOffline(fixed_variance=fixed_variance, location=location).fit_score(inputs)
-    np.testing.assert_allclose(on.scores, norm.logpdf(s, mu_in, sd_in) - norm.logpdf(s, mu_out, sd_out), rtol=1e-9)
-    np.testing.assert_allclose(off.scores, -norm.logsf(s, mu_out, sd_out), rtol=1e-9)
+    np.testing.assert_allclose(on.extras["sigma_in"], sd_in, rtol=1e-12)
+    np.testing.assert_allclose(on.extras["sigma_out"], sd_out, rtol=1e-12)
+    np.testing.assert_allclose(on.scores, online, rtol=1e-9)
+    np.testing.assert_allclose(off.scores, offline, rtol=1e-9)
     assert on.params == {"fixed_variance": fixed_variance, "location": location}
+
+
+def test_fixed_variance_pooled_is_the_anova_residual_deviation():
+    """With the mean as location, the pooled σ is the residual deviation of a one-way ANOVA on the
+    example (computed by least squares): Σ(n_i − 1) degrees of freedom, not Σ n_i."""
+    target, shadow, mask = _random_masked(seed=5)
+    r = LiRAOnline(fixed_variance=True).fit_score(AttackInputs(target, shadow, mask))
+    n = target.size
+    ins = [-shadow[mask[:, i], i] for i in range(n)]
+    outs = [-shadow[~mask[:, i], i] for i in range(n)]
+    np.testing.assert_allclose(r.extras["sigma_in"], _pooled_sd_by_least_squares(ins), rtol=1e-10)
+    np.testing.assert_allclose(r.extras["sigma_out"], _pooled_sd_by_least_squares(outs), rtol=1e-10)
+
+
+def test_fixed_variance_hand_worked_pooled():
+    """Two examples, four shadow models, worked by hand (losses ℓ; s = −ℓ has the same σ).
+
+    Example 0: IN ℓ = 1, 3 (models 0, 1; mean 2, SS 2); OUT ℓ = 2, 6 (models 2, 3; mean 4, SS 8).
+    Example 1: IN ℓ = 4, 6, 8 (models 1–3; mean 6, SS 8); OUT ℓ = 5 (model 0; SS 0).
+    σ_in² = (2 + 8) / ((2−1) + (3−1)) = 10/3;  σ_out² = (8 + 0) / ((2−1) + (1−1)) = 8.
+    (Dividing by Σ n_i would give 2 and 8/3.) Targets ℓ = 2, 5:
+    score_0 = −½·0/σ_in² + ½·(2−4)²/8 + ½ ln(σ_out²/σ_in²) = 1/4 + ½ ln 2.4
+    score_1 = −½·(5−6)²/(10/3) + ½·0 + ½ ln 2.4 = −3/20 + ½ ln 2.4
+    offline: z = (μ_out − ℓ)/σ_out = (4 − 2)/√8, (5 − 5)/√8 = 1/√2, 0.
+    """
+    shadow = np.array([[1.0, 5.0], [3.0, 4.0], [2.0, 6.0], [6.0, 8.0]])
+    mask = np.array([[1, 0], [1, 1], [0, 1], [0, 1]], dtype=bool)
+    x = AttackInputs(target_loss=[2.0, 5.0], shadow_loss=shadow, shadow_in=mask)
+    on = LiRAOnline(fixed_variance=True).fit_score(x)
+    np.testing.assert_allclose(on.extras["sigma_in"], [np.sqrt(10 / 3)] * 2, rtol=1e-14)
+    np.testing.assert_allclose(on.extras["sigma_out"], [np.sqrt(8.0)] * 2, rtol=1e-14)
+    np.testing.assert_allclose(on.scores, [0.25 + 0.5 * np.log(2.4), -0.15 + 0.5 * np.log(2.4)], rtol=1e-13)
+    off = LiRAOffline(fixed_variance=True).fit_score(x)
+    np.testing.assert_allclose(off.extras["sigma_out"], [np.sqrt(8.0)] * 2, rtol=1e-14)
+    np.testing.assert_allclose(off.extras["z"], [1 / np.sqrt(2), 0.0], rtol=1e-14, atol=1e-15)
+    np.testing.assert_allclose(off.extras["lambda"], [norm.cdf(1 / np.sqrt(2)), 0.5], rtol=1e-12)
+
+
+def test_fixed_variance_hand_worked_one_value_per_example():
+    """Two shadow models, each example IN one and OUT the other (a balanced pair): no example has
+    two values, so σ is the global deviation of each side (the authors' np.std), not 0.
+
+    IN ℓ = 1, 3, 5 → σ_in² = 8/3; OUT ℓ = 0, 4, 8 → σ_out² = 32/3 (ddof 0, around the overall
+    means 3 and 4). Targets ℓ = 0.5, 4, 9:
+    online score = −½(ℓ − μ_in)²·3/8 + ½(ℓ − μ_out)²·3/32 + ln 2;
+    offline z = (μ_out − ℓ)/σ_out = (−0.5, 0, −1)/√(32/3): three distinct scores. The old pooled
+    σ was 0 here (floored at 1e-12), which tied examples 0 and 2 at score 0.
+    """
+    shadow = np.array([[1.0, 4.0, 5.0], [0.0, 3.0, 8.0]])
+    mask = np.array([[1, 0, 1], [0, 1, 0]], dtype=bool)
+    x = AttackInputs(target_loss=[0.5, 4.0, 9.0], shadow_loss=shadow, shadow_in=mask)
+    on = LiRAOnline(fixed_variance=True).fit_score(x)
+    np.testing.assert_allclose(on.extras["sigma_in"], [np.sqrt(8 / 3)] * 3, rtol=1e-14)
+    np.testing.assert_allclose(on.extras["sigma_out"], [np.sqrt(32 / 3)] * 3, rtol=1e-14)
+    expected = np.array([-0.046875 + 0.01171875, -0.1875, -3.0 + 0.046875]) + np.log(2.0)
+    np.testing.assert_allclose(on.scores, expected, rtol=1e-13)
+    off = LiRAOffline(fixed_variance=True).fit_score(x)
+    np.testing.assert_allclose(off.extras["z"], np.array([-0.5, 0.0, -1.0]) / np.sqrt(32 / 3), rtol=1e-14)
+    assert off.scores[1] > off.scores[0] > off.scores[2]
+    assert 0.0 < off.extras["lambda"].min() and off.extras["lambda"].max() < 1.0
+
+
+@pytest.mark.parametrize("location", ["mean", "median"])
+def test_fixed_variance_one_shadow_value_per_example(location):
+    """One IN and one OUT value per example (e.g. `memscan mia --model` with a 2-model balanced
+    shadow directory; or one OUT reference model offline): σ is the global deviation, the scores
+    do not saturate, and AUC and low-FPR TPR equal the reference's."""
+    rng = np.random.default_rng(11)
+    n = 400
+    difficulty = rng.gamma(2.0, 1.0, n)
+    first = rng.random(n) < 0.5
+    mask = np.stack([first, ~first])  # each example IN exactly one of the two models
+    shadow = difficulty - 0.3 * mask + 0.1 * rng.normal(size=mask.shape)
+    is_member = rng.random(n) < 0.5
+    target = difficulty - 0.3 * is_member + 0.1 * rng.normal(size=n)
+    x = AttackInputs(target, shadow, mask, is_member=is_member)
+    online, offline, sd_in, sd_out, _ = _reference_lira(target, shadow, mask, fixed_variance=True, location=location)
+    for attack, ref, sds in (
+        (LiRAOnline(fixed_variance=True, location=location), online, (sd_in, sd_out)),
+        (LiRAOffline(fixed_variance=True, location=location), offline, (sd_out,)),
+    ):
+        r = attack.fit_score(x)
+        sigmas = [r.extras["sigma_out"]] if len(sds) == 1 else [r.extras["sigma_in"], r.extras["sigma_out"]]
+        for got, want in zip(sigmas, sds):
+            assert got.min() > 1e-6
+            np.testing.assert_allclose(got, want, rtol=1e-12)
+        assert np.unique(r.scores).size == n, f"{attack}: tied (saturated) scores"
+        np.testing.assert_allclose(r.scores, ref, rtol=1e-9)
+        assert r.roc.auc == pytest.approx(_pairwise_auc(ref, is_member), abs=1e-12)
+        assert r.roc.auc == pytest.approx(_pairwise_auc(r.scores, is_member), abs=1e-12)
+        assert r.roc.tpr_at_fpr(0.01) == roc_metrics(ref, is_member).tpr_at_fpr(0.01)
+    # the offline attack with one OUT reference model only (shadow_in omitted)
+    ref_model = shadow[:1]
+    r = LiRAOffline(fixed_variance=True).fit_score(AttackInputs(target, ref_model, is_member=is_member))
+    np.testing.assert_allclose(r.extras["sigma_out"], np.std(-ref_model), rtol=1e-12)
+    assert np.unique(r.scores).size == n and np.unique(r.extras["lambda"]).size > n // 2
+
+
+def test_fixed_variance_unequal_in_out_counts_is_unbiased():
+    """2 IN and 6 OUT values per example, both drawn with σ = 1 around per-example means: both
+    estimates are ≈ 1. Dividing by Σ n_i instead gave √(1/2) ≈ 0.71 for IN and √(5/6) ≈ 0.91 for
+    OUT, skewing the online ratio."""
+    rng = np.random.default_rng(2)
+    n, m = 4000, 8
+    mu = rng.gamma(2.0, 1.0, n)
+    mask = np.zeros((m, n), bool)
+    for i in range(n):
+        mask[rng.choice(m, 2, replace=False), i] = True
+    shadow = mu - 0.5 * mask + rng.normal(size=(m, n))
+    target = mu + rng.normal(size=n)
+    x = AttackInputs(target, shadow, mask)
+    on = LiRAOnline(fixed_variance=True).fit_score(x)
+    assert on.extras["n_in"].tolist() == [2] * n and on.extras["n_out"].tolist() == [6] * n
+    assert on.extras["sigma_in"][0] == pytest.approx(1.0, abs=0.03)  # se ≈ 0.011
+    assert on.extras["sigma_out"][0] == pytest.approx(1.0, abs=0.03)  # se ≈ 0.005
+    online, offline, sd_in, sd_out, _ = _reference_lira(target, shadow, mask, fixed_variance=True)
+    np.testing.assert_allclose(on.scores, online, rtol=1e-9)
+    np.testing.assert_allclose(LiRAOffline(fixed_variance=True).fit_score(x).scores, offline, rtol=1e-9)
+
+
+def test_fixed_variance_one_side_without_degree_of_freedom():
+    """1 IN and 2 OUT values per example (3 balanced shadow models): the online attack has no
+    within-example spread for IN, so both of its σ are global (one kind on both sides of the
+    ratio); the offline attack, OUT only, keeps the pooled OUT σ."""
+    rng = np.random.default_rng(4)
+    n = 60
+    mask = np.zeros((3, n), bool)
+    mask[rng.integers(0, 3, n), np.arange(n)] = True
+    shadow = rng.gamma(2.0, 1.0, n) - 0.2 * mask + 0.1 * rng.normal(size=(3, n))
+    target = rng.gamma(2.0, 1.0, n)
+    x = AttackInputs(target, shadow, mask)
+    on = LiRAOnline(fixed_variance=True).fit_score(x)
+    np.testing.assert_allclose(on.extras["sigma_in"], np.std(shadow[mask]), rtol=1e-12)
+    np.testing.assert_allclose(on.extras["sigma_out"], np.std(shadow[~mask]), rtol=1e-12)
+    off = LiRAOffline(fixed_variance=True).fit_score(x)
+    outs = [-shadow[~mask[:, i], i] for i in range(n)]
+    np.testing.assert_allclose(off.extras["sigma_out"], _pooled_sd_by_least_squares(outs), rtol=1e-10)
+    online, offline, *_ = _reference_lira(target, shadow, mask, fixed_variance=True)
+    np.testing.assert_allclose(on.scores, online, rtol=1e-9)
+    np.testing.assert_allclose(off.scores, offline, rtol=1e-9)
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["all values equal, one per example", "all values equal, pooled", "equal within every example"],
+)
+def test_fixed_variance_without_spread_is_one_clear_error(case):
+    n = 5
+    if case == "all values equal, one per example":
+        shadow, mask = np.full((2, n), 0.25), np.stack([np.ones(n, bool), np.zeros(n, bool)])
+    elif case == "all values equal, pooled":
+        shadow, mask = np.full((4, n), 0.25), np.array([[1], [1], [0], [0]], bool).repeat(n, 1)
+    else:  # identical shadow models: each example's values agree, examples differ
+        shadow = np.tile(np.linspace(0.1, 0.5, n), (4, 1))
+        mask = np.array([[1], [1], [0], [0]], bool).repeat(n, 1)
+    x = AttackInputs(np.linspace(0.0, 1.0, n), shadow, mask, is_member=np.arange(n) % 2 == 0)
+    for attack in (LiRAOnline(fixed_variance=True), LiRAOffline(fixed_variance=True)):
+        with pytest.raises(InputError, match=r"σ = 0") as exc:
+            attack.fit_score(x)
+        assert "trained separately" in exc.value.hint
+    # in a run, the attack is listed as skipped with that reason, never silently saturated
+    done, skipped = run_attacks(
+        "diffusion_loss", x.target_loss, x.is_member, shadow=shadow, shadow_in=mask,
+        attacks=["loss", "lira_online_fixed", "lira_offline_fixed"],
+    )  # fmt: skip
+    assert [label for label, _ in done] == ["loss"]
+    assert [s["attack"] for s in skipped] == ["lira_online_fixed", "lira_offline_fixed"]
+    assert all("σ = 0" in s["reason"] for s in skipped)
 
 
 def test_lira_beats_global_threshold_on_heterogeneous_examples():

@@ -48,9 +48,14 @@ __all__ = [
     "make_attack",
 ]
 
-#: Standard deviations are floored at this value, so a degenerate fit (all shadow statistics
-#: equal) gives a very large but finite score instead of a division by zero.
+#: Per-example standard deviations (LiRA without ``fixed_variance``) are floored at this value,
+#: so an example whose shadow statistics are all equal gives a very large but finite score instead
+#: of a division by zero. The fixed-variance estimate is never floored: a zero spread is an error.
 MIN_SIGMA = 1e-12
+
+#: How a LiRA fit estimates σ: one per example, or one global value (``fixed_variance``) as the
+#: pooled within-example deviation or, without a degree of freedom for it, the global deviation.
+SIGMA_ESTIMATORS = ("per_example", "pooled", "global")
 
 
 @dataclass(frozen=True, eq=False)
@@ -280,15 +285,32 @@ class LossThreshold(Attack):
 
 
 def _fit_gaussians(
-    s: np.ndarray, mask: np.ndarray, *, fixed_variance: bool, location: str
+    s: np.ndarray, mask: np.ndarray, *, sigma: str, location: str
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per-example (column) Gaussian fit of ``s[mask]``: returns (mu, sigma, count).
+    """Gaussian fit of ``s[mask]`` per example (column): returns (mu, sigma, count).
 
-    ``mu`` is the mean (or median) of each column's selected entries. ``sigma`` is the maximum
-    likelihood standard deviation around ``mu`` (``ddof = 0``, as ``np.std`` in the reference
-    code), per column; with ``fixed_variance`` one global value, the pooled within-example
-    deviation ``sqrt(Σ_i Σ_m∈sel(i) (s_mi − mu_i)² / Σ_i count_i)``, broadcast to every column.
+    ``mu_i`` is the mean (or median) of column ``i``'s selected entries, ``n_i = count_i`` their
+    number. ``sigma`` (one of :data:`SIGMA_ESTIMATORS`) chooses the deviation:
+
+    - ``"per_example"``: ``σ_i = sqrt(Σ_m∈sel(i) (s_mi − mu_i)² / n_i)``, the maximum-likelihood
+      (``ddof = 0``) deviation of each column, as ``np.std(dat, 1)`` in Carlini et al.'s code;
+      floored at :data:`MIN_SIGMA`.
+    - ``"pooled"``: one value for every column, the pooled within-example deviation
+      ``σ = sqrt(Σ_i Σ_m∈sel(i) (s_mi − mu_i)² / Σ_i (n_i − 1))`` — the unbiased estimate (with
+      the mean as ``mu``) of a variance shared by all examples around their own ``mu_i``. Needs ``Σ_i (n_i − 1) ≥ 1``.
+    - ``"global"``: one value, the deviation of all selected entries around their overall mean,
+      ``np.std(s[mask])`` (``ddof = 0``), as the fixed-variance code of Carlini et al. (see
+      :class:`LiRAOnline`). Used when no example has two values, so ``"pooled"`` is undefined.
+
+    Raises
+    ------
+    _NoSpread
+        ``"pooled"`` or ``"global"`` when the selected entries have no spread (σ would be 0):
+        every example's values equal among themselves (pooled), or all values equal (global).
+        :meth:`_LiRA._fit` turns it into a :class:`~memscan.errors.InputError`.
     """
+    if sigma not in SIGMA_ESTIMATORS:
+        raise ValueError(f"sigma: {sigma!r} is not one of {SIGMA_ESTIMATORS}")
     count = mask.sum(0)
     with np.errstate(invalid="ignore", divide="ignore"):
         if location == "median":
@@ -296,11 +318,32 @@ def _fit_gaussians(
         else:
             mu = np.where(mask, s, 0.0).sum(0) / count
         sq = np.where(mask, (s - mu) ** 2, 0.0)
-        if fixed_variance:
-            sigma = np.full(s.shape[1], np.sqrt(sq.sum() / count.sum()))
-        else:
-            sigma = np.sqrt(sq.sum(0) / count)
-    return mu, np.maximum(sigma, MIN_SIGMA), count
+        if sigma == "per_example":
+            return mu, np.maximum(np.sqrt(sq.sum(0) / count), MIN_SIGMA), count
+    if sigma == "pooled":
+        dof = _dof(mask)
+        if dof < 1:
+            raise ValueError("pooled σ needs an example with at least 2 values")
+        # exact test for "no spread": float rounding of mu can leave residuals of ~1e-17
+        spread = np.where(mask, s, -np.inf).max(0) > np.where(mask, s, np.inf).min(0)
+        if not spread.any():
+            raise _NoSpread("do not vary between shadow models for any example")
+        value = np.sqrt(sq.sum() / dof)
+    else:
+        sel = s[mask]
+        if sel.size == 0 or sel.max() == sel.min():
+            raise _NoSpread("are all equal")
+        value = float(np.std(sel))
+    return mu, np.full(s.shape[1], value), count
+
+
+class _NoSpread(Exception):
+    """Internal: the shadow statistics of one side have no spread (σ = 0)."""
+
+
+def _dof(mask: np.ndarray) -> int:
+    """Degrees of freedom of a pooled within-example variance: ``Σ_i (n_i − 1)`` over examples."""
+    return int(np.maximum(mask.sum(0) - 1, 0).sum())
 
 
 class _LiRA(Attack):
@@ -311,7 +354,8 @@ class _LiRA(Attack):
             raise InputError(f"location: {location!r} is not 'mean' or 'median'")
         self.fixed_variance = bool(fixed_variance)
         self.location = location
-        # per-example variance needs two draws to be non-degenerate; a global one needs one
+        # a per-example variance needs two draws per example; a global one needs one (with a
+        # single value per example it falls back to the global deviation, see _sigma_estimator)
         need = 1 if self.fixed_variance else 2
         if type(self).needs_in:
             self.needs_in = need
@@ -320,9 +364,25 @@ class _LiRA(Attack):
     def params(self) -> dict[str, Any]:
         return {"fixed_variance": self.fixed_variance, "location": self.location}
 
-    def _fit(self, x: AttackInputs, member_side: bool):
+    def _sigma_estimator(self, *masks: np.ndarray) -> str:
+        """``per_example``; with ``fixed_variance`` ``pooled`` when every fitted side has a degree
+        of freedom, else ``global`` for all of them (both σ of a ratio of the same kind)."""
+        if not self.fixed_variance:
+            return "per_example"
+        return "pooled" if all(_dof(m) >= 1 for m in masks) else "global"
+
+    def _fit(self, x: AttackInputs, member_side: bool, sigma: str):
         mask = x.shadow_in if member_side else ~x.shadow_in
-        return _fit_gaussians(-x.shadow_loss, mask, fixed_variance=self.fixed_variance, location=self.location)
+        try:
+            return _fit_gaussians(-x.shadow_loss, mask, sigma=sigma, location=self.location)
+        except _NoSpread as exc:
+            side = "IN" if member_side else "OUT"
+            raise InputError(
+                f"{self.name} (fixed variance, {sigma} σ): the {side} shadow statistics {exc}, so σ = 0 "
+                "and no Gaussian can be fitted",
+                "check that the shadow models were trained separately (own seeds and data) and that "
+                "their losses were computed on the right examples",
+            ) from None
 
 
 @_register
@@ -342,10 +402,28 @@ class LiRAOnline(_LiRA):
     Parameters
     ----------
     fixed_variance : bool
-        Use one global ``σ_in`` and one global ``σ_out`` (§IV-C: better with few shadow
-        models), each the pooled within-example deviation over all examples. Carlini et al.'s
-        code takes ``np.std`` over all values instead, which also includes the spread of the
-        per-example means; the pooled estimate is the one that matches the model.
+        Use one global ``σ_in`` and one global ``σ_out`` for all examples (§IV-C: better with
+        few shadow models); the means stay per example. Each σ is, with ``n_i`` the example's
+        number of IN (resp. OUT) values:
+
+        - the **pooled within-example** deviation
+          ``σ² = Σ_i Σ_m (s_mi − μ_i)² / Σ_i (n_i − 1)``, when ``Σ_i (n_i − 1) ≥ 1`` for IN and
+          for OUT (some example has two values of each). It estimates the model's σ — the spread
+          of one example's statistic across shadow models — without bias: dividing by
+          ``Σ_i n_i`` instead would shrink σ² by ``1 − N/Σ_i n_i``, by different amounts for IN
+          and OUT when their counts differ, and to 0 with one value per example;
+        - otherwise (every example has exactly one IN, or exactly one OUT, value: no spread
+          around an example's own mean can be measured) the **global** deviation of all IN
+          (resp. OUT) values around their overall mean, ``np.std`` (``ddof = 0``), for *both*
+          sides so that the ratio compares σ of one kind. This is the estimator of the authors'
+          released code (``research/mi_lira_2021/plot.py`` in tensorflow/privacy, which uses it
+          for fixed variance throughout: ``np.std(dat_in)`` over all examples' values). It also
+          holds the spread of the per-example means, so it overstates the within-example spread.
+
+        That code's online function uses the IN deviation for OUT too (``std_out =
+        np.std(dat_in)``); here each side has its own, as in its offline function and in
+        tensorflow_privacy's ``compute_score_lira``. Statistics without spread (all equal, or
+        equal within every example) raise :class:`~memscan.errors.InputError`.
     location : {"mean", "median"}
         Estimator of ``μ``: the maximum-likelihood mean (default), or the median (as in the
         authors' released code).
@@ -353,9 +431,9 @@ class LiRAOnline(_LiRA):
     Notes
     -----
     Each example needs at least 2 IN and 2 OUT shadow statistics (1 with ``fixed_variance``).
-    ``σ`` is the ``ddof = 0`` deviation, floored at :data:`MIN_SIGMA`. ``extras`` hold
-    ``mu_in``, ``sigma_in``, ``n_in``, ``mu_out``, ``sigma_out``, ``n_out`` (all on the
-    ``−loss`` scale).
+    Per-example ``σ`` is the ``ddof = 0`` deviation (``np.std(dat, 1)`` in the authors' code),
+    floored at :data:`MIN_SIGMA`. ``extras`` hold ``mu_in``, ``sigma_in``, ``n_in``, ``mu_out``,
+    ``sigma_out``, ``n_out`` (all on the ``−loss`` scale).
 
     Examples
     --------
@@ -377,8 +455,9 @@ class LiRAOnline(_LiRA):
 
     def _score(self, x: AttackInputs) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         s = -x.target_loss
-        mu_in, sd_in, n_in = self._fit(x, True)
-        mu_out, sd_out, n_out = self._fit(x, False)
+        sigma = self._sigma_estimator(x.shadow_in, ~x.shadow_in)
+        mu_in, sd_in, n_in = self._fit(x, True, sigma)
+        mu_out, sd_out, n_out = self._fit(x, False, sigma)
         # log N(s; μ, σ²) = −½((s − μ)/σ)² − log σ − ½ log 2π; the constant cancels.
         ll_in = -0.5 * ((s - mu_in) / sd_in) ** 2 - np.log(sd_in)
         ll_out = -0.5 * ((s - mu_out) / sd_out) ** 2 - np.log(sd_out)
@@ -418,7 +497,11 @@ class LiRAOffline(_LiRA):
     Parameters
     ----------
     fixed_variance, location
-        As for :class:`LiRAOnline`, applied to the OUT fit.
+        As for :class:`LiRAOnline`, applied to the OUT fit: with ``fixed_variance`` ``σ_out`` is
+        the pooled within-example deviation (``Σ_i (n_i − 1)`` degrees of freedom), or, when
+        every example has a single OUT value (e.g. one reference model), the global ``np.std``
+        of all OUT values. A single σ for all examples does not change the ranking
+        (``z_i ∝ s_i − μ_out,i``), only ``z`` and ``Λ``.
 
     Notes
     -----
@@ -441,7 +524,7 @@ class LiRAOffline(_LiRA):
 
     def _score(self, x: AttackInputs) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         s = -x.target_loss
-        mu_out, sd_out, n_out = self._fit(x, False)
+        mu_out, sd_out, n_out = self._fit(x, False, self._sigma_estimator(~x.shadow_in))
         z = (s - mu_out) / sd_out
         extras = {
             "mu_out": mu_out,
