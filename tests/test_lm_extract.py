@@ -1,7 +1,10 @@
 """``memscan lm extract`` (Carlini et al. 2021): the temperature schedule and per-sample seeds of
 the sampler, each ranking metric against a direct computation, the trigram dedup against a
 brute-force comparison, precision@N against a hand count, and end to end on a copy model (whose
-confirmed samples are known) and a tiny random GPT-2; the report escapes sample text."""
+confirmed samples are known) and a tiny random GPT-2; the report escapes sample text. Confirmation
+against naive scans of the corpus: the match, its count and the count of its first ``min_match``
+units (``match_window_count``, the duplication the report bins), and a sample drawn in a
+non-canonical tokenization of corpus text, confirmed through its re-encoding."""
 
 from __future__ import annotations
 
@@ -242,6 +245,9 @@ def test_copy_model_end_to_end_confirms_exactly_the_copied_samples(copy_index, t
         assert r["match_text"].encode() == span
         assert docs[r["match_doc"]][r["match_offset"] : r["match_offset"] + r["match_len"]] == span
         assert r["match_count"] == _occurrences(span, docs)
+        # the fixed-length duplicate count: the first min_match bytes of the match, 0 unconfirmed
+        assert r["match_window_count"] == (_occurrences(span[:60], docs) if r["confirmed"] else 0)
+        assert r["match_query"] == "text"
     # the copy model copies from inside its documents: most samples are confirmed, and the
     # samples from the prompt it never saw ("xyz ") start off the corpus
     assert s["confirmed"].sum() >= len(s) // 2
@@ -264,6 +270,14 @@ def test_copy_model_end_to_end_confirms_exactly_the_copied_samples(copy_index, t
     assert "&lt;script&gt;alert" in html and "<mark>" in html
     for m in rk.METRICS:
         assert m in html
+    # the duplication section says what it plots and claims no trend
+    assert "the first 60 bytes of the longest corpus match" in html and "no trend is fitted" in html
+    assert "Least-squares" not in html and "data:image/png" in html
+    # a run made before match_window_count: said so, not dropped silently
+    path = res.run_dir / "samples.parquet"
+    pd.read_parquet(path).drop(columns=["match_window_count", "match_query"]).to_parquet(path)
+    html = build_report(res.run_dir).read_text()
+    assert "has no <code>match_window_count</code>" in html and "<mark>" in html
 
 
 def test_same_tables_on_a_second_run_with_another_batch_size(copy_index, tmp_path):
@@ -317,21 +331,132 @@ def test_ray_equals_local(ray_address, copy_index, tmp_path):
         )
 
 
-def test_duplication_bins_by_hand():
-    from memscan.report.lm_extract import duplication_bins, duplication_fit
+def test_duplication_bins_count_confirmed_samples_by_their_fixed_length_window():
+    """Only confirmed samples, binned by ``match_window_count`` (log₂ bins, as lm extractable):
+    the unconfirmed samples' short, common longest matches (huge ``match_count``) stay out."""
+    from memscan.report.lm_extract import duplication_bins, duplication_plot
 
     s = pd.DataFrame(
         {
-            "match_count": [0, 1, 2, 3, 9, 10, 40, 100],
-            "match_len": [0, 4, 6, 10, 20, 50, 60, 120],
-            "confirmed": [False, False, False, False, False, True, True, True],
+            "match_count": [0, 5000, 900, 1, 3, 2, 5, 1, 40],  # the longest match's count: its length varies
+            "match_window_count": [0, 0, 0, 1, 3, 2, 5, 1, 40],
+            "match_len": [0, 5, 7, 120, 60, 80, 50, 200, 55],
+            "confirmed": [False, False, False, True, True, True, True, True, True],
+            "duplicates": [0, 9, 2, 0, 1, 4, 0, 2, 7],
         }
     )
-    bins = duplication_bins(s)  # half-decade edges 1, 3, 10, 32, 100 (316); count 0 left out
-    assert [(b["lo"], b["samples"], b["confirmed"]) for b in bins] == [(1, 2, 0), (3, 2, 0), (10, 1, 1), (32, 1, 1),
-                                                                        (100, 1, 1)]  # fmt: skip
-    assert bins[0]["mean_match_len"] == 5.0 and bins[1]["rate"] == 0.0 and bins[2]["rate"] == 1.0
-    fit = duplication_fit(bins)
-    x, y = np.log10([1, 3, 10, 32, 100]), [0, 0, 1, 1, 1]
-    slope, intercept = np.polyfit(x, y, 1)
-    assert fit["slope_per_decade"] == pytest.approx(slope) and fit["intercept"] == pytest.approx(intercept)
+    bins = duplication_bins(s)
+    # by hand: [1, 2): counts 1, 1 — [2, 4): 3, 2 — [4, 8): 5 — [32, 64): 40
+    want = [(1, 2, [3, 7]), (2, 4, [4, 5]), (4, 8, [6]), (32, 64, [8])]
+    assert [(b["low"], b["high"]) for b in bins] == [(lo, hi) for lo, hi, _ in want]
+    for b, (lo, hi, rows) in zip(bins, want):
+        sel = s.loc[rows]
+        assert ((sel["match_window_count"] >= lo) & (sel["match_window_count"] < hi)).all()
+        assert b["samples"] == len(rows) and b["generated"] == int((sel["duplicates"] + 1).sum())
+        assert b["mean_count"] == pytest.approx(sel["match_window_count"].mean())
+        assert b["mean_match_len"] == pytest.approx(sel["match_len"].mean())
+    assert sum(b["samples"] for b in bins) == int(s["confirmed"].sum())
+    assert duplication_plot(s, bins)  # a PNG
+    assert duplication_bins(s[~s["confirmed"]]) == []
+
+
+# ---- confirmation of a non-canonical tokenization -------------------------------------------------
+def _longest_common_run_ids(q, docs) -> int:
+    """The longest run of consecutive ids of ``q`` in any of ``docs``, by dynamic programming."""
+    best = 0
+    for d in docs:
+        prev = [0] * (len(d) + 1)
+        for a in q:
+            cur = [0] * (len(d) + 1)
+            for j, b in enumerate(d):
+                if a == b:
+                    cur[j + 1] = prev[j] + 1
+                    best = max(best, cur[j + 1])
+            prev = cur
+    return best
+
+
+def _count_ids(window, docs) -> int:
+    w = list(window)
+    return sum(list(d[i : i + len(w)]) == w for d in docs for i in range(len(d) - len(w) + 1))
+
+
+@pytest.fixture(scope="module")
+def merge_index(tmp_path_factory):
+    """An index of :data:`DOCS` in the canonical tokens of the merge tokenizer (as ``memscan lm
+    index --tokenizer`` builds it: ``encode(doc)``)."""
+    from lm_extract_support import merge_lm
+
+    lm = merge_lm()
+    root = tmp_path_factory.mktemp("mergeidx") / "idx"
+    CorpusIndex.build([lm.encode(d) for d in DOCS], root, tokenizer=lm.describe()["tokenizer"],
+                      vocab_size=lm.vocab_size)  # fmt: skip
+    return root
+
+
+def test_a_non_canonical_sampled_tokenization_is_confirmed_by_its_re_encoding(merge_index):
+    """A sample that spells corpus text byte by byte ("b" "r" "a" "v" "o", not "bravo"): its
+    sampled ids share only short runs with the index's ``encode(doc)`` tokens, its re-encoded
+    text shares them all; confirmed, with the match and window counts of a naive scan."""
+    from lm_extract_support import merge_lm
+
+    from memscan.lm.extract_run import confirm_samples
+
+    lm = merge_lm()
+    idx = CorpusIndex.open(merge_index)
+    canon = [lm.encode(d).tolist() for d in DOCS]
+    texts = [DOCS[0][6:260], DOCS[1][40:240], "nothing of the corpus here, bravo " * 3]
+    byte_ids = [list(t.encode()) for t in texts]  # the sampled ids: bytes only, never a merge
+    samples = pd.DataFrame({"text": texts, "tokens": [np.asarray(t, dtype=np.int64) for t in byte_ids]})
+    min_match = 45  # the sampled bytes share at most 42 with the corpus (the markup of DOCS[1])
+    out = confirm_samples(samples, idx, min_match, lm.decode, lm.encode)
+    for i, r in out.iterrows():
+        q = lm.encode(texts[i]).tolist()
+        run = _longest_common_run_ids(q, canon)
+        assert _longest_common_run_ids(byte_ids[i], canon) < min_match  # the sampled ids alone: missed
+        assert r["match_query"] == "text" and r["match_len"] == run
+        assert r["confirmed"] == (run >= min_match)
+        span = q[r["match_start"] : r["match_start"] + r["match_len"]]
+        assert canon[r["match_doc"]][r["match_offset"] : r["match_offset"] + r["match_len"]] == span
+        assert r["match_count"] == _count_ids(span, canon)
+        assert r["match_window_count"] == (_count_ids(span[:min_match], canon) if r["confirmed"] else 0)
+        assert r["match_before"] + r["match_text"] + r["match_after"] == texts[i]
+    assert out["confirmed"].tolist() == [True, True, False]
+    # without the tokenizer only the sampled ids are queried, and the copies are missed
+    assert not confirm_samples(samples, idx, min_match, lm.decode)["confirmed"].any()
+
+
+def test_the_sampled_ids_are_kept_when_they_match_longer(tmp_path):
+    """An index of pre-tokenized ids that holds the non-canonical spelling: the sampled ids match,
+    the re-encoding does not; the longer match is kept (``match_query`` = ``sampled``)."""
+    from lm_extract_support import merge_lm
+
+    from memscan.lm.extract_run import confirm_samples
+
+    lm = merge_lm()
+    text = DOCS[0][6:120]
+    ids = np.frombuffer(text.encode(), dtype=np.uint8).astype(np.int64)
+    CorpusIndex.build([ids], tmp_path / "idx", tokenizer=lm.describe()["tokenizer"], vocab_size=lm.vocab_size)
+    idx = CorpusIndex.open(tmp_path / "idx")
+    out = confirm_samples(pd.DataFrame({"text": [text], "tokens": [ids]}), idx, 50, lm.decode, lm.encode).iloc[0]
+    assert out["match_query"] == "sampled" and out["match_len"] == len(ids) and out["confirmed"]
+    assert out["match_window_count"] == _count_ids(ids[:50].tolist(), [ids.tolist()]) == 1
+
+
+def test_lm_extract_confirms_a_model_that_samples_non_canonical_tokens(merge_index, tmp_path):
+    """End to end on a token index: the run re-encodes each sample's text before it queries."""
+    from lm_extract_support import merge_lm
+
+    lm = merge_lm()
+    cfg = LmExtractConfig(samples=8, length=120, top=3, batch_size=4, min_match=25, temperature_start=1.0,
+                          temperature_end=1.0)  # fmt: skip
+    res = lm_extract(lm, merge_index, tmp_path / "run", cfg, prompts=PROMPTS, progress=False)
+    canon = [lm.encode(d).tolist() for d in DOCS]
+    missed_before = 0
+    for r in res.samples.to_dict("records"):
+        run = max(_longest_common_run_ids(lm.encode(r["text"]).tolist(), canon),
+                  _longest_common_run_ids(list(r["tokens"]), canon))  # fmt: skip
+        assert r["match_len"] == run and r["confirmed"] == (run >= 25)
+        missed_before += r["confirmed"] and _longest_common_run_ids(list(r["tokens"]), canon) < 25
+    assert missed_before >= 2  # confirmed now, missed when the sampled ids were the query
+    assert res.manifest["counts"]["confirmed"] == int(res.samples["confirmed"].sum())

@@ -10,11 +10,14 @@ kind ``lm-extract``).
 2. **de-duplicate** (:mod:`memscan.lm.dedup`): word-trigram multisets, §6.1 "Data De-Duplication"'s rule, walking the
    samples by increasing perplexity; empty samples (EOS first) are dropped and counted;
 3. **confirm** against the corpus index (:class:`memscan.lm.corpus_index.CorpusIndex`): the
-   longest run of the sample's tokens (its UTF-8 bytes for an index in bytes mode) found in the
-   corpus; a sample is ``confirmed`` when that run is at least ``min_match`` long (default 50
-   tokens, as Nasr et al. 2023 and Carlini et al. 2022 confirm; 100 bytes in bytes mode). Every
-   kept sample is checked, so the share confirmed among all samples is the precision of a random
-   ranking;
+   longest run of the sample found in the corpus; a sample is ``confirmed`` when that run is at
+   least ``min_match`` long (default 50 tokens, as Nasr et al. 2023 and Carlini et al. 2022
+   confirm; 100 bytes in bytes mode). In token mode the query is the sample's text re-encoded,
+   ``encode(text)`` — the tokenization the index was built with (``encode(doc)``): sampled ids
+   may spell the same text with other tokens ("hel" + "lo"), which the index does not hold — and
+   also the sampled ids when they differ, the longer match kept; in bytes mode the text's UTF-8
+   bytes. Every kept sample is checked, so the share confirmed among all samples is the
+   precision of a random ranking;
 4. **precision@N** of each metric: the confirmed share of its top ``N`` (``--top``).
 
 A run directory holds
@@ -26,9 +29,12 @@ A run directory holds
   removed as its near duplicates), ``rank_<metric>`` (1 = ranked most likely memorized),
   ``confirmed``, ``match_len`` (tokens, or bytes in bytes mode), ``match_doc``, ``match_offset``
   (the corpus location of one occurrence), ``match_train_id`` (that document's id),
-  ``match_start`` (where the match starts in the sample, same unit), ``match_count`` (occurrences
-  of the matched span in the corpus: its duplication), ``match_before`` / ``match_text`` /
-  ``match_after`` (the sample's text cut around the match);
+  ``match_start`` (where the match starts in the query, same unit), ``match_query`` (the query
+  that matched: ``text``, the re-encoded text or its bytes, or ``sampled``, the generated ids),
+  ``match_count`` (occurrences of the whole matched span in the corpus; its length varies),
+  ``match_window_count`` (occurrences of the span's first ``min_match`` units: the duplication of
+  the window that confirms the sample, one length for all; 0 when not confirmed),
+  ``match_before`` / ``match_text`` / ``match_after`` (the sample's text cut around the match);
 - ``precision.parquet`` — ``metric``, ``N``, ``confirmed``, ``precision`` (and the row
   ``all samples``: every kept sample, the random-ranking baseline);
 - ``manifest.json`` — config, models, index record, counts (generated, empty, duplicates removed,
@@ -194,13 +200,44 @@ def _pool(runner: str, model, reference, config: LmExtractConfig, options, log):
 
 
 # ---- confirmation and precision -----------------------------------------------------------------
-def confirm_samples(samples: pd.DataFrame, index, min_match: int, decode=None) -> pd.DataFrame:
-    """The corpus match of every sample: ``confirmed``, ``match_len``, ``match_doc``,
-    ``match_offset``, ``match_train_id``, ``match_start``, ``match_count``, ``match_before``,
-    ``match_text``, ``match_after`` (one row per sample, in order).
+def _queries(text: str, tokens, mode: str, encode) -> list[tuple[str, np.ndarray | bytes]]:
+    """The sample in the index's units, as ``(match_query, query)`` pairs, the re-encoding first.
 
-    The query is the sample's UTF-8 text for an index in bytes mode, else its token ids
-    (``tokens``; ``decode`` turns a token span back into text for the three text columns)."""
+    Bytes mode: the text's UTF-8 bytes (``"text"``). Token mode: ``encode(text)`` (``"text"``):
+    the canonical tokenization, the one the index holds (it was built from ``encode(doc)``); a
+    sampled sequence may spell the same text with other tokens ("hel" + "lo" for "hello"), and
+    those ids occur nowhere in the index. Then the sampled ids (``"sampled"``) when they differ:
+    an index of pre-tokenized ids may hold a non-canonical spelling. Without ``encode``: the
+    sampled ids only."""
+    if mode == "bytes":
+        return [("text", text.encode("utf-8"))]
+    sampled = np.asarray(tokens, dtype=np.int64).ravel()
+    if encode is None:
+        return [("sampled", sampled)]
+    canonical = np.asarray(encode(text), dtype=np.int64).ravel()
+    if np.array_equal(canonical, sampled):
+        return [("text", canonical)]
+    return [("text", canonical), ("sampled", sampled)]
+
+
+def confirm_samples(samples: pd.DataFrame, index, min_match: int, decode=None, encode=None) -> pd.DataFrame:
+    """The corpus match of every sample: ``confirmed``, ``match_len``, ``match_doc``,
+    ``match_offset``, ``match_train_id``, ``match_start``, ``match_query``, ``match_count``,
+    ``match_window_count``, ``match_before``, ``match_text``, ``match_after`` (one row per sample,
+    in order).
+
+    The query (:func:`_queries`) is the sample's UTF-8 text for an index in bytes mode; in token
+    mode ``encode(text)``, the text re-encoded (the tokenization the index was built with), and
+    also the sampled ids (``tokens``) when they differ from it, keeping the longer match (the
+    re-encoding on a tie; ``match_query`` says which: ``"text"`` or ``"sampled"``, and
+    ``match_len`` / ``match_start`` count units of that query). ``decode`` turns a token span back
+    into text for the three text columns.
+
+    ``match_count`` counts the corpus occurrences of the whole longest match, whose length varies
+    from sample to sample; ``match_window_count`` those of its first ``min_match`` units, one
+    fixed length (the window that confirms the sample: Carlini et al. 2022 count the duplicates
+    of the evaluated sequence itself), and 0 for a sample that is not confirmed (no run of
+    ``min_match`` units of it occurs)."""
     rows = []
     docs = None
     try:
@@ -208,16 +245,19 @@ def confirm_samples(samples: pd.DataFrame, index, min_match: int, decode=None) -
     except Exception:  # noqa: BLE001 - an index without document ids: leave them out
         docs = None
     for text, tokens in zip(samples["text"], samples["tokens"]):
-        # 1. the query in the index's units
-        if index.mode == "bytes":
-            q = text.encode("utf-8")
-        else:
-            q = np.asarray(tokens, dtype=np.int64)
-        # 2. the longest run of it in the corpus, and how often that run occurs
-        m = index.longest_substring_match(q)
+        # 1. the longest run of the sample in the corpus: over the re-encoded text (and the
+        #    sampled ids when they spell it otherwise), the longer one; the re-encoding on a tie
+        best = None
+        for name, q in _queries(text, tokens, index.mode, encode):
+            m = index.longest_substring_match(q)
+            if best is None or m.length > best[2].length:
+                best = (name, q, m)
+        name, q, m = best
         length, doc, off, start = (int(v) for v in m)
+        # 2. how often that run occurs, and how often its first min_match units do
         span = q[start : start + length] if length > 0 else q[:0]
         count = int(index.count(span)) if length > 0 else 0
+        window_count = int(index.count(span[:min_match])) if length >= min_match else 0
         # 3. the sample's text around the match (for the report's highlight)
         if index.mode == "bytes":
             cut = (q[:start], span, q[start + length :]) if length > 0 else (q, b"", b"")
@@ -235,17 +275,20 @@ def confirm_samples(samples: pd.DataFrame, index, min_match: int, decode=None) -
                 "match_offset": off,
                 "match_train_id": docs[doc] if docs is not None and 0 <= doc < len(docs) else None,
                 "match_start": start,
+                "match_query": name,
                 "match_count": count,
+                "match_window_count": window_count,
                 "match_before": before,
                 "match_text": mid,
                 "match_after": after,
             }
         )
-    cols = ["confirmed", "match_len", "match_doc", "match_offset", "match_train_id", "match_start", "match_count",
-            "match_before", "match_text", "match_after"]  # fmt: skip
+    cols = ["confirmed", "match_len", "match_doc", "match_offset", "match_train_id", "match_start", "match_query",
+            "match_count", "match_window_count", "match_before", "match_text", "match_after"]  # fmt: skip
     out = pd.DataFrame(rows, columns=cols)
     return out.astype({"confirmed": bool, "match_len": np.int64, "match_doc": np.int64, "match_offset": np.int64,
-                       "match_start": np.int64, "match_count": np.int64})  # fmt: skip
+                       "match_start": np.int64, "match_count": np.int64,
+                       "match_window_count": np.int64})  # fmt: skip
 
 
 def precision_table(samples: pd.DataFrame, metrics, top: int) -> pd.DataFrame:
@@ -401,8 +444,8 @@ def lm_extract(
         (run.root / "samples.parquet").unlink(missing_ok=True)  # the merge's copy; rewritten below
         t0 = time.perf_counter()
         samples, counts = _kept_samples(merged, metrics)
-        decode = getattr(lm, "decode", None)
-        samples = pd.concat([samples, confirm_samples(samples, idx, min_match, decode)], axis=1)
+        decode, encode = getattr(lm, "decode", None), getattr(lm, "encode", None)
+        samples = pd.concat([samples, confirm_samples(samples, idx, min_match, decode, encode)], axis=1)
         t_confirm = time.perf_counter() - t0
         precision = precision_table(samples, metrics, config.top)
         write_table(samples, run.root / "samples.parquet")
