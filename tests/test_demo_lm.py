@@ -115,13 +115,15 @@ def test_exposure_enumeration_equals_direct_scoring(tiny_lm):
     assert total.shape == (10**DIGITS,) and np.isfinite(total).all()
     rng = np.random.default_rng(0)
     values = rng.choice(10**DIGITS, 12, replace=False)
-    L = len(tiny_lm.encode(DIGIT_PREFIX))
-    ids = np.stack([tiny_lm.encode(DIGIT_PREFIX + f"{v:0{DIGITS}d}") for v in values])
-    direct = tiny_lm.token_logprobs(ids)[:, L - 1 :].sum(axis=1)
+    from memscan.lm.exposure import start_token
+
+    L = len(tiny_lm.encode(DIGIT_PREFIX))  # the digits follow the start token and the prefix
+    ids = np.stack([[start_token(tiny_lm), *tiny_lm.encode(DIGIT_PREFIX + f"{v:0{DIGITS}d}")] for v in values])
+    direct = tiny_lm.token_logprobs(ids)[:, L:].sum(axis=1)
     np.testing.assert_allclose(total[values], direct, rtol=0, atol=1e-4)
     for v in values[:4]:
         e, r = exposure_of(total, int(v))
-        assert r == 1 + sum(1 for x in total if x > total[v])
+        assert r == sum(1 for x in total if x >= total[v])  # ties count against the canary
         assert e == pytest.approx(math.log2(10**DIGITS) - math.log2(r))
     top = int(np.argmax(total))
     assert exposure_of(total, top) == (pytest.approx(math.log2(10**DIGITS)), 1)

@@ -53,9 +53,12 @@ def test_cached_format_enumeration_equals_the_demo_one():
     assert a.shape == (1000,) and np.isfinite(a).all()
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-4)
     # and against a direct sum of the adapter's per-token log-probabilities, for a few candidates
-    pre = lm.encode("my PIN is ")
+    # (scored after the start token, as memscan.lm.exposure scores canaries)
+    from memscan.lm.exposure import start_token
+
+    pre = np.concatenate([[start_token(lm)], lm.encode("my PIN is ")])
     for d in (0, 417, 999):
-        ids = np.concatenate([pre, lm.encode(f"{d:03d}")])[None, :]
+        ids = np.concatenate([pre, lm.encode(f"{d:03d}")])[None, :].astype(np.int64)
         want = lm.token_logprobs(ids)[0, len(pre) - 1 :].sum()
         assert a[d] == pytest.approx(want, abs=1e-4)
 

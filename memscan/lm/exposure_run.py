@@ -9,13 +9,17 @@ Canaries (:func:`read_canaries`):
 - an inline spec ``FORMAT::CANARY[::COPIES]`` (one canary).
 
 Each canary's exposure (:mod:`memscan.lm.exposure`) is exact — the rank among all of ``R``,
+``rank = |{r ∈ R : Px(r) ≤ Px(canary)}| = 1 + n_lower + n_ties`` (ties push the canary down),
 enumerated in shards of ``candidates_per_shard`` — where ``|R| ≤ exact_limit`` (10^5), else
-estimated from ``samples`` uniform candidates and a fitted skew-normal (one shard).
+estimated from ``samples`` uniform candidates and a fitted skew-normal (one shard), clipped to
+``log2 |R|``. Every token of the canary is scored, after the model's BOS (else EOS) token.
 
 A run directory holds ``exposures.parquet`` (one row per canary: ``canary_id``, ``canary``,
 ``format``, ``copies``, ``space_size``, ``method``, ``log_perplexity`` (bits), ``rank``,
-``ties``, ``exposure``, ``max_exposure`` = log2 |R|, and for estimates the skew-normal fit),
-``parts.parquet`` (the shards' partial counts), ``manifest.json``, ``shards/`` and ``run.log``.
+``ties``, ``exposure``, ``max_exposure`` = log2 |R|, ``candidates``, and for estimates
+``extrapolated_exposure`` (the paper's unclipped ``−log2 F``), ``clipped`` and the skew-normal
+fit), ``parts.parquet`` (the shards' partial counts), ``manifest.json`` (its ``definition``:
+:data:`memscan.lm.exposure.DEFINITION`), ``shards/`` and ``run.log``.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ import pandas as pd
 
 from memscan.errors import InputError, MemscanError
 from memscan.generators.model_record import model_record
-from memscan.lm.exposure import EXACT_LIMIT, CanaryFormat, exposure_from_rank
+from memscan.lm.exposure import DEFINITION, EXACT_LIMIT, CanaryFormat, exposure_from_rank
 from memscan.lm.worker import describe_lm_worker, exposure_stage, lm_pool
 from memscan.runners.shards import run_shards
 from memscan.store import open_run, write_table
@@ -198,10 +202,11 @@ def lm_exposure(
                     "count": len(table),
                 },
                 "canaries_sha256": digest,
+                "definition": DEFINITION,
                 "n_shards": len(parts),
                 "seeds": {"run_seed": config.seed, "derivation": "blake2b(run_seed, canary_id) → 56-bit sample seed"},
             },
-            identity=("config", "n_shards", "canaries_sha256"),
+            identity=("config", "n_shards", "canaries_sha256", "definition"),
             started=started,
         )
         with lm_pool(
@@ -248,7 +253,9 @@ def lm_exposure(
 
 
 def exposures_table(canaries: pd.DataFrame, parts: pd.DataFrame) -> pd.DataFrame:
-    """One row per canary from the shards' parts: exact rank = 1 + Σ lower; or the estimate."""
+    """One row per canary from the shards' parts: the exact ``rank = 1 + Σ n_lower + Σ n_ties``
+    (Carlini et al. 2019 Def. 2, ties push the canary down); or the estimate, clipped to
+    ``log2 |R|`` (``clipped``; ``extrapolated_exposure`` unclipped) with ``rank = |R| · 2^−exposure``."""
     rows = []
     for row in canaries.itertuples():
         fmt = CanaryFormat.parse(row.format)
@@ -270,17 +277,19 @@ def exposures_table(canaries: pd.DataFrame, parts: pd.DataFrame) -> pd.DataFrame
         if method == "exact":
             if not np.all(px == px[0]):
                 raise MemscanError(f"the shards disagree on the log-perplexity of canary {row.canary_id}", "")
-            rank = 1 + int(mine["n_lower"].sum())
-            out.update(
-                rank=float(rank), ties=int(mine["n_ties"].sum()), exposure=exposure_from_rank(rank, fmt.space_size)
-            )
-            out.update(
-                candidates=int(mine["candidates"].sum()), skewnorm_a=np.nan, skewnorm_loc=np.nan, skewnorm_scale=np.nan
-            )
+            ties = int(mine["n_ties"].sum())
+            rank = 1 + int(mine["n_lower"].sum()) + ties
+            out.update(rank=float(rank), ties=ties, exposure=exposure_from_rank(rank, fmt.space_size))
+            out.update(candidates=int(mine["candidates"].sum()), extrapolated_exposure=np.nan, clipped=False)
+            out.update(skewnorm_a=np.nan, skewnorm_loc=np.nan, skewnorm_scale=np.nan)
         else:
             e = float(mine["estimate_exposure"].iloc[0])
-            out.update(rank=float(fmt.space_size * 2.0**-e), ties=int(mine["n_ties"].iloc[0]), exposure=e)
-            out.update(candidates=int(mine["candidates"].iloc[0]))
+            extrapolated = float(mine["extrapolated_exposure"].iloc[0])
+            clipped = bool(extrapolated > e)
+            # rank = |R| · 2^−exposure: 1 where clipped, never below 1 through float rounding
+            rank = 1.0 if clipped else max(1.0, float(fmt.space_size * 2.0**-e))
+            out.update(rank=rank, ties=int(mine["n_ties"].iloc[0]), exposure=e)
+            out.update(candidates=int(mine["candidates"].iloc[0]), extrapolated_exposure=extrapolated, clipped=clipped)
             out.update({k: float(mine[k].iloc[0]) for k in ("skewnorm_a", "skewnorm_loc", "skewnorm_scale")})
         rows.append(out)
     df = pd.DataFrame(rows)

@@ -21,7 +21,14 @@ import pandas as pd
 
 from memscan.errors import InputError, user_code
 from memscan.generators.causal_lm import NEAR_TIE, describe_lm, load_causal_lm
-from memscan.lm.exposure import CanaryFormat, count_lower, log_perplexity, sample_secrets, skewnorm_exposure
+from memscan.lm.exposure import (
+    CanaryFormat,
+    canary_log_perplexity,
+    compare_to_canary,
+    count_lower,
+    sample_secrets,
+    skewnorm_exposure,
+)
 from memscan.lm.memorization import (
     PYTHIA_LENGTH,
     exact_memorization,
@@ -166,7 +173,11 @@ def extractable_stage(
 
 def exposure_stage(worker: LMWorker, part: dict, progress=None) -> tuple[dict[str, pd.DataFrame], dict]:
     """One part of one canary's exposure: an exact count over candidates ``lo ≤ r < hi``, or the
-    skew-normal estimate from ``samples`` uniform candidates (:mod:`memscan.lm.exposure`)."""
+    skew-normal estimate from ``samples`` uniform candidates (:mod:`memscan.lm.exposure`).
+
+    The canary is compared with each candidate scored in the same batch as it
+    (:func:`~memscan.lm.exposure.compare_to_canary`); its reported ``log_perplexity`` is the one
+    scored alone, the same in every shard."""
     lm = worker.lm
     t0 = time.perf_counter()
     fmt = CanaryFormat.parse(part["format"])
@@ -174,23 +185,29 @@ def exposure_stage(worker: LMWorker, part: dict, progress=None) -> tuple[dict[st
     where = f"the language model failed on canary {part['canary_id']}"
     row = {"canary_id": part["canary_id"], "method": part["method"], "lo": part["lo"], "hi": part["hi"]}
     with user_code(where):
-        px = float(log_perplexity(lm, [part["canary"]])[0])
+        # 1. the canary alone: the log-perplexity the run reports
+        px = canary_log_perplexity(lm, part["canary"])
         if part["method"] == "exact":
-            lower, ties = count_lower(lm, fmt, px, part["lo"], part["hi"], skip=secret, batch_size=part["batch_size"])
+            # 2. exact: the other candidates of [lo, hi) below / equal to the canary
+            lower, ties = count_lower(
+                lm, fmt, part["canary"], part["lo"], part["hi"], canary_px=px, batch_size=part["batch_size"]
+            )
             row.update(
                 n_lower=lower, n_ties=ties, candidates=part["hi"] - part["lo"] - int(part["lo"] <= secret < part["hi"])
             )
             est = {}
         else:
+            # 2. estimate: uniform samples of R, their counts, and the skew-normal fit
             secrets = sample_secrets(fmt, part["samples"], part["seed"])
-            sample_px = log_perplexity(lm, [fmt.fill(int(r)) for r in secrets], batch_size=part["batch_size"])
-            est = skewnorm_exposure(sample_px, px)
-            row.update(
-                n_lower=int(np.sum(sample_px < px)), n_ties=int(np.sum(sample_px == px)), candidates=len(secrets)
-            )
+            texts = [fmt.fill(int(r)) for r in secrets]
+            sample_px, lower, ties = compare_to_canary(lm, texts, part["canary"], px, batch_size=part["batch_size"])
+            est = skewnorm_exposure(sample_px, px, space_size=fmt.space_size)
+            row.update(n_lower=lower, n_ties=ties, candidates=len(secrets))
     row["log_perplexity"] = px
-    for key in ("exposure", "skewnorm_a", "skewnorm_loc", "skewnorm_scale"):
-        row[f"estimate_{key}" if key == "exposure" else key] = float(est.get(key, np.nan))
+    row["estimate_exposure"] = float(est.get("exposure", np.nan))
+    row["extrapolated_exposure"] = float(est.get("extrapolated_exposure", np.nan))
+    for key in ("skewnorm_a", "skewnorm_loc", "skewnorm_scale"):
+        row[key] = float(est.get(key, np.nan))
     if progress is not None:
         progress(row["candidates"])
     return {"parts": pd.DataFrame([row])}, {

@@ -78,7 +78,10 @@ def format_logprobs_cached(lm, prefix: str = DIGIT_PREFIX, digits: int = DIGITS,
         return format_logprobs(lm, prefix, digits, batch_size)
     import torch
 
-    pre = torch.as_tensor(np.asarray(lm.encode(prefix), dtype=np.int64))[None, :]
+    from memscan.lm.exposure import start_token
+
+    ids = np.concatenate([[start_token(lm)], np.asarray(lm.encode(prefix), dtype=np.int64)]).astype(np.int64)
+    pre = torch.as_tensor(ids)[None, :]  # scored after the start token, as format_logprobs
     digit_ids = np.array([int(lm.encode(str(d))[0]) for d in range(10)], dtype=np.int64)
     if any(len(lm.encode(str(d))) != 1 for d in range(10)):
         raise MemscanError("the model's tokenizer does not give one token per digit", "use a byte-level model")

@@ -154,8 +154,11 @@ def format_logprobs(lm, prefix: str = DIGIT_PREFIX, digits: int = DIGITS, batch_
     next-token distributions at the last ``digits`` positions give the log-probability of every
     candidate that shares the stem. Sums of the same per-token log-probabilities as
     :func:`memscan.lm.exposure.log_perplexity` (up to the prefix's own, shared by all candidates,
-    and the unit: nats here, bits there), so the ranks are the same (tested)."""
-    pre = np.asarray(lm.encode(prefix), dtype=np.int64)
+    and the unit: nats here, bits there), scored after the same start token
+    (:func:`memscan.lm.exposure.start_token`), so the ranks are the same (tested)."""
+    from memscan.lm.exposure import start_token
+
+    pre = np.concatenate([[start_token(lm)], np.asarray(lm.encode(prefix), dtype=np.int64)]).astype(np.int64)
     digit_ids = np.array([int(lm.encode(str(d))[0]) for d in range(10)], dtype=np.int64)
     if any(len(lm.encode(str(d))) != 1 for d in range(10)):
         raise MemscanError("the model's tokenizer does not give one token per digit", "use a byte-level model")
@@ -176,10 +179,10 @@ def format_logprobs(lm, prefix: str = DIGIT_PREFIX, digits: int = DIGITS, batch_
 
 
 def exposure_of(total: np.ndarray, value: int) -> tuple[float, int]:
-    """Exposure (Carlini et al. 2019, Def. 2–3): ``log2 |R| − log2 rank``, ``rank = 1 +`` the number
-    of candidates strictly more likely (ties do not push the canary down, as in
+    """Exposure (Carlini et al. 2019, Def. 2–3): ``log2 |R| − log2 rank``, ``rank`` the number of
+    candidates at least as likely as the canary, itself included (ties push the canary down, as in
     :mod:`memscan.lm.exposure`)."""
-    rank = 1 + int((total > total[value]).sum())
+    rank = int((total >= total[value]).sum())
     return math.log2(len(total)) - math.log2(rank), rank
 
 
