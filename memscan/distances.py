@@ -957,7 +957,8 @@ def _pairwise_stacked_int8(x, grid: int) -> torch.Tensor:
     once. Memory in flight: the int8 row (1/``grid`` × the uint8 input), ``grid`` N×N int32
     products per prompt (and their int64 copy for wide tiles, over 2¹⁵ values — then the
     images are large and these N×N buffers small beside them), one grouped product (at most
-    ``INT8_GROUP_MEMORY`` × the input) and the running maximum.
+    ``INT8_GROUP_MEMORY`` × the input unless ``INT8_GROUP`` forces the group) and the running
+    maximum.
     """
     p, n, h, w, c = x.shape
     th, tw = h // grid, w // grid

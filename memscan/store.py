@@ -400,6 +400,13 @@ class Run:
         """
         if self.previous is not None:
             for key in identity:
+                if key == "definitions" and self.previous.get(key) != fields.get(key):
+                    raise MemscanError(
+                        f"cannot resume {self.root}: it was started by a memscan version whose definitions "
+                        f"of its numbers differ ({self.previous.get(key)} vs {fields.get(key)}); its finished "
+                        "shards would be mixed with new ones",
+                        "start a new run with another --out",
+                    )
                 if self.previous.get(key) != fields.get(key):
                     raise MemscanError(
                         f"cannot resume {self.root}: its {key} differs from this invocation "

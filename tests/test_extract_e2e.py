@@ -63,6 +63,7 @@ def test_run_directory_contents(e2e_run):
     assert manifest["config"]["samples_per_prompt"] == 60
     assert manifest["config"]["alpha"] == 0.08 and manifest["config"]["delta"] == 0.15
     assert manifest["prompts"]["blank_lines_skipped"] == 1
+    assert manifest["definitions"]["eidetic_k"].startswith("training images within delta of the extracted training")
     assert manifest["counts"] == {
         "prompts": 15,
         "samples": 900,

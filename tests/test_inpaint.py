@@ -157,3 +157,6 @@ def test_pipeline_outputs_are_brought_to_the_images_channels():
     grey = np.full((2, 2), 0.3, np.float32)
     assert _channels(grey, 3).shape == (2, 2, 3) and (_channels(grey, 3) == 0.3).all()
     np.testing.assert_array_equal(_channels(rgba[..., :3], 3), rgba[..., :3])  # already right: unchanged
+    grey_alpha = np.stack([grey, np.ones((2, 2), np.float32)], -1)  # alpha never enters the pixels
+    assert _channels(grey_alpha, 3).shape == (2, 2, 3) and (_channels(grey_alpha, 3) == 0.3).all()
+    assert (_channels(grey_alpha, 1) == 0.3).all()

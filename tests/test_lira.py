@@ -184,7 +184,9 @@ def test_lira_vs_loop_reference(fixed_variance, location):
     np.testing.assert_allclose(on.extras["sigma_out"], sd_out, rtol=1e-12)
     np.testing.assert_allclose(on.scores, online, rtol=1e-9)
     np.testing.assert_allclose(off.scores, offline, rtol=1e-9)
-    assert on.params == {"fixed_variance": fixed_variance, "location": location}
+    sigma = "pooled" if fixed_variance else "per_example"  # 2–14 values per example: pooled
+    assert on.params == {"fixed_variance": fixed_variance, "location": location, "sigma": sigma}
+    assert off.params["sigma"] == sigma
 
 
 def test_fixed_variance_pooled_is_the_anova_residual_deviation():
@@ -245,6 +247,7 @@ def test_fixed_variance_hand_worked_one_value_per_example():
     np.testing.assert_allclose(off.extras["z"], np.array([-0.5, 0.0, -1.0]) / np.sqrt(32 / 3), rtol=1e-14)
     assert off.scores[1] > off.scores[0] > off.scores[2]
     assert 0.0 < off.extras["lambda"].min() and off.extras["lambda"].max() < 1.0
+    assert on.params["sigma"] == off.params["sigma"] == "global"  # recorded with the result
 
 
 @pytest.mark.parametrize("location", ["mean", "median"])

@@ -223,3 +223,8 @@ def test_lookup_model_memorized_canary_has_maximal_exposure(tmp_path):
     row = res.exposures.iloc[0]
     assert row["method"] == "estimate" and row["clipped"] and row["rank"] == 1.0
     assert row["exposure"] == row["max_exposure"] < row["extrapolated_exposure"]
+    # the report marks the clipped estimate
+    from memscan.report.lm import build_lm_exposure_report
+
+    html = build_lm_exposure_report(tmp_path / "run").read_text()
+    assert "(clipped)" in html and "exceeds log2 |R|" in html

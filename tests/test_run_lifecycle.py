@@ -59,6 +59,22 @@ def test_resume_keeps_start_time_and_checks_identity(tmp_path):
         assert m["started"] == first["started"] and len(m["resumed"]) == 1
 
 
+def test_a_run_started_under_other_definitions_is_not_resumed(tmp_path):
+    """A run whose manifest records other definitions of its numbers (or none: started before
+    they were recorded, e.g. the k-eidetic count centred on the generation) is refused on
+    resume, saying why and what to do; its manifest is left as it was."""
+    from memscan.extraction.verify import DEFINITIONS
+
+    with open_run(tmp_path / "r", "extract") as run:
+        run.start({"config": {"a": 1}}, identity=("config",))  # an earlier version: no definitions
+    before = (tmp_path / "r" / "manifest.json").read_text()
+    with open_run(tmp_path / "r", "extract", resume=True) as run:
+        with pytest.raises(MemscanError, match="definitions of its numbers differ") as err:
+            run.start({"config": {"a": 1}, "definitions": DEFINITIONS}, identity=("config", "definitions"))
+    assert "another --out" in err.value.hint
+    assert (tmp_path / "r" / "manifest.json").read_text() == before
+
+
 def test_failure_inside_marks_incomplete_and_releases_the_lock(tmp_path):
     with pytest.raises(RuntimeError):
         with open_run(tmp_path / "r", "extract") as run:

@@ -394,3 +394,33 @@ def test_the_index_path_never_decodes_the_training_set(tmp_path, flat_index, mon
     res = extract(planted(), PROMPTS[:2], None, tmp_path / "run", CFG, progress=False, index=flat_index, retrieve=10)
     assert res.manifest["counts"]["extractions"] == 2
     assert res.manifest["retrieval"]["decoded"] <= 2 * 10  # only the retrieved images were read
+
+
+def test_retrieval_counts_add_up_over_shards_beyond_the_listed_names():
+    """Shard records list every skip (complete); a manifest lists at most LISTED but counts all;
+    records already cut (older runs) still add their full counts, and the log says how many
+    were not named."""
+    from memscan.extraction.verify_index import LISTED, RetrievalStats
+
+    def shard(n_skipped, prompt):
+        s = RetrievalStats(candidates=2, retrieved=10)
+        s.skipped = [{"id": f"{prompt}-{i}", "path": "p", "reason": "r"} for i in range(n_skipped)]
+        s.unverified = [prompt]
+        return s.to_dict(limit=None)
+
+    records = [shard(150, "a"), shard(70, "b")]
+    assert records[0]["skipped_count"] == 150 and len(records[0]["skipped"]) == 150
+    cut = RetrievalStats()
+    cut.add(records[0])
+    old = cut.to_dict()  # an older shard record: cut to LISTED, with its full count
+    assert len(old["skipped"]) == LISTED and old["skipped_count"] == 150
+    total = RetrievalStats()
+    for r in (old, records[1]):
+        total.add(r)
+    got = total.to_dict()
+    assert got["skipped_count"] == 220 and len(got["skipped"]) == LISTED and got["candidates"] == 4
+    assert got["unverified_count"] == 2 and got["unverified"] == ["a", "b"] and got["retrieved"] == 20
+    lines = []
+    total.log(lines.append)
+    assert len(lines) == 170 + 2 + 1 and "50 more skipped not named" in lines[-1]
+    assert sum("not verified" in line for line in lines) == 2

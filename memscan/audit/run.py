@@ -33,7 +33,7 @@ from memscan.data.duplicates import DuplicateConfig
 from memscan.data.training import TrainingSet, training_at_shape
 from memscan.errors import InputError
 from memscan.extraction.config import ExtractConfig
-from memscan.extraction.verify import extraction_counts
+from memscan.extraction.verify import DEFINITIONS, extraction_counts
 from memscan.extraction.worker import extraction_pool, generator_record, probe_generator
 from memscan.runners import GeneratorSpec
 from memscan.store import open_run
@@ -160,8 +160,9 @@ def audit(
             "audit": options,
             "triage_config": triage_config.to_dict(),
             "inputs": inputs,
+            "definitions": DEFINITIONS,
         }
-        identity = ("config", "audit", "triage_config", "inputs")
+        identity = ("config", "audit", "triage_config", "inputs", "definitions")
         if run.resuming:  # a resumed audit must be the same audit (checked before any stage)
             run.start(fields, identity=identity, started=started)
         else:  # a fresh start: what a refused start left behind is not reused

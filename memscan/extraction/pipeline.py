@@ -20,7 +20,7 @@ from memscan.data.prompts import load_prompts
 from memscan.data.training import TrainingSet, load_training_set, training_at_shape
 from memscan.errors import InputError, MemscanError
 from memscan.extraction.config import ExtractConfig
-from memscan.extraction.verify import extraction_counts, verify_candidates
+from memscan.extraction.verify import DEFINITIONS, extraction_counts, verify_candidates
 from memscan.extraction.verify_index import (
     DEFAULT_RETRIEVE,
     IndexVerification,
@@ -191,6 +191,7 @@ def _extract_in(
         "training_set": summary,
         "n_shards": n_shards,
         "seeds": {"run_seed": config.seed, "derivation": "blake2b(run_seed, prompt_id, sample_index) → 63-bit"},
+        "definitions": DEFINITIONS,
     }
     if verification is not None:
         fields["verification"] = verification
@@ -198,7 +199,7 @@ def _extract_in(
         fields["index_search"] = "ray actors, one per part" if train.served is not None else "opened by each worker"
     if not (run.resuming and prompts_path.exists()):
         write_table(prompt_df, prompts_path)
-    run.start(fields, identity=("config", "n_shards", "output_shape", "verification"), started=started)
+    run.start(fields, identity=("config", "n_shards", "output_shape", "verification", "definitions"), started=started)
     store.log(f"extract: {len(prompt_df)} prompts in {n_shards} shards, {config.samples_per_prompt} samples each")
 
     # 2. shards: the same stage over the same shards with either runner; results are committed
@@ -270,10 +271,7 @@ def _retrieval(store: RunStore, n_shards: int) -> dict:
     total = RetrievalStats()
     for s in range(n_shards):
         total.add(store.shard_record(s).get("retrieval", {}))
-    for sk in total.skipped:
-        store.log(f"skipped retrieved training image {sk['id']} ({sk['path']}): {sk['reason']}")
-    for prompt in total.unverified:
-        store.log(f"candidate of prompt {prompt} not verified: none of its retrieved training images could be read")
+    total.log(store.log)
     return total.to_dict()
 
 
@@ -342,7 +340,10 @@ def reverify(
         kw = {"delta": config.delta, "grid": config.grid, "n_nearest": config.n_nearest}
         if verifier is not None:
             ext, stats = verify_candidates_indexed(cands, imgs, verifier, **kw)
-            manifest["retrieval"] = stats
+            total = RetrievalStats()
+            total.add(stats)
+            total.log(store.log)
+            manifest["retrieval"] = total.to_dict()
         else:
             ext = verify_candidates(cands, imgs, training, **kw)
         write_table(det, store.root / "detections.parquet")
@@ -356,6 +357,7 @@ def reverify(
             {"at": time.strftime("%Y-%m-%dT%H:%M:%S"), "delta": config.delta, "min_clique": config.min_clique}
         )
         manifest["counts"] = extraction_counts(det, ext, config.min_clique)
+        manifest["definitions"] = DEFINITIONS  # every row recomputed under the current definitions
         opened.save()
         prompts = pd.read_parquet(store.root / "prompts.parquet")
         return ExtractionResult(store.root, prompts, det, ext, manifest)

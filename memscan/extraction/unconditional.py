@@ -235,7 +235,12 @@ class _Verifier:
         for p in parts:
             stats.add(p[3])
         cat = np.concatenate
-        return cat([p[0] for p in parts]), cat([p[1] for p in parts]), cat([p[2] for p in parts]), stats.to_dict()
+        return (
+            cat([p[0] for p in parts]),
+            cat([p[1] for p in parts]),
+            cat([p[2] for p in parts]),
+            stats.to_dict(limit=None),
+        )
 
     def _chunk_via_index(self, images: np.ndarray):
         stats = RetrievalStats(candidates=len(images))
@@ -261,7 +266,7 @@ class _Verifier:
             best = np.take_along_axis(pos, order, 1)[:, 0]
         nearest = np.zeros_like(images)
         nearest[best >= 0] = decoded[best[best >= 0]]
-        return dist, rows, nearest, {**asdict(stats)}
+        return dist, rows, nearest, stats.to_dict(limit=None)
 
 
 def _calibrated_rows(d: np.ndarray, alpha_c: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -410,7 +415,7 @@ def unconditional_stage(
     table = pd.DataFrame(rows, columns=GENERATION_COLUMNS)
     meta = {"samples": hi - lo, "generation_s": round(gen_s, 3), "verification_s": round(ver_s, 3)}
     if retrieval is not None:
-        meta["retrieval"] = retrieval.to_dict()
+        meta["retrieval"] = retrieval.to_dict(limit=None)  # the shard record: complete lists
     return {"generations": table}, meta
 
 
@@ -538,8 +543,7 @@ def _run(run: Run, pool, generator, model_id, train, config, index, progress, st
         retrieval = RetrievalStats()
         for r in recs:
             retrieval.add(r.get("retrieval", {}))
-        for sk in retrieval.skipped:
-            store.log(f"skipped retrieved training image {sk['id']} ({sk['path']}): {sk['reason']}")
+        retrieval.log(store.log)
         extra["retrieval"] = retrieval.to_dict()
     manifest = run.finish(
         **extra,

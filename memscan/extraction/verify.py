@@ -5,7 +5,8 @@ For each candidate (a clique medoid), the ``n_nearest`` training images by exact
 paper δ = 0.15) — and the k-eidetic count of the extracted training image: the number of
 training images within δ of x, the nearest training image, itself included (Def. 2: x is
 k-eidetic memorized when it is extractable and at most k training images lie within δ of it;
-the count is centred on x, not on the generation x̂). 0 when nothing is extracted.
+the count is centred on x, not on the generation x̂). 0 when nothing is extracted. The count
+costs one more exact pass over the training set, for the distinct extracted images only.
 """
 
 from __future__ import annotations
@@ -15,6 +16,15 @@ import pandas as pd
 
 from memscan.data.training import TrainingSet
 from memscan.distances import nearest_tiled_l2
+
+#: What the extraction table's numbers mean, recorded in the manifest of every run that verifies
+#: (``definitions``) and part of its identity: a run started under other definitions is not
+#: resumed into a table that would mix them.
+DEFINITIONS = {
+    "extracted": "tiled_l2(candidate, training image) <= delta (Carlini et al. 2023, Def. 1)",
+    "eidetic_k": "training images within delta of the extracted training image x, x included "
+    "(Carlini et al. 2023, Def. 2); 0 when nothing is within delta",
+}
 
 EXTRACTION_COLUMNS = [
     "prompt_id",

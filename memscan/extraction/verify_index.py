@@ -9,8 +9,12 @@ paper verified by retrieval. With ``--index IDX`` each candidate medoid is
 3. those images alone are decoded from the training source by random access
    (:class:`memscan.index.locations.SourceReader`: a tar member is one seek + one read),
 4. compared by exact tiled ℓ2 (:func:`memscan.distances.nearest_tiled_l2`, the same function
-   as the full path), which gives the (ℓ, δ)-extraction decision and the k-eidetic count —
-   **among the K retrieved**: a count of K means "at least K".
+   as the full path), which gives the (ℓ, δ)-extraction decision; then the k-eidetic count of
+   the extracted training image x — its retrieved images within δ of x
+   (:func:`memscan.distances.cross_tiled_l2`) — **among the K retrieved**: a count of K means
+   "at least K". (uint8 images take exact int8 products on both paths, so these counts equal
+   the full path's; on the float32 fallback a pair within float rounding of δ could count
+   differently.)
 
 Retrieved images are passed to ``nearest_tiled_l2`` in training-set order (ascending index row),
 so ties resolve as in the full path. When the candidates' retrievals overlap (their union is at
@@ -86,32 +90,56 @@ class IndexVerification:
         return self
 
 
+#: A manifest names at most this many skipped images and unverified prompts (the counts are
+#: complete; shard records and ``run.log`` name every one).
+LISTED = 100
+
+
 @dataclass
 class RetrievalStats:
-    """What verification through the index read: counts and the retrieved images that failed."""
+    """What verification through the index read: counts, the retrieved images that failed
+    (``skipped``) and the prompts whose candidate could not be verified because none of its
+    retrieved images was readable (``unverified``)."""
 
     candidates: int = 0
     retrieved: int = 0
     decoded: int = 0
     bytes_read: int = 0
     skipped: list[dict] = field(default_factory=list)
-    #: prompts whose candidate could not be verified: none of its retrieved images was readable
     unverified: list[str] = field(default_factory=list)
+    #: how many more were counted than listed (records already cut to ``LISTED``)
+    unlisted: dict = field(default_factory=lambda: {"skipped": 0, "unverified": 0})
 
     def add(self, other: dict) -> None:
+        """Add a record of :meth:`to_dict` (a shard's, or an older one without some fields)."""
         for k in ("candidates", "retrieved", "decoded", "bytes_read"):
             setattr(self, k, getattr(self, k) + int(other.get(k, 0)))
-        self.skipped.extend(other.get("skipped", []))
-        self.unverified.extend(other.get("unverified", []))
+        for k in ("skipped", "unverified"):
+            listed = other.get(k, [])
+            getattr(self, k).extend(listed)
+            self.unlisted[k] += int(other.get(f"{k}_count", len(listed))) - len(listed)
 
-    def to_dict(self) -> dict:
-        return {
-            **asdict(self),
-            "skipped": self.skipped[:100],
-            "skipped_count": len(self.skipped),
-            "unverified": self.unverified[:100],
-            "unverified_count": len(self.unverified),
-        }
+    def to_dict(self, limit: int | None = LISTED) -> dict:
+        """The record: counts, and the lists cut to ``limit`` (None: complete, for shard records)."""
+        out = {k: getattr(self, k) for k in ("candidates", "retrieved", "decoded", "bytes_read")}
+        for k in ("skipped", "unverified"):
+            items = getattr(self, k)
+            out[k] = list(items if limit is None else items[:limit])
+            out[f"{k}_count"] = len(items) + self.unlisted[k]
+        return out
+
+    def log(self, log) -> None:
+        """Name every listed skip and unverified candidate through ``log`` (a run's ``store.log``)."""
+        for sk in self.skipped:
+            log(f"skipped retrieved training image {sk['id']} ({sk['path']}): {sk['reason']}")
+        for prompt in self.unverified:
+            log(
+                f"candidate of prompt {prompt} not verified: none of its retrieved training images could be read "
+                "(or the index returned none)"
+            )
+        for k, n in self.unlisted.items():
+            if n:
+                log(f"{n} more {k} not named (older shard records list at most {LISTED})")
 
 
 class IndexVerifier:
@@ -244,12 +272,13 @@ def verify_candidates_indexed(
 ) -> tuple[pd.DataFrame, dict]:
     """:func:`memscan.extraction.verify.verify_candidates` among each candidate's retrieved images.
 
-    Returns the extraction rows (same columns) and the retrieval counts of
-    :class:`RetrievalStats` (``skipped``: retrieved images that could not be read, by id).
+    Returns the extraction rows (same columns) and the retrieval record of
+    :class:`RetrievalStats` with complete lists (``skipped``: retrieved images that could not be
+    read, by id; ``unverified``: prompts none of whose retrieved images could be read).
     """
     stats = RetrievalStats(candidates=len(candidates))
     if len(candidates) == 0:
-        return empty_extractions(), stats.to_dict()
+        return empty_extractions(), stats.to_dict(limit=None)
     # a shard's few candidates at once; many (memscan verify RUN) in chunks, so that memory stays
     # bounded by the chunk's retrieved images and each chunk runs single-threaded
     per = verification_chunk(verifier.spec.retrieve, images.shape[1:])
@@ -265,8 +294,8 @@ def verify_candidates_indexed(
         stats.unverified.extend(part.unverified)
     tables = [t for t in tables if len(t)]
     if len(tables) == 1:  # a shard's few candidates: one piece, nothing to concatenate
-        return tables[0], stats.to_dict()
-    return (pd.concat(tables, ignore_index=True) if tables else empty_extractions()), stats.to_dict()
+        return tables[0], stats.to_dict(limit=None)
+    return (pd.concat(tables, ignore_index=True) if tables else empty_extractions()), stats.to_dict(limit=None)
 
 
 def _eidetic_counts(per_candidate, rows, readable, kept, decoded, delta, grid) -> np.ndarray:
@@ -360,7 +389,7 @@ def _verify(candidates, images, verifier, stats, delta, grid, n_nearest):
     for c in range(len(candidates)):
         cand = SimpleNamespace(**{name: values[c] for name, values in fields.items()})
         if per_candidate[c] is None or not len(per_candidate[c][1]):
-            stats.unverified.append(str(cand.prompt_id))
+            stats.unverified.append(str(cand.prompt_id))  # nothing readable retrieved (or nothing retrieved)
             continue
         d_c, r_c = per_candidate[c]
         # 5. this candidate's retrieved images, nearest first

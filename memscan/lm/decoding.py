@@ -85,3 +85,14 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     """``logits − logsumexp(logits)`` over the last axis, float64."""
     s = np.asarray(logits, dtype=np.float64)
     return s - _logsumexp(s)
+
+
+def document_start(lm) -> int | None:
+    """The token a document starts after — the model's BOS token, else its EOS token (None
+    without either): the context of an unconditional sample and the ``x_0`` a canary is scored
+    after, so that its first token is predicted too."""
+    for name in ("bos_token_id", "eos_token_id"):
+        tok = getattr(lm, name, None)
+        if tok is not None:
+            return int(tok)
+    return None

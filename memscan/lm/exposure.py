@@ -52,13 +52,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from memscan.errors import InputError
+from memscan.lm.decoding import document_start
 
 #: Enumerate R exactly when |R| is at most this; above, estimate with a fitted skew-normal.
 EXACT_LIMIT = 10**5
 _HOLE = re.compile(r"\{d(\d+)\}")
 #: The definitions an ``lm-exposure`` run records in its manifest (and checks on ``--resume``, so
 #: that one run never mixes shards counted under two definitions).
-DEFINITION = {
+DEFINITIONS = {
     "log_perplexity": "-sum of log2 p(x_t | x_0, x_<t) over every token of the canary; x_0 = BOS, else EOS",
     "rank": "|{r in R: Px(r) <= Px(canary)}| = 1 + n_lower + n_ties (ties push the canary down)",
     "exposure": "log2 |R| - log2 rank; an estimate: -log2 F(Px(canary)) clipped to log2 |R|",
@@ -133,9 +134,7 @@ def start_token(lm) -> int:
     """The token ``x_0`` every text is scored after, so that its first token is predicted too:
     the model's BOS token, else its EOS token (where a document starts; the context
     :func:`memscan.lm.sampling_attack.start_ids` samples from)."""
-    tok = getattr(lm, "bos_token_id", None)
-    if tok is None:
-        tok = getattr(lm, "eos_token_id", None)
+    tok = document_start(lm)
     if tok is None:
         raise InputError(
             "the model has neither a BOS nor an EOS token to score a canary's first token after",

@@ -18,8 +18,8 @@ A run directory holds ``exposures.parquet`` (one row per canary: ``canary_id``, 
 ``format``, ``copies``, ``space_size``, ``method``, ``log_perplexity`` (bits), ``rank``,
 ``ties``, ``exposure``, ``max_exposure`` = log2 |R|, ``candidates``, and for estimates
 ``extrapolated_exposure`` (the paper's unclipped ``−log2 F``), ``clipped`` and the skew-normal
-fit), ``parts.parquet`` (the shards' partial counts), ``manifest.json`` (its ``definition``:
-:data:`memscan.lm.exposure.DEFINITION`), ``shards/`` and ``run.log``.
+fit), ``parts.parquet`` (the shards' partial counts), ``manifest.json`` (its ``definitions``:
+:data:`memscan.lm.exposure.DEFINITIONS`), ``shards/`` and ``run.log``.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ import pandas as pd
 
 from memscan.errors import InputError, MemscanError
 from memscan.generators.model_record import model_record
-from memscan.lm.exposure import DEFINITION, EXACT_LIMIT, CanaryFormat, exposure_from_rank
+from memscan.lm.exposure import DEFINITIONS, EXACT_LIMIT, CanaryFormat, exposure_from_rank
 from memscan.lm.worker import describe_lm_worker, exposure_stage, lm_pool
 from memscan.runners.shards import run_shards
 from memscan.store import open_run, write_table
@@ -202,11 +202,11 @@ def lm_exposure(
                     "count": len(table),
                 },
                 "canaries_sha256": digest,
-                "definition": DEFINITION,
+                "definitions": DEFINITIONS,
                 "n_shards": len(parts),
                 "seeds": {"run_seed": config.seed, "derivation": "blake2b(run_seed, canary_id) → 56-bit sample seed"},
             },
-            identity=("config", "n_shards", "canaries_sha256", "definition"),
+            identity=("config", "n_shards", "canaries_sha256", "definitions"),
             started=started,
         )
         with lm_pool(

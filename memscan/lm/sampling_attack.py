@@ -38,7 +38,7 @@ import pandas as pd
 from memscan.errors import InputError, MemscanError, user_code
 from memscan.lm import membership as ms
 from memscan.lm import ranking as rk
-from memscan.lm.decoding import check_scheme
+from memscan.lm.decoding import check_scheme, document_start
 
 __all__ = [
     "ExtractSampleWorker",
@@ -155,9 +155,7 @@ def start_ids(lm: Any, prompt: str | None, what: str = "the model") -> np.ndarra
         if ids.size == 0:
             raise InputError(f"a prompt {prompt!r} encodes to no token under {what}", "remove empty prompts")
         return ids
-    tok = getattr(lm, "bos_token_id", None)
-    if tok is None:
-        tok = getattr(lm, "eos_token_id", None)
+    tok = document_start(lm)
     if tok is None:
         raise InputError(
             f"{what} has neither a BOS nor an EOS token to start unconditional samples from",

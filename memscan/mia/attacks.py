@@ -171,6 +171,10 @@ class Attack(ABC):
         """The attack's options, recorded in each result."""
         return {}
 
+    def fitted(self, x: AttackInputs) -> dict[str, Any]:
+        """Choices the fit made from the data (recorded in each result beside :meth:`params`)."""
+        return {}
+
     def fit_score(
         self,
         inputs: AttackInputs,
@@ -206,7 +210,7 @@ class Attack(ABC):
             scores=scores,
             roc=roc,
             timestep=x.timestep,
-            params=self.params(),
+            params={**self.params(), **self.fitted(x)},
             extras=extras,
         )
 
@@ -364,12 +368,20 @@ class _LiRA(Attack):
     def params(self) -> dict[str, Any]:
         return {"fixed_variance": self.fixed_variance, "location": self.location}
 
-    def _sigma_estimator(self, *masks: np.ndarray) -> str:
+    def _sides(self, x: AttackInputs) -> tuple[np.ndarray, ...]:
+        """The shadow masks of the fitted sides: IN and OUT (online), OUT (offline)."""
+        return (x.shadow_in, ~x.shadow_in)
+
+    def _sigma_estimator(self, x: AttackInputs) -> str:
         """``per_example``; with ``fixed_variance`` ``pooled`` when every fitted side has a degree
         of freedom, else ``global`` for all of them (both σ of a ratio of the same kind)."""
         if not self.fixed_variance:
             return "per_example"
-        return "pooled" if all(_dof(m) >= 1 for m in masks) else "global"
+        return "pooled" if all(_dof(m) >= 1 for m in self._sides(x)) else "global"
+
+    def fitted(self, x: AttackInputs) -> dict[str, Any]:
+        """``sigma``: the estimator of σ the data allowed (:data:`SIGMA_ESTIMATORS`)."""
+        return {"sigma": self._sigma_estimator(x)}
 
     def _fit(self, x: AttackInputs, member_side: bool, sigma: str):
         mask = x.shadow_in if member_side else ~x.shadow_in
@@ -455,7 +467,7 @@ class LiRAOnline(_LiRA):
 
     def _score(self, x: AttackInputs) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         s = -x.target_loss
-        sigma = self._sigma_estimator(x.shadow_in, ~x.shadow_in)
+        sigma = self._sigma_estimator(x)
         mu_in, sd_in, n_in = self._fit(x, True, sigma)
         mu_out, sd_out, n_out = self._fit(x, False, sigma)
         # log N(s; μ, σ²) = −½((s − μ)/σ)² − log σ − ½ log 2π; the constant cancels.
@@ -522,9 +534,12 @@ class LiRAOffline(_LiRA):
     needs_in = 0
     needs_out = 2
 
+    def _sides(self, x: AttackInputs) -> tuple[np.ndarray, ...]:
+        return (~x.shadow_in,)
+
     def _score(self, x: AttackInputs) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         s = -x.target_loss
-        mu_out, sd_out, n_out = self._fit(x, False, self._sigma_estimator(~x.shadow_in))
+        mu_out, sd_out, n_out = self._fit(x, False, self._sigma_estimator(x))
         z = (s - mu_out) / sd_out
         extras = {
             "mu_out": mu_out,

@@ -192,17 +192,17 @@ class InpaintConfig:
 
 
 def _channels(rec: np.ndarray, c: int) -> np.ndarray:
-    """A pipeline's H×W(×C') output with ``c`` channels: grey → repeated; colour → grey as the
-    mean of its colour channels (alpha dropped); RGBA → RGB (alpha dropped)."""
+    """A pipeline's H×W(×C') output with ``c`` channels (1 or 3). Alpha (the 2nd channel of grey +
+    alpha, the 4th of RGBA) is dropped; then grey → repeated, colour → grey as its mean."""
     if rec.ndim == 2:
         rec = rec[..., None]
+    if rec.shape[-1] in (2, 4):  # grey + alpha, RGBA: drop alpha
+        rec = rec[..., : rec.shape[-1] - 1]
     if rec.shape[-1] == c:
         return rec
     if rec.shape[-1] == 1:
         return np.repeat(rec, c, -1)
-    if c == 1:
-        return rec[..., :3].mean(-1, keepdims=True)
-    return rec[..., :c]
+    return rec.mean(-1, keepdims=True) if c == 1 else rec[..., :c]
 
 
 def _schedule(steps: int, jump_length: int, jump_n_sample: int, T: int):

@@ -36,8 +36,11 @@ def _index_verification_rows(manifest: dict) -> dict:
         "(bounded by the retrieval)",
         "retrieved training images": f"{r.get('retrieved', 0)} retrieved, {r.get('decoded', 0)} decoded, "
         f"{r.get('skipped_count', 0)} unreadable (named in run.log)",
-        "candidates not verified": f"{r.get('unverified_count', 0)} (none of their retrieved training images could "
-        "be read; named in run.log)",
+        "candidates not verified": (
+            f"{r['unverified_count']} (none of their retrieved training images could be read; named in run.log)"
+            if "unverified_count" in r
+            else "not recorded (a run made before memscan counted them)"
+        ),
     }
 
 
