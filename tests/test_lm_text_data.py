@@ -140,3 +140,17 @@ def test_start_offsets_take_each_document_once(tmp_path):
     src = open_text_source(_jsonl(tmp_path / "d.jsonl", DOCS))
     s = sample_sequences(src, LM.encode, left=5, right=5, n=50, seed=0, offsets="start")
     assert len(s.offset) == 6 and sorted(s.doc_index.tolist()) == list(range(6))
+
+
+def test_further_rounds_never_repeat_a_window(tmp_path):
+    """More sequences than documents: each document is drawn again, each time at a window not
+    drawn yet — two documents of 2 possible windows each give the 4 distinct windows, and asking
+    for 6 is capped at those 4 (a repeated window would count twice in every rate)."""
+    docs = ["abcdefghijk", "ABCDEFGHIJK"]  # 11 tokens each, windows of 10: starts 0 and 1
+    src = open_text_source(_jsonl(tmp_path / "d.jsonl", docs))
+    for n in (4, 6):
+        s = sample_sequences(src, LM.encode, left=4, right=6, n=n, seed=0)
+        pairs = sorted(zip(s.doc_index.tolist(), (s.offset - 4).tolist()))
+        assert pairs == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    one_round = sample_sequences(src, LM.encode, left=4, right=6, n=2, seed=0)
+    assert sorted(one_round.doc_index.tolist()) == [0, 1]

@@ -294,9 +294,10 @@ def sample_sequences(
 ) -> SequenceSample:
     """``n`` reproducible windows of ``left + right`` tokens (see the module docstring).
 
-    ``offsets="random"`` draws the window start uniformly in each chosen document;
-    ``"start"`` takes the document's first ``left + right`` tokens (so at most one window per
-    document: ``n`` is capped at the number of long-enough documents).
+    ``offsets="random"`` draws the window start uniformly in each chosen document (a document
+    drawn again in a further round gets a window not drawn yet: ``n`` is capped at the number of
+    distinct windows); ``"start"`` takes the document's first ``left + right`` tokens (so at
+    most one window per document: ``n`` is capped at the number of long-enough documents).
     """
     if offsets not in ("random", "start"):
         raise InputError(f"offsets {offsets!r} must be random or start", "--offsets random|start")
@@ -331,7 +332,25 @@ def sample_sequences(
         chosen.extend(rng.permutation(eligible)[: n - len(chosen)].tolist())
     chosen = np.asarray(chosen, dtype=np.int64)
     if offsets == "random":
-        starts = np.asarray([rng.integers(0, lengths[d] - need + 1) for d in chosen], dtype=np.int64)
+        # a document drawn again (a further round) gets another window of it, never the same one
+        # twice (a repeated window would count twice in every rate); the first draw of each
+        # document is the only one in a single round
+        used: dict[int, set] = {}
+        keep, first = [], []
+        for d in chosen.tolist():
+            span, seen = int(lengths[d] - need + 1), used.setdefault(d, set())
+            if len(seen) >= span:  # every window of this document is drawn already
+                continue
+            s = int(rng.integers(0, span))
+            while s in seen:
+                s = int(rng.integers(0, span))
+            seen.add(s)
+            keep.append(d)
+            first.append(s)
+        if len(keep) < len(chosen):
+            log.warning("%d sequences asked for, the documents hold %d distinct windows: taking those",
+                        len(chosen), len(keep))  # fmt: skip
+        chosen, starts = np.asarray(keep, dtype=np.int64), np.asarray(first, dtype=np.int64)
     else:
         starts = np.zeros(len(chosen), dtype=np.int64)
     order = np.lexsort((starts, chosen))
