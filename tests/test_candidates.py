@@ -156,3 +156,21 @@ def test_cli_candidates(planted, tmp_path):
         app, ["candidates", str(root), "--top", "2", "--out", str(tmp_path / "x.csv"), "--tau", "2"]
     )
     assert bad.exit_code == 2 and "tau" in bad.output
+
+
+def test_an_image_the_index_could_not_decode_is_skipped_not_missing_from_the_index(tmp_path):
+    """TRAIN + --index: a corrupt file the index build skipped is a skipped file here too (not
+    "not in the index": rebuilding would not help); an image added after the build is not in
+    the index."""
+    root = tmp_path / "train"
+    root.mkdir()
+    for i in range(6):
+        Image.fromarray(smooth_image(keyed_rng(f"i{i}"), 16)).save(root / f"i{i}.png")
+    (root / "broken.png").write_bytes(b"not an image")
+    build_index(root, tmp_path / "idx", progress=False)
+    s = count_duplicates(root, index=tmp_path / "idx", progress=False).summary
+    assert (s["skipped"], s["not_in_index"]) == (1, 0)
+    assert [f["id"] for f in s["skipped_files"]] == ["broken"]
+    Image.fromarray(smooth_image(keyed_rng("new"), 16)).save(root / "new.png")
+    s = count_duplicates(root, index=tmp_path / "idx", progress=False).summary
+    assert (s["skipped"], s["not_in_index"]) == (1, 1)

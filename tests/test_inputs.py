@@ -1,5 +1,7 @@
 """Training-set and prompt readers: formats, skips that are counted, errors that name the fix."""
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -40,7 +42,26 @@ def test_modes_and_sizes_are_converted(tmp_path):
     gray = load_training_set(tmp_path, size=(32, 32), channels=1)
     assert gray.images.shape == (4, 32, 32, 1)
     deep = gray.images[gray.ids.index("deep")][:, :, 0]
-    assert np.abs(deep.astype(int) - rgb[:, :, 0]).max() <= 1  # 16-bit scaled back to 8-bit
+    np.testing.assert_array_equal(deep, rgb[:, :, 0])  # 16-bit v·257 scaled back to v exactly
+
+
+def test_a_dark_16_bit_image_stays_dark_and_alpha_goes_to_black(tmp_path):
+    """16-bit pixels scale by 255/65535 whatever the image holds (a near-black 16-bit image, all
+    values ≤ 255, is not read as near-white 8-bit), rounded; half-transparent RGBA is composited
+    over black (hand-worked: 200 at alpha 128 → round(200·128/255) = 100)."""
+    from memscan.data.images import read_image
+
+    dark = np.array([[0, 128, 255], [129, 250, 3]], np.uint16)  # all ≤ 255: still 16-bit values
+    Image.fromarray(dark).save(tmp_path / "dark.png")
+    with Image.open(tmp_path / "dark.png") as im:
+        assert im.mode.startswith("I")  # what Pillow gives a 16-bit PNG
+    got = read_image(tmp_path / "dark.png", channels=1)[:, :, 0]
+    np.testing.assert_array_equal(got, np.rint(dark / 257.0).astype(np.uint8))
+    assert got.tolist() == [[0, 0, 1], [1, 1, 0]]
+    rgba = np.zeros((2, 2, 4), np.uint8)
+    rgba[..., 0], rgba[..., 3] = 200, 128
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "half.png")
+    np.testing.assert_array_equal(read_image(tmp_path / "half.png")[..., 0], np.full((2, 2), 100))
 
 
 def test_manifest_csv_and_parquet_and_escape_refused(tmp_path):
@@ -94,6 +115,30 @@ def test_prompts_text_and_tables(tmp_path):
     assert df["duplicate_count"].tolist()[0] == 3 and pd.isna(df["duplicate_count"].tolist()[1])
 
 
+def test_prompt_lines_are_the_files_own_lines_and_a_bom_is_dropped(tmp_path):
+    """Only \n (or \r\n) ends a line: a caption holding U+2028, U+0085 or a form feed stays one
+    prompt and the ids are the file's line numbers; a UTF-8 byte-order mark is not part of the
+    first prompt (nor of a caption file's caption)."""
+    (tmp_path / "p.txt").write_bytes("\ufeffa cat\u2028on a mat\r\nsecond\x85part\x0cthird\n\nlast".encode())
+    df, info = load_prompts(tmp_path / "p.txt")
+    assert df["prompt"].tolist() == ["a cat\u2028on a mat", "second\x85part\x0cthird", "last"]
+    assert df["prompt_id"].tolist() == ["line-1", "line-2", "line-4"] and info["blank_lines_skipped"] == 1
+    (tmp_path / "imgs").mkdir()
+    Image.fromarray(training_image("a", 8)).save(tmp_path / "imgs" / "a.png")
+    (tmp_path / "imgs" / "a.txt").write_bytes("\ufeffa caption".encode())
+    assert load_training_set(tmp_path / "imgs").captions == ["a caption"]
+
+
+def test_canary_jsonl_with_a_line_separator_inside_a_string(tmp_path):
+    """A JSON string may hold a raw U+2028: the canaries file is still one object a line."""
+    from memscan.lm.exposure_run import read_canaries
+
+    row = {"canary": "my PIN is 123\u2028", "format": "my PIN is {d3}\u2028", "copies": 2}
+    (tmp_path / "c.jsonl").write_text(json.dumps(row, ensure_ascii=False) + "\n", encoding="utf-8")
+    got = read_canaries(tmp_path / "c.jsonl")
+    assert got["canary"].tolist() == [row["canary"]] and got["copies"].tolist() == [2]
+
+
 @pytest.mark.parametrize(
     "content, needle",
     [
@@ -116,3 +161,32 @@ def test_duplicate_prompt_ids_and_missing_columns(tmp_path):
     pd.DataFrame({"id": ["a"], "text": ["x"]}).to_parquet(tmp_path / "m.parquet")
     with pytest.raises(InputError, match="prompt_id"):
         load_prompts(tmp_path / "m.parquet")
+
+
+def test_generations_are_checked_and_brought_into_the_training_images_space(tmp_path):
+    """A generator's output: uint8 kept; floats in [0, 1] quantised; RGBA composited over black
+    exactly as an RGBA training image is decoded (the same PNG read back); wrong shapes, channel
+    counts, dtypes and NaN are one clear error naming the prompt."""
+    from memscan.data.images import read_image
+    from memscan.errors import InputError
+    from memscan.generators.base import check_generations
+
+    rng = np.random.default_rng(0)
+    rgba = rng.integers(0, 256, (2, 6, 5, 4), dtype=np.uint8)
+    got = check_generations(rgba, 2, "p")
+    for i in range(2):
+        Image.fromarray(rgba[i], "RGBA").save(tmp_path / f"g{i}.png")
+        np.testing.assert_array_equal(got[i], read_image(tmp_path / f"g{i}.png"))
+    rgb = rgba[..., :3]
+    assert check_generations(rgb, 2, "p") is rgb
+    np.testing.assert_array_equal(check_generations(rgb / 255.0, 2, "p"), rgb)
+    for bad, msg in (
+        (rgb[:1], "one image per seed"),
+        (rng.integers(0, 256, (2, 6, 5, 2), dtype=np.uint8), "2 channels"),
+        (rgb.astype(np.int32), "dtype int32"),
+        (np.full((2, 6, 5, 3), np.nan), "NaN"),
+        (rgb * 2.0, "outside"),
+    ):
+        with pytest.raises(InputError, match=msg) as err:
+            check_generations(bad, 2, "a red square")
+        assert "a red square" in str(err.value)

@@ -282,6 +282,28 @@ def test_mmap_flat_search_equals_faiss_flat(tmp_path, flat_index):
     np.testing.assert_array_equal(mem.search(q, 7)[1], mm.search(q, 7)[1])
 
 
+def test_exact_duplicates_are_retrieved_lowest_rows_first_by_every_kind_of_flat_index(tmp_path):
+    """151 exact duplicates of one vector among 400 (a memorized image's copies): the k retrieved
+    are the k lowest duplicate rows, in row order, whether the index is in memory, memory-mapped
+    (searched in chunks smaller than the ties) or built in parts — one answer, as a brute-force
+    stable sort gives it."""
+    rng = np.random.default_rng(0)
+    x = l2_normalize(rng.normal(size=(400, 16)))
+    dup = np.sort(rng.choice(np.arange(1, 400), 150, replace=False))
+    x[dup] = x[0]
+    ids = [f"v{i}" for i in range(400)]
+    q = x[:1] + 0.0
+    want = np.argsort(-(x @ q[0]), kind="stable")[:5]  # brute force: ties by the lower row
+    assert want.tolist() == [0, *dup[:4].tolist()]
+    one = TrainingIndex.from_embeddings(x, ids, params=IndexParams("flat"))
+    two = TrainingIndex.from_embeddings(x, ids, params=IndexParams("flat", shards=3))
+    one.save(tmp_path / "one")
+    mm = TrainingIndex.load(tmp_path / "one", mmap=True)
+    mm.index.chunk = 64  # ties spread over several chunks
+    for index in (one, two, mm, TrainingIndex.load(tmp_path / "one")):
+        np.testing.assert_array_equal(index.search(q, 5)[1][0], want)
+
+
 def _png(img) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(img).save(buf, "PNG")

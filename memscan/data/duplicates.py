@@ -316,7 +316,13 @@ def count_duplicates(
                 "pass the training set the index was built from, or rebuild the index",
             )
         entries = [listing.entries[pos_of[i]] for i in index.ids]
-        not_in_index = len(listing.entries) - len(entries)  # images added after the index was built
+        # listed images the index lacks: those its build could not decode (skipped then, by id)
+        # are skipped here too; the others were added after the index was built
+        indexed = set(index.ids)
+        failed_at_build = {f.get("id") for f in index.meta.get("skipped_files", [])}
+        absent = [e for e in listing.entries if e.id not in indexed]
+        skipped += [f for f in index.meta.get("skipped_files", []) if f.get("id") in {e.id for e in absent}]
+        not_in_index = sum(e.id not in failed_at_build for e in absent)
         emb, ids, captions = index.embeddings, index.ids, [e.caption for e in entries]
         embedder_spec = index.meta.get("embedder")
         keep_pixels = None

@@ -14,8 +14,11 @@ def read_image(path: str | Path, size: tuple[int, int] | None = None, channels: 
     """Decode one image to uint8 H×W×C.
 
     ``size`` = (H, W) resizes with bicubic filtering (the policy recorded in the manifest);
-    ``channels`` 1 gives grayscale (PIL mode L), 3 gives RGB. 16-bit and palette images are
-    converted; alpha is dropped onto black. Raises ``OSError``/``ValueError`` on corrupt data.
+    ``channels`` 1 gives grayscale (PIL mode L), 3 gives RGB. 16-bit images (modes ``I;16*``)
+    are scaled by 255/65535, rounded, whatever their content; a 32-bit integer image (mode
+    ``I``, whose depth the file does not say) is read as 16-bit when a value passes 255, else as
+    8-bit. Palette images are converted; alpha is dropped onto black. Raises
+    ``OSError``/``ValueError`` on corrupt data.
     """
     with Image.open(path) as im:
         im.load()
@@ -23,10 +26,10 @@ def read_image(path: str | Path, size: tuple[int, int] | None = None, channels: 
 
 
 def to_array(im: Image.Image, size: tuple[int, int] | None, channels: int) -> np.ndarray:
-    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+    if im.mode.startswith("I;16") or im.mode == "I":
         arr = np.asarray(im, dtype=np.float64)
-        hi = 65535.0 if arr.max() > 255 else 255.0
-        im = Image.fromarray(np.clip(arr * (255.0 / hi), 0, 255).astype(np.uint8), mode="L")
+        hi = 65535.0 if im.mode != "I" or arr.max() > 255 else 255.0  # 16-bit by its mode, not its content
+        im = Image.fromarray(np.clip(np.rint(arr * (255.0 / hi)), 0, 255).astype(np.uint8), mode="L")
     if im.mode in ("RGBA", "LA", "P", "PA"):
         im = im.convert("RGBA")
         bg = Image.new("RGBA", im.size, (0, 0, 0, 255))

@@ -57,7 +57,7 @@ def load_prompts(path: str | Path) -> tuple[pd.DataFrame, dict]:
     else:
         text = read_utf8(p, "prompts file")
         rows = []
-        for n, line in enumerate(text.splitlines(), start=1):
+        for n, line in enumerate(text_lines(text), start=1):
             if not line.strip():
                 info["blank_lines_skipped"] += 1
                 continue
@@ -86,15 +86,26 @@ def load_prompts(path: str | Path) -> tuple[pd.DataFrame, dict]:
 
 
 def read_utf8(path: Path, what: str) -> str:
-    """The text of a user's file; bytes that are not UTF-8 are an error naming the offset."""
+    """The text of a user's file (a leading byte-order mark dropped); bytes that are not UTF-8
+    are an error naming the offset."""
     raw = Path(path).read_bytes()
     try:
-        return raw.decode("utf-8")
+        return raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise InputError(
             f"{what} {path} is not UTF-8 (byte {exc.start}: {raw[exc.start : exc.start + 1]!r})",
             "re-encode it as UTF-8",
         ) from None
+
+
+def text_lines(text: str) -> list[str]:
+    """The lines of a user's text file: split at ``\n`` only (``\r\n`` too), so that line
+    numbers are the file's own (``str.splitlines`` also splits at U+2028, U+0085, form feeds…,
+    which a caption or a JSON string may hold)."""
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return [line[:-1] if line.endswith("\r") else line for line in lines]
 
 
 def _clean_id(v) -> str | None:

@@ -153,7 +153,7 @@ def _list_folder(root: Path) -> list[Entry]:
             )
         seen[fid] = f
         cap_file = f.with_suffix(".txt")
-        caption = cap_file.read_text(encoding="utf-8", errors="replace").strip() if cap_file.exists() else ""
+        caption = cap_file.read_text(encoding="utf-8-sig", errors="replace").strip() if cap_file.exists() else ""
         entries.append(Entry(fid, f, caption))
     return entries
 

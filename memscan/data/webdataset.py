@@ -298,7 +298,7 @@ def _caption(f: Path, cap) -> str:
     if isinstance(cap, str):
         return cap.strip()
     txt = f.with_suffix(".txt")
-    return txt.read_text(encoding="utf-8", errors="replace").strip() if txt.exists() else ""
+    return txt.read_text(encoding="utf-8-sig", errors="replace").strip() if txt.exists() else ""
 
 
 def list_samples(path: str | Path) -> tuple[list, list[dict]]:

@@ -53,8 +53,10 @@ def check_generations(images: Any, n: int, prompt: str, source: str = "generator
     """Validate a generator's output: uint8, N×H×W×C with N = len(seeds), finite.
 
     Float output in [0, 1] is accepted and quantised to uint8 (round half to even), since several
-    libraries return floats; any other dtype, NaN/Inf, or a wrong shape is an error naming the
-    prompt and what was expected.
+    libraries return floats; RGBA (C = 4) is composited over black to RGB, exactly as training
+    images are decoded (:func:`memscan.data.images.to_array`), so generations and training images
+    are compared in the same space; any other dtype, NaN/Inf, or a wrong shape is an error naming
+    the prompt and what was expected.
     """
     if hasattr(images, "detach"):
         images = images.detach().cpu().numpy()
@@ -68,7 +70,7 @@ def check_generations(images: Any, n: int, prompt: str, source: str = "generator
     if arr.shape[3] not in (1, 3, 4):
         raise InputError(f"{where} has {arr.shape[3]} channels", "return H×W×C with C in 1, 3 or 4")
     if arr.dtype == np.uint8:
-        return arr
+        return _over_black(arr)
     if np.issubdtype(arr.dtype, np.floating):
         if not np.isfinite(arr).all():
             raise InputError(f"{where} contains NaN or Inf", "check the model's numerics (fp16 overflow?)")
@@ -77,8 +79,19 @@ def check_generations(images: Any, n: int, prompt: str, source: str = "generator
                 f"{where} is float outside [0, 1] (range {arr.min():.3g}..{arr.max():.3g})",
                 "return uint8 0..255, or floats scaled to [0, 1]",
             )
-        return np.round(arr * 255.0).astype(np.uint8)
+        return _over_black(np.round(arr * 255.0).astype(np.uint8))
     raise InputError(f"{where} has dtype {arr.dtype}", "return uint8 0..255 (or float in [0, 1])")
+
+
+def _over_black(arr: np.ndarray) -> np.ndarray:
+    """uint8 N×H×W×4 → N×H×W×3 composited over opaque black (PIL's ``alpha_composite``, as
+    training images are decoded); other channel counts unchanged."""
+    if arr.shape[3] != 4:
+        return arr
+    from PIL import Image
+
+    black = Image.new("RGBA", (arr.shape[2], arr.shape[1]), (0, 0, 0, 255))
+    return np.stack([np.asarray(Image.alpha_composite(black, Image.fromarray(a, "RGBA")).convert("RGB")) for a in arr])
 
 
 class CallableGenerator:

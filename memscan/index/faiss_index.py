@@ -259,7 +259,10 @@ class TrainingIndex:
             sims = np.pad(sims, ((0, 0), (0, pad)), constant_values=-np.inf)
             idx = np.pad(idx, ((0, 0), (0, pad)), constant_values=-1)
         sims = np.where(idx < 0, -np.inf, sims).astype(np.float32)
-        return sims, idx.astype(np.int64)
+        idx = idx.astype(np.int64)
+        # equal similarities (exact duplicates) by the lower row, however the index listed them
+        order = np.lexsort((np.where(idx < 0, np.iinfo(np.int64).max, idx), -sims), axis=1)
+        return np.take_along_axis(sims, order, 1), np.take_along_axis(idx, order, 1)
 
     def range_search(self, queries: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Every indexed vector with cosine ≥ ``threshold`` to each query (flat and ivf only).
@@ -530,6 +533,21 @@ class IndexParts:
         )
 
 
+def _at_least_kth(sims: np.ndarray, k: int, offset: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of ``sims`` (Q×n), every column whose value is ≥ the row's k-th largest — the k
+    best and all their ties — as (similarities, ``offset`` + column) padded with ``-inf`` / ``-1``
+    (columns ascending, so :func:`merge_searches` resolves ties by the lower row)."""
+    n = sims.shape[1]
+    kth = np.partition(sims, n - k, axis=1)[:, n - k]
+    qi, ci = np.nonzero(sims >= kth[:, None])  # row-major: columns ascending within a row
+    cnt = np.bincount(qi, minlength=sims.shape[0])
+    pos = np.arange(len(qi)) - np.repeat(np.cumsum(cnt) - cnt, cnt)
+    out_s = np.full((sims.shape[0], int(cnt.max(initial=0))), -np.inf, np.float32)
+    out_r = np.full(out_s.shape, -1, np.int64)
+    out_s[qi, pos], out_r[qi, pos] = sims[qi, ci], ci + offset
+    return out_s, out_r
+
+
 class MmapFlat:
     """Exact inner-product search over memory-mapped embeddings, in place, chunk by chunk.
 
@@ -556,12 +574,11 @@ class MmapFlat:
             qb = q[a : a + per]
             best = (np.full((len(qb), 0), -np.inf, np.float32), np.zeros((len(qb), 0), np.int64))
             for s in range(0, self.ntotal, self.chunk):
-                # 1. similarities to one chunk of rows (float32 BLAS), its k best per query
+                # 1. similarities to one chunk of rows (float32 BLAS)
                 sims = qb @ np.asarray(self.embeddings[s : s + self.chunk], dtype=np.float32).T
-                kk = min(k, sims.shape[1])
-                top = np.argpartition(sims, sims.shape[1] - kk, axis=1)[:, -kk:]
-                # 2. merged with the best so far
-                best = merge_searches([best, (np.take_along_axis(sims, top, 1), top + s)], k)
+                # 2. its k best per query, and every row tied with the k-th (argpartition would
+                #    keep an arbitrary few of them: the merge keeps the lowest rows, as one search)
+                best = merge_searches([best, _at_least_kth(sims, min(k, sims.shape[1]), s)], k)
             sims_out[a : a + per], rows_out[a : a + per] = best
         return sims_out, rows_out
 

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from memscan.data.prompts import read_utf8, text_lines
 from memscan.errors import InputError, MemscanError
 from memscan.generators.model_record import model_record
 from memscan.lm.exposure import DEFINITIONS, EXACT_LIMIT, CanaryFormat, exposure_from_rank
@@ -88,7 +89,7 @@ def read_canaries(spec: str | Path) -> pd.DataFrame:
         parts = text.split("::")
         rows.append({"canary_id": "c1", "format": parts[0], "canary": parts[1], "copies": _copies(parts[2:3], text)})
     elif path.suffix.lower() in (".jsonl", ".json"):
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for n, line in enumerate(text_lines(read_utf8(path, "canaries file")), 1):
             if not line.strip():
                 continue
             try:
@@ -111,7 +112,7 @@ def read_canaries(spec: str | Path) -> pd.DataFrame:
                 }
             )
     else:
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for n, line in enumerate(text_lines(read_utf8(path, "canaries file")), 1):
             if not line.strip():
                 continue
             parts = line.split("\t")

@@ -55,6 +55,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from memscan.data.prompts import read_utf8, text_lines
 from memscan.errors import InputError, MemscanError, user_code
 from memscan.generators.model_record import loaded_model_record
 from memscan.lm import ranking as rk
@@ -117,13 +118,10 @@ def read_prompts(path: str | Path) -> list[str]:
     p = Path(path)
     if not p.is_file():
         raise InputError(f"--prompts {p} {'does not exist' if not p.exists() else 'is not a file'}", PROMPTS_HINT)
-    try:
-        content = p.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise InputError(f"--prompts {p} is not UTF-8 text (byte {exc.start})", "save it as UTF-8") from None
+    content = read_utf8(p, "--prompts")
     prompts = []
     jsonl = p.suffix.lower() in (".jsonl", ".ndjson", ".json")
-    for n, line in enumerate(content.splitlines(), start=1):
+    for n, line in enumerate(text_lines(content), start=1):
         if not line.strip():
             continue
         if not jsonl:

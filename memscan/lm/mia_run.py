@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from memscan.data.prompts import read_utf8, text_lines
 from memscan.devices import check_device
 from memscan.errors import InputError, MemscanError, user_code
 from memscan.generators.model_record import loaded_model_record
@@ -171,12 +172,9 @@ def read_texts(path: str | Path, role: str = "members") -> tuple[pd.DataFrame, d
             lines.append(i)
             texts.append(t)
     else:
-        try:
-            content = p.read_bytes().decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise InputError(f"{opt} {p} is not UTF-8 text (byte {exc.start})", "save it as UTF-8") from None
+        content = read_utf8(p, opt)
         jsonl = suffix in (".jsonl", ".ndjson", ".json")
-        for n, line in enumerate(content.splitlines(), start=1):
+        for n, line in enumerate(text_lines(content), start=1):
             if not line.strip():
                 blank += 1
                 continue

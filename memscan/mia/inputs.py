@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from memscan.data.prompts import read_utf8
+from memscan.data.prompts import read_utf8, text_lines
 from memscan.data.training import load_training_set
 from memscan.errors import InputError
 from memscan.mia.noise import NoisePredictor, load_noise_predictor
@@ -79,7 +79,7 @@ def read_members(path: str | Path, ids: list[str]) -> np.ndarray:
     if p.suffix.lower() in (".csv", ".parquet"):
         return _read_members_table(p, path, ids)
     text = read_utf8(p, "members file")
-    listed = [s.strip() for s in text.splitlines() if s.strip()]
+    listed = [s.strip() for s in text_lines(text) if s.strip()]
     unknown = sorted(set(listed) - set(ids))
     if unknown:
         raise InputError(
