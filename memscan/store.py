@@ -326,10 +326,26 @@ class RunStore:
         return out
 
     def table(self, name: str) -> pd.DataFrame:
+        """A top-level table of the run; missing or unreadable is one error naming the file."""
         path = self.root / f"{name}.parquet"
         if not path.exists():
-            raise MemscanError(f"{path} is missing", "the run did not finish: rerun `memscan extract ... --resume`")
-        return pd.read_parquet(path)
+            raise MemscanError(f"{path} is missing", f"the run did not finish: {self._rerun_hint()}")
+        try:
+            return pd.read_parquet(path)
+        except Exception as exc:  # noqa: BLE001 - any read failure: a damaged table
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+            raise MemscanError(f"cannot read {path} ({first})", f"the table is damaged: {self._rerun_hint()}") from None
+
+    def _rerun_hint(self) -> str:
+        """What to do about a run's missing or damaged table, in its own command's words."""
+        try:
+            kind = manifest_kind(json.loads((self.root / "manifest.json").read_text()))
+        except (OSError, ValueError):
+            kind = None
+        if not kind:
+            return "rerun the command that made it with --resume, or start a new run"
+        command = "lm " + kind[3:] if kind.startswith("lm-") else kind
+        return f"rerun `memscan {command} ... --out {self.root} --resume`, or start a new run"
 
 
 # ---- the run lifecycle ------------------------------------------------------------------------

@@ -309,7 +309,22 @@ def build_lm_index_inputs(root: Path) -> dict[str, tuple[list, str]]:
     sa = damaged / "sa" / "00000" / "sa.npy"
     sa.write_bytes(sa.read_bytes()[:-4])
     extractable = ["lm", "extractable", "--model", "{tiny}", "--data", str(corpus), "--sequences", 2, "--prefix-lengths", 16, "--suffix-length", 8]  # fmt: skip
+    # training text that is not UTF-8: a JSONL line, and a .txt document (never silently replaced)
+    bad_jsonl = root / "bad.jsonl"
+    bad_jsonl.write_bytes(corpus.read_bytes() + b'{"text": "caf\xe9 ' + b"words " * 30 + b'"}\n')
+    bad_txt = root / "bad_txt"
+    bad_txt.mkdir()
+    (bad_txt / "a.txt").write_bytes(b"training document: " + b"words " * 30 + b"\xff\xfe")
+    data_of = extractable.index("--data") + 1
     return {
+        "a JSONL line of training text that is not UTF-8": (
+            [*extractable[:data_of], str(bad_jsonl), *extractable[data_of + 1 :]],
+            "bad.jsonl line 5 is not UTF-8",
+        ),
+        "a training .txt that is not UTF-8": (
+            [*extractable[:data_of], str(bad_txt), *extractable[data_of + 1 :]],
+            "a.txt is not UTF-8",
+        ),
         "an empty corpus": (["lm", "index", str(empty), "--bytes"], "holds no token"),
         "invalid UTF-8 where text is expected": (["lm", "index", str(latin1), "--tokenizer", "{lookup}"], "not UTF-8"),
         "token ids of another tokenizer": (
@@ -345,7 +360,11 @@ def build_lm_extract_inputs(root: Path) -> tuple[Path, dict[str, tuple[list, str
     no_prompt.write_text(json.dumps({"body": "hello"}) + "\n")
     binary = root / "binary_prompts.txt"
     binary.write_bytes(b"caf\xe9\n")
+    no_docs = root / "damaged_documents_index"
+    CorpusIndex.build([b"a small training corpus of plain text. " * 4], no_docs)
+    (no_docs / "documents.parquet").write_bytes((no_docs / "documents.parquet").read_bytes()[:50])
     return good, {
+        "a damaged documents.parquet": (["--index", no_docs], "documents.parquet"),
         "an index of another tokenizer": (["--index", other], "is not the corpus index's"),
         "an index path that does not exist": (["--index", root / "nowhere"], "does not exist"),
         "a damaged index.json": (["--index", not_index], "damaged"),

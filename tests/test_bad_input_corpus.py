@@ -401,6 +401,8 @@ LM_INDEX_BAD = [
     "an index of another tokenizer",
     "a corrupt index file",
     "a folder that is no index",
+    "a JSONL line of training text that is not UTF-8",
+    "a training .txt that is not UTF-8",
 ]
 
 
@@ -524,6 +526,7 @@ LM_EXTRACT_BAD = [
     "an index of another tokenizer",
     "an index path that does not exist",
     "a damaged index.json",
+    "a damaged documents.parquet",
     "a prompts file of blank lines",
     "a prompts JSONL without a prompt",
     "non-UTF-8 prompts",

@@ -135,3 +135,24 @@ def test_training_step_from_checkpoint_records(tmp_path):
     assert training_step(plain) == 300
     rec = model_record(str(plain))
     assert rec == {"id": str(plain.resolve()), "parameters": None, "training_step": 300}
+
+
+def test_a_missing_or_damaged_run_table_is_one_error_in_the_runs_own_words(tmp_path):
+    """`report` / `verify` read a run's tables: a missing one and a damaged one (truncated
+    parquet) are each one error naming the file, with the hint of the command that made the run
+    (not `memscan extract` for an `lm extractable` run)."""
+    import pandas as pd
+
+    with open_run(tmp_path / "r", "lm-extractable") as run:
+        run.start({"config": {}}, identity=("config",))
+        pd.DataFrame({"a": [1, 2]}).to_parquet(run.root / "sequences.parquet")
+    store = RunStore(tmp_path / "r")
+    assert store.table("sequences")["a"].tolist() == [1, 2]
+    with pytest.raises(MemscanError, match="summary.parquet is missing") as err:
+        store.table("summary")
+    assert "memscan lm extractable" in err.value.hint and "extract ..." not in err.value.hint
+    path = tmp_path / "r" / "sequences.parquet"
+    path.write_bytes(path.read_bytes()[:20])
+    with pytest.raises(MemscanError, match="cannot read .*sequences.parquet") as err:
+        store.table("sequences")
+    assert "damaged" in err.value.hint and "memscan lm extractable" in err.value.hint

@@ -237,3 +237,17 @@ def test_failing_user_model_in_membership_runs_stops_cleanly_then_resumes(kind, 
     done = run_cli(*_mia_argv(kind, tmp_path, out), "--resume")
     assert done.returncode == 0
     assert json.loads((out / "manifest.json").read_text())["status"] == "complete"
+
+
+def test_a_generator_whose_image_size_changes_is_one_error_naming_the_prompt(tmp_path, synth_train):
+    """Generations of another size for one prompt: one clean error naming the prompt and both
+    sizes (not a concatenation traceback); the shards before it stay committed."""
+    prompts = _prompts(tmp_path)
+    run = tmp_path / "run"
+    args = ("extract", "--model", "py:user_code_support:changes_size_on_prompt", "--prompts", prompts,
+            "--train", synth_train, "--out", run, *ARGS)  # fmt: skip
+    proc = run_cli(*args, env={"MEMSCAN_TEST_SMALL_PROMPT": THIRD}, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    (line,) = _error_lines(proc.stderr)
+    assert "line-3" in line and "(16, 16, 3)" in line and "(32, 32, 3)" in line
+    assert (run / "shards" / "00000.done.json").exists()

@@ -48,6 +48,18 @@ def fails_on_seed():
     return sample
 
 
+def changes_size_on_prompt():
+    """The planted generator, returning half-size images for the prompt named by
+    ``MEMSCAN_TEST_SMALL_PROMPT`` (a model whose output size changes between prompts)."""
+    gen = planted()
+
+    def sample(prompt, seeds):
+        out = gen.generate(prompt, seeds)
+        return out[:, ::2, ::2] if prompt == os.environ.get("MEMSCAN_TEST_SMALL_PROMPT") else out
+
+    return sample
+
+
 class AlwaysRaises:
     """A generator object (declares its output shape, so no probe call) whose every call raises."""
 

@@ -15,7 +15,7 @@ import pandas as pd
 
 from memscan.data.images import montage
 from memscan.data.training import TrainingSet
-from memscan.errors import user_code
+from memscan.errors import InputError, user_code
 from memscan.extraction.config import ExtractConfig
 from memscan.extraction.detect import DETECT_BATCH_BYTES, DETECT_BATCH_PROMPTS, detect, detect_many
 from memscan.extraction.verify import verify_candidates
@@ -77,6 +77,9 @@ def run_shard(
     timings = ShardTimings()
     rows, cand_rows, cand_images = [], [], []
     pending: list = []  # generated prompts whose detection is batched (detect_many)
+    # every generation has the run's output shape (the training set was decoded at it; through
+    # the index: the shard's first generations fix it)
+    expected = None if isinstance(training, IndexVerification) else tuple(training.images.shape[1:])
     for p in prompts.itertuples(index=False):
         # 1. generate, batch by batch, with per-sample seeds — in rounds when the budget is
         #    adaptive (config.rounds(): one round of samples_per_prompt otherwise)
@@ -89,7 +92,15 @@ def run_shard(
                 where = f"the generator failed on prompt {p.prompt_id} ({p.prompt[:60]!r}, samples {s}–{stop - 1})"
                 with user_code(where):
                     made_now = generator.generate(p.prompt, seeds)  # user code: fails as one clean error
-                parts.append(check_generations(made_now, len(seeds), p.prompt))
+                batch = check_generations(made_now, len(seeds), p.prompt)
+                expected = expected or tuple(batch.shape[1:])
+                if tuple(batch.shape[1:]) != expected:
+                    raise InputError(
+                        f"the generator returned {tuple(batch.shape[1:])} images for prompt {p.prompt_id} "
+                        f"({p.prompt[:60]!r}, samples {s}–{stop - 1}); the run's generations are {expected}",
+                        "return one image size (H×W×C) for every prompt and seed",
+                    )
+                parts.append(batch)
                 if progress is not None:
                     progress(stop - s)
             made = upto

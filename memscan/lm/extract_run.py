@@ -148,7 +148,9 @@ def _open_index(index: Any):
     p = Path(index)
     if not p.exists():
         raise InputError(f"--index {p} does not exist", "build it with `memscan lm index CORPUS --out IDX`")
-    return CorpusIndex.open(p)
+    idx = CorpusIndex.open(p)
+    idx.documents  # noqa: B018 - read now: a damaged documents.parquet fails before any sample is drawn
+    return idx
 
 
 def _index_record(index) -> dict:
@@ -237,11 +239,9 @@ def confirm_samples(samples: pd.DataFrame, index, min_match: int, decode=None, e
     of the evaluated sequence itself), and 0 for a sample that is not confirmed (no run of
     ``min_match`` units of it occurs)."""
     rows = []
-    docs = None
-    try:
-        docs = index.documents["train_id"].astype(str).tolist()
-    except Exception:  # noqa: BLE001 - an index without document ids: leave them out
-        docs = None
+    # the documents' ids (a damaged documents.parquet is the index's own clear error, never a
+    # silent None in every row); an index object without documents: no ids
+    docs = index.documents["train_id"].astype(str).tolist() if hasattr(index, "documents") else None
     for text, tokens in zip(samples["text"], samples["tokens"]):
         # 1. the longest run of the sample in the corpus: over the re-encoded text (and the
         #    sampled ids when they spell it otherwise), the longer one; the re-encoding on a tie

@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
+from memscan.data.prompts import read_utf8
 from memscan.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -128,18 +129,31 @@ def _classify(path: Path, label: str, text_column: str, option: str = "--data") 
     )
 
 
-def _check_jsonl_column(path: Path, column: str) -> None:
-    with open(path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            obj = _json_line(path, n, line)
-            if column not in obj:
+def _utf8_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """``(line number, line)`` of a text file read strictly as UTF-8 (a leading byte-order mark
+    dropped); a line that is not UTF-8 is one error naming the file, line and byte."""
+    with open(path, "rb") as fh:
+        for n, raw in enumerate(fh, 1):
+            try:
+                yield n, raw.decode("utf-8-sig" if n == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
                 raise InputError(
-                    f"{path} line {n} has no {column!r} field (fields: {', '.join(map(str, obj))})",
-                    "name the text field with --text-column",
-                )
-            return
+                    f"{path} line {n} is not UTF-8 (byte {exc.start}: {raw[exc.start : exc.start + 1]!r})",
+                    "re-encode it as UTF-8",
+                ) from None
+
+
+def _check_jsonl_column(path: Path, column: str) -> None:
+    for n, line in _utf8_lines(path):
+        if not line.strip():
+            continue
+        obj = _json_line(path, n, line)
+        if column not in obj:
+            raise InputError(
+                f"{path} line {n} has no {column!r} field (fields: {', '.join(map(str, obj))})",
+                "name the text field with --text-column",
+            )
+        return
     raise InputError(f"JSONL file {path} is empty", "give one JSON object with a text field per line")
 
 
@@ -212,20 +226,19 @@ def iter_documents(source: TextSource, encode: Callable[[str], np.ndarray], want
 
 def _iter_file(f: TextFile) -> Iterator[tuple[str, object]]:
     if f.kind == "txt":
-        yield f.path.name, f.path.read_text(encoding="utf-8", errors="replace")
+        yield f.path.name, read_utf8(f.path, "training text file")
     elif f.kind == "jsonl":
-        with open(f.path, encoding="utf-8") as fh:
-            for n, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                obj = _json_line(f.path, n, line)
-                text = obj.get(f.column)
-                if not isinstance(text, str):
-                    raise InputError(
-                        f"{f.path} line {n}: {f.column!r} is {'missing' if text is None else type(text).__name__}",
-                        f"every line needs a string {f.column!r} field (--text-column)",
-                    )
-                yield str(obj["id"]) if "id" in obj else str(n), text
+        for n, line in _utf8_lines(f.path):
+            if not line.strip():
+                continue
+            obj = _json_line(f.path, n, line)
+            text = obj.get(f.column)
+            if not isinstance(text, str):
+                raise InputError(
+                    f"{f.path} line {n}: {f.column!r} is {'missing' if text is None else type(text).__name__}",
+                    f"every line needs a string {f.column!r} field (--text-column)",
+                )
+            yield str(obj["id"]) if "id" in obj else str(n), text
     elif f.kind in ("parquet-text", "parquet-ids"):
         import pyarrow.parquet as pq
 
