@@ -50,7 +50,7 @@ from pathlib import Path
 import pandas as pd
 
 from memscan.data.images import save_png
-from memscan.errors import MemscanError
+from memscan.errors import InputError, MemscanError
 
 SHARD_TABLES = ("detections", "extractions")
 
@@ -348,6 +348,20 @@ class RunStore:
         return f"rerun `memscan {command} ... --out {self.root} --resume`, or start a new run"
 
 
+def check_out_folder(out: str | Path, option: str = "--out") -> Path:
+    """``out`` as a folder to write into: refused at once (before any work) when it, or a folder
+    above it, is a file."""
+    out = Path(out)
+    for p in (out, *out.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise InputError(
+                    f"{option} {out}: {p} is a file, not a folder", f"choose another {option} (a folder to create)"
+                )
+            break
+    return out
+
+
 # ---- the run lifecycle ------------------------------------------------------------------------
 #: Version of the run-directory layout written by :func:`open_run` (1: before the common
 #: lifecycle, with the kind under ``"command"`` in some manifests).
@@ -385,6 +399,20 @@ def _now(t: float | None = None) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t))
 
 
+def _same_record(old, new) -> bool:
+    """Whether a manifest's recorded value ``old`` equals ``new`` as the manifest would record it."""
+    if old == new:
+        return True
+    return json.dumps(old, sort_keys=True, default=str) == json.dumps(new, sort_keys=True, default=str)
+
+
+def _shown(key: str, value) -> str:
+    """A value in a refusal message (a sha256 shortened to its first 12 digits)."""
+    if key.endswith("_sha256") and isinstance(value, str) and len(value) > 12:
+        return value[:12] + "…"
+    return str(value)
+
+
 @dataclass
 class Run:
     """A run directory opened for writing by :func:`open_run`: its store, manifest and lock.
@@ -408,27 +436,47 @@ class Run:
         """True when this opens a run that an earlier process started."""
         return self.previous is not None
 
+    def check(self, fields: dict, identity: Iterable[str]) -> None:
+        """Refuse a resume whose ``identity`` fields differ from the earlier run's (a no-op for a
+        new run). Writes nothing, so it can run before any model loads or input is decoded, with
+        the fields already known; :meth:`start` checks again with all of them.
+
+        Values are compared as the manifest records them (JSON: a tuple equals a list). A key the
+        earlier manifest lacks while this invocation records one is refused too: that run was
+        started by an older memscan (or with other options), and its inputs cannot be checked.
+        """
+        if self.previous is None:
+            return
+        for key in identity:
+            old, new = self.previous.get(key), fields.get(key)
+            if key == "definitions" and not _same_record(old, new):
+                raise MemscanError(
+                    f"cannot resume {self.root}: it was started by a memscan version whose definitions "
+                    f"of its numbers differ ({old} vs {new}); its finished "
+                    "shards would be mixed with new ones",
+                    "start a new run with another --out",
+                )
+            if key not in self.previous and new is not None:
+                raise MemscanError(
+                    f"cannot resume {self.root}: its manifest records no {key} (the run was started by an older "
+                    "memscan, or with other options), so this invocation cannot be checked to be the same run",
+                    "start a new run with another --out",
+                )
+            if not _same_record(old, new):
+                raise MemscanError(
+                    f"cannot resume {self.root}: its {key} differs from this invocation "
+                    f"({_shown(key, old)} vs {_shown(key, new)})",
+                    "resume with the original model, inputs and options, or start a new run with another --out",
+                )
+
     def start(self, fields: dict, *, identity: Iterable[str] = (), started: float | None = None) -> dict:
         """Write the manifest (``status: running``) with the common fields and ``fields``.
 
         When resuming, every key in ``identity`` must equal the earlier run's (a resumed run must
-        be the same run); the start time and the list of resumptions carry over.
+        be the same run; :meth:`check`); the start time and the list of resumptions carry over.
+        Nothing is written when it is refused.
         """
-        if self.previous is not None:
-            for key in identity:
-                if key == "definitions" and self.previous.get(key) != fields.get(key):
-                    raise MemscanError(
-                        f"cannot resume {self.root}: it was started by a memscan version whose definitions "
-                        f"of its numbers differ ({self.previous.get(key)} vs {fields.get(key)}); its finished "
-                        "shards would be mixed with new ones",
-                        "start a new run with another --out",
-                    )
-                if self.previous.get(key) != fields.get(key):
-                    raise MemscanError(
-                        f"cannot resume {self.root}: its {key} differs from this invocation "
-                        f"({self.previous.get(key)} vs {fields.get(key)})",
-                        "resume with the original options, or start a new run with another --out",
-                    )
+        self.check(fields, identity)
         manifest = {"memscan_run": RUN_FORMAT, "kind": self.kind, **fields}
         manifest.setdefault("versions", versions())
         if self.previous is not None:

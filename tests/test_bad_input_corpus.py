@@ -695,3 +695,30 @@ def test_unconditional_counts_must_be_positive(corpus, tmp_path, option):
     args = ("extract-unconditional", "--model", "py:gen_support:planted", "--train", corpus.clean, "--samples", 16)
     res = cli(*args, option, 0, "--out", tmp_path / "o", "--quiet")
     assert_clean_error(res, f"{option.strip('-').replace('-', '_')}=0 must be a positive integer", f"e.g. {option} ")
+
+
+# ---- output paths that cannot be written: refused before any work, nothing lost -------------------
+def test_bad_output_paths_are_refused_before_any_work(corpus, finished_run, tmp_path, monkeypatch):
+    """A report --out that is a folder or lies in a missing folder, a candidates --out that is a
+    folder (checked before the duplicate counting), a demo --out that is a file: one clean error
+    each; the finished run is untouched; no demo work starts."""
+    before = _snapshot(finished_run)
+    folder = tmp_path / "a_folder"
+    folder.mkdir()
+    assert_clean_error(cli("report", finished_run, "--out", folder), "is a folder")
+    assert_clean_error(cli("report", finished_run, "--out", tmp_path / "missing" / "r.html"), "does not exist")
+    assert _snapshot(finished_run) == before
+    counted = []
+    import memscan.data.duplicates as dup
+
+    monkeypatch.setattr(dup, "count_duplicates", lambda *a, **k: counted.append(1))
+    csv_folder = tmp_path / "p.csv"
+    csv_folder.mkdir()
+    assert_clean_error(cli("candidates", corpus.clean, "--top", 3, "--out", csv_folder, "--quiet"), "is a folder")
+    assert not counted  # refused before the counting
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
+    for demo in (["demo"], ["demo-mia"], ["demo", "lm"], ["demo", "lm", "compare"], ["demo", "compare"]):
+        assert_clean_error(cli(*demo, "--quick", "--quiet", "--out", a_file / "sub"), "a_file is a file")
+        assert_clean_error(cli(*demo, "--quick", "--quiet", "--out", a_file), "is a file")
+    assert a_file.read_text() == "not a folder"

@@ -530,8 +530,12 @@ def select_candidates(
         raise InputError(
             f"prompts file {out} must end in .csv or .parquet", "it carries train_id and duplicate_count columns"
         )
+    if out.is_dir():  # checked before the counting, which could take hours
+        raise InputError(f"--out {out} is a folder", "give the prompts file's path, e.g. OUT/prompts.csv")
     if out.exists() and not overwrite:
         raise InputError(f"{out} already exists", "choose another --out, or pass --overwrite")
+    if out.parent.exists() and not out.parent.is_dir():
+        raise InputError(f"--out {out}: {out.parent} is a file, not a folder", "choose another --out")
     counts = count_duplicates(
         train, config, embedder=embedder, index=index, batch_size=batch_size, device=device, progress=progress
     )

@@ -40,6 +40,7 @@ from memscan.extraction.config import ExtractConfig
 from memscan.extraction.sweep import extract_sweep
 from memscan.generators.checkpoints import list_checkpoints
 from memscan.generators.diffusers_unet import load_unet_generator
+from memscan.store import check_out_folder
 
 
 def checkpoints_dir() -> Path:
@@ -111,6 +112,7 @@ def run_demo_compare(
 ) -> DemoCompareResult:
     """Run the demo (see the module); ``quick``: fewer prompts and generations (CI); ``threads``:
     torch threads while it runs (None: unchanged)."""
+    check_out_folder(out)  # a file in the way: refused before any work
     from memscan.mia.shadow import torch_threads
 
     with torch_threads(threads):

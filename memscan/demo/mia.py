@@ -22,7 +22,7 @@ from memscan.mia.results import MiaResult
 from memscan.mia.run_dir import cpu_seconds
 from memscan.mia.shadow import torch_threads, train_shadow_models
 from memscan.mia.statistic_run import DiffusionLossStatistic, InpaintDistanceStatistic, attack_statistics
-from memscan.store import open_run
+from memscan.store import check_out_folder, open_run
 
 __all__ = ["DemoMiaResult", "DemoMiaSettings", "run_demo_mia", "write_pool"]
 
@@ -129,6 +129,7 @@ def run_demo_mia(
        (loss threshold, LiRA online/offline, fixed variance) and the inpainting attack, into the
        run ``out/run`` with its ``report.html``.
     """
+    check_out_folder(out)  # a file in the way: refused before any work
     t0, c0 = time.perf_counter(), cpu_seconds()
     out = Path(out)
     resume = _unfinished_run(out)

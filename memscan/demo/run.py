@@ -34,6 +34,7 @@ from memscan.extraction.config import ExtractConfig
 from memscan.extraction.pipeline import extract
 from memscan.generators.diffusers_unet import load_unet_generator
 from memscan.report.registry import build_report
+from memscan.store import check_out_folder
 
 #: Near-duplicate threshold for counting training-set duplicates (tiled ℓ2, pixel space).
 DUPLICATE_TAU = 0.05
@@ -162,6 +163,7 @@ def run_demo(
     device: str = "cpu",
 ) -> DemoResult:
     """Run the demo end to end; the summary is also written to ``OUT/summary.json``."""
+    check_out_folder(out)  # a file in the way: refused before any work
     t0 = time.perf_counter()
     out = Path(out)
     if (out / "run" / "manifest.json").exists():

@@ -21,8 +21,8 @@ from pathlib import Path
 from jinja2 import Environment, PackageLoader, select_autoescape
 from markupsafe import Markup
 
-from memscan.errors import MemscanError
-from memscan.store import RunStore
+from memscan.errors import InputError, MemscanError
+from memscan.store import RunStore, atomic_write_bytes
 
 #: The Content-Security-Policy of every report: no script, images only as ``data:`` URIs.
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
@@ -94,7 +94,12 @@ def open_complete_run(run: str | Path, kind: str) -> tuple[RunStore, dict]:
 
 
 def write_page(html: str, root: Path, out: str | Path | None = None) -> Path:
-    """Write a rendered page to ``out`` (default ``RUN/report.html``); returns its path."""
+    """Write a rendered page to ``out`` (default ``RUN/report.html``), atomically (a kill never
+    leaves half a page); returns its path. A folder or a path in a missing folder is one error."""
     path = Path(out) if out else root / "report.html"
-    path.write_text(html, encoding="utf-8")
+    if path.is_dir():
+        raise InputError(f"--out {path} is a folder", "give the page's file path, e.g. --out report.html")
+    if not path.parent.is_dir():
+        raise InputError(f"--out {path}: the folder {path.parent} does not exist", "create it, or choose another --out")
+    atomic_write_bytes(path, html.encode("utf-8"))
     return path

@@ -17,7 +17,7 @@ from memscan.errors import MemscanError
 from memscan.mia.attack_labels import STATISTICS
 from memscan.mia.metrics import plot_roc, roc_metrics
 from memscan.mia.tables import best_results, scores_of
-from memscan.report.base import environment
+from memscan.report.base import environment, write_page
 from memscan.store import RunStore, safe_name
 
 __all__ = ["MIA_KINDS", "build_mia_report"]
@@ -133,9 +133,7 @@ def build_mia_report(run: str | Path, out: str | Path | None = None) -> Path:
     else:
         ctx["sections"] = _statistic_sections(store)
     html = environment().get_template("mia_report.html.j2").render(**ctx)
-    path = Path(out) if out else root / "report.html"
-    path.write_text(html, encoding="utf-8")
-    return path
+    return write_page(html, root, out)
 
 
 def _rank_scatter_png(t: pd.DataFrame) -> bytes:

@@ -41,6 +41,7 @@ from memscan.demo.lm.canaries import (
 )
 from memscan.errors import MemscanError
 from memscan.generators.checkpoints import list_checkpoints
+from memscan.store import check_out_folder
 
 #: Seeds of the canary generator whose sentences are the held-out set (never planted).
 HELDOUT_SEEDS = (1001,)
@@ -183,6 +184,7 @@ def run_demo_lm_compare(
     seed: int = DEFAULT_SEED,
 ) -> DemoLMCompareResult:
     """Run the demo (see the module); ``quick``: 40 ordinary passages instead of 200 (CI)."""
+    check_out_folder(out)  # a file in the way: refused before any work
     from memscan.demo.lm.canaries import ordinary_passages, planted_corpus
     from memscan.demo.lm.run import exposure_of
     from memscan.generators.causal_lm import load_causal_lm

@@ -52,6 +52,7 @@ from memscan.lm.extract_run import lm_extract
 from memscan.lm.extractable_run import ExtractableConfig, lm_extractable
 from memscan.lm.memorization import samples_needed, suffix_log_probability, teacher_forced
 from memscan.lm.sampling_attack import LmExtractConfig
+from memscan.store import check_out_folder
 
 
 def model_dir() -> Path:
@@ -198,6 +199,7 @@ def run_demo_lm(
     """Run the LM demo; the summary is also written to ``OUT/summary.json``.
 
     ``model``: another model directory trained by :mod:`memscan.demo.lm.train` (default: the shipped one)."""
+    check_out_folder(out)  # a file in the way: refused before any work
     import pandas as pd
 
     t0 = time.perf_counter()
