@@ -147,7 +147,7 @@ def test_open_clip_embedder_uses_local_weights_only(tmp_path, monkeypatch):
         sys.modules, "open_clip", types.SimpleNamespace(create_model_and_transforms=create_model_and_transforms)
     )
     weights = tmp_path / "w.bin"
-    weights.write_bytes(b"weights")
+    torch.save({"visual.proj": torch.zeros(2, 2)}, weights)  # tensors only: passes the safe loader
     emb = load_embedder(f"open_clip:ViT-Tiny:{weights}")
     assert isinstance(emb, OpenCLIPEmbedder) and calls == [("ViT-Tiny", str(weights))]
     assert emb.input_size == (16, 16) and emb.dim == 10 and emb.spec()["model"] == "ViT-Tiny"
@@ -156,6 +156,35 @@ def test_open_clip_embedder_uses_local_weights_only(tmp_path, monkeypatch):
     np.testing.assert_allclose(emb.embed(images), ref, atol=1e-5)
     with pytest.raises(InputError, match="local weights"):
         load_embedder(f"open_clip:ViT-Tiny:{tmp_path / 'missing.bin'}")
+
+
+class _Payload:
+    """Unpickling this runs code (writes a marker file)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_open_clip_weights_that_hold_code_are_refused_before_open_clip_reads_them(tmp_path, monkeypatch):
+    """open_clip may unpickle its weights fully (depending on its version): memscan's own safe
+    loader reads them first, so a pickle holding code is refused and never runs — and open_clip
+    is never asked to read it."""
+    import pickle
+
+    calls = []
+    monkeypatch.setitem(
+        sys.modules, "open_clip", types.SimpleNamespace(create_model_and_transforms=lambda *a, **k: calls.append(a))
+    )
+    marker = tmp_path / "pwned"
+    weights = tmp_path / "evil.pt"
+    with open(weights, "wb") as f:
+        pickle.dump({"visual.proj": _Payload(str(marker))}, f)
+    with pytest.raises(InputError, match="refused to load evil.pt"):
+        load_embedder(f"open_clip:ViT-Tiny:{weights}")
+    assert not marker.exists() and calls == []
 
 
 def test_embedder_spec_errors():

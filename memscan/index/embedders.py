@@ -32,6 +32,7 @@ import torch
 
 from memscan.devices import check_device
 from memscan.errors import InputError
+from memscan.safe_load import load_state_dict
 
 #: ImageNet channel statistics: the default input normalisation of model embedders (SSCD and
 #: most torchvision backbones use them). Override with a sidecar JSON or the constructor.
@@ -383,6 +384,16 @@ class OpenCLIPEmbedder(_ModelEmbedder):
     kind = "open_clip"
 
     def __init__(self, model_name: str, weights, batch_size=64, device="cpu", input_size=None):
+        weights = Path(weights)
+        if not weights.is_file():
+            raise InputError(
+                f"open_clip weights {weights} do not exist",
+                "pass a local weights file (memscan never downloads weights): open_clip:MODEL:/path/to/weights",
+            )
+        # open_clip reads the file itself (with torch.load, weights_only or not depending on its
+        # version): it must first pass memscan's own safe loader — safetensors, or a pickle of
+        # tensors and plain containers only — so nothing in it can run code whoever unpickles it
+        load_state_dict(weights)
         try:
             import open_clip
         except ImportError:
@@ -390,12 +401,6 @@ class OpenCLIPEmbedder(_ModelEmbedder):
                 "open_clip embedders need open_clip_torch",
                 "pip install memscan[clip]  (or: pip install open_clip_torch)",
             ) from None
-        weights = Path(weights)
-        if not weights.is_file():
-            raise InputError(
-                f"open_clip weights {weights} do not exist",
-                "pass a local weights file (memscan never downloads weights): open_clip:MODEL:/path/to/weights",
-            )
         try:
             model, _, _ = open_clip.create_model_and_transforms(model_name, pretrained=str(weights), device=str(device))
         except Exception as exc:

@@ -211,7 +211,7 @@ def train_lm_demo_model(
             raise ValueError(f"{init_from} has warm restarts of another length than {cfg.restart_steps}")
         if len(phase_seconds) > n_phases:
             raise ValueError(f"{init_from} has more phases ({len(phase_seconds)}) than this recipe ({n_phases})")
-        model = GPT2LMHeadModel.from_pretrained(init_from).to(cfg.device)  # safetensors
+        model = GPT2LMHeadModel.from_pretrained(init_from, use_safetensors=True).to(cfg.device)
         model.train()
         log += [{"phase": 1, **r} if "phase" not in r else r for r in prev["loss_log"]]
         phase1 = dict(prev.get("phase1") or {})

@@ -132,7 +132,7 @@ def export_checkpoint(src: str | Path, dst: str | Path, dtype: str = "bfloat16")
     src = Path(src)
     rec = json.loads((src / "memscan.json").read_text())
     rec["saved_dtype"] = dtype
-    model = GPT2LMHeadModel.from_pretrained(src, dtype=torch.float32)
+    model = GPT2LMHeadModel.from_pretrained(src, dtype=torch.float32, use_safetensors=True)
     return save_checkpoint(model, Path(dst), step=int(rec["step"]), record=rec, dtype=dtype)
 
 
