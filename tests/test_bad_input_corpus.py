@@ -650,7 +650,16 @@ DEVICE_COMMANDS = {
     "lm mia": lambda c, m, lm, d, t: ("lm", "mia", "--model", lm, "--members", d, "--nonmembers", d.with_name("n.jsonl")),
     "inpaint": lambda c, m, lm, d, t: ("inpaint", "--data", c.clean, "--model", m, "--members", t),
     "candidates": lambda c, m, lm, d, t: ("candidates", c.clean, "--top", 3, "--embedder", "pixel"),
+    "lm extract": lambda c, m, lm, d, t: ("lm", "extract", "--model", lm, "--index", _bytes_index(t.parent), "--samples", 2),
 }  # fmt: skip
+
+
+def _bytes_index(root: Path) -> Path:
+    """A small bytes-mode corpus index for `lm extract`."""
+    from memscan.lm.corpus_index import CorpusIndex
+
+    CorpusIndex.build([b"a small training corpus of plain text. " * 4], root / "bytes_index")
+    return root / "bytes_index"
 
 
 @pytest.mark.parametrize("command", sorted(DEVICE_COMMANDS))
