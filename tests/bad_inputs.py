@@ -375,3 +375,73 @@ def build_lm_extract_inputs(root: Path) -> tuple[Path, dict[str, tuple[list, str
         "samples longer than the model's positions": (["--length", 5000], "positions of the model"),
         "no sample to draw": (["--samples", 0], "--samples 0 must be ≥ 1"),
     }
+
+
+# ---- diffusion models: damaged model directories (extract, audit, triage, mia, inpaint) -------------
+#: the diffusion commands that open a ``--model`` directory
+DIFFUSION_COMMANDS = ("extract", "extract-unconditional", "audit", "triage", "mia", "inpaint")
+_NOT_MIA = tuple(c for c in DIFFUSION_COMMANDS if c not in ("mia", "inpaint"))  # they never read model_index.json
+# triage reads the weights in its workers, after the run's manifest is written (an error all the same)
+_NOT_TRIAGE = tuple(c for c in DIFFUSION_COMMANDS if c != "triage")
+_SCHED = "scheduler/scheduler_config.json"
+
+#: name → (the model copied: "demo" | "text2image" | "bare" (the demo's unet/ and memscan.json), the
+#: file damaged, as the error must name it, its new text (None: its folder is removed; "{misfit}":
+#: the demo's UNet config with other channel widths), the commands that must refuse it)
+DAMAGED_MODELS: dict[str, tuple[str, str, str | None, tuple[str, ...]]] = {
+    "a scheduler config that is not JSON": ("demo", _SCHED, '{"beta_schedule": ', DIFFUSION_COMMANDS),
+    "a pipeline without its scheduler/": ("demo", _SCHED, None, DIFFUSION_COMMANDS),
+    "a scheduler config diffusers refuses": (
+        "demo",
+        _SCHED,
+        '{"_class_name": "DDIMScheduler", "beta_schedule": "no_such_schedule", "num_train_timesteps": 1000}',
+        DIFFUSION_COMMANDS,
+    ),
+    "a scheduler class diffusers does not have": (
+        "demo",
+        _SCHED,
+        '{"_class_name": "NoSuchScheduler"}',
+        DIFFUSION_COMMANDS,
+    ),
+    "a UNet config that is not JSON": ("demo", "unet/config.json", '{"x": ', DIFFUSION_COMMANDS),
+    "a UNet config that is not a JSON object": ("demo", "unet/config.json", "[1, 2]", DIFFUSION_COMMANDS),
+    "a UNet config that does not fit its weights": ("demo", "unet/config.json", "{misfit}", _NOT_TRIAGE),
+    "a model_index.json that is not JSON": ("demo", "model_index.json", '{"_class_name": ', _NOT_MIA),
+    "a bare UNet without a scheduler": ("bare", _SCHED, None, DIFFUSION_COMMANDS),
+    "a text-to-image pipeline whose UNet config is not JSON": (
+        "text2image",
+        "unet/config.json",
+        '{"x": ',
+        DIFFUSION_COMMANDS,
+    ),
+    "a text-to-image pipeline whose scheduler config is not JSON": ("text2image", _SCHED, "{", DIFFUSION_COMMANDS),
+}
+
+
+def build_damaged_models(root: Path, text2image: Path) -> dict[str, tuple[Path, str]]:
+    """:data:`DAMAGED_MODELS` on disk: copies of the shipped demo pipeline (a class-conditional
+    ``UNet2DModel`` with a ``DDIMScheduler`` on the ``squaredcos_cap_v2`` schedule), of its
+    ``unet/`` alone, and of the tiny text-to-image pipeline ``text2image``, each with one file
+    damaged or gone: name → (model directory, the damaged file as the error must name it)."""
+    import json
+    import shutil
+
+    from memscan.demo.run import model_dir
+
+    root.mkdir(parents=True, exist_ok=True)
+    bases = {"demo": model_dir(), "bare": model_dir() / "unet", "text2image": text2image}
+    cases = {}
+    for name, (base, file, text, _) in DAMAGED_MODELS.items():
+        d = root / "".join(ch if ch.isalnum() else "_" for ch in name)
+        shutil.copytree(bases[base], d)
+        if base == "bare":  # with the demo's class captions and null class, as a user would keep them
+            shutil.copy(bases["demo"] / "memscan.json", d)
+        if text is None:  # the file's folder is gone (or, for a bare UNet, was never there)
+            shutil.rmtree(d / Path(file).parent, ignore_errors=True)
+        elif text == "{misfit}":  # valid JSON, other channel widths than the weights have
+            config = json.loads((d / file).read_text())
+            (d / file).write_text(json.dumps({**config, "block_out_channels": [16, 32, 32]}))
+        else:
+            (d / file).write_text(text)
+        cases[name] = (d, f"{d.name}/{file}")
+    return cases

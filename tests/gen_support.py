@@ -62,3 +62,14 @@ def tiny_unet(size=8, channels=3, blocks=(8, 16), groups=4, classes=None, seed=0
 def unconditional16():
     """Factory: an unconditional 16×16 synthetic generator that copies t0007 a quarter of the time."""
     return SyntheticGenerator({"": "t0007"}, size=16, copy_rate=0.25)
+
+
+def planted_other():
+    """Factory: another model of the same output shape as :func:`planted` (other memorized images),
+    for the tests that resume a run with a different model."""
+    return SyntheticGenerator({f"copy t{i:04d}": f"t{i + 1:04d}" for i in (3, 17, 42, 64, 99)}, size=32, copy_rate=0.4)
+
+
+def unconditional16_other():
+    """Factory: another unconditional 16×16 generator (copies t0009), for the resume-refusal tests."""
+    return SyntheticGenerator({"": "t0009"}, size=16, copy_rate=0.25)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from bad_inputs import build_corpus
+from bad_inputs import DAMAGED_MODELS, build_corpus
 from gen_support import tiny_unet
 from typer.testing import CliRunner
 
@@ -731,3 +731,59 @@ def test_bad_output_paths_are_refused_before_any_work(corpus, finished_run, tmp_
         assert_clean_error(cli(*demo, "--quick", "--quiet", "--out", a_file / "sub"), "a_file is a file")
         assert_clean_error(cli(*demo, "--quick", "--quiet", "--out", a_file), "is a file")
     assert a_file.read_text() == "not a folder"
+
+
+# ---- diffusion models: a damaged or incomplete model directory ----------------------------------------
+# Inputs the intact models accept (class ids as prompts, the null class as condition), so that the
+# damaged file is the only thing wrong: before the fix, a missing or unreadable scheduler config
+# ran to the end on diffusers' default noise schedule (exit 0, nothing recorded).
+MODEL_COMMANDS = {
+    "extract": lambda c, m, p, t: (
+        "extract", "--model", m, "--prompts", p, "--train", c.clean, "--samples-per-prompt", 4, "--min-clique", 3,
+    ),
+    "extract-unconditional": lambda c, m, p, t: ("extract-unconditional", "--model", m, "--train", c.clean, "--samples", 4),
+    "audit": lambda c, m, p, t: (
+        "audit", "--model", m, "--prompts", p, "--train", c.clean, "--samples-per-prompt", 12, "--min-clique", 3,
+        "--budget", 200,
+    ),
+    "triage": lambda c, m, p, t: ("triage", "--model", m, "--prompts", p),
+    "mia": lambda c, m, p, t: ("mia", "--data", c.clean, "--model", m, "--members", t, "--condition", "null"),
+    "inpaint": lambda c, m, p, t: ("inpaint", "--data", c.clean, "--model", m, "--members", t, "--condition", "null"),
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def damaged_models(tmp_path_factory):
+    from bad_inputs import build_damaged_models
+
+    return build_damaged_models(tmp_path_factory.mktemp("damaged_models"), TINY_SD)
+
+
+def _model_args(corpus, model, tmp_path: Path, command: str) -> tuple:
+    (tmp_path / "ids.txt").write_text("0\n1\n")  # class ids of the demo model
+    (tmp_path / "m.txt").write_text("m0\n")
+    return MODEL_COMMANDS[command](corpus, model, tmp_path / "ids.txt", tmp_path / "m.txt")
+
+
+@pytest.mark.parametrize(
+    ("bad", "command"), [(bad, command) for bad, case in DAMAGED_MODELS.items() for command in case[3]]
+)
+def test_a_damaged_model_directory_is_one_error_naming_the_file(corpus, damaged_models, tmp_path, bad, command):
+    """A model directory with a file that does not parse, a scheduler config diffusers refuses, or
+    no scheduler at all: one error naming the file and the fix, never a traceback, never diffusers'
+    default noise schedule in its place — and nothing written under --out."""
+    model, file = damaged_models[bad]
+    out = tmp_path / "o"
+    line = assert_clean_error(cli(*_model_args(corpus, model, tmp_path, command), "--out", out, "--quiet"), file)
+    assert " — " in line and ("save_pretrained" in line or "_class_name" in line)  # and the fix
+    assert not out.exists() or not [p for p in out.rglob("*") if p.is_file()]  # nothing written
+
+
+@pytest.mark.parametrize("command", [c for c in MODEL_COMMANDS if c != "extract-unconditional"])
+def test_the_intact_demo_model_runs_with_the_same_arguments(corpus, tmp_path, command):
+    """The control: the demo pipeline the damaged copies come from runs to the end with the same
+    arguments (extract-unconditional excepted: the demo model is class-conditional)."""
+    from memscan.demo.run import model_dir
+
+    res = cli(*_model_args(corpus, model_dir(), tmp_path, command), "--out", tmp_path / "o", "--quiet")
+    assert res.exit_code == 0, res.output

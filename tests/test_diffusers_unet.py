@@ -123,3 +123,47 @@ def test_extract_cli_on_a_saved_pipeline_and_a_config_file(ddpm_dir, cond_dir, t
         check=False,
     )
     assert bad.returncode == 2 and "cannot read config" in bad.stderr
+
+
+def test_the_scheduler_is_the_class_its_config_names_with_its_schedule(tmp_path):
+    """The demo pipeline's scheduler (``DDIMScheduler``, ``squaredcos_cap_v2``) is what the
+    generator, the noise predictor and triage use — not diffusers' ``DDPMScheduler()`` defaults
+    (linear β), which a missing or damaged config used to stand in for silently."""
+    import shutil
+
+    import torch
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    from memscan.demo.run import model_dir
+    from memscan.generators.diffusers_models import load_scheduler
+    from memscan.generators.noise import load_diffusers_noise_predictor
+
+    want = DDIMScheduler(beta_schedule="squaredcos_cap_v2", num_train_timesteps=1000)
+    assert type(load_scheduler(model_dir() / "scheduler")) is DDIMScheduler
+    gen = load_generator(str(model_dir()), num_inference_steps=2)
+    assert gen.scheduler.config.beta_schedule == "squaredcos_cap_v2"
+    torch.testing.assert_close(gen.scheduler.alphas_cumprod, want.alphas_cumprod)
+    p = load_diffusers_noise_predictor(model_dir())
+    torch.testing.assert_close(p.alphas_cumprod.float(), want.alphas_cumprod)
+    assert not torch.allclose(p.alphas_cumprod.float(), DDPMScheduler().alphas_cumprod)  # the old fallback differs
+    # a config without _class_name (written by hand): its schedule, on a DDPMScheduler
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "scheduler_config.json").write_text(json.dumps({"beta_schedule": "squaredcos_cap_v2"}))
+    plain = load_scheduler(tmp_path / "s")
+    assert type(plain) is DDPMScheduler and plain.config.beta_schedule == "squaredcos_cap_v2"
+    # a bare UNet directory keeps its scheduler_config.json beside config.json
+    bare = tmp_path / "bare"
+    shutil.copytree(model_dir() / "unet", bare)
+    shutil.copy(model_dir() / "scheduler" / "scheduler_config.json", bare)
+    assert load_generator(str(bare), num_inference_steps=2).scheduler.config.beta_schedule == "squaredcos_cap_v2"
+
+
+def test_a_scheduler_without_a_ddpm_noise_schedule_is_refused(tmp_path):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from memscan.generators.diffusers_models import load_scheduler
+
+    FlowMatchEulerDiscreteScheduler().save_pretrained(tmp_path / "scheduler")
+    with pytest.raises(InputError, match="no DDPM noise schedule") as e:
+        load_scheduler(tmp_path / "scheduler")
+    assert "scheduler_config.json" in e.value.message

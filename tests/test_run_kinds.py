@@ -10,7 +10,10 @@ and the one shard loop (``memscan.runners.shards.run_shards``). For each kind:
 - the manifest has the common fields (``memscan_run``, ``kind``, ``status``, ``started``,
   ``versions``) and the model record (id, parameters, training step) where a model was attacked;
 - ``memscan report RUN`` renders it;
-- a bad ``--out`` (a file, not a directory) gives one clear error.
+- a bad ``--out`` (a file, not a directory) gives one clear error;
+- a resume with another model, other prompt texts, another training set (``OTHER_INPUTS``), or of
+  a run whose manifest predates those identity fields, is refused with one clear error and leaves
+  the run directory byte for byte as it was; the same inputs still resume it.
 
 The real SIGKILL of a subprocess is tested once for the lifecycle (tests/test_resume.py,
 tests/test_reliability.py): with one lifecycle, one is enough.
@@ -20,7 +23,9 @@ Adding a run kind = one ``KindCase`` in ``CASES``.
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -414,3 +419,168 @@ def test_manifest_report_lock_and_bad_out(case, tmp_path):
     errors = [ln for ln in res.output.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and str(bad) in errors[0], res.output
     assert "Traceback" not in res.output
+
+
+# ---- a resumed run must be the same run: other inputs are refused, and change nothing ------------
+def _arg(argv: list, flag: str, value) -> list:
+    """``argv`` with the value after ``flag`` replaced by ``value``."""
+    at = argv.index(flag)
+    return [*argv[: at + 1], value, *argv[at + 2 :]]
+
+
+def _edited_prompts(tmp: Path, argv: list) -> list:
+    """The same prompt ids (a text file's line numbers), one prompt's text changed."""
+    lines = Path(argv[argv.index("--prompts") + 1]).read_text().splitlines()
+    edited = tmp / "prompts_edited.txt"
+    edited.write_text("\n".join([lines[0], lines[1] + " again", *lines[2:]]) + "\n")
+    return _arg(argv, "--prompts", edited)
+
+
+def _edited_training_set(tmp: Path, argv: list) -> list:
+    """A copy of the training set with the same ids, one image replaced by noise."""
+    from memscan.data.images import read_image, save_png
+
+    src = Path(argv[argv.index("--train") + 1])
+    dst = tmp / f"{src.name}_edited"
+    if not dst.exists():
+        shutil.copytree(src, dst)
+        victim = dst / "t0005.png"
+        size = victim.stat().st_size
+        shape = read_image(victim).shape
+        save_png(np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8), victim)
+        assert victim.stat().st_size != size
+    return _arg(argv, "--train", dst)
+
+
+def _other_tiny_lm(tmp: Path, argv: list) -> list:
+    """Another tiny random GPT-2 (other weights, the same tokenizer)."""
+    from memscan.testing.tiny_lm import make_tiny_gpt2
+
+    other = tmp / "tiny_gpt2_other"
+    if not other.exists():
+        make_tiny_gpt2(other, seed=5)
+    return _arg(argv, "--model", other)
+
+
+@dataclass
+class OtherInputs:
+    """A resume that is not the same run: ``change(tmp, argv)`` gives its CLI args; the refusal
+    names ``refused``. ``older``: the same args, on a run whose manifest an older memscan wrote
+    (without the identity fields of the model, prompts and training set)."""
+
+    label: str
+    change: Callable[[Path, list], list]
+    refused: str
+    older: bool = False
+
+
+#: Per kind (its KindCase label): the resumes that must be refused.
+OTHER_INPUTS = {
+    "extract": [
+        OtherInputs("model", lambda t, a: _arg(a, "--model", "py:gen_support:planted_other"), "model_spec"),
+        OtherInputs("prompt-texts", _edited_prompts, "prompts_sha256"),
+        OtherInputs("training-set", _edited_training_set, "training_set_sha256"),
+        OtherInputs("older-run", lambda t, a: a, "records no model_spec", older=True),
+    ],
+    "extract-unconditional": [
+        OtherInputs("model", lambda t, a: _arg(a, "--model", "py:gen_support:unconditional16_other"), "model_spec"),
+        OtherInputs("training-set", _edited_training_set, "training_set_sha256"),
+    ],
+    "unconditional-index": [
+        OtherInputs("model", lambda t, a: _arg(a, "--model", "py:gen_support:unconditional16_other"), "model_spec"),
+    ],
+    "lm-extractable": [
+        OtherInputs("model", _other_tiny_lm, "model_spec"),
+        OtherInputs("older-run", lambda t, a: a, "records no model_spec", older=True),
+    ],
+    "lm-exposure": [
+        OtherInputs("model", _other_tiny_lm, "model_spec"),
+        OtherInputs(
+            "canary-texts", lambda t, a: _arg(a, "--canaries", "my PIN is {d3}::my PIN is 043::3"), "canaries_sha256"
+        ),
+    ],
+}
+REFUSALS = [
+    pytest.param(c, o, id=f"{c.label or c.kind}-{o.label}")
+    for c in CASES
+    for o in OTHER_INPUTS.get(c.label or c.kind, [])
+]
+
+
+def _killed_run(case: KindCase, tmp_path: Path, out: Path, monkeypatch) -> None:
+    """``case`` written into ``out`` and "killed" after ``case.kill_after`` shard commits."""
+    argv = case.argv(tmp_path, out)  # its inputs are made before the kill hook (an index is a run too)
+    commits = []
+    original = RunStore.commit_shard
+
+    def commit_then_die(self, shard, tables, meta):
+        original(self, shard, tables, meta)
+        commits.append(shard)
+        if len(commits) == case.kill_after:
+            (self.root / ".lock").write_text(f"pid=999999999 host={socket.gethostname()} since=killed")
+            raise _Killed
+
+    with monkeypatch.context() as m:
+        m.setattr(RunStore, "commit_shard", commit_then_die)
+        with pytest.raises(_Killed):
+            _invoke(argv)
+
+
+def _files(run: Path) -> dict[str, bytes]:
+    """Every file of a run directory (but its lock), by path."""
+    return {
+        str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file() and p.name != ".lock"
+    }
+
+
+@pytest.mark.parametrize(("case", "other"), REFUSALS)
+def test_resume_with_other_inputs_is_refused_and_changes_nothing(case, other, tmp_path, monkeypatch):
+    run = tmp_path / "killed"
+    _killed_run(case, tmp_path, run, monkeypatch)
+    if other.older:
+        m = json.loads((run / "manifest.json").read_text())
+        for key in ("model_spec", "prompts_sha256", "training_set_sha256"):
+            m.pop(key, None)
+        (run / "manifest.json").write_text(json.dumps(m, indent=1) + "\n")
+    before = _files(run)
+    assert "manifest.json" in before and any(k.endswith(".done.json") for k in before)
+
+    res = _invoke([*other.change(tmp_path, case.argv(tmp_path, run)), "--resume"], ok=False)
+    errors = [ln for ln in res.output.splitlines() if ln.startswith("error:")]
+    assert res.exit_code == 2 and len(errors) == 1 and other.refused in errors[0], res.output
+    assert "cannot resume" in errors[0] and "--out" in res.output and "Traceback" not in res.output
+    assert _files(run) == before, "a refused resume must leave the run as it was"
+    if other.older:
+        return
+    # the same inputs still resume it
+    _invoke([*case.argv(tmp_path, run), "--resume"])
+    m = RunStore(run).read_manifest(expect=case.kind)
+    assert m["status"] == "complete" and len(m["resumed"]) == 1 and m["model_spec"]
+
+
+def test_extract_resume_checks_a_loaded_generator_and_accepts_a_moved_training_set(tmp_path, synth_train):
+    """Through Python: another loaded generator of the same class (its recorded configuration
+    differs) is refused; the same training files at another path are the same training set."""
+    from memscan import ExtractConfig, MemscanError, extract
+    from memscan.synthetic import SyntheticGenerator
+
+    prompts = list(MEMORIZED)[:2] + ["fresh 0", "fresh 1"]
+    cfg = ExtractConfig(samples_per_prompt=20, shard_size=2, batch_size=10, min_clique=4)
+    run = tmp_path / "run"
+
+    def gen(copy_rate=0.4):
+        return SyntheticGenerator(MEMORIZED, size=32, copy_rate=copy_rate, noise=0.015)
+
+    with pytest.raises(MemscanError, match="stopped before all shards"):
+        extract(gen(), prompts, synth_train, run, cfg, progress=False, stop_after_shards=1)
+    before = _files(run)
+    with pytest.raises(MemscanError, match="its generator differs") as info:
+        extract(gen(copy_rate=0.3), prompts, synth_train, run, cfg, progress=False, resume=True)
+    assert "--out" in info.value.hint
+    assert {k: v for k, v in _files(run).items() if k != "run.log"} == {
+        k: v for k, v in before.items() if k != "run.log"
+    }
+    moved = tmp_path / "moved_train"
+    shutil.copytree(synth_train, moved)
+    res = extract(gen(), prompts, moved, run, cfg, progress=False, resume=True)
+    assert res.manifest["status"] == "complete" and res.manifest["training_set"]["source"] == str(moved)

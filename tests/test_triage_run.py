@@ -67,6 +67,8 @@ def test_a_stopped_run_resumes_with_the_same_inputs_only(pipe, one_shard, tmp_pa
         triage(pipe, PROMPTS, out, other, shard_size=2, progress=False, resume=True)
     with pytest.raises(MemscanError, match="its prompts_sha256 differs"):
         triage(pipe, [*PROMPTS[:-1], "another prompt"], out, CFG, shard_size=2, progress=False, resume=True)
+    with pytest.raises(MemscanError, match="its model_spec differs"):  # another model: the directory
+        triage(str(DATA), PROMPTS, out, CFG, shard_size=2, progress=False, resume=True)
     # the ranking options may change on resume: prompts.csv is made from the merged scores
     res = triage(pipe, PROMPTS, out, CFG, shard_size=2, progress=False, resume=True, top=2, score="webster")
     pd.testing.assert_frame_equal(res.scores, one_shard.scores, check_exact=True)

@@ -11,6 +11,7 @@ Prompt ids must be unique: they name the prompt's generations, seeds and files.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import pandas as pd
@@ -112,3 +113,19 @@ def _clean_id(v) -> str | None:
     if v is None or (isinstance(v, float) and pd.isna(v)) or v is pd.NA or str(v) == "":
         return None
     return str(v)
+
+
+def prompts_sha256(ids, texts) -> str:
+    """The manifest's ``prompts_sha256``: sha256 over the prompts in order, each as
+    ``id \\0 text \\0`` (UTF-8) — as ``memscan triage`` records it. A resumed run must attack the
+    same prompts: the same ids with the same texts, in the same order.
+
+    Examples
+    --------
+    >>> prompts_sha256(["p0"], ["a cat"]) == prompts_sha256(["p0"], ["a dog"])
+    False
+    """
+    h = hashlib.sha256()
+    for i, t in zip(ids, texts):
+        h.update(str(i).encode() + b"\0" + str(t).encode() + b"\0")
+    return h.hexdigest()

@@ -7,7 +7,9 @@ run through :func:`memscan.store.open_run` (kind ``extract``); the shards go thr
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -16,8 +18,8 @@ import numpy as np
 import pandas as pd
 
 from memscan.data.images import read_image
-from memscan.data.prompts import load_prompts
-from memscan.data.training import TrainingSet, load_training_set, training_at_shape
+from memscan.data.prompts import load_prompts, prompts_sha256
+from memscan.data.training import TrainingSet, list_source, load_training_set, training_at_shape
 from memscan.errors import InputError, MemscanError
 from memscan.extraction.config import ExtractConfig
 from memscan.extraction.verify import DEFINITIONS, extraction_counts, verify_candidates
@@ -80,8 +82,11 @@ def extract(
         index records its source) — where the indexed images are now
     out : the run directory (opened with :func:`memscan.store.open_run`, kind ``extract``)
     config : :class:`ExtractConfig`
-    resume : continue a run in ``out`` (same config, shard count, output shape and prompts
-        required); completed shards are kept
+    resume : continue a run in ``out``; completed shards are kept. The resumed run must be the
+        same run — same model (``model_spec``, ``generator``), prompts (``prompts_sha256``: ids
+        and texts), training set (``training_set_sha256``, or the index in ``verification``),
+        config, shard count and output shape — else it is refused before any worker starts
+        (docs/reliability.md)
     stop_after_shards : stop after this many new shards (for tests of resume)
     runner : ``"local"`` (shards one after the other in this process) or ``"ray"`` (a pool of Ray
         actors running the same stage function; ``pip install memscan[ray]``, see docs/scale.md).
@@ -117,26 +122,83 @@ def extract(
             )
         if serve_index < 0:
             raise InputError(f"--serve-index-cpus must be ≥ 0, got {serve_index}")
+    # the run's inputs, read (not decoded) before the run: bad prompts or a missing training set
+    # fail here, and a resume with another model, prompts or training set is refused below
+    prompt_df, prompt_info = _prompt_table(prompts)
+    inputs = {
+        "model_spec": generator_record(generator, None, model_id)["id"],
+        "prompts_sha256": prompts_sha256(prompt_df["prompt_id"], prompt_df["prompt"]),
+        "training_set_sha256": training_set_sha256(train),
+    }
+    started = time.time()
+    with open_run(out, "extract", resume=resume) as run:
+        run.check(inputs, tuple(inputs))  # before the workers load the model, an index is served or an image decoded
+        if serve_index is None:
+            return _extract_pool(run, runner, generator, config, runner_options, model_id, prompt_df, prompt_info,
+                                 inputs, train, progress, stop_after_shards, started)  # fmt: skip
         address = getattr(runner_options, "address", None) if runner_options is not None else None
         served = serve_index_on_ray(train.index, cpus_per_part=float(serve_index), address=address)
         try:
-            return _extract_run(out, resume, runner, generator, config, runner_options, model_id, prompts,
-                                replace(train, served=served.index), progress, stop_after_shards)  # fmt: skip
+            return _extract_pool(run, runner, generator, config, runner_options, model_id, prompt_df, prompt_info,
+                                 inputs, replace(train, served=served.index), progress, stop_after_shards,
+                                 started)  # fmt: skip
         finally:
             served.index.close()
-    return _extract_run(out, resume, runner, generator, config, runner_options, model_id, prompts, train, progress,
-                        stop_after_shards)  # fmt: skip
 
 
-def _extract_run(out, resume, runner, generator, config, runner_options, model_id, prompts, train, progress,
-                 stop_after_shards) -> ExtractionResult:  # fmt: skip
-    started = time.time()
-    with open_run(out, "extract", resume=resume) as run:
-        # workers (one model load each) start while the driver reads the inputs
-        with extraction_pool(runner, generator, config, run.store, runner_options) as pool:
-            return _extract_in(
-                run, pool, generator, model_id, prompts, train, config, progress, stop_after_shards, started
-            )
+def _extract_pool(run, runner, generator, config, runner_options, model_id, prompt_df, prompt_info, inputs, train,
+                  progress, stop_after_shards, started) -> ExtractionResult:  # fmt: skip
+    # workers (one model load each) start while the driver reads the training set
+    with extraction_pool(runner, generator, config, run.store, runner_options) as pool:
+        return _extract_in(run, pool, generator, model_id, prompt_df, prompt_info, inputs, train, config, progress,
+                           stop_after_shards, started)  # fmt: skip
+
+
+def training_set_sha256(train) -> str | None:
+    """The manifest's ``training_set_sha256``: what a resumed run's training set must match.
+
+    - a path (folder, manifest, webdataset or img2dataset): sha256 over its listing
+      (:func:`memscan.data.training.list_source`, nothing decoded), each image as
+      ``id \\0 size-in-bytes \\0``, sorted by id. Where the set lies is not part of it (the same
+      files at another path or on another machine are the same training set; the ``training_set``
+      record keeps the path). An image changed in place to one of the same byte size is not seen.
+    - a loaded :class:`~memscan.data.training.TrainingSet`: sha256 of its ids and pixels.
+    - verification through an index (:class:`IndexVerification`): None — the manifest's
+      ``verification`` (index path, parameters, image count) identifies the training set.
+    """
+    if isinstance(train, IndexVerification):
+        return None
+    h = hashlib.sha256()
+    if isinstance(train, TrainingSet):
+        h.update(b"loaded\0" + str(train.images.shape).encode() + b"\0")
+        for i in train.ids:
+            h.update(str(i).encode() + b"\0")
+        h.update(np.ascontiguousarray(train.images).data)
+        return h.hexdigest()
+    for i, size in sorted((str(e.id), _entry_size(e)) for e in list_source(train).entries):
+        h.update(f"{i}\0{size}\0".encode())
+    return h.hexdigest()
+
+
+def _entry_size(entry) -> int:
+    """Bytes of a listed training image (a tar member's recorded size, else its file's; -1 if unreadable)."""
+    size = getattr(entry, "size", None)
+    if isinstance(size, int):
+        return size
+    try:
+        return os.stat(entry.path).st_size
+    except OSError:
+        return -1
+
+
+def generator_identity(description: dict) -> dict:
+    """The manifest's ``generator`` record (the generator's recorded configuration:
+    :func:`memscan.generators.base.describe`) with a ``source`` that names an existing path made
+    absolute — the same run gets the same record from any working directory and either runner."""
+    source = description.get("source")
+    if isinstance(source, str) and not source.startswith("py:") and Path(source).expanduser().exists():
+        return {**description, "source": str(Path(source).expanduser().resolve())}
+    return dict(description)
 
 
 def _prompt_table(prompts) -> tuple[pd.DataFrame, dict]:
@@ -154,11 +216,11 @@ def _prompt_table(prompts) -> tuple[pd.DataFrame, dict]:
 
 
 def _extract_in(
-    run: Run, pool, generator, model_id, prompts, train, config, progress, stop_after_shards, started
-) -> ExtractionResult:
+    run: Run, pool, generator, model_id, prompt_df, prompt_info, inputs, train, config, progress, stop_after_shards,
+    started,
+) -> ExtractionResult:  # fmt: skip
     store = run.store
-    # 1. inputs: prompts and the training set at the generator's resolution
-    prompt_df, prompt_info = _prompt_table(prompts)
+    # 1. inputs: the generator's output shape, the training set at that resolution
     first = prompt_df.iloc[0]
     where = (
         f"the generator failed on its first call (prompt {first['prompt_id']}, {str(first['prompt'])[:60]!r}, "
@@ -175,16 +237,11 @@ def _extract_in(
 
     n_shards = math.ceil(len(prompt_df) / config.shard_size)
     prompts_path = store.root / "prompts.parquet"
-    if run.resuming and prompts_path.exists():
-        old_prompts = pd.read_parquet(prompts_path)
-        if old_prompts["prompt_id"].tolist() != prompt_df["prompt_id"].tolist():
-            raise MemscanError(
-                f"cannot resume {store.root}: the prompts differ from the original run", "pass the same prompts file"
-            )
     fields = {
         "config": config.to_dict(),
-        "generator": probe.description,
+        "generator": generator_identity(probe.description),
         "model": generator_record(generator, probe.parameters, model_id),
+        **inputs,  # model_spec, prompts_sha256, training_set_sha256
         "runner": pool.describe(),
         "output_shape": list(shape),
         "prompts": {**prompt_info, "count": len(prompt_df)},
@@ -197,9 +254,10 @@ def _extract_in(
         fields["verification"] = verification
         # how the index was searched (not part of the run's identity: it changes no result)
         fields["index_search"] = "ray actors, one per part" if train.served is not None else "opened by each worker"
+    identity = ("config", "n_shards", "output_shape", "verification", "definitions", *inputs, "generator")
+    run.start(fields, identity=identity, started=started)  # a resume of another run is refused: nothing written
     if not (run.resuming and prompts_path.exists()):
         write_table(prompt_df, prompts_path)
-    run.start(fields, identity=("config", "n_shards", "output_shape", "verification", "definitions"), started=started)
     store.log(f"extract: {len(prompt_df)} prompts in {n_shards} shards, {config.samples_per_prompt} samples each")
 
     # 2. shards: the same stage over the same shards with either runner; results are committed

@@ -42,6 +42,7 @@ from memscan.data.training import TrainingSet, training_at_shape
 from memscan.distances import tiled_l2
 from memscan.errors import InputError, MemscanError, user_code
 from memscan.extraction.calibrated import CalibratedConfig
+from memscan.extraction.pipeline import generator_identity, training_set_sha256
 from memscan.extraction.verify_index import (
     VERIFY_CHUNK_BYTES,
     IndexVerification,
@@ -312,7 +313,10 @@ def extract_unconditional(
         re-ranked by exact pixel distance — the training set is never decoded whole, by the
         driver or by any worker (:mod:`memscan.extraction.verify_index`); or a loaded
         :class:`~memscan.index.faiss_index.TrainingIndex` with ``train`` (decoded) to re-rank on
-    resume : finish a killed run in ``out`` (same options); committed shards are kept
+    resume : finish a killed run in ``out``; committed shards are kept. The resumed run must be
+        the same run — same model (``model_spec``, ``generator``), training set
+        (``training_set_sha256``, or the index in ``search``), config, shard count and output
+        shape — else it is refused before any worker starts (docs/reliability.md)
     stop_after_shards : stop after this many new shards (for tests of resume)
     runner : ``"local"`` or ``"ray"`` (a pool of Ray actors running the same stage over the same
         shards; see docs/scale.md); either runner can resume a run the other started
@@ -348,13 +352,21 @@ def extract_unconditional(
         index = None
     elif train is None:
         raise InputError("extract-unconditional needs the training set", "pass --train TRAIN, or --index INDEX")
+    # the model and the training set (listed, not decoded): a resume with others is refused below
+    inputs = {
+        "model_spec": generator_record(generator, None, model_id)["id"],
+        "training_set_sha256": training_set_sha256(train),
+    }
     started = time.time()
     with open_run(out, "extract-unconditional", resume=resume) as run:
+        run.check(inputs, tuple(inputs))  # before the workers load the model or any image is decoded
         index_arg = str(Path(index).resolve()) if isinstance(index, (str, Path)) else index
         with model_pool(
             runner, setup_unconditional, generator, config, run.store, runner_options, (index_arg,)
         ) as pool:
-            return _run(run, pool, generator, model_id, train, config, index, progress, stop_after_shards, started)
+            return _run(
+                run, pool, generator, model_id, inputs, train, config, index, progress, stop_after_shards, started
+            )
 
 
 @dataclass
@@ -461,7 +473,7 @@ def _judge(images, idx, seeds, verifier, training, config, store, retrieval=None
     return rows
 
 
-def _run(run: Run, pool, generator, model_id, train, config, index, progress, stop_after_shards, started):
+def _run(run: Run, pool, generator, model_id, inputs, train, config, index, progress, stop_after_shards, started):
     store = run.store
     # 1. the training set at the generator's resolution, and the searcher over it
     probe = pool.call(
@@ -492,8 +504,9 @@ def _run(run: Run, pool, generator, model_id, train, config, index, progress, st
             "metric": config.metric,
             "rule": "extracted when l2(x, nearest) / (alpha_c * mean l2 to the n nearest) < 1",
         },
-        "generator": probe.description,
+        "generator": generator_identity(probe.description),
         "model": generator_record(generator, probe.parameters, model_id),
+        **inputs,  # model_spec, training_set_sha256
         "runner": pool.describe(),
         "output_shape": list(shape),
         "training_set": summary,
@@ -501,7 +514,8 @@ def _run(run: Run, pool, generator, model_id, train, config, index, progress, st
         "n_shards": n_shards,
         "seeds": {"run_seed": config.seed, "derivation": f"derive_seed(run_seed, {SEED_STREAM!r}, sample_index)"},
     }
-    run.start(fields, identity=("config", "n_shards", "output_shape", "search"), started=started)
+    identity = ("config", "n_shards", "output_shape", "search", *inputs, "generator")
+    run.start(fields, identity=identity, started=started)  # a resume of another run is refused: nothing written
     store.log(f"extract-unconditional: {config.samples} generations in {n_shards} shards ({search['search']} search)")
 
     # 2. shards of generations: generate → n nearest → calibrated decision → commit (in the driver)

@@ -23,7 +23,15 @@ import torch
 
 from memscan.errors import InputError
 from memscan.generators.base import check_generations
-from memscan.generators.diffusers_models import model_dirs, read_meta
+from memscan.generators.diffusers_models import (
+    FIT_HINT,
+    load_scheduler,
+    misfit,
+    model_dirs,
+    read_meta,
+    read_model_json,
+    scheduler_from_config,
+)
 from memscan.safe_load import low_mem_kwargs
 
 SAMPLERS = ("ddim", "ddpm")
@@ -159,7 +167,11 @@ class DiffusersUNetGenerator:
 
 
 def load_unet_generator(path: str, *, device: str = "cpu", batch_size: int = 64, **overrides):
-    """Load a pipeline or UNet+scheduler directory (or hub id) as a generator."""
+    """Load a pipeline or UNet+scheduler directory (or hub id) as a generator.
+
+    The scheduler is the class its ``scheduler_config.json`` names, with its noise schedule; a
+    missing or damaged config (or UNet config, or ``memscan.json``) is an :class:`InputError`
+    naming the file, never diffusers' default schedule."""
     from diffusers import DDPMScheduler, UNet2DModel
 
     root = Path(path)
@@ -172,15 +184,13 @@ def load_unet_generator(path: str, *, device: str = "cpu", batch_size: int = 64,
                 "save the model with UNet2DModel.save_pretrained or DDPMPipeline.save_pretrained",
             )
         meta = read_meta(root)
+        scheduler = load_scheduler(sched_dir)  # before the weights: a damaged config fails at once
         unet = _load_unet(unet_dir)
-        try:
-            scheduler = DDPMScheduler.from_pretrained(sched_dir)
-        except OSError:
-            scheduler = DDPMScheduler()
         source = str(root)
     else:
         unet = UNet2DModel.from_pretrained(path, subfolder="unet", use_safetensors=True, **low_mem_kwargs())
-        scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
+        config = DDPMScheduler.load_config(path, subfolder="scheduler")
+        scheduler = scheduler_from_config(config, f"{path}/scheduler/scheduler_config.json")
         source = path
     kwargs = {
         "class_captions": meta.get("class_captions"),
@@ -199,13 +209,19 @@ def _load_unet(unet_dir: Path):
 
     from memscan.safe_load import find_weights, load_state_dict
 
+    read_model_json(unet_dir / "config.json")  # damaged: one error naming it
     weights = find_weights(unet_dir)
     if weights is None:
         raise InputError(
             f"{unet_dir}: no weights file (diffusion_pytorch_model.safetensors)", "save the model with save_pretrained"
         )
     if weights.suffix == ".safetensors":
-        return UNet2DModel.from_pretrained(unet_dir, use_safetensors=True, **low_mem_kwargs())
+        try:
+            return UNet2DModel.from_pretrained(unet_dir, use_safetensors=True, **low_mem_kwargs())
+        except (ValueError, RuntimeError) as exc:  # the weights do not fit the config (shapes, names)
+            raise InputError(
+                f"{unet_dir / 'config.json'} does not fit the UNet's weights ({misfit(exc)})", FIT_HINT
+            ) from None
     unet = UNet2DModel.from_config(UNet2DModel.load_config(unet_dir))
     missing, unexpected = unet.load_state_dict(load_state_dict(weights), strict=False)
     if missing or unexpected:

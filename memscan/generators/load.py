@@ -13,13 +13,12 @@
 from __future__ import annotations
 
 import inspect
-import json
 from pathlib import Path
 
 from memscan.devices import check_device
 from memscan.errors import InputError
 from memscan.generators.base import CallableGenerator
-from memscan.generators.diffusers_models import hub_pipeline_index
+from memscan.generators.diffusers_models import check_model_dir, hub_pipeline_index, read_model_json
 
 
 def load_generator(spec: str, *, device: str = "cpu", batch_size: int = 64, **options):
@@ -31,14 +30,16 @@ def load_generator(spec: str, *, device: str = "cpu", batch_size: int = 64, **op
     if path.exists():
         if not path.is_dir():
             raise InputError(f"model {spec} is a file", "pass a diffusers directory or py:module:attribute")
+        check_model_dir(path)  # a damaged config: one error naming it, before anything loads
         index = path / "model_index.json"
         if index.exists():
-            cls = json.loads(index.read_text()).get("_class_name", "")
+            components = read_model_json(index)
+            cls = components.get("_class_name", "")
             from memscan.generators.text2image import is_text2image_index, load_text2image_generator
 
-            if is_text2image_index(json.loads(index.read_text())):
+            if is_text2image_index(components):
                 return load_text2image_generator(spec, device=device, batch_size=batch_size, **options)
-            if "unet" not in json.loads(index.read_text()) or cls not in ("DDPMPipeline", "DDIMPipeline", ""):
+            if "unet" not in components or cls not in ("DDPMPipeline", "DDIMPipeline", ""):
                 raise InputError(
                     f"model {spec} is a {cls}; this build attacks unconditional and class-conditional UNet2DModel pipelines",
                     "pass a DDPM/DDIM pipeline directory, or wrap your model as py:module:function",

@@ -247,9 +247,9 @@ def load_diffusers_noise_predictor(
     """A :class:`DiffusersNoisePredictor` from a directory saved with ``save_pretrained``: a
     pipeline (``unet/``, ``scheduler/``) or a UNet directory, holding a ``UNet2DModel`` or
     ``UNet2DConditionModel``. Weights load through safetensors only. A ``memscan.json`` beside
-    them supplies ``class_captions`` and ``null_class``; a missing scheduler falls back to
-    diffusers' ``DDPMScheduler()`` defaults (linear β, T = 1000) — a warning is recorded in
-    ``config["warnings"]``."""
+    them supplies ``class_captions`` and ``null_class``. The scheduler is the class its
+    ``scheduler_config.json`` names; a missing or damaged one is an error naming the file (the
+    noise schedule is never assumed: :func:`memscan.generators.diffusers_models.load_scheduler`)."""
     check_device(device)
     root = Path(spec)
     unet_dir, sched_dir = model_dirs(root)

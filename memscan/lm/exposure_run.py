@@ -187,6 +187,8 @@ def lm_exposure(
     parts = plan_parts(table, config)
     started = time.time()
     spec = model if isinstance(model, (str, Path)) else None
+    # the --model spec (a path made absolute; a loaded model: its spec or class), as lm mia records it
+    model_spec = model_record(spec if spec is not None else model)["id"]
     if spec is not None and runner != "ray":  # a bad model fails here, before the run starts
         from memscan.errors import user_code
         from memscan.generators.causal_lm import load_causal_lm
@@ -198,6 +200,7 @@ def lm_exposure(
         run.start(
             {
                 "config": asdict(config),
+                "model_spec": model_spec,
                 "canaries": {
                     "source": "<table>" if isinstance(canaries, pd.DataFrame) else str(canaries),
                     "count": len(table),
@@ -207,7 +210,7 @@ def lm_exposure(
                 "n_shards": len(parts),
                 "seeds": {"run_seed": config.seed, "derivation": "blake2b(run_seed, canary_id) → 56-bit sample seed"},
             },
-            identity=("config", "n_shards", "canaries_sha256", "definitions"),
+            identity=("config", "model_spec", "n_shards", "canaries_sha256", "definitions"),
             started=started,
         )
         with lm_pool(

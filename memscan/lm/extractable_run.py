@@ -211,6 +211,8 @@ def lm_extractable(
         run.start(
             {
                 "config": cfg,
+                # the --model spec (a path made absolute; a loaded model: its spec or class), as lm mia records it
+                "model_spec": model_record(spec if spec is not None else lm)["id"],
                 "data": {**source.record(), **sample.record()},
                 "sequences_sha256": _digest(sample),
                 "shard_size": shard_size,
@@ -220,7 +222,7 @@ def lm_extractable(
                     "derivation": "numpy default_rng(seed): documents, then offsets",
                 },
             },
-            identity=("config", "shard_size", "n_shards", "sequences_sha256"),
+            identity=("config", "model_spec", "shard_size", "n_shards", "sequences_sha256"),
             started=started,
         )
         if sample.skipped:

@@ -234,8 +234,8 @@ def load_noise_predictor(
     - a directory saved with ``save_pretrained``: a pipeline (``unet/``, ``scheduler/``) or a UNet
       directory, holding a ``UNet2DModel`` or ``UNet2DConditionModel``. Weights load through
       safetensors only. A ``memscan.json`` beside them supplies ``class_captions`` and
-      ``null_class``; a missing scheduler falls back to diffusers' ``DDPMScheduler()`` defaults
-      (linear β, T = 1000) — a warning is recorded in ``config["warnings"]``.
+      ``null_class``. The scheduler is the class its ``scheduler_config.json`` names; a missing or
+      damaged one is an error naming the file (the noise schedule is never assumed).
     """
     check_device(device)
     spec = str(spec)

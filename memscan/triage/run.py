@@ -19,8 +19,6 @@ Ray runner (:mod:`memscan.triage.worker`).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -28,10 +26,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from memscan.data.prompts import load_prompts
+from memscan.data.prompts import load_prompts, prompts_sha256
 from memscan.devices import check_device
 from memscan.errors import InputError, MemscanError
-from memscan.generators.diffusers_models import model_dirs, read_meta
+from memscan.generators.diffusers_models import check_model_dir, load_scheduler, model_dirs, read_meta, read_model_json
 from memscan.generators.diffusers_unet import DiffusersUNetGenerator
 from memscan.generators.model_record import model_record
 from memscan.generators.text2image import Text2ImageGenerator
@@ -170,12 +168,13 @@ def triage(
             {
                 "config": config.to_dict(),
                 "prompts": {**info, "count": len(df)},
-                "prompts_sha256": _digest(ids, texts),
+                "prompts_sha256": prompts_sha256(ids, texts),
+                "model_spec": model_record(model)["id"],
                 "shard_size": per_shard,
                 "n_shards": n_shards,
                 "seeds": {"run_seed": config.seed, "derivation": "blake2b(run_seed, prompt_id, generation) → 63-bit"},
             },
-            identity=("config", "shard_size", "n_shards", "prompts_sha256"),
+            identity=("config", "shard_size", "n_shards", "prompts_sha256", "model_spec"),
             started=started,
         )
         run.store.log(
@@ -265,22 +264,18 @@ def scores_table(df: pd.DataFrame, merged: pd.DataFrame, config: TriageConfig) -
     return table
 
 
-def _digest(ids: list[str], texts: list[str]) -> str:
-    """sha256 of the prompt ids and texts (a resumed run must score the same prompts)."""
-    h = hashlib.sha256()
-    for i, t in zip(ids, texts):
-        h.update(i.encode() + b"\0" + t.encode() + b"\0")
-    return h.hexdigest()
-
-
 def _sampling_defaults(model) -> tuple[str | None, dict]:
     """``(source, memscan.json sampling defaults)`` of ``model``, without loading it."""
     if isinstance(model, (Text2ImageGenerator, DiffusersUNetGenerator)):
         return model.config.get("source"), {"num_inference_steps": model.steps, "guidance_scale": model.guidance_scale}
     if isinstance(model, (str, Path)):
         root = Path(model)
+        if root.is_dir():  # a damaged config: one error naming it, before the run is written
+            check_model_dir(root)
         if is_unet_model_dir(root):
-            return str(model), _class_model_meta(root)
+            meta = _class_model_meta(root)  # a model triage cannot score is refused first
+            load_scheduler(model_dirs(root)[1])  # then a missing scheduler, or one diffusers refuses
+            return str(model), meta
         if root.exists() and not (root / "model_index.json").exists():
             raise InputError(
                 f"{model} holds no model_index.json; triage needs a text-to-image pipeline",
@@ -296,7 +291,7 @@ def _class_model_meta(root: Path) -> dict:
     """``memscan.json`` of a UNet2DModel directory the triage scores apply to (refused otherwise:
     an unconditional model has no prompt to score, one without a null class no empty prompt)."""
     unet_dir, _ = model_dirs(root)
-    config = json.loads((unet_dir / "config.json").read_text())
+    config = read_model_json(unet_dir / "config.json")
     meta = read_meta(root)
     if config.get("num_class_embeds") is None:
         raise InputError(

@@ -13,7 +13,6 @@ whatever the shard size and the runner.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ import pandas as pd
 
 from memscan.devices import check_device
 from memscan.errors import InputError, user_code
-from memscan.generators.diffusers_models import read_meta
+from memscan.generators.diffusers_models import read_meta, read_model_json
 from memscan.generators.diffusers_unet import DiffusersUNetGenerator, load_unet_generator
 from memscan.generators.model_record import count_parameters
 from memscan.generators.text2image import Text2ImageGenerator, is_text2image_index, load_pipeline
@@ -110,7 +109,7 @@ def is_unet_model_dir(model: str | Path) -> bool:
         return False
     index = root / "model_index.json"
     if index.exists():
-        return not is_text2image_index(json.loads(index.read_text()))
+        return not is_text2image_index(read_model_json(index))
     return (root / "unet" / "config.json").exists() or (root / "config.json").exists()
 
 
