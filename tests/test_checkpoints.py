@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from gen_support import tiny_unet
+from pickle_support import Payload
 
 from memscan import InputError
 from memscan.generators.diffusers_unet import load_unet_generator
@@ -14,16 +15,6 @@ from memscan.safe_load import load_state_dict
 
 def _tiny_unet():
     return tiny_unet(channels=1, blocks=(8, 8))
-
-
-class Payload:
-    """Unpickling this runs code (writes a marker file)."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
 
 
 def _save_model(root, weights):

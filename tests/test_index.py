@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 import torch
 from conftest import run_cli
+from pickle_support import Payload
 
 from memscan import InputError
 from memscan.index.embedders import (
@@ -158,16 +159,6 @@ def test_open_clip_embedder_uses_local_weights_only(tmp_path, monkeypatch):
         load_embedder(f"open_clip:ViT-Tiny:{tmp_path / 'missing.bin'}")
 
 
-class _Payload:
-    """Unpickling this runs code (writes a marker file)."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
-
-
 def test_open_clip_weights_that_hold_code_are_refused_before_open_clip_reads_them(tmp_path, monkeypatch):
     """open_clip may unpickle its weights fully (depending on its version): memscan's own safe
     loader reads them first, so a pickle holding code is refused and never runs — and open_clip
@@ -181,7 +172,7 @@ def test_open_clip_weights_that_hold_code_are_refused_before_open_clip_reads_the
     marker = tmp_path / "pwned"
     weights = tmp_path / "evil.pt"
     with open(weights, "wb") as f:
-        pickle.dump({"visual.proj": _Payload(str(marker))}, f)
+        pickle.dump({"visual.proj": Payload(str(marker))}, f)
     with pytest.raises(InputError, match="refused to load evil.pt"):
         load_embedder(f"open_clip:ViT-Tiny:{weights}")
     assert not marker.exists() and calls == []

@@ -1,0 +1,11 @@
+"""A pickle that runs code when unpickled, for the tests that memscan never unpickles one."""
+
+
+class Payload:
+    """Unpickling this runs code (writes a marker file)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
