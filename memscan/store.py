@@ -344,6 +344,8 @@ class RunStore:
             kind = None
         if not kind:
             return "rerun the command that made it with --resume, or start a new run"
+        if kind == "demo-mia":  # its run lies in OUT/run; rerunning the demo resumes it
+            return f"rerun `memscan demo mia --out {self.root.parent}` (it resumes), or start a new one"
         command = "lm " + kind[3:] if kind.startswith("lm-") else kind
         return f"rerun `memscan {command} ... --out {self.root} --resume`, or start a new run"
 

@@ -724,6 +724,10 @@ def test_bad_output_paths_are_refused_before_any_work(corpus, finished_run, tmp_
     csv_folder = tmp_path / "p.csv"
     csv_folder.mkdir()
     assert_clean_error(cli("candidates", corpus.clean, "--top", 3, "--out", csv_folder, "--quiet"), "is a folder")
+    blocked = tmp_path / "a_file_too"
+    blocked.write_text("x")
+    under = blocked / "sub" / "p.csv"
+    assert_clean_error(cli("candidates", corpus.clean, "--top", 3, "--out", under, "--quiet"), "is a file")
     assert not counted  # refused before the counting
     a_file = tmp_path / "a_file"
     a_file.write_text("not a folder")

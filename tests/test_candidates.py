@@ -171,6 +171,13 @@ def test_an_image_the_index_could_not_decode_is_skipped_not_missing_from_the_ind
     s = count_duplicates(root, index=tmp_path / "idx", progress=False).summary
     assert (s["skipped"], s["not_in_index"]) == (1, 0)
     assert [f["id"] for f in s["skipped_files"]] == ["broken"]
+    # past the first 100 named failures the index still knows every failed id
+    from memscan.index.faiss_index import TrainingIndex
+
+    idx = TrainingIndex.load(tmp_path / "idx")
+    idx.meta["skipped_files"] = []  # as if "broken" were the 101st failure
+    s = count_duplicates(root, index=idx, progress=False).summary
+    assert (s["skipped"], s["not_in_index"]) == (1, 0) and s["skipped_files"][0]["id"] == "broken"
     Image.fromarray(smooth_image(keyed_rng("new"), 16)).save(root / "new.png")
     s = count_duplicates(root, index=tmp_path / "idx", progress=False).summary
     assert (s["skipped"], s["not_in_index"]) == (1, 1)

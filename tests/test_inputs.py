@@ -190,3 +190,22 @@ def test_generations_are_checked_and_brought_into_the_training_images_space(tmp_
         with pytest.raises(InputError, match=msg) as err:
             check_generations(bad, 2, "a red square")
         assert "a red square" in str(err.value)
+
+
+def test_a_callable_generator_is_named_the_same_in_every_process():
+    """The recorded name of a sampling function (part of a run's identity) never holds a memory
+    address: a function, a functools.partial and a callable object are named by what they are."""
+    import functools
+
+    from memscan.generators.base import CallableGenerator
+
+    def sample(prompt, seeds, scale=1):
+        return np.zeros((len(seeds), 4, 4, 1), np.uint8)
+
+    class Sampler:
+        def __call__(self, prompt, seeds):
+            return sample(prompt, seeds)
+
+    names = [CallableGenerator(f).config["name"] for f in (sample, functools.partial(sample, scale=2), Sampler())]
+    assert names[0] == names[1] and names[0].endswith("sample") and names[2].endswith("Sampler")
+    assert not any("0x" in n for n in names)

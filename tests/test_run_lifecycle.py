@@ -156,3 +156,8 @@ def test_a_missing_or_damaged_run_table_is_one_error_in_the_runs_own_words(tmp_p
     with pytest.raises(MemscanError, match="cannot read .*sequences.parquet") as err:
         store.table("sequences")
     assert "damaged" in err.value.hint and "memscan lm extractable" in err.value.hint
+    with open_run(tmp_path / "demo" / "run", "demo-mia") as run:  # the demo's run lies in OUT/run
+        run.start({"config": {}}, identity=("config",))
+    with pytest.raises(MemscanError) as err:
+        RunStore(tmp_path / "demo" / "run").table("metrics")
+    assert f"memscan demo mia --out {tmp_path / 'demo'}`" in err.value.hint and "--resume" not in err.value.hint

@@ -446,3 +446,19 @@ def test_retrieval_counts_add_up_over_shards_beyond_the_listed_names():
     total.log(lines.append)
     assert len(lines) == 170 + 2 + 1 and "50 more skipped not named" in lines[-1]
     assert sum("not verified" in line for line in lines) == 2
+
+
+def test_the_chunk_selection_keeps_exactly_the_k_best_ties_by_the_lower_column():
+    """One chunk's k best (memory-mapped flat search): against a brute-force stable sort, on
+    values with many ties — and a row where every value ties (a blank image's zero embedding)."""
+    from memscan.index.faiss_index import _at_least_kth
+
+    rng = np.random.default_rng(4)
+    sims = rng.integers(0, 5, (6, 300)).astype(np.float32)
+    sims[2] = 0.0
+    for k in (1, 7, 300):
+        got_s, got_r = _at_least_kth(sims, k, offset=1000)
+        want = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+        np.testing.assert_array_equal(np.sort(got_r - 1000, axis=1), np.sort(want, axis=1))
+        np.testing.assert_array_equal(np.sort(got_s, axis=1), np.sort(np.take_along_axis(sims, want, 1), axis=1))
+    assert (_at_least_kth(sims, 5, 0)[1][2] == np.arange(5)).all()

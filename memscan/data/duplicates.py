@@ -37,7 +37,7 @@ from memscan.index.embedders import load_embedder
 from memscan.index.faiss_index import TrainingIndex
 from memscan.index.source import iter_batches
 from memscan.progress import progress_bar
-from memscan.store import atomic_write_json, write_table
+from memscan.store import atomic_write_json, check_out_folder, write_table
 
 #: Default cosine threshold on embeddings (pixel embedder: Pearson correlation of 16×16
 #: thumbnails). Permissive on purpose: the pixel check confirms every pair.
@@ -319,10 +319,14 @@ def count_duplicates(
         # listed images the index lacks: those its build could not decode (skipped then, by id)
         # are skipped here too; the others were added after the index was built
         indexed = set(index.ids)
-        failed_at_build = {f.get("id") for f in index.meta.get("skipped_files", [])}
+        files = index.meta.get("skipped_files", [])
+        failed_at_build = set(index.meta.get("skipped_ids", [f.get("id") for f in files]))  # older: first 100
         absent = [e for e in listing.entries if e.id not in indexed]
-        skipped += [f for f in index.meta.get("skipped_files", []) if f.get("id") in {e.id for e in absent}]
-        not_in_index = sum(e.id not in failed_at_build for e in absent)
+        failed = [e for e in absent if e.id in failed_at_build]
+        named = {f.get("id"): f for f in files}
+        skipped += [named.get(e.id, {"id": e.id, "path": str(e.path), "reason": "not decodable when the index was built"})
+                    for e in failed]  # fmt: skip
+        not_in_index = len(absent) - len(failed)
         emb, ids, captions = index.embeddings, index.ids, [e.caption for e in entries]
         embedder_spec = index.meta.get("embedder")
         keep_pixels = None
@@ -534,8 +538,7 @@ def select_candidates(
         raise InputError(f"--out {out} is a folder", "give the prompts file's path, e.g. OUT/prompts.csv")
     if out.exists() and not overwrite:
         raise InputError(f"{out} already exists", "choose another --out, or pass --overwrite")
-    if out.parent.exists() and not out.parent.is_dir():
-        raise InputError(f"--out {out}: {out.parent} is a file, not a folder", "choose another --out")
+    check_out_folder(out.parent)  # a file anywhere above it: refused now, not after the counting
     counts = count_duplicates(
         train, config, embedder=embedder, index=index, batch_size=batch_size, device=device, progress=progress
     )

@@ -159,5 +159,5 @@ def generator_record(generator, parameters: int | None, model_id: str | None = N
     the generator a run attacked: its ``--model`` spec (``model_id``, or the spec it was given as),
     and the parameter count a worker reported (the driver of a Ray run loads no model)."""
     if model_id is None and isinstance(generator, (str, GeneratorSpec)):
-        model_id = GeneratorSpec.of(generator).spec
+        model_id = GeneratorSpec.of(generator).normalized().spec  # py:file.py:attr made absolute too
     return {**model_record(model_id if model_id is not None else generator), "parameters": parameters}

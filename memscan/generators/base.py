@@ -49,6 +49,16 @@ def evaluations_per_generation(generator: Any) -> tuple[int, str]:
     return 1, "generations"
 
 
+def _callable_name(fn) -> str:
+    """A name for a sampling function that is the same in every process (recorded, and part of a
+    run's identity): its qualified name, a partial's function's, else its class's — never a
+    ``repr`` with a memory address."""
+    target = getattr(fn, "func", fn)  # functools.partial
+    name = getattr(target, "__qualname__", None) or type(target).__qualname__
+    module = getattr(target, "__module__", None) or type(target).__module__
+    return f"{module}.{name}" if module else name
+
+
 def check_generations(images: Any, n: int, prompt: str, source: str = "generator") -> np.ndarray:
     """Validate a generator's output: uint8, N×H×W×C with N = len(seeds), finite.
 
@@ -117,7 +127,7 @@ class CallableGenerator:
         if not callable(fn):
             raise InputError(f"{name or fn!r} is not callable", "name a function fn(prompt, seeds)")
         self.fn = fn
-        self.config = {"type": "callable", "name": name or getattr(fn, "__qualname__", repr(fn))}
+        self.config = {"type": "callable", "name": name or _callable_name(fn)}
 
     def generate(self, prompt: str, seeds: list[int]) -> np.ndarray:
         out = self.fn(prompt, list(seeds))

@@ -258,11 +258,8 @@ class TrainingIndex:
             pad = k - k_eff
             sims = np.pad(sims, ((0, 0), (0, pad)), constant_values=-np.inf)
             idx = np.pad(idx, ((0, 0), (0, pad)), constant_values=-1)
-        sims = np.where(idx < 0, -np.inf, sims).astype(np.float32)
-        idx = idx.astype(np.int64)
         # equal similarities (exact duplicates) by the lower row, however the index listed them
-        order = np.lexsort((np.where(idx < 0, np.iinfo(np.int64).max, idx), -sims), axis=1)
-        return np.take_along_axis(sims, order, 1), np.take_along_axis(idx, order, 1)
+        return merge_searches([(sims, idx)], int(k))
 
     def range_search(self, queries: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Every indexed vector with cosine ≥ ``threshold`` to each query (flat and ivf only).
@@ -534,18 +531,18 @@ class IndexParts:
 
 
 def _at_least_kth(sims: np.ndarray, k: int, offset: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per row of ``sims`` (Q×n), every column whose value is ≥ the row's k-th largest — the k
-    best and all their ties — as (similarities, ``offset`` + column) padded with ``-inf`` / ``-1``
-    (columns ascending, so :func:`merge_searches` resolves ties by the lower row)."""
+    """Per row of ``sims`` (Q×n), its k best as (similarities, ``offset`` + column), Q×k: every
+    column above the row's k-th largest value, then the lowest columns equal to it (ties by the
+    lower row, as one stable search; argpartition would keep an arbitrary few of them)."""
     n = sims.shape[1]
-    kth = np.partition(sims, n - k, axis=1)[:, n - k]
-    qi, ci = np.nonzero(sims >= kth[:, None])  # row-major: columns ascending within a row
-    cnt = np.bincount(qi, minlength=sims.shape[0])
-    pos = np.arange(len(qi)) - np.repeat(np.cumsum(cnt) - cnt, cnt)
-    out_s = np.full((sims.shape[0], int(cnt.max(initial=0))), -np.inf, np.float32)
-    out_r = np.full(out_s.shape, -1, np.int64)
-    out_s[qi, pos], out_r[qi, pos] = sims[qi, ci], ci + offset
-    return out_s, out_r
+    kth = np.partition(sims, n - k, axis=1)[:, n - k : n - k + 1]
+    above = sims > kth
+    tied = sims == kth
+    need = k - above.sum(axis=1, keepdims=True)  # ≥ 1: the k-th value itself is tied
+    keep = above | (tied & (np.cumsum(tied, axis=1) <= need))  # exactly k per row
+    qi, ci = np.nonzero(keep)  # row-major: columns ascending within a row
+    cols = ci.reshape(sims.shape[0], k)
+    return np.take_along_axis(sims, cols, 1), cols + offset
 
 
 class MmapFlat:
@@ -831,6 +828,7 @@ def _index_meta(emb_model, train, skipped, warnings, layout=None) -> dict:
         "layout": layout,
         "skipped": len(skipped),
         "skipped_files": skipped[:100],
+        "skipped_ids": [str(s.get("id")) for s in skipped],  # every one (the files: the first 100)
         "warnings": warnings[:100],
         "built": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
