@@ -27,7 +27,6 @@ __all__ = [
     "UNET_CLASSES",
     "check_model_dir",
     "hub_pipeline_index",
-    "load_ddpm_scheduler",
     "load_scheduler",
     "load_unet",
     "misfit",
@@ -249,13 +248,6 @@ def load_scheduler(sched_dir: str | Path) -> Any:
             "save_pretrained); memscan does not assume diffusers' defaults",
         )
     return scheduler_from_config(read_model_json(path), path)
-
-
-def load_ddpm_scheduler(sched_dir: Path) -> tuple[Any, list[str]]:
-    """``(scheduler, warnings)``: :func:`load_scheduler` of ``sched_dir`` (the class its config
-    names; a missing or damaged config is an :class:`InputError`), and no warnings — kept for the
-    callers that record them."""
-    return load_scheduler(sched_dir), []
 
 
 def hub_pipeline_index(spec: str) -> dict:

@@ -18,7 +18,7 @@ import torch
 
 from memscan.devices import check_device
 from memscan.errors import InputError
-from memscan.generators.diffusers_models import load_ddpm_scheduler, load_unet, model_dirs, read_meta
+from memscan.generators.diffusers_models import load_scheduler, load_unet, model_dirs, read_meta
 
 __all__ = [
     "PREDICTION_TYPES",
@@ -254,7 +254,7 @@ def load_diffusers_noise_predictor(
     root = Path(spec)
     unet_dir, sched_dir = model_dirs(root)
     unet = load_unet(unet_dir, str(spec))
-    scheduler, warnings = load_ddpm_scheduler(sched_dir)
+    scheduler = load_scheduler(sched_dir)
     meta = read_meta(root)
     p = DiffusersNoisePredictor(
         unet,
@@ -265,7 +265,6 @@ def load_diffusers_noise_predictor(
         dtype=dtype,
         source=str(root),
     )
-    p.config["warnings"] = warnings
     return p
 
 
