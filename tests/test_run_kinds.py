@@ -429,8 +429,14 @@ def _arg(argv: list, flag: str, value) -> list:
 
 
 def _edited_prompts(tmp: Path, argv: list) -> list:
-    """The same prompt ids (a text file's line numbers), one prompt's text changed."""
-    lines = Path(argv[argv.index("--prompts") + 1]).read_text().splitlines()
+    """The same prompt ids (a text file's line numbers, or a table's ids), one prompt's text changed."""
+    src = Path(argv[argv.index("--prompts") + 1])
+    if src.suffix == ".csv":
+        df = pd.read_csv(src)
+        df.loc[1, "prompt"] += " again"
+        df.to_csv(tmp / "prompts_edited.csv", index=False)
+        return _arg(argv, "--prompts", tmp / "prompts_edited.csv")
+    lines = src.read_text().splitlines()
     edited = tmp / "prompts_edited.txt"
     edited.write_text("\n".join([lines[0], lines[1] + " again", *lines[2:]]) + "\n")
     return _arg(argv, "--prompts", edited)
@@ -444,7 +450,7 @@ def _edited_training_set(tmp: Path, argv: list) -> list:
     dst = tmp / f"{src.name}_edited"
     if not dst.exists():
         shutil.copytree(src, dst)
-        victim = dst / "t0005.png"
+        victim = dst / "t0005.png" if (dst / "t0005.png").exists() else sorted(dst.glob("*.png"))[5]
         size = victim.stat().st_size
         shape = read_image(victim).shape
         save_png(np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8), victim)
@@ -484,6 +490,11 @@ OTHER_INPUTS = {
     ],
     "extract-unconditional": [
         OtherInputs("model", lambda t, a: _arg(a, "--model", "py:gen_support:unconditional16_other"), "model_spec"),
+        OtherInputs("training-set", _edited_training_set, "training_set_sha256"),
+    ],
+    "audit": [
+        OtherInputs("model", lambda t, a: _arg(a, "--model", "py:gen_support:planted_other"), "model_spec"),
+        OtherInputs("prompt-texts", _edited_prompts, "prompts_sha256"),
         OtherInputs("training-set", _edited_training_set, "training_set_sha256"),
     ],
     "unconditional-index": [
@@ -584,3 +595,36 @@ def test_extract_resume_checks_a_loaded_generator_and_accepts_a_moved_training_s
     shutil.copytree(synth_train, moved)
     res = extract(gen(), prompts, moved, run, cfg, progress=False, resume=True)
     assert res.manifest["status"] == "complete" and res.manifest["training_set"]["source"] == str(moved)
+
+
+def test_extract_lists_the_training_set_once(tmp_path, synth_train, monkeypatch):
+    """The listing hashed for ``training_set_sha256`` is the one decoded: one pass over the
+    source (a full pass on a network file system), in extract and extract-unconditional."""
+    import memscan.data.training as training_mod
+    import memscan.extraction.pipeline as pipeline_mod
+    import memscan.extraction.unconditional as unconditional_mod
+    from memscan import ExtractConfig, extract
+    from memscan.extraction.unconditional import UnconditionalConfig, extract_unconditional
+    from memscan.synthetic import SyntheticGenerator
+
+    listed = []
+    original = training_mod.list_source
+
+    def counting(path):
+        listed.append(str(path))
+        return original(path)
+
+    for mod in (training_mod, pipeline_mod, unconditional_mod):
+        monkeypatch.setattr(mod, "list_source", counting)
+    cfg = ExtractConfig(samples_per_prompt=20, shard_size=2, batch_size=10, min_clique=4)
+    res = extract(SyntheticGenerator(MEMORIZED, size=32, copy_rate=0.4, noise=0.015), list(MEMORIZED)[:2],
+                  synth_train, tmp_path / "run", cfg, progress=False)  # fmt: skip
+    assert listed == [str(synth_train)]
+    assert res.manifest["training_set"]["source"] == str(synth_train) and len(res.extractions)
+    assert res.manifest["training_set_sha256"] == pipeline_mod.training_set_sha256(str(synth_train))
+
+    listed.clear()
+    gen = SyntheticGenerator({"": next(iter(MEMORIZED.values()))}, size=32, copy_rate=0.25)
+    r = extract_unconditional(gen, synth_train, tmp_path / "unc", UnconditionalConfig(samples=20, n_nearest=5,
+                              shard_size=10), progress=False)  # fmt: skip
+    assert listed == [str(synth_train)] and r.manifest["training_set"]["source"] == str(synth_train)

@@ -30,14 +30,17 @@ from memscan.audit.stages import (
 )
 from memscan.audit.support import generator_facts
 from memscan.data.duplicates import DuplicateConfig
-from memscan.data.training import TrainingSet, training_at_shape
+from memscan.data.prompts import prompts_sha256
+from memscan.data.training import TrainingSet, list_source, training_at_shape
 from memscan.errors import InputError
 from memscan.extraction.config import ExtractConfig
+from memscan.extraction.pipeline import training_set_sha256
 from memscan.extraction.verify import DEFINITIONS, extraction_counts
 from memscan.extraction.worker import extraction_pool, generator_record, probe_generator
 from memscan.runners import GeneratorSpec
 from memscan.store import open_run
 from memscan.triage.run import DEFAULT_SHARD_SIZE as TRIAGE_SHARD_SIZE
+from memscan.triage.run import prompt_table
 from memscan.triage.scores import SCORES, TriageConfig
 from memscan.triage.worker import triage_pool
 
@@ -141,6 +144,14 @@ def audit(
         raise InputError(f"unknown score {score!r}", f"choose one of {', '.join(SCORES)}")
     if prompts is None and isinstance(train, TrainingSet):
         raise InputError("candidates from captions need the training set's path", "pass --train PATH or --prompts")
+    # the model, the training set (listed once: hashed, read for captions, decoded as listed) and
+    # given prompts identify the audit: a resume with others is refused before any stage
+    listing = list_source(train) if isinstance(train, (str, Path)) else None
+    identities = {
+        "model_spec": generator_record(model, None, model_id)["id"],
+        "training_set_sha256": training_set_sha256(listing if listing is not None else train),
+        "prompts_sha256": None if prompts is None else _prompts_sha256(prompts),
+    }
     started = time.time()
     with open_run(out, "audit", resume=resume) as run:
         inputs = {
@@ -160,15 +171,17 @@ def audit(
             "audit": options,
             "triage_config": triage_config.to_dict(),
             "inputs": inputs,
+            **identities,
             "definitions": DEFINITIONS,
         }
-        identity = ("config", "audit", "triage_config", "inputs", "definitions")
+        # the paths in ``inputs`` are recorded, not compared: the same files moved are the same inputs
+        identity = ("config", "audit", "triage_config", *identities, "definitions")
         if run.resuming:  # a resumed audit must be the same audit (checked before any stage)
             run.start(fields, identity=identity, started=started)
         else:  # a fresh start: what a refused start left behind is not reused
             shutil.rmtree(run.root / "stages", ignore_errors=True)
         # 1. candidates (no model needed)
-        cands, rec_cand = candidates_stage(run, train, prompts, duplicates, candidates, min_count, progress)
+        cands, rec_cand = candidates_stage(run, train, prompts, duplicates, candidates, min_count, progress, listing)
         missing = sorted(set(map(str, controls)) - set(cands["prompt_id"].astype(str)))
         if missing:
             raise InputError(f"control prompt(s) {', '.join(missing[:5])} are not among the candidates", "")
@@ -178,10 +191,16 @@ def audit(
             return extraction_pool(runner, model, config, run.store, runner_options)
 
         return _stages(
-                run, pool, model, model_id, train, cands, rec_cand, budget, config, triage_config,
+                run, pool, model, model_id, listing if listing is not None else train, cands, rec_cand, budget, config, triage_config,
                 score, list(map(str, controls)), triage_shard_size, progress, runner, runner_options,
                 (fields, identity, started),
             )  # fmt: skip
+
+
+def _prompts_sha256(prompts) -> str:
+    """The given prompts' ``prompts_sha256`` (ids and texts, as ``memscan extract`` records it)."""
+    df, _ = prompt_table(prompts)
+    return prompts_sha256(df["prompt_id"], df["prompt"])
 
 
 def _stages(

@@ -66,9 +66,10 @@ def write_marker(run: Run, stage: str, record: dict) -> dict:
 
 # ---- 1. candidates --------------------------------------------------------------------------
 def candidates_stage(
-    run: Run, train, prompts, duplicates: DuplicateConfig, top: int, min_count: int, progress: bool
+    run: Run, train, prompts, duplicates: DuplicateConfig, top: int, min_count: int, progress: bool, listing=None
 ) -> tuple[pd.DataFrame, dict]:
-    """The candidate prompts (``--prompts``, or the captions of the most duplicated images)."""
+    """The candidate prompts (``--prompts``, or the captions of the most duplicated images);
+    ``listing``: ``train`` already listed (:func:`~memscan.data.training.list_source`)."""
     done = read_marker(run, "candidates")
     if done is not None:
         return pd.read_parquet(run.root / "candidates.parquet"), done
@@ -76,7 +77,7 @@ def candidates_stage(
         df, info = prompt_table(prompts)
         record = {"source": str(info.get("source", prompts)), "from": "prompts"}
     else:
-        listing = list_source(train)
+        listing = listing if listing is not None else list_source(train)
         if listing.entries and not any(str(e.caption or "").strip() for e in listing.entries):
             raise InputError(
                 f"the training set {train} has no captions, and no --prompts were given",

@@ -204,16 +204,20 @@ def _list_manifest(path: Path) -> list[Entry]:
 
 
 def load_training_set(
-    path: str | Path, size: tuple[int, int] | None = None, channels: int = 3, progress=None
+    path: str | Path | SourceListing, size: tuple[int, int] | None = None, channels: int = 3, progress=None
 ) -> TrainingSet:
     """Decode every image of a training set at (H, W) and C channels.
+
+    ``path`` may also be a :class:`SourceListing` already made (:func:`list_source`): it is then
+    decoded as listed, without listing the source again.
 
     Corrupt or unreadable files are skipped, with their id, path and the reason recorded.
     An empty result (nothing readable) is an error. Webdataset ``.tar`` shards (one, or a folder
     of them) and img2dataset's parquet+files layout are listed by :mod:`memscan.data.webdataset`;
     ``warnings`` then reports damaged side members (``.json``, shard parquet) of samples still loaded.
     """
-    listing = list_source(path)
+    listing = path if isinstance(path, SourceListing) else list_source(path)
+    path = listing.source
     if not listing.entries and listing.layout in ("folder", "manifest"):
         raise empty_training_set(path)
     return decode_training_set(
@@ -266,10 +270,10 @@ def nothing_readable(path, skipped: list[dict]) -> InputError:
     )
 
 
-def training_at_shape(train: str | Path | TrainingSet, shape: tuple[int, ...], log=None) -> TrainingSet:
-    """The training set ``train`` (a path, decoded here, or already loaded) at the generations'
-    H×W×C ``shape``; a loaded set of another shape is refused. ``log(line)``, if given, records
-    each skipped file."""
+def training_at_shape(train: str | Path | SourceListing | TrainingSet, shape: tuple[int, ...], log=None) -> TrainingSet:
+    """The training set ``train`` (a path or a :class:`SourceListing`, decoded here, or already
+    loaded) at the generations' H×W×C ``shape``; a loaded set of another shape is refused.
+    ``log(line)``, if given, records each skipped file."""
     from memscan.errors import MemscanError
 
     shape = tuple(shape)

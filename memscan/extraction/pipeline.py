@@ -19,7 +19,7 @@ import pandas as pd
 
 from memscan.data.images import read_image
 from memscan.data.prompts import load_prompts, prompts_sha256
-from memscan.data.training import TrainingSet, list_source, load_training_set, training_at_shape
+from memscan.data.training import SourceListing, TrainingSet, list_source, load_training_set, training_at_shape
 from memscan.errors import InputError, MemscanError
 from memscan.extraction.config import ExtractConfig
 from memscan.extraction.verify import DEFINITIONS, extraction_counts, verify_candidates
@@ -125,6 +125,8 @@ def extract(
     # the run's inputs, read (not decoded) before the run: bad prompts or a missing training set
     # fail here, and a resume with another model, prompts or training set is refused below
     prompt_df, prompt_info = _prompt_table(prompts)
+    if isinstance(train, (str, Path)):  # listed once: hashed here, decoded as listed once the shape is known
+        train = list_source(train)
     inputs = {
         "model_spec": generator_record(generator, None, model_id)["id"],
         "prompts_sha256": prompts_sha256(prompt_df["prompt_id"], prompt_df["prompt"]),
@@ -157,7 +159,8 @@ def _extract_pool(run, runner, generator, config, runner_options, model_id, prom
 def training_set_sha256(train) -> str | None:
     """The manifest's ``training_set_sha256``: what a resumed run's training set must match.
 
-    - a path (folder, manifest, webdataset or img2dataset): sha256 over its listing
+    - a path (folder, manifest, webdataset or img2dataset), or its
+      :class:`~memscan.data.training.SourceListing`: sha256 over its listing
       (:func:`memscan.data.training.list_source`, nothing decoded), each image as
       ``id \\0 size-in-bytes \\0``, sorted by id. Where the set lies is not part of it (the same
       files at another path or on another machine are the same training set; the ``training_set``
@@ -175,7 +178,8 @@ def training_set_sha256(train) -> str | None:
             h.update(str(i).encode() + b"\0")
         h.update(np.ascontiguousarray(train.images).data)
         return h.hexdigest()
-    for i, size in sorted((str(e.id), _entry_size(e)) for e in list_source(train).entries):
+    listing = train if isinstance(train, SourceListing) else list_source(train)
+    for i, size in sorted((str(e.id), _entry_size(e)) for e in listing.entries):
         h.update(f"{i}\0{size}\0".encode())
     return h.hexdigest()
 

@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from memscan.data.training import TrainingSet, training_at_shape
+from memscan.data.training import TrainingSet, list_source, training_at_shape
 from memscan.distances import tiled_l2
 from memscan.errors import InputError, MemscanError, user_code
 from memscan.extraction.calibrated import CalibratedConfig
@@ -352,7 +352,9 @@ def extract_unconditional(
         index = None
     elif train is None:
         raise InputError("extract-unconditional needs the training set", "pass --train TRAIN, or --index INDEX")
-    # the model and the training set (listed, not decoded): a resume with others is refused below
+    # the model and the training set (listed once, not decoded): a resume with others is refused below
+    if isinstance(train, (str, Path)):
+        train = list_source(train)
     inputs = {
         "model_spec": generator_record(generator, None, model_id)["id"],
         "training_set_sha256": training_set_sha256(train),
