@@ -68,8 +68,10 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
-def atomic_write_json(path: Path, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=1, default=str) + "\n").encode())
+def atomic_write_json(path: Path, obj, default=str) -> None:
+    """Write ``obj`` as JSON atomically (a reader sees the old file or the new one, never a part);
+    ``default`` turns what JSON cannot hold into what it can."""
+    atomic_write_bytes(Path(path), (json.dumps(obj, indent=1, default=default) + "\n").encode())
 
 
 def write_table(df: pd.DataFrame, path: Path) -> str:

@@ -90,7 +90,11 @@ def test_symlink_out_of_folder_is_not_followed(tmp_path):
     root.mkdir()
     _png(root / "ok.png", training_image("ok", 8))
     (root / "link.png").symlink_to(outside)
-    assert load_training_set(root).ids == ["ok"]
+    ts = load_training_set(root)
+    assert ts.ids == ["ok"]
+    # not followed, and said: the manifest's training_set names it among the warnings
+    assert [(w["id"], w["path"]) for w in ts.warnings] == [("link", str(root / "link.png"))]
+    assert ts.summary()["warnings"] == 1 and "symlink out of" in ts.summary()["warning_files"][0]["reason"]
 
 
 def test_empty_training_set_is_an_error(tmp_path):

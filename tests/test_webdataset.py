@@ -142,3 +142,33 @@ def test_img2dataset_parquet_and_files_layout(tmp_path):
     assert listing.ids == ["000000000", "000000001", "000000003", "000010000"]  # 000000003 fails at decode
     index = build_index(root, None, embedder="pixel:8", progress=False)
     assert index.ids == ts.ids and index.meta["skipped"] == 2
+
+
+def test_a_second_image_and_linked_images_are_reported_not_dropped_silently(tmp_path):
+    """A sample's second image member is not read, and a link member is never followed (its
+    target may lie outside the shard): both are named in the listing's warnings (the sample
+    kept) or skips (a sample whose only image is a link)."""
+    a, b = training_image("a", 16), training_image("b", 16)
+    shard = tmp_path / "s.tar"
+    with tarfile.open(shard, "w") as tf:
+        _add(tf, "k1.png", _encode(a, "PNG"))
+        _add(tf, "k1.jpg", _encode(b, "JPEG"))  # a second image of k1
+        _add(tf, "k1.txt", "one")
+        _add(tf, "k2.png", _encode(b, "PNG"))
+        link = tarfile.TarInfo("k2.webp")  # k2's second "image": a link
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tf.addfile(link)
+        only = tarfile.TarInfo("k3.png")  # k3's only image is a link
+        only.type, only.linkname = tarfile.LNKTYPE, "k2.png"
+        tf.addfile(only)
+        _add(tf, "k3.txt", "three")
+    listing = list_source(shard)
+    assert listing.ids == ["k1", "k2"]
+    warned = {w["id"]: w["reason"] for w in listing.warnings}
+    assert set(warned) == {"k1", "k2"}
+    assert "k1.jpg is a second image of sample k1" in warned["k1"] and "k1.png, is" in warned["k1"]
+    assert "k2.webp is a link" in warned["k2"]
+    assert [(s["id"], "k3.png is a link" in s["reason"]) for s in listing.skipped] == [("k3", True)]
+    ts = load_training_set(shard, size=(16, 16))
+    assert ts.ids == ["k1", "k2"] and np.array_equal(ts.images[0], a)  # the first image, not the second
+    assert ts.summary()["warnings"] == 2 and ts.summary()["skipped"] == 1

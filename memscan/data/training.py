@@ -41,7 +41,9 @@ class TrainingSet:
     skipped : list of {"id", "path", "reason"} for files that could not be read
     source : the path it was read from
     warnings : list of {"id", "path", "reason"} for damaged side files of images that were
-        still loaded (e.g. an unreadable ``.json`` member of a webdataset sample)
+        still loaded (e.g. an unreadable ``.json`` member of a webdataset sample), a sample's
+        second image or linked image (not read), and image symlinks out of a training folder
+        (not followed)
     """
 
     ids: list[str]
@@ -121,7 +123,8 @@ def list_source(path: str | Path) -> SourceListing:
         warnings = [{k: v for k, v in q.items() if k != "kept"} for q in problems if q.get("kept")]
         return SourceListing(str(path), entries, skipped, warnings, layout)
     if p.is_dir():
-        return SourceListing(str(path), _list_folder(p), layout="folder")
+        entries, warnings = _list_folder(p)
+        return SourceListing(str(path), entries, warnings=warnings, layout="folder")
     if p.suffix.lower() in (".csv", ".parquet"):
         return SourceListing(str(path), _list_manifest(p), layout="manifest")
     raise InputError(
@@ -135,15 +138,20 @@ def list_training_set(path: str | Path) -> list:
     return list_source(path).entries
 
 
-def _list_folder(root: Path) -> list[Entry]:
-    entries = []
+def _list_folder(root: Path) -> tuple[list[Entry], list[dict]]:
+    """The folder's images, and a warning for each image symlink that points out of the folder
+    (not followed: not part of the training set)."""
+    entries, warnings = [], []
     seen: dict[str, Path] = {}
     resolved_root = root.resolve()
     for f in sorted(root.rglob("*")):
         if not f.is_file() or f.suffix.lower() not in IMAGE_EXTENSIONS:
             continue
         if not f.resolve().is_relative_to(resolved_root):
-            continue  # a symlink out of the folder is not part of the training set
+            # a symlink out of the folder is not part of the training set: said, not silent
+            rel = f.relative_to(root).with_suffix("").as_posix()
+            warnings.append({"id": rel, "path": str(f), "reason": "a symlink out of the training folder: not read"})
+            continue
         rel = f.relative_to(root).with_suffix("")
         fid = rel.as_posix()
         if fid in seen:
@@ -155,7 +163,7 @@ def _list_folder(root: Path) -> list[Entry]:
         cap_file = f.with_suffix(".txt")
         caption = cap_file.read_text(encoding="utf-8-sig", errors="replace").strip() if cap_file.exists() else ""
         entries.append(Entry(fid, f, caption))
-    return entries
+    return entries, warnings
 
 
 def _list_manifest(path: Path) -> list[Entry]:

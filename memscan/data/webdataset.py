@@ -165,19 +165,26 @@ def _list_shard(shard: Path) -> tuple[list[TarSample], list[dict]]:
         # 1. walk the headers; keep offsets of image members, read captions and metadata
         try:
             for m in tf:
-                if not m.isfile():
-                    continue
+                if not m.isfile() and not ((m.issym() or m.islnk()) and _key_and_ext(m.name)[1] in _IMAGE_EXT):
+                    continue  # folders, devices, links to side members
                 key, ext = _key_and_ext(m.name)
                 if key not in groups:
                     groups[key] = {}
                     order.append(key)
                 g = groups[key]
+                if not m.isfile():  # a link: its target is not read (it may lie outside the shard)
+                    g.setdefault("problems", []).append(f"member {m.name} is a link, not an image file: not read")
+                    continue
                 if m.offset_data + m.size > file_size:
                     g.setdefault("problems", []).append(f"member {m.name} is cut off by the end of the shard")
                     truncated = True
                     continue
                 if ext in _IMAGE_EXT and "image" not in g:
                     g["image"] = (m.name, m.offset_data, m.size)
+                elif ext in _IMAGE_EXT:
+                    g.setdefault("problems", []).append(
+                        f"member {m.name} is a second image of sample {key}: not read (the first, {g['image'][0]}, is)"
+                    )
                 elif ext == "txt":
                     g["txt"] = _read_text(tf, m, g)
                 elif ext == "json":

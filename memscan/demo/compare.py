@@ -40,7 +40,7 @@ from memscan.extraction.config import ExtractConfig
 from memscan.extraction.sweep import extract_sweep
 from memscan.generators.checkpoints import list_checkpoints
 from memscan.generators.diffusers_unet import load_unet_generator
-from memscan.store import check_out_folder
+from memscan.store import atomic_write_json, check_out_folder
 
 
 def checkpoints_dir() -> Path:
@@ -118,7 +118,7 @@ def run_demo_compare(
     with torch_threads(threads):
         res = _run_demo_compare(Path(out), quick, progress)
     res.summary["threads"] = threads
-    (res.out / "summary.json").write_text(json.dumps(res.summary, indent=1, default=_plain))
+    atomic_write_json(res.out / "summary.json", res.summary, default=_plain)
     return res
 
 
@@ -230,7 +230,7 @@ def _run_demo_compare(out: Path, quick: bool, progress: bool) -> DemoCompareResu
         "report": str(both.report),
         "sweep_report": str(res.report),
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=_plain))
+    atomic_write_json(out / "summary.json", summary, default=_plain)
     return DemoCompareResult(out, table.reset_index(drop=True), res.fits, both.report, summary)
 
 

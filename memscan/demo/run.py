@@ -34,7 +34,7 @@ from memscan.extraction.config import ExtractConfig
 from memscan.extraction.pipeline import extract
 from memscan.generators.diffusers_unet import load_unet_generator
 from memscan.report.registry import build_report
-from memscan.store import check_out_folder
+from memscan.store import atomic_write_json, check_out_folder
 
 #: Near-duplicate threshold for counting training-set duplicates (tiled ℓ2, pixel space).
 DUPLICATE_TAU = 0.05
@@ -267,7 +267,7 @@ def run_demo(
         "total": round(t_end - t0, 2),
     }
     summary["report"] = str(report)
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    atomic_write_json(out / "summary.json", summary)
     return DemoResult(out, result, summary, rows)
 
 

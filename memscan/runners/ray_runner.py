@@ -39,7 +39,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from memscan.errors import InputError, MemscanError
+from memscan.errors import InputError, MemscanError, first_line
 from memscan.runners.base import RUNNERS, ShardDone, ShardTask
 
 #: Shown whenever Ray is needed but missing.
@@ -453,7 +453,7 @@ class RayPool:
                 self._worker_died(w, exc, task)
                 if attempts[task.key] >= self.options.max_attempts:
                     raise MemscanError(
-                        f"shard {task.key} failed on {attempts[task.key]} workers (last: {_first_line(exc)})",
+                        f"shard {task.key} failed on {attempts[task.key]} workers (last: {first_line(exc)})",
                         "see run.log; a shard that kills every worker it lands on (memory?) needs a smaller "
                         "--shard-size or --batch-size",
                     ) from None
@@ -475,7 +475,7 @@ class RayPool:
     def _worker_died(self, w: _Worker, exc: BaseException, task: ShardTask | None) -> None:
         self.failures += 1
         what = f"during shard {task.key}" if task is not None else "while starting"
-        self.log(f"ray: worker {w.name} died {what}: {_first_line(exc)}")
+        self.log(f"ray: worker {w.name} died {what}: {first_line(exc)}")
         self._retire(w)
         if self.failures > self.max_worker_failures:
             raise MemscanError(
@@ -484,11 +484,6 @@ class RayPool:
             )
         replacement = self._spawn()
         self.log(f"ray: started worker w{replacement.index} to replace it" + (" and retry the shard" if task else ""))
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
 
 
 def map_shards(

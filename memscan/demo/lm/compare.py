@@ -41,7 +41,7 @@ from memscan.demo.lm.canaries import (
 )
 from memscan.errors import MemscanError
 from memscan.generators.checkpoints import list_checkpoints
-from memscan.store import check_out_folder
+from memscan.store import atomic_write_json, check_out_folder
 
 #: Seeds of the canary generator whose sentences are the held-out set (never planted).
 HELDOUT_SEEDS = (1001,)
@@ -241,7 +241,7 @@ def run_demo_lm_compare(
     summary["fits"] = res.fits.to_dict(orient="records")
     summary["report"] = str(res.report)
     summary["seconds"] = round(time.perf_counter() - t0, 1)
-    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=_plain))
+    atomic_write_json(out / "summary.json", summary, default=_plain)
     return DemoLMCompareResult(out, res.table, res.report, summary)
 
 

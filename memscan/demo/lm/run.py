@@ -52,7 +52,7 @@ from memscan.lm.extract_run import lm_extract
 from memscan.lm.extractable_run import ExtractableConfig, lm_extractable
 from memscan.lm.memorization import samples_needed, suffix_log_probability, teacher_forced
 from memscan.lm.sampling_attack import LmExtractConfig
-from memscan.store import check_out_folder
+from memscan.store import atomic_write_json, check_out_folder
 
 
 def model_dir() -> Path:
@@ -270,7 +270,7 @@ def run_demo_lm(
         "sampling_attack": round(t_attack - t_expo, 2),
         "total": round(time.perf_counter() - t0, 2),
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    atomic_write_json(out / "summary.json", summary)
     rows = []
     for k in summary["extracted_by_duplicate_count"]:
         e = summary["extracted_by_duplicate_count"][k]
