@@ -239,7 +239,8 @@ def main() -> None:
                  TriageConfig(generations=4, steps=1), progress=False)  # fmt: skip
     triage_s = time.perf_counter() - t0
     scores = tri.scores.set_index("prompt_id").loc[pids]
-    triage_cost = int(scores["unet_evaluations"].sum())
+    # the audit ranks by wen and pays for wen alone (webster is computed here for its ROC only)
+    triage_cost = len(pids) * int(tri.manifest["cost"]["unet_evaluations_by_score"]["wen"])
     labels = np.array([pid in brute_found for pid in pids])
     roc = {}
     for s in ("wen", "webster"):

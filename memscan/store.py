@@ -35,6 +35,7 @@ kept, and releases the lock, so ``--resume`` continues.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -42,8 +43,11 @@ import os
 import platform
 import re
 import socket
+import threading
 import time
+import uuid
 from collections.abc import Iterable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -145,15 +149,35 @@ WHERE_RESULTS_ARE = {
 class RunLock:
     """An exclusive lock on a run directory (a ``.lock`` file created with O_EXCL).
 
-    A lock left by a process that no longer exists on this host is taken over.
+    The file says who holds it: ``pid=… host=… since=… token=…`` (the token is unique to this
+    acquisition). A lock left by a process that no longer exists on this host is taken over, and
+    the takeover is atomic: the contender ``flock``s the stale lock file itself, checks under that
+    flock that the file is still the one at ``.lock`` and still stale, then renames its own new
+    lock file over it. A second contender, blocked on the old file's flock, then finds ``.lock``
+    replaced and sees the new holder (alive): it is refused. At no moment is ``.lock`` absent, so
+    a process that creates a fresh lock (O_EXCL) cannot slip in either. :meth:`release` removes
+    ``.lock`` only while it still holds this acquisition's token (under the same flock), never a
+    lock another process has taken over since.
+
+    Where ``fcntl`` is missing (Windows), takeovers are serialised within one process only: two
+    processes taking over one stale lock at the same instant can then both believe they hold it.
+    The same holds on a file system that refuses locks (``ENOLCK``: some FUSE mounts, NFS without
+    lockd). The flock is advisory and per open file; on NFS Linux emulates it with POSIX locks,
+    which exclude other processes (threads of one process are serialised by :data:`_TAKEOVER`).
     """
 
     def __init__(self, root: Path):
         self.path = Path(root) / ".lock"
         self.held = False
+        self.token: str | None = None
+
+    def _content(self, token: str) -> str:
+        since = time.strftime("%Y-%m-%dT%H:%M:%S")
+        return f"pid={os.getpid()} host={socket.gethostname()} since={since} token={token}"
 
     def acquire(self) -> RunLock:
-        for _ in range(2):
+        token = uuid.uuid4().hex
+        for _ in range(8):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileNotFoundError:
@@ -163,46 +187,154 @@ class RunLock:
                 ) from None
             except FileExistsError:
                 if self._stale():
-                    self.path.unlink(missing_ok=True)
+                    if self._take_over(token):
+                        return self
+                    continue  # replaced or removed meanwhile: look again
+                try:
+                    info = self.path.read_text(errors="replace").strip()
+                except FileNotFoundError:  # released meanwhile: try again
                     continue
-                info = self.path.read_text(errors="replace").strip()
                 raise MemscanError(
                     f"run directory {self.path.parent} is in use by another memscan process ({info})",
                     "wait for it to finish, or remove the .lock file if that process is gone",
                 ) from None
             except OSError as exc:  # read-only file system, permissions, quota
-                raise MemscanError(
-                    f"cannot write the lock file in {self.path.parent}: {exc.strerror or exc}",
-                    "choose an --out on a writable disk, or fix its permissions",
-                ) from None
+                raise _unwritable(self.path, exc) from None
             with os.fdopen(fd, "w") as f:
-                f.write(f"pid={os.getpid()} host={socket.gethostname()} since={time.strftime('%Y-%m-%dT%H:%M:%S')}")
-            self.held = True
+                f.write(self._content(token))
+            self.held, self.token = True, token
             return self
-        raise MemscanError(f"could not lock {self.path}")  # pragma: no cover
+        raise MemscanError(  # pragma: no cover - eight races in a row
+            f"could not lock {self.path}: other processes keep taking and releasing it", "rerun"
+        )
 
     def _stale(self) -> bool:
+        """Whether ``.lock`` names a process of this host that no longer exists."""
         try:
-            fields = dict(kv.split("=", 1) for kv in self.path.read_text().split())
-            if fields.get("host") != socket.gethostname():
-                return False
-            os.kill(int(fields["pid"]), 0)
-            return False
-        except ProcessLookupError:
-            return True
-        except (ValueError, KeyError, OSError):
+            return _stale_text(self.path.read_text())
+        except OSError:
             return False
 
+    def _take_over(self, token: str) -> bool:
+        """Replace the stale ``.lock`` by this process's lock, atomically (class docstring).
+        False when ``.lock`` changed meanwhile (the caller looks again)."""
+        try:
+            fd = os.open(self.path, os.O_RDWR)
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            raise _unwritable(self.path, exc) from None
+        try:
+            with _TAKEOVER, _flocked(fd):
+                # under the flock of the file judged stale: is it still .lock, and still stale?
+                if not _same_file(fd, self.path) or not _stale_text(_read_fd(fd)):
+                    return False
+                tmp = self.path.with_name(f".lock.tmp-{os.getpid()}-{token}")
+                try:
+                    with open(tmp, "x") as f:
+                        f.write(self._content(token))
+                    os.replace(tmp, self.path)  # .lock is never absent: no O_EXCL creator slips in
+                except BaseException:
+                    tmp.unlink(missing_ok=True)
+                    raise
+            self.held, self.token = True, token
+            return True
+        except OSError as exc:
+            raise _unwritable(self.path, exc) from None
+        finally:
+            os.close(fd)
+
     def release(self) -> None:
-        if self.held:
-            self.path.unlink(missing_ok=True)
-            self.held = False
+        """Remove ``.lock`` if it is still this acquisition's (never a lock taken over since)."""
+        if not self.held:
+            return
+        self.held = False
+        try:
+            fd = os.open(self.path, os.O_RDWR)
+        except OSError:  # removed by hand, or the directory is gone
+            return
+        try:
+            with _TAKEOVER, _flocked(fd):
+                if _same_file(fd, self.path) and _lock_fields(_read_fd(fd)).get("token") == self.token:
+                    self.path.unlink()
+        except OSError:  # pragma: no cover - nothing more to do
+            pass
+        finally:
+            os.close(fd)
 
     def __enter__(self):
         return self.acquire()
 
     def __exit__(self, *exc):
         self.release()
+
+
+#: Serialises lock takeovers and releases between the threads of this process (``flock`` on NFS
+#: and the no-fcntl fallback do not exclude threads of one process).
+_TAKEOVER = threading.Lock()
+
+
+def _unwritable(path: Path, exc: OSError) -> MemscanError:
+    return MemscanError(
+        f"cannot write the lock file in {path.parent}: {exc.strerror or exc}",
+        "choose an --out on a writable disk, or fix its permissions",
+    )
+
+
+def _lock_fields(text: str) -> dict:
+    return dict(kv.split("=", 1) for kv in text.split() if "=" in kv)
+
+
+def _stale_text(text: str) -> bool:
+    """Whether a lock file's text names a process of this host that no longer exists."""
+    try:
+        fields = _lock_fields(text)
+        if fields.get("host") != socket.gethostname():
+            return False
+        os.kill(int(fields["pid"]), 0)
+        return False
+    except ProcessLookupError:
+        return True
+    except (ValueError, KeyError, OSError):
+        return False
+
+
+def _read_fd(fd: int) -> str:
+    os.lseek(fd, 0, os.SEEK_SET)
+    chunks = []
+    while chunk := os.read(fd, 4096):
+        chunks.append(chunk)
+    return b"".join(chunks).decode(errors="replace")
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    """Whether ``path`` is still the file open as ``fd``."""
+    try:
+        a, b = os.fstat(fd), os.stat(path)
+    except FileNotFoundError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+@contextmanager
+def _flocked(fd: int):
+    """An exclusive ``flock`` on ``fd`` (a no-op where fcntl is missing)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: see RunLock
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError as exc:  # a file system without locks (some FUSE mounts, NFS without lockd)
+        if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            raise
+        yield  # as without fcntl: serialised within this process only (RunLock's docstring)
+        return
+    try:
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
 
 
 class RunStore:
@@ -307,7 +439,9 @@ class RunStore:
             self.shard_dir.mkdir(parents=True, exist_ok=True)
             hashes = {name: write_table(df, self._table_path(shard, name)) for name, df in tables.items()}
             rows = {name: len(df) for name, df in tables.items()}
-            atomic_write_json(self._record_path(shard), {"shard": shard, "rows": rows, "sha256": hashes, **meta})
+            # the commit fields win over a stage's meta of the same name (the hashes are the commit)
+            record = {**meta, "shard": shard, "rows": rows, "sha256": hashes}
+            atomic_write_json(self._record_path(shard), record)
 
     def shard_record(self, shard: int) -> dict:
         return json.loads(self._record_path(shard).read_text())
@@ -569,7 +703,46 @@ def open_run(out: str | Path, kind: str, *, resume: bool = False, accept: Iterab
     try:
         if previous is not None:  # re-read under the lock: another process may have finished it
             previous = store.read_manifest(expect=(kind, *accept))
+        remove_stale_temporaries(store)
     except BaseException:
         lock.release()
         raise
     return Run(store, kind, lock, previous)
+
+
+_TEMPORARY = re.compile(r"^\..+\.tmp-(\d+)(?:-[0-9a-f]+)?$")
+
+
+def remove_stale_temporaries(store: RunStore) -> list[str]:
+    """Remove the temporary files (``.NAME.tmp-PID``) a killed writer left in the run directory
+    and its ``shards/`` (e.g. a half-written ``embeddings.npy`` of ``memscan index``, as large as
+    the embeddings): those of processes of this host that no longer exist. Called under the
+    run's lock, so no live writer of this run owns them. Returns (and logs) their names."""
+    removed = []
+    for folder in (store.root, store.shard_dir):
+        try:
+            names = [p for p in folder.iterdir() if p.is_file()]
+        except OSError:
+            continue
+        for path in names:
+            m = _TEMPORARY.match(path.name)
+            if m is None or int(m.group(1)) == os.getpid() or _alive(int(m.group(1))):
+                continue
+            try:
+                path.unlink()
+                removed.append(str(path.relative_to(store.root)))
+            except OSError:
+                pass
+    if removed:
+        store.log(f"removed {len(removed)} temporary file(s) left by a killed process: {', '.join(removed[:10])}")
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process: alive
+        return True
+    return True

@@ -50,3 +50,20 @@ def extraction_runs(tmp: Path, **config_over) -> list[Path]:
         extract(gen, prompt_table(), train, out, config(**config_over), progress=False, model_id=str(model))
         runs.append(out)
     return runs
+
+
+class SamplingGenerator(SyntheticGenerator):
+    """The synthetic generator with a diffusers-like record: the model's ``source`` and the
+    sampler's ``num_inference_steps`` / ``guidance_scale`` (what the comparability check reads)."""
+
+    def __init__(self, source: str, steps: int = 20, guidance: float = 1.0, memorized: int = 2):
+        super().__init__(dict(list(MEMORIZED.items())[:memorized]), size=32, copy_rate=0.6, noise=0.01)
+        self.config = {**self.config, "source": source, "num_inference_steps": steps, "guidance_scale": guidance}
+
+
+def extract_run(out: Path, train: Path, prompts: pd.DataFrame | None = None, generator=None, model_id=None, **over):
+    """One small extract run (the compare tests' runs' configuration, ``over`` on top)."""
+    gen = generator or SyntheticGenerator(dict(list(MEMORIZED.items())[:2]), size=32, copy_rate=0.6, noise=0.01)
+    p = prompt_table() if prompts is None else prompts
+    extract(gen, p, train, out, config(**over), progress=False, model_id=model_id or str(out.parent / "model"))
+    return out

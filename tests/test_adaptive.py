@@ -210,5 +210,5 @@ def test_report_shows_the_budget_curve(runs):
 
     html = build_report(adaptive.run_dir).read_text()
     assert "Adaptive generation budget" in html
-    assert f"<b>{n.sum()}</b> of {len(prompts) * N} generations" in html
+    assert f"<b>{n.sum()}</b> of the {len(prompts) * N} generations a full budget gives them" in html
     assert "Adaptive generation budget" not in build_report(full.run_dir).read_text()

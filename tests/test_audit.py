@@ -14,7 +14,6 @@ from audit_support import ADAPTIVE, MODEL, SAMPLING, audit_args, small_demo
 from gen_support import MEMORIZED
 from typer.testing import CliRunner
 
-from memscan.audit.budget import round_size
 from memscan.cli import app
 from memscan.store import RunStore
 
@@ -40,19 +39,43 @@ def inputs(tmp_path_factory):
     return root
 
 
+#: UNet evaluations of the full audit's triage, counted by a hook on the UNet (not memscan's bookkeeping).
+TRIAGE_CALLS: list[int] = []
+
+
+def _counting_triage(real):
+    """``score_prompts`` with a forward hook on the model's UNet that adds up the latents of every
+    call (one UNet evaluation each) into ``TRIAGE_CALLS``."""
+
+    def score_prompts(model, *args, **kwargs):
+        hook = model.unet.register_forward_hook(lambda m, a, out: TRIAGE_CALLS.append(int(a[0].shape[0])))
+        try:
+            return real(model, *args, **kwargs)
+        finally:
+            hook.remove()
+
+    return score_prompts
+
+
 @pytest.fixture(scope="module")
 def full_audit(inputs, tmp_path_factory):
-    """An audit with --top 12: every candidate attacked (no budget cut)."""
+    """An audit with --top 12: every candidate attacked (no budget cut); its triage's UNet
+    evaluations are counted into ``TRIAGE_CALLS``."""
+    import memscan.triage.worker as worker
+
     out = tmp_path_factory.mktemp("audit") / "run"
-    _invoke(audit_args(inputs, out, "--top", 12))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(worker, "score_prompts", _counting_triage(worker.score_prompts))
+        _invoke(audit_args(inputs, out, "--top", 12))
     return out
 
 
 def test_audit_tables_equal_the_standalone_commands(inputs, full_audit, tmp_path):
     train, prompts = small_demo(inputs)
-    # triage by hand on the same prompts, with the generator's schedule (5 steps, no guidance)
+    # triage by hand on the same prompts, with the generator's schedule (5 steps, no guidance) and
+    # the one score the audit ranks by (the only one it computes)
     _invoke(["triage", "--model", MODEL, "--prompts", prompts, "--out", tmp_path / "t", "--num-inference-steps", 5,
-             "--guidance-scale", 1.0, "--quiet"])  # fmt: skip
+             "--guidance-scale", 1.0, "--scores", "wen", "--quiet"])  # fmt: skip
     pd.testing.assert_frame_equal(
         pd.read_parquet(full_audit / "scores.parquet"), pd.read_parquet(tmp_path / "t" / "scores.parquet")
     )
@@ -82,7 +105,12 @@ def test_manifest_counts_every_evaluation(full_audit):
     assert per_image == 5 and m["budget"]["unit"] == "unet evaluations"  # 5 DDIM steps, unguided
     s = m["stages"]
     assert s["candidates"] == {**s["candidates"], "prompts_kept": 12, "evaluations": 0}
-    assert s["triage"]["evaluations"] == 12 * 2 * 4 * 1  # 2 evaluations × 4 generations × 1 step per prompt
+    # only the ranking score (wen) is computed: counted at the UNet, 12 prompts × 4 generations ×
+    # 1 step × (the caption, the null class); the demo model is unguided, with no negative prompt
+    assert s["triage"]["evaluations"] == sum(TRIAGE_CALLS) == 12 * 4 * 1 * 2
+    assert s["triage"]["evaluations_by_score"] == {"wen": 4 * 1 * 2}
+    assert "webster_score" not in pd.read_parquet(full_audit / "scores.parquet")
+    assert m["triage_config"]["scores"] == ["wen"] and m["definitions"]["triage_wen"].startswith("Wen et al. 2024")
     # one probe image (the UNet generator declares no output shape) + every generation made
     assert s["extract"]["evaluations"] == per_image * (1 + int(det["n_samples"].sum()))
     assert m["evaluations_total"] == sum(v["evaluations"] for v in s.values())
@@ -91,26 +119,71 @@ def test_manifest_counts_every_evaluation(full_audit):
     assert s["verify"]["prompts_kept"] == len(ext) == m["counts"]["extractions"]
 
 
-def test_the_budget_is_spent_down_the_ranking_round_by_round(inputs, full_audit, tmp_path):
+#: A clique of 6 flags a prompt: the duplicated images (cliques of 3–4 after 4 generations)
+#: continue to 8 or 12 generations, so the budget, not the adaptive rule, can end them.
+CONTINUING = ["--min-clique", 6]
+
+
+@pytest.fixture(scope="module")
+def uncut_audit(inputs, tmp_path_factory):
+    """The ranking's uncut courses: --top 12 with CONTINUING (no budget)."""
+    out = tmp_path_factory.mktemp("uncut") / "run"
+    _invoke(audit_args(inputs, out, "--top", 12, *CONTINUING))
+    return out
+
+
+@pytest.mark.parametrize(("budget", "cuts"), [(96 + 5 + 5 * 4 * 6, True), (96 + 5 + 5 * 4 * 13, False)])
+def test_the_budget_is_a_hard_cap_spent_down_the_ranking(inputs, uncut_audit, tmp_path, budget, cuts):
+    """Checked against the tables alone, not the code's own planning: the evaluations (triage
+    2 × 4 × 1 per candidate, one probe image, 5 per generation) never exceed --budget; the
+    attacked prompts are the top of the ranking; each ran its uncut course (its row equals the
+    uncut audit's) or was cut by the budget at a round end (4 or 8 of 12 generations); and the
+    extraction stopped only when the ranking was exhausted or the budget left could not pay one
+    more first round (4 generations × 5). With the smaller budget the first round's third prompt
+    would continue past the budget (the old rule spent 241 of 221)."""
     out = tmp_path / "run"
-    budget = 96 + 5 + 5 * 4 * 6  # triage + probe + six first rounds of 4 generations × 5 steps
-    _invoke(audit_args(inputs, out, "--budget", budget))
+    _invoke(audit_args(inputs, out, "--budget", budget, *CONTINUING))
     m = _manifest(out)
-    # an independent replay of the rule on the full audit's per-prompt costs (same seeds, same n_samples)
-    full = pd.read_parquet(full_audit / "detections.parquet").set_index("prompt_id")["n_samples"]
-    ranking = pd.read_parquet(full_audit / "prompts.parquet")["prompt_id"].tolist()
-    spent, pos, rounds = 96 + 5, 0, []
-    while (k := round_size(budget, spent, len(ranking) - pos, 4 * 5, 4)) > 0:
-        rounds.append(k)
-        spent += 5 * int(full[ranking[pos : pos + k]].sum())
-        pos += k
-    assert [r["prompts"] for r in m["stages"]["extract"]["rounds"]] == rounds
-    assert pd.read_parquet(out / "prompts.parquet")["prompt_id"].tolist() == ranking[:pos]
-    assert m["evaluations_total"] == spent and pos < len(ranking)
     det = pd.read_parquet(out / "detections.parquet")
-    pd.testing.assert_frame_equal(
-        det, pd.read_parquet(full_audit / "detections.parquet").head(pos), check_dtype=True, obj="detections"
-    )
+    triage = 2 * 4 * 1 * len(pd.read_parquet(out / "scores.parquet"))
+    total = triage + 5 + 5 * int(det["n_samples"].sum())
+    assert m["evaluations_total"] == total <= budget
+    assert m["stages"]["extract"]["budget_left"] == budget - total >= 0
+    ranking = pd.read_parquet(uncut_audit / "prompts.parquet")["prompt_id"].tolist()
+    attacked = pd.read_parquet(out / "prompts.parquet")["prompt_id"].tolist()
+    assert attacked == ranking[: len(attacked)]
+    assert len(attacked) == len(ranking) or budget - total < 4 * 5
+    full = pd.read_parquet(uncut_audit / "detections.parquet").set_index("prompt_id")
+    cut = set(m["stages"]["extract"]["capped"])
+    for row in det.to_dict("records"):
+        uncut = full.loc[row["prompt_id"]]
+        if row["prompt_id"] in cut:
+            assert row["n_samples"] in (4, 8) and row["n_samples"] < uncut["n_samples"]
+        else:
+            assert row["n_samples"] == uncut["n_samples"]
+            for col in ("clique_size", "mean_clique_distance", "detected", "medoid_seed"):
+                assert row[col] == uncut[col] or (pd.isna(row[col]) and pd.isna(uncut[col])), col
+    assert bool(cut) == cuts
+
+
+def test_the_audit_page_names_each_figure_and_section(full_audit, tmp_path):
+    """The stage rows under their own heading (not the demo's), the total against the brute force
+    on every candidate and the adaptive share over the attacked prompts each labelled as what
+    they are, with the figures recomputed from the manifest and the tables."""
+    from memscan.report.registry import build_report
+
+    m = _manifest(full_audit)
+    det = pd.read_parquet(full_audit / "detections.parquet")
+    html = build_report(full_audit, tmp_path / "a.html").read_text()
+    assert "<h2>Audit: stages and budget</h2>" in html and "Demo ground truth" not in html
+    total, brute = m["evaluations_total"], 12 * 12 * 5
+    assert f"{total:,} unet evaluations: {total / brute:.1%} of the brute force&#39;s {brute:,}" in html
+    assert "every one of the 12 candidates × 12 generations" in html and "triage included" in html
+    spent, full = int(det["n_samples"].sum()), len(det) * 12
+    assert f"<b>{spent}</b> of the {full} generations" in html
+    assert f"<b>{100 * spent / full:.1f} %</b> of these prompts' full budget of generations" in html
+    html = build_report(full_audit, tmp_path / "b.html", extra_summary={"planted": "3/3"}).read_text()
+    assert html.index("Audit: stages and budget") < html.index("<h2>Demo ground truth</h2>") < html.index("planted")
 
 
 class _Killed(BaseException):
@@ -192,15 +265,22 @@ def test_controls_are_attacked_when_the_budget_is_spent(inputs, full_audit, tmp_
     last = ranking[-1]
     gen = load_unet_generator(MODEL, batch_size=12, num_inference_steps=5)
     cfg = default_extract_config(12, first_round=4, round_size=4, min_clique=3, batch_size=12)
+    # triage + probe + one round of 4 first rounds + the control's first round, kept from the start
+    budget = 96 + 5 + (4 + 1) * 20
     res = audit(gen, train, tmp_path / "run", prompts=prompts, config=cfg, controls=[last], progress=False,
-                budget=AuditBudget(evaluations=96 + 5 + 4 * 20, round_prompts=4))  # fmt: skip
+                budget=AuditBudget(evaluations=budget, round_prompts=4))  # fmt: skip
     rounds = res.manifest["stages"]["extract"]["rounds"]
     assert [(r["prompts"], r["why"]) for r in rounds] == [(4, "ranking"), (1, "controls")]
     assert res.detections["prompt_id"].tolist() == [*ranking[:4], last]
+    assert res.manifest["evaluations_total"] == 96 + 5 + 5 * int(res.detections["n_samples"].sum()) <= budget
 
 
 def test_triage_of_a_caption_conditional_unet_matches_a_hand_computation():
-    """Wen et al.'s ||ε(x_T, c) − ε(x_T, ∅)|| and Webster's one-step change, with the null class as ∅."""
+    """Wen et al.'s ||ε(x_T, c) − ε(x_T, ∅)|| with the null class as ∅, and Webster's one-step
+    sample (Karras sigmas [σ_max, 0], k-diffusion VE space): z_T = σ·n, the UNet sees
+    z_T / sqrt(σ² + 1) at the last training timestep, and the score is mean((σ·ε)²) — unguided
+    (guidance 1), so ε is the conditional prediction. σ² = (1 − ᾱ_{T−1})/ᾱ_{T−1} from DDPM's
+    linear β schedule written out here, not read from the scheduler."""
     import torch
     from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 
@@ -220,6 +300,9 @@ def test_triage_of_a_caption_conditional_unet_matches_a_hand_computation():
     sched = DDIMScheduler.from_config(DDPMScheduler(num_train_timesteps=100).config)
     sched.set_timesteps(10)
     t = sched.timesteps[0]
+    # DDPM's default β: linear from 1e-4 to 0.02 over the 100 training timesteps
+    abar = np.cumprod(1.0 - np.linspace(1e-4, 0.02, 100))
+    sigma = np.sqrt((1.0 - abar[99]) / abar[99])
     for k, (pid, label) in enumerate(zip("abc", range(3))):
         wen, web = [], []
         for i in range(3):
@@ -228,12 +311,15 @@ def test_triage_of_a_caption_conditional_unet_matches_a_hand_computation():
             with torch.no_grad():
                 eps_c = unet(x, t, class_labels=torch.tensor([label])).sample
                 eps_u = unet(x, t, class_labels=torch.tensor([3])).sample
+                z_T = sigma * x.double()
+                e = unet((z_T / np.sqrt(sigma**2 + 1)).float(), 99, class_labels=torch.tensor([label])).sample
             wen.append(float((eps_c - eps_u).flatten().norm()))
-            x1 = sched.step(eps_c, t, x).prev_sample  # guidance 1: the conditional prediction
-            web.append(float(((x - x1) ** 2).mean()))
+            web.append(float(((sigma * e.double()) ** 2).mean()))
         np.testing.assert_allclose(got["wen"][k], np.mean(wen), rtol=1e-5)
         np.testing.assert_allclose(got["webster"][k], np.mean(web), rtol=1e-5)
     assert got["wen"].min() > 0
+    # unguided: Wen 2 per generation and step, Webster 1 per generation
+    assert got["unet_evaluations_per_prompt"] == 3 * (2 + 1)
 
     # without a null class there is no unconditional prediction: refused, with the reason
     from memscan.errors import InputError

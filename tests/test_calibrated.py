@@ -60,12 +60,23 @@ def test_calibrated_hand_worked_and_edge_cases():
     # exactly at the boundary is not extracted (ℓ < 1 is strict): 0.2 / (0.5 · 0.4) = 1
     cal, _, _ = calibrated_from_neighbours(np.array([[0.2, 0.6]]))
     assert cal[0] == pytest.approx(1.0) and not (cal[0] < 1 - 1e-12)
-    # n larger than the training set uses every training image
+    # n larger than the training set uses every training image: the effective n, with a warning
     q, r = _data(nr=20)
-    res = calibrated_distance(q, r, CalibratedConfig(n=50))
-    assert res.n == 20
+    with pytest.warns(UserWarning, match="holds 20 images, fewer than n=50"):
+        res = calibrated_distance(q, r, CalibratedConfig(n=50))
+    assert res.n == 20 and res.n_requested == 50
     ref_cal, _, _ = _reference_calibrated(q, r, 20, 0.5, None)
     np.testing.assert_allclose(res.calibrated, ref_cal, rtol=1e-5)
+    # one training image: ℓ = d / (0.5 · d) = 2 for every generation not equal to it
+    with pytest.warns(UserWarning, match="1/alpha_c = 2"):
+        one = calibrated_distance(q[:4], r[:1], CalibratedConfig(n=50))
+    np.testing.assert_allclose(one.calibrated, 2.0)
+    assert one.n == 1 and not one.extracted.any()
+    # the paper's formula counts copies of x among the n nearest: x three times, n = 3 → ℓ = 1/α_c
+    dup = np.concatenate([r[:1], r[:1], r[:1], r[1:]])
+    near_x = np.clip(r[:1].astype(int) + 4, 0, 255).astype(np.uint8)
+    res = calibrated_distance(near_x, dup, CalibratedConfig(n=3))
+    assert res.calibrated[0] == pytest.approx(2.0) and not res.extracted[0]
     with pytest.raises(InputError, match="alpha_c"):
         CalibratedConfig(alpha_c=0).validate()
     with pytest.raises(InputError, match="metric"):

@@ -117,26 +117,124 @@ def test_runs_with_other_thresholds_or_data_are_refused_or_flagged(three_runs, t
     assert all("config.delta" in m for m in res.table["mismatch"])
     page = (res.run_dir / "compare.html").read_text()
     assert "--allow-mismatch" in page and "config.delta" in page
-    # another training set (same thresholds)
+
+
+def _mismatch_keys(runs, tmp, name, **kw):
+    """The keys compare names as differing (refused without --allow-mismatch: the error's)."""
+    try:
+        compare_runs(runs, tmp / name, progress=False, **kw)
+        return set()
+    except InputError as e:
+        assert "--allow-mismatch" in e.hint
+        res = compare_runs(runs, tmp / f"{name}-flagged", allow_mismatch=True, progress=False, **kw)
+        return {k.split(" ", 1)[1] for m in res.table["mismatch"] for k in m.split(", ") if k}
+
+
+def test_data_are_compared_by_content_never_by_path(three_runs, tmp_path):
+    """The training set and the prompts by their sha256 (docs/outputs.md): the same files at
+    another path are the same data; other files, or other prompts of the same count, are not."""
+    import shutil
+
+    from compare_support import extract_run
+
     from memscan.synthetic import write_training_set
 
-    man = json.loads((runs[1] / "manifest.json").read_text())
-    write_training_set(tmp_path / "train2", 120, size=32, prefix="t")
-    moved = tmp_path / "moved"
-    from memscan.extraction.pipeline import extract
-    from memscan.synthetic import SyntheticGenerator
+    tmp, runs = three_runs
+    train, moved = tmp / "train", tmp_path / "elsewhere" / "train"
+    shutil.copytree(train, moved)
+    a = extract_run(tmp_path / "a" / "run", train)
+    b = extract_run(tmp_path / "b" / "run", moved)
+    ma, mb = (json.loads((r / "manifest.json").read_text()) for r in (a, b))
+    assert ma["training_set"]["source"] != mb["training_set"]["source"]  # the paths differ …
+    assert _mismatch_keys([a, b], tmp_path, "moved") == set()  # … and nothing else: comparable
+    # another training set: one image more (the same count would differ in content as well)
+    write_training_set(tmp_path / "train121", 121, size=32)
+    c = extract_run(tmp_path / "c" / "run", tmp_path / "train121")
+    assert _mismatch_keys([a, c], tmp_path, "other-train") == {"training_set_sha256"}
+    # other prompts, as many: the same count, another text
+    other = prompt_table()
+    other.loc[7, "prompt"] = "fresh but different"
+    d = extract_run(tmp_path / "d" / "run", train, prompts=other)
+    assert len(other) == ma["prompts"]["count"]
+    assert _mismatch_keys([a, d], tmp_path, "other-prompts") == {"prompts_sha256"}
+    # a run made before the hashes were recorded: the path-free counts, never the path
+    old = tmp_path / "old" / "run"
+    shutil.copytree(b, old)
+    m = json.loads((old / "manifest.json").read_text())
+    del m["training_set_sha256"], m["prompts_sha256"]
+    (old / "manifest.json").write_text(json.dumps(m))
+    assert _mismatch_keys([a, old], tmp_path, "old") == set()
+    assert _mismatch_keys([c, old], tmp_path, "old-c") == {"training_set.images"}
 
-    extract(
-        SyntheticGenerator({}, size=32),
-        prompt_table(),
-        tmp_path / "train2",
-        moved,
-        __import__("compare_support").config(),
-        progress=False,
-    )
-    assert man["training_set"]["source"] != json.loads((moved / "manifest.json").read_text())["training_set"]["source"]
-    res = runner.invoke(app, ["compare", str(runs[1]), str(moved), "--out", str(tmp_path / "c2"), "--quiet"])
-    assert res.exit_code == 2 and "training_set.source" in res.output and "--allow-mismatch" in res.output
+
+def test_sampling_and_verification_are_settings(tmp_path, three_runs):
+    """The generator's sampling (steps, guidance) and the verification method are compared; the
+    model's source (what a comparison of checkpoints varies) and the index's path are not."""
+    from compare_support import SamplingGenerator, extract_run
+
+    from memscan.compare.checks import find_mismatches
+
+    train = three_runs[0] / "train"
+    a = extract_run(tmp_path / "a", train, generator=SamplingGenerator("/m/checkpoint-1", steps=20))
+    b = extract_run(tmp_path / "b", train, generator=SamplingGenerator("/m/checkpoint-2", steps=20, memorized=4))
+    c = extract_run(tmp_path / "c", train, generator=SamplingGenerator("/m/checkpoint-1", steps=50))
+    d = extract_run(tmp_path / "d", train, generator=SamplingGenerator("/m/checkpoint-1", guidance=7.5))
+    assert _mismatch_keys([a, b], tmp_path, "ab") == set()
+    assert _mismatch_keys([a, c], tmp_path, "ac") == {"generator.num_inference_steps"}
+    assert _mismatch_keys([a, d], tmp_path, "ad") == {"generator.guidance_scale"}
+    # verification: exact, or through an index (its type, parameters, embedder and K; not its path)
+    base = json.loads((a / "manifest.json").read_text())
+    via = {"via": "index", "index": "/i/one", "index_type": "flat", "index_params": {"nlist": 1}, "retrieve": 100,
+           "embedder": "pixel", "source": "/t", "indexed_images": 120}  # fmt: skip
+
+    def keys(*vs):
+        runs = [(f"r{i}", "extract", {**base, "verification": v}) for i, v in enumerate(vs)]
+        return {m.key for m in find_mismatches(runs)}
+
+    assert keys(None, via) == {"verification.via", "verification.index_type", "verification.index_params.nlist",
+                               "verification.retrieve", "verification.embedder"}  # fmt: skip
+    assert keys(via, {**via, "index": "/i/moved", "source": "/elsewhere"}) == set()
+    assert keys(via, {**via, "retrieve": 10}) == {"verification.retrieve"}
+
+
+def test_by_train_size_compares_runs_on_different_training_sets(three_runs, tmp_path):
+    """--by train_size varies the training set: its records are exempt, everything else is
+    still checked; other --by attributes still refuse other training sets."""
+    from compare_support import extract_run
+
+    from memscan.synthetic import write_training_set
+
+    sizes = (120, 160, 240)
+    runs = []
+    for n in sizes:
+        write_training_set(tmp_path / f"train{n}", n, size=32)
+        runs.append(extract_run(tmp_path / f"n{n}", tmp_path / f"train{n}"))
+    res = compare_runs(runs, tmp_path / "by-size", by="train_size", progress=False)
+    assert res.table["train_size"].tolist() == list(sizes) and (res.table["mismatch"] == "").all()
+    assert res.fits.iloc[0]["n"] == 3 and res.fits.iloc[0]["by"] == "train_size"
+    with pytest.raises(InputError, match="training_set_sha256"):
+        compare_runs(runs, tmp_path / "by-step", by="step", progress=False)
+    other = extract_run(tmp_path / "n240-delta", tmp_path / "train240", delta=0.2)
+    with pytest.raises(InputError, match=r"config\.delta"):
+        compare_runs([runs[0], other], tmp_path / "by-size-delta", by="train_size", progress=False)
+
+
+def test_mia_examples_are_compared_by_content(tmp_path):
+    """MIA manifests record only paths: the examples (ids and membership) are compared by a digest
+    of each run's examples.parquet, so moved data match and other members do not."""
+    from memscan.compare.checks import find_mismatches
+
+    runs = []
+    for name, members, data in (("a", [1, 0, 1], "/d/x"), ("b", [1, 0, 1], "/moved/x"), ("c", [1, 1, 0], "/d/x")):
+        root = tmp_path / name
+        root.mkdir()
+        pd.DataFrame({"index": range(3), "id": ["e0", "e1", "e2"], "is_member": np.array(members, bool)}).to_parquet(
+            root / "examples.parquet"
+        )
+        runs.append((str(root), "mia", {"sources": {"data": data, "members": data + ".txt"}}))
+    assert find_mismatches(runs[:2]) == []
+    assert [m.key for m in find_mismatches([runs[0], runs[2]])] == ["examples"]
+    assert find_mismatches([runs[0], runs[2]], by="train_size") == []
 
 
 def test_bad_inputs_are_one_clear_error(three_runs, tmp_path):
@@ -166,6 +264,129 @@ def test_labels_are_escaped_in_the_page(three_runs, tmp_path):
     page = (tmp_path / "x" / "compare.html").read_text()
     assert evil not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
     assert pd.read_parquet(tmp_path / "x" / "compare.parquet")["label"].iloc[0] == evil
+
+
+def test_default_labels_are_unique_and_the_overlap_is_keyed_by_run(three_runs, tmp_path):
+    """Two runs both called ``run`` (d1/run, d2/run): labels d1/run and d2/run, and the page's
+    overlap table holds their Jaccard as computed by hand from their extractions."""
+    import shutil
+
+    _, runs = three_runs
+    a, b = tmp_path / "d1" / "run", tmp_path / "d2" / "run"
+    shutil.copytree(runs[0], a)
+    shutil.copytree(runs[1], b)
+    res = compare_runs([a, b], tmp_path / "cmp", progress=False)
+    assert res.table["label"].tolist() == ["d1/run", "d2/run"]
+    items = []
+    for r in (a, b):
+        ext = pd.read_parquet(r / "extractions.parquet")
+        items.append(set(ext.loc[(ext["rank"] == 1) & ext["extracted"], "train_id"]))
+    both, union = len(items[0] & items[1]), len(items[0] | items[1])
+    assert union > both > 0
+    page = (res.run_dir / "compare.html").read_text()
+    want = (f"<tr><td>d1/run</td><td>d2/run</td><td class=\"num\">{both}</td><td class=\"num\">{union}</td>"
+            f"<td class=\"num\">{both / union:.4g}</td></tr>")  # fmt: skip
+    assert want in page
+    assert page.count("✓") == len(items[0]) + len(items[1])  # one tick per (item, run) memorized
+
+
+def test_labels_that_look_like_columns_or_mathtext_and_duplicates(three_runs, tmp_path):
+    """Labels ``item`` / ``runs`` are run columns like any other; ``$x^$`` reaches matplotlib
+    escaped (no mathtext parse error); two runs given one label are refused."""
+    _, runs = three_runs
+    items = []
+    for r in runs[:2]:
+        ext = pd.read_parquet(r / "extractions.parquet")
+        items.append(set(ext.loc[(ext["rank"] == 1) & ext["extracted"], "train_id"]))
+    res = compare_runs(runs[:2], tmp_path / "cols", labels={str(runs[0]): "item", str(runs[1]): "runs"}, progress=False)
+    page = (res.run_dir / "compare.html").read_text()
+    assert page.count("✓") == len(items[0]) + len(items[1])
+    for item in items[1]:  # the row of each item memorized by the second run (only)
+        flags = '<td><span class="ok">✓</span></td>' if item in items[0] else "<td></td>"
+        assert f'<td class="caption">{item}</td>{flags}<td><span class="ok">✓</span></td>' in page
+    res = compare_runs(runs, tmp_path / "math", labels={str(r): f"$x^$ {i}" for i, r in enumerate(runs)},
+                       by="step", progress=False)  # fmt: skip
+    assert (res.run_dir / "compare.html").exists() and res.manifest["status"] == "complete"
+    with pytest.raises(InputError, match="same label") as e:
+        compare_runs(runs[:2], tmp_path / "dup", labels={str(runs[0]): "x", str(runs[1]): "x"}, progress=False)
+    assert e.value.hint and not (tmp_path / "dup").exists()
+
+
+def test_a_label_given_by_an_equivalent_path_is_used(three_runs, tmp_path, monkeypatch):
+    tmp, runs = three_runs
+    monkeypatch.chdir(tmp)
+    names = [r.name for r in runs[:2]]
+    res = compare_runs(names, tmp_path / "eq", labels={f"./{names[0]}": "first"}, progress=False)
+    assert res.table["label"].tolist() == ["first", names[1]]
+    with pytest.raises(InputError, match="twice"):
+        compare_runs(names, tmp_path / "eq2", labels={f"./{names[0]}": "a", names[0]: "b"}, progress=False)
+
+
+def test_a_damaged_comparison_is_one_error_and_report_options_need_outliers(compared, tmp_path):
+    import shutil
+
+    from memscan.report.compare import _fmt
+
+    broken = tmp_path / "broken"
+    shutil.copytree(compared.run_dir, broken)
+    (broken / "overlap.parquet").unlink()
+    for argv, want in (
+        (["report", broken], "overlap.parquet"),
+        (["report", compared.run_dir, "--k", 5], "--outliers"),
+        (["report", compared.run_dir, "--k", 3], "--outliers"),
+    ):
+        res = runner.invoke(app, [str(a) for a in argv])
+        errors = [ln for ln in res.output.splitlines() if ln.startswith("error:")]
+        assert res.exit_code == 2 and len(errors) == 1 and want in errors[0], res.output
+        assert "Traceback" not in res.output
+    # whole numbers in float columns (NaN for the other kinds) print as integers
+    assert [_fmt(v) for v in (10000.0, 2.5e9, 0.25, 1 / 3, float("nan"))] == [
+        "10000",
+        "2500000000",
+        "0.25",
+        "0.3333",
+        "",
+    ]
+
+
+def test_lm_extract_items_are_memorized_text_and_other_item_types_are_not_paired(three_runs, tmp_path):
+    """lm-extract items are windows of the memorized training text: two runs that regurgitate
+    the copy model's (thrice repeated) documents from different starting points share them; an
+    extract run's training ids are never paired with them."""
+    from lm_extract_support import DOCS, PROMPTS, copy_lm
+
+    from memscan.compare.runs import TEXT_WINDOW
+    from memscan.lm.corpus_index import CorpusIndex
+    from memscan.lm.extract_run import LmExtractConfig, lm_extract
+
+    idx = tmp_path / "idx"
+    CorpusIndex.build([d.encode() for d in DOCS], idx)
+    lm = []
+    for seed in (1, 2):
+        cfg = LmExtractConfig(samples=8, length=80, top=4, batch_size=8, min_match=40, seed=seed)
+        lm.append(lm_extract(copy_lm(), idx, tmp_path / f"lm{seed}", cfg, prompts=PROMPTS, progress=False).run_dir)
+    _, runs = three_runs
+    res = compare_runs([runs[1], *lm], tmp_path / "cmp", allow_mismatch=True, progress=False)
+    items = pd.read_parquet(res.run_dir / "items.parquet")
+    want = {}
+    for r in lm:
+        s = pd.read_parquet(r / "samples.parquet")
+        texts = s.loc[s["confirmed"], "match_text"].tolist()
+        assert texts
+        want[str(r)] = {t[i : i + TEXT_WINDOW] for t in texts for i in range(len(t) - TEXT_WINDOW + 1)}
+        got = set(items.loc[items["run"] == str(r), "item"])
+        assert got == want[str(r)] and all(any(w in d for d in DOCS) for w in got)  # training text
+    ov = res.overlap.set_index(["run_a", "run_b"])
+    a, b = (str(r) for r in lm)
+    both = len(want[a] & want[b])
+    assert ov.loc[(a, b), "both"] == both > 0 and ov.loc[(a, b), "jaccard"] == pytest.approx(
+        both / len(want[a] | want[b])
+    )
+    assert set(res.overlap["run_a"] + "|" + res.overlap["run_b"]) == {
+        f"{x}|{y}" for x, y in [(a, a), (a, b), (b, a), (b, b), (str(runs[1]), str(runs[1]))]
+    }
+    page = (res.run_dir / "compare.html").read_text()
+    assert "only with runs whose items" in page and "training image id" in page and "memorized text" in page
 
 
 # ---- outliers -------------------------------------------------------------------------------------

@@ -241,9 +241,9 @@ def test_index_save_load_round_trip(tmp_path, kind):
     index.save(tmp_path / "idx")
     files = sorted(p.name for p in (tmp_path / "idx").iterdir())
     assert files == (
-        ["embeddings.npy", "ids.parquet", "index.json"]
+        ["embeddings.npy", "ids.parquet", "index.json", "rows.arrow"]
         if kind == "flat"
-        else ["embeddings.npy", "ids.parquet", "index.faiss", "index.json"]
+        else ["embeddings.npy", "ids.parquet", "index.faiss", "index.json", "rows.arrow"]
     )
     # no pickle anywhere: the arrays load with allow_pickle=False
     np.testing.assert_array_equal(np.load(tmp_path / "idx" / "embeddings.npy", allow_pickle=False), x)
@@ -348,3 +348,161 @@ def test_index_report_counts_skipped_images_and_near_duplicates(tmp_path):
     html = (tmp_path / "idx" / "report.html").read_text()
     assert "memscan index report" in html and "broken.png" in html
     assert "2 have a\nnear-duplicate" in html or "2 have a near-duplicate" in html.replace("\n", " ")
+
+
+def test_resume_with_other_training_data_is_refused_before_anything_is_embedded(tmp_path, monkeypatch):
+    """A killed build resumed over another folder of the same size (or the same ids with one image
+    changed) would mix the two sets' rows: refused, nothing embedded, the killed build untouched;
+    resumed over its own data it equals an uninterrupted build."""
+    from memscan.data.images import save_png
+    from memscan.errors import MemscanError
+
+    write_training_set(tmp_path / "a", 16, size=16)
+    write_training_set(tmp_path / "b", 16, size=16, prefix="u")  # another set of the same size
+    edited = tmp_path / "a_edited"
+    write_training_set(edited, 16, size=16)
+    save_png(np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8), edited / "t0011.png")
+    out = tmp_path / "idx"
+    with pytest.raises(MemscanError, match="stopped before all shards"):
+        build_index(tmp_path / "a", out, embedder="pixel:4", shard_size=8, stop_after_shards=1, progress=False)
+    files = {p.name: p.read_bytes() for p in (out / "shards").iterdir()}
+    manifest = (out / "manifest.json").read_bytes()
+
+    import memscan.index.faiss_index as fi
+
+    def no_embedding(*a, **k):
+        raise AssertionError("an image was embedded")
+
+    with monkeypatch.context() as m:
+        m.setattr(fi, "embed_stage", no_embedding)
+        for other in (tmp_path / "b", edited):
+            with pytest.raises(MemscanError, match="cannot resume .*training_set_sha256 differs"):
+                build_index(other, out, embedder="pixel:4", shard_size=8, resume=True, progress=False)
+    assert {p.name: p.read_bytes() for p in (out / "shards").iterdir()} == files
+    assert (out / "manifest.json").read_bytes() == manifest and not (out / "index.json").exists()
+
+    resumed = build_index(tmp_path / "a", out, embedder="pixel:4", shard_size=8, resume=True, progress=False)
+    whole = build_index(tmp_path / "a", None, embedder="pixel:4", progress=False)
+    assert resumed.ids == whole.ids == [f"t{i:04d}" for i in range(16)]
+    np.testing.assert_array_equal(np.asarray(resumed.embeddings), np.asarray(whole.embeddings))
+    assert json.loads((out / "manifest.json").read_text())["training_set_sha256"]
+
+
+# ---- PixelSearch: exact nearest training images among near-duplicates ------------------------------
+def _near_copies(size, seed=0, n_copies=40, n_other=20):
+    """A random image, ``n_copies`` near-copies of it (±1 on a few pixels), one exact copy at a
+    random position, and unrelated images; returns (references, the image)."""
+    rng = np.random.default_rng(seed)
+    base = rng.integers(1, 255, (size, size, 3), dtype=np.uint8)
+    refs = [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(n_other)]
+    for _ in range(n_copies):
+        x = base.astype(np.int16)
+        for a, b, c in zip(rng.integers(0, size, 3), rng.integers(0, size, 3), rng.integers(0, 3, 3)):
+            x[a, b, c] += rng.choice([-1, 1])
+        refs.append(x.astype(np.uint8))
+    refs.insert(int(rng.integers(0, len(refs))), base.copy())
+    return np.stack(refs), base
+
+
+def _brute_force(queries, refs, k, grid=None):
+    """The k nearest by exact integer sums over every reference (ties: the lower index)."""
+    q = queries.astype(np.int64)[:, None]
+    diff2 = (q - refs.astype(np.int64)[None]) ** 2  # Q×R×H×W×C
+    if grid is None:
+        sums, per = diff2.reshape(len(queries), len(refs), -1).sum(-1), 255.0**2 * refs[0].size
+    else:
+        n, r, h, w, c = diff2.shape
+        tiles = diff2.reshape(n, r, grid, h // grid, grid, w // grid, c).sum(axis=(3, 5, 6))
+        sums, per = tiles.reshape(n, r, -1).max(-1), 255.0**2 * (h // grid) * (w // grid) * c
+    order = np.lexsort((np.broadcast_to(np.arange(len(refs)), sums.shape), sums), axis=1)[:, :k]
+    return np.sqrt(np.take_along_axis(sums, order, 1) / per), order
+
+
+@pytest.mark.parametrize("size", [64, 128])
+@pytest.mark.parametrize("metric", ["l2", "tiled_l2"])
+def test_pixel_search_finds_the_exact_copy_among_near_duplicates(size, metric):
+    """FAISS's float32 distances (BLAS from 20 queries on) cannot tell an exact copy from copies
+    ±1 on a few pixels; the search must: its answer equals brute force over integer sums."""
+    from memscan.index.nearest import PixelSearch
+
+    refs, base = _near_copies(size)
+    rng = np.random.default_rng(1)
+    nudged = np.clip(base.astype(np.int16) + rng.integers(-2, 3, base.shape), 0, 255).astype(np.uint8)
+    queries = np.stack([base] * 24 + [nudged] * 2 + [refs[3]])
+    search = PixelSearch(refs)
+    grid = 4 if metric == "tiled_l2" else None
+    for k in (1, 5):
+        nb = search.search(queries, k=k, metric=metric)
+        want_d, want_i = _brute_force(queries, refs, k, grid)
+        np.testing.assert_array_equal(nb.indices, want_i)
+        np.testing.assert_array_equal(nb.distances, want_d)
+        assert nb.exact_rows.all()
+    exact_copy = int(np.nonzero((refs == base).all(axis=(1, 2, 3)))[0][0])
+    assert (nb.indices[:24, 0] == exact_copy).all() and (nb.distances[:24, 0] == 0).all()
+
+
+def test_pixel_search_certificate_bound_holds_and_saves_the_exhaustive_search(monkeypatch):
+    """The proven float32 error bound covers FAISS's actual error (measured: brute force), and on
+    well-separated references the certificate holds: no exhaustive search is run."""
+    import faiss
+
+    import memscan.index.nearest as nearest
+    from memscan.index.nearest import PixelSearch, faiss_l2_error_bound
+
+    refs, base = _near_copies(64, n_copies=10)
+    flat = refs.reshape(len(refs), -1)
+    index = faiss.IndexFlatL2(flat.shape[1])
+    index.add(flat.astype(np.float32))
+    queries = np.concatenate([flat[:30], np.repeat(base.reshape(1, -1), 10, axis=0)])
+    f2, ii = index.search(queries.astype(np.float32), len(refs))
+    exact = ((queries.astype(np.int64)[:, None] - flat.astype(np.int64)[ii]) ** 2).sum(-1)
+    q_sq = (queries.astype(np.int64) ** 2).sum(1)
+    bound = faiss_l2_error_bound(q_sq, (flat.astype(np.int64) ** 2).sum(1).max(), flat.shape[1])
+    assert (np.abs(f2.astype(np.float64) - exact) <= bound[:, None]).all()
+
+    rng = np.random.default_rng(5)
+    separate = rng.integers(0, 256, (60, 32, 32, 3), dtype=np.uint8)
+    monkeypatch.setattr(nearest, "exact_l2_search", lambda *a, **k: pytest.fail("exhaustive search ran"))
+    nb = PixelSearch(separate).search(separate[:25], k=3, metric="l2")
+    want_d, want_i = _brute_force(separate[:25], separate, 3)
+    np.testing.assert_array_equal(nb.indices, want_i)
+    np.testing.assert_array_equal(nb.distances, want_d)
+
+
+def test_a_loaded_index_keeps_its_rows_as_memory_mapped_arrow_not_python_objects(tmp_path):
+    """ids, captions and locations of a loaded index come from ``rows.arrow`` memory-mapped (no
+    Python object per row); they read like the lists they were; the verifier's row lookup equals
+    a dict over ids.parquet; Parquet files changed after the build are what a load reads."""
+    import pyarrow as pa
+
+    from memscan.extraction.verify_index import IndexVerification, IndexVerifier
+    from memscan.index.columns import StringColumn
+
+    ids = write_training_set(tmp_path / "train", 30, size=16)
+    out = tmp_path / "idx"
+    build_index(tmp_path / "train", out, embedder="pixel:4", progress=False)
+    index = TrainingIndex.load(out, mmap=True)
+    assert isinstance(index.ids, StringColumn) and isinstance(index.captions, StringColumn)
+    assert all(isinstance(index.locations[c].dtype, pd.ArrowDtype) for c in index.locations.columns)
+    # the rows are the Parquet files' (read here with pandas, independently)
+    want = pd.read_parquet(out / "ids.parquet")
+    assert index.ids == want["id"].tolist() == ids and index.captions == want["caption"].tolist()
+    assert index.ids[3] == ids[3] and index.ids[-1] == ids[-1] and index.ids[[5, 1]] == [ids[5], ids[1]]
+    assert list(index.ids) == ids and index.ids[:2] == ids[:2]
+    loc = pd.read_parquet(out / "locations.parquet")
+    assert index.locations.astype(object).equals(loc.astype(object))
+    # the buffers are the memory map's (nothing read into the process)
+    buf = index.ids.array.chunk(0).buffers()[2]
+    mapped = pa.memory_map(str(out / "rows.arrow"))
+    assert isinstance(buf, pa.Buffer) and not buf.is_mutable and mapped.size() >= buf.size
+    verifier = IndexVerifier(IndexVerification(str(out), retrieve=3))
+    position = {t: i for i, t in enumerate(want["id"])}
+    assert [verifier.row_of(t) for t in reversed(ids)] == [position[t] for t in reversed(ids)]
+    assert verifier.row_of("not-an-id") is None
+    kept, images, skipped = verifier.reader.read([7, 2], size=(16, 16))
+    assert kept.tolist() == [7, 2] and not skipped
+    np.testing.assert_array_equal(images, np.stack([training_image(ids[7], 16), training_image(ids[2], 16)]))
+    # Parquet rewritten after the build (another caption): the load reads it, not rows.arrow
+    want.loc[4, "caption"] = "changed"
+    want.to_parquet(out / "ids.parquet")
+    assert TrainingIndex.load(out, mmap=True).captions[4] == "changed"

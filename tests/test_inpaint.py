@@ -69,6 +69,32 @@ def test_masked_l2_brute_force():
         assert got[i] == pytest.approx(np.sqrt(np.mean(diffs)))
 
 
+@pytest.mark.parametrize(
+    "shape,region",
+    [((1, 8), "top"), ((1, 8), "bottom"), ((8, 1), "left"), ((8, 1), "right"), ((1, 8), "center"), ((1, 1), "random")],
+)
+def test_a_mask_that_hides_nothing_is_one_error(shape, region):
+    """An image one pixel high (wide) has no row (column) to hide and one to keep: the mask was
+    empty and the distance 0/0 = NaN with a RuntimeWarning."""
+    with pytest.raises(InputError, match=rf"{region!r} region .* hides no pixel of an image of {shape[0]}×{shape[1]}"):
+        inpaint_mask(shape, region)
+    # one more row / column (or pixel) is enough: one hidden, one kept
+    bigger = (shape[0] + 1, shape[1]) if region in ("top", "bottom", "center", "random") else (shape[0], shape[1] + 1)
+    m = inpaint_mask(bigger, region)
+    assert 0 < int(m.sum()) < m.size
+
+
+def test_masked_l2_refuses_an_empty_mask():
+    a, b = np.zeros((3, 2, 2, 1)), np.ones((3, 2, 2, 1))
+    hid = np.ones((3, 2, 2), bool)
+    hid[1] = False  # image 1 hides nothing
+    with pytest.raises(InputError, match=r"1 image\(s\) is empty \(first: image 1 of 3, 2×2\)"):
+        masked_l2(a, b, hid)
+    with pytest.raises(InputError, match="empty"):
+        masked_l2(a, b, np.zeros((2, 2), bool))
+    assert masked_l2(a, b, np.eye(2, dtype=bool)).tolist() == [1.0, 1.0, 1.0]  # |0 − 1| everywhere
+
+
 def _tiny_unet(seed=0):
     return tiny_unet(channels=1, blocks=(16, 32), groups=8, classes=4, seed=seed)
 

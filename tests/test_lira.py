@@ -111,10 +111,11 @@ def _pooled_sd_by_least_squares(values_per_example):
     return float(np.sqrt(resid @ resid / (y.size - np.linalg.matrix_rank(design))))
 
 
-def _pooled_sd_loop(values_per_example, centers):
-    """σ² = Σ_i Σ_m (s_mi − μ_i)² / Σ_i (n_i − 1), written as a plain loop."""
+def _pooled_sd_loop(values_per_example):
+    """σ² = Σ_i Σ_m (s_mi − m_i)² / Σ_i (n_i − 1) around each example's mean m_i, as a plain loop."""
     ss = dof = 0.0
-    for v, c in zip(values_per_example, centers):
+    for v in values_per_example:
+        c = sum(v) / len(v)
         ss += sum((float(x) - c) ** 2 for x in v)
         dof += len(v) - 1
     return (ss / dof) ** 0.5
@@ -123,10 +124,12 @@ def _pooled_sd_loop(values_per_example, centers):
 def _reference_lira(target, shadow, mask, *, fixed_variance=False, location="mean"):
     """(online, offline scores, σ_in, σ_out online, σ_out offline) of LiRA on s = −loss, per example.
 
-    Fixed variance: pooled within-example σ when IN and OUT each have a degree of freedom
-    (for the offline attack: OUT alone); otherwise the global deviation of all values of a side,
-    ``np.std(dat)`` as in Carlini et al.'s released code (research/mi_lira_2021/plot.py) —
-    here as ``statistics.pstdev``.
+    As in Carlini et al.'s released code (research/mi_lira_2021/plot.py, ``generate_ours``):
+    ``location`` picks μ only (``np.median(dat_in, 1)`` there); every σ is a deviation around
+    means — per example ``np.std(dat_in, 1)``, here ``statistics.pstdev(v)`` (its default centre is
+    the mean). Fixed variance: pooled within-example σ when IN and OUT each have a degree of
+    freedom (for the offline attack: OUT alone); otherwise the global deviation of all values of a
+    side, ``np.std(dat)`` in that code, here ``statistics.pstdev``.
     """
     import statistics
 
@@ -138,9 +141,9 @@ def _reference_lira(target, shadow, mask, *, fixed_variance=False, location="mea
     mu_in = [center(v) if v else float("nan") for v in ins]
     mu_out = [center(v) for v in outs]
 
-    def fixed(values, mus, pooled):
+    def fixed(values, pooled):
         if pooled:
-            return [_pooled_sd_loop(values, mus)] * n
+            return [_pooled_sd_loop(values)] * n
         return [statistics.pstdev([x for v in values for x in v])] * n
 
     def has_dof(values):
@@ -148,12 +151,12 @@ def _reference_lira(target, shadow, mask, *, fixed_variance=False, location="mea
 
     if fixed_variance:
         both = has_dof(ins) and has_dof(outs)
-        sd_in = fixed(ins, mu_in, both) if all(ins) else None
-        sd_out_on = fixed(outs, mu_out, both)
-        sd_out_off = fixed(outs, mu_out, has_dof(outs))
+        sd_in = fixed(ins, both) if all(ins) else None
+        sd_out_on = fixed(outs, both)
+        sd_out_off = fixed(outs, has_dof(outs))
     else:
-        sd_in = [statistics.pstdev(v, c) for v, c in zip(ins, mu_in)] if all(ins) else None
-        sd_out_on = sd_out_off = [statistics.pstdev(v, c) for v, c in zip(outs, mu_out)]
+        sd_in = [statistics.pstdev(v) for v in ins] if all(ins) else None
+        sd_out_on = sd_out_off = [statistics.pstdev(v) for v in outs]
     online = None
     if sd_in is not None:  # Algorithm 1, line 12, in logs
         online = np.array(
@@ -356,6 +359,94 @@ def test_fixed_variance_without_spread_is_one_clear_error(case):
     assert [label for label, _ in done] == ["loss"]
     assert [s["attack"] for s in skipped] == ["lira_online_fixed", "lira_offline_fixed"]
     assert all("σ = 0" in s["reason"] for s in skipped)
+
+
+def test_median_location_takes_sigma_around_the_mean():
+    """location="median" as in Carlini et al.'s generate_ours: μ = np.median(dat, 1), σ =
+    np.std(dat, 1) — around the mean, not the median. Worked by hand on s = −loss:
+
+    IN ℓ = 1, 2, 6 → s = −1, −2, −6: μ_in = −2, mean −3, σ_in² = (4 + 1 + 9)/3 = 14/3
+    (around the median it would be 17/3). OUT ℓ = 2, 4, 9 → μ_out = −4, mean −5,
+    σ_out² = (9 + 1 + 16)/3 = 26/3. Target ℓ = 3 (s = −3):
+    online = −½·1/(14/3) − ½ ln(14/3) + ½·1/(26/3) + ½ ln(26/3) = −3/28 + 3/52 + ½ ln(26/14);
+    offline z = (s − μ_out)/σ_out = 1/√(26/3).
+    """
+    shadow = np.array([[1.0], [2.0], [6.0], [2.0], [4.0], [9.0]])
+    mask = np.array([[1], [1], [1], [0], [0], [0]], dtype=bool)
+    x = AttackInputs(target_loss=[3.0], shadow_loss=shadow, shadow_in=mask)
+    on = LiRAOnline(location="median").fit_score(x)
+    assert on.extras["mu_in"].tolist() == [-2.0] and on.extras["mu_out"].tolist() == [-4.0]
+    np.testing.assert_allclose(on.extras["sigma_in"], [np.sqrt(14 / 3)], rtol=1e-14)
+    np.testing.assert_allclose(on.extras["sigma_out"], [np.sqrt(26 / 3)], rtol=1e-14)
+    np.testing.assert_allclose(on.scores, [-3 / 28 + 3 / 52 + 0.5 * np.log(26 / 14)], rtol=1e-13)
+    off = LiRAOffline(location="median").fit_score(x)
+    np.testing.assert_allclose(off.extras["z"], [1 / np.sqrt(26 / 3)], rtol=1e-14)
+    # with fixed variance (pooled, one example): the same deviations, Σ(n_i − 1) = 2 dof
+    fixed = LiRAOnline(fixed_variance=True, location="median").fit_score(x)
+    np.testing.assert_allclose(fixed.extras["sigma_in"], [np.sqrt(14 / 2)], rtol=1e-14)
+    np.testing.assert_allclose(fixed.extras["sigma_out"], [np.sqrt(26 / 2)], rtol=1e-14)
+
+
+def _no_spread_case():
+    """5 examples, 2 IN and 2 OUT shadow models each (rows 0–1 IN, 2–3 OUT). IN values equal in
+    examples 1 and 3 (identical checkpoints), equal up to float32 rounding in example 4; OUT values
+    equal in example 2 only."""
+    shadow = np.array(
+        [
+            [1.0, 2.0, 3.0, 0.25, 0.3],
+            [1.5, 2.0, 3.5, 0.25, float(np.float32(0.3))],
+            [2.0, 3.0, 4.0, 0.5, 0.6],
+            [2.5, 3.5, 4.0, 0.7, 0.8],
+        ]
+    )
+    mask = np.array([[1], [1], [0], [0]], dtype=bool).repeat(5, 1)
+    return AttackInputs([1.001, 2.0, 3.0, 0.3, 0.35], shadow, mask, is_member=[1, 0, 1, 0, 1]), shadow
+
+
+def test_per_example_sigma_without_spread_is_one_clear_error():
+    """Identical shadow checkpoints used to give σ = 1e-12 and scores like −5e17 whose sign came
+    from rounding; now one error naming how many examples and which, with the fix."""
+    x, shadow = _no_spread_case()
+    # independently: which examples' IN / OUT values differ by at most float32 rounding
+    in_flat = [i for i in range(5) if abs(shadow[0, i] - shadow[1, i]) <= 1e-7 * abs(shadow[0, i])]
+    out_flat = [i for i in range(5) if shadow[2, i] == shadow[3, i]]
+    assert in_flat == [1, 3, 4] and out_flat == [2]
+    with pytest.raises(InputError, match=r"IN shadow statistics of 3 example\(s\) \(index 1, 3, 4\)") as exc:
+        LiRAOnline().fit_score(x)
+    assert "σ ≈ 0" in exc.value.message
+    assert "fixed_variance=True" in exc.value.hint and "--attacks lira_online_fixed" in exc.value.hint
+    with pytest.raises(InputError, match=r"OUT shadow statistics of 1 example\(s\) \(index 2\)"):
+        LiRAOffline().fit_score(x)
+    # many examples: the count, and the first five
+    many = AttackInputs(np.zeros(8), np.tile([[1.0], [1.0], [2.0], [3.0]], (1, 8)), np.arange(32).reshape(4, 8) < 16)
+    with pytest.raises(InputError, match=r"of 8 example\(s\) \(index 0, 1, 2, 3, 4, …\)"):
+        LiRAOnline().fit_score(many)
+    # in a run: the per-example attacks are skipped with that reason, the fixed ones still run
+    done, skipped = run_attacks(
+        "diffusion_loss", x.target_loss, x.is_member, shadow=shadow, shadow_in=x.shadow_in,
+        attacks=["lira_online", "lira_offline", "lira_online_fixed", "lira_offline_fixed"],
+    )  # fmt: skip
+    assert [s["attack"] for s in skipped] == ["lira_online", "lira_offline"]
+    assert all("σ ≈ 0" in s["reason"] for s in skipped)
+    assert [label for label, _ in done] == ["lira_online_fixed", "lira_offline_fixed"]
+
+
+def test_tiny_but_real_per_example_spread_is_used_as_it_is():
+    """A spread far below the values but above float32 rounding (relative 2e-5 here) is a real
+    spread: σ is np.std of the values, not floored or refused, and the scores are the Gaussians'."""
+    shadow = np.array([[0.5, 1.0], [0.5 + 2e-5, 1.2], [0.6, 1.4], [0.7, 1.6]])
+    mask = np.array([[1], [1], [0], [0]], dtype=bool).repeat(2, 1)
+    target = np.array([0.5 + 1e-5, 1.3])
+    r = LiRAOnline().fit_score(AttackInputs(target, shadow, mask))
+    np.testing.assert_allclose(r.extras["sigma_in"], [1e-5, 0.1], rtol=1e-9)
+    s = -target
+    want = [
+        norm.logpdf(s[i], -shadow[:2, i].mean(), np.std(shadow[:2, i]))
+        - norm.logpdf(s[i], -shadow[2:, i].mean(), np.std(shadow[2:, i]))
+        for i in range(2)
+    ]
+    np.testing.assert_allclose(r.scores, want, rtol=1e-9)
+    assert r.scores[0] > 10  # the target sits in the middle of the narrow IN Gaussian
 
 
 def test_lira_beats_global_threshold_on_heterogeneous_examples():

@@ -135,3 +135,65 @@ def test_tiny_gpt2_token_index_end_to_end(tmp_path):
     # the run's model has the recorded vocabulary (a model of another one is refused: bad-input corpus)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["tokenizer"]["vocab_sha256"] == index.tokenizer_record["vocab_sha256"]
+
+
+class _SentencePieceWords:
+    """A SentencePiece-style tokenizer (the `tokenizers` library's Metaspace pre-tokenizer and
+    decoder over a word vocabulary, as Llama / T5 tokenizers decode): "▁word" decodes to "word"
+    at the front of a text."""
+
+    def __init__(self, words):
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+        vocab = {w: i for i, w in enumerate(["<unk>", *sorted({f"▁{w}" for w in words})])}
+        self.tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+        self.tok.pre_tokenizer = pre_tokenizers.Metaspace()
+        self.tok.decoder = decoders.Metaspace()
+
+    def encode(self, text):
+        return np.asarray(self.tok.encode(text).ids, dtype=np.int64)
+
+    def decode(self, ids):
+        return self.tok.decode([int(i) for i in ids])
+
+
+def test_byte_counts_keep_a_sentencepiece_leading_space(tmp_path):
+    """A byte index and a tokenizer whose decoding drops a leading space: the window "▁word ▁is
+    ▁here" inside a document is the text " word is here" (once in the corpus), not "word is here"
+    (also inside "sword is here"); a window at its document's start has no such space. Against a
+    naive count of the texts written by hand."""
+    pytest.importorskip("tokenizers")
+    from memscan import CorpusIndex
+    from memscan.lm.duplication import duplicate_counts, window_bytes
+
+    docs = ["the sword is here now", "a word is here now", "word is here now too"]
+    sp = _SentencePieceWords(" ".join(docs).split())
+    index = CorpusIndex.build([d.encode() for d in docs], tmp_path / "bidx")
+    tokens = np.stack([sp.encode(docs[1]), sp.encode(docs[2])])  # both windows start their documents
+    assert sp.decode(tokens[0, 1:4]) == "word is here"  # what decoding alone gives
+    suffix, window = duplicate_counts(index, tokens, 2, [1, 2], 2, sp, starts=np.array([0, 0]))
+    # suffix tokens 2..3, windows 1..3 (k = 1) and 0..3 (k = 2), the true text of each by hand
+    want_suffix = [" is here", " here now"]
+    want_window = [[" word is here", "a word is here"], [" is here now", "word is here now"]]
+    assert suffix.tolist() == [_naive_count(docs, q) for q in want_suffix] == [3, 3]
+    assert window.tolist() == [[_naive_count(docs, q) for q in row] for row in want_window] == [[1, 1], [3, 3]]
+    # the same tokens inside their documents: the leading space is kept
+    mid = duplicate_counts(index, tokens, 2, [2], 2, sp, starts=np.array([7, 7]))[1]
+    assert mid.tolist() == [[_naive_count(docs, " a word is here")], [_naive_count(docs, " word is here now")]]
+    assert mid.tolist() == [[0], [1]]
+    assert window_bytes(sp, tokens[1, :3]) == b" word is here"
+    assert window_bytes(sp, tokens[1, :3], document_start=True) == b"word is here"
+
+
+def test_byte_counts_refuse_a_tokenizer_whose_windows_have_no_known_text(tmp_path):
+    from memscan import CorpusIndex
+    from memscan.errors import InputError
+    from memscan.lm.duplication import duplicate_counts
+
+    class Counting:  # decodes a sequence to its length: no token's text is a prefix of the window's
+        def decode(self, ids):
+            return str(len(list(ids)))
+
+    index = CorpusIndex.build([b"abc"], tmp_path / "bidx")
+    with pytest.raises(InputError, match="--tokenizer"):
+        duplicate_counts(index, np.arange(6)[None], 3, [3], 3, Counting(), starts=np.array([4]))

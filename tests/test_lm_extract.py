@@ -84,6 +84,63 @@ def test_adapter_draws_each_row_from_its_seed_under_the_step_temperature(tiny_gp
         lm.sample(prefixes, n_new, temperature=[1.0, 2.0, 3.0], seed=seeds)
 
 
+def _inverse_cdf_by_numpy(nt, u, temps, top_k, top_p):
+    """Per row and step, the token whose cumulative scheme probability (numpy scheme_logprobs of
+    the model's next-token log-probabilities) holds u; -1 where u lies on a float boundary."""
+    want = np.full(u.shape, -1)
+    for i in range(u.shape[0]):
+        for t in range(u.shape[1]):
+            q = np.exp(scheme_logprobs(nt[i, t], temperature=temps[t], top_k=top_k, top_p=top_p))
+            c = np.cumsum(q)
+            if np.min(np.abs(c - u[i, t] * c[-1])) >= 1e-9:
+                want[i, t] = int(np.searchsorted(c, u[i, t] * c[-1], side="right"))
+    return want
+
+
+@pytest.mark.parametrize(
+    "temps,top_k,top_p",
+    [(1.0, None, 0.8), (1.5, 20, 0.7), ("schedule", 40, 0.9)],
+    ids=["top-p", "top-k+top-p+temperature", "schedule+top-k+top-p"],
+)
+def test_adapter_top_p_draws_equal_the_numpy_scheme(tiny_gpt2, temps, top_k, top_p):
+    """The torch top-p path of the sampler against scheme_logprobs, the numpy scheme p_sample is
+    scored with: (1) per-row seeds — every token is the inverse CDF of the row's uniform under the
+    numpy scheme; (2) one seed — 4000 one-token draws never hit a token the scheme removes and
+    match its probabilities."""
+    from memscan.generators.causal_lm import row_uniforms
+
+    _, lm = tiny_gpt2
+    n_new, rows = 10, 4
+    temps = temperature_schedule(n_new, 3.0, 1.0, 5) if temps == "schedule" else [temps] * n_new
+    prefixes = np.tile(lm.encode("the "), (rows, 1))
+    seeds = [sample_seed(7, i) for i in range(rows)]
+    toks = lm.sample(prefixes, n_new, temperature=temps, top_k=top_k, top_p=top_p, seed=seeds)
+    nt = lm.next_token_logprobs(np.concatenate([prefixes, toks], axis=1), start=prefixes.shape[1] - 1)
+    want = _inverse_cdf_by_numpy(nt, row_uniforms(seeds, rows, n_new), temps, top_k, top_p)
+    sure = want >= 0
+    assert sure.sum() >= 30 and (toks[sure] == want[sure]).all()
+    # top-p matters here: the nucleus removes tokens the rest of the scheme keeps
+    q = np.exp(scheme_logprobs(nt, temperature=temps[0], top_k=top_k, top_p=top_p))
+    q_no_p = np.exp(scheme_logprobs(nt, temperature=temps[0], top_k=top_k))
+    assert ((q == 0) & (q_no_p > 0)).any()
+    # (2) one torch.Generator for the batch: the empirical distribution of one step
+    n, prefix = 4000, lm.encode("the ")
+    draws = lm.sample(np.tile(prefix, (n, 1)), 1, temperature=temps[0], top_k=top_k, top_p=top_p, seed=5)
+    after = lm.next_token_logprobs(np.r_[prefix, 0][None], start=prefix.size - 1)[0, 0]  # p(· | prefix)
+    q = np.exp(scheme_logprobs(after, temperature=temps[0], top_k=top_k, top_p=top_p))
+    freq = np.bincount(draws[:, 0], minlength=q.size) / n
+    assert (q[draws[:, 0]] > 0).all()  # never a removed token
+    np.testing.assert_array_less(np.abs(freq - q), 5 * np.sqrt(q * (1 - q) / n) + 1e-12)
+
+
+def test_adapter_refuses_a_top_p_above_1(tiny_gpt2):
+    _, lm = tiny_gpt2
+    with pytest.raises(InputError, match="top-p 1.5"):
+        lm.sample(lm.encode("ab")[None], 3, top_p=1.5, seed=0)
+    a = lm.sample(lm.encode("ab")[None], 3, top_p=1.0, seed=[4])  # 1: off
+    np.testing.assert_array_equal(a, lm.sample(lm.encode("ab")[None], 3, seed=[4]))
+
+
 # ---- the metrics --------------------------------------------------------------------------------
 def _min_window_brute(lp, w):
     w = min(w, len(lp))
@@ -199,6 +256,23 @@ def test_the_papers_rule_multisets_and_asymmetry():
     long = "one two three four five six seven eight nine ten"
     assert is_near_duplicate("three four five six", long) and not is_near_duplicate(long, "three four five six")
     assert words("don't-stop, now!") == ["don", "t", "stop", "now"]
+
+
+def test_words_split_on_every_unicode_punctuation_character():
+    """§6.1 splits on punctuation characters: every code point of Unicode category P* (checked
+    against unicodedata, one by one), not only ASCII's; letters, digits and symbols stay inside."""
+    import sys
+    import unicodedata
+
+    for c in map(chr, range(sys.maxunicode + 1)):
+        cat = unicodedata.category(c)
+        if cat.startswith("P"):
+            assert words(f"ab{c}cd") == ["ab", "cd"], (hex(ord(c)), cat)
+    assert words("“Wait”—she said… «non» ¿qué?") == ["Wait", "she", "said", "non", "qué"]
+    assert words("naïve café №5 €3") == ["naïve", "café", "№5", "€3"]  # letters and symbols (S*, N*) kept
+    # an em-dash-joined sample is the same words as the spaced one: a duplicate (one "word" before)
+    assert is_near_duplicate("alpha—beta—gamma—delta", "alpha beta gamma delta")
+    assert word_trigrams("“alpha” beta gamma") == Counter({("alpha", "beta", "gamma"): 1})
 
 
 # ---- end to end ---------------------------------------------------------------------------------

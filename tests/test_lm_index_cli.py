@@ -64,6 +64,45 @@ def test_byte_mode_takes_any_bytes_and_text_mode_refuses_invalid_utf8(tmp_path):
     assert not (tmp_path / "tok" / "manifest.json").exists()  # refused before the run starts
 
 
+class _WordTokenizer:
+    """A word-level tokenizer (whitespace-split words; an unknown word, "\ufeffalpha" among
+    them, is id 0) with a vocabulary record: the tokens of a word change with a byte-order mark
+    before it, as BPE merges do."""
+
+    VOCAB = ("<unk>", "alpha", "beta", "gamma", "delta")
+    vocab_size = len(VOCAB)
+
+    def encode(self, text):
+        return np.asarray([self.VOCAB.index(w) if w in self.VOCAB else 0 for w in text.split()], dtype=np.int64)
+
+    def describe(self):
+        from memscan.generators.causal_lm import vocab_sha256
+
+        vocab = {w: i for i, w in enumerate(self.VOCAB)}
+        return {"tokenizer": {"name": "words", "vocab_size": self.vocab_size, "vocab_sha256": vocab_sha256(vocab)}}
+
+
+def test_a_byte_order_mark_is_read_as_lm_extractable_reads_it(tmp_path):
+    """A .txt starting with a UTF-8 byte-order mark: the token index holds the tokens that
+    lm extractable draws its windows from (memscan.lm.text_data drops the mark), so a window at the
+    document's start is found there, at offset 0."""
+    from memscan.lm.index_run import lm_index
+    from memscan.lm.text_data import iter_documents, open_text_source
+
+    folder = tmp_path / "txt"
+    folder.mkdir()
+    (folder / "a.txt").write_bytes("alpha beta gamma delta".encode("utf-8-sig"))
+    (folder / "b.txt").write_text("beta gamma delta alpha")
+    tok = _WordTokenizer()
+    index = lm_index(folder, tmp_path / "idx", tokenizer=tok)
+    # what lm extractable tokenizes, by hand: [alpha, beta, gamma, delta] and [beta, gamma, delta, alpha]
+    runs = [ids.tolist() for _, _, ids in iter_documents(open_text_source(folder), tok.encode)]
+    assert runs == [[1, 2, 3, 4], [2, 3, 4, 1]] and index.n_tokens == 8
+    assert index.count(np.array([1, 2, 3])) == 1  # alpha beta gamma: a.txt's start
+    assert index.locate(np.array([1, 2, 3])).tolist() == [[0, 0]]
+    assert index.count(np.array([2, 3, 4])) == 2
+
+
 def test_pretokenized_ids_need_the_recorded_tokenizer(tmp_path):
     lm = lookup()
     ids = np.stack([lm.encode("x" * 5 + MEMORIZED[0][:40]), lm.encode("y" * 5 + MEMORIZED[1][:40])])

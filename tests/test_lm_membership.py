@@ -138,6 +138,45 @@ def test_min_k_plus_plus_on_uniform_distributions_is_zero():
     assert m.min_k_plus_plus_score(lp, mu, sigma, 20) == 0.0
 
 
+def test_min_k_plus_plus_on_float32_moments_of_a_uniform_distribution():
+    """Moments computed in float32 (the transformers adapter's fast path) of an exactly uniform
+    distribution over GPT-2's 50257 tokens: σ and |log p − μ| are float32 rounding (~1e-6), not 0.
+    Every token of a uniform distribution equals μ, so its standardized value is exactly 0 (this
+    gave ±1 with the absolute floor 1e-10 alone)."""
+    v = 50257
+    lp32 = np.full(v, -np.log(v), dtype=np.float32)  # float32 log-softmax of equal logits
+    p32 = np.exp(lp32)
+    mu32 = np.sum(p32 * lp32, dtype=np.float32)
+    sd32 = np.sqrt(np.sum(p32 * np.square(lp32 - mu32), dtype=np.float32))
+    assert sd32 > 1e-7 and lp32[0] != mu32  # rounding, not 0
+    lp, mu, sd = (np.full(6, x, dtype=np.float64) for x in (lp32[0], mu32, sd32))
+    np.testing.assert_array_equal(m.standardized_logprobs(lp, mu, sd), np.zeros(6))
+    assert m.min_k_plus_plus_score(lp, mu, sd, 20) == 0.0
+    # the adapter's own float32 moments, on a uniform and on a uniform-on-its-support distribution
+    torch = pytest.importorskip("torch")
+    from memscan.generators.causal_lm import per_token_moments
+
+    logits = torch.zeros((2, 7, v))
+    logits[1, :, v // 3 :] = -float("inf")  # uniform on the first third of the vocabulary
+    ids = torch.zeros((2, 7), dtype=torch.long)
+    ids[:, 1:] = torch.tensor([5, 17, 4000, 9, 0, 11])  # all inside the support
+    tok, mu, sd = (t.double().numpy() for t in per_token_moments(logits, ids))
+    for row in range(2):
+        np.testing.assert_array_equal(m.standardized_logprobs(tok[row], mu[row], sd[row]), np.zeros(6))
+
+
+def test_a_rare_token_next_to_a_flat_part_keeps_its_standardized_value():
+    """Uniform over 1000 tokens (mass a = 1 − q) plus one token of mass q = 1e-20: σ ≈ 4e-9 is far
+    below the flat tolerance, but the rare token is not typical. Two-valued log p: σ² = a·q·(l_u −
+    l_r)², so z(rare) = −sqrt(a/q) = −1e10 and z(uniform token) = sqrt(q/a) = 1e-10."""
+    q = 1e-20
+    nlp = np.log(np.r_[np.full(1000, (1 - q) / 1000), q])[None]
+    mu, sd = m.next_token_moments(nlp)
+    z = m.standardized_logprobs(nlp[0, [1000, 3]], np.repeat(mu, 2), np.repeat(sd, 2))
+    assert z[0] == pytest.approx(-math.sqrt((1 - q) / q), rel=1e-6)
+    assert z[1] == pytest.approx(math.sqrt(q / (1 - q)), abs=1e-9)
+
+
 def test_min_k_plus_plus_on_every_two_point_distribution():
     """Every vocabulary-2 distribution on a grid and both tokens, against the definitions written
     out again."""
@@ -179,7 +218,41 @@ def test_scores_refuse_what_is_not_a_log_probability():
         m.min_k_plus_plus_score(LP, np.zeros(3), np.ones(3))
 
 
-# ---- the blind baseline --------------------------------------------------------------------------
+def test_next_token_rows_must_be_distributions():
+    """A row that is not a log-distribution (shifted log-probabilities, raw logits) gave wrong μ,
+    σ silently; now one error naming the input, how many rows and the first."""
+    shifted = np.log([[0.7, 0.2, 0.1], [0.5, 0.25, 0.25]]) - 0.5
+    with pytest.raises(
+        InputError, match=r"adapter X: 2 of 2 next-token row\(s\).*first: row 0, Σ exp\(log p\) = 0.606531"
+    ):
+        m.next_token_moments(shifted, name="adapter X")
+    logits = np.zeros((2, 3, 4))
+    logits[1, 2] = [np.nan, 0, 0, 0]
+    logits[0] = np.log(0.25)  # rows (0, ·) are distributions; (1, ·) are logits, one with a NaN
+    with pytest.raises(InputError, match=r"3 of 6 .*first: row 1, 0") as exc:
+        m.next_token_moments(logits)
+    assert "log-softmax" in exc.value.hint
+    # float32 log-softmax rows (rounding ~1e-7) and rows with impossible tokens are distributions
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(3, 1000)).astype(np.float32) * 5
+    x[0, :10] = -np.inf
+    lp32 = x - np.log(np.sum(np.exp(x.astype(np.float64)), -1, keepdims=True)).astype(np.float32)
+    mu, sd = m.next_token_moments(lp32)
+    want_mu, want_sd = _moments_by_enumeration(np.exp(lp32.astype(np.float64)))
+    np.testing.assert_allclose(mu, want_mu, rtol=1e-5)
+    np.testing.assert_allclose(sd, want_sd, rtol=1e-5)
+
+
+def test_one_tolerance_for_slightly_positive_log_probabilities():
+    """float32 rounding can give log p slightly above 0: up to LOGPROB_ATOL it is taken as 0 (the
+    run's check and the scores use the same constant), beyond it is refused."""
+    assert m.LOGPROB_ATOL == 1e-6
+    assert m.loss_score([5e-7, math.log(0.5)]) == pytest.approx(math.log(0.5) / 2, rel=1e-15)
+    with pytest.raises(InputError, match="≤ 0"):
+        m.loss_score([2e-6, math.log(0.5)])
+
+
+# ---- the blind baseline# ---- the blind baseline --------------------------------------------------------------------------
 WORDS = (
     "river stone garden window letter summer market silver morning quiet paper harbor table yellow "
     "forest candle winter bridge orange music station cloud pocket valley"

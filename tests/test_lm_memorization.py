@@ -83,6 +83,38 @@ def test_samples_needed_hand_worked_and_stable():
     assert extraction_rate_within(np.array([1, 3, np.inf, 10]), [1, 3, 10, 100]).tolist() == [0.25, 0.5, 0.75, 0.75]
 
 
+def test_samples_needed_refuses_nan_and_is_quiet_below_the_float_range():
+    """NaN log p (a model's NaN log-probabilities) is an error, not "p = 0"; log p in (−745, −709)
+    is p > 0 whose n ≈ ln 2 / p exceeds the float range: inf without an overflow warning."""
+    import warnings
+
+    with pytest.raises(InputError, match="NaN for 1 of 3"):
+        samples_needed(np.array([np.log(0.5), np.nan, -np.inf]), 0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = samples_needed(np.array([-720.0, -740.0, -700.0]), 0.5)
+    assert math.log(2) / math.exp(-720.0) > np.finfo(np.float64).max  # the true n: beyond float64
+    assert got[:2].tolist() == [np.inf, np.inf]
+    assert got[2] == pytest.approx(math.log(2) * math.exp(700.0), rel=1e-9)  # still in range: exact
+
+
+def test_a_top_p_above_1_is_refused_and_1_is_off():
+    from memscan.lm.extractable_run import ExtractableConfig
+
+    lp = np.log(np.array([0.5, 0.3, 0.2]))
+    np.testing.assert_array_equal(scheme_logprobs(lp, top_p=1.0), scheme_logprobs(lp))
+    for bad in (1.5, 0.0, -0.2, float("nan")):
+        with pytest.raises(InputError, match="top-p"):
+            scheme_logprobs(lp, top_p=bad)
+        with pytest.raises(InputError, match="top-p"):
+            ExtractableConfig(top_p=bad).validate()
+    assert ExtractableConfig(top_p=1.0).validate().top_p is None
+    assert ExtractableConfig(top_p=0.9).validate().top_p == 0.9
+    for kwargs in ({"temperature": 0.0}, {"top_k": -1}):
+        with pytest.raises(InputError):
+            ExtractableConfig(**kwargs).validate()
+
+
 # ---- the lookup model, where the answers are known
 
 

@@ -16,7 +16,7 @@ from lm_support import MEMBERS, NONMEMBERS, ByteBigram, TokenLogprobsOnly, bigra
 from typer.testing import CliRunner
 
 from memscan.cli import app
-from memscan.errors import InputError
+from memscan.errors import InputError, MemscanError
 from memscan.lm import membership as ms
 from memscan.lm.mia_run import LmMiaConfig, read_texts, run_lm_mia
 from memscan.mia.metrics import roc_metrics
@@ -315,3 +315,55 @@ def test_report_of_a_damaged_run_is_one_clean_error(tmp_path):
     (tmp_path / "run" / "statistics.parquet").unlink()
     res = runner.invoke(app, ["report", str(tmp_path / "run")])
     assert res.exit_code == 2 and "statistics.parquet" in res.output and "Traceback" not in res.output
+
+
+class _SlightlyPositive(TokenLogprobsOnly):
+    """float32 rounding of a near-certain token: the first log-probability of every text is +5e-7."""
+
+    def token_logprobs(self, ids):
+        lp = super().token_logprobs(ids)
+        lp[:, 0] = 5e-7
+        return lp
+
+
+def test_log_probabilities_slightly_above_zero_are_taken_as_zero(tmp_path):
+    """The run's check and the scores share one tolerance (membership.LOGPROB_ATOL): +5e-7 passed
+    the run's check and then crashed in the scores with "must be ≤ 0"."""
+    res = _run(tmp_path, model=_SlightlyPositive(MEMBERS))
+    table = ByteBigram(MEMBERS).table
+    for i, text in enumerate([*MEMBERS, *NONMEMBERS]):
+        b = list(text.encode())
+        lp = [0.0] + [table[a, c] for a, c in zip(b[1:-1], b[2:])]  # the first one taken as 0
+        assert res.statistics["loss"].iloc[i] == pytest.approx(sum(lp) / len(lp), rel=1e-12)
+
+
+class _ShiftedRows(ByteBigram):
+    """An adapter whose next-token rows are log-probabilities minus 0.5 (not distributions)."""
+
+    def next_token_logprobs(self, ids):
+        return super().next_token_logprobs(ids) - 0.5
+
+
+def test_next_token_rows_that_are_not_distributions_are_refused(tmp_path):
+    with pytest.raises(
+        InputError, match=r"next_token_logprobs: \d+ of \d+ next-token row\(s\) are not log-probability"
+    ):
+        _run(tmp_path, model=_ShiftedRows(MEMBERS))
+
+
+def test_a_partly_missing_min_k_plus_plus_names_the_score_and_the_example(tmp_path):
+    from lm_support import MomentsBigram
+
+    class NanMoments(MomentsBigram):
+        def next_token_moments(self, ids):
+            tok, mu, sigma = super().next_token_moments(ids)
+            mu[np.asarray(ids)[:, 0] == ord("t")] = np.nan  # texts that start with "t"
+            return tok, mu, sigma
+
+    texts = [*MEMBERS, *NONMEMBERS]
+    n_bad = sum(t.startswith("t") for t in texts)
+    first = f"members:{next(i for i, t in enumerate(MEMBERS) if t.startswith('t')) + 1}"
+    with pytest.raises(
+        MemscanError, match=rf"score min_k_plus_plus: {n_bad} of 16 example\(s\).*first: example {first}\)"
+    ):
+        _run(tmp_path, model=NanMoments(MEMBERS))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -84,6 +85,7 @@ def test_lookup_model_end_to_end_known_answers(tmp_path):
     m = RunStore(out).read_manifest(expect="lm-extractable")
     assert m["data"]["skipped_short_documents"] == 1 and m["data"]["skipped_names"] == ["short"]
     assert m["tokenizer"]["vocab_sha256"] and m["model"]["id"] == "py:lm_corpus_support:lookup"
+    assert m["document_start"]["token"] is None and m["document_start"]["rule"].startswith("off")  # the default
     assert m["summary"]["by_prefix_length"]["16"]["extractable_rate"] == pytest.approx(memorized.mean())
     _invoke("report", out)
     html = (out / "report.html").read_text()
@@ -217,3 +219,106 @@ def test_pythia_score_reuses_the_k32_continuation_exactly(tiny_dir):
         tables, _ = extractable_stage(LMWorker(lm), np.arange(5), windows, 32, {**cfg, "prefix_lengths": ks})
         got = tables["sequences"].drop_duplicates("seq_id")["pythia_score"].to_numpy()
         np.testing.assert_array_equal(got, want)
+
+
+def test_a_model_too_short_for_the_pythia_window_is_refused_before_any_work(tmp_path):
+    """The Pythia score decodes a 32-token prefix (after the document-start token at a document's
+    start) and 32 tokens whatever --prefix-lengths / --suffix-length say: 1 + 32 + 31 = 64
+    positions. 48 is refused with one InputError before anything is written; 64 runs."""
+    pytest.importorskip("transformers")
+    from memscan.errors import InputError
+    from memscan.lm.extractable_run import ExtractableConfig, lm_extractable
+    from memscan.testing.tiny_lm import make_tiny_gpt2
+
+    data = write_corpus(tmp_path / "d.jsonl")
+    cfg = ExtractableConfig(prefix_lengths=(16,), suffix_length=16, sequences=3, batch_size=3, offsets="start",
+                            document_start=True)  # fmt: skip
+    short = make_tiny_gpt2(tmp_path / "p48", seed=1, n_positions=48)
+    with pytest.raises(InputError, match="up to 64 tokens.*48 positions") as err:
+        lm_extractable(str(short), data, tmp_path / "r48", cfg, progress=False)
+    assert "at least 63 positions" not in str(err.value) and "64 positions" in str(err.value)
+    assert not (tmp_path / "r48").exists()
+    exact = make_tiny_gpt2(tmp_path / "p64", seed=1, n_positions=64)
+    res = lm_extractable(str(exact), data, tmp_path / "r64", cfg, progress=False)
+    assert len(res.sequences) == 3 and res.manifest["document_start"]["token"] == 1  # ByT5: no BOS, EOS = 1
+
+
+def _doc_start_lookup():
+    """A lookup model (order 40 > 33) that continues the prefix P with S1 after the document-start
+    token (EOS 299: P opens a document) and with S2 without it (P inside a document; the tie of
+    S1 and S2 after P alone goes to the lower id, S2's)."""
+    from memscan.testing.lookup_lm import LookupLM
+
+    P, S1, S2, Q = np.arange(10, 42), np.arange(100, 132), np.arange(50, 82), np.arange(200, 205)
+    lm = LookupLM([np.r_[299, P, S1], np.r_[Q, P, S2]], vocab_size=300, order=40, eos_token_id=299)
+    return lm, P, S1, S2
+
+
+def _hand_log_p(lm, context, suffix, top_k=40):
+    """log Π_t q(y_t | context, y_<t) under top-k, from the model's distribution and a sort."""
+    total, ctx = 0.0, list(context)
+    for y in suffix:
+        p = np.exp(lm.distribution(ctx))
+        kept = p >= np.sort(p)[::-1][top_k - 1]
+        total += math.log(p[y] / p[kept].sum()) if kept[y] else -math.inf
+        ctx.append(int(y))
+    return total
+
+
+def test_a_prefix_that_starts_its_document_is_decoded_after_the_document_start_token():
+    """Row 0's window opens its document, row 1's sits 5 tokens into one: the 32-token prefix of
+    row 0 is decoded and scored after EOS (→ S1, its true suffix), row 1's as it is (→ S2); the
+    16-token prefixes start inside their documents either way. Against hand computations with
+    the model's own distribution."""
+    from memscan.lm.worker import LMWorker, extractable_stage
+
+    lm, P, S1, S2 = _doc_start_lookup()
+    windows = np.stack([np.r_[P, S1], np.r_[P, S2]])
+    cfg = {"suffix_length": 32, "prefix_lengths": [16, 32], "batch_size": 2, "temperature": 1.0, "top_k": 40,
+           "top_p": None}  # fmt: skip
+    tables, _ = extractable_stage(LMWorker(lm), np.arange(2), windows, 32, cfg, np.array([0, 5]), 299)
+    t = tables["sequences"].set_index(["seq_id", "prefix_len"])
+    # greedy after EOS reproduces S1; without it P continues as S2 (the lower id of the tie)
+    assert lm.greedy(np.r_[299, P][None], 32)[0][0].tolist() == S1.tolist()
+    assert lm.greedy(P[None], 32)[0][0].tolist() == S2.tolist()
+    assert bool(t.loc[(0, 32), "extractable"]) and bool(t.loc[(1, 32), "extractable"])
+    assert t.loc[(0, 32), "pythia_score"] == 1.0 and t.loc[(0, 32), "exact_memorization"] == 1.0
+    assert t.loc[(0, 32), "log_p_sample"] == pytest.approx(_hand_log_p(lm, [299, *P], S1), rel=1e-12)
+    assert t.loc[(1, 32), "log_p_sample"] == pytest.approx(_hand_log_p(lm, P, S2), rel=1e-12)
+    # the first S1 token is certain after EOS, a coin toss after P alone: the token changes p
+    assert t.loc[(0, 32), "log_p_sample"] > _hand_log_p(lm, P, S1) + 0.5
+    # 16-token prefixes start at document token 16 / 21: fed as they are
+    for i, w in enumerate(windows):
+        greedy = lm.greedy(w[None, 16:32], 32)[0][0]
+        assert t.loc[(i, 16), "match_fraction"] == np.mean(greedy == w[32:])
+        assert t.loc[(i, 16), "log_p_sample"] == pytest.approx(_hand_log_p(lm, w[16:32], w[32:]), rel=1e-12)
+    # no document-start token (a model with neither BOS nor EOS): row 0 is fed as it is too
+    tables, _ = extractable_stage(LMWorker(lm), np.arange(2), windows, 32, cfg, np.array([0, 5]), None)
+    assert not tables["sequences"].set_index(["seq_id", "prefix_len"]).loc[(0, 32), "extractable"]
+
+
+def test_tiny_gpt2_scores_a_document_start_window_after_its_eos_token(tiny_dir, tmp_path):
+    """Through the run: with --offsets start every 32-token prefix opens its document, so
+    log_p_sample is the model's log-probability of the suffix after [EOS] + prefix (T = 1, no
+    top-k: a plain forward pass), not after the prefix alone."""
+    from memscan.generators.causal_lm import load_causal_lm
+    from memscan.lm.extractable_run import ExtractableConfig, lm_extractable
+
+    data = write_corpus(tmp_path / "d.jsonl")
+    cfg = ExtractableConfig(prefix_lengths=(32,), suffix_length=32, sequences=4, batch_size=4, offsets="start",
+                            top_k=0, document_start=True)  # fmt: skip
+    res = lm_extractable(str(tiny_dir), data, tmp_path / "run", cfg, progress=False)
+    lm = load_causal_lm(str(tiny_dir))
+    assert res.manifest["document_start"]["token"] == lm.eos_token_id == 1
+    # off (the default): the same windows scored after the prefix alone
+    off = lm_extractable(str(tiny_dir), data, tmp_path / "off", replace(cfg, document_start=False), progress=False)
+    assert off.manifest["document_start"]["token"] is None
+    for _, r in res.sequences.iterrows():
+        ids = lm.encode((MEMORIZED + UNSEEN)[int(r["train_id"][1:]) + (0 if r["train_id"][0] == "m" else 6)])[:64]
+        after = lm.token_logprobs(np.r_[1, ids][None])[0][-32:].sum()
+        alone = lm.token_logprobs(ids[None])[0][-32:].sum()
+        assert r["log_p_sample"] == pytest.approx(after, rel=1e-4) and abs(after - alone) > 1e-2
+        if r["near_ties"] == 0:  # batched and alone agree up to float rounding (near-ties)
+            assert r["greedy_text"] == lm.decode(lm.greedy(np.r_[1, ids[:32]][None], 32)[0][0])
+        o = off.sequences.set_index("seq_id").loc[r["seq_id"]]
+        assert o["log_p_sample"] == pytest.approx(alone, rel=1e-4)

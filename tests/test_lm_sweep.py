@@ -189,9 +189,12 @@ def test_lm_extract_runs_are_compared_from_their_tables(lm_files, tmp_path):
         assert row["confirmed"] == int(s["confirmed"].sum()) and row["confirmed"] > 0
         assert row["confirmed_rate"] == pytest.approx(s["confirmed"].mean())
         assert row["precision_perplexity"] == pytest.approx(p.loc["perplexity", "precision"])
-        hit = s[s["confirmed"]]
-        want = set(hit["match_train_id"].astype(str) + "@" + hit["match_offset"].astype(str))
-        assert set(items.loc[items["run"] == row["run"], "item"]) == want
+        # the items: every distinct 32-character window of the confirmed samples' matched corpus
+        # text (the whole text when shorter), built here by hand
+        want = set()
+        for text in s.loc[s["confirmed"], "match_text"].astype(str):
+            want |= {text} if len(text) <= 32 else {text[i : i + 32] for i in range(len(text) - 31)}
+        assert want and set(items.loc[items["run"] == row["run"], "item"]) == want
 
 
 def test_heldout_without_a_checkpoint_folder_is_refused(lm_files, tmp_path):

@@ -173,3 +173,22 @@ def test_list_data_and_validation():
         memorization_score(x, fit_gaussian, lambda m, d: np.full(12, np.nan), folds=3)
     with pytest.raises(InputError, match="negative"):
         r.top(-1)
+
+
+def test_store_refuses_a_non_finite_stored_row(tmp_path):
+    """A stored row is checked like a fresh one: a NaN (e.g. a damaged file) used to flow into
+    U_i, V_i and M_i silently."""
+    x = _data(n=12)
+    reference = memorization_score(x, fit_gaussian, gaussian_loglik, folds=3, seed=2, store=tmp_path)
+    path = tmp_path / "r0000_k0001_loglik.npy"
+    row = np.load(path)
+    row[5] = np.nan
+    np.save(path, row)
+    with pytest.raises(
+        InputError, match=r"r0000_k0001_loglik.npy: 1 non-finite log-likelihood\(s\), first at example 5"
+    ) as exc:
+        memorization_score(x, fit_gaussian, gaussian_loglik, folds=3, seed=2, store=tmp_path)
+    assert "delete it" in exc.value.hint
+    path.unlink()  # as the hint says: that model alone is recomputed
+    again = memorization_score(x, fit_gaussian, gaussian_loglik, folds=3, seed=2, store=tmp_path)
+    np.testing.assert_array_equal(again.score, reference.score)

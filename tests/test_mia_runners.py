@@ -121,3 +121,24 @@ def test_ray_memscore_equals_local(ray_address, tmp_path):
     )  # fmt: skip
     pd.testing.assert_frame_equal(local.table, ray.table)
     assert ray.manifest["n_shards"] == 8 and ray.manifest["runner"]["name"] == "ray"
+
+
+def test_an_inpaint_mask_that_hides_nothing_is_refused_before_any_shard(tmp_path):
+    """1-pixel-high examples: the ``top`` region hides no pixel. The run refuses them before the
+    manifest or any shard is written, not in a worker once other shards ran."""
+    from memscan.errors import InputError
+    from memscan.mia.inpaint import inpaint_mask
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for i, img in zip(mia_ids(), mia_images()):
+        _write_png(data / f"{i}.png", img[:1])  # 1 × 8
+    members = tmp_path / "members.txt"
+    members.write_text("\n".join(mia_ids()[:MIA_MEMBERS]) + "\n")
+    assert not inpaint_mask((1, 8), "left").all()  # (the left half of a 1×8 image is fine)
+    cfg = InpaintConfig(region="top", num_inference_steps=2, jump_length=1, jump_n_sample=1, samples=1, batch_size=4)
+    out = tmp_path / "run"
+    with pytest.raises(InputError, match=r"'top' region .* hides no pixel of an image of 1×8"):
+        run_inpaint(out, data, model="py:golden_support:memorizing_predictor", members=members, config=cfg,
+                    bootstrap=0, progress=False, shard_size=4)  # fmt: skip
+    assert not (out / "manifest.json").exists() and not list(out.glob("shards/*"))

@@ -46,8 +46,12 @@ def _tables(run):
     return {t: pd.read_parquet(run / f"{t}.parquet") for t in TABLES}
 
 
-def _assert_same_run(ref, run):
+def _assert_same_run(ref, run, retrieved=None):
+    """``run``'s tables are ``ref``'s; a run verified through an index has one more column,
+    ``retrieved`` (each candidate's retrieved images: here all of them, ``retrieved``)."""
     a, b = _tables(ref), _tables(run)
+    if retrieved is not None:
+        assert (b["extractions"].pop("retrieved") == retrieved).all()
     for name in TABLES:
         pd.testing.assert_frame_equal(a[name], b[name], check_dtype=True)
     # the images the workers wrote are the local run's, byte for byte
@@ -100,7 +104,7 @@ def test_ray_run_through_the_index_equals_local_run(ray_address, reference, prom
         "py:gen_support:planted", prompts, None, run, CFG, progress=False, runner="ray",
         runner_options=RayOptions(num_workers=2), index=tmp_path / "idx", retrieve=200,
     )  # fmt: skip
-    _assert_same_run(reference, run)
+    _assert_same_run(reference, run, retrieved=120)  # K = 200 > the 120 indexed images
     assert res.manifest["verification"]["via"] == "index" and res.manifest["runner"]["name"] == "ray"
     recs = [json.loads(p.read_text()) for p in (run / "shards").glob("*.done.json")]
     assert sum(r["retrieval"]["candidates"] for r in recs) == res.manifest["counts"]["detections"]
@@ -130,7 +134,7 @@ def test_ray_run_through_an_index_served_by_part_actors_equals_local_run(
         "py:gen_support:planted", prompts, None, run, CFG, progress=False, runner="ray",
         runner_options=RayOptions(num_workers=2), index=tmp_path / "idx", retrieve=200, serve_index=0,
     )  # fmt: skip
-    _assert_same_run(reference, run)
+    _assert_same_run(reference, run, retrieved=120)  # K = 200 > the 120 indexed images
     assert res.manifest["index_search"] == "ray actors, one per part"
     assert res.manifest["verification"]["via"] == "index"
     assert len(served) == 1 and len(served[0].index.sizes) == 2 and sum(served[0].index.sizes) == len(served[0].ids)
@@ -347,3 +351,22 @@ def test_missing_ray_gives_the_install_hint(monkeypatch, prompts, synth_train, t
     )
     assert res.exit_code == 2
     assert "needs Ray" in res.output and "memscan[ray]" in res.output
+
+
+def test_a_worker_that_fails_while_loading_gives_one_line_and_logs_the_traceback(ray_address):
+    """A setup that raises something other than a MemscanError: the error names the exception in
+    one line (not Ray's whole remote traceback); run.log gets the traceback."""
+    from memscan.runners import RayPool
+
+    logged = []
+    with pytest.raises(MemscanError) as err:
+        with RayPool(int, ("not-a-number",), RayOptions(num_workers=1), log=logged.append) as pool:
+            list(pool.map(_stage(), [ShardTask(0, (1,))]))
+    want = "ValueError: invalid literal for int() with base 10: 'not-a-number'"
+    try:
+        int("not-a-number")
+    except ValueError as exc:
+        assert f"{type(exc).__name__}: {exc}" == want
+    assert err.value.message == f"a Ray worker failed while loading: {want}"
+    assert "\n" not in err.value.message and "run.log" in err.value.hint
+    assert any("failed while loading" in m and 'File "' in m and want in m for m in logged), logged

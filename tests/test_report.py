@@ -50,3 +50,22 @@ def test_report_rebuilds_from_tables_alone(tmp_path):
     assert "Extraction rate vs duplicate count" in html
     m = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert f'<td class="num">{m["counts"]["samples"]}</td>' in html
+
+
+def test_index_verification_rows_have_their_own_heading(tmp_path):
+    """A run verified through an index: its rows under "Verification through the training index",
+    never under the demo's heading; the demo's rows, when given, under theirs."""
+    from memscan.index.faiss_index import build_index
+
+    train = tmp_path / "train"
+    write_training_set(train, 12, size=16)
+    build_index(train, tmp_path / "idx", embedder="pixel:8", index_type="flat", progress=False)
+    gen = SyntheticGenerator({"p": "t0001"}, size=16, copy_rate=0.6)
+    extract(gen, ["p"], None, tmp_path / "run", ExtractConfig(samples_per_prompt=30), progress=False,
+            index=tmp_path / "idx", retrieve=5)  # fmt: skip
+    html = build_report(tmp_path / "run").read_text()
+    head = html.index("<h2>Verification through the training index</h2>")
+    assert "Demo ground truth" not in html
+    assert head < html.index("k-eidetic counts</th><td>counted among the up to 5 retrieved training images only")
+    html = build_report(tmp_path / "run", extra_summary={"planted": "1/1"}).read_text()
+    assert head < html.index("<h2>Demo ground truth</h2>") < html.index("<th>planted</th>")

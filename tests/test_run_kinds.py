@@ -497,6 +497,13 @@ OTHER_INPUTS = {
         OtherInputs("prompt-texts", _edited_prompts, "prompts_sha256"),
         OtherInputs("training-set", _edited_training_set, "training_set_sha256"),
     ],
+    "index": [
+        OtherInputs(
+            "training-set",
+            lambda t, a: [a[0], _edited_training_set(t, ["--train", a[1]])[1], *a[2:]],
+            "training_set_sha256",
+        ),
+    ],
     "unconditional-index": [
         OtherInputs("model", lambda t, a: _arg(a, "--model", "py:gen_support:unconditional16_other"), "model_spec"),
     ],
@@ -566,7 +573,7 @@ def test_resume_with_other_inputs_is_refused_and_changes_nothing(case, other, tm
     # the same inputs still resume it
     _invoke([*case.argv(tmp_path, run), "--resume"])
     m = RunStore(run).read_manifest(expect=case.kind)
-    assert m["status"] == "complete" and len(m["resumed"]) == 1 and m["model_spec"]
+    assert m["status"] == "complete" and len(m["resumed"]) == 1 and (not case.has_model or m["model_spec"])
 
 
 def test_extract_resume_checks_a_loaded_generator_and_accepts_a_moved_training_set(tmp_path, synth_train):
@@ -621,7 +628,7 @@ def test_extract_lists_the_training_set_once(tmp_path, synth_train, monkeypatch)
                   synth_train, tmp_path / "run", cfg, progress=False)  # fmt: skip
     assert listed == [str(synth_train)]
     assert res.manifest["training_set"]["source"] == str(synth_train) and len(res.extractions)
-    assert res.manifest["training_set_sha256"] == pipeline_mod.training_set_sha256(str(synth_train))
+    assert res.manifest["training_set_sha256"] == training_mod.training_set_sha256(str(synth_train))
 
     listed.clear()
     gen = SyntheticGenerator({"": next(iter(MEMORIZED.values()))}, size=32, copy_rate=0.25)

@@ -161,3 +161,150 @@ def test_a_missing_or_damaged_run_table_is_one_error_in_the_runs_own_words(tmp_p
     with pytest.raises(MemscanError) as err:
         RunStore(tmp_path / "demo" / "run").table("metrics")
     assert f"memscan demo mia --out {tmp_path / 'demo'}`" in err.value.hint and "--resume" not in err.value.hint
+
+
+# ---- the lock: an atomic takeover of a stale lock, a release that removes only its own -------------
+def _dead_lock(root) -> str:
+    """A lock left by a process of this host that no longer exists."""
+    import socket
+
+    text = f"pid=999999999 host={socket.gethostname()} since=killed"
+    (root / ".lock").write_text(text)
+    return text
+
+
+def test_two_takeovers_of_one_stale_lock_never_both_hold_it(tmp_path, monkeypatch):
+    """Both contenders judge the lock stale before either acts; the second acts only once the
+    first holds the lock (the interleaving a check-then-act takeover loses): one holds it."""
+    import threading
+
+    from memscan.store import RunLock
+
+    tmp_path.mkdir(exist_ok=True)
+    _dead_lock(tmp_path)
+    judged = threading.Barrier(2)
+    first_holds = threading.Event()
+    original = RunLock._stale
+    seen: set = set()
+
+    def stale_then_wait(self):
+        result = original(self)
+        me = threading.current_thread().name
+        if result and me not in seen:  # the first judgement of each contender
+            seen.add(me)
+            judged.wait(timeout=60)
+            if me == "second":
+                first_holds.wait(timeout=60)  # a guard against a hang, not an assertion
+        return result
+
+    monkeypatch.setattr(RunLock, "_stale", stale_then_wait)
+    outcome: dict = {}
+
+    def contend(name):
+        lock = RunLock(tmp_path)
+        try:
+            lock.acquire()
+            outcome[name] = lock
+        except MemscanError as exc:
+            outcome[name] = exc
+        finally:
+            if name == "first":
+                first_holds.set()
+
+    threads = [threading.Thread(target=contend, args=(n,), name=n) for n in ("first", "second")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    holders = [n for n, v in outcome.items() if not isinstance(v, Exception)]
+    assert holders == ["first"], outcome
+    assert "in use by another memscan process" in str(outcome["second"])
+    # the file names the holder (its token), and its release removes it
+    assert outcome["first"].token in (tmp_path / ".lock").read_text()
+    outcome["first"].release()
+    assert not (tmp_path / ".lock").exists()
+
+
+def _contend_in_a_process(root, start, done, results):
+    from memscan.store import RunLock
+
+    lock = RunLock(root)
+    start.wait(timeout=60)
+    try:
+        lock.acquire()
+        results.put("held")
+    except MemscanError:
+        results.put("refused")
+    done.wait(timeout=60)  # hold it until every contender has tried
+    lock.release()
+
+
+def test_processes_racing_for_a_stale_lock_one_holds_it(tmp_path):
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    _dead_lock(tmp_path)
+    n = 4
+    start, done, results = ctx.Barrier(n), ctx.Barrier(n), ctx.Queue()
+    procs = [ctx.Process(target=_contend_in_a_process, args=(tmp_path, start, done, results)) for _ in range(n)]
+    for p in procs:
+        p.start()
+    outcomes = sorted(results.get(timeout=120) for _ in range(n))
+    for p in procs:
+        p.join(timeout=120)
+    assert outcomes == ["held"] + ["refused"] * (n - 1)
+    assert not (tmp_path / ".lock").exists()  # the holder's release removed its own lock
+
+
+def test_release_never_removes_a_lock_another_process_took_over(tmp_path):
+    from memscan.store import RunLock
+
+    lock = RunLock(tmp_path).acquire()
+    # another process took the run over (e.g. this one was judged gone): its lock, not ours
+    other = "pid=1 host=elsewhere since=now token=theirs"
+    (tmp_path / ".lock").write_text(other)
+    lock.release()
+    assert (tmp_path / ".lock").read_text() == other
+
+
+def test_stage_meta_cannot_overwrite_the_commit_fields_of_a_shard_record(tmp_path):
+    import hashlib
+
+    import pandas as pd
+
+    store = RunStore(tmp_path)
+    store.create()
+    table = pd.DataFrame({"a": [1, 2, 3]})
+    store.commit_shard(0, {"t": table}, {"rows": {"t": 99}, "sha256": {"t": "0" * 64}, "shard": 7, "kept": 1})
+    rec = store.shard_record(0)
+    digest = hashlib.sha256((tmp_path / "shards" / "00000.t.parquet").read_bytes()).hexdigest()
+    assert rec["rows"] == {"t": 3} and rec["sha256"] == {"t": digest} and rec["shard"] == 0 and rec["kept"] == 1
+    assert store.shard_done(0)
+
+
+def test_resume_removes_the_temporary_files_of_a_killed_writer_only(tmp_path):
+    """A writer killed mid-write leaves ``.NAME.tmp-PID`` (e.g. a half-written embeddings.npy);
+    the next open of the run removes those of dead processes and keeps a live process's."""
+    import os
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)  # a process that has exited
+    run_dir = tmp_path / "r"
+    with pytest.raises(RuntimeError):
+        with open_run(run_dir, "index") as run:
+            run.start({"n_shards": 2}, identity=("n_shards",))
+            raise RuntimeError("killed")
+    stale = [
+        run_dir / f".embeddings.npy.tmp-{dead_pid}",
+        run_dir / "shards" / f".00001.embeddings.parquet.tmp-{dead_pid}",
+    ]
+    live = run_dir / f".embeddings.npy.tmp-{os.getppid()}"
+    keep = [live, run_dir / "notes.tmp-1", run_dir / "shards" / "00000.done.json"]
+    for p in stale + keep:
+        p.write_bytes(b"partial")
+    with open_run(run_dir, "index", resume=True) as run:
+        assert [p.exists() for p in stale] == [False, False]
+        assert all(p.exists() for p in keep)
+    assert "removed 2 temporary file(s)" in (run_dir / "run.log").read_text()

@@ -5,6 +5,7 @@ tests/test_triage.py)."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -50,7 +51,9 @@ def test_shards_do_not_change_the_scores(pipe, one_shard, tmp_path):
     m = res.manifest
     assert m["kind"] == "triage" and m["status"] == "complete" and m["model"]["pipeline"] == "StableDiffusionPipeline"
     assert m["model"]["parameters"] > 0 and m["model"]["dtype"] == "float32"
-    assert m["throughput"]["seconds"] > 0 and m["cost"]["unet_evaluations_per_prompt"] == 4
+    # 2 generations × (Wen: 2 per step + Webster's one-step sample: 2, guided)
+    assert m["throughput"]["seconds"] > 0 and m["cost"]["unet_evaluations_per_prompt"] == 2 * (2 + 2)
+    assert (res.scores["unet_evaluations"] == 8).all() and m["scores"]["wen"]["timesteps"] == [751]
 
 
 def test_a_stopped_run_resumes_with_the_same_inputs_only(pipe, one_shard, tmp_path):
@@ -69,6 +72,14 @@ def test_a_stopped_run_resumes_with_the_same_inputs_only(pipe, one_shard, tmp_pa
         triage(pipe, [*PROMPTS[:-1], "another prompt"], out, CFG, shard_size=2, progress=False, resume=True)
     with pytest.raises(MemscanError, match="its model_spec differs"):  # another model: the directory
         triage(str(DATA), PROMPTS, out, CFG, shard_size=2, progress=False, resume=True)
+    # a run started under other score definitions (an older memscan's Webster score) is not mixed in
+    older = tmp_path / "older"
+    shutil.copytree(out, older)
+    m_old = json.loads((older / "manifest.json").read_text())
+    del m_old["definitions"]
+    (older / "manifest.json").write_text(json.dumps(m_old))
+    with pytest.raises(MemscanError, match="definitions of its numbers differ"):
+        triage(pipe, PROMPTS, older, CFG, shard_size=2, progress=False, resume=True)
     # the ranking options may change on resume: prompts.csv is made from the merged scores
     res = triage(pipe, PROMPTS, out, CFG, shard_size=2, progress=False, resume=True, top=2, score="webster")
     pd.testing.assert_frame_equal(res.scores, one_shard.scores, check_exact=True)
@@ -134,12 +145,30 @@ def test_report_shows_ranked_prompts_as_text_cost_and_plot(pipe, tmp_path):
     assert "Content-Security-Policy" in html and html.count("data:image/png;base64,") == 1
     assert "against its training-set duplicate count" in html
     assert (
-        "none (all prompts)" in html and "4 kept" in html and "50,000" in html and "8.00e-05" in html
-    )  # cost: 4 of 50,000 evaluations
+        "none (all prompts)" in html and "4 kept" in html and "50,000" in html and "1.60e-04" in html
+    )  # cost: 8 of 50,000 evaluations
     # the ranked prompts in prompts.csv's order, both scores shown
     first = res.ranked["prompt_id"].tolist()
     assert [html.index(f"<code>{p}</code>") for p in first] == sorted(html.index(f"<code>{p}</code>") for p in first)
     assert f"{res.ranked['webster_score'].iloc[0]:.5g}" in html
+
+
+def test_report_states_the_cost_of_each_computed_score_and_shows_only_those(pipe, one_shard, tmp_path):
+    """Both scores: the cost per prompt written out per score (guided, no negative prompt: Wen 2
+    per generation and step, Webster 2 per generation); a wen-only run: no Webster column, plot
+    or cost, and half the evaluations."""
+    html = build_report(one_shard.run_dir, tmp_path / "both.html").read_text()
+    assert "wen: 2 generations × 1 step(s) × 2 = 4; webster: 2 generations × 2 = 4" in html
+    assert "<th>webster_score</th>" in html
+    wen_only = TriageConfig(**{**CFG.to_dict(), "scores": ("wen",)})
+    res = triage(pipe, PROMPTS, tmp_path / "wen", wen_only, progress=False, top=3)
+    assert res.manifest["cost"]["unet_evaluations_per_prompt"] == 4 and list(res.manifest["definitions"]) == ["wen"]
+    html = build_report(tmp_path / "wen").read_text()
+    assert "wen: 2 generations × 1 step(s) × 2 = 4)" in html and "webster" not in html.lower()
+    assert "<th>wen_score</th>" in html and html.count("data:image/png;base64,") == 1
+    # a resume is the same run: other scores are another config
+    with pytest.raises(MemscanError, match="its config differs"):
+        triage(pipe, PROMPTS, tmp_path / "wen", CFG, progress=False, resume=True)
 
 
 def test_report_of_a_run_without_duplicate_counts_and_of_an_old_run(one_shard, tmp_path):

@@ -215,3 +215,58 @@ def test_ray_runner_tables_equal_the_local_runner(ray_address, train, tmp_path):
     workers = {json.loads(p.read_text())["worker"] for p in (ray_run / "shards").glob("*.done.json")}
     assert workers and all(w.startswith("ray:w") for w in workers)
     assert json.loads((local / "manifest.json").read_text())["runner"]["name"] == "local"
+
+
+def test_generations_do_not_depend_on_the_shard_size(tmp_path):
+    """Shards are whole batches, so every model call holds the same samples: a tiny UNet2DModel
+    with DDIM (whose float rounding moves a pixel by a grey level when a sample's batch changes)
+    gives bit-identical tables with shards of 16 and of 10 (rounded up to 16), equal to a
+    brute force over the generations made in whole batches of 16 from sample 0."""
+    from dataclasses import replace
+
+    from diffusers import DDIMScheduler
+    from gen_support import tiny_unet
+
+    from memscan.generators.diffusers_unet import DiffusersUNetGenerator
+
+    gen = DiffusersUNetGenerator(
+        tiny_unet(size=16), DDIMScheduler(num_train_timesteps=1000), num_inference_steps=10, batch_size=16
+    )
+    write_training_set(tmp_path / "train", 30, size=16)
+    cfg = UnconditionalConfig(samples=48, batch_size=16, n_nearest=5, save_images=False)
+    a = extract_unconditional(gen, tmp_path / "train", tmp_path / "a", replace(cfg, shard_size=16), progress=False)
+    b = extract_unconditional(gen, tmp_path / "train", tmp_path / "b", replace(cfg, shard_size=10), progress=False)
+    assert b.manifest["shard_samples"] == 16 and b.manifest["n_shards"] == 3
+    pd.testing.assert_frame_equal(a.generations, b.generations, check_exact=True)
+    seeds = [derive_seed(0, "unconditional", i) for i in range(48)]
+    imgs = np.concatenate([gen.generate("", seeds[s : s + 16]) for s in range(0, 48, 16)]).astype(np.float64) / 255
+    train = np.stack([training_image(f"t{i:04d}", 16) for i in range(30)]).astype(np.float64) / 255
+    d = np.sqrt(((imgs[:, None] - train[None]) ** 2).mean(axis=(2, 3, 4)))
+    g = b.generations.sort_values("sample_index")
+    np.testing.assert_allclose(g["nearest_distance"], d.min(axis=1), rtol=1e-6, atol=1e-7)
+
+
+def test_a_training_set_smaller_than_n_is_recorded_and_warned_about(tmp_path):
+    """n = 50 over 3 training images: ℓ averages over all 3 (n_effective), in the manifest and
+    run.log; with one image every generation gets ℓ = 1/α_c = 2 (never extracted), said so."""
+    write_training_set(tmp_path / "train3", 3, size=SIZE)
+    res = extract_unconditional(
+        _gen(), tmp_path / "train3", tmp_path / "r3", UnconditionalConfig(samples=8), progress=False
+    )
+    cal = res.manifest["calibrated"]
+    assert cal["n_requested"] == 50 and cal["n_effective"] == 3 and cal["n"] == 3
+    log = (tmp_path / "r3" / "run.log").read_text()
+    assert "fewer than n_nearest=50" in log and "n_effective=3" in log
+    # the calibrated distance over the 3 images, by hand
+    train = np.stack([training_image(f"t{i:04d}", SIZE) for i in range(3)]).astype(np.float64) / 255
+    seeds = [derive_seed(0, "unconditional", i) for i in range(8)]
+    gens = _gen().generate("", seeds).astype(np.float64) / 255
+    d = np.sort(np.sqrt(((gens[:, None] - train[None]) ** 2).mean(axis=(2, 3, 4))), axis=1)
+    np.testing.assert_allclose(res.generations["calibrated"], d[:, 0] / (0.5 * d.mean(axis=1)), rtol=1e-5)
+    write_training_set(tmp_path / "train1", 1, size=SIZE)
+    one = extract_unconditional(
+        _gen(), tmp_path / "train1", tmp_path / "r1", UnconditionalConfig(samples=4), progress=False
+    )
+    assert one.manifest["calibrated"]["n_effective"] == 1 and not one.generations["extracted"].any()
+    np.testing.assert_allclose(one.generations["calibrated"], 2.0)
+    assert "none is extracted" in (tmp_path / "r1" / "run.log").read_text()

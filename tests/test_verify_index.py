@@ -47,13 +47,16 @@ def train_run(tmp_path_factory, synth_train):
 
 
 def _ext(result):
-    return result.extractions.sort_values(["prompt_id", "rank"]).reset_index(drop=True)
+    """The extractions in a fixed order, without the index path's own column (``retrieved``)."""
+    ext = result.extractions.drop(columns="retrieved", errors="ignore")
+    return ext.sort_values(["prompt_id", "rank"]).reset_index(drop=True)
 
 
 def test_flat_index_with_k_at_least_n_equals_the_train_path(tmp_path, synth_train, flat_index, train_run):
     res = extract(planted(), PROMPTS, None, tmp_path / "idx", CFG, progress=False, index=flat_index, retrieve=500)
     a, b = _ext(train_run), _ext(res)
     assert len(a) == len(MEMORIZED) * CFG.n_nearest  # 5 detected prompts × n_nearest rows
+    assert (res.extractions["retrieved"] == 120).all()  # K = 500 > the 120 indexed images: all retrieved
     # same matches, same distances (bit for bit), same k-eidetic counts
     pd.testing.assert_frame_equal(a, b, check_exact=True)
     pd.testing.assert_frame_equal(train_run.detections, res.detections)
@@ -153,8 +156,9 @@ def test_eidetic_count_is_centred_on_the_training_image_not_the_generation(tmp_p
     build_index(train, idx, embedder="pixel:8", index_type="flat", progress=False)
     v = IndexVerifier(IndexVerification(str(idx), len(values)))
     got, stats = verify_candidates_indexed(cands, imgs, v, delta=0.15, grid=4, n_nearest=3)
+    assert (got.pop("retrieved") == len(values)).all()
     pd.testing.assert_frame_equal(got.reset_index(drop=True), full.reset_index(drop=True), check_exact=True)
-    assert stats["unverified_count"] == 0
+    assert stats["unverified_count"] == 0 and stats["fewer_than_k"] == 0
 
 
 def test_a_candidate_whose_retrieved_images_are_all_unreadable_is_counted_unverified(tmp_path, flat_index):
@@ -462,3 +466,79 @@ def test_the_chunk_selection_keeps_exactly_the_k_best_ties_by_the_lower_column()
         np.testing.assert_array_equal(np.sort(got_r - 1000, axis=1), np.sort(want, axis=1))
         np.testing.assert_array_equal(np.sort(got_s, axis=1), np.sort(np.take_along_axis(sims, want, 1), axis=1))
     assert (_at_least_kth(sims, 5, 0)[1][2] == np.arange(5)).all()
+
+
+def test_the_cached_verifier_follows_a_rebuild_in_place_and_the_served_parts(tmp_path):
+    """``open_index_verifier`` keeps one verifier per build of the folder and per served parts:
+    an index rebuilt in place (``--overwrite``) is opened anew, and a record whose parts are
+    served elsewhere never gets back the verifier that opened the parts locally."""
+    from dataclasses import replace
+
+    from memscan.extraction.verify_index import open_index_verifier
+
+    write_training_set(tmp_path / "a", 12, size=16)
+    write_training_set(tmp_path / "b", 5, size=16, prefix="u")
+    idx = tmp_path / "idx"
+    build_index(tmp_path / "a", idx, embedder="pixel:4", progress=False)
+    spec = IndexVerification(str(idx), retrieve=3)
+    first = open_index_verifier(spec)
+    assert open_index_verifier(spec) is first and len(first.index) == len(list((tmp_path / "a").glob("*.png")))
+    build_index(tmp_path / "b", idx, embedder="pixel:4", overwrite=True, progress=False)
+    rebuilt = open_index_verifier(spec)
+    assert len(rebuilt.index) == len(list((tmp_path / "b").glob("*.png"))) == 5
+    assert rebuilt.index.ids == [f"u{i:04d}" for i in range(5)]
+
+    class Served:
+        """Parts searched elsewhere: always answers row 4."""
+
+        key = ("served", "x")
+        ntotal = 5
+
+        def search(self, q, k):
+            return np.ones((len(q), k), np.float32), np.full((len(q), k), 4, np.int64)
+
+    served = open_index_verifier(replace(spec, served=Served()))
+    assert served is not rebuilt and served.index.index.__class__ is Served
+    _, rows = served.index.search(np.zeros((2, served.index.dim), np.float32), 1)
+    assert rows.tolist() == [[4], [4]]
+    # the same served parts (by key), sent again (a new object in a worker): the same verifier
+    assert open_index_verifier(replace(spec, served=Served())) is served
+    assert open_index_verifier(spec) is rebuilt
+
+
+def test_an_ivf_search_that_returns_fewer_than_k_says_so_per_candidate(tmp_path, synth_train):
+    """IVF with nprobe = 1 of 8 cells returns only the probed cell's images (fewer than K = 100):
+    each row's ``retrieved`` is that number — the size of the query's nearest cell, counted here
+    by brute force over the centroids — and the record counts the candidates that got fewer."""
+    idx = tmp_path / "ivf"
+    build_index(synth_train, idx, embedder="pixel:8", index_type=IndexParams("ivf", nlist=8, nprobe=1),
+                progress=False)  # fmt: skip
+    index = TrainingIndex.load(idx)
+    ivf = faiss.extract_index_ivf(index.index)
+    centroids = ivf.quantizer.reconstruct_n(0, ivf.nlist)
+    emb = np.asarray(index.embeddings)
+    cell_of = np.argmax(emb @ centroids.T, axis=1)  # each indexed image's cell (brute force)
+    ids = [f"t{i:04d}" for i in (3, 40, 77, 101)]
+    imgs = np.stack([training_image(t) for t in ids])
+    cands = pd.DataFrame({"prompt_id": ids, "train_id": ids, "clique_size": 10, "mean_clique_distance": 0.0})
+    verifier = IndexVerifier(IndexVerification(str(idx), 100))
+    got, stats = verify_candidates_indexed(cands, imgs, verifier, delta=0.15, grid=4, n_nearest=200)
+    q = verifier.embedder.embed(imgs)
+    want = [int((cell_of == c).sum()) for c in np.argmax(q @ centroids.T, axis=1)]
+    assert max(want) < 100
+    by_prompt = got.groupby("prompt_id", sort=False)
+    assert [int(by_prompt.get_group(p)["retrieved"].unique().item()) for p in ids] == want
+    assert [len(by_prompt.get_group(p)) for p in ids] == want  # every retrieved image has its row
+    assert stats["fewer_than_k"] == 4 and stats["retrieved"] == sum(want)
+    # the manifest's record sums the shards' (a record without the count, e.g. an older shard's,
+    # adds nothing; a total never counted is left out rather than written as 0)
+    from memscan.extraction.verify_index import RetrievalStats
+
+    total = RetrievalStats()
+    for rec in (stats, stats, {"candidates": 2, "retrieved": 7}):
+        total.add(rec)
+    assert total.to_dict()["fewer_than_k"] == 8
+    assert "fewer_than_k" not in RetrievalStats(candidates=3).to_dict()
+    # the k-eidetic count is bounded by what was retrieved, and the record says so
+    assert (got["eidetic_k"] <= got["retrieved"]).all()
+    assert "fewer where the index returned fewer" in verifier.describe()["eidetic_k"]

@@ -2,8 +2,11 @@
 
 Every cost is counted in **model evaluations** (UNet evaluations for diffusers models: sampler
 steps per image, ×2 with classifier-free guidance; one per image for a plain ``py:`` function,
-whose unit the manifest then records as ``generations``). Triage spends
-``2 × generations × steps`` per prompt; the extraction spends ``n_samples × evaluations per
+whose unit the manifest then records as ``generations``). Triage computes only the score that
+ranks (``--score``) and spends per prompt what the triage module counts for the model
+(:func:`memscan.triage.scores.unet_evaluations_per_prompt`): for the default ``wen``,
+``2 × generations × steps`` (``3 ×`` when guidance uses a negative prompt); for ``webster``,
+``2 × generations`` (``1 ×`` unguided). The extraction spends ``n_samples × evaluations per
 image`` per prompt (plus one probe image when the generator does not declare its output shape).
 
 The **brute force** is the paper's attack: every candidate prompt × ``samples_per_prompt``
@@ -14,6 +17,14 @@ The adaptive extraction goes down the triage ranking **round by round**: a round
 them a first round) and attacks each with the adaptive budget of ``memscan extract --adaptive``;
 after the round, what it spent is counted and the next round is planned. The audit stops when
 the ranking is exhausted or the budget left cannot pay one prompt's first round.
+
+The budget is a **hard cap**: the audit never spends more than ``evaluations``. A round whose
+prompts could, all continuing to ``samples_per_prompt``, cost more than the budget left goes
+prompt by prompt in ranking order, and a prompt continues past a round only while the budget left
+pays that round after keeping one first round for each prompt still to come in the round (and
+for each control prompt not attacked yet): :func:`prompt_cap`. A prompt so cut ends at the last
+round the budget paid (its generations are the first ones of the uncut run, same seeds) and is
+recorded (``capped``).
 """
 
 from __future__ import annotations
@@ -94,11 +105,15 @@ def resolve_budget(budget: AuditBudget, n_prompts: int, brute_force: int) -> int
     return int(math.ceil(budget.share * brute_force))
 
 
-def check_one_round(budget: int | None, fixed_cost: int, first_round_cost: int, n_prompts: int, round_prompts: int):
-    """Refuse a budget that cannot pay triage and one round of first rounds.
+def check_one_round(
+    budget: int | None, fixed_cost: int, first_round_cost: int, n_prompts: int, round_prompts: int, controls: int = 0
+):
+    """Refuse a budget that cannot pay triage, one round of first rounds and the controls' first
+    rounds.
 
     ``fixed_cost`` is what is spent before the extraction (triage); ``first_round_cost`` the
-    evaluations of one prompt's first adaptive round.
+    evaluations of one prompt's first adaptive round; ``controls`` the control prompts (attacked
+    whatever the ranking, so their first rounds are kept from the start).
 
     Examples
     --------
@@ -110,27 +125,52 @@ def check_one_round(budget: int | None, fixed_cost: int, first_round_cost: int, 
     """
     if budget is None:
         return
-    need = fixed_cost + min(round_prompts, n_prompts) * first_round_cost
+    n = min(round_prompts, n_prompts)
+    need = fixed_cost + (n + controls) * first_round_cost
     if budget < need:
+        with_controls = f" + {controls} control prompts" if controls else ""
         raise InputError(
             f"budget {budget} model evaluations is smaller than one round: triage {fixed_cost} + "
-            f"{min(round_prompts, n_prompts)} prompts × first round {first_round_cost} = {need}",
+            f"{n} prompts{with_controls} × first round {first_round_cost} = {need}",
             f"use a budget of at least {need}, or --top K",
         )
 
 
-def round_size(budget: int | None, spent: int, left_in_ranking: int, first_round_cost: int, round_prompts: int) -> int:
+def round_size(
+    budget: int | None, spent: int, left_in_ranking: int, first_round_cost: int, round_prompts: int, reserved: int = 0
+) -> int:
     """Prompts in the next round: ``round_prompts`` (or what is left of the ranking), cut to the
-    prompts whose first round the budget left still pays; 0 ends the extraction.
+    prompts whose first round the budget left (less ``reserved``: the first rounds kept for the
+    controls) still pays; 0 ends the extraction.
 
     Examples
     --------
     >>> round_size(None, 0, 5, 80, 8), round_size(10000, 9000, 40, 80, 8), round_size(10000, 9950, 40, 80, 8)
     (5, 8, 0)
-    >>> round_size(10000, 9700, 40, 80, 8)
-    3
+    >>> round_size(10000, 9700, 40, 80, 8), round_size(10000, 9700, 40, 80, 8, reserved=160)
+    (3, 1)
     """
     k = min(round_prompts, left_in_ranking)
     if budget is not None:
-        k = min(k, max(0, budget - spent) // first_round_cost)
+        k = min(k, max(0, budget - spent - reserved) // first_round_cost)
     return int(k)
+
+
+def prompt_cap(left: int, later_prompts: int, rounds: list[int], per_image: int) -> int:
+    """Generations one prompt may reach: the last adaptive round end (``rounds``, cumulative
+    generations) whose cost fits in ``left`` after one first round is kept for each of the
+    ``later_prompts`` still to come; at least the first round (the round was planned so that
+    every prompt's first round is paid).
+
+    Examples
+    --------
+    >>> prompt_cap(10_000, 0, [4, 8, 12], 5)  # plenty: the full budget
+    12
+    >>> prompt_cap(60, 1, [4, 8, 12], 5)  # 60 − 20 kept for the next prompt = 40: two rounds
+    8
+    >>> prompt_cap(40, 1, [4, 8, 12], 5)
+    4
+    """
+    afford = (left - later_prompts * rounds[0] * per_image) // per_image
+    fits = [r for r in rounds if r <= afford]
+    return int(fits[-1] if fits else rounds[0])

@@ -7,7 +7,8 @@ verification → one report. See :mod:`memscan.audit.stages` for what each stage
 
 The run (kind ``audit``) holds the same ``prompts.parquet``, ``detections.parquet`` and
 ``extractions.parquet`` as ``memscan extract`` run on the attacked prompts with the same
-configuration and seeds, ``scores.parquet`` as ``memscan triage`` writes, and a manifest with
+configuration and seeds, ``scores.parquet`` as ``memscan triage --scores SCORE`` writes (only the
+score that ranks is computed), and a manifest with
 ``stages`` (per stage: prompts kept, model evaluations spent) and ``evaluations_total``.
 """
 
@@ -31,17 +32,16 @@ from memscan.audit.stages import (
 from memscan.audit.support import generator_facts
 from memscan.data.duplicates import DuplicateConfig
 from memscan.data.prompts import prompts_sha256
-from memscan.data.training import TrainingSet, list_source, training_at_shape
+from memscan.data.training import TrainingSet, list_source, training_at_shape, training_set_sha256
 from memscan.errors import InputError
 from memscan.extraction.config import ExtractConfig
-from memscan.extraction.pipeline import training_set_sha256
 from memscan.extraction.verify import DEFINITIONS, extraction_counts
 from memscan.extraction.worker import extraction_pool, generator_record, probe_generator
 from memscan.runners import GeneratorSpec
 from memscan.store import open_run
 from memscan.triage.run import DEFAULT_SHARD_SIZE as TRIAGE_SHARD_SIZE
 from memscan.triage.run import prompt_table
-from memscan.triage.scores import SCORES, TriageConfig
+from memscan.triage.scores import SCORE_DEFINITIONS, SCORES, TriageConfig
 from memscan.triage.worker import triage_pool
 
 #: Candidate prompts taken from the training set's duplicate clusters by default.
@@ -128,10 +128,14 @@ def audit(
         force), or ``top`` prompts
     config : the extraction's :class:`ExtractConfig` (made adaptive; default
         :func:`default_extract_config`)
-    triage_config : :class:`TriageConfig` (sampling defaults: the generator's own)
+    triage_config : :class:`TriageConfig` (sampling defaults, resolution and negative prompt: the
+        generator's own; its ``scores`` become ``(score,)``: the audit computes only the score it
+        ranks by)
     duplicates, candidates, min_count : the candidates stage (``memscan candidates`` options)
     score : the triage score that ranks the prompts (``wen`` or ``webster``)
-    controls : prompt ids attacked even when the budget is spent (the demo's planted-once images)
+    controls : prompt ids attacked whatever their rank (the demo's planted-once images): their first
+        rounds are kept from the budget from the start, and they are attacked last when the
+        ranking has spent the rest; the budget stays a hard cap
     resume : finish the audit in ``out`` (same options); finished stages and shards are kept
     runner, runner_options : ``"local"`` or ``"ray"`` and its :class:`~memscan.runners.RayOptions`
     model_id : the ``--model`` spec recorded when ``model`` is a loaded object
@@ -142,6 +146,7 @@ def audit(
     duplicates = duplicates.validate()
     if score not in SCORES:
         raise InputError(f"unknown score {score!r}", f"choose one of {', '.join(SCORES)}")
+    triage_config = replace(triage_config, scores=(score,)).validate()  # only the score that ranks
     if prompts is None and isinstance(train, TrainingSet):
         raise InputError("candidates from captions need the training set's path", "pass --train PATH or --prompts")
     # the model, the training set (listed once: hashed, read for captions, decoded as listed) and
@@ -172,7 +177,8 @@ def audit(
             "triage_config": triage_config.to_dict(),
             "inputs": inputs,
             **identities,
-            "definitions": DEFINITIONS,
+            # the extraction's definitions and the triage score's (its numbers rank the prompts)
+            "definitions": {**DEFINITIONS, f"triage_{score}": SCORE_DEFINITIONS[score]},
         }
         # the paths in ``inputs`` are recorded, not compared: the same files moved are the same inputs
         identity = ("config", "audit", "triage_config", *identities, "definitions")
@@ -184,7 +190,10 @@ def audit(
         cands, rec_cand = candidates_stage(run, train, prompts, duplicates, candidates, min_count, progress, listing)
         missing = sorted(set(map(str, controls)) - set(cands["prompt_id"].astype(str)))
         if missing:
-            raise InputError(f"control prompt(s) {', '.join(missing[:5])} are not among the candidates", "")
+            raise InputError(
+                f"control prompt(s) {', '.join(missing[:5])} are not among the candidates",
+                "name controls by the prompt_id of a candidate (the ids of --prompts, or of candidates.parquet)",
+            )
 
         # the extraction's workers; on Ray opened twice (around triage, whose own workers need the CPUs)
         def pool():
@@ -209,7 +218,7 @@ def _stages(
 ) -> AuditResult:  # fmt: skip
     with make_pool() as pool:
         # 2. what the model costs and supports (asked of a worker: a Ray driver loads no model)
-        facts = pool.call(generator_facts)
+        facts = pool.call(generator_facts, replace(triage_config, device=config.device))
         if facts["conditioning_gap"]:
             raise InputError(
                 f"memscan audit attacks prompts, but {facts['conditioning_gap']}",
@@ -220,17 +229,15 @@ def _stages(
         per_image, n = facts["per_image"], len(cands)
         brute = full_budget(n, config.samples_per_prompt, per_image)
         limit = resolve_budget(budget, n, brute)
-        triage_config = replace(
-            triage_config,
-            num_inference_steps=triage_config.num_inference_steps or facts["num_inference_steps"] or 50,
-            guidance_scale=triage_config.guidance_scale
-            if triage_config.guidance_scale is not None
-            else (facts["guidance_scale"] if facts["guidance_scale"] is not None else 7.5),
-        ).validate()
         gap = facts["triage_gap"]
-        triage_cost = 0 if gap else 2 * triage_config.generations * triage_config.steps * n
+        # the generator's schedule, guidance, resolution and negative prompt; the UNet evaluations
+        # as the triage module counts them for this model (memscan.triage.scores.evaluations_of)
+        triage_per_prompt = 0 if gap else int(facts["triage_evaluations_per_prompt"])
+        triage_config = triage_config if gap else TriageConfig(**facts["triage_config"])
+        triage_cost = triage_per_prompt * n
         probe_cost = facts["probe_images"] * per_image
-        check_one_round(limit, triage_cost + probe_cost, config.rounds()[0] * per_image, n, budget.round_prompts)
+        first_cost = config.rounds()[0] * per_image
+        check_one_round(limit, triage_cost + probe_cost, first_cost, n, budget.round_prompts, len(set(controls)))
         # the training set at the generator's resolution: a bad one is refused before the manifest
         shape = probe.shape
         training = training_at_shape(train, shape, run.store.log)
@@ -261,7 +268,9 @@ def _stages(
         spec = GeneratorSpec.of(model).normalized().spec if isinstance(model, (str, GeneratorSpec)) else model
         tcfg = replace(triage_config, device=config.device)
         with triage_pool(runner, spec, tcfg, runner_options, log=run.store.log) as tpool:
-            ranked, rec_triage = triage_stage_run(run, tpool, cands, tcfg, triage_shard_size, score, progress)
+            ranked, rec_triage = triage_stage_run(
+                run, tpool, cands, tcfg, triage_shard_size, score, progress, planned=triage_per_prompt
+            )
         scores = pd.read_parquet(run.root / "scores.parquet")
     with make_pool() as pool:
         # 4. the adaptive extraction down the ranking, round by round

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from memscan.audit.budget import round_size
+from memscan.audit.budget import prompt_cap, round_size
 from memscan.data.duplicates import DuplicateConfig, select_candidates
 from memscan.data.training import list_source
 from memscan.errors import InputError
@@ -36,7 +36,7 @@ from memscan.runners.shards import run_shards
 from memscan.store import Run, atomic_write_json, write_table
 from memscan.triage.run import prompt_table, scores_table, select_ranked
 from memscan.triage.scores import TriageConfig
-from memscan.triage.worker import shard_prompts, triage_stage
+from memscan.triage.worker import describe_triage_worker, shard_prompts, triage_stage
 
 STAGES = ("candidates", "triage", "extract", "verify")
 PROMPT_COLUMNS = ["prompt_id", "prompt", "train_id", "duplicate_count"]
@@ -112,12 +112,27 @@ def triage_shards(df: pd.DataFrame, config: TriageConfig, shard_size: int) -> di
 
 
 def triage_stage_run(
-    run: Run, pool, df: pd.DataFrame, config: TriageConfig, shard_size: int, score: str, progress: bool
+    run: Run,
+    pool,
+    df: pd.DataFrame,
+    config: TriageConfig,
+    shard_size: int,
+    score: str,
+    progress: bool,
+    planned: int | None = None,
 ) -> tuple[pd.DataFrame, dict]:
-    """Score every candidate (shards 0…T−1), write ``scores.parquet``; returns the ranking."""
+    """Score every candidate (shards 0…T−1), write ``scores.parquet``; returns the ranking.
+
+    The evaluations are the triage module's count for the model a triage worker loaded
+    (:func:`memscan.triage.worker.describe_triage_worker`: its guidance, negative prompt and the
+    asked scores); ``planned`` is what the budget was checked with, which they must equal."""
     shards = triage_shards(df, config, shard_size)
     done = read_marker(run, "triage")
     if done is None:
+        loaded = pool.call(describe_triage_worker)["scores"]
+        per_prompt = int(loaded["unet_evaluations_per_prompt"])
+        if planned is not None and per_prompt != planned:
+            raise RuntimeError(f"triage counts {per_prompt} UNet evaluations a prompt, the audit planned {planned}")
         run_shards(
             run,
             pool,
@@ -129,9 +144,8 @@ def triage_stage_run(
             progress=progress,
         )
         parts = [run.store.read_shard(s, "scores") for s in range(len(shards))]
-        table = scores_table(df, pd.concat(parts, ignore_index=True), config)
+        table = scores_table(df, pd.concat(parts, ignore_index=True), config, per_prompt)
         write_table(table, run.root / "scores.parquet")
-        per_prompt = 2 * config.generations * config.steps
         done = write_marker(
             run,
             "triage",
@@ -140,6 +154,8 @@ def triage_stage_run(
                 "prompts_kept": len(df),
                 "evaluations": per_prompt * len(df),
                 "evaluations_per_prompt": per_prompt,
+                "evaluations_by_score": loaded["unet_evaluations_by_score"],
+                "config": {k: v for k, v in config.to_dict().items() if k != "device"},
                 "shards": len(shards),
             },
         )
@@ -173,6 +189,54 @@ def skip_triage(run: Run, df: pd.DataFrame, reason: str) -> tuple[pd.DataFrame, 
 
 
 # ---- 3. extract (adaptive, round by round) ----------------------------------------------------
+def budgeted_extraction_stage(
+    worker, prompts: pd.DataFrame, training, allowance: int, per_image: int, progress=None
+) -> tuple[dict[str, pd.DataFrame], dict]:
+    """:func:`memscan.extraction.worker.extraction_stage` within ``allowance`` model evaluations:
+    the prompts go one by one, in ranking order, each capped at the adaptive round end the
+    allowance left still pays after one first round is kept for each later prompt
+    (:func:`memscan.audit.budget.prompt_cap`). A prompt's generations up to its cap are those of
+    the uncapped attack (same seeds, same rounds). The record's ``capped`` names the prompts the
+    cap cut: stopped at their cap while the adaptive rule would have continued them."""
+    from dataclasses import replace
+
+    from memscan.extraction.shard import run_shard
+
+    config = worker.config
+    rounds = config.rounds()
+    left, parts, capped = int(allowance), [], []
+    meta = {"prompts": len(prompts), "generation_s": 0.0, "detection_s": 0.0, "verification_s": 0.0}
+    for j in range(len(prompts)):
+        cap = prompt_cap(left, len(prompts) - j - 1, rounds, per_image)
+        cfg = config if cap >= config.samples_per_prompt else replace(config, samples_per_prompt=cap)
+        tables, t = run_shard(worker.generator, prompts.iloc[j : j + 1], cfg, training, worker.store, progress=progress)
+        made = int(tables["detections"]["n_samples"].sum())
+        left -= made * per_image
+        if cap < config.samples_per_prompt:
+            if made == cap and _would_continue(tables["detections"].iloc[0], config):
+                capped.append(str(prompts["prompt_id"].iloc[j]))
+            if progress is not None:
+                progress(config.samples_per_prompt - cap)  # the generations the cap did not spend
+        parts.append(tables)
+        for k, v in (
+            ("generation_s", t.generation_s),
+            ("detection_s", t.detection_s),
+            ("verification_s", t.verification_s),
+        ):
+            meta[k] += v
+    tables = {name: pd.concat([t[name] for t in parts], ignore_index=True) for name in ("detections", "extractions")}
+    tables["detections"]["duplicate_count"] = tables["detections"]["duplicate_count"].astype("Int64")
+    meta = {k: round(v, 3) if isinstance(v, float) else v for k, v in meta.items()}
+    return tables, {**meta, "allowance": int(allowance), "capped": capped}
+
+
+def _would_continue(row, config: ExtractConfig) -> bool:
+    """Whether the adaptive rule (:func:`memscan.extraction.shard.adaptive_stop`) continues a
+    prompt after its generations so far (its detection row): the budget, not the rule, cut it."""
+    stop = int(row["clique_size"]) < config.continue_clique or (config.stop_when_detected and bool(row["detected"]))
+    return not stop
+
+
 def extract_rounds(
     run: Run,
     pool,
@@ -192,22 +256,33 @@ def extract_rounds(
 ) -> dict:
     """Attack the ranking round by round until the budget (or ``top``) is spent; controls last.
 
-    Rounds are planned from the committed shards alone (what each earlier round spent), so a
-    resumed audit plans the same rounds. Returns the stage record (``rounds``: prompts, shards
-    and evaluations of each).
+    The budget is a hard cap (:mod:`memscan.audit.budget`): the first rounds of the control
+    prompts not attacked yet are kept from the start; a round whose prompts could cost more than
+    the budget left goes shard by shard and prompt by prompt in ranking order, each prompt capped
+    (:func:`budgeted_extraction_stage`); a round the budget left pays in full runs its shards at
+    once, as ``memscan extract`` does. Rounds and caps are planned from the committed shards
+    alone (what each earlier round and shard spent), so a resumed audit plans the same ones.
+    Returns the stage record (``rounds``: prompts, shards, generations, evaluations and the
+    prompts the budget ``capped``; ``budget_left``, never negative).
     """
     done = read_marker(run, "extract")
     if done is not None:
         return done
     ranking = ranked if top is None else ranked.head(top)
     first_cost = config.rounds()[0] * per_image
+    full_cost = config.samples_per_prompt * per_image
     spent, pos, shard, rounds = spent_before + probe_cost, 0, first_shard, []
     attacked: set[str] = set()
     args: dict[int, tuple] = {s: () for s in range(first_shard)}
+
+    def kept_for_controls() -> int:
+        """The first rounds kept for the controls not attacked yet (none without a budget)."""
+        return 0 if budget is None else first_cost * len({c for c in controls if c not in attacked})
+
     while True:
         # 1. the next round: the next prompts of the ranking the budget left pays a first round
-        #    for; when the budget is spent, the controls not attacked yet (whatever they cost)
-        k = round_size(budget, spent, len(ranking) - pos, first_cost, round_prompts)
+        #    for (the controls' first rounds kept); when none, the controls not attacked yet
+        k = round_size(budget, spent, len(ranking) - pos, first_cost, round_prompts, kept_for_controls())
         if k > 0:
             batch, why = ranking.iloc[pos : pos + k], "ranking"
             pos += k
@@ -223,26 +298,50 @@ def extract_rounds(
         # 2. its shards (the extraction's shard size), numbered after every earlier shard
         size = config.shard_size
         ids = list(range(shard, shard + math.ceil(len(batch) / size)))
-        for j, s in enumerate(ids):
-            args[s] = (batch.iloc[j * size : (j + 1) * size][PROMPT_COLUMNS].reset_index(drop=True), training)
-        run_shards(
-            run,
-            pool,
-            extraction_stage,
-            args,
-            weights={s: len(args[s][0]) * config.samples_per_prompt for s in ids},
-            label=f"extract round {len(rounds) + 1}",
-            unit="images",
-            progress=progress,
-        )
+        prompts_of = {
+            s: batch.iloc[j * size : (j + 1) * size][PROMPT_COLUMNS].reset_index(drop=True) for j, s in enumerate(ids)
+        }
+        allowance = None if budget is None else budget - spent - kept_for_controls()
+        weights = {s: len(prompts_of[s]) * config.samples_per_prompt for s in ids}
+        label = f"extract round {len(rounds) + 1}"
+        if allowance is None or allowance >= len(batch) * full_cost:
+            # the budget left pays every prompt's full course: the shards at once, uncapped
+            for s in ids:
+                args[s] = (prompts_of[s], training)
+            run_shards(
+                run, pool, extraction_stage, args, weights=weights, label=label, unit="images", progress=progress
+            )
+            capped = []
+        else:
+            # shard by shard: each one's allowance is what the earlier shards of the round left,
+            # less a first round for every prompt of the later shards
+            capped, used = [], 0
+            for j, s in enumerate(ids):
+                later = sum(len(prompts_of[t]) for t in ids[j + 1 :])
+                args[s] = (prompts_of[s], training, allowance - used - later * first_cost, per_image)
+                run_shards(run, pool, budgeted_extraction_stage, args, weights={s: weights[s]}, label=label,
+                           unit="images", progress=progress)  # fmt: skip
+                used += per_image * int(run.store.read_shard(s, "detections")["n_samples"].sum())
+                capped += _capped(run, s)
         # 3. what it spent, from the committed tables
         gens = sum(int(run.store.read_shard(s, "detections")["n_samples"].sum()) for s in ids)
         spent += gens * per_image
         rounds.append(
-            {"prompts": len(batch), "why": why, "shards": ids, "generations": gens, "evaluations": gens * per_image}
+            {
+                "prompts": len(batch),
+                "why": why,
+                "shards": ids,
+                "generations": gens,
+                "evaluations": gens * per_image,
+                "allowance": allowance,
+                "capped": capped,
+            }
         )
         shard = ids[-1] + 1
-        run.store.log(f"audit: round {len(rounds)} ({why}) — {len(batch)} prompts, {gens} generations")
+        cut = f", {len(capped)} cut by the budget" if capped else ""
+        run.store.log(f"audit: round {len(rounds)} ({why}) — {len(batch)} prompts, {gens} generations{cut}")
+    if budget is not None and spent > budget:  # the caps make this impossible: never a silent overrun
+        raise RuntimeError(f"audit spent {spent} model evaluations of a budget of {budget}")
     return write_marker(
         run,
         "extract",
@@ -253,9 +352,15 @@ def extract_rounds(
             "generations": sum(r["generations"] for r in rounds),
             "rounds": rounds,
             "shards": [s for r in rounds for s in r["shards"]],
+            "capped": [c for r in rounds for c in r["capped"]],
             "budget_left": None if budget is None else budget - spent,
         },
     )
+
+
+def _capped(run: Run, shard: int) -> list[str]:
+    """The prompts a budgeted shard's cap cut (its completion record)."""
+    return list(run.store.shard_record(shard).get("capped", []))
 
 
 # ---- 4. verify ------------------------------------------------------------------------------

@@ -6,10 +6,12 @@ worker: the driver of a Ray run loads no model) and reports what the driver plan
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from memscan.generators.base import evaluations_per_generation
 from memscan.generators.diffusers_unet import DiffusersUNetGenerator
 from memscan.generators.text2image import Text2ImageGenerator
-from memscan.triage.scores import class_triage_gap
+from memscan.triage.scores import DEFAULT_GUIDANCE, DEFAULT_STEPS, TriageConfig, class_triage_gap, evaluations_of
 
 
 def conditioning_gap(generator) -> str | None:
@@ -40,17 +42,48 @@ def triage_gap(generator) -> str | None:
     return f"{type(generator).__name__} (a plain function) exposes no noise prediction, so no triage score applies"
 
 
-def generator_facts(worker) -> dict:
+def triage_config_for(generator, config: TriageConfig) -> TriageConfig:
+    """The audit's triage of ``generator``: ``config`` with the generator's schedule and guidance
+    where it leaves them open (else 50 steps, 7.5), and the extraction's resolution and negative
+    prompt (a :class:`Text2ImageGenerator`'s ``height``, ``width``, ``negative_prompt``, where the
+    config gives none), so that triage scores the very latents and unconditional input the
+    extraction samples with (:func:`memscan.triage.worker.setup_triage` refuses a config that
+    differs from the generator)."""
+    steps = config.num_inference_steps or getattr(generator, "steps", None) or DEFAULT_STEPS
+    g = config.guidance_scale
+    if g is None:
+        g = getattr(generator, "guidance_scale", None)
+    values = {"num_inference_steps": int(steps), "guidance_scale": float(DEFAULT_GUIDANCE if g is None else g)}
+    if isinstance(generator, Text2ImageGenerator):  # a value the config gives is kept (a conflict is refused)
+        mine = {"height": generator.height, "width": generator.width, "negative_prompt": generator.negative_prompt}
+        values.update({k: v for k, v in mine.items() if getattr(config, k) is None})
+    return replace(config, **values).validate()
+
+
+def generator_facts(worker, triage_config: TriageConfig | None = None) -> dict:
     """What the driver needs of the worker's generator: evaluations per image and their unit,
-    whether the output-shape probe generates an image, its sampling defaults, and the gaps."""
+    whether the output-shape probe generates an image, its sampling defaults, and the gaps; with
+    ``triage_config``, also the audit's triage config for this generator
+    (:func:`triage_config_for`) and its UNet evaluations per prompt, as the triage module counts
+    them for the model (its guidance, negative prompt and the asked scores)."""
     gen = worker.generator
     per_image, unit = evaluations_per_generation(gen)
+    gap = triage_gap(gen)
+    triage = {}
+    if triage_config is not None and gap is None:
+        from memscan.triage.worker import setup_triage
+
+        tcfg = triage_config_for(gen, triage_config)
+        # the triage model of the loaded generator (its own pipeline, on its own device: nothing loads)
+        model = setup_triage(gen, replace(tcfg, device=str(getattr(gen, "device", tcfg.device)))).model
+        triage = {"triage_config": tcfg.to_dict(), "triage_evaluations_per_prompt": evaluations_of(model, tcfg)}
     return {
+        **triage,
         "per_image": per_image,
         "unit": unit,
         "probe_images": 0 if getattr(gen, "output_shape", None) is not None else 1,
         "num_inference_steps": getattr(gen, "steps", None),
         "guidance_scale": getattr(gen, "guidance_scale", None),
         "conditioning_gap": conditioning_gap(gen),
-        "triage_gap": triage_gap(gen),
+        "triage_gap": gap,
     }

@@ -21,7 +21,7 @@ HELP = """The whole extraction attack in one run directory, stage by stage.
 
 1. candidates: the captions of the --candidates most duplicated training images (as `memscan candidates`), or --prompts as given.
 
-2. triage: one-step memorization scores of every candidate (as `memscan triage`: Wen et al. 2024; 4 generations × 1 step, 2 UNet evaluations each). Stable Diffusion and SDXL-style pipelines (added conditioning: pooled text embeds and time ids, the pipeline's own zero/negative conditioning as the unconditional input) and class-conditional UNets with a null class are scored. Models no score applies to (a plain py: function, other added conditioning, class-conditional UNets without a null class) keep the candidates' order, and the audit says so.
+2. triage: a one-step memorization score of every candidate, as `memscan triage --scores SCORE` with the extraction's schedule, guidance, resolution and negative prompt; only the --score that ranks is computed (wen, Wen et al. 2024: 2 UNet evaluations per generation and step, 3 with a negative prompt, so 8 a prompt with the default 4 generations × 1 step; webster, Webster 2023: 2 per generation, 1 unguided). Stable Diffusion and SDXL-style pipelines (added conditioning: pooled text embeds and time ids, the pipeline's own zero/negative conditioning as the unconditional input) and class-conditional UNets with a null class are scored. Models no score applies to (a plain py: function, other added conditioning, class-conditional UNets without a null class) keep the candidates' order, and the audit says so.
 
 3. extract: the adaptive extraction (`memscan extract --adaptive`, first round and further rounds of 4 % of --samples-per-prompt) down the triage ranking, --round-prompts prompts a round, until the budget is spent: --budget model evaluations for the whole audit, triage included (default: 10 % of the brute force, every candidate × --samples-per-prompt), or the --top K prompts.
 
@@ -47,7 +47,9 @@ def register(app: typer.Typer) -> None:
         ),
         candidates: int = typer.Option(1000, "--candidates", help="duplicate clusters taken as candidates [1000]"),
         min_count: int = typer.Option(1, "--min-count", help="skip clusters whose duplicate count is below this [1]"),
-        score: str = typer.Option("wen", "--score", help="triage score that ranks the prompts: wen or webster"),
+        score: str = typer.Option(
+            "wen", "--score", help="triage score that ranks the prompts, the only one computed: wen or webster [wen]"
+        ),
         generations: int = typer.Option(4, "--triage-generations", help="triage: initial noises per prompt [4]"),
         triage_steps: int = typer.Option(1, "--triage-steps", help="triage: denoising steps scored [1]"),
         round_prompts: int = typer.Option(8, "--round-prompts", help="prompts per extraction round [8]"),

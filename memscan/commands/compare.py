@@ -20,6 +20,8 @@ def _labels(items: list[str]) -> dict[str, str]:
         run, sep, text = it.partition("=")
         if not sep or not run:
             raise InputError(f"--label {it!r} is not RUN=TEXT", "e.g. --label runs/ckpt-1000='1k steps'")
+        if run in out:
+            raise InputError(f"--label names run {run} twice", "give each run one --label RUN=TEXT")
         out[run] = text
     return out
 

@@ -91,6 +91,12 @@ def extractable(
     top_k: int = typer.Option(40, "--top-k", help="decoding scheme of p_sample: top-k (0: off)"),
     top_p: float = typer.Option(1.0, "--top-p", help="decoding scheme of p_sample: top-p (1: off)"),
     offsets: str = typer.Option("random", "--offsets", help="random: a random window per document; start: its start"),
+    document_start: bool = typer.Option(
+        False,
+        "--document-start/--no-document-start",
+        help="feed a prefix that opens its document after the model's BOS (else EOS) token, as models trained "
+        "with a start token per document saw it (default: every prefix as it is, as the papers did)",
+    ),
     text_column: str = typer.Option("text", "--text-column", help="JSONL field / Parquet column holding the text"),
     shard_size: int = typer.Option(256, "--shard-size", help="sequences per shard, the unit of --resume"),
     index: Path | None = typer.Option(
@@ -123,6 +129,7 @@ def extractable(
             top_k=top_k or None,
             top_p=top_p,
             offsets=offsets,
+            document_start=document_start,
             text_column=text_column,
             device=device,
             dtype=dtype,

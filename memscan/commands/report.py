@@ -10,16 +10,17 @@ import typer
 from memscan.commands.common import run_library_call
 
 
-def _report(run: Path, out: Path | None, outliers: bool, index: Path | None, k: int) -> Path:
+def _report(run: Path, out: Path | None, outliers: bool, index: Path | None, k: int | None) -> Path:
     from memscan.errors import InputError
     from memscan.report.registry import build_report
 
-    if not outliers and (index is not None or k != 5):
+    if not outliers and (index is not None or k is not None):  # given at all, whatever the value
         raise InputError("--index and --k set the outlier score", "add --outliers (or drop them)")
     if outliers:
         from memscan.compare.example_outliers import write_run_outliers
+        from memscan.compare.outliers import DEFAULT_K
 
-        write_run_outliers(run, k, index)
+        write_run_outliers(run, DEFAULT_K if k is None else k, index)
     return build_report(run, out)
 
 
@@ -41,7 +42,7 @@ def register(app: typer.Typer) -> None:
             help="with --outliers: a training index (memscan index): distances between its embeddings, to "
             "its training images [pixels in [0, 1] (TF-IDF for text), to the run's member examples]",
         ),
-        k: int = typer.Option(5, "--k", help="with --outliers: the neighbour of the k-NN distance"),
+        k: int | None = typer.Option(None, "--k", help="with --outliers: the neighbour of the k-NN distance [5]"),
     ):
         """Write report.html from the run's tables alone."""
         path = run_library_call(_report, run, out, outliers, index, k)

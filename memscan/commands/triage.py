@@ -33,7 +33,14 @@ def register(app: typer.Typer) -> None:
         guidance_scale: float | None = typer.Option(
             None, help="guidance used to advance the latent [model's, else 7.5]"
         ),
-        score: str = typer.Option("wen", help="score that ranks prompts.csv: wen or webster"),
+        scores: str = typer.Option(
+            "wen,webster",
+            "--scores",
+            help="scores to compute, comma-separated (wen, webster); a score not asked for costs no UNet evaluation",
+        ),
+        score: str | None = typer.Option(
+            None, help="score that ranks prompts.csv: wen or webster [the first of --scores: wen when computed]"
+        ),
         top: int | None = typer.Option(None, "--top", help="keep the K highest-scoring prompts in prompts.csv"),
         min_score: float | None = typer.Option(None, "--min-score", help="keep prompts scoring at least this"),
         seed: int = typer.Option(0, help="run seed"),
@@ -43,6 +50,12 @@ def register(app: typer.Typer) -> None:
         ),
         device: str = typer.Option("cpu", help="cpu or cuda"),
         dtype: str = typer.Option("auto", help="auto, fp32, fp16, bf16"),
+        height: int | None = typer.Option(
+            None, help="text-to-image: generations' height, as `memscan extract --height` [memscan.json's, else native]"
+        ),
+        width: int | None = typer.Option(
+            None, help="text-to-image: generations' width, as `memscan extract --width` [memscan.json's, else native]"
+        ),
         resume: bool = resume_option(),
         runner: str = runner_option(),
         ray_address: str | None = ray_address_option(),
@@ -50,8 +63,8 @@ def register(app: typer.Typer) -> None:
         gpus_per_worker: float | None = gpus_per_worker_option(),
         quiet: bool = quiet_option("no progress bar"),
     ):
-        """Score prompts with one or a few denoising steps (Wen et al. 2024, Webster 2023); write
-        scores.parquet and a ranked prompts.csv that `memscan extract --prompts` reads."""
+        """Score prompts with one or a few denoising steps (Wen et al. 2024, Webster 2023; --scores
+        picks which); write scores.parquet and a ranked prompts.csv that `memscan extract --prompts` reads."""
         from memscan.runners.ray_runner import RayOptions
         from memscan.triage import TriageConfig
         from memscan.triage import triage as run_triage
@@ -66,6 +79,9 @@ def register(app: typer.Typer) -> None:
                 batch_size=batch_size,
                 device=device,
                 dtype=dtype,
+                scores=scores,
+                height=height,
+                width=width,
             )
             ray_options = RayOptions.from_cli(
                 runner, address=ray_address, num_workers=num_workers, gpus_per_worker=gpus_per_worker, device=device

@@ -1,17 +1,31 @@
-"""Are these runs comparable? Same thresholds, same training set, for runs of one kind.
+"""Are these runs comparable? Same thresholds, same data, for runs of one kind.
 
 Two runs of the same kind are comparable when their **settings** (the thresholds and seeds that
 decide what counts as memorized: α, δ, grid, clique size, samples per prompt, seed, timesteps,
-noise draws, attacks, folds, prefix lengths …) and their **data** (training set, prompts,
-examples, canaries) are equal. Operational settings that change no number (batch size, shard
-size, device, threads) are ignored. Runs of different kinds are shown side by side and never
-pooled in one fit, so they are not checked against each other.
+noise draws, attacks, folds, prefix lengths …, the generator's sampling — sampler, steps,
+guidance — and how candidates are verified: exactly, or through which kind of index with which K)
+and their **data** (training set, prompts, examples, canaries) are equal. Operational settings
+that change no number (batch size, shard size, device, threads) are ignored, and so is what
+identifies the model (its path, class, pipeline): the models are what a comparison varies. Runs
+of different kinds are shown side by side and never pooled in one fit, so they are not checked
+against each other.
+
+Data are compared by content, never by path: the manifests' content hashes
+(``training_set_sha256``, ``prompts_sha256``, ``sequences_sha256``, …, or a digest of the run's
+own example table) where every run of the kind records them, else path-free records (image and
+prompt counts) for runs made before the hashes were recorded. The attribute a comparison is made
+**by** is exempt: ``--by train_size`` compares runs on different training sets, so their
+training-set records are not checked (everything else still is).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
 
 #: Settings that change speed, never a result.
 OPERATIONAL = frozenset(
@@ -38,18 +52,71 @@ SETTINGS_KEYS = {
     "lm-mia": ("config", "scores"),
     "lm-extract": ("config", "min_match"),
 }
-#: Where each kind records its data (training set, prompts, examples).
-DATA_KEYS = {
-    "extract": (("training_set", "source"), ("training_set", "images"), ("prompts", "count")),
-    "extract-unconditional": (("training_set", "source"), ("training_set", "images")),
-    "mia": (("sources", "data"), ("sources", "members")),
-    "inpaint": (("sources", "data"), ("sources", "members")),
-    "demo-mia": (("sources", "data"), ("sources", "members")),
-    "memscore": (("sources", "data"), ("folds_of",)),
-    "lm-extractable": (("sequences_sha256",),),
-    "lm-exposure": (("canaries_sha256",),),
-    "lm-mia": (("examples_sha256",),),
-    "lm-extract": (("index", "path"), ("index", "n_tokens"), ("prompts", "sha256")),
+#: The generator record's sampling settings (``generator.<key>``, image kinds); the rest of the
+#: record (``source``, ``class``, ``pipeline``, ``resolution`` …) describes the model, which is
+#: what a comparison of checkpoints, widths or training sets varies.
+GENERATOR_SAMPLING = ("sampler", "scheduler", "num_inference_steps", "guidance_scale", "eta", "negative_prompt",
+                      "initial_noise")  # fmt: skip
+#: How candidates are verified (``extract``: ``verification``; ``extract-unconditional``:
+#: ``search``): exact, or through an index of this type, parameters, embedder and K. The index's
+#: path is not compared (the same index moved is the same verification).
+SEARCH_SETTINGS = ("via", "search", "index_type", "index_params", "retrieve", "embedder")
+
+
+@dataclass(frozen=True)
+class DataRecord:
+    """One datum of a run kind, compared by content.
+
+    Attributes
+    ----------
+    name : what is compared, as the mismatch names it (``training_set_sha256``, ``examples``, …)
+    content : where the manifest records its content hash (a key path), or ``None`` when it is
+        computed from the run's own table (``table``)
+    fallback : path-free key paths compared instead when a run of the group lacks the content
+        hash (runs made before it was recorded; ``extract --index`` runs, whose training set is
+        the index's)
+    training : part of the training set (exempt from the check with ``--by train_size``)
+    table : the run's table and columns whose rows (sorted) are the content, for kinds whose
+        manifest records only a path
+    """
+
+    name: str
+    content: tuple | None
+    fallback: tuple = ()
+    training: bool = False
+    table: tuple | None = None
+
+
+_EXAMPLES = DataRecord("examples", None, (("counts", "examples"), ("counts", "members")), True,
+                       ("examples", ("id", "is_member")))  # fmt: skip
+#: Each kind's data (training set, prompts, examples, canaries, corpus).
+DATA = {
+    "extract": (
+        DataRecord("training_set_sha256", ("training_set_sha256",), (("training_set", "images"),), True),
+        DataRecord("prompts_sha256", ("prompts_sha256",), (("prompts", "count"),)),
+    ),
+    "extract-unconditional": (
+        DataRecord("training_set_sha256", ("training_set_sha256",), (("training_set", "images"),), True),
+    ),
+    "mia": (_EXAMPLES,),
+    "inpaint": (_EXAMPLES,),
+    "demo-mia": (_EXAMPLES,),
+    "memscore": (
+        DataRecord("examples", None, (("counts", "examples"),), True, ("memscore", ("id",))),
+        DataRecord("folds_of", ("folds_of",)),
+    ),
+    "lm-extractable": (DataRecord("sequences_sha256", ("sequences_sha256",), training=True),),
+    "lm-exposure": (DataRecord("canaries_sha256", ("canaries_sha256",)),),
+    "lm-mia": (DataRecord("examples_sha256", ("examples_sha256",), training=True),),
+    "lm-extract": (
+        DataRecord(
+            "index",
+            None,
+            (("index", "mode"), ("index", "n_docs"), ("index", "n_tokens"), ("index", "tokenizer")),
+            True,
+        ),
+        DataRecord("prompts.sha256", ("prompts", "sha256")),
+    ),
 }
 
 
@@ -61,7 +128,7 @@ class Mismatch:
     ----------
     kind : the run kind
     what : ``"settings"`` or ``"data"``
-    key : the differing setting (``config.alpha``) or data record (``training_set.source``)
+    key : the differing setting (``config.alpha``) or datum (``training_set_sha256``)
     values : run → its value (as JSON text)
     """
 
@@ -82,7 +149,10 @@ def _strip(value):
 
 
 def settings_of(kind: str, manifest: dict) -> dict:
-    """The flattened thresholds and seeds of a run (``{"config.alpha": 0.08, …}``)."""
+    """The flattened thresholds and seeds of a run (``{"config.alpha": 0.08, …}``); for image
+    extraction runs also the generator's sampling (``generator.num_inference_steps``, …) and how
+    candidates are verified (``verification.via``: ``exact`` or ``index``, with the index's type,
+    parameters, embedder and K; ``search.*`` for ``extract-unconditional``)."""
     flat: dict = {}
 
     def walk(prefix, v):
@@ -97,31 +167,85 @@ def settings_of(kind: str, manifest: dict) -> dict:
         if (keys is not None and key not in keys) or (keys is None and key in NOT_SETTINGS) or key in OPERATIONAL:
             continue
         walk(key, _strip(value))
+    if kind in ("extract", "extract-unconditional"):
+        gen = manifest.get("generator") or {}
+        walk("generator", {k: gen[k] for k in GENERATOR_SAMPLING if k in gen})
+        name = "verification" if kind == "extract" else "search"
+        how = manifest.get(name) or {("via" if kind == "extract" else "search"): "exact"}
+        walk(name, {k: how[k] for k in SEARCH_SETTINGS if k in how})
     return flat
 
 
-def data_of(kind: str, manifest: dict) -> dict:
-    """The data records of a run (``{"training_set.source": …}``)."""
-    out = {}
-    for path in DATA_KEYS.get(kind, ()):
-        v = manifest
-        for p in path:
-            v = v.get(p) if isinstance(v, dict) else None
-        out[".".join(path)] = json.dumps(v, sort_keys=True, default=str)
+def _get(manifest: dict, path: tuple):
+    v = manifest
+    for p in path:
+        v = v.get(p) if isinstance(v, dict) else None
+    return v
+
+
+def _table_digest(run: str, table: str, columns: tuple) -> str | None:
+    """sha256 over the sorted rows (``columns``) of the run's table; None when it cannot be read
+    (the comparison's own reading of the table then names the problem)."""
+    path = Path(run) / f"{table}.parquet"
+    try:
+        t = pd.read_parquet(path)
+    except (OSError, ValueError):
+        return None
+    if "id" in columns and "id" not in t and "index" in t:  # MIA examples without ids: their index
+        t = t.rename(columns={"index": "id"})
+    if not all(c in t for c in columns):
+        return None
+    rows = sorted("\0".join(str(v) for v in r) for r in t[list(columns)].itertuples(index=False))
+    h = hashlib.sha256()
+    for r in rows:
+        h.update(r.encode("utf-8") + b"\0\0")
+    return h.hexdigest()
+
+
+def content_of(record: DataRecord, run: str, manifest: dict) -> str | None:
+    """The content identity of one datum of a run (JSON text), or None when the run lacks it."""
+    if record.content is not None:
+        v = _get(manifest, record.content)
+        return None if v is None else json.dumps(v, sort_keys=True, default=str)
+    if record.table is not None:
+        return _table_digest(run, *record.table)
+    return None
+
+
+def data_mismatches(kind: str, group: list[tuple[str, dict]], by: str | None = None) -> list[Mismatch]:
+    """Differences in data among ``(run, manifest)`` pairs of one kind: each datum by its content
+    where every run records it, else by its path-free fallback records; with
+    ``by="train_size"`` the training set is not compared (it is what the comparison varies)."""
+    out = []
+    for rec in DATA.get(kind, ()):
+        if by == "train_size" and rec.training:
+            continue
+        contents = {r: content_of(rec, r, m) for r, m in group}
+        if all(v is not None for v in contents.values()):
+            compared = {rec.name: contents}
+        else:
+            compared = {
+                ".".join(path): {r: json.dumps(_get(m, path), sort_keys=True, default=str) for r, m in group}
+                for path in rec.fallback
+            }
+        for key, vals in compared.items():
+            if len(set(vals.values())) > 1:
+                out.append(Mismatch(kind, "data", key, vals))
     return out
 
 
-def find_mismatches(runs: list[tuple[str, str, dict]]) -> list[Mismatch]:
-    """Mismatches among ``(run, kind, manifest)`` triples, within each kind."""
+def find_mismatches(runs: list[tuple[str, str, dict]], by: str | None = None) -> list[Mismatch]:
+    """Mismatches among ``(run, kind, manifest)`` triples, within each kind; ``by``: the
+    attribute compared (``train_size`` exempts the training set from the data check)."""
     out: list[Mismatch] = []
     kinds = sorted({k for _, k, _ in runs})
     for kind in kinds:
         group = [(r, m) for r, k, m in runs if k == kind]
-        for what, fn in (("settings", settings_of), ("data", data_of)):
-            recs = {r: fn(kind, m) for r, m in group}
-            keys = sorted(set().union(*recs.values())) if recs else []
-            for key in keys:
-                vals = {r: rec.get(key, "<absent>") for r, rec in recs.items()}
-                if len(set(vals.values())) > 1:
-                    out.append(Mismatch(kind, what, key, vals))
+        recs = {r: settings_of(kind, m) for r, m in group}
+        keys = sorted(set().union(*recs.values())) if recs else []
+        for key in keys:
+            vals = {r: rec.get(key, "<absent>") for r, rec in recs.items()}
+            if len(set(vals.values())) > 1:
+                out.append(Mismatch(kind, "settings", key, vals))
+        out += data_mismatches(kind, group, by)
     return out

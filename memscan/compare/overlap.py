@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import pandas as pd
 
+from memscan.compare.runs import ITEM_TYPES
 
-def overlap_table(items: dict[str, set[str]]) -> pd.DataFrame:
-    """One row per ordered pair of runs: ``run_a``, ``run_b``, ``n_a``, ``n_b``, ``both``,
-    ``union`` and ``jaccard`` = |A ∩ B| / |A ∪ B| (NaN when both are empty).
+
+def overlap_table(items: dict[str, set[str]], types: dict[str, str | None] | None = None) -> pd.DataFrame:
+    """One row per ordered pair of runs whose items are of one type: ``run_a``, ``run_b``,
+    ``item_type``, ``n_a``, ``n_b``, ``both``, ``union`` and ``jaccard`` = |A ∩ B| / |A ∪ B|
+    (NaN when both are empty).
+
+    ``types`` (run → item type, None for a run that names no items; default: one type for all)
+    keeps runs whose items are different things (training image ids, LM sequences, memorized
+    text) out of each other's pairs: a Jaccard between them would count nothing shared.
 
     Examples
     --------
@@ -15,17 +22,23 @@ def overlap_table(items: dict[str, set[str]]) -> pd.DataFrame:
     >>> r = t[(t.run_a == "a") & (t.run_b == "b")].iloc[0]
     >>> int(r.both), int(r.union), float(r.jaccard)
     (1, 4, 0.25)
+    >>> len(overlap_table({"a": {"x"}, "b": {"x"}}, {"a": "image", "b": "text"}))  # only (a, a), (b, b)
+    2
     """
+    types = types if types is not None else {r: "" for r in items}
     rows = []
-    names = list(items)
+    names = [r for r in items if types.get(r) is not None]
     for a in names:
         for b in names:
+            if types[a] != types[b]:
+                continue
             inter = len(items[a] & items[b])
             union = len(items[a] | items[b])
             rows.append(
                 {
                     "run_a": a,
                     "run_b": b,
+                    "item_type": types[a],
                     "n_a": len(items[a]),
                     "n_b": len(items[b]),
                     "both": inter,
@@ -33,17 +46,38 @@ def overlap_table(items: dict[str, set[str]]) -> pd.DataFrame:
                     "jaccard": inter / union if union else float("nan"),
                 }
             )
-    return pd.DataFrame(rows)
+    cols = ["run_a", "run_b", "item_type", "n_a", "n_b", "both", "union", "jaccard"]
+    return pd.DataFrame(rows, columns=cols)
 
 
 def membership_matrix(items: dict[str, set[str]]) -> pd.DataFrame:
-    """Item × run table of booleans (which run memorized which item), items sorted by how many
-    runs memorized them, then by name."""
+    """Item × run table of booleans (which run memorized which item): the index (named
+    ``item``) holds the items, sorted by how many runs memorized them, then by name; one column
+    per key of ``items``, in order — any string, none reserved (a run called ``item`` or
+    ``runs`` is a column like any other).
+
+    Examples
+    --------
+    >>> m = membership_matrix({"item": {"x"}, "runs": {"x", "y"}})
+    >>> m.index.tolist(), m["item"].tolist(), m["runs"].tolist()
+    (['x', 'y'], [True, False], [True, True])
+    """
     every = sorted(set().union(*items.values())) if items else []
-    df = pd.DataFrame({"item": every})
-    for run, s in items.items():
-        df[run] = df["item"].isin(s)
+    runs = list(items)
+    flags = [[i in items[r] for r in runs] for i in every]
+    df = pd.DataFrame(flags, index=pd.Index(every, name="item", dtype=object), columns=pd.Index(runs, dtype=object))
     if len(df):
-        df["runs"] = df[list(items)].sum(axis=1)
-        df = df.sort_values(["runs", "item"], ascending=[False, True], kind="stable").reset_index(drop=True)
-    return df
+        counts = df.sum(axis=1).to_numpy()
+        order = sorted(range(len(every)), key=lambda k: (-counts[k], every[k]))
+        df = df.iloc[order]
+    return df.astype(bool)
+
+
+def item_sets(items: pd.DataFrame, runs, kinds) -> tuple[dict[str, set], dict[str, str | None]]:
+    """Run → the items it memorized (``items.parquet``) and run → their type (that of the run's
+    kind, :data:`memscan.compare.runs.ITEM_TYPES`; None for a kind that names no items)."""
+    sets, types = {}, {}
+    for r, kind in zip(runs, kinds):
+        sets[r] = set(items.loc[items["run"] == r, "item"])
+        types[r] = ITEM_TYPES.get(kind)
+    return sets, types

@@ -8,8 +8,9 @@ The run directory::
                              the run's counts under their manifest names, rates, MIA metrics with
                              their bootstrap bounds, memscore summaries, memorization,
                              memorization_measure, mismatch, outlier_spearman, outlier_p)
-      items.parquet          run, item: the training items each run memorized
-      overlap.parquet        run_a, run_b, n_a, n_b, both, union, jaccard
+      items.parquet          run, item_type, item: the training items each run memorized
+      overlap.parquet        run_a, run_b, item_type, n_a, n_b, both, union, jaccard (runs whose
+                             items are of one type)
       by_duplicates.parquet  run, duplicate_count, prompts, extractions, extraction_rate
       outliers.parquet       run, id, caption, score, outlier, score_rank, outlier_rank, disagreement,
                              thumbnail
@@ -35,7 +36,7 @@ from memscan.compare.checks import Mismatch, find_mismatches
 from memscan.compare.example_outliers import SHOWN as EXAMPLES_SHOWN
 from memscan.compare.example_outliers import empty_table, score_outliers, thumb_prefix
 from memscan.compare.outliers import DEFAULT_K, analyse
-from memscan.compare.overlap import overlap_table
+from memscan.compare.overlap import item_sets, overlap_table
 from memscan.compare.runs import BY_CHOICES, read_manifest, summarize_run
 from memscan.compare.scaling import log_linear_fit
 from memscan.errors import InputError
@@ -70,7 +71,10 @@ def compare_stage(ctx: dict, run: str, label: str, k: int, out: str, index: str 
     """One input run: its summary row, items, rates by duplicate count and outlier scores."""
     s = summarize_run(run, label)
     row = pd.DataFrame([s.row])
-    items = pd.DataFrame({"run": str(run), "item": s.items["item"].astype(str)})
+    items = pd.DataFrame(
+        {"run": str(run), "item_type": pd.Series(s.item_type, index=s.items.index, dtype=object),
+         "item": s.items["item"].astype(str)}
+    )  # fmt: skip
     dup = s.by_duplicates.copy()
     dup.insert(0, "run", str(run))
     if not len(dup):
@@ -140,7 +144,7 @@ def _fits(table: pd.DataFrame, by: str) -> pd.DataFrame:
 
 def check_inputs(runs: list[str | Path], labels: dict[str, str] | None, by: str) -> list[tuple[str, str, dict]]:
     """Validate the inputs before anything is written: existing finished runs, no run twice,
-    labels naming given runs, a known ``--by``."""
+    labels naming given runs (each once, no two runs with one label), a known ``--by``."""
     if by not in BY_CHOICES:
         raise InputError(f"--by {by!r} is not one of {', '.join(BY_CHOICES)}", "e.g. --by step")
     if len(runs) < 2:
@@ -149,10 +153,55 @@ def check_inputs(runs: list[str | Path], labels: dict[str, str] | None, by: str)
     if len(set(keys)) < len(keys):
         dup = next(r for r, k in zip(runs, keys) if keys.count(k) > 1)
         raise InputError(f"run {dup} is given twice", "pass each run once")
-    for name in labels or {}:
-        if name not in {str(r) for r in runs} and str(Path(name).resolve()) not in keys:
-            raise InputError(f"--label {name}=…: {name} is not one of the runs", "use RUN=TEXT with a given RUN")
+    run_labels(runs, labels)
     return [(str(r), *_kind_manifest(r)) for r in runs]
+
+
+def run_labels(runs: list[str | Path], labels: dict[str, str] | None = None) -> dict[str, str]:
+    """Run (as given) → the label shown for it: ``labels`` (keyed by any spelling of the run's
+    path: ``./S10`` and ``S10`` are one run), else the run's folder name, with parent folder names
+    added (``d1/run``, ``d2/run``) until no two runs share a label.
+
+    Examples
+    --------
+    >>> run_labels(["d1/run", "d2/run", "d3/other"])
+    {'d1/run': 'd1/run', 'd2/run': 'd2/run', 'd3/other': 'other'}
+    >>> run_labels(["a", "b"], {"./a": "first"})
+    {'a': 'first', 'b': 'b'}
+    """
+    given = [str(r) for r in runs]
+    key_of = {str(Path(r).resolve()): r for r in given}
+    explicit: dict[str, str] = {}
+    for name, text in (labels or {}).items():
+        run = key_of.get(str(Path(name).resolve()))
+        if run is None:
+            raise InputError(f"--label {name}=…: {name} is not one of the runs", "use RUN=TEXT with a given RUN")
+        if run in explicit:
+            raise InputError(f"--label names run {run} twice", "give each run one --label RUN=TEXT")
+        explicit[run] = str(text)
+    seen: dict[str, str] = {}
+    for run, text in explicit.items():
+        if text in seen:
+            raise InputError(
+                f"--label gives runs {seen[text]} and {run} the same label {text!r}",
+                "give each run its own label (labels name the runs' columns and points in the page)",
+            )
+        seen[text] = run
+    parts = {r: Path(r).resolve().parts for r in given if r not in explicit}
+    depth = dict.fromkeys(parts, 1)
+    while True:
+        default = {r: "/".join(p[-depth[r] :]) for r, p in parts.items()}
+        taken = list(explicit.values()) + list(default.values())
+        clash = [r for r, d in default.items() if taken.count(d) > 1 and depth[r] < len(parts[r])]
+        if not clash:
+            break
+        for r in clash:
+            depth[r] += 1
+    out = {r: explicit.get(r, default.get(r)) for r in given}
+    if len(set(out.values())) < len(out):  # a default that cannot be told from an explicit label
+        text = next(t for t in out.values() if list(out.values()).count(t) > 1)
+        raise InputError(f"two runs would be labelled {text!r}", "give them distinct --label RUN=TEXT")
+    return out
 
 
 def _kind_manifest(run) -> tuple[str, dict]:
@@ -197,7 +246,7 @@ def compare_runs(
     triples = check_inputs(runs, labels, by)
     if k < 1:
         raise InputError(f"--k {k} must be ≥ 1", "e.g. --k 5")
-    mismatches = find_mismatches(triples)
+    mismatches = find_mismatches(triples, by)
     if mismatches and not allow_mismatch:
         first = mismatches[0]
         raise InputError(
@@ -206,10 +255,7 @@ def compare_runs(
             "compare runs made with the same thresholds on the same data, or pass --allow-mismatch to "
             "compare them anyway (flagged in the table and the page)",
         )
-    label_of = {}
-    for r in runs:
-        r = str(r)
-        label_of[r] = labels.get(r, labels.get(str(Path(r).resolve()), Path(r).name))
+    label_of = run_labels(runs, labels)
     idx_arg = None if index is None else str(Path(index).resolve())
     if idx_arg is not None:
         from memscan.compare.example_outliers import load_index
@@ -251,8 +297,8 @@ def compare_runs(
                 table.loc[table["run"] == str(r), c] = v
         write_table(table, run.root / "compare.parquet")
         items = tables["items"]
-        sets = {r: set(items.loc[items["run"] == r, "item"]) for r in table["run"]}
-        overlap = overlap_table(sets)
+        sets, types = item_sets(items, table["run"], table["kind"])
+        overlap = overlap_table(sets, types)
         write_table(overlap, run.root / "overlap.parquet")
         fits = _fits(table, by)
         write_table(fits, run.root / "fits.parquet")

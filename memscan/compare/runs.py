@@ -9,8 +9,9 @@ bootstrap bounds; docs/mia.md), memorization-score distribution summaries; plus 
 =====================  ==========================================================
 kind                   ``memorization``
 =====================  ==========================================================
-extract                ``extraction_rate`` = extractions / prompts
-extract-unconditional  ``extraction_rate`` = extracted generations / samples
+extract                ``extraction_rate`` = extractions / prompts (per prompt)
+extract-unconditional  ``extracted_generation_rate`` = extracted generations / samples (per
+                       generation: no prompts)
 mia, inpaint, lm-mia   ``auc`` of the best attack (highest TPR at 1 % FPR, then AUC)
 memscore               ``memscore_mean``
 lm-extractable         ``extractable_rate`` at the longest prefix
@@ -22,6 +23,14 @@ Extraction rate by duplicate count: for ``extract``, the prompts' ``duplicate_co
 ``lm-extractable`` run with ``--index``, each sequence's ``window_count`` (occurrences of its
 prefix + suffix in the corpus) at the longest prefix, under the same column names (``prompts``:
 sequences prompted, ``extractions``: extractable ones).
+
+Items (``items.parquet``, the overlap between runs) and their type (:data:`ITEM_TYPES`): the
+training images extracted (``extract``, ``extract-unconditional``: training ids), the extractable
+training sequences (``lm-extractable``: ``train_id@offset``), and the memorized training text of
+``lm-extract`` — every distinct :data:`TEXT_WINDOW`-character window of the confirmed samples'
+matched corpus text (``match_text``), so two runs that regurgitate one passage from different
+starting points, or from different copies of it in the corpus, share the windows of their
+overlap, and Jaccard is over memorized text. Runs are paired only with runs of the same item type.
 """
 
 from __future__ import annotations
@@ -54,6 +63,15 @@ MIA_KINDS = ("mia", "inpaint", "demo-mia", "lm-mia")
 BY_CHOICES = ("params", "step", "train_size", "label")
 #: MIA metric columns copied from ``metrics.parquet`` (names of docs/mia.md).
 MIA_COLUMNS = ("auc", "balanced_accuracy", "tpr@1%fpr", "tpr@0.1%fpr")
+#: Characters of the windows of memorized text that are ``lm-extract``'s items.
+TEXT_WINDOW = 32
+#: What each kind's items are (runs of one item type are paired in the overlap, others are not).
+ITEM_TYPES = {
+    "extract": "training image id",
+    "extract-unconditional": "training image id",
+    "lm-extractable": "training sequence (train_id@offset)",
+    "lm-extract": f"memorized text ({TEXT_WINDOW}-character windows)",
+}
 
 
 @dataclass
@@ -64,8 +82,9 @@ class RunSummary:
     ----------
     row : the run's row of ``compare.parquet`` (``run``, ``kind``, ``label``, attributes, counts,
         rates, metrics, ``memorization`` and ``memorization_measure``)
-    items : training items the run memorized (``item``: a training id, or a sequence id), for
-        the overlap between runs; empty for kinds that do not name items
+    items : training items the run memorized (``item``: a training id, a sequence id, a window
+        of memorized text), for the overlap between runs; empty for kinds that do not name items
+    item_type : what the items are (:data:`ITEM_TYPES`; None for kinds that name none)
     by_duplicates : extraction rate by duplicate count (``duplicate_count``, ``prompts``,
         ``extractions``, ``extraction_rate``); empty when the prompts carry no counts
     scores : per-example memorization / MIA score (``id``, ``score``, ``is_member``) for the
@@ -76,6 +95,7 @@ class RunSummary:
     items: pd.DataFrame = field(default_factory=lambda: pd.DataFrame({"item": pd.Series([], dtype=str)}))
     by_duplicates: pd.DataFrame = field(default_factory=pd.DataFrame)
     scores: pd.DataFrame = field(default_factory=pd.DataFrame)
+    item_type: str | None = None
 
 
 def read_manifest(path: str | Path) -> dict:
@@ -120,6 +140,7 @@ def summarize_run(path: str | Path, label: str | None = None) -> RunSummary:
     row = {"run": str(root), "kind": kind, "label": label if label is not None else root.name, **attributes(m)}
     reader = _READERS[kind]
     summary = reader(root, m, row)
+    summary.item_type = ITEM_TYPES.get(kind)
     return summary
 
 
@@ -169,8 +190,9 @@ def _unconditional(root: Path, m: dict, row: dict) -> RunSummary:
     counts = m.get("counts", {})
     for key in ("samples", "extracted_generations", "extracted_training_images"):
         row[key] = counts.get(key)
-    row["extraction_rate"] = _ratio(row["extracted_generations"], row["samples"])
-    row["memorization"], row["memorization_measure"] = row["extraction_rate"], "extraction_rate"
+    # per generation (extract's extraction_rate is per prompt): its own name
+    row["extracted_generation_rate"] = _ratio(row["extracted_generations"], row["samples"])
+    row["memorization"], row["memorization_measure"] = row["extracted_generation_rate"], "extracted_generation_rate"
     ext = _table(root, "extractions")
     s = RunSummary(row)
     if len(ext):
@@ -272,8 +294,27 @@ def _lm_extract(root: Path, m: dict, row: dict) -> RunSummary:
     row["memorization"], row["memorization_measure"] = row["confirmed_rate"], "confirmed_rate"
     samples = _table(root, "samples")
     hit = samples[samples["confirmed"].astype(bool)] if len(samples) else samples
-    items = hit["match_train_id"].astype(str) + "@" + hit["match_offset"].astype(str) if len(hit) else []
-    return RunSummary(row, items=pd.DataFrame({"item": sorted(set(items))}))
+    return RunSummary(row, items=pd.DataFrame({"item": sorted(text_windows(hit["match_text"]))}))
+
+
+def text_windows(texts, width: int = TEXT_WINDOW) -> set[str]:
+    """Every distinct ``width``-character window of the texts (a shorter text is one window):
+    ``lm-extract``'s items, the memorized training text by content.
+
+    Examples
+    --------
+    >>> sorted(text_windows(["abcde", "cdefg"], 4))
+    ['abcd', 'bcde', 'cdef', 'defg']
+    >>> sorted(text_windows(["ab"], 4))
+    ['ab']
+    """
+    out: set[str] = set()
+    for t in texts:
+        t = "" if t is None else str(t)
+        if 0 < len(t) <= width:
+            out.add(t)
+        out.update(t[i : i + width] for i in range(len(t) - width + 1))
+    return out
 
 
 def _lm_exposure(root: Path, m: dict, row: dict) -> RunSummary:

@@ -19,6 +19,7 @@ Unreadable images are counted and named (``skipped``), never fatal and never sil
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -294,3 +295,51 @@ def training_at_shape(train: str | Path | SourceListing | TrainingSet, shape: tu
     for s in training.skipped if log is not None else ():
         log(f"skipped training image {s['id']} ({s['path']}): {s['reason']}")
     return training
+
+
+def training_set_sha256(train: str | Path | SourceListing | TrainingSet) -> str:
+    """The manifests' ``training_set_sha256``: what a resumed run's training set must match.
+
+    - a path (folder, manifest, webdataset or img2dataset), or its :class:`SourceListing`: sha256
+      over its listing (:func:`list_source`, nothing decoded), each image as
+      ``id \\0 size-in-bytes \\0``, sorted by id. Where the set lies is not part of it (the same
+      files at another path or on another machine are the same training set; the ``training_set``
+      record keeps the path). An image changed in place to one of the same byte size is not seen.
+    - a loaded :class:`TrainingSet`: sha256 of its ids and pixels.
+
+    (Verification through an index records ``None``: its ``verification`` record, with the index
+    path, parameters and image count, identifies the training set.)
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from memscan.synthetic import write_training_set
+    >>> d = tempfile.mkdtemp()
+    >>> _ = write_training_set(d, 3, size=8)
+    >>> training_set_sha256(d) == training_set_sha256(list_source(d))
+    True
+    """
+    import hashlib
+
+    h = hashlib.sha256()
+    if isinstance(train, TrainingSet):
+        h.update(b"loaded\0" + str(train.images.shape).encode() + b"\0")
+        for i in train.ids:
+            h.update(str(i).encode() + b"\0")
+        h.update(np.ascontiguousarray(train.images).data)
+        return h.hexdigest()
+    listing = train if isinstance(train, SourceListing) else list_source(train)
+    for i, size in sorted((str(e.id), _entry_size(e)) for e in listing.entries):
+        h.update(f"{i}\0{size}\0".encode())
+    return h.hexdigest()
+
+
+def _entry_size(entry) -> int:
+    """Bytes of a listed training image (a tar member's recorded size, else its file's; -1 if unreadable)."""
+    size = getattr(entry, "size", None)
+    if isinstance(size, int):
+        return size
+    try:
+        return os.stat(entry.path).st_size
+    except OSError:
+        return -1

@@ -12,10 +12,17 @@ included). Defaults α_c = 0.5, n = 50; x̂ **extracts** x when ℓ < 1, i.e. wh
 twice as close to x as to its typical near neighbour. ℓ2 is the normalised
 ``sqrt(mean((a − b)²))`` (the ratio does not depend on the normalisation). A generation whose n
 nearest are all at distance 0 gets ℓ = 0.
+
+A training set of fewer than ``n`` images shrinks the neighbourhood to all of it
+(``CalibratedResult.n``, the effective n; a warning says so): with a single image every
+generation gets ℓ = 1/α_c = 2 and none is extracted. Copies of x among the n nearest (a
+duplicated training image) count in the mean, as the paper's formula has it — an image
+duplicated n or more times gives ℓ = 1/α_c for any generation near it.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -69,7 +76,8 @@ class CalibratedResult:
     mean_distance : Q — mean of ℓ2(x̂, y) over the n nearest y
     calibrated : Q — ℓ(x̂, x; S_x̂)
     extracted : Q bool — ``calibrated < 1``
-    n : neighbourhood size used (``min(n, training-set size)``)
+    n : neighbourhood size used, the effective n (``min(n, training-set size)``)
+    n_requested : the configured n
     """
 
     nearest_index: np.ndarray
@@ -78,6 +86,7 @@ class CalibratedResult:
     calibrated: np.ndarray
     extracted: np.ndarray
     n: int
+    n_requested: int | None = None
 
 
 def calibrated_from_neighbours(
@@ -136,6 +145,14 @@ def calibrated_distance(
     if searcher is None:
         searcher = PixelSearch(train, grid=config.grid)
     n = min(config.n, len(searcher))
+    if n < config.n:
+        warnings.warn(
+            f"the training set holds {len(searcher)} images, fewer than n={config.n}: the calibrated distance "
+            f"averages over all {n} (CalibratedResult.n)"
+            + (f"; with one image every generation gets l = 1/alpha_c = {1 / config.alpha_c:g}" if n == 1 else ""),
+            UserWarning,
+            stacklevel=2,
+        )
     nb = searcher.search(generations, k=n, metric=config.metric)
     cal, nearest, mean = calibrated_from_neighbours(nb.distances, config.alpha_c)
-    return CalibratedResult(nb.indices[:, 0].copy(), nearest, mean, cal, cal < 1.0, n)
+    return CalibratedResult(nb.indices[:, 0].copy(), nearest, mean, cal, cal < 1.0, n, config.n)

@@ -7,9 +7,7 @@ run through :func:`memscan.store.open_run` (kind ``extract``); the shards go thr
 
 from __future__ import annotations
 
-import hashlib
 import math
-import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -19,7 +17,7 @@ import pandas as pd
 
 from memscan.data.images import read_image
 from memscan.data.prompts import load_prompts, prompts_sha256
-from memscan.data.training import SourceListing, TrainingSet, list_source, load_training_set, training_at_shape
+from memscan.data.training import TrainingSet, list_source, load_training_set, training_at_shape, training_set_sha256
 from memscan.errors import InputError, MemscanError
 from memscan.extraction.config import ExtractConfig
 from memscan.extraction.verify import DEFINITIONS, extraction_counts, verify_candidates
@@ -130,7 +128,7 @@ def extract(
     inputs = {
         "model_spec": generator_record(generator, None, model_id)["id"],
         "prompts_sha256": prompts_sha256(prompt_df["prompt_id"], prompt_df["prompt"]),
-        "training_set_sha256": training_set_sha256(train),
+        "training_set_sha256": None if isinstance(train, IndexVerification) else training_set_sha256(train),
     }
     started = time.time()
     with open_run(out, "extract", resume=resume) as run:
@@ -154,45 +152,6 @@ def _extract_pool(run, runner, generator, config, runner_options, model_id, prom
     with extraction_pool(runner, generator, config, run.store, runner_options) as pool:
         return _extract_in(run, pool, generator, model_id, prompt_df, prompt_info, inputs, train, config, progress,
                            stop_after_shards, started)  # fmt: skip
-
-
-def training_set_sha256(train) -> str | None:
-    """The manifest's ``training_set_sha256``: what a resumed run's training set must match.
-
-    - a path (folder, manifest, webdataset or img2dataset), or its
-      :class:`~memscan.data.training.SourceListing`: sha256 over its listing
-      (:func:`memscan.data.training.list_source`, nothing decoded), each image as
-      ``id \\0 size-in-bytes \\0``, sorted by id. Where the set lies is not part of it (the same
-      files at another path or on another machine are the same training set; the ``training_set``
-      record keeps the path). An image changed in place to one of the same byte size is not seen.
-    - a loaded :class:`~memscan.data.training.TrainingSet`: sha256 of its ids and pixels.
-    - verification through an index (:class:`IndexVerification`): None — the manifest's
-      ``verification`` (index path, parameters, image count) identifies the training set.
-    """
-    if isinstance(train, IndexVerification):
-        return None
-    h = hashlib.sha256()
-    if isinstance(train, TrainingSet):
-        h.update(b"loaded\0" + str(train.images.shape).encode() + b"\0")
-        for i in train.ids:
-            h.update(str(i).encode() + b"\0")
-        h.update(np.ascontiguousarray(train.images).data)
-        return h.hexdigest()
-    listing = train if isinstance(train, SourceListing) else list_source(train)
-    for i, size in sorted((str(e.id), _entry_size(e)) for e in listing.entries):
-        h.update(f"{i}\0{size}\0".encode())
-    return h.hexdigest()
-
-
-def _entry_size(entry) -> int:
-    """Bytes of a listed training image (a tar member's recorded size, else its file's; -1 if unreadable)."""
-    size = getattr(entry, "size", None)
-    if isinstance(size, int):
-        return size
-    try:
-        return os.stat(entry.path).st_size
-    except OSError:
-        return -1
 
 
 def generator_identity(description: dict) -> dict:

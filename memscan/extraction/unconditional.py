@@ -5,12 +5,17 @@ The setting of Carlini et al. (2023)'s CIFAR-10 study (2^16 generations per mode
 the training set and judged by the calibrated distance (:mod:`memscan.extraction.calibrated`):
 
 1. generate M images; image i uses seed ``derive_seed(run_seed, "unconditional", i)``, so any
-   generation can be reproduced alone and a resumed run regenerates the same images;
+   generation can be reproduced alone (up to float rounding: a model's kernels differ with the
+   batch size) and a resumed run regenerates the same images. Model calls take ``batch_size``
+   generations starting at global multiples of ``batch_size`` (shards are whole batches,
+   :func:`shard_samples`), so the generations are the same, bit for bit, whatever the shard size;
 2. find each generation's n nearest training images — exactly over pixels
    (:class:`~memscan.index.nearest.PixelSearch`, a FAISS flat index), or, with a prebuilt
    embedding index, its ``n_candidates`` most similar training images re-ranked by exact ℓ2 /
    tiled ℓ2 on pixels;
-3. calibrated decision: extracted when ℓ(x̂, x; S_x̂) < 1 (α_c = 0.5, n = 50);
+3. calibrated decision: extracted when ℓ(x̂, x; S_x̂) < 1 (α_c = 0.5, n = 50; a training set
+   of fewer than n images gives ``n_effective`` = its size, recorded and warned about in
+   ``run.log``);
 4. de-duplicate: extractions hitting the same training image count once (the closest
    generation represents it; ``hits`` counts them all).
 
@@ -38,11 +43,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from memscan.data.training import TrainingSet, list_source, training_at_shape
+from memscan.data.training import TrainingSet, list_source, training_at_shape, training_set_sha256
 from memscan.distances import tiled_l2
 from memscan.errors import InputError, MemscanError, user_code
 from memscan.extraction.calibrated import CalibratedConfig
-from memscan.extraction.pipeline import generator_identity, training_set_sha256
+from memscan.extraction.pipeline import generator_identity
 from memscan.extraction.verify_index import (
     VERIFY_CHUNK_BYTES,
     IndexVerification,
@@ -98,8 +103,9 @@ class UnconditionalConfig:
     n_candidates : with an embedding index, training images fetched per generation before the
         exact pixel re-rank (≥ n_nearest)
     prompt : what the generator is called with (unconditional models ignore it)
-    batch_size : generations per model call
-    shard_size : generations per shard (unit of commit and resume)
+    batch_size : generations per model call (calls start at global multiples of it)
+    shard_size : generations per shard (unit of commit and resume), rounded up to whole batches
+        (:func:`shard_samples`): the generations do not depend on it
     device : ``cpu`` or ``cuda`` (model embedders of an index)
     save_images : write PNGs of extracted generations and their training images
     """
@@ -137,6 +143,19 @@ class UnconditionalConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def shard_samples(config: UnconditionalConfig) -> int:
+    """Generations per shard: ``shard_size`` rounded up to a whole number of ``batch_size``
+    batches, so every model call covers the same samples whatever the shard size (a model's float
+    rounding depends on its batch: a sample alone and in a batch of 64 can differ by a grey level).
+
+    Examples
+    --------
+    >>> shard_samples(UnconditionalConfig(shard_size=4096, batch_size=64)), shard_samples(UnconditionalConfig(shard_size=100, batch_size=64))
+    (4096, 128)
+    """
+    return math.ceil(config.shard_size / config.batch_size) * config.batch_size
 
 
 @dataclass
@@ -357,7 +376,7 @@ def extract_unconditional(
         train = list_source(train)
     inputs = {
         "model_spec": generator_record(generator, None, model_id)["id"],
-        "training_set_sha256": training_set_sha256(train),
+        "training_set_sha256": None if isinstance(train, IndexVerification) else training_set_sha256(train),
     }
     started = time.time()
     with open_run(out, "extract-unconditional", resume=resume) as run:
@@ -497,15 +516,22 @@ def _run(run: Run, pool, generator, model_id, inputs, train, config, index, prog
     search = pool.call(search_description, shared_training)
     if isinstance(index, (str, Path)):
         search = {**search, "index": str(index)}
-    n_shards = math.ceil(config.samples / config.shard_size)
+    per_shard = shard_samples(config)  # whole batches: the generations do not depend on the shard size
+    n_shards = math.ceil(config.samples / per_shard)
+    n_effective = min(config.n_nearest, n_train)
     fields = {
         "config": config.to_dict(),
         "calibrated": {
             "alpha_c": config.alpha_c,
-            "n": min(config.n_nearest, n_train),
+            "n": n_effective,
+            "n_requested": config.n_nearest,
+            "n_effective": n_effective,
             "metric": config.metric,
             "rule": "extracted when l2(x, nearest) / (alpha_c * mean l2 to the n nearest) < 1",
+            "duplicates": "copies of the nearest training image among the n nearest count in the mean "
+            "(the paper's formula)",
         },
+        "shard_samples": per_shard,
         "generator": generator_identity(probe.description),
         "model": generator_record(generator, probe.parameters, model_id),
         **inputs,  # model_spec, training_set_sha256
@@ -516,12 +542,19 @@ def _run(run: Run, pool, generator, model_id, inputs, train, config, index, prog
         "n_shards": n_shards,
         "seeds": {"run_seed": config.seed, "derivation": f"derive_seed(run_seed, {SEED_STREAM!r}, sample_index)"},
     }
-    identity = ("config", "n_shards", "output_shape", "search", *inputs, "generator")
+    identity = ("config", "n_shards", "shard_samples", "output_shape", "search", *inputs, "generator")
     run.start(fields, identity=identity, started=started)  # a resume of another run is refused: nothing written
-    store.log(f"extract-unconditional: {config.samples} generations in {n_shards} shards ({search['search']} search)")
+    store.log(
+        f"extract-unconditional: {config.samples} generations in {n_shards} shards of {per_shard} "
+        f"({search['search']} search)"
+    )
+    if per_shard != config.shard_size:
+        store.log(f"shard size {config.shard_size} rounded up to {per_shard}: whole batches of {config.batch_size}")
+    if n_effective < config.n_nearest:
+        store.log(_small_neighbourhood_warning(config, n_train))
 
     # 2. shards of generations: generate → n nearest → calibrated decision → commit (in the driver)
-    bounds = {s: (s * config.shard_size, min(config.samples, (s + 1) * config.shard_size)) for s in range(n_shards)}
+    bounds = {s: (s * per_shard, min(config.samples, (s + 1) * per_shard)) for s in range(n_shards)}
     run_shards(
         run,
         pool,
@@ -577,6 +610,17 @@ def _run(run: Run, pool, generator, model_id, inputs, train, config, index, prog
     )
     store.log(f"extract-unconditional: complete — {manifest['counts']}")
     return UnconditionalResult(store.root, generations, extractions, manifest)
+
+
+def _small_neighbourhood_warning(config: UnconditionalConfig, n_train: int) -> str:
+    """The ``run.log`` warning for a training set smaller than ``n_nearest``."""
+    text = (
+        f"warning: the training set holds {n_train} images, fewer than n_nearest={config.n_nearest}: the calibrated "
+        f"distance averages over all {n_train} (n_effective={n_train}), a smaller neighbourhood than the paper's"
+    )
+    if n_train == 1:
+        text += f"; with one image every generation gets l = 1/alpha_c = {1 / config.alpha_c:g}, so none is extracted"
+    return text
 
 
 def dedupe_extractions(generations: pd.DataFrame, training) -> pd.DataFrame:

@@ -11,10 +11,12 @@ paper verified by retrieval. With ``--index IDX`` each candidate medoid is
 4. compared by exact tiled ℓ2 (:func:`memscan.distances.nearest_tiled_l2`, the same function
    as the full path), which gives the (ℓ, δ)-extraction decision; then the k-eidetic count of
    the extracted training image x — its retrieved images within δ of x
-   (:func:`memscan.distances.cross_tiled_l2`) — **among the K retrieved**: a count of K means
-   "at least K". (uint8 images take exact int8 products on both paths, so these counts equal
-   the full path's; on the float32 fallback a pair within float rounding of δ could count
-   differently.)
+   (:func:`memscan.distances.cross_tiled_l2`) — **among the candidate's retrieved images**: a
+   count equal to the number retrieved (the ``retrieved`` column) means "at least that many".
+   An IVF index can return fewer than K (its ``nprobe`` cells hold fewer): ``retrieved`` says
+   how many, and the manifest's ``retrieval.fewer_than_k`` how many candidates got fewer.
+   (uint8 images take exact int8 products on both paths, so these counts equal the full path's;
+   on the float32 fallback a pair within float rounding of δ could count differently.)
 
 Retrieved images are passed to ``nearest_tiled_l2`` in training-set order (ascending index row),
 so ties resolve as in the full path. When the candidates' retrievals overlap (their union is at
@@ -39,6 +41,9 @@ itself, from a file system every node mounts).
 
 from __future__ import annotations
 
+import os
+import threading
+from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
@@ -77,7 +82,8 @@ class IndexVerification:
     device: str = "cpu"
     #: the index's parts served by Ray actors (:class:`memscan.runners.ray_runner.RayIndexParts`,
     #: from :func:`memscan.index.faiss_index.serve_index_on_ray`): every process that opens this
-    #: record searches through them instead of opening the parts. Not part of the record's identity.
+    #: record searches through them instead of opening the parts. Not part of the record's identity
+    #: (equality, hash), but :func:`open_index_verifier` keys its cache by it.
     served: object = field(default=None, compare=False, repr=False)
 
     def validate(self) -> IndexVerification:
@@ -94,6 +100,21 @@ class IndexVerification:
 #: complete; shard records and ``run.log`` name every one).
 LISTED = 100
 
+#: Columns of an extractions table verified through an index: the ``--train`` path's, then
+#: ``retrieved`` — the training images the index returned for the row's candidate (K, or fewer:
+#: fewer indexed images, or an IVF search whose ``nprobe`` cells held fewer); its ``eidetic_k``
+#: is counted among them.
+INDEXED_EXTRACTION_COLUMNS = [*EXTRACTION_COLUMNS, "retrieved"]
+
+
+def empty_indexed_extractions() -> pd.DataFrame:
+    """The extractions table of :data:`INDEXED_EXTRACTION_COLUMNS` with no rows (typed)."""
+    return empty_extractions().assign(retrieved=pd.Series(dtype="int64"))
+
+
+#: The counts of a retrieval record (summed over shards).
+COUNTS = ("candidates", "retrieved", "decoded", "bytes_read", "fewer_than_k")
+
 
 @dataclass
 class RetrievalStats:
@@ -105,6 +126,9 @@ class RetrievalStats:
     retrieved: int = 0
     decoded: int = 0
     bytes_read: int = 0
+    #: candidates for which the index returned fewer than K (and fewer than it holds); None where
+    #: not counted (left out of the record rather than recorded as 0)
+    fewer_than_k: int | None = None
     skipped: list[dict] = field(default_factory=list)
     unverified: list[str] = field(default_factory=list)
     #: how many more were counted than listed (records already cut to ``LISTED``)
@@ -112,8 +136,10 @@ class RetrievalStats:
 
     def add(self, other: dict) -> None:
         """Add a record of :meth:`to_dict` (a shard's, or an older one without some fields)."""
-        for k in ("candidates", "retrieved", "decoded", "bytes_read"):
-            setattr(self, k, getattr(self, k) + int(other.get(k, 0)))
+        for k in COUNTS:
+            if k == "fewer_than_k" and other.get(k) is None:
+                continue
+            setattr(self, k, (getattr(self, k) or 0) + int(other.get(k, 0)))
         for k in ("skipped", "unverified"):
             listed = other.get(k, [])
             getattr(self, k).extend(listed)
@@ -121,7 +147,7 @@ class RetrievalStats:
 
     def to_dict(self, limit: int | None = LISTED) -> dict:
         """The record: counts, and the lists cut to ``limit`` (None: complete, for shard records)."""
-        out = {k: getattr(self, k) for k in ("candidates", "retrieved", "decoded", "bytes_read")}
+        out = {k: getattr(self, k) for k in COUNTS if getattr(self, k) is not None}
         for k in ("skipped", "unverified"):
             items = getattr(self, k)
             out[k] = list(items if limit is None else items[:limit])
@@ -130,6 +156,12 @@ class RetrievalStats:
 
     def log(self, log) -> None:
         """Name every listed skip and unverified candidate through ``log`` (a run's ``store.log``)."""
+        if self.fewer_than_k:
+            log(
+                f"{self.fewer_than_k} of {self.candidates} candidates got fewer training images from the index "
+                "than --retrieve asked (an IVF search's nprobe cells held fewer): their k-eidetic counts are "
+                "counted among the images retrieved (the extractions' `retrieved` column)"
+            )
         for sk in self.skipped:
             log(f"skipped retrieved training image {sk['id']} ({sk['path']}): {sk['reason']}")
         for prompt in self.unverified:
@@ -163,6 +195,12 @@ class IndexVerifier:
         self._rows: dict[str, int] | None = None
 
     def row_of(self, train_id: str) -> int | None:
+        """The index row of ``train_id`` (None if absent): a binary search over the loaded
+        index's Arrow ids (a sort order of 4 bytes a row, built on first use), or a dict over the
+        ids of an index built in memory."""
+        find = getattr(self.index.ids, "find", None)
+        if find is not None:
+            return find(str(train_id))
         if self._rows is None:
             self._rows = {tid: i for i, tid in enumerate(self.index.ids)}
         return self._rows.get(train_id)
@@ -179,7 +217,11 @@ class IndexVerifier:
             "embedder": self.index.meta.get("embedder"),
             "source": self.spec.train or self.index.meta.get("source"),
             "indexed_images": len(self.index),
-            "eidetic_k": f"counted among the {self.spec.retrieve} retrieved training images (a lower bound)",
+            "eidetic_k": (
+                f"counted among each candidate's retrieved training images — at most {self.spec.retrieve}, "
+                "fewer where the index returned fewer (the extractions' `retrieved` column; "
+                "retrieval.fewer_than_k counts those candidates) — a lower bound"
+            ),
         }
 
     def summary(self, shape) -> dict:
@@ -198,10 +240,47 @@ class IndexVerifier:
         }
 
 
-@lru_cache(maxsize=4)
+#: Index verifiers kept open per process (the most recently used).
+VERIFIER_CACHE = 4
+_verifiers: OrderedDict = OrderedDict()
+_verifiers_lock = threading.Lock()
+
+
 def open_index_verifier(spec: IndexVerification) -> IndexVerifier:
-    """The :class:`IndexVerifier` of ``spec``, opened once per process (driver or worker)."""
-    return IndexVerifier(spec.validate())
+    """The :class:`IndexVerifier` of ``spec``, opened once per process (driver or worker) for as
+    long as the index folder holds the same build.
+
+    The cache key is the record, the identity of the build on disk (``index.json``'s inode,
+    size and modification time: a rebuild in place, ``memscan index --overwrite``, writes a new
+    ``index.json`` by rename, so the next call opens the new index) and the parts serving it
+    (``spec.served``: its ``key`` — the Ray actors' ids, the same in every process — or, for
+    another object, the object itself), so a record with served parts never gets back a
+    verifier that opened the parts locally, nor the other way round.
+    """
+    served = spec.served
+    key = (spec, _build_identity(spec.index), None if served is None else getattr(served, "key", None) or id(served))
+    with _verifiers_lock:
+        verifier = _verifiers.get(key)
+        if verifier is not None:
+            _verifiers.move_to_end(key)
+            return verifier
+    verifier = IndexVerifier(spec.validate())
+    with _verifiers_lock:
+        for old in [k for k in _verifiers if k[0] == spec and k[2] == key[2] and k[1] != key[1]]:
+            del _verifiers[old]  # an earlier build of the folder: let its memory maps go
+        _verifiers[key] = verifier  # holds ``served`` alive: an id() in a key is never reused
+        while len(_verifiers) > VERIFIER_CACHE:
+            _verifiers.popitem(last=False)
+    return verifier
+
+
+def _build_identity(index: str) -> tuple | None:
+    """Which build the index folder holds now (``index.json`` is replaced by rename at each build)."""
+    try:
+        st = os.stat(Path(index) / "index.json")
+    except OSError:
+        return None  # opening it names what is wrong
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 #: Candidates re-ranked together: one exact tiled-ℓ2 call over the union of their retrieved
@@ -276,9 +355,9 @@ def verify_candidates_indexed(
     :class:`RetrievalStats` with complete lists (``skipped``: retrieved images that could not be
     read, by id; ``unverified``: prompts none of whose retrieved images could be read).
     """
-    stats = RetrievalStats(candidates=len(candidates))
+    stats = RetrievalStats(candidates=len(candidates), fewer_than_k=0)
     if len(candidates) == 0:
-        return empty_extractions(), stats.to_dict(limit=None)
+        return empty_indexed_extractions(), stats.to_dict(limit=None)
     # a shard's few candidates at once; many (memscan verify RUN) in chunks, so that memory stays
     # bounded by the chunk's retrieved images and each chunk runs single-threaded
     per = verification_chunk(verifier.spec.retrieve, images.shape[1:])
@@ -288,14 +367,14 @@ def verify_candidates_indexed(
         with verification_threads(min(per, len(candidates) - s)):
             tables.append(_verify(candidates.iloc[s : s + per], images[s : s + per], verifier, part, delta, grid,
                                   n_nearest))  # fmt: skip
-        for name in ("retrieved", "decoded", "bytes_read"):
+        for name in ("retrieved", "decoded", "bytes_read", "fewer_than_k"):
             setattr(stats, name, getattr(stats, name) + getattr(part, name))
         stats.skipped.extend(part.skipped)
         stats.unverified.extend(part.unverified)
     tables = [t for t in tables if len(t)]
     if len(tables) == 1:  # a shard's few candidates: one piece, nothing to concatenate
         return tables[0], stats.to_dict(limit=None)
-    return (pd.concat(tables, ignore_index=True) if tables else empty_extractions()), stats.to_dict(limit=None)
+    return (pd.concat(tables, ignore_index=True) if tables else empty_indexed_extractions()), stats.to_dict(limit=None)
 
 
 def _eidetic_counts(per_candidate, rows, readable, kept, decoded, delta, grid) -> np.ndarray:
@@ -334,7 +413,9 @@ def _verify(candidates, images, verifier, stats, delta, grid, n_nearest):
     # 2. decode each retrieved image once (deduplicated over all candidates), at the
     #    candidates' resolution, by random access
     wanted = np.unique(rows[rows >= 0])
-    stats.retrieved = int((rows >= 0).sum())
+    n_retrieved = (rows >= 0).sum(axis=1)  # per candidate: K, or fewer (an IVF search's cells held fewer)
+    stats.retrieved = int(n_retrieved.sum())
+    stats.fewer_than_k = int((n_retrieved < min(k, len(verifier.index))).sum())
     before = verifier.reader.bytes_read
     kept, decoded, skipped = verifier.reader.read(wanted, size=images.shape[1:3], channels=images.shape[3])
     stats.decoded, stats.bytes_read, stats.skipped = len(kept), verifier.reader.bytes_read - before, skipped
@@ -395,14 +476,15 @@ def _verify(candidates, images, verifier, stats, delta, grid, n_nearest):
         # 5. this candidate's retrieved images, nearest first
         within = int(counts[c])
         top = r_c[: min(n_nearest, len(r_c))]
-        out.extend(
-            extraction_rows(
-                cand,
-                d_c[: len(top)],
-                [verifier.index.ids[int(r)] for r in top],
-                [verifier.index.captions[int(r)] for r in top],
-                within,
-                delta,
-            )
+        rows_c = extraction_rows(
+            cand,
+            d_c[: len(top)],
+            [verifier.index.ids[int(r)] for r in top],
+            [verifier.index.captions[int(r)] for r in top],
+            within,
+            delta,
         )
-    return pd.DataFrame(out, columns=EXTRACTION_COLUMNS) if out else empty_extractions()
+        for row in rows_c:
+            row["retrieved"] = int(n_retrieved[c])
+        out.extend(rows_c)
+    return pd.DataFrame(out, columns=INDEXED_EXTRACTION_COLUMNS) if out else empty_indexed_extractions()

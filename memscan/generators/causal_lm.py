@@ -259,10 +259,10 @@ class TransformersCausalLM:
         from memscan.lm.decoding import check_scheme
 
         top_k = None if not top_k else int(top_k)
-        top_p = None if top_p is None or top_p >= 1.0 else float(top_p)
         temps = temperature_steps(temperature, n_new)
         for t in sorted(set(temps)):
-            check_scheme(t, top_k, top_p)
+            check_scheme(t, top_k, top_p)  # before 1 means "off": a top-p above 1 is refused
+        top_p = None if top_p is None or top_p >= 1.0 else float(top_p)
         x = self._tensor(prefixes)
         b = x.shape[0]
         if n_new == 0 or b == 0:

@@ -10,8 +10,11 @@ An optional ``memscan.json`` beside them records how to turn a prompt into a cla
 trained for (sampler, steps, guidance scale, null class for classifier-free guidance).
 
 Sampling is an explicit loop so that every sample draws its initial noise and its per-step
-noise from its own ``torch.Generator`` seeded by the memscan seed: the image depends on its
-seed alone, not on the batch it was in.
+noise from its own ``torch.Generator`` seeded by the memscan seed: the image depends on its seed,
+and on the batch it was in only through float rounding (kernels differ with the batch size at
+~1e-6, which can move a pixel that sits on a rounding boundary by one grey level). The same seeds
+in the same batches give identical bytes; ``extract-unconditional`` therefore calls the model on
+whole batches at global multiples of its batch size, whatever the shard size.
 """
 
 from __future__ import annotations

@@ -37,6 +37,10 @@ On disk an index is a folder (nothing pickled), a run directory of kind ``index`
       locations.parquet where image i lives: path, member, offset, size (tar member data
                         offset and length for webdataset shards; -1 for image files), so
                         verification reads a retrieved image without scanning its shard
+      rows.arrow        the same ids, captions and locations as one uncompressed Arrow IPC file:
+                        what :meth:`TrainingIndex.load` memory-maps (shared by a node's
+                        processes through the page cache); used while the Parquet files are
+                        the ones it was written from (their size and mtime, recorded in it)
       index.faiss       faiss.write_index (ivf, ivfpq, hnsw); a flat index is its embeddings and
                         is rebuilt from embeddings.npy on load (memory-mapped: searched in place)
       index-NNN.faiss   the parts of an index built with ``shards`` > 1 (instead of index.faiss)
@@ -54,13 +58,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 
-from memscan.data.training import empty_training_set, list_source, nothing_readable
+from memscan.data.training import empty_training_set, list_source, nothing_readable, training_set_sha256
 from memscan.errors import InputError, MemscanError
 from memscan.generators.model_record import model_record
+from memscan.index.columns import StringColumn, column_of
 from memscan.index.embed_shards import EmbedWorker, embed_stage, gather_shards
 from memscan.index.embedders import load_embedder
-from memscan.index.locations import locations_table
+from memscan.index.locations import LOCATION_COLUMNS, locations_table
 from memscan.index.source import iter_batches
 from memscan.progress import progress_bar
 from memscan.runners import make_pool
@@ -192,12 +198,15 @@ class TrainingIndex:
     ):
         self.index = index
         self.embeddings = embeddings
-        self.ids = list(ids)
-        self.captions = list(captions)
+        #: row i's id and caption: lists, or (a loaded index) Arrow-backed
+        #: :class:`~memscan.index.columns.StringColumn` s that read like lists
+        self.ids = column_of(ids)
+        self.captions = column_of(captions)
         self.params = params
         self.meta = dict(meta or {})
         #: where each image lives (a table, row i ↔ embedding i: path, member, offset, size;
-        #: :mod:`memscan.index.locations`), or None (an index built from arrays, or before it)
+        #: :mod:`memscan.index.locations`; Arrow-backed columns when loaded), or None (an index
+        #: built from arrays, or before it)
         self.locations = locations
 
     def __len__(self) -> int:
@@ -304,11 +313,15 @@ class TrainingIndex:
             with open(tmp, "wb") as f:
                 np.save(f, np.ascontiguousarray(self.embeddings, dtype=np.float32), allow_pickle=False)
             os.replace(tmp, emb_path)
-        write_table(pd.DataFrame({"id": self.ids, "caption": self.captions}), root / "ids.parquet")
+        (root / ROWS_FILE).unlink(missing_ok=True)
+        write_table(pd.DataFrame({"id": list(self.ids), "caption": list(self.captions)}), root / "ids.parquet")
         if self.locations is not None:
-            write_table(self.locations.reset_index(drop=True), root / "locations.parquet")
+            locations = self.locations.reset_index(drop=True)
+            locations = locations.astype({c: object for c in ("path", "member")})  # plain strings in Parquet
+            write_table(locations, root / "locations.parquet")
         else:
             (root / "locations.parquet").unlink(missing_ok=True)
+        _write_rows_file(root)
         for old in [root / "index.faiss", *root.glob("index-[0-9][0-9][0-9].faiss")]:
             old.unlink(missing_ok=True)
         if self.params.index_type != "flat":
@@ -358,11 +371,13 @@ class TrainingIndex:
             )
         try:
             emb = np.load(root / "embeddings.npy", mmap_mode="r" if mmap else None, allow_pickle=False)
-            ids_df = pd.read_parquet(root / "ids.parquet")
-            locations = pd.read_parquet(root / "locations.parquet") if (root / "locations.parquet").exists() else None
+            rows = _read_rows(root, mmap)
         except (OSError, ValueError) as exc:  # missing, truncated or not-an-array files
             raise InputError(f"{root}: the index files cannot be read ({exc})"[:300], "rebuild the index") from None
-        if len(ids_df) != emb.shape[0] or emb.shape[0] != meta["count"] or emb.shape[1] != meta["dim"]:
+        locations = None
+        if set(LOCATION_COLUMNS) <= set(rows.column_names):  # Arrow-backed: nothing copied
+            locations = rows.select(LOCATION_COLUMNS).to_pandas(types_mapper=pd.ArrowDtype)
+        if rows.num_rows != emb.shape[0] or emb.shape[0] != meta["count"] or emb.shape[1] != meta["dim"]:
             raise InputError(
                 f"{root}: embeddings, ids and index.json disagree on the size", "the index is damaged; rebuild it"
             )
@@ -395,15 +410,87 @@ class TrainingIndex:
                     raise InputError(f"{root}: {name} holds {part.ntotal} vectors, not {b - a}", "rebuild the index")
                 parts.append(part)
             index = parts[0] if len(parts) == 1 else IndexParts(parts, [a for a, _ in bounds])
-        return cls(
-            index,
-            emb,
-            ids_df["id"].astype(str).tolist(),
-            ids_df["caption"].fillna("").astype(str).tolist(),
-            params,
-            meta,
-            locations,
-        )
+        return cls(index, emb, StringColumn(rows.column("id")), StringColumn(rows.column("caption")), params, meta,
+                   locations)  # fmt: skip
+
+
+#: The Arrow IPC file of an index's rows (ids, captions, locations) that a load memory-maps.
+ROWS_FILE = "rows.arrow"
+
+
+def _parquet_identity(root: Path) -> dict:
+    """The identity (size, mtime) of the Parquet files ``rows.arrow`` is made from."""
+    out = {}
+    for name in ("ids.parquet", "locations.parquet"):
+        try:
+            st = (root / name).stat()
+            out[name] = f"{st.st_size}:{st.st_mtime_ns}"
+        except FileNotFoundError:
+            out[name] = "absent"
+    return out
+
+
+def _as_strings(col, n: int):
+    """A Parquet column as Arrow strings (an all-null column, e.g. no captions, as nulls)."""
+    return pa.chunked_array([pa.nulls(n, pa.string())]) if col.type == pa.null() else col.cast(pa.string())
+
+
+def _rows_from_parquet(root: Path):
+    """The rows (id, caption, and the location columns if recorded) read from the Parquet files
+    into Arrow arrays (the tar ``path`` dictionary-encoded: 4 bytes a row)."""
+    import pyarrow.parquet as pq
+
+    ids = pq.read_table(root / "ids.parquet", columns=["id", "caption"])
+    n = ids.num_rows
+    rows = pa.table({"id": _as_strings(ids.column("id"), n), "caption": _as_strings(ids.column("caption"), n)})
+    if not (root / "locations.parquet").exists():
+        return rows
+    loc = pq.read_table(root / "locations.parquet", columns=LOCATION_COLUMNS, read_dictionary=["path"])
+    if loc.num_rows != n:
+        raise ValueError(f"locations.parquet has {loc.num_rows} rows, ids.parquet {n}")
+    for name in LOCATION_COLUMNS:
+        rows = rows.append_column(name, loc.column(name))
+    pa.default_memory_pool().release_unused()  # the decoding's scratch buffers
+    return rows
+
+
+def _write_rows_file(root: Path) -> None:
+    """Write ``rows.arrow`` from the index's Parquet files (temporary name, then renamed)."""
+    import pyarrow.ipc as ipc
+
+    table = _rows_from_parquet(root).combine_chunks()
+    meta = {f"memscan:{k}": v for k, v in _parquet_identity(root).items()}
+    table = table.replace_schema_metadata(meta)
+    tmp = root / f".{ROWS_FILE}.tmp-{os.getpid()}"
+    try:
+        with pa.OSFile(str(tmp), "wb") as sink, ipc.new_file(sink, table.schema) as writer:
+            writer.write_table(table)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, root / ROWS_FILE)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _read_rows(root: Path, mmap: bool):
+    """The index's rows as an Arrow table: ``rows.arrow`` (memory-mapped with ``mmap``) while it
+    matches the Parquet files it was made from; else (an index written before it, or Parquet
+    files changed since) the Parquet files, read into Arrow arrays."""
+    import pyarrow.ipc as ipc
+
+    path = root / ROWS_FILE
+    if path.exists():
+        try:
+            source = pa.memory_map(str(path)) if mmap else pa.OSFile(str(path))
+            table = ipc.open_file(source).read_all()
+            recorded = {k.decode()[len("memscan:") :]: v.decode() for k, v in (table.schema.metadata or {}).items()
+                        if k.startswith(b"memscan:")}  # fmt: skip
+            if recorded == _parquet_identity(root):
+                return table
+        except (OSError, ValueError):  # a damaged rows.arrow: the Parquet files hold the same rows
+            pass
+    return _rows_from_parquet(root)
 
 
 def open_index_part(path: str | Path, part: int):
@@ -664,6 +751,10 @@ def _trained_empty(emb: np.ndarray, params: IndexParams):
 
 #: Training images per shard of ``memscan index`` (the unit of commit and resume).
 INDEX_SHARD_SIZE = 8192
+#: What a resumed ``memscan index`` must share with the killed build (else it is refused):
+#: ``training_set_sha256`` is the listing's content hash
+#: (:func:`memscan.data.training.training_set_sha256`: each image's id and byte size).
+INDEX_IDENTITY = ("config", "training_set_sha256", "entries", "n_shards")
 
 
 def build_index(
@@ -739,8 +830,8 @@ def _remove_index(run: Run) -> None:
     """Empty an index folder for ``--overwrite`` (the lock is held): the old manifest, shards,
     index files and report go; the new build starts afresh."""
     root = run.root
-    for name in ("manifest.json", "index.json", "embeddings.npy", "ids.parquet", "locations.parquet", "index.faiss",
-                 "report.html"):  # fmt: skip
+    for name in ("manifest.json", "index.json", "embeddings.npy", "ids.parquet", "locations.parquet", ROWS_FILE,
+                 "index.faiss", "report.html"):  # fmt: skip
         (root / name).unlink(missing_ok=True)
     for part in root.glob("index-[0-9][0-9][0-9].faiss"):
         part.unlink()
@@ -752,8 +843,10 @@ def _remove_index(run: Run) -> None:
 def _build_run(
     run, train, emb_model, params, batch_size, device, workers, shard_size, progress, stop_after_shards, started
 ):
+
     store, root = run.store, run.root
-    # 1. list the training set (nothing decoded yet)
+    # 1. list the training set once (nothing decoded yet): its content hash identifies the run,
+    #    so a resume over other training data is refused before anything is embedded
     listing = list_source(train)
     n = len(listing.entries)
     if n == 0:
@@ -763,6 +856,7 @@ def _build_run(
     fields = {
         "config": {"embedder": embedder_spec, "index": asdict(params), "shard_size": shard_size},
         "source": str(train),
+        "training_set_sha256": training_set_sha256(listing),
         "entries": n,
         "n_shards": n_shards,
         "execution": {"batch_size": batch_size, "device": device, "workers": workers},
@@ -770,7 +864,7 @@ def _build_run(
     }
     if embedder_spec.get("type") != "pixel":  # a model embeds: record it like an attacked model
         fields["model"] = model_record(embedder_spec.get("path") or str(embedder_spec), emb_model)
-    run.start(fields, identity=("config", "entries", "n_shards"), started=started)
+    run.start(fields, identity=INDEX_IDENTITY, started=started)
     store.log(f"index: {n} training images in {n_shards} shards, embedder {embedder_spec}")
     # 2. embed shard by shard; each shard is committed once (a killed build resumes)
     entries = listing.entries

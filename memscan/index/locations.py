@@ -35,6 +35,7 @@ import pandas as pd
 from memscan.data.training import Entry, list_source
 from memscan.data.webdataset import TarSample, read_sample
 from memscan.errors import InputError
+from memscan.index.columns import StringColumn, column_of, int_column
 
 #: Columns of ``locations.parquet`` (row i ↔ embedding i): ``offset``/``size`` are -1 for image files.
 LOCATION_COLUMNS = ["path", "member", "offset", "size"]
@@ -74,12 +75,13 @@ class SourceReader:
     def __init__(self, ids: Sequence[str], captions: Sequence[str], locations: pd.DataFrame, workers: int = 2):
         if len(locations) != len(ids):
             raise ValueError(f"{len(locations)} locations for {len(ids)} ids")
-        self.ids = list(ids)
-        self.captions = list(captions)
-        self.paths = locations["path"].astype(str).tolist()
-        self.members = locations["member"].fillna("").astype(str).tolist()
-        self.offsets = locations["offset"].to_numpy(np.int64)
-        self.sizes = locations["size"].to_numpy(np.int64)
+        # Arrow-backed columns (a loaded index's, memory-mapped) are kept as they are: no copy
+        self.ids = column_of(ids)
+        self.captions = column_of(captions)
+        self.paths = _strings(locations["path"])
+        self.members = _strings(locations["member"])
+        self.offsets = int_column(locations["offset"])
+        self.sizes = int_column(locations["size"])
         self.workers = workers
         self.bytes_read = 0
         self.images_read = 0
@@ -140,6 +142,12 @@ class SourceReader:
         h, w = size if size is not None else (0, 0)
         stack = np.stack(images) if images else np.zeros((0, h, w, channels), np.uint8)
         return np.asarray(kept, np.int64), stack, skipped
+
+
+def _strings(series) -> Sequence[str]:
+    """A location column as strings: Arrow-backed as it is (nulls read as ""), else a list."""
+    col = column_of(series)
+    return col if isinstance(col, StringColumn) else series.fillna("").astype(str).tolist()
 
 
 def training_reader(index, train: str | None = None) -> SourceReader:

@@ -53,8 +53,8 @@ def scheme_logprobs(
     probability) to 1. ``top_k`` of ``None``/``0`` and ``top_p`` of ``None``/``1.0`` disable them.
     """
     top_k = None if not top_k else int(top_k)
+    check_scheme(temperature, top_k, top_p)  # before 1 means "off": a top-p above 1 is refused
     top_p = None if top_p is None or top_p >= 1.0 else float(top_p)
-    check_scheme(temperature, top_k, top_p)
     s = np.asarray(logprobs, dtype=np.float64) / float(temperature)
     v = s.shape[-1]
     if top_k is not None and top_k < v:

@@ -1,8 +1,9 @@
-"""Fuzzy de-duplication of generated samples by word trigrams (Carlini et al. 2021, §6.1 "Data De-Duplication"
-"Data De-Duplication").
+"""Fuzzy de-duplication of generated samples by word trigrams (Carlini et al. 2021, §6.1 "Data
+De-Duplication").
 
 The paper's rule, exactly: ``tri(s)`` is the **multiset** of word-level trigrams of ``s``, words
-split on whitespace and punctuation; ``s1`` is a duplicate of ``s2`` when
+split on whitespace and punctuation (any Unicode punctuation character, category P*, such as
+"—" and "“", and the ASCII ``string.punctuation``); ``s1`` is a duplicate of ``s2`` when
 
     |tri(s1) ∩ tri(s2)| ≥ |tri(s1)| / 2
 
@@ -22,6 +23,8 @@ Examples
 --------
 >>> sorted(word_trigrams("my name my name my name").items())
 [(('my', 'name', 'my'), 2), (('name', 'my', 'name'), 2)]
+>>> words("“Wait”—she said")
+['Wait', 'she', 'said']
 >>> is_near_duplicate("a b c d e", "a b c d x y z")  # 2 of 3 trigrams shared
 True
 >>> greedy_dedup(["a b c d e", "x y z w", "a b c d e f"]).keep.tolist()
@@ -30,8 +33,11 @@ True
 
 from __future__ import annotations
 
+import functools
 import re
 import string
+import sys
+import unicodedata
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 
@@ -39,12 +45,20 @@ import numpy as np
 
 __all__ = ["DedupResult", "greedy_dedup", "is_near_duplicate", "trigram_overlap", "word_trigrams", "words"]
 
-_SPLIT = re.compile(r"[\s" + re.escape(string.punctuation) + r"]+")
+
+@functools.cache
+def _split_pattern() -> re.Pattern:
+    """Whitespace, ASCII ``string.punctuation`` and every Unicode punctuation character (general
+    category P*: Pc, Pd, Ps, Pe, Pi, Pf, Po), as one character class (built once, ≈ 0.1 s)."""
+    punct = {c for c in string.punctuation}
+    punct.update(chr(c) for c in range(sys.maxunicode + 1) if unicodedata.category(chr(c)).startswith("P"))
+    return re.compile("[\\s" + "".join(re.escape(c) for c in sorted(punct)) + "]+")
 
 
 def words(text: str) -> list[str]:
-    """``text`` split on whitespace and ASCII punctuation (empty pieces dropped)."""
-    return [w for w in _SPLIT.split(text) if w]
+    """``text`` split on whitespace and punctuation — Unicode category P* and ASCII
+    ``string.punctuation`` — with empty pieces dropped."""
+    return [w for w in _split_pattern().split(text) if w]
 
 
 def word_trigrams(text: str) -> Counter:

@@ -4,8 +4,9 @@ each sampled training sequence occurs in the corpus, and the extractable rate as
 - :func:`duplicate_counts`: for every sequence of ``memscan lm extractable`` and prefix length k,
   ``suffix_count`` (occurrences of its m-token suffix in the corpus index) and ``window_count``
   (occurrences of the k-token prefix followed by the suffix). With a byte-mode index the tokens are
-  decoded with the model's tokenizer and counted as UTF-8 bytes (exact for byte-level tokenizers;
-  a multi-byte character cut by the window's edge decodes to U+FFFD and may then count 0).
+  decoded with the model's tokenizer and counted as UTF-8 bytes (:func:`window_bytes`: the text the
+  tokens stand for inside their document, a SentencePiece word's leading space included; a
+  multi-byte character cut by the window's edge decodes to U+FFFD and may then count 0).
 - :func:`duplication_curve`: the extractable rate in log₂ bins of the count (``[1, 2), [2, 4), …``;
   a count of 0, a sequence absent from the index, is its own bin and left out of the fit);
 - :func:`log_linear_fit`: the least-squares line ``extractable = a + b · log10 count`` over the
@@ -20,30 +21,62 @@ import math
 import numpy as np
 import pandas as pd
 
+from memscan.errors import InputError
 from memscan.lm.corpus_index import CorpusIndex, check_tokenizer
 
 
-def duplicate_counts(index: CorpusIndex, tokens: np.ndarray, left: int, prefix_lengths, suffix_length: int, lm=None):
+def window_bytes(lm, ids, *, document_start: bool = False) -> bytes:
+    """The UTF-8 bytes of the text the tokens ``ids`` stand for inside their document.
+
+    Decoding a window alone does not always give that text: a SentencePiece tokenizer (Llama,
+    T5, …) drops the leading space of the first token (``"▁word"`` decodes to ``"word"``, whose
+    bytes also occur inside ``"sword"``). So a window that does not start its document is decoded
+    after one more token, its own first token: ``decode([t₀, *ids])`` with ``decode([t₀])`` cut
+    from its front, where the space is kept. A window at a document's start
+    (``document_start``) is decoded alone: there the tokenizer added that space itself (the
+    dummy prefix), and the document's bytes do not hold it. Byte-level tokenizers (GPT-2, ByT5)
+    give the same bytes either way. A tokenizer whose decoding of ``[t₀, *ids]`` does not start
+    with that of ``t₀`` is refused (its windows' text is not known).
+    """
+    ids = [int(t) for t in np.asarray(ids).ravel()]
+    if document_start or not ids:
+        return lm.decode(ids).encode("utf-8")
+    head, both = lm.decode(ids[:1]), lm.decode(ids[:1] + ids)
+    if not both.startswith(head):
+        raise InputError(
+            f"the model's tokenizer decodes token {ids[0]} as {head!r} alone but not at the front of "
+            f"{both[: len(head) + 20]!r}, so the text of a window of tokens is not known for the byte index",
+            "index the corpus with the model's tokenizer instead (memscan lm index CORPUS --tokenizer MODEL)",
+        )
+    return both[len(head) :].encode("utf-8")
+
+
+def duplicate_counts(
+    index: CorpusIndex, tokens: np.ndarray, left: int, prefix_lengths, suffix_length: int, lm=None, starts=None
+):
     """``(suffix_count[N], window_count[N, K])`` for windows ``tokens`` (N × (left + right)), the
     suffix starting at column ``left``; ``window_count[:, j]`` is for ``prefix_lengths[j]``.
 
-    ``lm`` (its ``decode``) is needed with a byte-mode index; a token-mode index must share its
-    tokenizer (:func:`memscan.lm.corpus_index.check_tokenizer`)."""
+    ``lm`` (its ``decode``) is needed with a byte-mode index (:func:`window_bytes`), and so is
+    ``starts``, the document token index of each row's column 0 (``offset − left``; ``None``: no
+    row starts its document); a token-mode index must share its tokenizer
+    (:func:`memscan.lm.corpus_index.check_tokenizer`)."""
     if lm is not None:
         check_tokenizer(index, lm)
-
-    def key(ids):
-        if index.mode == "bytes":
-            return lm.decode(ids).encode("utf-8")
-        return ids
-
     n = len(tokens)
+    row_at_start = np.zeros(n, dtype=bool) if starts is None else np.asarray(starts) == 0
+
+    def key(i, a, b):
+        if index.mode == "bytes":
+            return window_bytes(lm, tokens[i, a:b], document_start=bool(row_at_start[i] and a == 0))
+        return tokens[i, a:b]
+
     suffix = np.zeros(n, dtype=np.int64)
     window = np.zeros((n, len(prefix_lengths)), dtype=np.int64)
     for i in range(n):
-        suffix[i] = index.count(key(tokens[i, left : left + suffix_length]))
+        suffix[i] = index.count(key(i, left, left + suffix_length))
         for j, k in enumerate(prefix_lengths):
-            window[i, j] = index.count(key(tokens[i, left - k : left + suffix_length]))
+            window[i, j] = index.count(key(i, left - k, left + suffix_length))
     return suffix, window
 
 

@@ -22,6 +22,17 @@ A run directory holds
 Definitions: :mod:`memscan.lm.memorization`. The window of every sequence is
 ``max(K, 32) + max(m, 32)`` tokens (K the longest prefix, m the suffix length), so that the Pythia
 score's 32 + 32 tokens fit too; documents shorter than that are skipped, counted and named.
+
+Every prefix is fed as it is by default, as in Carlini et al. 2022 and Biderman et al. 2023
+(sequences of packed training data). With ``document_start=True`` (``--document-start``), for
+models trained with a start token before each document (the Llama family), a prefix (of any
+length k, or the Pythia score's 32 tokens) that starts at token 0 of its document is decoded and
+scored after the document-start token (the model's BOS token, else its EOS token:
+:func:`memscan.lm.decoding.document_start`), the context the document had in training, as
+``lm exposure`` and ``lm extract`` do; a prefix that starts inside its document is still fed as it
+is (in packed training its context was other text). The manifest records the choice and the token
+(``document_start``). A model whose ``max_length`` is below the longest sequence the run feeds it
+(:func:`model_positions`) is refused before any work.
 """
 
 from __future__ import annotations
@@ -40,7 +51,7 @@ from memscan.generators.causal_lm import describe_lm, load_causal_lm
 from memscan.generators.model_record import model_record
 from memscan.lm.corpus_index import CorpusIndex
 from memscan.lm.corpus_index import check_tokenizer as check_index_tokenizer
-from memscan.lm.decoding import check_scheme
+from memscan.lm.decoding import check_scheme, document_start
 from memscan.lm.duplication import duplicate_counts, duplication_summary
 from memscan.lm.memorization import PYTHIA_LENGTH
 from memscan.lm.text_data import check_tokenizer, open_text_source, sample_sequences
@@ -66,6 +77,7 @@ class ExtractableConfig:
     top_k: int | None = 40
     top_p: float | None = None
     offsets: str = "random"
+    document_start: bool = False
     text_column: str = "text"
     device: str = "cpu"
     dtype: str = "auto"
@@ -79,8 +91,8 @@ class ExtractableConfig:
         if self.batch_size < 1:
             raise InputError(f"batch size {self.batch_size} must be ≥ 1", "e.g. --batch-size 64")
         top_k = int(self.top_k) if self.top_k else None
+        check_scheme(self.temperature, top_k, self.top_p)  # before 1 means "off": a top-p above 1 is refused
         top_p = float(self.top_p) if self.top_p is not None and self.top_p < 1 else None
-        check_scheme(self.temperature, top_k, top_p)
         return ExtractableConfig(**{**asdict(self), "prefix_lengths": ks, "top_k": top_k, "top_p": top_p})
 
     @property
@@ -116,6 +128,44 @@ def parse_prefix_lengths(text: str) -> tuple[int, ...]:
         raise InputError(
             f"--prefix-lengths {text!r} is not a list of integers", "e.g. --prefix-lengths 32,64"
         ) from None
+
+
+def model_positions(config: ExtractableConfig, start_token: bool) -> int:
+    """The longest token sequence the run feeds the model: a k-token prefix and its m-token suffix
+    under teacher forcing (``k + m``), the Pythia score's 32-token prefix and the 31 greedy tokens
+    fed back (``63``, unless taken from the k = 32 continuation), and one more token where a prefix
+    that starts its document is fed after the document-start token (``start_token``; only a
+    prefix of the window's full left length, ``max(K, 32)``, can start its document).
+
+    >>> model_positions(ExtractableConfig(prefix_lengths=(16,), suffix_length=16), True)
+    64
+    >>> model_positions(ExtractableConfig(prefix_lengths=(32, 64), suffix_length=50), False)
+    114
+    """
+    left, _ = config.window
+    m = config.suffix_length
+    lengths = [k + m + int(start_token and k == left) for k in config.prefix_lengths]
+    if PYTHIA_LENGTH not in config.prefix_lengths or m < PYTHIA_LENGTH:
+        lengths.append(2 * PYTHIA_LENGTH - 1 + int(start_token and left == PYTHIA_LENGTH))
+    return max(lengths)
+
+
+def _check_positions(config: ExtractableConfig, max_length: int | None, start_token: int | None) -> None:
+    """Refuse a model that takes fewer positions than :func:`model_positions`."""
+    need = model_positions(config, start_token is not None)
+    if not max_length or need <= max_length:
+        return
+    pythia = 2 * PYTHIA_LENGTH - 1 + int(start_token is not None and config.window[0] == PYTHIA_LENGTH)
+    after = " (each after the document-start token where it starts its document)" if start_token is not None else ""
+    raise InputError(
+        f"the run feeds the model sequences of up to {need} tokens — prefixes {list(config.prefix_lengths)} + "
+        f"suffix {config.suffix_length} under teacher forcing, and the Pythia score's {PYTHIA_LENGTH}-token "
+        f"prefix + {PYTHIA_LENGTH} greedy tokens{after} — more than the {max_length} positions of the model",
+        f"use a model of at least {need} positions (the Pythia score alone needs {pythia}, whatever "
+        "--prefix-lengths / --suffix-length say)"
+        if pythia > max_length
+        else f"lower --prefix-lengths / --suffix-length, or use a model of at least {need} positions",
+    )
 
 
 def _digest(sample) -> str:
@@ -170,14 +220,8 @@ def lm_extractable(
             lm = load_causal_lm(str(spec), device=config.device, dtype=config.dtype)
     else:
         lm = model
-    longest = max(config.prefix_lengths) + config.suffix_length
-    max_length = getattr(lm, "max_length", None)
-    if max_length and longest > max_length:
-        raise InputError(
-            f"a prefix of {max(config.prefix_lengths)} + suffix of {config.suffix_length} tokens exceeds the "
-            f"{max_length} positions of the model",
-            "lower --prefix-lengths / --suffix-length",
-        )
+    start_token = document_start(lm) if config.document_start else None
+    _check_positions(config, getattr(lm, "max_length", None), start_token)
     record = describe_lm(lm)
     tokenizer = record.get("tokenizer")
     check_tokenizer(source, (tokenizer or {}).get("vocab_sha256"), int(lm.vocab_size))
@@ -195,6 +239,9 @@ def lm_extractable(
         vocab_size=int(lm.vocab_size),
     )
     n = len(sample.offset)
+    starts = (sample.offset - left).astype(np.int64)  # the document token index of each window's first token
+    # the duplicate counts need no model: counted (and a tokenizer that cannot give them refused) first
+    counts = _duplicate_counts(index, sample, starts, config, lm) if index is not None else None
     n_shards = math.ceil(n / shard_size)
     seq_ids = np.arange(n, dtype=np.int64)
     cfg = config.to_dict()
@@ -204,6 +251,8 @@ def lm_extractable(
             sample.tokens[s * shard_size : (s + 1) * shard_size],
             left,
             cfg,
+            starts[s * shard_size : (s + 1) * shard_size],
+            start_token,
         )
         for s in range(n_shards)
     }
@@ -215,6 +264,14 @@ def lm_extractable(
                 "model_spec": model_record(spec if spec is not None else lm)["id"],
                 "data": {**source.record(), **sample.record()},
                 "sequences_sha256": _digest(sample),
+                "document_start": {
+                    "token": start_token,
+                    "rule": "put before a prefix that starts at token 0 of its document (BOS, else EOS); "
+                    "a prefix inside its document is fed as it is"
+                    if start_token is not None
+                    else "off: every prefix is fed as it is (--document-start puts BOS, else EOS, before "
+                    "a prefix that opens its document)",
+                },
                 "shard_size": shard_size,
                 "n_shards": n_shards,
                 "seeds": {
@@ -222,7 +279,7 @@ def lm_extractable(
                     "derivation": "numpy default_rng(seed): documents, then offsets",
                 },
             },
-            identity=("config", "model_spec", "shard_size", "n_shards", "sequences_sha256"),
+            identity=("config", "model_spec", "shard_size", "n_shards", "sequences_sha256", "document_start"),
             started=started,
         )
         if sample.skipped:
@@ -257,8 +314,9 @@ def lm_extractable(
             )
         merged = run.store.merge(n_shards, tables=("sequences",))["sequences"]
         table = _sequences_table(merged, sample)
-        if index is not None:
-            table = _with_duplicate_counts(table, index, sample, config, lm)
+        if counts is not None:
+            table = table.drop(columns=["suffix_count", "window_count"], errors="ignore")
+            table = table.merge(counts, on=["seq_id", "prefix_len"], how="left", validate="one_to_one")
             run.manifest["corpus_index"] = {
                 "path": str(index.root),
                 "mode": index.mode,
@@ -277,11 +335,11 @@ def lm_extractable(
     return ExtractableResult(Path(out), table, manifest, rates)
 
 
-def _with_duplicate_counts(table: pd.DataFrame, index, sample, config: ExtractableConfig, lm) -> pd.DataFrame:
+def _duplicate_counts(index, sample, starts: np.ndarray, config: ExtractableConfig, lm) -> pd.DataFrame:
     """``suffix_count`` and ``window_count`` of every (sequence, prefix length) row."""
     ks = list(config.prefix_lengths)
-    suffix, window = duplicate_counts(index, sample.tokens, sample.left, ks, config.suffix_length, lm)
-    counts = pd.DataFrame(
+    suffix, window = duplicate_counts(index, sample.tokens, sample.left, ks, config.suffix_length, lm, starts=starts)
+    return pd.DataFrame(
         {
             "seq_id": np.repeat(np.arange(len(suffix), dtype=np.int64), len(ks)),
             "prefix_len": np.tile(np.asarray(ks, dtype=np.int64), len(suffix)),
@@ -289,8 +347,6 @@ def _with_duplicate_counts(table: pd.DataFrame, index, sample, config: Extractab
             "window_count": window.reshape(-1),
         }
     )
-    table = table.drop(columns=["suffix_count", "window_count"], errors="ignore")
-    return table.merge(counts, on=["seq_id", "prefix_len"], how="left", validate="one_to_one")
 
 
 def _model_fields(describe: dict) -> dict:

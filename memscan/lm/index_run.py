@@ -8,7 +8,8 @@ resume there).
 - ``--tokenizer MODEL``: text is tokenized with the model's tokenizer (``encode``, no special
   tokens); its record (name, vocabulary sha256, size) is kept in ``index.json``, and pre-tokenized
   ids must carry the same vocabulary hash. Text must be valid UTF-8 (a ``.txt`` file that is not is
-  refused, naming the file and the byte).
+  refused, naming the file and the byte) and is read as the other ``memscan lm`` runs read it
+  (:mod:`memscan.lm.text_data`: a leading byte-order mark is dropped), so that token offsets agree.
 - ``--bytes``: the raw bytes of each document (a ``.txt`` file byte for byte, whatever its
   encoding; JSONL / Parquet text as UTF-8). Pre-tokenized ids are refused.
 """
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from memscan.data.prompts import read_utf8
 from memscan.errors import InputError, user_code
 from memscan.lm.corpus_index import DEFAULT_SHARD_TOKENS, CorpusIndex, build_corpus_index
 from memscan.lm.text_data import TextSource, _iter_file, check_tokenizer, open_text_source
@@ -57,17 +59,15 @@ def iter_corpus(source: TextSource, encode=None) -> Iterator[tuple[str, object]]
     else int64 token ids."""
     for f in source.files:
         if f.kind == "txt":
-            data = f.path.read_bytes()
             if encode is None:
-                yield _train_id(f, f.path.name), data
+                yield _train_id(f, f.path.name), f.path.read_bytes()
                 continue
             try:
-                text = data.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise InputError(
-                    f"{f.path} is not UTF-8 text (byte {exc.start}: {data[exc.start : exc.start + 1]!r})",
-                    "convert it to UTF-8, or index raw bytes with --bytes",
-                ) from None
+                # the reader of every run that reads this corpus (text_data): a leading byte-order
+                # mark is dropped, so the index's tokens and offsets are those the runs tokenize
+                text = read_utf8(f.path, "training text file")
+            except InputError as exc:
+                raise InputError(exc.message, "convert it to UTF-8, or index raw bytes with --bytes") from None
             yield _train_id(f, f.path.name), encode(text)
             continue
         try:

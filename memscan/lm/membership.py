@@ -47,6 +47,9 @@ from memscan.errors import InputError
 
 __all__ = [
     "DEFAULT_K_PERCENT",
+    "FLAT_RTOL",
+    "LOGPROB_ATOL",
+    "LOGSUMEXP_ATOL",
     "SCORE_DESCRIPTIONS",
     "SCORE_NAMES",
     "SIGMA_FLOOR",
@@ -71,8 +74,24 @@ __all__ = [
 DEFAULT_K_PERCENT = 20.0
 
 #: Below this standard deviation of log p(z) the next-token distribution is uniform on its
-#: support up to float rounding, and the standardized log-probability of a supported token is 0.
+#: support up to float64 rounding, and the standardized log-probability of a supported token is 0.
 SIGMA_FLOOR = 1e-10
+
+#: Relative tolerance of a flat (uniform on its support) next-token distribution for moments
+#: computed in float32, as the transformers adapter's fast path does: an exactly uniform
+#: distribution then has ``σ_t`` and ``|log p − μ_t|`` of a few float32 ε · ``|μ_t|`` (4.8e-6 for
+#: 50257 tokens, where ``μ_t = −10.8``) instead of 0. ``1e-5`` is ≈ 84 float32 ε (ε ≈ 1.2e-7).
+#: See :func:`standardized_logprobs`.
+FLAT_RTOL = 1e-5
+
+#: Per-token log-probabilities may exceed 0 by this much (float rounding of a log-softmax) and are
+#: then taken as 0; anything larger is not a log-probability. One value for every check of them
+#: (:func:`_logprobs` and :mod:`memscan.lm.mia_run`).
+LOGPROB_ATOL = 1e-6
+
+#: Each next-token row's ``logsumexp`` must be 0 within this (a distribution; float32 log-softmax
+#: rounding over a vocabulary of 10⁵–10⁶ tokens stays below 1e-4).
+LOGSUMEXP_ATOL = 1e-3
 
 #: Scores of a run, in report order (``reference`` only with a reference model).
 SCORE_NAMES = ("loss", "zlib", "lowercase", "min_k", "min_k_plus_plus", "reference")
@@ -98,8 +117,10 @@ def _logprobs(logprobs, name: str = "logprobs") -> np.ndarray:
         raise InputError(f"{name}: expected a 1-D array of per-token log-probabilities, got shape {lp.shape}")
     if lp.size == 0:
         raise InputError(f"{name}: no tokens to score", "a text needs at least 2 tokens (the first is not predicted)")
-    if np.isnan(lp).any() or (lp > 1e-9).any():
-        raise InputError(f"{name}: log-probabilities must be ≤ 0 and not NaN", "pass log p(x_t | x_<t)")
+    if np.isnan(lp).any() or (lp > LOGPROB_ATOL).any():
+        raise InputError(
+            f"{name}: log-probabilities must be ≤ 0 (up to {LOGPROB_ATOL:g}) and not NaN", "pass log p(x_t | x_<t)"
+        )
     return np.minimum(lp, 0.0)
 
 
@@ -207,22 +228,38 @@ def min_k_score(logprobs, k_percent: float = DEFAULT_K_PERCENT) -> float:
 
 
 # ---- Min-K%++ --------------------------------------------------------------------------------
-def next_token_moments(next_logprobs) -> tuple[np.ndarray, np.ndarray]:
+def next_token_moments(next_logprobs, name: str = "next_logprobs") -> tuple[np.ndarray, np.ndarray]:
     """``(μ_t, σ_t)`` of ``log p(z)`` under each next-token distribution ``p(· | x_<t)``, exactly
     over the vocabulary (Zhang et al. 2025, "Min-K%++: Improved Baseline for Detecting
     Pre-Training Data from Large Language Models", eq. 3):
 
         μ_t = Σ_z p(z) log p(z),      σ_t² = Σ_z p(z) (log p(z))² − μ_t²
 
-    ``next_logprobs`` is ``(..., V)`` log-probabilities (each row a distribution). σ² is computed
-    as ``Σ_z p(z) (log p(z) − μ_t)²``, equal to the paper's form and free of its cancellation;
+    ``next_logprobs`` is ``(..., V)`` log-probabilities, each row a distribution: its
+    ``logsumexp`` must be 0 within :data:`LOGSUMEXP_ATOL` (else :class:`InputError` naming
+    ``name``, the number of such rows and the first). σ² is computed as
+    ``Σ_z p(z) (log p(z) − μ_t)²``, equal to the paper's form and free of its cancellation;
     tokens with ``p(z) = 0`` contribute 0. Returns float64 arrays of shape ``(...)``.
     """
     lp = np.asarray(next_logprobs, dtype=np.float64)
     if lp.ndim < 1 or lp.shape[-1] < 1:
-        raise InputError(f"next_logprobs: expected (..., V) log-probabilities, got shape {lp.shape}")
-    # five passes over the (..., V) array: exp, Σ p·l, l − μ, its square, Σ p·(l − μ)²
-    p = np.exp(lp)
+        raise InputError(f"{name}: expected (..., V) log-probabilities, got shape {lp.shape}")
+    # six passes over the (..., V) array: exp, Σ p, Σ p·l, l − μ, its square, Σ p·(l − μ)²
+    with np.errstate(over="ignore", invalid="ignore"):
+        p = np.exp(lp)
+        total = p.sum(-1)  # exp(logsumexp) of each row
+        with np.errstate(divide="ignore"):
+            off = ~(np.abs(np.log(total)) <= LOGSUMEXP_ATOL)  # NaN and ±inf too
+    if off.any():
+        first = tuple(int(i) for i in np.argwhere(off)[0])
+        row = f"row {', '.join(map(str, first))}" if first else "the row"
+        raise InputError(
+            f"{name}: {int(off.sum())} of {off.size} next-token row(s) are not log-probability distributions "
+            f"(first: {row}, Σ exp(log p) = {float(total[first]):.6g}; each row's logsumexp must be 0 "
+            f"within {LOGSUMEXP_ATOL:g})",
+            "return the log-softmax of the logits over the whole vocabulary (in float32 or float64), "
+            "not logits or shifted log-probabilities",
+        )
     mu = np.einsum("...v,...v->...", p, lp)
     bad = ~np.isfinite(mu)  # rows with impossible tokens (log p = −inf: 0 · −inf is NaN)
     if bad.any():
@@ -238,18 +275,34 @@ def next_token_moments(next_logprobs) -> tuple[np.ndarray, np.ndarray]:
 
 
 def standardized_logprobs(logprobs, mu, sigma) -> np.ndarray:
-    """Per token ``(log p(x_t) − μ_t) / σ_t`` (Zhang et al. 2025, eq. 3). Where ``σ_t ≤``
-    :data:`SIGMA_FLOOR` the distribution is uniform on its support, every supported token is
-    exactly typical, and the value is 0 (``−inf`` for a token outside the support)."""
+    """Per token ``(log p(x_t) − μ_t) / σ_t`` (Zhang et al. 2025, eq. 3), with one rule for a
+    flat next-token distribution.
+
+    With ``tol_t = max(`` :data:`SIGMA_FLOOR` ``,`` :data:`FLAT_RTOL` ``· |μ_t|)``, the
+    distribution is flat — uniform on its support up to the rounding of moments computed in
+    float32 (or float64) — where ``σ_t ≤ tol_t``. On a flat distribution a token with
+    ``|log p(x_t) − μ_t| ≤ tol_t`` (or any supported token when ``σ_t = 0``) is exactly typical
+    and its value is 0; a token outside the support (``log p = −inf``) gets ``−inf``; a token off
+    the flat part with a negligible but nonzero probability keeps ``(log p − μ_t) / σ_t``. Without
+    the relative tolerance, float32 moments of a uniform distribution over 50257 tokens
+    (``σ_t ≈ |log p − μ_t| ≈ 4.8e-6``) gave ``±1`` instead of 0.
+
+    Examples
+    --------
+    >>> lp = np.float32(-np.log(50257))  # uniform, moments rounded as in float32
+    >>> standardized_logprobs([lp], [lp + 4.8e-6], [4.8e-6]).tolist()
+    [0.0]
+    """
     lp = _logprobs(logprobs)
     mu = np.asarray(mu, dtype=np.float64)
     sigma = np.asarray(sigma, dtype=np.float64)
     if mu.shape != lp.shape or sigma.shape != lp.shape:
         raise InputError(f"μ {mu.shape} and σ {sigma.shape} must match the {lp.shape} log-probabilities")
-    flat = sigma <= SIGMA_FLOOR
+    tol = np.maximum(SIGMA_FLOOR, FLAT_RTOL * np.abs(mu))
     with np.errstate(divide="ignore", invalid="ignore"):
-        z = (lp - mu) / np.where(flat, 1.0, sigma)
-    return np.where(flat, np.where(np.isfinite(lp), 0.0, -np.inf), z)
+        typical = (sigma <= tol) & np.isfinite(lp) & ((np.abs(lp - mu) <= tol) | (sigma == 0))
+        z = (lp - mu) / np.where(sigma > 0, sigma, 1.0)
+    return np.where(typical, 0.0, np.where(np.isfinite(lp), z, -np.inf))
 
 
 def min_k_plus_plus_score(logprobs, mu, sigma, k_percent: float = DEFAULT_K_PERCENT) -> float:

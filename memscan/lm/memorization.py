@@ -96,11 +96,19 @@ def samples_needed(log_p: np.ndarray, target: float) -> np.ndarray:
     ``(1 − p)^n`` is evaluated as ``exp(n · log1p(−p))`` and the ratio ``log1p(−τ)/log1p(−p)`` is
     rounded up and then checked against the criterion at ``n − 1`` and ``n``, so that float
     rounding never gives an ``n`` one too large or too small. A ``p`` so small that ``n`` exceeds
-    the float range is reported as ``inf`` as well (``log_p`` keeps the exact value).
+    the float range is reported as ``inf`` as well (``log_p`` keeps the exact value). A NaN
+    ``log_p`` (NaN log-probabilities from the model) is refused: it is not ``p = 0``.
     """
     if not (0 < target < 1):
         raise InputError(f"target {target} must be in (0, 1)", "e.g. 0.5 or 0.9")
     log_p = np.asarray(log_p, dtype=np.float64)
+    bad = np.flatnonzero(np.isnan(log_p.ravel()))
+    if bad.size:
+        raise InputError(
+            f"log p is NaN for {bad.size} of {log_p.size} suffixes (the first: position {int(bad[0])}): "
+            "the model's log-probabilities hold NaN",
+            "check the model's weights and dtype (float16 overflow gives NaN; try --dtype float32)",
+        )
     out = np.full(log_p.shape, np.inf)
     flat_in, flat_out = log_p.ravel(), out.reshape(-1)
     lt = np.log1p(-target)
@@ -112,7 +120,8 @@ def samples_needed(log_p: np.ndarray, target: float) -> np.ndarray:
             flat_out[i] = 1.0
             continue
         lq = np.log1p(-p)  # log(1 − p); 0 when p underflows: n beyond the float range
-        ratio = lt / lq if lq < 0 else np.inf
+        with np.errstate(over="ignore"):  # p below ~1e-308 (log p in (−745, −709)): n beyond the float range
+            ratio = lt / lq if lq < 0 else np.inf
         if not np.isfinite(ratio):
             continue
         if ratio >= 2**40:  # beyond, n·log(1 − p) cannot tell n from n ± 1 in float64

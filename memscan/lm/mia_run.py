@@ -358,7 +358,7 @@ def _next_token_pass(model, seqs: list[np.ndarray], batch_size: int, what: str):
                         "it must return B×(T−1)×V log-probabilities",
                     )
                 tok = np.take_along_axis(nlp, ids[:, 1:, None], axis=-1)[..., 0]
-                mu, sigma = ms.next_token_moments(nlp)
+                mu, sigma = ms.next_token_moments(nlp, name=f"{what}: next_token_logprobs")
             for j, i in enumerate(part):
                 out[i] = (tok[j], mu[j], sigma[j])
     return out
@@ -414,9 +414,10 @@ def lm_mia_stage(
         for name, arr in (("the model", lp), ("the model (lowercased text)", lower_lp[k])) + (
             (("the reference model", ref_lp[k]),) if ref_lp is not None else ()
         ):
-            if not np.all(np.isfinite(arr)) or np.any(arr > 1e-6):
+            if not np.all(np.isfinite(arr)) or np.any(arr > ms.LOGPROB_ATOL):
                 raise MemscanError(
-                    f"{name} gave a log-probability that is not finite and ≤ 0 on example {eid}",
+                    f"{name} gave a log-probability that is not finite and ≤ 0 (up to {ms.LOGPROB_ATOL:g}) "
+                    f"on example {eid}",
                     "check the model: per-token log-probabilities must be finite",
                 )
         row = {
@@ -628,6 +629,16 @@ def _tables(examples: pd.DataFrame, stats: pd.DataFrame, config: LmMiaConfig, wi
         if name == "min_k_plus_plus" and np.isnan(sc).all():
             skipped.append({"statistic": name, "reason": "the model has no next_token_logprobs (needed for μ_t, σ_t)"})
             continue
+        bad = ~np.isfinite(sc)
+        if bad.any():
+            first = examples["id"].iloc[int(np.flatnonzero(bad)[0])]
+            raise MemscanError(
+                f"score {name}: {int(bad.sum())} of {sc.size} example(s) have no value (NaN or infinite; "
+                f"first: example {first})",
+                "the model's next_token_moments gave NaN μ_t or σ_t there; check the adapter"
+                if name == "min_k_plus_plus"
+                else "check the model's per-token log-probabilities on that example",
+            )
         roc = roc_metrics(sc, y, bootstrap=config.bootstrap, seed=config.seed)
         params = {"k_percent": config.k_percent} if name in ("min_k", "min_k_plus_plus") else {}
         res = AttackResult(ATTACK, sc, roc, None, {**params, "max_tokens": config.max_tokens})

@@ -109,9 +109,9 @@ class LmExtractConfig:
         if int(self.decay_tokens) < 0:
             raise InputError(f"--decay-tokens {self.decay_tokens} must be ≥ 0", "e.g. --decay-tokens 20")
         top_k = int(self.top_k) if self.top_k else None
-        top_p = float(self.top_p) if self.top_p is not None and self.top_p < 1 else None
         for t in (self.temperature_start, self.temperature_end):
-            check_scheme(float(t), top_k, top_p)
+            check_scheme(float(t), top_k, self.top_p)  # before 1 means "off": a top-p above 1 is refused
+        top_p = float(self.top_p) if self.top_p is not None and self.top_p < 1 else None
         return LmExtractConfig(**{**asdict(self), "top_k": top_k, "top_p": top_p})
 
     def schedule(self) -> list[float]:
@@ -246,7 +246,7 @@ def _scored_logprobs(lm, contexts: list[np.ndarray], seqs: list[np.ndarray], bat
         for j, i in enumerate(batch):
             n = seqs[i].size
             row = lp[j, lp.shape[1] - n :] if n else lp[j, :0]
-            if row.size != n or not np.all(np.isfinite(row)) or np.any(row > 1e-6):
+            if row.size != n or not np.all(np.isfinite(row)) or np.any(row > ms.LOGPROB_ATOL):
                 raise MemscanError(
                     f"{what}: token_logprobs gave no finite log-probability ≤ 0 for every token",
                     "check the model: per-token log-probabilities must be finite",

@@ -92,13 +92,61 @@ def _leading_matches(greedy: np.ndarray, true: np.ndarray) -> np.ndarray:
     return np.where(eq.all(axis=1), eq.shape[1], np.argmin(eq, axis=1))
 
 
+def _after_start(x: np.ndarray, token: int) -> np.ndarray:
+    """``x`` (B×T) with the document-start ``token`` put before every row."""
+    return np.concatenate([np.full((len(x), 1), token, dtype=np.int64), x], axis=1)
+
+
+def _groups(at_start: np.ndarray, token: int | None):
+    """``(rows, after_start)`` of the batch: the rows fed as they are, then (with a ``token``) the
+    rows whose prefix starts its document, fed after the token (equal lengths within each group)."""
+    if token is None or not at_start.any():
+        return [(np.ones(len(at_start), dtype=bool), False)]
+    return [(rows, after) for rows, after in ((~at_start, False), (at_start, True)) if rows.any()]
+
+
+def greedy_in_context(lm, prefixes: np.ndarray, n_new: int, at_start: np.ndarray, token: int | None):
+    """``lm.greedy`` of each row's prefix, a row with ``at_start`` decoded after the document-start
+    ``token`` (the other rows as they are): ``(tokens B×n_new, top2_gap B×n_new)``."""
+    tokens = np.zeros((len(prefixes), n_new), dtype=np.int64)
+    gaps = np.zeros((len(prefixes), n_new), dtype=np.float64)
+    for rows, after in _groups(at_start, token):
+        x = _after_start(prefixes[rows], token) if after else prefixes[rows]
+        g, gap = lm.greedy(x, n_new)
+        tokens[rows], gaps[rows] = np.asarray(g, dtype=np.int64), np.asarray(gap, dtype=np.float64)
+    return tokens, gaps
+
+
+def teacher_forced_in_context(lm, windows: np.ndarray, k: int, at_start: np.ndarray, token: int | None, **scheme):
+    """:func:`~memscan.lm.memorization.teacher_forced` of the tokens after each row's ``k``-token
+    prefix, a row with ``at_start`` scored after the document-start ``token``: ``(argmax, log_q)``."""
+    width = windows.shape[1] - k
+    argmax = np.zeros((len(windows), width), dtype=np.int64)
+    log_q = np.zeros((len(windows), width), dtype=np.float64)
+    for rows, after in _groups(at_start, token):
+        x = _after_start(windows[rows], token) if after else windows[rows]
+        argmax[rows], log_q[rows] = teacher_forced(lm, x, k - 1 + int(after), **scheme)
+    return argmax, log_q
+
+
 def extractable_stage(
-    worker: LMWorker, seq_ids: np.ndarray, windows: np.ndarray, left: int, config: dict, progress=None
+    worker: LMWorker,
+    seq_ids: np.ndarray,
+    windows: np.ndarray,
+    left: int,
+    config: dict,
+    starts: np.ndarray | None = None,
+    start_token: int | None = None,
+    progress=None,
 ) -> tuple[dict[str, pd.DataFrame], dict]:
     """Every measure of :mod:`memscan.lm.memorization` for one shard of sequences.
 
-    ``windows[i]`` holds the sequence's tokens; the suffix starts at ``left``. Returns one row per
-    sequence and prefix length (``sequences``), and ``meta`` with counts and timings.
+    ``windows[i]`` holds the sequence's tokens; the suffix starts at ``left``; ``starts[i]`` is
+    the document token index of ``windows[i, 0]`` (``None``: no window starts its document). A
+    prefix that starts at token 0 of its document is greedily decoded and scored after
+    ``start_token`` (the document-start token, :func:`memscan.lm.decoding.document_start`; ``None``:
+    nothing is put before it); other prefixes are fed as they are. Returns one row per sequence
+    and prefix length (``sequences``), and ``meta`` with counts and timings.
     """
     lm = worker.lm
     m = int(config["suffix_length"])
@@ -110,6 +158,11 @@ def extractable_stage(
     for lo in range(0, len(seq_ids), bs):
         w = np.asarray(windows[lo : lo + bs], dtype=np.int64)
         ids = np.asarray(seq_ids[lo : lo + bs])
+        # the rows whose k-token prefix (document tokens first + left − k …) starts its document
+        first = None if starts is None else np.asarray(starts[lo : lo + bs], dtype=np.int64)
+        at_start = {
+            k: np.zeros(len(ids), dtype=bool) if first is None else first + left - k == 0 for k in {*ks, PYTHIA_LENGTH}
+        }
         which = f"sequences {int(ids[0])}…{int(ids[-1])}"
         true = w[:, left : left + m]
         true32 = w[:, left : left + PYTHIA_LENGTH]
@@ -118,12 +171,16 @@ def extractable_stage(
         g32 = None
         if PYTHIA_LENGTH not in ks or m < PYTHIA_LENGTH:
             with user_code(f"the language model failed on {which}"):
-                g32, _ = lm.greedy(w[:, left - PYTHIA_LENGTH : left], PYTHIA_LENGTH)
+                g32, _ = greedy_in_context(
+                    lm, w[:, left - PYTHIA_LENGTH : left], PYTHIA_LENGTH, at_start[PYTHIA_LENGTH], start_token
+                )
         results = {}
         for k in ks:
             with user_code(f"the language model failed on {which} (prefix {k})"):
-                greedy, gaps = lm.greedy(w[:, left - k : left], m)
-                argmax, log_q = teacher_forced(lm, w[:, left - k : left + m], k - 1, **scheme)
+                greedy, gaps = greedy_in_context(lm, w[:, left - k : left], m, at_start[k], start_token)
+                argmax, log_q = teacher_forced_in_context(
+                    lm, w[:, left - k : left + m], k, at_start[k], start_token, **scheme
+                )
             results[k] = (greedy, gaps, argmax, log_q)
             if k == PYTHIA_LENGTH and g32 is None:
                 g32 = np.asarray(greedy)[:, :PYTHIA_LENGTH]

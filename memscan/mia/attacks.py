@@ -48,10 +48,13 @@ __all__ = [
     "make_attack",
 ]
 
-#: Per-example standard deviations (LiRA without ``fixed_variance``) are floored at this value,
-#: so an example whose shadow statistics are all equal gives a very large but finite score instead
-#: of a division by zero. The fixed-variance estimate is never floored: a zero spread is an error.
-MIN_SIGMA = 1e-12
+#: Relative tolerance of "no spread" for per-example standard deviations (LiRA without
+#: ``fixed_variance``): a side's σ_i ≤ ``SIGMA_RTOL · max_m |s_mi|`` (over that example's values on
+#: that side) is an error, not a Gaussian. Such a spread is zero (identical shadow checkpoints) or
+#: within a few float32 roundings of the values (float32 ε ≈ 1.2e-7; losses are usually computed
+#: in float32), and dividing by it would give a huge score whose sign comes from rounding. Any
+#: larger spread, however small, is used as it is. σ is never floored.
+SIGMA_RTOL = 1e-6
 
 #: How a LiRA fit estimates σ: one per example, or one global value (``fixed_variance``) as the
 #: pooled within-example deviation or, without a degree of freedom for it, the global deviation.
@@ -294,14 +297,17 @@ def _fit_gaussians(
     """Gaussian fit of ``s[mask]`` per example (column): returns (mu, sigma, count).
 
     ``mu_i`` is the mean (or median) of column ``i``'s selected entries, ``n_i = count_i`` their
-    number. ``sigma`` (one of :data:`SIGMA_ESTIMATORS`) chooses the deviation:
+    number. ``location`` chooses ``mu`` only: every σ is a deviation around **means** (``m_i``,
+    the mean of column ``i``'s entries), as in Carlini et al.'s released code
+    (``research/mi_lira_2021/plot.py``: ``np.median`` for μ, ``np.std`` for σ). ``sigma`` (one of
+    :data:`SIGMA_ESTIMATORS`) chooses the deviation:
 
-    - ``"per_example"``: ``σ_i = sqrt(Σ_m∈sel(i) (s_mi − mu_i)² / n_i)``, the maximum-likelihood
-      (``ddof = 0``) deviation of each column, as ``np.std(dat, 1)`` in Carlini et al.'s code;
-      floored at :data:`MIN_SIGMA`.
+    - ``"per_example"``: ``σ_i = sqrt(Σ_m∈sel(i) (s_mi − m_i)² / n_i)``, the maximum-likelihood
+      (``ddof = 0``) deviation of each column, ``np.std(dat, 1)`` in that code. Never floored: a
+      column with ``σ_i ≤`` :data:`SIGMA_RTOL` ``· max |s_mi|`` has no spread.
     - ``"pooled"``: one value for every column, the pooled within-example deviation
-      ``σ = sqrt(Σ_i Σ_m∈sel(i) (s_mi − mu_i)² / Σ_i (n_i − 1))`` — the unbiased estimate (with
-      the mean as ``mu``) of a variance shared by all examples around their own ``mu_i``. Needs ``Σ_i (n_i − 1) ≥ 1``.
+      ``σ = sqrt(Σ_i Σ_m∈sel(i) (s_mi − m_i)² / Σ_i (n_i − 1))`` — the unbiased estimate of a
+      variance shared by all examples around their own means. Needs ``Σ_i (n_i − 1) ≥ 1``.
     - ``"global"``: one value, the deviation of all selected entries around their overall mean,
       ``np.std(s[mask])`` (``ddof = 0``), as the fixed-variance code of Carlini et al. (see
       :class:`LiRAOnline`). Used when no example has two values, so ``"pooled"`` is undefined.
@@ -309,21 +315,24 @@ def _fit_gaussians(
     Raises
     ------
     _NoSpread
-        ``"pooled"`` or ``"global"`` when the selected entries have no spread (σ would be 0):
-        every example's values equal among themselves (pooled), or all values equal (global).
+        When the selected entries have no spread (σ would be 0): some column's values equal among
+        themselves up to :data:`SIGMA_RTOL` (per example; ``examples`` lists those columns), every
+        example's values equal among themselves (pooled), or all values equal (global).
         :meth:`_LiRA._fit` turns it into a :class:`~memscan.errors.InputError`.
     """
     if sigma not in SIGMA_ESTIMATORS:
         raise ValueError(f"sigma: {sigma!r} is not one of {SIGMA_ESTIMATORS}")
     count = mask.sum(0)
     with np.errstate(invalid="ignore", divide="ignore"):
-        if location == "median":
-            mu = np.nanmedian(np.where(mask, s, np.nan), axis=0)
-        else:
-            mu = np.where(mask, s, 0.0).sum(0) / count
-        sq = np.where(mask, (s - mu) ** 2, 0.0)
+        mean = np.where(mask, s, 0.0).sum(0) / count
+        mu = np.nanmedian(np.where(mask, s, np.nan), axis=0) if location == "median" else mean
+        sq = np.where(mask, (s - mean) ** 2, 0.0)
         if sigma == "per_example":
-            return mu, np.maximum(np.sqrt(sq.sum(0) / count), MIN_SIGMA), count
+            sd = np.sqrt(sq.sum(0) / count)
+            flat = np.flatnonzero((count >= 2) & (sd <= SIGMA_RTOL * np.where(mask, np.abs(s), 0.0).max(0)))
+            if flat.size:
+                raise _NoSpread("have no spread across shadow models", examples=flat)
+            return mu, sd, count
     if sigma == "pooled":
         dof = _dof(mask)
         if dof < 1:
@@ -342,7 +351,12 @@ def _fit_gaussians(
 
 
 class _NoSpread(Exception):
-    """Internal: the shadow statistics of one side have no spread (σ = 0)."""
+    """Internal: the shadow statistics of one side have no spread (σ = 0); ``examples``: the
+    columns without spread (per-example σ only)."""
+
+    def __init__(self, message: str, examples: np.ndarray | None = None):
+        super().__init__(message)
+        self.examples = examples
 
 
 def _dof(mask: np.ndarray) -> int:
@@ -389,6 +403,17 @@ class _LiRA(Attack):
             return _fit_gaussians(-x.shadow_loss, mask, sigma=sigma, location=self.location)
         except _NoSpread as exc:
             side = "IN" if member_side else "OUT"
+            if exc.examples is not None:
+                k = exc.examples.size
+                first = ", ".join(str(int(i)) for i in exc.examples[:5]) + (", …" if k > 5 else "")
+                raise InputError(
+                    f"{self.name}: the {side} shadow statistics of {k} example(s) (index {first}) {exc} "
+                    f"(per-example σ ≤ {SIGMA_RTOL:g} × their magnitude), so σ ≈ 0 and no Gaussian "
+                    "can be fitted",
+                    "use a fixed variance (fixed_variance=True; in a run --attacks lira_online_fixed,"
+                    "lira_offline_fixed), or shadow models trained separately (own seeds and data): "
+                    "identical shadow checkpoints give identical statistics",
+                ) from None
             raise InputError(
                 f"{self.name} (fixed variance, {sigma} σ): the {side} shadow statistics {exc}, so σ = 0 "
                 "and no Gaussian can be fitted",
@@ -419,7 +444,8 @@ class LiRAOnline(_LiRA):
         number of IN (resp. OUT) values:
 
         - the **pooled within-example** deviation
-          ``σ² = Σ_i Σ_m (s_mi − μ_i)² / Σ_i (n_i − 1)``, when ``Σ_i (n_i − 1) ≥ 1`` for IN and
+          ``σ² = Σ_i Σ_m (s_mi − m_i)² / Σ_i (n_i − 1)`` (``m_i``: the mean of example ``i``'s
+          values, whatever ``location``), when ``Σ_i (n_i − 1) ≥ 1`` for IN and
           for OUT (some example has two values of each). It estimates the model's σ — the spread
           of one example's statistic across shadow models — without bias: dividing by
           ``Σ_i n_i`` instead would shrink σ² by ``1 − N/Σ_i n_i``, by different amounts for IN
@@ -438,13 +464,17 @@ class LiRAOnline(_LiRA):
         equal within every example) raise :class:`~memscan.errors.InputError`.
     location : {"mean", "median"}
         Estimator of ``μ``: the maximum-likelihood mean (default), or the median (as in the
-        authors' released code).
+        authors' released code). σ does not depend on it: it is always the deviation around the
+        mean (``np.std`` in that code, which also takes the median for μ).
 
     Notes
     -----
     Each example needs at least 2 IN and 2 OUT shadow statistics (1 with ``fixed_variance``).
-    Per-example ``σ`` is the ``ddof = 0`` deviation (``np.std(dat, 1)`` in the authors' code),
-    floored at :data:`MIN_SIGMA`. ``extras`` hold ``mu_in``, ``sigma_in``, ``n_in``, ``mu_out``,
+    Per-example ``σ`` is the ``ddof = 0`` deviation around the mean (``np.std(dat, 1)`` in the
+    authors' code), never floored: an example whose IN or OUT statistics have no spread
+    (``σ ≤`` :data:`SIGMA_RTOL` times their magnitude, e.g. two identical shadow checkpoints)
+    raises :class:`~memscan.errors.InputError` naming how many and which examples, with the hint
+    to use ``fixed_variance``. ``extras`` hold ``mu_in``, ``sigma_in``, ``n_in``, ``mu_out``,
     ``sigma_out``, ``n_out`` (all on the ``−loss`` scale).
 
     Examples
@@ -517,8 +547,9 @@ class LiRAOffline(_LiRA):
 
     Notes
     -----
-    Each example needs at least 2 OUT shadow statistics (1 with ``fixed_variance``). ``extras``
-    hold ``mu_out``, ``sigma_out``, ``n_out``, ``z`` and ``lambda``.
+    Each example needs at least 2 OUT shadow statistics (1 with ``fixed_variance``); OUT
+    statistics without spread are an error, as for :class:`LiRAOnline`. ``extras`` hold
+    ``mu_out``, ``sigma_out``, ``n_out``, ``z`` and ``lambda``.
 
     Examples
     --------

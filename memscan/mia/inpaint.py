@@ -69,6 +69,12 @@ def inpaint_mask(
     fraction : float
         Share of the image to hide, in (0, 1).
 
+    Raises
+    ------
+    memscan.errors.InputError
+        A mask that hides nothing (a side region of an image 1 pixel high or wide, a centre box of
+        such an image, a random mask of a 1×1 image): no distance could be measured.
+
     Examples
     --------
     >>> inpaint_mask((2, 4)).astype(int).tolist()
@@ -106,13 +112,22 @@ def inpaint_mask(
             m[rng.integers(h), rng.integers(w)] = True
         if m.all():
             m[rng.integers(h), rng.integers(w)] = False
+    if not m.any():
+        need = {"left": "2 columns", "right": "2 columns", "top": "2 rows", "bottom": "2 rows", "center": "2×2 pixels"}
+        raise InputError(
+            f"inpaint mask: the {region!r} region (fraction {fraction}) hides no pixel of an image of {h}×{w} "
+            "pixels, so there is nothing to inpaint",
+            f"the {region!r} region needs images of at least {need.get(region, '2 pixels')} (one hidden, one "
+            "kept); use larger images or another --region",
+        )
     return m
 
 
 def masked_l2(a: np.ndarray, b: np.ndarray, hidden: np.ndarray) -> np.ndarray:
     """Normalised ℓ2 (DESIGN.md) inside the hidden region: ``sqrt(mean over hidden pixels and
     channels of (a − b)²)`` for images in ``[0, 1]`` (``N×H×W×C``; ``hidden`` ``H×W`` or
-    ``N×H×W``).
+    ``N×H×W``). An image whose hidden region is empty is an :class:`~memscan.errors.InputError`
+    (the mean would be 0/0).
 
     Examples
     --------
@@ -125,6 +140,13 @@ def masked_l2(a: np.ndarray, b: np.ndarray, hidden: np.ndarray) -> np.ndarray:
     hid = np.broadcast_to(np.asarray(hidden, dtype=bool), a.shape[:3])
     sq = ((a - b) ** 2).mean(axis=3)
     count = hid.reshape(len(a), -1).sum(1)
+    if (count == 0).any():
+        first = int(np.flatnonzero(count == 0)[0])
+        raise InputError(
+            f"masked_l2: the hidden mask of {int((count == 0).sum())} image(s) is empty (first: image {first} "
+            f"of {len(a)}, {a.shape[1]}×{a.shape[2]}), so the distance is undefined",
+            "hide at least one pixel (inpaint_mask refuses masks that hide nothing)",
+        )
     return np.sqrt(np.where(hid, sq, 0.0).reshape(len(a), -1).sum(1) / count)
 
 

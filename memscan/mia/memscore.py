@@ -343,6 +343,14 @@ def memorization_score(
                         f"store {path}: shape {row.shape}, expected ({n},)",
                         "delete the file to recompute it",
                     )
+                bad = ~np.isfinite(row)
+                if bad.any():  # as _check_ll checks a fresh row
+                    raise InputError(
+                        f"store {path}: {int(bad.sum())} non-finite log-likelihood(s), first at example "
+                        f"{int(np.flatnonzero(bad)[0])}",
+                        "the file is damaged (M_i is undefined where log p(x_i) is NaN or ±inf); delete it to "
+                        "recompute it",
+                    )
             else:
                 train_idx = np.flatnonzero(assignments[r] != k)
                 model = train_fn(_take(data, train_idx))

@@ -107,6 +107,9 @@ class PerExampleStatistic:
         """Examples that one model batch takes: shards are cut at multiples of it."""
         raise NotImplementedError
 
+    def check(self, images: np.ndarray) -> None:
+        """Refuse, before any model runs, examples the statistic cannot be computed on."""
+
     def evaluate(self, p: Any, images: np.ndarray, condition: Any, example_ids: Sequence[int], *, keep: bool):
         """``(values T×n, tables)`` of model ``p`` on ``images`` (``n`` examples with the run's
         indices ``example_ids``); ``keep``: also return what the report shows (the target's)."""
@@ -182,6 +185,13 @@ class InpaintDistanceStatistic(PerExampleStatistic):
 
     def batch_examples(self) -> int:
         return int(self.config.batch_size)
+
+    def check(self, images: np.ndarray) -> None:
+        # every example's mask hides something (a random mask of a small image may not): refused
+        # here, naming the example, not in a worker after other shards ran
+        cfg, (h, w) = self.config, images.shape[1:3]
+        for i in range(len(images)):
+            inpaint_mask((h, w), cfg.region, fraction=cfg.fraction, seed=cfg.seed, example_id=i)
 
     def evaluate(self, p, images, condition, example_ids, *, keep):
         r = inpaint_distances(
@@ -568,6 +578,8 @@ def _open_and_attack(
         )
         s.sources["condition"] = condition
         stats = statistics_of(int(s.target.alphas_cumprod.numel()))
+        for st in stats:
+            st.check(s.images)  # before any shard, and before the manifest is written
         names = parse_attacks(attacks, bool(s.shadows))
         return attack_statistics(
             kind,

@@ -27,12 +27,18 @@ def stage_rows(manifest: dict) -> dict:
         rows[f"stage {name}"] = text
     full = manifest.get("evaluations_full_budget")
     total = manifest.get("evaluations_total", 0)
-    share = f" ({total / full:.1%} of the brute force's {full:,})" if full else ""
-    rows["evaluations total"] = f"{total:,} {unit}{share}"
+    n = stages.get("candidates", {}).get("prompts_kept")
+    spp = (manifest.get("config") or {}).get("samples_per_prompt")
+    brute = f"every one of the {n} candidates × {spp} generations" if n is not None and spp else "every candidate"
+    share = f": {total / full:.1%} of the brute force's {full:,} ({brute}); triage included" if full else ""
+    rows["evaluations total (all stages)"] = f"{total:,} {unit}{share}"
     budget = manifest.get("budget", {})
     rows["budget"] = (
         f"top {budget['top']} prompts" if budget.get("top") else f"{budget.get('evaluations') or 0:,} {unit}"
     )
+    left = stages.get("extract", {}).get("budget_left")
+    if left is not None:
+        rows["budget left"] = f"{left:,} {unit}"
     return rows
 
 
@@ -46,5 +52,10 @@ def build_audit_report(run: str | Path, out: str | Path | None = None, extra_sum
     extra_summary : more key → value rows shown under the stages (the demo's ground truth)
     """
     _, manifest = open_complete_run(run, "audit")
-    rows = {**stage_rows(manifest), **(extra_summary or {})}
-    return build_extraction_report(run, out, extra_summary=rows, kind="audit")
+    return build_extraction_report(
+        run,
+        out,
+        extra_summary=extra_summary,
+        kind="audit",
+        sections=[("Audit: stages and budget", stage_rows(manifest))],
+    )

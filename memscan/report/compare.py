@@ -12,9 +12,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import pandas as pd
-
-from memscan.compare.overlap import membership_matrix
+from memscan.compare.overlap import item_sets, membership_matrix
 from memscan.report.base import data_uri, environment, open_complete_run, png_base64, version, write_page
 from memscan.report.plots import heldout_plot, memorization_vs_attribute_plot, rates_by_duplicates_plot
 
@@ -22,6 +20,7 @@ from memscan.report.plots import heldout_plot, memorization_vs_attribute_plot, r
 SHOWN_COLUMNS = (
     "kind", "model", "params", "step", "train_size", "heldout_loss", "train_loss", "loss_gap", "prompts", "samples", "detections",
     "extractions", "detection_rate", "extraction_rate", "extracted_generations", "extracted_training_images",
+    "extracted_generation_rate",
     "examples", "members", "statistic", "attack", "auc", "auc_lo", "auc_hi", "tpr@1%fpr", "tpr@1%fpr_lo",
     "tpr@1%fpr_hi", "tpr@0.1%fpr", "tpr@0.1%fpr_lo", "tpr@0.1%fpr_hi", "memscore_mean", "memscore_median",
     "memscore_p90", "memscore_p99", "memscore_max", "sequences", "extractable", "extractable_rate",
@@ -32,9 +31,20 @@ SHOWN_COLUMNS = (
 
 
 def _fmt(v) -> str:
+    """A cell: empty for a missing value, a whole number as an integer (a count in a column
+    that holds NaN for other kinds is a float: 10000.0 is shown as 10000, never 1e+04), other
+    numbers to 4 significant digits.
+
+    Examples
+    --------
+    >>> _fmt(10000.0), _fmt(123456789.0), _fmt(0.123456), _fmt(float("nan")), _fmt("x")
+    ('10000', '123456789', '0.1235', '', 'x')
+    """
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return ""
     if isinstance(v, float):
+        if v.is_integer() and abs(v) < 1e15:
+            return str(int(v))
         return f"{v:.4g}"
     return str(v)
 
@@ -44,12 +54,10 @@ def build_compare_report(run: str | Path, out: str | Path | None = None) -> Path
     ``RUN/compare.html``) for a finished comparison; returns its path."""
     store, manifest = open_complete_run(run, "compare")
     root = store.root
-    table = pd.read_parquet(root / "compare.parquet")
-    overlap = pd.read_parquet(root / "overlap.parquet")
-    items = pd.read_parquet(root / "items.parquet")
-    dup = pd.read_parquet(root / "by_duplicates.parquet")
-    fits = pd.read_parquet(root / "fits.parquet")
-    outl = pd.read_parquet(root / "outliers.parquet")
+    # the store's reader: a missing or damaged table is one error naming it and the fix
+    table, overlap, items, dup, fits, outl = (
+        store.table(t) for t in ("compare", "overlap", "items", "by_duplicates", "fits", "outliers")
+    )
     label = dict(zip(table["run"], table["label"].astype(str)))
     by = manifest["by"]
 
@@ -66,16 +74,32 @@ def build_compare_report(run: str | Path, out: str | Path | None = None) -> Path
         dup_labels = [label[r] for r in runs]
     else:
         dup_labels = []
-    # 3. items and overlap
-    sets = {r: set(items.loc[items["run"] == r, "item"]) for r in table["run"]}
-    matrix = membership_matrix({label[r]: s for r, s in sets.items()}) if any(sets.values()) else pd.DataFrame()
-    item_rows = [(row["item"], [bool(row[label[r]]) for r in table["run"]]) for _, row in matrix.head(200).iterrows()]
-    ov_rows = [
-        (label[a], label[b], int(g["both"]), int(g["union"]), _fmt(float(g["jaccard"])))
-        for (a, b), g in overlap.set_index(["run_a", "run_b"]).iterrows()
-        if a < b or (a != b and False)
-    ]
-    ov_rows = [r for r in ov_rows if r[0] != r[1]]
+    # 3. items and overlap, per item type (runs whose items are different things are not paired);
+    #    keyed by run directory, never by label (labels may repeat in an old comparison)
+    sets, types = item_sets(items, table["run"], table["kind"])
+    order = {r: k for k, r in enumerate(table["run"])}
+    item_groups = []
+    for kind_of_item in dict.fromkeys(t for t in types.values() if t is not None):
+        runs_of = [r for r in table["run"] if types[r] == kind_of_item]
+        matrix = membership_matrix({r: sets[r] for r in runs_of})
+        if not len(matrix):
+            continue
+        pairs = overlap[overlap["run_a"].isin(runs_of) & overlap["run_b"].isin(runs_of)]
+        pairs = pairs[pairs["run_a"].map(order) < pairs["run_b"].map(order)]
+        item_groups.append(
+            {
+                "type": kind_of_item,
+                "labels": [label[r] for r in runs_of],
+                "rows": [(i, [bool(v) for v in flags]) for i, flags in zip(matrix.index[:200], matrix.values[:200])],
+                "n_items": len(matrix),
+                "pairs": [
+                    (label[a], label[b], int(both), int(union), _fmt(float(j)))
+                    for a, b, both, union, j in pairs[["run_a", "run_b", "both", "union", "jaccard"]].itertuples(
+                        index=False
+                    )
+                ],
+            }
+        )
     # 4. memorization vs the attribute
     fit_png = None
     if len(table) >= 2:
@@ -121,9 +145,7 @@ def build_compare_report(run: str | Path, out: str | Path | None = None) -> Path
             dup_rows=dup_rows,
             dup_labels=dup_labels,
             dup_png=dup_png,
-            item_rows=item_rows,
-            n_items=len(matrix),
-            ov_rows=ov_rows,
+            item_groups=item_groups,
             fits=fits.to_dict(orient="records"),
             fit_png=fit_png,
             heldout_png=heldout_png,

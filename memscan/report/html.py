@@ -32,8 +32,10 @@ def _index_verification_rows(manifest: dict) -> dict:
     return {
         "verification": f"through the {v['index_type']} index {v['index']}: each candidate against its "
         f"{v['retrieve']} retrieved training images (exact tiled ℓ2 among them)",
-        "k-eidetic counts": f"counted among the {v['retrieve']} retrieved training images only: a lower bound "
-        "(bounded by the retrieval)",
+        "k-eidetic counts": f"counted among the up to {v['retrieve']} retrieved training images only (each "
+        "candidate's retrieved column: an approximate index can return fewer): a lower bound, bounded by the "
+        "retrieval"
+        + (f"; {r['fewer_than_k']} candidate(s) got fewer than {v['retrieve']}" if r.get("fewer_than_k") else ""),
         "retrieved training images": f"{r.get('retrieved', 0)} retrieved, {r.get('decoded', 0)} decoded, "
         f"{r.get('skipped_count', 0)} unreadable (named in run.log)",
         "candidates not verified": (
@@ -45,7 +47,12 @@ def _index_verification_rows(manifest: dict) -> dict:
 
 
 def build_extraction_report(
-    run: str | Path, out: str | Path | None = None, extra_summary: dict | None = None, kind: str = "extract"
+    run: str | Path,
+    out: str | Path | None = None,
+    extra_summary: dict | None = None,
+    kind: str = "extract",
+    sections: list[tuple[str, dict]] | None = None,
+    extra_title: str = "Demo ground truth",
 ) -> Path:
     """Write ``report.html`` for a finished ``extract`` run; returns its path.
 
@@ -53,8 +60,12 @@ def build_extraction_report(
     ----------
     run : run directory
     out : output path (default ``RUN/report.html``)
-    extra_summary : optional key → value rows shown under the summary (the demo's ground truth)
+    extra_summary : optional key → value rows shown under the summary, headed ``extra_title``
+        (the demo's ground truth)
     kind : the run kind whose tables these are (``audit`` runs hold the same tables)
+    sections : ``(heading, key → value rows)`` shown under the summary, before ``extra_summary``
+        (an audit's stages and budget)
+    extra_title : the heading of ``extra_summary``
     """
     store, manifest = open_complete_run(run, kind)
     det, ext = store.table("detections"), store.table("extractions")
@@ -100,24 +111,31 @@ def build_extraction_report(
         )
     rates = extraction_rate_by_duplicates(det, ext)
     budget = None
+    share_label = "share of these prompts' full budget of generations"
     if cfg.get("adaptive"):
         rounds = ExtractConfig.from_dict(cfg).rounds()
         curve = adaptive_budget_curve(det, ext, rounds)
         budget = {
-            "png": png_base64(adaptive_budget_plot({"this run": curve})),
+            "png": png_base64(adaptive_budget_plot({"this run": curve}, xlabel=share_label)),
             "rows": curve.iloc[1:].to_dict("records"),
             "spent": int(det["n_samples"].sum()),
             "full": len(det) * rounds[-1],
             "stopped_early": int((det["n_samples"] < rounds[-1]).sum()),
             "prompts": len(det),
         }
-    extra_summary = {**(extra_summary or {}), **_index_verification_rows(manifest)}
+    sections = list(sections or [])
+    index_rows = _index_verification_rows(manifest)
+    if index_rows:
+        sections.append(("Verification through the training index", index_rows))
+    if extra_summary:
+        sections.append((extra_title, dict(extra_summary)))
     html = (
         environment()
         .get_template("report.html.j2")
         .render(
             **run_context(root, manifest),
-            extra_summary=list(extra_summary.items()),
+            sections=[(title, list(rows.items())) for title, rows in sections],
+            is_audit=kind == "audit",
             detection_png=png_base64(detection_distance_plot(det, cfg["alpha"], cfg["min_clique"])),
             duplication_png=png_base64(duplication_plot(rates)) if len(rates) else None,
             duplication_rows=rates.to_dict("records"),

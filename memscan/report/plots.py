@@ -17,6 +17,18 @@ def _fig():
     return plt
 
 
+def plain(text) -> str:
+    r"""Text from a run (a label, a caption) as matplotlib shows it literally: a ``$`` would open
+    mathtext (``$x^$`` fails to parse, ``$\alpha$`` renders as α), so each is escaped.
+
+    Examples
+    --------
+    >>> print(plain("$x^$ run"))
+    \$x^\$ run
+    """
+    return str(text).replace("$", r"\$")
+
+
 def _png(fig) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
@@ -124,14 +136,15 @@ def adaptive_budget_plot(
     ylabel: str = "extractions found",
     target: tuple[float, float] | None = None,
     legend: bool | None = None,
+    xlabel: str = "share of the full budget's model evaluations spent",
 ) -> bytes:
     """Extractions found against the share of model evaluations spent, one line per curve
     (columns ``evaluations_share`` and ``extractions_found``); ``target`` = (max share, min found)
-    draws the goal's corner."""
+    draws the goal's corner; ``xlabel`` says what the share is of."""
     plt = _fig()
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     for label, c in curves.items():
-        ax.plot(c["evaluations_share"], c["extractions_found"], "o-", ms=4, label=label)
+        ax.plot(c["evaluations_share"], c["extractions_found"], "o-", ms=4, label=plain(label))
     if target is not None:
         ax.axvline(target[0], ls="--", c="k", lw=0.8)
         ax.axhline(target[1], ls="--", c="k", lw=0.8)
@@ -140,7 +153,7 @@ def adaptive_budget_plot(
 
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))  # counts, not shares
     ax.set_xlim(0, 1.02)
-    ax.set_xlabel("share of the full budget's model evaluations spent")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     if legend or (legend is None and len(curves) > 1):
@@ -193,7 +206,7 @@ def rates_by_duplicates_plot(dup: pd.DataFrame, labels: dict) -> bytes:
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for run, g in dup.groupby("run", sort=False):
         g = g.sort_values("duplicate_count")
-        ax.plot(g["duplicate_count"], g["extraction_rate"], marker="o", label=str(labels.get(run, run)))
+        ax.plot(g["duplicate_count"], g["extraction_rate"], marker="o", label=plain(labels.get(run, run)))
     ax.set_xscale("log")
     ax.set_xlabel("duplicate count in the training set")
     ax.set_ylabel("extraction rate")
@@ -212,7 +225,7 @@ def memorization_vs_attribute_plot(table: pd.DataFrame, fits: pd.DataFrame, by: 
         ok = np.isfinite(x) & (x > 0) & np.isfinite(y)
         ax.plot(x[ok], y[ok], "o", label=f"{kind} ({g['memorization_measure'].iloc[0]})")
         for lab, xi, yi in zip(g["label"][ok], x[ok], y[ok]):
-            ax.annotate(str(lab), (xi, yi), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            ax.annotate(plain(lab), (xi, yi), fontsize=7, xytext=(3, 3), textcoords="offset points")
         f = fits[fits["kind"] == kind]
         if len(f) and ok.sum() >= 2:
             xs = np.geomspace(x[ok].min(), x[ok].max(), 50)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import time
 import traceback
@@ -432,8 +433,11 @@ class RayPool:
                     info = ray.get(ref)
                 except RayError as exc:
                     if isinstance(exc, RayActorError) and exc.actor_init_failed:
+                        # one line in the message; the remote traceback goes to run.log
+                        self.log(f"ray: worker {w.name} failed while loading:\n{_plain(str(exc))}")
                         raise MemscanError(
-                            f"a Ray worker failed while loading: {exc}", "the remote traceback above says why"
+                            f"a Ray worker failed while loading: {_remote_error_line(exc)}",
+                            "run.log has the worker's traceback",
                         ) from None
                     self._worker_died(w, exc, None)
                     continue
@@ -529,6 +533,24 @@ def map_shards(
 # --------------------------------------------------------------------------------------------
 # parts of a sharded index served by Ray actors, one per part
 # --------------------------------------------------------------------------------------------
+def _plain(text: str) -> str:
+    """``text`` without terminal colour codes (Ray colours the remote task's name)."""
+    return re.sub(r"\x1b\[[0-9;]*m", "", text)
+
+
+def _remote_error_line(exc: BaseException) -> str:
+    """The line naming the exception a Ray worker raised (``Type: message``, after the remote
+    traceback in Ray's text), else :func:`memscan.errors.first_line`."""
+    lines = _plain(str(exc)).splitlines()
+    frames = [i for i, line in enumerate(lines) if line.lstrip().startswith('File "')]
+    if frames:
+        for line in lines[frames[-1] + 1 :]:
+            if line and not line[0].isspace():
+                text = line.strip()
+                return text if len(text) <= 300 else text[:299] + "…"
+    return first_line(exc)
+
+
 class IndexPartServer:
     """A Ray actor holding one part of an index built in shards, answering searches of it in
     global rows.
@@ -590,6 +612,9 @@ class RayIndexParts:
         actor = ray.remote(IndexPartServer).options(num_cpus=cpus_per_part, max_restarts=1, max_task_retries=1)
         self.servers = [actor.remote(opener, tuple(a), max(1, int(cpus_per_part))) for a in part_args]
         self.sizes = ray.get([s.ntotal.remote() for s in self.servers])  # each part opened (or its error)
+        #: which servers these are, the same in every process this object is sent to (the cache of
+        #: :func:`memscan.extraction.verify_index.open_index_verifier` is keyed by it)
+        self.key = ("ray-actors", *(s._actor_id.hex() for s in self.servers))
 
     @property
     def ntotal(self) -> int:

@@ -2,13 +2,16 @@
 
 A triage run directory holds
 
-- ``scores.parquet`` — one row per prompt: ``wen_score``, ``webster_score``, their ranks (1 =
-  most likely memorized), the UNet evaluations spent, and the prompt's ``train_id`` /
-  ``duplicate_count`` when the prompts table had them;
+- ``scores.parquet`` — one row per prompt: ``<score>_score`` and ``<score>_rank`` (1 = most
+  likely memorized) for each score the run computed (``config.scores``: ``wen`` and/or
+  ``webster``; a score not asked for has no columns), the UNet evaluations spent, and the
+  prompt's ``train_id`` / ``duplicate_count`` when the prompts table had them;
 - ``prompts.csv`` — the prompts ranked by the chosen score (highest first), cut to ``top`` and/or
   ``min_score``; ``memscan extract --prompts RUN/prompts.csv`` reads it as it is;
 - ``manifest.json`` — configuration, model (id, parameters, training step, pipeline, dtype),
-  seeds, versions, the cost per prompt next to the full attack's, ranking and throughput;
+  the scores' definitions and what they depend on (``scores``: timesteps scored, ``σ_max``,
+  ``c_empty``, guidance's unconditional input, latent shape), seeds, versions, the cost per
+  prompt next to the full attack's, ranking and throughput;
 - ``shards/`` — each shard's scores and completion record (``--resume`` redoes only the rest),
   ``run.log``, and ``report.html`` once ``memscan report RUN`` made it.
 
@@ -32,11 +35,20 @@ from memscan.errors import InputError, MemscanError
 from memscan.generators.diffusers_models import check_model_dir, load_scheduler, model_dirs, read_meta, read_model_json
 from memscan.generators.diffusers_unet import DiffusersUNetGenerator
 from memscan.generators.model_record import model_record
+from memscan.generators.noise import ddim_scheduler_like
 from memscan.generators.text2image import Text2ImageGenerator
 from memscan.runners.shards import run_shards
 from memscan.store import RunStore, open_run, write_table
-from memscan.triage.scores import SCORES, TriageConfig
+from memscan.triage.scores import (
+    SCORE_DEFINITIONS,
+    SCORES,
+    TriageConfig,
+    scored_timesteps,
+    unet_evaluations_by_score,
+    unet_evaluations_per_prompt,
+)
 from memscan.triage.worker import (
+    check_text2image_options,
     describe_triage_worker,
     is_unet_model_dir,
     shard_prompts,
@@ -79,7 +91,9 @@ def prompt_table(prompts) -> tuple[pd.DataFrame, dict]:
 
 
 def select_ranked(scores: pd.DataFrame, score: str = "wen", top: int | None = None, min_score: float | None = None):
-    """Prompts sorted by ``score`` (highest first; ties by prompt id), cut to ``top`` / ``min_score``.
+    """Prompts sorted by ``score`` (highest first; ties by prompt id; a missing score last), cut
+    to ``top`` / ``min_score``. A score the table has no column for (the run did not compute it)
+    is refused.
 
     Examples
     --------
@@ -95,7 +109,13 @@ def select_ranked(scores: pd.DataFrame, score: str = "wen", top: int | None = No
     if top is not None and top < 1:
         raise InputError(f"top={top}", "keep at least 1 prompt")
     col = f"{score}_score"
-    ranked = scores.sort_values([col, "prompt_id"], ascending=[False, True], kind="mergesort")
+    if col not in scores:
+        computed = [s for s in SCORES if f"{s}_score" in scores]
+        raise InputError(
+            f"the triage scores hold no {score} score (computed: {', '.join(computed) or 'none'})",
+            f"rank by one of those, or triage again with --scores including {score}",
+        )
+    ranked = scores.sort_values([col, "prompt_id"], ascending=[False, True], kind="mergesort", na_position="last")
     if min_score is not None:
         ranked = ranked[ranked[col] >= min_score]
     if top is not None:
@@ -109,7 +129,7 @@ def triage(
     out: str | Path,
     config: TriageConfig = TriageConfig(),
     *,
-    score: str = "wen",
+    score: str | None = None,
     top: int | None = None,
     min_score: float | None = None,
     progress: bool = True,
@@ -119,7 +139,8 @@ def triage(
     runner_options=None,
     stop_after_shards: int | None = None,
 ) -> TriageResult:
-    """Score every prompt (Wen et al. 2024, Webster 2023) and write a triage run directory.
+    """Score every prompt (Wen et al. 2024 and/or Webster 2023, ``config.scores``) and write a
+    triage run directory.
 
     Parameters
     ----------
@@ -132,7 +153,8 @@ def triage(
         strings, or a table with ``prompt_id``, ``prompt``
     out : the triage run directory (must not hold a run already, unless ``resume``)
     config : :class:`TriageConfig`
-    score : which score ranks ``prompts.csv`` (``wen`` or ``webster``)
+    score : which score ranks ``prompts.csv`` (``wen`` or ``webster``, one of ``config.scores``;
+        None: the first of them, ``wen`` when it is computed)
     top, min_score : keep the ``top`` highest-scoring prompts and/or those scoring ≥ ``min_score``
     resume : finish the run in ``out`` (same config, shard size and prompts); committed shards
         are kept. The ranking options may differ: ``prompts.csv`` is made from the merged scores.
@@ -144,7 +166,13 @@ def triage(
     stop_after_shards : stop after this many new shards (a kill hook for tests of resume)
     """
     config = config.validate()
-    select_ranked(pd.DataFrame(columns=["prompt_id", "wen_score", "webster_score"]), score, top, min_score)
+    score = score or config.scores[0]
+    if score in SCORES and score not in config.scores:
+        raise InputError(
+            f"--score {score} ranks by a score this run does not compute (--scores {','.join(config.scores)})",
+            f"add {score} to --scores, or rank by {config.scores[0]}",
+        )
+    select_ranked(pd.DataFrame(columns=["prompt_id", *(f"{s}_score" for s in SCORES)]), score, top, min_score)
     df, info = prompt_table(prompts)  # bad prompts fail here, before the run or the model
     if runner == "local":
         check_device(config.device)  # the model loads in this process: a missing GPU fails here
@@ -155,6 +183,8 @@ def triage(
     steps = config.num_inference_steps or int(meta.get("num_inference_steps", 50))
     guidance = config.guidance_scale if config.guidance_scale is not None else float(meta.get("guidance_scale", 7.5))
     config = TriageConfig(**{**config.to_dict(), "num_inference_steps": steps, "guidance_scale": guidance}).validate()
+    _check_schedule(model, config)  # a schedule the Wen score refuses, before the run directory
+    _check_options(model, config)  # height/width/negative prompt for a UNet2DModel: refused here too
     per_shard = shard_prompts(shard_size, config)
     n_shards = math.ceil(len(df) / per_shard)
     ids, texts = df["prompt_id"].astype(str).tolist(), df["prompt"].astype(str).tolist()
@@ -170,21 +200,26 @@ def triage(
                 "prompts": {**info, "count": len(df)},
                 "prompts_sha256": prompts_sha256(ids, texts),
                 "model_spec": model_record(model)["id"],
+                "definitions": {s: SCORE_DEFINITIONS[s] for s in config.scores},
                 "shard_size": per_shard,
                 "n_shards": n_shards,
                 "seeds": {"run_seed": config.seed, "derivation": "blake2b(run_seed, prompt_id, generation) → 63-bit"},
             },
-            identity=("config", "shard_size", "n_shards", "prompts_sha256", "model_spec"),
+            # a run started with other score definitions (an older memscan) is not resumed into
+            identity=("config", "shard_size", "n_shards", "prompts_sha256", "model_spec", "definitions"),
             started=started,
         )
         run.store.log(
             f"triage: {len(df)} prompts in {n_shards} shards of {per_shard}, {config.generations} generations each"
         )
         with triage_pool(runner, model, config, runner_options, log=run.store.log) as pool:
-            # 3. the model as a worker loaded it (the driver of a Ray run loads nothing)
+            # 3. the model as a worker loaded it (the driver of a Ray run loads nothing), and what
+            #    the scores depend on there: timesteps, σ_max, c_empty, guidance, latent shape
+            loaded = pool.call(describe_triage_worker)
             run.manifest.update(
-                model=_model_info(model, source, pool.call(describe_triage_worker)), runner=pool.describe()
+                model=_model_info(model, source, loaded), runner=pool.describe(), scores=loaded["scores"]
             )
+            per_prompt = int(loaded["scores"]["unet_evaluations_per_prompt"])
             run.save()
             # 4. score the shards not yet committed
             run_shards(
@@ -200,11 +235,11 @@ def triage(
                 describe=lambda s, t: f"{len(t['scores'])} prompts",
             )
         # 5. tables from the merged shards: scores (all prompts), the ranked and cut prompts file
-        table, ranked = _write_tables(run, df, n_shards, config, score, top, min_score)
+        table, ranked = _write_tables(run, df, n_shards, config, score, top, min_score, per_prompt)
         seconds = sum(float(run.store.shard_record(s).get("seconds", 0.0)) for s in range(n_shards))
         manifest = run.finish(
             ranking={"score": score, "top": top, "min_score": min_score, "kept": len(ranked)},
-            cost=triage_cost(config),
+            cost=triage_cost(config, per_prompt, loaded["scores"].get("unet_evaluations_by_score")),
             throughput={
                 "seconds": round(seconds, 3),
                 "prompts_per_s": round(len(table) / seconds, 2) if seconds else None,
@@ -221,14 +256,14 @@ def _model_info(model, source: str | None, loaded: dict) -> dict:
     return {**info, "pipeline": loaded["pipeline"], "dtype": loaded["dtype"]}
 
 
-def _write_tables(run, df: pd.DataFrame, n_shards: int, config: TriageConfig, score, top, min_score):
+def _write_tables(run, df: pd.DataFrame, n_shards: int, config: TriageConfig, score, top, min_score, per_prompt):
     """Merge the shards, write ``scores.parquet`` and ``prompts.csv``; returns both tables."""
     merged = run.store.merge(n_shards, tables=("scores",))["scores"]
     if merged["prompt_id"].astype(str).tolist() != df["prompt_id"].astype(str).tolist():
         raise MemscanError(
             f"the shards of {run.root} do not hold the prompts of this run", "start a new run with another --out"
         )
-    table = scores_table(df, merged, config)
+    table = scores_table(df, merged, config, per_prompt)
     ranked = select_ranked(table, score, top, min_score)
     write_table(table, run.root / "scores.parquet")
     cols = ["prompt_id", "prompt", "train_id", "duplicate_count", f"{score}_score"]
@@ -238,29 +273,49 @@ def _write_tables(run, df: pd.DataFrame, n_shards: int, config: TriageConfig, sc
     return table, ranked
 
 
-def triage_cost(config: TriageConfig) -> dict:
-    """UNet evaluations per prompt of triage against the full attack's."""
+def triage_cost(config: TriageConfig, per_prompt: int | None = None, by_score: dict | None = None) -> dict:
+    """UNet evaluations per prompt of triage (``per_prompt``, as the worker's model counts them
+    for the asked scores, ``by_score`` per score; None: :func:`_default_evaluations`) against the
+    full attack's."""
     full = FULL_ATTACK["samples_per_prompt"] * FULL_ATTACK["num_inference_steps"] * FULL_ATTACK["evaluations_per_step"]
-    per_prompt = 2 * config.generations * config.steps
+    if per_prompt is None:
+        per_prompt = _default_evaluations(config)
     return {
         "unet_evaluations_per_prompt": per_prompt,
+        "unet_evaluations_by_score": by_score or _default_evaluations(config, by_score=True),
         "full_attack_unet_evaluations_per_prompt": full,
         "full_attack": FULL_ATTACK,
         "share_of_full_attack": per_prompt / full,
     }
 
 
-def scores_table(df: pd.DataFrame, merged: pd.DataFrame, config: TriageConfig) -> pd.DataFrame:
-    """One row per prompt: its ids, both scores, their ranks (1 = most likely memorized), the cost."""
+def _default_evaluations(config: TriageConfig, by_score: bool = False):
+    """UNet evaluations per prompt of the asked scores for a model guided when
+    ``guidance_scale > 1`` (as diffusers pipelines), with a negative prompt when the config names
+    one (per score with ``by_score``)."""
+    g = config.guidance_scale
+    kwargs = {"guided": g is None or float(g) > 1.0, "negative_prompt": bool(config.negative_prompt)}
+    if by_score:
+        return unet_evaluations_by_score(config, **kwargs)
+    return unet_evaluations_per_prompt(config, **kwargs)
+
+
+def scores_table(
+    df: pd.DataFrame, merged: pd.DataFrame, config: TriageConfig, per_prompt: int | None = None
+) -> pd.DataFrame:
+    """One row per prompt: its ids, the computed scores (``config.scores``; a score not asked
+    for has no columns) and their ranks (1 = most likely memorized; a missing score ranks last),
+    the cost (``per_prompt`` UNet evaluations, see :func:`triage_cost`)."""
     table = df[["prompt_id", "prompt", "train_id", "duplicate_count"]].copy()
     table["duplicate_count"] = pd.to_numeric(table["duplicate_count"], errors="coerce").astype("Int64")
-    table["wen_score"] = merged["wen_score"].to_numpy(dtype=float)
-    table["webster_score"] = merged["webster_score"].to_numpy(dtype=float)
-    for s in SCORES:
-        table[f"{s}_rank"] = table[f"{s}_score"].rank(ascending=False, method="min").astype(int)
+    for s in config.scores:
+        table[f"{s}_score"] = merged[f"{s}_score"].to_numpy(dtype=float)
+    for s in config.scores:
+        rank = table[f"{s}_score"].rank(ascending=False, method="min", na_option="bottom")
+        table[f"{s}_rank"] = rank.astype(int)
     table["generations"] = config.generations
     table["steps"] = config.steps
-    table["unet_evaluations"] = 2 * config.generations * config.steps
+    table["unet_evaluations"] = _default_evaluations(config) if per_prompt is None else int(per_prompt)
     return table
 
 
@@ -285,6 +340,34 @@ def _sampling_defaults(model) -> tuple[str | None, dict]:
     if hasattr(model, "unet"):
         return type(model).__name__, {}
     raise InputError(f"cannot triage a {type(model).__name__}", "pass a pipeline directory, hub id or pipeline")
+
+
+def _check_schedule(model, config: TriageConfig) -> None:
+    """Refuse a schedule whose first scored timestep is too low
+    (:func:`~memscan.triage.scores.scored_timesteps`) when the model's scheduler can be read
+    without loading the model; a hub id is checked by its worker (before any shard). Only the
+    Wen score has scored timesteps: a run without it is not refused."""
+    if "wen" not in config.scores:
+        return
+    if isinstance(model, Text2ImageGenerator):
+        scheduler = model.pipe.scheduler
+    elif isinstance(model, (str, Path)):
+        root = Path(model)
+        _, sched_dir = model_dirs(root)
+        if not (sched_dir / "scheduler_config.json").is_file():
+            return  # a hub id, or a directory the loader will refuse with its own error
+        scheduler = load_scheduler(sched_dir)
+    else:
+        scheduler = getattr(model, "scheduler", None)
+    if scheduler is not None:
+        scored_timesteps(ddim_scheduler_like(scheduler), config)
+
+
+def _check_options(model, config: TriageConfig) -> None:
+    """Refuse ``height``/``width``/``negative_prompt`` for a UNet2DModel before the run directory
+    is written (the worker refuses them too)."""
+    if isinstance(model, DiffusersUNetGenerator) or (isinstance(model, (str, Path)) and is_unet_model_dir(model)):
+        check_text2image_options(model, config)
 
 
 def _class_model_meta(root: Path) -> dict:

@@ -34,6 +34,7 @@ from memscan.triage.scores import (
     TriageConfig,
     TriageModel,
     score_prompts,
+    score_record,
     text2image_triage_model,
 )
 
@@ -75,31 +76,74 @@ def setup_triage(model: Any, config: TriageConfig) -> TriageWorker:
     """Load the model (when given as a spec) on ``config.device``; once per worker.
 
     A text-to-image pipeline (directory, hub id, loaded pipeline or
-    :class:`Text2ImageGenerator`) is scored through its text encoder; a class- or
+    :class:`Text2ImageGenerator`) is scored through its text encoder, at the generations'
+    resolution and with guidance's negative prompt (:func:`triage_inputs`); a class- or
     caption-conditional ``UNet2DModel`` directory (or its
     :class:`~memscan.generators.diffusers_unet.DiffusersUNetGenerator`) through its class labels
     and null class (:class:`ClassTriageModel`).
     """
     check_device(config.device)
     if isinstance(model, (str, Path)) and is_unet_model_dir(model):
+        check_text2image_options(model, config)
         with user_code(f"loading the model {model} failed", "fix the model and rerun"):
             model = load_unet_generator(str(model), device=config.device)
     if isinstance(model, DiffusersUNetGenerator):
+        check_text2image_options(model, config)
         return TriageWorker(ClassTriageModel(model, config.device), config)
     if isinstance(model, (str, Path)):
         with user_code(f"loading the pipeline {model} failed", "fix the model and rerun"):
             pipe = load_pipeline(str(model), device=config.device, dtype=config.dtype)
-        # SDXL-style time ids carry the generation's resolution: the model's memscan.json one, if any
+        # memscan.json's resolution, if any, as `memscan extract --model DIR` samples it
         res = read_meta(Path(model)).get("resolution") if Path(model).is_dir() else None
-        return TriageWorker(text2image_triage_model(pipe, config.device, resolution=res and (res, res)), config)
-    elif isinstance(model, Text2ImageGenerator):
-        # the generator's negative prompt and resolution are the unconditional input and time ids
-        # SDXL-style pipelines are sampled with
-        sdxl = {"negative_prompt": model.negative_prompt, "resolution": (model.height, model.width)}
-        return TriageWorker(text2image_triage_model(model.pipe, config.device, **sdxl), config)
-    else:
-        pipe = model
-    return TriageWorker(text2image_triage_model(pipe, config.device), config)
+        inputs = triage_inputs(config, resolution=res and (res, res))
+        return TriageWorker(text2image_triage_model(pipe, config.device, **inputs), config)
+    if isinstance(model, Text2ImageGenerator):
+        # the extraction's negative prompt (guidance's unconditional input) and resolution (the
+        # initial latents' size, SDXL's time ids)
+        inputs = triage_inputs(
+            config, resolution=(model.height, model.width), negative_prompt=model.negative_prompt, strict=True
+        )
+        return TriageWorker(text2image_triage_model(model.pipe, config.device, **inputs), config)
+    return TriageWorker(text2image_triage_model(model, config.device, **triage_inputs(config)), config)
+
+
+def triage_inputs(config: TriageConfig, resolution=None, negative_prompt: str | None = None, strict: bool = False):
+    """The resolution and negative prompt triage scores at: ``config``'s (``height``, ``width``,
+    ``negative_prompt``) where given, else the model's (``resolution``, ``negative_prompt``).
+    ``strict`` (a :class:`Text2ImageGenerator`, which samples at one resolution with one negative
+    prompt): a config value that differs from the generator's is refused — the scores would use
+    other latents or another unconditional input than the extraction.
+
+    Examples
+    --------
+    >>> triage_inputs(TriageConfig(height=64), resolution=(32, 32))
+    {'resolution': (64, 32), 'negative_prompt': None}
+    """
+    given = resolution or (None, None)
+    res = (config.height or given[0], config.width or given[1])
+    negative = negative_prompt if config.negative_prompt is None else config.negative_prompt
+    if strict:
+        theirs = {"height": given[0], "width": given[1], "negative_prompt": negative_prompt}
+        ours = {"height": res[0], "width": res[1], "negative_prompt": negative}
+        differ = [k for k in theirs if ours[k] != theirs[k]]
+        if differ:
+            shown = ", ".join(f"{k} {ours[k]!r} vs the generator's {theirs[k]!r}" for k in differ)
+            raise InputError(
+                f"the triage config differs from the generator it scores ({shown})",
+                "leave height, width and negative_prompt unset (the generator's are used), or make them agree",
+            )
+    return {"resolution": None if res == (None, None) else res, "negative_prompt": negative}
+
+
+def check_text2image_options(model, config: TriageConfig) -> None:
+    """Refuse ``height``/``width``/``negative_prompt`` for a UNet2DModel (it samples at its own
+    size, with its null class as the unconditional input), as ``memscan extract`` does."""
+    extra = [k for k in ("height", "width", "negative_prompt") if getattr(config, k) is not None]
+    if extra:
+        raise InputError(
+            f"option(s) {', '.join(extra)} apply to text-to-image pipelines; {model} is a UNet2DModel",
+            "drop them (the UNet samples at its own size, with its null class as the unconditional input)",
+        )
 
 
 def is_unet_model_dir(model: str | Path) -> bool:
@@ -114,39 +158,40 @@ def is_unet_model_dir(model: str | Path) -> bool:
 
 
 def describe_triage_worker(worker: TriageWorker) -> dict:
-    """What the manifest records of the worker's model: pipeline class, dtype, parameters."""
+    """What the manifest records of the worker's model: pipeline class, dtype, parameters, and
+    the scores' record (:func:`~memscan.triage.scores.score_record`: timesteps scored, ``σ_max``,
+    ``c_empty``, guidance's unconditional input, UNet evaluations) — a schedule the Wen score
+    refuses fails here, before any shard."""
     pipe = worker.model.pipe
     return {
         "pipeline": type(pipe.unet if isinstance(pipe, DiffusersUNetGenerator) else pipe).__name__,
         "dtype": str(worker.model.dtype).replace("torch.", ""),
         "parameters": count_parameters(pipe.unet if isinstance(pipe, DiffusersUNetGenerator) else pipe),
+        "scores": score_record(worker.model, worker.config),
     }
 
 
 def triage_stage(
     worker: TriageWorker, prompt_ids: list[str], prompts: list[str], progress=None
 ) -> tuple[dict[str, pd.DataFrame], dict]:
-    """Score one shard of prompts; returns ``({"scores": prompt_id, wen_score, webster_score}, meta)``."""
+    """Score one shard of prompts; returns ``({"scores": prompt_id and one ``<score>_score``
+    column per asked score}, meta)``."""
     config = worker.config
     chunk = chunk_prompts(config)
     t0 = time.perf_counter()
-    wen, webster = [], []
+    parts: dict[str, list] = {name: [] for name in config.scores}
     for s in range(0, len(prompt_ids), chunk):
         ids = prompt_ids[s : s + chunk]
         which = f"prompt {ids[0]}" if len(ids) == 1 else f"prompts {ids[0]}…{ids[-1]}"
         with user_code(f"the pipeline failed on {which}"):
             res = score_prompts(worker.model, ids, prompts[s : s + chunk], config)
-        wen.append(res["wen"])
-        webster.append(res["webster"])
+        for name in config.scores:
+            parts[name].append(res[name])
         if progress is not None:
             progress(len(prompt_ids[s : s + chunk]))
-    table = pd.DataFrame(
-        {
-            "prompt_id": list(prompt_ids),
-            "wen_score": np.concatenate(wen) if wen else np.zeros(0),
-            "webster_score": np.concatenate(webster) if webster else np.zeros(0),
-        }
-    )
+    table = pd.DataFrame({"prompt_id": list(prompt_ids)})
+    for name, values in parts.items():
+        table[f"{name}_score"] = np.concatenate(values) if values else np.zeros(0)
     return {"scores": table}, {"prompts": len(prompt_ids), "seconds": round(time.perf_counter() - t0, 3)}
 
 
