@@ -108,7 +108,7 @@ def test_manifest_counts_every_evaluation(full_audit):
     # only the ranking score (wen) is computed: counted at the UNet, 12 prompts × 4 generations ×
     # 1 step × (the caption, the null class); the demo model is unguided, with no negative prompt
     assert s["triage"]["evaluations"] == sum(TRIAGE_CALLS) == 12 * 4 * 1 * 2
-    assert s["triage"]["evaluations_by_score"] == {"wen": 4 * 1 * 2}
+    assert s["triage"]["unet_evaluations_by_score"] == {"wen": 4 * 1 * 2}
     assert "webster_score" not in pd.read_parquet(full_audit / "scores.parquet")
     assert m["triage_config"]["scores"] == ["wen"] and m["definitions"]["triage_wen"].startswith("Wen et al. 2024")
     # one probe image (the UNet generator declares no output shape) + every generation made
@@ -357,3 +357,23 @@ def test_candidates_from_the_training_captions_equal_memscan_candidates(inputs, 
     assert len(cands) == 12 and cands["duplicate_count"].iloc[:3].tolist() == [4, 4, 4]  # one prompt per cluster
     assert _manifest(out)["stages"]["candidates"]["from"] == "duplicates"
     assert len(pd.read_parquet(out / "detections.parquet")) == 2  # --top 2 of the triage ranking
+
+
+def test_a_schedule_wen_cannot_be_scored_on_is_refused_before_any_stage(inputs, tmp_path):
+    """--steps 1 with the demo scheduler's leading spacing (steps_offset 0) puts the first
+    timestep at t = 0: Wen's score would be taken at the end of sampling. The audit refuses it
+    when it first asks the model (after the candidates stage, which needs none), before the
+    manifest or any model evaluation, naming its own options."""
+    from diffusers import DDIMScheduler
+
+    from memscan.demo.run import model_dir
+
+    sched = DDIMScheduler.from_pretrained(model_dir(), subfolder="scheduler")
+    sched.set_timesteps(1)
+    assert int(sched.timesteps[0]) == 0  # independently: where a 1-step schedule starts
+    out = tmp_path / "short"
+    res = _invoke([*audit_args(inputs, out, "--top", 12), "--steps", 1], ok=False)
+    errors = [ln for ln in res.output.splitlines() if ln.startswith("error:")]
+    assert res.exit_code == 2 and len(errors) == 1 and "first scored timestep t=0" in errors[0], res.output
+    assert "--score webster" in res.output and "--steps" in res.output and "Traceback" not in res.output
+    assert not (out / "manifest.json").exists() and not (out / "scores.parquet").exists()

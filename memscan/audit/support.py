@@ -8,10 +8,18 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from memscan.errors import InputError
 from memscan.generators.base import evaluations_per_generation
 from memscan.generators.diffusers_unet import DiffusersUNetGenerator
 from memscan.generators.text2image import Text2ImageGenerator
-from memscan.triage.scores import DEFAULT_GUIDANCE, DEFAULT_STEPS, TriageConfig, class_triage_gap, evaluations_of
+from memscan.triage.scores import (
+    DEFAULT_GUIDANCE,
+    DEFAULT_STEPS,
+    TriageConfig,
+    class_triage_gap,
+    evaluations_of,
+    scored_timesteps,
+)
 
 
 def conditioning_gap(generator) -> str | None:
@@ -76,6 +84,14 @@ def generator_facts(worker, triage_config: TriageConfig | None = None) -> dict:
         tcfg = triage_config_for(gen, triage_config)
         # the triage model of the loaded generator (its own pipeline, on its own device: nothing loads)
         model = setup_triage(gen, replace(tcfg, device=str(getattr(gen, "device", tcfg.device)))).model
+        if "wen" in tcfg.scores:  # a schedule Wen cannot be scored on: refused before any stage runs
+            try:
+                scored_timesteps(model.scheduler, tcfg)
+            except InputError as exc:
+                raise InputError(
+                    f"the audit's triage scores Wen on the extraction's schedule, but {exc.message}",
+                    "give the extraction more steps (--steps), or rank by --score webster",
+                ) from None
         triage = {"triage_config": tcfg.to_dict(), "triage_evaluations_per_prompt": evaluations_of(model, tcfg)}
     return {
         **triage,

@@ -142,7 +142,9 @@ class TransformersCausalLM:
         return np.asarray(ids, dtype=np.int64)
 
     def decode(self, ids) -> str:
-        return self.tokenizer.decode([int(i) for i in np.asarray(ids).ravel()], skip_special_tokens=False)
+        return self.tokenizer.decode(
+            [int(i) for i in np.asarray(ids).ravel()], skip_special_tokens=False, clean_up_tokenization_spaces=False
+        )
 
     # ---- model
     def _tensor(self, ids: np.ndarray):

@@ -54,6 +54,7 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -488,8 +489,16 @@ def _read_rows(root: Path, mmap: bool):
                         if k.startswith(b"memscan:")}  # fmt: skip
             if recorded == _parquet_identity(root):
                 return table
-        except (OSError, ValueError):  # a damaged rows.arrow: the Parquet files hold the same rows
-            pass
+            why = "its Parquet files' sizes or modification times differ from those it was made from"
+        except (OSError, ValueError) as exc:  # a damaged rows.arrow: the Parquet files hold the same rows
+            why = f"it cannot be read ({exc})"
+        # said, not silent: each process now holds the rows in private memory (≈ 300 B a row)
+        warnings.warn(
+            f"index {root}: {ROWS_FILE} is not used, {why} (a copy that did not keep modification "
+            "times, or edited files); the rows are read from Parquet into each process's memory. "
+            f"Rewrite it with TrainingIndex.load({str(root)!r}).save({str(root)!r}, overwrite=True)",
+            stacklevel=3,
+        )
     return _rows_from_parquet(root)
 
 
