@@ -116,6 +116,30 @@ def test_index_path_re_ranks_on_pixels(train, tmp_path):
     g, e = few.generations, exact.generations
     hit = e["nearest_train_id"] == MEMORIZED
     assert (g.loc[hit, "nearest_train_id"] == MEMORIZED).all() and g.loc[hit, "extracted"].all()
+    assert few.manifest["retrieval"]["fewer_than_k"] == 0  # a flat index returns every one asked for
+
+
+def test_an_ivf_index_that_returns_fewer_candidates_is_counted(train, tmp_path):
+    """IVF, nprobe 1 of 8 cells: each generation gets only its nearest cell's images (fewer than
+    the 100 asked); the manifest counts those generations — here by brute force over the cells."""
+    import faiss
+
+    from memscan.index.embedders import load_embedder
+    from memscan.index.faiss_index import IndexParams, TrainingIndex
+
+    idx = tmp_path / "ivf"
+    build_index(train, idx, embedder="pixel:8", index_type=IndexParams("ivf", nlist=8, nprobe=1), progress=False)
+    cfg = UnconditionalConfig(samples=24, n_candidates=100, n_nearest=20)
+    res = extract_unconditional(_gen(), train, tmp_path / "run", cfg, index=idx, progress=False)
+    index = TrainingIndex.load(idx)
+    ivf = faiss.extract_index_ivf(index.index)
+    centroids = ivf.quantizer.reconstruct_n(0, ivf.nlist)
+    cell_of = np.argmax(np.asarray(index.embeddings) @ centroids.T, axis=1)
+    seeds = [derive_seed(0, "unconditional", i) for i in range(24)]
+    q = load_embedder(index.meta["embedder"]).embed(_gen().generate("", seeds))
+    sizes = np.array([int((cell_of == c).sum()) for c in np.argmax(q @ centroids.T, axis=1)])
+    assert sizes.max() < 100
+    assert res.manifest["retrieval"]["fewer_than_k"] == int((sizes < 100).sum()) == 24
 
 
 def test_cli_extract_unconditional(synth_train, tmp_path):

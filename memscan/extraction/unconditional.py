@@ -270,6 +270,8 @@ class _Verifier:
             # 2. read each retrieved image once (deduplicated), at the generations' resolution
             wanted = np.unique(ii[ii >= 0])
             stats.retrieved = int((ii >= 0).sum())
+            # an approximate index may return fewer than asked: the calibrated mean is then over fewer
+            stats.fewer_than_k = int(((ii >= 0).sum(1) < min(self.config.n_candidates, len(self.index))).sum())
             before = self.via.reader.bytes_read
             kept, decoded, skipped = self.via.reader.read(wanted, size=images.shape[1:3], channels=images.shape[3])
             stats.decoded, stats.bytes_read = len(kept), self.via.reader.bytes_read - before
