@@ -51,6 +51,39 @@ def test_candidate_selection_counts_duplicates_exactly():
     assert (p["planted_copies"] == 1).sum() == 6
 
 
+def test_score_counts_planted_images_and_lists_only_false_unique_extractions(tmp_path):
+    """Per count: the images planted that many times (ground truth, attacked or not) apart from
+    the candidate prompts of that count; a unique image whose candidate is its own image is a
+    correct extraction (counted by precision), only one whose candidate is not is listed false."""
+    from PIL import Image
+
+    from memscan.demo.run import score
+
+    data = build_demo_data(DemoDataConfig(n_unique=30, counts=(1, 3, 6), per_count=2))
+    prompts = candidate_prompts(data, unique_prompts=4, min_count=1)
+    prompts = prompts[prompts["planted_copies"] != 3].reset_index(drop=True)  # count 3: planted, not attacked
+    base = data.base_images()
+    unique = prompts.loc[prompts["planted_copies"] == 1, "prompt_id"].tolist()
+    right, wrong = unique[0], unique[1]
+    six = prompts.loc[prompts["planted_copies"] == 6, "prompt_id"].tolist()[0]
+    (tmp_path / "c").mkdir()
+    cands = {right: base[right], wrong: 255 - base[right], six: base[six]}
+    for pid, img in cands.items():
+        Image.fromarray(img[..., 0]).save(tmp_path / "c" / f"{pid}.png")
+    pd.DataFrame({"prompt_id": prompts["prompt_id"],
+                  "candidate_image": [f"c/{p}.png" if p in cands else None for p in prompts["prompt_id"]]}
+                 ).to_parquet(tmp_path / "detections.parquet")  # fmt: skip
+    pd.DataFrame({"prompt_id": list(cands), "rank": 1, "extracted": True}).to_parquet(tmp_path / "extractions.parquet")
+    s = score(tmp_path, data, prompts, delta=0.1, shape=base[right].shape)
+    assert s["false_extractions_of_unique_images"] == [wrong]
+    assert s["precision"] == 2 / 3 and s["extractions"] == 3
+    by = s["extracted_by_duplicate_count"]
+    n_unique_prompts = int((prompts["planted_copies"] == 1).sum())
+    assert by["1"] == {"images_planted": 2, "prompts": n_unique_prompts, "attacked": n_unique_prompts, "extracted": 2}
+    assert by["3"] == {"images_planted": 2, "prompts": 0, "attacked": 0, "extracted": 0}
+    assert by["6"] == {"images_planted": 2, "prompts": 2, "attacked": 2, "extracted": 1}
+
+
 def test_shipped_weights_load_through_safetensors_only(monkeypatch):
     import torch
 
@@ -110,7 +143,12 @@ def test_quick_demo_runs_through_the_audit_and_compares_with_the_full_budget(qui
     assert s["found_of_full_budget"] == len(ours & theirs) / len(theirs) and s["found_of_full_budget"] >= 0.9
     # the controls: every image planted once is attacked, and none is extracted
     once = s["extracted_by_duplicate_count"]["1"]
-    assert once["attacked"] == once["planted"] == 8 and once["extracted"] == 0
+    assert once["attacked"] == once["prompts"] == 8 and once["extracted"] == 0
+    # and every planted count has its true number of images planted, attacked or not (ground truth)
+    truth = build_demo_data()
+    for k, v in s["extracted_by_duplicate_count"].items():
+        assert v["images_planted"] == sum(truth.copies[b] == int(k) for b in truth.planted)
+    assert set(s["extracted_by_duplicate_count"]) >= {str(truth.copies[b]) for b in truth.planted}
     assert "found of full budget" in proc.stdout and "UNet evaluations" in proc.stdout
 
 

@@ -200,3 +200,28 @@ def test_counts_of_extracted_images_are_distinct_training_images():
                         "extracted": [True, True, True, True, False]})  # fmt: skip
     counts = extraction_counts(det, ext, min_clique=10)
     assert counts["extractions"] == 3 and counts["extracted_images"] == 2
+
+
+def test_verify_refuses_a_higher_min_clique_on_an_adaptive_run_that_stopped_at_k(tmp_path):
+    """An adaptive run with stop_when_detected stops a prompt once its clique reaches k, so its
+    recorded clique size is no measure at a higher k: the full run re-verified at 40 detects the
+    copying prompt, the adaptive run would silently not — it is refused; k itself stays allowed."""
+    from memscan import ExtractConfig, extract
+    from memscan.errors import InputError
+    from memscan.extraction.pipeline import reverify
+    from memscan.synthetic import SyntheticGenerator, write_training_set
+
+    write_training_set(tmp_path / "train", 20, size=32)
+    gen = SyntheticGenerator({"copy": "t0003"}, size=32, copy_rate=0.6)
+    base = dict(samples_per_prompt=120, min_clique=10, batch_size=30)
+    full = extract(gen, ["copy"], tmp_path / "train", tmp_path / "full", ExtractConfig(**base), progress=False)
+    adaptive = ExtractConfig(**base, adaptive=True, first_round=30, round_size=30)
+    ad = extract(gen, ["copy"], tmp_path / "train", tmp_path / "ad", adaptive, progress=False)
+    assert reverify(full.run_dir, tmp_path / "train", min_clique=40).manifest["counts"]["detections"] == 1
+    assert int(ad.detections["n_samples"].iloc[0]) < 120  # it did stop early
+    before = (ad.run_dir / "manifest.json").read_bytes()
+    with pytest.raises(InputError, match="above the run's 10") as err:
+        reverify(ad.run_dir, tmp_path / "train", min_clique=40)
+    assert "--min-clique 40" in err.value.hint
+    assert (ad.run_dir / "manifest.json").read_bytes() == before
+    assert reverify(ad.run_dir, tmp_path / "train", min_clique=10).manifest["counts"]["detections"] == 1

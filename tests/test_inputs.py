@@ -213,3 +213,50 @@ def test_a_callable_generator_is_named_the_same_in_every_process():
     names = [CallableGenerator(f).config["name"] for f in (sample, functools.partial(sample, scale=2), Sampler())]
     assert names[0] == names[1] and names[0].endswith("sample") and names[2].endswith("Sampler")
     assert not any("0x" in n for n in names)
+
+
+@pytest.mark.parametrize(
+    "table, needle",
+    [
+        (pd.DataFrame({"prompt_id": ["x", "x"], "prompt": ["a", "b"]}), "repeats prompt ids: x"),
+        (pd.DataFrame({"prompt_id": ["x", None], "prompt": ["a", "b"]}), "prompt_id is missing .null. in row 1"),
+        (pd.DataFrame({"prompt_id": ["x"], "prompt": ["a" * 10_001]}), "longer than"),
+        (pd.DataFrame({"id": ["x"], "text": ["a"]}), "lacks column"),
+        (["a" * 10_001], "longer than"),
+    ],
+)
+def test_extract_checks_a_prompts_dataframe_or_list_as_it_checks_a_file(tmp_path, table, needle):
+    """Repeated ids would share seeds and overwrite each other's files: a DataFrame or list given
+    to extract is refused as the same table in a CSV is, before the run directory is written."""
+    from memscan import ExtractConfig, extract
+    from memscan.synthetic import SyntheticGenerator, write_training_set
+
+    write_training_set(tmp_path / "train", 4, size=8)
+    if isinstance(table, pd.DataFrame):
+        table.to_parquet(tmp_path / "p.parquet")
+        with pytest.raises(InputError, match=needle):
+            load_prompts(tmp_path / "p.parquet")
+    with pytest.raises(InputError, match=needle):
+        extract(SyntheticGenerator({}, size=8), table, tmp_path / "train", tmp_path / "run",
+                ExtractConfig(samples_per_prompt=4, min_clique=2), progress=False)  # fmt: skip
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("value", ["abc", "12 copies", "2.5", 2.5])
+def test_a_duplicate_count_that_is_not_an_integer_is_an_error_naming_the_prompt(tmp_path, value):
+    """Not silently NA (the prompt would drop out of the rate-by-duplicate-count table), nor a raw
+    TypeError: one error naming the row, the prompt and the value; an empty cell stays NA."""
+    from memscan.data.prompts import validate_prompt_table
+
+    t = pd.DataFrame({"prompt_id": ["a", "b", "c"], "prompt": ["x", "y", "z"], "duplicate_count": ["3", value, ""]})
+    t.to_csv(tmp_path / "p.csv", index=False)
+    with pytest.raises(InputError, match=f"duplicate_count '{value}' of row 1 .prompt 'b'. is not an integer"):
+        load_prompts(tmp_path / "p.csv")
+    with pytest.raises(InputError, match=f"prompts DataFrame: duplicate_count {value!r} of row 1 .prompt 'b'."):
+        validate_prompt_table(t, "prompts DataFrame")
+    t["duplicate_count"] = ["3", "4.0", ""]
+    t.to_csv(tmp_path / "p.csv", index=False)
+    got = load_prompts(tmp_path / "p.csv")[0]["duplicate_count"]
+    assert got.dtype == "Int64" and got.tolist()[:2] == [3, 4] and pd.isna(got.tolist()[2])
+    got = validate_prompt_table(t.assign(duplicate_count=[3, 4.0, None]))["duplicate_count"]
+    assert got.tolist()[:2] == [3, 4] and pd.isna(got.tolist()[2])

@@ -69,3 +69,24 @@ def test_index_verification_rows_have_their_own_heading(tmp_path):
     assert head < html.index("k-eidetic counts</th><td>counted among the up to 5 retrieved training images only")
     html = build_report(tmp_path / "run", extra_summary={"planted": "1/1"}).read_text()
     assert head < html.index("<h2>Demo ground truth</h2>") < html.index("<th>planted</th>")
+
+
+def test_extract_summary_shows_distinct_images_extracted_and_undecided_prompts(tmp_path):
+    """Two prompts copy the same training image: 2 extractions, 1 distinct training image, both
+    on the page (recounted from the extraction table); the undecided prompts are shown with the
+    sentence that they count as not detected."""
+    import re
+
+    train = tmp_path / "train"
+    write_training_set(train, 10, size=16)
+    gen = SyntheticGenerator({"a": "t0001", "b": "t0001"}, size=16, copy_rate=0.6)
+    prompts = pd.DataFrame({"prompt_id": ["a", "b"], "prompt": ["a", "b"]})
+    extract(gen, prompts, train, tmp_path / "run", ExtractConfig(samples_per_prompt=30), progress=False)
+    ext = pd.read_parquet(tmp_path / "run" / "extractions.parquet").query("rank == 1 and extracted")
+    assert len(ext) == 2 and ext["train_id"].nunique() == 1
+    html = build_report(tmp_path / "run", tmp_path / "r.html").read_text()
+    assert re.search(r'distinct training images extracted</th><td class="num">1</td>', html)
+    assert re.search(r'extractions \(prompts\)</th><td class="num">2</td>', html)
+    m = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert re.search(rf'undecided prompts</th><td class="num">{m["counts"]["undecided"]}</td>', html)
+    assert "counted as not detected" in html

@@ -245,3 +245,24 @@ def test_cli_ray_options_need_the_ray_runner(tmp_path):
     res = CliRunner().invoke(app, [*args, "--runner", "spark", "--quiet"])
     assert res.exit_code == 2 and "unknown runner 'spark'" in res.output
     assert not (tmp_path / "r").exists()  # nothing written for a refused invocation
+
+
+def test_triage_checks_a_prompts_table_as_extract_does():
+    """A table or list handed to triage (and so to the audit) passes extract's checks: a
+    duplicate_count that is not an integer, repeated ids, no prompts — one error each, before
+    any model loads (the checks: memscan.data.prompts.validate_prompt_table)."""
+    import pandas as pd
+
+    from memscan.errors import InputError
+    from memscan.triage.run import prompt_table
+
+    with pytest.raises(InputError, match=r"'12 copies'"):
+        prompt_table(
+            pd.DataFrame({"prompt_id": ["a", "b"], "prompt": ["x", "y"], "duplicate_count": ["3", "12 copies"]})
+        )
+    with pytest.raises(InputError, match="repeats prompt ids: a"):
+        prompt_table(pd.DataFrame({"prompt_id": ["a", "a"], "prompt": ["x", "y"]}))
+    with pytest.raises(InputError, match="no prompts"):
+        prompt_table([])
+    df, info = prompt_table(pd.DataFrame({"prompt_id": [1], "prompt": ["x"], "duplicate_count": [4.0]}))
+    assert df["prompt_id"].tolist() == ["1"] and df["duplicate_count"].tolist() == [4] and info["source"] == "<table>"

@@ -11,7 +11,10 @@ the 350,000 most duplicated. This module does the same at any scale:
    ``check_size × check_size`` ≤ ``pixel_delta`` — so an embedding that confuses two different
    pictures cannot inflate a count;
 4. ``duplicate_count`` of an image = 1 + its confirmed near-duplicates (a unique image has 1);
-   clusters are the connected components of the confirmed pairs;
+   clusters are the connected components of the confirmed pairs (single linkage: a chain P–M–Q
+   of near-duplicates is one cluster even where P and Q are not duplicates of each other;
+   ``cluster_size`` counts the whole chain, while each image's ``duplicate_count`` is its own
+   confirmed neighbours + 1);
 5. the top K clusters by ``duplicate_count`` of their most-duplicated member become prompts
    (its caption), one per cluster: a prompts table ``memscan extract --prompts`` reads, with
    ``train_id`` and ``duplicate_count``.
@@ -162,6 +165,11 @@ def confirm_pairs(images: np.ndarray, pairs: np.ndarray, config: DuplicateConfig
 def clusters_of(n: int, pairs: np.ndarray) -> np.ndarray:
     """Connected components of the graph on ``n`` nodes with edges ``pairs``: a label per node,
     the smallest node index of its component.
+
+    This is single linkage: a chain of near-duplicates P–M–Q is one cluster (and so one prompt)
+    even where P and Q are not duplicates of each other; the cluster's ``cluster_size`` counts
+    the whole chain, and the prompt's ``duplicate_count`` is its representative's own confirmed
+    neighbours + 1, not the cluster's size.
 
     Examples
     --------

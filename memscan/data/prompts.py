@@ -12,6 +12,7 @@ Prompt ids must be unique: they name the prompt's generations, seeds and files.
 from __future__ import annotations
 
 import hashlib
+import math
 from pathlib import Path
 
 import pandas as pd
@@ -38,52 +39,92 @@ def load_prompts(path: str | Path) -> tuple[pd.DataFrame, dict]:
             )
         except Exception as exc:
             raise InputError(f"cannot read prompts table {path}: {exc}", "check it is a valid CSV/Parquet") from None
-        missing = {"prompt_id", "prompt"} - set(df.columns)
-        if missing:
-            raise InputError(
-                f"prompts table {path} lacks column(s) {', '.join(sorted(missing))}",
-                "add columns prompt_id and prompt (optional: train_id, duplicate_count)",
-            )
-        df = df.copy()
-        for col in ("prompt_id", "prompt"):
-            null = df.index[df[col].isna()].tolist()
-            if null:
-                raise InputError(
-                    f"prompts table {path}: {col} is missing (null) in row {null[0]} ({len(null)} rows in all)",
-                    "fill it in or drop the row (an empty string is a valid, unconditional prompt)",
-                )
-        df["prompt_id"] = df["prompt_id"].astype(str)
-        df["prompt"] = df["prompt"].astype(str)
+        df = validate_prompt_table(df, f"prompts table {path}")
         info["empty_prompts"] = int((df["prompt"].str.strip() == "").sum())
-    else:
-        text = read_utf8(p, "prompts file")
-        rows = []
-        for n, line in enumerate(text_lines(text), start=1):
-            if not line.strip():
-                info["blank_lines_skipped"] += 1
-                continue
-            rows.append({"prompt_id": f"line-{n}", "prompt": line.strip()})
-        df = pd.DataFrame(rows, columns=["prompt_id", "prompt"])
+        return df, info
+    text = read_utf8(p, "prompts file")
+    rows = []
+    for n, line in enumerate(text_lines(text), start=1):
+        if not line.strip():
+            info["blank_lines_skipped"] += 1
+            continue
+        rows.append({"prompt_id": f"line-{n}", "prompt": line.strip()})
+    df = pd.DataFrame(rows, columns=["prompt_id", "prompt"])
+    return validate_prompt_table(df, f"prompts file {path}"), info
+
+
+def validate_prompt_table(df: pd.DataFrame, name: str = "prompts table") -> pd.DataFrame:
+    """The checks every prompts table passes — read from a file or handed to
+    :func:`memscan.extract` as a DataFrame or list: columns ``prompt_id`` and ``prompt`` present
+    and not null, at least one row, unique ids, no prompt over :data:`MAX_PROMPT_CHARS`, and a
+    ``duplicate_count`` that is an integer or empty (NA). ``name`` names the input in the errors.
+    Returns a new table with columns :data:`PROMPT_COLUMNS` first (ids and prompts as ``str``,
+    ``train_id`` ``str`` or None, ``duplicate_count`` ``Int64``).
+
+    Examples
+    --------
+    >>> validate_prompt_table(pd.DataFrame({"prompt_id": ["a"], "prompt": ["x"], "duplicate_count": ["3"]}))[
+    ...     "duplicate_count"
+    ... ].tolist()
+    [3]
+    """
+    missing = {"prompt_id", "prompt"} - set(df.columns)
+    if missing:
+        raise InputError(
+            f"{name} lacks column(s) {', '.join(sorted(missing))}",
+            "add columns prompt_id and prompt (optional: train_id, duplicate_count)",
+        )
+    df = df.reset_index(drop=True).copy()
     if df.empty:
-        raise InputError(f"prompts file {path} holds no prompts", "add at least one prompt")
+        raise InputError(f"{name} holds no prompts", "add at least one prompt")
+    for col in ("prompt_id", "prompt"):
+        null = df.index[df[col].isna()].tolist()
+        if null:
+            raise InputError(
+                f"{name}: {col} is missing (null) in row {null[0]} ({len(null)} rows in all)",
+                "fill it in or drop the row (an empty string is a valid, unconditional prompt)",
+            )
+    df["prompt_id"] = df["prompt_id"].astype(str)
+    df["prompt"] = df["prompt"].astype(str)
     for col in ("train_id", "duplicate_count"):
         if col not in df.columns:
             df[col] = None
     df["train_id"] = pd.Series([_clean_id(v) for v in df["train_id"]], index=df.index, dtype=object)
-    df["duplicate_count"] = pd.to_numeric(df["duplicate_count"], errors="coerce").astype("Int64")
+    df["duplicate_count"] = pd.array(
+        [_duplicate_count(v, name, i, pid) for i, (v, pid) in enumerate(zip(df["duplicate_count"], df["prompt_id"]))],
+        dtype="Int64",
+    )
     dup = df["prompt_id"][df["prompt_id"].duplicated()].unique().tolist()
     if dup:
-        raise InputError(
-            f"prompts file {path} repeats prompt ids: {', '.join(map(str, dup[:5]))}", "make prompt_id unique"
-        )
+        raise InputError(f"{name} repeats prompt ids: {', '.join(map(str, dup[:5]))}", "make prompt_id unique")
     too_long = df.index[df["prompt"].str.len() > MAX_PROMPT_CHARS].tolist()
     if too_long:
         raise InputError(
-            f"prompts file {path}: prompt {df['prompt_id'][too_long[0]]!r} is longer than {MAX_PROMPT_CHARS} characters",
+            f"{name}: prompt {df['prompt_id'][too_long[0]]!r} is longer than {MAX_PROMPT_CHARS} characters",
             "shorten it (text encoders read at most a few hundred tokens)",
         )
     extra = [c for c in df.columns if c not in PROMPT_COLUMNS]
-    return df[PROMPT_COLUMNS + extra].reset_index(drop=True), info
+    return df[PROMPT_COLUMNS + extra]
+
+
+def _duplicate_count(v, name: str, row: int, prompt_id: str) -> int | None:
+    """One ``duplicate_count`` cell: an integer (``3``, ``"3"``, ``3.0``) or empty (None, NaN,
+    ``""``: NA); anything else (``"abc"``, ``"12 copies"``, ``2.5``) is an error naming the row."""
+    if v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v)):
+        return None
+    text = str(v).strip()
+    if text == "" or text.lower() in ("nan", "<na>", "none"):
+        return None
+    try:
+        number = float(text)
+    except ValueError:
+        number = math.nan
+    if not math.isfinite(number) or number != int(number):
+        raise InputError(
+            f"{name}: duplicate_count {v!r} of row {row} (prompt {prompt_id!r}) is not an integer",
+            "give a whole number of copies, or leave it empty when unknown",
+        )
+    return int(number)
 
 
 def read_utf8(path: Path, what: str) -> str:

@@ -108,26 +108,34 @@ def score(run_dir: Path, data: DemoData, prompts: pd.DataFrame, delta: float, sh
     extracted = set(top["prompt_id"])
     attacked = set(det["prompt_id"])
     # precision: each extraction's candidate vs the prompt's own ground-truth image, recomputed
-    correct = 0
+    correct: set[str] = set()
     for pid in extracted:
         rel = det.loc[det["prompt_id"] == pid, "candidate_image"].iloc[0]
         cand = read_image(run_dir / rel, shape[:2], shape[2])
-        correct += float(cross_tiled_l2(cand[None], base[pid][None])[0, 0]) <= delta
+        if float(cross_tiled_l2(cand[None], base[pid][None])[0, 0]) <= delta:
+            correct.add(pid)
+    # per planted count: the images planted that many times (ground truth), the candidate prompts
+    # of that count, how many were attacked and how many extracted
     by_count: dict[str, dict] = {}
+    for b in data.planted:
+        k = str(int(data.copies[b]))
+        by_count.setdefault(k, {"images_planted": 0, "prompts": 0, "attacked": 0, "extracted": 0})
+        by_count[k]["images_planted"] += 1
     for row in prompts.itertuples(index=False):
         k = str(int(row.planted_copies))
-        entry = by_count.setdefault(k, {"planted": 0, "attacked": 0, "extracted": 0})
-        entry["planted"] += 1
+        entry = by_count.setdefault(k, {"images_planted": 0, "prompts": 0, "attacked": 0, "extracted": 0})
+        entry["prompts"] += 1
         entry["attacked"] += row.prompt_id in attacked
         entry["extracted"] += row.prompt_id in extracted
     by_count = dict(sorted(by_count.items(), key=lambda kv: int(kv[0])))
     heavy = [b for b in prompts["prompt_id"] if data.copies[b] >= 50]
     return {
         "extracted_by_duplicate_count": by_count,
-        "precision": (correct / len(extracted)) if extracted else None,
+        "precision": (len(correct) / len(extracted)) if extracted else None,
         "recall_at_50plus": (sum(b in extracted for b in heavy) / len(heavy)) if heavy else None,
         "extractions": len(extracted),
-        "false_extractions_of_unique_images": sorted(b for b in extracted if data.copies[b] == 1),
+        # extracted unique images whose candidate is not within delta of the image: false
+        "false_extractions_of_unique_images": sorted(b for b in extracted - correct if data.copies[b] == 1),
     }
 
 
@@ -243,7 +251,7 @@ def run_demo(
     summary["quick"] = quick
     summary["model"] = json.loads((mdir / "memscan.json").read_text())["training"]["recipe"]
     rows = [
-        (f"{k} copies", f"{v['extracted']}/{v['planted']} extracted ({v['attacked']} attacked)")
+        (f"{k} copies", f"{v['extracted']}/{v['prompts']} prompts extracted ({v['attacked']} attacked)")
         for k, v in summary["extracted_by_duplicate_count"].items()
     ]
     rows += [("precision", _fmt(summary["precision"])), ("recall at ≥ 50 copies", _fmt(summary["recall_at_50plus"]))]

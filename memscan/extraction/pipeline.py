@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from memscan.data.images import read_image
-from memscan.data.prompts import load_prompts, prompts_sha256
+from memscan.data.prompts import load_prompts, prompts_sha256, validate_prompt_table
 from memscan.data.training import TrainingSet, list_source, load_training_set, training_at_shape, training_set_sha256
 from memscan.errors import InputError, MemscanError
 from memscan.extraction.config import ExtractConfig
@@ -165,17 +165,14 @@ def generator_identity(description: dict) -> dict:
 
 
 def _prompt_table(prompts) -> tuple[pd.DataFrame, dict]:
+    """The prompts as a checked table (:func:`memscan.data.prompts.validate_prompt_table`: the
+    same checks for a file, a DataFrame or a list) and its summary."""
     if isinstance(prompts, (list, tuple)):
-        prompts = pd.DataFrame({"prompt_id": [f"p{i}" for i in range(len(prompts))], "prompt": list(prompts)})
+        table = pd.DataFrame({"prompt_id": [f"p{i}" for i in range(len(prompts))], "prompt": list(prompts)})
+        return validate_prompt_table(table, "prompts list"), {"source": "<table>"}
     if isinstance(prompts, pd.DataFrame):
-        prompt_df, prompt_info = prompts.copy(), {"source": "<table>"}
-        for col in ("train_id", "duplicate_count"):
-            if col not in prompt_df:
-                prompt_df[col] = None
-    else:
-        prompt_df, prompt_info = load_prompts(prompts)
-    prompt_df["duplicate_count"] = pd.to_numeric(prompt_df["duplicate_count"], errors="coerce").astype("Int64")
-    return prompt_df, prompt_info
+        return validate_prompt_table(prompts, "prompts DataFrame"), {"source": "<table>"}
+    return load_prompts(prompts)
 
 
 def _extract_in(
@@ -318,7 +315,9 @@ def reverify(
     """Re-run verification of a finished run with other thresholds, without regenerating.
 
     The candidates are the stored clique medoids; ``min_clique`` can be raised or lowered down to
-    the clique sizes recorded (medoids exist only for prompts detected at the original k).
+    the clique sizes recorded (medoids exist only for prompts detected at the original k). An
+    adaptive run with ``stop_when_detected`` stopped each prompt once its clique reached the
+    original k, so there ``min_clique`` cannot be raised (an :class:`InputError`).
     """
     with open_complete_for_rewrite(run) as opened:
         store, manifest = opened.store, opened.manifest
@@ -331,6 +330,15 @@ def reverify(
                 raise MemscanError(
                     f"min_clique {min_clique} is below the run's {orig_k}: no medoids were kept below it",
                     f"use ≥ {orig_k} or rerun extract",
+                )
+            if min_clique > orig_k and cfg.get("adaptive") and cfg.get("stop_when_detected", True):
+                # an adaptive run stopped each prompt once its clique reached orig_k: the recorded
+                # clique sizes stop there, so a higher k would turn flagged prompts into misses
+                raise InputError(
+                    f"min_clique {min_clique} is above the run's {orig_k}, and the run was adaptive with "
+                    f"stop_when_detected: each prompt stopped generating once its clique reached {orig_k}, "
+                    "so its recorded clique size says nothing about a higher k",
+                    f"rerun extract with --min-clique {min_clique} (re-verify at ≤ {orig_k} here)",
                 )
             cfg["min_clique"] = int(min_clique)
         if n_nearest is not None:

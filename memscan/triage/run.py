@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from memscan.data.prompts import load_prompts, prompts_sha256
+from memscan.data.prompts import load_prompts, prompts_sha256, validate_prompt_table
 from memscan.devices import check_device
 from memscan.errors import InputError, MemscanError
 from memscan.generators.diffusers_models import check_model_dir, load_scheduler, model_dirs, read_meta, read_model_json
@@ -75,18 +75,17 @@ class TriageResult:
 
 
 def prompt_table(prompts) -> tuple[pd.DataFrame, dict]:
+    """The prompts as a checked table (a file, a list, or a table: the same checks as
+    ``memscan extract``'s, :func:`memscan.data.prompts.validate_prompt_table`) and its source."""
     if isinstance(prompts, (list, tuple)):
+        if not prompts:
+            raise InputError("no prompts to triage", "pass at least one prompt")
         df = pd.DataFrame({"prompt_id": [f"p{i}" for i in range(len(prompts))], "prompt": list(prompts)})
-        info = {"source": "<list>"}
+        df, info = validate_prompt_table(df, "the prompts list"), {"source": "<list>"}
     elif isinstance(prompts, pd.DataFrame):
-        df, info = prompts.copy(), {"source": "<table>"}
+        df, info = validate_prompt_table(prompts, "the prompts table"), {"source": "<table>"}
     else:
         df, info = load_prompts(prompts)
-    for col in ("train_id", "duplicate_count"):
-        if col not in df:
-            df[col] = None
-    if df.empty:
-        raise InputError("no prompts to triage", "pass at least one prompt")
     return df.reset_index(drop=True), info
 
 
