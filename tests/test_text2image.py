@@ -234,3 +234,42 @@ def test_unet_only_options_refused_for_unet_models(tmp_path):
     DDPMScheduler().save_pretrained(tmp_path / "m" / "scheduler")
     with pytest.raises(InputError, match="text-to-image"):
         load_generator(str(tmp_path / "m"), dtype="fp16")
+
+
+@pytest.mark.parametrize("how", ["custom-pipeline", "custom-component", "code-in-a-component-folder"])
+def test_a_model_directory_that_would_run_its_own_code_is_refused(tiny_dir, tmp_path, how):
+    """A pipeline naming its own module (``_class_name: [module, class]``), a component from a
+    library that is neither diffusers (nor one of its pipeline modules) nor transformers, or a
+    ``.py`` file in a component folder: memscan loads model directories as data only. One error
+    naming the directory's code, before anything is imported or written — the payload (which
+    would write a marker file when imported) never runs."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_dir, model)
+    marker = tmp_path / "payload-ran"
+    payload = f"open({str(marker)!r}, 'w').write('ran')\nclass Evil: pass\n"
+    index = json.loads((model / "model_index.json").read_text())
+    if how == "custom-pipeline":
+        (model / "pipeline.py").write_text(payload)
+        index["_class_name"] = ["pipeline", "Evil"]
+    elif how == "custom-component":
+        index["scheduler"] = ["evil_scheduler", "Evil"]
+        (model / "scheduler" / "evil_scheduler.py").write_text(payload)
+    else:
+        (model / "unet" / "modeling.py").write_text(payload)
+    (model / "model_index.json").write_text(json.dumps(index))
+    (tmp_path / "p.txt").write_text("a red fox\n")
+    write_training_set(tmp_path / "train", 3, size=16)
+    proc = run_cli("extract", "--model", model, "--prompts", tmp_path / "p.txt", "--train", tmp_path / "train",
+                   "--out", tmp_path / "run", check=False)  # fmt: skip
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert ("custom pipeline" if how == "custom-pipeline" else "code" if how != "custom-component" else
+            "not from diffusers or transformers") in errors[0]  # fmt: skip
+    assert "py:module:attribute" in proc.stderr
+    assert not marker.exists() and not (tmp_path / "run").exists()
+    # the library check knows diffusers' own pipeline modules (SD's safety checker comes from one)
+    from memscan.generators.diffusers_models import _is_diffusers_pipeline_module
+
+    assert _is_diffusers_pipeline_module("stable_diffusion") and not _is_diffusers_pipeline_module("evil_scheduler")

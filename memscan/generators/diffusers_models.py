@@ -108,12 +108,57 @@ def check_model_dir(root: str | Path) -> None:
     index = root / "model_index.json"
     if index.exists():
         components = read_model_json(index)
+        _refuse_code_in_index(index, components)
         folders += [root / k for k, v in components.items() if not k.startswith("_") and isinstance(v, list)]
     for folder in dict.fromkeys(folders):
         if folder.is_dir():
+            code = sorted(folder.glob("*.py"))
+            if code:  # a custom pipeline or component: diffusers may import it (older releases did so
+                # without trust_remote_code): memscan loads model directories as data only
+                raise InputError(f"model directory {root} holds code ({code[0]}): memscan does not run code from "
+                                 "a model directory", CODE_HINT)  # fmt: skip
             for name in MODEL_JSON_FILES:
                 if (folder / name).exists():
                     read_model_json(folder / name)
+
+
+#: What to do with a model directory that would run its own code.
+CODE_HINT = (
+    "load the model yourself where you trust it and pass it as py:module:attribute, or remove the custom "
+    "code and use diffusers' own classes"
+)
+
+
+def _refuse_code_in_index(index: Path, components: dict) -> None:
+    """Refuse a ``model_index.json`` naming a custom pipeline (``_class_name`` as ``[module,
+    class]``) or a component from a library other than diffusers (or one of its pipeline
+    modules) and transformers: loading it would import code named by the directory."""
+    cls = components.get("_class_name")
+    if cls is not None and not isinstance(cls, str):
+        raise InputError(f"{index}: _class_name {cls!r} names a custom pipeline (code)", CODE_HINT)
+    for name, value in components.items():
+        if name.startswith("_") or not isinstance(value, list) or len(value) != 2 or value[0] is None:
+            continue
+        library = value[0]
+        if library in ("diffusers", "transformers") or _is_diffusers_pipeline_module(library):
+            continue
+        raise InputError(
+            f"{index}: component {name!r} comes from {library!r}, not from diffusers or transformers "
+            "(loading it would import that code)",
+            CODE_HINT,
+        )
+
+
+def _is_diffusers_pipeline_module(library) -> bool:
+    """True for a diffusers pipeline module such as ``stable_diffusion`` (its safety checker)."""
+    import importlib.util
+
+    if not isinstance(library, str) or not library.isidentifier():
+        return False
+    try:
+        return importlib.util.find_spec(f"diffusers.pipelines.{library}") is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def model_dirs(root: str | Path) -> tuple[Path, Path]:
