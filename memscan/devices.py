@@ -18,12 +18,16 @@ def check_device(device, option: str = "--device") -> str:
     Traceback (most recent call last):
     ...
     memscan.errors.InputError: --device tpu: not a device memscan runs on (use cpu, cuda or cuda:N)
+    >>> check_device("cuda:")
+    Traceback (most recent call last):
+    ...
+    memscan.errors.InputError: --device cuda:: not a device memscan runs on (use cpu, cuda or cuda:N)
     """
     name = str(device)
     if name == "cpu":
         return name
     kind, _, index = name.partition(":")
-    if kind != "cuda" or (index and not index.isdigit()):
+    if kind != "cuda" or (index and not index.isdigit()) or name.endswith(":"):
         raise InputError(f"{option} {name}: not a device memscan runs on", "use cpu, cuda or cuda:N")
     import torch
 

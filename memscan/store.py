@@ -108,10 +108,12 @@ class _WriteGuard:
     def __exit__(self, exc_type, exc, tb):
         if exc_type is not None and issubclass(exc_type, OSError):
             reason = exc.strerror or str(exc)
-            raise MemscanError(
-                f"cannot write {self.what} in {self.root}: {reason}",
-                "free disk space or fix permissions, then rerun with --resume (committed shards are kept)",
-            ) from exc
+            hint = (
+                "--out must be a folder: pass another --out"
+                if isinstance(exc, (NotADirectoryError, FileExistsError))
+                else "free disk space or fix permissions, then rerun with --resume (committed shards are kept)"
+            )
+            raise MemscanError(f"cannot write {self.what} in {self.root}: {reason}", hint) from exc
         return False
 
 

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from memscan.errors import InputError
+from memscan.errors import InputError, UserCodeError, first_line
 
 
 def import_object(spec: str, what: str = "a function, a factory or an object") -> Any:
@@ -32,10 +32,16 @@ def import_object(spec: str, what: str = "a function, a factory or an object") -
             mod_spec.loader.exec_module(module)
         else:
             module = importlib.import_module(module_name)
+    except InputError:
+        raise
     except ImportError as exc:
         raise InputError(
             f"cannot import {module_name!r} for {spec!r}: {exc}", "check PYTHONPATH or give a .py file path"
         ) from None
+    except Exception as exc:  # a syntax error, or module code that raises on import
+        raise UserCodeError(
+            f"importing {module_name!r} for {spec!r} failed: {first_line(exc)}", "fix the module, then rerun"
+        ) from exc
     obj = getattr(module, attr, None)
     if obj is None:
         raise InputError(f"{module_name} has no attribute {attr!r}", f"name {what}")

@@ -356,6 +356,7 @@ def test_bad_language_model_inputs_are_refused(corpus, tiny_lm_dir, tmp_path, ba
     if option in ("canaries", "model"):
         canaries = value if option == "canaries" else "my PIN is {d2}::my PIN is 12"
         commands.append(("lm", "exposure", "--model", model, "--canaries", canaries))
+    assert commands, f"case {bad!r}: option {option!r} runs no command"
     for i, args in enumerate(commands):
         out = tmp_path / f"o{i}"
         assert_clean_error(cli(*args, "--out", out, "--quiet"), want)
@@ -791,3 +792,111 @@ def test_the_intact_demo_model_runs_with_the_same_arguments(corpus, tmp_path, co
 
     res = cli(*_model_args(corpus, model_dir(), tmp_path, command), "--out", tmp_path / "o", "--quiet")
     assert res.exit_code == 0, res.output
+
+
+# ---- py: specs whose module does not import -----------------------------------------------------
+@pytest.mark.parametrize("module", ["raises", "syntax error"])
+@pytest.mark.parametrize("command", ["memscore", "mia", "inpaint", "extract-unconditional", "lm exposure"])
+def test_a_py_module_that_fails_to_import_is_one_error(corpus, tmp_path, module, command):
+    """A ``py:`` module that raises on import, or does not parse: one error naming the spec and
+    the exception's first line, for every command that takes one."""
+    mod = tmp_path / "boom.py"
+    mod.write_text("raise RuntimeError('boom on import')\n" if module == "raises" else "def f(:\n")
+    spec = f"py:{mod}:f"
+    (tmp_path / "m.txt").write_text("m0\n")
+    args = {
+        "memscore": ("memscore", "--data", corpus.bad_arrays["NaN values"][0], "--train-fn", spec,
+                     "--log-likelihood-fn", spec, "--folds", 2),
+        "mia": ("mia", "--data", corpus.clean, "--model", spec, "--members", tmp_path / "m.txt"),
+        "inpaint": ("inpaint", "--data", corpus.clean, "--model", spec, "--members", tmp_path / "m.txt"),
+        "extract-unconditional": ("extract-unconditional", "--model", spec, "--train", corpus.clean, "--samples", 4),
+        "lm exposure": ("lm", "exposure", "--model", spec, "--canaries", "my PIN is {d2}::my PIN is 12"),
+    }[command]  # fmt: skip
+    want = "RuntimeError: boom on import" if module == "raises" else "SyntaxError"
+    line = assert_clean_error(cli(*args, "--out", tmp_path / "o", "--quiet"), spec, want)
+    assert " — " in line  # and a hint
+
+
+# ---- any integer is a valid --seed ---------------------------------------------------------------
+SEED_COMMANDS = ["mia", "inpaint", "lm extractable", "lm exposure", "lm mia", "memscore", "extract-unconditional"]
+
+
+@pytest.mark.parametrize("command", SEED_COMMANDS)
+def test_a_negative_seed_is_accepted_by_every_command(corpus, unet_dir, tiny_lm_dir, tmp_path, command):
+    """``--seed -1`` runs to the end (numpy's generators get ``numpy_seed(seed)``), as it does in
+    extract, triage, lm extract and lm exposure — never a traceback after the shards are done."""
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"text": "a long enough training document. " * 10}) + "\n")
+    (tmp_path / "n.jsonl").write_text(json.dumps({"text": "another document, not a member. " * 10}) + "\n")
+    (tmp_path / "m.txt").write_text("m0\n")
+    if command == "memscore":
+        mod = tmp_path / "gauss.py"
+        mod.write_text(
+            "def train(d):\n    return float(d.mean()), float(d.var()) + 1e-3\n\n"
+            "def loglik(m, d):\n    return -0.5 * (d - m[0]) ** 2 / m[1]\n"
+        )
+        import numpy as np
+
+        np.save(tmp_path / "x.npy", np.arange(8, dtype=np.float32))
+        args = ("memscore", "--data", tmp_path / "x.npy", "--train-fn", f"py:{mod}:train", "--folds", 2,
+                "--log-likelihood-fn", f"py:{mod}:loglik")  # fmt: skip
+    else:
+        args = DEVICE_COMMANDS[command](corpus, unet_dir, tiny_lm_dir, data, tmp_path / "m.txt")
+    if command in ("mia", "inpaint"):
+        args = (*args, "--bootstrap", 5, *(("--timesteps", 10, "--noise-draws", 1) if command == "mia" else ()))
+        args = (*args, *(("--steps", 2, "--jump-n-sample", 1) if command == "inpaint" else ()))
+    if command == "lm mia":
+        args = (*args, "--bootstrap", 5)
+    res = cli(*args, "--seed", -1, "--out", tmp_path / "o", "--quiet")
+    assert res.exit_code == 0, res.output
+
+
+@pytest.mark.parametrize("command", ["mia", "inpaint"])
+@pytest.mark.parametrize(("option", "value"), [("--threads", 0), ("--threads", -2), ("--bootstrap", -1)])
+def test_bad_threads_and_bootstrap_are_refused_before_any_work(corpus, unet_dir, tmp_path, command, option, value):
+    """``--threads`` below 1 (leave it out for torch's default) and a negative ``--bootstrap``: one
+    error naming the option, before the run directory is written."""
+    (tmp_path / "m.txt").write_text("m0\n")
+    args = DEVICE_COMMANDS[command](corpus, unet_dir, None, None, tmp_path / "m.txt")
+    out = tmp_path / "o"
+    line = assert_clean_error(cli(*args, option, value, "--out", out, "--quiet"), f"{option} {value}")
+    assert " — " in line
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("toml", "want"),
+    [
+        ("[extract]\nsamples_per_prompt = 'many'\n", "samples_per_prompt = 'many' is not an integer"),
+        ("alpha = 'x'\n", "alpha = 'x' is not a number"),
+        ("[extract]\nadaptive = 1\n", "adaptive = 1 is not true or false"),
+        ("[extrct]\nsamples_per_prompt = 12\n", "[extrct]"),
+        ("[extract]\nbatch_size = 0\n", "batch_size=0"),
+    ],
+)
+def test_bad_config_files_are_one_error(corpus, tmp_path, toml, want):
+    """A --config value of the wrong type, a misspelled table (once silently ignored) or a value
+    out of range: one error naming it and a fix."""
+    (tmp_path / "run.toml").write_text(toml)
+    args = TRAIN_COMMANDS["extract"](corpus, corpus.clean, tmp_path / "o")
+    line = assert_clean_error(cli(*args, "--config", tmp_path / "run.toml"), want)
+    assert " — " in line
+
+
+@pytest.mark.parametrize("command", ["extract", "audit"])
+def test_pipeline_options_are_refused_for_a_py_generator(corpus, tmp_path, command):
+    """--steps, --dtype, --scheduler, --height, --width mean nothing to a py: generator: one error
+    naming them, not a run that silently drops them."""
+    args = TRAIN_COMMANDS[command](corpus, corpus.clean, tmp_path / "o")
+    extra = ("--steps", 5) if command == "audit" else ("--steps", 5, "--dtype", "fp16", "--height", 32)
+    line = assert_clean_error(cli(*args, *extra), "--steps", "py:gen_support:planted")
+    assert command == "audit" or ("--dtype" in line and "--height" in line)
+    assert not (tmp_path / "o" / "manifest.json").exists()
+
+
+def test_a_bad_dtype_is_named_not_blamed_on_the_model(tiny_lm_dir, tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"text": "a long enough training document. " * 10}) + "\n")
+    args = ("lm", "extractable", "--model", tiny_lm_dir, "--data", data, "--sequences", 2, "--prefix-lengths", 32)
+    line = assert_clean_error(cli(*args, "--dtype", "fp8", "--out", tmp_path / "o", "--quiet"), "fp8")
+    assert "not a causal language model" not in line

@@ -72,3 +72,15 @@ def test_python_dash_m_and_global_debug_option():
     assert res.output.strip().splitlines()[-1].startswith("error:") and "Traceback" in res.output
     res = CliRunner().invoke(app, ["report", "/nonexistent/run"])
     assert res.exit_code == 2 and "Traceback" not in res.output and res.output.startswith("error:")
+
+
+def test_an_out_that_is_a_file_is_one_error_saying_to_pass_a_folder(synth_train, tmp_path):
+    """``--out`` naming an existing file: the error says --out must be a folder (not to free disk
+    space and resume, which cannot help), and the file is left as it was."""
+    out = tmp_path / "afile"
+    out.write_text("keep me")
+    res = CliRunner().invoke(app, ["index", str(synth_train), "--out", str(out)])
+    errors = [ln for ln in res.output.splitlines() if ln.startswith("error:")]
+    assert res.exit_code == 2 and len(errors) == 1 and "Traceback" not in res.output, res.output
+    assert "--out must be a folder" in res.output and "free disk space" not in res.output
+    assert out.read_text() == "keep me"

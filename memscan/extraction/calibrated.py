@@ -58,7 +58,7 @@ class CalibratedConfig:
         if isinstance(self.n, bool) or not isinstance(self.n, (int, np.integer)) or self.n < 1:
             raise InputError(f"n={self.n!r} must be a positive integer", "paper: 50")
         if self.metric not in ("l2", "tiled_l2"):
-            raise InputError(f"metric {self.metric!r} is not l2 or tiled_l2")
+            raise InputError(f"metric {self.metric!r} is not l2 or tiled_l2", "the paper's calibrated distance uses l2")
         return self
 
     def to_dict(self) -> dict:

@@ -17,6 +17,9 @@ from memscan.errors import InputError
 DEFAULT_ALPHA = 0.08
 
 
+_TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
 @dataclass(frozen=True)
 class ExtractConfig:
     """Parameters of ``memscan extract`` (Carlini et al. 2023, §4.1 defaults where they exist).
@@ -78,8 +81,12 @@ class ExtractConfig:
             f"min_clique={self.min_clique} must lie in 2..samples_per_prompt ({self.samples_per_prompt})",
             "paper: 10 of 500",
         )
-        need(self.batch_size >= 1 and self.shard_size >= 1, "batch_size and shard_size must be ≥ 1", "")
-        need(self.n_nearest >= 1, "n_nearest must be ≥ 1", "")
+        need(
+            self.batch_size >= 1 and self.shard_size >= 1,
+            f"batch_size={self.batch_size}, shard_size={self.shard_size}: both must be ≥ 1",
+            "e.g. --batch-size 64 --shard-size 8",
+        )
+        need(self.n_nearest >= 1, f"n_nearest={self.n_nearest} must be ≥ 1", "e.g. --n-nearest 3")
         need(
             self.device in ("cpu", "cuda") or self.device.startswith("cuda:"),
             f"device={self.device!r}",
@@ -131,14 +138,32 @@ class ExtractConfig:
                 data = tomllib.loads(Path(config_file).read_text(encoding="utf-8"))
             except (OSError, tomllib.TOMLDecodeError) as exc:
                 raise InputError(f"cannot read config {config_file}: {exc}", "pass a valid TOML file") from None
+            tables = [k for k, v in data.items() if isinstance(v, dict) and k != "extract"]
             data = data.get("extract", data)
-            known = {f.name for f in fields(cls)}
-            values.update({k.replace("-", "_"): v for k, v in data.items() if k.replace("-", "_") in known})
-            unknown = [k for k in data if k.replace("-", "_") not in known and not isinstance(data[k], dict)]
+            tables += [f"extract.{k}" for k, v in data.items() if isinstance(v, dict)]
+            if tables:
+                raise InputError(
+                    f"config {config_file}: unknown table(s) {', '.join(f'[{t}]' for t in tables)}",
+                    "the options go in an [extract] table or at the top level",
+                )
+            known = {f.name: f for f in fields(cls)}
+            unknown = [k for k in data if k.replace("-", "_") not in known]
             if unknown:
                 raise InputError(
                     f"config {config_file}: unknown option(s) {', '.join(unknown)}",
                     f"known: {', '.join(sorted(known))}",
                 )
+            for k, v in data.items():
+                default = known[k.replace("-", "_")].default
+                want = float if isinstance(default, float) else type(default)
+                ok = isinstance(v, bool) if want is bool else isinstance(v, want) and not isinstance(v, bool)
+                if want is float:
+                    ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+                if not ok:
+                    raise InputError(
+                        f"config {config_file}: {k} = {v!r} is not {_TYPE_NAMES[want]}",
+                        f"e.g. {k} = {'true' if want is bool else repr(default)}",
+                    )
+                values[k.replace("-", "_")] = v
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values).validate()

@@ -665,6 +665,8 @@ def _load_transformers_quiet(where, spec, device, dtype, gguf_file) -> Transform
             **{_dtype_keyword(): _torch_dtype(dtype, device)},
             **(kwargs or {"use_safetensors": True}),  # GGUF, or safetensors: never a pickle
         )
+    except InputError:  # a bad --dtype: shown as itself, not blamed on the model
+        raise
     except ValueError as exc:
         raise InputError(
             f"model {spec} ({type(config).__name__}) is not a causal language model: {str(exc).splitlines()[0]}",

@@ -25,6 +25,7 @@ def load_generator(spec: str, *, device: str = "cpu", batch_size: int = 64, **op
     """Load the generator named by ``spec`` (see module docstring)."""
     check_device(device)
     if spec.startswith("py:"):
+        _refuse_pipeline_options(spec, options)
         return _load_python(spec)
     path = Path(spec)
     if path.exists():
@@ -66,6 +67,27 @@ def load_generator(spec: str, *, device: str = "cpu", batch_size: int = 64, **op
         f"model {spec!r} is not a directory, a hub id or py:module:attribute",
         "e.g. --model ./my-ddpm or --model py:mypkg.gen:sample",
     )
+
+
+#: The sampling options of a diffusers pipeline, as the command line names them.
+_PIPELINE_OPTIONS = {
+    "num_inference_steps": "--steps",
+    "guidance_scale": "--guidance-scale",
+    "dtype": "--dtype",
+    "scheduler": "--scheduler",
+    "height": "--height",
+    "width": "--width",
+}
+
+
+def _refuse_pipeline_options(spec: str, options: dict) -> None:
+    """A ``py:`` generator samples as its own code does: pipeline options would be dropped silently."""
+    extra = [flag for k, flag in _PIPELINE_OPTIONS.items() if options.get(k) is not None]
+    if extra:
+        raise InputError(
+            f"option(s) {', '.join(extra)} apply to diffusers pipelines; {spec} is a py: generator",
+            "drop them and set the sampling in your py: function",
+        )
 
 
 def _refuse_t2i_options(spec: str, options: dict) -> None:

@@ -25,3 +25,16 @@ def derive_seed(run_seed: int, prompt_id: str, index: int) -> int:
 def derive_seeds(run_seed: int, prompt_id: str, start: int, stop: int) -> list[int]:
     """Seeds of samples ``start .. stop - 1`` of one prompt."""
     return [derive_seed(run_seed, prompt_id, i) for i in range(start, stop)]
+
+
+def numpy_seed(seed: int) -> int:
+    """``seed`` as numpy's (and scikit-learn's) generators take it: a non-negative seed unchanged,
+    a negative one mapped to ``derive_seed(seed, "numpy", 0)`` (any integer is a valid ``--seed``).
+
+    Examples
+    --------
+    >>> numpy_seed(7), numpy_seed(-1) == derive_seed(-1, "numpy", 0)
+    (7, True)
+    """
+    seed = int(seed)
+    return seed if seed >= 0 else derive_seed(seed, "numpy", 0)

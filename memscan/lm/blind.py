@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from memscan.errors import InputError
+from memscan.generators.seeds import numpy_seed
 from memscan.mia.metrics import RocResult, as_labels, check_two_classes, roc_metrics
 
 __all__ = ["BLIND_AUC_WARNING", "BLIND_WARNING_TEXT", "BlindBaseline", "blind_baseline", "blind_classifier"]
@@ -96,7 +97,9 @@ def blind_classifier(seed: int = 0):
             ("words", tfidf(analyzer="word", ngram_range=(1, 2), token_pattern=r"(?u)\b\w+\b")),
         ]
     )
-    return make_pipeline(features, LogisticRegression(C=1.0, solver="liblinear", max_iter=2000, random_state=seed))
+    return make_pipeline(
+        features, LogisticRegression(C=1.0, solver="liblinear", max_iter=2000, random_state=numpy_seed(seed) % 2**32)
+    )
 
 
 def blind_baseline(texts, is_member, *, folds: int = DEFAULT_FOLDS, seed: int = 0, bootstrap: int = 0) -> BlindBaseline:
@@ -131,7 +134,7 @@ def blind_baseline(texts, is_member, *, folds: int = DEFAULT_FOLDS, seed: int = 
         return BlindBaseline(None, None, k, False, reason, params)
     scores = np.empty(len(texts), dtype=np.float64)
     arr = np.array(texts, dtype=object)
-    for train, test in StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(arr, y):
+    for train, test in StratifiedKFold(n_splits=k, shuffle=True, random_state=numpy_seed(seed) % 2**32).split(arr, y):
         clf = blind_classifier(seed).fit(arr[train].tolist(), y[train])
         scores[test] = clf.decision_function(arr[test].tolist())
     roc = roc_metrics(scores, y, bootstrap=bootstrap, seed=seed)

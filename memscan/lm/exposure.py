@@ -52,6 +52,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from memscan.errors import InputError
+from memscan.generators.seeds import numpy_seed
 from memscan.lm.decoding import document_start
 
 #: Enumerate R exactly when |R| is at most this; above, estimate with a fitted skew-normal.
@@ -244,7 +245,7 @@ def exact_exposure(lm, fmt: CanaryFormat, canary: str, *, batch_size: int = 256)
 
 def sample_secrets(fmt: CanaryFormat, n: int, seed: int) -> np.ndarray:
     """``n`` secrets drawn uniformly from R (with replacement), reproducibly."""
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(numpy_seed(seed))
     if fmt.space_size <= 2**62:
         return rng.integers(0, fmt.space_size, size=n, dtype=np.int64)
     raise InputError(f"canary format {fmt.text!r} has more than 18 digits", "use at most 18 digits")

@@ -38,6 +38,7 @@ import numpy as np
 
 from memscan.data.prompts import read_utf8
 from memscan.errors import InputError
+from memscan.generators.seeds import numpy_seed
 
 log = logging.getLogger(__name__)
 
@@ -336,7 +337,7 @@ def sample_sequences(
             f"({left} prefix + {right} suffix; the longest has {longest})",
             "lower --prefix-lengths / --suffix-length, or give longer documents",
         )
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(numpy_seed(seed))
     if offsets == "start" and n > eligible.size:  # a document has one start: no repeated windows
         log.warning("%d sequences asked for, %d documents are long enough: taking %d", n, eligible.size, eligible.size)
         n = int(eligible.size)

@@ -187,11 +187,11 @@ class InpaintConfig:
         if self.region not in REGIONS:
             raise InputError(f"region: {self.region!r} is unknown", f"choose one of {', '.join(REGIONS)}")
         if not (0.0 < float(self.fraction) < 1.0):
-            raise InputError(f"fraction: {self.fraction} is not in (0, 1)")
+            raise InputError(f"fraction: {self.fraction} is not in (0, 1)", "e.g. 0.5 hides half of the image")
         for name in ("num_inference_steps", "jump_length", "jump_n_sample", "samples", "batch_size"):
             v = getattr(self, name)
             if isinstance(v, bool) or int(v) != v or v < 1:
-                raise InputError(f"{name}: {v!r} must be a positive integer")
+                raise InputError(f"{name}: {v!r} must be a positive integer", f"e.g. --{name.replace('_', '-')} 4")
         if self.num_inference_steps > num_train_timesteps:
             raise InputError(
                 f"num_inference_steps: {self.num_inference_steps} exceeds the model's T = {num_train_timesteps}"

@@ -109,7 +109,7 @@ class LossConfig:
         for name in ("noise_draws", "batch_size"):
             v = getattr(self, name)
             if isinstance(v, bool) or int(v) != v or v < 1:
-                raise InputError(f"{name}: {v!r} must be a positive integer")
+                raise InputError(f"{name}: {v!r} must be a positive integer", f"e.g. --{name.replace('_', '-')} 8")
         return LossConfig(ts, int(self.noise_draws), bool(self.flip), int(self.seed), int(self.batch_size))
 
     def to_dict(self) -> dict[str, Any]:

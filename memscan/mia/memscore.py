@@ -32,6 +32,7 @@ import numpy as np
 from scipy.special import logsumexp
 
 from memscan.errors import InputError
+from memscan.generators.seeds import numpy_seed
 
 __all__ = ["MemorizationResult", "fold_assignment", "logmeanexp", "memorization_score"]
 
@@ -69,7 +70,7 @@ def fold_assignment(n: int, folds: int, seed: int, repeat: int) -> np.ndarray:
     >>> np.bincount(fold_assignment(10, 3, seed=0, repeat=0)).tolist()
     [4, 3, 3]
     """
-    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(repeat,)))
+    rng = np.random.default_rng(np.random.SeedSequence(numpy_seed(seed), spawn_key=(repeat,)))
     perm = rng.permutation(n)
     out = np.empty(n, dtype=np.int64)
     for k, part in enumerate(np.array_split(perm, folds)):
@@ -316,7 +317,7 @@ def memorization_score(
             "K = n is leave-one-out; the paper uses K = 10",
         )
     if isinstance(repeats, bool) or int(repeats) != repeats or repeats < 1:
-        raise InputError(f"repeats: {repeats!r} must be a positive integer")
+        raise InputError(f"repeats: {repeats!r} must be a positive integer", "e.g. --repeats 2 (L in the paper)")
     folds, repeats, seed = int(folds), int(repeats), int(seed)
     st = _Store(store, n, folds, seed) if store is not None else None
 

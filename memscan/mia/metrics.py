@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from memscan.errors import InputError
+from memscan.generators.seeds import numpy_seed
 
 __all__ = [
     "AttackResult",
@@ -378,7 +379,7 @@ def _bootstrap_ci(
     as multiplicities (how often each example was drawn); its curve is the weighted curve over
     the same groups of tied scores, so the sort is done once and each replicate costs O(n).
     """
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(numpy_seed(seed))
     pos = np.flatnonzero(y)
     neg = np.flatnonzero(~y)
     ys = y[order]

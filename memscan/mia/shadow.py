@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from memscan.errors import InputError
+from memscan.generators.seeds import numpy_seed
 from memscan.store import atomic_write_json
 
 __all__ = [
@@ -76,7 +77,7 @@ def shadow_membership(n: int, n_models: int, *, seed: int = 0, scheme: str = "ba
             raise InputError(f"{name}: {v!r} must be an integer ≥ {lo}")
     if scheme not in SCHEMES:
         raise InputError(f"scheme: {scheme!r} is unknown", f"choose one of {', '.join(SCHEMES)}")
-    rng = np.random.default_rng(np.random.SeedSequence(int(seed), spawn_key=(0x5AD0,)))
+    rng = np.random.default_rng(np.random.SeedSequence(numpy_seed(seed), spawn_key=(0x5AD0,)))
     if scheme == "balanced":
         if n_models < 2:
             raise InputError("scheme 'balanced' needs n_models ≥ 2", "train at least 2 models, or use 'halves'")
@@ -88,6 +89,14 @@ def shadow_membership(n: int, n_models: int, *, seed: int = 0, scheme: str = "ba
     return mask
 
 
+def check_threads(n: int | None) -> None:
+    """Refuse a ``--threads`` that is not a positive integer (None: torch's default)."""
+    if n is not None and (isinstance(n, bool) or int(n) != n or n < 1):
+        raise InputError(
+            f"--threads {n}: must be at least 1", "give a positive number, or leave --threads out for torch's default"
+        )
+
+
 @contextlib.contextmanager
 def torch_threads(n: int | None) -> Iterator[None]:
     """Run the block with ``torch.set_num_threads(n)`` (None: unchanged), then restore.
@@ -97,6 +106,7 @@ def torch_threads(n: int | None) -> Iterator[None]:
     """
     import torch
 
+    check_threads(n)
     if n is None:
         yield
         return

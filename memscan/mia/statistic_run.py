@@ -43,14 +43,14 @@ import numpy as np
 import pandas as pd
 
 from memscan.devices import check_device
-from memscan.errors import user_code
+from memscan.errors import InputError, user_code
 from memscan.mia.attack_labels import parse_attacks, run_attacks
 from memscan.mia.inpaint import InpaintConfig, inpaint_distances, inpaint_mask
 from memscan.mia.inputs import MiaInputs, examples_table, load_mia_inputs, resolve_condition
 from memscan.mia.loss import LossConfig, diffusion_loss, timestep_sweep
 from memscan.mia.results import MiaResult
 from memscan.mia.run_dir import cpu_seconds, finish_mia_run
-from memscan.mia.shadow import torch_threads
+from memscan.mia.shadow import check_threads, torch_threads
 from memscan.mia.tables import metrics_rows, score_rows
 from memscan.store import Run, open_run
 
@@ -572,6 +572,9 @@ def _open_and_attack(
 ) -> MiaResult:
     t0 = time.perf_counter()
     check_device(device)  # the target loads here, on the device: refused before the run opens
+    check_threads(threads)
+    if isinstance(bootstrap, bool) or int(bootstrap) != bootstrap or bootstrap < 0:
+        raise InputError(f"--bootstrap {bootstrap}: must be 0 or more", "use 0 (no intervals) or e.g. 200")
     with open_run(out, kind, resume=resume) as run, torch_threads(threads):
         s = load_mia_inputs(
             data, model=model, members=members, shadows=shadows, target_shadow=target_shadow, device=device
