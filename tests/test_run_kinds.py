@@ -442,6 +442,17 @@ def _edited_prompts(tmp: Path, argv: list) -> list:
     return _arg(argv, "--prompts", edited)
 
 
+def _other_demo_model(tmp: Path) -> Path:
+    """Another model directory (the demo model's files at another path: another --model, which
+    takes the same sampling options)."""
+    from memscan.demo.run import model_dir
+
+    other = tmp / "other_model"
+    if not other.exists():
+        shutil.copytree(model_dir(), other)
+    return other
+
+
 def _edited_training_set(tmp: Path, argv: list) -> list:
     """A copy of the training set with the same ids, one image replaced by noise."""
     from memscan.data.images import read_image, save_png
@@ -493,7 +504,7 @@ OTHER_INPUTS = {
         OtherInputs("training-set", _edited_training_set, "training_set_sha256"),
     ],
     "audit": [
-        OtherInputs("model", lambda t, a: _arg(a, "--model", "py:gen_support:planted_other"), "model_spec"),
+        OtherInputs("model", lambda t, a: _arg(a, "--model", _other_demo_model(t)), "model_spec"),
         OtherInputs("prompt-texts", _edited_prompts, "prompts_sha256"),
         OtherInputs("training-set", _edited_training_set, "training_set_sha256"),
     ],
