@@ -149,7 +149,8 @@ def audit(
     triage_config = replace(triage_config, scores=(score,)).validate()  # only the score that ranks
     if prompts is None and isinstance(train, TrainingSet):
         raise InputError("candidates from captions need the training set's path", "pass --train PATH or --prompts")
-    # the model, the training set (listed once: hashed, read for captions, decoded as listed) and
+    # the model, the training set (listed once: hashed, read for captions, decoded as listed; the
+    # duplicate count of the candidates stage, which decodes every image, lists it again) and
     # given prompts identify the audit: a resume with others is refused before any stage
     listing = list_source(train) if isinstance(train, (str, Path)) else None
     identities = {

@@ -314,7 +314,7 @@ class PixelSearch:
             # 2. the candidates' exact distances (integer sums), re-ranked; ties by the lower index
             sums, per_value = pixel_square_sums(qs, self.images, ii, metric, self.grid)
             sums = np.where(ii < 0, np.iinfo(np.int64).max, sums)  # (a flat index returns no -1)
-            order = np.lexsort((ii, sums), axis=1)
+            order = rowsort(sums, ii)
             sums_sorted = np.take_along_axis(sums, order, 1)
             dist[s : s + len(qs)] = np.sqrt(sums_sorted[:, :k] / per_value)
             idx[s : s + len(qs)] = np.take_along_axis(ii, order, 1)[:, :k]
@@ -343,7 +343,7 @@ class PixelSearch:
         proposed one by :data:`TILED_TOLERANCE` is searched by exact integer sums over all."""
         td, ti, _ = nearest_tiled_l2(queries, self.images, k=k_fetch, grid=self.grid)
         sums, per_value = pixel_square_sums(queries, self.images, ti, "tiled_l2", self.grid)
-        order = np.lexsort((ti, sums), axis=1)
+        order = rowsort(sums, ti)
         sums, ti = np.take_along_axis(sums, order, 1), np.take_along_axis(ti, order, 1)
         dist = np.sqrt(sums[:, :k] / per_value)
         idx = ti[:, :k].copy()
