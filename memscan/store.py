@@ -291,13 +291,8 @@ def _stale_text(text: str) -> bool:
     """Whether a lock file's text names a process of this host that no longer exists."""
     try:
         fields = _lock_fields(text)
-        if fields.get("host") != socket.gethostname():
-            return False
-        os.kill(int(fields["pid"]), 0)
-        return False
-    except ProcessLookupError:
-        return True
-    except (ValueError, KeyError, OSError):
+        return fields.get("host") == socket.gethostname() and not _alive(int(fields["pid"]))
+    except (ValueError, KeyError):
         return False
 
 

@@ -31,6 +31,7 @@ from memscan.data.training import list_source
 from memscan.errors import InputError
 from memscan.extraction.config import ExtractConfig
 from memscan.extraction.pipeline import save_train_matches
+from memscan.extraction.shard import stops
 from memscan.extraction.worker import extraction_stage
 from memscan.runners.shards import run_shards
 from memscan.store import Run, atomic_write_json, write_table
@@ -231,10 +232,9 @@ def budgeted_extraction_stage(
 
 
 def _would_continue(row, config: ExtractConfig) -> bool:
-    """Whether the adaptive rule (:func:`memscan.extraction.shard.adaptive_stop`) continues a
-    prompt after its generations so far (its detection row): the budget, not the rule, cut it."""
-    stop = int(row["clique_size"]) < config.continue_clique or (config.stop_when_detected and bool(row["detected"]))
-    return not stop
+    """Whether the adaptive rule (:func:`memscan.extraction.shard.stops`) continues a prompt
+    after its generations so far (its detection row): the budget, not the rule, cut it."""
+    return not stops(row["clique_size"], row["detected"], config)
 
 
 def extract_rounds(

@@ -147,10 +147,15 @@ def run_shard(
 
 
 def adaptive_stop(found, config: ExtractConfig) -> bool:
-    """The adaptive budget's rule after a round: stop when the largest clique of the generations
-    so far has fewer than ``continue_clique`` members (2: no pair within alpha), or, with
+    """The adaptive budget's rule after a round (:func:`stops`) for a detection result ``found``."""
+    return stops(found.clique.size, found.detected, config)
+
+
+def stops(clique_size: int, detected: bool, config: ExtractConfig) -> bool:
+    """The adaptive budget's rule: stop when the largest clique of the generations so far has
+    fewer than ``continue_clique`` members (2: no pair within alpha), or, with
     ``stop_when_detected``, when it has reached ``min_clique`` (the prompt is flagged already)."""
-    return found.clique.size < config.continue_clique or (config.stop_when_detected and found.detected)
+    return int(clique_size) < config.continue_clique or (config.stop_when_detected and bool(detected))
 
 
 def _detect_pending(pending: list, config: ExtractConfig, store, timings, rows, cand_rows, cand_images) -> None:
