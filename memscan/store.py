@@ -16,9 +16,11 @@
       run.log                  what happened, including skipped inputs
       .lock                    held while a process writes the run
 
-Every file is written to a temporary name and renamed, so a killed process leaves either the old
-file or the new one. A shard counts as done only when its completion record exists and the
-hashes in it match its files; anything else is redone on ``--resume``.
+Every file is written to a temporary name (``.NAME.tmp-PID@HOST``), fsynced and renamed, and its
+directory is fsynced after the rename, so a killed process leaves either the old file or the new
+one, and a power failure after a write returned does not undo it. A shard counts as done only
+when its completion record exists and the hashes in it match its files; anything else is redone
+on ``--resume``.
 
 Every command that writes a run opens it the same way, through :func:`open_run` (create or
 resume, lock, a manifest with one ``kind`` key, versions, status, shard records)::
@@ -59,14 +61,84 @@ from memscan.errors import InputError, MemscanError
 SHARD_TABLES = ("detections", "extractions")
 
 
+def fsync_dir(path: str | Path) -> None:
+    """Make the entries of the directory ``path`` durable: a rename, link or new file in it
+    survives a power failure once this returns (fsyncing the file alone does not guarantee that).
+
+    Skipped on Windows, where a directory cannot be opened; a file system that cannot sync a
+    directory (``EINVAL``, ``ENOTSUP``: some FUSE and network mounts) is skipped too. Any other
+    error (``EIO``) is raised: the commit may not be durable.
+    """
+    if os.name == "nt":  # pragma: no cover - a directory cannot be opened there
+        return
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in _NO_DIR_SYNC:
+            raise
+    finally:
+        os.close(fd)
+
+
+_NO_DIR_SYNC = {errno.EINVAL, getattr(errno, "ENOTSUP", errno.EOPNOTSUPP), errno.EOPNOTSUPP}
+
+
+def make_dirs(path: str | Path) -> None:
+    """``mkdir -p path``, durably: each directory it creates is fsynced into its parent (a new
+    directory's entry is as easily lost on power failure as a renamed file's)."""
+    missing = []
+    p = Path(path)
+    while not p.is_dir():
+        missing.append(p)
+        if p.parent == p:
+            break
+        p = p.parent
+    for d in reversed(missing):
+        d.mkdir(exist_ok=True)
+        fsync_dir(d.parent)
+
+
+def _host_tag() -> str:
+    """This host's name as it appears in temporary file names (file-system safe)."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", socket.gethostname())[:64] or "host"
+
+
+def temporary_path(path: Path, tag: str = "") -> Path:
+    """The temporary name a writer of ``path`` uses until its rename: ``.NAME.tmp-PID[-TAG]@HOST``
+    beside it (one file system, so the rename is atomic). The pid and host let
+    :func:`remove_stale_temporaries` tell a dead writer's leftovers from a live one's."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}{'-' + tag if tag else ''}@{_host_tag()}")
+
+
+@contextmanager
+def replacing(path: str | Path):
+    """A temporary name beside ``path`` (:func:`temporary_path`) for a writer that needs a file
+    name (Parquet, FAISS, ``np.save``); once the block ends it is fsynced, renamed to ``path`` and
+    the rename made durable (:func:`fsync_dir`): a reader sees the old file or the new one, never a
+    part. A failed write removes it and leaves the old file."""
+    path = Path(path)
+    tmp = temporary_path(path)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)  # the rename itself survives a power failure
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temporary_path(path)
     try:
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        fsync_dir(path.parent)  # the rename itself survives a power failure
     except BaseException:
         tmp.unlink(missing_ok=True)  # a failed write leaves the old file, never a half-written one
         raise
@@ -83,13 +155,14 @@ def write_table(df: pd.DataFrame, path: Path) -> str:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temporary_path(path)
     try:
         pq.write_table(pa.Table.from_pandas(df, preserve_index=False), tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         digest = sha256_file(tmp)
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -149,17 +222,27 @@ WHERE_RESULTS_ARE = {
 
 
 class RunLock:
-    """An exclusive lock on a run directory (a ``.lock`` file created with O_EXCL).
+    """An exclusive lock on a run directory (a ``.lock`` file that only one process can create).
 
     The file says who holds it: ``pid=… host=… since=… token=…`` (the token is unique to this
-    acquisition). A lock left by a process that no longer exists on this host is taken over, and
-    the takeover is atomic: the contender ``flock``s the stale lock file itself, checks under that
-    flock that the file is still the one at ``.lock`` and still stale, then renames its own new
-    lock file over it. A second contender, blocked on the old file's flock, then finds ``.lock``
-    replaced and sees the new holder (alive): it is refused. At no moment is ``.lock`` absent, so
-    a process that creates a fresh lock (O_EXCL) cannot slip in either. :meth:`release` removes
-    ``.lock`` only while it still holds this acquisition's token (under the same flock), never a
-    lock another process has taken over since.
+    acquisition). It is created whole: the content is written and fsynced to a temporary file,
+    which is then hard-linked to ``.lock`` (``link`` fails when ``.lock`` exists, like
+    ``O_EXCL``), so a reader never sees ``.lock`` empty or half-written. Where the file system
+    has no hard links, ``.lock`` is created with ``O_EXCL`` and then written, as before.
+
+    A lock left by a process that no longer exists on this host is taken over, and the takeover
+    is atomic: the contender ``flock``s the stale lock file itself, checks under that flock that
+    the file is still the one at ``.lock`` and still stale, then renames its own new lock file
+    over it. A second contender, blocked on the old file's flock, then finds ``.lock`` replaced
+    and sees the new holder (alive): it is refused. At no moment is ``.lock`` absent, so a
+    process that creates a fresh lock cannot slip in either. :meth:`release` removes ``.lock``
+    only while it still holds this acquisition's token (under the same flock), never a lock
+    another process has taken over since.
+
+    A ``.lock`` without a pid and host (empty or cut short: written in two steps by an older
+    memscan or on a file system without hard links, by a writer that may be between the steps)
+    is held while younger than :data:`INCOMPLETE_LOCK_GRACE_S`; older, its writer was killed
+    between the two steps, and it is stale.
 
     Where ``fcntl`` is missing (Windows), takeovers are serialised within one process only: two
     processes taking over one stale lock at the same instant can then both believe they hold it.
@@ -181,41 +264,102 @@ class RunLock:
         token = uuid.uuid4().hex
         for _ in range(8):
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                created = self._create(token)
             except FileNotFoundError:
+                if self.path.parent.is_dir():  # our temporary file vanished meanwhile: try again
+                    continue
                 raise MemscanError(
                     f"{self.path.parent} is not a memscan run (the directory does not exist)",
                     "pass the --out directory of a memscan run",
                 ) from None
-            except FileExistsError:
-                if self._stale():
-                    if self._take_over(token):
-                        return self
-                    continue  # replaced or removed meanwhile: look again
-                try:
-                    info = self.path.read_text(errors="replace").strip()
-                except FileNotFoundError:  # released meanwhile: try again
-                    continue
-                raise MemscanError(
-                    f"run directory {self.path.parent} is in use by another memscan process ({info})",
-                    "wait for it to finish, or remove the .lock file if that process is gone",
-                ) from None
             except OSError as exc:  # read-only file system, permissions, quota
                 raise _unwritable(self.path, exc) from None
-            with os.fdopen(fd, "w") as f:
-                f.write(self._content(token))
-            self.held, self.token = True, token
-            return self
+            if created:
+                self.held, self.token = True, token
+                return self
+            if self._stale():
+                if self._take_over(token):
+                    return self
+                continue  # replaced or removed meanwhile: look again
+            try:
+                info = self.path.read_text(errors="replace").strip()
+            except FileNotFoundError:  # released meanwhile: try again
+                continue
+            if not _lock_complete(info):
+                state = f"incomplete ({info!r})" if info else "empty"
+                info = (
+                    f"its .lock is {state}: a process is creating it; if none is, "
+                    f"it counts as stale {INCOMPLETE_LOCK_GRACE_S:.0f} s after it was made"
+                )
+            raise MemscanError(
+                f"run directory {self.path.parent} is in use by another memscan process ({info})",
+                "wait for it to finish, or remove the .lock file if that process is gone",
+            )
         raise MemscanError(  # pragma: no cover - eight races in a row
             f"could not lock {self.path}: other processes keep taking and releasing it", "rerun"
         )
 
-    def _stale(self) -> bool:
-        """Whether ``.lock`` names a process of this host that no longer exists."""
+    def _create(self, token: str) -> bool:
+        """Create ``.lock`` with this acquisition's content in one step (class docstring).
+        False when ``.lock`` exists."""
+        tmp = temporary_path(self.path, token)
+        _write_new(tmp, self._content(token))
         try:
-            return _stale_text(self.path.read_text())
+            try:
+                os.link(tmp, self.path)  # fails when .lock exists; .lock appears with its content
+            except FileExistsError:
+                return False
+            except (OSError, AttributeError) as exc:  # no hard links here: create it in two steps
+                if isinstance(exc, OSError) and exc.errno not in _NO_HARD_LINKS:
+                    raise
+                return self._create_in_two_steps(token)
+        finally:
+            try:
+                tmp.unlink()
+            except OSError:  # pragma: no cover - removed by remove_stale_temporaries later
+                pass
+        self._sync_or_remove()
+        return True
+
+    def _sync_or_remove(self) -> None:
+        """fsync the run directory after ``.lock`` was placed; if that fails, remove ``.lock``
+        (this process's, just placed) so the error leaves no lock behind."""
+        try:
+            fsync_dir(self.path.parent)
+        except BaseException:
+            self.path.unlink(missing_ok=True)
+            raise
+
+    def _create_in_two_steps(self, token: str) -> bool:
+        """``O_EXCL`` creation, then the content (readers allow for the moment between them)."""
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(self._content(token))
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException:  # disk full: leave no empty .lock behind
+            self.path.unlink(missing_ok=True)
+            raise
+        self._sync_or_remove()
+        return True
+
+    def _stale(self) -> bool:
+        """Whether ``.lock`` names a process of this host that no longer exists (or is an
+        incomplete lock older than the grace period)."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
         except OSError:
             return False
+        try:
+            return _stale_lock(_read_fd(fd), os.fstat(fd).st_mtime)
+        except OSError:
+            return False
+        finally:
+            os.close(fd)
 
     def _take_over(self, token: str) -> bool:
         """Replace the stale ``.lock`` by this process's lock, atomically (class docstring).
@@ -229,16 +373,16 @@ class RunLock:
         try:
             with _TAKEOVER, _flocked(fd):
                 # under the flock of the file judged stale: is it still .lock, and still stale?
-                if not _same_file(fd, self.path) or not _stale_text(_read_fd(fd)):
+                if not _same_file(fd, self.path) or not _stale_lock(_read_fd(fd), os.fstat(fd).st_mtime):
                     return False
-                tmp = self.path.with_name(f".lock.tmp-{os.getpid()}-{token}")
+                tmp = temporary_path(self.path, token)
                 try:
-                    with open(tmp, "x") as f:
-                        f.write(self._content(token))
-                    os.replace(tmp, self.path)  # .lock is never absent: no O_EXCL creator slips in
+                    _write_new(tmp, self._content(token))
+                    os.replace(tmp, self.path)  # .lock is never absent: no creator slips in
                 except BaseException:
                     tmp.unlink(missing_ok=True)
                     raise
+                self._sync_or_remove()
             self.held, self.token = True, token
             return True
         except OSError as exc:
@@ -275,6 +419,35 @@ class RunLock:
 #: and the no-fcntl fallback do not exclude threads of one process).
 _TAKEOVER = threading.Lock()
 
+#: Seconds a ``.lock`` without a pid and host (an older or hard-link-less writer between creating
+#: and writing it) counts as held; older, its writer was killed in between and it is stale.
+INCOMPLETE_LOCK_GRACE_S = 60.0
+
+#: ``link`` errors meaning the file system has no hard links (vfat/exfat: EPERM; SMB, some FUSE).
+_NO_HARD_LINKS = {
+    errno.EPERM,
+    errno.EOPNOTSUPP,
+    getattr(errno, "ENOTSUP", errno.EOPNOTSUPP),
+    errno.ENOSYS,
+    errno.EINVAL,  # Windows: a FAT volume (ERROR_INVALID_FUNCTION)
+}
+
+
+def _write_new(path: Path, text: str) -> None:
+    """Create ``path`` (it must not exist) holding ``text``, fsynced."""
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    try:
+        with os.fdopen(fd, "w") as f:
+            fd = -1  # the file object closes it
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
+        path.unlink(missing_ok=True)
+        raise
+
 
 def _unwritable(path: Path, exc: OSError) -> MemscanError:
     return MemscanError(
@@ -285,6 +458,21 @@ def _unwritable(path: Path, exc: OSError) -> MemscanError:
 
 def _lock_fields(text: str) -> dict:
     return dict(kv.split("=", 1) for kv in text.split() if "=" in kv)
+
+
+def _lock_complete(text: str) -> bool:
+    """Whether a lock file's text holds a pid and a host (not an empty or cut-short file)."""
+    fields = _lock_fields(text)
+    return "pid" in fields and "host" in fields
+
+
+def _stale_lock(text: str, mtime: float) -> bool:
+    """Whether a lock file with ``text``, last modified at ``mtime``, may be taken over: it names
+    a process of this host that no longer exists, or it is incomplete (no pid and host) and older
+    than :data:`INCOMPLETE_LOCK_GRACE_S` (its writer was killed between creating and writing it)."""
+    if not _lock_complete(text):
+        return time.time() - mtime > INCOMPLETE_LOCK_GRACE_S
+    return _stale_text(text)
 
 
 def _stale_text(text: str) -> bool:
@@ -352,7 +540,7 @@ class RunStore:
     def image_dir(self, kind: str) -> Path:
         d = self.root / "images" / kind
         with _WriteGuard(self.root, f"images/{kind}"):
-            d.mkdir(parents=True, exist_ok=True)
+            make_dirs(d)
         return d
 
     def save_image(self, arr, kind: str, name: str) -> str:
@@ -367,8 +555,7 @@ class RunStore:
 
     def create(self) -> None:
         with _WriteGuard(self.root, "the run directory"):
-            self.root.mkdir(parents=True, exist_ok=True)
-            self.shard_dir.mkdir(exist_ok=True)
+            make_dirs(self.shard_dir)  # the run directory too, each fsynced into its parent
 
     def exists(self) -> bool:
         return self.manifest_path.exists()
@@ -433,7 +620,7 @@ class RunStore:
     def commit_shard(self, shard: int, tables: dict[str, pd.DataFrame], meta: dict) -> None:
         """Write a shard's tables, then its completion record (the commit point)."""
         with _WriteGuard(self.root, f"shard {shard}"):
-            self.shard_dir.mkdir(parents=True, exist_ok=True)
+            make_dirs(self.shard_dir)
             hashes = {name: write_table(df, self._table_path(shard, name)) for name, df in tables.items()}
             rows = {name: len(df) for name, df in tables.items()}
             # the commit fields win over a stage's meta of the same name (the hashes are the commit)
@@ -707,15 +894,20 @@ def open_run(out: str | Path, kind: str, *, resume: bool = False, accept: Iterab
     return Run(store, kind, lock, previous)
 
 
-_TEMPORARY = re.compile(r"^\..+\.tmp-(\d+)(?:-[0-9a-f]+)?$")
+#: ``.NAME.tmp-PID[-TOKEN][@HOST]`` (files written before temporary names carried the host lack it)
+_TEMPORARY = re.compile(r"^\..+\.tmp-(\d+)(?:-[0-9a-f]+)?(?:@([A-Za-z0-9_.-]+))?$")
 
 
 def remove_stale_temporaries(store: RunStore) -> list[str]:
-    """Remove the temporary files (``.NAME.tmp-PID``) a killed writer left in the run directory
-    and its ``shards/`` (e.g. a half-written ``embeddings.npy`` of ``memscan index``, as large as
-    the embeddings): those of processes of this host that no longer exist. Called under the
-    run's lock, so no live writer of this run owns them. Returns (and logs) their names."""
-    removed = []
+    """Remove the temporary files (``.NAME.tmp-PID@HOST``, :func:`temporary_path`) a killed
+    writer left in the run directory and its ``shards/`` (e.g. a half-written ``embeddings.npy``
+    of ``memscan index``, as large as the embeddings): those of processes of this host that no
+    longer exist. Those of another host are kept (its process may still be alive; this host
+    cannot tell), and logged; names without a host (older writers) are judged by their pid on
+    this host. Called under the run's lock, so no live writer of this run owns them. Returns (and
+    logs) the names removed."""
+    removed, foreign = [], []
+    here = _host_tag()
     for folder in (store.root, store.shard_dir):
         try:
             names = [p for p in folder.iterdir() if p.is_file()]
@@ -723,7 +915,13 @@ def remove_stale_temporaries(store: RunStore) -> list[str]:
             continue
         for path in names:
             m = _TEMPORARY.match(path.name)
-            if m is None or int(m.group(1)) == os.getpid() or _alive(int(m.group(1))):
+            if m is None:
+                continue
+            pid, host = int(m.group(1)), m.group(2)
+            if host is not None and host != here:
+                foreign.append(str(path.relative_to(store.root)))
+                continue
+            if pid == os.getpid() or _alive(pid):
                 continue
             try:
                 path.unlink()
@@ -732,6 +930,11 @@ def remove_stale_temporaries(store: RunStore) -> list[str]:
                 pass
     if removed:
         store.log(f"removed {len(removed)} temporary file(s) left by a killed process: {', '.join(removed[:10])}")
+    if foreign:
+        store.log(
+            f"kept {len(foreign)} temporary file(s) of processes on other hosts (remove them by hand if those "
+            f"processes are gone): {', '.join(foreign[:10])}"
+        )
     return removed
 
 

@@ -40,7 +40,7 @@ from memscan.index.embedders import load_embedder
 from memscan.index.faiss_index import TrainingIndex
 from memscan.index.source import iter_batches
 from memscan.progress import progress_bar
-from memscan.store import atomic_write_json, check_out_folder, write_table
+from memscan.store import atomic_write_json, check_out_folder, replacing, write_table
 
 #: Default cosine threshold on embeddings (pixel embedder: Pearson correlation of 16×16
 #: thumbnails). Permissive on purpose: the pixel check confirms every pair.
@@ -564,9 +564,8 @@ def select_candidates(
     if suffix == ".parquet":
         write_table(prompts, out)
     else:
-        tmp = out.with_name(f".{out.name}.tmp")
-        prompts.to_csv(tmp, index=False)
-        tmp.replace(out)
+        with replacing(out) as tmp:
+            prompts.to_csv(tmp, index=False)
     summary = {
         **counts.summary,
         "top": int(top),

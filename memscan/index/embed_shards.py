@@ -22,7 +22,6 @@ Examples
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +32,7 @@ import pandas as pd
 
 from memscan.index.locations import LOCATION_COLUMNS, locations_table
 from memscan.index.source import iter_batches
-from memscan.store import RunStore
+from memscan.store import RunStore, replacing
 
 #: Columns of a shard's ``embeddings`` table (then where each image lives, ``LOCATION_COLUMNS``).
 EMBEDDING_COLUMNS = ["row", "id", "caption", "embedding"]
@@ -92,22 +91,21 @@ def gather_shards(store: RunStore, n_shards: int, dim: int, path: Path):
         skipped.extend(rec.get("skipped", []))
         embed_s += rec.get("embed_s", 0.0)
         n += rec["rows"]["embeddings"]
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, dim))
-    at = 0
-    for s in range(n_shards):
-        t = store.read_shard(s, "embeddings")
-        if len(t):
-            out[at : at + len(t)] = np.stack(t["embedding"].to_numpy()).astype(np.float32)
-        at += len(t)
-        ids.extend(t["id"].tolist())
-        captions.extend(t["caption"].tolist())
-        if locations is not None and set(LOCATION_COLUMNS) <= set(t.columns):
-            locations.append(t[LOCATION_COLUMNS])
-        else:
-            locations = None
-    out.flush()
-    del out
-    os.replace(tmp, path)
+    with replacing(path) as tmp:  # fsynced, renamed, the rename made durable
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, dim))
+        at = 0
+        for s in range(n_shards):
+            t = store.read_shard(s, "embeddings")
+            if len(t):
+                out[at : at + len(t)] = np.stack(t["embedding"].to_numpy()).astype(np.float32)
+            at += len(t)
+            ids.extend(t["id"].tolist())
+            captions.extend(t["caption"].tolist())
+            if locations is not None and set(LOCATION_COLUMNS) <= set(t.columns):
+                locations.append(t[LOCATION_COLUMNS])
+            else:
+                locations = None
+        out.flush()
+        del out
     loc = pd.concat(locations, ignore_index=True) if locations else None
     return np.load(path, mmap_mode="r", allow_pickle=False), ids, captions, skipped, embed_s, loc

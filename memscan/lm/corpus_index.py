@@ -70,7 +70,7 @@ import numpy as np
 import pandas as pd
 
 from memscan.errors import InputError, MemscanError
-from memscan.store import atomic_write_json, open_run
+from memscan.store import atomic_write_json, fsync_dir, open_run
 
 KIND = "lm-index"
 FORMAT_VERSION = 1
@@ -780,6 +780,8 @@ def _write_shard(root: Path, directory: str, text: np.ndarray, starts: np.ndarra
             fh.flush()
             os.fsync(fh.fileno())
     del sa
+    fsync_dir(tmp)  # the folder's entries, then its rename, survive a power failure
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
+    fsync_dir(final.parent)
     return t1 - t0, time.perf_counter() - t1

@@ -33,6 +33,7 @@ from scipy.special import logsumexp
 
 from memscan.errors import InputError
 from memscan.generators.seeds import numpy_seed
+from memscan.store import replacing
 
 __all__ = ["MemorizationResult", "fold_assignment", "logmeanexp", "memorization_score"]
 
@@ -182,12 +183,8 @@ def _take(data: Any, idx: np.ndarray) -> Any:
 
 
 def _save_atomic(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
+    with replacing(path) as tmp, open(tmp, "wb") as f:
         np.save(f, array, allow_pickle=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _load(path: Path) -> np.ndarray:
@@ -217,9 +214,8 @@ class _Store:
                     "use a new store directory, or the settings it was made with",
                 )
         else:
-            tmp = path.with_name(f".{_META}.tmp-{os.getpid()}")
-            tmp.write_text(json.dumps(meta, indent=1))
-            os.replace(tmp, path)
+            with replacing(path) as tmp:
+                tmp.write_text(json.dumps(meta, indent=1))
 
     def assignment(self, r: int, expected: np.ndarray) -> None:
         path = self.root / f"r{r:04d}_assignment.npy"

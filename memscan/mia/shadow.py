@@ -36,7 +36,7 @@ import numpy as np
 
 from memscan.errors import InputError
 from memscan.generators.seeds import numpy_seed
-from memscan.store import atomic_write_json
+from memscan.store import atomic_write_json, replacing
 
 __all__ = [
     "SCHEMES",
@@ -188,12 +188,8 @@ def _is_done(root: Path, m: int, members: np.ndarray) -> bool:
 
 
 def _save_mask(path: Path, mask: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
+    with replacing(path) as tmp, open(tmp, "wb") as f:
         np.save(f, mask, allow_pickle=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _take(data: Any, idx: np.ndarray) -> Any:
