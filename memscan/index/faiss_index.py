@@ -53,6 +53,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -72,7 +73,7 @@ from memscan.index.source import iter_batches
 from memscan.progress import progress_bar
 from memscan.runners import make_pool
 from memscan.runners.shards import run_shards
-from memscan.store import Run, atomic_write_json, open_run, write_table
+from memscan.store import Run, atomic_write_json, open_run, replacing
 
 #: Largest collection indexed exactly (flat) when ``index_type="auto"``.
 FLAT_MAX = 1_000_000
@@ -299,8 +300,6 @@ class TrainingIndex:
     # ---- disk -------------------------------------------------------------------------------
     def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
         """Write the index folder (see module docstring); ``index.json`` last."""
-        import pandas as pd
-
         root = Path(path)
         if (root / "index.json").exists() and not overwrite:
             raise MemscanError(f"{root} already holds an index", "choose another --out, or pass --overwrite")
@@ -310,28 +309,34 @@ class TrainingIndex:
         if not (
             isinstance(self.embeddings, np.memmap) and Path(self.embeddings.filename).resolve() == emb_path.resolve()
         ):
-            tmp = root / f".embeddings.npy.tmp-{os.getpid()}"
-            with open(tmp, "wb") as f:
+            with replacing(emb_path) as tmp, open(tmp, "wb") as f:
                 np.save(f, np.ascontiguousarray(self.embeddings, dtype=np.float32), allow_pickle=False)
-            os.replace(tmp, emb_path)
         (root / ROWS_FILE).unlink(missing_ok=True)
-        write_table(pd.DataFrame({"id": list(self.ids), "caption": list(self.captions)}), root / "ids.parquet")
-        if self.locations is not None:
-            locations = self.locations.reset_index(drop=True)
-            locations = locations.astype({c: object for c in ("path", "member")})  # plain strings in Parquet
-            write_table(locations, root / "locations.parquet")
-        else:
-            (root / "locations.parquet").unlink(missing_ok=True)
-        _write_rows_file(root)
+        _write_rows(root, self.ids, self.captions, self.locations)
+        # A part loaded memory-mapped (IVF / IVF-PQ) reads its inverted lists from its file:
+        # faiss.write_index of it writes a stub naming that mapping, not the lists, so its file is
+        # copied instead (and kept as it is when it is the destination).
+        sources = getattr(self, "_part_sources", None) or {}
+        n_parts = len(self.index.parts) if isinstance(self.index, IndexParts) else 1
+        keep = {
+            root / _part_file(p, n_parts)
+            for p, src in sources.items()
+            if _same_file(src, root / _part_file(p, n_parts))
+        }
         for old in [root / "index.faiss", *root.glob("index-[0-9][0-9][0-9].faiss")]:
-            old.unlink(missing_ok=True)
+            if self.params.index_type == "flat" or old not in keep:
+                old.unlink(missing_ok=True)
         if self.params.index_type != "flat":
             parts = self.index.parts if isinstance(self.index, IndexParts) else [self.index]
             for p, part in enumerate(parts):
                 name = _part_file(p, len(parts))
-                tmp = root / f".{name}.tmp-{os.getpid()}"
-                _faiss().write_index(part, str(tmp))
-                os.replace(tmp, root / name)
+                if root / name in keep:
+                    continue
+                with replacing(root / name) as tmp:
+                    if p in sources:
+                        shutil.copyfile(sources[p], tmp)
+                    else:
+                        _faiss().write_index(part, str(tmp))
         meta = {
             **self.meta,
             "memscan_index": FORMAT_VERSION,
@@ -411,8 +416,19 @@ class TrainingIndex:
                     raise InputError(f"{root}: {name} holds {part.ntotal} vectors, not {b - a}", "rebuild the index")
                 parts.append(part)
             index = parts[0] if len(parts) == 1 else IndexParts(parts, [a for a, _ in bounds])
-        return cls(index, emb, StringColumn(rows.column("id")), StringColumn(rows.column("caption")), params, meta,
-                   locations)  # fmt: skip
+        out = cls(index, emb, StringColumn(rows.column("id")), StringColumn(rows.column("caption")), params, meta,
+                  locations)  # fmt: skip
+        if mmap and open_parts and params.index_type != "flat":
+            # the files the mapped parts read from (save copies them: see save)
+            out._part_sources = {p: (root / _part_file(p, len(bounds))).resolve() for p in range(len(bounds))}
+        return out
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return Path(a).resolve() == Path(b).resolve() or os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 #: The Arrow IPC file of an index's rows (ids, captions, locations) that a load memory-maps.
@@ -455,23 +471,87 @@ def _rows_from_parquet(root: Path):
     return rows
 
 
-def _write_rows_file(root: Path) -> None:
-    """Write ``rows.arrow`` from the index's Parquet files (temporary name, then renamed)."""
+#: Rows of each row group of ``ids.parquet`` and ``locations.parquet``: pyarrow's default (so the
+#: files are those ``pq.write_table`` writes), and the rows :meth:`TrainingIndex.save` converts to
+#: the Parquet types at a time.
+PARQUET_ROW_GROUP = 1024 * 1024
+
+
+def _write_parquet(table: pa.Table, schema: pa.Schema, path: Path) -> None:
+    """``table`` cast to ``schema`` as the Parquet file ``path``, one row group at a time (the file
+    ``pq.write_table`` writes of the cast table, without the cast table in memory)."""
+    import pyarrow.parquet as pq
+
+    with replacing(path) as tmp, pq.ParquetWriter(tmp, schema) as writer:
+        for a in range(0, max(table.num_rows, 1), PARQUET_ROW_GROUP):
+            writer.write_table(table.slice(a, PARQUET_ROW_GROUP).cast(schema))
+
+
+def _pandas_schema(df) -> pa.Schema:
+    """The Arrow schema, pandas metadata included, that ``pa.Table.from_pandas`` gives ``df``."""
+    return pa.Table.from_pandas(df, preserve_index=False).schema
+
+
+def _ids_table(ids, captions) -> tuple[pa.Table, pa.Schema]:
+    """ids and captions as Arrow, and the schema of ``ids.parquet``: what pandas makes of them as
+    Python lists (as every save wrote them). Arrow-backed columns (a loaded index) are taken as
+    they are, no Python string made per row; they hold strings only, so a row of strings gives
+    that schema."""
+    import pandas as pd
+
+    if isinstance(ids, StringColumn) and isinstance(captions, StringColumn):
+        schema = _pandas_schema(pd.DataFrame({"id": [""], "caption": [""]}))
+        return pa.table({"id": ids.array, "caption": captions.array}), schema
+    table = pa.Table.from_pandas(pd.DataFrame({"id": list(ids), "caption": list(captions)}), preserve_index=False)
+    return table, table.schema
+
+
+def _locations_table(locations) -> tuple[pa.Table, pa.Schema]:
+    """The locations as Arrow (Arrow-backed columns as they are), and the schema of
+    ``locations.parquet``, as every save wrote it: ``path`` and ``member`` Python strings (object
+    columns), the other columns as their dtypes make them. The schema is taken from one row with
+    strings put in ``path`` and ``member`` (``astype(object)`` of a row of a dictionary-encoded
+    column would turn its whole dictionary into Python strings: a string a row for image files)."""
+    import pandas as pd
+
+    df = locations.reset_index(drop=True)
+    head = df.head(1).assign(**{c: pd.Series([""], dtype=object) for c in ("path", "member")})
+    return pa.Table.from_pandas(df, preserve_index=False), _pandas_schema(head)
+
+
+def _write_rows(root: Path, ids, captions, locations) -> None:
+    """Write ``ids.parquet``, ``locations.parquet`` (removed when ``locations`` is None) and then
+    ``rows.arrow`` (recording the Parquet files' identity) from one Arrow table of the rows: the
+    rows :func:`_rows_from_parquet` would read back, without reading anything back, and without a
+    Python object per row of an Arrow-backed (loaded, memory-mapped) index. Each file is written
+    under a temporary name, fsync'd and renamed."""
+    import pyarrow.compute as pc
     import pyarrow.ipc as ipc
 
-    table = _rows_from_parquet(root).combine_chunks()
-    meta = {f"memscan:{k}": v for k, v in _parquet_identity(root).items()}
-    table = table.replace_schema_metadata(meta)
-    tmp = root / f".{ROWS_FILE}.tmp-{os.getpid()}"
-    try:
-        with pa.OSFile(str(tmp), "wb") as sink, ipc.new_file(sink, table.schema) as writer:
-            writer.write_table(table)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, root / ROWS_FILE)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    table, schema = _ids_table(ids, captions)
+    n = table.num_rows
+    # as a load reads ids.parquet: strings (the Arrow-backed columns are already)
+    columns = {name: _as_strings(table.column(name), n) for name in ("id", "caption")}
+    _write_parquet(table, schema, root / "ids.parquet")
+    if locations is None:
+        (root / "locations.parquet").unlink(missing_ok=True)
+    else:
+        table, schema = _locations_table(locations)
+        if table.num_rows != n:
+            raise ValueError(f"{table.num_rows} locations for {n} ids")
+        _write_parquet(table, schema, root / "locations.parquet")
+        for name in LOCATION_COLUMNS:  # as a load reads them: the Parquet types, ``path`` dictionary-encoded
+            col, kind = table.column(name), schema.field(name).type
+            if name != "path":
+                columns[name] = col.cast(kind)
+            elif col.type != pa.dictionary(pa.int32(), kind):
+                columns[name] = pc.dictionary_encode(col.cast(kind))
+            else:  # a loaded index's, as it was read
+                columns[name] = col
+    rows = pa.table(columns).combine_chunks()
+    rows = rows.replace_schema_metadata({f"memscan:{k}": v for k, v in _parquet_identity(root).items()})
+    with replacing(root / ROWS_FILE) as tmp, pa.OSFile(str(tmp), "wb") as sink, ipc.new_file(sink, rows.schema) as w:
+        w.write_table(rows)
 
 
 def _read_rows(root: Path, mmap: bool):
