@@ -1,6 +1,7 @@
 """Devices named on the command line: ``cpu``, ``cuda`` or ``cuda:N``, checked where local work
 on them starts (model loading, detection, embedding, training), so that a missing GPU is one
-clear error before any work rather than a traceback after it."""
+clear error before any work rather than a traceback after it; and the precisions a model may run
+in (``--dtype``), one set of spellings for every loader."""
 
 from __future__ import annotations
 
@@ -41,3 +42,34 @@ def check_device(device, option: str = "--device") -> str:
     if index and int(index) >= count:
         raise InputError(f"{option} {name}: this machine has {count} CUDA device(s)", f"use cuda:0 … cuda:{count - 1}")
     return name
+
+
+#: Every ``--dtype`` spelling, in any case → the precision it names: the short names and torch's.
+DTYPE_SPELLINGS = {
+    "auto": "auto",
+    "fp32": "float32",
+    "float32": "float32",
+    "fp16": "float16",
+    "float16": "float16",
+    "bf16": "bfloat16",
+    "bfloat16": "bfloat16",
+}
+DTYPE_CHOICES = "auto, fp32 or float32, fp16 or float16, bf16 or bfloat16"
+
+
+def precision(dtype: str | None) -> str:
+    """The precision ``dtype`` names (``auto``, ``float32``, ``float16`` or ``bfloat16``) from any
+    spelling of :data:`DTYPE_SPELLINGS` (None: ``auto``); one error naming the accepted spellings
+    for any other.
+
+    Examples
+    --------
+    >>> precision("fp16"), precision("BFloat16"), precision(None)
+    ('float16', 'bfloat16', 'auto')
+    """
+    key = "auto" if dtype is None else str(dtype).lower()
+    if key not in DTYPE_SPELLINGS:
+        raise InputError(
+            f"--dtype {dtype!r} is not one of {DTYPE_CHOICES}", "e.g. --dtype auto (short or torch names, any case)"
+        )
+    return DTYPE_SPELLINGS[key]

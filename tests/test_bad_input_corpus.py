@@ -900,3 +900,70 @@ def test_a_bad_dtype_is_named_not_blamed_on_the_model(tiny_lm_dir, tmp_path):
     args = ("lm", "extractable", "--model", tiny_lm_dir, "--data", data, "--sequences", 2, "--prefix-lengths", 32)
     line = assert_clean_error(cli(*args, "--dtype", "fp8", "--out", tmp_path / "o", "--quiet"), "fp8")
     assert "not a causal language model" not in line
+
+
+# ---- --dtype: one set of spellings, one error for any other -------------------------------------
+# every command with --dtype (triage joins when its --dtype is dtype_option("image"))
+DTYPE_COMMANDS = {
+    "extract": lambda c, m, lm, d, t: (
+        "extract", "--model", TINY_SD, "--prompts", c.blank_lines, "--train", c.clean, "--samples-per-prompt", 4,
+    ),
+    "triage": DEVICE_COMMANDS["triage"],
+    **{k: DEVICE_COMMANDS[k] for k in ("lm extractable", "lm exposure", "lm mia", "lm extract")},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("value", ["fp8", "half", "float", "float64", ""])
+@pytest.mark.parametrize("command", sorted(DTYPE_COMMANDS))
+def test_a_bad_dtype_is_one_error_naming_the_option_and_the_spellings(
+    corpus, unet_dir, tiny_lm_dir, tmp_path, command, value
+):
+    """A --dtype no command knows: one error naming --dtype, the value and every accepted spelling
+    (short and torch names), before anything is read or written."""
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"text": "a long enough training document. " * 10}) + "\n")
+    (tmp_path / "n.jsonl").write_text(json.dumps({"text": "another document, not a member. " * 10}) + "\n")
+    out = tmp_path / "o"
+    args = DTYPE_COMMANDS[command](corpus, unet_dir, tiny_lm_dir, data, tmp_path / "m.txt")
+    line = assert_clean_error(cli(*args, "--dtype", value, "--out", out, "--quiet"), f"--dtype {value!r}")
+    for spelling in ("auto", "fp32", "float32", "fp16", "float16", "bf16", "bfloat16"):
+        assert spelling in line
+    assert " — " in line
+    assert not out.exists()
+
+
+def test_a_bad_dtype_on_resume_leaves_the_run_as_it_was(finished_run):
+    before = _snapshot(finished_run)
+    args = ("extract", "--model", TINY_SD, "--prompts", "p.txt", "--train", "t", "--out", finished_run, "--resume")
+    assert_clean_error(cli(*args, "--dtype", "fp8", "--quiet"), "--dtype 'fp8'")
+    assert _snapshot(finished_run) == before
+
+
+# ---- a UNet .bin that holds more than tensors -----------------------------------------------------
+@pytest.mark.parametrize("command", ["extract", "triage", "mia", "inpaint"])
+def test_a_unet_bin_holding_a_pickled_object_is_refused_by_every_diffusion_command(corpus, tmp_path, command):
+    """A model directory whose only UNet weights are a .bin pickling a callable (here ``open``):
+    one error naming the file, the object never built (no marker file), nothing written — in every
+    command that loads a diffusion model (they all read a .bin weights-only)."""
+    import pickle
+    import shutil
+
+    from pickle_support import Payload
+
+    from memscan.demo.run import model_dir
+
+    model = tmp_path / "model"
+    shutil.copytree(model_dir(), model)
+    (model / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    marker = tmp_path / "pwned"
+    with open(model / "unet" / "diffusion_pytorch_model.bin", "wb") as f:
+        pickle.dump({"conv_in.weight": Payload(str(marker))}, f)
+    out = tmp_path / "o"
+    line = assert_clean_error(
+        cli(*_model_args(corpus, model, tmp_path, command), "--out", out, "--quiet"),
+        "refused to load diffusion_pytorch_model.bin",
+    )
+    assert "safetensors" in line  # the fix
+    assert not marker.exists()
+    if command != "triage":  # triage starts its run (manifest.json, run.log) before its workers load the weights
+        assert not out.exists() or not [p for p in out.rglob("*") if p.is_file()]

@@ -90,7 +90,7 @@ def test_options_scheduler_dtype_resolution(tiny_dir):
     assert str(resolve_dtype("fp16", "cuda:1")) == "torch.float16"
     with pytest.raises(InputError, match="unknown scheduler"):
         load_generator(str(tiny_dir), scheduler="warp-drive")
-    with pytest.raises(InputError, match="unknown dtype"):
+    with pytest.raises(InputError, match="--dtype .fp8. is not one of"):
         resolve_dtype("fp8", "cuda")
     with pytest.raises(InputError, match="multiple of the VAE scale factor"):
         load_generator(str(tiny_dir), height=33)

@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from memscan.devices import DTYPE_CHOICES, precision
 from memscan.errors import MemscanError, user_code
 
 #: Messages, progress and errors go to stderr; results (one summary line) to stdout.
@@ -106,3 +107,46 @@ def gpus_per_worker_option() -> float | None:
     return typer.Option(
         None, "--gpus-per-worker", help="runner ray: GPUs each worker asks for [1 with --device cuda, else 0]"
     )
+
+
+# ---- --dtype: one set of spellings for every command that has it ---------------------------------
+_SHORT = {"auto": "auto", "float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+
+
+def canonical_dtype(value: str | None, family: str) -> str | None:
+    """The ``--dtype`` value a command passes on (and records), from any spelling of
+    :data:`DTYPE_SPELLINGS`; an :class:`~memscan.errors.InputError` naming ``--dtype`` and the
+    accepted values for any other.
+
+    ``family`` is the library that reads it: ``"image"`` (diffusers pipelines: the short names,
+    any case) or ``"lm"`` (causal LMs: short and torch names, lower case). A spelling the library
+    already read is passed on unchanged — the manifests record ``--dtype`` as given, and a run
+    resumes only under the same record — and any other becomes the library's name for the same
+    precision: ``float16`` → ``fp16`` for images, ``FP16`` → ``fp16`` for language models.
+
+    Examples
+    --------
+    >>> canonical_dtype("float16", "image"), canonical_dtype("fp16", "image"), canonical_dtype("BFloat16", "image")
+    ('fp16', 'fp16', 'bf16')
+    >>> canonical_dtype("fp16", "lm"), canonical_dtype("float16", "lm"), canonical_dtype("Float16", "lm")
+    ('fp16', 'float16', 'float16')
+    """
+    if value is None:
+        return None
+    name, key = precision(value), str(value).lower()  # a bad value: one error naming --dtype
+    if family == "image":
+        return value if key in _SHORT.values() else _SHORT[name]
+    return key
+
+
+def dtype_option(family: str, default: str | None = "auto", help: str | None = None) -> str | None:
+    """``--dtype``: every spelling of :data:`DTYPE_SPELLINGS`, made :func:`canonical_dtype` as
+    the command line is read (a bad value is one error before any work)."""
+
+    def check(value: str | None) -> str | None:
+        try:
+            return canonical_dtype(value, family)
+        except MemscanError as exc:
+            fail(exc)
+
+    return typer.Option(default, "--dtype", help=help or DTYPE_CHOICES, callback=check)

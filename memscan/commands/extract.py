@@ -8,6 +8,7 @@ import typer
 
 from memscan.commands.common import (
     clean_errors,
+    dtype_option,
     gpus_per_worker_option,
     loading_user_model,
     num_workers_option,
@@ -83,7 +84,11 @@ def register(app: typer.Typer) -> None:
         scheduler: str | None = typer.Option(
             None, help="text-to-image: ddim, ddpm, pndm, euler, euler-ancestral, dpm++, unipc, lms"
         ),
-        dtype: str | None = typer.Option(None, help="text-to-image: auto, fp32, fp16, bf16 [auto: fp16 on cuda]"),
+        dtype: str | None = dtype_option(
+            "image",
+            None,
+            help="text-to-image: auto, fp32 or float32, fp16 or float16, bf16 or bfloat16 [auto: fp16 on cuda]",
+        ),
         height: int | None = typer.Option(None, help="text-to-image: output height [native]"),
         width: int | None = typer.Option(None, help="text-to-image: output width [native]"),
         resume: bool = resume_option(),

@@ -9,6 +9,7 @@ import typer
 
 from memscan.commands.common import (
     clean_errors,
+    dtype_option,
     gpus_per_worker_option,
     num_workers_option,
     quiet_option,
@@ -36,6 +37,7 @@ MODEL_HELP = (
     "transformers model directory, .gguf file, hub id, or py:module:attribute; or a folder of checkpoint-N/ "
     "model directories (a checkpoint sweep: the same run and seeds on each, then `memscan compare` by step)"
 )
+LM_DTYPE_HELP = "auto (float32 on CPU), fp32 or float32, fp16 or float16, bf16 or bfloat16"
 HELDOUT_HELP = (
     "sweep: held-out texts (JSONL with text, Parquet, or one a line); each checkpoint's mean token NLL on "
     "them is recorded (heldout_loss)"
@@ -105,7 +107,7 @@ def extractable(
         help="corpus index (memscan lm index): adds suffix_count / window_count and the duplication curve",
     ),
     device: str = typer.Option("cpu", help="cpu or cuda"),
-    dtype: str = typer.Option("auto", help="auto (float32 on CPU), float32, bfloat16, float16"),
+    dtype: str = dtype_option("lm", help=LM_DTYPE_HELP),
     heldout: Path | None = typer.Option(None, "--heldout", help=HELDOUT_HELP),
     resume: bool = resume_option(),
     runner: str = runner_option(),
@@ -180,7 +182,7 @@ def exposure(
     batch_size: int = typer.Option(256, "--batch-size", help="candidates per forward pass"),
     seed: int = typer.Option(0, "--seed", help="seed of the sampled candidates"),
     device: str = typer.Option("cpu", help="cpu or cuda"),
-    dtype: str = typer.Option("auto", help="auto (float32 on CPU), float32, bfloat16, float16"),
+    dtype: str = dtype_option("lm", help=LM_DTYPE_HELP),
     heldout: Path | None = typer.Option(None, "--heldout", help=HELDOUT_HELP),
     resume: bool = resume_option(),
     runner: str = runner_option(),
@@ -236,7 +238,7 @@ def lm_mia(
     seed: int = typer.Option(0, "--seed", help="seed of the blind baseline's folds and the bootstrap"),
     shard_size: int = typer.Option(64, "--shard-size", help="examples per shard (unit of commit and resume)"),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda"),
-    dtype: str = typer.Option("auto", "--dtype", help="auto, float32, float16, bfloat16"),
+    dtype: str = dtype_option("lm", help=LM_DTYPE_HELP),
     heldout: Path | None = typer.Option(None, "--heldout", help=HELDOUT_HELP),
     resume: bool = resume_option(),
     runner: str = runner_option(),
@@ -323,6 +325,7 @@ def lm_index_command(
         help="tokens per suffix-array shard at most (the unit of --resume; build memory ≈ 16 bytes a token)",
     ),
     resume: bool = resume_option(),
+    quiet: bool = quiet_option("no progress bar"),
 ):
     """Suffix-array index of a training corpus (exact substring count / locate / longest match;
     docs/lm.md). Give exactly one of --tokenizer and --bytes."""
@@ -337,6 +340,7 @@ def lm_index_command(
             text_column=text_column,
             shard_tokens=shard_tokens,
             resume=resume,
+            progress=not quiet,
         )
     disk = index.meta["disk_bytes"]
     typer.echo(
@@ -375,7 +379,7 @@ def lm_extract_command(
     seed: int = typer.Option(0, "--seed", help="run seed (each sample's seed derives from it and its id)"),
     shard_size: int = typer.Option(256, "--shard-size", help="samples per shard, the unit of --resume"),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda"),
-    dtype: str = typer.Option("auto", "--dtype", help="auto (float32 on CPU), float32, bfloat16, float16"),
+    dtype: str = dtype_option("lm", help=LM_DTYPE_HELP),
     heldout: Path | None = typer.Option(None, "--heldout", help=HELDOUT_HELP),
     resume: bool = resume_option(),
     runner: str = runner_option(),

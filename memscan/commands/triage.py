@@ -8,6 +8,7 @@ import typer
 
 from memscan.commands.common import (
     clean_errors,
+    dtype_option,
     gpus_per_worker_option,
     num_workers_option,
     quiet_option,
@@ -31,7 +32,8 @@ def register(app: typer.Typer) -> None:
         steps: int = typer.Option(1, help="denoising steps scored (the first of the schedule)"),
         num_inference_steps: int | None = typer.Option(None, help="schedule length [model's, else 50]"),
         guidance_scale: float | None = typer.Option(
-            None, help="guidance used to advance the latent [model's, else 7.5]"
+            None,
+            help="guidance used to advance the latent [model's, else 7.5; a class-conditional UNet: 1, as its extraction]",
         ),
         scores: str = typer.Option(
             "wen,webster",
@@ -49,7 +51,7 @@ def register(app: typer.Typer) -> None:
             64, "--shard-size", help="prompts per shard, the unit of --resume (rounded up to whole UNet batches)"
         ),
         device: str = typer.Option("cpu", help="cpu or cuda"),
-        dtype: str = typer.Option("auto", help="auto, fp32, fp16, bf16"),
+        dtype: str = dtype_option("image", "auto", help="auto, fp32 or float32, fp16 or float16, bf16 or bfloat16"),
         height: int | None = typer.Option(
             None, help="text-to-image: generations' height, as `memscan extract --height` [memscan.json's, else native]"
         ),

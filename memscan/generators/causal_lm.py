@@ -56,7 +56,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from memscan.devices import check_device
+from memscan.devices import check_device, precision
 from memscan.errors import InputError
 from memscan.generators.row_split import ForkedRows, split_mode, split_rows
 
@@ -568,13 +568,10 @@ def tokenizer_sha256(lm: Any) -> str | None:
 def _torch_dtype(dtype: str, device: str):
     import torch
 
-    if dtype in (None, "auto"):
+    name = precision(dtype)  # any spelling (fp16, float16, …); others: one error
+    if name == "auto":
         return torch.float32 if str(device).startswith("cpu") else "auto"
-    table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16}
-    table.update({"bfloat16": torch.bfloat16, "bf16": torch.bfloat16})
-    if dtype not in table:
-        raise InputError(f"dtype {dtype!r} is not one of auto, {', '.join(table)}", "e.g. --dtype float32")
-    return table[dtype]
+    return getattr(torch, name)
 
 
 def load_causal_lm(spec: str, *, device: str = "cpu", dtype: str = "auto", gguf_file: str | None = None) -> Any:

@@ -29,6 +29,7 @@ __all__ = [
     "hub_pipeline_index",
     "load_scheduler",
     "load_unet",
+    "load_weights_only",
     "misfit",
     "model_dirs",
     "read_meta",
@@ -199,9 +200,12 @@ def read_meta(root: str | Path) -> dict:
 
 
 def load_unet(unet_dir: Path, spec: str) -> Any:
-    """The ``UNet2DModel`` or ``UNet2DConditionModel`` of ``unet_dir`` (safetensors only);
-    ``spec`` names the model in errors."""
+    """The ``UNet2DModel`` or ``UNet2DConditionModel`` of ``unet_dir``: safetensors, or a
+    ``.bin``/``.pt`` file without one through weights-only loading (as ``memscan extract`` loads
+    a UNet: :func:`memscan.safe_load.load_state_dict`); ``spec`` names the model in errors."""
     from diffusers import UNet2DConditionModel, UNet2DModel
+
+    from memscan.safe_load import SAFE_SUFFIXES, find_weights
 
     cfg_path = unet_dir / "config.json"
     if not cfg_path.exists():
@@ -216,6 +220,9 @@ def load_unet(unet_dir: Path, spec: str) -> Any:
             f"{spec}: the UNet is a {cls_name}",
             "memscan loads UNet2DModel and UNet2DConditionModel; wrap others as py:",
         )
+    weights = find_weights(unet_dir)
+    if weights is not None and weights.suffix not in SAFE_SUFFIXES:
+        return load_weights_only(classes[cls_name], unet_dir, weights)
     try:
         return classes[cls_name].from_pretrained(unet_dir, use_safetensors=True, **low_mem_kwargs())
     except OSError as exc:
@@ -225,6 +232,29 @@ def load_unet(unet_dir: Path, spec: str) -> Any:
         ) from None
     except (ValueError, RuntimeError) as exc:  # the weights do not fit the config (shapes, names)
         raise InputError(f"{cfg_path} does not fit the UNet's weights ({misfit(exc)})", FIT_HINT) from None
+
+
+def load_weights_only(cls: Any, model_dir: Path, weights: Path) -> Any:
+    """A diffusers model of class ``cls`` built from ``model_dir/config.json``, its weights read
+    from the pickle-format file ``weights`` with ``torch.load(weights_only=True)``: tensors and
+    plain containers only, a pickle holding anything else is refused before any of it runs."""
+    from memscan.safe_load import load_state_dict
+
+    state = load_state_dict(weights)  # refused here: a pickle of more than tensors
+    model = cls.from_config(cls.load_config(model_dir))
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shapes that do not fit the config
+        raise InputError(
+            f"{model_dir / 'config.json'} does not fit the UNet's weights ({misfit(exc)})", FIT_HINT
+        ) from None
+    if missing or unexpected:
+        raise InputError(
+            f"{model_dir / 'config.json'} does not fit the UNet's weights in {weights.name} "
+            f"({len(missing)} missing, {len(unexpected)} unexpected tensors)",
+            FIT_HINT,
+        )
+    return model.eval()
 
 
 def scheduler_from_config(config: dict, where: str | Path) -> Any:

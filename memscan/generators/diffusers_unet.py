@@ -29,6 +29,7 @@ from memscan.generators.base import check_generations
 from memscan.generators.diffusers_models import (
     FIT_HINT,
     load_scheduler,
+    load_weights_only,
     misfit,
     model_dirs,
     read_meta,
@@ -169,6 +170,16 @@ class DiffusersUNetGenerator:
         return img.permute(0, 2, 3, 1).cpu().numpy()
 
 
+def sampling_defaults(meta: dict) -> dict:
+    """A UNet2DModel directory's sampling schedule: its ``memscan.json`` values, else 50 steps and
+    guidance 1 (no guidance). Triage reads it too, so its score is taken at the schedule the
+    extraction samples with."""
+    return {
+        "num_inference_steps": meta.get("num_inference_steps", 50),
+        "guidance_scale": meta.get("guidance_scale", 1.0),
+    }
+
+
 def load_unet_generator(path: str, *, device: str = "cpu", batch_size: int = 64, **overrides):
     """Load a pipeline or UNet+scheduler directory (or hub id) as a generator.
 
@@ -198,8 +209,7 @@ def load_unet_generator(path: str, *, device: str = "cpu", batch_size: int = 64,
     kwargs = {
         "class_captions": meta.get("class_captions"),
         "sampler": meta.get("sampler", "ddim"),
-        "num_inference_steps": meta.get("num_inference_steps", 50),
-        "guidance_scale": meta.get("guidance_scale", 1.0),
+        **sampling_defaults(meta),
         "null_class": meta.get("null_class"),
     }
     kwargs.update({k: v for k, v in overrides.items() if v is not None})
@@ -210,7 +220,7 @@ def _load_unet(unet_dir: Path):
     """UNet2DModel from a folder: safetensors, or .bin/.pt through weights-only loading."""
     from diffusers import UNet2DModel
 
-    from memscan.safe_load import find_weights, load_state_dict
+    from memscan.safe_load import find_weights
 
     read_model_json(unet_dir / "config.json")  # damaged: one error naming it
     weights = find_weights(unet_dir)
@@ -225,11 +235,4 @@ def _load_unet(unet_dir: Path):
             raise InputError(
                 f"{unet_dir / 'config.json'} does not fit the UNet's weights ({misfit(exc)})", FIT_HINT
             ) from None
-    unet = UNet2DModel.from_config(UNet2DModel.load_config(unet_dir))
-    missing, unexpected = unet.load_state_dict(load_state_dict(weights), strict=False)
-    if missing or unexpected:
-        raise InputError(
-            f"{weights} does not fit the UNet config ({len(missing)} missing, {len(unexpected)} unexpected tensors)",
-            "check that config.json and the weights come from the same model",
-        )
-    return unet
+    return load_weights_only(UNet2DModel, unet_dir, weights)

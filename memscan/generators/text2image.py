@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from memscan.devices import precision
 from memscan.errors import InputError
 from memscan.generators.base import check_generations
 from memscan.generators.diffusers_models import read_meta
@@ -49,9 +50,6 @@ SCHEDULERS = {
     "lms": "LMSDiscreteScheduler",
 }
 
-#: ``--dtype`` names → torch dtypes; ``auto`` is fp16 on CUDA and fp32 on the CPU.
-DTYPES = ("auto", "fp32", "fp16", "bf16")
-
 
 def resolve_dtype(dtype: str | None, device: str):
     """The torch dtype for ``dtype`` on ``device`` (``auto``: fp16 on CUDA, fp32 on CPU).
@@ -60,15 +58,15 @@ def resolve_dtype(dtype: str | None, device: str):
     --------
     >>> str(resolve_dtype("auto", "cpu")), str(resolve_dtype("auto", "cuda")), str(resolve_dtype("bf16", "cuda"))
     ('torch.float32', 'torch.float16', 'torch.bfloat16')
+    >>> str(resolve_dtype("float16", "cpu")), str(resolve_dtype("FP32", "cuda"))
+    ('torch.float16', 'torch.float32')
     """
     import torch
 
-    name = (dtype or "auto").lower()
-    if name not in DTYPES:
-        raise InputError(f"unknown dtype {dtype!r}", f"choose one of {', '.join(DTYPES)}")
+    name = precision(dtype)  # any spelling (fp16, float16, …); others: one error
     if name == "auto":
-        name = "fp16" if str(device).startswith("cuda") else "fp32"
-    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+        name = "float16" if str(device).startswith("cuda") else "float32"
+    return getattr(torch, name)
 
 
 def is_text2image_index(index: dict) -> bool:

@@ -25,6 +25,7 @@ from memscan.data.prompts import read_utf8
 from memscan.errors import InputError, user_code
 from memscan.lm.corpus_index import DEFAULT_SHARD_TOKENS, CorpusIndex, build_corpus_index
 from memscan.lm.text_data import TextSource, _iter_file, check_tokenizer, open_text_source
+from memscan.progress import progress_bar
 
 KIND = "lm-index"
 
@@ -92,6 +93,7 @@ def lm_index(
     shard_tokens: int = DEFAULT_SHARD_TOKENS,
     resume: bool = False,
     stop_after_shards: int | None = None,
+    progress: bool = True,
 ) -> CorpusIndex:
     """Index the training corpus ``corpus`` into the folder ``out`` (``memscan lm index``).
 
@@ -104,6 +106,8 @@ def lm_index(
     text_column : the JSONL field / Parquet column holding the text
     shard_tokens : tokens per suffix-array shard at most (the unit of resume)
     resume : finish a killed build (same corpus and options)
+    progress : a progress bar of the documents read (``--quiet``: none), against their number
+        where the files say it without being read (:func:`document_count`)
     """
     if (tokenizer is None) == (not byte_mode):
         raise InputError(
@@ -123,13 +127,45 @@ def lm_index(
         vocab = int(record["vocab_size"])
         check_tokenizer(source, record["vocab_sha256"], vocab)
         docs = iter_corpus(source, lm.encode)
-    return build_corpus_index(
-        docs,
-        out,
-        shard_tokens=shard_tokens,
-        vocab_size=vocab,
-        tokenizer=record,
-        source=source.record(),
-        resume=resume,
-        stop_after_shards=stop_after_shards,
-    )
+    with progress_bar(progress, unit="documents") as bar:
+        task = bar.add_task("index", total=document_count(source))
+        return build_corpus_index(
+            _counted(docs, lambda: bar.advance(task)),
+            out,
+            shard_tokens=shard_tokens,
+            vocab_size=vocab,
+            tokenizer=record,
+            source=source.record(),
+            resume=resume,
+            stop_after_shards=stop_after_shards,
+        )
+
+
+def document_count(source: TextSource) -> int | None:
+    """The documents :func:`iter_corpus` yields, when the files say it without being read: one a
+    ``.txt``, a Parquet file's rows, a ``.npy`` file's rows; ``None`` with a JSONL file (its blank
+    lines are skipped, and counting them is a pass over the file)."""
+    n = 0
+    for f in source.files:
+        try:
+            if f.kind == "txt":
+                n += 1
+            elif f.kind in ("parquet-text", "parquet-ids"):
+                import pyarrow.parquet as pq
+
+                n += pq.ParquetFile(f.path).metadata.num_rows
+            elif f.kind == "npy":
+                shape = np.load(f.path, mmap_mode="r", allow_pickle=False).shape
+                n += 1 if len(shape) == 1 else int(shape[0])
+            else:
+                return None
+        except Exception:  # noqa: BLE001 - a damaged file: its reader says what is wrong with it
+            return None
+    return n
+
+
+def _counted(docs: Iterator, tick) -> Iterator:
+    """``docs``, calling ``tick()`` after each one is read (and tokenized)."""
+    for doc in docs:
+        tick()
+        yield doc

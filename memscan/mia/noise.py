@@ -21,7 +21,8 @@ Implementations:
 - :class:`CallableNoisePredictor` — a plain function ``fn(x_t, t, condition) → ε̂``.
 
 :func:`as_noise_predictor` wraps any of these; :func:`load_noise_predictor` loads one from a
-directory saved with ``save_pretrained`` (safetensors only) or a ``py:module:attribute`` spec.
+directory saved with ``save_pretrained`` (safetensors, or a ``.bin`` read weights-only) or a
+``py:module:attribute`` spec.
 """
 
 from __future__ import annotations
@@ -233,7 +234,8 @@ def load_noise_predictor(
       zero-argument factory returning one (or a diffusers pipeline);
     - a directory saved with ``save_pretrained``: a pipeline (``unet/``, ``scheduler/``) or a UNet
       directory, holding a ``UNet2DModel`` or ``UNet2DConditionModel``. Weights load through
-      safetensors only. A ``memscan.json`` beside them supplies ``class_captions`` and
+      safetensors, or — a ``.bin``/``.pt`` without one — ``torch.load(weights_only=True)``, as
+      ``memscan extract`` reads them (:func:`memscan.safe_load.load_state_dict`). A ``memscan.json`` beside them supplies ``class_captions`` and
       ``null_class``. The scheduler is the class its ``scheduler_config.json`` names; a missing or
       damaged one is an error naming the file (the noise schedule is never assumed).
     """
