@@ -311,7 +311,7 @@ def test_a_nan_score_is_one_error_naming_the_prompt(model, tmp_path):
         {"prompt_id": ["a", "b", "c"], "prompt": ["x", "y", "z"], "train_id": None, "duplicate_count": None}
     )
     merged = pd.DataFrame({"wen_score": [0.5, np.nan, 0.7], "webster_score": [1.0, 2.0, np.nan]})
-    table = scores_table(df, merged, CFG)
+    table = scores_table(df, merged, CFG, 16)
     assert table["wen_rank"].tolist() == [2, 3, 1] and table["webster_rank"].tolist() == [2, 1, 3]
     assert select_ranked(table, "wen")["prompt_id"].tolist() == ["c", "a", "b"]
 

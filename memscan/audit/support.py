@@ -13,11 +13,10 @@ from memscan.generators.base import evaluations_per_generation
 from memscan.generators.diffusers_unet import DiffusersUNetGenerator
 from memscan.generators.text2image import Text2ImageGenerator
 from memscan.triage.scores import (
-    DEFAULT_GUIDANCE,
-    DEFAULT_STEPS,
     TriageConfig,
     class_triage_gap,
     evaluations_of,
+    resolve_schedule,
     scored_timesteps,
 )
 
@@ -52,16 +51,13 @@ def triage_gap(generator) -> str | None:
 
 def triage_config_for(generator, config: TriageConfig) -> TriageConfig:
     """The audit's triage of ``generator``: ``config`` with the generator's schedule and guidance
-    where it leaves them open (else 50 steps, 7.5), and the extraction's resolution and negative
-    prompt (a :class:`Text2ImageGenerator`'s ``height``, ``width``, ``negative_prompt``, where the
-    config gives none), so that triage scores the very latents and unconditional input the
+    where it leaves them open (else 50 steps, 7.5; :func:`~memscan.triage.scores.resolve_schedule`),
+    and the extraction's resolution and negative prompt (a :class:`Text2ImageGenerator`'s
+    ``height``, ``width``, ``negative_prompt``, where the config gives none), so that triage scores the very latents and unconditional input the
     extraction samples with (:func:`memscan.triage.worker.setup_triage` refuses a config that
     differs from the generator)."""
-    steps = config.num_inference_steps or getattr(generator, "steps", None) or DEFAULT_STEPS
-    g = config.guidance_scale
-    if g is None:
-        g = getattr(generator, "guidance_scale", None)
-    values = {"num_inference_steps": int(steps), "guidance_scale": float(DEFAULT_GUIDANCE if g is None else g)}
+    filled = resolve_schedule(config, getattr(generator, "steps", None), getattr(generator, "guidance_scale", None))
+    values = {"num_inference_steps": int(filled.num_inference_steps), "guidance_scale": float(filled.guidance_scale)}
     if isinstance(generator, Text2ImageGenerator):  # a value the config gives is kept (a conflict is refused)
         mine = {"height": generator.height, "width": generator.width, "negative_prompt": generator.negative_prompt}
         values.update({k: v for k, v in mine.items() if getattr(config, k) is None})

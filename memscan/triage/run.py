@@ -33,19 +33,18 @@ from memscan.data.prompts import load_prompts, prompts_sha256, validate_prompt_t
 from memscan.devices import check_device
 from memscan.errors import InputError, MemscanError
 from memscan.generators.diffusers_models import check_model_dir, load_scheduler, model_dirs, read_meta, read_model_json
-from memscan.generators.diffusers_unet import DiffusersUNetGenerator
+from memscan.generators.diffusers_unet import DiffusersUNetGenerator, sampling_defaults
 from memscan.generators.model_record import model_record
 from memscan.generators.noise import ddim_scheduler_like
 from memscan.generators.text2image import Text2ImageGenerator
 from memscan.runners.shards import run_shards
-from memscan.store import RunStore, open_run, write_table
+from memscan.store import RunStore, open_run, replacing, write_table
 from memscan.triage.scores import (
     SCORE_DEFINITIONS,
     SCORES,
     TriageConfig,
+    resolve_schedule,
     scored_timesteps,
-    unet_evaluations_by_score,
-    unet_evaluations_per_prompt,
 )
 from memscan.triage.worker import (
     check_text2image_options,
@@ -179,9 +178,7 @@ def triage(
     # 1. sampling defaults from the model's memscan.json (the workers load the model itself);
     #    shards are whole UNet batches of prompts
     source, meta = _sampling_defaults(model)
-    steps = config.num_inference_steps or int(meta.get("num_inference_steps", 50))
-    guidance = config.guidance_scale if config.guidance_scale is not None else float(meta.get("guidance_scale", 7.5))
-    config = TriageConfig(**{**config.to_dict(), "num_inference_steps": steps, "guidance_scale": guidance}).validate()
+    config = resolve_schedule(config, meta.get("num_inference_steps"), meta.get("guidance_scale")).validate()
     _check_schedule(model, config)  # a schedule the Wen score refuses, before the run directory
     _check_options(model, config)  # height/width/negative prompt for a UNet2DModel: refused here too
     per_shard = shard_prompts(shard_size, config)
@@ -238,7 +235,7 @@ def triage(
         seconds = sum(float(run.store.shard_record(s).get("seconds", 0.0)) for s in range(n_shards))
         manifest = run.finish(
             ranking={"score": score, "top": top, "min_score": min_score, "kept": len(ranked)},
-            cost=triage_cost(config, per_prompt, loaded["scores"].get("unet_evaluations_by_score")),
+            cost=triage_cost(per_prompt, loaded["scores"]["unet_evaluations_by_score"]),
             throughput={
                 "seconds": round(seconds, 3),
                 "prompts_per_s": round(len(table) / seconds, 2) if seconds else None,
@@ -266,45 +263,30 @@ def _write_tables(run, df: pd.DataFrame, n_shards: int, config: TriageConfig, sc
     ranked = select_ranked(table, score, top, min_score)
     write_table(table, run.root / "scores.parquet")
     cols = ["prompt_id", "prompt", "train_id", "duplicate_count", f"{score}_score"]
-    tmp = run.root / ".prompts.csv.tmp"
-    ranked[cols].rename(columns={f"{score}_score": "score"}).to_csv(tmp, index=False)
-    tmp.replace(run.root / "prompts.csv")
+    with replacing(run.root / "prompts.csv") as tmp:
+        ranked[cols].rename(columns={f"{score}_score": "score"}).to_csv(tmp, index=False)
     return table, ranked
 
 
-def triage_cost(config: TriageConfig, per_prompt: int | None = None, by_score: dict | None = None) -> dict:
+def triage_cost(per_prompt: int, by_score: dict) -> dict:
     """UNet evaluations per prompt of triage (``per_prompt``, as the worker's model counts them
-    for the asked scores, ``by_score`` per score; None: :func:`_default_evaluations`) against the
-    full attack's."""
+    for the asked scores, ``by_score`` per score: :func:`~memscan.triage.scores.score_record`)
+    against the full attack's."""
     full = FULL_ATTACK["samples_per_prompt"] * FULL_ATTACK["num_inference_steps"] * FULL_ATTACK["evaluations_per_step"]
-    if per_prompt is None:
-        per_prompt = _default_evaluations(config)
     return {
         "unet_evaluations_per_prompt": per_prompt,
-        "unet_evaluations_by_score": by_score or _default_evaluations(config, by_score=True),
+        "unet_evaluations_by_score": by_score,
         "full_attack_unet_evaluations_per_prompt": full,
         "full_attack": FULL_ATTACK,
         "share_of_full_attack": per_prompt / full,
     }
 
 
-def _default_evaluations(config: TriageConfig, by_score: bool = False):
-    """UNet evaluations per prompt of the asked scores for a model guided when
-    ``guidance_scale > 1`` (as diffusers pipelines), with a negative prompt when the config names
-    one (per score with ``by_score``)."""
-    g = config.guidance_scale
-    kwargs = {"guided": g is None or float(g) > 1.0, "negative_prompt": bool(config.negative_prompt)}
-    if by_score:
-        return unet_evaluations_by_score(config, **kwargs)
-    return unet_evaluations_per_prompt(config, **kwargs)
-
-
-def scores_table(
-    df: pd.DataFrame, merged: pd.DataFrame, config: TriageConfig, per_prompt: int | None = None
-) -> pd.DataFrame:
+def scores_table(df: pd.DataFrame, merged: pd.DataFrame, config: TriageConfig, per_prompt: int) -> pd.DataFrame:
     """One row per prompt: its ids, the computed scores (``config.scores``; a score not asked
     for has no columns) and their ranks (1 = most likely memorized; a missing score ranks last),
-    the cost (``per_prompt`` UNet evaluations, see :func:`triage_cost`)."""
+    the cost (``per_prompt`` UNet evaluations, as the worker's model counts them, see
+    :func:`triage_cost`)."""
     table = df[["prompt_id", "prompt", "train_id", "duplicate_count"]].copy()
     table["duplicate_count"] = pd.to_numeric(table["duplicate_count"], errors="coerce").astype("Int64")
     for s in config.scores:
@@ -314,7 +296,7 @@ def scores_table(
         table[f"{s}_rank"] = rank.astype(int)
     table["generations"] = config.generations
     table["steps"] = config.steps
-    table["unet_evaluations"] = _default_evaluations(config) if per_prompt is None else int(per_prompt)
+    table["unet_evaluations"] = int(per_prompt)
     return table
 
 
@@ -386,7 +368,7 @@ def _class_model_meta(root: Path) -> dict:
             "needs the unconditional prediction",
             "set null_class (the label trained as 'no condition'), or run `memscan extract --adaptive`",
         )
-    return meta
+    return {**meta, **sampling_defaults(meta)}  # the extraction's schedule (guidance 1 unless set)
 
 
 def read_scores(run: str | Path) -> pd.DataFrame:

@@ -42,7 +42,7 @@ score not asked for costs nothing, and has no column in the run's tables.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
@@ -52,7 +52,8 @@ from memscan.generators.seeds import derive_seed
 #: Score names (columns of the triage table).
 SCORES = ("wen", "webster")
 
-#: Schedule defaults when a config leaves them open (Stable Diffusion's).
+#: Schedule defaults when neither a config nor the model sets them (Stable Diffusion's); filled in
+#: by :func:`resolve_schedule` only.
 DEFAULT_STEPS, DEFAULT_GUIDANCE = 50, 7.5
 
 #: What each score is (recorded in every triage manifest; part of a run's identity, so a resume
@@ -165,7 +166,7 @@ def scored_timesteps(scheduler, config: TriageConfig) -> list[int]:
     memscan.errors.InputError: num_inference_steps=1 makes the first scored timestep t=1 of 1000 training timesteps ('leading' spacing, steps_offset=1), below 500: the score would be taken near the end of sampling, not at its start (use the default 50 steps (--num-inference-steps 50), or a schedule whose first timestep is at least 500)
     """
     config = config.validate()
-    n = int(config.num_inference_steps or DEFAULT_STEPS)
+    n = int(resolve_schedule(config).num_inference_steps)
     scheduler.set_timesteps(n)
     timesteps = [int(t) for t in scheduler.timesteps[: config.steps]]
     total = int(scheduler.config.num_train_timesteps)
@@ -259,6 +260,8 @@ class TriageModel:
         self.latent_shape = (int(self.unet.config.in_channels), height // scale, width // scale)
         self.vae_scale = scale
         self.negative_prompt = negative_prompt
+        # the encoded negative prompt, by batch size: encoded once, not once per batch
+        self._negatives: dict = {}
         self._torch = torch
 
     @property
@@ -287,16 +290,33 @@ class TriageModel:
 
     def embed(self, prompts: list[str]):
         """Text embeddings of ``prompts``, of the empty prompt, and of the negative prompt (None
-        when guidance uses the empty prompt)."""
+        when guidance uses the empty prompt; encoded once per batch size, :meth:`negative_for`)."""
         n = len(prompts)
         with self._torch.inference_mode():
             cond, empty = self.pipe.encode_prompt(prompts, self.device, 1, True, negative_prompt=[""] * n)
-            negative = None
-            if self.has_negative:
-                _, negative = self.pipe.encode_prompt(
-                    prompts, self.device, 1, True, negative_prompt=[self.negative_prompt] * n
-                )
-        return cond, empty, negative
+        return cond, empty, self.negative_for(prompts)
+
+    def negative_for(self, prompts: list[str]):
+        """Guidance's negative prompt encoded for a batch of ``prompts`` (None without one).
+
+        The negative conditioning is the same text for every row and does not depend on the
+        batch's prompts (the pipeline pads both to the tokenizer's full length), so it is encoded
+        by the pipeline's own call (:meth:`_encode_negative`) the first time a batch of that size
+        comes, and the very tensor is reused for every later batch of the size — bit for bit what
+        encoding it per batch gives (keyed by size: a text encoder's numbers may depend on the
+        batch shape, so a batch of another size is encoded, once, at its own size)."""
+        if not self.has_negative:
+            return None
+        n = len(prompts)
+        if n not in self._negatives:
+            with self._torch.inference_mode():
+                self._negatives[n] = self._encode_negative(prompts)
+        return self._negatives[n]
+
+    def _encode_negative(self, prompts: list[str]):
+        """The pipeline's encoding of the negative prompt for a batch of ``prompts``."""
+        n = len(prompts)
+        return self.pipe.encode_prompt(prompts, self.device, 1, True, negative_prompt=[self.negative_prompt] * n)[1]
 
     def initial_latents(self, prompt_id: str, indices: range, seed: int):
         """``randn(C×h×w)`` per generation from its own CPU generator (the extraction's noise)."""
@@ -360,7 +380,8 @@ class SDXLTriageModel(TriageModel):
 
     def embed(self, prompts: list[str]):
         """``(hidden states, text_embeds, time_ids)`` of ``prompts``, of the empty prompt and of
-        the negative prompt (None when guidance uses the empty prompt)."""
+        the negative prompt (None when guidance uses the empty prompt; its embeddings encoded once
+        per batch size, :meth:`TriageModel.negative_for`)."""
         torch = self._torch
         n = len(prompts)
         with torch.inference_mode():
@@ -368,22 +389,26 @@ class SDXLTriageModel(TriageModel):
             cond, empty, pooled, pooled_e = self.pipe.encode_prompt(
                 prompt=prompts, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=True
             )
-            negative = None
-            if self.has_negative:
-                _, negative, _, pooled_n = self.pipe.encode_prompt(
-                    prompt=prompts,
-                    device=self.device,
-                    num_images_per_prompt=1,
-                    do_classifier_free_guidance=True,
-                    negative_prompt=[self.negative_prompt] * n,
-                )
+        negative = self.negative_for(prompts)
         # 1. time ids as the pipeline builds them: original size, crop (0, 0), target size
         enc2 = getattr(self.pipe, "text_encoder_2", None)
         proj = int(pooled.shape[-1]) if enc2 is None else int(enc2.config.projection_dim)
         ids = self.pipe._get_add_time_ids(self.resolution, (0, 0), self.resolution, cond.dtype, proj)
         ids = ids.to(self.device).repeat(n, 1)
-        neg = None if negative is None else (negative, pooled_n, ids)
+        neg = None if negative is None else (*negative, ids)
         return (cond, pooled, ids), (empty, pooled_e, ids), neg
+
+    def _encode_negative(self, prompts: list[str]):
+        """``(hidden states, text_embeds)`` of the negative prompt for a batch of ``prompts``, as
+        the pipeline encodes it."""
+        _, negative, _, pooled_n = self.pipe.encode_prompt(
+            prompt=prompts,
+            device=self.device,
+            num_images_per_prompt=1,
+            do_classifier_free_guidance=True,
+            negative_prompt=[self.negative_prompt] * len(prompts),
+        )
+        return negative, pooled_n
 
     def predict(self, x, t, condition):
         """``ε_θ(x, t, c)`` with the added conditioning of ``condition``."""
@@ -486,15 +511,31 @@ def class_triage_gap(generator) -> str | None:
     return None
 
 
-def _resolved(config: TriageConfig) -> TriageConfig:
-    """``config`` with the schedule defaults filled in (50 steps, guidance 7.5)."""
-    return TriageConfig(
-        **{
-            **config.to_dict(),
-            "num_inference_steps": config.num_inference_steps or DEFAULT_STEPS,
-            "guidance_scale": DEFAULT_GUIDANCE if config.guidance_scale is None else config.guidance_scale,
-        }
-    ).validate()
+def resolve_schedule(config: TriageConfig, num_inference_steps=None, guidance_scale=None) -> TriageConfig:
+    """``config`` with its schedule filled in where it leaves it open — the one place the
+    defaults are applied (``memscan triage``, the audit's triage, the scores themselves).
+
+    Precedence: the config's own value (``num_inference_steps`` unless None or 0,
+    ``guidance_scale`` unless None), else the model's (``num_inference_steps``,
+    ``guidance_scale``: its ``memscan.json``'s or its generator's; steps unless None or 0,
+    guidance unless None; taken as ``int`` and ``float``), else :data:`DEFAULT_STEPS` and
+    :data:`DEFAULT_GUIDANCE` (50 steps, 7.5). Not validated: callers call
+    :meth:`TriageConfig.validate`.
+
+    Examples
+    --------
+    >>> c = resolve_schedule(TriageConfig(guidance_scale=3.0), num_inference_steps=10, guidance_scale=1.0)
+    >>> c.num_inference_steps, c.guidance_scale
+    (10, 3.0)
+    >>> c = resolve_schedule(TriageConfig())
+    >>> c.num_inference_steps, c.guidance_scale
+    (50, 7.5)
+    """
+    steps = config.num_inference_steps or (int(num_inference_steps) if num_inference_steps else DEFAULT_STEPS)
+    guidance = config.guidance_scale
+    if guidance is None:
+        guidance = DEFAULT_GUIDANCE if guidance_scale is None else float(guidance_scale)
+    return replace(config, num_inference_steps=steps, guidance_scale=guidance)
 
 
 def unet_evaluations_by_score(
@@ -535,7 +576,7 @@ def unet_evaluations_per_prompt(config: TriageConfig, *, guided: bool = True, ne
 def evaluations_of(model, config: TriageConfig) -> int:
     """:func:`unet_evaluations_per_prompt` of ``model`` (its guidance and negative prompt) for
     the scores ``config`` asks for."""
-    config = _resolved(config)
+    config = resolve_schedule(config).validate()
     return unet_evaluations_per_prompt(
         config, guided=model.guides(float(config.guidance_scale)), negative_prompt=model.has_negative
     )
@@ -546,7 +587,7 @@ def score_record(model, config: TriageConfig) -> dict:
     for Wen the timesteps scored, the schedule and ``c_empty``; for Webster its ``σ_max`` and
     timestep; guidance's unconditional input, the latent shape and the UNet evaluations (in all,
     and per score)."""
-    config = _resolved(config)
+    config = resolve_schedule(config).validate()
     sched = model.scheduler
     g = float(config.guidance_scale)
     guided = model.guides(g)
@@ -617,7 +658,7 @@ def score_prompts(model: TriageModel, prompt_ids: list[str], prompts: list[str],
     from memscan.generators.noise import to_epsilon
 
     torch = model._torch
-    config = _resolved(config)
+    config = resolve_schedule(config).validate()
     asked = config.scores
     sched = model.scheduler
     # the schedule is refused before any UNet call
