@@ -12,13 +12,19 @@ Method (one process):
    (``memscan.mia.metrics.roc_metrics``: ``auc``, ``tpr@1%fpr``), and its cost.
 3. The audit at each budget, simulated on prefixes of the brute force's generations (an audit's
    first n generations of a prompt *are* the brute force's first n, and the adaptive rule only
-   sees them): rounds down the ranking with :func:`memscan.audit.budget.round_size`, each prompt
-   under :func:`memscan.extraction.shard.adaptive_stop`. Rankings: triage (wen, webster), the
+   sees them), by the real audit's rules (:func:`memscan.audit.stages.extract_rounds`): rounds
+   down the ranking with :func:`memscan.audit.budget.round_size`, each prompt under
+   :func:`memscan.extraction.shard.adaptive_stop`, and the budget a hard cap — a round the budget
+   left cannot pay in full goes prompt by prompt, each capped by
+   :func:`memscan.audit.budget.prompt_cap`; budgets as the audit resolves and checks them
+   (:func:`~memscan.audit.budget.resolve_budget`, :func:`~memscan.audit.budget.check_one_round`),
+   triage charged for the ranking's own score. Rankings: triage (wen, webster), the
    candidates' duplicate count, a random order (no ranking at all); and one alternative stop
    rule, simulated only: wen's ranking where a prompt without a pair still continues when one of
    its generations so far lies within δ of a training image (the "near-copy rule").
 4. One budget run for real through :func:`memscan.audit.audit`; its per-prompt ``n_samples``,
-   evaluations and extractions are compared with the simulation.
+   evaluations, rounds, capped prompts and extractions are compared with the simulation (they
+   must agree exactly).
 
 5. The floor: the least any policy with this detector and these rounds could spend to find
    ≥ 95 % of the brute force's extractions — triage, the probe, and for the cheapest 95 % of
@@ -53,7 +59,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -63,7 +71,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from adaptive import Simulator, full_pass  # noqa: E402
 
-from memscan.audit.budget import round_size  # noqa: E402
+from memscan.audit.budget import AuditBudget, check_one_round, prompt_cap, resolve_budget, round_size  # noqa: E402
+from memscan.errors import InputError  # noqa: E402
 from memscan.extraction.shard import adaptive_stop  # noqa: E402
 from memscan.mia.metrics import roc_metrics  # noqa: E402
 
@@ -96,19 +105,83 @@ def prompt_spend(sim: Simulator, pid: str, cfg, near_copy: bool = False) -> int:
     return cfg.samples_per_prompt
 
 
-def simulate_audit(sim, ranking, cfg, per_image, fixed, budget, round_prompts, near_copy=False) -> dict:
-    """The audit's extraction stage on the brute force's generations: rounds down ``ranking``."""
-    spent, pos, n_samples = fixed, 0, {}
-    first_cost = cfg.rounds()[0] * per_image
-    # 1. rounds: as many prompts as the budget left pays a first round for (≤ round_prompts)
-    while (k := round_size(budget, spent, len(ranking) - pos, first_cost, round_prompts)) > 0:
-        for pid in ranking[pos : pos + k]:
-            # 2. each prompt under the adaptive rule, to its end (the round's spend may overshoot)
-            n_samples[pid] = prompt_spend(sim, pid, cfg, near_copy)
-            spent += n_samples[pid] * per_image
-        pos += k
+def simulate_audit(
+    sim, ranking, cfg, per_image, fixed, budget, round_prompts, near_copy=False, top=None, controls=()
+) -> dict:
+    """The audit's extraction stage on the brute force's generations, by the rules of
+    :func:`memscan.audit.stages.extract_rounds` and :func:`~memscan.audit.stages.budgeted_extraction_stage`:
+    rounds down ``ranking`` (its first ``top`` with ``top``), sized by
+    :func:`memscan.audit.budget.round_size` with the first rounds of the ``controls`` not attacked
+    yet kept (the controls attacked last, in ranking order); a round the budget left pays in full
+    runs every prompt under the adaptive rule to its end; any other goes shard by shard and
+    prompt by prompt, each capped by :func:`memscan.audit.budget.prompt_cap` (a hard cap: never
+    more than ``budget``). ``fixed``: what the audit spends before its rounds (triage + probe)."""
+    rounds, n_full = cfg.rounds(), cfg.samples_per_prompt
+    first_cost, full_cost = rounds[0] * per_image, n_full * per_image
+    ranked = list(ranking)
+    order = ranked if top is None else ranked[:top]
+    spent, pos, n_samples, capped, log = fixed, 0, {}, [], []
+    attacked: set = set()
+
+    def kept_for_controls() -> int:
+        return 0 if budget is None else first_cost * len({c for c in controls if c not in attacked})
+
+    while True:
+        # 1. the next round: the next prompts the budget left pays a first round for (≤ round_prompts)
+        k = round_size(budget, spent, len(order) - pos, first_cost, round_prompts, kept_for_controls())
+        if k > 0:
+            batch, why = order[pos : pos + k], "ranking"
+            pos += k
+        else:
+            rest = {c for c in controls if c not in attacked}
+            if not rest:
+                break
+            batch, why = [pid for pid in ranked if pid in rest], "controls"
+        batch = [pid for pid in batch if pid not in attacked]
+        if not batch:
+            continue
+        attacked.update(batch)
+        allowance = None if budget is None else budget - spent - kept_for_controls()
+        cut = []
+        if allowance is None or allowance >= len(batch) * full_cost:
+            # 2a. the budget left pays every prompt's full course: each to the adaptive rule's end
+            for pid in batch:
+                n_samples[pid] = prompt_spend(sim, pid, cfg, near_copy)
+        else:
+            # 2b. shard by shard (the extraction's shard size), prompt by prompt: each prompt capped
+            #     at the round end the allowance left pays after a first round for every later prompt.
+            #     The near-copy rule is capped identically: the cap depends on the budget left alone,
+            #     and a capped prompt's generations are the first ones of its uncapped run (the rule
+            #     itself, a verification of the generations so far, costs no model evaluation)
+            shards = [batch[i : i + cfg.shard_size] for i in range(0, len(batch), cfg.shard_size)]
+            used = 0
+            for j, shard in enumerate(shards):
+                left = allowance - used - sum(map(len, shards[j + 1 :])) * first_cost
+                for i, pid in enumerate(shard):
+                    cap = prompt_cap(left, len(shard) - i - 1, rounds, per_image)
+                    capped_cfg = cfg if cap >= n_full else replace(cfg, samples_per_prompt=cap)
+                    n_samples[pid] = made = prompt_spend(sim, pid, capped_cfg, near_copy)
+                    left -= made * per_image
+                    used += made * per_image
+                    # cut by the budget: stopped at its cap while its rule would have continued it
+                    if cap < n_full and made == cap and prompt_spend(sim, pid, cfg, near_copy) > cap:
+                        cut.append(pid)
+        # 3. what the round spent
+        gens = sum(n_samples[pid] for pid in batch)
+        spent += gens * per_image
+        capped += cut
+        log.append({"prompts": len(batch), "why": why, "generations": gens, "allowance": allowance, "capped": cut})
+    if budget is not None and spent > budget:
+        raise RuntimeError(f"simulated audit spent {spent} model evaluations of a budget of {budget}")
     found = {pid for pid, n in n_samples.items() if sim.extracted(pid, n)}
-    return {"evaluations": spent, "attacked": len(n_samples), "found": found, "n_samples": n_samples}
+    return {
+        "evaluations": spent,
+        "attacked": len(n_samples),
+        "found": found,
+        "n_samples": n_samples,
+        "capped": capped,
+        "rounds": log,
+    }
 
 
 def floor_cost(sim, found: set, cfg, per_image, fixed, share: float = 0.95) -> dict:
@@ -210,7 +283,8 @@ def main() -> None:
 
     import torch
 
-    from memscan.audit import AuditBudget, audit, default_extract_config
+    from memscan.audit import audit, default_extract_config
+    from memscan.audit.support import generator_facts
     from memscan.triage import TriageConfig, triage
 
     torch.set_num_threads(1)
@@ -241,6 +315,8 @@ def main() -> None:
     scores = tri.scores.set_index("prompt_id").loc[pids]
     # the audit ranks by wen and pays for wen alone (webster is computed here for its ROC only)
     triage_cost = len(pids) * int(tri.manifest["cost"]["unet_evaluations_by_score"]["wen"])
+    # an audit ranked by another score (--score webster) pays that score's evaluations alone
+    triage_cost_of = {s: len(pids) * int(v) for s, v in tri.manifest["cost"]["unet_evaluations_by_score"].items()}
     labels = np.array([pid in brute_found for pid in pids])
     roc = {}
     for s in ("wen", "webster"):
@@ -267,17 +343,20 @@ def main() -> None:
         "duplicate count": prompts.sort_values("duplicate_count", ascending=False, kind="mergesort")["prompt_id"].tolist(),
         "random order": list(rng.permutation(pids)),
     }  # fmt: skip
-    probe = per_image
+    # the output-shape probe: one image unless the generator declares its shape (as the audit asks it)
+    probe = generator_facts(SimpleNamespace(generator=gen))["probe_images"] * per_image
     curves, missed = {}, {}
     # the alternative stop rule (continue on a near-copy of a training image), simulated only
     rankings["triage wen + near-copy rule"] = rankings["triage wen"]
     for name, ranking in rankings.items():
         near = name.endswith("near-copy rule")
-        fixed = (triage_cost if name.startswith("triage") else 0) + probe
+        fixed = (triage_cost_of[name.split()[1]] if name.startswith("triage") else 0) + probe
         rows = []
         for share in SHARES:
-            budget = int(np.ceil(share * brute_cost))
-            if budget < fixed + min(args.round_prompts, len(pids)) * cfg.rounds()[0] * per_image:
+            budget = resolve_budget(AuditBudget(share=share), len(pids), brute_cost)
+            try:  # a budget the audit refuses: smaller than triage, the probe and one round
+                check_one_round(budget, fixed, cfg.rounds()[0] * per_image, len(pids), args.round_prompts)
+            except InputError:
                 continue
             res = simulate_audit(sim, ranking, cfg, per_image, fixed, budget, args.round_prompts, near)
             rows.append({
@@ -298,9 +377,8 @@ def main() -> None:
                      "extra": len(res["found"] - brute_found)})  # fmt: skip
         curves[name] = rows
         # why a brute-force extraction is missed: its rank, and what the adaptive rule gave it
-        at = simulate_audit(
-            sim, ranking, cfg, per_image, fixed, int(np.ceil(0.1 * brute_cost)), args.round_prompts, near
-        )
+        budget_10 = resolve_budget(AuditBudget(share=0.1), len(pids), brute_cost)
+        at = simulate_audit(sim, ranking, cfg, per_image, fixed, budget_10, args.round_prompts, near)
         missed[name] = {
             pid: {
                 "rank": ranking.index(pid) + 1,
@@ -320,22 +398,33 @@ def main() -> None:
                   f"{r['found']}/{len(brute_found)} found" + (f" (+{r['extra']} new)" if r["extra"] else ""))  # fmt: skip
 
     # 4. one budget for real through memscan.audit
+    real_budget = AuditBudget(share=args.real_share, round_prompts=args.round_prompts)
     t0 = time.perf_counter()
     real = audit(gen, inputs["train_dir"], tmp / "audit", prompts=prompts[["prompt_id", "prompt", "train_id",
-                 "duplicate_count"]], config=cfg, budget=AuditBudget(share=args.real_share,
-                 round_prompts=args.round_prompts), progress=False)  # fmt: skip
+                 "duplicate_count"]], config=cfg, budget=real_budget, progress=False)  # fmt: skip
     real_s = time.perf_counter() - t0
     sim_real = simulate_audit(sim, rankings["triage wen"], cfg, per_image, triage_cost + probe,
-                              int(np.ceil(args.real_share * brute_cost)), args.round_prompts)  # fmt: skip
+                              resolve_budget(real_budget, len(pids), brute_cost), args.round_prompts)  # fmt: skip
     det = real.detections.set_index("prompt_id")["n_samples"]
-    agree = sum(int(det.get(pid, -1)) == k for pid, k in sim_real["n_samples"].items())
+    # prompt by prompt, over every prompt either attacked (one attacked by only one of them disagrees)
+    either = set(det.index) | set(sim_real["n_samples"])
+    agree = sum(int(det.get(pid, -1)) == sim_real["n_samples"].get(pid, -1) for pid in either)
+    real_extract = real.manifest["stages"]["extract"]
     found_real = set(real.extracted["prompt_id"])
     real_row = {
         "budget_share": args.real_share,
         "evaluations_total": real.manifest["evaluations_total"],
         "evaluations_share": real.manifest["evaluations_total"] / brute_cost,
         "simulated_evaluations": sim_real["evaluations"],
-        "n_samples_agree_with_simulation": f"{agree}/{len(sim_real['n_samples'])} (attacked: {len(det)})",
+        "n_samples_agree_with_simulation": f"{agree}/{len(either)} (attacked: {len(det)} real, "
+        f"{len(sim_real['n_samples'])} simulated)",
+        "evaluations_agree_with_simulation": real.manifest["evaluations_total"] == sim_real["evaluations"],
+        "capped": real_extract.get("capped", []),
+        "simulated_capped": sim_real["capped"],
+        "rounds_generations": [r["generations"] for r in real_extract.get("rounds", [])],
+        "simulated_rounds_generations": [r["generations"] for r in sim_real["rounds"]],
+        "probe_evaluations": real_extract.get("probe_evaluations"),
+        "simulated_probe_evaluations": probe,
         "found": len(found_real & brute_found),
         "found_share": len(found_real & brute_found) / len(brute_found) if brute_found else None,
         "stages": {k: {"prompts_kept": v["prompts_kept"], "evaluations": v["evaluations"]}
