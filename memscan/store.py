@@ -527,6 +527,8 @@ class RunStore:
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
+        # shards this object committed or verified by hash: shard -> the files' identities then
+        self._verified: dict[int, tuple] = {}
 
     # ---- layout ---------------------------------------------------------------------------
     @property
@@ -604,18 +606,48 @@ class RunStore:
         return self.shard_dir / f"{shard:05d}.{table}.parquet"
 
     def shard_done(self, shard: int) -> bool:
-        """True when the shard's record exists and its files match the recorded hashes."""
+        """True when the shard's record exists and its files match the recorded hashes.
+
+        Each file is hashed once per process: a shard this store committed, or verified before,
+        is taken as done while its record and tables are the very files it wrote or hashed (same
+        inode, size and modification time) — the end-of-run check does not read a large run's
+        shards a second time. Any other state (a file replaced, rewritten or removed) is hashed
+        again."""
         rec = self._record_path(shard)
         if not rec.exists():
+            self._verified.pop(shard, None)
             return False
         try:
+            if shard in self._verified and self._verified[shard] == self._identity(shard):
+                return True
             record = json.loads(rec.read_text())
-            return all(
+            done = all(
                 self._table_path(shard, t).exists() and sha256_file(self._table_path(shard, t)) == h
                 for t, h in record["sha256"].items()
             )
         except (json.JSONDecodeError, KeyError, OSError):
-            return False
+            done = False
+        if done:
+            self._remember(shard)
+        else:
+            self._verified.pop(shard, None)
+        return done
+
+    def _identity(self, shard: int) -> tuple:
+        """(name, inode, size, mtime) of the shard's record and of every file beside it."""
+        out = []
+        for path in sorted(self.shard_dir.glob(f"{shard:05d}.*")):
+            if path.name.startswith("."):
+                continue
+            st = path.stat()
+            out.append((path.name, st.st_ino, st.st_size, st.st_mtime_ns))
+        return tuple(out)
+
+    def _remember(self, shard: int) -> None:
+        try:
+            self._verified[shard] = self._identity(shard)
+        except OSError:
+            self._verified.pop(shard, None)
 
     def commit_shard(self, shard: int, tables: dict[str, pd.DataFrame], meta: dict) -> None:
         """Write a shard's tables, then its completion record (the commit point)."""
@@ -626,6 +658,7 @@ class RunStore:
             # the commit fields win over a stage's meta of the same name (the hashes are the commit)
             record = {**meta, "shard": shard, "rows": rows, "sha256": hashes}
             atomic_write_json(self._record_path(shard), record)
+            self._remember(shard)  # its tables are the files just hashed
 
     def shard_record(self, shard: int) -> dict:
         return json.loads(self._record_path(shard).read_text())
