@@ -44,8 +44,9 @@ def load_state_dict(path: str | Path) -> dict:
 
 
 def find_weights(directory: Path, stem: str = "diffusion_pytorch_model") -> Path | None:
-    """The weights file of a diffusers model folder: safetensors first, then torch formats."""
-    for suffix in SAFE_SUFFIXES + PICKLE_SUFFIXES:
+    """The weights file of a diffusers model folder: safetensors first (one file, or the index of
+    sharded ones), then torch formats (:data:`PICKLE_SUFFIXES`, read weights-only)."""
+    for suffix in (*SAFE_SUFFIXES, ".safetensors.index.json", *PICKLE_SUFFIXES):
         f = directory / f"{stem}{suffix}"
         if f.exists():
             return f

@@ -66,12 +66,16 @@ def fsync_dir(path: str | Path) -> None:
     survives a power failure once this returns (fsyncing the file alone does not guarantee that).
 
     Skipped on Windows, where a directory cannot be opened; a file system that cannot sync a
-    directory (``EINVAL``, ``ENOTSUP``: some FUSE and network mounts) is skipped too. Any other
-    error (``EIO``) is raised: the commit may not be durable.
+    directory (``EINVAL``, ``ENOTSUP``: some FUSE and network mounts), or a directory this process
+    may write but not open (mode ``-wx``), is skipped too. Any other error (``EIO``) is raised: the
+    commit may not be durable.
     """
     if os.name == "nt":  # pragma: no cover - a directory cannot be opened there
         return
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except PermissionError:  # a write-only directory (mode -wx) cannot be opened to sync it
+        return
     try:
         os.fsync(fd)
     except OSError as exc:
@@ -308,7 +312,8 @@ class RunLock:
             try:
                 os.link(tmp, self.path)  # fails when .lock exists; .lock appears with its content
             except FileExistsError:
-                return False
+                if not _linked(tmp, self.path):  # NFS may answer EEXIST to a link it made (link(2))
+                    return False
             except (OSError, AttributeError) as exc:  # no hard links here: create it in two steps
                 if isinstance(exc, OSError) and exc.errno not in _NO_HARD_LINKS:
                     raise
@@ -433,6 +438,14 @@ _NO_HARD_LINKS = {
 }
 
 
+def _linked(a: Path, b: Path) -> bool:
+    """Whether ``a`` and ``b`` are one file (a hard link made despite an error reply)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
 def _write_new(path: Path, text: str) -> None:
     """Create ``path`` (it must not exist) holding ``text``, fsynced."""
     fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -527,7 +540,7 @@ class RunStore:
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
-        # shards this object committed or verified by hash: shard -> the files' identities then
+        # shards this object committed or verified by hash: shard -> (tables, the files' identities)
         self._verified: dict[int, tuple] = {}
 
     # ---- layout ---------------------------------------------------------------------------
@@ -618,7 +631,8 @@ class RunStore:
             self._verified.pop(shard, None)
             return False
         try:
-            if shard in self._verified and self._verified[shard] == self._identity(shard):
+            known = self._verified.get(shard)
+            if known is not None and known[1] == self._identity(shard, known[0]):
                 return True
             record = json.loads(rec.read_text())
             done = all(
@@ -628,24 +642,20 @@ class RunStore:
         except (json.JSONDecodeError, KeyError, OSError):
             done = False
         if done:
-            self._remember(shard)
+            self._remember(shard, tuple(record["sha256"]))
         else:
             self._verified.pop(shard, None)
         return done
 
-    def _identity(self, shard: int) -> tuple:
-        """(name, inode, size, mtime) of the shard's record and of every file beside it."""
-        out = []
-        for path in sorted(self.shard_dir.glob(f"{shard:05d}.*")):
-            if path.name.startswith("."):
-                continue
-            st = path.stat()
-            out.append((path.name, st.st_ino, st.st_size, st.st_mtime_ns))
-        return tuple(out)
+    def _identity(self, shard: int, tables: tuple) -> tuple:
+        """(inode, size, mtime) of the shard's record and of each of its ``tables`` (a few
+        ``stat`` calls: no listing of the shard folder, which holds every shard's files)."""
+        paths = [self._record_path(shard), *(self._table_path(shard, t) for t in tables)]
+        return tuple((st.st_ino, st.st_size, st.st_mtime_ns) for st in map(os.stat, paths))
 
-    def _remember(self, shard: int) -> None:
+    def _remember(self, shard: int, tables: tuple) -> None:
         try:
-            self._verified[shard] = self._identity(shard)
+            self._verified[shard] = (tables, self._identity(shard, tables))
         except OSError:
             self._verified.pop(shard, None)
 
@@ -658,7 +668,7 @@ class RunStore:
             # the commit fields win over a stage's meta of the same name (the hashes are the commit)
             record = {**meta, "shard": shard, "rows": rows, "sha256": hashes}
             atomic_write_json(self._record_path(shard), record)
-            self._remember(shard)  # its tables are the files just hashed
+            self._remember(shard, tuple(hashes))  # its tables are the files just hashed
 
     def shard_record(self, shard: int) -> dict:
         return json.loads(self._record_path(shard).read_text())

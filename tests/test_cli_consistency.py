@@ -271,3 +271,25 @@ def test_the_library_loaders_take_every_spelling_the_cli_takes(spelling):
             resolve_dtype(bad, "cpu")
         with pytest.raises(InputError, match="--dtype"):
             _torch_dtype(bad, "cpu")
+
+
+def test_sharded_safetensors_win_over_a_stray_bin(tmp_path):
+    """A UNet folder with sharded safetensors (an index file) and a stray .bin loads the
+    safetensors, as diffusers does; the .bin (other weights) is not read."""
+    import torch
+    from diffusers import DDPMScheduler
+
+    from memscan.generators.diffusers_models import load_unet
+    from memscan.generators.diffusers_unet import _load_unet
+
+    root = tmp_path / "m"
+    unet = tiny_unet(size=32, groups=8, classes=3)
+    unet.save_pretrained(root / "unet", max_shard_size="20KB")
+    assert (root / "unet" / "diffusion_pytorch_model.safetensors.index.json").exists()
+    torch.save(
+        {k: torch.zeros_like(v) for k, v in unet.state_dict().items()}, root / "unet" / "diffusion_pytorch_model.bin"
+    )
+    DDPMScheduler(num_train_timesteps=100).save_pretrained(root / "scheduler")
+    for loaded in (load_unet(root / "unet", str(root)), _load_unet(root / "unet")):
+        for k, v in unet.state_dict().items():
+            assert torch.equal(loaded.state_dict()[k], v), k

@@ -311,3 +311,39 @@ def test_temporary_names_carry_this_host(tmp_path, monkeypatch):
     # a host name with characters a file name should not hold is made safe
     name = _temporary_name(monkeypatch, tmp_path / "m.json", pid=1, host="we ird/host:name")
     assert "/" not in name and " " not in name and store_mod._TEMPORARY.match(name).group(2) == "we_ird_host_name"
+
+
+def test_a_link_that_was_made_despite_an_eexist_reply_is_this_process_lock(tmp_path, monkeypatch):
+    """NFS may answer EEXIST to a retransmitted link(2) that did create the link: the lock is
+    then this process's (the same file as its temporary), not another process's."""
+    real_link = os.link
+
+    def link_then_eexist(src, dst, *args, **kwargs):
+        real_link(src, dst, *args, **kwargs)
+        raise FileExistsError(errno.EEXIST, "File exists", str(dst))
+
+    (tmp_path / "r").mkdir()
+    monkeypatch.setattr(os, "link", link_then_eexist)
+    lock = RunLock(tmp_path / "r").acquire()
+    assert lock.held and lock.token in (tmp_path / "r" / ".lock").read_text()
+    monkeypatch.undo()
+    with pytest.raises(MemscanError, match="in use by another memscan process"):
+        RunLock(tmp_path / "r").acquire()  # a real second process is still refused
+    lock.release()
+    assert not (tmp_path / "r" / ".lock").exists()
+
+
+def test_a_directory_that_cannot_be_opened_is_not_synced_and_the_write_stands(tmp_path, monkeypatch):
+    """A directory this process may write but not open (mode -wx, as a non-root user): the
+    rename happened, so fsync_dir skips the sync rather than failing a write that worked."""
+    real_open = os.open
+
+    def no_directory_open(path, flags, *args, **kwargs):
+        if os.path.isdir(path):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", no_directory_open)
+    store_mod.fsync_dir(tmp_path)
+    store_mod.atomic_write_bytes(tmp_path / "a.json", b"{}")
+    assert (tmp_path / "a.json").read_bytes() == b"{}"

@@ -4,6 +4,8 @@ a second time. A shard whose files changed since is still hashed, and found dama
 
 from __future__ import annotations
 
+import os
+
 import pandas as pd
 
 from memscan import store as store_mod
@@ -59,7 +61,6 @@ def test_a_shard_changed_after_its_check_is_hashed_again_and_redone(tmp_path, mo
         _commit_all(run, 3)
         table = run.store.shard_dir / "00001.detections.parquet"
         table.write_bytes(table.read_bytes()[:-8] + b"damaged!")  # same size, another file time
-        import os
 
         st = table.stat()
         os.utime(table, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
@@ -67,3 +68,24 @@ def test_a_shard_changed_after_its_check_is_hashed_again_and_redone(tmp_path, mo
         assert seen == ["00001.detections.parquet"]
         (run.store.shard_dir / "00002.detections.parquet").unlink()
         assert run.todo(3) == [1, 2]
+
+
+def test_the_check_of_a_known_shard_lists_no_folder(tmp_path, monkeypatch):
+    """A known shard is checked by a few stat calls: listing the shard folder (every shard's
+    files) per shard made the end-of-run check quadratic in the number of shards."""
+    from pathlib import Path
+
+    with open_run(tmp_path / "r", "extract") as run:
+        run.start({"config": {}})
+        _commit_all(run, 4)
+
+        def refused(*args, **kwargs):
+            raise AssertionError("the shard folder was listed")
+
+        monkeypatch.setattr(Path, "glob", refused)
+        monkeypatch.setattr(Path, "iterdir", refused)
+        monkeypatch.setattr(os, "scandir", refused)
+        monkeypatch.setattr(os, "listdir", refused)
+        assert run.todo(4) == []
+        monkeypatch.undo()
+        run.finish()

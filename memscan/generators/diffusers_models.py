@@ -205,7 +205,7 @@ def load_unet(unet_dir: Path, spec: str) -> Any:
     a UNet: :func:`memscan.safe_load.load_state_dict`); ``spec`` names the model in errors."""
     from diffusers import UNet2DConditionModel, UNet2DModel
 
-    from memscan.safe_load import SAFE_SUFFIXES, find_weights
+    from memscan.safe_load import PICKLE_SUFFIXES, find_weights
 
     cfg_path = unet_dir / "config.json"
     if not cfg_path.exists():
@@ -221,7 +221,7 @@ def load_unet(unet_dir: Path, spec: str) -> Any:
             "memscan loads UNet2DModel and UNet2DConditionModel; wrap others as py:",
         )
     weights = find_weights(unet_dir)
-    if weights is not None and weights.suffix not in SAFE_SUFFIXES:
+    if weights is not None and weights.name.endswith(PICKLE_SUFFIXES):
         return load_weights_only(classes[cls_name], unet_dir, weights)
     try:
         return classes[cls_name].from_pretrained(unet_dir, use_safetensors=True, **low_mem_kwargs())

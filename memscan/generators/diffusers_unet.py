@@ -220,7 +220,7 @@ def _load_unet(unet_dir: Path):
     """UNet2DModel from a folder: safetensors, or .bin/.pt through weights-only loading."""
     from diffusers import UNet2DModel
 
-    from memscan.safe_load import find_weights
+    from memscan.safe_load import PICKLE_SUFFIXES, find_weights
 
     read_model_json(unet_dir / "config.json")  # damaged: one error naming it
     weights = find_weights(unet_dir)
@@ -228,7 +228,7 @@ def _load_unet(unet_dir: Path):
         raise InputError(
             f"{unet_dir}: no weights file (diffusion_pytorch_model.safetensors)", "save the model with save_pretrained"
         )
-    if weights.suffix == ".safetensors":
+    if not weights.name.endswith(PICKLE_SUFFIXES):  # safetensors, one file or sharded
         try:
             return UNet2DModel.from_pretrained(unet_dir, use_safetensors=True, **low_mem_kwargs())
         except (ValueError, RuntimeError) as exc:  # the weights do not fit the config (shapes, names)
