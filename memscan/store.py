@@ -135,17 +135,9 @@ def replacing(path: str | Path):
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = temporary_path(path)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_dir(path.parent)  # the rename itself survives a power failure
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # a failed write leaves the old file, never a half-written one
-        raise
+    """Write ``data`` to ``path`` through :func:`replacing` (a failed write leaves the old file)."""
+    with replacing(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def atomic_write_json(path: Path, obj, default=str) -> None:
@@ -159,17 +151,9 @@ def write_table(df: pd.DataFrame, path: Path) -> str:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    tmp = temporary_path(path)
-    try:
+    with replacing(path) as tmp:
         pq.write_table(pa.Table.from_pandas(df, preserve_index=False), tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        digest = sha256_file(tmp)
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        digest = sha256_file(tmp)  # the bytes renamed into place (fsynced as the block ends)
     return digest
 
 
