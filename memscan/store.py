@@ -775,6 +775,8 @@ class Run:
     lock: RunLock
     previous: dict | None = None
     manifest: dict = field(default_factory=dict)
+    #: shards this process has logged, committed or kept (:func:`memscan.runners.shards.run_shards`)
+    shards_logged: set[int] = field(default_factory=set)
 
     @property
     def root(self) -> Path:

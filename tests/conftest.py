@@ -1,4 +1,5 @@
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -17,6 +18,28 @@ def synth_train(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("synth") / "train"
     write_training_set(root, 120, size=32)
     return root
+
+
+def shard_log_counts(log: str, n_shards: int) -> dict[int, tuple[int, int]]:
+    """For each shard: how many times ``run.log`` says it was committed, and how many times a
+    resume says it kept it (``resume: kept 3 shards committed earlier (0-1, 4)``).
+
+    A process killed between a shard's commit and its log line leaves no "committed" line; the
+    resume that keeps the shard names it instead.
+    """
+    kept: list[int] = []
+    for group in re.findall(r"resume: kept \d+ shards? committed earlier \(([^)]*)\)", log):
+        for part in group.split(", "):
+            a, _, b = part.partition("-")
+            kept += range(int(a), int(b or a) + 1)
+    return {s: (log.count(f"shard {s} committed"), kept.count(s)) for s in range(n_shards)}
+
+
+def assert_committed_once(log: str, n_shards: int) -> None:
+    """Every shard was committed exactly once: one "committed" line, or none and a resume that
+    kept it (its commit's process was killed before the line); never two commits."""
+    for s, (commits, kept) in shard_log_counts(log, n_shards).items():
+        assert commits == 1 or (commits == 0 and kept >= 1), (s, commits, kept, log)
 
 
 def run_cli(*args, check=True, env=None, timeout=600) -> subprocess.CompletedProcess:

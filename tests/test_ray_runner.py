@@ -15,7 +15,7 @@ import time
 
 import pandas as pd
 import pytest
-from conftest import TESTS
+from conftest import TESTS, assert_committed_once
 from gen_support import MEMORIZED, planted
 
 from memscan import ExtractConfig, InputError, MemscanError, extract
@@ -65,8 +65,7 @@ def _assert_same_run(ref, run, retrieved=None):
 
 def _committed_once(run):
     log = (run / "run.log").read_text()
-    for s in range(N_SHARDS):
-        assert log.count(f"shard {s} committed") == 1, log
+    assert_committed_once(log, N_SHARDS)
     return log
 
 

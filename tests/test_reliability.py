@@ -10,7 +10,7 @@ import time
 
 import pandas as pd
 import pytest
-from conftest import TESTS, run_cli
+from conftest import TESTS, assert_committed_once, run_cli
 from gen_support import MEMORIZED
 
 ARGS = ["--samples-per-prompt", 20, "--shard-size", 1, "--batch-size", 10, "--quiet"]
@@ -81,8 +81,7 @@ def test_sigkill_at_ten_random_points_always_resumes_to_the_same_tables(tmp_path
     a, b = _tables(full), _tables(run)
     for name in a:
         pd.testing.assert_frame_equal(a[name], b[name])
-    log = (run / "run.log").read_text()
-    assert sum(log.count(f"shard {s} committed") for s in range(n)) >= n
+    assert_committed_once((run / "run.log").read_text(), n)
 
 
 def test_two_processes_on_one_run_directory_are_refused(tmp_path, synth_train):

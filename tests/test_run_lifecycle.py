@@ -308,3 +308,54 @@ def test_resume_removes_the_temporary_files_of_a_killed_writer_only(tmp_path):
         assert [p.exists() for p in stale] == [False, False]
         assert all(p.exists() for p in keep)
     assert "removed 2 temporary file(s)" in (run_dir / "run.log").read_text()
+
+
+def test_a_resume_logs_the_shards_an_earlier_process_committed_without_a_log_line(tmp_path):
+    """A driver killed between a shard's commit and its "committed" log line (the commit is the
+    record's rename, the log line comes after it) left a committed shard the log never names; the
+    resume names it in one "kept" line, once, and commits only the rest, each logged once."""
+    import pandas as pd
+    from conftest import assert_committed_once, shard_log_counts
+
+    from memscan.runners.local import LocalPool
+    from memscan.runners.shards import run_shards
+
+    def stage(ctx, lo, hi):
+        return {"rows": pd.DataFrame({"i": range(lo, hi)})}, {"n": hi - lo}
+
+    args = {s: (2 * s, 2 * s + 2) for s in range(6)}
+    with open_run(tmp_path / "r", "example") as run:
+        run.start({"n_shards": 6})
+        # the killed process: shards 0, 1 and 4 committed, the log line written for shard 1 only
+        for s in (0, 1, 4):
+            run.store.commit_shard(s, *stage(None, *args[s]))
+        run.store.log("shard 1 committed: 2 rows")
+    with open_run(tmp_path / "r", "example", resume=True) as run, LocalPool(lambda: None) as pool:
+        run.start({"n_shards": 6})
+        # an audit calls run_shards once per round, each time with every shard so far
+        assert run_shards(run, pool, stage, {s: args[s] for s in range(5)}, progress=False) == 2
+        assert run_shards(run, pool, stage, args, progress=False) == 1
+        assert run.store.merge(6, tables=("rows",))["rows"]["i"].tolist() == list(range(12))
+    log = (tmp_path / "r" / "run.log").read_text()
+    assert log.count("resume: kept") == 1 and "resume: kept 3 shards committed earlier (0-1, 4)" in log
+    assert shard_log_counts(log, 6) == {0: (0, 1), 1: (1, 1), 2: (1, 0), 3: (1, 0), 4: (0, 1), 5: (1, 0)}
+    assert_committed_once(log, 6)
+    # the old log (no "kept" line) fails the check: shard 0's commit is unaccounted for
+    with pytest.raises(AssertionError):
+        assert_committed_once(log.replace("resume: kept", "resume: had"), 6)
+
+
+def test_a_new_run_logs_no_kept_line(tmp_path):
+    import pandas as pd
+
+    from memscan.runners.local import LocalPool
+    from memscan.runners.shards import run_shards
+
+    def stage(ctx, lo, hi):
+        return {"rows": pd.DataFrame({"i": range(lo, hi)})}, {"n": hi - lo}
+
+    with open_run(tmp_path / "r", "example") as run, LocalPool(lambda: None) as pool:
+        run.start({"n_shards": 2})
+        run_shards(run, pool, stage, {0: (0, 1)}, progress=False)
+        run_shards(run, pool, stage, {0: (0, 1), 1: (1, 2)}, progress=False)  # shard 0: this process's
+    assert "kept" not in (tmp_path / "r" / "run.log").read_text()

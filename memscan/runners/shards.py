@@ -66,7 +66,16 @@ def run_shards(
     ``stop_after_shards``), with the hint to resume.
     """
     n_shards = len(shard_args)
-    todo = run.todo(n_shards)[:stop_after_shards]
+    todo_all = run.todo(n_shards)
+    todo = todo_all[:stop_after_shards]
+    # 1. a resumed run's log names the shards an earlier process committed: a process killed
+    #    between a shard's commit and its log line left no "committed" line for it
+    kept = sorted(set(shard_args) - set(todo_all) - run.shards_logged)
+    if kept and run.resuming:
+        run.store.log(
+            f"resume: kept {len(kept)} shard{'s' * (len(kept) != 1)} committed earlier ({shard_ranges(kept)})"
+        )
+    run.shards_logged.update(kept)
     weights = weights or {}
     tasks = [ShardTask(s, tuple(shard_args[s]), weight=int(weights.get(s, 1))) for s in todo]
     committed = 0
@@ -78,7 +87,23 @@ def run_shards(
             run.store.commit_shard(done.key, tables, {**meta, "worker": done.worker, "attempt": done.attempt})
             what = describe(done.key, tables) if describe else ", ".join(f"{len(v)} {k}" for k, v in tables.items())
             run.store.log(f"shard {done.key} committed: {what}")
+            run.shards_logged.add(done.key)
             committed += 1
     if run.todo(n_shards):
         raise MemscanError(f"run {run.root} stopped before all shards were done", "rerun with --resume")
     return committed
+
+
+def shard_ranges(shards: list[int]) -> str:
+    """Sorted shard numbers as runs of consecutive ones, for a log line.
+
+    >>> shard_ranges([0, 1, 2, 5, 7, 8])
+    '0-2, 5, 7-8'
+    """
+    runs: list[list[int]] = []
+    for s in shards:
+        if runs and s == runs[-1][1] + 1:
+            runs[-1][1] = s
+        else:
+            runs.append([s, s])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
