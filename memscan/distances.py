@@ -889,7 +889,9 @@ def _int8_gram_ok(device) -> bool:
 
 def _int8_pays_on_cpu() -> bool:
     """An int8 product of a 64×64 tile's shape (256 × 768) against the float32 one, one thread,
-    best of three each (a few milliseconds, once per process)."""
+    best of five each (a few milliseconds, once per process). Timed by this thread's CPU clock
+    (one torch thread runs its products in the calling thread), so a loaded machine that
+    preempts the check does not turn it to float32 for the whole process."""
     a = torch.randint(-128, 128, (256, 768), dtype=torch.int8)
     f = a.float()
     before = torch.get_num_threads()
@@ -899,10 +901,10 @@ def _int8_pays_on_cpu() -> bool:
         for name, fn in (("int8", lambda: torch._int_mm(a, a.t())), ("float32", lambda: f @ f.t())):
             fn()
             times = []
-            for _ in range(3):
-                t0 = time.perf_counter()
+            for _ in range(5):
+                t0 = time.thread_time()
                 fn()
-                times.append(time.perf_counter() - t0)
+                times.append(time.thread_time() - t0)
             best[name] = min(times)
     finally:
         torch.set_num_threads(before)

@@ -22,6 +22,17 @@ def bench():
     return mod
 
 
+@pytest.fixture(autouse=True)
+def int8_products(monkeypatch):
+    """The int8 rows whatever the process's one-off speed check decided (it may have run under
+    load in an earlier test and cached float32 for the session)."""
+    monkeypatch.setattr(dist_mod, "INT8_PRODUCTS", True)
+    monkeypatch.setattr(dist_mod, "_int8_pays_on_cpu", lambda: True)
+    monkeypatch.delitem(dist_mod._INT8_OK, "cpu", raising=False)
+    if not dist_mod._int8_gram_ok("cpu"):
+        pytest.skip("torch._int_mm does not run on this CPU")
+
+
 def _args(**kw):
     base = dict(size=16, case="memorized", threads=0, n=24, reps=1, alpha=0.035, naive_pairs=3, device="cpu", shard=0)
     base.update(kw)
