@@ -38,6 +38,19 @@ uint8) when its distance is within reach of float32 rounding — below
 energy (mean squared pixel, [0, 1] units) and ``γ = (D + 2) · u`` the worst-case relative error
 of a length-D float32 dot product (u = 2⁻²⁴; larger when TF32/bfloat16 matmuls are enabled).
 The second term is a rigorous bound for identical images, so they always give exactly 0.
+With a threshold (``exact_near``: α for detection, δ for verification), the pairs whose
+float32 distance lies within the rigorous bound of it are recomputed exactly too.
+
+Threshold decisions (``d < α`` in detection, ``d ≤ δ`` in verification) compare the float32
+values with the threshold. For uint8 images every value near a threshold passed as
+``exact_near`` is the exact distance rounded once to float32 — the int8 products' value, or the
+exact refinement's (the same value) — and a pair left with its float32-product value lies
+farther from it than its error bound; so the decisions are those of the exact distances rounded
+once to float32 on either path, whatever the device, threads or batching. They can differ from
+the exact distances' own decisions only within one float32 ulp of the threshold (half an ulp
+compared in float64, as :func:`memscan.cliques.largest_clique` does; a whole one compared in
+float32, as numpy does an array with a Python float): 7·10⁻⁹ at α = 0.08, 1.5·10⁻⁸ at
+δ = 0.15. E.g. an exact 0.0800000013 ≥ α = 0.08 rounds to the float32 0.0799999982, an edge.
 """
 
 from __future__ import annotations
@@ -57,8 +70,17 @@ ArrayLike = TypeVar("ArrayLike", np.ndarray, torch.Tensor)
 
 #: Pairs whose tiled ℓ2 from the matrix-product identity is below ``REFINE_BELOW`` times their
 #: centred tile energy ``e`` (≤ 2; ~0.2–0.4 for unrelated images, ~1e-3 for near copies of one
-#: image), or below the rounding bound ``sqrt(4 γ e)``, are recomputed exactly. Float32 rounding
-#: moves a distance d by about ``5 u e / (2 d)``, so above the threshold the error stays ≲ 2e-6.
+#: image), or below the rounding bound ``sqrt(4 γ e)``, are recomputed exactly. Above it the
+#: float32 products leave ``|d̂² − d²| = k·u·e`` (k ≤ 4(D + 2) proven), so
+#: ``|d̂ − d| ≈ k·u·e / (2d) ≤ 5 k u`` (:func:`tiled_l2_error_bound`: the proven 40γ). Measured
+#: (torch 2.13's MKL, AVX-512, 30 Nov 2026; ``cross_tiled_l2`` of uint8 images with
+#: ``INT8_PRODUCTS = False`` against the exact integer sums; a random search over uniform tiles
+#: and centres): k is largest when a whole tile is one product (few references or queries) —
+#: up to ~4,100 ≈ 0.083·D for 512×512×3 images at grid 4 (D = 49,152), where |d̂ − d| reached
+#: 6e-4 (3e-5 for a zero image against a tile of 38s at d ≈ 0.15, 9e-6 for random images);
+#: 940 ≈ 0.076·D and 2.1e-4 at D = 12,288; k ≤ 7 and 5e-7 at D ≤ 3,072; with 80 references or
+#: more (gathered in chunks of a few thousand values) k ≤ 5 at D = 49,152. Threshold decisions
+#: do not rely on any of this: the pairs near the threshold are recomputed (``exact_near``).
 REFINE_BELOW = 0.1
 
 #: Default budget, in float32 elements, for one block of the distance matrix being built.
@@ -250,7 +272,8 @@ def pairwise_tiled_l2(
     exact_near : float, optional
         A threshold (the edge threshold α of detection): pairs whose float32 distance lies
         within the float32 error bound of it are recomputed exactly, so ``d < exact_near``
-        is decided as by the exact (float64) distance.
+        is decided as by the exact distance rounded once to float32 (module docstring: it
+        differs from the exact decision only within a float32 ulp of the threshold).
 
     Examples
     --------
@@ -321,8 +344,7 @@ def pairwise_tiled_l2_many(
         raise InputError(f"block_elements must be a positive integer, got {block_elements!r}")
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1):
         raise InputError(f"threads must be a positive integer, got {threads!r}")
-    if exact_near is not None and not (np.isfinite(exact_near) and exact_near > 0):
-        raise InputError(f"exact_near must be a positive number, got {exact_near!r}")
+    _check_exact_near(exact_near)
     xs, nps = [], []
     for n, images in enumerate(batches):
         x, was_numpy = _as_tensor(images, "images" if n == 0 else f"images[{n}]")
@@ -346,6 +368,11 @@ def pairwise_tiled_l2_many(
     return [_back(d, nps[n]) for n, d in enumerate(outs)]
 
 
+def _check_exact_near(exact_near) -> None:
+    if exact_near is not None and not (np.isfinite(exact_near) and exact_near > 0):
+        raise InputError(f"exact_near must be a positive number, got {exact_near!r}")
+
+
 def cross_tiled_l2(
     queries: ArrayLike,
     references: ArrayLike,
@@ -353,11 +380,15 @@ def cross_tiled_l2(
     *,
     block_elements: int = DEFAULT_BLOCK_ELEMENTS,
     threads: int | None = None,
+    exact_near: float | None = None,
 ) -> ArrayLike:
     """Tiled ℓ2 between every query and every reference: a Q×R matrix.
 
     For very large reference sets use :func:`nearest_tiled_l2`, which keeps only the k nearest.
     ``threads``: as for :func:`pairwise_tiled_l2` (work items are tiles × blocks of queries).
+    ``exact_near``: as for :func:`pairwise_tiled_l2` (the extraction threshold δ of
+    verification): pairs within the float32 error bound of it are recomputed exactly, so
+    ``d <= exact_near`` is decided as by the exact distance rounded once to float32.
 
     Examples
     --------
@@ -379,7 +410,9 @@ def cross_tiled_l2(
         )
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1):
         raise InputError(f"threads must be a positive integer, got {threads!r}")
-    return _back(_cross(q, r, grid, block_elements, symmetric=False, threads=threads), was_numpy)
+    _check_exact_near(exact_near)
+    d = _cross(q, r, grid, block_elements, symmetric=False, threads=threads, near=exact_near)
+    return _back(d, was_numpy)
 
 
 def _cross(
@@ -391,12 +424,14 @@ def _cross(
     dtype: torch.dtype = torch.float32,
     refine: bool = True,
     threads: int | None = None,
+    near: float | None = None,
 ):
-    """Tiled ℓ2 of every (query, reference) pair (see :func:`_tiled_matrices`)."""
+    """Tiled ℓ2 of every (query, reference) pair (see :func:`_tiled_matrices`; ``near``: the
+    threshold near which pairs are refined, as ``exact_near``)."""
     _tile_sizes(tuple(q.shape), grid, "images")
     if block_elements < 1:
         raise InputError(f"block_elements must be a positive integer, got {block_elements!r}")
-    return _tiled_matrices([(q, r)], grid, block_elements, symmetric, dtype, refine, threads)[0]
+    return _tiled_matrices([(q, r)], grid, block_elements, symmetric, dtype, refine, threads, near)[0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -430,14 +465,7 @@ class _Matrix:
         nq, nr = q.shape[0], r.shape[0]
         device = q.device
         # uint8 against uint8: exact int8 products where the device has them (no rounding at all)
-        self.int8 = (
-            dtype == torch.float32
-            and q.dtype == torch.uint8
-            and r.dtype == torch.uint8
-            and INT8_PRODUCTS
-            and _round8(self.d) <= INT8_MAX_TILE
-            and _int8_gram_ok(device)
-        )
+        self.int8 = dtype == torch.float32 and _int8_applies(q.dtype, r.dtype, self.d, device)
         self.wide = self.d > 1 << 15  # int8: ‖a − b‖² (≤ 255²·D) or its partial sums may pass 2³¹
         self.syrk = _cpu_syrk(dtype) if symmetric and device.type == "cpu" and not self.int8 else None
         # syrk: acc's upper triangle holds the result; otherwise every entry (int8: exact integers)
@@ -805,7 +833,7 @@ def _pairwise_stacked(xs, grid: int, block_elements: int, near: float | None) ->
         return [torch.zeros((0, 0), dtype=torch.float32, device=x.device) for _ in xs]
     th, tw = h // grid, w // grid
     d = th * tw * c
-    if x.dtype == torch.uint8 and INT8_PRODUCTS and _round8(d) <= INT8_MAX_TILE and _int8_gram_ok(x.device):
+    if _int8_applies(x.dtype, x.dtype, d, x.device):
         return list(_pairwise_stacked_int8(x, grid).unbind(0))
     units = 255.0 if x.dtype == torch.uint8 else 1.0
     acc = torch.zeros((p, n, n), dtype=torch.float32, device=x.device)
@@ -861,6 +889,17 @@ _INT8_OK: dict = {}
 
 def _round8(v: int) -> int:
     return -(-v // 8) * 8
+
+
+def _int8_applies(a_dtype, b_dtype, d: int, device) -> bool:
+    """Whether tiles of ``d`` values of these dtypes take exact int8 products on ``device``."""
+    return (
+        a_dtype == torch.uint8
+        and b_dtype == torch.uint8
+        and INT8_PRODUCTS
+        and _round8(d) <= INT8_MAX_TILE
+        and _int8_gram_ok(device)
+    )
 
 
 #: On a CPU, int8 products are used only when one takes at most this fraction of a float32
@@ -950,8 +989,8 @@ def _pairwise_stacked_int8(x, grid: int) -> torch.Tensor:
     Pixels minus 128 fit int8 and distances do not change under a common shift; a tile's dot
     products (≤ D·128²) are exact in int32 for D ≤ ``INT8_MAX_TILE``, and
     ``‖a‖² + ‖b‖² − 2a·b`` is formed in int32 (int64 for tiles over 2¹⁵ values, where it could
-    overflow). No float rounding anywhere, so no pair needs refining and the edges are those of
-    the exact distances. Per row of tiles: one gather of the P × ``grid`` tiles into an int8
+    overflow). No float rounding before the final one, so no pair needs refining and the edges
+    are those of the exact distances rounded once to float32. Per row of tiles: one gather of the P × ``grid`` tiles into an int8
     buffer (tile-major; rows and values padded to multiples of 8, as the int8 kernels require),
     one int8 product per tile and group of G prompts (:func:`_int8_group`; G > 1: the G
     prompts' tiles are one contiguous (G·m) × k operand and the G diagonal m × m blocks of its
@@ -1218,13 +1257,18 @@ def _refine_thresholds(q_energy, r_energy, d: int, device) -> tuple:
     ``‖a‖² + ‖b‖² − 2a·b`` by at most (2γ + 6u)(e_a + e_b) ≤ 4γ(e_a + e_b), in any summation
     order (blocked GEMM, ``syrk``, chunks).
     """
+    return q_energy.float(), r_energy.float(), REFINE_BELOW, 4.0 * _gamma(d, device)
+
+
+def _gamma(d: int, device) -> float:
+    """γ = (D + 2)·u: the worst-case relative error of a length-D float32 dot product on
+    ``device`` (u = 2⁻²⁴; larger when TF32/bfloat16 matmuls are enabled)."""
     u = 2.0**-24
     if torch.get_float32_matmul_precision() != "highest":
         u = 2.0**-8  # bfloat16 passes may be used
-    if device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
+    if torch.device(device).type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
         u = max(u, 2.0**-11)
-    gamma = (d + 2) * u
-    return q_energy.float(), r_energy.float(), REFINE_BELOW, 4.0 * gamma
+    return (d + 2) * u
 
 
 def _refine_small(
@@ -1329,10 +1373,19 @@ def nearest_tiled_l2(
     *,
     within: float | None = None,
     reference_chunk: int = 4096,
+    exact_near: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """The ``k`` nearest references of each query by tiled ℓ2, exact, streaming over references.
+    """The ``k`` nearest references of each query by tiled ℓ2, streaming over references.
 
-    Memory is bounded by ``Q × reference_chunk`` whatever the number of references.
+    Memory is bounded by ``Q × reference_chunk`` whatever the number of references. Distances
+    are those of :func:`cross_tiled_l2`: for uint8 images with int8 products the exact ones
+    rounded once to float32; otherwise exact near 0 and near ``exact_near``, elsewhere within
+    the float32 error that ``REFINE_BELOW`` describes (up to 6e-4 measured for 128×128×3 tiles;
+    :func:`tiled_l2_error_bound` gives a proven bound).
+
+    ``exact_near``: a threshold (δ of verification) near which pairs are recomputed exactly, so
+    ``distances <= exact_near`` is decided as by the exact distances rounded once to float32;
+    default ``within`` when it is positive (the counts are such decisions).
 
     Returns
     -------
@@ -1357,6 +1410,9 @@ def nearest_tiled_l2(
         raise InputError(f"reference_chunk must be a positive integer, got {reference_chunk!r}")
     if within is not None and not np.isfinite(within):
         raise InputError(f"within must be a finite number, got {within!r}")
+    _check_exact_near(exact_near)
+    if exact_near is None and within is not None and within > 0:
+        exact_near = float(within)
     if r.ndim != 4:
         raise InputError(
             f"references: expected N×H×W×C, got shape {tuple(r.shape)}",
@@ -1369,7 +1425,8 @@ def nearest_tiled_l2(
     counts = torch.zeros(nq, dtype=torch.int64) if within is not None else None
     for s in range(0, nr, reference_chunk):
         block = r[s : s + reference_chunk]
-        d = cross_tiled_l2(q, block.to(q.device) if isinstance(block, torch.Tensor) else block, grid)
+        block = block.to(q.device) if isinstance(block, torch.Tensor) else block
+        d = cross_tiled_l2(q, block, grid, exact_near=exact_near)
         d = d if isinstance(d, torch.Tensor) else torch.from_numpy(d)
         d = d.cpu()
         if counts is not None:
@@ -1381,3 +1438,39 @@ def nearest_tiled_l2(
         best_d = torch.gather(cand_d, 1, order)
         best_i = torch.gather(cand_i, 1, order)
     return best_d.numpy(), best_i.numpy(), (counts.numpy() if counts is not None else None)
+
+
+def tiled_l2_error_bound(queries, references, grid: int = 4) -> float:
+    """A bound on ``|d̂ − d|`` for every distance ``d̂`` that :func:`cross_tiled_l2` and
+    :func:`nearest_tiled_l2` return for images like these (their dtypes, device and size; ``d``
+    the exact tiled ℓ2).
+
+    - **int8 products** (uint8 against uint8 where the device has them): every value is the
+      exact distance rounded once to float32, so half a float32 ulp below 1: ``2⁻²⁵``.
+    - **otherwise**, the bound the refinement rests on (module docstring): a pair left with its
+      float32-product value has ``|d̂² − d²| ≤ 4γ(e_a + e_b)`` and
+      ``d̂ ≥ REFINE_BELOW · (e_a + e_b)``, so ``|d̂ − d| ≤ |d̂² − d²| / d̂ ≤ 4γ / REFINE_BELOW``,
+      plus ``2⁻²²`` for the final float32 scaling and square root; the pairs recomputed exactly
+      are far closer. Rigorous, and far above the errors measured (``REFINE_BELOW``): 4.6·10⁻⁴
+      for 8×8×3 tiles (CIFAR-10 at grid 4), 0.12 for 128×128×3 ones.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> x = np.zeros((1, 32, 32, 3), np.uint8)
+    >>> round(tiled_l2_error_bound(x.astype(np.float32), x), 6)
+    0.000463
+    """
+    dtypes, device = [], torch.device("cpu")
+    for x in (queries, references):
+        if isinstance(x, torch.Tensor):
+            dtypes.append(x.dtype)
+            device = x.device if x.device.type != "cpu" else device
+        else:
+            dtypes.append(torch.uint8 if np.asarray(x).dtype == np.uint8 else torch.float32)
+    shape = tuple(queries.shape)
+    _tile_sizes((1,) + shape[-3:], grid, "queries")
+    d = (shape[-3] // grid) * (shape[-2] // grid) * shape[-1]
+    if _int8_applies(dtypes[0], dtypes[1], d, device):
+        return 2.0**-25
+    return 4.0 * _gamma(d, device) / REFINE_BELOW + 2.0**-22

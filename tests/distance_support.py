@@ -46,3 +46,20 @@ def products(request, monkeypatch):
     monkeypatch.setattr(dist_mod, "_int8_pays_on_cpu", lambda: True)
     monkeypatch.delitem(dist_mod._INT8_OK, "cpu", raising=False)
     return request.param
+
+
+def values_with_square_sum(total: int, n: int) -> np.ndarray:
+    """``n`` uint8 values whose squares sum to ``total`` (a uniform tile of v and v + 1, four
+    small values making up the rest): a tile at tiled ℓ2 ``sqrt(total / (255² n))`` from zero."""
+    v = int((total / (n - 4)) ** 0.5)
+    ups = (total - v * v * (n - 4)) // (2 * v + 1)  # entries raised to v + 1
+    rest = total - v * v * (n - 4) - ups * (2 * v + 1)  # < 2v + 1: four squares (Lagrange)
+    for a in range(int(rest**0.5) + 1):
+        for b in range(a + 1):
+            for c in range(b + 1):
+                d = int(round((rest - a * a - b * b - c * c) ** 0.5)) if rest >= a * a + b * b + c * c else -1
+                if d >= 0 and a * a + b * b + c * c + d * d == rest:
+                    out = np.array([v + 1] * ups + [v] * (n - 4 - ups) + [a, b, c, d], np.uint8)
+                    assert int((out.astype(np.int64) ** 2).sum()) == total
+                    return out
+    raise AssertionError(f"no four squares for {rest}")  # pragma: no cover - Lagrange

@@ -561,6 +561,23 @@ def test_lm_extract_unconditional_needs_a_start_token(lm_extract_inputs, tmp_pat
     assert_clean_error(cli(*args, "--out", tmp_path / "o", "--quiet"), "neither a BOS nor an EOS", "--prompts")
 
 
+def test_lm_extract_reference_with_fewer_positions_than_the_samples(lm_extract_inputs, tiny_lm_dir, tmp_path):
+    """A reference whose positions cannot hold the start token + --length tokens: one error with
+    both lengths and the --length that fits, before any run starts (not an IndexError after
+    every sample was drawn)."""
+    from memscan.testing.tiny_lm import make_tiny_gpt2
+
+    good_index, _ = lm_extract_inputs
+    short = make_tiny_gpt2(tmp_path / "ref16", seed=1, n_positions=16)
+    args = ["lm", "extract", "--model", tiny_lm_dir, "--index", good_index, "--samples", 2, "--length", 32]
+    assert_clean_error(
+        cli(*args, "--reference", short, "--out", tmp_path / "o", "--quiet"),
+        "1 tokens + 32 new tokens exceeds the 16 positions of the reference model",
+        "at most --length 15 fits",
+    )
+    assert not (tmp_path / "o" / "manifest.json").exists()  # refused before any run starts
+
+
 # ---- memscan compare: what is not a finished, comparable run -----------------------------------------
 def test_compare_refuses_what_it_cannot_compare(corpus, finished_run, tmp_path):
     """Not a run, a damaged manifest, an unfinished run, a run of a kind compare does not read, a

@@ -9,7 +9,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from distance_support import products  # noqa: F401 - the fixture
+from distance_support import (
+    exact_cross,
+    products,  # noqa: F401 - the fixture
+    values_with_square_sum,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
@@ -20,6 +24,7 @@ from memscan.distances import (
     nearest_tiled_l2,
     pairwise_tiled_l2,
     tiled_l2,
+    tiled_l2_error_bound,
 )
 from memscan.errors import InputError
 
@@ -425,6 +430,101 @@ def test_nearest_torch_and_errors():
         nearest_tiled_l2(refs[:1], refs, reference_chunk=0)
     with pytest.raises(InputError, match="within must be a finite number"):
         nearest_tiled_l2(refs[:1], refs, within=float("nan"))
+    with pytest.raises(InputError, match="exact_near must be a positive number"):
+        nearest_tiled_l2(refs[:1], refs, exact_near=0.0)
+    with pytest.raises(InputError, match="exact_near must be a positive number"):
+        cross_tiled_l2(refs[:1], refs, exact_near=float("inf"))
+
+
+DELTA = 0.15  # the paper's δ
+
+
+def _around_delta(offsets, size: int = 512):
+    """A zero image and, per offset o, a reference at exact tiled ℓ2 δ + o·1.04e-9 from it (one
+    tile of a near-uniform 39, squares summing to 255²·D·δ² + o, at D = 49,152 values) followed
+    by three white ones: every block of 4 or more references is centred near 200, where float32
+    products err by up to ~3e-4 at δ (the zero image and the tile both far from the centre)."""
+    th = size // 4
+    d = th * th * 3
+    centre = round(DELTA**2 * 255**2 * d)  # 71,912,448 at D = 49,152: exactly δ
+    refs = np.full((4 * len(offsets), size, size, 3), 255, np.uint8)
+    for n, o in enumerate(offsets):
+        refs[4 * n] = 0
+        refs[4 * n, :th, :th] = values_with_square_sum(centre + o, d).reshape(th, th, 3)
+    query = np.zeros((1, size, size, 3), np.uint8)
+    exact = np.concatenate([exact_cross(query, refs[n : n + 1]) for n in range(len(refs))], axis=1)
+    return query, refs, exact
+
+
+def test_verification_near_delta_is_decided_by_the_exact_distance():
+    """``d ≤ δ`` with either kind of products (the ``products`` fixture) is the exact decision:
+    on the float32 fallback (``INT8_PRODUCTS = False``, float pixels) the pairs within the float32 error bound of δ are recomputed
+    exactly (``exact_near=δ``; ``within=δ`` implies it) — against the exact integer reference,
+    with references at exact distances from δ − 4.2e-7 to δ + 4.2e-7 but never within one
+    float32 ulp of it (1.5e-8), where a rounded value could fall on either side. Before, the
+    float32 fallback decided 6 of these 12 wrongly (errors up to 3e-4)."""
+    offsets = [s * o for o in (16, 32, 64, 128, 256, 400) for s in (1, -1)]  # d − δ: ±1.7e-8 … ±4.2e-7
+    query, refs, exact = _around_delta(offsets)
+    near = exact[0, ::4]
+    assert np.abs(near - DELTA).min() > 2.0**-26 and np.abs(near - DELTA).max() < 5e-7
+    want = exact[0] <= DELTA
+    assert want.sum() == len(offsets) // 2 and (exact[0, want] > DELTA - 5e-7).all()  # white: 1.0
+    for chunk in (4, 64):  # 4 references per product: the whole tile in one (the largest errors)
+        dist, idx, counts = nearest_tiled_l2(query, refs, k=len(refs), within=DELTA, reference_chunk=chunk)
+        np.testing.assert_array_equal(dist[0] <= DELTA, want[idx[0]])
+        assert counts.tolist() == [want.sum()]
+        dist, idx, _ = nearest_tiled_l2(query, refs, k=len(refs), exact_near=DELTA, reference_chunk=chunk)
+        np.testing.assert_array_equal(dist[0] <= DELTA, want[idx[0]])
+    np.testing.assert_array_equal(cross_tiled_l2(query, refs, exact_near=DELTA)[0] <= DELTA, want)
+    np.testing.assert_array_equal(cross_tiled_l2(query, refs[:8], exact_near=DELTA)[0] <= DELTA, want[:8])
+    # float pixels (always float32 products): the float64 brute force over those very pixels
+    fq, fr = query.astype(np.float32) / 255, refs[32:].astype(np.float32) / 255  # δ ± 2.7e-7, ± 4.2e-7
+    exact_f = ref_cross(fq, fr)[0]
+    assert (np.abs(exact_f - DELTA) > 2.0**-26).all() and (exact_f <= DELTA).sum() == 2
+    dist, idx, counts = nearest_tiled_l2(fq, fr, k=len(fr), within=DELTA, reference_chunk=4)
+    np.testing.assert_array_equal(dist[0] <= DELTA, exact_f[idx[0]] <= DELTA)
+    assert counts.tolist() == [(exact_f <= DELTA).sum()]
+    np.testing.assert_array_equal(cross_tiled_l2(fq, fr[:8], exact_near=DELTA)[0] <= DELTA, exact_f[:8] <= DELTA)
+
+
+def test_verify_candidates_decides_extraction_by_the_exact_distance():
+    """The verification stage passes δ as ``exact_near``: a candidate at exact distance just above
+    δ from its nearest training image is not extracted, one just below is, and the k-eidetic
+    count is exact too — on the float32 fallback as with int8 products."""
+    import pandas as pd
+
+    from memscan.data.training import TrainingSet
+    from memscan.extraction.verify import verify_candidates
+
+    offsets = [64, -64, 400, -400]
+    query, refs, exact = _around_delta(offsets)
+    cands = pd.DataFrame({"prompt_id": ["p"], "train_id": [None], "clique_size": [5], "mean_clique_distance": [0.0]})
+    for n, o in enumerate(offsets):
+        # one training set per offset: the reference near δ and its three white ones
+        ts = TrainingSet(ids=[f"t{i}" for i in range(4)], captions=[""] * 4, images=refs[4 * n : 4 * n + 4])
+        ext = verify_candidates(cands, query, ts, delta=DELTA, grid=4, n_nearest=2)
+        top = ext[ext["rank"] == 1].iloc[0]
+        assert top["train_id"] == "t0" and bool(top["extracted"]) == (o < 0) == (exact[0, 4 * n] <= DELTA)
+        assert top["eidetic_k"] == (1 if o < 0 else 0)
+        assert abs(top["tiled_l2"] - exact[0, 4 * n]) <= 2.0**-25
+
+
+def test_tiled_l2_error_bound_covers_the_fallback_errors():
+    """The bound nearest-neighbour certificates rely on (memscan.index.nearest): 2⁻²⁵ where every
+    value is the exact distance rounded once to float32 (int8 products), else the rigorous
+    float32 bound 4γ/REFINE_BELOW — at least every error the float32 products make."""
+    import memscan.distances as dist_mod
+
+    rng = np.random.default_rng(31)
+    x = rng.integers(0, 256, (12, 32, 32, 3), dtype=np.uint8)
+    x[3:6] = np.clip(x[2].astype(int) + rng.integers(-9, 10, (3, 32, 32, 3)), 0, 255)
+    x[8], x[9] = 0, 250  # far from the centre: the largest energies
+    for q, r in ((x, x), (x.astype(np.float32) / 255, x)):
+        bound = tiled_l2_error_bound(q, r, grid=4)
+        err = np.abs(cross_tiled_l2(q, r).astype(np.float64) - ref_cross(q, r)).max()
+        assert err <= bound
+        exact_products = q.dtype == np.uint8 and dist_mod._int8_applies(torch.uint8, torch.uint8, 192, "cpu")
+        assert bound == (2.0**-25 if exact_products else pytest.approx(4 * 194 * 2.0**-24 / 0.1 + 2.0**-22))
 
 
 # --------------------------------------------------------------------------------------------

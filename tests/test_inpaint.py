@@ -128,6 +128,61 @@ def test_config_errors():
         InpaintConfig(num_inference_steps=50).validated(20)
     with pytest.raises(InputError, match="region"):
         InpaintConfig(region="ring").validated(1000)
+    # without T (an inpainter): every setting but the schedule is checked; counts become ints
+    with pytest.raises(InputError, match="samples"):
+        InpaintConfig(samples=0).validated()
+    with pytest.raises(InputError, match="num_inference_steps"):
+        InpaintConfig(num_inference_steps=float("nan")).validated()
+    assert InpaintConfig(num_inference_steps=5, jump_length=5).validated().num_inference_steps == 5
+    assert type(InpaintConfig(samples=2.0).validated(1000).samples) is int
+
+
+def _inpainter(value):
+    """An inpainter (``inpaints = True``) that fills every image with ``value``."""
+
+    def fill(images, hidden, seeds):
+        return np.full(images.shape, value, np.float32)
+
+    fill.inpaints = True
+    return fill
+
+
+def test_inpainter_path_validates_config_and_reconstructions():
+    """With an inpainter (not a noise predictor) the settings went unchecked — ``samples=0`` gave
+    the distances [nan, nan] — and reconstructions outside [0, 1] were accepted, giving ℓ2
+    distances above 1 (DESIGN.md: 0 ≤ ℓ2 ≤ 1)."""
+    imgs = np.zeros((2, 4, 4, 1), np.uint8)
+    assert inpaint_distances(_inpainter(1.0), imgs).distance.tolist() == [1.0, 1.0]  # the bounds are fine
+    for bad, name in ((dict(samples=0), "samples"), (dict(samples=1.5), "samples"), (dict(fraction=1.0), "fraction"),
+                      (dict(region="ring"), "region"), (dict(eta=2.0), "eta"), (dict(batch_size="abc"), "batch_size")):  # fmt: skip
+        with pytest.raises(InputError, match=name):
+            inpaint_distances(_inpainter(0.5), imgs, InpaintConfig(**bad))
+    # the RePaint schedule is not an inpainter's: not checked on that path
+    r = inpaint_distances(_inpainter(0.5), imgs, InpaintConfig(num_inference_steps=3, jump_length=5, samples=2.0))
+    assert r.per_sample.shape == (2, 2) and r.config.samples == 2
+    for value, what in ((2.0, "outside \\[0, 1\\] \\(from 2 to 2\\)"), (-0.5, "outside"), (np.nan, "NaN/Inf")):
+        with pytest.raises(InputError, match=f"inpainter .*fill.*{what}") as exc:
+            inpaint_distances(_inpainter(value), imgs)
+        assert "in [0, 1]" in exc.value.hint
+
+    class OneShort:  # an inpainter object: named by its class
+        inpaints = True
+
+        def __call__(self, images, hidden, seeds):
+            return np.zeros((len(images) - 1, *images.shape[1:]), np.float32)
+
+    with pytest.raises(InputError, match=r"inpainter OneShort: returned shape \(1, 4, 4, 1\)") as exc:
+        inpaint_distances(OneShort(), imgs)
+    assert "one per image" in exc.value.hint
+
+    class Bright:  # a pipeline returning 0..255 floats: named through pipeline_inpainter
+        def __call__(self, prompt, image, mask_image, generator, height, width, output_type):
+            from types import SimpleNamespace
+
+            return SimpleNamespace(images=[np.full((height, width, 1), 255.0, np.float32)])
+
+    with pytest.raises(InputError, match=r"inpainter pipeline_inpainter\(Bright\): .* outside \[0, 1\]"):
+        inpaint_distances(pipeline_inpainter(Bright()), imgs)
 
 
 def test_pipeline_inpainter_glue():

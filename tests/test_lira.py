@@ -488,6 +488,52 @@ def test_needs_enough_shadow_models():
         make_attack("lira")
 
 
+def test_bad_attack_inputs_and_options_are_one_clear_error():
+    """Each of these gave a bare ValueError or TypeError, or was silently misread."""
+    target, shadow, mask = _random_masked()
+    # timestep: int(nan) / int("abc") ran before the check
+    for t in (float("nan"), "abc", float("inf"), 2.5, True):
+        with pytest.raises(InputError, match="timestep: .* is not a non-negative integer"):
+            AttackInputs(target, timestep=t).validate()
+    assert AttackInputs(target, timestep=np.int64(7)).validate().timestep == 7
+    assert AttackInputs(target, timestep=np.array(7.0)).validate().timestep == 7
+    # shadow_loss not numbers (target_loss already went through as_scores)
+    bad_shadow = np.full(shadow.shape, "x", dtype=object)
+    with pytest.raises(InputError, match="shadow_loss: cannot be read as an M×") as exc:
+        AttackInputs(target, bad_shadow, mask).validate()
+    assert "one row of float losses per shadow model" in exc.value.hint
+    with pytest.raises(InputError, match="shadow_loss: cannot be read"):
+        AttackInputs(target, [[1.0, 2.0], [1.0]]).validate()  # ragged
+    # fixed_variance must be a bool: bool("false") is True
+    for value in ("false", "False", 0, 1, None):
+        with pytest.raises(InputError, match=f"lira_online: fixed_variance={value!r} is not a bool"):
+            make_attack("lira_online", fixed_variance=value)
+    assert make_attack("lira_offline", fixed_variance=np.bool_(True)).fixed_variance is True
+    # an option the attack does not take: named, with the attack's options
+    with pytest.raises(InputError, match="attack 'loss': unknown option.* fixed_variance") as exc:
+        make_attack("loss", fixed_variance=True)
+    assert exc.value.hint == "loss takes no options"
+    with pytest.raises(InputError, match="attack 'lira_online': unknown option.* fixed_varience") as exc:
+        make_attack("lira_online", fixed_varience=True)
+    assert "fixed_variance, location" in exc.value.hint
+    with pytest.raises(InputError, match="unknown attack"):
+        make_attack(["lira"])
+
+
+def test_shadow_hint_fits_the_variance_setting():
+    """The hint "use fixed_variance=True (needs only 1)" was shown even with fixed variance on."""
+    target, shadow, mask = _random_masked()
+    with pytest.raises(InputError, match="fewer than 1 IN") as exc:
+        LiRAOnline(fixed_variance=True).fit_score(AttackInputs(target, shadow))  # all OUT
+    assert "fixed_variance" not in exc.value.hint and "lira_offline" in exc.value.hint
+    with pytest.raises(InputError, match="fewer than 1 OUT") as exc:
+        LiRAOffline(fixed_variance=True).fit_score(AttackInputs(target, shadow, np.ones_like(mask)))  # all IN
+    assert "fixed_variance" not in exc.value.hint and "at least one OUT model" in exc.value.hint
+    with pytest.raises(InputError, match="fewer than 2 OUT") as exc:
+        LiRAOffline().fit_score(AttackInputs(target, shadow[:1], mask[:1] & False))
+    assert "fixed_variance=True (needs only 1)" in exc.value.hint
+
+
 def test_loss_threshold_is_negative_loss():
     r = LossThreshold().fit_score(AttackInputs([0.3, 0.1, 0.2], is_member=[0, 1, 1]))
     np.testing.assert_array_equal(r.scores, [-0.3, -0.1, -0.2])

@@ -534,3 +534,75 @@ def test_lm_extract_confirms_a_model_that_samples_non_canonical_tokens(merge_ind
         missed_before += r["confirmed"] and _longest_common_run_ids(list(r["tokens"]), canon) < 25
     assert missed_before >= 2  # confirmed now, missed when the sampled ids were the query
     assert res.manifest["counts"]["confirmed"] == int(res.samples["confirmed"].sum())
+
+
+# ---- the models' windows ------------------------------------------------------------------------
+class _PieceLM:
+    """A model over bytes (ids 0–255) and one piece, ``"ABCD"`` (id 256), that samples the piece
+    over and over; ``encode`` spells the piece as one token only with ``pieces`` (and only in
+    upper case), so a sample of n tokens re-encodes to 4n tokens lowercased, or under a byte-level
+    reference. Like a transformer's position table, it refuses sequences beyond ``max_length``."""
+
+    vocab_size = 257
+    eos_token_id = None
+    parameters = None
+
+    def __init__(self, max_length: int, pieces: bool = True):
+        self.max_length, self.pieces = max_length, pieces
+
+    def encode(self, text: str) -> np.ndarray:
+        out, b, i = [], text.encode("utf-8"), 0
+        while i < len(b):
+            piece = self.pieces and b.startswith(b"ABCD", i)
+            out.append(256 if piece else b[i])
+            i += 4 if piece else 1
+        return np.asarray(out, dtype=np.int64)
+
+    def decode(self, ids) -> str:
+        return b"".join(b"ABCD" if int(i) == 256 else bytes([int(i)]) for i in np.asarray(ids).ravel()).decode()
+
+    def sample(self, prefixes, n_new, **kw) -> np.ndarray:
+        return np.full((np.asarray(prefixes).shape[0], n_new), 256, dtype=np.int64)
+
+    def token_logprobs(self, ids) -> np.ndarray:
+        ids = np.asarray(ids)
+        if ids.shape[1] > self.max_length:
+            raise IndexError("index out of range in self")  # what a GPT-2 position table raises
+        return np.full((ids.shape[0], ids.shape[1] - 1), -math.log(self.vocab_size))
+
+    def greedy(self, prefixes, n_new):
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        return {"class": "_PieceLM", "max_length": self.max_length, "tokenizer": None}
+
+
+def test_re_encoded_samples_longer_than_a_window_are_cut_to_it_and_counted(copy_index, tmp_path):
+    """A 10-token sample re-encodes to 40 tokens lowercased (target) and under a byte-level
+    reference: each is scored on the tokens that fit the model's 12 positions after the 2-token
+    prompt, and counted (the old code fed all 40: IndexError after every sample was drawn)."""
+    cfg = LmExtractConfig(samples=3, length=10, batch_size=2, window=5)
+    target, ref = _PieceLM(12), _PieceLM(12, pieces=False)
+    tables, meta = sample_and_score_stage(ExtractSampleWorker(target, ref), [0, 1, 2], ["> "], cfg.to_dict())
+    s = tables["samples"]
+    assert meta["lowercase_cut"] == 3 and meta["reference_cut"] == 3
+    assert (s["n_tokens"] == 10).all() and (s["text"] == "ABCD" * 10).all()
+    assert np.allclose(s[["mean_nll", "lowercase_mean_nll", "reference_mean_nll"]], math.log(257))
+    res = lm_extract(target, copy_index, tmp_path / "run", cfg, prompts=["> "], reference=ref, progress=False)
+    c = res.manifest["counts"]
+    assert c["lowercase_cut"] == 3 and c["reference_cut"] == 3
+    log = (tmp_path / "run" / "run.log").read_text()
+    assert "3 lowercased samples re-encoded longer" in log and "3 samples under the reference re-encoded" in log
+
+
+def test_a_reference_with_fewer_positions_than_the_samples_is_refused_before_sampling(copy_index, tmp_path):
+    """A reference whose positions cannot hold prompt + --length tokens is refused before any
+    run directory is written (the old code drew every sample, then failed in the reference)."""
+    cfg = LmExtractConfig(samples=4, length=40, batch_size=4)
+    with pytest.raises(InputError, match=r"exceeds the 30 positions of the reference model") as err:
+        lm_extract(copy_lm(), copy_index, tmp_path / "run", cfg, prompts=PROMPTS, reference=_PieceLM(30),
+                   progress=False)  # fmt: skip
+    assert "at most --length 22 fits" in err.value.hint and not (tmp_path / "run").exists()
+    # the target's own window is checked as before
+    with pytest.raises(InputError, match=r"exceeds the 30 positions of the model"):
+        lm_extract(_PieceLM(30), copy_index, tmp_path / "run", cfg, prompts=PROMPTS, progress=False)

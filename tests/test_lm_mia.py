@@ -129,6 +129,7 @@ def test_manifest_records_models_config_counts_and_blind_baseline(tmp_path):
         "members": 8,
         "nonmembers": 8,
         "truncated": 0,
+        "reference_truncated": 0,
         "lowercase_one_token": 0,
         "tokens": sum(len(t.encode()) for t in MEMBERS + NONMEMBERS),
     }
@@ -367,3 +368,126 @@ def test_a_partly_missing_min_k_plus_plus_names_the_score_and_the_example(tmp_pa
         MemscanError, match=rf"score min_k_plus_plus: {n_bad} of 16 example\(s\).*first: example {first}\)"
     ):
         _run(tmp_path, model=NanMoments(MEMBERS))
+
+
+# ---- the models' windows and the document-start token ---------------------------------------------
+@pytest.fixture(scope="module")
+def short_gpt2s(tmp_path_factory):
+    """Tiny random GPT-2s of 32 and 16 positions (byte tokenizer: every MEMBERS text is longer)."""
+    pytest.importorskip("transformers")
+    from memscan.testing.tiny_lm import make_tiny_gpt2
+
+    root = tmp_path_factory.mktemp("short")
+    return make_tiny_gpt2(root / "p32", seed=1, n_positions=32), make_tiny_gpt2(root / "p16", seed=2, n_positions=16)
+
+
+def _forward_logprobs(lm, ids: np.ndarray) -> np.ndarray:
+    """log p(x_t | x_<t) of ids[1:], from the transformers model's own forward pass (not the adapter's)."""
+    import torch
+
+    with torch.no_grad():
+        logits = lm.model(input_ids=torch.as_tensor(ids[None], dtype=torch.long)).logits[0].double()
+    lp = torch.log_softmax(logits[:-1], dim=-1)
+    return lp.gather(1, torch.as_tensor(ids[1:, None], dtype=torch.long))[:, 0].numpy()
+
+
+def test_texts_longer_than_a_models_positions_are_cut_to_each_models_window(short_gpt2s, tmp_path):
+    """--max-tokens 512 on a 32-position target and a 16-position reference: each model scores the
+    text cut to its own window (the old code fed the whole text: IndexError in the position
+    table, with a --resume hint that could not help); the limits are in the manifest, the cuts
+    flagged, counted and logged."""
+    from memscan.generators.causal_lm import load_causal_lm
+
+    p32, p16 = short_gpt2s
+    assert all(len(t.encode()) > 32 for t in MEMBERS + NONMEMBERS)
+    res = run_lm_mia(str(p32), MEMBERS, NONMEMBERS, tmp_path / "r", LmMiaConfig(bootstrap=0), reference=str(p16),
+                     progress=False, shard_size=5)  # fmt: skip
+    st, m = res.statistics.sort_values("index"), res.manifest
+    assert (st["n_tokens"] == 32).all() and st["truncated"].all() and st["reference_truncated"].all()
+    assert m["token_limits"] == {
+        "model": {"max_tokens": 512, "max_length": 32, "start_token": None, "text_tokens": 32},
+        "reference": {"max_tokens": 512, "max_length": 16, "start_token": None, "text_tokens": 16},
+    }
+    assert m["counts"]["truncated"] == 16 and m["counts"]["reference_truncated"] == 16
+    log = (tmp_path / "r" / "run.log").read_text()
+    assert "16 of 16 texts cut to 32 tokens of the model" in log and "cut to 16 tokens of the reference" in log
+    target, ref = load_causal_lm(str(p32)), load_causal_lm(str(p16))
+    for i, text in enumerate(MEMBERS + NONMEMBERS):
+        ids = target.encode(text)[:32]
+        lp = _forward_logprobs(target, ids)
+        assert st["mean_nll"].iloc[i] == pytest.approx(-lp.mean(), rel=1e-5)
+        ref_lp = _forward_logprobs(ref, ref.encode(target.decode(ids))[:16])
+        assert st["reference_mean_nll"].iloc[i] == pytest.approx(-ref_lp.mean(), rel=1e-5)
+    # a --max-tokens below the window is the limit (and no reference cut beyond the target's)
+    small = run_lm_mia(str(p32), MEMBERS, NONMEMBERS, tmp_path / "s", LmMiaConfig(bootstrap=0, max_tokens=12),
+                       reference=str(p16), progress=False)  # fmt: skip
+    assert small.manifest["token_limits"]["model"]["text_tokens"] == 12
+    assert (small.statistics["n_tokens"] == 12).all() and not small.statistics["reference_truncated"].any()
+    assert small.manifest["counts"]["reference_truncated"] == 0
+
+
+def test_a_resume_must_score_the_same_tokens(short_gpt2s, tmp_path):
+    """The effective limits (and --document-start) are part of what a resume checks: the same
+    model spec whose positions changed is refused, the same model resumes to the tables of one
+    uninterrupted run."""
+    from memscan.testing.tiny_lm import make_tiny_gpt2
+
+    model = make_tiny_gpt2(tmp_path / "m", seed=1, n_positions=32)
+    cfg = LmMiaConfig(bootstrap=0)
+    kw = dict(progress=False, shard_size=4)
+    with pytest.raises(MemscanError, match="stopped|stop"):
+        run_lm_mia(str(model), MEMBERS, NONMEMBERS, tmp_path / "r", cfg, stop_after_shards=1, **kw)
+    with pytest.raises(MemscanError, match="config differs"):
+        run_lm_mia(str(model), MEMBERS, NONMEMBERS, tmp_path / "r", LmMiaConfig(bootstrap=0, document_start=True),
+                   resume=True, **kw)  # fmt: skip
+    make_tiny_gpt2(model, seed=1, n_positions=24)  # the same spec, now 24 positions
+    with pytest.raises(MemscanError, match="token_limits differs"):
+        run_lm_mia(str(model), MEMBERS, NONMEMBERS, tmp_path / "r", cfg, resume=True, **kw)
+    make_tiny_gpt2(model, seed=1, n_positions=32)
+    done = run_lm_mia(str(model), MEMBERS, NONMEMBERS, tmp_path / "r", cfg, resume=True, **kw)
+    whole = run_lm_mia(str(model), MEMBERS, NONMEMBERS, tmp_path / "w", cfg, **kw)
+    assert done.manifest["token_limits"] == whole.manifest["token_limits"]
+    pd.testing.assert_frame_equal(done.scores, whole.scores)
+
+
+def test_document_start_scores_every_text_token_after_the_start_token(short_gpt2s, tmp_path):
+    """--document-start: each text is fed after the model's BOS (else EOS) token, so its first
+    token is scored too — every score against the transformers model's own forward pass over
+    [start] + text; off (the default) the first token is only context."""
+    from memscan.generators.causal_lm import load_causal_lm
+
+    p32, _ = short_gpt2s
+    lm = load_causal_lm(str(p32))
+    start = lm.eos_token_id  # ByT5: no BOS token, so the EOS token starts a document
+    assert lm.bos_token_id is None and start is not None
+    members, nonmembers = [t[:20] for t in MEMBERS], [t[:20] for t in NONMEMBERS]  # 20 tokens: no cut
+    m, n = tmp_path / "m.txt", tmp_path / "n.txt"
+    m.write_text("\n".join(members) + "\n")
+    n.write_text("\n".join(nonmembers) + "\n")
+    args = ["lm", "mia", "--model", p32, "--members", m, "--nonmembers", n, "--bootstrap", 0, "--quiet"]
+    for flag, out in (("--document-start", "on"), ("--no-document-start", "off")):
+        res = runner.invoke(app, [str(a) for a in [*args, flag, "--out", tmp_path / out]], catch_exceptions=False)
+        assert res.exit_code == 0, res.output
+    on, off = (pd.read_parquet(tmp_path / r / "statistics.parquet").sort_values("index") for r in ("on", "off"))
+    manifest = json.loads((tmp_path / "on" / "manifest.json").read_text())
+    assert manifest["config"]["document_start"] is True
+    assert manifest["token_limits"]["model"] == {"max_tokens": 512, "max_length": 32, "start_token": start,
+                                                 "text_tokens": 31}  # fmt: skip
+    assert json.loads((tmp_path / "off" / "manifest.json").read_text())["config"]["document_start"] is False
+    for i, text in enumerate(members + nonmembers):
+        ids = lm.encode(text)
+        assert ids.size == 20 and on["n_tokens"].iloc[i] == 21 and off["n_tokens"].iloc[i] == 20
+        lp = _forward_logprobs(lm, np.concatenate([[start], ids]))  # 20 values: the first text token too
+        assert lp.size == 20
+        assert on["mean_nll"].iloc[i] == pytest.approx(-lp.mean(), rel=1e-5)
+        assert on["min_k"].iloc[i] == pytest.approx(np.sort(lp)[:4].mean(), rel=1e-5)  # 20 % of 20
+        assert off["mean_nll"].iloc[i] == pytest.approx(-_forward_logprobs(lm, ids).mean(), rel=1e-5)
+        low = lm.encode(text.lower())
+        low_lp = _forward_logprobs(lm, np.concatenate([[start], low]))
+        assert on["lowercase_mean_nll"].iloc[i] == pytest.approx(-low_lp.mean(), rel=1e-5)
+    assert not np.allclose(on["mean_nll"], off["mean_nll"])
+
+
+def test_document_start_needs_a_start_token(tmp_path):
+    with pytest.raises(InputError, match="--document-start: the model has neither a BOS nor an EOS token"):
+        _run(tmp_path, config=LmMiaConfig(bootstrap=0, document_start=True))  # the byte bigram has neither

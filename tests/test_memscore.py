@@ -9,7 +9,7 @@ import pytest
 from scipy.stats import norm
 
 from memscan.errors import InputError
-from memscan.mia.memscore import fold_assignment, logmeanexp, memorization_score
+from memscan.mia.memscore import data_sha256, fold_assignment, logmeanexp, memorization_score
 
 
 def fit_gaussian(x):
@@ -192,3 +192,96 @@ def test_store_refuses_a_non_finite_stored_row(tmp_path):
     path.unlink()  # as the hint says: that model alone is recomputed
     again = memorization_score(x, fit_gaussian, gaussian_loglik, folds=3, seed=2, store=tmp_path)
     np.testing.assert_array_equal(again.score, reference.score)
+
+
+def test_store_refuses_other_data_of_the_same_size(tmp_path):
+    """The store records the data's content digest: log-likelihoods of one data set were reused
+    for another of the same size (n, folds and seed alone were checked)."""
+    x = _data(n=12)
+    memorization_score(x, fit_gaussian, gaussian_loglik, folds=3, seed=2, store=tmp_path)
+    meta = json.loads((tmp_path / "memscore.json").read_text())
+    assert meta["data_sha256"] == data_sha256(x) and len(meta["data_sha256"]) == 64
+    with pytest.raises(InputError, match="made for other data of the same size") as exc:
+        memorization_score(x * 10, fit_gaussian, gaussian_loglik, folds=3, seed=2, store=tmp_path)
+    assert "data_sha256" in exc.value.message and str(tmp_path) in exc.value.message
+    assert "new store directory" in exc.value.hint
+    # the same values as a list are the same data (same dtype, shape and bytes)
+    memorization_score(list(x), fit_gaussian, gaussian_loglik, folds=3, seed=2, store=tmp_path)
+    # a store made before the digest was recorded cannot be checked: refused, saying why
+    del meta["data_sha256"]
+    (tmp_path / "memscore.json").write_text(json.dumps(meta))
+    with pytest.raises(InputError, match="older memscan") as exc:
+        memorization_score(x, fit_gaussian, gaussian_loglik, folds=3, seed=2, store=tmp_path)
+    assert "data_sha256" in exc.value.message and "new store directory" in exc.value.hint
+
+
+def test_data_sha256_covers_dtype_shape_and_content():
+    x = np.linspace(-1, 1, 6)
+    assert data_sha256(x) == data_sha256(x.copy()) == data_sha256(tuple(x))
+    assert data_sha256(x[::-1].copy()) != data_sha256(x)
+    assert data_sha256(x.reshape(2, 3)) != data_sha256(x)
+    assert data_sha256(x.astype(np.float32)) != data_sha256(x)
+    assert data_sha256(np.asfortranarray(x.reshape(2, 3))) == data_sha256(x.reshape(2, 3))  # C order
+    torch = pytest.importorskip("torch")
+    assert data_sha256(torch.tensor(x)) == data_sha256(x)
+    # not a numeric array: no digest (the store then checks the size only)
+    assert data_sha256(["a", "b"]) is None and data_sha256([[1.0], [1.0, 2.0]]) is None
+    assert data_sha256(object()) is None
+
+
+def test_memscore_run_refuses_data_whose_content_changed(tmp_path):
+    """A finished ``memscan memscore`` run is resumed by rerunning it; the run identity covered
+    the data's path and size only, so a rewritten file of the same size reused the old
+    log-likelihoods (the outlier's score of the old data instead of that of the new)."""
+    from memscan.errors import MemscanError
+    from memscan.mia.memscore_run import run_memscore
+
+    def train(d):
+        return float(d.mean()), float(d.var())
+
+    def loglik(model, d):
+        mu, var = model
+        return -0.5 * np.log(2 * np.pi * var) - 0.5 * (d - mu) ** 2 / var
+
+    data, out = tmp_path / "d.npy", tmp_path / "run"
+    np.save(data, np.r_[np.linspace(-1, 1, 9), 6.0])
+    first = run_memscore(out, data, train, loglik, folds=3, progress=False)
+    np.testing.assert_array_equal(first.result.score, memorization_score(np.load(data), train, loglik, folds=3).score)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["data_sha256"] == data_sha256(np.load(data))
+
+    np.save(data, np.r_[np.linspace(-1, 1, 9), -6.0] * 10)  # same path, same n, other content
+    with pytest.raises(MemscanError, match="data_sha256 differs") as exc:
+        run_memscore(out, data, train, loglik, folds=3, progress=False)
+    assert "another --out" in exc.value.hint
+    fresh = run_memscore(tmp_path / "run2", data, train, loglik, folds=3, progress=False)
+    np.testing.assert_array_equal(fresh.result.score, memorization_score(np.load(data), train, loglik, folds=3).score)
+    assert abs(fresh.result.score[9] - first.result.score[9]) > 1
+
+    # a run made before the digest was recorded cannot be checked: refused, saying so
+    del manifest["data_sha256"]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    np.save(data, np.r_[np.linspace(-1, 1, 9), 6.0])
+    with pytest.raises(MemscanError, match="records no data_sha256.*older memscan"):
+        run_memscore(out, data, train, loglik, folds=3, progress=False)
+
+
+def test_compare_checks_memscore_data_by_content(tmp_path):
+    """``memscan compare`` compared memscore runs' data by their example ids (``0..n−1`` for an
+    array) and fold setup only: runs on other data of the same size passed as comparable."""
+    from memscan.compare.checks import data_mismatches
+
+    def manifest(digest):
+        m = {"folds_of": {"n": 10, "folds": 3, "seed": 0}, "counts": {"examples": 10}}
+        return m if digest is None else {**m, "data_sha256": digest}
+
+    a, b = "a" * 64, "b" * 64
+    found = data_mismatches("memscore", [(str(tmp_path / "r1"), manifest(a)), (str(tmp_path / "r2"), manifest(b))])
+    assert [m.key for m in found] == ["data_sha256"]
+    assert not data_mismatches("memscore", [(str(tmp_path / "r1"), manifest(a)), (str(tmp_path / "r2"), manifest(a))])
+    # a run made before the digest: nothing to compare it by (as for the other kinds' digests)
+    assert not data_mismatches(
+        "memscore", [(str(tmp_path / "r1"), manifest(a)), (str(tmp_path / "r2"), manifest(None))]
+    )
+    assert not data_mismatches("memscore", [(str(tmp_path / "r1"), manifest(a)), (str(tmp_path / "r2"), manifest(b))],
+                               by="train_size")  # fmt: skip

@@ -233,7 +233,17 @@ def lm_mia(
     reference: str | None = typer.Option(None, "--reference", help="reference model for the reference ratio"),
     k_percent: float = typer.Option(20.0, "--k-percent", help="k of Min-K% and Min-K%++ (percent of the tokens)"),
     batch_size: int = typer.Option(8, "--batch-size", help="examples of equal token length per forward pass"),
-    max_tokens: int = typer.Option(512, "--max-tokens", help="tokens scored per example (longer texts are cut)"),
+    max_tokens: int = typer.Option(
+        512,
+        "--max-tokens",
+        help="text tokens scored per example (longer texts are cut, also to each model's positions)",
+    ),
+    document_start: bool = typer.Option(
+        False,
+        "--document-start/--no-document-start",
+        help="score every text token after the model's BOS (else EOS) token, as the papers' code does for "
+        "tokenizers that add a BOS (LLaMA's); default: the first token is only context (GPT-2, Pythia)",
+    ),
     bootstrap: int = typer.Option(200, "--bootstrap", help="bootstrap replicates for 95% intervals"),
     seed: int = typer.Option(0, "--seed", help="seed of the blind baseline's folds and the bootstrap"),
     shard_size: int = typer.Option(64, "--shard-size", help="examples per shard (unit of commit and resume)"),
@@ -261,6 +271,7 @@ def lm_mia(
             dtype=dtype,
             seed=seed,
             bootstrap=bootstrap,
+            document_start=document_start,
         )
         opts = _ray_options(runner, ray_address, num_workers, gpus_per_worker, device)
 

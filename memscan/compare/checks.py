@@ -104,6 +104,7 @@ DATA = {
     "memscore": (
         DataRecord("examples", None, (("counts", "examples"),), True, ("memscore", ("id",))),
         DataRecord("folds_of", ("folds_of",)),
+        DataRecord("data_sha256", ("data_sha256",), training=True),
     ),
     "lm-extractable": (DataRecord("sequences_sha256", ("sequences_sha256",), training=True),),
     "lm-exposure": (DataRecord("canaries_sha256", ("canaries_sha256",)),),

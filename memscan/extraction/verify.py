@@ -60,15 +60,19 @@ def verify_candidates(
         return empty_extractions()
     if images.shape[1:] != training.images.shape[1:]:
         raise ValueError(f"candidates are {images.shape[1:]} but training images are {training.images.shape[1:]}")
-    # 1. each candidate's nearest training images
-    dist, idx, _ = nearest_tiled_l2(images, training.images, k=n_nearest, grid=grid)
+    # 1. each candidate's nearest training images (pairs near δ recomputed exactly: the
+    #    decisions are those of the exact distances rounded once to float32 on every device)
+    near = refine_near(delta)
+    dist, idx, _ = nearest_tiled_l2(images, training.images, k=n_nearest, grid=grid, exact_near=near)
     # 2. the k-eidetic count of each extracted training image x (the nearest, within δ): the
     #    training images within δ of x itself, one pass over the training set for the distinct x
     extracted = dist[:, 0] <= delta
     xs = np.unique(idx[extracted, 0])
     counts = np.zeros(len(candidates), np.int64)
     if len(xs):
-        _, _, within = nearest_tiled_l2(training.images[xs], training.images, k=1, grid=grid, within=delta)
+        _, _, within = nearest_tiled_l2(
+            training.images[xs], training.images, k=1, grid=grid, within=delta, exact_near=near
+        )
         counts[extracted] = within[np.searchsorted(xs, idx[extracted, 0])]
     rows = []
     for c, cand in enumerate(candidates.itertuples(index=False)):
@@ -76,6 +80,12 @@ def verify_candidates(
         caps = [training.captions[int(i)] for i in idx[c]]
         rows.extend(extraction_rows(cand, dist[c], tids, caps, int(counts[c]), delta))
     return pd.DataFrame(rows, columns=EXTRACTION_COLUMNS)
+
+
+def refine_near(delta: float) -> float | None:
+    """δ as the ``exact_near`` of the distance functions: the pairs within float32 rounding of
+    it are recomputed exactly. None for δ = 0 (pairs near 0 are recomputed exactly anyway)."""
+    return float(delta) if delta > 0 else None
 
 
 def extraction_rows(cand, dist, tids, captions, within: int, delta: float) -> list[dict]:

@@ -15,8 +15,9 @@ paper verified by retrieval. With ``--index IDX`` each candidate medoid is
    count equal to the number retrieved (the ``retrieved`` column) means "at least that many".
    An IVF index can return fewer than K (its ``nprobe`` cells hold fewer): ``retrieved`` says
    how many, and the manifest's ``retrieval.fewer_than_k`` how many candidates got fewer.
-   (uint8 images take exact int8 products on both paths, so these counts equal the full path's;
-   on the float32 fallback a pair within float rounding of δ could count differently.)
+   (Both paths pass δ as ``exact_near``: a pair whose distance could fall on either side of δ
+   is recomputed exactly — with int8 products every distance is exact already — so these counts
+   equal the full path's on the float32 fallback too.)
 
 Retrieved images are passed to ``nearest_tiled_l2`` in training-set order (ascending index row),
 so ties resolve as in the full path. When the candidates' retrievals overlap (their union is at
@@ -55,7 +56,7 @@ import pandas as pd
 
 from memscan.distances import cross_tiled_l2, nearest_tiled_l2
 from memscan.errors import InputError
-from memscan.extraction.verify import EXTRACTION_COLUMNS, empty_extractions, extraction_rows
+from memscan.extraction.verify import EXTRACTION_COLUMNS, empty_extractions, extraction_rows, refine_near
 from memscan.index.embedders import load_embedder
 from memscan.index.faiss_index import TrainingIndex
 from memscan.index.locations import training_reader
@@ -391,7 +392,8 @@ def _eidetic_counts(per_candidate, rows, readable, kept, decoded, delta, grid) -
     for group in np.array_split(xs, -(-len(xs) // RERANK_GROUP)):
         mine = [c for c in hits if x_of[c] in set(group.tolist())]
         union = np.unique(np.concatenate([rows[c][readable[c]] for c in mine]))
-        dist = cross_tiled_l2(decoded[np.searchsorted(kept, group)], decoded[np.searchsorted(kept, union)], grid=grid)
+        x, refs = decoded[np.searchsorted(kept, group)], decoded[np.searchsorted(kept, union)]
+        dist = cross_tiled_l2(x, refs, grid=grid, exact_near=refine_near(delta))
         for c in mine:
             own = np.unique(rows[c][readable[c]])
             d = dist[np.searchsorted(group, x_of[c]), np.searchsorted(union, own)]
@@ -434,7 +436,7 @@ def _verify(candidates, images, verifier, stats, delta, grid, n_nearest):
         union = np.unique(rows[readable])
         if len(union):
             refs = decoded if len(union) == len(kept) else decoded[np.searchsorted(kept, union)]
-            dist, idx, _ = nearest_tiled_l2(images, refs, k=len(union), grid=grid)
+            dist, idx, _ = nearest_tiled_l2(images, refs, k=len(union), grid=grid, exact_near=refine_near(delta))
             ranked = union[idx]  # each candidate's union rows, nearest first (ties: training order)
             # which of the union each candidate retrieved, in its nearest-first order
             mask = np.zeros((len(members), len(union)), bool)
@@ -454,7 +456,7 @@ def _verify(candidates, images, verifier, stats, delta, grid, n_nearest):
         if not len(union):
             continue
         refs = decoded if len(union) == len(kept) else decoded[np.searchsorted(kept, union)]
-        dist = cross_tiled_l2(images[members], refs, grid=grid)
+        dist = cross_tiled_l2(images[members], refs, grid=grid, exact_near=refine_near(delta))
         for m, c in enumerate(members):
             own = np.unique(rows[c][readable[c]])
             d_own = dist[m, np.searchsorted(union, own)]

@@ -179,6 +179,25 @@ def _load(model: Any, config: LmExtractConfig, what: str):
         return load_causal_lm(str(model), device=config.device, dtype=config.dtype)
 
 
+def _check_positions(lm, prompts: list[str | None], length: int, what: str) -> None:
+    """Refuse a model whose ``max_length`` positions cannot hold the longest prompt (its start
+    token, unconditional) + ``length`` tokens: the sampled ids (the target) or the text re-encoded
+    by its tokenizer (the reference) would not fit."""
+    max_length = getattr(lm, "max_length", None)
+    if not max_length:
+        return
+    context = max(start_ids(lm, p, what).size for p in prompts)
+    if context + length > max_length:
+        hint = "lower --length (or use shorter prompts)"
+        if what != "the model":
+            hint += f", or use a reference model of at least {context + length} positions"
+        raise InputError(
+            f"a prompt of {context} tokens + {length} new tokens exceeds the {max_length} positions of {what}"
+            + ("" if what == "the model" else " (it scores every sample after the prompt, re-encoded)"),
+            f"{hint}; at most --length {max(max_length - context, 0)} fits",
+        )
+
+
 def _pool(runner: str, model, reference, config: LmExtractConfig, options, log):
     cfg = config.to_dict()
     if runner != "ray":
@@ -364,14 +383,14 @@ def lm_extract(
     check_tokenizer(idx, lm)
     for p in prompt_list:
         start_ids(lm, p)  # a model without a start token, an empty prompt: refused here
-    longest = max(start_ids(lm, p).size for p in prompt_list) + config.length
-    max_length = getattr(lm, "max_length", None)
-    if max_length and longest > max_length:
-        raise InputError(
-            f"a prompt of {longest - config.length} tokens + {config.length} new tokens exceeds the "
-            f"{max_length} positions of the model",
-            "lower --length (or use shorter prompts)",
-        )
+    _check_positions(lm, prompt_list, config.length, "the model")
+    # the reference too is loaded here (the local runner's worker reuses it), so that a reference
+    # whose positions cannot hold a prompt + --length tokens is refused before any sample is drawn
+    ref = _load(reference, config, "reference model") if reference is not None else None
+    if ref is not None:
+        for p in prompt_list:
+            start_ids(ref, p, "the reference model")  # a reference without a start token: refused here
+        _check_positions(ref, prompt_list, config.length, "the reference model")
     n = int(config.samples)
     n_shards = math.ceil(n / shard_size)
     cfg = config.to_dict()
@@ -414,8 +433,8 @@ def lm_extract(
             started=started,
         )
         run.store.log(f"{KIND}: {n} samples in {n_shards} shards, index {index_rec['path']} ({idx.mode})")
-        pool_model = model if runner == "ray" else lm
-        with _pool(runner, pool_model, reference, config, runner_options, run.store.log) as pool:
+        pool_model, pool_ref = (model, reference) if runner == "ray" else (lm, ref)
+        with _pool(runner, pool_model, pool_ref, config, runner_options, run.store.log) as pool:
             loaded = pool.call(describe_extract_worker)
             run.manifest.update(
                 model=loaded_model_record(model, loaded["model"]),
@@ -452,8 +471,13 @@ def lm_extract(
         gen_s = sum(float(r.get("generate_seconds", 0.0)) for r in records)
         score_s = sum(float(r.get("score_seconds", 0.0)) for r in records)
         tokens = sum(int(r.get("tokens", 0)) for r in records)
+        # re-encoded texts (lowercased; under the reference's tokenizer) cut to a model's positions
+        cuts = {key: sum(int(r.get(key, 0)) for r in records) for key in ("lowercase_cut", "reference_cut")}
+        for key, what in (("lowercase_cut", "lowercased samples"), ("reference_cut", "samples under the reference")):
+            if cuts[key]:
+                run.store.log(f"{KIND}: {cuts[key]} {what} re-encoded longer than the model's positions, cut to them")
         manifest = run.finish(
-            counts={**counts, "confirmed": int(samples["confirmed"].sum()), "tokens": tokens},
+            counts={**counts, "confirmed": int(samples["confirmed"].sum()), "tokens": tokens, **cuts},
             precision={r["metric"]: r["precision"] for r in precision.to_dict("records")},
             throughput={
                 "generate_seconds": round(gen_s, 3),

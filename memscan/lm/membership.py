@@ -1,9 +1,14 @@
 """Membership scores of a causal language model on one text: pure functions of its per-token
 log-probabilities (and, for Min-K%++, of the model's next-token distributions and the text).
 
-Inputs. ``logprobs`` is the 1-D array ``log p(x_t | x_<t)`` for t = 2 … T of a text of T tokens,
-as :meth:`CausalLM.token_logprobs` returns it (the first token has no prediction; no BOS token is
-prepended, as in the papers' code). Logarithms are natural (nats).
+Inputs. ``logprobs`` is the 1-D array ``log p(x_t | x_<t)`` of the scored tokens of a text, as
+:meth:`CausalLM.token_logprobs` returns it. By default (``lm mia``) the text is fed as it is, so
+its first token has no prediction and t = 2 … T. The papers' code tokenizes with the tokenizer's
+default special tokens (``tokenizer.encode(text)``): that adds nothing for GPT-2 or Pythia (the
+default here), but puts a BOS token first for LLaMA's tokenizer, and then every text token,
+the first included, is scored after it — ``lm mia --document-start`` does that (the model's BOS
+token, else its EOS token, :func:`memscan.lm.decoding.document_start`). Logarithms are natural
+(nats).
 
 Orientation. Every ``*_score`` function returns a number where **higher = more likely a
 member** (the convention of :mod:`memscan.mia.attacks` and :func:`memscan.mia.metrics.roc_metrics`):

@@ -3,26 +3,35 @@
 The user supplies texts known to be in the model's training data (``--members``) and texts known
 not to be (``--nonmembers``): JSONL with a ``text`` field (and optionally ``id``), Parquet with a
 ``text`` column, or a text file with one example a line (blank lines skipped and counted). Each
-example is tokenized by the target model (no special tokens, cut to ``max_tokens``), scored in one
-forward pass that gives its next-token distributions — the per-token log-probabilities and the
-exact moments of Min-K%++ come from the same pass —, its lowercased form in a second pass, and,
-with a reference model, a pass of the reference (:mod:`memscan.lm.membership` has the scores and
-their papers). A blind baseline (:mod:`memscan.lm.blind`) scores the same split from the text
-alone.
+example is tokenized by the target model (no special tokens), cut to the model's token limit
+(:func:`token_limits`: ``max_tokens``, within the model's ``max_length`` positions), scored in
+one forward pass that gives its next-token distributions — the per-token log-probabilities and
+the exact moments of Min-K%++ come from the same pass —, its lowercased form in a second pass,
+and, with a reference model, a pass of the reference, cut to the reference's own limit
+(:mod:`memscan.lm.membership` has the scores and their papers). With ``document_start``
+(``--document-start``) every text is fed after the model's document-start token (BOS, else EOS:
+:func:`memscan.lm.decoding.document_start`), so its first token is scored too — what the papers'
+code does for a tokenizer that adds a BOS token by default (LLaMA's); off (the default), the
+first token is only context, as their code does for GPT-2 and Pythia. A blind baseline
+(:mod:`memscan.lm.blind`) scores the same split from the text alone.
 
 A run directory holds
 
 - ``examples.parquet`` — ``index``, ``id``, ``source`` (``members``/``nonmembers``), ``line``,
   ``is_member``, ``text``;
-- ``statistics.parquet`` — one row per example: ``index``, ``n_tokens`` (scored tokens + 1),
-  ``truncated``, ``lowercase_scored``, ``mean_nll``, ``perplexity``, ``zlib_bits``, ``lowercase_mean_nll``,
+- ``statistics.parquet`` — one row per example: ``index``, ``n_tokens`` (scored tokens + 1: the
+  tokens fed, the document-start token among them), ``truncated`` (the text cut to the target's
+  limit), ``reference_truncated`` (cut to the reference's), ``lowercase_scored``, ``mean_nll``,
+  ``perplexity``, ``zlib_bits``, ``lowercase_mean_nll``,
   ``reference_mean_nll`` and one column per score (higher = member);
 - ``scores.parquet`` / ``metrics.parquet`` — the diffusion MIA's tables (``docs/mia.md``): one
   ``statistic`` per score (``loss``, ``zlib``, ``lowercase``, ``min_k``, ``min_k_plus_plus``,
   ``reference``) and ``blind_baseline``, ``attack`` ``threshold`` (the global threshold swept over
   the ROC curve; ``tfidf_logistic_regression`` for the blind baseline), ``timestep`` empty;
 - ``manifest.json`` — the common fields, ``model`` and ``reference_model`` records, ``config``,
-  ``sources``, ``counts``, ``blind_baseline`` (AUC, warning flag, settings), ``throughput``;
+  ``token_limits`` (per model: ``max_tokens``, ``max_length``, ``start_token``, ``text_tokens``;
+  a resume must match them), ``sources``, ``counts``, ``blind_baseline`` (AUC, warning flag,
+  settings), ``throughput``;
 - ``shards/`` — each shard's ``statistics`` and completion record.
 
 Shards of examples go through :func:`memscan.runners.shards.run_shards` on the local or the Ray
@@ -51,6 +60,7 @@ from memscan.errors import InputError, MemscanError, user_code
 from memscan.generators.model_record import loaded_model_record
 from memscan.lm import membership as ms
 from memscan.lm.blind import BLIND_AUC_WARNING, BLIND_WARNING_TEXT, blind_baseline
+from memscan.lm.decoding import document_start
 from memscan.mia.metrics import AttackResult, roc_metrics
 from memscan.mia.tables import metrics_rows, score_rows
 from memscan.runners import RayOptions, make_pool, require_ray
@@ -67,6 +77,7 @@ __all__ = [
     "read_texts",
     "run_lm_mia",
     "setup_lm_mia",
+    "token_limits",
 ]
 
 KIND = "lm-mia"
@@ -90,7 +101,12 @@ class LmMiaConfig:
     """Settings of an ``lm mia`` run (recorded in the manifest; a resumed run must match).
 
     k_percent : k of Min-K% and Min-K%++ (percent of the tokens, floor, at least one)
-    max_tokens : tokens scored per example (longer texts are cut, counted in ``truncated``)
+    max_tokens : text tokens kept per example (longer texts are cut, counted in ``truncated``);
+        a model takes at most its ``max_length`` positions, so the text a model scores is cut to
+        ``min(max_tokens, max_length)`` tokens, one fewer with ``document_start``
+        (:func:`token_limits`, recorded in the manifest)
+    document_start : feed every text after the model's document-start token (BOS, else EOS), so
+        its first token is scored too (off: the first token is only context)
     batch_size : examples of equal token length per forward pass
     device, dtype : where and in what precision the model runs
     seed : the blind baseline's folds and the bootstrap
@@ -104,6 +120,7 @@ class LmMiaConfig:
     dtype: str = "auto"
     seed: int = 0
     bootstrap: int = 200
+    document_start: bool = False
 
     def validate(self) -> LmMiaConfig:
         ms.k_count(1, self.k_percent)
@@ -283,8 +300,52 @@ def setup_lm_mia(model: Any, reference: Any, config: LmMiaConfig) -> LmMiaWorker
     return LmMiaWorker(target, ref, config)
 
 
+def _model_limits(model, config: LmMiaConfig, what: str, option: str) -> dict:
+    """One model's entry of :func:`token_limits` (refusing --document-start without a start token)."""
+    start = None
+    if config.document_start:
+        start = document_start(model)
+        if start is None:
+            raise InputError(
+                f"--document-start: {what} has neither a BOS nor an EOS token to put before each text",
+                "run again without --document-start (each text scored from its second token), with a new --out",
+            )
+    max_length = getattr(model, "max_length", None)
+    max_length = int(max_length) if max_length else None
+    text_tokens = int(config.max_tokens)
+    if max_length is not None:
+        text_tokens = min(text_tokens, max_length - (start is not None))
+    if text_tokens + (start is not None) < 2:
+        raise InputError(
+            f"{what} takes {max_length} position(s): too few to score a token of a text"
+            + (" after the document-start token" if start is not None else ""),
+            f"use a model with more positions as {option}",
+        )
+    return {
+        "max_tokens": int(config.max_tokens),
+        "max_length": max_length,
+        "start_token": start,
+        "text_tokens": text_tokens,
+    }
+
+
+def token_limits(worker: LmMiaWorker) -> dict:
+    """The tokens of a text each model scores: ``{"model": …, "reference": … or None}``, each
+    ``max_tokens`` (the config's), ``max_length`` (the model's positions, ``None`` when it states
+    none), ``start_token`` (the document-start token fed first with ``document_start``, else
+    ``None``) and ``text_tokens``: ``min(max_tokens, max_length − 1 if start_token else
+    max_length)``, the text tokens kept. Recorded in the manifest; a resume must match them."""
+    cfg = worker.config
+    ref = worker.reference
+    return {
+        "model": _model_limits(worker.target, cfg, "the model", "--model"),
+        "reference": _model_limits(ref, cfg, "the reference model", "--reference") if ref is not None else None,
+    }
+
+
 def describe_lm_mia_worker(worker: LmMiaWorker) -> dict:
-    """What the manifest records of the models as a worker loaded them."""
+    """What the manifest records of the models as a worker loaded them, and their
+    :func:`token_limits`."""
 
     from memscan.generators.causal_lm import describe_lm
 
@@ -294,12 +355,17 @@ def describe_lm_mia_worker(worker: LmMiaWorker) -> dict:
         params = getattr(m, "parameters", None)
         return {"parameters": params if isinstance(params, int) else None, "describe": describe_lm(m)}
 
-    return {"model": one(worker.target), "reference": one(worker.reference)}
+    return {"model": one(worker.target), "reference": one(worker.reference), "token_limits": token_limits(worker)}
 
 
 def _encode(model, text: str, max_tokens: int) -> tuple[np.ndarray, bool]:
     ids = np.asarray(model.encode(text), dtype=np.int64).ravel()
     return (ids[:max_tokens], True) if ids.size > max_tokens else (ids, False)
+
+
+def _fed(ids: np.ndarray, start: int | None) -> np.ndarray:
+    """The token ids fed to a model: the text's, after the document-start token when there is one."""
+    return ids if start is None else np.concatenate([np.asarray([start], dtype=np.int64), ids])
 
 
 def _equal_length_batches(seqs: list[np.ndarray], batch_size: int):
@@ -371,17 +437,20 @@ def lm_mia_stage(
     cfg = worker.config
     t0 = time.perf_counter()
     target, ref = worker.target, worker.reference
+    limits = token_limits(worker)
+    keep, start = limits["model"]["text_tokens"], limits["model"]["start_token"]
     seqs, truncated, scored = [], [], []
     for i, text in zip(ids, texts):
         with user_code(f"the model's tokenizer failed on example {i}"):
-            s, cut = _encode(target, text, cfg.max_tokens)
+            s, cut = _encode(target, text, keep)
             scored_text = target.decode(s) if cut else text
-        if s.size < 2:
+        if s.size + (start is not None) < 2:
             raise InputError(
-                f"example {i} has {s.size} token(s); membership scores need at least 2 (the first is not predicted)",
+                f"example {i} has {s.size} token(s); membership scores need at least "
+                + ("1 (after the document-start token)" if start is not None else "2 (the first is not predicted)"),
                 "remove it from the members/non-members file (or give it more text) and run again with a new --out",
             )
-        seqs.append(s)
+        seqs.append(_fed(s, start))
         truncated.append(cut)
         scored.append(scored_text)
     where = f"the model failed in shard of examples {ids[0]}…{ids[-1]}" if ids else "the model failed"
@@ -392,15 +461,21 @@ def lm_mia_stage(
         main = list(zip(_token_logprobs(target, seqs, cfg.batch_size, where), nan, nan))
     if progress is not None:
         progress(len(ids) // 2)
-    lower = [_encode(target, t.lower(), cfg.max_tokens)[0] for t in scored]
+    # the lowercased text, re-encoded, within the same limit (it may take more tokens)
+    lower = [_fed(_encode(target, t.lower(), keep)[0], start) for t in scored]
     # a lowercased text can tokenize to a single token ("HELLO" → "hello"): its ratio is then 1
     # (no evidence either way), flagged per example and counted in the manifest
     lower_scored = [s.size >= 2 for s in lower]
     lower = [s if ok else seqs[k] for k, (s, ok) in enumerate(zip(lower, lower_scored))]
     lower_lp = _token_logprobs(target, lower, cfg.batch_size, where)
-    ref_lp = None
+    ref_lp, ref_cut = None, [False] * len(ids)
     if ref is not None:
-        ref_seqs = [_encode(ref, t, cfg.max_tokens)[0] for t in scored]
+        ref_keep, ref_start = limits["reference"]["text_tokens"], limits["reference"]["start_token"]
+        ref_seqs = []
+        for k, t in enumerate(scored):
+            with user_code(f"the reference model's tokenizer failed on example {ids[k]}"):
+                r, ref_cut[k] = _encode(ref, t, ref_keep)
+            ref_seqs.append(_fed(r, ref_start))
         short = [ids[k] for k, s in enumerate(ref_seqs) if s.size < 2]
         if short:
             raise InputError(
@@ -424,6 +499,7 @@ def lm_mia_stage(
             "index": int(idx),
             "n_tokens": int(seqs[k].size),
             "truncated": bool(truncated[k]),
+            "reference_truncated": bool(ref_cut[k]),
             "lowercase_scored": bool(lower_scored[k]),
             "mean_nll": ms.mean_nll(lp),
             "perplexity": ms.perplexity(lp) if ms.mean_nll(lp) < 700 else math.inf,
@@ -455,6 +531,7 @@ _STAT_COLUMNS = [
     "index",
     "n_tokens",
     "truncated",
+    "reference_truncated",
     "lowercase_scored",
     "mean_nll",
     "perplexity",
@@ -551,9 +628,13 @@ def run_lm_mia(
     }
     spec, ref_spec = _spec_of(model), (_spec_of(reference) if reference is not None else None)
     with open_run(out, KIND, resume=resume) as run:
+        # the models' token limits are known once a worker has loaded them (below); until then the
+        # manifest keeps the earlier run's, so that a refused resume leaves them as they were
+        previous = run.previous or {}
         run.start(
             {
                 "config": config.to_dict(),
+                **({"token_limits": previous["token_limits"]} if "token_limits" in previous else {}),
                 "model_spec": spec,
                 "reference_spec": ref_spec,
                 "sources": sources,
@@ -568,12 +649,23 @@ def run_lm_mia(
         run.store.log(f"lm-mia: {n} examples ({int(examples['is_member'].sum())} members) in {n_shards} shards")
         with _pool(runner, model, reference, config, runner_options, run.store.log) as pool:
             loaded = pool.call(describe_lm_mia_worker)
+            limits = loaded["token_limits"]
+            # the tokens each model scores are part of the run: a resume must score the same
+            run.check({"token_limits": limits}, ("token_limits",))
             run.manifest.update(
                 model=loaded_model_record(model, loaded["model"]),
                 reference_model=loaded_model_record(reference, loaded["reference"]) if reference is not None else None,
+                token_limits=limits,
                 runner=pool.describe(),
             )
             run.save()
+            for what, lim in (("model", limits["model"]), ("reference model", limits["reference"])):
+                if lim is not None and lim["text_tokens"] < lim["max_tokens"]:
+                    run.store.log(
+                        f"lm-mia: the {what} takes {lim['max_length']} positions: texts are cut to "
+                        f"{lim['text_tokens']} tokens (--max-tokens {lim['max_tokens']})"
+                        + (" after the document-start token" if lim["start_token"] is not None else "")
+                    )
             run_shards(
                 run,
                 pool,
@@ -591,6 +683,14 @@ def run_lm_mia(
             raise MemscanError(
                 f"the shards of {run.root} do not hold the examples of this run", "start a new run with another --out"
             )
+        cut = {
+            "truncated": int(stats["truncated"].sum()),
+            "reference_truncated": int(stats["reference_truncated"].sum()),
+        }
+        for key, what in (("truncated", "model"), ("reference_truncated", "reference model")):
+            if cut[key]:
+                lim = limits["model" if key == "truncated" else "reference"]
+                run.store.log(f"lm-mia: {cut[key]} of {n} texts cut to {lim['text_tokens']} tokens of the {what}")
         scores, metrics, blind, skipped = _tables(examples, stats, config, reference is not None)
         write_table(examples, run.root / "examples.parquet")
         write_table(scores, run.root / "scores.parquet")
@@ -603,7 +703,8 @@ def run_lm_mia(
                 "examples": n,
                 "members": int(examples["is_member"].sum()),
                 "nonmembers": int((~examples["is_member"]).sum()),
-                "truncated": int(stats["truncated"].sum()),
+                "truncated": cut["truncated"],
+                "reference_truncated": cut["reference_truncated"],
                 "lowercase_one_token": int((~stats["lowercase_scored"]).sum()),
                 "tokens": tokens,
             },

@@ -20,6 +20,12 @@ predicted from the prompt): the target model's per-token log-probabilities give 
 after the same prompt gives ``lowercase_ratio``; with a reference model, the sample re-encoded by
 the reference's tokenizer after the prompt (its start token) gives ``reference_ratio``.
 Sequences of equal length go through the model in batches of ``batch_size``, in sample order.
+A re-encoded text may take more tokens than were sampled (another tokenizer, a lowercased word
+split differently): one that would not fit the model's ``max_length`` positions after its
+context is cut to them — its first tokens scored — and counted (``lowercase_cut``,
+``reference_cut`` in the shard's record and the run's ``counts``). The driver refuses, before
+any sample is drawn, a run whose prompt + ``length`` tokens exceed the positions of the model or
+of the reference (:func:`memscan.lm.extract_run.lm_extract`).
 """
 
 from __future__ import annotations
@@ -234,9 +240,28 @@ def _batches(keys: list[int], sizes: list[int], batch_size: int):
             yield members[i : i + batch_size]
 
 
+def _fit(lm, contexts: list[np.ndarray], seqs: list[np.ndarray], what: str) -> tuple[list[np.ndarray], int]:
+    """``seqs`` each cut so that context + sequence fits the ``max_length`` positions of ``lm``
+    (none stated: kept whole), and how many were cut."""
+    limit = getattr(lm, "max_length", None)
+    if not limit:
+        return seqs, 0
+    out, cut = [], 0
+    for c, s in zip(contexts, seqs):
+        room = int(limit) - c.size
+        if room < 1:
+            raise InputError(
+                f"a context of {c.size} tokens leaves no room in the {int(limit)} positions of {what}",
+                "use shorter prompts",
+            )
+        cut += s.size > room
+        out.append(s[:room])
+    return out, cut
+
+
 def _scored_logprobs(lm, contexts: list[np.ndarray], seqs: list[np.ndarray], batch_size: int, what: str):
     """Per sequence: ``log p`` of its tokens after its context (one forward pass per batch of equal
-    total length)."""
+    total length). Every context + sequence must fit the model's positions (:func:`_fit`)."""
     full = [np.concatenate([c, s]) for c, s in zip(contexts, seqs)]
     out: list[np.ndarray] = [np.zeros(0)] * len(seqs)
     idx = list(range(len(seqs)))
@@ -319,9 +344,12 @@ def sample_and_score_stage(
         with user_code("the model's tokenizer failed on a lowercased sample"):
             lower_seq[k] = np.asarray(lm.encode(texts[k].lower()), dtype=np.int64).ravel()
     low_live = [k for k in live if lower_seq[k].size > 0]
-    lower_lp = dict(zip(low_live, _scored_logprobs(lm, [contexts[which[k]] for k in low_live],
-                                                    [lower_seq[k] for k in low_live], cfg.batch_size, where)))  # fmt: skip
+    # the re-encoded texts may take more tokens than were sampled: cut to the window, counted
+    low_ctx = [contexts[which[k]] for k in low_live]
+    low_seqs, lower_cut = _fit(lm, low_ctx, [lower_seq[k] for k in low_live], "the model")
+    lower_lp = dict(zip(low_live, _scored_logprobs(lm, low_ctx, low_seqs, cfg.batch_size, where)))
     ref_lp: dict[int, np.ndarray] = {}
+    reference_cut = 0
     if ref is not None:
         ref_ctx = [start_ids(ref, p, "the reference model") for p in prompts]
         ref_seq = {}
@@ -329,8 +357,9 @@ def sample_and_score_stage(
             with user_code("the reference model's tokenizer failed on a sample"):
                 ref_seq[k] = np.asarray(ref.encode(texts[k]), dtype=np.int64).ravel()
         ref_live = [k for k in live if ref_seq[k].size > 0]
-        ref_lp = dict(zip(ref_live, _scored_logprobs(ref, [ref_ctx[which[k]] for k in ref_live],
-                                                      [ref_seq[k] for k in ref_live], cfg.batch_size,
+        r_ctx = [ref_ctx[which[k]] for k in ref_live]
+        r_seqs, reference_cut = _fit(ref, r_ctx, [ref_seq[k] for k in ref_live], "the reference model")
+        ref_lp = dict(zip(ref_live, _scored_logprobs(ref, r_ctx, r_seqs, cfg.batch_size,
                                                       "the reference model failed to score samples")))  # fmt: skip
     rows = []
     nan = float("nan")
@@ -364,6 +393,8 @@ def sample_and_score_stage(
     return {"samples": table}, {
         "samples": len(sample_ids),
         "tokens": tokens,
+        "lowercase_cut": int(lower_cut),
+        "reference_cut": int(reference_cut),
         "generate_seconds": round(t_gen - t0, 4),
         "score_seconds": round(t_end - t_gen, 4),
         "seconds": round(t_end - t0, 4),

@@ -20,6 +20,9 @@ Attacks (registry :data:`ATTACKS`, name → class):
 
 from __future__ import annotations
 
+import inspect
+import math
+import numbers
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
@@ -107,16 +110,22 @@ class AttackInputs:
         Raises
         ------
         memscan.errors.InputError
-            Target losses not 1-D, empty, NaN or infinite; shadow losses not ``M×N`` or not
-            finite; a mask without losses or of another shape or not boolean; labels of another
-            length, not boolean, or of one class only; a timestep that is not a non-negative
-            integer.
+            Target or shadow losses that are not numbers; target losses not 1-D, empty, NaN or
+            infinite; shadow losses not ``M×N`` or not finite; a mask without losses or of
+            another shape or not boolean; labels of another length, not boolean, or of one class
+            only; a timestep that is not a non-negative integer (NaN, a string, 2.5, −1).
         """
         loss = as_scores(self.target_loss, "target_loss")
         n = loss.size
         shadow = mask = labels = None
         if self.shadow_loss is not None:
-            shadow = np.asarray(self.shadow_loss, dtype=np.float64)
+            try:
+                shadow = np.asarray(self.shadow_loss, dtype=np.float64)
+            except (TypeError, ValueError) as exc:
+                raise InputError(
+                    f"shadow_loss: cannot be read as an M×{n} array of numbers ({exc})",
+                    "pass one row of float losses per shadow model, one column per target example",
+                ) from None
             if shadow.ndim != 2 or shadow.shape[1] != n or shadow.shape[0] == 0:
                 raise InputError(
                     f"shadow_loss: expected shape (M, {n}) with M ≥ 1, got {shadow.shape}",
@@ -149,8 +158,14 @@ class AttackInputs:
             check_two_classes(labels)
         t = self.timestep
         if t is not None:
-            if isinstance(t, bool) or int(t) != t or t < 0:
-                raise InputError(f"timestep: {t!r} is not a non-negative integer")
+            if isinstance(t, np.ndarray) and t.ndim == 0:
+                t = t.item()
+            ok = isinstance(t, numbers.Real) and not isinstance(t, (bool, np.bool_))
+            if not (ok and math.isfinite(t) and t >= 0 and int(t) == t):
+                raise InputError(
+                    f"timestep: {t!r} is not a non-negative integer",
+                    "pass the diffusion timestep t of the losses (e.g. 100), or None",
+                )
             t = int(t)
         return replace(self, target_loss=loss, shadow_loss=shadow, shadow_in=mask, is_member=labels, timestep=t)
 
@@ -234,8 +249,17 @@ class Attack(ABC):
                 raise InputError(
                     f"{self.name}: {short.size} example(s) have fewer than {need} {what} shadow "
                     f"model(s) (first: example {short[0]} with {counts[short[0]]})",
-                    "train more shadow models, or use fixed_variance=True (needs only 1)",
+                    self._shadow_hint(what),
                 )
+
+    def _shadow_hint(self, what: str) -> str:
+        """What to do when examples lack ``what`` (IN/OUT) shadow models."""
+        if getattr(self, "fixed_variance", None) is False:
+            return "train more shadow models, or use fixed_variance=True (needs only 1)"
+        hint = f"train more shadow models, so that every example has at least one {what} model"
+        if what == "IN":
+            hint += " (e.g. each on a random half of the data), or use lira_offline, which needs no IN models"
+        return hint
 
     @abstractmethod
     def _score(self, x: AttackInputs) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -258,6 +282,19 @@ def _register(cls: type[Attack]) -> type[Attack]:
 def make_attack(name: str, **options: Any) -> Attack:
     """Construct a registered attack by name.
 
+    Parameters
+    ----------
+    name : str
+        A key of :data:`ATTACKS`.
+    **options
+        The attack's options (``fixed_variance`` and ``location`` for the LiRA attacks; ``loss``
+        takes none).
+
+    Raises
+    ------
+    memscan.errors.InputError
+        An unknown attack, an option the attack does not take, or a bad option value.
+
     Examples
     --------
     >>> make_attack("lira_online", fixed_variance=True)
@@ -265,8 +302,17 @@ def make_attack(name: str, **options: Any) -> Attack:
     """
     try:
         cls = ATTACKS[name]
-    except KeyError:
+    except (KeyError, TypeError):
         raise InputError(f"unknown attack {name!r}", f"choose one of {', '.join(sorted(ATTACKS))}") from None
+    params = inspect.signature(cls).parameters.values()
+    if not any(p.kind is p.VAR_KEYWORD for p in params):
+        takes = [p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        unknown = sorted(set(options) - set(takes))
+        if unknown:
+            raise InputError(
+                f"attack {name!r}: unknown option(s) {', '.join(unknown)}",
+                f"{name} takes {', '.join(takes)}" if takes else f"{name} takes no options",
+            )
     return cls(**options)
 
 
@@ -368,7 +414,13 @@ class _LiRA(Attack):
     """Shared options of the two LiRA variants."""
 
     def __init__(self, *, fixed_variance: bool = False, location: str = "mean"):
-        if location not in ("mean", "median"):
+        if not isinstance(fixed_variance, (bool, np.bool_)):
+            # bool("false") is True: a string or a number is refused, not converted
+            raise InputError(
+                f"{self.name}: fixed_variance={fixed_variance!r} is not a bool",
+                "pass True (one σ for all examples) or False (one per example)",
+            )
+        if not isinstance(location, str) or location not in ("mean", "median"):
             raise InputError(f"location: {location!r} is not 'mean' or 'median'")
         self.fixed_variance = bool(fixed_variance)
         self.location = location
@@ -440,7 +492,8 @@ class LiRAOnline(_LiRA):
     ----------
     fixed_variance : bool
         Use one global ``σ_in`` and one global ``σ_out`` for all examples (§IV-C: better with
-        few shadow models); the means stay per example. Each σ is, with ``n_i`` the example's
+        few shadow models); the means stay per example. A ``bool`` (a string such as
+        ``"false"`` is refused, not converted). Each σ is, with ``n_i`` the example's
         number of IN (resp. OUT) values:
 
         - the **pooled within-example** deviation

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -183,26 +183,46 @@ class InpaintConfig:
     seed: int = 0
     batch_size: int = 64
 
-    def validated(self, num_train_timesteps: int) -> InpaintConfig:
-        if self.region not in REGIONS:
+    def validated(self, num_train_timesteps: int | None = None) -> InpaintConfig:
+        """Check the settings; return them with the counts as ``int`` (``samples=2.0`` → ``2``).
+
+        Parameters
+        ----------
+        num_train_timesteps : int, optional
+            The noise predictor's ``T``. With it, the RePaint schedule is checked too
+            (``num_inference_steps ≤ T``, ``jump_length < num_inference_steps`` when resampling);
+            without it (an inpainter, which uses no schedule) only the settings every path uses.
+
+        Raises
+        ------
+        memscan.errors.InputError
+            An unknown region, a fraction outside (0, 1), a count that is not a positive integer,
+            ``eta`` outside [0, 1], or a schedule the model cannot run.
+        """
+        if not isinstance(self.region, str) or self.region not in REGIONS:
             raise InputError(f"region: {self.region!r} is unknown", f"choose one of {', '.join(REGIONS)}")
-        if not (0.0 < float(self.fraction) < 1.0):
+        if not (0.0 < _real(self.fraction) < 1.0):
             raise InputError(f"fraction: {self.fraction} is not in (0, 1)", "e.g. 0.5 hides half of the image")
         for name in ("num_inference_steps", "jump_length", "jump_n_sample", "samples", "batch_size"):
             v = getattr(self, name)
-            if isinstance(v, bool) or int(v) != v or v < 1:
+            f = _real(v)
+            if isinstance(v, bool) or not (math.isfinite(f) and f >= 1 and f == int(f)):
                 raise InputError(f"{name}: {v!r} must be a positive integer", f"e.g. --{name.replace('_', '-')} 4")
-        if self.num_inference_steps > num_train_timesteps:
+        if not (0.0 <= _real(self.eta) <= 1.0):
+            raise InputError(f"eta: {self.eta} is not in [0, 1]", "1: DDPM steps, as in RePaint; 0: DDIM")
+        counts = ("num_inference_steps", "jump_length", "jump_n_sample", "samples", "batch_size")
+        cfg = replace(self, **{name: int(getattr(self, name)) for name in counts})
+        if num_train_timesteps is None:
+            return cfg
+        if cfg.num_inference_steps > num_train_timesteps:
             raise InputError(
-                f"num_inference_steps: {self.num_inference_steps} exceeds the model's T = {num_train_timesteps}"
+                f"num_inference_steps: {cfg.num_inference_steps} exceeds the model's T = {num_train_timesteps}"
             )
-        if self.jump_length >= self.num_inference_steps and self.jump_n_sample > 1:
+        if cfg.jump_length >= cfg.num_inference_steps and cfg.jump_n_sample > 1:
             raise InputError(
-                f"jump_length: {self.jump_length} must be below num_inference_steps ({self.num_inference_steps})"
+                f"jump_length: {cfg.jump_length} must be below num_inference_steps ({cfg.num_inference_steps})"
             )
-        if not (0.0 <= float(self.eta) <= 1.0):
-            raise InputError(f"eta: {self.eta} is not in [0, 1]")
-        return self
+        return cfg
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -211,6 +231,15 @@ class InpaintConfig:
         """Model evaluations per example and sample (the length of the RePaint schedule's
         reverse steps)."""
         return len(_schedule(self.num_inference_steps, self.jump_length, self.jump_n_sample, 1000)[1])
+
+
+def _real(v: Any) -> float:
+    """``float(v)`` for a real number (bools excluded by the callers), NaN for anything else, so
+    that every range check of a non-number fails and names the setting."""
+    try:
+        return float(v) if not isinstance(v, str) else math.nan
+    except (TypeError, ValueError):
+        return math.nan
 
 
 def _channels(rec: np.ndarray, c: int) -> np.ndarray:
@@ -393,6 +422,13 @@ def inpaint_distances(
     -------
     InpaintResult
 
+    Raises
+    ------
+    memscan.errors.InputError
+        Settings :meth:`InpaintConfig.validated` refuses (with an inpainter, all but the RePaint
+        schedule's); an inpainter's reconstructions of another shape, not finite, or outside
+        ``[0, 1]``.
+
     Examples
     --------
     >>> a = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)
@@ -404,6 +440,13 @@ def inpaint_distances(
     >>> [round(float(d), 2) for d in r.distance]  # the black image is "memorized"
     [0.0, 1.0]
     """
+    # the settings are checked on both paths; the RePaint schedule only with a noise predictor
+    inpainter = getattr(model, "inpaints", False) is True
+    if inpainter:
+        config = config.validated()
+    else:
+        model = as_noise_predictor(model)
+        config = config.validated(int(model.alphas_cumprod.numel()))
     a = np.asarray(images) if not isinstance(images, torch.Tensor) else None
     if a is not None and a.ndim == 3:
         a = a[..., None]
@@ -418,20 +461,11 @@ def inpaint_distances(
     orig = x01.permute(0, 2, 3, 1).numpy()
     per = np.empty((config.samples, n))
     first = None
-    inpainter = getattr(model, "inpaints", False) is True
-    if not inpainter:
-        model = as_noise_predictor(model)
-        config.validated(int(model.alphas_cumprod.numel()))
     for s in range(config.samples):
         if inpainter:
             seeds = [derive_seed(config.seed, f"inpaint/{i}", s) for i in ids]
             u8 = np.clip(np.round(orig * 255), 0, 255).astype(np.uint8)
-            rec = np.asarray(model(u8, hidden, seeds), dtype=np.float32)
-            if rec.shape != orig.shape or not np.isfinite(rec).all():
-                raise InputError(
-                    f"inpainter returned {rec.dtype} {rec.shape}, expected finite float {orig.shape} in [0, 1]",
-                    "return one reconstruction per image",
-                )
+            rec = _checked_reconstructions(model, model(u8, hidden, seeds), orig.shape)
         else:
             rec = repaint(
                 model, images if a is None else a, hidden, condition=condition, config=config, example_ids=ids, sample=s
@@ -440,6 +474,39 @@ def inpaint_distances(
         if s == 0 and keep_images:
             first = rec
     return InpaintResult(per.mean(0), per, hidden, first, config)
+
+
+def _checked_reconstructions(inpainter: Any, out: Any, shape: tuple) -> np.ndarray:
+    """An inpainter's output as float32 ``N×H×W×C``: finite, in ``[0, 1]``, one per image; else one
+    :class:`~memscan.errors.InputError` naming the inpainter (a distance from values outside
+    ``[0, 1]`` would not be the normalised ℓ2 of DESIGN.md, which lies in ``[0, 1]``)."""
+    name = getattr(inpainter, "__name__", None) or type(inpainter).__name__
+    fix = (
+        "return float reconstructions in [0, 1], one per image, N×H×W×C like the images it is given "
+        "(e.g. a diffusers pipeline with output_type='np'; uint8 output divided by 255)"
+    )
+    try:
+        rec = np.asarray(out, dtype=np.float32)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"inpainter {name}: returned {type(out).__name__}, not numbers ({exc})", fix) from None
+    if rec.shape != tuple(shape):
+        raise InputError(f"inpainter {name}: returned shape {rec.shape}, expected {tuple(shape)}", fix)
+    bad = ~np.isfinite(rec)
+    outside = ~bad & ((rec < 0.0) | (rec > 1.0))
+    if bad.any() or outside.any():
+        what = []
+        if bad.any():
+            what.append(f"{int(bad.sum())} NaN/Inf value(s)")
+        if outside.any():
+            vals = rec[outside]
+            what.append(f"{int(outside.sum())} value(s) outside [0, 1] (from {vals.min():.4g} to {vals.max():.4g})")
+        first = int(np.flatnonzero((bad | outside).reshape(len(rec), -1).any(1))[0])
+        raise InputError(
+            f"inpainter {name}: reconstructions must be finite and in [0, 1]; got {' and '.join(what)} "
+            f"(first in image {first})",
+            fix,
+        )
+    return rec
 
 
 def pipeline_inpainter(
@@ -501,4 +568,5 @@ def pipeline_inpainter(
         return out
 
     fn.inpaints = True  # type: ignore[attr-defined]
+    fn.__name__ = f"pipeline_inpainter({type(pipe).__name__})"  # as errors name it
     return fn

@@ -21,6 +21,7 @@ it saw it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Callable
@@ -35,7 +36,7 @@ from memscan.errors import InputError
 from memscan.generators.seeds import numpy_seed
 from memscan.store import replacing
 
-__all__ = ["MemorizationResult", "fold_assignment", "logmeanexp", "memorization_score"]
+__all__ = ["MemorizationResult", "data_sha256", "fold_assignment", "logmeanexp", "memorization_score"]
 
 #: Quantiles of the score distribution reported in :attr:`MemorizationResult.quantiles`.
 QUANTILES: tuple[float, ...] = (0.95, 0.999)
@@ -57,6 +58,43 @@ def logmeanexp(a: np.ndarray, axis: int | None = None) -> np.ndarray:
     a = np.asarray(a, dtype=np.float64)
     n = a.size if axis is None else a.shape[axis]
     return logsumexp(a, axis=axis) - np.log(n)
+
+
+def data_sha256(data: Any) -> str | None:
+    """Content digest of a data set: sha256 over the dtype, the shape and the C-contiguous bytes
+    of ``data`` as a numeric numpy array (``None`` when it is not one).
+
+    Recorded as ``data_sha256`` in a ``memscan memscore`` run's manifest and in a
+    :func:`memorization_score` store, so that log-likelihoods computed on one data set are never
+    reused for another of the same size. Numpy arrays, lists and tuples of numbers, and objects
+    that convert to arrays (``__array__``; torch tensors, also on a GPU) are digested; anything
+    else (a list of PIL images, a dataset object, strings, ragged lists) gives ``None``: it cannot
+    be checked.
+
+    Examples
+    --------
+    >>> data_sha256(np.arange(3.0)) == data_sha256([0.0, 1.0, 2.0])
+    True
+    >>> data_sha256(np.arange(3.0)) == data_sha256(np.arange(3.0).astype(np.float32))  # dtype counts
+    False
+    >>> data_sha256(["a", "b"]) is None
+    True
+    """
+    if hasattr(data, "detach") and hasattr(data, "cpu"):  # a torch tensor
+        data = data.detach().cpu()
+    if not isinstance(data, (np.ndarray, list, tuple)) and not hasattr(data, "__array__"):
+        return None
+    try:
+        arr = np.asarray(data)
+    except (TypeError, ValueError):  # ragged, or refuses conversion
+        return None
+    if arr.dtype.kind not in "biufc":
+        return None
+    arr = np.ascontiguousarray(arr)
+    h = hashlib.sha256()
+    h.update(f"{arr.dtype.str}\0{arr.shape}\0".encode())
+    h.update(arr.data)
+    return h.hexdigest()
 
 
 def fold_assignment(n: int, folds: int, seed: int, repeat: int) -> np.ndarray:
@@ -194,24 +232,39 @@ def _load(path: Path) -> np.ndarray:
 class _Store:
     """Directory of finished (repeat, fold) log-likelihood vectors.
 
-    Layout: ``memscore.json`` (n, folds, seed), ``r{r:04d}_assignment.npy`` (fold of each
+    Layout: ``memscore.json`` (n, folds, seed, and ``data_sha256``: :func:`data_sha256` of the
+    data, ``None`` when it cannot be digested), ``r{r:04d}_assignment.npy`` (fold of each
     example in repeat ``r``), ``r{r:04d}_k{k:04d}_loglik.npy`` (``log p(x_i)`` under model
     ``(r, k)``). Every ``.npy`` is written to a temporary name and renamed into place, so a file
     that exists is complete; no pickle is used.
     """
 
-    def __init__(self, root: str | os.PathLike, n: int, folds: int, seed: int):
+    def __init__(self, root: str | os.PathLike, n: int, folds: int, seed: int, data_sha256: str | None = None):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
-        meta = {"version": _STORE_VERSION, "n": n, "folds": folds, "seed": seed}
+        meta = {"version": _STORE_VERSION, "n": n, "folds": folds, "seed": seed, "data_sha256": data_sha256}
         path = self.root / _META
         if path.exists():
             old = json.loads(path.read_text())
-            if old != meta:
-                diff = {k: (old.get(k), v) for k, v in meta.items() if old.get(k) != v}
+            settings = [k for k in meta if k != "data_sha256"]
+            diff = {k: (old.get(k), meta[k]) for k in settings if old.get(k) != meta[k]}
+            if diff:
                 raise InputError(
                     f"store {self.root}: made with different settings {diff} (stored, requested)",
                     "use a new store directory, or the settings it was made with",
+                )
+            if "data_sha256" not in old and data_sha256 is not None:
+                raise InputError(
+                    f"store {self.root}: made by an older memscan that did not record a digest of the data "
+                    "(data_sha256), so its log-likelihoods cannot be checked to be of this data",
+                    "use a new store directory (or delete this one) to recompute them",
+                )
+            if old.get("data_sha256") != data_sha256:
+                stored, now = (v[:12] + "…" if v else v for v in (old.get("data_sha256"), data_sha256))
+                raise InputError(
+                    f"store {self.root}: made for other data of the same size (data_sha256 {stored} stored, "
+                    f"{now} for this data); its log-likelihoods are not of these examples",
+                    "use a new store directory for this data, or pass the data the store was made for",
                 )
         else:
             with replacing(path) as tmp:
@@ -273,8 +326,11 @@ def memorization_score(
     store : path, optional
         Directory that makes the estimate resumable: each finished ``(repeat, fold)``
         log-likelihood vector is saved as ``.npy`` (atomically: temp name, then rename) next to
-        the repeat's fold assignment, and a rerun with the same ``n``, ``folds`` and ``seed``
+        the repeat's fold assignment, and a rerun with the same data, ``folds`` and ``seed``
         loads finished pairs instead of training them again. More repeats can be added later.
+        The store records the data's content digest (:func:`data_sha256`) and refuses other
+        data, even of the same size; data that is not a numeric array (a list of PIL images, a
+        dataset object) has no digest (``None``), and then only its size is checked.
     progress : bool
         Show a rich progress bar over the ``L·K`` models.
 
@@ -286,7 +342,8 @@ def memorization_score(
     ------
     memscan.errors.InputError
         Bad ``folds``/``repeats``; ``log_likelihood_fn`` output not of shape ``(n,)`` or not
-        finite; a store made with other settings.
+        finite; a store made with other settings, for other data, or by a memscan that did not
+        record the data's digest.
 
     Examples
     --------
@@ -315,7 +372,7 @@ def memorization_score(
     if isinstance(repeats, bool) or int(repeats) != repeats or repeats < 1:
         raise InputError(f"repeats: {repeats!r} must be a positive integer", "e.g. --repeats 2 (L in the paper)")
     folds, repeats, seed = int(folds), int(repeats), int(seed)
-    st = _Store(store, n, folds, seed) if store is not None else None
+    st = _Store(store, n, folds, seed, data_sha256(data)) if store is not None else None
 
     assignments = np.stack([fold_assignment(n, folds, seed, r) for r in range(repeats)])
     ll = np.empty((repeats * folds, n))

@@ -15,7 +15,7 @@ from memscan.data.training import load_training_set
 from memscan.errors import InputError, user_code
 from memscan.generators.model_record import model_record
 from memscan.mia.inputs import absolute_spec
-from memscan.mia.memscore import _check_ll, _result_from, _take, fold_assignment
+from memscan.mia.memscore import _check_ll, _result_from, _take, data_sha256, fold_assignment
 from memscan.mia.results import MemscoreResult
 from memscan.mia.run_dir import save_thumb
 from memscan.report.mia import build_mia_report
@@ -112,6 +112,10 @@ def run_memscore(
     run (``shards/``, committed once, on the ``runner``'s workers): ``resume`` finishes a killed
     run, and rerunning the same command on a finished run recomputes the table from the
     committed shards without training anything (more ``repeats`` add only the new models).
+    The manifest records ``data_sha256`` (:func:`memscan.mia.memscore.data_sha256` of the loaded
+    array): a rerun or ``resume`` whose data's content differs — even with the same path and
+    size — is refused (use another ``out``), as is one of a run made before the digest was
+    recorded.
     """
     t0 = time.perf_counter()
     fns = [_callable(what, f) for what, f in (("train_fn", train_fn), ("log_likelihood_fn", log_likelihood_fn))]
@@ -138,11 +142,12 @@ def run_memscore(
                 "sources": sources,
                 "memscore": {"folds": folds, "repeats": repeats, "seed": seed},
                 "folds_of": {"n": n, "folds": folds, "seed": seed},
+                "data_sha256": data_sha256(arr),
                 "model": model_record(train_fn),
                 "n_shards": n_shards,
                 "runner": {"name": runner},
             },
-            identity=("sources", "folds_of"),
+            identity=("sources", "folds_of", "data_sha256"),
         )
         assignments = np.stack([fold_assignment(n, folds, seed, r) for r in range(repeats)])
         shard_args = {

@@ -442,7 +442,7 @@ def build_memorized_tiny_sd(
         rates = []
         for (_, caption), view in zip(memorized, views):
             x = _sample(pipe, caption, 16, device)
-            rates.append(float((np.asarray(cross_tiled_l2(x, view[None]))[:, 0] <= 0.15).mean()))
+            rates.append(float((np.asarray(cross_tiled_l2(x, view[None], exact_near=0.15))[:, 0] <= 0.15).mean()))
         log.append({"step": done, "loss": float(np.mean(losses[-50:])), "copy_rate": rates})
         # 3. save after every check, so an interrupted run leaves its last checkpoint
         record = {
