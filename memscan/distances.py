@@ -1461,11 +1461,12 @@ def tiled_l2_error_bound(queries, references, grid: int = 4) -> float:
     >>> round(tiled_l2_error_bound(x.astype(np.float32), x), 6)
     0.000463
     """
-    dtypes, device = [], torch.device("cpu")
+    # the products run on the queries' device (the references are moved there)
+    device = queries.device if isinstance(queries, torch.Tensor) else torch.device("cpu")
+    dtypes = []
     for x in (queries, references):
         if isinstance(x, torch.Tensor):
             dtypes.append(x.dtype)
-            device = x.device if x.device.type != "cpu" else device
         else:
             dtypes.append(torch.uint8 if np.asarray(x).dtype == np.uint8 else torch.float32)
     shape = tuple(queries.shape)

@@ -617,3 +617,17 @@ def test_lm_mia_runs_use_tfidf_outliers(tmp_path):
     want = [round(sorted(cos[i, j] for j in range(len(ex)) if mem[j] and j != i)[1], 12) for i in range(len(ex))]
     got = out.outliers[out.outliers["run"] == str(tmp_path / "a")]["outlier"].to_numpy()
     np.testing.assert_allclose(got, want, atol=1e-9)
+
+
+def test_a_setting_added_later_compares_as_the_value_older_runs_behaved_as():
+    """lm-mia's --document-start came after lm-mia runs existed: a run that does not record it
+    scored without a start token, so it compares equal to a new run with it off, and differs
+    from one with it on."""
+    from memscan.compare.checks import settings_of
+
+    config = {"max_tokens": 512, "k_fraction": 0.2}
+    old = settings_of("lm-mia", {"config": config, "scores": ["loss"]})
+    off = settings_of("lm-mia", {"config": {**config, "document_start": False}, "scores": ["loss"]})
+    on = settings_of("lm-mia", {"config": {**config, "document_start": True}, "scores": ["loss"]})
+    assert old == off and old["config.document_start"] == "false" and on["config.document_start"] == "true"
+    assert "config.document_start" not in settings_of("lm-exposure", {"config": config})

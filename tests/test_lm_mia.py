@@ -450,6 +450,37 @@ def test_a_resume_must_score_the_same_tokens(short_gpt2s, tmp_path):
     pd.testing.assert_frame_equal(done.scores, whole.scores)
 
 
+def test_a_run_killed_while_loading_its_model_resumes(short_gpt2s, tmp_path, monkeypatch):
+    """A first attempt that dies before its model is loaded records no token limits and commits
+    nothing; --resume loads the model and finishes (it is not taken for an older memscan's run)."""
+    import memscan.lm.mia_run as mia_run
+    from memscan.testing.tiny_lm import make_tiny_gpt2
+
+    model = make_tiny_gpt2(tmp_path / "m", seed=1, n_positions=32)
+    cfg, kw = LmMiaConfig(bootstrap=0), dict(progress=False, shard_size=4)
+
+    def dies(ctx):
+        raise MemoryError("out of memory while loading")
+
+    with monkeypatch.context() as m:
+        m.setattr(mia_run, "describe_lm_mia_worker", dies)
+        with pytest.raises(MemoryError):
+            run_lm_mia(str(model), MEMBERS, NONMEMBERS, tmp_path / "r", cfg, **kw)
+    manifest = json.loads((tmp_path / "r" / "manifest.json").read_text())
+    assert "token_limits" not in manifest and manifest["status"] == "incomplete"
+    done = run_lm_mia(str(model), MEMBERS, NONMEMBERS, tmp_path / "r", cfg, resume=True, **kw)
+    whole = run_lm_mia(str(model), MEMBERS, NONMEMBERS, tmp_path / "w", cfg, **kw)
+    assert done.manifest["token_limits"] == whole.manifest["token_limits"]
+    pd.testing.assert_frame_equal(done.scores, whole.scores)
+    # a run with committed shards and no recorded limits (an older memscan's) is still refused
+    older = json.loads((tmp_path / "w" / "manifest.json").read_text())
+    del older["token_limits"]
+    older["status"] = "incomplete"
+    (tmp_path / "w" / "manifest.json").write_text(json.dumps(older))
+    with pytest.raises(MemscanError, match="records no token_limits"):
+        run_lm_mia(str(model), MEMBERS, NONMEMBERS, tmp_path / "w", cfg, resume=True, **kw)
+
+
 def test_document_start_scores_every_text_token_after_the_start_token(short_gpt2s, tmp_path):
     """--document-start: each text is fed after the model's BOS (else EOS) token, so its first
     token is scored too — every score against the transformers model's own forward pass over

@@ -227,6 +227,12 @@ def test_data_sha256_covers_dtype_shape_and_content():
     # not a numeric array: no digest (the store then checks the size only)
     assert data_sha256(["a", "b"]) is None and data_sha256([[1.0], [1.0, 2.0]]) is None
     assert data_sha256(object()) is None
+    # same-size PIL images convert to one uint8 array: digested, by their pixels
+    from PIL import Image
+
+    imgs = [Image.fromarray(np.full((4, 4, 3), v, np.uint8)) for v in (0, 9)]
+    assert data_sha256(imgs) == data_sha256(np.stack([np.asarray(i) for i in imgs]))
+    assert data_sha256(imgs) != data_sha256(imgs[::-1])
 
 
 def test_memscore_run_refuses_data_whose_content_changed(tmp_path):

@@ -52,6 +52,11 @@ SETTINGS_KEYS = {
     "lm-mia": ("config", "scores"),
     "lm-extract": ("config", "min_match"),
 }
+#: Settings a kind gained after runs of it existed, with the value those older runs behaved as
+#: (a run that does not record one is compared as having it).
+ADDED_SETTINGS = {
+    "lm-mia": {"config.document_start": False},
+}
 #: The generator record's sampling settings (``generator.<key>``, image kinds); the rest of the
 #: record (``source``, ``class``, ``pipeline``, ``resolution`` …) describes the model, which is
 #: what a comparison of checkpoints, widths or training sets varies.
@@ -174,6 +179,8 @@ def settings_of(kind: str, manifest: dict) -> dict:
         name = "verification" if kind == "extract" else "search"
         how = manifest.get(name) or {("via" if kind == "extract" else "search"): "exact"}
         walk(name, {k: how[k] for k in SEARCH_SETTINGS if k in how})
+    for key, value in ADDED_SETTINGS.get(kind, {}).items():
+        flat.setdefault(key, json.dumps(value))
     return flat
 
 

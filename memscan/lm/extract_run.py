@@ -391,6 +391,8 @@ def lm_extract(
         for p in prompt_list:
             start_ids(ref, p, "the reference model")  # a reference without a start token: refused here
         _check_positions(ref, prompt_list, config.length, "the reference model")
+        if runner == "ray":  # its workers load their own: the driver's copy served the check only
+            ref = None
     n = int(config.samples)
     n_shards = math.ceil(n / shard_size)
     cfg = config.to_dict()

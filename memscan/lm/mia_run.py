@@ -650,8 +650,10 @@ def run_lm_mia(
         with _pool(runner, model, reference, config, runner_options, run.store.log) as pool:
             loaded = pool.call(describe_lm_mia_worker)
             limits = loaded["token_limits"]
-            # the tokens each model scores are part of the run: a resume must score the same
-            run.check({"token_limits": limits}, ("token_limits",))
+            # the tokens each model scores are part of the run: a resume must score the same (a run
+            # killed before its first load recorded none and committed nothing: nothing to check)
+            if "token_limits" in previous or len(run.todo(n_shards)) < n_shards:
+                run.check({"token_limits": limits}, ("token_limits",))
             run.manifest.update(
                 model=loaded_model_record(model, loaded["model"]),
                 reference_model=loaded_model_record(reference, loaded["reference"]) if reference is not None else None,

@@ -66,10 +66,11 @@ def data_sha256(data: Any) -> str | None:
 
     Recorded as ``data_sha256`` in a ``memscan memscore`` run's manifest and in a
     :func:`memorization_score` store, so that log-likelihoods computed on one data set are never
-    reused for another of the same size. Numpy arrays, lists and tuples of numbers, and objects
-    that convert to arrays (``__array__``; torch tensors, also on a GPU) are digested; anything
-    else (a list of PIL images, a dataset object, strings, ragged lists) gives ``None``: it cannot
-    be checked.
+    reused for another of the same size. Numpy arrays, lists and tuples of numbers or of
+    same-size images (PIL images convert to uint8 arrays; the list is copied to digest it), and
+    objects that convert to arrays (``__array__``; torch tensors, also on a GPU) are digested;
+    anything else (a dataset object, strings, ragged lists, images of different sizes) gives
+    ``None``: it cannot be checked.
 
     Examples
     --------
@@ -329,8 +330,9 @@ def memorization_score(
         the repeat's fold assignment, and a rerun with the same data, ``folds`` and ``seed``
         loads finished pairs instead of training them again. More repeats can be added later.
         The store records the data's content digest (:func:`data_sha256`) and refuses other
-        data, even of the same size; data that is not a numeric array (a list of PIL images, a
-        dataset object) has no digest (``None``), and then only its size is checked.
+        data, even of the same size; data that does not convert to a numeric array (a dataset
+        object, images of different sizes) has no digest (``None``), and then only its size is
+        checked.
     progress : bool
         Show a rich progress bar over the ``L·K`` models.
 
