@@ -142,9 +142,8 @@ def test_fsync_dir_skips_file_systems_that_cannot_sync_a_directory_only(tmp_path
     assert opened == []
 
 
-def test_a_failed_directory_fsync_fails_the_commit_with_a_clear_error(tmp_path, monkeypatch):
-    store = RunStore(tmp_path / "run")
-    store.create()
+def _fail_directory_fsyncs(monkeypatch):
+    """From now on ``os.fsync`` of a directory fails with EIO (a file's still syncs)."""
     real = os.fsync
 
     def fsync(fd):
@@ -153,19 +152,18 @@ def test_a_failed_directory_fsync_fails_the_commit_with_a_clear_error(tmp_path, 
         return real(fd)
 
     monkeypatch.setattr(os, "fsync", fsync)
+
+
+def test_a_failed_directory_fsync_fails_the_commit_with_a_clear_error(tmp_path, monkeypatch):
+    store = RunStore(tmp_path / "run")
+    store.create()
+    _fail_directory_fsyncs(monkeypatch)
     with pytest.raises(MemscanError, match="Input/output error"):
         store.commit_shard(0, {"detections": pd.DataFrame({"a": [1]})}, {})
 
 
 def test_a_failed_directory_fsync_while_locking_leaves_no_lock(tmp_path, monkeypatch):
-    real = os.fsync
-
-    def fsync(fd):
-        if stat.S_ISDIR(os.fstat(fd).st_mode):
-            raise OSError(errno.EIO, "Input/output error")
-        return real(fd)
-
-    monkeypatch.setattr(os, "fsync", fsync)
+    _fail_directory_fsyncs(monkeypatch)
     with pytest.raises(MemscanError, match="cannot write the lock file.*Input/output error"):
         RunLock(tmp_path).acquire()
     monkeypatch.undo()
