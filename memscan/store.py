@@ -794,7 +794,9 @@ class Run:
 
         Values are compared as the manifest records them (JSON: a tuple equals a list). A key the
         earlier manifest lacks while this invocation records one is refused too: that run was
-        started by an older memscan (or with other options), and its inputs cannot be checked.
+        started by an older memscan (or with other options), and its inputs cannot be checked. So
+        is a record that lacks fields this invocation's has, the rest being equal (a setting an
+        older memscan did not record): the error names those fields.
         """
         if self.previous is None:
             return
@@ -811,6 +813,16 @@ class Run:
                 raise MemscanError(
                     f"cannot resume {self.root}: its manifest records no {key} (the run was started by an older "
                     "memscan, or with other options), so this invocation cannot be checked to be the same run",
+                    "start a new run with another --out",
+                )
+            missing = sorted(set(new) - set(old)) if isinstance(old, dict) and isinstance(new, dict) else []
+            if missing and not _same_record(old, {k: v for k, v in new.items() if k in old}):
+                missing = []  # other fields differ too: the plain difference says more
+            if missing:
+                raise MemscanError(
+                    f"cannot resume {self.root}: its {key} records no {', '.join(missing)} (the run was started "
+                    "by an older memscan, or without these settings), so this invocation cannot be checked to be "
+                    "the same run",
                     "start a new run with another --out",
                 )
             if not _same_record(old, new):

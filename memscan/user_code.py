@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -46,3 +47,25 @@ def import_object(spec: str, what: str = "a function, a factory or an object") -
     if obj is None:
         raise InputError(f"{module_name} has no attribute {attr!r}", f"name {what}")
     return obj
+
+
+def callable_name(fn: Any) -> str:
+    """A name for ``fn`` that is the same in every process: ``module:qualname`` for a function or
+    class, otherwise its ``repr`` without memory addresses (``<... at 0x7f…>``), which change from
+    one process to the next. Spec strings (``py:module:attr``) are returned as given.
+
+    Examples
+    --------
+    >>> import math
+    >>> callable_name(math.sqrt)
+    'math:sqrt'
+    >>> import functools
+    >>> callable_name(functools.partial(math.pow, 2.0))
+    'functools.partial(<built-in function pow>, 2.0)'
+    """
+    if isinstance(fn, str):
+        return fn
+    module, qualname = getattr(fn, "__module__", None), getattr(fn, "__qualname__", None)
+    if isinstance(module, str) and isinstance(qualname, str):
+        return f"{module}:{qualname}"
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", repr(fn))

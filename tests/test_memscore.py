@@ -291,3 +291,38 @@ def test_compare_checks_memscore_data_by_content(tmp_path):
     )
     assert not data_mismatches("memscore", [(str(tmp_path / "r1"), manifest(a)), (str(tmp_path / "r2"), manifest(b))],
                                by="train_size")  # fmt: skip
+
+
+def _gaussian_fns():
+    """Fresh function objects on every call, as a new process would create them."""
+
+    def train(d):
+        return float(d.mean()), float(d.var())
+
+    def loglik(model, d):
+        mu, var = model
+        return -0.5 * np.log(2 * np.pi * var) - 0.5 * (d - mu) ** 2 / var
+
+    return train, loglik
+
+
+def test_memscore_run_reruns_with_new_function_objects(tmp_path):
+    """The run identity named library callables by ``repr()``, which holds their memory address:
+    rerunning a finished run with the same functions from a new process was refused."""
+    from memscan.mia.memscore_run import run_memscore
+    from memscan.user_code import callable_name
+
+    data, out = tmp_path / "d.npy", tmp_path / "run"
+    np.save(data, np.r_[np.linspace(-1, 1, 9), 6.0])
+    first = run_memscore(out, data, *_gaussian_fns(), folds=3, progress=False)
+    again = run_memscore(out, data, *_gaussian_fns(), folds=3, progress=False)  # other objects, same code
+    np.testing.assert_array_equal(again.result.score, first.result.score)
+    sources = json.loads((out / "manifest.json").read_text())["sources"]
+    assert sources["train_fn"] == f"{__name__}:_gaussian_fns.<locals>.train"
+    assert "0x" not in sources["log_likelihood_fn"]
+    # objects without a qualname: repr without the address
+    import functools
+
+    part = functools.partial(_gaussian_fns, 1)
+    assert callable_name(part) == callable_name(functools.partial(_gaussian_fns, 1))
+    assert "0x" not in callable_name(part) and callable_name("py:m:f") == "py:m:f"

@@ -59,6 +59,22 @@ def test_resume_keeps_start_time_and_checks_identity(tmp_path):
         assert m["started"] == first["started"] and len(m["resumed"]) == 1
 
 
+def test_resume_of_a_run_predating_a_setting_names_the_setting(tmp_path):
+    """A setting added to a config record (e.g. lm mia's document_start) made the resume of a run
+    started by the previous version fail with "config differs" and a hint to resume with the
+    original options, which cannot help: the error now names the missing field and the hint says
+    to start a new run. A real difference still reads "differs"."""
+    with open_run(tmp_path / "r", "lm-mia") as run:
+        run.start({"config": {"a": 1}}, identity=("config",))  # the older version's record
+    with open_run(tmp_path / "r", "lm-mia", resume=True) as run:
+        with pytest.raises(MemscanError, match="its config records no document_start, z .*older memscan") as err:
+            run.start({"config": {"a": 1, "z": 0, "document_start": False}}, identity=("config",))
+    assert "another --out" in err.value.hint
+    with open_run(tmp_path / "r", "lm-mia", resume=True) as run:
+        with pytest.raises(MemscanError, match="its config differs"):  # a also differs: the plain message
+            run.start({"config": {"a": 2, "document_start": False}}, identity=("config",))
+
+
 def test_a_run_started_under_other_definitions_is_not_resumed(tmp_path):
     """A run whose manifest records other definitions of its numbers (or none: started before
     they were recorded, e.g. the k-eidetic count centred on the generation) is refused on

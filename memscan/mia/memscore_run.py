@@ -22,7 +22,7 @@ from memscan.report.mia import build_mia_report
 from memscan.runners import make_pool
 from memscan.runners.shards import run_shards
 from memscan.store import RunStore, open_run, write_table
-from memscan.user_code import import_object
+from memscan.user_code import callable_name, import_object
 
 __all__ = ["load_array_data", "memscore_stage", "memscore_worker", "run_memscore"]
 
@@ -133,8 +133,8 @@ def run_memscore(
     with open_run(out, "memscore", resume=resume) as run:
         sources = {
             "data": str(data),
-            "train_fn": train_fn if isinstance(train_fn, str) else repr(train_fn),
-            "log_likelihood_fn": log_likelihood_fn if isinstance(log_likelihood_fn, str) else repr(log_likelihood_fn),
+            "train_fn": callable_name(train_fn),
+            "log_likelihood_fn": callable_name(log_likelihood_fn),
         }
         n_shards = folds * repeats
         run.start(

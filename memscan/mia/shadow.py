@@ -37,6 +37,7 @@ import numpy as np
 from memscan.errors import InputError
 from memscan.generators.seeds import numpy_seed
 from memscan.store import atomic_write_json, replacing
+from memscan.user_code import callable_name
 
 __all__ = [
     "SCHEMES",
@@ -276,7 +277,7 @@ def train_shadow_models(
         recipe = (
             train_fn.describe()
             if hasattr(train_fn, "describe")
-            else {"train_fn": getattr(train_fn, "__qualname__", repr(train_fn))}
+            else {"train_fn": getattr(train_fn, "__qualname__", None) or callable_name(train_fn)}
         )
     root = Path(root)
     meta = {
