@@ -312,3 +312,40 @@ def test_demo_mia_interrupted_attack_resumes_from_its_shards(demo, tmp_path, mon
         pd.testing.assert_frame_equal(
             pd.read_parquet(demo / "run" / f"{t}.parquet"), pd.read_parquet(out / "run" / f"{t}.parquet")
         )
+
+
+def test_mia_resume_refuses_data_rewritten_at_the_same_path(demo, tmp_path):
+    """The run identity of ``mia``/``inpaint`` held the data's path only: a ``--resume`` after the
+    images were rewritten in place mixed (or, finished, reused) losses of the old images with the
+    new data. The manifest now records ``examples_sha256`` and a resume on other pixels is refused."""
+    import shutil
+
+    from PIL import Image
+
+    data = tmp_path / "data"
+    shutil.copytree(demo / "data", data)
+    args = (
+        "mia", "--data", data, "--shadows", demo / "shadows", "--target-shadow", 1, "--timesteps", "20",
+        "--noise-draws", 1, "--bootstrap", 0, "--attacks", "loss", "--out", tmp_path / "a", "--quiet",
+    )  # fmt: skip
+    with torch_threads(1):
+        _cli(*args)
+        digest = json.loads((tmp_path / "a" / "manifest.json").read_text())["examples_sha256"]
+        assert re.fullmatch(r"[0-9a-f]{64}", digest)
+        _cli(*args, "--resume")  # the same data: the finished run resumes
+        first = sorted(data.glob("*.png"))[0]
+        img = np.asarray(Image.open(first)).copy()
+        img[0, 0] = 255 - img[0, 0]  # one pixel of one example
+        Image.fromarray(img).save(first)
+        res = _cli(*args, "--resume", ok=False)
+    assert res.exit_code != 0
+    assert "examples_sha256 differs" in res.output and "another --out" in res.output
+    assert json.loads((tmp_path / "a" / "manifest.json").read_text())["examples_sha256"] == digest
+    # memscan compare: the same ids and membership, other pixels — named as a data difference
+    from memscan.compare.checks import data_mismatches
+
+    with torch_threads(1):
+        _cli(*args[:-3], "--out", tmp_path / "b", "--quiet")
+    runs = [(str(tmp_path / r), json.loads((tmp_path / r / "manifest.json").read_text())) for r in "ab"]
+    assert [m.key for m in data_mismatches("mia", runs)] == ["examples_sha256"]
+    assert not data_mismatches("mia", [runs[0], runs[0]])

@@ -94,6 +94,9 @@ class DataRecord:
 
 _EXAMPLES = DataRecord("examples", None, (("counts", "examples"), ("counts", "members")), True,
                        ("examples", ("id", "is_member")))  # fmt: skip
+#: The examples' pixels too (:meth:`memscan.mia.inputs.MiaInputs.examples_sha256`; runs made
+#: before it was recorded are compared by their examples table only).
+_EXAMPLES_SHA256 = DataRecord("examples_sha256", ("examples_sha256",), (), True)
 #: Each kind's data (training set, prompts, examples, canaries, corpus).
 DATA = {
     "extract": (
@@ -103,9 +106,9 @@ DATA = {
     "extract-unconditional": (
         DataRecord("training_set_sha256", ("training_set_sha256",), (("training_set", "images"),), True),
     ),
-    "mia": (_EXAMPLES,),
-    "inpaint": (_EXAMPLES,),
-    "demo-mia": (_EXAMPLES,),
+    "mia": (_EXAMPLES, _EXAMPLES_SHA256),
+    "inpaint": (_EXAMPLES, _EXAMPLES_SHA256),
+    "demo-mia": (_EXAMPLES, _EXAMPLES_SHA256),
     "memscore": (
         DataRecord("examples", None, (("counts", "examples"),), True, ("memscore", ("id",))),
         DataRecord("folds_of", ("folds_of",)),

@@ -7,6 +7,8 @@ the shadow models, and each model's condition.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,6 +61,18 @@ class MiaInputs:
     shadow_in: np.ndarray | None
     sources: dict
     model_specs: list[str] = field(default_factory=list)
+
+    def examples_sha256(self) -> str:
+        """Content digest of the examples: sha256 over their ids, captions, membership and pixels
+        (dtype, shape, bytes). Recorded in the manifest and part of the run identity, so a
+        ``--resume`` on data rewritten at the same path is refused rather than mixing shards
+        computed on two data sets; ``memscan compare`` compares runs' examples by it."""
+        h = hashlib.sha256()
+        h.update(json.dumps([self.ids, self.captions]).encode())
+        for arr in (np.asarray(self.is_member, dtype=bool), np.ascontiguousarray(self.images)):
+            h.update(f"{arr.dtype.str}{arr.shape}".encode())
+            h.update(memoryview(arr).cast("B"))
+        return h.hexdigest()
 
     @property
     def model_names(self) -> list[str]:

@@ -461,6 +461,7 @@ def attack_statistics(
     fields = _json_ready(
         {
             "sources": s.sources,
+            "examples_sha256": s.examples_sha256(),
             **settings,
             "attacks": attacks,
             "bootstrap": bootstrap,
@@ -471,7 +472,7 @@ def attack_statistics(
     )
     fields["model"] = model_record(s.model_specs[0] if s.model_specs else s.sources.get("model"), s.target)
     fields["runner"] = {"name": runner}
-    run.start(fields, identity=("sources", *settings, "attacks", "bootstrap", "n_shards"))
+    run.start(fields, identity=("sources", "examples_sha256", *settings, "attacks", "bootstrap", "n_shards"))
     if runner == "local":
         setup_args = (s.model_specs, device, threads, s.models)
     else:
