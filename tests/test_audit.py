@@ -377,3 +377,18 @@ def test_a_schedule_wen_cannot_be_scored_on_is_refused_before_any_stage(inputs, 
     assert res.exit_code == 2 and len(errors) == 1 and "first scored timestep t=0" in errors[0], res.output
     assert "--score webster" in res.output and "--steps" in res.output and "Traceback" not in res.output
     assert not (out / "manifest.json").exists() and not (out / "scores.parquet").exists()
+
+
+def test_one_round_check_counts_a_control_once():
+    """The budget check counted every control's first round on top of the first round's prompts,
+    although the controls are among the prompts: with all prompts in the first round a budget
+    that pays exactly their first rounds (and that the audit spends in full) was refused."""
+    from memscan.audit.budget import check_one_round
+    from memscan.errors import InputError
+
+    check_one_round(32, 0, 4, n_prompts=8, round_prompts=8, controls=1)  # 8 × 4: every prompt, p0 included
+    check_one_round(36, 0, 4, n_prompts=9, round_prompts=8, controls=2)  # at most 1 control outside: 9 × 4
+    with pytest.raises(InputError, match=r"8 prompts \+ 1 control prompts × first round 4 = 36"):
+        check_one_round(35, 0, 4, n_prompts=9, round_prompts=8, controls=2)
+    with pytest.raises(InputError, match=r"= 40"):  # 2 controls may both rank below the first 8 of 10
+        check_one_round(39, 0, 4, n_prompts=10, round_prompts=8, controls=2)

@@ -113,7 +113,9 @@ def check_one_round(
 
     ``fixed_cost`` is what is spent before the extraction (triage); ``first_round_cost`` the
     evaluations of one prompt's first adaptive round; ``controls`` the control prompts (attacked
-    whatever the ranking, so their first rounds are kept from the start).
+    whatever the ranking, so their first rounds are kept from the start). The controls are among
+    the ``n_prompts``: those that may rank outside the first round (at most ``n_prompts`` less
+    the round) add their first rounds; the ranking is not known yet, so as many as can.
 
     Examples
     --------
@@ -122,13 +124,18 @@ def check_one_round(
     Traceback (most recent call last):
     ...
     memscan.errors.InputError: budget 500 model evaluations is smaller than one round: triage 400 + 8 prompts × first round 80 = 1040 (use a budget of at least 1040, or --top K)
+    >>> check_one_round(1120, 400, 80, 52, 8, controls=1)  # a control outside the first round
+    >>> check_one_round(640, 0, 80, 8, 8, controls=1)  # 8 prompts, all in the first round: no extra
     """
     if budget is None:
         return
     n = min(round_prompts, n_prompts)
-    need = fixed_cost + (n + controls) * first_round_cost
+    # the controls are among the prompts: at most the n_prompts − n outside the first round add
+    # a first round of their own (the ranking is not known yet, so count as many as can be)
+    extra = min(controls, n_prompts - n)
+    need = fixed_cost + (n + extra) * first_round_cost
     if budget < need:
-        with_controls = f" + {controls} control prompts" if controls else ""
+        with_controls = f" + {extra} control prompts" if extra else ""
         raise InputError(
             f"budget {budget} model evaluations is smaller than one round: triage {fixed_cost} + "
             f"{n} prompts{with_controls} × first round {first_round_cost} = {need}",
