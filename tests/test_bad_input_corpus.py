@@ -984,3 +984,20 @@ def test_a_unet_bin_holding_a_pickled_object_is_refused_by_every_diffusion_comma
     assert not marker.exists()
     if command != "triage":  # triage starts its run (manifest.json, run.log) before its workers load the weights
         assert not out.exists() or not [p for p in out.rglob("*") if p.is_file()]
+
+
+def test_error_line_shows_input_as_typed(tmp_path):
+    """rich replaced ``:name:`` emoji codes in the error line: ``py:train:build`` printed as
+    ``py🚋build`` and a prompt's ``:dog:`` as 🐶, so what was shown could not be copied back."""
+    import typer
+
+    from memscan.commands.common import console, fail
+    from memscan.errors import InputError
+
+    res = cli("extract-unconditional", "--model", "py:train:build", "--samples", 4, "--out", tmp_path / "o")
+    line = assert_clean_error(res, "py:train:build")
+    assert "🚋" not in line
+    with pytest.raises(typer.Exit):
+        with console.capture() as cap:
+            fail(InputError("prompt 'a :dog: in [bold]grass[/]' is bad", "see :smile:"))
+    assert "a :dog: in [bold]grass[/]" in cap.get() and "see :smile:" in cap.get()

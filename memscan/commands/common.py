@@ -18,7 +18,7 @@ from memscan.devices import DTYPE_CHOICES, precision
 from memscan.errors import MemscanError, user_code
 
 #: Messages, progress and errors go to stderr; results (one summary line) to stdout.
-console = Console(stderr=True)
+console = Console(stderr=True, emoji=False)  # ":dog:" in a prompt or "py:train:build" stays as typed
 
 
 @dataclass
