@@ -392,3 +392,33 @@ def test_one_round_check_counts_a_control_once():
         check_one_round(35, 0, 4, n_prompts=9, round_prompts=8, controls=2)
     with pytest.raises(InputError, match=r"= 40"):  # 2 controls may both rank below the first 8 of 10
         check_one_round(39, 0, 4, n_prompts=10, round_prompts=8, controls=2)
+
+
+def test_a_fresh_audit_keeps_the_users_files_in_its_out_folder(inputs, tmp_path):
+    """--out may be a folder of the user's without a run in it (open_run accepts it, as for every
+    command). A fresh audit removed the whole OUT/stages folder: the user's files in it were gone,
+    even when the invocation was refused (--budget too small). Now a refused invocation removes
+    nothing, and a run removes only its own stage markers (a stale one is not reused)."""
+    train, prompts = small_demo(inputs)
+    out = tmp_path / "site"
+    (out / "stages" / "sub").mkdir(parents=True)
+    (out / "stages" / "important.txt").write_text("mine\n")
+    (out / "stages" / "sub" / "data.csv").write_text("a,b\n1,2\n")
+    (out / "stages" / "triage.json").write_text('{"stale": true}\n')  # a marker an earlier start left
+    user = {p: p.read_bytes() for p in (out / "stages").rglob("*") if p.is_file()}
+
+    res = _invoke(audit_args(inputs, out, "--budget", 1), ok=False)  # all 12 prompts: refused
+    assert res.exit_code == 2 and "budget" in res.output, res.output
+    assert not (out / "manifest.json").exists()
+    assert {p: p.read_bytes() for p in user if p.is_file()} == user, "a refused audit changed the user's files"
+
+    few = tmp_path / "few.csv"  # other prompts: the refused start's candidates are not reused
+    pd.read_csv(prompts).iloc[:4].to_csv(few, index=False)
+    args = audit_args(inputs, out, "--top", 2)
+    _invoke([*args[: args.index("--prompts") + 1], few, *args[args.index("--prompts") + 2 :]])
+    m = _manifest(out)
+    assert m["status"] == "complete" and m["stages"]["candidates"]["prompts_kept"] == 4
+    assert len(pd.read_parquet(out / "candidates.parquet")) == 4
+    assert "stale" not in m["stages"]["triage"] and m["stages"]["triage"]["evaluations"] > 0
+    assert (out / "stages" / "important.txt").read_text() == "mine\n"
+    assert (out / "stages" / "sub" / "data.csv").read_text() == "a,b\n1,2\n"

@@ -14,7 +14,6 @@ score that ranks is computed), and a manifest with
 
 from __future__ import annotations
 
-import shutil
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -23,7 +22,9 @@ import pandas as pd
 
 from memscan.audit.budget import AuditBudget, check_one_round, full_budget, resolve_budget
 from memscan.audit.stages import (
+    STAGES,
     candidates_stage,
+    clear_markers,
     extract_rounds,
     skip_triage,
     triage_stage_run,
@@ -185,9 +186,7 @@ def audit(
         identity = ("config", "audit", "triage_config", *identities, "definitions")
         if run.resuming:  # a resumed audit must be the same audit (checked before any stage)
             run.start(fields, identity=identity, started=started)
-        else:  # a fresh start: what a refused start left behind is not reused
-            shutil.rmtree(run.root / "stages", ignore_errors=True)
-        # 1. candidates (no model needed)
+        # 1. candidates (no model needed; a new run computes them anew, whatever marker it finds)
         cands, rec_cand = candidates_stage(run, train, prompts, duplicates, candidates, min_count, progress, listing)
         missing = sorted(set(map(str, controls)) - set(cands["prompt_id"].astype(str)))
         if missing:
@@ -243,6 +242,10 @@ def _stages(
         shape = probe.shape
         training = training_at_shape(train, shape, run.store.log)
         if run.manifest.get("status") != "running":
+            # a new run, accepted: the later stages' markers an earlier start may have left (only
+            # those exact files: --out may be a folder of the user's) are not reused; a refused
+            # invocation returned above, having removed nothing
+            clear_markers(run, [s for s in STAGES if s != "candidates"])
             fields, identity, started = start
             run.start(fields, identity=identity, started=started)
         run.manifest.update(

@@ -48,6 +48,21 @@ def marker_path(run: Run, stage: str) -> Path:
     return run.root / "stages" / f"{stage}.json"
 
 
+def clear_markers(run: Run, stages=STAGES) -> list[str]:
+    """Remove the markers of ``stages`` (``stages/<name>.json``, the files :func:`write_marker`
+    writes) and nothing else: the ``stages`` folder and any other file in it are kept (``--out``
+    may be a folder of the user's). Returns the names removed."""
+    removed = []
+    for stage in stages:
+        path = marker_path(run, stage)
+        if path.is_file():
+            path.unlink()
+            removed.append(path.name)
+    if removed:
+        run.store.log(f"audit: removed stage marker(s) of an earlier unfinished start: {', '.join(removed)}")
+    return removed
+
+
 def read_marker(run: Run, stage: str) -> dict | None:
     """The record of a finished stage (None while it is not finished)."""
     import json
@@ -70,8 +85,10 @@ def candidates_stage(
     run: Run, train, prompts, duplicates: DuplicateConfig, top: int, min_count: int, progress: bool, listing=None
 ) -> tuple[pd.DataFrame, dict]:
     """The candidate prompts (``--prompts``, or the captions of the most duplicated images);
-    ``listing``: ``train`` already listed (:func:`~memscan.data.training.list_source`)."""
-    done = read_marker(run, "candidates")
+    ``listing``: ``train`` already listed (:func:`~memscan.data.training.list_source`). Only a
+    resumed run reuses a finished stage: a marker in a new run's folder was left by a start that
+    was refused before its manifest (with other inputs, perhaps), and is written anew."""
+    done = read_marker(run, "candidates") if run.resuming else None
     if done is not None:
         return pd.read_parquet(run.root / "candidates.parquet"), done
     if prompts is not None:
