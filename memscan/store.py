@@ -519,6 +519,23 @@ def _flocked(fd: int):
         fcntl.flock(fd, fcntl.LOCK_UN)
 
 
+#: What ``run.log`` writes escaped: C0 controls but tab, DEL and C1 controls, the Unicode line and
+#: paragraph separators (all of them line breaks to some reader) and lone surrogates.
+_LOG_UNSAFE = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+
+
+def _log_escape(m: re.Match) -> str:
+    """The escape of one :data:`_LOG_UNSAFE` character: ``\\n``/``\\r``, a file name's undecodable
+    byte (the surrogate ``os.fsdecode`` makes of it) as that byte, ``\\xNN`` or ``\\uNNNN``."""
+    c = m.group()
+    o = ord(c)
+    if c in "\n\r":
+        return "\\n" if c == "\n" else "\\r"
+    if 0xDC80 <= o <= 0xDCFF:
+        return f"\\x{o - 0xDC00:02x}"
+    return f"\\x{o:02x}" if o <= 0xFF else f"\\u{o:04x}"
+
+
 class RunStore:
     """Read and write one run directory."""
 
@@ -592,8 +609,13 @@ class RunStore:
             atomic_write_json(self.manifest_path, manifest)
 
     def log(self, message: str) -> None:
-        with open(self.root / "run.log", "a", encoding="utf-8") as f:
-            f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {message}\n")
+        """Append ``message`` to ``run.log`` as one timestamped line. Messages carry paths, ids and
+        exception text: line breaks and other control characters are written escaped (``\\n``,
+        ``\\x1b``, ``\\u2028``), and so is a file name's undecodable byte (a lone surrogate,
+        ``\\xff``), so a call writes exactly one line and no message can forge another."""
+        line = _LOG_UNSAFE.sub(_log_escape, str(message))
+        with open(self.root / "run.log", "a", encoding="utf-8", errors="backslashreplace") as f:
+            f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {line}\n")
 
     # ---- shards ---------------------------------------------------------------------------
     def _record_path(self, shard: int) -> Path:

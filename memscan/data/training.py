@@ -15,6 +15,8 @@ This module is the one place that tells the layouts apart: :func:`list_source` l
 streaming reader of :mod:`memscan.index.source` decodes a listing in batches.
 
 Unreadable images are counted and named (``skipped``), never fatal and never silently dropped.
+An image whose file name (or folder, or tar member name) is not valid UTF-8 is refused when
+listed, naming it, like two images sharing an id: its name cannot be an id (rename it).
 """
 
 from __future__ import annotations
@@ -122,16 +124,59 @@ def list_source(path: str | Path) -> SourceListing:
         entries, problems = webdataset.list_samples(p)
         skipped = [q for q in problems if not q.get("kept")]
         warnings = [{k: v for k, v in q.items() if k != "kept"} for q in problems if q.get("kept")]
-        return SourceListing(str(path), entries, skipped, warnings, layout)
+        return _named_in_utf8(SourceListing(str(path), entries, skipped, warnings, layout))
     if p.is_dir():
         entries, warnings = _list_folder(p)
-        return SourceListing(str(path), entries, warnings=warnings, layout="folder")
+        return _named_in_utf8(SourceListing(str(path), entries, warnings=warnings, layout="folder"))
     if p.suffix.lower() in (".csv", ".parquet"):
-        return SourceListing(str(path), _list_manifest(p), layout="manifest")
+        return _named_in_utf8(SourceListing(str(path), _list_manifest(p), layout="manifest"))
     raise InputError(
         f"training set {path} is neither a folder nor a .csv/.parquet manifest",
         "pass a folder of images, or a manifest with columns id, path, caption",
     )
+
+
+def _utf8(text: str) -> bool:
+    """Whether ``text`` is valid UTF-8 text (a file name with an undecodable byte holds a surrogate)."""
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _shown_path(text: str) -> str:
+    """``text`` (a path) printable as it is on disk: an undecodable byte of a file name is shown
+    ``\\xNN`` (``bad\\xff.png``), not as the surrogate Python holds it as."""
+    try:
+        return os.fsencode(text).decode("utf-8", "backslashreplace")
+    except UnicodeError:  # a surrogate no file name decodes to
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _named_in_utf8(listing: SourceListing) -> SourceListing:
+    """``listing``, once every image's id and path (and tar member) is valid UTF-8.
+
+    A file name that is not (an undecodable byte, e.g. from another system's encoding) cannot be
+    an id: ids and paths are written as text to the run's tables, manifest and log. Such an image is
+    refused with one error naming it, before any run writes anything — not skipped: the file
+    itself may be a readable training image, and a skip would leave it out of the scan for a fix
+    (a rename) that is the user's to make, like two images sharing an id."""
+    bad = []
+    for e in listing.entries:
+        member = getattr(e, "member", "") or ""
+        if not (_utf8(str(e.id)) and _utf8(str(e.path)) and _utf8(member)):
+            bad.append(f"{e.path}:{member}" if member else str(e.path))
+    if bad:
+        more = f" (and {len(bad) - 1} more such name(s))" if len(bad) > 1 else ""
+        raise InputError(
+            f"training image {_shown_path(bad[0])} of training set {_shown_path(listing.source)} has a name that "
+            f"is not valid UTF-8{more}",
+            "rename it (and every other such file or folder) to a UTF-8 name: ids and paths are stored as text",
+        )
+    return listing
 
 
 def list_training_set(path: str | Path) -> list:
@@ -325,12 +370,12 @@ def training_set_sha256(train: str | Path | SourceListing | TrainingSet) -> str:
     if isinstance(train, TrainingSet):
         h.update(b"loaded\0" + str(train.images.shape).encode() + b"\0")
         for i in train.ids:
-            h.update(str(i).encode() + b"\0")
+            h.update(str(i).encode("utf-8", "surrogateescape") + b"\0")
         h.update(np.ascontiguousarray(train.images).data)
         return h.hexdigest()
     listing = train if isinstance(train, SourceListing) else list_source(train)
     for i, size in sorted((str(e.id), _entry_size(e)) for e in listing.entries):
-        h.update(f"{i}\0{size}\0".encode())
+        h.update(f"{i}\0{size}\0".encode("utf-8", "surrogateescape"))
     return h.hexdigest()
 
 
