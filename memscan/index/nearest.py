@@ -102,7 +102,8 @@ def _flat(images: np.ndarray, name: str) -> np.ndarray:
         if not np.issubdtype(a.dtype, np.floating) or (a.size and (a.min() < 0 or a.max() > 1)):
             raise InputError(f"{name}: expected uint8 or float in [0, 1], got {a.dtype}", "pass uint8 0..255")
         a = np.round(a * 255.0).astype(np.uint8)
-    return a.reshape(a.shape[0], -1)
+    # (an explicit width: ``-1`` cannot be inferred for an empty batch)
+    return a.reshape(a.shape[0], int(np.prod(a.shape[1:], dtype=np.int64)))
 
 
 def pixel_distances(
