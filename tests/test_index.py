@@ -209,6 +209,108 @@ def test_flat_index_returns_brute_force_neighbours():
     assert i[0].tolist()[3:] == [-1, -1] and np.isneginf(s[0, 3:]).all()
 
 
+def _float64_topk(q, x, k):
+    """Independent brute force: float64 similarities of the float32 vectors, rounded to float32,
+    sorted descending with ties by the lower row (a stable sort over every row)."""
+    key = (np.asarray(q, np.float32).astype(np.float64) @ np.asarray(x, np.float32).astype(np.float64).T).astype(
+        np.float32
+    )
+    order = np.lexsort((np.broadcast_to(np.arange(x.shape[0]), key.shape), -key), axis=1)[:, :k]
+    return np.take_along_axis(key, order, 1), order
+
+
+def _flat_layouts(x, tmp_path, chunk=7):
+    """The same flat index in memory, built in 2 and 3 shards, loaded back, and memory-mapped
+    (unsharded and in 2 parts, searched in chunks of ``chunk`` rows)."""
+    ids = [f"t{i}" for i in range(len(x))]
+    out = {
+        "memory": TrainingIndex.from_embeddings(x, ids, params=IndexParams("flat")),
+        "2 shards": TrainingIndex.from_embeddings(x, ids, params=IndexParams("flat", shards=2)),
+        "3 shards": TrainingIndex.from_embeddings(x, ids, params=IndexParams("flat", shards=3)),
+    }
+    out["memory"].save(tmp_path / "one")
+    out["2 shards"].save(tmp_path / "two")
+    out["loaded"] = TrainingIndex.load(tmp_path / "one")
+    out["mmap"] = TrainingIndex.load(tmp_path / "one", mmap=True)
+    out["mmap 2 shards"] = TrainingIndex.load(tmp_path / "two", mmap=True)
+    out["mmap"].index.chunk = chunk
+    for part in out["mmap 2 shards"].index.parts:
+        part.chunk = chunk
+    return out
+
+
+def test_exact_duplicates_tied_at_the_kth_place_give_the_lower_row_in_every_flat_layout(tmp_path):
+    """Row 37 is a copy of row 3 and k is chosen so the two tie at the k-th place: every layout
+    keeps row 3 with the same similarity, the float64 brute force's answer (float32 search alone
+    scores the copies differently by position, and FAISS's heap may keep either)."""
+    wrong_rows, wrong_sims = [], []
+    for seed in range(30):
+        rng = np.random.default_rng(seed)
+        x = l2_normalize(rng.normal(size=(40, 7))).astype(np.float32)
+        x[37] = x[3]
+        q = l2_normalize(rng.normal(size=(1, 7))).astype(np.float32)
+        exact = (q.astype(np.float64) @ x.astype(np.float64).T)[0]
+        k = int((exact > exact[3]).sum()) + 1
+        want_sims, want_rows = _float64_topk(q, x, k)
+        assert want_rows[0, -1] == 3
+        for name, index in _flat_layouts(x, tmp_path / str(seed)).items():
+            sims, rows = index.search(q, k)
+            assert sims.dtype == np.float32 and rows.dtype == np.int64
+            if rows.tolist() != want_rows.tolist():
+                wrong_rows.append((seed, name, int(rows[0, -1])))
+            if not np.array_equal(sims, want_sims):
+                wrong_sims.append((seed, name))
+    assert wrong_rows == []
+    assert wrong_sims == []
+
+
+def test_many_copies_across_the_kth_place_widen_the_candidates_and_agree_in_every_layout(tmp_path, monkeypatch):
+    """40 copies of one vector scattered over 300 rows, the k-th place falling among them (more
+    ties than the candidate margin): every layout returns the same lowest copies, in row order,
+    with equal similarities; a query without ties is answered by one search of k + margin."""
+    from memscan.index import faiss_index
+
+    rng = np.random.default_rng(7)
+    x = l2_normalize(rng.normal(size=(300, 48))).astype(np.float32)
+    copies = np.sort(rng.choice(300, 40, replace=False))
+    x[copies] = x[copies[0]]
+    q = l2_normalize(x[copies[:1]] + 0.6 * rng.normal(size=(3, 48))).astype(np.float32)
+    exact = q.astype(np.float64) @ x.astype(np.float64).T
+    k = int((exact[0] > exact[0, copies[0]]).sum()) + 5  # 5 of the 40 copies make the k best
+    want_sims, want_rows = _float64_topk(q, x, k)
+    assert set(want_rows[0, -5:].tolist()) == set(copies[:5].tolist())
+    answers = {name: index.search(q, k) for name, index in _flat_layouts(x, tmp_path, chunk=16).items()}
+    for name, (sims, rows) in answers.items():
+        assert rows.tolist() == want_rows.tolist(), name
+        np.testing.assert_array_equal(sims, want_sims, err_msg=name)
+    # the float32 candidates are widened past the margin for the tied query, not for a plain one
+    index = TrainingIndex.from_embeddings(x, [f"t{i}" for i in range(300)], params=IndexParams("flat"))
+    asked, search = [], index.index.search
+    monkeypatch.setattr(index.index, "search", lambda qq, m: asked.append(m) or search(qq, m), raising=False)
+    index.search(q[:1], k)
+    assert len(asked) > 1 and asked[0] == k + faiss_index.EXACT_MARGIN
+    asked.clear()
+    plain = l2_normalize(rng.normal(size=(1, 48))).astype(np.float32)
+    sims, rows = index.search(plain, 3)
+    assert asked == [3 + faiss_index.EXACT_MARGIN] and rows.tolist() == _float64_topk(plain, x, 3)[1].tolist()
+
+
+@pytest.mark.parametrize("params", [IndexParams("ivf", nlist=4, nprobe=2), IndexParams("hnsw")])
+def test_approximate_index_orders_equal_similarities_by_the_lower_row(params):
+    """An approximate index promises no exact k best, but what it returns is ordered: similarity
+    descending, equal similarities (exact duplicates) by the lower row."""
+    rng = np.random.default_rng(1)
+    x = l2_normalize(rng.normal(size=(400, 16))).astype(np.float32)
+    copies = np.sort(rng.choice(np.arange(1, 400), 20, replace=False))
+    x[copies] = x[0]
+    index = TrainingIndex.from_embeddings(x, [f"t{i}" for i in range(400)], params=params)
+    sims, rows = index.search(x[:1], 10)
+    assert (np.diff(sims[0]) <= 0).all()
+    same = sims[0, 1:] == sims[0, :-1]
+    assert same.sum() >= 5  # the copies tie
+    assert (rows[0, 1:][same] > rows[0, :-1][same]).all()
+
+
 @pytest.mark.parametrize("params", [IndexParams("ivf", nlist=32, nprobe=8), IndexParams("hnsw", ef_search=64)])
 def test_approximate_index_recall_at_10(params):
     x = _clustered(4000, 32, centres=60)

@@ -6,7 +6,10 @@ the candidates it returns are re-ranked by exact distances on pixels.
 
 Embeddings are L2-normalised, so the index ranks by inner product = cosine similarity.
 
-- ``flat`` (``IndexFlatIP``): exact; the default up to :data:`FLAT_MAX` vectors.
+- ``flat`` (``IndexFlatIP``): exact; the default up to :data:`FLAT_MAX` vectors. Its float32
+  search proposes candidates, re-scored in float64 from the stored embeddings
+  (:meth:`TrainingIndex.search`): identical vectors tie exactly, ties go to the lower row, and
+  every layout (in memory, memory-mapped, sharded) gives the same answer.
 - ``ivf`` (``IndexIVFFlat``): ``nlist`` k-means cells (default ``4·sqrt(N)``), search visits
   ``nprobe`` of them; the default above :data:`FLAT_MAX` (build is a k-means on a sample plus one
   assignment pass; memory ≈ flat + 8 bytes per vector).
@@ -20,7 +23,9 @@ Embeddings are L2-normalised, so the index ranks by inner product = cosine simil
 Any of them can be built in ``shards`` parts over consecutive rows (one coarse quantizer and
 one product quantizer trained once, then copied into every part): each part is its own file,
 searchable alone (by another process or Ray worker), and :func:`merge_searches` merges their
-answers into the answer of the unsharded index.
+answers — for a flat index, the unsharded index's answer once :meth:`TrainingIndex.search` has
+re-scored the candidates; for an IVF / IVF-PQ index, the candidates of the same visited cells
+(an HNSW index built in parts is several graphs: its answer may differ).
 
 On disk an index is a folder (nothing pickled), a run directory of kind ``index``
 (:func:`memscan.store.open_run`: a killed build resumes with ``--resume``)::
@@ -251,9 +256,27 @@ class TrainingIndex:
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The ``k`` most similar indexed vectors of each (L2-normalised) query.
 
+        A flat index answers exactly, and the same in every layout (in memory, memory-mapped,
+        built in shards, parts served by Ray): the index's float32 search only proposes
+        candidates (``k`` plus a margin, widened per query until a bound on float32 rounding
+        shows no other row can enter the ``k`` best — :func:`_exact_top_k`), which are re-scored
+        in float64 from the stored embeddings, the same arithmetic for every row, so identical
+        vectors tie exactly wherever they are stored. Order: similarity descending, equal
+        similarities by the lower row — a stable brute-force sort of all rows.
+
+        An approximate index (ivf, ivfpq, hnsw) returns what its search found, ordered by the
+        similarities it computed, equal ones by the lower row; nothing more is promised: a
+        neighbour in an IVF cell not visited, or off the HNSW beam, is missed; which of several
+        equal candidates at the k-th place is kept is the index's choice; ivfpq similarities are
+        product-quantized approximations; a sharded IVF / IVF-PQ index visits the same cells as
+        the unsharded one (one quantizer) but a sharded HNSW index is several graphs, so its
+        answer may differ from an unsharded one's.
+
         Returns
         -------
-        similarities : Q×k float32, descending (cosine); ``-inf`` where fewer than k were found
+        similarities : Q×k float32, descending (cosine; flat: the float64 inner product of the
+            float32 query and stored embedding, rounded to float32); ``-inf`` where fewer than k
+            were found
         indices : Q×k int64 rows of the index; ``-1`` where fewer than k were found
         """
         q = np.ascontiguousarray(queries, dtype=np.float32)
@@ -264,12 +287,15 @@ class TrainingIndex:
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise InputError(f"k must be a positive integer, got {k!r}")
         k_eff = min(int(k), len(self))
-        sims, idx = self.index.search(q, k_eff)
+        if self.params.index_type == "flat":
+            sims, idx = _exact_top_k(self.index, self.embeddings, q, k_eff)
+        else:
+            sims, idx = self.index.search(q, k_eff)
         if k_eff < k:
             pad = k - k_eff
             sims = np.pad(sims, ((0, 0), (0, pad)), constant_values=-np.inf)
             idx = np.pad(idx, ((0, 0), (0, pad)), constant_values=-1)
-        # equal similarities (exact duplicates) by the lower row, however the index listed them
+        # equal similarities by the lower row, however the index listed them
         return merge_searches([(sims, idx)], int(k))
 
     def range_search(self, queries: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -619,9 +645,11 @@ def serve_index_on_ray(path: str | Path, *, cpus_per_part: float = 1, address: s
     """Open the index folder ``path`` with each of its parts searched by its own Ray actor.
 
     The driver reads ids, captions and locations (and memory-maps the embeddings, which it does
-    not search); each actor opens one part (:func:`open_index_part`) and the answers are merged
-    (:func:`merge_searches`) — the unsharded index's answer. ``index.index.close()`` stops the
-    actors. See :class:`memscan.runners.ray_runner.RayIndexParts`.
+    not search: of a flat index it reads only the rows proposed, to re-score them); each actor
+    opens one part (:func:`open_index_part`) and the answers are merged (:func:`merge_searches`)
+    — through :meth:`TrainingIndex.search`, a flat index's answer is the unsharded one's (for
+    the approximate kinds, see there). ``index.index.close()`` stops the actors. See
+    :class:`memscan.runners.ray_runner.RayIndexParts`.
     """
     from memscan.runners.ray_runner import RayIndexParts
 
@@ -656,8 +684,14 @@ def merge_searches(results: list[tuple[np.ndarray, np.ndarray]], k: int) -> tupl
     """Merge the searches of several index parts into the ``k`` best of their union.
 
     ``results``: per part, ``(similarities Q×k_p, global row ids Q×k_p)`` (``-1`` = none). The
-    merge orders by similarity, descending, ties by the lower row — the order of one search
-    over all rows. A part searched on another process (or Ray worker) is merged the same way.
+    merge orders by the similarities given (as float32), descending, ties by the lower row. A
+    part searched on another process (or Ray worker) is merged the same way.
+
+    The merge is only as consistent as the parts' similarities: float32 search gives identical
+    vectors slightly different values depending on where they are stored, and a part's heap may
+    have dropped the lower of two rows tied at its k-th place, so merged float32 answers can
+    differ from an unsharded search's among (near-)ties. :meth:`TrainingIndex.search` makes a
+    flat index's answer layout-independent by re-scoring (:func:`_exact_top_k`).
     """
     # 1. all parts' answers side by side; missing answers (-1) sort last
     sims = np.concatenate([np.asarray(s, np.float32) for s, _ in results], axis=1)
@@ -668,11 +702,94 @@ def merge_searches(results: list[tuple[np.ndarray, np.ndarray]], k: int) -> tupl
     return np.take_along_axis(sims, order, 1), np.take_along_axis(rows, order, 1)
 
 
+#: Candidates an exact (flat) search fetches beyond ``k`` (at least; ``k/4`` for a large ``k``)
+#: before re-scoring them in float64 (:func:`_exact_top_k`); a query whose candidates do not
+#: certify its ``k`` best is searched again with four times as many.
+EXACT_MARGIN = 16
+
+
+def _float32_dot_error(d: int) -> float:
+    """A bound on ``|float32 inner product − exact|`` of two ``d``-dimensional vectors of norm ≤ 1,
+    in any summation order (BLAS, FAISS): ``γ_d = d·u / (1 − d·u)``, ``u = 2⁻²⁴`` — doubled, for
+    the float64 re-scoring's own rounding and embeddings a little off unit norm."""
+    du = d * 2.0**-24
+    return 2.0 * du / max(1.0 - du, 1e-3)
+
+
+def _exact_similarities(q: np.ndarray, embeddings: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """The float64 inner products of each query (Q×D float32) with its candidate rows (Q×m of
+    ``embeddings``; ``-1`` → ``-inf``).
+
+    Every pair is computed by the same sequence of operations (exact float64 products of the
+    float32 values, added dimension by dimension in order; no BLAS, whose summation order
+    depends on where a row sits in the block): identical vectors get identical values wherever
+    they are stored, in whichever layout, batch or position they are re-scored.
+    """
+    n_q, m = rows.shape
+    d = q.shape[1]
+    flat = rows.ravel()
+    owner = np.repeat(np.arange(n_q), m)  # the query of each (query, row) pair
+    out = np.full(flat.size, -np.inf)
+    q32 = np.asarray(q, np.float32)
+    per = max(1, (1 << 21) // max(1, d))  # pairs per block: ≤ 2M products (16 MB) at once
+    for a in range(0, flat.size, per):
+        r = flat[a : a + per]
+        valid = r >= 0
+        uniq, inv = np.unique(np.where(valid, r, 0), return_inverse=True)  # sorted reads (a memory map)
+        e_t = np.asarray(embeddings[uniq], np.float32)[inv.ravel()].T.copy()  # D × pairs
+        q_t = q32[owner[a : a + per]].T.copy()
+        acc = np.zeros(len(r))
+        tmp = np.empty_like(acc)
+        for j in range(d):
+            np.multiply(e_t[j], q_t[j], out=tmp, dtype=np.float64)  # exact: 24 + 24 bits < 53
+            acc += tmp
+        out[a : a + per] = np.where(valid, acc, -np.inf)
+    return out.reshape(n_q, m)
+
+
+def _exact_top_k(index, embeddings: np.ndarray, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The exact ``k`` best rows of a flat ``index`` over ``embeddings`` for each query (Q×D float32),
+    by float64 similarity rounded to float32, descending, ties by the lower row (Q×k float32, int64).
+
+    ``index`` (FAISS, :class:`MmapFlat`, :class:`IndexParts`, parts served elsewhere) proposes its
+    float32 best ``m = k + margin``; they are re-scored (:func:`_exact_similarities`) and sorted.
+    A row ``r`` it did not propose has a float32 similarity ≤ ``s_m`` (its m-th), so an exact
+    one ≤ ``s_m + ε`` (:func:`_float32_dot_error` · ‖q‖, embeddings of unit norm): when that,
+    rounded to float32, is below the k-th re-scored value, no such row can reach or tie the k
+    best — else the query is searched again with ``4·m`` (at most every row). The answer is
+    thus the same whatever the index's float32 arithmetic, ties or layout.
+    """
+    n, n_q = int(embeddings.shape[0]), q.shape[0]
+    sims_out = np.full((n_q, k), -np.inf, np.float32)
+    rows_out = np.full((n_q, k), -1, np.int64)
+    eps = _float32_dot_error(q.shape[1]) * np.linalg.norm(q.astype(np.float64), axis=1)
+    todo = np.arange(n_q)
+    m = min(n, k + max(EXACT_MARGIN, k // 4))
+    while todo.size:
+        qt = np.ascontiguousarray(q[todo])
+        f, r = index.search(qt, m)
+        f, r = np.asarray(f, np.float32), np.asarray(r, np.int64)
+        key = _exact_similarities(qt, embeddings, r).astype(np.float32)
+        order = np.lexsort((np.where(r < 0, np.iinfo(np.int64).max, r), -key), axis=1)[:, :k]
+        top, rows = np.take_along_axis(key, order, 1), np.take_along_axis(r, order, 1)
+        if m >= n:  # every row was a candidate
+            done = np.ones(len(todo), bool)
+        else:  # (a missing answer, -1, leaves the query uncertified: searched again)
+            s_m = np.where(r < 0, -np.inf, f).min(axis=1).astype(np.float64)
+            done = (r >= 0).all(axis=1) & ((s_m + eps[todo]).astype(np.float32) < top[:, -1])
+        sims_out[todo[done]], rows_out[todo[done]] = top[done], rows[done]
+        todo = todo[~done]
+        m = min(n, 4 * m)
+    return sims_out, rows_out
+
+
 class IndexParts:
     """An index built in parts over consecutive rows; :meth:`search` merges the parts' answers.
 
     Each part is a FAISS index (or :class:`MmapFlat`) over rows ``offsets[p]…``; it can be
-    searched alone anywhere, and :func:`merge_searches` gives the unsharded answer.
+    searched alone anywhere, and :func:`merge_searches` merges the answers (float32, as the
+    parts computed them: among ties they may differ from an unsharded search's;
+    :meth:`TrainingIndex.search` re-scores a flat index's candidates so they do not).
     """
 
     def __init__(self, parts: list, offsets: list[int]):
@@ -722,11 +839,14 @@ def _at_least_kth(sims: np.ndarray, k: int, offset: int) -> tuple[np.ndarray, np
 
 
 class MmapFlat:
-    """Exact inner-product search over memory-mapped embeddings, in place, chunk by chunk.
+    """Inner-product search over memory-mapped embeddings, in place, chunk by chunk (float32 BLAS).
 
     What a flat index is when opened with ``mmap=True``: nothing is copied into memory beyond
     one chunk of rows (the operating system pages the embeddings in and shares them between
-    processes).
+    processes). Its similarities are float32 BLAS sums, which differ from FAISS's (and between
+    identical rows at different positions) in the last bits: ties in its own values go to the
+    lower row; :meth:`TrainingIndex.search` re-scores its candidates in float64 so that the
+    answer equals the in-memory index's.
     """
 
     def __init__(self, embeddings: np.ndarray, chunk: int = 65536):
