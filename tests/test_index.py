@@ -401,6 +401,30 @@ def invoke(*args):
     return CliRunner().invoke(app, [str(a) for a in args])
 
 
+def test_overwrite_removes_only_what_an_index_run_wrote(tmp_path):
+    """``--overwrite`` on a folder that held no index deleted the user's ``report.html``,
+    ``index.faiss`` and every file in ``shards/``; on an index folder, every file in ``shards/``."""
+    write_training_set(tmp_path / "train", 8, size=16)
+    site = tmp_path / "site"
+    (site / "shards").mkdir(parents=True)
+    (site / "report.html").write_text("the user's page")
+    (site / "shards" / "notes.txt").write_text("the user's notes")
+    res = invoke("index", tmp_path / "train", "--out", site, "--embedder", "pixel:4", "--overwrite", "--quiet")
+    assert res.exit_code == 0, res.output
+    assert len(TrainingIndex.load(site)) == 8
+    assert (site / "report.html").read_text() == "the user's page"
+    assert (site / "shards" / "notes.txt").read_text() == "the user's notes"
+    # an index folder: its own shards are replaced, the user's file in shards/ stays
+    res = invoke("index", tmp_path / "train", "--out", site, "--embedder", "pixel:2", "--overwrite", "--quiet")
+    assert res.exit_code == 0, res.output
+    assert TrainingIndex.load(site).dim == 12
+    assert sorted(p.name for p in (site / "shards").iterdir()) == [
+        "00000.done.json",
+        "00000.embeddings.parquet",
+        "notes.txt",
+    ]
+
+
 def test_index_folder_is_a_run_overwrite_replaces_it_under_the_lock(tmp_path):
     """The index folder has a lifecycle manifest (kind ``index``); ``--overwrite`` replaces the
     index (old manifest, shards and files), refuses while another process holds the folder, and

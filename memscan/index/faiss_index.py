@@ -1037,14 +1037,19 @@ def build_index(
 
 def _remove_index(run: Run) -> None:
     """Empty an index folder for ``--overwrite`` (the lock is held): the old manifest, shards,
-    index files and report go; the new build starts afresh."""
+    index files and report go; the new build starts afresh. Only the files memscan names go, and
+    only from a folder that holds an index run (a manifest or ``index.json``): a folder of the
+    user's given to ``--overwrite`` keeps every file, and ``shards/`` keeps all but
+    ``NNNNN.*``."""
     root = run.root
+    if not ((root / "manifest.json").exists() or (root / "index.json").exists()):
+        return  # no index here: nothing to replace
     for name in ("manifest.json", "index.json", "embeddings.npy", "ids.parquet", "locations.parquet", ROWS_FILE,
                  "index.faiss", "report.html"):  # fmt: skip
         (root / name).unlink(missing_ok=True)
     for part in root.glob("index-[0-9][0-9][0-9].faiss"):
         part.unlink()
-    for f in run.store.shard_dir.glob("*"):
+    for f in run.store.shard_dir.glob("[0-9][0-9][0-9][0-9][0-9].*"):
         f.unlink()
     run.previous = None
 
