@@ -40,3 +40,52 @@ def test_lm_index_tokenizer_help_promises_no_checkpoint_sweep():
     text = _help("lm", "index")
     tokenizer = text[text.index("--tokenizer <str>") : text.index("--bytes <bool>")]
     assert "model directory" in tokenizer and "checkpoint" not in tokenizer
+
+
+def _commands(cmd, path=()):
+    yield path, cmd
+    for name, sub in sorted(getattr(cmd, "commands", {}).items()):
+        yield from _commands(sub, (*path, name))
+
+
+def _bracketed_notes(text: str) -> list[str]:
+    """The notes in square brackets, as a reader should see them (markup escapes removed)."""
+    plain = text.replace("\\[", "[")
+    return [m.group(0) for m in re.finditer(r"\[[a-zA-Z][^\[\]]*\]", plain)]
+
+
+def test_every_bracketed_note_in_an_option_help_is_shown_by_help():
+    # rich reads "[word...]" as a style tag and drops it unless escaped as "\[": a default such as
+    # "[cpu]" or "[model's]" vanished from --help
+    import typer.main
+
+    notes = [
+        (path, param.opts[0], note)
+        for path, cmd in _commands(typer.main.get_command(app))
+        for param in cmd.params
+        for note in _bracketed_notes(getattr(param, "help", None) or "")
+    ]
+    assert len(notes) > 40  # the walk found the commands and their options
+    rendered: dict[tuple, str] = {}
+    missing = []
+    for path, opt, note in notes:
+        if path not in rendered:
+            res = runner.invoke(app, [*path, "--help"], env={"COLUMNS": "300", "NO_COLOR": "1"}, terminal_width=300)
+            assert res.exit_code == 0, (path, res.output)
+            rendered[path] = re.sub(r"\s+", " ", re.sub(r"[│╭╮╰╯─]", " ", res.output))
+        if re.sub(r"\s+", " ", note) not in rendered[path]:
+            missing.append(f"memscan {' '.join(path)} {opt}: {note}")
+    assert not missing, "\n".join(missing)
+
+
+def test_every_bracketed_note_in_a_command_help_is_shown_by_help():
+    import typer.main
+
+    for path, cmd in _commands(typer.main.get_command(app)):
+        notes = _bracketed_notes(cmd.help or "")
+        if not notes:
+            continue
+        res = runner.invoke(app, [*path, "--help"], env={"COLUMNS": "300", "NO_COLOR": "1"}, terminal_width=300)
+        text = re.sub(r"\s+", " ", re.sub(r"[│╭╮╰╯─]", " ", res.output))
+        for note in notes:
+            assert re.sub(r"\s+", " ", note) in text, (path, note)

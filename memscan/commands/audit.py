@@ -43,12 +43,14 @@ def register(app: typer.Typer) -> None:
         ),
         top: int | None = typer.Option(None, "--top", help="attack the K highest-ranked prompts instead of a budget"),
         prompts: Path | None = typer.Option(
-            None, "--prompts", help="candidate prompts (text, CSV or Parquet) [captions of the most duplicated images]"
+            None,
+            "--prompts",
+            help="candidate prompts (text, CSV or Parquet) \\[captions of the most duplicated images]",
         ),
         candidates: int = typer.Option(1000, "--candidates", help="duplicate clusters taken as candidates [1000]"),
         min_count: int = typer.Option(1, "--min-count", help="skip clusters whose duplicate count is below this [1]"),
         score: str = typer.Option(
-            "wen", "--score", help="triage score that ranks the prompts, the only one computed: wen or webster [wen]"
+            "wen", "--score", help="triage score that ranks the prompts, the only one computed: wen or webster \\[wen]"
         ),
         generations: int = typer.Option(4, "--triage-generations", help="triage: initial noises per prompt [4]"),
         triage_steps: int = typer.Option(1, "--triage-steps", help="triage: denoising steps scored [1]"),
@@ -62,15 +64,15 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(0, help="run seed [0]"),
         batch_size: int = typer.Option(64, help="generations per model call [64]"),
         shard_size: int = typer.Option(8, help="prompts per extraction shard [8]"),
-        steps: int | None = typer.Option(None, help="sampler steps per image (diffusers models) [model's]"),
-        guidance_scale: float | None = typer.Option(None, help="classifier-free guidance scale [model's]"),
+        steps: int | None = typer.Option(None, help="sampler steps per image (diffusers models) \\[model's]"),
+        guidance_scale: float | None = typer.Option(None, help="classifier-free guidance scale \\[model's]"),
         device: str = typer.Option("cpu", help="cpu or cuda"),
         resume: bool = resume_option(),
         runner: str = runner_option(),
         ray_address: str | None = ray_address_option(),
         num_workers: int | None = num_workers_option(),
         gpus_per_worker: float | None = gpus_per_worker_option(),
-        report: bool = typer.Option(True, "--report/--no-report", help="write report.html at the end [on]"),
+        report: bool = typer.Option(True, "--report/--no-report", help="write report.html at the end \\[on]"),
         quiet: bool = quiet_option(),
     ):
         from memscan.audit import AuditBudget, default_extract_config

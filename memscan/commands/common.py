@@ -93,13 +93,13 @@ def ray_address_option() -> str | None:
     return typer.Option(
         None,
         "--ray-address",
-        help="runner ray: existing cluster (auto, HOST:6379, ray://HOST:10001) [start a local Ray]",
+        help="runner ray: existing cluster (auto, HOST:6379, ray://HOST:10001) \\[start a local Ray]",
     )
 
 
 def num_workers_option(load: str = "one model load each") -> int | None:
     """``--num-workers``: Ray workers."""
-    return typer.Option(None, "--num-workers", help=f"runner ray: workers, {load} [as many as the cluster fits]")
+    return typer.Option(None, "--num-workers", help=f"runner ray: workers, {load} \\[as many as the cluster fits]")
 
 
 def gpus_per_worker_option() -> float | None:

@@ -41,13 +41,13 @@ def register(app: typer.Typer) -> None:
             "or label (a numeric --label)",
         ),
         label: list[str] = typer.Option(
-            [], "--label", help="RUN=TEXT: the name shown for a run (repeatable) [the run's folder name]"
+            [], "--label", help="RUN=TEXT: the name shown for a run (repeatable) \\[the run's folder name]"
         ),
         allow_mismatch: bool = typer.Option(
             False,
             "--allow-mismatch",
             help="compare runs of one kind made with different thresholds or data; they are flagged in the table "
-            "and the page [refused]",
+            "and the page \\[refused]",
         ),
         k: int = typer.Option(5, "--k", help="neighbour of the k-NN outlier score (Ramaswamy et al. 2000)"),
         index: Path | None = typer.Option(

@@ -134,9 +134,9 @@ def demo_lm_train(
     bf16: bool = typer.Option(
         True,
         "--bf16/--fp32",
-        help="bfloat16 autocast for forward and loss (float32 weights): ≈ 2× faster a step [bf16]",
+        help="bfloat16 autocast for forward and loss (float32 weights): ≈ 2× faster a step \\[bf16]",
     ),
-    device: str = typer.Option("cpu", "--device", help="where to train: cpu, cuda, cuda:1 [cpu]"),
+    device: str = typer.Option("cpu", "--device", help="where to train: cpu, cuda, cuda:1 \\[cpu]"),
     quiet: bool = quiet_option("no loss log"),
 ):
     """Retrain the LM demo model from its recorded recipe: 7,200 bf16 steps — ≈ 22 min on 2 CPU cores

@@ -42,7 +42,7 @@ def register(app: typer.Typer) -> None:
             None,
             "--train",
             help="training images: folder, CSV/Parquet manifest (id, path, caption), webdataset .tar, img2dataset "
-            "output [with --index: where the index recorded them]",
+            "output \\[with --index: where the index recorded them]",
         ),
         index: Path | None = typer.Option(
             None,
@@ -58,7 +58,7 @@ def register(app: typer.Typer) -> None:
             "--serve-index-cpus",
             help="with --index and --runner ray: serve each part of a sharded index (`memscan index --index-shards`) "
             "from its own Ray actor reserving this many CPUs, so that no worker opens the whole index "
-            "[off: each worker opens it memory-mapped]",
+            "\\[off: each worker opens it memory-mapped]",
         ),
         out: Path = typer.Option(..., "--out", help="run directory to write"),
         samples_per_prompt: int | None = typer.Option(None, help="generations per prompt [500]"),
@@ -69,35 +69,39 @@ def register(app: typer.Typer) -> None:
         seed: int | None = typer.Option(None, help="run seed [0]"),
         batch_size: int | None = typer.Option(None, help="generations per model call [64]"),
         shard_size: int | None = typer.Option(None, help="prompts per shard [8]"),
-        device: str | None = typer.Option(None, help="cpu or cuda [cpu]"),
+        device: str | None = typer.Option(None, help="cpu or cuda \\[cpu]"),
         adaptive: bool | None = typer.Option(
-            None, "--adaptive/--full-budget", help="sample in rounds, stop prompts with no pair within alpha [off]"
+            None, "--adaptive/--full-budget", help="sample in rounds, stop prompts with no pair within alpha \\[off]"
         ),
         first_round: int | None = typer.Option(None, help="adaptive: generations before the first decision [50]"),
         round_size: int | None = typer.Option(None, help="adaptive: generations per further round [50]"),
         continue_clique: int | None = typer.Option(None, help="adaptive: continue while the clique has ≥ this [2]"),
         stop_when_detected: bool | None = typer.Option(
-            None, "--stop-when-detected/--no-stop-when-detected", help="adaptive: stop once flagged [on]"
+            None, "--stop-when-detected/--no-stop-when-detected", help="adaptive: stop once flagged \\[on]"
         ),
-        steps: int | None = typer.Option(None, help="sampler steps per image (diffusers models) [model's]"),
-        guidance_scale: float | None = typer.Option(None, help="classifier-free guidance scale [model's]"),
+        steps: int | None = typer.Option(None, help="sampler steps per image (diffusers models) \\[model's]"),
+        guidance_scale: float | None = typer.Option(None, help="classifier-free guidance scale \\[model's]"),
         scheduler: str | None = typer.Option(
             None, help="text-to-image: ddim, ddpm, pndm, euler, euler-ancestral, dpm++, unipc, lms"
         ),
         dtype: str | None = dtype_option(
             "image",
             None,
-            help="text-to-image: auto, fp32 or float32, fp16 or float16, bf16 or bfloat16 [auto: fp16 on cuda]",
+            help="text-to-image: auto, fp32 or float32, fp16 or float16, bf16 or bfloat16 \\[auto: fp16 on cuda]",
         ),
-        height: int | None = typer.Option(None, help="text-to-image: output height [native]"),
-        width: int | None = typer.Option(None, help="text-to-image: output width [native]"),
+        height: int | None = typer.Option(None, help="text-to-image: output height \\[native]"),
+        width: int | None = typer.Option(None, help="text-to-image: output width \\[native]"),
         resume: bool = resume_option(),
         runner: str = runner_option(),
         ray_address: str | None = ray_address_option(),
         num_workers: int | None = num_workers_option(),
         gpus_per_worker: float | None = gpus_per_worker_option(),
         config: Path | None = typer.Option(
-            None, "--config", help="TOML file with these options (an \\[extract] table or top-level keys)"
+            None,
+            "--config",
+            help="TOML file (an \\[extract] table or top-level keys) of these settings only: samples_per_prompt, "
+            "grid, alpha, min_clique, delta, seed, batch_size, shard_size, device, n_nearest, max_expansions, "
+            "adaptive, first_round, round_size, continue_clique, stop_when_detected; explicit options win",
         ),
         quiet: bool = quiet_option(),
     ):

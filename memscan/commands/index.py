@@ -29,7 +29,7 @@ def register(app: typer.Typer) -> None:
             "vector), hnsw",
         ),
         nlist: int | None = typer.Option(None, help="IVF cells (ivf, ivfpq) [4·sqrt(N)]"),
-        nprobe: int | None = typer.Option(None, help="IVF cells visited per query [max(8, nlist/8)]"),
+        nprobe: int | None = typer.Option(None, help="IVF cells visited per query \\[max(8, nlist/8)]"),
         pq_m: int = typer.Option(64, "--pq-m", help="ivfpq: bytes per vector code (must divide the dimension)"),
         index_shards: int = typer.Option(
             1, "--index-shards", help="build the index in this many parts (one file each; searches are merged)"

@@ -50,7 +50,7 @@ def _outliers_option() -> bool:
         "--outliers",
         help="once the run is complete, score every example by its k-NN distance (k = 5) to the other training "
         "examples and record it in the run (outliers.parquet) for its report; `memscan report RUN --outliers "
-        "[--index INDEX] [--k K]` recomputes it [off]",
+        "[--index INDEX] [--k K]` recomputes it \\[off]",
     )
 
 
@@ -88,7 +88,7 @@ def register(app: typer.Typer) -> None:
         noise_draws: int = typer.Option(4, "--noise-draws", help="noise draws K per example"),
         flip: bool = typer.Option(False, "--flip", help="also average over horizontal flips"),
         attacks: str | None = typer.Option(
-            None, "--attacks", help="comma list of loss, lira_online, lira_offline, lira_*_fixed [all with shadows]"
+            None, "--attacks", help="comma list of loss, lira_online, lira_offline, lira_*_fixed \\[all with shadows]"
         ),
         condition: str = typer.Option("auto", "--condition", help="auto, null, none or caption (class models)"),
         bootstrap: int = typer.Option(200, "--bootstrap", help="bootstrap replicates for 95% intervals"),

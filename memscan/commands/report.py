@@ -34,7 +34,7 @@ def register(app: typer.Typer) -> None:
             "--outliers",
             help="memscore / mia / inpaint / demo-mia / lm-mia runs: first score every example by its k-NN "
             "distance to the other training examples (RUN/outliers.parquet, outliers.json; recomputed if "
-            "present) so that the page shows memorization vs outliers [off: shown only if the run has them]",
+            "present) so that the page shows memorization vs outliers \\[off: shown only if the run has them]",
         ),
         index: Path | None = typer.Option(
             None,

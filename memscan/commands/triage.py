@@ -30,10 +30,10 @@ def register(app: typer.Typer) -> None:
         out: Path = typer.Option(..., "--out", help="triage run directory to write"),
         generations: int = typer.Option(4, help="initial noises per prompt"),
         steps: int = typer.Option(1, help="denoising steps scored (the first of the schedule)"),
-        num_inference_steps: int | None = typer.Option(None, help="schedule length [model's, else 50]"),
+        num_inference_steps: int | None = typer.Option(None, help="schedule length \\[model's, else 50]"),
         guidance_scale: float | None = typer.Option(
             None,
-            help="guidance used to advance the latent [model's, else 7.5; a class-conditional UNet: 1, as its extraction]",
+            help="guidance used to advance the latent \\[model's, else 7.5; a class-conditional UNet: 1, as its extraction]",
         ),
         scores: str = typer.Option(
             "wen,webster",
@@ -41,7 +41,7 @@ def register(app: typer.Typer) -> None:
             help="scores to compute, comma-separated (wen, webster); a score not asked for costs no UNet evaluation",
         ),
         score: str | None = typer.Option(
-            None, help="score that ranks prompts.csv: wen or webster [the first of --scores: wen when computed]"
+            None, help="score that ranks prompts.csv: wen or webster \\[the first of --scores: wen when computed]"
         ),
         top: int | None = typer.Option(None, "--top", help="keep the K highest-scoring prompts in prompts.csv"),
         min_score: float | None = typer.Option(None, "--min-score", help="keep prompts scoring at least this"),
@@ -53,10 +53,11 @@ def register(app: typer.Typer) -> None:
         device: str = typer.Option("cpu", help="cpu or cuda"),
         dtype: str = dtype_option("image", "auto", help="auto, fp32 or float32, fp16 or float16, bf16 or bfloat16"),
         height: int | None = typer.Option(
-            None, help="text-to-image: generations' height, as `memscan extract --height` [memscan.json's, else native]"
+            None,
+            help="text-to-image: generations' height, as `memscan extract --height` \\[memscan.json's, else native]",
         ),
         width: int | None = typer.Option(
-            None, help="text-to-image: generations' width, as `memscan extract --width` [memscan.json's, else native]"
+            None, help="text-to-image: generations' width, as `memscan extract --width` \\[memscan.json's, else native]"
         ),
         resume: bool = resume_option(),
         runner: str = runner_option(),
