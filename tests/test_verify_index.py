@@ -542,3 +542,40 @@ def test_an_ivf_search_that_returns_fewer_than_k_says_so_per_candidate(tmp_path,
     # the k-eidetic count is bounded by what was retrieved, and the record says so
     assert (got["eidetic_k"] <= got["retrieved"]).all()
     assert "fewer where the index returned fewer" in verifier.describe()["eidetic_k"]
+
+
+def test_the_expected_image_comes_first_among_its_exact_copies(tmp_path, synth_train):
+    """Two exact copies of t0003 sort before it (``copyA``, ``copyB``): all three lie at distance
+    0 from a perfect copy, ties went to the lowest row, and the rank-1 row read "does not match"
+    the prompt's own image. Now the expected image comes first among the ties — listed or not
+    (``n_nearest`` 2 lists only the two copies), through the training set and through an index —
+    and rows at other distances keep their order."""
+    train = tmp_path / "train"
+    train.mkdir()
+    for f in synth_train.iterdir():
+        (train / f.name).write_bytes(f.read_bytes())
+    for c in ("copyA", "copyB"):
+        (train / f"{c}.png").write_bytes((synth_train / "t0003.png").read_bytes())
+    training = load_training_set(train, size=(32, 32))
+    assert training.ids.index("copyA") < training.ids.index("t0003")
+    cands = pd.DataFrame(
+        {"prompt_id": ["p", "q"], "train_id": ["t0003", None], "clique_size": [12, 12],
+         "mean_clique_distance": [0.01, 0.01]}
+    )  # fmt: skip
+    img = np.stack([training_image("t0003"), training_image("t0003")])
+    for n in (2, 4):
+        full = verify_candidates(cands, img, training, delta=0.15, grid=4, n_nearest=n)
+        p, q = full[full["prompt_id"] == "p"], full[full["prompt_id"] == "q"]
+        assert p["train_id"].tolist()[:3] == ["t0003", "copyA", "copyB"][:n]
+        assert p["matches_expected"].tolist()[0] and (p["tiled_l2"].iloc[: min(n, 3)] == 0).all()
+        assert p["eidetic_k"].iloc[0] == 3
+        assert q["train_id"].tolist()[:2] == ["copyA", "copyB"]  # no expected image: lowest rows first
+        if n == 4:  # the 4th row, at a positive distance, is the same either way
+            assert p["train_id"].iloc[3] == q["train_id"].iloc[3] and p["tiled_l2"].iloc[3] > 0
+    idx = tmp_path / "idx"
+    build_index(train, idx, embedder="pixel:8", index_type="flat", progress=False)
+    v = IndexVerifier(IndexVerification(str(idx), 10))
+    got, _ = verify_candidates_indexed(cands, img, v, delta=0.15, grid=4, n_nearest=4)
+    p = got[got["prompt_id"] == "p"]
+    assert p["train_id"].tolist()[:3] == ["t0003", "copyA", "copyB"] and p["matches_expected"].iloc[0]
+    assert got[got["prompt_id"] == "q"]["train_id"].tolist()[:2] == ["copyA", "copyB"]

@@ -64,6 +64,7 @@ def verify_candidates(
     #    decisions are those of the exact distances rounded once to float32 on every device)
     near = refine_near(delta)
     dist, idx, _ = nearest_tiled_l2(images, training.images, k=n_nearest, grid=grid, exact_near=near)
+    expected_first(candidates, images, training, dist, idx, grid, near)
     # 2. the k-eidetic count of each extracted training image x (the nearest, within δ): the
     #    training images within δ of x itself, one pass over the training set for the distinct x
     extracted = dist[:, 0] <= delta
@@ -80,6 +81,37 @@ def verify_candidates(
         caps = [training.captions[int(i)] for i in idx[c]]
         rows.extend(extraction_rows(cand, dist[c], tids, caps, int(counts[c]), delta))
     return pd.DataFrame(rows, columns=EXTRACTION_COLUMNS)
+
+
+def expected_first(candidates, images, training, dist, idx, grid: int, near) -> None:
+    """In place: a candidate whose expected training image (``train_id``) lies at exactly its
+    nearest distance gets that image at rank 1. Exact copies of a training image tie with it, and
+    :func:`nearest_tiled_l2` resolves ties to the lowest training row, so a perfect copy of the
+    prompt's own image was reported as not matching it (``matches_expected`` False) whenever a
+    copy sat at a lower row, even one beyond the ``n_nearest`` listed. The distance of an
+    unlisted expected image is computed as the search computes it (the same exact values)."""
+    if "train_id" not in candidates.columns:
+        return
+    row_of = None
+    for c, e in enumerate(candidates["train_id"].tolist()):
+        if not isinstance(e, str) or training.ids[int(idx[c, 0])] == e:
+            continue
+        if row_of is None:
+            row_of = {t: j for j, t in enumerate(training.ids)}
+        j = row_of.get(e)
+        if j is None:
+            continue
+        hit = np.flatnonzero(idx[c] == j)
+        if hit.size:
+            r, d = int(hit[0]), dist[c, hit[0]]
+        else:
+            r = idx.shape[1] - 1  # listed now; the last row makes way
+            d = nearest_tiled_l2(images[c : c + 1], training.images[j : j + 1], k=1, grid=grid, exact_near=near)[0][
+                0, 0
+            ]
+        if d == dist[c, 0]:
+            idx[c, 1 : r + 1], dist[c, 1 : r + 1] = idx[c, :r].copy(), dist[c, :r].copy()
+            idx[c, 0], dist[c, 0] = j, d
 
 
 def refine_near(delta: float) -> float | None:

@@ -462,7 +462,19 @@ def _verify(candidates, images, verifier, stats, delta, grid, n_nearest):
             d_own = dist[m, np.searchsorted(union, own)]
             order = np.argsort(d_own, kind="stable")
             per_candidate[c] = (d_own[order], own[order])
-    # 4. the k-eidetic count of each extracted training image x (the nearest, within δ): the
+    # 4. the prompt's own training image first among the retrieved images tied at the nearest
+    #    distance (its exact copies tie with it; sorted in training order, a copy at a lower row
+    #    came first and the row read "does not match")
+    if "train_id" in candidates.columns:
+        for c, expected in enumerate(candidates["train_id"].tolist()):
+            if per_candidate[c] is None or not len(per_candidate[c][1]) or not isinstance(expected, str):
+                continue
+            d_c, r_c = per_candidate[c]
+            own = [t for t in np.flatnonzero(d_c == d_c[0]) if verifier.index.ids[int(r_c[t])] == expected]
+            if own and own[0] > 0:
+                order = np.r_[own[0], np.delete(np.arange(len(r_c)), own[0])]
+                per_candidate[c] = (d_c[order], r_c[order])
+    # 5. the k-eidetic count of each extracted training image x (the nearest, within δ): the
     #    candidate's retrieved images within δ of x itself
     counts = _eidetic_counts(per_candidate, rows, readable, kept, decoded, delta, grid)
     out = []
@@ -475,7 +487,7 @@ def _verify(candidates, images, verifier, stats, delta, grid, n_nearest):
             stats.unverified.append(str(cand.prompt_id))  # nothing readable retrieved (or nothing retrieved)
             continue
         d_c, r_c = per_candidate[c]
-        # 5. this candidate's retrieved images, nearest first
+        # 6. this candidate's retrieved images, nearest first
         within = int(counts[c])
         top = r_c[: min(n_nearest, len(r_c))]
         rows_c = extraction_rows(
