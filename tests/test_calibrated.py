@@ -125,3 +125,17 @@ def test_pixel_distances_of_given_pairs():
     assert np.isinf(d[:, 2]).all()
     with pytest.raises(InputError, match="divide"):
         pixel_distances(q, r, pairs, "tiled_l2", grid=3)
+
+
+def test_float_images_are_compared_as_their_8_bit_pixels():
+    """As documented: float images in [0, 1] are quantized to round(255·x) before the exact
+    search, so they give exactly what their uint8 pixels give (not the float images' ℓ2)."""
+    rng = np.random.default_rng(5)
+    train = rng.uniform(0.4, 0.6, (60, 8, 8, 3))
+    gen = np.clip(train[:3] + rng.normal(0, 0.01, (3, 8, 8, 3)), 0, 1)
+    q = lambda x: np.round(x * 255.0).astype(np.uint8)  # noqa: E731
+    as_float, as_uint8 = calibrated_distance(gen, train), calibrated_distance(q(gen), q(train))
+    np.testing.assert_array_equal(as_float.calibrated, as_uint8.calibrated)
+    np.testing.assert_array_equal(as_float.nearest_index, as_uint8.nearest_index)
+    brute = np.sqrt(((q(gen)[:, None].astype(float) - q(train)[None].astype(float)) ** 2).mean((2, 3, 4))) / 255.0
+    np.testing.assert_allclose(as_float.nearest_distance, brute.min(1), rtol=1e-12)

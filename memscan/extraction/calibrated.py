@@ -129,6 +129,12 @@ def calibrated_distance(
     ℓ2 with a certificate). Pass ``searcher`` (a ``PixelSearch`` over ``training_images``) to
     reuse one across calls.
 
+    Images are compared as 8-bit pixels, as they are saved and as ``memscan
+    extract-unconditional`` makes its generations: float images in [0, 1] are first quantized
+    to ``round(255·x)``. The distances are those of the quantized images, exactly; for
+    low-contrast float images they can differ from :func:`memscan.distances.l2` of the floats by
+    about one grey level's worth (quantize the images first to compare the two).
+
     Examples
     --------
     >>> import numpy as np
