@@ -66,11 +66,12 @@ def demo_train(
     out: Path = typer.Option(Path("memscan/demo/model"), "--out", help="model directory to write"),
     steps: int | None = typer.Option(None, help="training steps"),
     device: str = typer.Option("cpu", help="cpu or cuda"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace a model already in --out"),
 ):
     """Retrain the demo model from its recorded recipe."""
     from memscan.demo.run import train_model
 
-    rec = run_library_call(train_model, out, steps=steps, device=device)
+    rec = run_library_call(train_model, out, steps=steps, device=device, overwrite=overwrite)
     typer.echo(f"trained in {rec['training']['seconds']} s → {out}")
 
 
@@ -137,7 +138,8 @@ def demo_lm_train(
         help="bfloat16 autocast for forward and loss (float32 weights): ≈ 2× faster a step \\[bf16]",
     ),
     device: str = typer.Option("cpu", "--device", help="where to train: cpu, cuda, cuda:1 \\[cpu]"),
-    quiet: bool = quiet_option("no loss log"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace a model already in --out"),
+    quiet: bool = quiet_option("no loss log, no save progress bar"),
 ):
     """Retrain the LM demo model from its recorded recipe: 7,200 bf16 steps — ≈ 22 min on 2 CPU cores
     with --threads 2, ≈ 41 min with one (the first 300 steps timed on the idle 2-core machine,
@@ -153,6 +155,7 @@ def demo_lm_train(
         bf16=bf16,
         device=device,
         progress=not quiet,
+        overwrite=overwrite,
     )
     typer.echo(f"trained in {rec['seconds']} s ({rec['threads']} threads) → {out}")
 

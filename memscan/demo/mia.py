@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from memscan.demo.data import build_demo_data
+from memscan.demo.data import DemoDataConfig, build_demo_data
 from memscan.demo.shadow_recipe import DemoRecipe, shadow_train_config
 from memscan.errors import InputError, MemscanError
 from memscan.mia.attack_labels import parse_attacks
@@ -20,7 +20,7 @@ from memscan.mia.inputs import load_mia_inputs
 from memscan.mia.loss import LossConfig
 from memscan.mia.results import MiaResult
 from memscan.mia.run_dir import cpu_seconds
-from memscan.mia.shadow import torch_threads, train_shadow_models
+from memscan.mia.shadow import check_threads, torch_threads, train_shadow_models
 from memscan.mia.statistic_run import DiffusionLossStatistic, InpaintDistanceStatistic, attack_statistics
 from memscan.store import check_out_folder, open_run
 
@@ -129,6 +129,7 @@ def run_demo_mia(
        (loss threshold, LiRA online/offline, fixed variance) and the inpainting attack, into the
        run ``out/run`` with its ``report.html``.
     """
+    check_settings(settings)  # bad options: refused before anything is written
     check_out_folder(out)  # a file in the way: refused before any work
     t0, c0 = time.perf_counter(), cpu_seconds()
     out = Path(out)
@@ -183,6 +184,29 @@ def run_demo_mia(
     )
 
 
+def pool_size(config: DemoDataConfig = DemoDataConfig()) -> int:
+    """How many base images the demo data has (the most ``--examples`` can take)."""
+    return config.n_unique + len(config.counts) * config.per_count
+
+
+def check_settings(st: DemoMiaSettings) -> None:
+    """Refuse settings the demo cannot run with, naming the CLI option (``--examples``, ``--models``,
+    ``--steps``, ``--threads``) and its valid range: called before anything is written or trained."""
+    n = pool_size()
+    if not 4 <= st.n_examples <= n:
+        raise InputError(
+            f"--examples {st.n_examples} is not in 4..{n}", f"pass --examples between 4 and {n} (default 128)"
+        )
+    if st.n_models < 2:
+        raise InputError(
+            f"--models {st.n_models}: the demo needs at least 2 models (model 0 is the target, the others shadows)",
+            "use --models 2 or more (default 8)",
+        )
+    if st.steps < 1:
+        raise InputError(f"--steps {st.steps} must be ≥ 1 (training steps per model)", "e.g. --steps 400")
+    check_threads(st.threads)
+
+
 def _unfinished_run(out: Path) -> bool:
     """Refuse a finished demo in ``out``; True when an unfinished attack stage is there to resume
     (its committed shards are kept; training resumes per model)."""
@@ -204,7 +228,9 @@ def _demo_pool(out: Path, n_examples: int) -> tuple[list[str], np.ndarray]:
     base = data.base_images()
     keys = sorted(base)
     if not 4 <= n_examples <= len(keys):
-        raise InputError(f"n_examples: {n_examples} is not in 4..{len(keys)}")
+        raise InputError(
+            f"--examples {n_examples} is not in 4..{len(keys)}", f"pass --examples between 4 and {len(keys)}"
+        )
     keys = keys[:n_examples]
     images = np.stack([base[k] for k in keys])
     write_pool(out / "data", keys, images, [data.captions[k] for k in keys])

@@ -27,9 +27,10 @@ import pandas as pd
 from memscan.audit import AuditBudget, AuditResult, audit, default_extract_config
 from memscan.data.images import read_image
 from memscan.demo.data import DemoData, build_demo_data, write_demo_data
+from memscan.demo.model_out import check_model_out, check_train_steps
 from memscan.devices import check_device
 from memscan.distances import cross_tiled_l2, nearest_tiled_l2
-from memscan.errors import MemscanError
+from memscan.errors import InputError, MemscanError
 from memscan.extraction.config import ExtractConfig
 from memscan.extraction.pipeline import extract
 from memscan.extraction.verify import refine_near
@@ -51,7 +52,7 @@ def demo_settings(quick: bool, samples_per_prompt: int | None) -> dict:
     # generations (a memorized prompt is flagged in one model call); the full demo screens with 5
     if quick:
         return {
-            "samples": samples_per_prompt or 40,
+            "samples": 40 if samples_per_prompt is None else samples_per_prompt,
             "unique_prompts": 8,
             "min_count": 25,
             "budget_share": 0.4,
@@ -59,7 +60,7 @@ def demo_settings(quick: bool, samples_per_prompt: int | None) -> dict:
             "round_size": 5,
         }
     return {
-        "samples": samples_per_prompt or 100,
+        "samples": 100 if samples_per_prompt is None else samples_per_prompt,
         "unique_prompts": 24,
         "min_count": 1,
         "budget_share": 0.1,
@@ -172,6 +173,10 @@ def run_demo(
     device: str = "cpu",
 ) -> DemoResult:
     """Run the demo end to end; the summary is also written to ``OUT/summary.json``."""
+    if samples_per_prompt is not None and samples_per_prompt < 2:
+        raise InputError(
+            f"--samples-per-prompt {samples_per_prompt} must be ≥ 2", "e.g. --samples-per-prompt 40 (or leave it out)"
+        )
     check_out_folder(out)  # a file in the way: refused before any work
     t0 = time.perf_counter()
     out = Path(out)
@@ -284,9 +289,17 @@ def _fmt(x) -> str:
     return "n/a" if x is None else f"{x:.2f}"
 
 
-def train_model(out: str | Path, *, steps: int | None = None, device: str = "cpu") -> dict:
-    """Retrain the demo model with the recorded recipe (``memscan demo train``)."""
+#: Files or folders whose presence in ``--out`` means it already holds a demo model (or checkpoints).
+MODEL_MARKERS = ("model_index.json", "memscan.json", "unet")
+
+
+def train_model(out: str | Path, *, steps: int | None = None, device: str = "cpu", overwrite: bool = False) -> dict:
+    """Retrain the demo model with the recorded recipe (``memscan demo train``). A bad ``steps``,
+    an ``out`` that is a file or already holds a model (unless ``overwrite``) are refused before
+    any training."""
+    check_train_steps(steps, example="3000")
     check_device(device)
+    check_model_out(out, MODEL_MARKERS, overwrite=overwrite)
     from memscan.demo.train import TrainConfig, train_demo_model
 
     cfg = TrainConfig() if steps is None else TrainConfig(steps=steps)

@@ -58,9 +58,15 @@ class ExposureConfig:
     dtype: str = "auto"
 
     def validate(self) -> ExposureConfig:
-        for name in ("exact_limit", "samples", "candidates_per_shard", "batch_size"):
-            if getattr(self, name) < 1:
-                raise InputError(f"{name.replace('_', '-')} {getattr(self, name)} must be ≥ 1", "")
+        checks = (
+            ("--exact-limit", self.exact_limit, f"e.g. --exact-limit {EXACT_LIMIT} (enumerate when |R| ≤ it)"),
+            ("--samples", self.samples, "e.g. --samples 10000"),
+            ("--candidates-per-shard", self.candidates_per_shard, "e.g. --candidates-per-shard 20000"),
+            ("--batch-size", self.batch_size, "e.g. --batch-size 256"),
+        )
+        for opt, value, hint in checks:
+            if value < 1:
+                raise InputError(f"{opt} {value} must be ≥ 1", hint)
         if self.samples < 100:
             raise InputError(f"--samples {self.samples} is too few to fit a distribution", "use at least 100")
         return self

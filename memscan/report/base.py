@@ -100,6 +100,9 @@ def write_page(html: str, root: Path, out: str | Path | None = None) -> Path:
     if path.is_dir():
         raise InputError(f"--out {path} is a folder", "give the page's file path, e.g. --out report.html")
     if not path.parent.is_dir():
+        blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+        if blocker is not None:
+            raise InputError(f"--out {path}: {blocker} is a file, not a folder", "choose another --out")
         raise InputError(f"--out {path}: the folder {path.parent} does not exist", "create it, or choose another --out")
     atomic_write_bytes(path, html.encode("utf-8"))
     return path

@@ -16,6 +16,7 @@ import math
 import os
 import platform
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,11 +24,14 @@ import numpy as np
 import torch
 
 from memscan.demo.lm.canaries import DEFAULT_SEED, corpus_record, planted_corpus
+from memscan.demo.model_out import check_model_out, check_train_steps
 from memscan.devices import check_device
 
 MODEL_DIR = Path(__file__).resolve().parent / "model"
 BYTE_OFFSET = 3  # ByT5: ids 0, 1, 2 are <pad>, </s>, <unk>; byte b is id b + 3
 VOCAB = 259
+#: Files whose presence in ``--out`` means it already holds a model (``memscan demo lm train``).
+MODEL_MARKERS = ("config.json", "model.safetensors", "memscan.json")
 
 
 @dataclass(frozen=True)
@@ -274,13 +278,21 @@ def retrain(
     bf16: bool | None = None,
     device: str | None = None,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> dict:
     """``memscan demo lm train``: the recorded recipe (defaults of :class:`LMTrainConfig`), optionally
     with other ``steps`` / ``restart_steps`` (0: no warm restarts) / ``threads`` / ``bf16``; the
-    loss log goes to stderr unless ``progress`` is false."""
+    loss log (and transformers' save progress bar) goes to stderr unless ``progress`` is false.
+    Bad options, an ``out`` that is a file or already holds a model (unless ``overwrite``) are
+    refused before any training."""
     import sys
     from dataclasses import replace
 
+    check_train_steps(steps, example="7200")
+    check_train_steps(restart_steps, "--restart-steps", minimum=0, example="0 (none) or 900")
+    check_train_steps(threads, "--threads", example="2")
+    check_device(device or "cpu")
+    check_model_out(out, MODEL_MARKERS, overwrite=overwrite)
     cfg = LMTrainConfig()
     over = {"steps": steps, "restart_steps": restart_steps, "threads": threads, "bf16": bf16, "device": device}
     over = {k: v for k, v in over.items() if v is not None}
@@ -290,4 +302,21 @@ def retrain(
         msg = f"phase {rec['phase']} step {rec['step']:>5}  loss {rec['loss_ema']:.3f}  {rec['seconds']:.0f} s"
         print(msg, file=sys.stderr, flush=True)
 
-    return train_lm_demo_model(out, cfg, progress=show if progress else None)
+    with nullcontext() if progress else _no_save_progress_bar():
+        return train_lm_demo_model(out, cfg, progress=show if progress else None)
+
+
+@contextmanager
+def _no_save_progress_bar():
+    """Hide transformers' "Writing model shards" bar of ``save_pretrained`` (transformers ≥ 5; older
+    versions draw none) for the block, through its tqdm hook; the previous hook is restored after."""
+    try:
+        from transformers.utils.logging import set_tqdm_hook
+    except ImportError:
+        yield
+        return
+    previous = set_tqdm_hook(lambda factory, args, kwargs: factory(*args, **{**kwargs, "disable": True}))
+    try:
+        yield
+    finally:
+        set_tqdm_hook(previous)
