@@ -304,6 +304,11 @@ def _save_train_matches_indexed(store: RunStore, extractions: pd.DataFrame, veri
         store.save_image(img, "train", safe_name(verifier.index.ids[int(r)]))
 
 
+#: The status (and manifest record) of a finished run whose tables ``memscan verify`` is
+#: rewriting; left in place when it was stopped, until a rerun of ``memscan verify`` finishes.
+VERIFYING = "verifying"
+
+
 def reverify(
     run: str | Path,
     train: str | Path | None = None,
@@ -318,9 +323,23 @@ def reverify(
     the clique sizes recorded (medoids exist only for prompts detected at the original k). An
     adaptive run with ``stop_when_detected`` stopped each prompt once its clique reached the
     original k, so there ``min_clique`` cannot be raised (an :class:`InputError`).
+
+    The detections, the extractions, the matched training images and the manifest are rewritten
+    one after the other, each file atomically. Before the first, the manifest is marked ``status:
+    verifying`` with the new thresholds (its ``verifying`` record); only the last write marks it
+    ``complete`` again. So a kill leaves either the run as it was or one marked unfinished, which
+    ``memscan report`` refuses and a rerun of ``memscan verify RUN`` finishes (an option not given
+    again is the interrupted verify's).
     """
     with open_complete_for_rewrite(run) as opened:
         store, manifest = opened.store, opened.manifest
+        pending = manifest.get(VERIFYING) or {}  # an interrupted verify: its options are the defaults
+        if pending:
+            delta = pending.get("delta") if delta is None else delta
+            min_clique = pending.get("min_clique") if min_clique is None else min_clique
+            n_nearest = pending.get("n_nearest") if n_nearest is None else n_nearest
+            train = pending.get("train") if train is None else train
+            store.log(f"verify: finishing the re-verification interrupted since {pending.get('started')}")
         cfg = dict(manifest["config"])
         orig_k = cfg["min_clique"]
         if delta is not None:
@@ -375,12 +394,34 @@ def reverify(
             manifest["retrieval"] = total.to_dict()
         else:
             ext = verify_candidates(cands, imgs, training, **kw)
-        write_table(det, store.root / "detections.parquet")
-        write_table(ext, store.root / "extractions.parquet")
-        if verifier is not None:
-            _save_train_matches_indexed(store, ext, verifier, shape)
-        else:
-            save_train_matches(store, ext, training)
+        # the tables, images and manifest cannot change at once: mark the run first (a kill
+        # between the writes leaves tables that disagree), unmark it with the last write
+        rerun = f"rerun `memscan verify {store.root}` to finish it"
+        manifest["status"] = VERIFYING
+        manifest[VERIFYING] = {
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "delta": config.delta,
+            "min_clique": config.min_clique,
+            "n_nearest": config.n_nearest,
+            **({"train": str(Path(train).resolve())} if train else {}),
+            "rewrites": ["detections.parquet", "extractions.parquet", "images/train", "manifest.json"],
+            "hint": f"the tables are being rewritten by memscan verify; if it was stopped, {rerun}",
+        }
+        opened.save()
+        try:
+            write_table(det, store.root / "detections.parquet")
+            write_table(ext, store.root / "extractions.parquet")
+            if verifier is not None:
+                _save_train_matches_indexed(store, ext, verifier, shape)
+            else:
+                save_train_matches(store, ext, training)
+        except (OSError, MemscanError) as exc:  # the run stays marked: its tables may disagree
+            reason = exc.message if isinstance(exc, MemscanError) else (exc.strerror or str(exc))
+            raise MemscanError(
+                f"verify stopped while rewriting {store.root}: {reason}", f"fix it, then {rerun}"
+            ) from exc
+        del manifest[VERIFYING]
+        manifest["status"] = "complete"
         manifest["config"] = config.to_dict()
         manifest.setdefault("reverified", []).append(
             {"at": time.strftime("%Y-%m-%dT%H:%M:%S"), "delta": config.delta, "min_clique": config.min_clique}
@@ -398,13 +439,15 @@ def open_complete_for_rewrite(run: str | Path, kind: str = "extract") -> Run:
     The lifecycle's :func:`~memscan.store.open_run` with ``resume=True`` (lock held, kind checked),
     without :meth:`~memscan.store.Run.start`: the manifest stays ``complete`` and the caller
     updates it with :meth:`~memscan.store.Run.save`. A missing or unfinished run is refused and
-    nothing is written; an exception leaves the manifest as it was.
+    nothing is written; an exception leaves the manifest as it was. A run that ``memscan verify``
+    marked ``verifying`` and did not finish (killed while rewriting) is opened too, to finish it.
     """
     store = RunStore(run)
     store.read_manifest(expect=kind)  # a missing run is an error, never created here
     opened = open_run(run, kind, resume=True)
     opened.manifest = opened.previous
-    if opened.manifest.get("status") != "complete":
+    status = opened.manifest.get("status")
+    if status != "complete" and not (status == VERIFYING and opened.manifest.get(VERIFYING)):
         opened.close()
         raise MemscanError(f"run {run} is not complete", f"finish it with `memscan {kind} ... --resume` first")
     return opened

@@ -88,7 +88,9 @@ def open_complete_run(run: str | Path, kind: str) -> tuple[RunStore, dict]:
     manifest = store.read_manifest(expect=kind)
     if manifest.get("status") != "complete":
         raise MemscanError(
-            f"run {run} is not complete (status {manifest.get('status')!r})", "finish it with --resume first"
+            f"run {run} is not complete (status {manifest.get('status')!r})",
+            # an interrupted `memscan verify` records how to finish it
+            (manifest.get("verifying") or {}).get("hint") or "finish it with --resume first",
         )
     return store, manifest
 
