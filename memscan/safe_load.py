@@ -95,6 +95,10 @@ def _refusal_reason(exc: Exception) -> str:
     """What torch's weights-only unpickler objected to (``Unsupported global: GLOBAL os.system``),
     without torch's advice around it on loading the file unrestricted."""
     lines = [ln.strip() for ln in str(exc).rsplit("WeightsUnpickler error:", 1)[-1].splitlines() if ln.strip()]
+    # torch's advice ("Weights only load failed … Re-running torch.load with weights_only …") and
+    # its documentation pointer are not the reason; the line naming what was refused is
+    said = [ln for ln in lines if re.search(r"unsupported|not an allowed|blocked", ln, re.IGNORECASE)]
+    lines = said or [ln for ln in lines if not re.match(r"(Weights only load failed|Check the documentation)", ln)]
     return lines[0].split(" was not an allowed")[0][:160] if lines else type(exc).__name__
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import re
+import secrets
 import sys
 from pathlib import Path
 from typing import Any
@@ -50,22 +50,34 @@ def import_object(spec: str, what: str = "a function, a factory or an object") -
 
 
 def callable_name(fn: Any) -> str:
-    """A name for ``fn`` that is the same in every process: ``module:qualname`` for a function or
-    class, otherwise its ``repr`` without memory addresses (``<... at 0x7f…>``), which change from
-    one process to the next. Spec strings (``py:module:attr``) are returned as given.
+    """A name for ``fn`` that is the same in every process, when there is one: ``module:qualname``
+    for a function or class that this name imports back to (the very same object). Other
+    callables — a closure, a lambda, a bound method, a ``functools.partial``, an instance — cannot
+    be known to be the same from a name (two closures of one factory share it, whatever they
+    captured; even their memory address is reused once one is freed), so they get a name no
+    other call gets: their ``repr``, a note and a random token. A run identified by it is never
+    taken for another invocation's (its rerun is refused, saying why). Spec strings
+    (``py:module:attr``) are returned as given.
 
     Examples
     --------
     >>> import math
     >>> callable_name(math.sqrt)
     'math:sqrt'
-    >>> import functools
-    >>> callable_name(functools.partial(math.pow, 2.0))
-    'functools.partial(<built-in function pow>, 2.0)'
+    >>> f = lambda x: x
+    >>> callable_name(f).startswith("<function <lambda> at 0x"), callable_name(f) == callable_name(f)
+    (True, False)
     """
     if isinstance(fn, str):
         return fn
     module, qualname = getattr(fn, "__module__", None), getattr(fn, "__qualname__", None)
-    if isinstance(module, str) and isinstance(qualname, str):
-        return f"{module}:{qualname}"
-    return re.sub(r" at 0x[0-9a-fA-F]+", "", repr(fn))
+    if isinstance(module, str) and isinstance(qualname, str) and "<" not in qualname:
+        obj: Any = sys.modules.get(module)  # the module is loaded: nothing is imported here
+        for part in qualname.split("."):
+            obj = getattr(obj, part, None)
+        if obj is fn:
+            return f"{module}:{qualname}"
+    return (
+        f"{fn!r} (no name to find it by again: pass a module-level function or a py:module:attr spec "
+        f"to rerun or resume; #{secrets.token_hex(4)})"
+    )

@@ -9,3 +9,13 @@ class Payload:
 
     def __reduce__(self):
         return (open, (self.marker, "w"))
+
+
+class SystemCall:
+    """Unpickling this would call ``os.system`` (a builtin module's global, which torch's
+    weights-only unpickler refuses with another wording than other globals)."""
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("true",))

@@ -1,12 +1,13 @@
 """Untrusted checkpoints never go through an unrestricted unpickler."""
 
 import pickle
+import re
 
 import numpy as np
 import pytest
 import torch
 from gen_support import tiny_unet
-from pickle_support import Payload
+from pickle_support import Payload, SystemCall
 
 from memscan import InputError
 from memscan.generators.diffusers_unet import load_unet_generator
@@ -110,8 +111,17 @@ def test_a_pickle_of_more_than_tensors_is_still_refused_with_the_security_wordin
     assert "never unpickles code" in info.value.hint
     assert "weights_only` set to `False`" not in str(info.value)  # not torch's advice to load it unrestricted
     torch.save({"w": Payload(str(marker))}, tmp_path / "evil_zip.pt")  # torch's own zip format
-    with pytest.raises(InputError, match="refused to load evil_zip.pt"):
+    with pytest.raises(InputError, match="refused to load evil_zip.pt") as info:
         load_state_dict(tmp_path / "evil_zip.pt")
+    assert "Weights only load failed" not in str(info.value)  # torch's advice, not the reason
+    assert re.search(r"unsupported GLOBAL|Unsupported global", str(info.value)), str(info.value)
+    # a builtin-module global (os.system → posix.system) is refused with another torch wording,
+    # whose first line is torch's advice: the reason is still the line naming the global
+    torch.save({"w": SystemCall()}, tmp_path / "evil_system.pt")
+    with pytest.raises(InputError, match="refused to load evil_system.pt") as info:
+        load_state_dict(tmp_path / "evil_system.pt")
+    assert "Weights only load failed" not in str(info.value)
+    assert re.search(r"unsupported GLOBAL (posix|nt)\.system", str(info.value)), str(info.value)
     assert not marker.exists()
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -242,13 +243,7 @@ def test_memscore_run_refuses_data_whose_content_changed(tmp_path):
     from memscan.errors import MemscanError
     from memscan.mia.memscore_run import run_memscore
 
-    def train(d):
-        return float(d.mean()), float(d.var())
-
-    def loglik(model, d):
-        mu, var = model
-        return -0.5 * np.log(2 * np.pi * var) - 0.5 * (d - mu) ** 2 / var
-
+    train, loglik = _train_gaussian, _loglik_gaussian  # module-level: a rerun finds them by name
     data, out = tmp_path / "d.npy", tmp_path / "run"
     np.save(data, np.r_[np.linspace(-1, 1, 9), 6.0])
     first = run_memscore(out, data, train, loglik, folds=3, progress=False)
@@ -293,36 +288,51 @@ def test_compare_checks_memscore_data_by_content(tmp_path):
                                by="train_size")  # fmt: skip
 
 
-def _gaussian_fns():
-    """Fresh function objects on every call, as a new process would create them."""
-
-    def train(d):
-        return float(d.mean()), float(d.var())
-
-    def loglik(model, d):
-        mu, var = model
-        return -0.5 * np.log(2 * np.pi * var) - 0.5 * (d - mu) ** 2 / var
-
-    return train, loglik
+def _train_gaussian(d):
+    return float(d.mean()), float(d.var())
 
 
-def test_memscore_run_reruns_with_new_function_objects(tmp_path):
+def _loglik_gaussian(model, d):
+    mu, var = model
+    return -0.5 * np.log(2 * np.pi * var) - 0.5 * (d - mu) ** 2 / var
+
+
+def test_memscore_run_reruns_with_module_functions_and_refuses_closures(tmp_path):
     """The run identity named library callables by ``repr()``, which holds their memory address:
-    rerunning a finished run with the same functions from a new process was refused."""
+    rerunning a finished run with the same module-level functions from a new process was
+    refused. Now they are named ``module:qualname``; a closure, a lambda or a partial cannot be
+    known to be the same from its name (two closures of one factory share it whatever they
+    captured), so it keeps its address and a rerun with another object is refused, never
+    silently given the old run's scores."""
+    import functools
+
+    from memscan.errors import MemscanError
     from memscan.mia.memscore_run import run_memscore
     from memscan.user_code import callable_name
 
     data, out = tmp_path / "d.npy", tmp_path / "run"
     np.save(data, np.r_[np.linspace(-1, 1, 9), 6.0])
-    first = run_memscore(out, data, *_gaussian_fns(), folds=3, progress=False)
-    again = run_memscore(out, data, *_gaussian_fns(), folds=3, progress=False)  # other objects, same code
-    np.testing.assert_array_equal(again.result.score, first.result.score)
+    first = run_memscore(out, data, _train_gaussian, _loglik_gaussian, folds=3, progress=False)
     sources = json.loads((out / "manifest.json").read_text())["sources"]
-    assert sources["train_fn"] == f"{__name__}:_gaussian_fns.<locals>.train"
-    assert "0x" not in sources["log_likelihood_fn"]
-    # objects without a qualname: repr without the address
-    import functools
+    assert sources["train_fn"] == f"{__name__}:_train_gaussian" and "0x" not in sources["log_likelihood_fn"]
+    # a new process imports the same functions: the same names (simulated by new function objects
+    # bound to the module's names)
+    mod = sys.modules[__name__]
+    old = mod._train_gaussian
+    try:
+        mod._train_gaussian = type(old)(old.__code__, old.__globals__, old.__name__)
+        mod._train_gaussian.__qualname__ = old.__qualname__
+        again = run_memscore(out, data, mod._train_gaussian, _loglik_gaussian, folds=3, progress=False)
+    finally:
+        mod._train_gaussian = old
+    np.testing.assert_array_equal(again.result.score, first.result.score)
 
-    part = functools.partial(_gaussian_fns, 1)
-    assert callable_name(part) == callable_name(functools.partial(_gaussian_fns, 1))
-    assert "0x" not in callable_name(part) and callable_name("py:m:f") == "py:m:f"
+    def factory(scale):
+        return lambda m, d: _loglik_gaussian(m, d) * scale
+
+    closure_run = tmp_path / "closure"
+    run_memscore(closure_run, data, _train_gaussian, factory(1.0), folds=3, progress=False)
+    with pytest.raises(MemscanError, match="log_likelihood_fn|sources"):  # another closure: refused
+        run_memscore(closure_run, data, _train_gaussian, factory(100.0), folds=3, progress=False)
+    assert "0x" in callable_name(factory(1.0)) and "0x" in callable_name(functools.partial(_train_gaussian))
+    assert callable_name("py:m:f") == "py:m:f" and callable_name(np.mean) == "numpy:mean"

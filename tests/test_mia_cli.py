@@ -349,3 +349,28 @@ def test_mia_resume_refuses_data_rewritten_at_the_same_path(demo, tmp_path):
     runs = [(str(tmp_path / r), json.loads((tmp_path / r / "manifest.json").read_text())) for r in "ab"]
     assert [m.key for m in data_mismatches("mia", runs)] == ["examples_sha256"]
     assert not data_mismatches("mia", [runs[0], runs[0]])
+
+
+def test_examples_digest_is_over_content_not_alignment_order():
+    """The same examples aligned in another order (the shadow pool's, or the data's with
+    ``--model``/``--members``) are the same data for ``memscan compare``; a pixel, a caption, an
+    id or a membership bit changed is not."""
+    from memscan.mia.inputs import MiaInputs
+
+    rng = np.random.default_rng(0)
+    ids, caps = [f"e{i}" for i in range(6)], [f"c{i}" for i in range(6)]
+    imgs, member = rng.integers(0, 256, (6, 4, 4, 3), dtype=np.uint8), np.arange(6) % 2 == 0
+
+    def digest(order, images=imgs, captions=caps, is_member=member, names=ids):
+        o = list(order)
+        return MiaInputs([names[i] for i in o], [captions[i] for i in o], images[o], is_member[o],
+                         None, "target", [], None, {}).examples_sha256()  # fmt: skip
+
+    base = digest(range(6))
+    assert digest([3, 1, 5, 0, 2, 4]) == base
+    changed = imgs.copy()
+    changed[2, 0, 0, 0] ^= 1
+    assert digest(range(6), images=changed) != base
+    assert digest(range(6), captions=caps[:5] + ["other"]) != base
+    assert digest(range(6), is_member=~member) != base
+    assert digest(range(6), names=ids[:5] + ["e9"]) != base

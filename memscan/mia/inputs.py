@@ -64,14 +64,21 @@ class MiaInputs:
 
     def examples_sha256(self) -> str:
         """Content digest of the examples: sha256 over their ids, captions, membership and pixels
-        (dtype, shape, bytes). Recorded in the manifest and part of the run identity, so a
+        (dtype, shape, bytes), taken in the order of their ids (the same examples aligned in
+        another order give the same digest). Recorded in the manifest and part of the run identity, so a
         ``--resume`` on data rewritten at the same path is refused rather than mixing shards
         computed on two data sets; ``memscan compare`` compares runs' examples by it."""
+        order = sorted(range(len(self.ids)), key=self.ids.__getitem__)  # by id: the order the
+        # examples were aligned in (the shadow pool's, the data's) is not their content
         h = hashlib.sha256()
-        h.update(json.dumps([self.ids, self.captions]).encode())
-        for arr in (np.asarray(self.is_member, dtype=bool), np.ascontiguousarray(self.images)):
-            h.update(f"{arr.dtype.str}{arr.shape}".encode())
-            h.update(memoryview(arr).cast("B"))
+        h.update(json.dumps([[self.ids[i] for i in order], [self.captions[i] for i in order]]).encode())
+        member = np.asarray(self.is_member, dtype=bool)[order]
+        h.update(f"{member.dtype.str}{member.shape}".encode())
+        h.update(memoryview(np.ascontiguousarray(member)).cast("B"))
+        images = np.asarray(self.images)
+        h.update(f"{images.dtype.str}{images.shape}".encode())
+        for i in order:  # row by row: no sorted copy of the images
+            h.update(memoryview(np.ascontiguousarray(images[i])).cast("B"))
         return h.hexdigest()
 
     @property
