@@ -108,3 +108,114 @@ def test_embedding_rows_searched_over_every_reference_are_exact(monkeypatch):
     self_rows = np.where(np.arange(len(e)) % 5 == 0, -1, np.arange(len(e)))
     want = _brute_cosine_knn(e, e, self_rows, 5)
     np.testing.assert_allclose(embedding_knn_distance(e, e, self_rows, 5), want, rtol=0, atol=2e-12)
+
+
+def _count_everywhere(monkeypatch):
+    """Count the rows that reach the float64 search over every reference (the fallback)."""
+    seen = {"rows": 0}
+    certified = outliers._certified_kth
+
+    def counted(n_q, k, kk, n_ref, candidates, everywhere):
+        def every(rows):
+            seen["rows"] += len(rows)
+            return everywhere(rows)
+
+        return certified(n_q, k, kk, n_ref, candidates, every)
+
+    monkeypatch.setattr(outliers, "_certified_kth", counted)
+    return seen
+
+
+def _cluster(kind, n=120, d=48, seed=7):
+    """Half the rows near-duplicates of one row (``noise``: 1e-4 pixels, or 1e-9 in float64,
+    below even float64's rounding of uncentred squared norms), or interleaved tight clusters."""
+    rng = np.random.default_rng(seed)
+    x = rng.random((n, d))
+    if kind == "interleaved":  # consecutive rows in different clusters: a block spans them all
+        return rng.random((5, d))[np.arange(n) % 5] + 1e-7 * rng.normal(size=(n, d))
+    noise = {"pixels": 1e-4, "float64": 1e-9}[kind]
+    x[: n // 2] = np.clip(x[0] + noise * rng.normal(size=(n // 2, d)), 0, 1)
+    return x
+
+
+@pytest.mark.parametrize("kind", ["pixels", "float64", "interleaved"])
+@pytest.mark.parametrize("k", [1, 5])
+def test_blocked_search_over_every_reference_equals_a_direct_brute_force(monkeypatch, kind, k):
+    """The fallback (forced: no room to grow the candidates) in small blocks — several query
+    blocks, reference blocks and flushes of shortlisted pairs — gives bit for bit the float64
+    brute force by direct differences."""
+    monkeypatch.setattr(outliers, "MAX_CANDIDATES", k + 1 + outliers.CANDIDATE_MARGIN)
+    monkeypatch.setattr(outliers, "_QUERY_BLOCK", 16)
+    monkeypatch.setattr(outliers, "_GEMM_ELEMENTS", 16 * 24)
+    monkeypatch.setattr(outliers, "_PENDING_PAIRS", 50)
+    seen = _count_everywhere(monkeypatch)
+    x = _cluster(kind)
+    ref = np.arange(len(x)) % 7 != 3
+    np.testing.assert_array_equal(knn_distance(x, ref, k), _brute_l2_knn(x, ref, k))
+    assert seen["rows"] >= len(x) // 2 - 10  # the cluster's rows took the fallback
+
+
+def test_blocked_search_agrees_with_every_pair(monkeypatch):
+    """The shortlist of the blocked search against every pair computed by direct differences
+    (the shortlist bound widened to infinity)."""
+    x = _cluster("pixels", n=90, d=32, seed=3)
+    rows, ref_rows = np.arange(len(x)), np.flatnonzero(np.arange(len(x)) % 3 != 0)
+    got = outliers._exact_kth_everywhere(x, rows, ref_rows, 4)
+    monkeypatch.setattr(outliers, "_U64", 2.0**-8)  # a huge "rounding": every pair shortlisted
+    np.testing.assert_array_equal(outliers._exact_kth_everywhere(x, rows, ref_rows, 4), got)
+    want = np.array([np.sort(((x[ref_rows[ref_rows != i]] - x[i]) ** 2).mean(axis=1))[3] for i in rows])
+    np.testing.assert_array_equal(got, want)
+
+
+def test_a_non_finite_row_gets_nan_is_no_neighbour_and_slows_no_other_row(monkeypatch):
+    seen = _count_everywhere(monkeypatch)
+    rng = np.random.default_rng(9)
+    x = rng.random((300, 96))
+    x[7, 3], x[40, 0], x[41, 5] = np.nan, np.inf, -np.inf
+    ref = np.arange(len(x)) % 4 != 2
+    got = knn_distance(x, ref, 5)
+    bad = np.zeros(len(x), bool)
+    bad[[7, 40, 41]] = True
+    assert np.isnan(got[bad]).all()
+    # the others: as if the non-finite rows were not there
+    want = _brute_l2_knn(x[~bad], ref[~bad], 5)
+    np.testing.assert_allclose(got[~bad], want, rtol=0, atol=1e-12)
+    assert not np.isnan(want).any()
+    assert seen["rows"] == 0  # every other row certified by its first candidates
+    # fewer than k finite reference rows: NaN
+    assert np.isnan(knn_distance(np.array([[0.0], [1.0], [np.nan], [2.0]]), k=3)).all()
+
+
+def test_embedding_non_finite_queries_and_reference_rows(monkeypatch):
+    seen = _count_everywhere(monkeypatch)
+    rng = np.random.default_rng(10)
+    e = rng.normal(size=(200, 32))
+    e /= np.linalg.norm(e, axis=1, keepdims=True)
+    e[5, 0] = np.nan
+    e[9, 1] = np.inf
+    self_rows = np.arange(len(e))
+    got = embedding_knn_distance(e, e, self_rows, 5)
+    assert np.isnan(got[[5, 9]]).all()
+    ok = np.setdiff1d(np.arange(len(e)), [5, 9])
+    want = _brute_cosine_knn(e[ok], e[ok], np.arange(len(ok)), 5)
+    np.testing.assert_allclose(got[ok], want, rtol=0, atol=2e-12)
+    assert seen["rows"] == 0
+    # a flat training index holding a non-finite row: the same for the finite queries
+    index = TrainingIndex.from_embeddings(e.astype(np.float32), [f"t{i}" for i in range(len(e))], params="flat")
+    got = embedding_knn_distance(e[ok].astype(np.float32), index.embeddings, ok, 5, index=index)
+    want = _brute_cosine_knn(e[ok].astype(np.float32), e[ok].astype(np.float32), np.arange(len(ok)), 5)
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-12)
+
+
+def test_empty_input_gives_an_empty_result():
+    for shape in [(0, 4), (0, 3, 3, 1), (0,)]:
+        assert knn_distance(np.zeros(shape)).shape == (0,)
+    assert knn_distance(np.zeros((0, 4)), np.zeros(0, bool)).shape == (0,)
+    assert embedding_knn_distance(np.zeros((0, 4)), np.eye(4)).shape == (0,)
+    assert np.isnan(embedding_knn_distance(np.eye(4), np.zeros((0, 4)))).all()
+
+
+def test_features_beyond_float32_range_are_exact():
+    x = np.random.default_rng(11).random((40, 6)) * 1e39
+    ref = np.ones(len(x), bool)
+    np.testing.assert_allclose(knn_distance(x, None, 3), _brute_l2_knn(x, ref, 3), rtol=1e-15)
