@@ -264,10 +264,11 @@ def test_exact_duplicates_tied_at_the_kth_place_give_the_lower_row_in_every_flat
     assert wrong_sims == []
 
 
-def test_many_copies_across_the_kth_place_widen_the_candidates_and_agree_in_every_layout(tmp_path, monkeypatch):
+def test_many_copies_across_the_kth_place_are_scanned_exactly_and_agree_in_every_layout(tmp_path, monkeypatch):
     """40 copies of one vector scattered over 300 rows, the k-th place falling among them (more
     ties than the candidate margin): every layout returns the same lowest copies, in row order,
-    with equal similarities; a query without ties is answered by one search of k + margin."""
+    with equal similarities; a query without ties is answered by one search of k + margin, a
+    tied one by that search and an exact scan of every row."""
     from memscan.index import faiss_index
 
     rng = np.random.default_rng(7)
@@ -283,16 +284,76 @@ def test_many_copies_across_the_kth_place_widen_the_candidates_and_agree_in_ever
     for name, (sims, rows) in answers.items():
         assert rows.tolist() == want_rows.tolist(), name
         np.testing.assert_array_equal(sims, want_sims, err_msg=name)
-    # the float32 candidates are widened past the margin for the tied query, not for a plain one
+    # one float32 search of k + margin; only the tied query is scanned
     index = TrainingIndex.from_embeddings(x, [f"t{i}" for i in range(300)], params=IndexParams("flat"))
     asked, search = [], index.index.search
     monkeypatch.setattr(index.index, "search", lambda qq, m: asked.append(m) or search(qq, m), raising=False)
+    scanned, scan = [], faiss_index._exact_scan
+    monkeypatch.setattr(faiss_index, "_exact_scan", lambda e, qq, *a: scanned.append(len(qq)) or scan(e, qq, *a))
     index.search(q[:1], k)
-    assert len(asked) > 1 and asked[0] == k + faiss_index.EXACT_MARGIN
-    asked.clear()
+    assert asked == [k + faiss_index.EXACT_MARGIN] and scanned == [1]
+    asked.clear(), scanned.clear()
     plain = l2_normalize(rng.normal(size=(1, 48))).astype(np.float32)
     sims, rows = index.search(plain, 3)
-    assert asked == [3 + faiss_index.EXACT_MARGIN] and rows.tolist() == _float64_topk(plain, x, 3)[1].tolist()
+    assert asked == [3 + faiss_index.EXACT_MARGIN] and scanned == []
+    assert rows.tolist() == _float64_topk(plain, x, 3)[1].tolist()
+
+
+class _PartsServedElsewhere:
+    """What :func:`serve_index_on_ray` puts in ``TrainingIndex.index``, without Ray: each part
+    opened by its own :class:`IndexPartServer`, their answers merged."""
+
+    def __init__(self, root, shards):
+        from memscan.index.faiss_index import open_index_part
+        from memscan.runners.ray_runner import IndexPartServer
+
+        self.servers = [IndexPartServer(open_index_part, (str(root), p), threads=0) for p in range(shards)]
+
+    @property
+    def ntotal(self):
+        return sum(s.ntotal() for s in self.servers)
+
+    def search(self, q, k):
+        from memscan.index.faiss_index import merge_searches
+
+        return merge_searches([s.search(q, k) for s in self.servers], k)
+
+
+def test_ties_wider_than_the_candidates_are_scanned_in_blocks_to_the_brute_force_answer(tmp_path, monkeypatch):
+    """Clusters of 60 and 9 identical rows, far more than the candidates fetched (k + margin,
+    the margin set to 2), scanned in blocks of 16 rows (copies of a cluster in many blocks):
+    every layout — in memory, sharded, memory-mapped, parts served elsewhere (as by Ray) —
+    returns the independent float64 brute force's answer, the lowest copies first, with its
+    similarities, for k inside, at the end of and past a cluster."""
+    from memscan.index import faiss_index
+
+    monkeypatch.setattr(faiss_index, "EXACT_MARGIN", 2)
+    monkeypatch.setattr(faiss_index, "_EXACT_CANDIDATES", 2048)  # scan: 16 rows × 128 queries a block
+    monkeypatch.setattr(faiss_index, "_EXACT_PRODUCTS", 100)  # re-scoring: 3 pairs a block
+    scanned, scan = [], faiss_index._exact_scan
+    monkeypatch.setattr(faiss_index, "_exact_scan", lambda e, qq, *a: scanned.append(len(qq)) or scan(e, qq, *a))
+    rng = np.random.default_rng(11)
+    n, d = 400, 96
+    x = l2_normalize(rng.normal(size=(n, d))).astype(np.float32)
+    rows = rng.permutation(n)
+    big, small = np.sort(rows[:60]), np.sort(rows[60:69])
+    x[big], x[small] = x[big[0]], x[small[0]]
+    near = l2_normalize(x[big[:1]] + 0.2 * rng.normal(size=(12, d)))  # tied with the 60 copies too
+    q = np.concatenate([x[big[:1]], x[small[:1]], near, l2_normalize(rng.normal(size=(2, d)))]).astype(np.float32)
+    layouts = _flat_layouts(x, tmp_path, chunk=16)
+    served = TrainingIndex.load(tmp_path / "two", mmap=True, open_parts=False)
+    served.index = _PartsServedElsewhere(tmp_path / "two", 2)
+    layouts["served elsewhere"] = served
+    for k in (1, 5, 9, 60, 75, n):
+        want_sims, want_rows = _float64_topk(q, x, k)
+        assert want_rows[0, : min(k, 60)].tolist() == big[:k].tolist()  # the copies first, in row order
+        for name, index in layouts.items():
+            scanned.clear()
+            sims, got = index.search(q, k)
+            assert got.tolist() == want_rows.tolist(), (k, name)
+            np.testing.assert_array_equal(sims, want_sims, err_msg=f"k={k} {name}")
+            # the queries tied past k + margin are scanned; with every row fetched, none
+            assert bool(scanned) == (k in (1, 5, 9)), (k, name, scanned)
 
 
 @pytest.mark.parametrize("params", [IndexParams("ivf", nlist=4, nprobe=2), IndexParams("hnsw")])
@@ -423,6 +484,12 @@ def test_overwrite_removes_only_what_an_index_run_wrote(tmp_path):
         "00000.embeddings.parquet",
         "notes.txt",
     ]
+    # shard numbers past 99999 have six digits: an old build's are removed too
+    for name in ("123456.done.json", "123456.embeddings.parquet"):
+        (site / "shards" / name).write_text("{}")
+    res = invoke("index", tmp_path / "train", "--out", site, "--embedder", "pixel:4", "--overwrite", "--quiet")
+    assert res.exit_code == 0, res.output
+    assert not list((site / "shards").glob("123456.*")) and (site / "shards" / "notes.txt").exists()
 
 
 def test_index_folder_is_a_run_overwrite_replaces_it_under_the_lock(tmp_path):

@@ -58,6 +58,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import time
 import warnings
@@ -258,9 +259,10 @@ class TrainingIndex:
 
         A flat index answers exactly, and the same in every layout (in memory, memory-mapped,
         built in shards, parts served by Ray): the index's float32 search only proposes
-        candidates (``k`` plus a margin, widened per query until a bound on float32 rounding
-        shows no other row can enter the ``k`` best — :func:`_exact_top_k`), which are re-scored
-        in float64 from the stored embeddings, the same arithmetic for every row, so identical
+        candidates (``k`` plus a margin; a query for which a bound on float32 rounding does not
+        show that no other row can enter the ``k`` best — ties wider than the margin, clusters of
+        identical rows — is scanned exactly over every row, in blocks: :func:`_exact_top_k`),
+        which are re-scored in float64 from the stored embeddings, the same arithmetic for every row, so identical
         vectors tie exactly wherever they are stored. Order: similarity descending, equal
         similarities by the lower row — a stable brute-force sort of all rows.
 
@@ -645,7 +647,8 @@ def serve_index_on_ray(path: str | Path, *, cpus_per_part: float = 1, address: s
     """Open the index folder ``path`` with each of its parts searched by its own Ray actor.
 
     The driver reads ids, captions and locations (and memory-maps the embeddings, which it does
-    not search: of a flat index it reads only the rows proposed, to re-score them); each actor
+    not search: of a flat index it reads the rows proposed, to re-score them, and scans every row
+    for the rare query the proposals do not certify — ties wider than the margin); each actor
     opens one part (:func:`open_index_part`) and the answers are merged (:func:`merge_searches`)
     — through :meth:`TrainingIndex.search`, a flat index's answer is the unsharded one's (for
     the approximate kinds, see there). ``index.index.close()`` stops the actors. See
@@ -704,8 +707,15 @@ def merge_searches(results: list[tuple[np.ndarray, np.ndarray]], k: int) -> tupl
 
 #: Candidates an exact (flat) search fetches beyond ``k`` (at least; ``k/4`` for a large ``k``)
 #: before re-scoring them in float64 (:func:`_exact_top_k`); a query whose candidates do not
-#: certify its ``k`` best is searched again with four times as many.
+#: certify its ``k`` best (tied with more identical rows, say) is answered by an exact scan of
+#: every row instead (:func:`_exact_scan`).
 EXACT_MARGIN = 16
+
+#: Float64 products :func:`_exact_dots` holds at once (2 MB).
+_EXACT_PRODUCTS = 1 << 18
+#: Queries × candidates :func:`_exact_top_k` re-scores at once, and queries × rows per block of
+#: :func:`_exact_scan`: what bounds their working memory (tens of MB).
+_EXACT_CANDIDATES = 1 << 20
 
 
 def _float32_dot_error(d: int) -> float:
@@ -716,71 +726,167 @@ def _float32_dot_error(d: int) -> float:
     return 2.0 * du / max(1.0 - du, 1e-3)
 
 
-def _exact_similarities(q: np.ndarray, embeddings: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """The float64 inner products of each query (Q×D float32) with its candidate rows (Q×m of
-    ``embeddings``; ``-1`` → ``-inf``).
+def _exact_dots(q: np.ndarray, qi: np.ndarray, vectors, rows: np.ndarray) -> np.ndarray:
+    """The float64 inner products of the queries ``q[qi]`` (``q``: Q×D float32) with the rows
+    ``vectors[rows]``, pair by pair (1-D).
 
-    Every pair is computed by the same sequence of operations (exact float64 products of the
-    float32 values, added dimension by dimension in order; no BLAS, whose summation order
-    depends on where a row sits in the block): identical vectors get identical values wherever
-    they are stored, in whichever layout, batch or position they are re-scored.
+    Every pair is computed by the same sequence of operations: the exact float64 products of
+    the float32 values (24 + 24 bits < 53), summed by a fixed binary tree over the dimensions
+    (padded with zeros to a power of two), elementwise — no BLAS, whose summation order depends
+    on where a row sits in its block. Identical vectors get identical values wherever they are
+    stored, in whichever layout, batch or position they are re-scored.
     """
-    n_q, m = rows.shape
     d = q.shape[1]
-    flat = rows.ravel()
-    owner = np.repeat(np.arange(n_q), m)  # the query of each (query, row) pair
-    out = np.full(flat.size, -np.inf)
-    q32 = np.asarray(q, np.float32)
-    per = max(1, (1 << 21) // max(1, d))  # pairs per block: ≤ 2M products (16 MB) at once
-    for a in range(0, flat.size, per):
-        r = flat[a : a + per]
-        valid = r >= 0
-        uniq, inv = np.unique(np.where(valid, r, 0), return_inverse=True)  # sorted reads (a memory map)
-        e_t = np.asarray(embeddings[uniq], np.float32)[inv.ravel()].T.copy()  # D × pairs
-        q_t = q32[owner[a : a + per]].T.copy()
-        acc = np.zeros(len(r))
-        tmp = np.empty_like(acc)
-        for j in range(d):
-            np.multiply(e_t[j], q_t[j], out=tmp, dtype=np.float64)  # exact: 24 + 24 bits < 53
-            acc += tmp
-        out[a : a + per] = np.where(valid, acc, -np.inf)
-    return out.reshape(n_q, m)
+    width = 1 << max(0, (d - 1).bit_length())
+    per = max(1, _EXACT_PRODUCTS // width)  # pairs per block
+    out = np.empty(len(rows))
+    buf = np.zeros((min(per, len(rows)), width))  # columns d… stay 0: the tree writes below width/2 < d
+    for a in range(0, len(rows), per):
+        r = rows[a : a + per]
+        prod = buf[: len(r)]
+        np.multiply(np.asarray(vectors[r], np.float32), q[qi[a : a + per]], out=prod[:, :d], dtype=np.float64)
+        h = width
+        while h > 1:
+            h //= 2
+            np.add(prod[:, :h], prod[:, h : 2 * h], out=prod[:, :h])
+        out[a : a + per] = prod[:, 0]
+    return out
 
 
 def _exact_top_k(index, embeddings: np.ndarray, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """The exact ``k`` best rows of a flat ``index`` over ``embeddings`` for each query (Q×D float32),
-    by float64 similarity rounded to float32, descending, ties by the lower row (Q×k float32, int64).
+    by float64 similarity (:func:`_exact_dots`) rounded to float32, descending, ties by the lower
+    row (Q×k float32, int64).
 
     ``index`` (FAISS, :class:`MmapFlat`, :class:`IndexParts`, parts served elsewhere) proposes its
-    float32 best ``m = k + margin``; they are re-scored (:func:`_exact_similarities`) and sorted.
-    A row ``r`` it did not propose has a float32 similarity ≤ ``s_m`` (its m-th), so an exact
-    one ≤ ``s_m + ε`` (:func:`_float32_dot_error` · ‖q‖, embeddings of unit norm): when that,
-    rounded to float32, is below the k-th re-scored value, no such row can reach or tie the k
-    best — else the query is searched again with ``4·m`` (at most every row). The answer is
-    thus the same whatever the index's float32 arithmetic, ties or layout.
+    float32 best ``m = k + margin``; those that could place are re-scored and sorted. A row ``r``
+    it did not propose has a float32 similarity ≤ ``s_m`` (its m-th), so an exact one ≤
+    ``s_m + ε`` (:func:`_float32_dot_error` · ‖q‖, embeddings of unit norm): when that, rounded
+    to float32, is below the k-th re-scored value, no such row can reach or tie the k best —
+    else the query is answered by :func:`_exact_scan`, one pass over every row (searching again
+    with more candidates would cost as much, and fail again while more identical rows than
+    candidates tie). The answer is thus the same whatever the index's float32 arithmetic, ties
+    or layout. Memory: the index's answer (Q×m), and a block of queries × candidates
+    (:data:`_EXACT_CANDIDATES`) at a time.
     """
     n, n_q = int(embeddings.shape[0]), q.shape[0]
-    sims_out = np.full((n_q, k), -np.inf, np.float32)
-    rows_out = np.full((n_q, k), -1, np.int64)
+    q = np.ascontiguousarray(q, np.float32)
     eps = _float32_dot_error(q.shape[1]) * np.linalg.norm(q.astype(np.float64), axis=1)
-    todo = np.arange(n_q)
     m = min(n, k + max(EXACT_MARGIN, k // 4))
-    while todo.size:
-        qt = np.ascontiguousarray(q[todo])
-        f, r = index.search(qt, m)
-        f, r = np.asarray(f, np.float32), np.asarray(r, np.int64)
-        key = _exact_similarities(qt, embeddings, r).astype(np.float32)
-        order = np.lexsort((np.where(r < 0, np.iinfo(np.int64).max, r), -key), axis=1)[:, :k]
-        top, rows = np.take_along_axis(key, order, 1), np.take_along_axis(r, order, 1)
-        if m >= n:  # every row was a candidate
-            done = np.ones(len(todo), bool)
-        else:  # (a missing answer, -1, leaves the query uncertified: searched again)
-            s_m = np.where(r < 0, -np.inf, f).min(axis=1).astype(np.float64)
-            done = (r >= 0).all(axis=1) & ((s_m + eps[todo]).astype(np.float32) < top[:, -1])
-        sims_out[todo[done]], rows_out[todo[done]] = top[done], rows[done]
-        todo = todo[~done]
-        m = min(n, 4 * m)
+    f, r = index.search(q, m)  # one search: FAISS is slower on a few queries at a time
+    f, r = np.asarray(f, np.float32), np.asarray(r, np.int64)
+    sims_out = np.empty((n_q, k), np.float32)
+    rows_out = np.empty((n_q, k), np.int64)
+    done = np.empty(n_q, bool)
+    per = max(1, _EXACT_CANDIDATES // m)  # queries re-scored at once
+    for a in range(0, n_q, per):
+        b = slice(a, a + per)
+        sims_out[b], rows_out[b], done[b] = _certified_top_k(embeddings, q[b], f[b], r[b], k, eps[b], every=m >= n)
+    todo = np.flatnonzero(~done)
+    if todo.size:  # the k-th of k candidates re-scored: the exact k-th reaches it
+        sims_out[todo], rows_out[todo] = _exact_scan(embeddings, q[todo], k, sims_out[todo, -1], eps[todo])
     return sims_out, rows_out
+
+
+def _certified_top_k(embeddings, q: np.ndarray, f: np.ndarray, r: np.ndarray, k: int, eps: np.ndarray, every: bool):
+    """The candidates ``r`` (Q×m rows, ``-1``: none; ``f``: their float32 similarities) of the
+    queries ``q`` that could place, re-scored: their k best (Q×k float32, int64), and for which
+    queries those are certified (``every``: for all, the candidates being every row)."""
+    valid = r >= 0
+    f = np.where(valid, f, np.float32(-np.inf))
+    # 1. the k best float32 candidates have exact similarities ≥ f_k − ε, so the k-th exact one
+    #    is ≥ ⌊f_k − ε⌉ (float32): a candidate whose ⌊f + ε⌉ is below cannot reach or tie it, and
+    #    is not re-scored (f_k = −inf: fewer than k candidates, all re-scored)
+    f_k = -np.partition(-f, k - 1, axis=1)[:, k - 1]
+    floor = (f_k.astype(np.float64) - eps).astype(np.float32)
+    need = valid & ((f + eps[:, None]).astype(np.float32) >= floor[:, None])  # f + ε: float64
+    qi, ci = np.nonzero(need)
+    key = np.full(f.shape, -np.inf, np.float32)
+    key[qi, ci] = _exact_dots(q, qi, embeddings, r[qi, ci])
+    # 2. by similarity descending, then row ascending (missing answers last); keep k
+    order = np.lexsort((np.where(valid, r, np.iinfo(np.int64).max), -key), axis=1)[:, :k]
+    top, rows = np.take_along_axis(key, order, 1), np.take_along_axis(r, order, 1)
+    if every:
+        return top, rows, np.ones(len(q), bool)
+    # 3. certified: every candidate present, and ⌊s_m + ε⌉ below the k-th
+    s_m = f.min(axis=1).astype(np.float64)
+    return top, rows, valid.all(axis=1) & ((s_m + eps).astype(np.float32) < top[:, -1])
+
+
+def _exact_scan(embeddings, q: np.ndarray, k: int, lower: np.ndarray, eps: np.ndarray):
+    """The ``k`` best of every row of ``embeddings`` for each query ``q`` (Q×D float32), exactly as
+    :func:`_exact_top_k` orders them, by one pass over the rows in blocks.
+
+    ``lower`` (Q float32): a value each query's k-th similarity is known to reach (``-inf``:
+    none). Per block of rows and of queries: float32 similarities (BLAS); the rows whose float32
+    similarity, even with the error bound ``eps`` (Q), cannot reach the larger of ``lower`` and
+    the k-th of the rows before them are skipped; the others are re-scored (:func:`_exact_dots`)
+    and merged into the running k best — identical vectors once per query, and only a vector's k
+    lowest copies in the block (ties go to the lower row: the others cannot place). Memory: one
+    block of queries × rows (:data:`_EXACT_CANDIDATES`), and the Q×k answer.
+    """
+    n, d = int(embeddings.shape[0]), q.shape[1]
+    best_s = np.full((q.shape[0], k), -np.inf, np.float32)
+    best_r = np.full((q.shape[0], k), -1, np.int64)
+    step = min(n, max(1, _EXACT_CANDIDATES // 128))  # rows per block (8192)
+    per = max(1, _EXACT_CANDIDATES // step)  # queries per block
+    void = np.dtype((np.void, 4 * d))
+    for s in range(0, n, step):
+        e = np.ascontiguousarray(embeddings[s : s + step], np.float32)
+        for a in range(0, q.shape[0], per):
+            qb = q[a : a + per]
+            # 1. a row can place only if its exact similarity, rounded to float32, reaches thr: it
+            #    is then ≥ thr − ulp, its float32 one ≥ thr − ulp − ε (t: rounded down, with room)
+            thr = np.maximum(lower[a : a + per], best_s[a : a + per, -1])
+            with np.errstate(invalid="ignore"):
+                t = (thr.astype(np.float64) - eps[a : a + per] - 2 * np.abs(np.spacing(thr))).astype(np.float32)
+            t = np.where(np.isfinite(thr), np.nextafter(t, np.float32(-np.inf)), np.float32(-np.inf))
+            need = qb @ e.T >= t[:, None]
+            cols = np.flatnonzero(need.any(axis=0))
+            if not cols.size:
+                continue
+            # 2. identical rows (same bytes) score identically: one group per vector, re-scored
+            #    once per query; copies past a vector's k lowest cannot place (ties: lower row)
+            cand = e[cols]
+            _, group = np.unique(cand.view(void).ravel(), return_inverse=True)
+            group = group.ravel()
+            by = np.argsort(group, kind="stable")  # by group, rows ascending within
+            start = np.flatnonzero(np.r_[True, np.diff(group[by]) != 0])
+            rep = by[start]  # each group's lowest row (index into cand)
+            keep = np.empty(cols.size, bool)
+            keep[by] = np.arange(cols.size) - np.repeat(start, np.diff(np.r_[start, cols.size])) < k
+            qi, j = np.nonzero(need[:, cols[keep]])
+            j = np.flatnonzero(keep)[j]  # index into cols / cand
+            ci, g = cols[j], group[j]
+            if rep.size < cols.size:  # copies: each (query, vector) once
+                pairs, inv = np.unique(qi * rep.size + g, return_inverse=True)
+                vals = _exact_dots(qb, pairs // rep.size, cand, rep[pairs % rep.size])[inv.ravel()]
+            else:
+                vals = _exact_dots(qb, qi, cand, rep[g])
+            # 3. merge into the running k best: similarity descending, then row ascending
+            best_s[a : a + per], best_r[a : a + per] = _merge_pairs(
+                best_s[a : a + per], best_r[a : a + per], qi, vals.astype(np.float32), s + ci
+            )
+    return best_s, best_r
+
+
+def _merge_pairs(best_s: np.ndarray, best_r: np.ndarray, qi: np.ndarray, sims: np.ndarray, rows: np.ndarray):
+    """The running k best ``best_s``, ``best_r`` (Q×k; ``-1``: none) with the pairs (query ``qi``,
+    similarity ``sims``, row ``rows``) merged in: similarity descending, then row ascending."""
+    n_q, k = best_s.shape
+    have = best_r >= 0
+    qi = np.concatenate([qi, np.nonzero(have)[0]])
+    sims = np.concatenate([sims, best_s[have]])
+    rows = np.concatenate([rows, best_r[have]])
+    order = np.lexsort((rows, -sims, qi))
+    qi, sims, rows = qi[order], sims[order], rows[order]
+    rank = np.arange(qi.size) - np.searchsorted(qi, np.arange(n_q))[qi]
+    keep = rank < k
+    out_s = np.full((n_q, k), -np.inf, np.float32)
+    out_r = np.full((n_q, k), -1, np.int64)
+    out_s[qi[keep], rank[keep]] = sims[keep]
+    out_r[qi[keep], rank[keep]] = rows[keep]
+    return out_s, out_r
 
 
 class IndexParts:
@@ -1049,8 +1155,9 @@ def _remove_index(run: Run) -> None:
         (root / name).unlink(missing_ok=True)
     for part in root.glob("index-[0-9][0-9][0-9].faiss"):
         part.unlink()
-    for f in run.store.shard_dir.glob("[0-9][0-9][0-9][0-9][0-9].*"):
-        f.unlink()
+    for f in run.store.shard_dir.glob("*"):
+        if re.match(r"\d{5,}\.", f.name):  # NNNNN.<table>.parquet, NNNNN.done.json (5 digits or more)
+            f.unlink()
     run.previous = None
 
 
