@@ -215,6 +215,18 @@ def test_empty_input_gives_an_empty_result():
     assert np.isnan(embedding_knn_distance(np.eye(4), np.zeros((0, 4)))).all()
 
 
+def test_squared_distances_beyond_float32_range_are_not_lost():
+    """Features within float32's range whose squared distances overflow it: FAISS leaves those
+    slots empty (label −1), and a search over every reference row took the k-th from the rest
+    (a NaN for row 0, whose only neighbour's squared distance is 4e38)."""
+    x = np.array([[0.0], [2e19], [3e19], [4e19], [5e19]])
+    np.testing.assert_array_equal(knn_distance(x, None, 1), [2e19, 1e19, 1e19, 1e19, 1e19])
+    np.testing.assert_allclose(knn_distance(x, None, 1), _brute_l2_knn(x, np.ones(5, bool), 1), rtol=1e-15)
+    # cosine distances of unnormalised embeddings beyond float32: 1 − (−2e40) for the third
+    q, ref = np.array([[1e20, 0.0]]), np.array([[-1e20, 0.0], [-2e20, 0.0], [0.0, 1.0]])
+    np.testing.assert_allclose(embedding_knn_distance(q, ref, k=3), [1 + 2e40], rtol=1e-12)
+
+
 def test_features_beyond_float32_range_are_exact():
     x = np.random.default_rng(11).random((40, 6)) * 1e39
     ref = np.ones(len(x), bool)

@@ -490,6 +490,15 @@ def test_overwrite_removes_only_what_an_index_run_wrote(tmp_path):
     res = invoke("index", tmp_path / "train", "--out", site, "--embedder", "pixel:4", "--overwrite", "--quiet")
     assert res.exit_code == 0, res.output
     assert not list((site / "shards").glob("123456.*")) and (site / "shards" / "notes.txt").exists()
+    # a user's file or folder whose name starts with digits is not a shard of the index
+    mine = ["20241130.notes.txt", "123456.jpg", "00001.embeddings.parquet.tmp", "\u0661\u0662\u0663\u0664\u0665.txt"]
+    for name in mine:
+        (site / "shards" / name).write_text("the user's")
+    (site / "shards" / "12345.d").mkdir()
+    res = invoke("index", tmp_path / "train", "--out", site, "--embedder", "pixel:4", "--overwrite", "--quiet")
+    assert res.exit_code == 0, res.output
+    assert all((site / "shards" / name).read_text() == "the user's" for name in mine)
+    assert (site / "shards" / "12345.d").is_dir()
 
 
 def test_index_folder_is_a_run_overwrite_replaces_it_under_the_lock(tmp_path):

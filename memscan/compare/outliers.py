@@ -312,8 +312,8 @@ def knn_distance(features: np.ndarray, reference: np.ndarray | None = None, k: i
             m[drop] = np.inf
             kth = _kth_smallest(m, k)
             # 3. certificate: a reference not returned has an exact mean of squares ≥ (f_last − E) / D
-            if kk >= n_ref:
-                return kth, np.full(len(rows), np.inf)
+            if kk >= n_ref:  # every reference row, unless FAISS left a slot empty (−1: a float32 overflow)
+                return kth, np.where((nn >= 0).all(axis=1), np.inf, -np.inf)
             floor = (f[:, -1].astype(np.float64) - e32[rows]) / d * shrink
             return kth, np.where(nn[:, -1] < 0, -np.inf, floor)
 
@@ -461,9 +461,11 @@ def embedding_knn_distance(
             dist[drop | ~np.isfinite(dist)] = np.inf
             kth[s : s + len(c)] = _kth_smallest(dist, k)
         # 3. certificate: a reference not returned has an exact distance ≥ 1 − s_last − E
-        if not exhaustive or kk >= n_index:
+        if not exhaustive:
             return kth, np.full(len(sub), np.inf)
         valid = nn >= 0
+        if kk >= n_index:  # every reference row, unless FAISS left a slot empty (a float32 overflow)
+            return kth, np.where(valid.all(axis=1), np.inf, -np.inf)
         s_last = np.where(valid, sims, np.inf).min(axis=1)
         floor = 1.0 - s_last - err[sub]
         return kth, np.where(valid.all(axis=1), floor, -np.inf)

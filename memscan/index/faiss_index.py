@@ -1146,7 +1146,7 @@ def _remove_index(run: Run) -> None:
     index files and report go; the new build starts afresh. Only the files memscan names go, and
     only from a folder that holds an index run (a manifest or ``index.json``): a folder of the
     user's given to ``--overwrite`` keeps every file, and ``shards/`` keeps all but
-    ``NNNNN.*``."""
+    ``NNNNN.embeddings.parquet`` and ``NNNNN.done.json``."""
     root = run.root
     if not ((root / "manifest.json").exists() or (root / "index.json").exists()):
         return  # no index here: nothing to replace
@@ -1156,7 +1156,8 @@ def _remove_index(run: Run) -> None:
     for part in root.glob("index-[0-9][0-9][0-9].faiss"):
         part.unlink()
     for f in run.store.shard_dir.glob("*"):
-        if re.match(r"\d{5,}\.", f.name):  # NNNNN.<table>.parquet, NNNNN.done.json (5 digits or more)
+        # NNNNN.embeddings.parquet and NNNNN.done.json (5 digits or more), nothing else of that folder
+        if re.fullmatch(r"[0-9]{5,}\.(done\.json|embeddings\.parquet)", f.name) and f.is_file():
             f.unlink()
     run.previous = None
 
