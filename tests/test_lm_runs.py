@@ -322,3 +322,30 @@ def test_tiny_gpt2_scores_a_document_start_window_after_its_eos_token(tiny_dir, 
             assert r["greedy_text"] == lm.decode(lm.greedy(np.r_[1, ids[:32]][None], 32)[0][0])
         o = off.sequences.set_index("seq_id").loc[r["seq_id"]]
         assert o["log_p_sample"] == pytest.approx(alone, rel=1e-4)
+
+
+def test_exact_memorization_is_teacher_forced_not_free_running():
+    """M(f) (Tirumala et al. 2022) scores each suffix position from the *true* preceding tokens,
+    greedy match from the model's own: one corrupted suffix token (position 10 of 32) costs the
+    greedy continuation that one position (31/32) but costs M(f) two — the corrupted position and
+    the next, whose true context the model never saw (its argmax is the fallback's token 0) —
+    30/32, by hand with the lookup model."""
+    from memscan.lm.worker import LMWorker, extractable_stage
+    from memscan.testing.lookup_lm import LookupLM
+
+    P, S = np.arange(10, 42), np.arange(100, 132)
+    lm = LookupLM([np.r_[P, S]], vocab_size=300, order=40)
+    corrupted = S.copy()
+    corrupted[10] = 250  # a token the model never saw
+    windows = np.stack([np.r_[P, S], np.r_[P, corrupted]])
+    cfg = {"suffix_length": 32, "prefix_lengths": [32], "batch_size": 2, "temperature": 1.0, "top_k": 40,
+           "top_p": None}  # fmt: skip
+    tables, _ = extractable_stage(LMWorker(lm), np.arange(2), windows, 32, cfg, np.array([5, 5]), None)
+    t = tables["sequences"].set_index("seq_id")
+    # by hand: teacher-forced argmax at each suffix position, and the free-running greedy tokens
+    greedy = lm.greedy(P[None], 32)[0][0]
+    argmax = [int(np.argmax(lm.distribution([*P, *corrupted[:j]]))) for j in range(32)]
+    assert greedy.tolist() == S.tolist() and np.mean(argmax == corrupted) == 30 / 32
+    assert t.loc[0, "exact_memorization"] == 1.0 and bool(t.loc[0, "extractable"])
+    assert t.loc[1, "match_fraction"] == 31 / 32 and not bool(t.loc[1, "extractable"])
+    assert t.loc[1, "exact_memorization"] == 30 / 32
