@@ -108,6 +108,27 @@ def test_torchscript_embedder_matches_the_model(tmp_path):
         load_embedder(str(tmp_path / "junk.pt"))
 
 
+class _NaNForBright(torch.nn.Module):
+    """Returns NaN for images whose mean input exceeds 0 (bright ones), a feature otherwise."""
+
+    def forward(self, x):
+        m = x.mean(dim=(1, 2, 3))
+        return torch.stack([m, torch.where(m > 0, torch.full_like(m, float("nan")), m + 1)], 1)
+
+
+def test_a_model_embedder_returning_nan_is_refused_with_one_error(tmp_path):
+    """A NaN row used to be normalised to zeros: it matched nothing and no one was told."""
+    path = tmp_path / "nan.pt"
+    torch.jit.save(torch.jit.script(_NaNForBright()), str(path))
+    (tmp_path / "nan.json").write_text(json.dumps({"input_size": [8, 8], "mean": [0.5] * 3, "std": [0.25] * 3}))
+    emb = load_embedder(str(path))
+    dark, bright = np.zeros((3, 8, 8, 3), np.uint8), np.full((2, 8, 8, 3), 255, np.uint8)
+    assert np.isfinite(emb.embed(dark)).all()
+    with pytest.raises(InputError, match=r"nan\.pt returned non-finite values .* for 2 of 5 images .*image 3") as e:
+        emb.embed(np.concatenate([dark, bright]))
+    assert "--embedder" in e.value.hint
+
+
 def test_onnx_embedder_matches_the_model(tmp_path):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnx")

@@ -257,6 +257,16 @@ class _ModelEmbedder:
             if y.ndim != 2 or y.shape[1] != self.dim:
                 y = y.reshape(y.shape[0], -1)
             out[s : s + y.shape[0]] = y
+        # a NaN or inf row would be normalised to zeros and silently match nothing
+        bad = ~np.isfinite(out).all(axis=1)
+        if bad.any():
+            raise InputError(
+                f"embedder model {self.path} returned non-finite values (NaN or inf, in float32) for "
+                f"{int(bad.sum())} of {len(out)} images (the first: image {int(np.argmax(bad))} of this batch)",
+                "check the model on these inputs (uint8 images resized to "
+                f"{self.input_size[0]}×{self.input_size[1]}, scaled to [0, 1], normalised with its mean/std), "
+                "or pass another --embedder",
+            )
         return l2_normalize(out)
 
     def _probe_dim(self) -> int:
