@@ -199,3 +199,28 @@ def test_quick_demo_verified_through_a_flat_index_equals_its_train_path(quick_de
     )
     assert stats["candidates"] == len(cands) and stats["skipped_count"] == 0
     assert ext.query("rank == 1 and extracted")["prompt_id"].nunique() >= 10
+
+
+def test_recall_counts_the_prompts_planted_50_times_or_more(tmp_path):
+    """``recall_at_50plus``: of the candidate prompts whose image was planted ≥ 50 times, the
+    share extracted — a 50-copy prompt counts, a 49-copy one does not. By hand: both 49-copy
+    prompts and one of the two 50-copy prompts extracted → 1/2."""
+    from PIL import Image
+
+    from memscan.demo.run import score
+
+    data = build_demo_data(DemoDataConfig(n_unique=6, counts=(1, 49, 50), per_count=2))
+    prompts = candidate_prompts(data, unique_prompts=2, min_count=1)
+    base = data.base_images()
+    by_copies = {c: prompts.loc[prompts["planted_copies"] == c, "prompt_id"].tolist() for c in (49, 50)}
+    assert len(by_copies[49]) == 2 and len(by_copies[50]) == 2
+    chosen = [*by_copies[49], by_copies[50][0]]
+    (tmp_path / "c").mkdir()
+    for pid in chosen:
+        Image.fromarray(base[pid][..., 0]).save(tmp_path / "c" / f"{pid}.png")
+    pd.DataFrame({"prompt_id": prompts["prompt_id"],
+                  "candidate_image": [f"c/{p}.png" if p in chosen else None for p in prompts["prompt_id"]]}
+                 ).to_parquet(tmp_path / "detections.parquet")  # fmt: skip
+    pd.DataFrame({"prompt_id": chosen, "rank": 1, "extracted": True}).to_parquet(tmp_path / "extractions.parquet")
+    s = score(tmp_path, data, prompts, delta=0.1, shape=base[chosen[0]].shape)
+    assert s["recall_at_50plus"] == 1 / 2 and s["precision"] == 1.0 and s["extractions"] == 3

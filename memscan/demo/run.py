@@ -33,7 +33,7 @@ from memscan.distances import cross_tiled_l2, nearest_tiled_l2
 from memscan.errors import InputError, MemscanError
 from memscan.extraction.config import ExtractConfig
 from memscan.extraction.pipeline import extract
-from memscan.extraction.verify import refine_near
+from memscan.extraction.verify import delta_float32, refine_near
 from memscan.generators.diffusers_unet import load_unet_generator
 from memscan.report.registry import build_report
 from memscan.store import atomic_write_json, check_out_folder
@@ -114,7 +114,7 @@ def score(run_dir: Path, data: DemoData, prompts: pd.DataFrame, delta: float, sh
     for pid in extracted:
         rel = det.loc[det["prompt_id"] == pid, "candidate_image"].iloc[0]
         cand = read_image(run_dir / rel, shape[:2], shape[2])
-        if float(cross_tiled_l2(cand[None], base[pid][None], exact_near=refine_near(delta))[0, 0]) <= delta:
+        if cross_tiled_l2(cand[None], base[pid][None], exact_near=refine_near(delta))[0, 0] <= delta_float32(delta):
             correct.add(pid)
     # per planted count: the images planted that many times (ground truth), the candidate prompts
     # of that count, how many were attacked and how many extracted

@@ -67,7 +67,7 @@ def verify_candidates(
     expected_first(candidates, images, training, dist, idx, grid, near)
     # 2. the k-eidetic count of each extracted training image x (the nearest, within δ): the
     #    training images within δ of x itself, one pass over the training set for the distinct x
-    extracted = dist[:, 0] <= delta
+    extracted = dist[:, 0] <= delta_float32(delta)
     xs = np.unique(idx[extracted, 0])
     counts = np.zeros(len(candidates), np.int64)
     if len(xs):
@@ -114,6 +114,19 @@ def expected_first(candidates, images, training, dist, idx, grid: int, near) -> 
             idx[c, 0], dist[c, 0] = j, d
 
 
+def delta_float32(delta: float) -> np.float32:
+    """δ as every ``d ≤ δ`` decision compares it: in float32, the precision of the distances (the
+    exact distance rounded once to float32), so a distance equal to δ — the paper's ≤ — is
+    extracted whatever δ's type. A float64 δ such as ``np.float64(0.15)`` used to be compared in
+    float64 and missed the tie that a Python ``0.15`` (compared in float32) caught.
+
+    >>> d = np.float32(0.15)   # a distance of exactly 0.15, rounded once to float32
+    >>> bool(d <= delta_float32(np.float64(0.15))), bool(d <= np.float64(0.15))
+    (True, False)
+    """
+    return np.float32(delta)
+
+
 def refine_near(delta: float) -> float | None:
     """δ as the ``exact_near`` of the distance functions: the pairs within float32 rounding of
     it are recomputed exactly. None for δ = 0 (pairs near 0 are recomputed exactly anyway)."""
@@ -135,7 +148,7 @@ def extraction_rows(cand, dist, tids, captions, within: int, delta: float) -> li
                 "train_id": tid,
                 "train_caption": captions[r],
                 "tiled_l2": float(dist[r]),
-                "extracted": bool(dist[r] <= delta),
+                "extracted": bool(dist[r] <= delta_float32(delta)),
                 "eidetic_k": int(within),
                 "expected_train_id": expected,
                 "matches_expected": None if expected is None else bool(expected == tid),
