@@ -181,3 +181,24 @@ def test_an_image_the_index_could_not_decode_is_skipped_not_missing_from_the_ind
     Image.fromarray(smooth_image(keyed_rng("new"), 16)).save(root / "new.png")
     s = count_duplicates(root, index=tmp_path / "idx", progress=False).summary
     assert (s["skipped"], s["not_in_index"]) == (1, 1)
+
+
+def test_a_pair_at_exactly_the_pixel_delta_is_confirmed_whatever_its_type():
+    """``--pixel-delta`` confirms a pair when tiled ℓ2 ≤ δ. By hand: 8×8×1 images, grid 4 (tiles
+    of 2×2), one pixel per tile raised by 51 → sqrt(51² / 4) / 255 = 0.1 exactly, the default δ.
+    A float64 δ compared the float32 distance 0.10000000149 in float64 and lost the tie."""
+
+    from memscan.data.duplicates import count_duplicates_arrays
+    from memscan.index.embedders import PixelEmbedder
+
+    a = np.random.default_rng(3).integers(0, 200, (8, 8, 1), dtype=np.uint8)
+    b = a.copy()
+    b[::2, ::2] += 51
+    x = np.stack([a, b])
+    for delta in (0.1, np.float64(0.1), np.float32(0.1)):
+        cfg = DuplicateConfig(tau=-1.0, pixel_delta=delta, check_size=8)
+        r = count_duplicates_arrays(PixelEmbedder(size=8, channels=1).embed(x), x, ["a", "b"], config=cfg)
+        assert r.table["duplicate_count"].tolist() == [2, 2], type(delta)
+    below = DuplicateConfig(tau=-1.0, pixel_delta=float(np.nextafter(np.float32(0.1), np.float32(0))), check_size=8)
+    r = count_duplicates_arrays(PixelEmbedder(size=8, channels=1).embed(x), x, ["a", "b"], config=below)
+    assert r.table["duplicate_count"].tolist() == [1, 1]

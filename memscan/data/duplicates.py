@@ -233,7 +233,9 @@ def count_duplicates_arrays(
         if check_images is None:
             raise InputError("the pixel check needs the training images", "pass check_images, or pixel_delta=None")
         dist = confirm_pairs(check_images, pairs, config)
-        ok = dist <= config.pixel_delta
+        # in float32, the distances' precision (exact, rounded once): a pair at exactly δ is
+        # confirmed whatever δ's type, as verification's d ≤ δ
+        ok = dist <= np.float32(config.pixel_delta)
     confirmed = pairs[ok]
     # 3. counts and clusters
     degree = np.bincount(confirmed.ravel(), minlength=n) if confirmed.size else np.zeros(n, np.int64)

@@ -390,9 +390,8 @@ def _eidetic_counts(per_candidate, rows, readable, kept, decoded, delta, grid) -
     centred on the training image, among the retrieval (a lower bound of the full count). 0
     for the others. One cross_tiled_l2 call per group of ``RERANK_GROUP`` distinct x."""
     counts = np.zeros(len(per_candidate), np.int64)
-    hits = [
-        c for c, pc in enumerate(per_candidate) if pc is not None and len(pc[0]) and pc[0][0] <= delta_float32(delta)
-    ]
+    delta32 = delta_float32(delta)
+    hits = [c for c, pc in enumerate(per_candidate) if pc is not None and len(pc[0]) and pc[0][0] <= delta32]
     if not hits:
         return counts
     x_of = {c: int(per_candidate[c][1][0]) for c in hits}
@@ -405,7 +404,7 @@ def _eidetic_counts(per_candidate, rows, readable, kept, decoded, delta, grid) -
         for c in mine:
             own = np.unique(rows[c][readable[c]])
             d = dist[np.searchsorted(group, x_of[c]), np.searchsorted(union, own)]
-            counts[c] = int((d <= delta_float32(delta)).sum())
+            counts[c] = int((d <= delta32).sum())
     return counts
 
 
