@@ -524,6 +524,17 @@ def _flocked(fd: int):
 _LOG_UNSAFE = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
 
 
+def escape_controls(text: str) -> str:
+    r"""``text`` with the characters ``run.log`` escapes (:data:`_LOG_UNSAFE`: control characters,
+    line separators, lone surrogates) written as ``\n``, ``\xNN``, ``\uNNNN``: one line that
+    cannot move a terminal's cursor, clear it or forge another line.
+
+    >>> print(escape_controls("run\x1b[2J\nFAKE"))
+    run\x1b[2J\nFAKE
+    """
+    return _LOG_UNSAFE.sub(_log_escape, text)
+
+
 def _log_escape(m: re.Match) -> str:
     """The escape of one :data:`_LOG_UNSAFE` character: ``\\n``/``\\r``, a file name's undecodable
     byte (the surrogate ``os.fsdecode`` makes of it) as that byte, ``\\xNN`` or ``\\uNNNN``."""

@@ -156,7 +156,14 @@ def test_data_are_compared_by_content_never_by_path(three_runs, tmp_path):
     other.loc[7, "prompt"] = "fresh but different"
     d = extract_run(tmp_path / "d" / "run", train, prompts=other)
     assert len(other) == ma["prompts"]["count"]
-    assert _mismatch_keys([a, d], tmp_path, "other-prompts") == {"prompts_sha256"}
+    assert _mismatch_keys([a, d], tmp_path, "other-prompts") == {"prompts"}
+    # the same prompts listed in another order: the same results (each generation's seed comes
+    # from the prompt's id), so comparable — though `prompts_sha256`, a resume's identity, differs
+    e = extract_run(tmp_path / "e" / "run", train, prompts=prompt_table().iloc[::-1].reset_index(drop=True))
+    assert json.loads((e / "manifest.json").read_text())["prompts_sha256"] != ma["prompts_sha256"]
+    assert _mismatch_keys([a, e], tmp_path, "reordered") == set()
+    det_a, det_e = (pd.read_parquet(r / "detections.parquet").sort_values("prompt_id") for r in (a, e))
+    assert det_a["clique_size"].tolist() == det_e["clique_size"].tolist()
     # a run made before the hashes were recorded: the path-free counts, never the path
     old = tmp_path / "old" / "run"
     shutil.copytree(b, old)
@@ -197,6 +204,93 @@ def test_sampling_and_verification_are_settings(tmp_path, three_runs):
     assert keys(via, {**via, "retrieve": 10}) == {"verification.retrieve"}
 
 
+def test_reverify_against_another_training_set_records_it(three_runs, tmp_path):
+    """``memscan verify RUN --train OTHER`` rewrites the tables against OTHER: the manifest's
+    ``training_set`` and ``training_set_sha256`` then name OTHER, so compare refuses to put the
+    run beside one verified against the original set; the same set at another path changes
+    nothing."""
+    import shutil
+
+    from memscan.data.training import training_set_sha256
+    from memscan.extraction.pipeline import reverify
+    from memscan.synthetic import write_training_set
+
+    tmp, runs = three_runs
+    a, b, c = (tmp_path / n for n in "abc")
+    shutil.copytree(runs[1], a)
+    shutil.copytree(runs[2], b)
+    shutil.copytree(runs[2], c)
+    write_training_set(tmp_path / "small", 20, size=32)  # holds t0003 and t0017 only of the copied images
+    before = json.loads((b / "manifest.json").read_text())
+    reverify(b, train=tmp_path / "small")
+    m = json.loads((b / "manifest.json").read_text())
+    assert m["counts"]["extractions"] < before["counts"]["extractions"]
+    assert m["training_set"]["images"] == 20 and m["training_set_sha256"] == training_set_sha256(tmp_path / "small")
+    assert _mismatch_keys([a, b], tmp_path, "reverified") == {"training_set_sha256"}
+    moved = tmp_path / "moved" / "train"
+    shutil.copytree(tmp / "train", moved)
+    reverify(c, train=moved)
+    mc = json.loads((c / "manifest.json").read_text())
+    assert mc["training_set_sha256"] == before["training_set_sha256"] and mc["counts"] == before["counts"]
+    assert _mismatch_keys([a, c], tmp_path, "moved") == set()
+
+
+def test_index_verified_runs_are_compared_by_the_indexed_training_set(three_runs, tmp_path):
+    """Runs verified through an index record no ``training_set_sha256`` of their own: the
+    index's (its build run's) is compared — two indexes of other images with as many of them
+    are refused, two indexes of the same images at other paths are not."""
+    from compare_support import extract_run
+
+    from memscan.extraction.verify_index import IndexVerification
+    from memscan.index.faiss_index import build_index
+    from memscan.synthetic import write_training_set
+
+    train = three_runs[0] / "train"
+    write_training_set(tmp_path / "other", 120, size=32, prefix="u")
+    for name, src in (("ia", train), ("ib", train), ("io", tmp_path / "other")):
+        build_index(src, tmp_path / name, embedder="pixel:8", index_type="flat", progress=False)
+    a = extract_run(tmp_path / "run-a", IndexVerification(str(tmp_path / "ia"), 10))
+    b = extract_run(tmp_path / "run-b", IndexVerification(str(tmp_path / "ib"), 10))
+    o = extract_run(tmp_path / "run-o", IndexVerification(str(tmp_path / "io"), 10))
+    ma, mo = (json.loads((r / "manifest.json").read_text()) for r in (a, o))
+    assert ma["training_set_sha256"] is None and ma["training_set"]["images"] == mo["training_set"]["images"]
+    assert ma["training_set"]["training_set_sha256"] != mo["training_set"]["training_set_sha256"]
+    assert _mismatch_keys([a, b], tmp_path, "same-set") == set()
+    assert _mismatch_keys([a, o], tmp_path, "other-set") == {"training_set_sha256"}
+
+
+def test_adaptive_settings_count_only_for_adaptive_runs_and_precision_counts(three_runs, tmp_path):
+    """``first_round`` / ``round_size`` … change nothing in a run without ``--adaptive`` (every
+    prompt gets samples_per_prompt): not compared there, compared between adaptive runs. The
+    precision a model ran at changes its numbers: compared, as resolved (``auto`` is no value)."""
+    from compare_support import extract_run
+
+    from memscan.compare.checks import find_mismatches
+
+    train = three_runs[0] / "train"
+    a = extract_run(tmp_path / "a", train)
+    b = extract_run(tmp_path / "b", train, first_round=8, round_size=4)
+    assert _mismatch_keys([a, b], tmp_path, "plain") == set()
+    c = extract_run(tmp_path / "c", train, adaptive=True, first_round=8, round_size=4)
+    d = extract_run(tmp_path / "d", train, adaptive=True, first_round=8, round_size=8)
+    assert _mismatch_keys([c, d], tmp_path, "adaptive") == {"config.round_size"}
+
+    def keys(kind, *ms):
+        return {m.key for m in find_mismatches([(f"r{i}", kind, m) for i, m in enumerate(ms)])}
+
+    lm = {"config": {"k_percent": 20.0, "dtype": "auto"}, "model": {"describe": {"dtype": "float32"}}}
+    bf = {"config": {"k_percent": 20.0, "dtype": "bfloat16"}, "model": {"describe": {"dtype": "bfloat16"}}}
+    f32 = {"config": {"k_percent": 20.0, "dtype": "float32"}, "model": {"describe": {"dtype": "float32"}}}
+    assert keys("lm-mia", lm, bf) == {"precision"}
+    assert keys("lm-mia", lm, f32) == set()  # auto that ran at float32 is float32
+    img = json.loads((a / "manifest.json").read_text())
+    half = {**img, "generator": {**img["generator"], "dtype": "float16"}}
+    full = {**img, "generator": {**img["generator"], "dtype": "float32"}}
+    assert keys("extract", half, full) == {"precision"}
+    mia = {"attacks": ["loss"], "sources": {"target_config": {"dtype": "float16"}}}
+    assert keys("mia", mia, {**mia, "sources": {"target_config": {"dtype": "float32"}}}) == {"precision"}
+
+
 def test_by_train_size_compares_runs_on_different_training_sets(three_runs, tmp_path):
     """--by train_size varies the training set: its records are exempt, everything else is
     still checked; other --by attributes still refuse other training sets."""
@@ -235,6 +329,12 @@ def test_mia_examples_are_compared_by_content(tmp_path):
     assert find_mismatches(runs[:2]) == []
     assert [m.key for m in find_mismatches([runs[0], runs[2]])] == ["examples"]
     assert find_mismatches([runs[0], runs[2]], by="train_size") == []
+    # LiRA with another number of shadow models is another attack's strength: not comparable
+    a, b = runs[0], runs[1]
+    with_shadows = [(a[0], "mia", {**a[2], "counts": {"shadow_models": 8}}),
+                    (b[0], "mia", {**b[2], "counts": {"shadow_models": 16}})]  # fmt: skip
+    assert [m.key for m in find_mismatches(with_shadows)] == ["shadow_models"]
+    assert find_mismatches([with_shadows[0], (b[0], "mia", {**b[2], "counts": {"shadow_models": 8}})]) == []
 
 
 def test_bad_inputs_are_one_clear_error(three_runs, tmp_path):
@@ -264,6 +364,22 @@ def test_labels_are_escaped_in_the_page(three_runs, tmp_path):
     page = (tmp_path / "x" / "compare.html").read_text()
     assert evil not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
     assert pd.read_parquet(tmp_path / "x" / "compare.parquet")["label"].iloc[0] == evil
+
+
+def test_control_characters_in_a_run_name_cannot_forge_the_summary(three_runs, tmp_path):
+    """A run folder named with terminal escapes and a newline (its name is the default label):
+    the printed summary escapes them, so no line of it is forged and the screen is not cleared;
+    the table keeps the name as it is."""
+    import shutil
+
+    _, runs = three_runs
+    name = "run\x1b[2J\x1b[31mFAKE: extract, extraction_rate = 0.99\nx"
+    shutil.copytree(runs[0], tmp_path / name)
+    res = runner.invoke(app, ["compare", str(tmp_path / name), str(runs[2]), "--out", str(tmp_path / "x"), "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert "\x1b" not in res.stdout and "\\x1b[2J" in res.stdout
+    assert not any(line.startswith("FAKE") for line in res.stdout.splitlines())
+    assert name in pd.read_parquet(tmp_path / "x" / "compare.parquet")["label"].tolist()
 
 
 def test_default_labels_are_unique_and_the_overlap_is_keyed_by_run(three_runs, tmp_path):
@@ -631,3 +747,76 @@ def test_a_setting_added_later_compares_as_the_value_older_runs_behaved_as():
     on = settings_of("lm-mia", {"config": {**config, "document_start": True}, "scores": ["loss"]})
     assert old == off and old["config.document_start"] == "false" and on["config.document_start"] == "true"
     assert "config.document_start" not in settings_of("lm-exposure", {"config": config})
+
+
+def test_checkpoint_sweep_verifies_through_an_index(tmp_path):
+    """``extract --model CKPTS --index INDEX``: every checkpoint is verified through the index
+    (the sweep used to drop --index and fail for want of --train); with K ≥ the training set the
+    extractions equal the exact sweep's. --heldout needs --train (the training images whose loss it
+    is compared with)."""
+    from memscan.index.faiss_index import build_index
+
+    ckpts, base = _tiny_checkpoints(tmp_path)
+    _sweep_argv(tmp_path, ckpts, base, tmp_path / "exact")  # writes the training set, train8
+    build_index(tmp_path / "train8", tmp_path / "idx", embedder="pixel:4", index_type="flat", progress=False)
+
+    def argv(out, *, index=True, heldout=False):
+        # α = δ = 1 (tiled ℓ2 lies in [0, 1]): every pair of generations is an edge, so every prompt has a candidate to verify
+        a = [str(x) for x in _sweep_argv(tmp_path, ckpts, base, out)] + ["--alpha", "1", "--delta", "1"]
+        if not heldout:
+            i = a.index("--heldout")
+            del a[i : i + 2]
+        if index:
+            i = a.index("--train")
+            a[i : i + 2] = ["--index", str(tmp_path / "idx"), "--retrieve", "12"]
+        return a
+
+    res = runner.invoke(app, argv(tmp_path / "exact", index=False), catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, argv(tmp_path / "via"), catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    cols = ["prompt_id", "rank", "train_id", "tiled_l2", "extracted"]
+    for sub in ("checkpoint-10", "checkpoint-20"):
+        m = json.loads((tmp_path / "via" / sub / "manifest.json").read_text())
+        assert m["verification"]["via"] == "index" and m["verification"]["retrieve"] == 12
+        exact, via = (pd.read_parquet(tmp_path / d / sub / "extractions.parquet") for d in ("exact", "via"))
+        assert len(exact) == 4 * 3 and exact["extracted"].all()  # 4 prompts × n_nearest 3
+        pd.testing.assert_frame_equal(exact[cols], via[cols], check_dtype=False)
+    res = runner.invoke(app, argv(tmp_path / "held", heldout=True))
+    assert res.exit_code == 2 and "--heldout" in res.output and "--train" in res.output
+    assert not (tmp_path / "held").exists()
+
+
+def test_overlap_pairs_runs_of_other_kinds_only_on_one_training_set(three_runs, tmp_path):
+    """An ``extract`` and an ``extract-unconditional`` run both name training images by id; on
+    one training set their ids are the same images and they are paired, on another set that
+    reuses the ids (B's t0003 holds A's t0116) they are not — each is its own item type."""
+    from memscan.data.images import save_png
+    from memscan.extraction.unconditional import UnconditionalConfig, extract_unconditional
+    from memscan.synthetic import SyntheticGenerator, training_image
+
+    tmp, runs = three_runs
+    other = tmp_path / "trainB"
+    other.mkdir()
+    for i in range(120):  # the same ids, other pictures
+        save_png(training_image(f"t{119 - i:04d}", 32), other / f"t{i:04d}.png")
+    cfg = UnconditionalConfig(samples=60, shard_size=30, batch_size=16)
+    on_b = extract_unconditional(SyntheticGenerator({"": "t0116"}, size=32, copy_rate=0.3, noise=0.01), other,
+                                 tmp_path / "on-b", cfg, progress=False)  # fmt: skip
+    on_a = extract_unconditional(SyntheticGenerator({"": "t0003"}, size=32, copy_rate=0.3, noise=0.01), tmp / "train",
+                                 tmp_path / "on-a", cfg, progress=False)  # fmt: skip
+    assert set(on_b.extractions["train_id"]) == {"t0003"} == set(on_a.extractions["train_id"])
+
+    def pairs(run):
+        res = compare_runs([runs[0], run], tmp_path / f"cmp-{run.name}", progress=False)
+        o = res.overlap
+        return o[o["run_a"] != o["run_b"]], res
+
+    paired, res = pairs(tmp_path / "on-a")
+    assert len(paired) == 2 and paired["both"].tolist() == [1, 1] and paired["jaccard"].tolist() == [1.0, 1.0]
+    assert res.table["training_set_sha256"].nunique() == 1
+    apart, res = pairs(tmp_path / "on-b")
+    assert apart.empty and res.table["training_set_sha256"].nunique() == 2
+    assert set(res.overlap["item_type"]) == {"training image id (extract)", "training image id (extract-unconditional)"}
+    page = (tmp_path / "cmp-on-b" / "compare.html").read_text()
+    assert "training image id (extract-unconditional)" in page

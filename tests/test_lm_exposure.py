@@ -39,6 +39,11 @@ def test_format_parse_fill_and_refusals():
     assert fmt.space_size == 10_000 and fmt.fill(7) == "pin 00-07!" and fmt.index_of("pin 12-34!") == 1234
     with pytest.raises(InputError, match="does not match"):
         fmt.index_of("pin 1-234!")
+    # other scripts' decimal digits (Arabic-Indic, fullwidth) are no candidate of R: refused,
+    # never read as secret 1234 (whose candidate "pin 12-34!" would then be skipped in the rank)
+    for other in ("pin \u0661\u0662-\u0663\u0664!", "pin \uff11\uff12-34!"):
+        with pytest.raises(InputError, match="ASCII digits"):
+            fmt.index_of(other)
     with pytest.raises(InputError, match="no hole"):
         CanaryFormat.parse("no secret here")
     assert exposure_from_rank(1, 1024) == 10.0 and exposure_from_rank(1024, 1024) == 0.0

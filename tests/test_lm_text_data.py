@@ -154,3 +154,33 @@ def test_further_rounds_never_repeat_a_window(tmp_path):
         assert pairs == [(0, 0), (0, 1), (1, 0), (1, 1)]
     one_round = sample_sequences(src, LM.encode, left=4, right=6, n=2, seed=0)
     assert sorted(one_round.doc_index.tolist()) == [0, 1]
+
+
+def test_exhausted_documents_are_made_up_from_the_others(tmp_path, caplog):
+    """Documents of very different window counts: draws that land on a document with every
+    window taken are made up from documents with windows left, so n = min(asked, distinct
+    windows) — brute force over random corpora; the cap's warning names the true total."""
+    import logging
+    import random
+
+    rng = random.Random(3)
+    for case in range(60):
+        docs = [
+            "".join(rng.choice("abcdef") for _ in range(rng.choice([10, 11, 12, 40]))) for _ in range(rng.randint(1, 6))
+        ]
+        left, right = 4, 6
+        windows = {(d, s) for d, t in enumerate(docs) for s in range(len(LM.encode(t)) - left - right + 1)}
+        n = rng.randint(1, len(windows) + 5)
+        src = open_text_source(_jsonl(tmp_path / f"d{case}.jsonl", docs))
+        s = sample_sequences(src, LM.encode, left=left, right=right, n=n, seed=case)
+        got = list(zip(s.doc_index.tolist(), (s.offset - left).tolist()))
+        assert len(got) == min(n, len(windows)) and len(set(got)) == len(got) and set(got) <= windows
+        for (d, st), row in zip(got, s.tokens):
+            assert row.tolist() == LM.encode(docs[d])[st : st + left + right].tolist()
+    # one document of 1 window and one of 31: 6 asked, 6 given (4 before: the short one's repeats dropped)
+    src = open_text_source(_jsonl(tmp_path / "two.jsonl", ["abcdefghij", "x" * 40]))
+    for seed in range(5):
+        assert len(sample_sequences(src, LM.encode, left=4, right=6, n=6, seed=seed).offset) == 6
+    with caplog.at_level(logging.WARNING):
+        s = sample_sequences(src, LM.encode, left=4, right=6, n=40, seed=0)
+    assert len(s.offset) == 32 and "hold 32 distinct windows" in caplog.text

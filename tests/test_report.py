@@ -90,3 +90,23 @@ def test_extract_summary_shows_distinct_images_extracted_and_undecided_prompts(t
     m = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert re.search(rf'undecided prompts</th><td class="num">{m["counts"]["undecided"]}</td>', html)
     assert "counted as not detected" in html
+
+
+def test_prompt_without_expected_image_gets_no_match_row(tmp_path):
+    """A prompt table whose ``train_id`` is null for the extracted prompt (pandas reads it back
+    as NaN): the extraction is no mismatch — ``expected_train_id`` null, ``matches_expected``
+    null — and its card shows no "prompt's own training image" row; a prompt with an expected
+    image still gets one."""
+    train = tmp_path / "train"
+    write_training_set(train, 10, size=16)
+    gen = SyntheticGenerator({"a": "t0001", "b": "t0002"}, size=16, copy_rate=0.6)
+    prompts = pd.DataFrame({"prompt_id": ["pa", "pb"], "prompt": ["a", "b"], "train_id": [None, "t0002"]})
+    extract(gen, prompts, train, tmp_path / "run", ExtractConfig(samples_per_prompt=30), progress=False)
+    ext = pd.read_parquet(tmp_path / "run" / "extractions.parquet")
+    top = ext[ext["rank"] == 1].set_index("prompt_id")
+    assert bool(top.loc["pa", "extracted"]) and bool(top.loc["pb", "extracted"])
+    assert pd.isna(top.loc["pa", "expected_train_id"]) and pd.isna(top.loc["pa", "matches_expected"])
+    assert top.loc["pb", "expected_train_id"] == "t0002" and bool(top.loc["pb", "matches_expected"])
+    html = build_report(tmp_path / "run").read_text()
+    assert html.count("prompt's own training image") == 1
+    assert "other image" not in html and ">nan<" not in html

@@ -42,10 +42,15 @@ def test_mia_sweep_compares_each_checkpoints_best_attack(tmp_path):
     out = tmp_path / "sweep"
     argv = [
         "mia", "--model", ckpts, "--base", base, "--data", tmp_path / "data", "--members", tmp_path / "members.txt",
-        "--out", out, "--timesteps", "10,50", "--noise-draws", 1, "--bootstrap", 20, "--quiet",
+        "--out", out, "--timesteps", "10,50", "--noise-draws", 1, "--bootstrap", 20, "--outliers", "--quiet",
     ]  # fmt: skip
     res = runner.invoke(app, [str(a) for a in argv])
     assert res.exit_code == 0, res.output
+    # --outliers: each checkpoint's run records the analysis (it was dropped in a sweep)
+    assert res.output.count("outliers: Spearman's rho") == 2
+    for s in (10, 20):
+        assert len(pd.read_parquet(out / f"checkpoint-{s}" / "outliers.parquet")) == 12
+        assert "Memorization vs outliers" in (out / f"checkpoint-{s}" / "report.html").read_text()
     t = pd.read_parquet(out / "compare.parquet").sort_values("step")
     assert t["step"].tolist() == [10, 20] and t["kind"].tolist() == ["mia", "mia"]
     for _, row in t.iterrows():

@@ -15,6 +15,7 @@ from memscan.commands.common import (
     ray_address_option,
     resume_option,
     runner_option,
+    say,
 )
 
 HELP = """The whole extraction attack in one run directory, stage by stage.
@@ -66,7 +67,7 @@ def register(app: typer.Typer) -> None:
         shard_size: int = typer.Option(8, help="prompts per extraction shard [8]"),
         steps: int | None = typer.Option(None, help="sampler steps per image (diffusers models) \\[model's]"),
         guidance_scale: float | None = typer.Option(None, help="classifier-free guidance scale \\[model's]"),
-        device: str = typer.Option("cpu", help="cpu or cuda"),
+        device: str = typer.Option("cpu", help="cpu, cuda or cuda:N"),
         resume: bool = resume_option(),
         runner: str = runner_option(),
         ray_address: str | None = ray_address_option(),
@@ -128,12 +129,12 @@ def register(app: typer.Typer) -> None:
         unit = m["budget"]["unit"]
         for name, rec in m["stages"].items():
             note = f" — {rec['reason']}; {rec['fallback']}" if rec.get("skipped") else ""
-            typer.echo(f"  {name:>10}: {rec['prompts_kept']} prompts kept, {int(rec['evaluations']):,} {unit}{note}")
+            say(f"  {name:>10}: {rec['prompts_kept']} prompts kept, {int(rec['evaluations']):,} {unit}{note}")
         c = m["counts"]
-        typer.echo(
+        say(
             f"{c['prompts']} prompts attacked, {c['detections']} detections, {c['extractions']} extractions; "
             f"{m['evaluations_total']:,} {unit} ({m['share_of_full_budget']:.1%} of the brute force's "
             f"{m['evaluations_full_budget']:,}) → {out}"
         )
         if page is not None:
-            typer.echo(f"report: {page}")
+            say(f"report: {page}")

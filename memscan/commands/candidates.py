@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from memscan.commands.common import run_library_call
+from memscan.commands.common import run_library_call, say
 
 
 def register(app: typer.Typer) -> None:
@@ -36,7 +36,7 @@ def register(app: typer.Typer) -> None:
         ),
         embedder: str = typer.Option("pixel", "--embedder", help="embedder when no --index is given"),
         batch_size: int = typer.Option(256, "--batch-size", help="images per step"),
-        device: str = typer.Option("cpu", "--device", help="cpu or cuda (model embedders)"),
+        device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N (model embedders)"),
         overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing prompts file"),
         quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
     ):
@@ -65,16 +65,12 @@ def register(app: typer.Typer) -> None:
             overwrite=overwrite,
         )
         s = res.counts.summary
-        typer.echo(
+        say(
             f"{s['images']} images{' (via the index)' if s.get('via_index') else ''}: {s['images_with_duplicates']} with near-duplicates in {s['clusters_with_duplicates']} clusters "
             f"(τ = {tau}, {s['confirmed_pairs']} pairs confirmed, {s['rejected_by_pixel_check']} rejected); "
             f"{len(res.prompts)} prompts → {out}"
         )
         if s.get("skipped"):
-            typer.echo(
-                f"{s['skipped']} unreadable image(s) skipped (listed in {Path(out).stem}.candidates.json)", err=True
-            )
+            say(f"{s['skipped']} unreadable image(s) skipped (listed in {Path(out).stem}.candidates.json)", err=True)
         if s.get("not_in_index"):
-            typer.echo(
-                f"warning: {s['not_in_index']} images of {train} are not in the index and were not counted", err=True
-            )
+            say(f"warning: {s['not_in_index']} images of {train} are not in the index and were not counted", err=True)

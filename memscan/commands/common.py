@@ -31,6 +31,15 @@ class GlobalOptions:
 OPTIONS = GlobalOptions()
 
 
+def say(text, *, err: bool = False) -> None:
+    """Print a command's result to stdout (``err``: a note to stderr), each line with its control
+    characters escaped (:func:`memscan.store.escape_controls`): a run label, prompt or path read
+    from untrusted files cannot clear the terminal or forge a line of the summary."""
+    from memscan.store import escape_controls
+
+    typer.echo("\n".join(escape_controls(line) for line in str(text).split("\n")), err=err)
+
+
 def fail(exc: BaseException) -> None:
     """End the command with one line, ``error: <what was wrong> — <what to do>``, exit code 2.
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from memscan.commands.common import quiet_option, resume_option, run_library_call
+from memscan.commands.common import quiet_option, resume_option, run_library_call, say
 from memscan.commands.formatting import compare_summary
 from memscan.compare.runs import COMPARABLE_KINDS
 
@@ -78,4 +78,4 @@ def register(app: typer.Typer) -> None:
                 progress=not quiet,
             )
         )
-        typer.echo(compare_summary(res))
+        say(compare_summary(res))

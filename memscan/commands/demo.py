@@ -23,7 +23,7 @@ from pathlib import Path
 
 import typer
 
-from memscan.commands.common import quiet_option, run_library_call
+from memscan.commands.common import quiet_option, run_library_call, say
 from memscan.commands.formatting import demo_mia_summary
 
 demo_app = typer.Typer(
@@ -58,21 +58,21 @@ def demo(
     ]
     lines += [f"  {k:>15}: {v}" for k, v in res.rows]
     lines += [f"  report: {res.report}", f"  summary: {res.out / 'summary.json'}"]
-    typer.echo("\n".join(lines))
+    say("\n".join(lines))
 
 
 @demo_app.command("train")
 def demo_train(
     out: Path = typer.Option(Path("memscan/demo/model"), "--out", help="model directory to write"),
     steps: int | None = typer.Option(None, help="training steps"),
-    device: str = typer.Option("cpu", help="cpu or cuda"),
+    device: str = typer.Option("cpu", help="cpu, cuda or cuda:N"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace a model already in --out"),
 ):
     """Retrain the demo model from its recorded recipe."""
     from memscan.demo.run import train_model
 
     rec = run_library_call(train_model, out, steps=steps, device=device, overwrite=overwrite)
-    typer.echo(f"trained in {rec['training']['seconds']} s → {out}")
+    say(f"trained in {rec['training']['seconds']} s → {out}")
 
 
 @demo_app.command("mia")
@@ -88,7 +88,7 @@ def demo_mia(
     """Membership inference and inpainting on the demo data with CPU-trained shadow models."""
     over = {"n_examples": n_examples, "n_models": n_models, "steps": steps, "threads": threads}
     text = run_library_call(_demo_mia, out, quick, {k: v for k, v in over.items() if v is not None}, not quiet)
-    typer.echo(text)
+    say(text)
 
 
 def _demo_mia(out: Path, quick: bool, overrides: dict, progress: bool) -> str:
@@ -123,7 +123,7 @@ def demo_lm(
     from memscan.demo.lm.run import run_demo_lm
 
     res = run_library_call(run_demo_lm, out, quick=quick, progress=not quiet)
-    typer.echo(res.text())
+    say(res.text())
 
 
 @lm_app.command("train")
@@ -157,7 +157,7 @@ def demo_lm_train(
         progress=not quiet,
         overwrite=overwrite,
     )
-    typer.echo(f"trained in {rec['seconds']} s ({rec['threads']} threads) → {out}")
+    say(f"trained in {rec['seconds']} s ({rec['threads']} threads) → {out}")
 
 
 @lm_app.command("compare")
@@ -171,7 +171,7 @@ def demo_lm_compare(
     from memscan.demo.lm.compare import run_demo_lm_compare
 
     res = run_library_call(run_demo_lm_compare, out, quick=quick, progress=not quiet)
-    typer.echo(res.text())
+    say(res.text())
 
 
 @demo_app.command("compare")
@@ -191,4 +191,4 @@ def demo_compare(
     from memscan.demo.compare import run_demo_compare
 
     res = run_library_call(run_demo_compare, out, quick=quick, progress=not quiet, threads=threads)
-    typer.echo(res.text())
+    say(res.text())

@@ -16,6 +16,7 @@ from memscan.commands.common import (
     ray_address_option,
     resume_option,
     runner_option,
+    say,
 )
 from memscan.commands.formatting import compare_summary
 
@@ -69,7 +70,7 @@ def register(app: typer.Typer) -> None:
         seed: int | None = typer.Option(None, help="run seed [0]"),
         batch_size: int | None = typer.Option(None, help="generations per model call [64]"),
         shard_size: int | None = typer.Option(None, help="prompts per shard [8]"),
-        device: str | None = typer.Option(None, help="cpu or cuda \\[cpu]"),
+        device: str | None = typer.Option(None, help="cpu, cuda or cuda:N \\[cpu]"),
         adaptive: bool | None = typer.Option(
             None, "--adaptive/--full-budget", help="sample in rounds, stop prompts with no pair within alpha \\[off]"
         ),
@@ -170,8 +171,11 @@ def register(app: typer.Typer) -> None:
                     progress=not quiet,
                     runner=runner,
                     runner_options=ray_options,
+                    index=index,
+                    retrieve=retrieve,
+                    serve_index=serve_index_cpus,
                 )
-                typer.echo(compare_summary(res))
+                say(compare_summary(res))
                 return
             if base is not None or heldout is not None:
                 raise InputError(
@@ -195,9 +199,9 @@ def register(app: typer.Typer) -> None:
                 serve_index=serve_index_cpus,
             )
         c = result.manifest["counts"]
-        typer.echo(
+        say(
             f"{c['prompts']} prompts, {c['samples']} generations: {c['detections']} detections, {c['extractions']} extractions → {out}"
         )
         if cfg.adaptive:
             budget = c["prompts"] * cfg.samples_per_prompt
-            typer.echo(f"adaptive budget: {c['samples']} of {budget} generations ({c['samples'] / max(budget, 1):.1%})")
+            say(f"adaptive budget: {c['samples']} of {budget} generations ({c['samples'] / max(budget, 1):.1%})")

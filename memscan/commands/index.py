@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from memscan.commands.common import quiet_option, resume_option, run_library_call
+from memscan.commands.common import quiet_option, resume_option, run_library_call, say
 
 
 def register(app: typer.Typer) -> None:
@@ -35,7 +35,7 @@ def register(app: typer.Typer) -> None:
             1, "--index-shards", help="build the index in this many parts (one file each; searches are merged)"
         ),
         batch_size: int = typer.Option(256, "--batch-size", help="images decoded and embedded per step"),
-        device: str = typer.Option("cpu", "--device", help="cpu or cuda (model embedders)"),
+        device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N (model embedders)"),
         workers: int = typer.Option(2, "--workers", help="image-decoding threads"),
         overwrite: bool = typer.Option(False, "--overwrite", help="replace an index already in --out"),
         shard_size: int = typer.Option(
@@ -63,7 +63,7 @@ def register(app: typer.Typer) -> None:
             progress=not quiet,
         )
         m = idx.meta
-        typer.echo(
+        say(
             f"{len(idx)} images indexed ({idx.params.index_type}, dim {idx.dim}, {m['skipped']} skipped) "
             f"in {m['timings_s']['total']} s → {out}"
         )

@@ -16,6 +16,7 @@ from memscan.commands.common import (
     ray_address_option,
     resume_option,
     runner_option,
+    say,
 )
 
 lm_app = typer.Typer(no_args_is_help=True, help="Memorization of causal language models (docs/lm.md).")
@@ -71,7 +72,7 @@ def _sweep(model, out, heldout, run_one, *, train_rows=None, device="cpu", dtype
         resume=resume,
         progress=not quiet,
     )
-    typer.echo(compare_summary(res))
+    say(compare_summary(res))
     return True
 
 
@@ -106,7 +107,7 @@ def extractable(
         "--index",
         help="corpus index (memscan lm index): adds suffix_count / window_count and the duplication curve",
     ),
-    device: str = typer.Option("cpu", help="cpu or cuda"),
+    device: str = typer.Option("cpu", help="cpu, cuda or cuda:N"),
     dtype: str = dtype_option("lm", help=LM_DTYPE_HELP),
     heldout: Path | None = typer.Option(None, "--heldout", help=HELDOUT_HELP),
     resume: bool = resume_option(),
@@ -162,7 +163,7 @@ def extractable(
         res = run_one(model, out, resume, model)
     rates = ", ".join(f"k={k}: {v['extractable_rate']:.1%}" for k, v in res.rates["by_prefix_length"].items())
     skipped = res.manifest["counts"]["skipped_short_documents"]
-    typer.echo(
+    say(
         f"{res.manifest['counts']['sequences']} sequences; extractable {rates}"
         + (f"; {skipped} short documents skipped" if skipped else "")
         + f" → {out / 'sequences.parquet'}"
@@ -181,7 +182,7 @@ def exposure(
     candidates_per_shard: int = typer.Option(20_000, "--candidates-per-shard", help="the unit of --resume"),
     batch_size: int = typer.Option(256, "--batch-size", help="candidates per forward pass"),
     seed: int = typer.Option(0, "--seed", help="seed of the sampled candidates"),
-    device: str = typer.Option("cpu", help="cpu or cuda"),
+    device: str = typer.Option("cpu", help="cpu, cuda or cuda:N"),
     dtype: str = dtype_option("lm", help=LM_DTYPE_HELP),
     heldout: Path | None = typer.Option(None, "--heldout", help=HELDOUT_HELP),
     resume: bool = resume_option(),
@@ -215,7 +216,7 @@ def exposure(
             return
         res = run_one(model, out, resume, model)
     e = res.exposures
-    typer.echo(
+    say(
         f"{len(e)} canaries: exposure {e['exposure'].min():.2f}–{e['exposure'].max():.2f} bits "
         f"(max {e['max_exposure'].max():.2f}) → {out / 'exposures.parquet'}"
     )
@@ -247,7 +248,7 @@ def lm_mia(
     bootstrap: int = typer.Option(200, "--bootstrap", help="bootstrap replicates for 95% intervals"),
     seed: int = typer.Option(0, "--seed", help="seed of the blind baseline's folds and the bootstrap"),
     shard_size: int = typer.Option(64, "--shard-size", help="examples per shard (unit of commit and resume)"),
-    device: str = typer.Option("cpu", "--device", help="cpu or cuda"),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N"),
     dtype: str = dtype_option("lm", help=LM_DTYPE_HELP),
     heldout: Path | None = typer.Option(None, "--heldout", help=HELDOUT_HELP),
     resume: bool = resume_option(),
@@ -310,7 +311,7 @@ def lm_mia(
     elif blind.get("skipped"):
         lines.append(f"  blind baseline not run: {blind['skipped']}")
     lines.append(f"  report: memscan report {out}")
-    typer.echo("\n".join(lines))
+    say("\n".join(lines))
 
 
 # ---- `memscan lm index` (the exact-substring corpus index) ----------------------------------------
@@ -354,7 +355,7 @@ def lm_index_command(
             progress=not quiet,
         )
     disk = index.meta["disk_bytes"]
-    typer.echo(
+    say(
         f"{index.n_docs} documents, {index.n_tokens} {'bytes' if index.mode == 'bytes' else 'tokens'} in "
         f"{len(index.shards)} shard(s), {disk / max(index.n_tokens, 1):.2f} bytes a token on disk → {out}"
     )
@@ -389,7 +390,7 @@ def lm_extract_command(
     batch_size: int = typer.Option(32, "--batch-size", help="samples per decoding and scoring batch"),
     seed: int = typer.Option(0, "--seed", help="run seed (each sample's seed derives from it and its id)"),
     shard_size: int = typer.Option(256, "--shard-size", help="samples per shard, the unit of --resume"),
-    device: str = typer.Option("cpu", "--device", help="cpu or cuda"),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N"),
     dtype: str = dtype_option("lm", help=LM_DTYPE_HELP),
     heldout: Path | None = typer.Option(None, "--heldout", help=HELDOUT_HELP),
     resume: bool = resume_option(),
@@ -452,4 +453,4 @@ def lm_extract_command(
     for r in res.precision.to_dict("records"):
         lines.append(f"  {r['metric']}: precision@{r['N']} {r['precision']:.3f} ({r['confirmed']} confirmed)")
     lines.append(f"  samples: {out / 'samples.parquet'}; report: memscan report {out}")
-    typer.echo("\n".join(lines))
+    say("\n".join(lines))

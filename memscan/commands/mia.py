@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 
 from memscan.commands.common import fail as _fail
-from memscan.commands.common import num_workers_option, ray_address_option, resume_option, runner_option
+from memscan.commands.common import num_workers_option, ray_address_option, resume_option, runner_option, say
 from memscan.commands.formatting import inpaint_summary, memscore_summary, mia_summary
 from memscan.errors import MemscanError
 
@@ -20,9 +20,10 @@ _TARGET_HELP = (
 _BASE_HELP = "sweep: the pipeline that completes unet/-only checkpoints (scheduler)"
 
 
-def _sweep(model, out, base, run_one, *, resume: bool, quiet: bool) -> bool:
+def _sweep(model, out, base, run_one, *, resume: bool, quiet: bool, outliers: bool = False) -> bool:
     """Run a checkpoint sweep when ``model`` is a folder of ``checkpoint-N/`` (True), else nothing
-    (False; ``--base`` is then refused)."""
+    (False; ``--base`` is then refused); ``outliers``: each checkpoint's run gets ``--outliers``'
+    analysis once the sweep is complete."""
     from memscan.errors import InputError
     from memscan.generators.checkpoints import list_checkpoints
 
@@ -37,7 +38,9 @@ def _sweep(model, out, base, run_one, *, resume: bool, quiet: bool) -> bool:
     from memscan.compare.sweep import checkpoint_sweep
 
     res = checkpoint_sweep(model, run_one, out, base=base, resume=resume, progress=not quiet)
-    typer.echo(compare_summary(res))
+    say(compare_summary(res))
+    for run in res.table["run"]:  # every checkpoint's run is complete (and kept) before this step
+        _record_outliers(Path(run), outliers)
     return True
 
 
@@ -67,7 +70,7 @@ def _record_outliers(out: Path, outliers: bool) -> None:
     except MemscanError as exc:
         _fail(exc)
     m = res.meta
-    typer.echo(f"outliers: Spearman's rho {m['spearman']} between the score and the k-NN distance (n = {m['n']})")
+    say(f"outliers: Spearman's rho {m['spearman']} between the score and the k-NN distance (n = {m['n']})")
 
 
 def register(app: typer.Typer) -> None:
@@ -94,7 +97,7 @@ def register(app: typer.Typer) -> None:
         bootstrap: int = typer.Option(200, "--bootstrap", help="bootstrap replicates for 95% intervals"),
         seed: int = typer.Option(0, "--seed", help="noise seed"),
         batch_size: int = typer.Option(64, "--batch-size", help="rows per model call"),
-        device: str = typer.Option("cpu", "--device", help="cpu or cuda"),
+        device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N"),
         threads: int | None = typer.Option(None, "--threads", help="torch CPU threads"),
         shard_size: int = typer.Option(256, "--shard-size", help="examples per shard (unit of commit and resume)"),
         resume: bool = resume_option(),
@@ -135,12 +138,12 @@ def register(app: typer.Typer) -> None:
                     ),
                 )
 
-            if _sweep(model, out, base, run_one, resume=resume, quiet=quiet):
+            if _sweep(model, out, base, run_one, resume=resume, quiet=quiet, outliers=outliers):
                 return
             res = run_one(model, out, resume, model)
         except MemscanError as exc:
             _fail(exc)
-        typer.echo(mia_summary(res, out))
+        say(mia_summary(res, out))
         _record_outliers(out, outliers)
 
     @app.command()
@@ -164,7 +167,7 @@ def register(app: typer.Typer) -> None:
         bootstrap: int = typer.Option(200, "--bootstrap", help="bootstrap replicates"),
         seed: int = typer.Option(0, "--seed", help="seed"),
         batch_size: int = typer.Option(64, "--batch-size", help="examples per model call"),
-        device: str = typer.Option("cpu", "--device", help="cpu or cuda"),
+        device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N"),
         threads: int | None = typer.Option(None, "--threads", help="torch CPU threads"),
         shard_size: int = typer.Option(256, "--shard-size", help="examples per shard (unit of commit and resume)"),
         resume: bool = resume_option(),
@@ -205,12 +208,12 @@ def register(app: typer.Typer) -> None:
                     ),
                 )
 
-            if _sweep(model, out, base, run_one, resume=resume, quiet=quiet):
+            if _sweep(model, out, base, run_one, resume=resume, quiet=quiet, outliers=outliers):
                 return
             res = run_one(model, out, resume, model)
         except MemscanError as exc:
             _fail(exc)
-        typer.echo(inpaint_summary(res, out))
+        say(inpaint_summary(res, out))
         _record_outliers(out, outliers)
 
     @app.command()
@@ -251,5 +254,5 @@ def register(app: typer.Typer) -> None:
             )
         except MemscanError as exc:
             _fail(exc)
-        typer.echo(memscore_summary(res))
+        say(memscore_summary(res))
         _record_outliers(out, outliers)

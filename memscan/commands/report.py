@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from memscan.commands.common import run_library_call
+from memscan.commands.common import run_library_call, say
 
 
 def _report(run: Path, out: Path | None, outliers: bool, index: Path | None, k: int | None) -> Path:
@@ -46,4 +46,4 @@ def register(app: typer.Typer) -> None:
     ):
         """Write report.html from the run's tables alone."""
         path = run_library_call(_report, run, out, outliers, index, k)
-        typer.echo(str(path))
+        say(str(path))

@@ -15,6 +15,7 @@ from memscan.commands.common import (
     ray_address_option,
     resume_option,
     runner_option,
+    say,
 )
 
 
@@ -50,7 +51,7 @@ def register(app: typer.Typer) -> None:
         shard_size: int = typer.Option(
             64, "--shard-size", help="prompts per shard, the unit of --resume (rounded up to whole UNet batches)"
         ),
-        device: str = typer.Option("cpu", help="cpu or cuda"),
+        device: str = typer.Option("cpu", help="cpu, cuda or cuda:N"),
         dtype: str = dtype_option("image", "auto", help="auto, fp32 or float32, fp16 or float16, bf16 or bfloat16"),
         height: int | None = typer.Option(
             None,
@@ -104,7 +105,7 @@ def register(app: typer.Typer) -> None:
                 runner_options=ray_options,
             )
         cost = res.manifest["cost"]
-        typer.echo(
+        say(
             f"{len(res.scores)} prompts scored ({cost['unet_evaluations_per_prompt']} UNet evaluations each, "
             f"{cost['share_of_full_attack']:.2e} of the full attack): {len(res.ranked)} kept in {out / 'prompts.csv'}"
         )

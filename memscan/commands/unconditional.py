@@ -13,6 +13,7 @@ from memscan.commands.common import (
     num_workers_option,
     ray_address_option,
     runner_option,
+    say,
 )
 
 
@@ -100,7 +101,7 @@ def register(app: typer.Typer) -> None:
                 model_id=model,
             )
         c = result.manifest["counts"]
-        typer.echo(
+        say(
             f"{c['samples']} generations: {c['extracted_generations']} extracted (calibrated ℓ < 1), "
             f"{c['extracted_training_images']} distinct training images → {out}"
         )

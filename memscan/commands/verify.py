@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from memscan.commands.common import run_library_call
+from memscan.commands.common import run_library_call, say
 
 
 def register(app: typer.Typer) -> None:
@@ -23,6 +23,6 @@ def register(app: typer.Typer) -> None:
 
         result = run_library_call(reverify, run, train, delta=delta, min_clique=min_clique, n_nearest=n_nearest)
         c = result.manifest["counts"]
-        typer.echo(
+        say(
             f"{c['detections']} detections, {c['extractions']} extractions (δ = {result.manifest['config']['delta']}) → {run}"
         )

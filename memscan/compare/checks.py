@@ -2,18 +2,21 @@
 
 Two runs of the same kind are comparable when their **settings** (the thresholds and seeds that
 decide what counts as memorized: α, δ, grid, clique size, samples per prompt, seed, timesteps,
-noise draws, attacks, folds, prefix lengths …, the generator's sampling — sampler, steps,
-guidance — and how candidates are verified: exactly, or through which kind of index with which K)
-and their **data** (training set, prompts, examples, canaries) are equal. Operational settings
+noise draws, attacks, folds, prefix lengths …, the precision the model ran at, the generator's
+sampling — sampler, steps, guidance — and how candidates are verified: exactly, or through which
+kind of index with which K; an extract run's adaptive-budget settings only where it was adaptive)
+and their **data** (training set, prompts, examples, the number of shadow models, canaries) are
+equal. Operational settings
 that change no number (batch size, shard size, device, threads) are ignored, and so is what
 identifies the model (its path, class, pipeline): the models are what a comparison varies. Runs
 of different kinds are shown side by side and never pooled in one fit, so they are not checked
 against each other.
 
 Data are compared by content, never by path: the manifests' content hashes
-(``training_set_sha256``, ``prompts_sha256``, ``sequences_sha256``, …, or a digest of the run's
-own example table) where every run of the kind records them, else path-free records (image and
-prompt counts) for runs made before the hashes were recorded. The attribute a comparison is made
+(``training_set_sha256`` — for a run verified through an index, the index's —,
+``sequences_sha256``, …, or a digest of the run's own table: an MIA run's examples, an extract
+run's prompts, ids and texts in any order) where every run of the kind records them, else
+path-free records (image and prompt counts) for runs made before the hashes were recorded. The attribute a comparison is made
 **by** is exempt: ``--by train_size`` compares runs on different training sets, so their
 training-set records are not checked (everything else still is).
 """
@@ -27,7 +30,8 @@ from pathlib import Path
 
 import pandas as pd
 
-#: Settings that change speed, never a result.
+#: Settings that change speed, never a result. (``dtype`` as given — ``auto`` — is not compared:
+#: the precision the model ran at, :func:`precision_of`, is.)
 OPERATIONAL = frozenset(
     {"batch_size", "shard_size", "device", "threads", "num_workers", "workers", "dtype", "save_images", "runner"}
 )
@@ -83,6 +87,8 @@ class DataRecord:
     training : part of the training set (exempt from the check with ``--by train_size``)
     table : the run's table and columns whose rows (sorted) are the content, for kinds whose
         manifest records only a path
+    also : further key paths of the content hash, read where ``content`` is null (an
+        ``extract --index`` run: the index's training-set hash, in its ``training_set`` record)
     """
 
     name: str
@@ -90,6 +96,7 @@ class DataRecord:
     fallback: tuple = ()
     training: bool = False
     table: tuple | None = None
+    also: tuple = ()
 
 
 _EXAMPLES = DataRecord("examples", None, (("counts", "examples"), ("counts", "members")), True,
@@ -97,18 +104,35 @@ _EXAMPLES = DataRecord("examples", None, (("counts", "examples"), ("counts", "me
 #: The examples' pixels too (:meth:`memscan.mia.inputs.MiaInputs.examples_sha256`; runs made
 #: before it was recorded are compared by their examples table only).
 _EXAMPLES_SHA256 = DataRecord("examples_sha256", ("examples_sha256",), (), True)
+#: How many shadow models LiRA's reference distributions came from (0: none; the shadows
+#: themselves are not hashed — a path names them — so only their number is compared).
+_SHADOWS = DataRecord("shadow_models", ("counts", "shadow_models"))
 #: Each kind's data (training set, prompts, examples, canaries, corpus).
 DATA = {
     "extract": (
-        DataRecord("training_set_sha256", ("training_set_sha256",), (("training_set", "images"),), True),
-        DataRecord("prompts_sha256", ("prompts_sha256",), (("prompts", "count"),)),
+        DataRecord(
+            "training_set_sha256",
+            ("training_set_sha256",),
+            (("training_set", "images"),),
+            True,
+            also=(("training_set", "training_set_sha256"),),
+        ),  # fmt: skip
+        # ids and texts in any order (``prompts_sha256`` is in order: a resume's identity); each
+        # generation's seed derives from (seed, prompt_id, sample index), so order changes nothing
+        DataRecord("prompts", None, (("prompts", "count"),), table=("prompts", ("prompt_id", "prompt"))),
     ),
     "extract-unconditional": (
-        DataRecord("training_set_sha256", ("training_set_sha256",), (("training_set", "images"),), True),
+        DataRecord(
+            "training_set_sha256",
+            ("training_set_sha256",),
+            (("training_set", "images"),),
+            True,
+            also=(("training_set", "training_set_sha256"),),
+        ),  # fmt: skip
     ),
-    "mia": (_EXAMPLES, _EXAMPLES_SHA256),
-    "inpaint": (_EXAMPLES, _EXAMPLES_SHA256),
-    "demo-mia": (_EXAMPLES, _EXAMPLES_SHA256),
+    "mia": (_EXAMPLES, _EXAMPLES_SHA256, _SHADOWS),
+    "inpaint": (_EXAMPLES, _EXAMPLES_SHA256, _SHADOWS),
+    "demo-mia": (_EXAMPLES, _EXAMPLES_SHA256, _SHADOWS),
     "memscore": (
         DataRecord("examples", None, (("counts", "examples"),), True, ("memscore", ("id",))),
         DataRecord("folds_of", ("folds_of",)),
@@ -157,6 +181,29 @@ def _strip(value):
     return value
 
 
+#: Extract settings that only the adaptive budget reads (a run without ``adaptive`` never used them).
+ADAPTIVE_ONLY = ("first_round", "round_size", "continue_clique", "stop_when_detected")
+#: Where a run records the precision its model ran at, resolved (first found): the language
+#: model's record, the image generator's, the MIA target's, then the ``dtype`` given.
+PRECISION_AT = (
+    ("model", "describe", "dtype"),
+    ("generator", "dtype"),
+    ("sources", "target_config", "dtype"),
+    ("config", "dtype"),
+)
+
+
+def precision_of(manifest: dict) -> str | None:
+    """The floating-point precision the run's model ran at (``float32``, ``bfloat16`` …; None
+    where the run records none, or only ``auto``): it changes the numbers, so runs at different
+    precisions are not comparable."""
+    for path in PRECISION_AT:
+        v = _get(manifest, path)
+        if v is not None and str(v) != "auto":
+            return str(v).removeprefix("torch.")
+    return None
+
+
 def settings_of(kind: str, manifest: dict) -> dict:
     """The flattened thresholds and seeds of a run (``{"config.alpha": 0.08, …}``); for image
     extraction runs also the generator's sampling (``generator.num_inference_steps``, …) and how
@@ -176,6 +223,12 @@ def settings_of(kind: str, manifest: dict) -> dict:
         if (keys is not None and key not in keys) or (keys is None and key in NOT_SETTINGS) or key in OPERATIONAL:
             continue
         walk(key, _strip(value))
+    if kind == "extract" and not (manifest.get("config") or {}).get("adaptive", False):
+        for key in ADAPTIVE_ONLY:  # never read: every prompt got samples_per_prompt
+            flat.pop(f"config.{key}", None)
+    precision = precision_of(manifest)
+    if precision is not None:
+        flat["precision"] = json.dumps(precision)
     if kind in ("extract", "extract-unconditional"):
         gen = manifest.get("generator") or {}
         walk("generator", {k: gen[k] for k in GENERATOR_SAMPLING if k in gen})
@@ -216,8 +269,11 @@ def _table_digest(run: str, table: str, columns: tuple) -> str | None:
 def content_of(record: DataRecord, run: str, manifest: dict) -> str | None:
     """The content identity of one datum of a run (JSON text), or None when the run lacks it."""
     if record.content is not None:
-        v = _get(manifest, record.content)
-        return None if v is None else json.dumps(v, sort_keys=True, default=str)
+        for path in (record.content, *record.also):
+            v = _get(manifest, path)
+            if v is not None:
+                return json.dumps(v, sort_keys=True, default=str)
+        return None
     if record.table is not None:
         return _table_digest(run, *record.table)
     return None

@@ -73,11 +73,38 @@ def membership_matrix(items: dict[str, set[str]]) -> pd.DataFrame:
     return df.astype(bool)
 
 
-def item_sets(items: pd.DataFrame, runs, kinds) -> tuple[dict[str, set], dict[str, str | None]]:
+def item_sets(items: pd.DataFrame, runs, kinds, training=None) -> tuple[dict[str, set], dict[str, str | None]]:
     """Run → the items it memorized (``items.parquet``) and run → their type (that of the run's
-    kind, :data:`memscan.compare.runs.ITEM_TYPES`; None for a kind that names no items)."""
-    sets, types = {}, {}
+    kind, :data:`memscan.compare.runs.ITEM_TYPES`; None for a kind that names no items).
+
+    ``training`` (run → … in the order of ``runs``: each run's ``training_set_sha256``, None where
+    it has none) keeps runs of different kinds with one item type — ``extract`` and
+    ``extract-unconditional`` both name training images by id — in one type only where they
+    share one training set: ids of two other training sets are no shared images, so the type of
+    each is then qualified by its kind (``training image id (extract)``) and they are not paired.
+    Runs of one kind stay one type (their data were compared: a mismatch names the difference).
+
+    Examples
+    --------
+    >>> items = pd.DataFrame({"run": ["a", "b"], "item": ["t1", "t1"]})
+    >>> item_sets(items, ["a", "b"], ["extract", "extract-unconditional"], ["h1", "h1"])[1]["b"]
+    'training image id'
+    >>> item_sets(items, ["a", "b"], ["extract", "extract-unconditional"], ["h1", "h2"])[1]["b"]
+    'training image id (extract-unconditional)'
+    """
+    sets, types, kind_of = {}, {}, {}
     for r, kind in zip(runs, kinds):
         sets[r] = set(items.loc[items["run"] == r, "item"])
         types[r] = ITEM_TYPES.get(kind)
+        kind_of[r] = kind
+    sha = {}
+    for r, h in zip(runs, training if training is not None else [None] * len(kind_of)):
+        sha[r] = None if h is None or (isinstance(h, float) and h != h) else str(h)
+    for t in {t for t in types.values() if t is not None}:
+        group = [r for r in types if types[r] == t]
+        if len({kind_of[r] for r in group}) > 1:
+            hashes = {sha[r] for r in group}
+            if len(hashes) != 1 or None in hashes:
+                for r in group:
+                    types[r] = f"{t} ({kind_of[r]})"
     return sets, types

@@ -297,7 +297,7 @@ def compare_runs(
                 table.loc[table["run"] == str(r), c] = v
         write_table(table, run.root / "compare.parquet")
         items = tables["items"]
-        sets, types = item_sets(items, table["run"], table["kind"])
+        sets, types = item_sets(items, table["run"], table["kind"], table.get("training_set_sha256"))
         overlap = overlap_table(sets, types)
         write_table(overlap, run.root / "overlap.parquet")
         fits = _fits(table, by)

@@ -155,8 +155,15 @@ def _ratio(a, b) -> float:
     return float(a) / float(b) if b else math.nan
 
 
+def training_sha256(manifest: dict) -> str | None:
+    """The run's ``training_set_sha256`` (an ``extract --index`` run's: its index's, in the
+    ``training_set`` record); None where it records none."""
+    return manifest.get("training_set_sha256") or (manifest.get("training_set") or {}).get("training_set_sha256")
+
+
 def _extract(root: Path, m: dict, row: dict) -> RunSummary:
     counts = m.get("counts", {})
+    row["training_set_sha256"] = training_sha256(m)
     for key in ("prompts", "samples", "detections", "extractions"):
         row[key] = counts.get(key)
     row["detection_rate"] = _ratio(row["detections"], row["prompts"])
@@ -188,6 +195,7 @@ def _extract(root: Path, m: dict, row: dict) -> RunSummary:
 
 def _unconditional(root: Path, m: dict, row: dict) -> RunSummary:
     counts = m.get("counts", {})
+    row["training_set_sha256"] = training_sha256(m)
     for key in ("samples", "extracted_generations", "extracted_training_images"):
         row[key] = counts.get(key)
     # per generation (extract's extraction_rate is per prompt): its own name

@@ -116,7 +116,7 @@ def extract(
     if serve_index is not None:
         if index is None or runner != "ray":
             raise InputError(
-                "--serve-index serves an index's parts from Ray actors", "use it with --index and --runner ray"
+                "--serve-index-cpus serves an index's parts from Ray actors", "use it with --index and --runner ray"
             )
         if serve_index < 0:
             raise InputError(f"--serve-index-cpus must be ≥ 0, got {serve_index}")
@@ -377,6 +377,8 @@ def reverify(
         else:
             verifier = None
             training = load_training_set(train or manifest["training_set"]["source"], size=shape[:2], channels=shape[2])
+            if train:  # the tables will say what this set holds: so must the manifest (compare reads it)
+                new_training = {"training_set": training.summary(), "training_set_sha256": training_set_sha256(train)}
         det = store.table("detections")
         det["detected"] = det["clique_size"] >= config.min_clique
         cands = det[det["detected"] & det["candidate_image"].notna()].reset_index(drop=True)
@@ -424,10 +426,18 @@ def reverify(
         manifest["status"] = "complete"
         manifest["config"] = config.to_dict()
         manifest.setdefault("reverified", []).append(
-            {"at": time.strftime("%Y-%m-%dT%H:%M:%S"), "delta": config.delta, "min_clique": config.min_clique}
+            {
+                "at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                "delta": config.delta,
+                "min_clique": config.min_clique,
+                "n_nearest": config.n_nearest,
+                **({"train": str(Path(train).resolve())} if train else {}),
+            }
         )
         manifest["counts"] = extraction_counts(det, ext, config.min_clique)
         manifest["definitions"] = DEFINITIONS  # every row recomputed under the current definitions
+        if verifier is None and train:
+            manifest.update(new_training)
         opened.save()
         prompts = pd.read_parquet(store.root / "prompts.parquet")
         return ExtractionResult(store.root, prompts, det, ext, manifest)

@@ -74,6 +74,9 @@ def extract_sweep(
     runner: str = "local",
     runner_options=None,
     stop_after_shards: int | None = None,
+    index: str | Path | None = None,
+    retrieve: int | None = None,
+    serve_index: float | None = None,
 ):
     """Extract from every checkpoint of ``folder``, then compare them (see the module).
 
@@ -81,7 +84,8 @@ def extract_sweep(
     ----------
     folder : a folder of ``checkpoint-N`` directories
     make_generator : model directory → the generator (or a runner spec) ``extract`` takes
-    prompts, train, config, runner, runner_options : as :func:`memscan.extraction.pipeline.extract`
+    prompts, train, config, runner, runner_options, index, retrieve, serve_index : as
+        :func:`memscan.extraction.pipeline.extract` (every checkpoint verified the same way)
     out : the sweep directory
     base : the pipeline that completes ``unet/``-only checkpoints
     heldout : held-out images (a folder or manifest) for each checkpoint's held-out loss
@@ -98,7 +102,16 @@ def extract_sweep(
     config = config.validate()
     if heldout is not None and not Path(heldout).exists():
         raise InputError(f"--heldout {heldout} does not exist", "pass a folder or manifest of held-out images")
+    if heldout is not None and train is None:
+        raise InputError(
+            "--heldout compares each checkpoint's loss on the held-out images with its loss on as many "
+            "training images, and no --train was given",
+            "pass --train TRAIN (the images the index was built from) as well",
+        )
     sets: dict = {}
+    by_index = {} if index is None else {"index": index, "serve_index": serve_index}
+    if index is not None and retrieve is not None:
+        by_index["retrieve"] = retrieve
 
     def run_one(path: str, sub: Path, resume_run: bool, model_id: str) -> None:
         extract(
@@ -113,6 +126,7 @@ def extract_sweep(
             runner_options=runner_options,
             model_id=model_id,
             stop_after_shards=stop_after_shards,
+            **by_index,
         )
 
     def losses(path: Path, sub: Path) -> dict:

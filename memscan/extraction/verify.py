@@ -138,6 +138,8 @@ def extraction_rows(cand, dist, tids, captions, within: int, delta: float) -> li
     distances ``dist``, ascending; ``within`` is the k-eidetic count of its extracted training
     image (0 when nothing is within δ)."""
     expected = getattr(cand, "train_id", None)
+    if expected is not None and pd.isna(expected):  # a prompt table row without one (NaN, None, pd.NA)
+        expected = None
     rows = []
     for r in range(len(dist)):
         tid = tids[r]

@@ -42,6 +42,7 @@ itself, from a file system every node mounts).
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 from collections import OrderedDict
@@ -244,7 +245,22 @@ class IndexVerifier:
             "resolution": list(shape),
             "resize_policy": "bicubic",
             "via_index": self.spec.index,
+            # the indexed training set's content hash (``memscan index`` records it; None for
+            # an index saved by the library without a build run): ``memscan compare`` checks it
+            "training_set_sha256": index_training_set_sha256(self.spec.index),
         }
+
+
+def index_training_set_sha256(index: str | Path) -> str | None:
+    """The ``training_set_sha256`` of the training set an index was built from (its build
+    run's ``manifest.json``, :func:`memscan.data.training.training_set_sha256` of the listing),
+    or None where the folder has no readable build manifest."""
+    try:
+        m = json.loads((Path(index) / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+    v = m.get("training_set_sha256") if isinstance(m, dict) and m.get("kind") == "index" else None
+    return v if isinstance(v, str) else None
 
 
 #: Index verifiers kept open per process (the most recently used).

@@ -116,12 +116,13 @@ class CanaryFormat:
 
     def index_of(self, canary: str) -> int:
         """The secret of ``canary`` (which must match the format)."""
-        pattern = "".join(rf"(\d{{{p}}})" if isinstance(p, int) else re.escape(p) for p in self.parts)
+        # ASCII digits only: R is the candidates ``fill`` writes ("٣" or "３" is no candidate's digit)
+        pattern = "".join(rf"([0-9]{{{p}}})" if isinstance(p, int) else re.escape(p) for p in self.parts)
         m = re.fullmatch(pattern, canary)
         if not m:
             raise InputError(
                 f"canary {canary!r} does not match its format {self.text!r}",
-                "the canary must be the format with each {dN} replaced by N digits",
+                "the canary must be the format with each {dN} replaced by N ASCII digits 0-9",
             )
         return int("".join(m.groups()))
 

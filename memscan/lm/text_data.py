@@ -341,6 +341,12 @@ def sample_sequences(
     if offsets == "start" and n > eligible.size:  # a document has one start: no repeated windows
         log.warning("%d sequences asked for, %d documents are long enough: taking %d", n, eligible.size, eligible.size)
         n = int(eligible.size)
+    spans = lengths - need + 1  # windows per document (≤ 0: too short)
+    if offsets == "random":
+        total = int(spans[eligible].sum())
+        if n > total:  # every distinct window, once
+            log.warning("%d sequences asked for, the documents hold %d distinct windows: taking those", n, total)
+            n = total
     chosen = []
     while len(chosen) < n:
         chosen.extend(rng.permutation(eligible)[: n - len(chosen)].tolist())
@@ -352,7 +358,7 @@ def sample_sequences(
         used: dict[int, set] = {}
         keep, first = [], []
         for d in chosen.tolist():
-            span, seen = int(lengths[d] - need + 1), used.setdefault(d, set())
+            span, seen = int(spans[d]), used.setdefault(d, set())
             if len(seen) >= span:  # every window of this document is drawn already
                 continue
             s = int(rng.integers(0, span))
@@ -361,9 +367,17 @@ def sample_sequences(
             seen.add(s)
             keep.append(d)
             first.append(s)
-        if len(keep) < len(chosen):
-            log.warning("%d sequences asked for, the documents hold %d distinct windows: taking those",
-                        len(chosen), len(keep))  # fmt: skip
+        # draws that fell on an exhausted document are made up from the documents with windows
+        # left, a round at a time (each such document at most once per round), until n
+        while len(keep) < n:
+            open_docs = [d for d in eligible.tolist() if len(used.get(d, ())) < spans[d]]
+            for d in rng.permutation(open_docs)[: n - len(keep)].tolist():
+                seen = used.setdefault(d, set())
+                free = np.setdiff1d(np.arange(spans[d]), np.fromiter(seen, np.int64, len(seen)), assume_unique=True)
+                s = int(free[rng.integers(0, free.size)])  # uniform over the windows not drawn yet
+                seen.add(s)
+                keep.append(d)
+                first.append(s)
         chosen, starts = np.asarray(keep, dtype=np.int64), np.asarray(first, dtype=np.int64)
     else:
         starts = np.zeros(len(chosen), dtype=np.int64)

@@ -76,7 +76,7 @@ def build_compare_report(run: str | Path, out: str | Path | None = None) -> Path
         dup_labels = []
     # 3. items and overlap, per item type (runs whose items are different things are not paired);
     #    keyed by run directory, never by label (labels may repeat in an old comparison)
-    sets, types = item_sets(items, table["run"], table["kind"])
+    sets, types = item_sets(items, table["run"], table["kind"], table.get("training_set_sha256"))
     order = {r: k for k, r in enumerate(table["run"])}
     item_groups = []
     for kind_of_item in dict.fromkeys(t for t in types.values() if t is not None):

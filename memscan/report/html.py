@@ -103,8 +103,11 @@ def build_extraction_report(
                 "mean_clique_distance": float(r.mean_clique_distance),
                 "method": d["clique_method"],
                 "eidetic_k": int(r.eidetic_k),
-                "expected": r.expected_train_id,
-                "matches": bool(r.matches_expected) if r.matches_expected is not None else None,
+                # a prompt without an expected image (None, or NaN as pandas reads a null): no row
+                "expected": None if pd.isna(r.expected_train_id) else r.expected_train_id,
+                "matches": None
+                if pd.isna(r.expected_train_id) or pd.isna(r.matches_expected)
+                else bool(r.matches_expected),
                 "duplicate_count": None if pd.isna(d["duplicate_count"]) else int(d["duplicate_count"]),
                 "w": w,
             }

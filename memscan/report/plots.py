@@ -19,14 +19,21 @@ def _fig():
 
 def plain(text) -> str:
     r"""Text from a run (a label, a caption) as matplotlib shows it literally: a ``$`` would open
-    mathtext (``$x^$`` fails to parse, ``$\alpha$`` renders as α), so each is escaped.
+    mathtext (``$x^$`` fails to parse, ``$\alpha$`` renders as α), so each is escaped; control
+    characters are written as escapes (:func:`memscan.store.escape_controls`), and a leading
+    ``_`` — which would hide the label from the legend — gets a zero-width space before it.
 
     Examples
     --------
     >>> print(plain("$x^$ run"))
     \$x^\$ run
+    >>> plain("_ckpt").startswith("_")
+    False
     """
-    return str(text).replace("$", r"\$")
+    from memscan.store import escape_controls
+
+    out = escape_controls(str(text)).replace("$", r"\$")
+    return "\u200b" + out if out.startswith("_") else out
 
 
 def _png(fig) -> bytes:
