@@ -289,6 +289,16 @@ def test_adaptive_settings_count_only_for_adaptive_runs_and_precision_counts(thr
     assert keys("extract", half, full) == {"precision"}
     mia = {"attacks": ["loss"], "sources": {"target_config": {"dtype": "float16"}}}
     assert keys("mia", mia, {**mia, "sources": {"target_config": {"dtype": "float32"}}}) == {"precision"}
+    # lm extractable / exposure record the loaded dtype in the model record itself; spellings agree
+    ex = {"config": {"prefix_lengths": [32], "dtype": "auto"}, "model": {"dtype": "float32"}}
+    assert keys("lm-extractable", ex, {**ex, "config": {**ex["config"], "dtype": "float32"}}) == set()
+    assert keys("lm-extractable", ex, {**ex, "model": {"dtype": "bfloat16"}}) == {"precision"}
+    assert keys("lm-exposure", {"config": {"dtype": "fp16"}}, {"config": {"dtype": "float16"}}) == set()
+    # a run that records no resolved precision (auto, no model record): precision is not compared
+    assert (
+        keys("lm-exposure", {"config": {"dtype": "auto"}}, {"config": {"dtype": "auto"}, "model": {"dtype": "float32"}})
+        == set()
+    )
 
 
 def test_by_train_size_compares_runs_on_different_training_sets(three_runs, tmp_path):
@@ -373,12 +383,13 @@ def test_control_characters_in_a_run_name_cannot_forge_the_summary(three_runs, t
     import shutil
 
     _, runs = three_runs
-    name = "run\x1b[2J\x1b[31mFAKE: extract, extraction_rate = 0.99\nx"
+    name = "run\x1b[2J\x1b[31m\nFAKE: extract, extraction_rate = 0.99"
     shutil.copytree(runs[0], tmp_path / name)
     res = runner.invoke(app, ["compare", str(tmp_path / name), str(runs[2]), "--out", str(tmp_path / "x"), "--quiet"])
     assert res.exit_code == 0, res.output
     assert "\x1b" not in res.stdout and "\\x1b[2J" in res.stdout
-    assert not any(line.startswith("FAKE") for line in res.stdout.splitlines())
+    assert not any(line.lstrip().startswith("FAKE") for line in res.stdout.splitlines())
+    assert len(res.stdout.splitlines()) == 3  # the header and one line per run
     assert name in pd.read_parquet(tmp_path / "x" / "compare.parquet")["label"].tolist()
 
 
@@ -785,6 +796,9 @@ def test_checkpoint_sweep_verifies_through_an_index(tmp_path):
     res = runner.invoke(app, argv(tmp_path / "held", heldout=True))
     assert res.exit_code == 2 and "--heldout" in res.output and "--train" in res.output
     assert not (tmp_path / "held").exists()
+    # --serve-index-cpus needs Ray: refused before any checkpoint is set up, as for one run
+    res = runner.invoke(app, [*argv(tmp_path / "served"), "--serve-index-cpus", "1"])
+    assert res.exit_code == 2 and "--runner ray" in res.output and not (tmp_path / "served").exists()
 
 
 def test_overlap_pairs_runs_of_other_kinds_only_on_one_training_set(three_runs, tmp_path):

@@ -125,6 +125,8 @@ def test_tiny_gpt2_through_both_commands_and_the_report(tiny_dir, tmp_path):
         "--samples", 300, "--candidates-per-shard", 400, "--quiet",
     )  # fmt: skip
     e = pd.read_parquet(exp / "exposures.parquet")
+    # the precision the model was loaded at (--dtype auto resolved): what compare checks
+    assert json.loads((exp / "manifest.json").read_text())["model"]["dtype"] == "float32"
     assert e["method"].tolist() == ["exact", "exact", "estimate"]
     assert e["copies"].tolist() == [1, 10, 5]
     assert ((e["exposure"] >= 0) & (e["exposure"] <= e["max_exposure"] + 1e-9)).all()

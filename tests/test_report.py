@@ -110,3 +110,13 @@ def test_prompt_without_expected_image_gets_no_match_row(tmp_path):
     html = build_report(tmp_path / "run").read_text()
     assert html.count("prompt's own training image") == 1
     assert "other image" not in html and ">nan<" not in html
+    # memscan verify reads the prompts back from detections.parquet, where the null is NaN: the
+    # re-verified rows stay null too
+    from memscan.extraction.pipeline import reverify
+
+    reverify(tmp_path / "run", delta=0.2)
+    ext = pd.read_parquet(tmp_path / "run" / "extractions.parquet")
+    top = ext[ext["rank"] == 1].set_index("prompt_id")
+    assert pd.isna(top.loc["pa", "expected_train_id"]) and pd.isna(top.loc["pa", "matches_expected"])
+    assert bool(top.loc["pb", "matches_expected"])
+    assert "other image" not in build_report(tmp_path / "run").read_text()

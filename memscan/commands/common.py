@@ -33,8 +33,9 @@ OPTIONS = GlobalOptions()
 
 def say(text, *, err: bool = False) -> None:
     """Print a command's result to stdout (``err``: a note to stderr), each line with its control
-    characters escaped (:func:`memscan.store.escape_controls`): a run label, prompt or path read
-    from untrusted files cannot clear the terminal or forge a line of the summary."""
+    characters escaped (:func:`memscan.store.escape_controls`): nothing printed can clear the
+    terminal, move its cursor or colour it. (A value read from an untrusted file — a run label — is
+    escaped where it is put in the text, newlines included, so that it cannot start a line.)"""
     from memscan.store import escape_controls
 
     typer.echo("\n".join(escape_controls(line) for line in str(text).split("\n")), err=err)

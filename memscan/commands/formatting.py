@@ -78,11 +78,15 @@ def demo_mia_summary(res) -> str:
 
 def compare_summary(res) -> str:
     """What `memscan compare` (and a checkpoint sweep) prints: one line per run, one per fit."""
+    from memscan.store import escape_controls as esc  # a label (a run folder's name) is untrusted: one line each
+
     t = res.table
     lines = [f"{len(t)} runs compared → {res.run_dir / 'compare.parquet'}, {res.report}"]
     for _, r in t.iterrows():
-        flag = f"  [mismatch: {r['mismatch']}]" if r.get("mismatch") else ""
-        lines.append(f"  {r['label']}: {r['kind']}, {r['memorization_measure']} = {r['memorization']:.4g}{flag}")
+        flag = f"  [mismatch: {esc(str(r['mismatch']))}]" if r.get("mismatch") else ""
+        lines.append(
+            f"  {esc(str(r['label']))}: {r['kind']}, {r['memorization_measure']} = {r['memorization']:.4g}{flag}"
+        )
     for f in res.fits.itertuples(index=False):
         lines.append(
             f"  fit ({f.kind}): {f.measure} = {f.intercept:.4g} + {f.slope:.4g}·log10({f.by}), "

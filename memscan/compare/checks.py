@@ -187,6 +187,7 @@ ADAPTIVE_ONLY = ("first_round", "round_size", "continue_clique", "stop_when_dete
 #: model's record, the image generator's, the MIA target's, then the ``dtype`` given.
 PRECISION_AT = (
     ("model", "describe", "dtype"),
+    ("model", "dtype"),
     ("generator", "dtype"),
     ("sources", "target_config", "dtype"),
     ("config", "dtype"),
@@ -195,12 +196,30 @@ PRECISION_AT = (
 
 def precision_of(manifest: dict) -> str | None:
     """The floating-point precision the run's model ran at (``float32``, ``bfloat16`` …; None
-    where the run records none, or only ``auto``): it changes the numbers, so runs at different
-    precisions are not comparable."""
+    where the run records none, or only ``auto``), in one spelling (``fp16`` is ``float16``): it
+    changes the numbers, so runs at different precisions are not comparable.
+
+    Examples
+    --------
+    >>> precision_of({"config": {"dtype": "auto"}, "model": {"dtype": "torch.bfloat16"}})
+    'bfloat16'
+    >>> precision_of({"config": {"dtype": "fp16"}}), precision_of({"config": {"dtype": "auto"}})
+    ('float16', None)
+    """
+    from memscan.devices import precision
+    from memscan.errors import InputError
+
     for path in PRECISION_AT:
         v = _get(manifest, path)
-        if v is not None and str(v) != "auto":
-            return str(v).removeprefix("torch.")
+        if v is None:
+            continue
+        name = str(v).removeprefix("torch.")
+        try:
+            name = precision(name)
+        except InputError:  # another type (float64, int8 …): as recorded
+            pass
+        if name != "auto":
+            return name
     return None
 
 
@@ -309,6 +328,9 @@ def find_mismatches(runs: list[tuple[str, str, dict]], by: str | None = None) ->
     for kind in kinds:
         group = [(r, m) for r, k, m in runs if k == kind]
         recs = {r: settings_of(kind, m) for r, m in group}
+        if not all("precision" in rec for rec in recs.values()):  # unknown for one: not compared
+            for rec in recs.values():
+                rec.pop("precision", None)
         keys = sorted(set().union(*recs.values())) if recs else []
         for key in keys:
             vals = {r: rec.get(key, "<absent>") for r, rec in recs.items()}

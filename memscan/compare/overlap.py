@@ -83,6 +83,8 @@ def item_sets(items: pd.DataFrame, runs, kinds, training=None) -> tuple[dict[str
     share one training set: ids of two other training sets are no shared images, so the type of
     each is then qualified by its kind (``training image id (extract)``) and they are not paired.
     Runs of one kind stay one type (their data were compared: a mismatch names the difference).
+    Without ``training`` (a ``compare.parquet`` written before it held the hashes) the types are
+    the kinds'. ``items.parquet`` keeps each kind's own type; the qualified one is the overlap's.
 
     Examples
     --------
@@ -97,8 +99,10 @@ def item_sets(items: pd.DataFrame, runs, kinds, training=None) -> tuple[dict[str
         sets[r] = set(items.loc[items["run"] == r, "item"])
         types[r] = ITEM_TYPES.get(kind)
         kind_of[r] = kind
+    if training is None:  # a comparison written before the hashes were in its table: as it was
+        return sets, types
     sha = {}
-    for r, h in zip(runs, training if training is not None else [None] * len(kind_of)):
+    for r, h in zip(runs, training):
         sha[r] = None if h is None or (isinstance(h, float) and h != h) else str(h)
     for t in {t for t in types.values() if t is not None}:
         group = [r for r in types if types[r] == t]

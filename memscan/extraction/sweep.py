@@ -108,6 +108,10 @@ def extract_sweep(
             "training images, and no --train was given",
             "pass --train TRAIN (the images the index was built from) as well",
         )
+    if serve_index is not None and (index is None or runner != "ray"):  # before any checkpoint is set up
+        raise InputError(
+            "--serve-index-cpus serves an index's parts from Ray actors", "use it with --index and --runner ray"
+        )
     sets: dict = {}
     by_index = {} if index is None else {"index": index, "serve_index": serve_index}
     if index is not None and retrieve is not None:

@@ -228,6 +228,7 @@ def lm_exposure(
                     **model_record(spec if spec is not None else model, None if spec is not None else model),
                     "parameters": loaded["parameters"],
                     "class": loaded["describe"].get("class"),
+                    "dtype": loaded["describe"].get("dtype"),  # as loaded (--dtype auto resolved)
                 },
                 tokenizer=loaded["describe"].get("tokenizer"),
                 runner=pool.describe(),

@@ -368,16 +368,27 @@ def sample_sequences(
             keep.append(d)
             first.append(s)
         # draws that fell on an exhausted document are made up from the documents with windows
-        # left, a round at a time (each such document at most once per round), until n
+        # left, a round at a time (each such document at most once per round), until n; each
+        # window uniform over the document's windows not drawn yet
+        open_docs = [d for d in eligible.tolist() if len(used.get(d, ())) < spans[d]] if len(keep) < n else []
+        free: dict[int, list] = {}  # a document more than half drawn: its windows left (swap-removed)
         while len(keep) < n:
-            open_docs = [d for d in eligible.tolist() if len(used.get(d, ())) < spans[d]]
             for d in rng.permutation(open_docs)[: n - len(keep)].tolist():
-                seen = used.setdefault(d, set())
-                free = np.setdiff1d(np.arange(spans[d]), np.fromiter(seen, np.int64, len(seen)), assume_unique=True)
-                s = int(free[rng.integers(0, free.size)])  # uniform over the windows not drawn yet
+                seen, span = used.setdefault(d, set()), int(spans[d])
+                if d in free or 2 * len(seen) >= span:
+                    left_ = free.setdefault(d, [w for w in range(span) if w not in seen])
+                    j = int(rng.integers(0, len(left_)))
+                    s = left_[j]
+                    left_[j] = left_[-1]
+                    left_.pop()
+                else:  # rejection: under two draws expected
+                    s = int(rng.integers(0, span))
+                    while s in seen:
+                        s = int(rng.integers(0, span))
                 seen.add(s)
                 keep.append(d)
                 first.append(s)
+            open_docs = [d for d in open_docs if len(used[d]) < spans[d]] if len(keep) < n else []
         chosen, starts = np.asarray(keep, dtype=np.int64), np.asarray(first, dtype=np.int64)
     else:
         starts = np.zeros(len(chosen), dtype=np.int64)
