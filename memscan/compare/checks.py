@@ -16,8 +16,8 @@ Data are compared by content, never by path: the manifests' content hashes
 (``training_set_sha256`` — for a run verified through an index, the index's —,
 ``sequences_sha256``, …, or a digest of the run's own table: an MIA run's examples, an extract
 run's prompts, ids and texts in any order) where every run of the kind records them, else
-path-free records (image and prompt counts) for runs made before the hashes were recorded. The attribute a comparison is made
-**by** is exempt: ``--by train_size`` compares runs on different training sets, so their
+path-free records (image and prompt counts) for runs made before the hashes were recorded. The
+attribute a comparison is made **by** is exempt: ``--by train_size`` compares runs on different training sets, so their
 training-set records are not checked (everything else still is).
 """
 
@@ -107,29 +107,19 @@ _EXAMPLES_SHA256 = DataRecord("examples_sha256", ("examples_sha256",), (), True)
 #: How many shadow models LiRA's reference distributions came from (0: none; the shadows
 #: themselves are not hashed — a path names them — so only their number is compared).
 _SHADOWS = DataRecord("shadow_models", ("counts", "shadow_models"))
+#: The images an image extraction run verified against: by content (an ``extract --index`` run:
+#: its index's, in the ``training_set`` record), else by their number.
+_TRAINING_SET = DataRecord("training_set_sha256", ("training_set_sha256",), (("training_set", "images"),), True,
+                           also=(("training_set", "training_set_sha256"),))  # fmt: skip
 #: Each kind's data (training set, prompts, examples, canaries, corpus).
 DATA = {
     "extract": (
-        DataRecord(
-            "training_set_sha256",
-            ("training_set_sha256",),
-            (("training_set", "images"),),
-            True,
-            also=(("training_set", "training_set_sha256"),),
-        ),  # fmt: skip
+        _TRAINING_SET,
         # ids and texts in any order (``prompts_sha256`` is in order: a resume's identity); each
         # generation's seed derives from (seed, prompt_id, sample index), so order changes nothing
         DataRecord("prompts", None, (("prompts", "count"),), table=("prompts", ("prompt_id", "prompt"))),
     ),
-    "extract-unconditional": (
-        DataRecord(
-            "training_set_sha256",
-            ("training_set_sha256",),
-            (("training_set", "images"),),
-            True,
-            also=(("training_set", "training_set_sha256"),),
-        ),  # fmt: skip
-    ),
+    "extract-unconditional": (_TRAINING_SET,),
     "mia": (_EXAMPLES, _EXAMPLES_SHA256, _SHADOWS),
     "inpaint": (_EXAMPLES, _EXAMPLES_SHA256, _SHADOWS),
     "demo-mia": (_EXAMPLES, _EXAMPLES_SHA256, _SHADOWS),

@@ -295,6 +295,14 @@ class SequenceSample:
         }
 
 
+def _unseen_window(rng, span: int, seen: set) -> int:
+    """A window start uniform in ``0..span-1`` and not in ``seen`` (by rejection)."""
+    s = int(rng.integers(0, span))
+    while s in seen:
+        s = int(rng.integers(0, span))
+    return s
+
+
 def sample_sequences(
     source: TextSource,
     encode: Callable[[str], np.ndarray],
@@ -361,9 +369,7 @@ def sample_sequences(
             span, seen = int(spans[d]), used.setdefault(d, set())
             if len(seen) >= span:  # every window of this document is drawn already
                 continue
-            s = int(rng.integers(0, span))
-            while s in seen:
-                s = int(rng.integers(0, span))
+            s = _unseen_window(rng, span, seen)
             seen.add(s)
             keep.append(d)
             first.append(s)
@@ -382,9 +388,7 @@ def sample_sequences(
                     left_[j] = left_[-1]
                     left_.pop()
                 else:  # rejection: under two draws expected
-                    s = int(rng.integers(0, span))
-                    while s in seen:
-                        s = int(rng.integers(0, span))
+                    s = _unseen_window(rng, span, seen)
                 seen.add(s)
                 keep.append(d)
                 first.append(s)
