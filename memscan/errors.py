@@ -59,5 +59,9 @@ def user_code(where: str, hint: str = RESUME_HINT) -> Iterator[None]:
         raise
     except Exception as exc:
         if "out of memory" in str(exc).lower():
-            hint = f"lower --batch-size (or free the device); then {hint.removeprefix('fix it, then ')}"
+            hint = (
+                f"lower --batch-size (or free the device); then {hint.removeprefix('fix it, then ')} "
+                "(`memscan extract` resumes at the lower batch size; a run kind whose numbers depend on it "
+                "refuses it, naming batch_size: free the device instead)"
+            )
         raise UserCodeError(f"{where}: {first_line(exc)}", hint) from exc

@@ -48,7 +48,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -656,7 +656,7 @@ class RunStore:
                 self._table_path(shard, t).exists() and sha256_file(self._table_path(shard, t)) == h
                 for t, h in record["sha256"].items()
             )
-        except (json.JSONDecodeError, KeyError, OSError):
+        except (ValueError, KeyError, TypeError, AttributeError, OSError):  # unreadable or damaged: redo
             done = False
         if done:
             self._remember(shard, tuple(record["sha256"]))
@@ -788,6 +788,15 @@ def _same_record(old, new) -> bool:
     return json.dumps(old, sort_keys=True, default=str) == json.dumps(new, sort_keys=True, default=str)
 
 
+def _difference(key: str, old, new) -> str:
+    """``old vs new`` for a refusal message; for two records, only the fields that differ."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        fields = [k for k in sorted(set(old) | set(new)) if not _same_record(old.get(k), new.get(k))]
+        if fields:
+            return "; ".join(f"{k}: {_shown(k, old.get(k))} vs {_shown(k, new.get(k))}" for k in fields)
+    return f"{_shown(key, old)} vs {_shown(key, new)}"
+
+
 def _shown(key: str, value) -> str:
     """A value in a refusal message (a sha256 shortened to its first 12 digits)."""
     if key.endswith("_sha256") and isinstance(value, str) and len(value) > 12:
@@ -820,7 +829,7 @@ class Run:
         """True when this opens a run that an earlier process started."""
         return self.previous is not None
 
-    def check(self, fields: dict, identity: Iterable[str]) -> None:
+    def check(self, fields: dict, identity: Iterable[str], free: Mapping[str, Iterable[str]] | None = None) -> None:
         """Refuse a resume whose ``identity`` fields differ from the earlier run's (a no-op for a
         new run). Writes nothing, so it can run before any model loads or input is decoded, with
         the fields already known; :meth:`start` checks again with all of them.
@@ -829,12 +838,18 @@ class Run:
         earlier manifest lacks while this invocation records one is refused too: that run was
         started by an older memscan (or with other options), and its inputs cannot be checked. So
         is a record that lacks fields this invocation's has, the rest being equal (a setting an
-        older memscan did not record): the error names those fields.
+        older memscan did not record): the error names those fields. ``free`` names fields of a
+        record that may change on resume (``{"config": ("batch_size",)}``: how the work is batched,
+        where that changes no result); the manifest then records the new value.
         """
         if self.previous is None:
             return
+        free = free or {}
         for key in identity:
             old, new = self.previous.get(key), fields.get(key)
+            if key in free and isinstance(old, dict) and isinstance(new, dict):
+                old = {k: v for k, v in old.items() if k not in free[key]}
+                new = {k: v for k, v in new.items() if k not in free[key]}
             if key == "definitions" and not _same_record(old, new):
                 raise MemscanError(
                     f"cannot resume {self.root}: it was started by a memscan version whose definitions "
@@ -860,19 +875,25 @@ class Run:
                 )
             if not _same_record(old, new):
                 raise MemscanError(
-                    f"cannot resume {self.root}: its {key} differs from this invocation "
-                    f"({_shown(key, old)} vs {_shown(key, new)})",
+                    f"cannot resume {self.root}: its {key} differs from this invocation ({_difference(key, old, new)})",
                     "resume with the original model, inputs and options, or start a new run with another --out",
                 )
 
-    def start(self, fields: dict, *, identity: Iterable[str] = (), started: float | None = None) -> dict:
+    def start(
+        self,
+        fields: dict,
+        *,
+        identity: Iterable[str] = (),
+        started: float | None = None,
+        free: Mapping[str, Iterable[str]] | None = None,
+    ) -> dict:
         """Write the manifest (``status: running``) with the common fields and ``fields``.
 
         When resuming, every key in ``identity`` must equal the earlier run's (a resumed run must
-        be the same run; :meth:`check`); the start time and the list of resumptions carry over.
-        Nothing is written when it is refused.
+        be the same run; :meth:`check`; ``free``: fields that may change); the start time and the
+        list of resumptions carry over. Nothing is written when it is refused.
         """
-        self.check(fields, identity)
+        self.check(fields, identity, free)
         manifest = {"memscan_run": RUN_FORMAT, "kind": self.kind, **fields}
         manifest.setdefault("versions", versions())
         if self.previous is not None:
@@ -974,20 +995,16 @@ _TEMPORARY = re.compile(r"^\..+\.tmp-(\d+)(?:-[0-9a-f]+)?(?:@([A-Za-z0-9_.-]+))?
 
 def remove_stale_temporaries(store: RunStore) -> list[str]:
     """Remove the temporary files (``.NAME.tmp-PID@HOST``, :func:`temporary_path`) a killed
-    writer left in the run directory and its ``shards/`` (e.g. a half-written ``embeddings.npy``
-    of ``memscan index``, as large as the embeddings): those of processes of this host that no
+    writer left anywhere in the run directory (e.g. a half-written ``embeddings.npy`` of
+    ``memscan index``, as large as the embeddings, or a candidate PNG under ``images/``): those of processes of this host that no
     longer exist. Those of another host are kept (its process may still be alive; this host
     cannot tell), and logged; names without a host (older writers) are judged by their pid on
     this host. Called under the run's lock, so no live writer of this run owns them. Returns (and
     logs) the names removed."""
     removed, foreign = [], []
     here = _host_tag()
-    for folder in (store.root, store.shard_dir):
-        try:
-            names = [p for p in folder.iterdir() if p.is_file()]
-        except OSError:
-            continue
-        for path in names:
+    for folder, _, files in os.walk(store.root):  # images/* too: PNGs are written under temporary names
+        for path in (Path(folder) / name for name in files):
             m = _TEMPORARY.match(path.name)
             if m is None:
                 continue

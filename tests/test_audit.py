@@ -235,6 +235,43 @@ def test_a_kill_at_each_stage_resumes_to_the_uninterrupted_tables(inputs, full_a
     assert b["status"] == "complete" and len(b["resumed"]) == 4
 
 
+def test_a_resume_with_another_sampler_is_refused_before_any_stage(inputs, full_audit, tmp_path, monkeypatch):
+    """Killed after triage, resumed with --steps 4 instead of 5: the resume used to be accepted
+    (only the --model string was compared), ranking by 5-step scores, extracting at 4 steps and
+    pricing every round at the new cost. Refused now, naming the generator's steps; resumed with
+    the original options, the audit equals the uninterrupted one."""
+    import memscan.audit.stages as stages
+
+    out = tmp_path / "killed"
+    original_marker = stages.write_marker
+
+    def marker_then_die(run, stage, record):
+        written = original_marker(run, stage, record)
+        if stage == "triage":
+            (run.root / ".lock").write_text(f"pid=999999999 host={socket.gethostname()} since=killed")
+            raise _Killed
+        return written
+
+    with monkeypatch.context() as m:
+        m.setattr(stages, "write_marker", marker_then_die)
+        with pytest.raises(_Killed):
+            _invoke(audit_args(inputs, out, "--top", 12))
+    markers = {p.name: p.read_bytes() for p in (out / "stages").iterdir()}
+    assert sorted(markers) == ["candidates.json", "triage.json"]
+    shards = sorted(p.name for p in (out / "shards").iterdir())  # triage's
+    res = _invoke([*audit_args(inputs, out, "--top", 12, "--steps", 4), "--resume"], ok=False)
+    assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+    assert "generator differs" in res.output and "num_inference_steps: 5 vs 4" in res.output
+    assert {p.name: p.read_bytes() for p in (out / "stages").iterdir()} == markers  # nothing redone or lost
+    assert sorted(p.name for p in (out / "shards").iterdir()) == shards and not (out / "detections.parquet").exists()
+    _invoke([*audit_args(inputs, out, "--top", 12), "--resume"])
+    for t in ("candidates", "prompts", *TABLES):
+        pd.testing.assert_frame_equal(
+            pd.read_parquet(full_audit / f"{t}.parquet"), pd.read_parquet(out / f"{t}.parquet"), obj=t
+        )
+    assert _manifest(full_audit)["stages"] == _manifest(out)["stages"]
+
+
 def test_a_generator_without_a_triage_score_falls_back_to_the_adaptive_first_round(synth_train, tmp_path):
     prompts = tmp_path / "p.txt"
     prompts.write_text("\n".join([*list(MEMORIZED)[:2], "fresh 1", "fresh 2"]) + "\n")

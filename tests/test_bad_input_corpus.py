@@ -263,7 +263,15 @@ def test_a_refused_command_can_be_rerun_on_the_same_out(corpus, tmp_path, comman
     assert res.exit_code == 0, res.output
 
 
-@pytest.mark.parametrize("bad", ["no captions and no prompts", "a budget smaller than one round", "no conditioning"])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "no captions and no prompts",
+        "no cluster reaches --min-count",
+        "a budget smaller than one round",
+        "no conditioning",
+    ],
+)
 def test_audit_refuses_what_it_cannot_attack(corpus, unet_dir, tmp_path, bad):
     """One clear error each, before any model evaluation: a training set without captions and no
     --prompts, a budget that cannot pay triage and one round, a model without conditioning."""
@@ -271,6 +279,9 @@ def test_audit_refuses_what_it_cannot_attack(corpus, unet_dir, tmp_path, bad):
     if bad == "no captions and no prompts":
         line = assert_clean_error(cli(*[a if a is not corpus.mixed else corpus.clean for a in base]), "no captions")
         assert str(corpus.clean) in line and "--prompts" in line
+    elif bad == "no cluster reaches --min-count":  # used to blame captions the images have
+        line = assert_clean_error(cli(*base, "--min-count", 100), "--min-count 100", "lower --min-count")
+        assert "caption" not in line
     elif bad == "a budget smaller than one round":
         line = assert_clean_error(cli(*base, "--prompts", corpus.blank_lines, "--budget", 50), "smaller than one round")
         # a plain function: no triage; 3 prompts × a first round of 20 generations (4 % of 500)
@@ -492,6 +503,40 @@ def test_extract_needs_train_or_index_and_a_positive_retrieve(corpus, index_case
     # part servers need Ray: without --runner ray, refused before any run is written
     assert_clean_error(cli(*base, "--index", good, "--serve-index-cpus", 1, "--quiet"), "--runner ray")
     assert not (tmp_path / "o").exists()
+
+
+def test_options_that_apply_only_with_another_are_refused_not_ignored(corpus, tmp_path):
+    """An option read only with another one (--retrieve with --index, --first-round with --adaptive,
+    --n-candidates with --index, --grid with --metric tiled_l2) used to be taken and change nothing;
+    given alone it is refused before any run is written, naming itself and the option it needs."""
+    out = tmp_path / "o"
+    base = ("extract", "--model", "py:gen_support:planted", "--prompts", corpus.blank_lines, "--train", corpus.clean)
+    base = (*base, "--out", out, "--samples-per-prompt", 12, "--min-clique", 3, "--quiet")
+    assert_clean_error(cli(*base, "--retrieve", 5), "--retrieve", "--index")
+    for extra, flag in [
+        (("--first-round", 4), "--first-round"),
+        (("--round-size", 4), "--round-size"),
+        (("--continue-clique", 3), "--continue-clique"),
+        (("--no-stop-when-detected",), "--stop-when-detected"),
+        (("--full-budget", "--first-round", 4), "--first-round"),
+    ]:
+        assert_clean_error(cli(*base, *extra), flag, "--adaptive")
+    assert not out.exists()
+    # adaptive set in --config: the explicit adaptive options are read, so they are taken
+    toml = tmp_path / "adaptive.toml"
+    toml.write_text("[extract]\nadaptive = true\n")
+    res = cli(*base, "--config", toml, "--first-round", 4, "--round-size", 4)
+    assert res.exit_code == 0, res.output
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["config"]["adaptive"] is True and man["config"]["first_round"] == 4
+
+    unc = ("extract-unconditional", "--model", "py:gen_support:unconditional16", "--train", corpus.clean)
+    unc = (*unc, "--samples", 4, "--out", tmp_path / "u", "--quiet")
+    assert_clean_error(cli(*unc, "--n-candidates", 20), "--n-candidates", "--index")
+    assert_clean_error(cli(*unc, "--grid", 2), "--grid", "--metric tiled_l2")
+    assert not (tmp_path / "u").exists()
+    res = cli(*unc, "--metric", "tiled_l2", "--grid", 2)
+    assert res.exit_code == 0, res.output
 
 
 @pytest.mark.parametrize("bad", [*INDEX_BAD, "an index of another training set"])

@@ -66,6 +66,22 @@ def test_loss_tables_do_not_depend_on_the_shard_size(inputs, whole, tmp_path):
     assert "shard 3 committed: diffusion_loss of target, examples 12:16" in log
 
 
+def test_a_resume_with_another_shard_size_is_refused_and_the_run_still_resumes(inputs, whole, tmp_path):
+    """Shard sizes 10 and 12 both cut 16 examples into 2 shards (of whole model batches of 2
+    examples), so the shard count alone (the old identity) let a resume with the other size
+    through: it mixed shards of two plans (a bare ValueError, or a run neither size could resume).
+    Refused now, naming shard_size."""
+    from memscan.errors import MemscanError
+
+    out = tmp_path / "run"
+    with pytest.raises(MemscanError, match="stopped before"):
+        _mia(inputs, out, shard_size=10, stop_after_shards=1)
+    with pytest.raises(MemscanError, match=r"shard_size differs .*\(10 vs 12\)"):
+        _mia(inputs, out, shard_size=12, resume=True)
+    _mia(inputs, out, shard_size=10, resume=True)  # nothing was mixed in: the original finishes it
+    _same(whole, out)
+
+
 def test_inpaint_tables_and_thumbnails_do_not_depend_on_the_shard_size(inputs, tmp_path):
     data, members, _ = inputs
     cfg = InpaintConfig(num_inference_steps=5, jump_length=2, jump_n_sample=2, samples=2, seed=4, batch_size=4)

@@ -298,6 +298,25 @@ def test_stage_meta_cannot_overwrite_the_commit_fields_of_a_shard_record(tmp_pat
     assert store.shard_done(0)
 
 
+@pytest.mark.parametrize(
+    "damage",
+    [b"\xff\xfe\x00garbage", b'{"sha256": null}', b"[1, 2]", b'{"sha256": {"t": 5}}', b'{"sha256": ', b""],
+)
+def test_a_damaged_shard_record_means_the_shard_is_redone(tmp_path, damage):
+    """Any record that cannot be read as one (not UTF-8, valid JSON of the wrong shape,
+    truncated) means "not done": the shard is redone. Not UTF-8 or the wrong shape used to
+    crash the resume (UnicodeDecodeError, AttributeError, TypeError)."""
+    import pandas as pd
+
+    store = RunStore(tmp_path)
+    store.create()
+    store.commit_shard(0, {"t": pd.DataFrame({"a": [1, 2, 3]})}, {})
+    assert store.shard_done(0)
+    (tmp_path / "shards" / "00000.done.json").write_bytes(damage)
+    assert not RunStore(tmp_path).shard_done(0)  # a new process, as on resume
+    assert not store.shard_done(0)  # this one: the record changed since it was verified
+
+
 def test_resume_removes_the_temporary_files_of_a_killed_writer_only(tmp_path):
     """A writer killed mid-write leaves ``.NAME.tmp-PID`` (e.g. a half-written embeddings.npy);
     the next open of the run removes those of dead processes and keeps a live process's."""
@@ -312,18 +331,27 @@ def test_resume_removes_the_temporary_files_of_a_killed_writer_only(tmp_path):
         with open_run(run_dir, "index") as run:
             run.start({"n_shards": 2}, identity=("n_shards",))
             raise RuntimeError("killed")
+    (run_dir / "images" / "candidates").mkdir(parents=True)
     stale = [
         run_dir / f".embeddings.npy.tmp-{dead_pid}",
         run_dir / "shards" / f".00001.embeddings.parquet.tmp-{dead_pid}",
+        # a PNG a killed worker was writing (images/ was not swept: such files stayed for good)
+        run_dir / "images" / "candidates" / f".p0-abc.png.tmp-{dead_pid}",
     ]
     live = run_dir / f".embeddings.npy.tmp-{os.getppid()}"
-    keep = [live, run_dir / "notes.tmp-1", run_dir / "shards" / "00000.done.json"]
+    keep = [
+        live,
+        run_dir / "images" / "candidates" / f".p1-abc.png.tmp-{os.getppid()}",
+        run_dir / "notes.tmp-1",
+        run_dir / "shards" / "00000.done.json",
+        run_dir / "images" / "candidates" / "p0-abc.png",
+    ]
     for p in stale + keep:
         p.write_bytes(b"partial")
     with open_run(run_dir, "index", resume=True) as run:
-        assert [p.exists() for p in stale] == [False, False]
+        assert [p.exists() for p in stale] == [False, False, False]
         assert all(p.exists() for p in keep)
-    assert "removed 2 temporary file(s)" in (run_dir / "run.log").read_text()
+    assert "removed 3 temporary file(s)" in (run_dir / "run.log").read_text()
 
 
 def test_a_resume_logs_the_shards_an_earlier_process_committed_without_a_log_line(tmp_path):

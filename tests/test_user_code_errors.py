@@ -76,9 +76,9 @@ def _cli(*args):
     return runner.invoke(app, [str(a) for a in args])
 
 
-def _extract_in_process(prompts, train, out, *pre):
+def _extract_in_process(prompts, train, out, *pre, args=ARGS):
     model = "py:user_code_support:fails_on_prompt"
-    return _cli(*pre, "extract", "--model", model, "--prompts", prompts, "--train", train, "--out", out, *ARGS)
+    return _cli(*pre, "extract", "--model", model, "--prompts", prompts, "--train", train, "--out", out, *args)
 
 
 def test_debug_prints_the_traceback_and_its_cause(tmp_path, synth_train, monkeypatch):
@@ -110,6 +110,25 @@ def test_out_of_memory_hints_at_the_batch_size(tmp_path, synth_train, monkeypatc
     assert "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB" in line
     assert "GPU 0 has" not in line  # the first line of the message only
     assert "--batch-size" in line and "--resume" in line
+    # doing what the hint says: the same command at a lower batch size, with --resume, finishes
+    # the run (it used to be refused: batch_size was part of the run's identity), and its tables
+    # are those of an uninterrupted run (each generation's seed is its own, not its batch's)
+    monkeypatch.delenv("MEMSCAN_TEST_FAIL_PROMPT")
+    lower = [a if a != 10 else 5 for a in ARGS]
+    assert lower != ARGS
+    res = _extract_in_process(_prompts(tmp_path), synth_train, tmp_path / "run", args=[*lower, "--resume"])
+    assert res.exit_code == 0, res.output
+    whole = _extract_in_process(_prompts(tmp_path), synth_train, tmp_path / "whole")
+    assert whole.exit_code == 0, whole.output
+    for table in ("detections", "extractions"):
+        got = pd.read_parquet(tmp_path / "run" / f"{table}.parquet").drop(columns=["candidate_image"], errors="ignore")
+        want = pd.read_parquet(tmp_path / "whole" / f"{table}.parquet").drop(
+            columns=["candidate_image"], errors="ignore"
+        )
+        pd.testing.assert_frame_equal(got, want)
+    assert len(pd.read_parquet(tmp_path / "run" / "detections.parquet")) == 6
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["config"]["batch_size"] == 5 and len(manifest["resumed"]) == 1
 
 
 def test_keyboard_interrupt_in_user_code_still_exits_130(tmp_path, synth_train):

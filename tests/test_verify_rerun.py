@@ -155,3 +155,32 @@ def test_options_given_to_the_rerun_replace_the_interrupted_ones(finished, tmp_p
     m = json.loads((run / "manifest.json").read_text())
     assert m["status"] == "complete" and "verifying" not in m
     assert m["config"]["min_clique"] == 17 and m["config"]["delta"] == 0.15
+
+
+@pytest.mark.parametrize("state", ["reverified", "verifying"])
+def test_extract_resume_of_a_reverified_run_is_refused(tmp_path, synth_train, state):
+    """``extract --resume`` merges a run's tables from its shards. On a run ``memscan verify``
+    rewrote (or is rewriting), it used to pass the identity check with the re-verified options
+    and silently put back the shards' tables under the new thresholds: refused now, with nothing
+    written."""
+    run, prompts = tmp_path / "run", tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(list(MEMORIZED) + [f"fresh {i}" for i in range(3)]) + "\n")
+    args = ["extract", "--model", "py:gen_support:planted", "--prompts", prompts, "--train", synth_train]
+    args += ["--out", run, "--samples-per-prompt", 40, "--batch-size", 20, "--shard-size", 4, "--quiet"]
+    assert _cli(*args).exit_code == 0
+    original = _tables(run)
+    res = _cli("verify", run, *NEW)
+    assert res.exit_code == 0, res.output
+    assert len(_tables(run)["extractions"]) < len(original["extractions"])  # δ 0.15 → 0.05
+    if state == "verifying":  # as a killed verify leaves it
+        manifest = json.loads((run / "manifest.json").read_text())
+        manifest["status"], manifest["verifying"] = "verifying", {"delta": 0.05, "min_clique": 17}
+        (run / "manifest.json").write_text(json.dumps(manifest))
+    before = {**_tables(run), "manifest": (run / "manifest.json").read_text()}
+    res = _cli(*args, *NEW, "--resume")  # the options the manifest now records
+    assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+    line = [ln for ln in res.output.splitlines() if ln.startswith("error:")][0]
+    assert "memscan verify" in line and "another --out" in line
+    assert (run / "manifest.json").read_text() == before.pop("manifest")
+    for name, table in before.items():
+        pd.testing.assert_frame_equal(_tables(run)[name], table, obj=name)

@@ -106,12 +106,19 @@ def resolve_budget(budget: AuditBudget, n_prompts: int, brute_force: int) -> int
 
 
 def check_one_round(
-    budget: int | None, fixed_cost: int, first_round_cost: int, n_prompts: int, round_prompts: int, controls: int = 0
+    budget: int | None,
+    fixed_cost: int,
+    first_round_cost: int,
+    n_prompts: int,
+    round_prompts: int,
+    controls: int = 0,
+    probe_cost: int = 0,
 ):
     """Refuse a budget that cannot pay triage, one round of first rounds and the controls' first
     rounds.
 
-    ``fixed_cost`` is what is spent before the extraction (triage); ``first_round_cost`` the
+    ``fixed_cost`` is what triage spends and ``probe_cost`` the one probe generation that
+    reads the model's output shape, both before the extraction; ``first_round_cost`` the
     evaluations of one prompt's first adaptive round; ``controls`` the control prompts (attacked
     whatever the ranking, so their first rounds are kept from the start). The controls are among
     the ``n_prompts``: those that may rank outside the first round (at most ``n_prompts`` less
@@ -126,6 +133,10 @@ def check_one_round(
     memscan.errors.InputError: budget 500 model evaluations is smaller than one round: triage 400 + 8 prompts × first round 80 = 1040 (use a budget of at least 1040, or --top K)
     >>> check_one_round(1120, 400, 80, 52, 8, controls=1)  # a control outside the first round
     >>> check_one_round(640, 0, 80, 8, 8, controls=1)  # 8 prompts, all in the first round: no extra
+    >>> check_one_round(1044, 400, 80, 52, 8, probe_cost=5)
+    Traceback (most recent call last):
+    ...
+    memscan.errors.InputError: budget 1044 model evaluations is smaller than one round: triage 400 + probe 5 + 8 prompts × first round 80 = 1045 (use a budget of at least 1045, or --top K)
     """
     if budget is None:
         return
@@ -133,11 +144,12 @@ def check_one_round(
     # the controls are among the prompts: at most the n_prompts − n outside the first round add
     # a first round of their own (the ranking is not known yet, so count as many as can be)
     extra = min(controls, n_prompts - n)
-    need = fixed_cost + (n + extra) * first_round_cost
+    need = fixed_cost + probe_cost + (n + extra) * first_round_cost
     if budget < need:
         with_controls = f" + {extra} control prompts" if extra else ""
+        probe = f"probe {probe_cost} + " if probe_cost else ""
         raise InputError(
-            f"budget {budget} model evaluations is smaller than one round: triage {fixed_cost} + "
+            f"budget {budget} model evaluations is smaller than one round: triage {fixed_cost} + {probe}"
             f"{n} prompts{with_controls} × first round {first_round_cost} = {need}",
             f"use a budget of at least {need}, or --top K",
         )

@@ -36,6 +36,7 @@ from memscan.data.prompts import prompts_sha256
 from memscan.data.training import TrainingSet, list_source, training_at_shape, training_set_sha256
 from memscan.errors import InputError
 from memscan.extraction.config import ExtractConfig
+from memscan.extraction.pipeline import generator_identity
 from memscan.extraction.verify import DEFINITIONS, extraction_counts
 from memscan.extraction.worker import extraction_pool, generator_record, probe_generator
 from memscan.runners import GeneratorSpec
@@ -226,6 +227,12 @@ def _stages(
             )
         first = cands.iloc[0]
         probe = pool.call(probe_generator, first["prompt"], config.seed, None)
+        generator = generator_identity(probe.description)
+        if run.resuming and (run.previous or {}).get("generator") is not None:
+            # the sampler the finished stages ran with (steps, guidance, scheduler, resolution,
+            # dtype): another one would mix two samplers in the tables and misprice the budget
+            run.previous["generator"] = generator_identity(run.previous["generator"])
+            run.check({"generator": generator, "output_shape": list(probe.shape)}, ("generator", "output_shape"))
         per_image, n = facts["per_image"], len(cands)
         brute = full_budget(n, config.samples_per_prompt, per_image)
         limit = resolve_budget(budget, n, brute)
@@ -237,7 +244,9 @@ def _stages(
         triage_cost = triage_per_prompt * n
         probe_cost = facts["probe_images"] * per_image
         first_cost = config.rounds()[0] * per_image
-        check_one_round(limit, triage_cost + probe_cost, first_cost, n, budget.round_prompts, len(set(controls)))
+        check_one_round(
+            limit, triage_cost, first_cost, n, budget.round_prompts, len(set(controls)), probe_cost=probe_cost
+        )
         # the training set at the generator's resolution: a bad one is refused before the manifest
         shape = probe.shape
         training = training_at_shape(train, shape, run.store.log)
@@ -250,7 +259,7 @@ def _stages(
             run.start(fields, identity=identity, started=started)
         run.manifest.update(
             model=generator_record(model, probe.parameters, model_id),
-            generator=probe.description,
+            generator=generator,
             runner=pool.describe(),
             output_shape=list(probe.shape),
             budget={

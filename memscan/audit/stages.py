@@ -105,6 +105,11 @@ def candidates_stage(
             train, run.root / "candidates.csv", top, duplicates, min_count=min_count, progress=progress, overwrite=True
         )
         df = res.prompts
+        if df.empty:
+            raise InputError(
+                f"no duplicate cluster of {train} reaches --min-count {min_count}, so there is no candidate prompt",
+                "lower --min-count (1 takes every image), or pass --prompts",
+            )
         empty = df["prompt"].astype(str).str.strip() == ""
         df = df[~empty].reset_index(drop=True)
         if df.empty:

@@ -41,6 +41,16 @@ def say(text, *, err: bool = False) -> None:
     typer.echo("\n".join(escape_controls(line) for line in str(text).split("\n")), err=err)
 
 
+def given(ctx: typer.Context, name: str) -> bool:
+    """Whether the option whose parameter is ``name`` was given (command line or environment),
+    not left at its default: an option that only applies with another one is refused when given
+    alone rather than taken and ignored."""
+    source = ctx.get_parameter_source(name)
+    if source is None:
+        raise KeyError(f"the command has no option {name!r}")
+    return source.name in ("COMMANDLINE", "ENVIRONMENT")
+
+
 def fail(exc: BaseException) -> None:
     """End the command with one line, ``error: <what was wrong> — <what to do>``, exit code 2.
 

@@ -9,6 +9,7 @@ import typer
 from memscan.commands.common import (
     clean_errors,
     dtype_option,
+    given,
     gpus_per_worker_option,
     loading_user_model,
     num_workers_option,
@@ -20,10 +21,19 @@ from memscan.commands.common import (
 )
 from memscan.commands.formatting import compare_summary
 
+#: options read only by adaptive runs (parameter name → flag): given without --adaptive, refused
+ADAPTIVE_ONLY = {
+    "first_round": "--first-round",
+    "round_size": "--round-size",
+    "continue_clique": "--continue-clique",
+    "stop_when_detected": "--stop-when-detected/--no-stop-when-detected",
+}
+
 
 def register(app: typer.Typer) -> None:
     @app.command("extract")
     def extract(
+        ctx: typer.Context,
         model: str = typer.Option(
             ...,
             "--model",
@@ -121,6 +131,12 @@ def register(app: typer.Typer) -> None:
         with clean_errors():
             if train is None and index is None:
                 raise InputError("extract needs the training set", "pass --train TRAIN, or --index INDEX")
+            if index is None and given(ctx, "retrieve"):
+                raise InputError(
+                    "--retrieve applies to --index runs (training images retrieved per candidate); "
+                    "with --train alone each candidate is compared with every training image",
+                    "drop --retrieve, or verify through --index INDEX",
+                )
             cfg = ExtractConfig.from_sources(
                 config,
                 samples_per_prompt=samples_per_prompt,
@@ -138,6 +154,13 @@ def register(app: typer.Typer) -> None:
                 continue_clique=continue_clique,
                 stop_when_detected=stop_when_detected,
             )
+            if not cfg.adaptive:
+                for name, flag in ADAPTIVE_ONLY.items():
+                    if given(ctx, name):
+                        raise InputError(
+                            f"{flag} applies to adaptive runs; this run generates the full budget for every prompt",
+                            f"add --adaptive (or adaptive = true in --config), or drop {flag}",
+                        )
             gen_options = {
                 "num_inference_steps": steps,
                 "guidance_scale": guidance_scale,

@@ -8,6 +8,7 @@ import typer
 
 from memscan.commands.common import (
     clean_errors,
+    given,
     gpus_per_worker_option,
     loading_user_model,
     num_workers_option,
@@ -20,6 +21,7 @@ from memscan.commands.common import (
 def register(app: typer.Typer) -> None:
     @app.command("extract-unconditional")
     def extract_unconditional(
+        ctx: typer.Context,
         model: str = typer.Option(..., "--model", help="diffusers directory / hub id, or py:module:attribute"),
         train: Path | None = typer.Option(
             None,
@@ -59,6 +61,7 @@ def register(app: typer.Typer) -> None:
         quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
     ):
         """Unconditional extraction: M generations, n nearest training images each, calibrated decision."""
+        from memscan.errors import InputError
         from memscan.extraction.unconditional import UnconditionalConfig
         from memscan.extraction.unconditional import extract_unconditional as run
         from memscan.generators.load import load_generator
@@ -66,6 +69,17 @@ def register(app: typer.Typer) -> None:
         from memscan.runners.ray_runner import RayOptions
 
         with clean_errors():
+            if index is None and given(ctx, "n_candidates"):
+                raise InputError(
+                    "--n-candidates applies to --index runs (training images retrieved per generation); "
+                    "with --train alone every generation is compared with every training image",
+                    "drop --n-candidates, or search through --index INDEX",
+                )
+            if metric == "l2" and given(ctx, "grid"):
+                raise InputError(
+                    "--grid applies to --metric tiled_l2; the l2 metric compares whole images",
+                    "drop --grid, or pass --metric tiled_l2",
+                )
             cfg = UnconditionalConfig(
                 samples=samples,
                 seed=seed,

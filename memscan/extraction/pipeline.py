@@ -132,6 +132,7 @@ def extract(
     }
     started = time.time()
     with open_run(out, "extract", resume=resume) as run:
+        _refuse_reverified(run)
         run.check(inputs, tuple(inputs))  # before the workers load the model, an index is served or an image decoded
         if serve_index is None:
             return _extract_pool(run, runner, generator, config, runner_options, model_id, prompt_df, prompt_info,
@@ -144,6 +145,24 @@ def extract(
                                  started)  # fmt: skip
         finally:
             served.index.close()
+
+
+#: config fields an ``extract --resume`` may change: how generations are batched changes no result
+RESUME_FREE = {"config": ("batch_size",)}
+
+
+def _refuse_reverified(run: Run) -> None:
+    """A run ``memscan verify`` rewrote no longer holds the tables its shards give: resuming it
+    would merge the shards' tables back under the re-verified settings. Refused, nothing written."""
+    previous = run.previous or {}
+    if previous.get("reverified") or previous.get("status") == VERIFYING:
+        how = "is being re-verified" if previous.get("status") == VERIFYING else "was re-verified"
+        raise MemscanError(
+            f"cannot resume {run.store.root}: it {how} by `memscan verify`, so its tables are no longer those of "
+            "its shards, and a resume would put the shards' tables back",
+            f"it is complete: change its thresholds or training set with `memscan verify {run.store.root}`, "
+            "or start a new run with another --out",
+        )
 
 
 def _extract_pool(run, runner, generator, config, runner_options, model_id, prompt_df, prompt_info, inputs, train,
@@ -215,7 +234,9 @@ def _extract_in(
         # how the index was searched (not part of the run's identity: it changes no result)
         fields["index_search"] = "ray actors, one per part" if train.served is not None else "opened by each worker"
     identity = ("config", "n_shards", "output_shape", "verification", "definitions", *inputs, "generator")
-    run.start(fields, identity=identity, started=started)  # a resume of another run is refused: nothing written
+    # a resume of another run is refused (nothing written); a lower --batch-size after running out
+    # of memory is not: each generation's seed is its own (prompt, sample index), not its batch's
+    run.start(fields, identity=identity, started=started, free=RESUME_FREE)
     if not (run.resuming and prompts_path.exists()):
         write_table(prompt_df, prompts_path)
     store.log(f"extract: {len(prompt_df)} prompts in {n_shards} shards, {config.samples_per_prompt} samples each")

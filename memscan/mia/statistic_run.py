@@ -472,7 +472,9 @@ def attack_statistics(
     )
     fields["model"] = model_record(s.model_specs[0] if s.model_specs else s.sources.get("model"), s.target)
     fields["runner"] = {"name": runner}
-    run.start(fields, identity=("sources", "examples_sha256", *settings, "attacks", "bootstrap", "n_shards"))
+    run.start(
+        fields, identity=("sources", "examples_sha256", *settings, "attacks", "bootstrap", "shard_size", "n_shards")
+    )
     if runner == "local":
         setup_args = (s.model_specs, device, threads, s.models)
     else:
