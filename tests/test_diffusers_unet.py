@@ -167,3 +167,19 @@ def test_a_scheduler_without_a_ddpm_noise_schedule_is_refused(tmp_path):
     with pytest.raises(InputError, match="no DDPM noise schedule") as e:
         load_scheduler(tmp_path / "scheduler")
     assert "scheduler_config.json" in e.value.message
+
+
+def test_a_rectangular_unet_samples_at_its_height_and_width(tmp_path):
+    """``sample_size`` may be (height, width) (diffusers' DDPMPipeline samples such models): it
+    used to raise a bare TypeError from ``int(sample_size)``."""
+    from diffusers import DDPMPipeline, DDPMScheduler
+
+    DDPMPipeline(unet=tiny_unet(size=(8, 16)), scheduler=DDPMScheduler(num_train_timesteps=50)).save_pretrained(
+        tmp_path, safe_serialization=True
+    )
+    gen = load_generator(str(tmp_path), batch_size=2, num_inference_steps=3)
+    assert gen.config["resolution"] == [8, 16]
+    x = gen.generate("", [1, 2, 3])
+    assert x.shape == (3, 8, 16, 3) and x.dtype == np.uint8
+    np.testing.assert_array_equal(x, gen.generate("", [1, 2, 3]))
+    assert np.abs(x[1:].astype(int) - gen.generate("", [2, 3]).astype(int)).max() <= 1  # other batches: rounding

@@ -81,3 +81,33 @@ def test_base_without_a_checkpoint_folder_is_refused(tmp_path):
         ],
     )
     assert res.exit_code == 2 and "--base applies to checkpoint sweeps" in res.output
+
+
+def test_a_sweep_folder_keeps_the_base_it_started_with(tmp_path):
+    """A unet/-only checkpoint is completed by links to --base's components in the sweep's
+    folder. A second invocation with another --base used to reuse the first base's links without
+    a word (its scheduler, VAE, text encoder): refused now, naming the link and both bases; the
+    original base still works, and links whose base moved are made anew."""
+    from memscan.errors import InputError
+    from memscan.generators.checkpoints import list_checkpoints, model_dir
+
+    for name, beta in (("baseA", "linear"), ("baseB", "scaled_linear")):
+        (tmp_path / name / "scheduler").mkdir(parents=True)
+        (tmp_path / name / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+        config = {"_class_name": "DDIMScheduler", "beta_schedule": beta}
+        (tmp_path / name / "scheduler" / "scheduler_config.json").write_text(json.dumps(config))
+    (tmp_path / "ckpts" / "checkpoint-10" / "unet").mkdir(parents=True)
+    (tmp_path / "ckpts" / "checkpoint-10" / "unet" / "config.json").write_text("{}")
+    (ckpt,) = list_checkpoints(tmp_path / "ckpts")
+    work = tmp_path / "sweep" / ".models"
+
+    def beta(folder):
+        return json.loads((folder / "scheduler" / "scheduler_config.json").read_text())["beta_schedule"]
+
+    assert beta(model_dir(ckpt, tmp_path / "baseA", work)) == "linear"
+    with pytest.raises(InputError, match=r"scheduler already links to .*baseA.*--base differs"):
+        model_dir(ckpt, tmp_path / "baseB", work)
+    assert beta(model_dir(ckpt, tmp_path / "baseA", work)) == "linear"  # the original base: as before
+    (tmp_path / "baseA").rename(tmp_path / "baseA-moved")  # its links now dangle: made anew
+    assert beta(model_dir(ckpt, tmp_path / "baseB", work)) == "scaled_linear"
+    assert (work / "checkpoint-10" / "unet").resolve() == (tmp_path / "ckpts" / "checkpoint-10" / "unet").resolve()

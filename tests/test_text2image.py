@@ -273,3 +273,47 @@ def test_a_model_directory_that_would_run_its_own_code_is_refused(tiny_dir, tmp_
     from memscan.generators.diffusers_models import _is_diffusers_pipeline_module
 
     assert _is_diffusers_pipeline_module("stable_diffusion") and not _is_diffusers_pipeline_module("evil_scheduler")
+
+
+@pytest.mark.parametrize("scheduler", [None, "pndm", "euler", "lcm-unet"])
+@pytest.mark.parametrize("guidance", [1.0, 3.0])
+def test_declared_unet_evaluations_equal_the_unet_calls(scheduler, guidance):
+    """The audit prices its budget by ``evaluations_per_generation``. It used to be steps × (2 if
+    guided): PNDM's Runge-Kutta warm-up (4 steps → 13 UNet calls: 3 warm-up steps of 4 evaluations
+    each, then 1 linear multistep; not 4) and an LCM-distilled UNet
+    (guidance embedded, ``time_cond_proj_dim``: diffusers does not guide) were miscounted.
+    Counted here by a hook on the UNet, one image, rows of a guided batch counted each."""
+    from diffusers import LCMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    from memscan.testing.tiny_sd import build_tiny_sd
+
+    pipe = build_tiny_sd()
+    if scheduler == "lcm-unet":
+        cfg = {k: v for k, v in pipe.unet.config.items() if not k.startswith("_")}
+        unet = UNet2DConditionModel.from_config({**cfg, "time_cond_proj_dim": 8})
+        lcm = LCMScheduler.from_config(pipe.scheduler.config)
+        pipe = StableDiffusionPipeline(**{**pipe.components, "unet": unet, "scheduler": lcm})
+    calls = []
+    pipe.unet.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+    name = None if scheduler == "lcm-unet" else scheduler
+    g = Text2ImageGenerator(pipe, num_inference_steps=4, guidance_scale=guidance, scheduler=name)
+    g.generate("a dog", [7])
+    assert sum(calls) == g.evaluations_per_generation
+    want = {None: 4, "pndm": 3 * 4 + 1, "euler": 4, "lcm-unet": 4}[scheduler]  # None: the tiny SD's DDIM
+    guided = guidance > 1 and scheduler != "lcm-unet"
+    assert g.evaluations_per_generation == want * (2 if guided else 1)
+
+
+def test_a_rectangular_native_size_keeps_its_width():
+    """``sample_size`` (h, w) is read as diffusers' pipelines read it: the width used to be h too."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    from memscan.testing.tiny_sd import build_tiny_sd
+
+    pipe = build_tiny_sd()
+    cfg = {k: v for k, v in pipe.unet.config.items() if not k.startswith("_")}
+    unet = UNet2DConditionModel.from_config({**cfg, "sample_size": [8, 12]})
+    pipe = StableDiffusionPipeline(**{**pipe.components, "unet": unet})
+    g = Text2ImageGenerator(pipe, num_inference_steps=1, guidance_scale=1.0)
+    assert g.output_shape == (16, 24, 3) and g.config["resolution"] == [16, 24]
+    assert g.generate("a dog", [1]).shape == (1, 16, 24, 3)

@@ -10,6 +10,7 @@ open; for a ``unet/``-only checkpoint it is a folder of symbolic links made unde
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,12 +85,29 @@ def model_dir(ckpt: Checkpoint, base: str | Path | None, work: str | Path) -> Pa
     out = Path(work) / ckpt.name
     out.mkdir(parents=True, exist_ok=True)
     for entry in b.iterdir():
-        if entry.name == "unet":
-            continue
-        link = out / entry.name
-        if not link.exists() and not link.is_symlink():
-            link.symlink_to(entry)
-    unet = out / "unet"
-    if not unet.exists() and not unet.is_symlink():
-        unet.symlink_to((p / "unet").resolve())
+        if entry.name != "unet":
+            _link(out / entry.name, entry, base_option=True)
+    _link(out / "unet", (p / "unet").resolve(), base_option=False)
     return out
+
+
+def _link(link: Path, target: Path, *, base_option: bool) -> None:
+    """``link`` → ``target``, made once. A link an earlier invocation made to another existing
+    file is refused (a sweep resumed with another ``--base`` would mix two models' components
+    under one name); one whose target is gone (the same files moved) is made anew."""
+    if link.is_symlink():
+        old = Path(os.readlink(link))
+        old = old if old.is_absolute() else link.parent / old
+        if old.resolve() == target.resolve():
+            return
+        if old.exists():
+            what = "--base" if base_option else "the checkpoint's unet/"
+            raise InputError(
+                f"{link} already links to {old.resolve()}, not {target} ({what} differs from the one this sweep "
+                "started with)",
+                "rerun with the original --base, or start a new sweep with another --out",
+            )
+        link.unlink()
+    elif link.exists():
+        return  # a real file or folder the user put there: kept, as before
+    link.symlink_to(target)

@@ -94,7 +94,9 @@ class DiffusersUNetGenerator:
         self.guidance_scale, self.null_class = float(guidance_scale), null_class
         self.batch_size, self.device = int(batch_size), device
         cfg = unet.config
-        self.shape = (int(cfg["in_channels"]), int(cfg["sample_size"]), int(cfg["sample_size"]))
+        size = cfg["sample_size"]  # an int, or (height, width) as diffusers allows
+        h, w = (size, size) if isinstance(size, int) else (size[0], size[1])
+        self.shape = (int(cfg["in_channels"]), int(h), int(w))
         self.config = {
             "type": "diffusers-unet2d",
             "source": source,

@@ -134,11 +134,12 @@ class Text2ImageGenerator:
         # 2. resolution: explicit, else the denoiser's native size × the VAE's scale factor
         unet = getattr(self.pipe, "unet", None)
         scale = int(getattr(self.pipe, "vae_scale_factor", 8))
-        native = None
-        if unet is not None:
+        native_h = native_w = None
+        if unet is not None:  # an int, or (height, width) as diffusers' pipelines read it
             size = unet.config.sample_size
-            native = size * scale if isinstance(size, int) else size[0] * scale
-        height, width = height or native, width or native
+            native_h, native_w = (size, size) if isinstance(size, int) else (size[0], size[1])
+            native_h, native_w = native_h * scale, native_w * scale
+        height, width = height or native_h, width or native_w
         if height is None or width is None:
             raise InputError(
                 f"cannot tell the output resolution of {type(self.pipe).__name__}", "pass --height and --width"
@@ -155,6 +156,15 @@ class Text2ImageGenerator:
         if unet is not None and hasattr(self.pipe, "prepare_latents"):
             self.latent_shape = (int(unet.config.in_channels), self.height // scale, self.width // scale)
         self.dtype = next(iter(p.dtype for p in (unet or self.pipe.vae).parameters()))
+        # 4. UNet evaluations per image, as the pipeline's loop makes them: one per timestep the
+        #    scheduler runs (PNDM's Runge-Kutta warm-up adds some), two with classifier-free
+        #    guidance, which diffusers applies when guidance_scale > 1 and the UNet does not
+        #    embed the guidance itself (time_cond_proj_dim: LCM-distilled UNets)
+        counting = type(self.pipe.scheduler).from_config(self.pipe.scheduler.config)
+        counting.set_timesteps(self.steps)
+        self.timesteps_per_generation = len(counting.timesteps)
+        embedded = unet is not None and getattr(unet.config, "time_cond_proj_dim", None) is not None
+        self.guided = self.guidance_scale > 1 and not embedded
         self._torch = torch
         self.config = {
             "type": "diffusers-text2image",
@@ -171,9 +181,11 @@ class Text2ImageGenerator:
 
     @property
     def evaluations_per_generation(self) -> int:
-        """UNet evaluations per image: one per sampler step, two with classifier-free guidance
-        (diffusers guides when ``guidance_scale > 1``)."""
-        return self.steps * (2 if self.guidance_scale > 1 else 1)
+        """UNet evaluations per image: one per timestep the scheduler runs for ``num_inference_steps``
+        (``len(scheduler.timesteps)``: the steps, plus PNDM's Runge-Kutta warm-up), two with
+        classifier-free guidance (diffusers guides when ``guidance_scale > 1`` and the UNet has no
+        guidance embedding, ``time_cond_proj_dim``)."""
+        return self.timesteps_per_generation * (2 if self.guided else 1)
 
     # 1. noise -------------------------------------------------------------------------------
     def generators(self, seeds: list[int]) -> list:

@@ -301,10 +301,26 @@ class TrainingIndex:
         return merge_searches([(sims, idx)], int(k))
 
     def range_search(self, queries: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Every indexed vector with cosine ≥ ``threshold`` to each query (flat and ivf only).
+        """The indexed vectors with cosine ≥ ``threshold`` to each query (not HNSW).
 
         Returns ``lims`` (Q+1), ``similarities``, ``indices`` in FAISS's layout: the results of
-        query i are ``[lims[i]:lims[i+1]]``.
+        query i are ``[lims[i]:lims[i+1]]``. The index proposes the rows whose float32 similarity
+        reaches ``threshold`` less the float32 error bound (:func:`_float32_dot_error`); each is
+        re-scored exactly against the stored embeddings (:func:`_exact_dots`) and kept when that
+        reaches ``threshold``; ``similarities`` are the exact values rounded to float32. So a flat
+        index answers exactly (a pair within an ulp of ``threshold`` is no longer lost to float32
+        rounding); an ivf index exactly within the cells it probes; an ivfpq index proposes on its
+        compressed (approximate) similarities, so a pair whose approximate similarity falls below
+        the threshold is not proposed, while every similarity returned and every decision on a
+        proposed pair is exact.
+
+        Examples
+        --------
+        >>> x = np.eye(4, dtype=np.float32)
+        >>> x[1] = [0.6, 0.8, 0, 0]  # cosine 0.6 with row 0
+        >>> lims, sims, rows = TrainingIndex.from_embeddings(x, list("abcd")).range_search(x[:1], 0.6)
+        >>> rows.tolist(), [round(float(v), 6) for v in sims]
+        ([0, 1], [1.0, 0.6])
         """
         if self.params.index_type == "hnsw":
             raise InputError("HNSW indexes cannot answer range queries", "use search() with a k")
@@ -312,9 +328,18 @@ class TrainingIndex:
         if isinstance(first, MmapFlat):
             raise InputError("a memory-mapped flat index answers search() only", "load it with mmap=False")
         q = np.ascontiguousarray(queries, dtype=np.float32)
-        # FAISS keeps results with similarity > radius for inner product; nudge to include ≥.
-        lims, sims, idx = self.index.range_search(q, float(np.nextafter(np.float32(threshold), np.float32(-np.inf))))
-        return lims, sims, idx.astype(np.int64)
+        # 1. proposed: float32 similarity > threshold − the float32 error (FAISS keeps > radius)
+        norm = float(np.linalg.norm(q.astype(np.float64), axis=1).max(initial=0.0))
+        radius = np.nextafter(np.float32(float(threshold) - _float32_dot_error(q.shape[1]) * norm), np.float32(-np.inf))
+        lims, _, idx = self.index.range_search(q, float(radius))
+        idx = np.asarray(idx, np.int64)
+        # 2. re-scored exactly and kept when the exact cosine reaches the threshold
+        src = np.repeat(np.arange(q.shape[0]), np.diff(np.asarray(lims, np.int64)))
+        exact = _exact_dots(q, src, self.embeddings, idx) if idx.size else np.zeros(0)
+        keep = exact >= float(threshold)
+        counts = np.bincount(src[keep], minlength=q.shape[0])
+        lims = np.concatenate([[0], np.cumsum(counts)]).astype(np.asarray(lims).dtype)
+        return lims, exact[keep].astype(np.float32), idx[keep]
 
     def embed_and_search(self, images: np.ndarray, k: int, embedder=None):
         """Embed images with the index's embedder (or ``embedder``) and :meth:`search`."""
