@@ -1,7 +1,8 @@
 """Golden outputs (issue 12): every command that writes tables, rerun through the CLI on the small
 inputs of tests/golden_support.py, writes the same tables as the pre-refactor code did (saved in
 tests/data/golden/<command>/ by scripts/make_golden.py): same columns in the same order, same
-dtypes, same rows in the same order; strings, ints, bools and nulls exactly, floats to rtol 1e-6.
+dtypes, same rows in the same order; strings, ints, bools and nulls exactly, floats to rtol 1e-6
+(1e-5 where a float32 network on the CPU computed them: :data:`MODEL_RTOL`).
 
 Intended changes of a table: rerun ``python scripts/make_golden.py COMMAND`` and say why in the
 commit. Runtime: ≈ 40 s on one idle core (one interpreter start per command).
@@ -17,6 +18,10 @@ import pytest
 from golden_support import COMMANDS, EXCLUDED, GOLDEN_DIR, SPECS, Runner, read_table
 
 RTOL, ATOL = 1e-6, 1e-9
+#: commands whose floats come out of a float32 network on the CPU: torch's kernels sum in another
+#: order on another CPU family, ~1e-6 relative (triage's wen_score: 1.1e-6 on an AMD EPYC host
+#: against the Intel host the tables were made on); a changed computation differs far more
+MODEL_RTOL = {"triage": 1e-5, "mia": 1e-5, "inpaint": 1e-5}
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +56,8 @@ def assert_same_table(command: str, table: str, saved: pd.DataFrame, now: pd.Dat
         if pd.api.types.is_float_dtype(a):
             x = a.to_numpy(dtype=np.float64, na_value=np.nan)
             y = b.to_numpy(dtype=np.float64, na_value=np.nan)
-            np.testing.assert_allclose(y, x, rtol=RTOL, atol=ATOL, equal_nan=True, err_msg=here)
+            rtol = MODEL_RTOL.get(command, RTOL)
+            np.testing.assert_allclose(y, x, rtol=rtol, atol=ATOL, equal_nan=True, err_msg=here)
         else:
             x, y = [_norm(v) for v in a], [_norm(v) for v in b]
             bad = [i for i, (u, v) in enumerate(zip(x, y)) if u != v]
