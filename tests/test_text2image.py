@@ -317,3 +317,12 @@ def test_a_rectangular_native_size_keeps_its_width():
     g = Text2ImageGenerator(pipe, num_inference_steps=1, guidance_scale=1.0)
     assert g.output_shape == (16, 24, 3) and g.config["resolution"] == [16, 24]
     assert g.generate("a dog", [1]).shape == (1, 16, 24, 3)
+
+
+def test_a_schedule_the_scheduler_cannot_make_is_one_error_at_load():
+    """PNDM (with its Runge-Kutta warm-up) cannot make 2 steps: diffusers raises a bare
+    ValueError from ``set_timesteps``, now one error naming the scheduler, the steps and the fix."""
+    from memscan.testing.tiny_sd import build_tiny_sd
+
+    with pytest.raises(InputError, match=r"PNDMScheduler cannot sample 2 steps.*--steps"):
+        Text2ImageGenerator(build_tiny_sd(), num_inference_steps=2, guidance_scale=1.0, scheduler="pndm")

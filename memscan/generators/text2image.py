@@ -161,7 +161,13 @@ class Text2ImageGenerator:
         #    guidance, which diffusers applies when guidance_scale > 1 and the UNet does not
         #    embed the guidance itself (time_cond_proj_dim: LCM-distilled UNets)
         counting = type(self.pipe.scheduler).from_config(self.pipe.scheduler.config)
-        counting.set_timesteps(self.steps)
+        try:
+            counting.set_timesteps(self.steps)
+        except Exception as exc:  # e.g. PNDM's Runge-Kutta warm-up with 1 or 2 steps
+            raise InputError(
+                f"the {type(counting).__name__} cannot sample {self.steps} steps ({type(exc).__name__}: {exc})",
+                "use more --steps, or another --scheduler",
+            ) from exc
         self.timesteps_per_generation = len(counting.timesteps)
         embedded = unet is not None and getattr(unet.config, "time_cond_proj_dim", None) is not None
         self.guided = self.guidance_scale > 1 and not embedded
